@@ -1,0 +1,57 @@
+// Package ruleset is sfunnel's ruleset model: interfaces, their hooks, the
+// rules with stable handles, and named sets; the commands of the command
+// language as transactions on that model; and the Backend that makes a
+// ruleset live (a state file, or the eBPF datapath).
+package ruleset
+
+import (
+	"github.com/sfunnel/sfunnel/grammar"
+)
+
+// Ruleset is the whole configuration sfunnel manages.
+type Ruleset struct {
+	// Interfaces in the order they were first configured.
+	Interfaces []*Interface
+	// Sets in the order they were defined.
+	Sets []*grammar.Set
+	// NextHandle is the handle the next added rule gets; handles are unique
+	// across the ruleset and never reused while it lives.
+	NextHandle uint64
+}
+
+// Interface holds the two hooks of one network interface.
+type Interface struct {
+	Name    string
+	Ingress []*grammar.Rule
+	Egress  []*grammar.Rule
+}
+
+// Rules returns the rules of one hook.
+func (i *Interface) Rules(h grammar.Hook) []*grammar.Rule {
+	if h == grammar.HookEgress {
+		return i.Egress
+	}
+	return i.Ingress
+}
+
+// Counter is a rule counter as the datapath reports it.
+type Counter struct {
+	Packets, Bytes uint64
+}
+
+// Backend makes a ruleset live. The kernel is the source of truth: Load
+// reflects what is really attached.
+type Backend interface {
+	// Load returns the live ruleset; an empty one when nothing is live.
+	Load() (*Ruleset, error)
+	// Check compiles rs and loads every program through the verifier
+	// without attaching or changing anything live.
+	Check(rs *Ruleset) error
+	// Commit makes rs live as one transaction: everything is compiled and
+	// verified first, then swapped in; on error nothing live has changed.
+	Commit(rs *Ruleset) error
+	// Counters returns the counters of the live rules by handle.
+	Counters() (map[uint64]Counter, error)
+	// ResetCounters zeroes the counters of the given handles (all if nil).
+	ResetCounters(handles []uint64) error
+}
