@@ -1,0 +1,184 @@
+package grammar
+
+import (
+	"errors"
+	"fmt"
+	"strings"
+
+	"github.com/alecthomas/participle/v2"
+	"github.com/alecthomas/participle/v2/lexer"
+)
+
+// Error is a problem located in rule text. It prints in nft's format:
+//
+//	FILE:LINE:COL-COL: Error: MESSAGE
+//
+// and, with Format and the source at hand, the line and a caret underline.
+type Error struct {
+	Span Span
+	Msg  string
+	// IncludedFrom lists the include statements that led to the file the
+	// error is in, innermost first.
+	IncludedFrom []Span
+}
+
+func (e *Error) Error() string {
+	return fmt.Sprintf("%s: Error: %s", e.Span.location(), e.Msg)
+}
+
+// location renders FILE:LINE:COL-COL with an inclusive end column, as nft
+// does. A span over several lines ends at the end of its first line.
+func (s Span) location() string {
+	name := s.Pos.Filename
+	if name == "" {
+		name = "<cmdline>"
+	}
+	endCol := s.Pos.Column
+	if s.End.Line == s.Pos.Line && s.End.Column > s.Pos.Column {
+		endCol = s.End.Column - 1
+	}
+	return fmt.Sprintf("%s:%d:%d-%d", name, s.Pos.Line, s.Pos.Column, endCol)
+}
+
+// Sources maps file names to their text, so errors can quote their line.
+type Sources map[string]string
+
+// Format renders the error with its include chain, source line and carets.
+func (e *Error) Format(src Sources) string {
+	var b strings.Builder
+	for _, inc := range e.IncludedFrom {
+		fmt.Fprintf(&b, "In file included from %s:\n", inc.location())
+	}
+	b.WriteString(e.Error())
+	b.WriteByte('\n')
+	text, ok := src[e.Span.Pos.Filename]
+	if !ok || e.Span.Pos.Line < 1 {
+		return b.String()
+	}
+	lines := strings.Split(text, "\n")
+	if e.Span.Pos.Line > len(lines) {
+		return b.String()
+	}
+	line := strings.TrimRight(lines[e.Span.Pos.Line-1], "\r")
+	b.WriteString(line)
+	b.WriteByte('\n')
+	start := e.Span.Pos.Column - 1
+	if start > len(line) {
+		start = len(line)
+	}
+	end := len(line)
+	if e.Span.End.Line == e.Span.Pos.Line && e.Span.End.Column-1 <= len(line) {
+		end = e.Span.End.Column - 1
+	}
+	if end <= start {
+		end = start + 1
+	}
+	// Keep tabs so the carets line up under tab-indented rules.
+	for _, c := range line[:start] {
+		if c == '\t' {
+			b.WriteByte('\t')
+		} else {
+			b.WriteByte(' ')
+		}
+	}
+	b.WriteString(strings.Repeat("^", end-start))
+	b.WriteByte('\n')
+	return b.String()
+}
+
+// ErrorList is several located errors, reported together.
+type ErrorList []*Error
+
+func (l ErrorList) Error() string {
+	s := make([]string, len(l))
+	for i, e := range l {
+		s[i] = e.Error()
+	}
+	return strings.Join(s, "\n")
+}
+
+// Format renders every error as Error.Format does.
+func (l ErrorList) Format(src Sources) string {
+	var b strings.Builder
+	for _, e := range l {
+		b.WriteString(e.Format(src))
+	}
+	return b.String()
+}
+
+// FormatError renders any error from this package with source context; other
+// errors print as "Error: MSG".
+func FormatError(err error, src Sources) string {
+	var list ErrorList
+	if errors.As(err, &list) {
+		return list.Format(src)
+	}
+	var e *Error
+	if errors.As(err, &e) {
+		return e.Format(src)
+	}
+	return "Error: " + err.Error() + "\n"
+}
+
+func posOf(p lexer.Position) Pos {
+	return Pos{Filename: p.Filename, Offset: p.Offset, Line: p.Line, Column: p.Column}
+}
+
+// spanOf covers the given tokens.
+func spanOf(toks []lexer.Token) Span {
+	var first, last *lexer.Token
+	for i := range toks {
+		t := &toks[i]
+		if t.EOF() || strings.TrimSpace(t.Value) == "" {
+			continue
+		}
+		if first == nil {
+			first = t
+		}
+		last = t
+	}
+	if first == nil {
+		if len(toks) > 0 {
+			p := posOf(toks[0].Pos)
+			return Span{Pos: p, End: p}
+		}
+		return Span{}
+	}
+	end := posOf(last.Pos)
+	end.Offset += len(last.Value)
+	end.Column += len(last.Value)
+	return Span{Pos: posOf(first.Pos), End: end}
+}
+
+// parseError turns a participle error into a located Error that underlines
+// the offending token.
+func parseError(err error, src string) error {
+	var perr participle.Error
+	if !errors.As(err, &perr) {
+		return err
+	}
+	p := posOf(perr.Position())
+	span := Span{Pos: p, End: p}
+	// Underline the whole token at the error position.
+	if p.Offset >= 0 && p.Offset < len(src) {
+		n := tokenLen(src[p.Offset:])
+		span.End.Column += n
+		span.End.Offset += n
+	}
+	msg := perr.Message()
+	msg = strings.ReplaceAll(msg, `"\n"`, "end of line")
+	return &Error{Span: span, Msg: "syntax error, " + msg}
+}
+
+// tokenLen is the length of the token that starts s (at least 1).
+func tokenLen(s string) int {
+	toks, err := ruleLexer.LexString("", s)
+	if err != nil {
+		return 1
+	}
+	t, err := toks.Next()
+	if err != nil || t.EOF() || len(t.Value) == 0 || t.Value == "\n" {
+		return 1
+	}
+	return len(t.Value)
+}

@@ -1,0 +1,307 @@
+package grammar
+
+import (
+	"github.com/alecthomas/participle/v2"
+	"github.com/alecthomas/participle/v2/lexer"
+)
+
+// The parse tree. These structs mirror the text as written (lenient order,
+// $vars, sfunnel's `encap`/`decap` words); lower.go turns them into the
+// canonical AST of ast.go and reports semantic errors at their tokens.
+
+var ruleLexer = lexer.MustSimple([]lexer.SimpleRule{
+	{Name: "Comment", Pattern: `#[^\n]*`},
+	{Name: "Continuation", Pattern: `\\\r?\n`},
+	{Name: "EOL", Pattern: `\r?\n`},
+	{Name: "Whitespace", Pattern: `[ \t\r]+`},
+	{Name: "String", Pattern: `"(?:\\.|[^"\\\n])*"`},
+	{Name: "Var", Pattern: `\$[A-Za-z_][A-Za-z0-9_]*`},
+	{Name: "SetRef", Pattern: `@[A-Za-z_][A-Za-z0-9_.\-]*`},
+	{Name: "IPv6", Pattern: `(?:[0-9a-fA-F]{0,4}:){2,7}(?:(?:\d{1,3}\.){3}\d{1,3}|[0-9a-fA-F]{1,4})?`},
+	{Name: "IPv4", Pattern: `\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}`},
+	{Name: "Number", Pattern: `0[xX][0-9a-fA-F]+|\d+`},
+	{Name: "Ident", Pattern: `[A-Za-z_][A-Za-z0-9_.\-]*`},
+	{Name: "Punct", Pattern: `!=|==|[{}(),;=|/\-:\[\]*]`},
+	// Anything else is a single bad character, so the parser can point at it.
+	{Name: "Bad", Pattern: `.`},
+})
+
+var parser = participle.MustBuild[fileSyntax](
+	participle.Lexer(ruleLexer),
+	participle.Elide("Comment", "Continuation", "Whitespace"),
+	participle.UseLookahead(3),
+)
+
+type fileSyntax struct {
+	Pos   lexer.Position
+	Stmts []*stmtSyntax `parser:"( @@ | EOL | ';' )*"`
+}
+
+type stmtSyntax struct {
+	Pos       lexer.Position
+	Define    *defineSyntax    `parser:"  @@"`
+	Include   *includeSyntax   `parser:"| @@"`
+	Set       *setSyntax       `parser:"| @@"`
+	Interface *interfaceSyntax `parser:"| @@"`
+	Command   *commandSyntax   `parser:"| @@"`
+	Rule      *ruleSyntax      `parser:"| @@"`
+	Tokens    []lexer.Token
+}
+
+type defineSyntax struct {
+	Pos    lexer.Position
+	Name   string       `parser:"'define' @Ident '='"`
+	Value  *valueSyntax `parser:"@@"`
+	Tokens []lexer.Token
+}
+
+type includeSyntax struct {
+	Pos    lexer.Position
+	Path   string `parser:"'include' @String"`
+	Tokens []lexer.Token
+}
+
+type setSyntax struct {
+	Pos      lexer.Position
+	Name     string `parser:"'set' @Ident '{' ( EOL | ';' )*"`
+	Type     string `parser:"'type' @Ident ( EOL | ';' )*"`
+	TypePos  lexer.Position
+	Flags    []string     `parser:"( 'flags' @Ident ( ',' @Ident )* ( EOL | ';' )* )?"`
+	Elements *valueSyntax `parser:"( 'elements' '=' @@ ( EOL | ';' )* )? '}'"`
+	Tokens   []lexer.Token
+}
+
+type interfaceSyntax struct {
+	Pos    lexer.Position
+	Names  []*nameSyntax `parser:"'interface' ( @@ | '{' EOL* @@ ( ',' EOL* @@ )* EOL* '}' ) '{'"`
+	Hooks  []*hookSyntax `parser:"( EOL | ';' )* ( @@ ( EOL | ';' )* )* '}'"`
+	Tokens []lexer.Token
+}
+
+type nameSyntax struct {
+	Pos    lexer.Position
+	Name   string `parser:"@(Ident | Var)"`
+	Tokens []lexer.Token
+}
+
+type hookSyntax struct {
+	Pos    lexer.Position
+	Hook   string        `parser:"@('ingress' | 'egress') '{'"`
+	Rules  []*ruleSyntax `parser:"( EOL | ';' )* ( @@ ( EOL | ';' )+ )* ( @@ )? ( EOL | ';' )* '}'"`
+	Tokens []lexer.Token
+}
+
+// commandSyntax is one command of SPEC §3.2.
+type commandSyntax struct {
+	Pos lexer.Position
+
+	List    *listSyntax    `parser:"  'list' @@"`
+	Flush   *flushSyntax   `parser:"| 'flush' @@"`
+	Add     *addSyntax     `parser:"| 'add' @@"`
+	Insert  *insertSyntax  `parser:"| 'insert' @@"`
+	Replace *replaceSyntax `parser:"| 'replace' @@"`
+	Delete  *deleteSyntax  `parser:"| 'delete' @@"`
+	Reset   *resetSyntax   `parser:"| 'reset' @@"`
+	Monitor bool           `parser:"| @'monitor'"`
+
+	Tokens []lexer.Token
+}
+
+type listSyntax struct {
+	Ruleset   bool          `parser:"  @'ruleset'"`
+	Interface *targetSyntax `parser:"| 'interface' @@"`
+	Sets      bool          `parser:"| @'sets'"`
+	Set       *nameSyntax   `parser:"| 'set' @@"`
+}
+
+type flushSyntax struct {
+	Ruleset   bool          `parser:"  @'ruleset'"`
+	Interface *targetSyntax `parser:"| 'interface' @@"`
+}
+
+// targetSyntax is `IF [HOOK]`.
+type targetSyntax struct {
+	Pos    lexer.Position
+	Name   *nameSyntax `parser:"@@"`
+	Hook   *hookName   `parser:"@@?"`
+	Tokens []lexer.Token
+}
+
+type hookName struct {
+	Pos    lexer.Position
+	Hook   string `parser:"@('ingress' | 'egress')"`
+	Tokens []lexer.Token
+}
+
+type addSyntax struct {
+	Rule    *ruleCmdSyntax    `parser:"  'rule' @@"`
+	Element *elementCmdSyntax `parser:"| 'element' @@"`
+}
+
+type insertSyntax struct {
+	Rule *ruleCmdSyntax `parser:"'rule' @@"`
+}
+
+type replaceSyntax struct {
+	Rule *ruleCmdSyntax `parser:"'rule' @@"`
+}
+
+type deleteSyntax struct {
+	Rule      *ruleCmdSyntax    `parser:"  'rule' @@"`
+	Interface *nameSyntax       `parser:"| 'interface' @@"`
+	Element   *elementCmdSyntax `parser:"| 'element' @@"`
+}
+
+type resetSyntax struct {
+	Target *targetSyntax `parser:"'counters' @@?"`
+}
+
+// ruleCmdSyntax is `IF HOOK [position H | handle H] [RULE]`.
+type ruleCmdSyntax struct {
+	Pos      lexer.Position
+	Name     *nameSyntax   `parser:"@@"`
+	Hook     *hookName     `parser:"@@"`
+	Position *numberSyntax `parser:"( 'position' @@"`
+	Handle   *numberSyntax `parser:"| 'handle' @@ )?"`
+	Rule     *ruleSyntax   `parser:"@@?"`
+	Tokens   []lexer.Token
+}
+
+type elementCmdSyntax struct {
+	Pos    lexer.Position
+	Name   *nameSyntax  `parser:"@@"`
+	Value  *valueSyntax `parser:"@@"`
+	Tokens []lexer.Token
+}
+
+// ruleSyntax is a rule in sfunnel's lenient order: match and statement
+// items in any order, then the actions, then the comment.
+type ruleSyntax struct {
+	Pos     lexer.Position
+	Items   []*itemSyntax   `parser:"( @@+"`
+	Actions []*actionSyntax `parser:"  ( 'actions' @@ ( ','? @@ )* )? | 'actions' @@ ( ','? @@ )* )"`
+	Comment *stringSyntax   `parser:"( 'comment' @@ )?"`
+	Tokens  []lexer.Token
+}
+
+type stringSyntax struct {
+	Pos    lexer.Position
+	Value  string `parser:"@String"`
+	Tokens []lexer.Token
+}
+
+type itemSyntax struct {
+	Pos     lexer.Position
+	Family  string         `parser:"  @('ip' | 'ip6')"`
+	Addr    *addrSyntax    `parser:"| @@"`
+	Proto   string         `parser:"| @('tcp' | 'udp')"`
+	Port    *portSyntax    `parser:"| @@"`
+	Flags   *flagsSyntax   `parser:"| 'flags' @@"`
+	Mark    *markSyntax    `parser:"| @@"`
+	Counter *counterSyntax `parser:"| @@"`
+	Tokens  []lexer.Token
+}
+
+type addrSyntax struct {
+	Field  string       `parser:"@('saddr' | 'daddr')"`
+	Neg    bool         `parser:"@'!='?"`
+	Value  *valueSyntax `parser:"@@"`
+	Tokens []lexer.Token
+}
+
+type portSyntax struct {
+	Field  string       `parser:"@('sport' | 'dport')"`
+	Neg    bool         `parser:"@'!='?"`
+	Value  *valueSyntax `parser:"@@"`
+	Tokens []lexer.Token
+}
+
+type flagsSyntax struct {
+	Pos    lexer.Position
+	Op     string   `parser:"@('==' | '!=')?"`
+	Flags  []string `parser:"@Ident ( ('|' | ',') @Ident )*"`
+	Mask   []string `parser:"( '/' @Ident ( ('|' | ',') @Ident )* )?"`
+	Tokens []lexer.Token
+}
+
+type markSyntax struct {
+	Kind   string        `parser:"@('meta' | 'ct') 'mark'"`
+	Set    bool          `parser:"@'set'?"`
+	Neg    bool          `parser:"@'!='?"`
+	Value  *numberSyntax `parser:"@@"`
+	Mask   *numberSyntax `parser:"( '/' @@ )?"`
+	Tokens []lexer.Token
+}
+
+// counterSyntax accepts `counter packets N bytes M` as listed, so listings
+// read back; the numbers are not restored.
+type counterSyntax struct {
+	Counter bool          `parser:"@'counter'"`
+	Packets *numberSyntax `parser:"( 'packets' @@"`
+	Bytes   *numberSyntax `parser:"  'bytes' @@ )?"`
+}
+
+type actionSyntax struct {
+	Pos      lexer.Position
+	Accept   bool          `parser:"  @'accept'"`
+	Drop     bool          `parser:"| @'drop'"`
+	Funnel   *funnelSyntax `parser:"| 'funnel' 'encap'? @@"`
+	Unfunnel *protoSyntax  `parser:"| 'unfunnel' 'decap'? @@"`
+	Rewrite  *protoSyntax  `parser:"| 'rewrite' @@"`
+	DNAT     *dnatSyntax   `parser:"| 'dnat' 'to'? @@"`
+	Tokens   []lexer.Token
+}
+
+type protoSyntax struct {
+	Pos    lexer.Position
+	Proto  string `parser:"@('tcp' | 'udp')"`
+	Tokens []lexer.Token
+}
+
+type funnelSyntax struct {
+	Proto  *protoSyntax         `parser:"@@"`
+	Fields []*funnelFieldSyntax `parser:"@@*"`
+}
+
+type funnelFieldSyntax struct {
+	Pos    lexer.Position
+	Name   string        `parser:"(  @('sport' | 'dport' | 'seq' | 'ack' | 'window')"`
+	Value  *numberSyntax `parser:"   @@"`
+	Flags  []string      `parser:"| 'flags' @Ident ( '|' @Ident )* )"`
+	Tokens []lexer.Token
+}
+
+type dnatSyntax struct {
+	Pos    lexer.Position
+	Addr6B string        `parser:"(  '[' @IPv6 ']'"`
+	Addr   string        `parser:"| @(IPv4 | IPv6) | @Var )"`
+	Port   *numberSyntax `parser:"( ':' @@ )?"`
+	Tokens []lexer.Token
+}
+
+type numberSyntax struct {
+	Pos    lexer.Position
+	Num    string `parser:"  @Number"`
+	Var    string `parser:"| @Var"`
+	Tokens []lexer.Token
+}
+
+// valueSyntax is an address, prefix, port, port range, list, @set or $var.
+type valueSyntax struct {
+	Pos    lexer.Position
+	List   []*elemSyntax `parser:"(  '{' ( EOL | ',' )* ( @@ ( ( EOL | ',' )+ @@ )* )? ( EOL | ',' )* '}'"`
+	SetRef string        `parser:"| @SetRef"`
+	Elem   *elemSyntax   `parser:"| @@ )"`
+	Tokens []lexer.Token
+}
+
+type elemSyntax struct {
+	Pos    lexer.Position
+	Addr   string `parser:"(  @(IPv4 | IPv6)"`
+	Len    string `parser:"   ( '/' @Number )?"`
+	Lo     string `parser:"| @Number"`
+	Hi     string `parser:"   ( '-' @Number )?"`
+	Var    string `parser:"| @Var"`
+	Name   string `parser:"| @Ident )"`
+	Tokens []lexer.Token
+}
