@@ -1,0 +1,91 @@
+package bpf
+
+import (
+	"bytes"
+	"compress/gzip"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+
+	"github.com/cilium/ebpf"
+)
+
+// The description of the live configuration is kept in the kernel next to
+// the links, so that a fresh process sees what is live even when no file was
+// written: an array map of fixed-size chunks of gzip data; entry 0 holds the
+// length.
+const stateChunk = 16 << 10
+
+// WriteState replaces the stored description with data. The new map is
+// built completely and then pinned over the old one (rename), so a reader
+// sees either the old or the new description.
+func (s *Store) WriteState(data []byte) error {
+	var z bytes.Buffer
+	zw := gzip.NewWriter(&z)
+	zw.Write(data)
+	zw.Close()
+	n := (z.Len() + stateChunk - 1) / stateChunk
+	m, err := ebpf.NewMap(&ebpf.MapSpec{
+		Name: "sfunnel_state", Type: ebpf.Array, KeySize: 4, ValueSize: stateChunk,
+		MaxEntries: uint32(n + 1), Flags: 0,
+	})
+	if err != nil {
+		return fmt.Errorf("create state map: %w", permission(err))
+	}
+	defer m.Close()
+	buf := make([]byte, stateChunk)
+	binary.NativeEndian.PutUint64(buf, uint64(z.Len()))
+	if err := m.Put(uint32(0), buf); err != nil {
+		return fmt.Errorf("write state: %w", err)
+	}
+	for i := 0; i < n; i++ {
+		clear(buf)
+		copy(buf, z.Bytes()[i*stateChunk:])
+		if err := m.Put(uint32(i+1), buf); err != nil {
+			return fmt.Errorf("write state: %w", err)
+		}
+	}
+	return pinReplace(m, filepath.Join(s.Dir, "state"))
+}
+
+// ReadState returns the stored description, nil if there is none.
+func (s *Store) ReadState() ([]byte, error) {
+	m, err := ebpf.LoadPinnedMap(filepath.Join(s.Dir, "state"), nil)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("open state: %w", permission(err))
+	}
+	defer m.Close()
+	if m.ValueSize() != stateChunk {
+		return nil, fmt.Errorf("state map has value size %d, want %d", m.ValueSize(), stateChunk)
+	}
+	buf := make([]byte, stateChunk)
+	if err := m.Lookup(uint32(0), buf); err != nil {
+		return nil, fmt.Errorf("read state: %w", err)
+	}
+	size := binary.NativeEndian.Uint64(buf)
+	if size > uint64(m.MaxEntries()-1)*stateChunk {
+		return nil, fmt.Errorf("state map is corrupt (length %d)", size)
+	}
+	z := make([]byte, 0, size)
+	for i := uint32(1); uint64(len(z)) < size; i++ {
+		if err := m.Lookup(i, buf); err != nil {
+			return nil, fmt.Errorf("read state: %w", err)
+		}
+		z = append(z, buf[:min(uint64(stateChunk), size-uint64(len(z)))]...)
+	}
+	zr, err := gzip.NewReader(bytes.NewReader(z))
+	if err != nil {
+		return nil, fmt.Errorf("state map is corrupt: %w", err)
+	}
+	data, err := io.ReadAll(zr)
+	if err != nil {
+		return nil, fmt.Errorf("state map is corrupt: %w", err)
+	}
+	return data, nil
+}

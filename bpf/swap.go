@@ -1,0 +1,248 @@
+package bpf
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+	"github.com/sfunnel/sfunnel/grammar"
+)
+
+// Update is the new state of one hook in a Swap.
+type Update struct {
+	HookID
+	// Ifindex is the interface's index (LookupInterface) when attaching.
+	Ifindex int
+	// Coll holds the program "sfunnel" and its maps "counters" and "stats"
+	// (both optional), loaded by LoadCollection. Nil detaches the hook.
+	Coll *ebpf.Collection
+	// Carry[i] is the index in the old counters map whose values the new
+	// index i inherits (-1: starts at zero), so counters of rules that
+	// survive an edit keep counting. Nil carries nothing.
+	Carry []int
+}
+
+// ProgramName is the program every collection passed to Swap must hold.
+const ProgramName = "sfunnel"
+
+// Swap makes every update live: programs of hooks already attached are
+// replaced atomically (link update, or cls_bpf replace with the same
+// priority and handle), new hooks are attached, nil updates detached. The
+// programs must already be loaded, so the verifier cannot fail here. When a
+// swap fails, those already done are rolled back (best effort) and the error
+// returned. Swap does not close the collections.
+func (s *Store) Swap(updates []Update) (err error) {
+	type step struct {
+		u     Update
+		old   *Live
+		snap  [][]Counter // old counters at carry time, per old index
+		undo  func() error
+		fresh bool
+	}
+	steps := make([]*step, 0, len(updates))
+	defer func() {
+		for _, st := range steps {
+			if st.old != nil {
+				st.old.Close()
+			}
+		}
+	}()
+	for _, u := range updates {
+		if u.Coll != nil && u.Coll.Programs[ProgramName] == nil {
+			return fmt.Errorf("%s: collection has no program %q", u.HookID, ProgramName)
+		}
+		old, err := s.Live(u.HookID)
+		if err != nil {
+			return err
+		}
+		steps = append(steps, &step{u: u, old: old})
+	}
+
+	// Copy surviving counters into the new maps before the swap; what the
+	// old programs count until the swap is added afterwards.
+	for _, st := range steps {
+		if st.old == nil || st.old.Counter == nil || st.u.Coll == nil || st.u.Carry == nil {
+			continue
+		}
+		if nm := st.u.Coll.Maps["counters"]; nm != nil {
+			if st.snap, err = carryCounters(st.old.Counter, nm, st.u.Carry, nil); err != nil {
+				return fmt.Errorf("%s: %w", st.u.HookID, err)
+			}
+		}
+	}
+
+	done := 0
+	for _, st := range steps {
+		if err = s.swapOne(st.u, st.old, &st.undo); err != nil {
+			break
+		}
+		st.fresh = st.old == nil
+		done++
+	}
+	if err != nil {
+		for i := done - 1; i >= 0; i-- {
+			if steps[i].undo != nil {
+				steps[i].undo()
+			}
+		}
+		return err
+	}
+
+	// Everything is live: pin the new objects, settle counters, drop what
+	// detached hooks left.
+	var errs []error
+	for _, st := range steps {
+		dir := filepath.Join(s.Dir, st.u.dir())
+		if st.u.Coll == nil {
+			if err := removeHookDir(dir); err != nil {
+				errs = append(errs, err)
+			}
+			continue
+		}
+		if st.snap != nil {
+			if _, err := carryCounters(st.old.Counter, st.u.Coll.Maps["counters"], st.u.Carry, st.snap); err != nil {
+				errs = append(errs, fmt.Errorf("%s: %w", st.u.HookID, err))
+			}
+		}
+		if err := pinReplace(st.u.Coll.Programs[ProgramName], filepath.Join(dir, "prog")); err != nil {
+			errs = append(errs, err)
+		}
+		for _, name := range []string{"counters", "stats"} {
+			path := filepath.Join(dir, name)
+			if m := st.u.Coll.Maps[name]; m != nil {
+				if err := pinReplace(m, path); err != nil {
+					errs = append(errs, err)
+				}
+			} else {
+				os.Remove(path)
+			}
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// swapOne makes one update live and sets *undo to what reverts it.
+func (s *Store) swapOne(u Update, old *Live, undo *func() error) error {
+	dir := filepath.Join(s.Dir, u.dir())
+	if u.Coll == nil {
+		if old == nil {
+			return s.removeStale(u.HookID)
+		}
+		if err := detach(old); err != nil {
+			return err
+		}
+		prog := old.Prog
+		*undo = func() error { return s.attach(u.HookID, old.Ifindex, prog, old.Mode) }
+		return nil
+	}
+	prog := u.Coll.Programs[ProgramName]
+	if old == nil {
+		if err := s.removeStale(u.HookID); err != nil {
+			return err
+		}
+		if err := os.MkdirAll(dir, 0o700); err != nil {
+			return fmt.Errorf("create %s: %w", dir, err)
+		}
+		mode := ModeTCX
+		if s.opts.ForceClsact {
+			mode = ModeClsact
+		}
+		if err := s.attach(u.HookID, u.Ifindex, prog, mode); err != nil {
+			return err
+		}
+		*undo = func() error {
+			l, err := s.Live(u.HookID)
+			if err != nil || l == nil {
+				return err
+			}
+			defer l.Close()
+			return detach(l)
+		}
+		return nil
+	}
+	switch old.Mode {
+	case ModeTCX:
+		if err := old.link.Update(prog); err != nil {
+			return fmt.Errorf("update tcx link of %s: %w", u.HookID, err)
+		}
+		lk, oldProg := old.link, old.Prog
+		*undo = func() error { return lk.Update(oldProg) }
+	default:
+		if err := setClsact(u.HookID, old.Ifindex, prog); err != nil {
+			return err
+		}
+		oldProg, idx := old.Prog, old.Ifindex
+		*undo = func() error { return setClsact(u.HookID, idx, oldProg) }
+	}
+	return nil
+}
+
+// attach attaches prog in the given mode; tcx falls back to clsact when the
+// kernel has no tcx.
+func (s *Store) attach(id HookID, ifindex int, prog *ebpf.Program, mode Mode) error {
+	if mode == ModeTCX {
+		err := s.attachTCX(id, ifindex, prog)
+		if !errors.Is(err, ebpf.ErrNotSupported) {
+			return err
+		}
+	}
+	return setClsact(id, ifindex, prog)
+}
+
+// detach removes a live hook's program from its interface.
+func detach(l *Live) error {
+	if l.Mode == ModeClsact {
+		return delClsact(l.HookID, l.Ifindex)
+	}
+	if err := l.link.(interface{ Detach() error }).Detach(); err != nil {
+		return fmt.Errorf("detach %s: %w", l.HookID, err)
+	}
+	return nil
+}
+
+// removeStale detaches and unpins whatever is left of a hook that is not
+// live under its name (e.g. the interface was renamed: its program would
+// otherwise go on running on the new name).
+func (s *Store) removeStale(id HookID) error {
+	dir := filepath.Join(s.Dir, id.dir())
+	if lk, err := link.LoadPinnedLink(filepath.Join(dir, "link"), nil); err == nil {
+		lk.(interface{ Detach() error }).Detach()
+		lk.Close()
+	}
+	if err := removeHookDir(dir); err != nil {
+		return fmt.Errorf("remove stale state of %s: %w", id, err)
+	}
+	return nil
+}
+
+// PinnedHooks lists the hooks that have pinned state, live or not.
+func (s *Store) PinnedHooks() ([]HookID, error) {
+	ifs, err := os.ReadDir(filepath.Join(s.Dir, "hooks"))
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		return nil, err
+	}
+	var ids []HookID
+	for _, i := range ifs {
+		name := strings.ReplaceAll(i.Name(), ":", ".")
+		for _, h := range []grammar.Hook{grammar.HookIngress, grammar.HookEgress} {
+			if _, err := os.Stat(filepath.Join(s.Dir, "hooks", i.Name(), h.String())); err == nil {
+				ids = append(ids, HookID{Ifname: name, Hook: h})
+			}
+		}
+	}
+	return ids, nil
+}
+
+// removeHookDir removes a hook's directory, and its interface's directory
+// when that is left empty.
+func removeHookDir(dir string) error {
+	if err := os.RemoveAll(dir); err != nil {
+		return err
+	}
+	os.Remove(filepath.Dir(dir)) // fails while the other hook is there
+	return nil
+}
