@@ -1,0 +1,231 @@
+package ruleset
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"strings"
+
+	"github.com/sfunnel/sfunnel/grammar"
+)
+
+// Session runs batches of commands against a Backend: every batch is one
+// transaction (all its changes are committed together, or none).
+type Session struct {
+	Backend Backend
+	Out     io.Writer
+
+	JSON    bool // -j
+	Handles bool // -a
+	Echo    bool // -e
+	Check   bool // -c: verify, change nothing
+
+	// Bare says where rules outside interface blocks go (sfunnel's own
+	// ruleset files): `-f FILE --interface IF --hook ingress|egress|both`.
+	Bare *BareTarget
+
+	// InterfaceExists reports whether a network interface exists, so rules
+	// for a missing one are reported at the name. Nil skips the check.
+	InterfaceExists func(name string) bool
+}
+
+// BareTarget lists the interfaces and hooks bare rules are added to.
+type BareTarget struct {
+	Interfaces []string
+	Hooks      []grammar.Hook
+}
+
+// Run executes cmds as one transaction. Changes are applied to a copy of the
+// live ruleset, checked, then committed once; read-only commands (list, …)
+// print after the commit, so they show the state the batch produced.
+func (s *Session) Run(cmds []*grammar.Command) error {
+	live, err := s.Backend.Load()
+	if err != nil {
+		return err
+	}
+	work := live.Clone()
+	var reads []*grammar.Command
+	var added []echoed
+	changed := false
+	ifaceSpans := map[string]grammar.Span{}
+	for _, c := range expandBare(cmds, s.Bare) {
+		if c.Kind == grammar.CmdBareRule {
+			return errAt(c.Span, "rule outside an interface block: write interface NAME { HOOK { … } }, or apply the file with --interface IF --hook HOOK")
+		}
+		if isRead(c.Kind) {
+			reads = append(reads, c)
+			continue
+		}
+		if c.Kind == grammar.CmdAddRule || c.Kind == grammar.CmdInsertRule || c.Kind == grammar.CmdReplaceRule {
+			if _, seen := ifaceSpans[c.Interface]; !seen {
+				ifaceSpans[c.Interface] = c.InterfaceSpan
+			}
+		}
+		r, err := work.apply(c)
+		if err != nil {
+			return err
+		}
+		changed = true
+		if r != nil {
+			added = append(added, echoed{c, r})
+		}
+	}
+	if changed {
+		work.prune()
+		if err := work.validate(); err != nil {
+			return err
+		}
+		if s.InterfaceExists != nil {
+			var errs grammar.ErrorList
+			for _, i := range work.Interfaces {
+				if span, touched := ifaceSpans[i.Name]; touched && !s.InterfaceExists(i.Name) {
+					errs = append(errs, errAt(span, "unknown interface %s", i.Name))
+				}
+			}
+			if len(errs) > 0 {
+				return errs
+			}
+		}
+		if s.Check {
+			if err := s.Backend.Check(work); err != nil {
+				return err
+			}
+		} else if err := s.Backend.Commit(work); err != nil {
+			return err
+		}
+		if s.Echo && !s.Check {
+			s.echo(added)
+		}
+	}
+	for _, c := range reads {
+		if err := s.read(work, c); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func isRead(k grammar.CmdKind) bool {
+	switch k {
+	case grammar.CmdListRuleset, grammar.CmdListInterface, grammar.CmdListSets, grammar.CmdListSet,
+		grammar.CmdResetCounters, grammar.CmdMonitor:
+		return true
+	}
+	return false
+}
+
+// expandBare turns bare rules into add rule commands for each target.
+func expandBare(cmds []*grammar.Command, t *BareTarget) []*grammar.Command {
+	if t == nil {
+		return cmds
+	}
+	var out []*grammar.Command
+	for _, c := range cmds {
+		if c.Kind != grammar.CmdBareRule {
+			out = append(out, c)
+			continue
+		}
+		for _, ifc := range t.Interfaces {
+			for _, h := range t.Hooks {
+				out = append(out, &grammar.Command{Span: c.Span, Kind: grammar.CmdAddRule, Interface: ifc, InterfaceSpan: c.Span, Hook: h, HasHook: true, Rule: c.Rule})
+			}
+		}
+	}
+	return out
+}
+
+type echoed struct {
+	cmd  *grammar.Command
+	rule *grammar.Rule
+}
+
+// echo prints what the batch added, with the handles it got (-e).
+func (s *Session) echo(added []echoed) {
+	verbs := map[grammar.CmdKind]string{grammar.CmdAddRule: "add", grammar.CmdInsertRule: "insert", grammar.CmdReplaceRule: "replace"}
+	for _, a := range added {
+		fmt.Fprintf(s.Out, "%s rule %s %s %s # handle %d\n", verbs[a.cmd.Kind], a.cmd.Interface, a.cmd.Hook, grammar.FormatRule(a.rule, nil), a.rule.Handle)
+	}
+}
+
+func (s *Session) listOptions() (*ListOptions, error) {
+	o := &ListOptions{Handles: s.Handles}
+	if s.Check {
+		return o, nil
+	}
+	c, err := s.Backend.Counters()
+	if err != nil {
+		return nil, err
+	}
+	o.Counters = c
+	return o, nil
+}
+
+func (s *Session) read(rs *Ruleset, c *grammar.Command) error {
+	switch c.Kind {
+	case grammar.CmdListRuleset, grammar.CmdListInterface:
+		o, err := s.listOptions()
+		if err != nil {
+			return err
+		}
+		var only *Selector
+		sets := rs.Sets
+		if c.Kind == grammar.CmdListInterface {
+			if rs.Interface(c.Interface) == nil {
+				return errAt(c.InterfaceSpan, "interface %s has no rules", c.Interface)
+			}
+			only = &Selector{Interface: c.Interface, Hook: c.Hook, HasHook: c.HasHook}
+			sets = nil
+		}
+		if s.JSON {
+			return WriteJSON(s.Out, rs, only, sets, o)
+		}
+		return WriteText(s.Out, rs, only, o)
+	case grammar.CmdListSets, grammar.CmdListSet:
+		sets := rs.Sets
+		if c.Kind == grammar.CmdListSet {
+			set := rs.Set(c.Set.Name)
+			if set == nil {
+				return errAt(c.Set.Span, "undefined set %s", c.Set.Name)
+			}
+			sets = []*grammar.Set{set}
+		}
+		if s.JSON {
+			return WriteJSON(s.Out, &Ruleset{}, nil, sets, &ListOptions{})
+		}
+		var b strings.Builder
+		for _, set := range sets {
+			b.WriteString(grammar.FormatSet(set, ""))
+		}
+		_, err := io.WriteString(s.Out, b.String())
+		return err
+	case grammar.CmdResetCounters:
+		if s.Check {
+			return nil
+		}
+		var handles []uint64
+		if c.Interface != "" {
+			i := rs.Interface(c.Interface)
+			if i == nil {
+				return errAt(c.InterfaceSpan, "interface %s has no rules", c.Interface)
+			}
+			for _, h := range []grammar.Hook{grammar.HookIngress, grammar.HookEgress} {
+				if c.HasHook && c.Hook != h {
+					continue
+				}
+				for _, r := range i.Rules(h) {
+					handles = append(handles, r.Handle)
+				}
+			}
+			if len(handles) == 0 {
+				return nil
+			}
+		}
+		return s.Backend.ResetCounters(handles)
+	case grammar.CmdMonitor:
+		return ErrMonitorUnsupported
+	}
+	return nil
+}
+
+// ErrMonitorUnsupported is returned by backends without an event stream.
+var ErrMonitorUnsupported = errors.New("monitor needs the eBPF datapath's event stream")
