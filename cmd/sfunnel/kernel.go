@@ -1,0 +1,13 @@
+package main
+
+import (
+	"path/filepath"
+
+	"github.com/sfunnel/sfunnel/ruleset"
+)
+
+// newKernelBackend returns the backend that makes rulesets live.
+// Until the datapath is wired in, the ruleset is kept in a state file.
+func newKernelBackend(verbose bool) ruleset.Backend {
+	return &ruleset.FileBackend{Path: filepath.Join(runDir, "state.json")}
+}
