@@ -11,7 +11,7 @@ import (
 
 // Listing options.
 type ListOptions struct {
-	Handles  bool                // -a: append `# handle N`
+	Handles  bool               // -a: append `# handle N`
 	Counters map[uint64]Counter // values for `counter packets N bytes M`
 }
 
