@@ -77,28 +77,26 @@ type Live struct {
 	Mode    Mode
 	Ifindex int
 	Prog    *ebpf.Program
-	Counter *ebpf.Map // nil if the program has none
-	Stats   *ebpf.Map // nil if the program has none
-	link    link.Link // ModeTCX only
+	// Maps are the program's own pinned maps by name ("counters", "stats",
+	// ...); shared set maps are not among them.
+	Maps map[string]*ebpf.Map
+	link link.Link // ModeTCX only
 }
+
+// Counters returns the hook's "counters" map (nil if it has none).
+func (l *Live) Counters() *ebpf.Map { return l.Maps[CountersMap] }
 
 // Close releases the file descriptors (the pins keep the hook attached).
 func (l *Live) Close() {
-	for _, c := range []interface{ Close() error }{l.Prog, l.Counter, l.Stats, l.link} {
-		if c != nil && !isNilCloser(c) {
-			c.Close()
-		}
+	if l.Prog != nil {
+		l.Prog.Close()
 	}
-}
-
-func isNilCloser(c interface{ Close() error }) bool {
-	switch v := c.(type) {
-	case *ebpf.Program:
-		return v == nil
-	case *ebpf.Map:
-		return v == nil
+	for _, m := range l.Maps {
+		m.Close()
 	}
-	return false
+	if l.link != nil {
+		l.link.Close()
+	}
 }
 
 // Live opens the pinned state of a hook and checks that its program is
@@ -114,32 +112,30 @@ func (s *Store) Live(id HookID) (*Live, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open %s program: %w", id, permission(err))
 	}
-	l := &Live{HookID: id, Prog: prog}
+	l := &Live{HookID: id, Prog: prog, Maps: map[string]*ebpf.Map{}}
 	ok, err := s.checkAttached(l, dir)
 	if err != nil || !ok {
 		l.Close()
 		return nil, err
 	}
-	if l.Counter, err = loadPinnedMapIfAny(filepath.Join(dir, "counters")); err != nil {
+	ents, err := os.ReadDir(dir)
+	if err != nil {
 		l.Close()
 		return nil, err
 	}
-	if l.Stats, err = loadPinnedMapIfAny(filepath.Join(dir, "stats")); err != nil {
-		l.Close()
-		return nil, err
+	for _, e := range ents {
+		name := e.Name()
+		if name == "prog" || name == "link" || strings.HasSuffix(name, "_new") {
+			continue
+		}
+		m, err := ebpf.LoadPinnedMap(filepath.Join(dir, name), nil)
+		if err != nil {
+			l.Close()
+			return nil, fmt.Errorf("open %s map %s: %w", id, name, permission(err))
+		}
+		l.Maps[name] = m
 	}
 	return l, nil
-}
-
-func loadPinnedMapIfAny(path string) (*ebpf.Map, error) {
-	m, err := ebpf.LoadPinnedMap(path, nil)
-	if errors.Is(err, os.ErrNotExist) {
-		return nil, nil
-	}
-	if err != nil {
-		return nil, fmt.Errorf("open %s: %w", path, permission(err))
-	}
-	return m, nil
 }
 
 // checkAttached fills in Mode, Ifindex (and link) and reports whether the

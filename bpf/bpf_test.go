@@ -180,7 +180,7 @@ func TestAttachSwapDetach(t *testing.T) {
 				if l.Mode != mode {
 					return fmt.Errorf("mode %s, want %s", l.Mode, mode)
 				}
-				c, err := ReadCounters(l.Counter)
+				c, err := ReadCounters(l.Counters())
 				if err != nil {
 					return err
 				}
@@ -210,17 +210,17 @@ func TestAttachSwapDetach(t *testing.T) {
 					return fmt.Errorf("program not replaced")
 				}
 				var mark []uint64
-				if err := l.Stats.Lookup(uint32(0), &mark); err != nil || mark[0] != 2 {
+				if err := l.Maps["stats"].Lookup(uint32(0), &mark); err != nil || mark[0] != 2 {
 					return fmt.Errorf("stats of the live program: %v %v", mark, err)
 				}
-				c, _ := ReadCounters(l.Counter)
+				c, _ := ReadCounters(l.Counters())
 				if c[0].Packets < 8 {
 					return fmt.Errorf("carried counter %+v, want ≥ 8 packets", c[0])
 				}
-				if err := ZeroCounters(l.Counter, nil); err != nil {
+				if err := ZeroCounters(l.Counters(), nil); err != nil {
 					return err
 				}
-				if c, _ := ReadCounters(l.Counter); c[0].Packets != 0 {
+				if c, _ := ReadCounters(l.Counters()); c[0].Packets != 0 {
 					return fmt.Errorf("counter after reset: %+v", c[0])
 				}
 				// Detach: traffic flows, pins are gone.

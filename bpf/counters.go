@@ -64,49 +64,52 @@ func ebpfPossibleCPUs() int {
 	return n
 }
 
-// carryCounters moves counts from the old map into the new one along carry
+// carry moves per-rule values from the old map into the new one along idx
 // (new index → old index, -1 for none). With snap nil it copies the old
 // values and returns them as the snapshot; with a snapshot it adds what the
 // old map gained since (packets counted by the old program until the swap).
-func carryCounters(old, nw *ebpf.Map, carry []int, snap [][]Counter) ([][]Counter, error) {
-	if snap == nil {
-		snap = make([][]Counter, len(carry))
-		for i, j := range carry {
-			if j < 0 || j >= int(old.MaxEntries()) || i >= int(nw.MaxEntries()) {
-				continue
-			}
-			v, err := perCPU(old, j)
-			if err != nil {
-				return nil, err
-			}
-			if err := nw.Put(uint32(i), v); err != nil {
-				return nil, fmt.Errorf("carry counter %d: %w", i, err)
-			}
-			snap[i] = v
-		}
-		return snap, nil
+// Missing maps carry nothing.
+func carry[T any](old, nw *ebpf.Map, idx []int, snap [][]T, add func(cur *T, now, was T) bool) ([][]T, error) {
+	if old == nil || nw == nil {
+		return nil, nil
 	}
-	for i, j := range carry {
-		if snap[i] == nil {
+	get := func(m *ebpf.Map, i int) ([]T, error) {
+		var v []T
+		if err := m.Lookup(uint32(i), &v); err != nil {
+			return nil, fmt.Errorf("read %s[%d]: %w", m, i, err)
+		}
+		return v, nil
+	}
+	first := snap == nil
+	if first {
+		snap = make([][]T, len(idx))
+	}
+	for i, j := range idx {
+		if j < 0 || j >= int(old.MaxEntries()) || i >= int(nw.MaxEntries()) {
 			continue
 		}
-		now, err := perCPU(old, j)
+		if !first && snap[i] == nil {
+			continue
+		}
+		now, err := get(old, j)
 		if err != nil {
 			return nil, err
 		}
-		cur, err := perCPU(nw, i)
+		if first {
+			if err := nw.Put(uint32(i), now); err != nil {
+				return nil, fmt.Errorf("carry counter %d: %w", i, err)
+			}
+			snap[i] = now
+			continue
+		}
+		cur, err := get(nw, i)
 		if err != nil {
 			return nil, err
 		}
 		changed := false
 		for c := range cur {
-			if c < len(now) && c < len(snap[i]) {
-				dp, db := now[c].Packets-snap[i][c].Packets, now[c].Bytes-snap[i][c].Bytes
-				if dp != 0 || db != 0 {
-					cur[c].Packets += dp
-					cur[c].Bytes += db
-					changed = true
-				}
+			if c < len(now) && c < len(snap[i]) && add(&cur[c], now[c], snap[i][c]) {
+				changed = true
 			}
 		}
 		if changed {
@@ -116,6 +119,17 @@ func carryCounters(old, nw *ebpf.Map, carry []int, snap [][]Counter) ([][]Counte
 		}
 	}
 	return snap, nil
+}
+
+func addCounter(cur *Counter, now, was Counter) bool {
+	cur.Packets += now.Packets - was.Packets
+	cur.Bytes += now.Bytes - was.Bytes
+	return now != was
+}
+
+func addUint64(cur *uint64, now, was uint64) bool {
+	*cur += now - was
+	return now != was
 }
 
 // ReadStats returns a per-CPU array of uint64 summed over CPUs.

@@ -121,3 +121,14 @@ func marshalBytes(v any, size int) ([]byte, error) {
 	}
 	return b, nil
 }
+
+func loadPinnedMapIfAny(path string) (*ebpf.Map, error) {
+	m, err := ebpf.LoadPinnedMap(path, nil)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("open %s: %w", path, permission(err))
+	}
+	return m, nil
+}

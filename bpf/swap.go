@@ -17,17 +17,24 @@ type Update struct {
 	HookID
 	// Ifindex is the interface's index (LookupInterface) when attaching.
 	Ifindex int
-	// Coll holds the program "sfunnel" and its maps "counters" and "stats"
-	// (both optional), loaded by LoadCollection. Nil detaches the hook.
+	// Coll holds the program "sfunnel" and its maps, loaded by
+	// LoadCollection. Its maps are pinned with the hook, except shared set
+	// maps (SetMapPrefix). Nil detaches the hook.
 	Coll *ebpf.Collection
-	// Carry[i] is the index in the old counters map whose values the new
-	// index i inherits (-1: starts at zero), so counters of rules that
-	// survive an edit keep counting. Nil carries nothing.
+	// Carry[i] is the rule index in the old program whose counters (maps
+	// CountersMap and RuleMTUMap) the new index i inherits (-1: starts at
+	// zero), so counters of rules that survive an edit keep counting. Nil
+	// carries nothing.
 	Carry []int
 }
 
-// ProgramName is the program every collection passed to Swap must hold.
-const ProgramName = "sfunnel"
+// Names the compiler gives the program and its maps.
+const (
+	ProgramName  = "sfunnel"
+	CountersMap  = "counters" // per-CPU Counter by rule index
+	RuleMTUMap   = "rule_mtu" // per-CPU uint64 by rule index
+	SetMapPrefix = "set_"     // shared named sets
+)
 
 // Swap makes every update live: programs of hooks already attached are
 // replaced atomically (link update, or cls_bpf replace with the same
@@ -39,7 +46,8 @@ func (s *Store) Swap(updates []Update) (err error) {
 	type step struct {
 		u     Update
 		old   *Live
-		snap  [][]Counter // old counters at carry time, per old index
+		snapC [][]Counter // old counters at carry time, by new index
+		snapM [][]uint64  // same for RuleMTUMap
 		undo  func() error
 		fresh bool
 	}
@@ -65,13 +73,14 @@ func (s *Store) Swap(updates []Update) (err error) {
 	// Copy surviving counters into the new maps before the swap; what the
 	// old programs count until the swap is added afterwards.
 	for _, st := range steps {
-		if st.old == nil || st.old.Counter == nil || st.u.Coll == nil || st.u.Carry == nil {
+		if st.old == nil || st.u.Coll == nil || st.u.Carry == nil {
 			continue
 		}
-		if nm := st.u.Coll.Maps["counters"]; nm != nil {
-			if st.snap, err = carryCounters(st.old.Counter, nm, st.u.Carry, nil); err != nil {
-				return fmt.Errorf("%s: %w", st.u.HookID, err)
-			}
+		if st.snapC, err = carry(st.old.Maps[CountersMap], st.u.Coll.Maps[CountersMap], st.u.Carry, nil, addCounter); err != nil {
+			return fmt.Errorf("%s: %w", st.u.HookID, err)
+		}
+		if st.snapM, err = carry(st.old.Maps[RuleMTUMap], st.u.Coll.Maps[RuleMTUMap], st.u.Carry, nil, addUint64); err != nil {
+			return fmt.Errorf("%s: %w", st.u.HookID, err)
 		}
 	}
 
@@ -103,24 +112,20 @@ func (s *Store) Swap(updates []Update) (err error) {
 			}
 			continue
 		}
-		if st.snap != nil {
-			if _, err := carryCounters(st.old.Counter, st.u.Coll.Maps["counters"], st.u.Carry, st.snap); err != nil {
+		if st.snapC != nil {
+			if _, err := carry(st.old.Maps[CountersMap], st.u.Coll.Maps[CountersMap], st.u.Carry, st.snapC, addCounter); err != nil {
+				errs = append(errs, fmt.Errorf("%s: %w", st.u.HookID, err))
+			}
+		}
+		if st.snapM != nil {
+			if _, err := carry(st.old.Maps[RuleMTUMap], st.u.Coll.Maps[RuleMTUMap], st.u.Carry, st.snapM, addUint64); err != nil {
 				errs = append(errs, fmt.Errorf("%s: %w", st.u.HookID, err))
 			}
 		}
 		if err := pinReplace(st.u.Coll.Programs[ProgramName], filepath.Join(dir, "prog")); err != nil {
 			errs = append(errs, err)
 		}
-		for _, name := range []string{"counters", "stats"} {
-			path := filepath.Join(dir, name)
-			if m := st.u.Coll.Maps[name]; m != nil {
-				if err := pinReplace(m, path); err != nil {
-					errs = append(errs, err)
-				}
-			} else {
-				os.Remove(path)
-			}
-		}
+		errs = append(errs, pinMaps(dir, st.u.Coll.Maps))
 	}
 	return errors.Join(errs...)
 }
@@ -245,4 +250,23 @@ func removeHookDir(dir string) error {
 	}
 	os.Remove(filepath.Dir(dir)) // fails while the other hook is there
 	return nil
+}
+
+// pinMaps pins a program's own maps in its hook directory and removes pins
+// of maps it no longer has.
+func pinMaps(dir string, maps map[string]*ebpf.Map) error {
+	var errs []error
+	for name, m := range maps {
+		if strings.HasPrefix(name, SetMapPrefix) {
+			continue
+		}
+		errs = append(errs, pinReplace(m, filepath.Join(dir, name)))
+	}
+	ents, _ := os.ReadDir(dir)
+	for _, e := range ents {
+		if n := e.Name(); n != "prog" && n != "link" && maps[n] == nil {
+			errs = append(errs, os.Remove(filepath.Join(dir, n)))
+		}
+	}
+	return errors.Join(errs...)
 }
