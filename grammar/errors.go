@@ -165,9 +165,7 @@ func parseError(err error, src string) error {
 		span.End.Column += n
 		span.End.Offset += n
 	}
-	msg := perr.Message()
-	msg = strings.ReplaceAll(msg, `"\n"`, "end of line")
-	return &Error{Span: span, Msg: "syntax error, " + msg}
+	return &Error{Span: span, Msg: "syntax error, " + friendlyMessage(perr.Message())}
 }
 
 // tokenLen is the length of the token that starts s (at least 1).
@@ -181,4 +179,36 @@ func tokenLen(s string) int {
 		return 1
 	}
 	return len(t.Value)
+}
+
+// expectations translates participle's grammar names into words.
+var expectations = []struct{ node, words string }{
+	{"ActionSyntax", "an action: accept, drop, funnel, unfunnel, rewrite or dnat"},
+	{"HookName", "a hook: ingress or egress"},
+	{"StringSyntax", "a quoted string"},
+	{"NumberSyntax", "a number"},
+	{"ValueSyntax", "an address, a port, a { list }, a @set or a $variable"},
+	{"ProtoSyntax", "tcp or udp"},
+	{"NameSyntax", "a name"},
+	{"RuleSyntax", "a rule"},
+}
+
+func friendlyMessage(msg string) string {
+	if strings.HasPrefix(msg, `unexpected token "\""`) {
+		return "unterminated string"
+	}
+	msg = strings.ReplaceAll(msg, `"\n"`, "end of line")
+	head, expected, found := strings.Cut(msg, " (expected ")
+	if !found {
+		return msg
+	}
+	for _, e := range expectations {
+		if strings.HasPrefix(expected, e.node) {
+			return head + ", expected " + e.words
+		}
+	}
+	if strings.Contains(expected, "Syntax") {
+		return head
+	}
+	return head + " (expected " + expected
 }

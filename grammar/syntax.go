@@ -87,7 +87,7 @@ type nameSyntax struct {
 type hookSyntax struct {
 	Pos    lexer.Position
 	Hook   string        `parser:"@('ingress' | 'egress') '{'"`
-	Rules  []*ruleSyntax `parser:"( EOL | ';' )* ( @@ ( EOL | ';' )+ )* ( @@ )? ( EOL | ';' )* '}'"`
+	Rules  []*ruleSyntax `parser:"( EOL | ';' )* ( @@ ( EOL | ';' )* )* '}'"`
 	Tokens []lexer.Token
 }
 
