@@ -1,0 +1,56 @@
+# sfunnel — build, test, demo, install.
+GO      ?= go
+PREFIX  ?= /usr
+DESTDIR ?=
+VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+LDFLAGS := -X main.version=$(VERSION)
+
+.PHONY: all build test deps demo man install bench bench-datapath bench-tunnel fuzz clean
+
+all: build
+
+build:
+	CGO_ENABLED=0 $(GO) build -ldflags "$(LDFLAGS)" -o bin/sfunnel ./cmd/sfunnel
+
+# deps installs the Debian packages the tests and the demo use.
+deps:
+	./scripts/install-deps.sh
+
+# test runs every test: unit, kernel (BPF_PROG_TEST_RUN), netns end-to-end,
+# CLI scripts, REPL on a pty, man page lint. Needs root for the kernel parts;
+# with SFUNNEL_REQUIRE_KERNEL=1 a test that cannot run fails instead of skipping.
+test: deps
+	$(GO) vet ./...
+	$(GO) test -count=1 -timeout 75m ./...
+
+demo: build deps
+	./scripts/demo.sh
+
+man:
+	groff -ww -z -man man/sfunnel.8 man/sfunnel.conf.5
+	@for m in man/*.[58]; do echo "== $$m"; MANWIDTH=80 man -l "$$m" | head -5; done
+
+install: build
+	install -D -m 0755 bin/sfunnel $(DESTDIR)$(PREFIX)/sbin/sfunnel
+	install -D -m 0644 man/sfunnel.8 $(DESTDIR)$(PREFIX)/share/man/man8/sfunnel.8
+	install -D -m 0644 man/sfunnel.conf.5 $(DESTDIR)$(PREFIX)/share/man/man5/sfunnel.conf.5
+	@if [ -f man/sfunnel-tunnel.8 ]; then install -D -m 0644 man/sfunnel-tunnel.8 $(DESTDIR)$(PREFIX)/share/man/man8/sfunnel-tunnel.8; fi
+	@for u in dist/systemd/*.service; do [ -f "$$u" ] && install -D -m 0644 "$$u" $(DESTDIR)/lib/systemd/system/$$(basename $$u) || true; done
+	@if [ -f contrib/bash-completion/sfunnel ]; then install -D -m 0644 contrib/bash-completion/sfunnel $(DESTDIR)$(PREFIX)/share/bash-completion/completions/sfunnel; fi
+	install -d $(DESTDIR)/etc/sfunnel
+
+bench: bench-datapath
+
+# Datapath benchmark (BPF_PROG_TEST_RUN, ratios to in-run reference programs).
+bench-datapath:
+	$(GO) test ./compiler -run '^$$' -bench . -count 9 -timeout 60m
+
+bench-tunnel: build
+	@if [ -x bench/tunnel/run.sh ]; then bench/tunnel/run.sh; else echo "no tunnel benchmark yet"; fi
+
+# fuzz runs the parser fuzzer for 10 minutes.
+fuzz:
+	$(GO) test ./grammar -run '^$$' -fuzz FuzzParse -fuzztime 10m
+
+clean:
+	rm -rf bin
