@@ -10,6 +10,7 @@ have tcpdump  || need+=(tcpdump)
 have groff    || need+=(groff)
 have man      || need+=(man-db)
 have iperf3   || need+=(iperf3)
+have socat    || need+=(socat)
 if [ ${#need[@]} -gt 0 ]; then
 	if [ "$(id -u)" -ne 0 ]; then
 		echo "missing packages: ${need[*]} (run as root to install them)" >&2
