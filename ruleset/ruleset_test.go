@@ -1,0 +1,168 @@
+package ruleset
+
+import (
+	"bytes"
+	"errors"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/sfunnel/sfunnel/grammar"
+)
+
+// run parses text and runs it as one batch against b.
+func run(t *testing.T, b Backend, text string, s *Session) (string, error) {
+	t.Helper()
+	live, err := b.Load()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmds, srcs, err := grammar.Parse("<cmdline>", text, &grammar.Options{LookupSet: live.SetType})
+	if err != nil {
+		t.Fatalf("%s", grammar.FormatError(err, srcs))
+	}
+	var out bytes.Buffer
+	if s == nil {
+		s = &Session{}
+	}
+	s.Backend, s.Out = b, &out
+	err = s.Run(cmds)
+	return out.String(), err
+}
+
+func TestHandlesAndPositions(t *testing.T) {
+	b := &FileBackend{Path: filepath.Join(t.TempDir(), "state")}
+	mustRun := func(text string) string {
+		out, err := run(t, b, text, &Session{Handles: true})
+		if err != nil {
+			t.Fatalf("%s: %v", text, err)
+		}
+		return out
+	}
+	mustRun("add rule lo egress udp dport 1 actions drop")                      // 1
+	mustRun("add rule lo egress udp dport 2 actions drop")                      // 2
+	mustRun("insert rule lo egress udp dport 3 actions drop")                   // 3, first
+	mustRun("add rule lo egress position 1 udp dport 4 actions drop")           // 4, after 1
+	mustRun("insert rule lo egress position 2 udp dport 5 actions drop")        // 5, before 2
+	mustRun("replace rule lo egress handle 1 udp dport 11 actions accept")      // keeps handle 1
+	mustRun("add rule lo ingress tcp dport 179 sport 540 actions unfunnel udp") // 6
+	mustRun("delete rule lo egress handle 2")
+	got := mustRun("list ruleset")
+	want := `interface lo {
+	ingress {
+		tcp dport 179 sport 540 actions unfunnel udp # handle 6
+	}
+	egress {
+		udp dport 3 actions drop # handle 3
+		udp dport 11 actions accept # handle 1
+		udp dport 4 actions drop # handle 4
+		udp dport 5 actions drop # handle 5
+	}
+}
+`
+	if got != want {
+		t.Errorf("got:\n%s\nwant:\n%s", got, want)
+	}
+	// Handles are not reused after deletion.
+	rs, _ := b.Load()
+	if rs.NextHandle != 7 {
+		t.Errorf("next handle %d, want 7", rs.NextHandle)
+	}
+	if _, err := run(t, b, "delete rule lo egress handle 2", nil); err == nil || !strings.Contains(err.Error(), "no rule with handle 2") {
+		t.Errorf("deleting a deleted handle: %v", err)
+	}
+	// A handle of another hook is not found in this one.
+	if _, err := run(t, b, "delete rule lo egress handle 6", nil); err == nil {
+		t.Errorf("handle 6 is in ingress, not egress")
+	}
+}
+
+// failingBackend refuses every commit, like a verifier rejection.
+type failingBackend struct{ FileBackend }
+
+func (f *failingBackend) Commit(*Ruleset) error { return errors.New("verifier says no") }
+
+func TestFailedCommitChangesNothing(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "state")
+	good := &FileBackend{Path: path}
+	if _, err := run(t, good, "add rule lo egress udp dport 1 actions drop", nil); err != nil {
+		t.Fatal(err)
+	}
+	bad := &failingBackend{FileBackend{Path: path}}
+	_, err := run(t, bad, "flush ruleset; add rule lo ingress udp dport 2 actions drop", nil)
+	if err == nil {
+		t.Fatal("commit error not reported")
+	}
+	out, _ := run(t, good, "list ruleset", nil)
+	if !strings.Contains(out, "udp dport 1 actions drop") || strings.Contains(out, "dport 2") {
+		t.Errorf("state changed by a failed transaction:\n%s", out)
+	}
+	// An error in the middle of a batch keeps the earlier commands out too.
+	_, err = run(t, good, "add rule lo egress udp dport 3 actions drop; delete rule lo egress handle 99", nil)
+	if err == nil {
+		t.Fatal("bad handle not reported")
+	}
+	out, _ = run(t, good, "list ruleset", nil)
+	if strings.Contains(out, "dport 3") {
+		t.Errorf("half a batch was applied:\n%s", out)
+	}
+}
+
+func TestSets(t *testing.T) {
+	b := &FileBackend{Path: filepath.Join(t.TempDir(), "state")}
+	if _, err := run(t, b, "set ports { type inet_service; elements = { 2055, 4739 } }\nadd rule lo egress udp dport @ports actions funnel tcp dport 179 sport 540", nil); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := run(t, b, "add element ports { 6343, 9995-9996 }", nil); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := run(t, b, "delete element ports { 4739 }", nil); err != nil {
+		t.Fatal(err)
+	}
+	out, err := run(t, b, "list set ports", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := "set ports {\n\ttype inet_service\n\telements = { 2055, 6343, 9995-9996 }\n}\n"; out != want {
+		t.Errorf("got %q want %q", out, want)
+	}
+	for _, bad := range []string{"add element ports { 2055 }", "delete element ports { 1 }", "add element nosuch { 1 }", "add element ports { 192.0.2.1 }"} {
+		if _, err := run(t, b, bad, nil); err == nil {
+			t.Errorf("%s: no error", bad)
+		}
+	}
+	// Removing the set under a rule that uses it is refused.
+	if _, err := run(t, b, "flush ruleset; add rule lo egress udp dport @ports actions drop", nil); err == nil {
+		t.Errorf("rule using a flushed set accepted")
+	}
+}
+
+func TestBareRules(t *testing.T) {
+	b := &FileBackend{Path: filepath.Join(t.TempDir(), "state")}
+	text := "ip udp dport 4739 actions funnel encap tcp dport 179 sport 540 #IPFIX\nip tcp dport 179 sport 540 actions unfunnel decap udp\n"
+	if _, err := run(t, b, text, nil); err == nil || !strings.Contains(err.Error(), "outside an interface block") {
+		t.Fatalf("bare rules without --interface: %v", err)
+	}
+	s := &Session{Bare: &BareTarget{Interfaces: []string{"lo", "eth9"}, Hooks: []grammar.Hook{grammar.HookIngress, grammar.HookEgress}}}
+	if _, err := run(t, b, text, s); err != nil {
+		t.Fatal(err)
+	}
+	rs, _ := b.Load()
+	if len(rs.Interfaces) != 2 || len(rs.Interfaces[1].Egress) != 2 || len(rs.Interfaces[1].Ingress) != 2 {
+		t.Errorf("bare rules not added to every interface and hook: %+v", rs.Interfaces)
+	}
+}
+
+func TestJSON(t *testing.T) {
+	b := &FileBackend{Path: filepath.Join(t.TempDir(), "state")}
+	out, err := run(t, b, `set s { type ipv4_addr; elements = { 192.0.2.0/24 } }
+add rule lo egress ip saddr @s udp dport 1 counter actions drop comment "c"
+list ruleset`, &Session{JSON: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := `{"sfunnel":{"version":1,"sets":[{"name":"s","type":"ipv4_addr","elements":["192.0.2.0/24"]}],"interfaces":[{"name":"lo","hooks":[{"hook":"egress","rules":[{"handle":1,"rule":"ip saddr @s udp dport 1 counter actions drop comment \"c\"","counter":{"packets":0,"bytes":0},"comment":"c"}]}]}]}}` + "\n"
+	if out != want {
+		t.Errorf("got  %s\nwant %s", out, want)
+	}
+}
