@@ -32,7 +32,7 @@ func (a *app) openBackend() (ruleset.Backend, error) {
 	if state != "" {
 		a.backend = &ruleset.FileBackend{Path: state}
 	} else {
-		a.backend = newKernelBackend(a.opts.verbose)
+		a.backend = newKernelBackend(a.opts.verbose, a.opts.ctMarkMask)
 	}
 	return a.backend, nil
 }

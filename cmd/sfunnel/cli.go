@@ -6,6 +6,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"strconv"
 	"strings"
 
 	"github.com/cilium/ebpf"
@@ -42,6 +43,7 @@ type options struct {
 	includeDirs []string
 	netns       string
 	state       string // --state FILE: keep the ruleset in a file, no kernel
+	ctMarkMask  uint32 // --ct-mark-mask: skb mark bits that carry ct mark values
 	ifaces      []string
 	hooks       []grammar.Hook
 	args        []string // the command words
@@ -74,6 +76,7 @@ Options:
       --hook ingress|egress|both
                           with -f: the hook bare sfunnel rules go to
       --state FILE        keep the ruleset in FILE instead of the kernel
+      --ct-mark-mask MASK mark bits that carry ct mark (default 0x00ff0000)
   -v, --version           print the version (with a command: verbose errors)
   -h, --help              print this help
 
@@ -150,6 +153,14 @@ func parseArgs(argv []string) (*options, error) {
 			o.netns, err = next()
 		case "--state":
 			o.state, err = next()
+		case "--ct-mark-mask":
+			if v, err = next(); err == nil {
+				m, perr := strconv.ParseUint(v, 0, 32)
+				if perr != nil || m == 0 {
+					return nil, usagef("--ct-mark-mask wants a non-zero 32-bit mask, got %q", v)
+				}
+				o.ctMarkMask = uint32(m)
+			}
 		case "--interface":
 			if v, err = next(); err == nil {
 				for _, f := range strings.Split(v, ",") {
@@ -364,6 +375,7 @@ func (a *app) report(err error) int {
 	if verbose && errors.As(err, &ve) {
 		fmt.Fprintf(a.stderr, "%+v\n", ve)
 	}
+	err = locateKernelError(err)
 	io.WriteString(a.stderr, grammar.FormatError(err, srcs))
 	return exitCode(err)
 }
