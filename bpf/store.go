@@ -23,6 +23,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 
 	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
@@ -56,6 +57,7 @@ func Open(opts Options) (*Store, error) {
 	if opts.Root == "" {
 		opts.Root = DefaultRoot
 	}
+	opts.Root = hostRoot(opts.Root)
 	if err := ensureBPFFS(opts.Root); err != nil {
 		return nil, err
 	}
@@ -68,6 +70,52 @@ func Open(opts Options) (*Store, error) {
 		return nil, err
 	}
 	return s, nil
+}
+
+// hostRoot handles `ip netns exec`: it gives the command a private mount
+// namespace with a fresh /sys, so a bpffs mounted (or pinned to) there would
+// vanish when the command exits, and with it every link held only by its
+// pins. When /sys/fs/bpf is not a bpffs here but is one in the mount
+// namespace of pid 1 or of an ancestor process (the shell that ran `ip
+// netns exec`), the state goes there, through /proc/PID/root.
+func hostRoot(root string) string {
+	const mnt = "/sys/fs/bpf"
+	if !strings.HasPrefix(root+"/", mnt+"/") || isBPFFS(mnt) {
+		return root
+	}
+	self, err := os.Readlink("/proc/self/ns/mnt")
+	if err != nil {
+		return root
+	}
+	pids := []int{1}
+	for pid, i := os.Getppid(), 0; pid > 1 && i < 8; i++ {
+		pids = append(pids, pid)
+		pid = parentOf(pid)
+	}
+	for _, pid := range pids {
+		proc := fmt.Sprintf("/proc/%d", pid)
+		if ns, err := os.Readlink(proc + "/ns/mnt"); err == nil && ns != self && isBPFFS(proc+"/root"+mnt) {
+			return proc + "/root" + root
+		}
+	}
+	return root
+}
+
+// parentOf returns the parent pid of pid (0 if unknown).
+func parentOf(pid int) int {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0
+	}
+	// pid (comm) state ppid ...; comm may contain spaces and parentheses.
+	i := strings.LastIndexByte(string(b), ')')
+	var state byte
+	var ppid int
+	if i < 0 {
+		return 0
+	}
+	fmt.Sscanf(string(b[i+1:]), " %c %d", &state, &ppid)
+	return ppid
 }
 
 // ensureBPFFS makes sure root lives on a bpf filesystem.
