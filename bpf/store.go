@@ -118,6 +118,34 @@ func parentOf(pid int) int {
 	return ppid
 }
 
+// OpenExisting is Open for readers: it creates and mounts nothing, and
+// returns nil (and no error) when the namespace has no state (or only the
+// stale state of a dead namespace with the same inode).
+func OpenExisting(opts Options) (*Store, error) {
+	if opts.Root == "" {
+		opts.Root = DefaultRoot
+	}
+	opts.Root = hostRoot(opts.Root)
+	ino, cookie, err := netnsID()
+	if err != nil {
+		return nil, err
+	}
+	s := &Store{Dir: filepath.Join(opts.Root, fmt.Sprintf("netns-%d", ino)), opts: opts}
+	m, err := ebpf.LoadPinnedMap(filepath.Join(s.Dir, "netns"), nil)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("open %s: %w", s.Dir, permission(err))
+	}
+	defer m.Close()
+	var got uint64
+	if err := m.Lookup(uint32(0), &got); err != nil || got != cookie {
+		return nil, nil
+	}
+	return s, nil
+}
+
 // ensureBPFFS makes sure root lives on a bpf filesystem.
 func ensureBPFFS(root string) error {
 	if err := os.MkdirAll(root, 0o700); err == nil {
