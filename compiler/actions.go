@@ -1,0 +1,718 @@
+package compiler
+
+import (
+	"github.com/cilium/ebpf/asm"
+	"github.com/sfunnel/sfunnel/grammar"
+)
+
+// Register use in actions: R6 ctx, R7 skb->data, R8 skb->data_end (reloaded
+// after every helper that may move the packet), R9 transport offset; R0-R5
+// scratch. Values that must survive helpers live in the slotT* slots.
+
+// reload refreshes the packet pointers.
+func (c *compiler) reload() {
+	c.e.emit(
+		ldx(asm.R7, asm.R6, skbData, asm.Word),
+		ldx(asm.R8, asm.R6, skbDataEnd, asm.Word),
+	)
+}
+
+func ipHdrLen(fam int) int32 {
+	if fam == 6 {
+		return 40
+	}
+	return 20
+}
+
+// ipBound proves the fixed IP header is in the packet (to the verifier).
+func (c *compiler) ipBound(fam int, fail string) {
+	c.e.emit(
+		mov(asm.R1, asm.R7),
+		asm.Add.Imm(asm.R1, int32(c.l3)+ipHdrLen(fam)),
+		asm.JGT.Reg(asm.R1, asm.R8, fail),
+	)
+}
+
+// fold folds the ones' complement sum in r (< 2^48) to 16 bits.
+func (c *compiler) fold(r, tmp asm.Register) {
+	for i := 0; i < 4; i++ {
+		c.e.emit(
+			mov(tmp, r),
+			asm.RSh.Imm(tmp, 16),
+			asm.And.Imm(r, 0xffff),
+			asm.Add.Reg(r, tmp),
+		)
+	}
+}
+
+// addrSum sets dst to the folded sum of saddr and daddr (R1 scratch).
+func (c *compiler) addrSum(fam int, dst asm.Register) {
+	e := &c.e
+	words := int16(2)
+	if fam == 6 {
+		words = 8
+	}
+	off := c.l3 + 12
+	if fam == 6 {
+		off = c.l3 + 8
+	}
+	e.emit(ldx(dst, asm.R7, off, asm.Word))
+	for w := int16(1); w < words; w++ {
+		e.emit(ldx(asm.R1, asm.R7, off+4*w, asm.Word), asm.Add.Reg(dst, asm.R1))
+	}
+	c.fold(dst, asm.R1)
+}
+
+// l4Len sets dst to the transport length the IP header claims (host order)
+// and jumps to fail when it does not fit the packet. Needs R9 and ipBound.
+func (c *compiler) l4Len(fam int, dst asm.Register, fail string) {
+	e := &c.e
+	l3 := c.l3
+	if fam == 4 {
+		e.emit(ldx(dst, asm.R7, l3+2, asm.Half))
+	} else {
+		e.emit(ldx(dst, asm.R7, l3+4, asm.Half))
+	}
+	hdr := int32(l3)
+	if fam == 6 {
+		hdr += 40 // payload length excludes the fixed header
+	}
+	e.emit(
+		asm.HostTo(asm.BE, dst, asm.Half),
+		ldx(asm.R0, asm.R6, skbLen, asm.Word),
+		asm.Sub.Imm(asm.R0, hdr),
+		asm.JGT.Reg(dst, asm.R0, fail),
+		mov(asm.R0, asm.R9),
+		asm.Sub.Imm(asm.R0, hdr),
+		asm.JLT.Reg(dst, asm.R0, fail),
+		asm.Sub.Reg(dst, asm.R0),
+	)
+}
+
+// guards emits the checks every header-moving action starts with.
+func (c *compiler) guards(opts, gso bool) {
+	e := &c.e
+	e.emit(ldx(asm.R1, asm.R10, slotInfo, asm.DWord), asm.JSet.Imm(asm.R1, infoFrag, c.stat(StatFragment)))
+	if opts {
+		e.emit(asm.JSet.Imm(asm.R1, infoOpts, c.stat(StatIPOptions)))
+	}
+	if gso {
+		e.emit(ldx(asm.R1, asm.R6, skbGSOSize, asm.Word), asm.JNE.Imm(asm.R1, 0, c.stat(StatGSO)))
+	}
+	e.emit(ldx(asm.R9, asm.R10, slotL4Off, asm.DWord))
+	c.reload()
+}
+
+// ipProto rewrites the transport protocol in the IP header (and the IPv4
+// checksum) and the proto slot. Needs ipBound.
+func (c *compiler) ipProto(fam int, proto uint8) {
+	e := &c.e
+	l3 := c.l3
+	if fam == 4 {
+		e.emit(
+			ldx(asm.R1, asm.R7, l3+8, asm.Half),
+			mov(asm.R2, asm.R1),
+			asm.And.Imm(asm.R2, 0xff),
+			asm.Or.Imm(asm.R2, int32(proto)<<8),
+			ldx(asm.R0, asm.R7, l3+10, asm.Half),
+			asm.Xor.Imm(asm.R0, 0xffff),
+			asm.Xor.Imm(asm.R1, 0xffff),
+			asm.Add.Reg(asm.R0, asm.R1),
+			asm.Add.Reg(asm.R0, asm.R2),
+		)
+		c.fold(asm.R0, asm.R1)
+		e.emit(
+			asm.Xor.Imm(asm.R0, 0xffff),
+			stx(asm.R7, l3+8, asm.R2, asm.Half),
+			stx(asm.R7, l3+10, asm.R0, asm.Half),
+		)
+	} else {
+		done := e.newLabel("nh_done")
+		e.emit(
+			ldx(asm.R1, asm.R10, slotNHOff, asm.DWord),
+			asm.JGT.Imm(asm.R1, 0xffff, done),
+			mov(asm.R2, asm.R7),
+			asm.Add.Reg(asm.R2, asm.R1),
+			mov(asm.R3, asm.R2),
+			asm.Add.Imm(asm.R3, 1),
+			asm.JGT.Reg(asm.R3, asm.R8, done),
+			sti(asm.R2, 0, int64(proto), asm.Byte),
+		)
+		e.label(done)
+	}
+	e.emit(sti(asm.R10, slotProto, int64(proto), asm.DWord))
+}
+
+// ipLen adds delta (in R3, may be negative) to the IP length field and
+// fixes the IPv4 checksum. Needs ipBound.
+func (c *compiler) ipLen(fam int) {
+	e := &c.e
+	l3 := c.l3
+	if fam == 6 {
+		e.emit(
+			ldx(asm.R1, asm.R7, l3+4, asm.Half),
+			asm.HostTo(asm.BE, asm.R1, asm.Half),
+			asm.Add.Reg(asm.R1, asm.R3),
+			asm.HostTo(asm.BE, asm.R1, asm.Half),
+			stx(asm.R7, l3+4, asm.R1, asm.Half),
+		)
+		return
+	}
+	e.emit(
+		ldx(asm.R1, asm.R7, l3+2, asm.Half),
+		mov(asm.R2, asm.R1),
+		asm.HostTo(asm.BE, asm.R2, asm.Half),
+		asm.Add.Reg(asm.R2, asm.R3),
+		asm.HostTo(asm.BE, asm.R2, asm.Half),
+		ldx(asm.R0, asm.R7, l3+10, asm.Half),
+		asm.Xor.Imm(asm.R0, 0xffff),
+		asm.Xor.Imm(asm.R1, 0xffff),
+		asm.Add.Reg(asm.R0, asm.R1),
+		asm.Add.Reg(asm.R0, asm.R2),
+	)
+	c.fold(asm.R0, asm.R1)
+	e.emit(
+		asm.Xor.Imm(asm.R0, 0xffff),
+		stx(asm.R7, l3+2, asm.R2, asm.Half),
+		stx(asm.R7, l3+10, asm.R0, asm.Half),
+	)
+}
+
+// l4CsumReplace emits bpf_l4_csum_replace(skb, R9 + off + slotT4, from=0,
+// to=diff (R4), flags): the check field offset is in slotT4, the transport
+// protocol in slotT2 (UDP adds BPF_F_MARK_MANGLED_0).
+func (c *compiler) l4CsumDiff(extra int32, flags int64) {
+	e := &c.e
+	udp := e.newLabel("csum_udp")
+	e.emit(
+		ldx(asm.R2, asm.R10, slotT4, asm.DWord),
+		asm.Add.Reg(asm.R2, asm.R9),
+		asm.Add.Imm(asm.R2, extra),
+		movi(asm.R3, 0),
+		asm.Mov.Imm(asm.R5, int32(flags)),
+		ldx(asm.R1, asm.R10, slotT2, asm.DWord),
+		asm.JNE.Imm(asm.R1, 17, udp),
+		asm.Or.Imm(asm.R5, fMarkMangled0),
+	)
+	e.label(udp)
+	e.emit(mov(asm.R1, asm.R6), asm.FnL4CsumReplace.Call())
+}
+
+// transport sets slotT2 = protocol, slotT4 = check field offset, R3 = the
+// minimal header length, or jumps to fail when neither TCP nor UDP.
+func (c *compiler) transport(fail string) {
+	e := &c.e
+	ok := e.newLabel("l4_ok")
+	e.emit(
+		ldx(asm.R2, asm.R10, slotProto, asm.DWord),
+		movi(asm.R3, 8),
+		movi(asm.R4, 6),
+		asm.JEq.Imm(asm.R2, 17, ok),
+		asm.JNE.Imm(asm.R2, 6, fail),
+		movi(asm.R3, 20),
+		movi(asm.R4, 16),
+	)
+	e.label(ok)
+	e.emit(
+		stx(asm.R10, slotT2, asm.R2, asm.DWord),
+		stx(asm.R10, slotT4, asm.R4, asm.DWord),
+		asm.JGT.Imm(asm.R9, 0xffff, fail),
+		mov(asm.R5, asm.R7),
+		asm.Add.Reg(asm.R5, asm.R9),
+		mov(asm.R1, asm.R5),
+		asm.Add.Reg(asm.R1, asm.R3),
+		asm.JGT.Reg(asm.R1, asm.R8, fail),
+	)
+}
+
+// funnel pushes a TCP or UDP header between the IP and transport headers.
+func (c *compiler) funnel(rule, fam int, a *grammar.Action) {
+	e := &c.e
+	f := a.Funnel
+	outer := a.Proto.Number()
+	h := int32(8)
+	checkOut := int16(6)
+	if a.Proto == grammar.ProtoTCP {
+		h, checkOut = 20, 16
+	}
+	notApp := c.stat(StatNotApplicable)
+	c.guards(true, true)
+	c.ipBound(fam, notApp)
+	c.transport(notApp)
+	c.l4Len(fam, asm.R4, notApp)
+	csOK := e.newLabel("csum_ok")
+	e.emit(
+		asm.JLT.Reg(asm.R4, asm.R3, notApp),
+		asm.JGT.Imm(asm.R4, 65535-h-map[bool]int32{true: 20, false: 0}[fam == 4], notApp),
+		stx(asm.R10, slotT1, asm.R4, asm.DWord),
+		asm.JNE.Imm(asm.R2, 17, csOK),
+		ldx(asm.R1, asm.R5, 6, asm.Half),
+		asm.JEq.Imm(asm.R1, 0, c.stat(StatNoChecksum)),
+	)
+	e.label(csOK)
+	e.comment("grow by the funnel header")
+	e.emit(
+		mov(asm.R1, asm.R6),
+		movi(asm.R2, h),
+		movi(asm.R3, 0), // BPF_ADJ_ROOM_NET
+		movi(asm.R4, 0),
+		asm.FnSkbAdjustRoom.Call(),
+		asm.JNE.Imm(asm.R0, 0, c.stat(StatHelperFailed)),
+	)
+	c.reload()
+	c.ipBound(fam, "pass")
+	e.comment("inner checksum without addresses")
+	c.addrSum(fam, asm.R4)
+	e.emit(
+		stx(asm.R10, slotT3, asm.R4, asm.DWord),
+		asm.Xor.Imm(asm.R4, 0xffff),
+	)
+	c.l4CsumDiff(h, fPseudoHdr)
+	c.reload()
+	c.ipBound(fam, "pass")
+	e.emit(
+		mov(asm.R5, asm.R7),
+		asm.Add.Reg(asm.R5, asm.R9),
+		mov(asm.R1, asm.R5),
+		asm.Add.Imm(asm.R1, h+4),
+		asm.JGT.Reg(asm.R1, asm.R8, "pass"),
+	)
+	e.comment("funnel header")
+	if f.HasSport && f.HasDport {
+		e.emit(sti(asm.R5, 0, int64(int32(uint32(n16(f.Sport))|uint32(n16(f.Dport))<<16)), asm.Word))
+	} else {
+		e.emit(ldx(asm.R1, asm.R5, int16(h), asm.Word), stx(asm.R5, 0, asm.R1, asm.Word))
+		if f.HasSport {
+			e.emit(sti(asm.R5, 0, int64(n16(f.Sport)), asm.Half))
+		}
+		if f.HasDport {
+			e.emit(sti(asm.R5, 2, int64(n16(f.Dport)), asm.Half))
+		}
+	}
+	var hdrConst uint64 = uint64(outer) << 8 // pseudo header protocol
+	if a.Proto == grammar.ProtoTCP {
+		w12 := uint32(0x50) | uint32(f.Flags)<<8 | uint32(n16(f.Window))<<16
+		e.emit(
+			sti(asm.R5, 4, int64(int32(n32(f.Seq))), asm.Word),
+			sti(asm.R5, 8, int64(int32(n32(f.Ack))), asm.Word),
+			sti(asm.R5, 12, int64(int32(w12)), asm.Word),
+			sti(asm.R5, 16, 0, asm.Word),
+		)
+		hdrConst += uint64(n32(f.Seq)) + uint64(n32(f.Ack)) + uint64(w12)
+	}
+	e.emit(
+		ldx(asm.R1, asm.R10, slotT1, asm.DWord),
+		asm.Add.Imm(asm.R1, h),
+		asm.HostTo(asm.BE, asm.R1, asm.Half),
+	)
+	if a.Proto == grammar.ProtoUDP {
+		e.emit(stx(asm.R5, 4, asm.R1, asm.Half), sti(asm.R5, 6, 0, asm.Half))
+	}
+	e.comment("outer checksum: pseudo header + header + inner segment (sums to -(proto+len) once final)")
+	e.emit(
+		ldx(asm.R3, asm.R10, slotT3, asm.DWord),
+		asm.Add.Reg(asm.R3, asm.R1),
+	)
+	if a.Proto == grammar.ProtoUDP {
+		e.emit(asm.Add.Reg(asm.R3, asm.R1)) // the length field
+	}
+	e.emit(
+		asm.Add.Imm(asm.R3, int32(fold16(hdrConst))),
+		ldx(asm.R1, asm.R5, 0, asm.Word),
+		asm.Add.Reg(asm.R3, asm.R1),
+		ldx(asm.R1, asm.R10, slotT1, asm.DWord),
+		asm.HostTo(asm.BE, asm.R1, asm.Half),
+		ldx(asm.R0, asm.R10, slotT2, asm.DWord),
+		asm.LSh.Imm(asm.R0, 8),
+		asm.Add.Reg(asm.R1, asm.R0),
+	)
+	c.fold(asm.R1, asm.R0)
+	e.emit(
+		asm.Xor.Imm(asm.R1, 0xffff),
+		asm.Add.Reg(asm.R3, asm.R1),
+	)
+	c.fold(asm.R3, asm.R1)
+	e.emit(asm.Xor.Imm(asm.R3, 0xffff))
+	if a.Proto == grammar.ProtoUDP {
+		nz := e.newLabel("nonzero")
+		e.emit(asm.JNE.Imm(asm.R3, 0, nz), movi(asm.R3, 0xffff))
+		e.label(nz)
+	}
+	e.emit(stx(asm.R5, checkOut, asm.R3, asm.Half))
+	e.comment("IP header")
+	e.emit(movi(asm.R3, h))
+	c.ipLen(fam)
+	c.ipProto(fam, outer)
+	if c.opts.Hook == grammar.HookEgress {
+		c.mtuCheck(rule)
+	}
+}
+
+// mtuCheck counts a funneled packet that exceeds the device MTU.
+func (c *compiler) mtuCheck(rule int) {
+	e := &c.e
+	ok := e.newLabel("mtu_ok")
+	e.comment("MTU check")
+	e.emit(
+		sti(asm.R10, slotT4, 0, asm.Word),
+		mov(asm.R1, asm.R6),
+		movi(asm.R2, 0),
+		mov(asm.R3, asm.R10),
+		asm.Add.Imm(asm.R3, slotT4),
+		movi(asm.R4, 0),
+		movi(asm.R5, 0),
+		asm.FnCheckMtu.Call(),
+		asm.JEq.Imm(asm.R0, 0, ok),
+		sti(asm.R10, slotKey, int64(rule), asm.Word),
+	)
+	c.lookup(RuleMTUMap, slotKey)
+	skip := e.newLabel("mtu_rule")
+	e.emit(
+		asm.JEq.Imm(asm.R0, 0, skip),
+		ldx(asm.R1, asm.R0, 0, asm.DWord),
+		asm.Add.Imm(asm.R1, 1),
+		stx(asm.R0, 0, asm.R1, asm.DWord),
+	)
+	e.label(skip)
+	e.emit(sti(asm.R10, slotKey, StatMTUExceeded, asm.Word))
+	c.lookup(StatsMap, slotKey)
+	e.emit(
+		asm.JEq.Imm(asm.R0, 0, ok),
+		ldx(asm.R1, asm.R0, 0, asm.DWord),
+		asm.Add.Imm(asm.R1, 1),
+		stx(asm.R0, 0, asm.R1, asm.DWord),
+	)
+	e.label(ok)
+}
+
+// unfunnel pops the outer header when the inner one is consistent.
+func (c *compiler) unfunnel(fam int, inner grammar.Proto) {
+	e := &c.e
+	bad := c.stat(StatUnfunnelInvalid)
+	min := int32(8)
+	check := int32(6)
+	if inner == grammar.ProtoTCP {
+		min, check = 20, 16
+	}
+	c.guards(true, true)
+	c.ipBound(fam, bad)
+	c.transport(bad)
+	c.l4Len(fam, asm.R4, bad)
+	outerUDP, outerOK := e.newLabel("outer_udp"), e.newLabel("outer_ok")
+	e.emit(
+		asm.JEq.Imm(asm.R2, 17, outerUDP),
+		ldx(asm.R3, asm.R5, 12, asm.Byte),
+		asm.RSh.Imm(asm.R3, 4),
+		asm.LSh.Imm(asm.R3, 2),
+		asm.JLT.Imm(asm.R3, 20, bad),
+		asm.Ja.Label(outerOK),
+	)
+	e.label(outerUDP)
+	e.emit(
+		movi(asm.R3, 8),
+		ldx(asm.R1, asm.R5, 4, asm.Half),
+		asm.HostTo(asm.BE, asm.R1, asm.Half),
+		asm.JNE.Reg(asm.R1, asm.R4, bad),
+	)
+	e.label(outerOK)
+	e.comment("inner %s header consistent", inner)
+	e.emit(
+		mov(asm.R1, asm.R3),
+		asm.Add.Imm(asm.R1, min),
+		asm.JGT.Reg(asm.R1, asm.R4, bad),
+		asm.Sub.Reg(asm.R4, asm.R3),
+		asm.Add.Reg(asm.R5, asm.R3),
+		mov(asm.R1, asm.R5),
+		asm.Add.Imm(asm.R1, min),
+		asm.JGT.Reg(asm.R1, asm.R8, bad),
+	)
+	if inner == grammar.ProtoUDP {
+		e.emit(
+			ldx(asm.R1, asm.R5, 4, asm.Half),
+			asm.HostTo(asm.BE, asm.R1, asm.Half),
+			asm.JNE.Reg(asm.R1, asm.R4, bad),
+		)
+	} else {
+		e.emit(
+			ldx(asm.R1, asm.R5, 12, asm.Byte),
+			asm.RSh.Imm(asm.R1, 4),
+			asm.LSh.Imm(asm.R1, 2),
+			asm.JLT.Imm(asm.R1, 20, bad),
+			asm.JGT.Reg(asm.R1, asm.R4, bad),
+		)
+	}
+	e.comment("pop the outer header")
+	e.emit(
+		stx(asm.R10, slotT1, asm.R3, asm.DWord),
+		movi(asm.R2, 0),
+		asm.Sub.Reg(asm.R2, asm.R3),
+		mov(asm.R1, asm.R6),
+		movi(asm.R3, 0), // BPF_ADJ_ROOM_NET
+		movi(asm.R4, 0),
+		asm.FnSkbAdjustRoom.Call(),
+		asm.JNE.Imm(asm.R0, 0, c.stat(StatHelperFailed)),
+	)
+	c.reload()
+	c.ipBound(fam, "pass")
+	e.comment("inner checksum gets the addresses back")
+	c.addrSum(fam, asm.R4)
+	flags := int32(fPseudoHdr)
+	if inner == grammar.ProtoUDP {
+		flags |= fMarkMangled0
+	}
+	e.emit(
+		mov(asm.R1, asm.R6),
+		mov(asm.R2, asm.R9),
+		asm.Add.Imm(asm.R2, check),
+		movi(asm.R3, 0),
+		movi(asm.R5, flags),
+		asm.FnL4CsumReplace.Call(),
+	)
+	c.reload()
+	c.ipBound(fam, "pass")
+	e.emit(
+		movi(asm.R3, 0),
+		ldx(asm.R1, asm.R10, slotT1, asm.DWord),
+		asm.Sub.Reg(asm.R3, asm.R1),
+	)
+	c.ipLen(fam)
+	c.ipProto(fam, inner.Number())
+}
+
+// rewrite turns TCP into UDP (to == udp) or back, in place, following
+// draft-cheshire-tcp-over-udp as multipath-tcp/tcp-in-udp lays it out:
+//
+//	TCP: ports | seq | ack | doff,flags,window | check,urg | options
+//	UDP: ports | len,check | doff,flags(URG=0),window | seq | ack | options
+func (c *compiler) rewrite(fam int, to grammar.Proto) {
+	e := &c.e
+	notApp := c.stat(StatNotApplicable)
+	c.guards(false, false)
+	c.ipBound(fam, notApp)
+	e.emit(
+		asm.JGT.Imm(asm.R9, 0xffff, notApp),
+		mov(asm.R5, asm.R7),
+		asm.Add.Reg(asm.R5, asm.R9),
+		mov(asm.R1, asm.R5),
+		asm.Add.Imm(asm.R1, 20),
+		asm.JGT.Reg(asm.R1, asm.R8, notApp),
+	)
+	c.l4Len(fam, asm.R4, notApp)
+	e.emit(asm.JLT.Imm(asm.R4, 20, notApp))
+	// probe is the field used to tell a CHECKSUM_PARTIAL skb: it is
+	// overwritten by the rewrite anyway.
+	probe := int16(18)
+	if to == grammar.ProtoUDP {
+		e.emit(
+			ldx(asm.R1, asm.R5, 12, asm.Byte),
+			asm.RSh.Imm(asm.R1, 4),
+			asm.LSh.Imm(asm.R1, 2),
+			asm.JLT.Imm(asm.R1, 20, notApp),
+			asm.JGT.Reg(asm.R1, asm.R4, notApp),
+		)
+	} else {
+		probe = 4
+		e.emit(
+			ldx(asm.R1, asm.R5, 4, asm.Half),
+			asm.HostTo(asm.BE, asm.R1, asm.Half),
+			asm.JNE.Reg(asm.R1, asm.R4, notApp),
+			ldx(asm.R1, asm.R5, 8, asm.Byte),
+			asm.RSh.Imm(asm.R1, 4),
+			asm.LSh.Imm(asm.R1, 2),
+			asm.JLT.Imm(asm.R1, 20, notApp),
+			asm.JGT.Reg(asm.R1, asm.R4, notApp),
+			ldx(asm.R1, asm.R5, 6, asm.Half),
+			asm.JEq.Imm(asm.R1, 0, c.stat(StatNoChecksum)),
+		)
+	}
+	e.comment("CHECKSUM_PARTIAL probe: l4_csum_replace without pseudo flag changes only complete checksums")
+	full := e.newLabel("csum_complete")
+	e.emit(
+		stx(asm.R10, slotT1, asm.R4, asm.DWord),
+		ldx(asm.R1, asm.R5, probe, asm.Half),
+		stx(asm.R10, slotT2, asm.R1, asm.DWord),
+		sti(asm.R5, probe, 0, asm.Half),
+		mov(asm.R1, asm.R6),
+		mov(asm.R2, asm.R9),
+		asm.Add.Imm(asm.R2, int32(probe)),
+		movi(asm.R3, 0),
+		movi(asm.R4, 1),
+		movi(asm.R5, 2),
+		asm.FnL4CsumReplace.Call(),
+	)
+	c.reload()
+	c.ipBound(fam, "pass")
+	e.emit(
+		mov(asm.R5, asm.R7),
+		asm.Add.Reg(asm.R5, asm.R9),
+		mov(asm.R1, asm.R5),
+		asm.Add.Imm(asm.R1, 20),
+		asm.JGT.Reg(asm.R1, asm.R8, "pass"),
+		ldx(asm.R1, asm.R5, probe, asm.Half),
+		asm.JNE.Imm(asm.R1, 0, full),
+		ldx(asm.R1, asm.R10, slotT2, asm.DWord),
+		stx(asm.R5, probe, asm.R1, asm.Half),
+		asm.Ja.Label(c.stat(StatPartialChecksum)),
+	)
+	e.label(full)
+	if to == grammar.ProtoUDP {
+		e.comment("TCP -> UDP")
+		e.emit(
+			ldx(asm.R0, asm.R5, 16, asm.Half),
+			asm.Xor.Imm(asm.R0, 0xffff),
+			asm.Add.Imm(asm.R0, int32(n16(17-6))),
+			ldx(asm.R1, asm.R10, slotT2, asm.DWord), // urgent pointer
+			asm.Xor.Imm(asm.R1, 0xffff),
+			asm.Add.Reg(asm.R0, asm.R1),
+			ldx(asm.R2, asm.R10, slotT1, asm.DWord),
+			asm.HostTo(asm.BE, asm.R2, asm.Half),
+			asm.Add.Reg(asm.R0, asm.R2),
+			ldx(asm.R3, asm.R5, 12, asm.Word),
+			mov(asm.R1, asm.R3),
+			asm.And.Imm(asm.R1, 0xffff),
+			asm.Xor.Imm(asm.R1, 0xffff),
+			asm.Add.Reg(asm.R0, asm.R1),
+			asm.And.Imm32(asm.R3, ^int32(uint32(grammar.TCPUrg)<<8)),
+			mov(asm.R1, asm.R3),
+			asm.And.Imm(asm.R1, 0xffff),
+			asm.Add.Reg(asm.R0, asm.R1),
+		)
+		c.fold(asm.R0, asm.R1)
+		nz := e.newLabel("nonzero")
+		e.emit(
+			asm.Xor.Imm(asm.R0, 0xffff),
+			asm.JNE.Imm(asm.R0, 0, nz),
+			movi(asm.R0, 0xffff),
+		)
+		e.label(nz)
+		e.emit(
+			ldx(asm.R1, asm.R5, 4, asm.Word),
+			ldx(asm.R4, asm.R5, 8, asm.Word),
+			stx(asm.R5, 4, asm.R2, asm.Half),
+			stx(asm.R5, 6, asm.R0, asm.Half),
+			stx(asm.R5, 8, asm.R3, asm.Word),
+			stx(asm.R5, 12, asm.R1, asm.Word),
+			stx(asm.R5, 16, asm.R4, asm.Word),
+		)
+	} else {
+		e.comment("UDP -> TCP")
+		e.emit(
+			ldx(asm.R0, asm.R5, 6, asm.Half),
+			asm.Xor.Imm(asm.R0, 0xffff),
+			asm.Add.Imm(asm.R0, int32(n16(17-6)^0xffff)),
+			ldx(asm.R1, asm.R10, slotT2, asm.DWord), // length field
+			asm.Xor.Imm(asm.R1, 0xffff),
+			asm.Add.Reg(asm.R0, asm.R1),
+		)
+		c.fold(asm.R0, asm.R1)
+		e.emit(
+			asm.Xor.Imm(asm.R0, 0xffff),
+			ldx(asm.R1, asm.R5, 8, asm.Word),
+			ldx(asm.R2, asm.R5, 12, asm.Word),
+			ldx(asm.R3, asm.R5, 16, asm.Word),
+			stx(asm.R5, 4, asm.R2, asm.Word),
+			stx(asm.R5, 8, asm.R3, asm.Word),
+			stx(asm.R5, 12, asm.R1, asm.Word),
+			stx(asm.R5, 16, asm.R0, asm.Half),
+			sti(asm.R5, 18, 0, asm.Half),
+		)
+	}
+	c.ipProto(fam, to.Number())
+}
+
+// dnat rewrites the destination address (and port) with checksum updates.
+func (c *compiler) dnat(r *grammar.Rule, a *grammar.Action) {
+	e := &c.e
+	fam := 4
+	if !a.DNATAddr.Is4() {
+		fam = 6
+	}
+	notApp := c.stat(StatNotApplicable)
+	if r.Family == grammar.FamilyAny {
+		e.emit(ldx(asm.R1, asm.R10, slotFam, asm.DWord), asm.JNE.Imm(asm.R1, int32(fam), notApp))
+	}
+	l3 := c.l3
+	c.guards(false, false)
+	c.ipBound(fam, notApp)
+	c.transport(notApp)
+	addr := a.DNATAddr.AsSlice()
+	var newSum uint64
+	for w := 0; w < len(addr); w += 4 {
+		newSum += uint64(uint32(addr[w]) | uint32(addr[w+1])<<8 | uint32(addr[w+2])<<16 | uint32(addr[w+3])<<24)
+	}
+	daddr := l3 + 16
+	if fam == 6 {
+		daddr = l3 + 24
+	}
+	e.comment("address difference")
+	e.emit(ldx(asm.R4, asm.R7, daddr, asm.Word))
+	for w := int16(1); w < int16(len(addr)/4); w++ {
+		e.emit(ldx(asm.R1, asm.R7, daddr+4*w, asm.Word), asm.Add.Reg(asm.R4, asm.R1))
+	}
+	c.fold(asm.R4, asm.R1)
+	e.emit(
+		asm.Xor.Imm(asm.R4, 0xffff),
+		asm.Add.Imm(asm.R4, int32(fold16(newSum))),
+	)
+	c.fold(asm.R4, asm.R1)
+	e.emit(stx(asm.R10, slotT3, asm.R4, asm.DWord))
+	c.l4CsumDiff(0, fPseudoHdr)
+	if a.DNATPort != 0 {
+		e.comment("port")
+		c.reload()
+		e.emit(
+			mov(asm.R5, asm.R7),
+			asm.Add.Reg(asm.R5, asm.R9),
+			mov(asm.R1, asm.R5),
+			asm.Add.Imm(asm.R1, 4),
+			asm.JGT.Reg(asm.R1, asm.R8, "pass"),
+			ldx(asm.R3, asm.R5, 2, asm.Half),
+			movi(asm.R4, int32(n16(a.DNATPort))),
+		)
+		udp := e.newLabel("csum_udp")
+		e.emit(
+			ldx(asm.R2, asm.R10, slotT4, asm.DWord),
+			asm.Add.Reg(asm.R2, asm.R9),
+			movi(asm.R5, 2),
+			ldx(asm.R1, asm.R10, slotT2, asm.DWord),
+			asm.JNE.Imm(asm.R1, 17, udp),
+			asm.Or.Imm(asm.R5, fMarkMangled0),
+		)
+		e.label(udp)
+		e.emit(mov(asm.R1, asm.R6), asm.FnL4CsumReplace.Call())
+	}
+	c.reload()
+	c.ipBound(fam, "pass")
+	e.emit(
+		mov(asm.R5, asm.R7),
+		asm.Add.Reg(asm.R5, asm.R9),
+		mov(asm.R1, asm.R5),
+		asm.Add.Imm(asm.R1, 4),
+		asm.JGT.Reg(asm.R1, asm.R8, "pass"),
+	)
+	for w := 0; w < len(addr); w += 4 {
+		v := uint32(addr[w]) | uint32(addr[w+1])<<8 | uint32(addr[w+2])<<16 | uint32(addr[w+3])<<24
+		e.emit(sti(asm.R7, daddr+int16(w), int64(int32(v)), asm.Word))
+	}
+	if a.DNATPort != 0 {
+		e.emit(sti(asm.R5, 2, int64(n16(a.DNATPort)), asm.Half))
+	}
+	if fam == 4 {
+		e.emit(
+			ldx(asm.R0, asm.R7, l3+10, asm.Half),
+			asm.Xor.Imm(asm.R0, 0xffff),
+			ldx(asm.R1, asm.R10, slotT3, asm.DWord),
+			asm.Add.Reg(asm.R0, asm.R1),
+		)
+		c.fold(asm.R0, asm.R1)
+		e.emit(asm.Xor.Imm(asm.R0, 0xffff), stx(asm.R7, l3+10, asm.R0, asm.Half))
+	}
+}
+
+// fold16 folds a ones' complement sum at compile time.
+func fold16(v uint64) uint16 {
+	for v > 0xffff {
+		v = v&0xffff + v>>16
+	}
+	return uint16(v)
+}

@@ -1,0 +1,191 @@
+// Package compiler turns the rules of one interface hook into an eBPF
+// SchedCLS program, generated in Go with cilium/ebpf's asm package (no C
+// compiler anywhere), plus the maps the program uses.
+//
+// The program is a pipeline of small passes, in the spirit of cbpfc: a parse
+// guard that reads the packet once into stack slots (family, addresses,
+// transport protocol, ports, TCP flags, fragment and option flags), a
+// prefilter that leaves early when no rule can match, then per rule the
+// matches (cheapest first, map lookups last), the statements (counter, mark
+// set) and the actions. See DESIGN below for the return codes and the exact
+// semantics that refmodel mirrors.
+//
+// Return codes (tcx naming; clsact direct-action reads them the same way):
+//
+//	VerdictNext (-1)  no rule ended evaluation: the next program / the stack
+//	                  sees the packet (tcx TCX_NEXT, clsact TC_ACT_UNSPEC)
+//	VerdictPass (0)   accept, or the rule's rewriting actions ran (TCX_PASS)
+//	VerdictDrop (2)   drop (TC_ACT_SHOT)
+package compiler
+
+import (
+	"encoding/binary"
+	"fmt"
+	"math/bits"
+
+	"github.com/cilium/ebpf"
+	"github.com/sfunnel/sfunnel/grammar"
+)
+
+// Program return codes.
+const (
+	VerdictNext int32 = -1
+	VerdictPass int32 = 0
+	VerdictDrop int32 = 2
+)
+
+// DefaultCtMarkMask holds `ct mark` values in skb->mark. It avoids
+// kube-proxy's 0x4000/0x8000 bits; values are shifted into these bits
+// (ct mark 1 is skb mark 0x00010000).
+const DefaultCtMarkMask = 0x00ff0000
+
+// Options say what the program is for.
+type Options struct {
+	L3         bool         // device without MAC header (tun, wireguard): packet data starts at the IP header
+	Hook       grammar.Hook // ingress or egress (egress counts MTU overruns)
+	CtMarkMask uint32       // bits of skb->mark that carry `ct mark` values; 0 = DefaultCtMarkMask
+}
+
+// Map names in Program.Spec.Maps.
+const (
+	ProgramName  = "sfunnel"
+	CountersMap  = "counters" // PERCPU_ARRAY, key uint32 rule index, value Counter
+	StatsMap     = "stats"    // PERCPU_ARRAY, key uint32 Stat*, value uint64
+	RuleMTUMap   = "rule_mtu" // PERCPU_ARRAY, key uint32 rule index, value uint64: funnels that exceeded the egress MTU
+	SetMapPrefix = "set_"     // + set name: the map of a named set (see SetMap)
+	anonPrefix   = "anon_"    // + number: a large anonymous set
+)
+
+// Counter is the value of the counters map (per CPU).
+type Counter struct {
+	Packets, Bytes uint64
+}
+
+// Stat* index the stats map: events not tied to one rule.
+const (
+	// StatFragment: a rewriting action met an IPv4/IPv6 fragment; the packet
+	// passed untouched.
+	StatFragment = iota
+	// StatUnfunnelInvalid: unfunnel found no consistent inner header; the
+	// packet passed untouched.
+	StatUnfunnelInvalid
+	// StatMTUExceeded: a funneled packet is longer than the egress device's
+	// MTU (it is still sent; the stack drops or fragments it).
+	StatMTUExceeded
+	// StatNotApplicable: a rewriting action met a packet it can't rewrite
+	// (not TCP/UDP, truncated or inconsistent lengths, family of the dnat
+	// address, result longer than 65535); untouched.
+	StatNotApplicable
+	// StatNoChecksum: funnel or rewrite tcp of a UDP datagram sent without
+	// checksum (0), which can't be carried with an O(1) checksum; untouched.
+	StatNoChecksum
+	// StatIPOptions: funnel/unfunnel of a packet with IPv4 options or IPv6
+	// extension headers beyond what is supported; untouched.
+	StatIPOptions
+	// StatGSO: funnel/unfunnel of a GSO packet (segmentation after TC would
+	// corrupt it); untouched.
+	StatGSO
+	// StatPartialChecksum: TCP-in-UDP rewrite of a packet whose checksum is
+	// still to be finalised (CHECKSUM_PARTIAL): the finaliser would write
+	// into the moved fields; untouched.
+	StatPartialChecksum
+	// StatHelperFailed: a kernel helper (adjust_room) refused; untouched.
+	StatHelperFailed
+	NumStats
+)
+
+// StatNames names the Stat* constants for display.
+var StatNames = [NumStats]string{
+	"fragment", "unfunnel-invalid", "mtu-exceeded", "not-applicable",
+	"no-checksum", "ip-options", "gso", "partial-checksum", "helper-failed",
+}
+
+// Program is a compiled hook.
+type Program struct {
+	Spec      *ebpf.CollectionSpec // exactly one program named "sfunnel" (SchedCLS, GPL) + its maps
+	Handles   []uint64             // Handles[i] = handle of rule i; index i of "counters" and "rule_mtu"
+	NamedSets []string             // named sets the program references; their maps are Spec.Maps["set_"+name]
+}
+
+// Error is a compile error at a node of the rule text.
+type Error struct {
+	Span grammar.Span
+	Msg  string
+}
+
+func (e *Error) Error() string {
+	p := e.Span.Pos
+	if p.Line == 0 {
+		return e.Msg
+	}
+	if p.Filename != "" {
+		return fmt.Sprintf("%s:%d:%d: %s", p.Filename, p.Line, p.Column, e.Msg)
+	}
+	return fmt.Sprintf("%d:%d: %s", p.Line, p.Column, e.Msg)
+}
+
+func errorf(span grammar.Span, format string, args ...any) *Error {
+	return &Error{Span: span, Msg: fmt.Sprintf(format, args...)}
+}
+
+// CtMark describes how `ct mark` values sit in skb->mark.
+type CtMark struct {
+	Mask  uint32 // bits of skb->mark
+	Shift uint   // value v is stored as v << Shift
+	Width uint32 // largest value: Mask >> Shift
+}
+
+// CtMarkLayout validates a ct mark mask (0 = DefaultCtMarkMask): it must be
+// one contiguous run of bits.
+func CtMarkLayout(mask uint32) (CtMark, error) {
+	if mask == 0 {
+		mask = DefaultCtMarkMask
+	}
+	shift := uint(bits.TrailingZeros32(mask))
+	width := mask >> shift
+	if width&(width+1) != 0 {
+		return CtMark{}, fmt.Errorf("ct mark mask %#x is not one contiguous run of bits", mask)
+	}
+	return CtMark{Mask: mask, Shift: shift, Width: width}, nil
+}
+
+// CtMatchBits returns the skb->mark mask and value a `ct mark` match tests.
+func (c CtMark) MatchBits(m *grammar.MarkMatch) (mask, value uint32, err error) {
+	if m.Value&^c.Width != 0 {
+		return 0, 0, fmt.Errorf("ct mark value %#x is wider than the ct mark bits (max %#x, mask %#x)", m.Value, c.Width, c.Mask)
+	}
+	mm := m.Mask & c.Width
+	return mm << c.Shift, (m.Value & mm) << c.Shift, nil
+}
+
+// SetBits returns the skb->mark mask and value a `ct mark set` writes.
+func (c CtMark) SetBits(s *grammar.MarkSet) (mask, value uint32, err error) {
+	if s.Value&^c.Width != 0 {
+		return 0, 0, fmt.Errorf("ct mark value %#x is wider than the ct mark bits (max %#x, mask %#x)", s.Value, c.Width, c.Mask)
+	}
+	mm := s.Mask & c.Width
+	return mm << c.Shift, (s.Value & mm) << c.Shift, nil
+}
+
+// Compile compiles the rules of one hook. sets holds the named sets by name.
+func Compile(rules []*grammar.Rule, sets map[string]*grammar.Set, opts Options) (*Program, error) {
+	if binary.NativeEndian.Uint16([]byte{1, 0}) != 1 {
+		return nil, fmt.Errorf("compiler: big-endian hosts are not supported")
+	}
+	ct, err := CtMarkLayout(opts.CtMarkMask)
+	if err != nil {
+		return nil, err
+	}
+	c := &compiler{opts: opts, ct: ct, sets: sets, spec: &ebpf.CollectionSpec{Maps: map[string]*ebpf.MapSpec{}, Programs: map[string]*ebpf.ProgramSpec{}}}
+	if err := c.check(rules); err != nil {
+		return nil, err
+	}
+	if err := c.program(rules); err != nil {
+		return nil, err
+	}
+	p := &Program{Spec: c.spec, NamedSets: c.named}
+	for _, r := range rules {
+		p.Handles = append(p.Handles, r.Handle)
+	}
+	return p, nil
+}

@@ -1,0 +1,153 @@
+package compiler
+
+import (
+	"fmt"
+
+	"github.com/cilium/ebpf/asm"
+)
+
+// emitter collects instructions with symbolic jump targets.
+type emitter struct {
+	insns   asm.Instructions
+	pending string            // label for the next instruction
+	alias   map[string]string // label placed where another one already was
+	note    string            // comment for the next instruction
+	n       int
+}
+
+// newLabel returns a fresh label name.
+func (e *emitter) newLabel(what string) string {
+	e.n++
+	return fmt.Sprintf("%s_%d", what, e.n)
+}
+
+// label places name at the next instruction.
+func (e *emitter) label(name string) {
+	if e.pending != "" {
+		if e.alias == nil {
+			e.alias = map[string]string{}
+		}
+		e.alias[name] = e.pending
+		return
+	}
+	e.pending = name
+}
+
+// comment attaches a comment to the next instruction (the listing shows it).
+func (e *emitter) comment(format string, args ...any) {
+	s := fmt.Sprintf(format, args...)
+	if e.note != "" {
+		e.note += "; " + s
+		return
+	}
+	e.note = s
+}
+
+func (e *emitter) emit(insns ...asm.Instruction) {
+	for _, ins := range insns {
+		if e.pending != "" {
+			ins = ins.WithSymbol(e.pending)
+			e.pending = ""
+		}
+		if e.note != "" {
+			ins = ins.WithSource(asm.Comment(e.note))
+			e.note = ""
+		}
+		e.insns = append(e.insns, ins)
+	}
+}
+
+// finish resolves label aliases.
+func (e *emitter) finish() asm.Instructions {
+	for i := range e.insns {
+		ref := e.insns[i].Reference()
+		if ref == "" {
+			continue
+		}
+		for {
+			to, ok := e.alias[ref]
+			if !ok {
+				break
+			}
+			ref = to
+		}
+		if e.insns[i].IsLoadFromMap() {
+			continue
+		}
+		e.insns[i] = e.insns[i].WithReference(ref)
+	}
+	return prune(e.insns)
+}
+
+// prune drops instructions no path reaches (the verifier refuses them);
+// generators may then emit exits and stat blocks unconditionally.
+func prune(insns asm.Instructions) asm.Instructions {
+	at := map[string]int{}
+	for i, ins := range insns {
+		if s := ins.Symbol(); s != "" {
+			at[s] = i
+		}
+	}
+	seen := make([]bool, len(insns))
+	work := []int{0}
+	for len(work) > 0 {
+		i := work[len(work)-1]
+		work = work[:len(work)-1]
+		if i >= len(insns) || seen[i] {
+			continue
+		}
+		seen[i] = true
+		ins := insns[i]
+		op := ins.OpCode
+		cls := op.Class()
+		if cls.IsJump() && op.JumpOp() != asm.Call {
+			if op.JumpOp() == asm.Exit {
+				continue
+			}
+			if t, ok := at[ins.Reference()]; ok {
+				work = append(work, t)
+			}
+			if op.JumpOp() == asm.Ja {
+				continue
+			}
+		}
+		work = append(work, i+1)
+	}
+	out := insns[:0:0]
+	for i, ins := range insns {
+		if seen[i] {
+			out = append(out, ins)
+		}
+	}
+	return out
+}
+
+// Small instruction shorthands.
+
+func mov(dst, src asm.Register) asm.Instruction { return asm.Mov.Reg(dst, src) }
+func movi(dst asm.Register, v int32) asm.Instruction {
+	return asm.Mov.Imm(dst, v)
+}
+func ldx(dst, src asm.Register, off int16, size asm.Size) asm.Instruction {
+	return asm.LoadMem(dst, src, off, size)
+}
+func stx(dst asm.Register, off int16, src asm.Register, size asm.Size) asm.Instruction {
+	return asm.StoreMem(dst, off, src, size)
+}
+
+// sti stores an immediate; for DWord the kernel sign-extends the 32-bit
+// immediate (cilium/ebpf's StoreImm refuses DWord, so build it here).
+func sti(dst asm.Register, off int16, v int64, size asm.Size) asm.Instruction {
+	if size == asm.DWord {
+		return asm.Instruction{OpCode: asm.StoreImmOp(asm.DWord), Dst: dst, Offset: off, Constant: v}
+	}
+	return asm.StoreImm(dst, off, v, size)
+}
+
+// n16 is a 16-bit network-order field as a little-endian load sees it.
+func n16(v uint16) uint16 { return v>>8 | v<<8 }
+
+// n32 is a 32-bit network-order field as a little-endian load sees it.
+func n32(v uint32) uint32 {
+	return v>>24 | (v>>8)&0xff00 | (v<<8)&0xff0000 | v<<24
+}

@@ -1,0 +1,175 @@
+package compiler
+
+import (
+	"fmt"
+	"net/netip"
+	"slices"
+
+	"github.com/cilium/ebpf"
+	"github.com/sfunnel/sfunnel/grammar"
+)
+
+// Map shapes for sets.
+const (
+	// NamedAddrSetCapacity is the max_entries of a named address set's LPM
+	// trie: elements can be added live up to this many.
+	NamedAddrSetCapacity = 65536
+	// PortBitmapSize is the value size of a port set: one bit per port,
+	// bit (port & 7) of byte (port >> 3).
+	PortBitmapSize = 65536 / 8
+)
+
+// SetMap returns the map backing a named set, with its elements as
+// Contents. It has the same shape as Spec.Maps["set_"+name] of any program
+// that references the set:
+//
+//   - ipv4_addr / ipv6_addr: LPM_TRIE (BPF_F_NO_PREALLOC), key {prefixlen
+//     uint32 (host order); address [4]/[16]byte}, value uint8 1,
+//     max_entries NamedAddrSetCapacity.
+//   - inet_service: ARRAY of one element (key uint32 0), value a
+//     PortBitmapSize-byte bitmap; adding or deleting elements rewrites that
+//     one value.
+func SetMap(s *grammar.Set) *ebpf.MapSpec {
+	var m *ebpf.MapSpec
+	switch s.Type {
+	case grammar.SetInetService:
+		m = portBitmap(s.Ports)
+	case grammar.SetIPv4Addr:
+		m = lpmMap(4, s.Prefixes)
+	default:
+		m = lpmMap(6, s.Prefixes)
+	}
+	if m.Type == ebpf.LPMTrie {
+		m.MaxEntries = NamedAddrSetCapacity
+	}
+	m.Name = SetMapPrefix + s.Name
+	if len(m.Name) > 15 {
+		m.Name = m.Name[:15] // kernel limit; the spec key keeps the full name
+	}
+	return m
+}
+
+// PortBitmap returns the bitmap value of a port set.
+func PortBitmap(ranges []grammar.PortRange) []byte {
+	b := make([]byte, PortBitmapSize)
+	for _, r := range ranges {
+		for p := int(r.Lo); p <= int(r.Hi); p++ {
+			b[p>>3] |= 1 << (p & 7)
+		}
+	}
+	return b
+}
+
+func portBitmap(ranges []grammar.PortRange) *ebpf.MapSpec {
+	return &ebpf.MapSpec{
+		Type: ebpf.Array, KeySize: 4, ValueSize: PortBitmapSize, MaxEntries: 1,
+		Contents: []ebpf.MapKV{{Key: uint32(0), Value: PortBitmap(ranges)}},
+	}
+}
+
+// LPMKey returns the LPM trie key of a prefix.
+func LPMKey(p netip.Prefix) []byte {
+	a := p.Addr().AsSlice()
+	k := make([]byte, 4+len(a))
+	k[0], k[1], k[2], k[3] = byte(p.Bits()), byte(p.Bits()>>8), 0, 0
+	copy(k[4:], a)
+	return k
+}
+
+func lpmMap(fam int, prefixes []netip.Prefix) *ebpf.MapSpec {
+	size := uint32(4)
+	if fam == 6 {
+		size = 16
+	}
+	m := &ebpf.MapSpec{
+		Type: ebpf.LPMTrie, KeySize: 4 + size, ValueSize: 1,
+		MaxEntries: uint32(max(1, len(prefixes))), Flags: 1, // BPF_F_NO_PREALLOC
+	}
+	for _, p := range prefixes {
+		m.Contents = append(m.Contents, ebpf.MapKV{Key: LPMKey(p.Masked()), Value: []byte{1}})
+	}
+	return m
+}
+
+// anonMap adds a map for a large anonymous set and returns its name.
+func (c *compiler) anonMap(m *ebpf.MapSpec) string {
+	name := fmt.Sprintf("%s%d", anonPrefix, c.anon)
+	c.anon++
+	m.Name = name
+	c.spec.Maps[name] = m
+	return name
+}
+
+// namedSet resolves a set reference and adds its map to the spec.
+func (c *compiler) namedSet(name string, span grammar.Span, types ...grammar.SetType) (*grammar.Set, error) {
+	s, ok := c.sets[name]
+	if !ok || s == nil {
+		return nil, errorf(span, "set @%s does not exist", name)
+	}
+	if !slices.Contains(types, s.Type) {
+		return nil, errorf(span, "set @%s has type %s, which does not fit here", name, s.Type)
+	}
+	if !slices.Contains(c.named, name) {
+		c.named = append(c.named, name)
+		c.spec.Maps[SetMapPrefix+name] = SetMap(s)
+	}
+	return s, nil
+}
+
+// check validates what the program generator relies on.
+func (c *compiler) check(rules []*grammar.Rule) error {
+	for _, r := range rules {
+		if r == nil {
+			return fmt.Errorf("compiler: nil rule")
+		}
+		for _, pm := range []*grammar.PortMatch{r.Sport, r.Dport} {
+			if pm != nil && r.Proto == grammar.ProtoAny {
+				return errorf(pm.Span, "port match without tcp or udp")
+			}
+			if pm != nil {
+				for _, rg := range pm.Ranges {
+					if rg.Lo > rg.Hi {
+						return errorf(pm.Span, "port range %d-%d is empty", rg.Lo, rg.Hi)
+					}
+				}
+			}
+		}
+		if r.TCPFlags != nil && r.Proto != grammar.ProtoTCP {
+			return errorf(r.TCPFlags.Span, "tcp flags on a rule that does not match tcp")
+		}
+		for _, a := range r.Actions {
+			switch a.Kind {
+			case grammar.ActFunnel:
+				if a.Proto != grammar.ProtoTCP && a.Proto != grammar.ProtoUDP {
+					return errorf(a.Span, "funnel needs tcp or udp")
+				}
+				if a.Funnel == nil {
+					return errorf(a.Span, "funnel without header fields")
+				}
+			case grammar.ActUnfunnel:
+				if a.Proto != grammar.ProtoTCP && a.Proto != grammar.ProtoUDP {
+					return errorf(a.Span, "unfunnel needs tcp or udp")
+				}
+			case grammar.ActRewrite:
+				want := grammar.ProtoTCP // rewrite udp turns TCP into UDP
+				if a.Proto == grammar.ProtoTCP {
+					want = grammar.ProtoUDP
+				} else if a.Proto != grammar.ProtoUDP {
+					return errorf(a.Span, "rewrite needs udp or tcp")
+				}
+				if r.Proto != want {
+					return errorf(a.Span, "rewrite %s on a rule that does not match %s", a.Proto, want)
+				}
+			case grammar.ActDNAT:
+				if !a.DNATAddr.IsValid() {
+					return errorf(a.Span, "dnat without address")
+				}
+				is4 := a.DNATAddr.Is4()
+				if (r.Family == grammar.FamilyIPv4 && !is4) || (r.Family == grammar.FamilyIPv6 && is4) {
+					return errorf(a.Span, "dnat address family conflicts with the rule's family")
+				}
+			}
+		}
+	}
+	return nil
+}

@@ -1,0 +1,439 @@
+package compiler
+
+import (
+	"fmt"
+	"slices"
+	"strings"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/asm"
+	"github.com/sfunnel/sfunnel/grammar"
+)
+
+// __sk_buff field offsets.
+const (
+	skbLen     = 0
+	skbMark    = 8
+	skbData    = 76
+	skbDataEnd = 80
+	skbGSOSize = 176
+)
+
+// Stack slots (offsets from R10) filled by the parse guard.
+const (
+	slotFam   = -8  // 4 or 6
+	slotInfo  = -16 // info* bits
+	slotProto = -24 // transport protocol (after IPv6 extension headers)
+	slotL4Off = -32 // offset of the transport header from skb->data
+	slotSport = -40 // host order, absentPort when the header is absent
+	slotDport = -48
+	slotFlags = -56 // TCP flags byte, absentFlags when absent
+	slotNHOff = -64 // offset of the byte that names the transport protocol
+	slotSaddr = -88 // LPM key: prefix length (u32), then the address
+	slotDaddr = -112
+	slotKey   = -120 // u32 map key
+	slotT1    = -128 // action temporaries
+	slotT2    = -136
+	slotT3    = -144
+	slotT4    = -152
+)
+
+const (
+	infoFrag = 1 // IPv4 MF/offset or an IPv6 fragment header
+	infoOpts = 2 // IPv4 options or IPv6 extension headers
+
+	absentPort  = 0x10000 // port slot value when the transport header is absent
+	absentFlags = 0x100
+
+	maxExtHeaders = 4 // IPv6 extension headers walked; more: transport absent
+)
+
+// Helper flags.
+const (
+	fPseudoHdr    = 1 << 4 // BPF_F_PSEUDO_HDR
+	fMarkMangled0 = 1 << 5 // BPF_F_MARK_MANGLED_0
+)
+
+type compiler struct {
+	opts  Options
+	ct    CtMark
+	sets  map[string]*grammar.Set
+	spec  *ebpf.CollectionSpec
+	named []string
+	anon  int
+	e     emitter
+	l3    int16 // offset of the IP header
+
+	statLabels map[int]string
+}
+
+// ruleNeeds summarises what the rules read, so the parse guard reads no more.
+type ruleNeeds struct {
+	v4, v6               bool
+	protos               []uint8 // nil: any protocol can match
+	sport, dport, flags  bool
+	saddr, daddr         bool
+	afterParseOnlyFamily bool
+}
+
+func (c *compiler) needs(rules []*grammar.Rule) ruleNeeds {
+	var n ruleNeeds
+	anyProto := false
+	for _, r := range rules {
+		switch r.Family {
+		case grammar.FamilyIPv4:
+			n.v4 = true
+		case grammar.FamilyIPv6:
+			n.v6 = true
+		default:
+			n.v4, n.v6 = true, true
+		}
+		if r.Proto == grammar.ProtoAny {
+			anyProto = true
+		} else if !slices.Contains(n.protos, r.Proto.Number()) {
+			n.protos = append(n.protos, r.Proto.Number())
+		}
+		n.sport = n.sport || r.Sport != nil
+		n.dport = n.dport || r.Dport != nil
+		n.flags = n.flags || r.TCPFlags != nil
+		n.saddr = n.saddr || r.Saddr != nil
+		n.daddr = n.daddr || r.Daddr != nil
+	}
+	if anyProto {
+		n.protos = nil
+	}
+	return n
+}
+
+func (c *compiler) program(rules []*grammar.Rule) error {
+	if !c.opts.L3 {
+		c.l3 = 14
+	}
+	c.statLabels = map[int]string{}
+	n := c.needs(rules)
+	e := &c.e
+
+	e.comment("sfunnel %s program, %d rules, %s", c.opts.Hook, len(rules), map[bool]string{true: "L3 device", false: "Ethernet"}[c.opts.L3])
+	e.emit(mov(asm.R6, asm.R1))
+	if len(rules) == 0 {
+		e.emit(asm.Ja.Label("next"))
+	} else {
+		c.parse(n)
+	}
+	for i, r := range rules {
+		if err := c.rule(i, r); err != nil {
+			return err
+		}
+	}
+	c.exits()
+
+	c.spec.Programs[ProgramName] = &ebpf.ProgramSpec{
+		Name:         ProgramName,
+		Type:         ebpf.SchedCLS,
+		License:      "GPL",
+		Instructions: e.finish(),
+	}
+	c.spec.Maps[CountersMap] = &ebpf.MapSpec{Name: CountersMap, Type: ebpf.PerCPUArray, KeySize: 4, ValueSize: 16, MaxEntries: uint32(max(1, len(rules)))}
+	c.spec.Maps[RuleMTUMap] = &ebpf.MapSpec{Name: RuleMTUMap, Type: ebpf.PerCPUArray, KeySize: 4, ValueSize: 8, MaxEntries: uint32(max(1, len(rules)))}
+	c.spec.Maps[StatsMap] = &ebpf.MapSpec{Name: StatsMap, Type: ebpf.PerCPUArray, KeySize: 4, ValueSize: 8, MaxEntries: NumStats}
+	return nil
+}
+
+// parse emits the parse guard: it fills the stack slots or leaves with
+// VerdictNext when the packet is not IP or no rule can match it.
+func (c *compiler) parse(n ruleNeeds) {
+	e := &c.e
+	l3 := c.l3
+	e.comment("parse guard")
+	e.emit(
+		ldx(asm.R7, asm.R6, skbData, asm.Word),
+		ldx(asm.R8, asm.R6, skbDataEnd, asm.Word),
+		mov(asm.R1, asm.R7),
+		asm.Add.Imm(asm.R1, int32(l3)+20),
+		asm.JGT.Reg(asm.R1, asm.R8, "next"),
+	)
+	if c.opts.L3 {
+		e.emit(
+			ldx(asm.R1, asm.R7, 0, asm.Byte),
+			asm.RSh.Imm(asm.R1, 4),
+		)
+		if n.v4 {
+			e.emit(asm.JEq.Imm(asm.R1, 4, "ip4"))
+		}
+		if n.v6 {
+			e.emit(asm.JEq.Imm(asm.R1, 6, "ip6"))
+		}
+		e.emit(asm.Ja.Label("next"))
+	} else {
+		e.emit(ldx(asm.R1, asm.R7, 12, asm.Half))
+		if n.v4 {
+			e.emit(asm.JEq.Imm(asm.R1, int32(n16(0x0800)), "ip4"))
+		}
+		if n.v6 {
+			e.emit(asm.JEq.Imm(asm.R1, int32(n16(0x86dd)), "ip6"))
+		}
+		e.emit(asm.Ja.Label("next"))
+	}
+
+	// IPv4: R9 = transport offset, R3 = info, R2 = protocol, R5 = offset of the protocol byte.
+	if n.v4 {
+		e.label("ip4")
+		e.comment("IPv4")
+		e.emit(ldx(asm.R1, asm.R7, l3, asm.Byte))
+		if !c.opts.L3 {
+			e.emit(
+				mov(asm.R2, asm.R1),
+				asm.RSh.Imm(asm.R2, 4),
+				asm.JNE.Imm(asm.R2, 4, "next"),
+			)
+		}
+		e.emit(
+			asm.And.Imm(asm.R1, 0x0f),
+			asm.LSh.Imm(asm.R1, 2),
+			asm.JLT.Imm(asm.R1, 20, "next"),
+			movi(asm.R3, 0),
+			asm.JEq.Imm(asm.R1, 20, "ip4_noopt"),
+			movi(asm.R3, infoOpts),
+		)
+		e.label("ip4_noopt")
+		e.emit(
+			mov(asm.R9, asm.R1),
+			asm.Add.Imm(asm.R9, int32(l3)),
+			ldx(asm.R1, asm.R7, l3+6, asm.Half),
+			asm.JSet.Imm(asm.R1, int32(n16(0x3fff)), "ip4_frag"),
+		)
+		e.label("ip4_proto")
+		e.emit(
+			ldx(asm.R2, asm.R7, l3+9, asm.Byte),
+			movi(asm.R5, int32(l3)+9),
+			movi(asm.R4, 4),
+		)
+		c.prefilter(n)
+		if n.saddr {
+			e.emit(ldx(asm.R1, asm.R7, l3+12, asm.Word), stx(asm.R10, slotSaddr+4, asm.R1, asm.Word))
+		}
+		if n.daddr {
+			e.emit(ldx(asm.R1, asm.R7, l3+16, asm.Word), stx(asm.R10, slotDaddr+4, asm.R1, asm.Word))
+		}
+		e.emit(asm.Ja.Label("l4"))
+		e.label("ip4_frag")
+		e.emit(asm.Or.Imm(asm.R3, infoFrag), asm.Ja.Label("ip4_proto"))
+	}
+
+	if n.v6 {
+		e.label("ip6")
+		e.comment("IPv6")
+		e.emit(
+			mov(asm.R1, asm.R7),
+			asm.Add.Imm(asm.R1, int32(l3)+40),
+			asm.JGT.Reg(asm.R1, asm.R8, "next"),
+		)
+		if !c.opts.L3 {
+			e.emit(
+				ldx(asm.R1, asm.R7, l3, asm.Byte),
+				asm.RSh.Imm(asm.R1, 4),
+				asm.JNE.Imm(asm.R1, 6, "next"),
+			)
+		}
+		e.emit(
+			movi(asm.R3, 0),
+			ldx(asm.R2, asm.R7, l3+6, asm.Byte),
+			movi(asm.R5, int32(l3)+6),
+			movi(asm.R9, int32(l3)+40),
+		)
+		for i := 0; i < maxExtHeaders; i++ {
+			ext, ah, done := fmt.Sprintf("ext%d", i), fmt.Sprintf("ext%d_ah", i), fmt.Sprintf("ext%d_next", i)
+			e.label(fmt.Sprintf("ext%d_type", i))
+			e.emit(
+				asm.JEq.Imm(asm.R2, 6, "ip6_done"),
+				asm.JEq.Imm(asm.R2, 17, "ip6_done"),
+				asm.JEq.Imm(asm.R2, 0, ext),
+				asm.JEq.Imm(asm.R2, 43, ext),
+				asm.JEq.Imm(asm.R2, 60, ext),
+				asm.JEq.Imm(asm.R2, 44, "ip6_frag"),
+				asm.JEq.Imm(asm.R2, 51, ah),
+				asm.Ja.Label("ip6_done"),
+			)
+			e.label(ah)
+			c.extHeader(2, 2, done)
+			e.label(ext)
+			c.extHeader(1, 3, "")
+			e.label(done)
+		}
+		// Too many extension headers: the protocol is an extension header,
+		// so the transport header stays absent.
+		e.emit(asm.Ja.Label("ip6_done"))
+
+		e.label("ip6_frag")
+		e.emit(
+			asm.Or.Imm(asm.R3, infoOpts|infoFrag),
+			mov(asm.R1, asm.R7),
+			asm.Add.Reg(asm.R1, asm.R9),
+			mov(asm.R4, asm.R1),
+			asm.Add.Imm(asm.R4, 8),
+			asm.JGT.Reg(asm.R4, asm.R8, "ip6_done"),
+			ldx(asm.R2, asm.R1, 0, asm.Byte),
+			mov(asm.R5, asm.R9),
+			asm.Add.Imm(asm.R9, 8),
+			asm.Ja.Label("ip6_done"),
+		)
+		e.label("ip6_done")
+		e.emit(movi(asm.R4, 6))
+		c.prefilter(n)
+		if n.saddr {
+			for w := int16(0); w < 4; w++ {
+				e.emit(ldx(asm.R1, asm.R7, l3+8+4*w, asm.Word), stx(asm.R10, slotSaddr+4+4*w, asm.R1, asm.Word))
+			}
+		}
+		if n.daddr {
+			for w := int16(0); w < 4; w++ {
+				e.emit(ldx(asm.R1, asm.R7, l3+24+4*w, asm.Word), stx(asm.R10, slotDaddr+4+4*w, asm.R1, asm.Word))
+			}
+		}
+	}
+
+	// Transport header: R2 protocol, R3 info, R9 offset.
+	e.label("l4")
+	e.comment("transport header")
+	e.emit(
+		stx(asm.R10, slotFam, asm.R4, asm.DWord),
+		stx(asm.R10, slotInfo, asm.R3, asm.DWord),
+		stx(asm.R10, slotProto, asm.R2, asm.DWord),
+		stx(asm.R10, slotL4Off, asm.R9, asm.DWord),
+		stx(asm.R10, slotNHOff, asm.R5, asm.DWord),
+	)
+	if !n.sport && !n.dport && !n.flags {
+		e.emit(asm.Ja.Label("rules"))
+		return
+	}
+	e.emit(
+		asm.JSet.Imm(asm.R3, infoFrag, "l4_absent"),
+		mov(asm.R1, asm.R7),
+		asm.Add.Reg(asm.R1, asm.R9),
+		mov(asm.R4, asm.R1),
+		asm.JEq.Imm(asm.R2, 17, "l4_udp"),
+		asm.JNE.Imm(asm.R2, 6, "l4_absent"),
+		asm.Add.Imm(asm.R4, 20),
+		asm.JGT.Reg(asm.R4, asm.R8, "l4_absent"),
+	)
+	if n.flags {
+		e.emit(ldx(asm.R4, asm.R1, 13, asm.Byte), stx(asm.R10, slotFlags, asm.R4, asm.DWord))
+	}
+	e.emit(asm.Ja.Label("l4_ports"))
+	e.label("l4_udp")
+	e.emit(
+		asm.Add.Imm(asm.R4, 8),
+		asm.JGT.Reg(asm.R4, asm.R8, "l4_absent"),
+	)
+	if n.flags {
+		e.emit(sti(asm.R10, slotFlags, absentFlags, asm.DWord))
+	}
+	e.label("l4_ports")
+	if n.sport {
+		e.emit(ldx(asm.R4, asm.R1, 0, asm.Half), asm.HostTo(asm.BE, asm.R4, asm.Half), stx(asm.R10, slotSport, asm.R4, asm.DWord))
+	}
+	if n.dport {
+		e.emit(ldx(asm.R4, asm.R1, 2, asm.Half), asm.HostTo(asm.BE, asm.R4, asm.Half), stx(asm.R10, slotDport, asm.R4, asm.DWord))
+	}
+	e.emit(asm.Ja.Label("rules"))
+	e.label("l4_absent")
+	if n.sport {
+		e.emit(sti(asm.R10, slotSport, absentPort, asm.DWord))
+	}
+	if n.dport {
+		e.emit(sti(asm.R10, slotDport, absentPort, asm.DWord))
+	}
+	if n.flags {
+		e.emit(sti(asm.R10, slotFlags, absentFlags, asm.DWord))
+	}
+	e.label("rules")
+}
+
+// extHeader walks one IPv6 extension header whose length is
+// (len+add) << shift bytes; then falls through (or jumps to next).
+func (c *compiler) extHeader(add, shift int32, next string) {
+	e := &c.e
+	e.emit(
+		asm.Or.Imm(asm.R3, infoOpts),
+		mov(asm.R1, asm.R7),
+		asm.Add.Reg(asm.R1, asm.R9),
+		mov(asm.R4, asm.R1),
+		asm.Add.Imm(asm.R4, 8),
+		asm.JGT.Reg(asm.R4, asm.R8, "ip6_done"),
+		mov(asm.R5, asm.R9),
+		ldx(asm.R2, asm.R1, 0, asm.Byte),
+		ldx(asm.R4, asm.R1, 1, asm.Byte),
+		asm.Add.Imm(asm.R4, add),
+		asm.LSh.Imm(asm.R4, shift),
+		asm.Add.Reg(asm.R9, asm.R4),
+	)
+	if next != "" {
+		e.emit(asm.Ja.Label(next))
+	}
+}
+
+// prefilter leaves early when no rule can match the protocol in R2.
+func (c *compiler) prefilter(n ruleNeeds) {
+	if n.protos == nil {
+		return
+	}
+	e := &c.e
+	ok := e.newLabel("proto_ok")
+	for _, p := range n.protos {
+		e.emit(asm.JEq.Imm(asm.R2, int32(p), ok))
+	}
+	e.emit(asm.Ja.Label("next"))
+	e.label(ok)
+}
+
+// exits emits the shared exits and stat counting.
+func (c *compiler) exits() {
+	e := &c.e
+	e.label("next")
+	e.emit(movi(asm.R0, VerdictNext), asm.Return())
+	e.label("pass")
+	e.emit(movi(asm.R0, VerdictPass), asm.Return())
+	e.label("drop")
+	e.emit(movi(asm.R0, VerdictDrop), asm.Return())
+	if len(c.statLabels) == 0 {
+		return
+	}
+	for s := 0; s < NumStats; s++ {
+		l, ok := c.statLabels[s]
+		if !ok {
+			continue
+		}
+		e.label(l)
+		e.emit(sti(asm.R10, slotKey, int64(s), asm.Word), asm.Ja.Label("count_stat"))
+	}
+	e.label("count_stat")
+	e.comment("stats[key]++, pass untouched")
+	c.lookup(StatsMap, slotKey)
+	e.emit(
+		asm.JEq.Imm(asm.R0, 0, "pass"),
+		ldx(asm.R1, asm.R0, 0, asm.DWord),
+		asm.Add.Imm(asm.R1, 1),
+		stx(asm.R0, 0, asm.R1, asm.DWord),
+		asm.Ja.Label("pass"),
+	)
+}
+
+// stat returns the label that counts s and passes the packet.
+func (c *compiler) stat(s int) string {
+	if l, ok := c.statLabels[s]; ok {
+		return l
+	}
+	l := "stat_" + strings.ReplaceAll(StatNames[s], "-", "_")
+	c.statLabels[s] = l
+	return l
+}
+
+// lookup emits R0 = bpf_map_lookup_elem(map, fp+slot).
+func (c *compiler) lookup(m string, slot int16) {
+	c.e.emit(
+		asm.LoadMapPtr(asm.R1, 0).WithReference(m),
+		mov(asm.R2, asm.R10),
+		asm.Add.Imm(asm.R2, int32(slot)),
+		asm.FnMapLookupElem.Call(),
+	)
+}

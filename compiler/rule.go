@@ -1,0 +1,484 @@
+package compiler
+
+import (
+	"fmt"
+	"net/netip"
+	"strings"
+
+	"github.com/cilium/ebpf/asm"
+	"github.com/sfunnel/sfunnel/grammar"
+)
+
+// Inline at most this many prefixes or port ranges; larger anonymous sets
+// become maps so their cost does not grow with their size.
+const (
+	maxInlinePrefixes = 4
+	maxInlineRanges   = 6
+)
+
+func (c *compiler) rule(i int, r *grammar.Rule) error {
+	e := &c.e
+	fail := fmt.Sprintf("rule%d_end", i)
+	e.comment("rule %d handle %d: %s", i, r.Handle, Describe(r))
+
+	switch r.Family {
+	case grammar.FamilyIPv4:
+		e.emit(ldx(asm.R1, asm.R10, slotFam, asm.DWord), asm.JNE.Imm(asm.R1, 4, fail))
+	case grammar.FamilyIPv6:
+		e.emit(ldx(asm.R1, asm.R10, slotFam, asm.DWord), asm.JNE.Imm(asm.R1, 6, fail))
+	}
+	if r.Proto != grammar.ProtoAny {
+		e.emit(ldx(asm.R1, asm.R10, slotProto, asm.DWord), asm.JNE.Imm(asm.R1, int32(r.Proto.Number()), fail))
+	}
+	if r.Dport != nil {
+		if err := c.portMatch(r.Dport, slotDport, fail); err != nil {
+			return err
+		}
+	}
+	if r.Sport != nil {
+		if err := c.portMatch(r.Sport, slotSport, fail); err != nil {
+			return err
+		}
+	}
+	if f := r.TCPFlags; f != nil {
+		e.emit(ldx(asm.R1, asm.R10, slotFlags, asm.DWord), asm.JGT.Imm(asm.R1, 0xff, fail))
+		switch f.Form {
+		case grammar.FlagsAny:
+			e.emit(asm.And.Imm(asm.R1, int32(f.Flags)), asm.JEq.Imm(asm.R1, 0, fail))
+		case grammar.FlagsNone:
+			e.emit(asm.And.Imm(asm.R1, int32(f.Flags)), asm.JNE.Imm(asm.R1, 0, fail))
+		case grammar.FlagsExact:
+			e.emit(asm.JNE.Imm(asm.R1, int32(f.Flags), fail))
+		default:
+			e.emit(asm.And.Imm(asm.R1, int32(f.Mask)), asm.JNE.Imm(asm.R1, int32(f.Flags), fail))
+		}
+	}
+	if m := r.MetaMark; m != nil {
+		c.markMatch(m.Mask, m.Value&m.Mask, m.Neg, fail)
+	}
+	if m := r.CtMark; m != nil {
+		mask, value, err := c.ct.MatchBits(m)
+		if err != nil {
+			return &Error{Span: m.Span, Msg: err.Error()}
+		}
+		c.markMatch(mask, value, m.Neg, fail)
+	}
+	if r.Saddr != nil {
+		if err := c.addrMatch(r, r.Saddr, slotSaddr, fail); err != nil {
+			return err
+		}
+	}
+	if r.Daddr != nil {
+		if err := c.addrMatch(r, r.Daddr, slotDaddr, fail); err != nil {
+			return err
+		}
+	}
+
+	if r.Counter {
+		e.comment("counter")
+		e.emit(sti(asm.R10, slotKey, int64(i), asm.Word))
+		c.lookup(CountersMap, slotKey)
+		done := e.newLabel("counted")
+		e.emit(
+			asm.JEq.Imm(asm.R0, 0, done),
+			ldx(asm.R1, asm.R0, 0, asm.DWord),
+			asm.Add.Imm(asm.R1, 1),
+			stx(asm.R0, 0, asm.R1, asm.DWord),
+			ldx(asm.R1, asm.R0, 8, asm.DWord),
+			ldx(asm.R2, asm.R6, skbLen, asm.Word),
+			asm.Add.Reg(asm.R1, asm.R2),
+			stx(asm.R0, 8, asm.R1, asm.DWord),
+		)
+		e.label(done)
+	}
+	if s := r.SetMetaMark; s != nil {
+		e.comment("meta mark set")
+		c.markSet(s.Mask, s.Value&s.Mask)
+	}
+	if s := r.SetCtMark; s != nil {
+		mask, value, err := c.ct.SetBits(s)
+		if err != nil {
+			return &Error{Span: s.Span, Msg: err.Error()}
+		}
+		e.comment("ct mark set")
+		c.markSet(mask, value)
+	}
+
+	for _, a := range r.Actions {
+		e.comment("%s", describeAction(a))
+		switch a.Kind {
+		case grammar.ActAccept:
+			e.emit(asm.Ja.Label("pass"))
+		case grammar.ActDrop:
+			e.emit(asm.Ja.Label("drop"))
+		case grammar.ActFunnel:
+			c.perFamily(r, func(fam int) { c.funnel(i, fam, a) })
+		case grammar.ActUnfunnel:
+			c.perFamily(r, func(fam int) { c.unfunnel(fam, a.Proto) })
+		case grammar.ActRewrite:
+			c.perFamily(r, func(fam int) { c.rewrite(fam, a.Proto) })
+		case grammar.ActDNAT:
+			c.dnat(r, a)
+		}
+		if a.Kind == grammar.ActAccept || a.Kind == grammar.ActDrop {
+			break
+		}
+	}
+	if len(r.Actions) > 0 {
+		e.emit(asm.Ja.Label("pass"))
+	}
+	e.label(fail)
+	return nil
+}
+
+// perFamily emits gen for each family the rule can see, dispatching on the
+// family slot when both.
+func (c *compiler) perFamily(r *grammar.Rule, gen func(fam int)) {
+	switch r.Family {
+	case grammar.FamilyIPv4:
+		gen(4)
+	case grammar.FamilyIPv6:
+		gen(6)
+	default:
+		e := &c.e
+		v6, done := e.newLabel("v6"), e.newLabel("fam_done")
+		e.emit(ldx(asm.R1, asm.R10, slotFam, asm.DWord), asm.JEq.Imm(asm.R1, 6, v6))
+		gen(4)
+		e.emit(asm.Ja.Label(done))
+		e.label(v6)
+		gen(6)
+		e.label(done)
+	}
+}
+
+func (c *compiler) markMatch(mask, value uint32, neg bool, fail string) {
+	e := &c.e
+	e.emit(ldx(asm.R1, asm.R6, skbMark, asm.Word))
+	if mask != 0xffffffff {
+		e.emit(asm.And.Imm32(asm.R1, int32(mask)))
+	}
+	if neg {
+		e.emit(asm.JEq.Imm32(asm.R1, int32(value), fail))
+	} else {
+		e.emit(asm.JNE.Imm32(asm.R1, int32(value), fail))
+	}
+}
+
+func (c *compiler) markSet(mask, value uint32) {
+	e := &c.e
+	if mask == 0xffffffff {
+		e.emit(asm.Mov.Imm32(asm.R1, int32(value)), stx(asm.R6, skbMark, asm.R1, asm.Word))
+		return
+	}
+	e.emit(
+		ldx(asm.R1, asm.R6, skbMark, asm.Word),
+		asm.And.Imm32(asm.R1, int32(^mask)),
+		asm.Or.Imm32(asm.R1, int32(value)),
+		stx(asm.R6, skbMark, asm.R1, asm.Word),
+	)
+}
+
+// portMatch tests the port in slot; an absent port never matches, negated
+// or not.
+func (c *compiler) portMatch(m *grammar.PortMatch, slot int16, fail string) error {
+	e := &c.e
+	ranges := m.Ranges
+	mapName := ""
+	if m.Set != "" {
+		s, err := c.namedSet(m.Set, m.Span, grammar.SetInetService)
+		if err != nil {
+			return err
+		}
+		_ = s
+		mapName = SetMapPrefix + m.Set
+	} else if len(ranges) > maxInlineRanges {
+		mapName = c.anonMap(portBitmap(ranges))
+	}
+	e.emit(ldx(asm.R1, asm.R10, slot, asm.DWord))
+	if mapName != "" {
+		e.emit(asm.JGT.Imm(asm.R1, 0xffff, fail), sti(asm.R10, slotKey, 0, asm.Word))
+		c.lookup(mapName, slotKey)
+		e.emit(
+			asm.JEq.Imm(asm.R0, 0, fail),
+			ldx(asm.R1, asm.R10, slot, asm.DWord),
+			mov(asm.R2, asm.R1),
+			asm.RSh.Imm(asm.R2, 3),
+			asm.Add.Reg(asm.R0, asm.R2),
+			ldx(asm.R2, asm.R0, 0, asm.Byte),
+			asm.And.Imm(asm.R1, 7),
+			asm.RSh.Reg(asm.R2, asm.R1),
+			asm.And.Imm(asm.R2, 1),
+		)
+		if m.Neg {
+			e.emit(asm.JNE.Imm(asm.R2, 0, fail))
+		} else {
+			e.emit(asm.JEq.Imm(asm.R2, 0, fail))
+		}
+		return nil
+	}
+	if m.Neg {
+		e.emit(asm.JGT.Imm(asm.R1, 0xffff, fail))
+		for _, r := range ranges {
+			if r.Lo == r.Hi {
+				e.emit(asm.JEq.Imm(asm.R1, int32(r.Lo), fail))
+				continue
+			}
+			skip := e.newLabel("range")
+			e.emit(asm.JLT.Imm(asm.R1, int32(r.Lo), skip), asm.JLE.Imm(asm.R1, int32(r.Hi), fail))
+			e.label(skip)
+		}
+		return nil
+	}
+	ok := e.newLabel("port_ok")
+	for j, r := range ranges {
+		last := j == len(ranges)-1
+		if r.Lo == r.Hi {
+			if last {
+				e.emit(asm.JNE.Imm(asm.R1, int32(r.Lo), fail))
+			} else {
+				e.emit(asm.JEq.Imm(asm.R1, int32(r.Lo), ok))
+			}
+			continue
+		}
+		if last {
+			e.emit(asm.JLT.Imm(asm.R1, int32(r.Lo), fail), asm.JGT.Imm(asm.R1, int32(r.Hi), fail))
+			continue
+		}
+		skip := e.newLabel("range")
+		e.emit(asm.JLT.Imm(asm.R1, int32(r.Lo), skip), asm.JLE.Imm(asm.R1, int32(r.Hi), ok))
+		e.label(skip)
+	}
+	if len(ranges) == 0 {
+		e.emit(asm.Ja.Label(fail))
+	}
+	e.label(ok)
+	return nil
+}
+
+// addrMatch tests the address in slot.
+func (c *compiler) addrMatch(r *grammar.Rule, m *grammar.AddrMatch, slot int16, fail string) error {
+	e := &c.e
+	fam := 0
+	var prefixes []netip.Prefix
+	mapName := ""
+	if m.Set != "" {
+		s, err := c.namedSet(m.Set, m.Span, grammar.SetIPv4Addr, grammar.SetIPv6Addr)
+		if err != nil {
+			return err
+		}
+		fam = 4
+		if s.Type == grammar.SetIPv6Addr {
+			fam = 6
+		}
+		mapName = SetMapPrefix + m.Set
+	} else {
+		prefixes = m.Prefixes
+		if len(prefixes) == 0 {
+			return errorf(m.Span, "empty address list")
+		}
+		fam = 4
+		if prefixes[0].Addr().Is6() && !prefixes[0].Addr().Is4In6() {
+			fam = 6
+		}
+		for _, p := range prefixes {
+			if p.Addr().Is4() != (fam == 4) {
+				return errorf(m.Span, "IPv4 and IPv6 addresses mixed in one match")
+			}
+		}
+		if len(prefixes) > maxInlinePrefixes {
+			mapName = c.anonMap(lpmMap(fam, prefixes))
+		}
+	}
+	if (r.Family == grammar.FamilyIPv4 && fam == 6) || (r.Family == grammar.FamilyIPv6 && fam == 4) {
+		return errorf(m.Span, "address family conflicts with the rule's family")
+	}
+	if r.Family == grammar.FamilyAny {
+		e.emit(ldx(asm.R1, asm.R10, slotFam, asm.DWord), asm.JNE.Imm(asm.R1, int32(fam), fail))
+	}
+	if mapName != "" {
+		bitsLen := int64(32)
+		if fam == 6 {
+			bitsLen = 128
+		}
+		e.emit(sti(asm.R10, slot, bitsLen, asm.Word))
+		c.lookup(mapName, slot)
+		if m.Neg {
+			e.emit(asm.JNE.Imm(asm.R0, 0, fail))
+		} else {
+			e.emit(asm.JEq.Imm(asm.R0, 0, fail))
+		}
+		return nil
+	}
+	// Inline: for each prefix compare the covered 32-bit words.
+	hit := fail
+	miss := e.newLabel("addr_miss")
+	if !m.Neg {
+		hit = e.newLabel("addr_ok")
+	}
+	for j, p := range prefixes {
+		next := miss
+		if j < len(prefixes)-1 {
+			next = e.newLabel("prefix")
+		}
+		b := p.Addr().AsSlice()
+		bitsLeft := p.Bits()
+		for w := 0; w*32 < len(b)*8; w++ {
+			if bitsLeft <= 0 && w > 0 {
+				break
+			}
+			n := min(bitsLeft, 32)
+			bitsLeft -= 32
+			var mask [4]byte
+			for k := 0; k < n; k++ {
+				mask[k/8] |= 0x80 >> (k % 8)
+			}
+			mword := uint32(mask[0]) | uint32(mask[1])<<8 | uint32(mask[2])<<16 | uint32(mask[3])<<24
+			vword := (uint32(b[w*4]) | uint32(b[w*4+1])<<8 | uint32(b[w*4+2])<<16 | uint32(b[w*4+3])<<24) & mword
+			if mword == 0 {
+				continue // /0 matches everything of the family
+			}
+			e.emit(ldx(asm.R1, asm.R10, slot+4+int16(4*w), asm.Word))
+			if mword != 0xffffffff {
+				e.emit(asm.And.Imm32(asm.R1, int32(mword)))
+			}
+			e.emit(asm.JNE.Imm32(asm.R1, int32(vword), next))
+		}
+		e.emit(asm.Ja.Label(hit))
+		if next != miss {
+			e.label(next)
+		}
+	}
+	e.label(miss)
+	if !m.Neg {
+		e.emit(asm.Ja.Label(fail))
+		e.label(hit)
+	}
+	return nil
+}
+
+// Describe renders a rule compactly for listings (not the canonical printer).
+func Describe(r *grammar.Rule) string {
+	var b []string
+	switch r.Family {
+	case grammar.FamilyIPv4:
+		b = append(b, "ip")
+	case grammar.FamilyIPv6:
+		b = append(b, "ip6")
+	}
+	addr := func(name string, m *grammar.AddrMatch) {
+		if m == nil {
+			return
+		}
+		s := name
+		if m.Neg {
+			s += " !="
+		}
+		b = append(b, s+" "+listOf(m.Set, func() []string {
+			var out []string
+			for _, p := range m.Prefixes {
+				if p.Bits() == p.Addr().BitLen() {
+					out = append(out, p.Addr().String())
+				} else {
+					out = append(out, p.String())
+				}
+			}
+			return out
+		}))
+	}
+	addr("saddr", r.Saddr)
+	addr("daddr", r.Daddr)
+	if r.Proto != grammar.ProtoAny {
+		b = append(b, r.Proto.String())
+	}
+	port := func(name string, m *grammar.PortMatch) {
+		if m == nil {
+			return
+		}
+		s := name
+		if m.Neg {
+			s += " !="
+		}
+		b = append(b, s+" "+listOf(m.Set, func() []string {
+			var out []string
+			for _, r := range m.Ranges {
+				if r.Lo == r.Hi {
+					out = append(out, fmt.Sprint(r.Lo))
+				} else {
+					out = append(out, fmt.Sprintf("%d-%d", r.Lo, r.Hi))
+				}
+			}
+			return out
+		}))
+	}
+	port("sport", r.Sport)
+	port("dport", r.Dport)
+	if f := r.TCPFlags; f != nil {
+		b = append(b, fmt.Sprintf("flags(form %d) %#02x/%#02x", f.Form, f.Flags, f.Mask))
+	}
+	mark := func(name string, m *grammar.MarkMatch) {
+		if m != nil {
+			neg := ""
+			if m.Neg {
+				neg = "!= "
+			}
+			b = append(b, fmt.Sprintf("%s mark %s%#x/%#x", name, neg, m.Value, m.Mask))
+		}
+	}
+	mark("meta", r.MetaMark)
+	mark("ct", r.CtMark)
+	if r.Counter {
+		b = append(b, "counter")
+	}
+	if s := r.SetMetaMark; s != nil {
+		b = append(b, fmt.Sprintf("meta mark set %#x/%#x", s.Value, s.Mask))
+	}
+	if s := r.SetCtMark; s != nil {
+		b = append(b, fmt.Sprintf("ct mark set %#x/%#x", s.Value, s.Mask))
+	}
+	if len(r.Actions) > 0 {
+		var as []string
+		for _, a := range r.Actions {
+			as = append(as, describeAction(a))
+		}
+		b = append(b, "actions "+strings.Join(as, ", "))
+	}
+	return strings.Join(b, " ")
+}
+
+func listOf(set string, items func() []string) string {
+	if set != "" {
+		return "@" + set
+	}
+	it := items()
+	if len(it) == 1 {
+		return it[0]
+	}
+	return "{ " + strings.Join(it, ", ") + " }"
+}
+
+func describeAction(a *grammar.Action) string {
+	switch a.Kind {
+	case grammar.ActFunnel:
+		s := "funnel " + a.Proto.String()
+		if f := a.Funnel; f != nil {
+			if f.HasSport {
+				s += fmt.Sprintf(" sport %d", f.Sport)
+			}
+			if f.HasDport {
+				s += fmt.Sprintf(" dport %d", f.Dport)
+			}
+			if a.Proto == grammar.ProtoTCP {
+				s += fmt.Sprintf(" flags %#02x seq %#x ack %#x window %d", f.Flags, f.Seq, f.Ack, f.Window)
+			}
+		}
+		return s
+	case grammar.ActUnfunnel, grammar.ActRewrite:
+		return a.Kind.String() + " " + a.Proto.String()
+	case grammar.ActDNAT:
+		if a.DNATPort != 0 {
+			return fmt.Sprintf("dnat to %s", netip.AddrPortFrom(a.DNATAddr, a.DNATPort))
+		}
+		return "dnat to " + a.DNATAddr.String()
+	}
+	return a.Kind.String()
+}
