@@ -1,11 +1,459 @@
 package main
 
 import (
+	"bufio"
+	"errors"
 	"fmt"
 	"io"
+	"net"
+	"os"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"strconv"
+	"strings"
+
+	"github.com/peterh/liner"
+	"golang.org/x/term"
+
+	"github.com/sfunnel/sfunnel/grammar"
+	"github.com/sfunnel/sfunnel/ruleset"
 )
 
+// The interactive prompt (SPEC §3.4): `sfunnel -i`.
+
+const (
+	prompt       = "sfunnel> "
+	promptMore   = ".... "
+	historyFile  = ".sfunnel_history"
+	replFilename = "<cli>" // what errors call REPL input, as nft's interactive mode does
+)
+
+// errQuit ends the loop on `quit` or `exit`.
+var errQuit = errors.New("quit")
+
+// repl reads commands one at a time: each is its own transaction, an error
+// is printed and the loop goes on. With a terminal on both ends it edits
+// lines with history and Tab completion; otherwise it reads plain lines.
 func (a *app) repl(stdin io.Reader) int {
-	fmt.Fprintln(a.stderr, "Error: the interactive prompt is not built in yet")
-	return exitError
+	if isTerminal(stdin) && isTerminal(a.stdout) {
+		return a.replTerminal()
+	}
+	// Prompts only make sense to someone typing.
+	showPrompt := isTerminal(stdin)
+	r := bufio.NewReader(stdin)
+	read := func(p string) (string, error) {
+		if showPrompt {
+			io.WriteString(a.stdout, p)
+		}
+		line, err := r.ReadString('\n')
+		if err == io.EOF && line != "" {
+			err = nil // a last line without newline still counts
+		}
+		return strings.TrimRight(line, "\r\n"), err
+	}
+	return a.replLoop(read, nil)
+}
+
+func isTerminal(x any) bool {
+	f, ok := x.(*os.File)
+	return ok && term.IsTerminal(int(f.Fd()))
+}
+
+func (a *app) replTerminal() int {
+	ln := liner.NewLiner()
+	defer ln.Close()
+	ln.SetCtrlCAborts(true)
+	ln.SetTabCompletionStyle(liner.TabPrints)
+	ln.SetWordCompleter(func(line string, pos int) (string, []string, string) {
+		return complete(line, pos, a.liveNames)
+	})
+	hist := historyPath()
+	if hist != "" {
+		if f, err := os.Open(hist); err == nil {
+			ln.ReadHistory(f)
+			f.Close()
+		}
+	}
+	code := a.replLoop(ln.Prompt, ln.AppendHistory)
+	if hist != "" {
+		var b strings.Builder
+		ln.WriteHistory(&b)
+		// 0600: commands can name addresses and hosts the user keeps private.
+		if err := ruleset.WriteFileAtomic(hist, []byte(b.String()), 0o600); err != nil {
+			fmt.Fprintf(a.stderr, "Error: save history: %v\n", err)
+		}
+	}
+	return code
+}
+
+// historyPath is ~/.sfunnel_history, "" when there is no home.
+func historyPath() string {
+	home := os.Getenv("HOME")
+	if home == "" {
+		var err error
+		if home, err = os.UserHomeDir(); err != nil {
+			return ""
+		}
+	}
+	return filepath.Join(home, historyFile)
+}
+
+// replLoop runs commands read with read until end of input or quit.
+// remember, if set, records each command for the history.
+func (a *app) replLoop(read func(string) (string, error), remember func(string)) int {
+	for {
+		text, err := readCommand(read)
+		switch {
+		case errors.Is(err, liner.ErrPromptAborted):
+			continue // Ctrl-C drops the line being typed
+		case errors.Is(err, io.EOF):
+			if isTerminal(a.stdout) {
+				io.WriteString(a.stdout, "\n")
+			}
+			return exitOK
+		case err != nil:
+			fmt.Fprintf(a.stderr, "Error: %v\n", err)
+			return exitError
+		}
+		if strings.TrimSpace(text) == "" {
+			continue
+		}
+		if remember != nil {
+			remember(historyEntry(text))
+		}
+		if a.replCommand(text) == errQuit {
+			return exitOK
+		}
+	}
+}
+
+// readCommand reads one command, following lines that end in `\`.
+func readCommand(read func(string) (string, error)) (string, error) {
+	var lines []string
+	p := prompt
+	for {
+		line, err := read(p)
+		if err != nil {
+			return "", err
+		}
+		lines = append(lines, line)
+		if !strings.HasSuffix(line, `\`) {
+			return strings.Join(lines, "\n"), nil
+		}
+		p = promptMore
+	}
+}
+
+// historyEntry turns a continued command into one line that means the same.
+func historyEntry(text string) string {
+	parts := strings.Split(text, "\\\n")
+	for i := range parts {
+		parts[i] = strings.TrimSpace(parts[i])
+	}
+	return strings.Join(parts, " ")
+}
+
+var defineLine = regexp.MustCompile(`^\s*define\s+([A-Za-z_][A-Za-z0-9_]*)\s*=\s*([^;#]*?)\s*;?\s*$`)
+
+// replCommand runs one command; errors are printed, not returned.
+func (a *app) replCommand(text string) error {
+	words := strings.Fields(text)
+	switch words[0] {
+	case "quit", "exit":
+		if len(words) == 1 {
+			return errQuit
+		}
+	case "save":
+		a.save(words[1:])
+		return nil
+	}
+	if a.report(a.exec(replFilename, text)) != exitOK {
+		return nil
+	}
+	// A define stays for the rest of the session, as if given with -D.
+	if m := defineLine.FindStringSubmatch(text); m != nil && !strings.Contains(text, "\n") {
+		if a.opts.defines == nil {
+			a.opts.defines = map[string]string{}
+		}
+		a.opts.defines[m[1]] = m[2]
+	}
+	return nil
+}
+
+// names are what Tab completes besides keywords.
+type names struct {
+	interfaces []string
+	sets       []string
+	// handles by "IF HOOK"; "" holds every handle.
+	handles map[string][]string
+}
+
+// liveNames collects interface names (the system's and the ruleset's), set
+// names and rule handles from the live ruleset.
+func (a *app) liveNames() *names {
+	n := &names{handles: map[string][]string{}}
+	if ifs, err := net.Interfaces(); err == nil {
+		for _, i := range ifs {
+			n.interfaces = append(n.interfaces, i.Name)
+		}
+	}
+	rs := a.liveRuleset()
+	if rs != nil {
+		for _, i := range rs.Interfaces {
+			n.interfaces = append(n.interfaces, i.Name)
+			for _, h := range []grammar.Hook{grammar.HookIngress, grammar.HookEgress} {
+				for _, r := range i.Rules(h) {
+					hs := strconv.FormatUint(r.Handle, 10)
+					key := i.Name + " " + h.String()
+					n.handles[key] = append(n.handles[key], hs)
+					n.handles[""] = append(n.handles[""], hs)
+				}
+			}
+		}
+		for _, s := range rs.Sets {
+			n.sets = append(n.sets, s.Name)
+		}
+	}
+	slices.Sort(n.interfaces)
+	n.interfaces = slices.Compact(n.interfaces)
+	return n
+}
+
+// liveRuleset loads the ruleset for completion; nil if it cannot be read.
+func (a *app) liveRuleset() *ruleset.Ruleset {
+	b, err := a.openBackend()
+	if err != nil {
+		return nil
+	}
+	defer a.release()
+	rs, err := b.Load()
+	if err != nil {
+		return nil
+	}
+	return rs
+}
+
+// Keywords by position, for completion.
+var (
+	commandWords = []string{"list", "flush", "add", "insert", "replace", "delete", "reset", "monitor",
+		"define", "include", "set", "interface", "save", "quit", "exit"}
+	hookWords    = []string{"ingress", "egress"}
+	matchWords   = []string{"ip", "ip6", "saddr", "daddr", "tcp", "udp", "sport", "dport", "flags", "meta", "ct", "counter", "actions", "comment"}
+	actionWords  = []string{"accept", "drop", "funnel", "unfunnel", "rewrite", "dnat"}
+	funnelFields = []string{"sport", "dport", "flags", "seq", "ack", "window"}
+	tcpFlags     = []string{"fin", "syn", "rst", "psh", "ack", "urg", "ecn", "cwr"}
+	setWords     = []string{"type", "flags", "elements", "ipv4_addr", "ipv6_addr", "inet_service", "interval"}
+	allKeywords  = sortedUnion(commandWords, hookWords, matchWords, actionWords, funnelFields, tcpFlags, setWords,
+		[]string{"ruleset", "sets", "rule", "element", "counters", "handle", "position", "mark", "to", "encap", "decap"})
+)
+
+func sortedUnion(lists ...[]string) []string {
+	var all []string
+	for _, l := range lists {
+		all = append(all, l...)
+	}
+	slices.Sort(all)
+	return slices.Compact(all)
+}
+
+// complete is liner's word completer: it returns the text before the word
+// under the cursor, the candidates for that word (each with a trailing
+// space) and the text after the cursor. live is called only when the
+// position wants names from the ruleset or the system.
+func complete(line string, pos int, live func() *names) (string, []string, string) {
+	before, tail := line[:pos], line[pos:]
+	start := strings.LastIndexAny(before, " \t{},;") + 1
+	head, word := before[:start], before[start:]
+
+	// The words of the command under the cursor, without punctuation.
+	cmd := head[strings.LastIndex(head, ";")+1:]
+	words := strings.Fields(strings.NewReplacer("{", " ", "}", " ", ",", " ").Replace(cmd))
+
+	var cands []string
+	var n *names
+	get := func() *names {
+		if n == nil {
+			n = live()
+		}
+		return n
+	}
+	switch {
+	case strings.HasPrefix(word, "@"):
+		for _, s := range get().sets {
+			cands = append(cands, "@"+s)
+		}
+	case strings.HasPrefix(word, "$"):
+		// Variables are the user's own; nothing to offer.
+	default:
+		cands = candidates(words, get)
+	}
+	var out []string
+	for _, c := range cands {
+		if strings.HasPrefix(c, word) {
+			out = append(out, c+" ")
+		}
+	}
+	if len(out) == 0 && word != "" && !strings.ContainsAny(word[:1], "@$") {
+		for _, c := range allKeywords {
+			if strings.HasPrefix(c, word) {
+				out = append(out, c+" ")
+			}
+		}
+	}
+	slices.Sort(out)
+	return head, slices.Compact(out), tail
+}
+
+// candidates lists what may follow words, the words typed so far in the
+// command.
+func candidates(words []string, live func() *names) []string {
+	n := len(words)
+	if n == 0 {
+		return commandWords
+	}
+	at := func(i int) string {
+		if i < n {
+			return words[i]
+		}
+		return ""
+	}
+	ifaceHook := func(rest int) []string { // IF [HOOK] starting at words[rest]
+		switch n - rest {
+		case 0:
+			return live().interfaces
+		case 1:
+			return hookWords
+		}
+		return nil
+	}
+	switch words[0] {
+	case "list":
+		switch {
+		case n == 1:
+			return []string{"ruleset", "interface", "sets", "set"}
+		case at(1) == "interface":
+			return ifaceHook(2)
+		case at(1) == "set" && n == 2:
+			return live().sets
+		}
+		return nil
+	case "flush":
+		if n == 1 {
+			return []string{"ruleset", "interface"}
+		}
+		if at(1) == "interface" {
+			return ifaceHook(2)
+		}
+		return nil
+	case "reset":
+		if n == 1 {
+			return []string{"counters"}
+		}
+		return ifaceHook(2)
+	case "add", "insert", "replace", "delete":
+		if n == 1 {
+			switch words[0] {
+			case "add":
+				return []string{"rule", "element"}
+			case "delete":
+				return []string{"rule", "interface", "element"}
+			}
+			return []string{"rule"}
+		}
+		switch at(1) {
+		case "element":
+			if n == 2 {
+				return live().sets
+			}
+			return nil
+		case "interface":
+			if n == 2 {
+				return live().interfaces
+			}
+			return nil
+		case "rule":
+			return ruleCommandCandidates(words[0], words[2:], live)
+		}
+		return nil
+	case "interface":
+		if n == 1 {
+			return live().interfaces
+		}
+		if n == 2 {
+			return hookWords
+		}
+		return append(slices.Clone(hookWords), ruleCandidates(words[2:])...)
+	case "set":
+		return setWords
+	case "monitor", "quit", "exit", "save", "include", "define":
+		return nil
+	}
+	return ruleCandidates(words)
+}
+
+// ruleCommandCandidates follows `VERB rule`: IF HOOK, then position or
+// handle H, then the rule.
+func ruleCommandCandidates(verb string, rest []string, live func() *names) []string {
+	switch len(rest) {
+	case 0:
+		return live().interfaces
+	case 1:
+		return hookWords
+	case 2:
+		switch verb {
+		case "replace", "delete":
+			return []string{"handle"}
+		case "add", "insert":
+			return append([]string{"position"}, ruleCandidates(nil)...)
+		}
+	}
+	if rest[2] == "handle" || rest[2] == "position" {
+		if len(rest) == 3 {
+			nm := live()
+			if h, ok := nm.handles[rest[0]+" "+rest[1]]; ok {
+				return h
+			}
+			return nm.handles[""]
+		}
+		rest = rest[4:]
+	} else {
+		rest = rest[2:]
+	}
+	if verb == "delete" {
+		return nil
+	}
+	return ruleCandidates(rest)
+}
+
+// ruleCandidates lists the keywords that may follow words inside a rule.
+func ruleCandidates(words []string) []string {
+	last := ""
+	if len(words) > 0 {
+		last = words[len(words)-1]
+	}
+	switch last {
+	case "funnel", "unfunnel", "rewrite", "encap", "decap":
+		if last == "funnel" {
+			return []string{"tcp", "udp", "encap"}
+		}
+		if last == "unfunnel" {
+			return []string{"tcp", "udp", "decap"}
+		}
+		return []string{"tcp", "udp"}
+	case "flags":
+		return tcpFlags
+	case "meta", "ct":
+		return []string{"mark"}
+	case "mark":
+		return []string{"set"}
+	case "dnat":
+		return []string{"to"}
+	case "comment", "saddr", "daddr", "sport", "dport", "seq", "ack", "window", "to", "set":
+		return nil // a value follows
+	}
+	if slices.Contains(words, "actions") {
+		return append(append(slices.Clone(actionWords), funnelFields...), "comment")
+	}
+	return matchWords
 }
