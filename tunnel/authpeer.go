@@ -1,0 +1,215 @@
+package tunnel
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/sfunnel/sfunnel/tunnel/auth"
+	"golang.org/x/sys/unix"
+)
+
+// maxHandshakes bounds concurrent handshakes so a connection flood costs
+// a fixed amount of memory.
+const maxHandshakes = 64
+
+func socketControl(bindTo string, reuse bool) func(network, address string, c syscall.RawConn) error {
+	return func(network, address string, c syscall.RawConn) error {
+		var serr error
+		err := c.Control(func(fd uintptr) {
+			if reuse {
+				if serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEADDR, 1); serr != nil {
+					return
+				}
+			}
+			if bindTo != "" {
+				serr = unix.BindToDevice(int(fd), bindTo)
+			}
+		})
+		if err != nil {
+			return err
+		}
+		return serr
+	}
+}
+
+// listenTCP opens the TCP listener on the listen port (all addresses).
+func (d *daemon) listenTCP() (net.Listener, error) {
+	lc := net.ListenConfig{Control: socketControl(d.cfg.BindTo, true)}
+	ln, err := lc.Listen(d.ctx, "tcp", fmt.Sprintf(":%d", d.cfg.ListenPort))
+	if err != nil {
+		return nil, fmt.Errorf("listen on TCP port %d: %w", d.cfg.ListenPort, err)
+	}
+	d.onClose(ln)
+	return ln, nil
+}
+
+// serveAuth answers handshakes on ln; every success adds the peer to the
+// store. Sources that keep failing are refused for a while.
+func (d *daemon) serveAuth(ln net.Listener) {
+	lim := auth.NewLimiter()
+	srv := auth.Server{Key: d.key}
+	sem := make(chan struct{}, maxHandshakes)
+	d.goLoop("authentication", func() error {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				if d.ctx.Err() != nil {
+					return nil
+				}
+				if errors.Is(err, net.ErrClosed) {
+					return err
+				}
+				time.Sleep(10 * time.Millisecond)
+				continue
+			}
+			from, _ := netip.ParseAddrPort(c.RemoteAddr().String())
+			if lim.Blocked(from.Addr().Unmap(), time.Now()) {
+				d.stats.AuthFail.Add(1)
+				c.Close()
+				continue
+			}
+			select {
+			case sem <- struct{}{}:
+			default:
+				c.Close() // too many handshakes at once
+				continue
+			}
+			go func() {
+				defer func() { <-sem }()
+				d.authOne(c, &srv, lim)
+			}()
+		}
+	})
+}
+
+func (d *daemon) authOne(c net.Conn, srv *auth.Server, lim *auth.Limiter) {
+	defer c.Close()
+	peer, err := srv.Handshake(c, func(peer netip.AddrPort) error {
+		e, err := d.store.Add(peer, time.Now())
+		if err != nil {
+			return err
+		}
+		if e.Addr.IsValid() {
+			d.log.Printf("peer %s authenticated, tunnel address %s", peer, e.Addr)
+		} else {
+			d.log.Printf("peer %s authenticated", peer)
+		}
+		return nil
+	})
+	if err != nil {
+		d.stats.AuthFail.Add(1)
+		if ok, suppressed := lim.Fail(peer.Addr(), time.Now()); ok {
+			if suppressed > 0 {
+				d.log.Printf("authentication from %s failed: %v (and %d more failures not logged)", peer, err, suppressed)
+			} else {
+				d.log.Printf("authentication from %s failed: %v", peer, err)
+			}
+		}
+		return
+	}
+	d.stats.AuthOK.Add(1)
+	// Close first so the TIME_WAIT state stays here, not on the client's
+	// fixed port it must reuse for the next handshake; wait briefly for the
+	// client to read the result.
+	c.SetReadDeadline(time.Now().Add(time.Second))
+	io.Copy(io.Discard, io.LimitReader(c, 1))
+}
+
+// dialer authenticates this side to servers, from the UDP socket's port,
+// one attempt per server at a time and not more often than once a second.
+type dialer struct {
+	d     *daemon
+	port  int
+	mu    sync.Mutex
+	state map[netip.AddrPort]*dialState
+	// after is called with a fresh entry, e.g. to send a packet that was
+	// held back while the handshake ran.
+	after func(peer netip.AddrPort, held []byte)
+}
+
+type dialState struct {
+	running bool
+	last    time.Time
+	held    []byte
+}
+
+func (d *daemon) newDialer(port int, after func(netip.AddrPort, []byte)) *dialer {
+	return &dialer{d: d, port: port, state: make(map[netip.AddrPort]*dialState), after: after}
+}
+
+// request starts a handshake with peer unless one is running or failed
+// less than a second ago. The latest held packet is sent after success.
+func (a *dialer) request(peer netip.AddrPort, held []byte) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	s := a.state[peer]
+	if s == nil {
+		if len(a.state) > 1024 {
+			a.state = make(map[netip.AddrPort]*dialState) // bound the table
+		}
+		s = &dialState{}
+		a.state[peer] = s
+	}
+	if held != nil {
+		s.held = append(s.held[:0], held...)
+	}
+	if s.running || time.Since(s.last) < time.Second {
+		return
+	}
+	s.running = true
+	s.last = time.Now()
+	go a.run(peer, s)
+}
+
+func (a *dialer) run(peer netip.AddrPort, s *dialState) {
+	err := a.handshake(peer)
+	a.mu.Lock()
+	s.running = false
+	held := s.held
+	s.held = nil
+	a.mu.Unlock()
+	d := a.d
+	if err != nil {
+		d.stats.AuthFail.Add(1)
+		d.log.Printf("authentication with %s failed: %v", peer, err)
+		return
+	}
+	d.stats.AuthOK.Add(1)
+	if a.after != nil {
+		a.after(peer, held)
+	}
+}
+
+func (a *dialer) handshake(peer netip.AddrPort) error {
+	d := a.d
+	ctx, cancel := context.WithTimeout(d.ctx, auth.DefaultTimeout)
+	defer cancel()
+	dl := net.Dialer{Control: socketControl(d.cfg.BindTo, true)}
+	if a.port != 0 {
+		dl.LocalAddr = &net.TCPAddr{Port: a.port}
+	}
+	c, err := dl.DialContext(ctx, "tcp", peer.String())
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	seen, err := auth.ClientHandshake(c, d.key, auth.DefaultTimeout)
+	if err != nil {
+		return err
+	}
+	if _, err := d.store.Add(peer, time.Now()); err != nil {
+		return err
+	}
+	d.log.Printf("authenticated with %s (it sees us as %s)", peer, seen)
+	// Let the server close first (see authOne).
+	c.SetReadDeadline(time.Now().Add(time.Second))
+	io.Copy(io.Discard, io.LimitReader(c, 1))
+	return nil
+}

@@ -1,0 +1,242 @@
+package tunnel
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// Config is everything `sfunnel tunnel` was asked to do.
+type Config struct {
+	Interface    string
+	ListenPort   int
+	BindTo       string
+	EndpointPort int // TCP over UDP: client mode when non-zero
+	Carry        string
+	Transport    string
+	Mode         string // client, server or both
+	Remote       netip.AddrPort
+	RemoteHost   string
+	Addresses    []netip.Prefix
+	MTU          int
+	KeyFile      string
+	Expiry       time.Duration
+	MaxPeers     int
+	Persist      bool
+	StatusSocket string
+	Batch        int
+	Offload      bool
+}
+
+// Defaults.
+const (
+	DefaultExpiry   = 5 * time.Minute
+	DefaultPort     = 7472
+	DefaultMaxPeers = 4096
+	DefaultBatch    = 64
+)
+
+var errUsage = errors.New("usage")
+
+type prefixList struct{ p *[]netip.Prefix }
+
+func (l prefixList) String() string {
+	if l.p == nil {
+		return ""
+	}
+	s := make([]string, len(*l.p))
+	for i, p := range *l.p {
+		s[i] = p.String()
+	}
+	return strings.Join(s, ",")
+}
+
+func (l prefixList) Set(v string) error {
+	for _, f := range strings.Split(v, ",") {
+		p, err := netip.ParsePrefix(strings.TrimSpace(f))
+		if err != nil {
+			return fmt.Errorf("not an address/prefix: %q", f)
+		}
+		*l.p = append(*l.p, p)
+	}
+	return nil
+}
+
+const runUsage = `usage: sfunnel tunnel [run] [options]
+       sfunnel tunnel genkey [FILE]
+       sfunnel tunnel status [--interface IF | --status-socket PATH] [-j]
+
+TCP over UDP (udp-encap-tun compatible; the default --carry tcp):
+  server: sfunnel tunnel -i tun0 -l 7472 --address 198.51.100.1/24 --key /etc/sfunnel/tunnel.key
+  client: sfunnel tunnel -i tun0 -l 7472 -b eth0 -e 7472 --address 203.0.113.1/32 --key /etc/sfunnel/tunnel.key
+IP over UDP or TCP:
+  sfunnel tunnel --carry ip --transport udp|tcp --mode client|server|both --remote HOST[:PORT] --address CIDR
+
+options:
+`
+
+func parseRunFlags(args []string, stderr io.Writer) (*Config, error) {
+	c := &Config{Interface: "tun0", Carry: "tcp", Transport: "udp", Mode: "",
+		Expiry: DefaultExpiry, MaxPeers: DefaultMaxPeers, Batch: DefaultBatch}
+	fs := flag.NewFlagSet("sfunnel tunnel", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.Usage = func() {
+		fmt.Fprint(stderr, runUsage)
+		fs.PrintDefaults()
+	}
+	var remote string
+	for _, n := range []string{"interface", "i"} {
+		fs.StringVar(&c.Interface, n, c.Interface, "TUN device to create")
+	}
+	for _, n := range []string{"listen-port", "l"} {
+		fs.IntVar(&c.ListenPort, n, 0, "UDP (and TCP, for authentication) port to listen on (default 7472; client: ephemeral with --carry ip)")
+	}
+	for _, n := range []string{"bind-to-interface", "b"} {
+		fs.StringVar(&c.BindTo, n, "", "send and receive only through this interface (SO_BINDTODEVICE)")
+	}
+	for _, n := range []string{"endpoint-port", "e"} {
+		fs.IntVar(&c.EndpointPort, n, 0, "TCP over UDP client mode: send to the packet's destination address at this port")
+	}
+	fs.StringVar(&c.Carry, "carry", c.Carry, "what the tunnel carries: tcp (TCP segments over UDP) or ip (whole IP packets)")
+	fs.StringVar(&c.Transport, "transport", c.Transport, "with --carry ip: udp or tcp")
+	fs.StringVar(&c.Mode, "mode", "", "with --carry ip: client, server or both")
+	fs.StringVar(&remote, "remote", "", "with --carry ip: the other end, HOST[:PORT]")
+	fs.Var(prefixList{&c.Addresses}, "address", "address/prefix for the TUN (repeatable or comma-separated); server: the pool of tunnel addresses")
+	fs.IntVar(&c.MTU, "mtu", 0, "MTU of the TUN device (default: 1492 for --carry tcp and 1452 for IP over UDP, so that a 1500-byte path needs no fragments; 1500 for IP over TCP)")
+	fs.StringVar(&c.KeyFile, "key", "", "pre-shared key file (sfunnel tunnel genkey); required for --carry tcp")
+	fs.DurationVar(&c.Expiry, "expiry", c.Expiry, "forget a peer after this long without traffic")
+	fs.IntVar(&c.MaxPeers, "max-peers", c.MaxPeers, "most peers kept in the connection store")
+	fs.BoolVar(&c.Persist, "persist", false, "leave the TUN device in place on exit")
+	fs.StringVar(&c.StatusSocket, "status-socket", "", "unix socket for `sfunnel tunnel status` (default /run/sfunnel/tunnel-IF.sock)")
+	fs.IntVar(&c.Batch, "batch", c.Batch, "packets moved per system call at most")
+	fs.BoolVar(&c.Offload, "offload", true, "use TUN segmentation offloads (virtio-net headers) and UDP GSO/GRO")
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return nil, flag.ErrHelp
+		}
+		return nil, errUsage
+	}
+	if fs.NArg() > 0 {
+		return nil, fmt.Errorf("unexpected argument %q", fs.Arg(0))
+	}
+	bad := func(f string, a ...any) (*Config, error) { return nil, fmt.Errorf(f, a...) }
+	if c.Interface == "" || len(c.Interface) > 15 || strings.ContainsAny(c.Interface, "/ \t") {
+		return bad("invalid --interface %q", c.Interface)
+	}
+	for _, p := range []struct {
+		name string
+		v    int
+	}{{"--listen-port", c.ListenPort}, {"--endpoint-port", c.EndpointPort}} {
+		if p.v < 0 || p.v > 65535 {
+			return bad("%s %d out of range 0-65535", p.name, p.v)
+		}
+	}
+	if c.MTU == 0 {
+		switch {
+		case c.Carry == "tcp":
+			c.MTU = 1500 - 8 // the IP header is replaced by a UDP header
+		case c.Transport == "udp":
+			c.MTU = 1500 - 48 // IPv6 and UDP headers in front
+		default:
+			c.MTU = 1500
+		}
+	}
+	if c.MTU < 576 || c.MTU > 65535 {
+		return bad("--mtu %d out of range 576-65535", c.MTU)
+	}
+	if c.Expiry <= 0 {
+		return bad("--expiry must be positive")
+	}
+	if c.MaxPeers < 1 {
+		return bad("--max-peers must be at least 1")
+	}
+	if c.Batch < 1 || c.Batch > 1024 {
+		return bad("--batch %d out of range 1-1024", c.Batch)
+	}
+	if c.StatusSocket == "" {
+		c.StatusSocket = defaultStatusSocket(c.Interface)
+	}
+	switch c.Carry {
+	case "tcp":
+		if c.Mode != "" || remote != "" || c.Transport != "udp" {
+			return bad("--mode, --remote and --transport need --carry ip (TCP over UDP picks client mode with --endpoint-port)")
+		}
+		if c.KeyFile == "" {
+			return bad("--carry tcp needs --key FILE (create one with: sfunnel tunnel genkey FILE)")
+		}
+		if c.ListenPort == 0 {
+			c.ListenPort = DefaultPort
+		}
+		c.Mode = "server"
+		if c.EndpointPort != 0 {
+			c.Mode = "client"
+		} else if len(c.Addresses) == 0 {
+			return bad("TCP over UDP server mode (no --endpoint-port) needs --address CIDR: the TUN's address and the pool of tunnel addresses for peers")
+		}
+	case "ip":
+		if c.EndpointPort != 0 {
+			return bad("--endpoint-port is for --carry tcp; use --remote HOST:PORT")
+		}
+		if c.Transport != "udp" && c.Transport != "tcp" {
+			return bad("--transport must be udp or tcp, not %q", c.Transport)
+		}
+		switch c.Mode {
+		case "client", "both":
+			if remote == "" {
+				return bad("--mode %s needs --remote HOST[:PORT]", c.Mode)
+			}
+		case "server":
+		case "":
+			return bad("--carry ip needs --mode client, server or both")
+		default:
+			return bad("--mode must be client, server or both, not %q", c.Mode)
+		}
+		if c.ListenPort == 0 && c.Mode != "client" {
+			c.ListenPort = DefaultPort
+		}
+	default:
+		return bad("--carry must be tcp or ip, not %q", c.Carry)
+	}
+	if remote != "" {
+		c.RemoteHost = remote
+		ap, err := resolveRemote(remote)
+		if err != nil {
+			return nil, err
+		}
+		c.Remote = ap
+	}
+	return c, nil
+}
+
+// resolveRemote accepts HOST, HOST:PORT, [V6]:PORT and bare IPv6 addresses.
+func resolveRemote(s string) (netip.AddrPort, error) {
+	host, port := s, strconv.Itoa(DefaultPort)
+	if h, p, err := net.SplitHostPort(s); err == nil {
+		host, port = h, p
+	} else if strings.HasPrefix(s, "[") && strings.HasSuffix(s, "]") {
+		host = s[1 : len(s)-1]
+	}
+	pn, err := strconv.ParseUint(port, 10, 16)
+	if err != nil || pn == 0 {
+		return netip.AddrPort{}, fmt.Errorf("--remote %q: bad port", s)
+	}
+	if a, err := netip.ParseAddr(host); err == nil {
+		return netip.AddrPortFrom(a.Unmap(), uint16(pn)), nil
+	}
+	ips, err := net.LookupIP(host)
+	if err != nil || len(ips) == 0 {
+		return netip.AddrPort{}, fmt.Errorf("--remote %q: cannot resolve %s: %v", s, host, err)
+	}
+	a, _ := netip.AddrFromSlice(ips[0])
+	return netip.AddrPortFrom(a.Unmap(), uint16(pn)), nil
+}
+
+func defaultStatusSocket(ifname string) string {
+	return "/run/sfunnel/tunnel-" + ifname + ".sock"
+}

@@ -1,0 +1,3 @@
+package tunnel
+
+func (d *daemon) startIP() error { return nil }

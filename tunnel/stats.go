@@ -1,0 +1,96 @@
+package tunnel
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"sort"
+	"sync/atomic"
+	"time"
+
+	"github.com/sfunnel/sfunnel/tunnel/codec"
+	"github.com/sfunnel/sfunnel/tunnel/store"
+)
+
+// Stats are the daemon's counters, updated lock-free on the packet path.
+type Stats struct {
+	TunRx, TunTx, NetRx, NetTx atomic.Uint64
+	Drops                      [codec.NumDrops]atomic.Uint64
+	AuthOK, AuthFail           atomic.Uint64
+	Connects                   atomic.Uint64
+	Expired                    atomic.Uint64
+}
+
+func (s *Stats) drop(why codec.Drop) { s.Drops[why].Add(1) }
+
+// Status is what `sfunnel tunnel status` prints.
+type Status struct {
+	Interface  string            `json:"interface"`
+	Carry      string            `json:"carry"`
+	Transport  string            `json:"transport"`
+	Mode       string            `json:"mode"`
+	ListenPort int               `json:"listen_port,omitempty"`
+	Remote     string            `json:"remote,omitempty"`
+	Started    time.Time         `json:"started"`
+	Expiry     string            `json:"expiry"`
+	Counters   map[string]uint64 `json:"counters"`
+	Drops      map[string]uint64 `json:"drops"`
+	Peers      []store.Info      `json:"peers"`
+}
+
+func (s *Stats) counters() map[string]uint64 {
+	return map[string]uint64{
+		"tun_rx": s.TunRx.Load(), "tun_tx": s.TunTx.Load(),
+		"net_rx": s.NetRx.Load(), "net_tx": s.NetTx.Load(),
+		"auth_ok": s.AuthOK.Load(), "auth_fail": s.AuthFail.Load(),
+		"connects": s.Connects.Load(), "expired": s.Expired.Load(),
+	}
+}
+
+func (s *Stats) drops() map[string]uint64 {
+	m := map[string]uint64{}
+	for i := codec.Drop(1); i < codec.NumDrops; i++ {
+		m[i.String()] = s.Drops[i].Load()
+	}
+	return m
+}
+
+func writeStatusText(w io.Writer, st *Status) {
+	fmt.Fprintf(w, "interface %s  carry %s  transport %s  mode %s", st.Interface, st.Carry, st.Transport, st.Mode)
+	if st.ListenPort != 0 {
+		fmt.Fprintf(w, "  listen-port %d", st.ListenPort)
+	}
+	if st.Remote != "" {
+		fmt.Fprintf(w, "  remote %s", st.Remote)
+	}
+	fmt.Fprintf(w, "\nup since %s  expiry %s\n", st.Started.Format(time.RFC3339), st.Expiry)
+	printMap := func(title string, m map[string]uint64) {
+		keys := make([]string, 0, len(m))
+		for k := range m {
+			keys = append(keys, k)
+		}
+		sort.Strings(keys)
+		fmt.Fprintf(w, "%s:", title)
+		for _, k := range keys {
+			fmt.Fprintf(w, " %s %d", k, m[k])
+		}
+		fmt.Fprintln(w)
+	}
+	printMap("counters", st.Counters)
+	printMap("drops", st.Drops)
+	fmt.Fprintf(w, "peers: %d\n", len(st.Peers))
+	for _, p := range st.Peers {
+		addr := p.Address
+		if addr == "" {
+			addr = "-"
+		}
+		fmt.Fprintf(w, "  %-45s %-39s rx %d tx %d idle %s\n", p.Peer, addr, p.RxPackets, p.TxPackets,
+			time.Since(p.LastUsed).Truncate(time.Second))
+	}
+}
+
+func encodeStatus(w io.Writer, st *Status) error {
+	e := json.NewEncoder(w)
+	e.SetIndent("", "  ")
+	return e.Encode(st)
+}

@@ -1,0 +1,249 @@
+// Package store is the tunnel's connection store: authenticated peers
+// (remote address and UDP port), each with a unique tunnel address taken
+// from a pool, found in O(1) from either side, forgotten after a period
+// without traffic. Only the authentication step adds entries, so senders
+// that never authenticated cannot fill it.
+package store
+
+import (
+	"errors"
+	"net/netip"
+	"sort"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// ErrFull means every tunnel address (or the peer limit) is in use.
+var ErrFull = errors.New("connection store full")
+
+// Entry is one authenticated peer.
+type Entry struct {
+	Peer                 netip.AddrPort // remote address and UDP port (unmapped)
+	Addr                 netip.Addr     // tunnel address, invalid when the store has no pool
+	Created              time.Time
+	lastUsed             atomic.Int64 // unix nanoseconds
+	RxPackets, TxPackets atomic.Uint64
+}
+
+// Touch marks the entry as used now.
+func (e *Entry) Touch(now int64) { e.lastUsed.Store(now) }
+
+// LastUsed is when the entry last carried traffic (or was authenticated).
+func (e *Entry) LastUsed() time.Time { return time.Unix(0, e.lastUsed.Load()) }
+
+// Info is a copy of an entry for status output.
+type Info struct {
+	Peer      string    `json:"peer"`
+	Address   string    `json:"address,omitempty"`
+	Created   time.Time `json:"created"`
+	LastUsed  time.Time `json:"last_used"`
+	RxPackets uint64    `json:"rx_packets"`
+	TxPackets uint64    `json:"tx_packets"`
+}
+
+// Options configure a Store.
+type Options struct {
+	// Pools hand out tunnel addresses (at most one per family). Each is the
+	// TUN's own address with its prefix length; the own address, the
+	// network address and (IPv4) the broadcast address are never given out.
+	Pools []netip.Prefix
+	// MaxPeers bounds the number of entries; 0 means 4096.
+	MaxPeers int
+	// TTL is how long an unused entry lives.
+	TTL time.Duration
+}
+
+// Store maps peers to tunnel addresses and back.
+type Store struct {
+	mu     sync.RWMutex
+	byPeer map[netip.AddrPort]*Entry
+	byAddr map[netip.Addr]*Entry
+	pools  []*pool
+	max    int
+	ttl    time.Duration
+}
+
+type pool struct {
+	prefix netip.Prefix
+	own    netip.Addr
+	cursor netip.Addr
+	size   uint64 // usable addresses (capped)
+	used   int
+}
+
+// New makes an empty store.
+func New(o Options) *Store {
+	s := &Store{
+		byPeer: make(map[netip.AddrPort]*Entry),
+		byAddr: make(map[netip.Addr]*Entry),
+		max:    o.MaxPeers,
+		ttl:    o.TTL,
+	}
+	if s.max <= 0 {
+		s.max = 4096
+	}
+	for _, p := range o.Pools {
+		host := p.Masked().Addr().BitLen() - p.Bits()
+		size := uint64(1<<62) - 1
+		if host < 62 {
+			size = uint64(1)<<host - 1 // minus the network address
+			if p.Addr().Is4() && host > 1 {
+				size-- // broadcast
+			}
+			if size > 0 {
+				size-- // our own address
+			}
+		}
+		s.pools = append(s.pools, &pool{prefix: p.Masked(), own: p.Addr(), cursor: p.Masked().Addr(), size: size})
+	}
+	return s
+}
+
+// TTL returns the configured expiry.
+func (s *Store) TTL() time.Duration { return s.ttl }
+
+// Len is the number of entries.
+func (s *Store) Len() int {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	return len(s.byPeer)
+}
+
+// ByPeer finds the entry of a remote address and port.
+func (s *Store) ByPeer(p netip.AddrPort) *Entry {
+	s.mu.RLock()
+	e := s.byPeer[p]
+	s.mu.RUnlock()
+	return e
+}
+
+// ByAddr finds the entry owning a tunnel address.
+func (s *Store) ByAddr(a netip.Addr) *Entry {
+	s.mu.RLock()
+	e := s.byAddr[a]
+	s.mu.RUnlock()
+	return e
+}
+
+// Add records an authenticated peer and gives it a tunnel address of its
+// own family (when the store has a pool for it). A peer already present
+// keeps its entry and address; its timer restarts.
+func (s *Store) Add(peer netip.AddrPort, now time.Time) (*Entry, error) {
+	peer = netip.AddrPortFrom(peer.Addr().Unmap(), peer.Port())
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if e := s.byPeer[peer]; e != nil {
+		e.Touch(now.UnixNano())
+		return e, nil
+	}
+	if len(s.byPeer) >= s.max {
+		return nil, ErrFull
+	}
+	e := &Entry{Peer: peer, Created: now}
+	if len(s.pools) > 0 {
+		var pl *pool
+		for _, p := range s.pools {
+			if p.prefix.Addr().Is4() == peer.Addr().Is4() {
+				pl = p
+			}
+		}
+		if pl == nil {
+			return nil, errors.New("no tunnel address pool for the peer's address family")
+		}
+		a, ok := s.allocate(pl)
+		if !ok {
+			return nil, ErrFull
+		}
+		e.Addr = a
+		s.byAddr[a] = e
+	}
+	e.Touch(now.UnixNano())
+	s.byPeer[peer] = e
+	return e, nil
+}
+
+// allocate finds the next free address after the pool's cursor. The pool
+// never holds more than MaxPeers entries, so the scan ends quickly.
+func (s *Store) allocate(p *pool) (netip.Addr, bool) {
+	if uint64(p.used) >= p.size {
+		return netip.Addr{}, false
+	}
+	a := p.cursor
+	for range s.max + 3 {
+		a = a.Next()
+		if !a.IsValid() || !p.prefix.Contains(a) || isBroadcast(p.prefix, a) {
+			a = p.prefix.Addr().Next()
+		}
+		if a == p.own {
+			continue
+		}
+		if _, taken := s.byAddr[a]; !taken {
+			p.cursor = a
+			p.used++
+			return a, true
+		}
+	}
+	return netip.Addr{}, false
+}
+
+func isBroadcast(p netip.Prefix, a netip.Addr) bool {
+	if !a.Is4() || p.Bits() >= 31 {
+		return false
+	}
+	n := a.Next()
+	return !n.IsValid() || !p.Contains(n)
+}
+
+// Remove forgets a peer.
+func (s *Store) Remove(peer netip.AddrPort) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if e := s.byPeer[peer]; e != nil {
+		s.removeLocked(e)
+	}
+}
+
+func (s *Store) removeLocked(e *Entry) {
+	delete(s.byPeer, e.Peer)
+	if e.Addr.IsValid() {
+		delete(s.byAddr, e.Addr)
+		for _, p := range s.pools {
+			if p.prefix.Contains(e.Addr) {
+				p.used--
+			}
+		}
+	}
+}
+
+// Expire removes entries unused for longer than the TTL and returns them.
+func (s *Store) Expire(now time.Time) []*Entry {
+	limit := now.Add(-s.ttl).UnixNano()
+	var gone []*Entry
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, e := range s.byPeer {
+		if e.lastUsed.Load() < limit {
+			s.removeLocked(e)
+			gone = append(gone, e)
+		}
+	}
+	return gone
+}
+
+// Snapshot copies all entries, sorted by peer, for status output.
+func (s *Store) Snapshot() []Info {
+	s.mu.RLock()
+	out := make([]Info, 0, len(s.byPeer))
+	for _, e := range s.byPeer {
+		i := Info{Peer: e.Peer.String(), Created: e.Created, LastUsed: e.LastUsed(),
+			RxPackets: e.RxPackets.Load(), TxPackets: e.TxPackets.Load()}
+		if e.Addr.IsValid() {
+			i.Address = e.Addr.String()
+		}
+		out = append(out, i)
+	}
+	s.mu.RUnlock()
+	sort.Slice(out, func(a, b int) bool { return out[a].Peer < out[b].Peer })
+	return out
+}

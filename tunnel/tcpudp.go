@@ -1,0 +1,160 @@
+package tunnel
+
+import (
+	"fmt"
+	"net/netip"
+	"time"
+
+	"github.com/sfunnel/sfunnel/tunnel/codec"
+	"github.com/sfunnel/sfunnel/tunnel/store"
+	"github.com/sfunnel/sfunnel/tunnel/udpsock"
+)
+
+// maxPacket is the largest IP packet the TUN hands out or takes.
+const maxPacket = 65535
+
+// tcpUDP carries TCP segments without their IP header in UDP datagrams
+// (udp-encap-tun's format). Server: peers authenticate over TCP on the
+// listen port and get a tunnel address each. Client (--endpoint-port):
+// a packet's destination address is the server, authenticated on first use.
+type tcpUDP struct {
+	d      *daemon
+	sock   *udpsock.Conn
+	client bool
+	port   uint16 // endpoint port (client)
+	dial   *dialer
+}
+
+func (d *daemon) startTCPOverUDP() error {
+	sock, err := udpsock.Listen(udpsock.Options{Port: d.cfg.ListenPort, BindToInterface: d.cfg.BindTo})
+	if err != nil {
+		return err
+	}
+	d.onClose(sock)
+	e := &tcpUDP{d: d, sock: sock, client: d.cfg.Mode == "client", port: uint16(d.cfg.EndpointPort)}
+	if e.client {
+		e.dial = d.newDialer(int(sock.Port()), e.sendHeld)
+	} else {
+		ln, err := d.listenTCP()
+		if err != nil {
+			return err
+		}
+		d.serveAuth(ln)
+	}
+	d.goLoop("tun→udp", e.tunToNet)
+	d.goLoop("udp→tun", e.netToTun)
+	return nil
+}
+
+// sendHeld sends the segment that triggered a handshake once it succeeded,
+// so the first SYN does not wait for a retransmission.
+func (e *tcpUDP) sendHeld(peer netip.AddrPort, seg []byte) {
+	if len(seg) == 0 {
+		return
+	}
+	if err := e.sock.WriteTo(seg, peer); err == nil {
+		e.d.stats.NetTx.Add(1)
+	}
+}
+
+func (e *tcpUDP) tunToNet() error {
+	d := e.d
+	n := d.cfg.Batch
+	bufs := make([][]byte, n)
+	for i := range bufs {
+		bufs[i] = make([]byte, maxPacket)
+	}
+	sizes := make([]int, n)
+	out := udpsock.NewBatch(n, 0, 0)
+	for {
+		got, err := d.dev.ReadBatch(bufs, 0, sizes)
+		if err != nil {
+			return err
+		}
+		now := time.Now().UnixNano()
+		m := 0
+		for i := 0; i < got; i++ {
+			d.stats.TunRx.Add(1)
+			seg, _, dst, why := codec.StripIP(bufs[i][:sizes[i]])
+			if why != codec.DropNone {
+				d.stats.drop(why)
+				continue
+			}
+			var ent *store.Entry
+			var peer netip.AddrPort
+			if e.client {
+				peer = netip.AddrPortFrom(dst, e.port)
+				if ent = d.store.ByPeer(peer); ent == nil {
+					e.dial.request(peer, seg)
+					d.stats.drop(codec.DropNoPeer)
+					continue
+				}
+			} else {
+				if ent = d.store.ByAddr(dst); ent == nil {
+					d.stats.drop(codec.DropNoPeer)
+					continue
+				}
+				peer = ent.Peer
+			}
+			ent.Touch(now)
+			ent.TxPackets.Add(1)
+			out.Out[m], out.Peers[m] = seg, peer
+			m++
+		}
+		if m > 0 {
+			if err := e.sock.WriteBatch(out, m); err != nil {
+				return err
+			}
+			d.stats.NetTx.Add(uint64(m))
+		}
+	}
+}
+
+func (e *tcpUDP) netToTun() error {
+	d := e.d
+	in := udpsock.NewBatch(d.cfg.Batch, codec.Headroom+maxPacket, codec.Headroom)
+	for {
+		got, err := e.sock.ReadBatch(in)
+		if err != nil {
+			return fmt.Errorf("receive: %w", err)
+		}
+		now := time.Now().UnixNano()
+		for i := 0; i < got; i++ {
+			d.stats.NetRx.Add(1)
+			peer := in.Peers[i]
+			ent := d.store.ByPeer(peer)
+			if ent == nil {
+				d.stats.drop(codec.DropUnauth)
+				continue
+			}
+			src := peer.Addr()
+			if !e.client {
+				src = ent.Addr
+			}
+			dst := d.tunAddr(src.Is4())
+			if !dst.IsValid() {
+				d.stats.drop(codec.DropNoAddress)
+				continue
+			}
+			hl := codec.IPv4HeaderLen
+			if !src.Is4() {
+				hl = codec.IPv6HeaderLen
+			}
+			if in.Sizes[i]+hl > d.cfg.MTU {
+				d.stats.drop(codec.DropTooBig)
+				continue
+			}
+			pkt, why := codec.WrapTCP(in.Bufs[i], in.Off, in.Sizes[i], src, dst)
+			if why != codec.DropNone {
+				d.stats.drop(why)
+				continue
+			}
+			if err := d.dev.Write(pkt); err != nil {
+				return fmt.Errorf("write %d bytes to TUN: %w", len(pkt), err)
+			}
+			d.stats.TunTx.Add(1)
+			ent.Touch(now)
+			ent.RxPackets.Add(1)
+		}
+	}
+}
