@@ -24,7 +24,12 @@ func socketControl(bindTo string, reuse bool) func(network, address string, c sy
 		var serr error
 		err := c.Control(func(fd uintptr) {
 			if reuse {
+				// SO_REUSEPORT as well: in --mode both the handshake to the
+				// remote leaves from the port our listener is bound to.
 				if serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEADDR, 1); serr != nil {
+					return
+				}
+				if serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEPORT, 1); serr != nil {
 					return
 				}
 			}
@@ -114,12 +119,10 @@ func (d *daemon) authOne(c net.Conn, srv *auth.Server, lim *auth.Limiter) {
 		}
 		return
 	}
+	// Returning closes the connection: the server closes first, so the
+	// TIME_WAIT state stays here and not on the client's fixed port, which
+	// it reuses for its next handshake.
 	d.stats.AuthOK.Add(1)
-	// Close first so the TIME_WAIT state stays here, not on the client's
-	// fixed port it must reuse for the next handshake; wait briefly for the
-	// client to read the result.
-	c.SetReadDeadline(time.Now().Add(time.Second))
-	io.Copy(io.Discard, io.LimitReader(c, 1))
 }
 
 // dialer authenticates this side to servers, from the UDP socket's port,
@@ -208,7 +211,7 @@ func (a *dialer) handshake(peer netip.AddrPort) error {
 		return err
 	}
 	d.log.Printf("authenticated with %s (it sees us as %s)", peer, seen)
-	// Let the server close first (see authOne).
+	// Let the server close first (see authOne), but do not wait long.
 	c.SetReadDeadline(time.Now().Add(time.Second))
 	io.Copy(io.Discard, io.LimitReader(c, 1))
 	return nil

@@ -232,3 +232,19 @@ func transfer(t *testing.T, ns *testenv.NS, network, addr string, size int) {
 		t.Fatalf("content differs after the round trip")
 	}
 }
+
+// waitCounter waits until a status counter reaches at least min.
+func (p *proc) waitCounter(name string, min uint64) {
+	p.t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		st := p.getStatus()
+		if st.Counters[name] >= min {
+			return
+		}
+		if time.Now().After(deadline) {
+			p.t.Fatalf("counter %s stayed at %d, want %d", name, st.Counters[name], min)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}

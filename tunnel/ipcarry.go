@@ -1,3 +1,391 @@
 package tunnel
 
-func (d *daemon) startIP() error { return nil }
+import (
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"sync/atomic"
+	"time"
+
+	"github.com/sfunnel/sfunnel/tunnel/auth"
+	"github.com/sfunnel/sfunnel/tunnel/codec"
+	"github.com/sfunnel/sfunnel/tunnel/udpsock"
+)
+
+// ipCarry moves whole IP packets between this host and one other, over UDP
+// datagrams or over TCP streams of length-prefixed frames (TunConnector's
+// role). With --key, peers authenticate first: over TCP on the listen port
+// before their UDP is accepted, or at the start of each TCP stream.
+type ipCarry struct {
+	d            *daemon
+	server       bool
+	client       bool
+	maxFrame     int
+	remote       netip.AddrPort
+	sock         *udpsock.Conn
+	dial         *dialer
+	lastPeer     atomic.Pointer[netip.AddrPort] // UDP server role without a key: who spoke last
+	clientConn   atomic.Pointer[streamConn]
+	serverConn   atomic.Pointer[streamConn]
+	lastServerAt atomic.Int64
+}
+
+// streamConn is one TCP stream carrying frames.
+type streamConn struct {
+	c      net.Conn
+	peer   string
+	broken atomic.Bool
+}
+
+func (d *daemon) startIP() error {
+	e := &ipCarry{d: d, server: d.cfg.Mode != "client", client: d.cfg.Mode != "server", maxFrame: d.cfg.MTU, remote: d.cfg.Remote}
+	if d.key == nil {
+		d.log.Printf("warning: no --key: packets are accepted from any sender (use sfunnel tunnel genkey)")
+	}
+	if d.cfg.Transport == "udp" {
+		return e.startUDP()
+	}
+	return e.startTCP()
+}
+
+func (e *ipCarry) startUDP() error {
+	d := e.d
+	sock, err := udpsock.Listen(udpsock.Options{Port: d.cfg.ListenPort, BindToInterface: d.cfg.BindTo})
+	if err != nil {
+		return err
+	}
+	d.onClose(sock)
+	e.sock = sock
+	if e.server && d.key != nil {
+		ln, err := d.listenTCP()
+		if err != nil {
+			return err
+		}
+		d.serveAuth(ln)
+	}
+	if e.client && d.key != nil {
+		e.dial = d.newDialer(int(sock.Port()), func(peer netip.AddrPort, pkt []byte) {
+			if len(pkt) > 0 && sock.WriteTo(pkt, peer) == nil {
+				d.stats.NetTx.Add(1)
+			}
+		})
+		e.dial.request(e.remote, nil)
+	}
+	d.goLoop("tun→udp", e.tunToUDP)
+	d.goLoop("udp→tun", e.udpToTun)
+	return nil
+}
+
+// udpPeer picks where a packet from the TUN goes: the remote when this
+// side is a client (once authenticated, with a key), else the server-role
+// peer that was active last.
+func (e *ipCarry) udpPeer(pkt []byte) (netip.AddrPort, bool) {
+	d := e.d
+	if e.client {
+		if d.key == nil {
+			return e.remote, true
+		}
+		if ent := d.store.ByPeer(e.remote); ent != nil {
+			return e.remote, true
+		}
+		e.dial.request(e.remote, pkt)
+	}
+	if e.server {
+		if p := e.lastPeer.Load(); p != nil {
+			if d.key == nil || d.store.ByPeer(*p) != nil {
+				return *p, true
+			}
+		}
+	}
+	return netip.AddrPort{}, false
+}
+
+func (e *ipCarry) tunToUDP() error {
+	d := e.d
+	n := d.cfg.Batch
+	bufs := make([][]byte, n)
+	for i := range bufs {
+		bufs[i] = make([]byte, maxPacket)
+	}
+	sizes := make([]int, n)
+	out := udpsock.NewBatch(n, 0, 0)
+	for {
+		got, err := d.dev.ReadBatch(bufs, 0, sizes)
+		if err != nil {
+			return err
+		}
+		now := time.Now().UnixNano()
+		m := 0
+		for i := 0; i < got; i++ {
+			d.stats.TunRx.Add(1)
+			pkt := bufs[i][:sizes[i]]
+			if codec.Version(pkt) == 0 {
+				d.stats.drop(codec.DropMalformed)
+				continue
+			}
+			peer, ok := e.udpPeer(pkt)
+			if !ok {
+				d.stats.drop(codec.DropNoPeer)
+				continue
+			}
+			if ent := d.store.ByPeer(peer); ent != nil {
+				ent.Touch(now)
+				ent.TxPackets.Add(1)
+			}
+			out.Out[m], out.Peers[m] = pkt, peer
+			m++
+		}
+		if m > 0 {
+			if err := e.sock.WriteBatch(out, m); err != nil {
+				return err
+			}
+			d.stats.NetTx.Add(uint64(m))
+		}
+	}
+}
+
+func (e *ipCarry) udpToTun() error {
+	d := e.d
+	in := udpsock.NewBatch(d.cfg.Batch, maxPacket, 0)
+	for {
+		got, err := e.sock.ReadBatch(in)
+		if err != nil {
+			return fmt.Errorf("receive: %w", err)
+		}
+		now := time.Now().UnixNano()
+		for i := 0; i < got; i++ {
+			d.stats.NetRx.Add(1)
+			peer := in.Peers[i]
+			if d.key != nil {
+				ent := d.store.ByPeer(peer)
+				if ent == nil {
+					d.stats.drop(codec.DropUnauth)
+					continue
+				}
+				ent.Touch(now)
+				ent.RxPackets.Add(1)
+			} else if !e.server && peer != e.remote {
+				d.stats.drop(codec.DropUnauth)
+				continue
+			}
+			pkt := in.Payload(i)
+			if len(pkt) > d.cfg.MTU {
+				d.stats.drop(codec.DropTooBig)
+				continue
+			}
+			if codec.Version(pkt) == 0 {
+				d.stats.drop(codec.DropMalformed)
+				continue
+			}
+			if e.server && peer != e.remote {
+				if p := e.lastPeer.Load(); p == nil || *p != peer {
+					e.lastPeer.Store(&peer) // allocates only when the peer changes
+				}
+			}
+			if err := d.dev.Write(pkt); err != nil {
+				d.stats.drop(codec.DropMalformed)
+				continue
+			}
+			d.stats.TunTx.Add(1)
+		}
+	}
+}
+
+func (e *ipCarry) startTCP() error {
+	d := e.d
+	if e.server {
+		ln, err := d.listenTCP()
+		if err != nil {
+			return err
+		}
+		d.goLoop("accept", func() error { return e.acceptLoop(ln) })
+	}
+	if e.client {
+		d.goLoop("connect", e.connectLoop)
+	}
+	d.goLoop("tun→tcp", e.tunToTCP)
+	return nil
+}
+
+func (e *ipCarry) acceptLoop(ln net.Listener) error {
+	d := e.d
+	lim := auth.NewLimiter()
+	srv := auth.Server{Key: d.key}
+	sem := make(chan struct{}, maxHandshakes)
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			if d.ctx.Err() != nil || errors.Is(err, net.ErrClosed) {
+				return nil
+			}
+			time.Sleep(10 * time.Millisecond)
+			continue
+		}
+		from, _ := netip.ParseAddrPort(c.RemoteAddr().String())
+		if d.key != nil && lim.Blocked(from.Addr().Unmap(), time.Now()) {
+			d.stats.AuthFail.Add(1)
+			c.Close()
+			continue
+		}
+		select {
+		case sem <- struct{}{}:
+		default:
+			c.Close()
+			continue
+		}
+		go func() {
+			if d.key != nil {
+				if _, err := srv.Handshake(c, func(netip.AddrPort) error { return nil }); err != nil {
+					<-sem
+					d.stats.AuthFail.Add(1)
+					if ok, sup := lim.Fail(from.Addr().Unmap(), time.Now()); ok {
+						d.log.Printf("authentication from %s failed: %v (%d more not logged)", from, err, sup)
+					}
+					c.Close()
+					return
+				}
+				c.SetDeadline(time.Time{})
+				d.stats.AuthOK.Add(1)
+			}
+			<-sem
+			sc := &streamConn{c: c, peer: c.RemoteAddr().String()}
+			if old := e.serverConn.Swap(sc); old != nil {
+				old.c.Close() // one peer at a time: the newest stream wins
+			}
+			d.stats.Connects.Add(1)
+			d.log.Printf("stream from %s up", sc.peer)
+			err := e.readFrames(sc)
+			e.serverConn.CompareAndSwap(sc, nil)
+			c.Close()
+			d.log.Printf("stream from %s down: %v", sc.peer, err)
+		}()
+	}
+}
+
+// connectLoop keeps a stream to the remote, reconnecting with exponential
+// backoff (100 ms doubling to 10 s, reset by a stream that authenticated).
+func (e *ipCarry) connectLoop() error {
+	d := e.d
+	backoff := 100 * time.Millisecond
+	for d.ctx.Err() == nil {
+		dl := net.Dialer{Timeout: 5 * time.Second, Control: socketControl(d.cfg.BindTo, true)}
+		if d.cfg.ListenPort != 0 && !e.server {
+			dl.LocalAddr = &net.TCPAddr{Port: d.cfg.ListenPort}
+		}
+		c, err := dl.DialContext(d.ctx, "tcp", e.remote.String())
+		if err == nil && d.key != nil {
+			if _, err = auth.ClientHandshake(c, d.key, auth.DefaultTimeout); err != nil {
+				d.stats.AuthFail.Add(1)
+				c.Close()
+			} else {
+				d.stats.AuthOK.Add(1)
+				// The server's result byte was the last handshake message.
+			}
+		}
+		if err != nil {
+			if d.ctx.Err() != nil {
+				return nil
+			}
+			d.log.Printf("connect to %s: %v (retry in %s)", e.remote, err, backoff)
+			select {
+			case <-d.ctx.Done():
+				return nil
+			case <-time.After(backoff):
+			}
+			backoff = min(backoff*2, 10*time.Second)
+			continue
+		}
+		backoff = 100 * time.Millisecond
+		sc := &streamConn{c: c, peer: e.remote.String()}
+		e.clientConn.Store(sc)
+		d.stats.Connects.Add(1)
+		d.log.Printf("stream to %s up", sc.peer)
+		err = e.readFrames(sc)
+		e.clientConn.CompareAndSwap(sc, nil)
+		c.Close()
+		if d.ctx.Err() != nil {
+			return nil
+		}
+		d.log.Printf("stream to %s down: %v", sc.peer, err)
+	}
+	return nil
+}
+
+// readFrames writes every frame of the stream into the TUN until the
+// stream ends or breaks the framing (then it is closed: it cannot resync).
+func (e *ipCarry) readFrames(sc *streamConn) error {
+	d := e.d
+	fr := codec.NewFrameReader(sc.c, e.maxFrame)
+	for {
+		pkt, err := fr.Next()
+		if err != nil {
+			if errors.Is(err, codec.ErrBadFrame) {
+				d.stats.drop(codec.DropTooBig)
+			}
+			if errors.Is(err, io.EOF) {
+				return io.EOF
+			}
+			return err
+		}
+		d.stats.NetRx.Add(1)
+		if codec.Version(pkt) == 0 {
+			d.stats.drop(codec.DropMalformed)
+			continue
+		}
+		if err := d.dev.Write(pkt); err != nil {
+			d.stats.drop(codec.DropMalformed)
+			continue
+		}
+		d.stats.TunTx.Add(1)
+	}
+}
+
+func (e *ipCarry) tunToTCP() error {
+	d := e.d
+	n := d.cfg.Batch
+	bufs := make([][]byte, n)
+	for i := range bufs {
+		bufs[i] = make([]byte, codec.FrameHeaderLen+maxPacket)
+	}
+	sizes := make([]int, n)
+	frames := make([][]byte, n)
+	var wb net.Buffers
+	for {
+		got, err := d.dev.ReadBatch(bufs, codec.FrameHeaderLen, sizes)
+		if err != nil {
+			return err
+		}
+		sc := e.clientConn.Load()
+		if sc == nil {
+			sc = e.serverConn.Load()
+		}
+		m := 0
+		for i := 0; i < got; i++ {
+			d.stats.TunRx.Add(1)
+			if sizes[i] > e.maxFrame || codec.Version(bufs[i][codec.FrameHeaderLen:codec.FrameHeaderLen+sizes[i]]) == 0 {
+				d.stats.drop(codec.DropMalformed)
+				continue
+			}
+			if sc == nil {
+				d.stats.drop(codec.DropNoPeer)
+				continue
+			}
+			codec.PutFrameHeader(bufs[i], sizes[i])
+			frames[m] = bufs[i][:codec.FrameHeaderLen+sizes[i]]
+			m++
+		}
+		if m == 0 {
+			continue
+		}
+		wb = frames[:m]
+		if _, err := wb.WriteTo(sc.c); err != nil {
+			// The reader of this stream notices too and reconnects.
+			sc.c.Close()
+			d.stats.drop(codec.DropNoPeer)
+			continue
+		}
+		d.stats.NetTx.Add(uint64(m))
+	}
+}

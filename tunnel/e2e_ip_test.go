@@ -1,0 +1,49 @@
+package tunnel
+
+import (
+	"testing"
+)
+
+// IP over UDP and over TCP: whole packets, both inner families, the outer
+// path over IPv4 for one case and IPv6 for the others, authenticated.
+func TestIPCarry(t *testing.T) {
+	for _, tc := range []struct {
+		name, transport, serverMode, clientMode, remote string
+	}{
+		{"udp", "udp", "server", "client", "192.0.2.2:7000"},
+		{"tcp", "tcp", "server", "client", "[2001:db8:1::2]:7000"},
+		{"udp-both", "udp", "both", "both", "[2001:db8:1::2]:7000"},
+		{"tcp-both", "tcp", "both", "client", "192.0.2.2:7000"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			a, b := twoHosts(t)
+			key := writeKey(t)
+			srvArgs := []string{"--carry", "ip", "--transport", tc.transport, "--mode", tc.serverMode, "-l", "7000",
+				"--address", "198.51.100.2/24,2001:db8:2::2/64", "--key", key}
+			if tc.serverMode == "both" {
+				srvArgs = append(srvArgs, "--remote", "192.0.2.1:7000")
+			}
+			cliArgs := []string{"--carry", "ip", "--transport", tc.transport, "--mode", tc.clientMode, "--remote", tc.remote,
+				"--address", "198.51.100.1/24,2001:db8:2::1/64", "--key", key}
+			if tc.clientMode == "both" {
+				cliArgs = append(cliArgs, "-l", "7000")
+			}
+			srv := startTunnel(t, b, srvArgs...)
+			cli := startTunnel(t, a, cliArgs...)
+			peers := echoServer(t, b, "tcp", ":5001")
+			if tc.transport == "tcp" {
+				cli.waitCounter("connects", 1)
+			}
+			transfer(t, a, "tcp", "198.51.100.2:5001", transferSize)
+			remoteIn(t, peers, "198.51.100.1/32")
+			transfer(t, a, "tcp", "[2001:db8:2::2]:5001", transferSize)
+			remoteIn(t, peers, "2001:db8:2::1/128")
+			for _, p := range []*proc{srv, cli} {
+				st := p.getStatus()
+				if st.Counters["tun_tx"] < 1000 || st.Counters["auth_ok"] == 0 {
+					t.Errorf("%s: counters %v", p.ns.Name, st.Counters)
+				}
+			}
+		})
+	}
+}
