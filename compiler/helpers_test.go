@@ -59,7 +59,7 @@ func (l *loaded) run(t testing.TB, pkt []byte, mark uint32) runResult {
 	opts := &ebpf.RunOptions{Data: pkt, DataOut: out, Context: skbCtx{Mark: mark}, ContextOut: &ctxOut}
 	ret, err := l.coll.Programs[compiler.ProgramName].Run(opts)
 	if err != nil {
-		t.Fatalf("run: %v", err)
+		t.Fatalf("run: %v (packet %d bytes %x)", err, len(pkt), pkt)
 	}
 	return runResult{ret: int32(ret), out: opts.DataOut, mark: ctxOut.Mark}
 }

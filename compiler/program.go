@@ -303,7 +303,7 @@ func (c *compiler) parse(n ruleNeeds) {
 		stx(asm.R10, slotNHOff, asm.R5, asm.DWord),
 	)
 	if !n.sport && !n.dport && !n.flags {
-		e.emit(asm.Ja.Label("rules"))
+		e.label("rules")
 		return
 	}
 	e.emit(
