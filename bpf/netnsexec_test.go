@@ -37,7 +37,7 @@ func childAttach(root string) error {
 		return err
 	}
 	defer coll.Close()
-	return s.Swap([]Update{{HookID: HookID{Ifname: "vb", Hook: grammar.HookIngress}, Ifindex: ifc.Index, Coll: coll}})
+	return s.Swap([]Update{{HookID: HookID{Ifname: "vb", Hook: grammar.HookIngress}, Ifindex: ifc.Index, Coll: coll}}, nil)
 }
 
 // Under `ip netns exec` (private mount namespace, fresh /sys) the state goes

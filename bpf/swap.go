@@ -21,18 +21,12 @@ type Update struct {
 	// LoadCollection. Its maps are pinned with the hook, except shared set
 	// maps (SetMapPrefix). Nil detaches the hook.
 	Coll *ebpf.Collection
-	// Carry[i] is the rule index in the old program whose counters (maps
-	// CountersMap and RuleMTUMap) the new index i inherits (-1: starts at
-	// zero), so counters of rules that survive an edit keep counting. Nil
-	// carries nothing.
-	Carry []int
 }
 
 // Names the compiler gives the program and its maps.
 const (
 	ProgramName  = "sfunnel"
 	CountersMap  = "counters" // per-CPU Counter by rule index
-	RuleMTUMap   = "rule_mtu" // per-CPU uint64 by rule index
 	SetMapPrefix = "set_"     // shared named sets
 )
 
@@ -42,12 +36,14 @@ const (
 // programs must already be loaded, so the verifier cannot fail here. When a
 // swap fails, those already done are rolled back (best effort) and the error
 // returned. Swap does not close the collections.
-func (s *Store) Swap(updates []Update) (err error) {
+//
+// Once every swap is done, retire (if not nil) is called with each replaced
+// or detached hook's old state, whose maps then hold their final values
+// (counters a caller wants to carry over to the new program).
+func (s *Store) Swap(updates []Update, retire func(old *Live)) (err error) {
 	type step struct {
 		u     Update
 		old   *Live
-		snapC [][]Counter // old counters at carry time, by new index
-		snapM [][]uint64  // same for RuleMTUMap
 		undo  func() error
 		fresh bool
 	}
@@ -70,20 +66,6 @@ func (s *Store) Swap(updates []Update) (err error) {
 		steps = append(steps, &step{u: u, old: old})
 	}
 
-	// Copy surviving counters into the new maps before the swap; what the
-	// old programs count until the swap is added afterwards.
-	for _, st := range steps {
-		if st.old == nil || st.u.Coll == nil || st.u.Carry == nil {
-			continue
-		}
-		if st.snapC, err = carry(st.old.Maps[CountersMap], st.u.Coll.Maps[CountersMap], st.u.Carry, nil, addCounter); err != nil {
-			return fmt.Errorf("%s: %w", st.u.HookID, err)
-		}
-		if st.snapM, err = carry(st.old.Maps[RuleMTUMap], st.u.Coll.Maps[RuleMTUMap], st.u.Carry, nil, addUint64); err != nil {
-			return fmt.Errorf("%s: %w", st.u.HookID, err)
-		}
-	}
-
 	done := 0
 	for _, st := range steps {
 		if err = s.swapOne(st.u, st.old, &st.undo); err != nil {
@@ -101,8 +83,15 @@ func (s *Store) Swap(updates []Update) (err error) {
 		return err
 	}
 
-	// Everything is live: pin the new objects, settle counters, drop what
-	// detached hooks left.
+	// Everything is live: hand over the old state, pin the new objects,
+	// drop what detached hooks left.
+	if retire != nil {
+		for _, st := range steps {
+			if st.old != nil {
+				retire(st.old)
+			}
+		}
+	}
 	var errs []error
 	for _, st := range steps {
 		dir := filepath.Join(s.Dir, st.u.dir())
@@ -111,16 +100,6 @@ func (s *Store) Swap(updates []Update) (err error) {
 				errs = append(errs, err)
 			}
 			continue
-		}
-		if st.snapC != nil {
-			if _, err := carry(st.old.Maps[CountersMap], st.u.Coll.Maps[CountersMap], st.u.Carry, st.snapC, addCounter); err != nil {
-				errs = append(errs, fmt.Errorf("%s: %w", st.u.HookID, err))
-			}
-		}
-		if st.snapM != nil {
-			if _, err := carry(st.old.Maps[RuleMTUMap], st.u.Coll.Maps[RuleMTUMap], st.u.Carry, st.snapM, addUint64); err != nil {
-				errs = append(errs, fmt.Errorf("%s: %w", st.u.HookID, err))
-			}
 		}
 		if err := pinReplace(st.u.Coll.Programs[ProgramName], filepath.Join(dir, "prog")); err != nil {
 			errs = append(errs, err)
