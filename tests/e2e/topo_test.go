@@ -1,0 +1,243 @@
+// Package e2e runs sfunnel's datapath end to end: real namespaces, real
+// interfaces, real kernel sockets, and checks of the bytes on the wire.
+package e2e
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/cilium/ebpf"
+	"github.com/gopacket/gopacket"
+	"github.com/gopacket/gopacket/layers"
+	"github.com/sfunnel/sfunnel/bpf"
+	"github.com/sfunnel/sfunnel/datapath"
+	"github.com/sfunnel/sfunnel/grammar"
+	"github.com/sfunnel/sfunnel/internal/testenv"
+	"github.com/sfunnel/sfunnel/ruleset"
+)
+
+// Addresses of the topology (sfunnel's own test topology):
+//
+//	client ns  c0 192.0.2.1 ── n0 192.0.2.254  NAT ns  n1 198.51.100.254 ── s0 198.51.100.2  server ns
+//
+// The client talks to a service address, 203.0.113.10, that the NAT hop
+// DNATs to the server; it also SNATs (masquerades) towards the server, as a
+// Kubernetes node does for a LoadBalancer service.
+var (
+	clientIP = netip.MustParseAddr("192.0.2.1")
+	vip      = netip.MustParseAddr("203.0.113.10")
+	natOutIP = netip.MustParseAddr("198.51.100.254")
+	serverIP = netip.MustParseAddr("198.51.100.2")
+)
+
+type topo struct {
+	c, n, s *testenv.NS
+	*dp
+}
+
+// dp is the datapath backend of a test, with its own bpffs root.
+type dp struct {
+	root string
+	be   *datapath.Backend
+}
+
+func newDP(t *testing.T) *dp {
+	testenv.RequireRoot(t)
+	d := &dp{root: filepath.Join("/sys/fs/bpf", fmt.Sprintf("sfunnel-e2e-%d-%s", os.Getpid(), strings.ReplaceAll(t.Name(), "/", "_")))}
+	t.Cleanup(func() { os.RemoveAll(d.root) })
+	d.be = datapath.New(datapath.Options{Root: d.root})
+	return d
+}
+
+func newTopo(t *testing.T) *topo {
+	testenv.RequireRoot(t)
+	testenv.RequireCommand(t, "nft")
+	tp := &topo{c: testenv.NewNS(t), n: testenv.NewNS(t), s: testenv.NewNS(t), dp: newDP(t)}
+	testenv.Veth(t, tp.c, "c0", "192.0.2.1/24", tp.n, "n0", "192.0.2.254/24")
+	testenv.Veth(t, tp.n, "n1", "198.51.100.254/24", tp.s, "s0", "198.51.100.2/24")
+	tp.c.Run(t, "ip", "route", "add", "default", "via", "192.0.2.254")
+	tp.s.Run(t, "ip", "route", "add", "default", "via", "198.51.100.254")
+	tp.n.Run(t, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+	nftScript(t, tp.n, `table ip nat {
+	chain pre { type nat hook prerouting priority dstnat; ip daddr 203.0.113.10 dnat to 198.51.100.2; }
+	chain post { type nat hook postrouting priority srcnat; oifname "n1" masquerade; }
+}`)
+	return tp
+}
+
+func nftScript(t *testing.T, ns *testenv.NS, script string) {
+	t.Helper()
+	cmd := ns.Command("nft", "-f", "-")
+	cmd.Stdin = strings.NewReader(script)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("nft: %v\n%s", err, out)
+	}
+}
+
+// offload turns transmit checksum offload (and with it TSO) on or off.
+func offload(t *testing.T, ns *testenv.NS, ifname string, on bool) {
+	t.Helper()
+	testenv.RequireCommand(t, "ethtool")
+	v := "off"
+	if on {
+		v = "on"
+	}
+	ns.Run(t, "ethtool", "-K", ifname, "tx", v)
+}
+
+// noGSO makes TCP hand the datapath one segment per skb: funnel headers
+// can't be pushed in front of GSO packets (see KERNEL-NOTES). TCP builds
+// GSO skbs whatever ethtool says; only gso_max_segs 1 stops it.
+func noGSO(t *testing.T, ns *testenv.NS, ifname string) {
+	t.Helper()
+	ns.Run(t, "ip", "link", "set", "dev", ifname, "gso_max_segs", "1")
+}
+
+// rules parses rule text, one rule per line, giving handles from first.
+func rules(t *testing.T, first uint64, text ...string) []*grammar.Rule {
+	t.Helper()
+	var rs []*grammar.Rule
+	for i, s := range text {
+		r, err := grammar.ParseRule("<test>", s, nil)
+		if err != nil {
+			t.Fatalf("rule %q: %v", s, err)
+		}
+		r.Handle = first + uint64(i)
+		rs = append(rs, r)
+	}
+	return rs
+}
+
+// commit makes a ruleset live in a namespace.
+func (tp *dp) commit(t *testing.T, ns *testenv.NS, rs *ruleset.Ruleset) {
+	t.Helper()
+	if err := ns.Do(func() error { return tp.be.Commit(rs) }); err != nil {
+		t.Fatalf("commit in %s: %v", ns.Name, err)
+	}
+}
+
+func (tp *dp) counters(t *testing.T, ns *testenv.NS) map[uint64]ruleset.Counter {
+	t.Helper()
+	var cs map[uint64]ruleset.Counter
+	if err := ns.Do(func() (err error) { cs, err = tp.be.Counters(); return err }); err != nil {
+		t.Fatal(err)
+	}
+	return cs
+}
+
+// progID returns the id of the program live on a hook.
+func (tp *dp) progID(t *testing.T, ns *testenv.NS, ifname string, hook grammar.Hook) ebpf.ProgramID {
+	t.Helper()
+	var id ebpf.ProgramID
+	err := ns.Do(func() error {
+		s, err := bpf.OpenExisting(bpf.Options{Root: tp.root})
+		if err != nil || s == nil {
+			return fmt.Errorf("no datapath state: %v", err)
+		}
+		l, err := s.Live(bpf.HookID{Ifname: ifname, Hook: hook})
+		if err != nil || l == nil {
+			return fmt.Errorf("%s %s not live: %v", ifname, hook, err)
+		}
+		defer l.Close()
+		info, err := l.Prog.Info()
+		if err != nil {
+			return err
+		}
+		id, _ = info.ID()
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return id
+}
+
+func iface(name string, ingress, egress []*grammar.Rule) *ruleset.Interface {
+	return &ruleset.Interface{Name: name, Ingress: ingress, Egress: egress}
+}
+
+func interfaceIndex(name string) (int, error) {
+	ifi, err := net.InterfaceByName(name)
+	if err != nil {
+		return 0, err
+	}
+	return ifi.Index, nil
+}
+
+// wire is a captured IPv4 packet.
+type wire struct {
+	ip    *layers.IPv4
+	l4    []byte // outer L4 header and payload
+	proto uint8
+}
+
+func parseWire(f frame) (*wire, error) {
+	p := gopacket.NewPacket(f.data, layers.LayerTypeEthernet, gopacket.Default)
+	ip, _ := p.Layer(layers.LayerTypeIPv4).(*layers.IPv4)
+	if ip == nil {
+		return nil, errors.New("not IPv4")
+	}
+	hdr := f.data[14 : 14+int(ip.IHL)*4]
+	if fold(csumAdd(0, hdr)) != 0xffff {
+		return nil, fmt.Errorf("IPv4 header checksum %#04x is wrong", ip.Checksum)
+	}
+	end := 14 + int(ip.Length)
+	if end > len(f.data) {
+		return nil, fmt.Errorf("IPv4 total length %d exceeds the frame (%d)", ip.Length, len(f.data)-14)
+	}
+	return &wire{ip: ip, l4: f.data[14+len(hdr) : end], proto: uint8(ip.Protocol)}, nil
+}
+
+func (w *wire) ports() (sport, dport uint16) {
+	if len(w.l4) < 4 {
+		return 0, 0
+	}
+	return uint16(w.l4[0])<<8 | uint16(w.l4[1]), uint16(w.l4[2])<<8 | uint16(w.l4[3])
+}
+
+// checkFunneled verifies a funneled packet on the wire: valid IPv4 header,
+// valid outer L4 checksum for the packet's addresses, and an inner L4
+// checksum that is valid address-neutrally (sfunnel's wire format: NAT on
+// the way needs no knowledge of the inner header).
+func (w *wire) checkFunneled(outer, inner uint8) error {
+	if w.proto != outer {
+		return fmt.Errorf("outer protocol %d, want %d", w.proto, outer)
+	}
+	if !l4Valid(w.ip.SrcIP.To4(), w.ip.DstIP.To4(), outer, w.l4) {
+		return fmt.Errorf("outer L4 checksum wrong (%v → %v)", w.ip.SrcIP, w.ip.DstIP)
+	}
+	return w.checkInner(outer, inner)
+}
+
+func outerCsumOffset(proto uint8) int {
+	if proto == 6 {
+		return 16
+	}
+	return 6
+}
+
+// checkInner verifies the inner header of a funneled packet: its length
+// and its address-neutral checksum.
+func (w *wire) checkInner(outer, inner uint8) error {
+	hl := 8
+	if outer == 6 {
+		hl = int(w.l4[12]>>4) * 4
+	}
+	if hl > len(w.l4) {
+		return fmt.Errorf("outer header longer than the packet")
+	}
+	in := w.l4[hl:]
+	if inner == 17 && len(in) >= 8 && int(uint16(in[4])<<8|uint16(in[5])) != len(in) {
+		return fmt.Errorf("inner UDP length %d, %d bytes follow", uint16(in[4])<<8|uint16(in[5]), len(in))
+	}
+	if !l4Valid([]byte{0, 0, 0, 0}, []byte{0, 0, 0, 0}, inner, in) {
+		return fmt.Errorf("inner L4 checksum not address-neutral-valid")
+	}
+	return nil
+}
