@@ -357,6 +357,7 @@ func TestSetElementsLive(t *testing.T) {
 
 // The nftables table exists exactly while a rule uses ct mark.
 func TestCtMarkTableFollowsRules(t *testing.T) {
+	testenv.RequireCommand(t, "nft")
 	e := newEnv(t, Options{})
 	ct, err := grammar.ParseRule("<test>", "udp dport 4739 ct mark set 1 counter", nil)
 	if err != nil {
@@ -384,6 +385,7 @@ func TestCtMarkTableFollowsRules(t *testing.T) {
 
 // The clsact fallback gives the same behaviour, and a fresh process sees it.
 func TestClsactFallback(t *testing.T) {
+	testenv.RequireCommand(t, "tc")
 	e := newEnv(t, Options{ForceClsact: true})
 	rs := &ruleset.Ruleset{NextHandle: 3, Interfaces: []*ruleset.Interface{{Name: "vb",
 		Ingress: []*grammar.Rule{udpRule(1, 5000, grammar.ActDrop), udpRule(2, 4739, grammar.ActAccept)}}}}
@@ -406,5 +408,35 @@ func TestClsactFallback(t *testing.T) {
 	e.commit(t, &ruleset.Ruleset{NextHandle: 3})
 	if out := e.b.Run(t, "tc", "filter", "show", "dev", "vb", "ingress"); strings.Contains(out, "direct-action") {
 		t.Errorf("cls_bpf filter left after flush:\n%s", out)
+	}
+}
+
+// Status shows the live hooks and the datapath's events: a funnel that
+// would exceed the egress MTU is counted for its rule.
+func TestStatusCountsMTUExceeded(t *testing.T) {
+	e := newEnv(t, Options{})
+	r, err := grammar.ParseRule("<test>", "udp dport 4739 counter actions funnel tcp dport 179 sport 540", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.Handle = 7
+	e.commit(t, &ruleset.Ruleset{NextHandle: 8, Interfaces: []*ruleset.Interface{{Name: "vb", Egress: []*grammar.Rule{r}}}})
+	e.do(t, func() error {
+		c, err := net.DialUDP("udp4", nil, &net.UDPAddr{IP: net.IPv4(192, 0, 2, 1), Port: 4739})
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		c.Write(make([]byte, 100))
+		_, err = c.Write(make([]byte, 1472)) // a full 1500-byte packet before funneling
+		return err
+	})
+	var st []HookStatus
+	e.do(t, func() (err error) { st, err = e.be.Status(); return err })
+	if len(st) != 1 || st[0].Ifname != "vb" || st[0].Hook != grammar.HookEgress || st[0].Mode != bpf.ModeTCX || st[0].ProgID == 0 {
+		t.Fatalf("status %+v, want vb egress attached with tcx", st)
+	}
+	if st[0].MTUExceeded[7] != 1 || st[0].Stats["mtu-exceeded"] != 1 {
+		t.Errorf("status %+v: want one MTU overrun, for rule 7", st[0])
 	}
 }
