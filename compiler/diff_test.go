@@ -584,3 +584,5 @@ func hasUnfunnel(r *grammar.Rule) bool {
 	}
 	return false
 }
+
+func newRand(seed uint64) *rand.Rand { return rand.New(rand.NewPCG(seed, 1)) }
