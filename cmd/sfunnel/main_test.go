@@ -22,11 +22,16 @@ func TestMain(m *testing.M) {
 // TestScripts runs the CLI scripts in testdata/script. They use the state
 // file backend (SFUNNEL_STATE), so they need neither root nor the datapath.
 func TestScripts(t *testing.T) {
+	src, err := filepath.Abs(filepath.Join("..", ".."))
+	if err != nil {
+		t.Fatal(err)
+	}
 	testscript.Run(t, testscript.Params{
 		Dir:                 filepath.Join("testdata", "script"),
 		RequireExplicitExec: true,
 		Setup: func(env *testscript.Env) error {
 			env.Setenv("SFUNNEL_STATE", filepath.Join(env.WorkDir, "state"))
+			env.Setenv("SFUNNEL_SRC", src) // the repository, for contrib/ and man/
 			return nil
 		},
 		Cmds: map[string]func(ts *testscript.TestScript, neg bool, args []string){
