@@ -10,6 +10,7 @@ package datapath
 import (
 	"errors"
 	"fmt"
+	"strings"
 
 	"github.com/sfunnel/sfunnel/bpf"
 	"github.com/sfunnel/sfunnel/compiler"
@@ -73,7 +74,13 @@ type HookError struct {
 	Err  error
 }
 
-func (e *HookError) Error() string { return fmt.Sprintf("%s: %v", e.Hook, e.Err) }
+func (e *HookError) Error() string {
+	msg := e.Err.Error()
+	if strings.Contains(msg, e.Hook.String()) {
+		return msg // verifier and load errors name the hook already
+	}
+	return fmt.Sprintf("%s: %s", e.Hook, msg)
+}
 func (e *HookError) Unwrap() error { return e.Err }
 
 func (b *Backend) store() (*bpf.Store, error) {

@@ -10,6 +10,7 @@ import (
 	"golang.org/x/sys/unix"
 	"io"
 	"net"
+	"net/netip"
 	"syscall"
 	"testing"
 	"time"
@@ -18,8 +19,16 @@ import (
 )
 
 // Sizes of the datagrams sent: the first 8 bytes carry the sequence number;
-// 1452 fills a 1500-byte packet once funneled over TCP.
+// 1452 fills a 1500-byte IPv4 packet once funneled over TCP (IPv6: 20 less).
 var udpSizes = []int{8, 9, 64, 333, 1000, 1451, 1452}
+
+func sizeFor(a netip.Addr, seq int) int {
+	n := udpSizes[seq%len(udpSizes)]
+	if a.Is6() && n > 1400 {
+		n -= 20
+	}
+	return n
+}
 
 func datagram(seq, size int) []byte {
 	b := make([]byte, size)
@@ -41,14 +50,24 @@ func onOff(on bool) string {
 // UDP, through SNAT+DNAT, delivered intact; the wire bytes on both sides of
 // the NAT hop are funneled and their checksums correct.
 func TestUDPFunnelThroughNAT(t *testing.T) {
-	for _, over := range []string{"tcp", "udp"} {
-		for _, on := range []bool{true, false} {
-			t.Run("over-"+over+"/"+onOff(on), func(t *testing.T) { testUDPFunnel(t, over, on) })
+	for _, fam := range families {
+		for _, over := range []string{"tcp", "udp"} {
+			for _, on := range []bool{true, false} {
+				t.Run(fam.name+"/over-"+over+"/"+onOff(on), func(t *testing.T) { testUDPFunnel(t, fam, over, on) })
+			}
 		}
 	}
 }
 
-func testUDPFunnel(t *testing.T, over string, on bool) {
+// ipKeyword is the rule language's family keyword for an address.
+func ipKeyword(a netip.Addr) string {
+	if a.Is4() {
+		return "ip"
+	}
+	return "ip6"
+}
+
+func testUDPFunnel(t *testing.T, fam family, over string, on bool) {
 	tp := newTopo(t)
 	offload(t, tp.c, "c0", on)
 	funnel, match, outer := "funnel tcp dport 179 sport 540", "tcp dport 179 sport 540", uint8(6)
@@ -56,7 +75,7 @@ func testUDPFunnel(t *testing.T, over string, on bool) {
 		funnel, match, outer = "funnel udp dport 4000 sport 4000", "udp dport 4000 sport 4000", 17
 	}
 	tp.commit(t, tp.c, &ruleset.Ruleset{NextHandle: 2, Interfaces: []*ruleset.Interface{
-		iface("c0", nil, rules(t, 1, "ip daddr 203.0.113.10 udp dport 4739 counter actions "+funnel)),
+		iface("c0", nil, rules(t, 1, ipKeyword(fam.vip)+" daddr "+fam.vip.String()+" udp dport 4739 counter actions "+funnel)),
 	}})
 	tp.commit(t, tp.s, &ruleset.Ruleset{NextHandle: 2, Interfaces: []*ruleset.Interface{
 		iface("s0", rules(t, 1, match+" counter actions unfunnel udp"), nil),
@@ -66,19 +85,19 @@ func testUDPFunnel(t *testing.T, over string, on bool) {
 
 	var srv, cl *net.UDPConn
 	must(t, tp.s.Do(func() (err error) {
-		srv, err = net.ListenUDP("udp4", &net.UDPAddr{IP: serverIP.AsSlice(), Port: 4739})
+		srv, err = net.ListenUDP("udp", &net.UDPAddr{IP: fam.server.AsSlice(), Port: 4739})
 		return err
 	}))
 	defer srv.Close()
 	must(t, tp.c.Do(func() (err error) {
-		cl, err = net.DialUDP("udp4", nil, &net.UDPAddr{IP: vip.AsSlice(), Port: 4739})
+		cl, err = net.DialUDP("udp", nil, &net.UDPAddr{IP: fam.vip.AsSlice(), Port: 4739})
 		return err
 	}))
 	defer cl.Close()
 
 	const n = 70
 	for i := 0; i < n; i++ {
-		if _, err := cl.Write(datagram(i, udpSizes[i%len(udpSizes)])); err != nil {
+		if _, err := cl.Write(datagram(i, sizeFor(fam.vip, i))); err != nil {
 			t.Fatal(err)
 		}
 		if i%10 == 9 {
@@ -93,11 +112,11 @@ func testUDPFunnel(t *testing.T, over string, on bool) {
 		if err != nil {
 			break
 		}
-		if !from.IP.Equal(natOutIP.AsSlice()) {
-			t.Errorf("datagram from %v, want the NAT address %v", from.IP, natOutIP)
+		if !from.IP.Equal(fam.natOut.AsSlice()) {
+			t.Errorf("datagram from %v, want the NAT address %v", from.IP, fam.natOut)
 		}
 		seq := int(binary.BigEndian.Uint64(buf))
-		if m < 8 || seq >= n || !bytes.Equal(buf[:m], datagram(seq, udpSizes[seq%len(udpSizes)])) {
+		if m < 8 || seq >= n || !bytes.Equal(buf[:m], datagram(seq, sizeFor(fam.vip, seq))) {
 			t.Errorf("datagram %d (%d bytes) corrupted", seq, m)
 			continue
 		}
@@ -111,21 +130,21 @@ func testUDPFunnel(t *testing.T, over string, on bool) {
 	for _, side := range []struct {
 		name     string
 		cap      *capture
-		src, dst net.IP
+		src, dst netip.Addr
 	}{
-		{"client side", capN, clientIP.AsSlice(), vip.AsSlice()},
-		{"server side", capS, natOutIP.AsSlice(), serverIP.AsSlice()},
+		{"client side", capN, fam.client, fam.vip},
+		{"server side", capS, fam.natOut, fam.server},
 	} {
 		funneled, partialAfterNAT := 0, 0
 		for _, f := range side.cap.stop() {
 			w, err := parseWire(f)
 			if err != nil {
-				if err.Error() != "not IPv4" {
+				if err != errNotIP {
 					t.Errorf("%s: %v", side.name, err)
 				}
 				continue
 			}
-			if !w.ip.SrcIP.Equal(side.src) || !w.ip.DstIP.Equal(side.dst) {
+			if w.src != side.src || w.dst != side.dst {
 				continue
 			}
 			sport, dport := w.ports()
@@ -173,14 +192,16 @@ func testUDPFunnel(t *testing.T, over string, on bool) {
 // TCP funneled over UDP and over TCP, both directions (the replies too),
 // through the NAT hop: a real connection transfers data both ways intact.
 func TestTCPFunnelThroughNAT(t *testing.T) {
-	for _, over := range []string{"udp", "tcp"} {
-		for _, on := range []bool{true, false} {
-			t.Run("over-"+over+"/"+onOff(on), func(t *testing.T) { testTCPFunnel(t, over, on) })
+	for _, fam := range families {
+		for _, over := range []string{"udp", "tcp"} {
+			for _, on := range []bool{true, false} {
+				t.Run(fam.name+"/over-"+over+"/"+onOff(on), func(t *testing.T) { testTCPFunnel(t, fam, over, on) })
+			}
 		}
 	}
 }
 
-func testTCPFunnel(t *testing.T, over string, on bool) {
+func testTCPFunnel(t *testing.T, fam family, over string, on bool) {
 	tp := newTopo(t)
 	offload(t, tp.c, "c0", on)
 	offload(t, tp.s, "s0", on)
@@ -197,7 +218,7 @@ func testTCPFunnel(t *testing.T, over string, on bool) {
 	}
 	tp.commit(t, tp.c, &ruleset.Ruleset{NextHandle: 3, Interfaces: []*ruleset.Interface{
 		iface("c0", rules(t, 1, cm+" counter actions unfunnel tcp"),
-			rules(t, 2, "ip daddr 203.0.113.10 tcp dport 8080 counter actions "+cf)),
+			rules(t, 2, ipKeyword(fam.vip)+" daddr "+fam.vip.String()+" tcp dport 8080 counter actions "+cf)),
 	}})
 	tp.commit(t, tp.s, &ruleset.Ruleset{NextHandle: 3, Interfaces: []*ruleset.Interface{
 		iface("s0", rules(t, 1, sm+" counter actions unfunnel tcp"),
@@ -208,7 +229,7 @@ func testTCPFunnel(t *testing.T, over string, on bool) {
 
 	var ln net.Listener
 	must(t, tp.s.Do(func() (err error) {
-		ln, err = smallMSS.Listen(context.Background(), "tcp4", net.JoinHostPort(serverIP.String(), "8080"))
+		ln, err = smallMSS.Listen(context.Background(), "tcp", net.JoinHostPort(fam.server.String(), "8080"))
 		return err
 	}))
 	defer ln.Close()
@@ -223,7 +244,7 @@ func testTCPFunnel(t *testing.T, over string, on bool) {
 	var conn net.Conn
 	must(t, tp.c.Do(func() (err error) {
 		d := net.Dialer{Timeout: 5 * time.Second, Control: smallMSS.Control}
-		conn, err = d.Dial("tcp4", net.JoinHostPort(vip.String(), "8080"))
+		conn, err = d.Dial("tcp", net.JoinHostPort(fam.vip.String(), "8080"))
 		return err
 	}))
 	defer conn.Close()
@@ -250,10 +271,13 @@ func testTCPFunnel(t *testing.T, over string, on bool) {
 		for _, f := range side.cap.stop() {
 			w, err := parseWire(f)
 			if err != nil {
-				if err.Error() != "not IPv4" {
+				if err != errNotIP {
 					t.Errorf("%s: %v", side.name, err)
 				}
 				continue
+			}
+			if w.proto != 6 && w.proto != 17 {
+				continue // ICMPv6 neighbour discovery, ...
 			}
 			if w.proto == 6 && over == "udp" {
 				t.Errorf("%s: un-funneled TCP on the wire", side.name)

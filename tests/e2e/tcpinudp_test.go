@@ -107,7 +107,7 @@ func testTCPInUDP(t *testing.T, on bool) {
 			if err != nil {
 				continue
 			}
-			if a, _ := netip.AddrFromSlice(w.ip.SrcIP.To4()); a != side.from {
+			if w.src != side.from {
 				continue
 			}
 			if w.proto == 6 {
@@ -116,7 +116,7 @@ func testTCPInUDP(t *testing.T, on bool) {
 				}
 				continue
 			}
-			if !l4Valid(w.ip.SrcIP.To4(), w.ip.DstIP.To4(), 17, w.l4) {
+			if !l4Valid(w.src.AsSlice(), w.dst.AsSlice(), 17, w.l4) {
 				if bad++; bad <= 3 {
 					t.Errorf("%s: %d-byte datagram with a wrong UDP checksum", side.name, len(w.l4))
 				}

@@ -34,7 +34,24 @@ var (
 	vip      = netip.MustParseAddr("203.0.113.10")
 	natOutIP = netip.MustParseAddr("198.51.100.254")
 	serverIP = netip.MustParseAddr("198.51.100.2")
+
+	// The same in IPv6 (NAT66 in the middle, as nft does it).
+	clientIP6 = netip.MustParseAddr("2001:db8:1::1")
+	vip6      = netip.MustParseAddr("2001:db8:ff::10")
+	natOutIP6 = netip.MustParseAddr("2001:db8:2::fe")
+	serverIP6 = netip.MustParseAddr("2001:db8:2::2")
 )
+
+// family holds the addresses of the topology in one IP version.
+type family struct {
+	name                        string
+	client, vip, natOut, server netip.Addr
+}
+
+var families = []family{
+	{"ipv4", clientIP, vip, natOutIP, serverIP},
+	{"ipv6", clientIP6, vip6, natOutIP6, serverIP6},
+}
 
 type topo struct {
 	c, n, s *testenv.NS
@@ -61,11 +78,23 @@ func newTopo(t *testing.T) *topo {
 	tp := &topo{c: testenv.NewNS(t), n: testenv.NewNS(t), s: testenv.NewNS(t), dp: newDP(t)}
 	testenv.Veth(t, tp.c, "c0", "192.0.2.1/24", tp.n, "n0", "192.0.2.254/24")
 	testenv.Veth(t, tp.n, "n1", "198.51.100.254/24", tp.s, "s0", "198.51.100.2/24")
+	for _, a := range []struct {
+		ns       *testenv.NS
+		dev, adr string
+	}{{tp.c, "c0", "2001:db8:1::1/64"}, {tp.n, "n0", "2001:db8:1::fe/64"}, {tp.n, "n1", "2001:db8:2::fe/64"}, {tp.s, "s0", "2001:db8:2::2/64"}} {
+		a.ns.Run(t, "ip", "-6", "addr", "add", a.adr, "dev", a.dev, "nodad")
+	}
 	tp.c.Run(t, "ip", "route", "add", "default", "via", "192.0.2.254")
 	tp.s.Run(t, "ip", "route", "add", "default", "via", "198.51.100.254")
-	tp.n.Run(t, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+	tp.c.Run(t, "ip", "-6", "route", "add", "default", "via", "2001:db8:1::fe")
+	tp.s.Run(t, "ip", "-6", "route", "add", "default", "via", "2001:db8:2::fe")
+	tp.n.Run(t, "sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1")
 	nftScript(t, tp.n, `table ip nat {
 	chain pre { type nat hook prerouting priority dstnat; ip daddr 203.0.113.10 dnat to 198.51.100.2; }
+	chain post { type nat hook postrouting priority srcnat; oifname "n1" masquerade; }
+}
+table ip6 nat {
+	chain pre { type nat hook prerouting priority dstnat; ip6 daddr 2001:db8:ff::10 dnat to 2001:db8:2::2; }
 	chain post { type nat hook postrouting priority srcnat; oifname "n1" masquerade; }
 }`)
 	return tp
@@ -170,28 +199,41 @@ func interfaceIndex(name string) (int, error) {
 	return ifi.Index, nil
 }
 
-// wire is a captured IPv4 packet.
+// wire is a captured IP packet.
 type wire struct {
-	ip    *layers.IPv4
-	l4    []byte // outer L4 header and payload
-	proto uint8
+	src, dst netip.Addr
+	proto    uint8
+	l4       []byte // L4 header and payload
 }
+
+var errNotIP = errors.New("not IP")
 
 func parseWire(f frame) (*wire, error) {
 	p := gopacket.NewPacket(f.data, layers.LayerTypeEthernet, gopacket.Default)
-	ip, _ := p.Layer(layers.LayerTypeIPv4).(*layers.IPv4)
-	if ip == nil {
-		return nil, errors.New("not IPv4")
+	if ip, _ := p.Layer(layers.LayerTypeIPv4).(*layers.IPv4); ip != nil {
+		hdr := f.data[14 : 14+int(ip.IHL)*4]
+		if fold(csumAdd(0, hdr)) != 0xffff {
+			return nil, fmt.Errorf("IPv4 header checksum %#04x is wrong", ip.Checksum)
+		}
+		end := 14 + int(ip.Length)
+		if end > len(f.data) {
+			return nil, fmt.Errorf("IPv4 total length %d exceeds the frame (%d)", ip.Length, len(f.data)-14)
+		}
+		src, _ := netip.AddrFromSlice(ip.SrcIP.To4())
+		dst, _ := netip.AddrFromSlice(ip.DstIP.To4())
+		return &wire{src: src, dst: dst, proto: uint8(ip.Protocol), l4: f.data[14+len(hdr) : end]}, nil
 	}
-	hdr := f.data[14 : 14+int(ip.IHL)*4]
-	if fold(csumAdd(0, hdr)) != 0xffff {
-		return nil, fmt.Errorf("IPv4 header checksum %#04x is wrong", ip.Checksum)
+	if ip, _ := p.Layer(layers.LayerTypeIPv6).(*layers.IPv6); ip != nil {
+		end := 14 + 40 + int(ip.Length)
+		if end > len(f.data) {
+			return nil, fmt.Errorf("IPv6 payload length %d exceeds the frame (%d)", ip.Length, len(f.data)-54)
+		}
+		src, _ := netip.AddrFromSlice(ip.SrcIP)
+		dst, _ := netip.AddrFromSlice(ip.DstIP)
+		// The tests send no extension headers: the L4 header follows.
+		return &wire{src: src, dst: dst, proto: uint8(ip.NextHeader), l4: f.data[54:end]}, nil
 	}
-	end := 14 + int(ip.Length)
-	if end > len(f.data) {
-		return nil, fmt.Errorf("IPv4 total length %d exceeds the frame (%d)", ip.Length, len(f.data)-14)
-	}
-	return &wire{ip: ip, l4: f.data[14+len(hdr) : end], proto: uint8(ip.Protocol)}, nil
+	return nil, errNotIP
 }
 
 func (w *wire) ports() (sport, dport uint16) {
@@ -209,8 +251,8 @@ func (w *wire) checkFunneled(outer, inner uint8) error {
 	if w.proto != outer {
 		return fmt.Errorf("outer protocol %d, want %d", w.proto, outer)
 	}
-	if !l4Valid(w.ip.SrcIP.To4(), w.ip.DstIP.To4(), outer, w.l4) {
-		return fmt.Errorf("outer L4 checksum wrong (%v → %v)", w.ip.SrcIP, w.ip.DstIP)
+	if !l4Valid(w.src.AsSlice(), w.dst.AsSlice(), outer, w.l4) {
+		return fmt.Errorf("outer L4 checksum wrong (%v → %v)", w.src, w.dst)
 	}
 	return w.checkInner(outer, inner)
 }
@@ -236,7 +278,7 @@ func (w *wire) checkInner(outer, inner uint8) error {
 	if inner == 17 && len(in) >= 8 && int(uint16(in[4])<<8|uint16(in[5])) != len(in) {
 		return fmt.Errorf("inner UDP length %d, %d bytes follow", uint16(in[4])<<8|uint16(in[5]), len(in))
 	}
-	if !l4Valid([]byte{0, 0, 0, 0}, []byte{0, 0, 0, 0}, inner, in) {
+	if !l4Valid(nil, nil, inner, in) {
 		return fmt.Errorf("inner L4 checksum not address-neutral-valid")
 	}
 	return nil
