@@ -452,8 +452,22 @@ func ruleCandidates(words []string) []string {
 	case "comment", "saddr", "daddr", "sport", "dport", "seq", "ack", "window", "to", "set":
 		return nil // a value follows
 	}
-	if slices.Contains(words, "actions") {
-		return append(append(slices.Clone(actionWords), funnelFields...), "comment")
+	if last == "actions" {
+		return actionWords
+	}
+	if at := slices.Index(words, "actions"); at >= 0 {
+		// After an action: another one, the comment, or the fields of a
+		// funnel being written.
+		next := append(slices.Clone(actionWords), "comment")
+		for _, w := range slices.Backward(words[at+1:]) {
+			if slices.Contains(actionWords, w) {
+				if w == "funnel" {
+					next = append(next, funnelFields...)
+				}
+				break
+			}
+		}
+		return next
 	}
 	return matchWords
 }
