@@ -195,6 +195,14 @@ func (e *ipCarry) udpToTun() error {
 
 func (e *ipCarry) startTCP() error {
 	d := e.d
+	d.onClose(closerFunc(func() error {
+		for _, sc := range []*streamConn{e.clientConn.Load(), e.serverConn.Load()} {
+			if sc != nil {
+				sc.c.Close()
+			}
+		}
+		return nil
+	}))
 	if e.server {
 		ln, err := d.listenTCP()
 		if err != nil {
