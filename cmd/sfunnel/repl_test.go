@@ -126,6 +126,7 @@ func (tm *terminal) wait() int {
 const (
 	enter = "\r"
 	tab   = "\t"
+	ctrlC = "\x03"
 	ctrlD = "\x04"
 	ctrlU = "\x15"
 	up    = "\x1b[A"
@@ -176,6 +177,12 @@ func TestREPL(t *testing.T) {
 	tm.send("actions unfunnel udp" + enter)
 	tm.expect(`\nsfunnel> $`)
 
+	// Ctrl-C abandons the whole command being typed, continued or not.
+	tm.send(`add rule lo egress udp dport 7 \` + enter)
+	tm.expect(`\n\.\.\.\. $`)
+	tm.send("actions drop" + ctrlC)
+	tm.expect(`\^C\nsfunnel> $`)
+
 	// The same command twice in a row is one history entry.
 	tm.send("list ruleset" + enter)
 	got = tm.expect(`\nsfunnel> $`)
@@ -190,6 +197,19 @@ func TestREPL(t *testing.T) {
 	tm.send(ctrlD)
 	if code := tm.wait(); code != 0 {
 		t.Fatalf("Ctrl-D: exit code %d, want 0", code)
+	}
+
+	// The good commands were applied, the bad and the abandoned ones not.
+	var out, errOut bytes.Buffer
+	if code := Main([]string{"--state", state, "-a", "list", "ruleset"}, strings.NewReader(""), &out, &errOut); code != 0 {
+		t.Fatalf("list ruleset after the session: %d %s", code, errOut.String())
+	}
+	wantList := "interface lo {\n" +
+		"\tingress {\n\t\ttcp dport 179 sport 540 actions unfunnel udp # handle 2\n\t}\n" +
+		"\tegress {\n\t\tip udp dport 4739 actions funnel tcp dport 179 sport 540 # handle 1\n\t}\n" +
+		"}\n"
+	if out.String() != wantList {
+		t.Errorf("ruleset after the session:\n%s\nwant:\n%s", out.String(), wantList)
 	}
 
 	hist := filepath.Join(home, ".sfunnel_history")
