@@ -1,11 +1,12 @@
 package main
 
 import (
-	"fmt"
 	"io"
+
+	"github.com/sfunnel/sfunnel/tunnel"
 )
 
+// runTunnel hands `sfunnel tunnel …` to the tunnel package.
 func runTunnel(args []string, stdout, stderr io.Writer) int {
-	fmt.Fprintln(stderr, "Error: sfunnel tunnel is not built in yet")
-	return exitError
+	return tunnel.Main(args, stdout, stderr)
 }
