@@ -6,9 +6,12 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"testing"
 
 	"github.com/rogpeppe/go-internal/testscript"
+
+	"github.com/sfunnel/sfunnel/internal/testenv"
 )
 
 // TestMain lets the test binary act as the sfunnel command in scripts (and
@@ -64,5 +67,39 @@ func cmdExitCode(ts *testscript.TestScript, neg bool, args []string) {
 	}
 	if got != want {
 		ts.Fatalf("%s exited with status %d, want %d", args[1], got, want)
+	}
+}
+
+// TestNetnsOption checks that --netns operates inside the named namespace:
+// a rule for an interface that exists only there is accepted with --netns
+// and refused without it.
+func TestNetnsOption(t *testing.T) {
+	ns := testenv.NewNS(t)
+	ifc := "sx" + strings.TrimPrefix(ns.Name, "sft-")
+	ns.Run(t, "ip", "link", "add", ifc, "type", "veth", "peer", "name", "sy"+ifc[2:])
+	state := filepath.Join(t.TempDir(), "state")
+	sfunnel := func(args ...string) (string, int) {
+		t.Helper()
+		cmd := exec.Command("sfunnel", append([]string{"--state", state}, args...)...)
+		cmd.Env = append(os.Environ(), "SFUNNEL_STATE=")
+		out, err := cmd.CombinedOutput()
+		var ee *exec.ExitError
+		if err != nil && !errors.As(err, &ee) {
+			t.Fatalf("sfunnel %v: %v", args, err)
+		}
+		return string(out), cmd.ProcessState.ExitCode()
+	}
+	rule := []string{"add", "rule", ifc, "egress", "udp", "dport", "4739", "actions", "funnel", "tcp", "dport", "179", "sport", "540"}
+	if out, code := sfunnel(rule...); code != exitError || !strings.Contains(out, "unknown interface "+ifc) {
+		t.Errorf("outside the namespace: status %d, output %q; want 1 and unknown interface", code, out)
+	}
+	if out, code := sfunnel(append([]string{"--netns", ns.Name}, rule...)...); code != exitOK {
+		t.Errorf("with --netns %s: status %d, output %q", ns.Name, code, out)
+	}
+	if out, code := sfunnel("--netns", ns.Name, "list", "interface", ifc); code != exitOK || !strings.Contains(out, "udp dport 4739") {
+		t.Errorf("list with --netns: status %d, output %q", code, out)
+	}
+	if out, code := sfunnel("--netns", "sfx-no-such-ns", "list", "ruleset"); code != exitError || !strings.Contains(out, `network namespace "sfx-no-such-ns"`) {
+		t.Errorf("missing namespace: status %d, output %q; want 1", code, out)
 	}
 }
