@@ -104,23 +104,17 @@ func (e *ipCarry) udpPeer(pkt []byte) (netip.AddrPort, bool) {
 
 func (e *ipCarry) tunToUDP() error {
 	d := e.d
-	n := d.cfg.Batch
-	bufs := make([][]byte, n)
-	for i := range bufs {
-		bufs[i] = make([]byte, maxPacket)
-	}
-	sizes := make([]int, n)
-	out := udpsock.NewBatch(n, 0, 0)
+	r := d.dev.NewReader(d.cfg.Batch, 0, d.cfg.MTU)
+	out := udpsock.NewBatch(r.MaxPackets(), 0, 0)
 	for {
-		got, err := d.dev.ReadBatch(bufs, 0, sizes)
+		pkts, err := r.Read()
 		if err != nil {
 			return err
 		}
 		now := time.Now().UnixNano()
 		m := 0
-		for i := 0; i < got; i++ {
+		for _, pkt := range pkts {
 			d.stats.TunRx.Add(1)
-			pkt := bufs[i][:sizes[i]]
 			if codec.Version(pkt) == 0 {
 				d.stats.drop(codec.DropMalformed)
 				continue
@@ -149,6 +143,7 @@ func (e *ipCarry) tunToUDP() error {
 func (e *ipCarry) udpToTun() error {
 	d := e.d
 	in := udpsock.NewBatch(d.cfg.Batch, maxPacket, 0)
+	w := d.dev.NewWriter()
 	for {
 		got, err := e.sock.ReadBatch(in)
 		if err != nil {
@@ -184,11 +179,14 @@ func (e *ipCarry) udpToTun() error {
 					e.lastPeer.Store(&peer) // allocates only when the peer changes
 				}
 			}
-			if err := d.dev.Write(pkt); err != nil {
+			if err := w.Write(pkt, false); err != nil {
 				d.stats.drop(codec.DropMalformed)
 				continue
 			}
 			d.stats.TunTx.Add(1)
+		}
+		if err := w.Flush(); err != nil {
+			d.stats.drop(codec.DropMalformed)
 		}
 	}
 }
@@ -326,7 +324,13 @@ func (e *ipCarry) connectLoop() error {
 func (e *ipCarry) readFrames(sc *streamConn) error {
 	d := e.d
 	fr := codec.NewFrameReader(sc.c, e.maxFrame)
+	w := d.dev.NewWriter()
+	defer w.Flush()
 	for {
+		if !fr.Buffered() {
+			// About to wait on the socket: hand over what was merged.
+			w.Flush()
+		}
 		pkt, err := fr.Next()
 		if err != nil {
 			if errors.Is(err, codec.ErrBadFrame) {
@@ -342,7 +346,7 @@ func (e *ipCarry) readFrames(sc *streamConn) error {
 			d.stats.drop(codec.DropMalformed)
 			continue
 		}
-		if err := d.dev.Write(pkt); err != nil {
+		if err := w.Write(pkt, false); err != nil {
 			d.stats.drop(codec.DropMalformed)
 			continue
 		}
@@ -352,16 +356,11 @@ func (e *ipCarry) readFrames(sc *streamConn) error {
 
 func (e *ipCarry) tunToTCP() error {
 	d := e.d
-	n := d.cfg.Batch
-	bufs := make([][]byte, n)
-	for i := range bufs {
-		bufs[i] = make([]byte, codec.FrameHeaderLen+maxPacket)
-	}
-	sizes := make([]int, n)
-	frames := make([][]byte, n)
+	r := d.dev.NewReader(d.cfg.Batch, codec.FrameHeaderLen, d.cfg.MTU)
+	frames := make([][]byte, r.MaxPackets())
 	var wb net.Buffers
 	for {
-		got, err := d.dev.ReadBatch(bufs, codec.FrameHeaderLen, sizes)
+		pkts, err := r.Read()
 		if err != nil {
 			return err
 		}
@@ -370,9 +369,9 @@ func (e *ipCarry) tunToTCP() error {
 			sc = e.serverConn.Load()
 		}
 		m := 0
-		for i := 0; i < got; i++ {
+		for i, pkt := range pkts {
 			d.stats.TunRx.Add(1)
-			if sizes[i] > e.maxFrame || codec.Version(bufs[i][codec.FrameHeaderLen:codec.FrameHeaderLen+sizes[i]]) == 0 {
+			if len(pkt) > e.maxFrame || codec.Version(pkt) == 0 {
 				d.stats.drop(codec.DropMalformed)
 				continue
 			}
@@ -380,8 +379,10 @@ func (e *ipCarry) tunToTCP() error {
 				d.stats.drop(codec.DropNoPeer)
 				continue
 			}
-			codec.PutFrameHeader(bufs[i], sizes[i])
-			frames[m] = bufs[i][:codec.FrameHeaderLen+sizes[i]]
+			// The reader left room for the length in front of the packet.
+			f := r.WithHeadroom(i)
+			codec.PutFrameHeader(f, len(pkt))
+			frames[m] = f
 			m++
 		}
 		if m == 0 {

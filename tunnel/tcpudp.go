@@ -59,23 +59,18 @@ func (e *tcpUDP) sendHeld(peer netip.AddrPort, seg []byte) {
 
 func (e *tcpUDP) tunToNet() error {
 	d := e.d
-	n := d.cfg.Batch
-	bufs := make([][]byte, n)
-	for i := range bufs {
-		bufs[i] = make([]byte, maxPacket)
-	}
-	sizes := make([]int, n)
-	out := udpsock.NewBatch(n, 0, 0)
+	r := d.dev.NewReader(d.cfg.Batch, 0, d.cfg.MTU)
+	out := udpsock.NewBatch(r.MaxPackets(), 0, 0)
 	for {
-		got, err := d.dev.ReadBatch(bufs, 0, sizes)
+		pkts, err := r.Read()
 		if err != nil {
 			return err
 		}
 		now := time.Now().UnixNano()
 		m := 0
-		for i := 0; i < got; i++ {
+		for _, pkt := range pkts {
 			d.stats.TunRx.Add(1)
-			seg, _, dst, why := codec.StripIP(bufs[i][:sizes[i]])
+			seg, _, dst, why := codec.StripIP(pkt)
 			if why != codec.DropNone {
 				d.stats.drop(why)
 				continue
@@ -113,6 +108,11 @@ func (e *tcpUDP) tunToNet() error {
 func (e *tcpUDP) netToTun() error {
 	d := e.d
 	in := udpsock.NewBatch(d.cfg.Batch, codec.Headroom+maxPacket, codec.Headroom)
+	w := d.dev.NewWriter()
+	wrap := codec.WrapTCP
+	if d.dev.Offload() {
+		wrap = codec.WrapTCPPartial
+	}
 	for {
 		got, err := e.sock.ReadBatch(in)
 		if err != nil {
@@ -144,17 +144,20 @@ func (e *tcpUDP) netToTun() error {
 				d.stats.drop(codec.DropTooBig)
 				continue
 			}
-			pkt, why := codec.WrapTCP(in.Bufs[i], in.Off, in.Sizes[i], src, dst)
+			pkt, why := wrap(in.Bufs[i], in.Off, in.Sizes[i], src, dst)
 			if why != codec.DropNone {
 				d.stats.drop(why)
 				continue
 			}
-			if err := d.dev.Write(pkt); err != nil {
-				return fmt.Errorf("write %d bytes to TUN: %w", len(pkt), err)
+			if err := w.Write(pkt, d.dev.Offload()); err != nil {
+				return fmt.Errorf("write to TUN: %w", err)
 			}
 			d.stats.TunTx.Add(1)
 			ent.Touch(now)
 			ent.RxPackets.Add(1)
+		}
+		if err := w.Flush(); err != nil {
+			return fmt.Errorf("write to TUN: %w", err)
 		}
 	}
 }

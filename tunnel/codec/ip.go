@@ -141,6 +141,17 @@ func ValidTCP(seg []byte) bool {
 // bytes of headroom before off, recomputes the TCP checksum for the new
 // addresses and returns the whole packet, a sub-slice of buf.
 func WrapTCP(buf []byte, off, n int, src, dst netip.Addr) (pkt []byte, why Drop) {
+	return wrapTCP(buf, off, n, src, dst, false)
+}
+
+// WrapTCPPartial is WrapTCP leaving the TCP checksum for the kernel to
+// finish (CHECKSUM_PARTIAL through a TUN with offloads): the field gets
+// only the pseudo-header sum, which costs nothing per payload byte.
+func WrapTCPPartial(buf []byte, off, n int, src, dst netip.Addr) (pkt []byte, why Drop) {
+	return wrapTCP(buf, off, n, src, dst, true)
+}
+
+func wrapTCP(buf []byte, off, n int, src, dst netip.Addr, partial bool) (pkt []byte, why Drop) {
 	seg := buf[off : off+n]
 	if !ValidTCP(seg) {
 		return nil, DropMalformed
@@ -158,7 +169,11 @@ func WrapTCP(buf []byte, off, n int, src, dst netip.Addr) (pkt []byte, why Drop)
 		pkt = buf[off-IPv6HeaderLen : off+n]
 		PutIPv6Header(pkt, n, ProtoTCP, src, dst)
 	}
-	SetTCPChecksum(seg, src, dst)
+	if partial {
+		binary.BigEndian.PutUint16(seg[16:], Fold(PseudoSum(src, dst, ProtoTCP, n)))
+	} else {
+		SetTCPChecksum(seg, src, dst)
+	}
 	return pkt, DropNone
 }
 

@@ -38,6 +38,7 @@ type Device struct {
 	file    *os.File
 	rc      syscall.RawConn
 	persist bool
+	vnet    bool // packets carry a virtio-net header (offloads on)
 
 	// state of the batch read, kept here so the callback handed to the
 	// runtime poller is built once and reading allocates nothing
@@ -57,7 +58,7 @@ func Create(o Options) (*Device, error) {
 	link := &netlink.Tuntap{
 		LinkAttrs:  netlink.LinkAttrs{Name: o.Name},
 		Mode:       netlink.TUNTAP_MODE_TUN,
-		Flags:      netlink.TUNTAP_MULTI_QUEUE_DEFAULTS,
+		Flags:      netlink.TUNTAP_MULTI_QUEUE_DEFAULTS | flagsFor(o),
 		Queues:     1,
 		NonPersist: !o.Persist,
 	}
@@ -67,7 +68,7 @@ func Create(o Options) (*Device, error) {
 		}
 		return nil, fmt.Errorf("create TUN %s: %w", o.Name, err)
 	}
-	d := &Device{Name: link.Name, file: link.Fds[0], persist: o.Persist}
+	d := &Device{Name: link.Name, file: link.Fds[0], persist: o.Persist, vnet: o.Offload}
 	for _, f := range link.Fds[1:] {
 		f.Close()
 	}
@@ -77,12 +78,28 @@ func Create(o Options) (*Device, error) {
 		d.Close()
 		return nil, err
 	}
+	if d.vnet {
+		if err := d.enableOffload(); err != nil {
+			d.Close()
+			return nil, fmt.Errorf("enable offloads on %s: %w", d.Name, err)
+		}
+	}
 	if err := d.configure(o); err != nil {
 		d.Close()
 		return nil, err
 	}
 	return d, nil
 }
+
+func flagsFor(o Options) netlink.TuntapFlag {
+	if o.Offload {
+		return netlink.TUNTAP_VNET_HDR
+	}
+	return 0
+}
+
+// Offload reports whether the device uses virtio-net headers.
+func (d *Device) Offload() bool { return d.vnet }
 
 func (d *Device) configure(o Options) error {
 	l, err := netlink.LinkByName(d.Name)
