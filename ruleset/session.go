@@ -24,6 +24,10 @@ type Session struct {
 	// ruleset files): `-f FILE --interface IF --hook ingress|egress|both`.
 	Bare *BareTarget
 
+	// Monitor streams live events until interrupted (the monitor command);
+	// nil when the backend has none.
+	Monitor func(out io.Writer) error
+
 	// InterfaceExists reports whether a network interface exists, so rules
 	// for a missing one are reported at the name. Nil skips the check.
 	InterfaceExists func(name string) bool
@@ -222,7 +226,10 @@ func (s *Session) read(rs *Ruleset, c *grammar.Command) error {
 		}
 		return s.Backend.ResetCounters(handles)
 	case grammar.CmdMonitor:
-		return ErrMonitorUnsupported
+		if s.Monitor == nil || s.Check {
+			return ErrMonitorUnsupported
+		}
+		return s.Monitor(s.Out)
 	}
 	return nil
 }

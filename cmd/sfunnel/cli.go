@@ -13,6 +13,7 @@ import (
 	"github.com/vishvananda/netns"
 	"golang.org/x/term"
 
+	"github.com/sfunnel/sfunnel/datapath"
 	"github.com/sfunnel/sfunnel/grammar"
 	"github.com/sfunnel/sfunnel/ruleset"
 )
@@ -337,6 +338,9 @@ func (a *app) exec(name, text string) (err error) {
 		Echo:            a.opts.echo,
 		Check:           a.opts.check,
 		InterfaceExists: interfaceExists,
+	}
+	if db, ok := b.(*datapath.Backend); ok {
+		s.Monitor = a.monitor(db)
 	}
 	if len(a.opts.ifaces) > 0 {
 		s.Bare = &ruleset.BareTarget{Interfaces: a.opts.ifaces, Hooks: a.opts.hooks}
