@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"os/signal"
 	"path/filepath"
 	"regexp"
 	"slices"
@@ -52,7 +53,7 @@ func (a *app) repl(stdin io.Reader) int {
 		}
 		return strings.TrimRight(line, "\r\n"), err
 	}
-	return a.replLoop(read, nil)
+	return a.replLoop(read, nil, a.replCommand)
 }
 
 func isTerminal(x any) bool {
@@ -61,8 +62,26 @@ func isTerminal(x any) bool {
 }
 
 func (a *app) replTerminal() int {
+	// Commands run with the terminal as it was (echo, Ctrl-C as SIGINT);
+	// liner's raw mode is for editing only.
+	cooked, cookedErr := liner.TerminalMode()
 	ln := liner.NewLiner()
 	defer ln.Close()
+	raw, rawErr := liner.TerminalMode()
+	run := a.replCommand
+	if cookedErr == nil && rawErr == nil {
+		run = func(text string) error {
+			cooked.ApplyMode()
+			defer raw.ApplyMode()
+			return a.replCommand(text)
+		}
+	}
+	// Ctrl-C while a command runs must not kill the session (leaving the
+	// terminal raw); monitor stops on it by itself. A full channel drops
+	// the signal, so nothing needs to read it.
+	sigc := make(chan os.Signal, 1)
+	signal.Notify(sigc, os.Interrupt)
+	defer signal.Stop(sigc)
 	ln.SetCtrlCAborts(true)
 	ln.SetTabCompletionStyle(liner.TabPrints)
 	ln.SetWordCompleter(func(line string, pos int) (string, []string, string) {
@@ -75,7 +94,7 @@ func (a *app) replTerminal() int {
 			f.Close()
 		}
 	}
-	code := a.replLoop(ln.Prompt, ln.AppendHistory)
+	code := a.replLoop(ln.Prompt, ln.AppendHistory, run)
 	if hist != "" {
 		var b strings.Builder
 		ln.WriteHistory(&b)
@@ -101,7 +120,7 @@ func historyPath() string {
 
 // replLoop runs commands read with read until end of input or quit.
 // remember, if set, records each command for the history.
-func (a *app) replLoop(read func(string) (string, error), remember func(string)) int {
+func (a *app) replLoop(read func(string) (string, error), remember func(string), run func(string) error) int {
 	for {
 		text, err := readCommand(read)
 		switch {
@@ -122,7 +141,7 @@ func (a *app) replLoop(read func(string) (string, error), remember func(string))
 		if remember != nil {
 			remember(historyEntry(text))
 		}
-		if a.replCommand(text) == errQuit {
+		if run(text) == errQuit {
 			return exitOK
 		}
 	}

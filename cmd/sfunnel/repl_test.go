@@ -72,6 +72,14 @@ func (tm *terminal) expect(re string) string {
 	rx := regexp.MustCompile(re)
 	deadline := time.Now().Add(10 * time.Second)
 	for {
+		// Whether the program has ended, before looking: its last output
+		// is then all there.
+		ended := false
+		select {
+		case <-tm.done:
+			ended = true
+		default:
+		}
 		tm.mu.Lock()
 		text := strings.ReplaceAll(tm.out.String()[tm.seen:], "\r", "")
 		raw := tm.out.Len()
@@ -83,6 +91,9 @@ func (tm *terminal) expect(re string) string {
 			tm.seen += rawIndex(rawText, loc[1])
 			tm.mu.Unlock()
 			return text[:loc[1]]
+		}
+		if ended {
+			tm.t.Fatalf("sfunnel -i ended while waiting for %q; the terminal shows:\n%s", re, text)
 		}
 		if time.Now().After(deadline) {
 			tm.t.Fatalf("waited 10s for %q; the terminal shows:\n%s", re, text)
@@ -190,6 +201,10 @@ func TestREPL(t *testing.T) {
 		if !strings.Contains(got, want) {
 			t.Errorf("list ruleset shows:\n%s\nwant a line with %q", got, want)
 		}
+	}
+	// SIGINT (Ctrl-C while a command runs) does not end the session.
+	if err := tm.cmd.Process.Signal(os.Interrupt); err != nil {
+		t.Fatal(err)
 	}
 	tm.send("list ruleset" + enter)
 	tm.expect(`\nsfunnel> $`)
