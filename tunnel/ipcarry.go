@@ -52,7 +52,7 @@ func (d *daemon) startIP() error {
 
 func (e *ipCarry) startUDP() error {
 	d := e.d
-	sock, err := udpsock.Listen(udpsock.Options{Port: d.cfg.ListenPort, BindToInterface: d.cfg.BindTo})
+	sock, err := udpsock.Listen(udpsock.Options{Port: d.cfg.ListenPort, BindToInterface: d.cfg.BindTo, Offload: d.cfg.Offload})
 	if err != nil {
 		return err
 	}
@@ -151,39 +151,48 @@ func (e *ipCarry) udpToTun() error {
 		}
 		now := time.Now().UnixNano()
 		for i := 0; i < got; i++ {
-			d.stats.NetRx.Add(1)
 			peer := in.Peers[i]
+			p := in.Payload(i)
+			seg := in.Seg[i]
+			if seg == 0 {
+				seg = max(len(p), 1) // an empty datagram is still one datagram
+			}
+			ok := true
 			if d.key != nil {
 				ent := d.store.ByPeer(peer)
-				if ent == nil {
-					d.stats.drop(codec.DropUnauth)
-					continue
+				if ok = ent != nil; ok {
+					ent.Touch(now)
+					ent.RxPackets.Add(1)
 				}
-				ent.Touch(now)
-				ent.RxPackets.Add(1)
 			} else if !e.server && peer != e.remote {
-				d.stats.drop(codec.DropUnauth)
-				continue
+				ok = false
 			}
-			pkt := in.Payload(i)
-			if len(pkt) > d.cfg.MTU {
-				d.stats.drop(codec.DropTooBig)
-				continue
-			}
-			if codec.Version(pkt) == 0 {
-				d.stats.drop(codec.DropMalformed)
-				continue
-			}
-			if e.server && peer != e.remote {
-				if p := e.lastPeer.Load(); p == nil || *p != peer {
+			if ok && e.server && peer != e.remote {
+				if lp := e.lastPeer.Load(); lp == nil || *lp != peer {
 					e.lastPeer.Store(&peer) // allocates only when the peer changes
 				}
 			}
-			if err := w.Write(pkt, false); err != nil {
-				d.stats.drop(codec.DropMalformed)
-				continue
+			for o := 0; o < len(p) || o == 0; o += seg {
+				d.stats.NetRx.Add(1)
+				if !ok {
+					d.stats.drop(codec.DropUnauth)
+					continue
+				}
+				pkt := p[o:min(o+seg, len(p))]
+				if len(pkt) > d.cfg.MTU {
+					d.stats.drop(codec.DropTooBig)
+					continue
+				}
+				if codec.Version(pkt) == 0 {
+					d.stats.drop(codec.DropMalformed)
+					continue
+				}
+				if err := w.Write(pkt, false); err != nil {
+					d.stats.drop(codec.DropMalformed)
+					continue
+				}
+				d.stats.TunTx.Add(1)
 			}
-			d.stats.TunTx.Add(1)
 		}
 		if err := w.Flush(); err != nil {
 			d.stats.drop(codec.DropMalformed)

@@ -26,7 +26,7 @@ type tcpUDP struct {
 }
 
 func (d *daemon) startTCPOverUDP() error {
-	sock, err := udpsock.Listen(udpsock.Options{Port: d.cfg.ListenPort, BindToInterface: d.cfg.BindTo})
+	sock, err := udpsock.Listen(udpsock.Options{Port: d.cfg.ListenPort, BindToInterface: d.cfg.BindTo, Offload: d.cfg.Offload})
 	if err != nil {
 		return err
 	}
@@ -108,6 +108,7 @@ func (e *tcpUDP) tunToNet() error {
 func (e *tcpUDP) netToTun() error {
 	d := e.d
 	in := udpsock.NewBatch(d.cfg.Batch, codec.Headroom+maxPacket, codec.Headroom)
+	scratch := make([]byte, codec.Headroom+maxPacket)
 	w := d.dev.NewWriter()
 	wrap := codec.WrapTCP
 	if d.dev.Offload() {
@@ -120,41 +121,55 @@ func (e *tcpUDP) netToTun() error {
 		}
 		now := time.Now().UnixNano()
 		for i := 0; i < got; i++ {
-			d.stats.NetRx.Add(1)
 			peer := in.Peers[i]
+			p := in.Payload(i)
+			seg := in.Seg[i]
+			if seg == 0 {
+				seg = max(len(p), 1) // an empty datagram is still one datagram
+			}
 			ent := d.store.ByPeer(peer)
-			if ent == nil {
-				d.stats.drop(codec.DropUnauth)
-				continue
+			for o := 0; o < len(p) || o == 0; o += seg {
+				d.stats.NetRx.Add(1)
+				if ent == nil {
+					d.stats.drop(codec.DropUnauth)
+					continue
+				}
+				n := min(seg, len(p)-o)
+				buf, off := in.Bufs[i], in.Off
+				if n != len(p) {
+					// A coalesced run (UDP GRO): give each datagram headroom.
+					copy(scratch[codec.Headroom:], p[o:o+n])
+					buf, off = scratch, codec.Headroom
+				}
+				src := peer.Addr()
+				if !e.client {
+					src = ent.Addr
+				}
+				dst := d.tunAddr(src.Is4())
+				if !dst.IsValid() {
+					d.stats.drop(codec.DropNoAddress)
+					continue
+				}
+				hl := codec.IPv4HeaderLen
+				if !src.Is4() {
+					hl = codec.IPv6HeaderLen
+				}
+				if n+hl > d.cfg.MTU {
+					d.stats.drop(codec.DropTooBig)
+					continue
+				}
+				pkt, why := wrap(buf, off, n, src, dst)
+				if why != codec.DropNone {
+					d.stats.drop(why)
+					continue
+				}
+				if err := w.Write(pkt, d.dev.Offload()); err != nil {
+					return fmt.Errorf("write to TUN: %w", err)
+				}
+				d.stats.TunTx.Add(1)
+				ent.Touch(now)
+				ent.RxPackets.Add(1)
 			}
-			src := peer.Addr()
-			if !e.client {
-				src = ent.Addr
-			}
-			dst := d.tunAddr(src.Is4())
-			if !dst.IsValid() {
-				d.stats.drop(codec.DropNoAddress)
-				continue
-			}
-			hl := codec.IPv4HeaderLen
-			if !src.Is4() {
-				hl = codec.IPv6HeaderLen
-			}
-			if in.Sizes[i]+hl > d.cfg.MTU {
-				d.stats.drop(codec.DropTooBig)
-				continue
-			}
-			pkt, why := wrap(in.Bufs[i], in.Off, in.Sizes[i], src, dst)
-			if why != codec.DropNone {
-				d.stats.drop(why)
-				continue
-			}
-			if err := w.Write(pkt, d.dev.Offload()); err != nil {
-				return fmt.Errorf("write to TUN: %w", err)
-			}
-			d.stats.TunTx.Add(1)
-			ent.Touch(now)
-			ent.RxPackets.Add(1)
 		}
 		if err := w.Flush(); err != nil {
 			return fmt.Errorf("write to TUN: %w", err)

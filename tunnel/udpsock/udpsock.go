@@ -27,6 +27,7 @@ type Conn struct {
 	readFn, writeFn func(fd uintptr) bool
 	r, w            ioState
 	softErrors      uint64
+	gso, gro        bool
 	// SendErrors counts datagrams the kernel refused to send.
 	SendErrors atomic.Uint64
 }
@@ -36,6 +37,9 @@ type Options struct {
 	Port            int
 	BindToInterface string // SO_BINDTODEVICE, "" for none
 	BufferBytes     int    // SO_RCVBUF/SO_SNDBUF; 0: 4 MiB
+	// Offload sends runs of equal-sized datagrams to one peer as one UDP
+	// GSO message (UDP_SEGMENT) and receives coalesced runs (UDP_GRO).
+	Offload bool
 }
 
 // Listen opens the socket.
@@ -75,6 +79,10 @@ func Listen(o Options) (*Conn, error) {
 			unix.SetsockoptInt(fd, unix.SOL_SOCKET, opt[1], bufBytes)
 		}
 	}
+	if o.Offload {
+		c.gso = true
+		c.gro = unix.SetsockoptInt(fd, unix.IPPROTO_UDP, unix.UDP_GRO, 1) == nil
+	}
 	var sa unix.Sockaddr = &unix.SockaddrInet6{Port: o.Port}
 	if !c.v6 {
 		sa = &unix.SockaddrInet4{Port: o.Port}
@@ -113,6 +121,8 @@ type ioState struct {
 	err         error
 }
 
+var cmsgSpace = unix.CmsgSpace(4)
+
 type mmsghdr struct {
 	hdr unix.Msghdr
 	len uint32
@@ -128,7 +138,12 @@ type Batch struct {
 	Sizes []int
 	Out   [][]byte
 	Peers []netip.AddrPort
+	// Seg[i] is the size of the datagrams coalesced into received
+	// message i (UDP GRO), 0 if it is a single datagram.
+	Seg   []int
 	hdrs  []mmsghdr
+	cmsgs []byte
+	first []int // for writes: the Out index each message starts at
 	iovs  []unix.Iovec
 	names []unix.RawSockaddrInet6
 }
@@ -136,7 +151,8 @@ type Batch struct {
 // NewBatch allocates n buffers of size bytes each.
 func NewBatch(n, size, off int) *Batch {
 	b := &Batch{Bufs: make([][]byte, n), Off: off, Sizes: make([]int, n), Out: make([][]byte, n), Peers: make([]netip.AddrPort, n),
-		hdrs: make([]mmsghdr, n), iovs: make([]unix.Iovec, n), names: make([]unix.RawSockaddrInet6, n)}
+		hdrs: make([]mmsghdr, n), iovs: make([]unix.Iovec, n), names: make([]unix.RawSockaddrInet6, n),
+		Seg: make([]int, n), cmsgs: make([]byte, n*cmsgSpace), first: make([]int, n+1)}
 	for i := range b.Bufs {
 		if size > 0 {
 			b.Bufs[i] = make([]byte, size)
@@ -160,6 +176,10 @@ func (c *Conn) ReadBatch(b *Batch) (int, error) {
 		h := &b.hdrs[i].hdr
 		*h = unix.Msghdr{Name: (*byte)(unsafe.Pointer(&b.names[i])), Namelen: unix.SizeofSockaddrInet6, Iov: &b.iovs[i]}
 		h.SetIovlen(1)
+		if c.gro {
+			h.Control = &b.cmsgs[i*cmsgSpace]
+			h.SetControllen(cmsgSpace)
+		}
 	}
 	c.r = ioState{cur: b, count: len(b.Bufs)}
 	if err := c.rc.Read(c.readFn); err != nil {
@@ -171,6 +191,10 @@ func (c *Conn) ReadBatch(b *Batch) (int, error) {
 	for i := 0; i < c.r.done; i++ {
 		b.Sizes[i] = int(b.hdrs[i].len)
 		b.Peers[i] = c.fromSockaddr(&b.names[i])
+		b.Seg[i] = 0
+		if c.gro && b.hdrs[i].hdr.Controllen >= uint64(unix.CmsgLen(4)) {
+			b.Seg[i] = groSize(b.cmsgs[i*cmsgSpace : (i+1)*cmsgSpace])
+		}
 	}
 	return c.r.done, nil
 }
@@ -201,32 +225,84 @@ func (c *Conn) doRead(fd uintptr) bool {
 // WriteBatch sends Out[0..n-1] to Peers[0..n-1]. Datagrams the kernel
 // refuses (for example an unreachable peer) are skipped.
 func (c *Conn) WriteBatch(b *Batch, n int) error {
-	for i := 0; i < n; i++ {
-		buf := b.Out[i]
-		b.iovs[i].Base = &buf[0]
-		b.iovs[i].SetLen(len(buf))
-		h := &b.hdrs[i].hdr
-		nl := c.toSockaddr(&b.names[i], b.Peers[i])
-		*h = unix.Msghdr{Name: (*byte)(unsafe.Pointer(&b.names[i])), Namelen: nl, Iov: &b.iovs[i]}
-		h.SetIovlen(1)
-	}
-	c.w = ioState{cur: b, count: n}
-	for c.w.done < n {
-		c.w.err = nil
-		if err := c.rc.Write(c.writeFn); err != nil {
-			return err
-		}
-		if err := c.w.err; err != nil {
+retry:
+	for {
+		msgs := c.prepare(b, n)
+		c.w = ioState{cur: b, count: msgs}
+		for c.w.done < msgs {
+			c.w.err = nil
+			if err := c.rc.Write(c.writeFn); err != nil {
+				return err
+			}
+			err := c.w.err
+			if err == nil {
+				continue
+			}
+			k := c.w.done
+			if c.gso && b.first[k+1]-b.first[k] > 1 && (errors.Is(err, unix.EIO) || errors.Is(err, unix.EINVAL)) {
+				// The path cannot take UDP GSO: send one by one from now on.
+				c.gso = false
+				rest := copy(b.Out, b.Out[b.first[k]:n])
+				copy(b.Peers, b.Peers[b.first[k]:n])
+				n = rest
+				continue retry
+			}
 			if errors.Is(err, unix.EMSGSIZE) || errors.Is(err, unix.ENETUNREACH) || errors.Is(err, unix.EHOSTUNREACH) ||
-				errors.Is(err, unix.ECONNREFUSED) || errors.Is(err, unix.EINVAL) || errors.Is(err, unix.ENOBUFS) {
-				c.w.done++ // skip the datagram the kernel refused
-				c.SendErrors.Add(1)
+				errors.Is(err, unix.ECONNREFUSED) || errors.Is(err, unix.EINVAL) || errors.Is(err, unix.ENOBUFS) || errors.Is(err, unix.EIO) {
+				c.w.done++ // skip what the kernel refused
+				c.SendErrors.Add(uint64(b.first[k+1] - b.first[k]))
 				continue
 			}
 			return err
 		}
+		return nil
 	}
-	return nil
+}
+
+// maxGSOSegments stays below the kernel's UDP_MAX_SEGMENTS.
+const maxGSOSegments = 64
+
+// prepare builds the message headers for Out[0:n]. With GSO, a run of
+// datagrams to the same peer, all of one size except a shorter last one,
+// becomes one message with an iovec per datagram and a UDP_SEGMENT
+// control message: one trip through the stack instead of one per datagram.
+func (c *Conn) prepare(b *Batch, n int) int {
+	msgs := 0
+	for i := 0; i < n; {
+		j := i + 1
+		if c.gso {
+			size, total := len(b.Out[i]), len(b.Out[i])
+			for j < n && j-i < maxGSOSegments && b.Peers[j] == b.Peers[i] && len(b.Out[j]) <= size && total+len(b.Out[j]) <= 65000 {
+				total += len(b.Out[j])
+				j++
+				if len(b.Out[j-1]) < size {
+					break
+				}
+			}
+		}
+		for k := i; k < j; k++ {
+			b.iovs[k].Base = &b.Out[k][0]
+			b.iovs[k].SetLen(len(b.Out[k]))
+		}
+		h := &b.hdrs[msgs].hdr
+		nl := c.toSockaddr(&b.names[msgs], b.Peers[i])
+		*h = unix.Msghdr{Name: (*byte)(unsafe.Pointer(&b.names[msgs])), Namelen: nl, Iov: &b.iovs[i]}
+		h.SetIovlen(j - i)
+		if j-i > 1 {
+			cm := b.cmsgs[msgs*cmsgSpace : (msgs+1)*cmsgSpace]
+			ch := (*unix.Cmsghdr)(unsafe.Pointer(&cm[0]))
+			ch.Level, ch.Type = unix.IPPROTO_UDP, unix.UDP_SEGMENT
+			ch.SetLen(unix.CmsgLen(2))
+			*(*uint16)(unsafe.Pointer(&cm[unix.CmsgLen(0)])) = uint16(len(b.Out[i]))
+			h.Control = &cm[0]
+			h.SetControllen(unix.CmsgSpace(2))
+		}
+		b.first[msgs] = i
+		msgs++
+		i = j
+	}
+	b.first[msgs] = n
+	return msgs
 }
 
 func (c *Conn) doWrite(fd uintptr) bool {
@@ -268,6 +344,16 @@ func (c *Conn) WriteTo(p []byte, to netip.AddrPort) error {
 		return err
 	}
 	return sendErr
+}
+
+// groSize reads the UDP_GRO control message: the size of the coalesced
+// datagrams.
+func groSize(cm []byte) int {
+	h := (*unix.Cmsghdr)(unsafe.Pointer(&cm[0]))
+	if h.Level != unix.IPPROTO_UDP || h.Type != unix.UDP_GRO || h.Len < uint64(unix.CmsgLen(4)) {
+		return 0
+	}
+	return int(*(*int32)(unsafe.Pointer(&cm[unix.CmsgLen(0)])))
 }
 
 func putPort(p *uint16, port uint16) {
