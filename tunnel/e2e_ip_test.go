@@ -9,22 +9,25 @@ import (
 func TestIPCarry(t *testing.T) {
 	for _, tc := range []struct {
 		name, transport, serverMode, clientMode, remote string
+		offload                                         string
 	}{
-		{"udp", "udp", "server", "client", "192.0.2.2:7000"},
-		{"tcp", "tcp", "server", "client", "[2001:db8:1::2]:7000"},
-		{"udp-both", "udp", "both", "both", "[2001:db8:1::2]:7000"},
-		{"tcp-both", "tcp", "both", "client", "192.0.2.2:7000"},
+		{"udp", "udp", "server", "client", "192.0.2.2:7000", "true"},
+		{"tcp", "tcp", "server", "client", "[2001:db8:1::2]:7000", "true"},
+		{"udp-both", "udp", "both", "both", "[2001:db8:1::2]:7000", "true"},
+		{"tcp-both", "tcp", "both", "client", "192.0.2.2:7000", "true"},
+		{"udp-no-offload", "udp", "server", "client", "192.0.2.2:7000", "false"},
+		{"tcp-no-offload", "tcp", "server", "client", "192.0.2.2:7000", "false"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			a, b := twoHosts(t)
 			key := writeKey(t)
 			srvArgs := []string{"--carry", "ip", "--transport", tc.transport, "--mode", tc.serverMode, "-l", "7000",
-				"--address", "198.51.100.2/24,2001:db8:2::2/64", "--key", key}
+				"--address", "198.51.100.2/24,2001:db8:2::2/64", "--key", key, "--offload=" + tc.offload}
 			if tc.serverMode == "both" {
 				srvArgs = append(srvArgs, "--remote", "192.0.2.1:7000")
 			}
 			cliArgs := []string{"--carry", "ip", "--transport", tc.transport, "--mode", tc.clientMode, "--remote", tc.remote,
-				"--address", "198.51.100.1/24,2001:db8:2::1/64", "--key", key}
+				"--address", "198.51.100.1/24,2001:db8:2::1/64", "--key", key, "--offload=" + tc.offload}
 			if tc.clientMode == "both" {
 				cliArgs = append(cliArgs, "-l", "7000")
 			}

@@ -18,12 +18,18 @@ func remoteIn(t *testing.T, peers <-chan net.Addr, prefix string) netip.Addr {
 }
 
 // TCP over UDP, client ↔ server with authentication, IPv4 and IPv6 in the
-// same pair of daemons.
+// same pair of daemons, with offloads (TUN TSO, UDP GSO/GRO) and without.
 func TestTCPOverUDP(t *testing.T) {
+	for _, offload := range []string{"true", "false"} {
+		t.Run("offload="+offload, func(t *testing.T) { testTCPOverUDP(t, "--offload="+offload) })
+	}
+}
+
+func testTCPOverUDP(t *testing.T, offload string) {
 	a, b := twoHosts(t)
 	key := writeKey(t)
-	srv := startTunnel(t, b, "-i", "tun0", "-l", "7472", "--address", "203.0.113.1/24", "--address", "2001:db8:3::1/64", "--key", key)
-	cli := startTunnel(t, a, "-i", "tun0", "-l", "7473", "-b", "eth0", "-e", "7472", "--address", "198.51.100.1/32", "--address", "2001:db8:2::1/128", "--key", key)
+	srv := startTunnel(t, b, "-i", "tun0", "-l", "7472", "--address", "203.0.113.1/24", "--address", "2001:db8:3::1/64", "--key", key, offload)
+	cli := startTunnel(t, a, "-i", "tun0", "-l", "7473", "-b", "eth0", "-e", "7472", "--address", "198.51.100.1/32", "--address", "2001:db8:2::1/128", "--key", key, offload)
 	// Traffic to the server's own address goes into the TUN; the daemon's
 	// sockets are bound to eth0 and keep using the real path.
 	a.Run(t, "ip", "route", "add", "192.0.2.2/32", "dev", "tun0")
