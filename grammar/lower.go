@@ -41,9 +41,11 @@ func Parse(filename, src string, opts *Options) ([]*Command, Sources, error) {
 		sources: Sources{},
 	}
 	for name, text := range opts.Defines {
+		// Errors in a -D value are shown on the line `define NAME = VALUE`.
 		fname := "<define " + name + ">"
-		v, err := parseValue(fname, text)
-		l.sources[fname] = text
+		line := "define " + name + " = " + text
+		v, err := parseValue(fname, line)
+		l.sources[fname] = line
 		if err != nil {
 			return nil, l.sources, err
 		}
@@ -68,10 +70,11 @@ func ParseRule(filename, src string, opts *Options) (*Rule, error) {
 	return cmds[0].Rule, nil
 }
 
-func parseValue(filename, text string) (*valueSyntax, error) {
-	f, err := parser.ParseString(filename, "define x = "+text)
+// parseValue parses `define NAME = VALUE` text into its value.
+func parseValue(filename, line string) (*valueSyntax, error) {
+	f, err := parser.ParseString(filename, line)
 	if err != nil {
-		return nil, parseError(err, text)
+		return nil, parseError(err, line)
 	}
 	if len(f.Stmts) != 1 || f.Stmts[0].Define == nil {
 		return nil, &Error{Span: Span{Pos: Pos{Filename: filename, Line: 1, Column: 1}}, Msg: "not a single value"}
@@ -313,11 +316,17 @@ func CheckElements(set *Set, elems []Value, add bool) (*Set, error) {
 }
 
 func (l *lowerer) interfaceBlock(b *interfaceSyntax) {
+	seen := map[string]bool{}
 	for _, n := range b.Names {
 		name, nspan, ok := l.name(n)
 		if !ok {
 			continue
 		}
+		if seen[name] {
+			l.errorf(nspan, "interface %s is listed twice", name)
+			continue
+		}
+		seen[name] = true
 		for _, h := range b.Hooks {
 			hook := HookIngress
 			if h.Hook == "egress" {
@@ -480,7 +489,7 @@ func (l *lowerer) command(c *commandSyntax) {
 
 func (l *lowerer) handle(n *numberSyntax) (uint64, Span) {
 	span := spanOf(n.Tokens)
-	v, ok := l.number(n, 1<<63)
+	v, ok := l.number(n, 1<<53)
 	if !ok {
 		return 0, span
 	}

@@ -178,9 +178,9 @@ type elementCmdSyntax struct {
 // items in any order, then the actions, then the comment.
 type ruleSyntax struct {
 	Pos     lexer.Position
-	Items   []*itemSyntax   `parser:"( @@+"`
-	Actions []*actionSyntax `parser:"  ( 'actions' @@ ( ','? @@ )* )? | 'actions' @@ ( ','? @@ )* )"`
-	Comment *stringSyntax   `parser:"( 'comment' @@ )?"`
+	Items   []*itemSyntax   `parser:"( @@*"`
+	Actions []*actionSyntax `parser:"  ( 'actions' @@ ( ','? @@ )* )?"`
+	Comment *stringSyntax   `parser:"  ( 'comment' @@ )? )!"`
 	Tokens  []lexer.Token
 }
 

@@ -2,6 +2,7 @@ package ruleset
 
 import (
 	"fmt"
+	"net/netip"
 	"slices"
 
 	"github.com/sfunnel/sfunnel/grammar"
@@ -208,7 +209,7 @@ func (rs *Ruleset) applyTo(c *grammar.Command, out **grammar.Rule) error {
 		for n, p := range delta.Prefixes {
 			k := slices.Index(s.Prefixes, p)
 			if k < 0 {
-				return errAt(elemSpan(c, n), "%s is not in set %s", p, s.Name)
+				return errAt(elemSpan(c, n), "%s is not in set %s", grammar.FormatPrefixes([]netip.Prefix{p}), s.Name)
 			}
 			s.Prefixes = slices.Delete(s.Prefixes, k, k+1)
 		}

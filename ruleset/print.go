@@ -41,19 +41,22 @@ func WriteText(w io.Writer, rs *Ruleset, only *Selector, o *ListOptions) error {
 		if only != nil && only.Interface != i.Name {
 			continue
 		}
-		b.WriteString("interface " + i.Name + " {\n")
+		var hooks strings.Builder
 		for _, h := range []grammar.Hook{grammar.HookIngress, grammar.HookEgress} {
 			rules := i.Rules(h)
 			if len(rules) == 0 || (only != nil && only.HasHook && only.Hook != h) {
 				continue
 			}
-			b.WriteString("\t" + h.String() + " {\n")
+			hooks.WriteString("\t" + h.String() + " {\n")
 			for _, r := range rules {
-				b.WriteString("\t\t" + grammar.FormatRule(r, po) + "\n")
+				hooks.WriteString("\t\t" + grammar.FormatRule(r, po) + "\n")
 			}
-			b.WriteString("\t}\n")
+			hooks.WriteString("\t}\n")
 		}
-		b.WriteString("}\n")
+		// An interface or hook without rules does not exist in the ruleset.
+		if hooks.Len() > 0 {
+			b.WriteString("interface " + i.Name + " {\n" + hooks.String() + "}\n")
+		}
 	}
 	_, err := io.WriteString(w, b.String())
 	return err

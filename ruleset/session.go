@@ -1,6 +1,7 @@
 package ruleset
 
 import (
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -147,6 +148,13 @@ type echoed struct {
 func (s *Session) echo(added []echoed) {
 	verbs := map[grammar.CmdKind]string{grammar.CmdAddRule: "add", grammar.CmdInsertRule: "insert", grammar.CmdReplaceRule: "replace"}
 	for _, a := range added {
+		if s.JSON {
+			// One object a line: {"add": {"interface": …, "hook": …, "handle": …, "rule": …}}.
+			data, _ := json.Marshal(map[string]any{verbs[a.cmd.Kind]: map[string]any{
+				"interface": a.cmd.Interface, "hook": a.cmd.Hook.String(), "handle": a.rule.Handle, "rule": grammar.FormatRule(a.rule, nil)}})
+			fmt.Fprintf(s.Out, "%s\n", data)
+			continue
+		}
 		fmt.Fprintf(s.Out, "%s rule %s %s %s # handle %d\n", verbs[a.cmd.Kind], a.cmd.Interface, a.cmd.Hook, grammar.FormatRule(a.rule, nil), a.rule.Handle)
 	}
 }

@@ -96,6 +96,7 @@ See sfunnel(8) and sfunnel.conf(5).
 
 func parseArgs(argv []string) (*options, error) {
 	o := &options{defines: map[string]string{}}
+	argv = splitShortFlags(argv)
 	for i := 0; i < len(argv); i++ {
 		a := argv[i]
 		if !strings.HasPrefix(a, "-") || a == "-" {
@@ -207,10 +208,39 @@ func parseArgs(argv []string) (*options, error) {
 	if len(o.ifaces) > 0 && o.file == "" {
 		return nil, usagef("--interface/--hook are for applying a bare sfunnel ruleset file with -f")
 	}
+	if o.interactive && (o.file != "" || len(o.args) > 0) {
+		return nil, usagef("-i reads commands from the prompt; it takes no -f FILE or command words")
+	}
 	if o.file != "" && len(o.args) > 0 {
 		return nil, usagef("-f FILE takes no command words (got %q)", strings.Join(o.args, " "))
 	}
 	return o, nil
+}
+
+// splitShortFlags expands combined boolean short options as nft takes
+// them: -ae is -a -e. It stops at the first word that is not an option.
+func splitShortFlags(argv []string) []string {
+	takesValue := map[string]bool{"-f": true, "-D": true, "-I": true, "--file": true, "--define": true,
+		"--includepath": true, "--netns": true, "--state": true, "--interface": true, "--hook": true, "--ct-mark-mask": true}
+	var out []string
+	for i := 0; i < len(argv); i++ {
+		a := argv[i]
+		if !strings.HasPrefix(a, "-") || a == "-" || a == "--" {
+			return append(out, argv[i:]...)
+		}
+		if len(a) > 2 && a[1] != '-' && strings.Trim(a[1:], "cjaeiv") == "" {
+			for _, c := range a[1:] {
+				out = append(out, "-"+string(c))
+			}
+			continue
+		}
+		out = append(out, a)
+		if takesValue[a] && i+1 < len(argv) {
+			i++
+			out = append(out, argv[i])
+		}
+	}
+	return out
 }
 
 // Main runs sfunnel with argv (without the program name) and returns the
