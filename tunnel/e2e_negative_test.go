@@ -30,7 +30,7 @@ func dialFrom(t *testing.T, ns *testenv.NS, local, remote string) net.Conn {
 	err := ns.Do(func() (err error) {
 		// Bound to eth0: in a, traffic to the server's address would
 		// otherwise enter the good client's tunnel.
-		d := net.Dialer{Timeout: 5 * time.Second, Control: socketControl("eth0", false)}
+		d := net.Dialer{Timeout: 5 * time.Second, Control: socketControl("eth0", true)}
 		if local != "" {
 			d.LocalAddr, err = net.ResolveTCPAddr("tcp", local)
 			if err != nil {
@@ -107,6 +107,10 @@ func TestTCPOverUDPAttacks(t *testing.T) {
 		if _, err := auth.ClientHandshake(rec, good, 3*time.Second); err != nil {
 			t.Fatalf("genuine handshake: %v", err)
 		}
+		// As the daemon does: let the server close first, so that the
+		// port can be used again at once.
+		c.SetReadDeadline(time.Now().Add(3 * time.Second))
+		io.ReadAll(c)
 		c.Close()
 		// The same client bytes from another port, and from the same port
 		// again: the server's fresh nonce makes the old proof worthless.
