@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -16,10 +17,12 @@ import (
 // the L4 checksum is still to be finalised (CHECKSUM_PARTIAL travels across
 // veth unfinalised) and where: finalise() then does what a NIC would.
 type capture struct {
-	fd     int
-	mu     sync.Mutex
-	frames []frame
-	done   chan struct{}
+	fd       int
+	stopping atomic.Bool
+	mu       sync.Mutex
+	frames   []frame
+	drops    int // frames the kernel dropped for want of buffer space
+	done     chan struct{}
 }
 
 type frame struct {
@@ -43,7 +46,7 @@ func startCapture(t *testing.T, ns *testenv.NS, ifname string) *capture {
 		if err := unix.SetsockoptInt(fd, unix.SOL_PACKET, unix.PACKET_VNET_HDR, 1); err != nil {
 			return fmt.Errorf("PACKET_VNET_HDR: %w", err)
 		}
-		if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUF, 8<<20); err != nil {
+		if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, 64<<20); err != nil {
 			return err
 		}
 		if err := unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &unix.Timeval{Usec: 100000}); err != nil {
@@ -63,11 +66,31 @@ func startCapture(t *testing.T, ns *testenv.NS, ifname string) *capture {
 	return c
 }
 
+// loop owns the socket: it reads until stop is asked (the receive timeout
+// wakes it up) and closes the socket itself, so its number can't be reused
+// under it.
 func (c *capture) loop() {
 	defer close(c.done)
+	defer unix.Close(c.fd)
+	defer func() {
+		if st, err := unix.GetsockoptTpacketStats(c.fd, unix.SOL_PACKET, unix.PACKET_STATISTICS); err == nil {
+			c.mu.Lock()
+			c.drops += int(st.Drops)
+			c.mu.Unlock()
+		}
+	}()
 	buf := make([]byte, 70000)
 	for {
-		n, from, err := unix.Recvfrom(c.fd, buf, 0)
+		// Once stopping, drain what is queued without waiting, then leave.
+		flags := 0
+		draining := c.stopping.Load()
+		if draining {
+			flags = unix.MSG_DONTWAIT
+		}
+		n, from, err := unix.Recvfrom(c.fd, buf, flags)
+		if err == unix.EAGAIN && draining {
+			return
+		}
 		if err == unix.EAGAIN || err == unix.EINTR {
 			continue
 		}
@@ -87,12 +110,10 @@ func (c *capture) loop() {
 	}
 }
 
-// stop ends the capture and returns the frames.
+// stop ends the capture (after the frames in flight are read) and returns
+// the frames.
 func (c *capture) stop() []frame {
-	if c.fd >= 0 {
-		unix.Shutdown(c.fd, unix.SHUT_RD)
-		unix.Close(c.fd)
-		c.fd = -1
+	if !c.stopping.Swap(true) {
 		select {
 		case <-c.done:
 		case <-time.After(2 * time.Second):
