@@ -111,7 +111,7 @@ func (b *Backend) Commit(rs *ruleset.Ruleset) error {
 		}
 		coll, err := bpf.LoadCollection(spec, bpf.LoadOptions{What: p.id.String(), Maps: repl, Verbose: b.opts.Verbose})
 		if err != nil {
-			return &HookError{Hook: p.id, Err: err}
+			return p.loadError(err)
 		}
 		updates = append(updates, bpf.Update{HookID: p.id, Ifindex: p.ifc.Index, Coll: coll})
 	}

@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"strings"
 
+	"github.com/cilium/ebpf/asm"
 	"github.com/sfunnel/sfunnel/bpf"
 	"github.com/sfunnel/sfunnel/compiler"
 	"github.com/sfunnel/sfunnel/ctmark"
@@ -128,9 +129,10 @@ func (b *Backend) compile(rs *ruleset.Ruleset, ctMask uint32) ([]*hookPlan, erro
 				}
 			}
 			id := bpf.HookID{Ifname: ifc.Name, Hook: h}
-			prog, err := compiler.Compile(rules, sets, compiler.Options{L3: info.L3, Hook: h, CtMarkMask: ctMask})
+			copts := compiler.Options{L3: info.L3, Hook: h, CtMarkMask: ctMask}
+			prog, err := compiler.Compile(rules, sets, copts)
 			if err != nil {
-				return nil, &HookError{Hook: id, Err: err}
+				return nil, &HookError{Hook: id, Rule: blameCompile(rules, sets, copts), Err: err}
 			}
 			if len(prog.Handles) > 0 && (prog.Spec.Maps["counters"] == nil ||
 				int(prog.Spec.Maps["counters"].MaxEntries) < len(prog.Handles)) {
@@ -173,7 +175,7 @@ func (b *Backend) Check(rs *ruleset.Ruleset) error {
 	for _, p := range plans {
 		coll, err := bpf.LoadCollection(p.prog.Spec, bpf.LoadOptions{What: p.id.String(), Verbose: b.opts.Verbose})
 		if err != nil {
-			return &HookError{Hook: p.id, Err: err}
+			return p.loadError(err)
 		}
 		coll.Close()
 	}
@@ -186,4 +188,14 @@ func setsByName(rs *ruleset.Ruleset) map[string]*grammar.Set {
 		m[s.Name] = s
 	}
 	return m
+}
+
+// loadError wraps an error loading p's program, naming the rule the
+// verifier stopped in when it can tell.
+func (p *hookPlan) loadError(err error) error {
+	var insns asm.Instructions
+	if ps := p.prog.Spec.Programs[bpf.ProgramName]; ps != nil {
+		insns = ps.Instructions
+	}
+	return &HookError{Hook: p.id, Rule: ruleOf(err, p.rules, insns), Err: err}
 }
