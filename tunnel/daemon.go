@@ -230,7 +230,7 @@ func (d *daemon) expireLoop() error {
 func (d *daemon) status() *Status {
 	st := &Status{Interface: d.dev.Name, Carry: d.cfg.Carry, Transport: d.cfg.Transport, Mode: d.cfg.Mode,
 		ListenPort: d.cfg.ListenPort, Started: d.started, Expiry: d.store.TTL().String(),
-		Counters: d.stats.counters(), Drops: d.stats.drops(), Peers: d.store.Snapshot()}
+		Counters: d.stats.counters(), Drops: d.stats.drops(), Peers: d.store.Snapshot(), HeapAllocs: heapAllocs()}
 	if d.cfg.Remote.IsValid() {
 		st.Remote = d.cfg.Remote.String()
 	}

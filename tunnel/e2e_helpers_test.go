@@ -248,3 +248,24 @@ func (p *proc) waitCounter(name string, min uint64) {
 		time.Sleep(20 * time.Millisecond)
 	}
 }
+
+// checkAllocs runs traffic and checks that the daemons allocated (nearly)
+// nothing per packet: status requests and timers allocate a little, the
+// packet path must not.
+func checkAllocs(t *testing.T, traffic func(), procs ...*proc) {
+	t.Helper()
+	before := make([]*Status, len(procs))
+	for i, p := range procs {
+		before[i] = p.getStatus()
+	}
+	traffic()
+	for i, p := range procs {
+		after := p.getStatus()
+		pkts := after.Counters["tun_rx"] + after.Counters["tun_tx"] - before[i].Counters["tun_rx"] - before[i].Counters["tun_tx"]
+		allocs := after.HeapAllocs - before[i].HeapAllocs
+		t.Logf("%s: %d heap objects allocated while moving %d packets", p.ns.Name, allocs, pkts)
+		if pkts < 1000 || allocs > pkts/50+300 {
+			t.Errorf("%s: %d allocations for %d packets", p.ns.Name, allocs, pkts)
+		}
+	}
+}

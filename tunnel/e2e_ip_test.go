@@ -41,6 +41,7 @@ func TestIPCarry(t *testing.T) {
 			remoteIn(t, peers, "198.51.100.1/32")
 			transfer(t, a, "tcp", "[2001:db8:2::2]:5001", transferSize)
 			remoteIn(t, peers, "2001:db8:2::1/128")
+			checkAllocs(t, func() { transfer(t, a, "tcp", "198.51.100.2:5001", transferSize) }, srv, cli)
 			for _, p := range []*proc{srv, cli} {
 				st := p.getStatus()
 				if st.Counters["tun_tx"] < 1000 || st.Counters["auth_ok"] == 0 {

@@ -44,6 +44,9 @@ func testTCPOverUDP(t *testing.T, offload string) {
 		transfer(t, a, "tcp", "[2001:db8:1::2]:5001", transferSize)
 		remoteIn(t, peers, "2001:db8:3::/64")
 	})
+	t.Run("no allocation per packet", func(t *testing.T) {
+		checkAllocs(t, func() { transfer(t, a, "tcp", "192.0.2.2:5001", transferSize) }, srv, cli)
+	})
 	st := srv.getStatus()
 	if len(st.Peers) != 2 {
 		t.Errorf("server store has %d peers, want 2 (one per address family): %+v", len(st.Peers), st.Peers)

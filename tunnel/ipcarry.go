@@ -169,7 +169,8 @@ func (e *ipCarry) udpToTun() error {
 			}
 			if ok && e.server && peer != e.remote {
 				if lp := e.lastPeer.Load(); lp == nil || *lp != peer {
-					e.lastPeer.Store(&peer) // allocates only when the peer changes
+					np := peer // a copy: taking peer's address would allocate every time
+					e.lastPeer.Store(&np)
 				}
 			}
 			for o := 0; o < len(p) || o == 0; o += seg {

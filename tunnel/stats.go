@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"runtime"
 	"sort"
 	"sync/atomic"
 	"time"
@@ -36,6 +37,16 @@ type Status struct {
 	Counters   map[string]uint64 `json:"counters"`
 	Drops      map[string]uint64 `json:"drops"`
 	Peers      []store.Info      `json:"peers"`
+	// HeapAllocs is the number of heap objects the daemon has allocated
+	// so far; it stays flat while packets flow.
+	HeapAllocs uint64 `json:"heap_allocs"`
+}
+
+func heapAllocs() uint64 {
+	// ReadMemStats stops the world briefly, but counts exactly.
+	var m runtime.MemStats
+	runtime.ReadMemStats(&m)
+	return m.Mallocs
 }
 
 func (s *Stats) counters() map[string]uint64 {
