@@ -364,3 +364,65 @@ func TestSyncSet(t *testing.T) {
 		t.Errorf("set holds %v, want [2 3]", keys)
 	}
 }
+
+// When one swap of a transaction fails, the ones already done are undone:
+// replaced programs come back, new attachments go away.
+func TestSwapRollsBack(t *testing.T) {
+	for _, mode := range []Mode{ModeTCX, ModeClsact} {
+		t.Run(string(mode), func(t *testing.T) { testSwapRollsBack(t, mode) })
+	}
+}
+
+func testSwapRollsBack(t *testing.T, mode Mode) {
+	root := testRoot(t)
+	p := newPair(t)
+	in := HookID{Ifname: "vb", Hook: grammar.HookIngress}
+	eg := HookID{Ifname: "vb", Hook: grammar.HookEgress}
+	ghost := HookID{Ifname: "ghost0", Hook: grammar.HookIngress}
+	must(t, p.b.Do(func() error {
+		s, err := Open(Options{Root: root, ForceClsact: mode == ModeClsact})
+		if err != nil {
+			return err
+		}
+		ifc, _ := LookupInterface("vb")
+		if err := s.Swap([]Update{{HookID: in, Ifindex: ifc.Index, Coll: load(t, countingSpec(tcxNext, 1))}}, nil); err != nil {
+			return err
+		}
+		before := progID(t, s, in)
+		err = s.Swap([]Update{
+			{HookID: in, Ifindex: ifc.Index, Coll: load(t, countingSpec(tcShot, 2))},
+			{HookID: eg, Ifindex: ifc.Index, Coll: load(t, countingSpec(tcShot, 3))},
+			{HookID: ghost, Ifindex: 99999, Coll: load(t, countingSpec(tcShot, 4))},
+		}, nil)
+		if err == nil {
+			return fmt.Errorf("attaching to a missing interface succeeded")
+		}
+		if after := progID(t, s, in); after != before {
+			return fmt.Errorf("replaced program not restored (%d, was %d)", after, before)
+		}
+		for _, id := range []HookID{eg, ghost} {
+			if l, err := s.Live(id); l != nil || err != nil {
+				return fmt.Errorf("%s attached after a failed transaction: %v", id, err)
+			}
+		}
+		return nil
+	}))
+	if got := p.udpDelivered(t, 3); got != 3 {
+		t.Errorf("%d of 3 datagrams arrived after the failed transaction", got)
+	}
+}
+
+func progID(t *testing.T, s *Store, id HookID) ebpf.ProgramID {
+	t.Helper()
+	l, err := s.Live(id)
+	if err != nil || l == nil {
+		t.Fatalf("%s not live: %v", id, err)
+	}
+	defer l.Close()
+	info, err := l.Prog.Info()
+	if err != nil {
+		t.Fatal(err)
+	}
+	pid, _ := info.ID()
+	return pid
+}

@@ -120,7 +120,10 @@ func (s *Store) swapOne(u Update, old *Live, undo *func() error) error {
 			return err
 		}
 		prog := old.Prog
-		*undo = func() error { return s.attach(u.HookID, old.Ifindex, prog, old.Mode) }
+		*undo = func() error {
+			_, err := s.attach(u.HookID, old.Ifindex, prog, old.Mode)
+			return err
+		}
 		return nil
 	}
 	prog := u.Coll.Programs[ProgramName]
@@ -135,16 +138,16 @@ func (s *Store) swapOne(u Update, old *Live, undo *func() error) error {
 		if s.opts.ForceClsact {
 			mode = ModeClsact
 		}
-		if err := s.attach(u.HookID, u.Ifindex, prog, mode); err != nil {
+		used, err := s.attach(u.HookID, u.Ifindex, prog, mode)
+		if err != nil {
 			return err
 		}
 		*undo = func() error {
-			l, err := s.Live(u.HookID)
-			if err != nil || l == nil {
-				return err
+			// Not pinned as a hook yet (no "prog"): undo by hand.
+			if used == ModeClsact {
+				delClsact(u.HookID, u.Ifindex)
 			}
-			defer l.Close()
-			return detach(l)
+			return s.removeStale(u.HookID)
 		}
 		return nil
 	}
@@ -166,15 +169,15 @@ func (s *Store) swapOne(u Update, old *Live, undo *func() error) error {
 }
 
 // attach attaches prog in the given mode; tcx falls back to clsact when the
-// kernel has no tcx.
-func (s *Store) attach(id HookID, ifindex int, prog *ebpf.Program, mode Mode) error {
+// kernel has no tcx. It returns the mode used.
+func (s *Store) attach(id HookID, ifindex int, prog *ebpf.Program, mode Mode) (Mode, error) {
 	if mode == ModeTCX {
 		err := s.attachTCX(id, ifindex, prog)
 		if !errors.Is(err, ebpf.ErrNotSupported) {
-			return err
+			return ModeTCX, err
 		}
 	}
-	return setClsact(id, ifindex, prog)
+	return ModeClsact, setClsact(id, ifindex, prog)
 }
 
 // detach removes a live hook's program from its interface.
