@@ -263,7 +263,15 @@ func TestCheckAndFailedCommit(t *testing.T) {
 	e := newEnv(t, Options{})
 	good := &ruleset.Ruleset{Interfaces: []*ruleset.Interface{{Name: "vb",
 		Ingress: []*grammar.Rule{udpRule(1, 4739, grammar.ActDrop)}}}, NextHandle: 2}
-	e.do(t, func() error { return e.be.Check(good) })
+	e.do(t, func() error {
+		if err := e.be.Check(good); err != nil {
+			return err
+		}
+		if s, err := bpf.OpenExisting(bpf.Options{Root: e.root}); s != nil || err != nil {
+			t.Errorf("Check created state: %v %v", s, err)
+		}
+		return nil
+	})
 	if got := e.send(t, 4739, 3); got != 3 {
 		t.Errorf("Check attached something: %d of 3 datagrams arrived past a drop rule", got)
 	}
