@@ -56,73 +56,88 @@ func (d *daemon) listenTCP() (net.Listener, error) {
 }
 
 // serveAuth answers handshakes on ln; every success adds the peer to the
-// store. Sources that keep failing are refused for a while.
+// store (TCP over UDP, IP over UDP).
 func (d *daemon) serveAuth(ln net.Listener) {
-	lim := auth.NewLimiter()
-	srv := auth.Server{Key: d.key}
-	sem := make(chan struct{}, maxHandshakes)
 	d.goLoop("authentication", func() error {
-		for {
-			c, err := ln.Accept()
+		return d.acceptLoop(ln, func(peer netip.AddrPort) error {
+			e, err := d.store.Add(peer, time.Now())
 			if err != nil {
-				if d.ctx.Err() != nil {
-					return nil
-				}
-				if errors.Is(err, net.ErrClosed) {
-					return err
-				}
-				time.Sleep(10 * time.Millisecond)
-				continue
+				return err
 			}
-			from, _ := netip.ParseAddrPort(c.RemoteAddr().String())
-			if lim.Blocked(from.Addr().Unmap(), time.Now()) {
-				d.stats.AuthFail.Add(1)
-				c.Close()
-				continue
+			if e.Addr.IsValid() {
+				d.log.Printf("peer %s authenticated, tunnel address %s", peer, e.Addr)
+			} else {
+				d.log.Printf("peer %s authenticated", peer)
 			}
-			select {
-			case sem <- struct{}{}:
-			default:
-				c.Close() // too many handshakes at once
-				continue
-			}
-			go func() {
-				defer func() { <-sem }()
-				d.authOne(c, &srv, lim)
-			}()
-		}
+			return nil
+		}, nil)
 	})
 }
 
-func (d *daemon) authOne(c net.Conn, srv *auth.Server, lim *auth.Limiter) {
-	defer c.Close()
-	peer, err := srv.Handshake(c, func(peer netip.AddrPort) error {
-		e, err := d.store.Add(peer, time.Now())
+// acceptLoop accepts connections on ln until it is closed. With a key,
+// each connection must authenticate first: sources that keep failing are
+// refused for a while, at most maxHandshakes run at once, and accept
+// decides (with the peer's address) whether a good handshake is welcome.
+// Then serve gets the connection; without serve the connection is closed,
+// by us first, so the TIME_WAIT state stays here and not on the client's
+// fixed port, which it reuses for its next handshake.
+func (d *daemon) acceptLoop(ln net.Listener, accept func(netip.AddrPort) error, serve func(net.Conn)) error {
+	lim := auth.NewLimiter()
+	srv := &auth.Server{Key: d.key}
+	sem := make(chan struct{}, maxHandshakes)
+	for {
+		c, err := ln.Accept()
 		if err != nil {
-			return err
+			if d.ctx.Err() != nil || errors.Is(err, net.ErrClosed) {
+				return nil
+			}
+			time.Sleep(10 * time.Millisecond) // e.g. out of file descriptors
+			continue
 		}
-		if e.Addr.IsValid() {
-			d.log.Printf("peer %s authenticated, tunnel address %s", peer, e.Addr)
-		} else {
-			d.log.Printf("peer %s authenticated", peer)
+		from, _ := netip.ParseAddrPort(c.RemoteAddr().String())
+		from = netip.AddrPortFrom(from.Addr().Unmap(), from.Port())
+		if d.key != nil && lim.Blocked(from.Addr(), time.Now()) {
+			d.stats.AuthFail.Add(1)
+			c.Close()
+			continue
 		}
-		return nil
-	})
+		select {
+		case sem <- struct{}{}:
+		default:
+			c.Close() // too many handshakes at once
+			continue
+		}
+		go func() {
+			ok := d.key == nil || d.authOne(c, srv, lim, from, accept)
+			<-sem
+			if !ok || serve == nil {
+				c.Close()
+				return
+			}
+			serve(c)
+		}()
+	}
+}
+
+func (d *daemon) authOne(c net.Conn, srv *auth.Server, lim *auth.Limiter, from netip.AddrPort, accept func(netip.AddrPort) error) bool {
+	if accept == nil {
+		accept = func(netip.AddrPort) error { return nil }
+	}
+	_, err := srv.Handshake(c, accept)
 	if err != nil {
 		d.stats.AuthFail.Add(1)
-		if ok, suppressed := lim.Fail(peer.Addr(), time.Now()); ok {
+		if ok, suppressed := lim.Fail(from.Addr(), time.Now()); ok {
 			if suppressed > 0 {
-				d.log.Printf("authentication from %s failed: %v (and %d more failures not logged)", peer, err, suppressed)
+				d.log.Printf("authentication from %s failed: %v (and %d more failures not logged)", from, err, suppressed)
 			} else {
-				d.log.Printf("authentication from %s failed: %v", peer, err)
+				d.log.Printf("authentication from %s failed: %v", from, err)
 			}
 		}
-		return
+		return false
 	}
-	// Returning closes the connection: the server closes first, so the
-	// TIME_WAIT state stays here and not on the client's fixed port, which
-	// it reuses for its next handshake.
+	c.SetDeadline(time.Time{})
 	d.stats.AuthOK.Add(1)
+	return true
 }
 
 // dialer authenticates this side to servers, from the UDP socket's port,

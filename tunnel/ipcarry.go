@@ -73,7 +73,7 @@ func (e *ipCarry) startUDP() error {
 		})
 		e.dial.request(e.remote, nil)
 	}
-	d.goLoop("tun→udp", e.tunToUDP)
+	d.goLoop("tun→udp", func() error { return d.tunToUDP(sock, e.routeUDP) })
 	d.goLoop("udp→tun", e.udpToTun)
 	return nil
 }
@@ -102,42 +102,23 @@ func (e *ipCarry) udpPeer(pkt []byte) (netip.AddrPort, bool) {
 	return netip.AddrPort{}, false
 }
 
-func (e *ipCarry) tunToUDP() error {
+// routeUDP checks a packet from the TUN and picks its peer.
+func (e *ipCarry) routeUDP(pkt []byte, now int64) ([]byte, netip.AddrPort, bool) {
 	d := e.d
-	r := d.dev.NewReader(d.cfg.Batch, 0, d.cfg.MTU)
-	out := udpsock.NewBatch(r.MaxPackets(), 0, 0)
-	for {
-		pkts, err := r.Read()
-		if err != nil {
-			return err
-		}
-		now := time.Now().UnixNano()
-		m := 0
-		for _, pkt := range pkts {
-			d.stats.TunRx.Add(1)
-			if codec.Version(pkt) == 0 {
-				d.stats.drop(codec.DropMalformed)
-				continue
-			}
-			peer, ok := e.udpPeer(pkt)
-			if !ok {
-				d.stats.drop(codec.DropNoPeer)
-				continue
-			}
-			if ent := d.store.ByPeer(peer); ent != nil {
-				ent.Touch(now)
-				ent.TxPackets.Add(1)
-			}
-			out.Out[m], out.Peers[m] = pkt, peer
-			m++
-		}
-		if m > 0 {
-			if err := e.sock.WriteBatch(out, m); err != nil {
-				return err
-			}
-			d.stats.NetTx.Add(uint64(m))
-		}
+	if codec.Version(pkt) == 0 {
+		d.stats.drop(codec.DropMalformed)
+		return nil, netip.AddrPort{}, false
 	}
+	peer, ok := e.udpPeer(pkt)
+	if !ok {
+		d.stats.drop(codec.DropNoPeer)
+		return nil, peer, false
+	}
+	if ent := d.store.ByPeer(peer); ent != nil {
+		ent.Touch(now)
+		ent.TxPackets.Add(1)
+	}
+	return pkt, peer, true
 }
 
 func (e *ipCarry) udpToTun() error {
@@ -153,10 +134,7 @@ func (e *ipCarry) udpToTun() error {
 		for i := 0; i < got; i++ {
 			peer := in.Peers[i]
 			p := in.Payload(i)
-			seg := in.Seg[i]
-			if seg == 0 {
-				seg = max(len(p), 1) // an empty datagram is still one datagram
-			}
+			seg := in.Step(i)
 			ok := true
 			if d.key != nil {
 				ent := d.store.ByPeer(peer)
@@ -216,7 +194,7 @@ func (e *ipCarry) startTCP() error {
 		if err != nil {
 			return err
 		}
-		d.goLoop("accept", func() error { return e.acceptLoop(ln) })
+		d.goLoop("accept", func() error { return d.acceptLoop(ln, nil, e.serveStream) })
 	}
 	if e.client {
 		d.goLoop("connect", e.connectLoop)
@@ -225,59 +203,19 @@ func (e *ipCarry) startTCP() error {
 	return nil
 }
 
-func (e *ipCarry) acceptLoop(ln net.Listener) error {
+// serveStream carries frames on an accepted (and authenticated) stream.
+func (e *ipCarry) serveStream(c net.Conn) {
 	d := e.d
-	lim := auth.NewLimiter()
-	srv := auth.Server{Key: d.key}
-	sem := make(chan struct{}, maxHandshakes)
-	for {
-		c, err := ln.Accept()
-		if err != nil {
-			if d.ctx.Err() != nil || errors.Is(err, net.ErrClosed) {
-				return nil
-			}
-			time.Sleep(10 * time.Millisecond)
-			continue
-		}
-		from, _ := netip.ParseAddrPort(c.RemoteAddr().String())
-		if d.key != nil && lim.Blocked(from.Addr().Unmap(), time.Now()) {
-			d.stats.AuthFail.Add(1)
-			c.Close()
-			continue
-		}
-		select {
-		case sem <- struct{}{}:
-		default:
-			c.Close()
-			continue
-		}
-		go func() {
-			if d.key != nil {
-				if _, err := srv.Handshake(c, func(netip.AddrPort) error { return nil }); err != nil {
-					<-sem
-					d.stats.AuthFail.Add(1)
-					if ok, sup := lim.Fail(from.Addr().Unmap(), time.Now()); ok {
-						d.log.Printf("authentication from %s failed: %v (%d more not logged)", from, err, sup)
-					}
-					c.Close()
-					return
-				}
-				c.SetDeadline(time.Time{})
-				d.stats.AuthOK.Add(1)
-			}
-			<-sem
-			sc := &streamConn{c: c, peer: c.RemoteAddr().String()}
-			if old := e.serverConn.Swap(sc); old != nil {
-				old.c.Close() // one peer at a time: the newest stream wins
-			}
-			d.stats.Connects.Add(1)
-			d.log.Printf("stream from %s up", sc.peer)
-			err := e.readFrames(sc)
-			e.serverConn.CompareAndSwap(sc, nil)
-			c.Close()
-			d.log.Printf("stream from %s down: %v", sc.peer, err)
-		}()
+	sc := &streamConn{c: c, peer: c.RemoteAddr().String()}
+	if old := e.serverConn.Swap(sc); old != nil {
+		old.c.Close() // one peer at a time: the newest stream wins
 	}
+	d.stats.Connects.Add(1)
+	d.log.Printf("stream from %s up", sc.peer)
+	err := e.readFrames(sc)
+	e.serverConn.CompareAndSwap(sc, nil)
+	c.Close()
+	d.log.Printf("stream from %s down: %v", sc.peer, err)
 }
 
 // connectLoop keeps a stream to the remote, reconnecting with exponential

@@ -41,7 +41,7 @@ func (d *daemon) startTCPOverUDP() error {
 		}
 		d.serveAuth(ln)
 	}
-	d.goLoop("tun→udp", e.tunToNet)
+	d.goLoop("tun→udp", func() error { return d.tunToUDP(sock, e.route) })
 	d.goLoop("udp→tun", e.netToTun)
 	return nil
 }
@@ -57,52 +57,34 @@ func (e *tcpUDP) sendHeld(peer netip.AddrPort, seg []byte) {
 	}
 }
 
-func (e *tcpUDP) tunToNet() error {
+// route strips a packet from the TUN down to its TCP segment and finds
+// the peer it goes to.
+func (e *tcpUDP) route(pkt []byte, now int64) ([]byte, netip.AddrPort, bool) {
 	d := e.d
-	r := d.dev.NewReader(d.cfg.Batch, 0, d.cfg.MTU)
-	out := udpsock.NewBatch(r.MaxPackets(), 0, 0)
-	for {
-		pkts, err := r.Read()
-		if err != nil {
-			return err
-		}
-		now := time.Now().UnixNano()
-		m := 0
-		for _, pkt := range pkts {
-			d.stats.TunRx.Add(1)
-			seg, _, dst, why := codec.StripIP(pkt)
-			if why != codec.DropNone {
-				d.stats.drop(why)
-				continue
-			}
-			var ent *store.Entry
-			var peer netip.AddrPort
-			if e.client {
-				peer = netip.AddrPortFrom(dst, e.port)
-				if ent = d.store.ByPeer(peer); ent == nil {
-					e.dial.request(peer, seg)
-					d.stats.drop(codec.DropNoPeer)
-					continue
-				}
-			} else {
-				if ent = d.store.ByAddr(dst); ent == nil {
-					d.stats.drop(codec.DropNoPeer)
-					continue
-				}
-				peer = ent.Peer
-			}
-			ent.Touch(now)
-			ent.TxPackets.Add(1)
-			out.Out[m], out.Peers[m] = seg, peer
-			m++
-		}
-		if m > 0 {
-			if err := e.sock.WriteBatch(out, m); err != nil {
-				return err
-			}
-			d.stats.NetTx.Add(uint64(m))
-		}
+	seg, _, dst, why := codec.StripIP(pkt)
+	if why != codec.DropNone {
+		d.stats.drop(why)
+		return nil, netip.AddrPort{}, false
 	}
+	var ent *store.Entry
+	var peer netip.AddrPort
+	if e.client {
+		peer = netip.AddrPortFrom(dst, e.port)
+		if ent = d.store.ByPeer(peer); ent == nil {
+			e.dial.request(peer, seg)
+			d.stats.drop(codec.DropNoPeer)
+			return nil, peer, false
+		}
+	} else {
+		if ent = d.store.ByAddr(dst); ent == nil {
+			d.stats.drop(codec.DropNoPeer)
+			return nil, peer, false
+		}
+		peer = ent.Peer
+	}
+	ent.Touch(now)
+	ent.TxPackets.Add(1)
+	return seg, peer, true
 }
 
 func (e *tcpUDP) netToTun() error {
@@ -123,10 +105,7 @@ func (e *tcpUDP) netToTun() error {
 		for i := 0; i < got; i++ {
 			peer := in.Peers[i]
 			p := in.Payload(i)
-			seg := in.Seg[i]
-			if seg == 0 {
-				seg = max(len(p), 1) // an empty datagram is still one datagram
-			}
+			seg := in.Step(i)
 			ent := d.store.ByPeer(peer)
 			for o := 0; o < len(p) || o == 0; o += seg {
 				d.stats.NetRx.Add(1)

@@ -167,6 +167,16 @@ func (b *Batch) Cap() int { return len(b.Bufs) }
 // Payload returns datagram i.
 func (b *Batch) Payload(i int) []byte { return b.Bufs[i][b.Off : b.Off+b.Sizes[i]] }
 
+// Step is how far apart the datagrams of received message i are: the
+// UDP GRO size, or the whole payload (at least 1, so that an empty
+// datagram is still visited once by "for o := 0; o < n || o == 0; o += step").
+func (b *Batch) Step(i int) int {
+	if b.Seg[i] > 0 {
+		return b.Seg[i]
+	}
+	return max(b.Sizes[i], 1)
+}
+
 // ReadBatch waits for datagrams and receives up to b.Cap() of them.
 func (c *Conn) ReadBatch(b *Batch) (int, error) {
 	for i := range b.Bufs {
