@@ -260,7 +260,7 @@ func (c *compiler) funnel(rule, fam int, a *grammar.Action) {
 		asm.JNE.Imm(asm.R0, 0, c.stat(StatHelperFailed)),
 	)
 	c.reload()
-	c.ipBound(fam, "pass")
+	c.ipBound(fam, c.exit("pass"))
 	e.comment("inner checksum without addresses")
 	c.addrSum(fam, asm.R4)
 	e.emit(
@@ -269,13 +269,13 @@ func (c *compiler) funnel(rule, fam int, a *grammar.Action) {
 	)
 	c.l4CsumDiff(h, fPseudoHdr)
 	c.reload()
-	c.ipBound(fam, "pass")
+	c.ipBound(fam, c.exit("pass"))
 	e.emit(
 		mov(asm.R5, asm.R7),
 		asm.Add.Reg(asm.R5, asm.R9),
 		mov(asm.R1, asm.R5),
 		asm.Add.Imm(asm.R1, h+4),
-		asm.JGT.Reg(asm.R1, asm.R8, "pass"),
+		asm.JGT.Reg(asm.R1, asm.R8, c.exit("pass")),
 	)
 	e.comment("funnel header")
 	if f.HasSport && f.HasDport {
@@ -453,7 +453,7 @@ func (c *compiler) unfunnel(fam int, inner grammar.Proto) {
 		asm.JNE.Imm(asm.R0, 0, c.stat(StatHelperFailed)),
 	)
 	c.reload()
-	c.ipBound(fam, "pass")
+	c.ipBound(fam, c.exit("pass"))
 	e.comment("inner checksum gets the addresses back")
 	c.addrSum(fam, asm.R4)
 	flags := int32(fPseudoHdr)
@@ -469,7 +469,7 @@ func (c *compiler) unfunnel(fam int, inner grammar.Proto) {
 		asm.FnL4CsumReplace.Call(),
 	)
 	c.reload()
-	c.ipBound(fam, "pass")
+	c.ipBound(fam, c.exit("pass"))
 	e.emit(
 		movi(asm.R3, 0),
 		ldx(asm.R1, asm.R10, slotT1, asm.DWord),
@@ -541,13 +541,13 @@ func (c *compiler) rewrite(fam int, to grammar.Proto) {
 		asm.FnL4CsumReplace.Call(),
 	)
 	c.reload()
-	c.ipBound(fam, "pass")
+	c.ipBound(fam, c.exit("pass"))
 	e.emit(
 		mov(asm.R5, asm.R7),
 		asm.Add.Reg(asm.R5, asm.R9),
 		mov(asm.R1, asm.R5),
 		asm.Add.Imm(asm.R1, 20),
-		asm.JGT.Reg(asm.R1, asm.R8, "pass"),
+		asm.JGT.Reg(asm.R1, asm.R8, c.exit("pass")),
 		ldx(asm.R1, asm.R5, probe, asm.Half),
 		asm.JNE.Imm(asm.R1, 0, full),
 		ldx(asm.R1, asm.R10, slotT2, asm.DWord),
@@ -665,7 +665,7 @@ func (c *compiler) dnat(r *grammar.Rule, a *grammar.Action) {
 			asm.Add.Reg(asm.R5, asm.R9),
 			mov(asm.R1, asm.R5),
 			asm.Add.Imm(asm.R1, 4),
-			asm.JGT.Reg(asm.R1, asm.R8, "pass"),
+			asm.JGT.Reg(asm.R1, asm.R8, c.exit("pass")),
 			ldx(asm.R3, asm.R5, 2, asm.Half),
 			movi(asm.R4, int32(n16(a.DNATPort))),
 		)
@@ -682,13 +682,13 @@ func (c *compiler) dnat(r *grammar.Rule, a *grammar.Action) {
 		e.emit(mov(asm.R1, asm.R6), asm.FnL4CsumReplace.Call())
 	}
 	c.reload()
-	c.ipBound(fam, "pass")
+	c.ipBound(fam, c.exit("pass"))
 	e.emit(
 		mov(asm.R5, asm.R7),
 		asm.Add.Reg(asm.R5, asm.R9),
 		mov(asm.R1, asm.R5),
 		asm.Add.Imm(asm.R1, 4),
-		asm.JGT.Reg(asm.R1, asm.R8, "pass"),
+		asm.JGT.Reg(asm.R1, asm.R8, c.exit("pass")),
 	)
 	for w := 0; w < len(addr); w += 4 {
 		v := uint32(addr[w]) | uint32(addr[w+1])<<8 | uint32(addr[w+2])<<16 | uint32(addr[w+3])<<24

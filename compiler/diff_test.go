@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"strings"
 	"testing"
 
 	"github.com/gopacket/gopacket"
@@ -503,7 +504,7 @@ func TestDifferential(t *testing.T) {
 		fmt.Sscan(s, &seed)
 	}
 	g := gen{r: rand.New(rand.NewPCG(seed, 0x5f))}
-	failures, packets := 0, 0
+	failures, packets, grouped := 0, 0, 0
 	changed := map[grammar.ActionKind]int{}
 	verdicts := map[int32]int{}
 	var allStats [compiler.NumStats]uint64
@@ -513,8 +514,15 @@ func TestDifferential(t *testing.T) {
 		for i := 0; i < 1+g.pick(6); i++ {
 			rules = append(rules, g.rule(sets))
 		}
+		if g.chance(0.2) {
+			at := g.pick(len(rules) + 1)
+			rules = append(rules[:at], append(g.groupRun(sets), rules[at:]...)...)
+		}
 		opts := compiler.Options{Hook: grammar.Hook(g.pick(2))}
 		l := compileLoad(t, rules, sets, opts)
+		if strings.Contains(fmt.Sprint(l.prog.Spec.Programs[compiler.ProgramName].Instructions), "that differ only in") {
+			grouped++
+		}
 		model, err := refmodel.New(rules, sets, opts)
 		if err != nil {
 			t.Fatal(err)
@@ -573,7 +581,7 @@ func TestDifferential(t *testing.T) {
 		}
 		l.coll.Close()
 	}
-	t.Logf("%d packets compared; verdicts %v; rewritten by action %v; stats %v", packets, verdicts, changed, allStats)
+	t.Logf("%d rulesets (%d with a rule group), %d packets compared; verdicts %v; rewritten by action %v; stats %v", rulesets, grouped, packets, verdicts, changed, allStats)
 }
 
 func hasUnfunnel(r *grammar.Rule) bool {
@@ -586,3 +594,58 @@ func hasUnfunnel(r *grammar.Rule) bool {
 }
 
 func newRand(seed uint64) *rand.Rand { return rand.New(rand.NewPCG(seed, 1)) }
+
+// groupRun makes a run of rules that differ only in one address match, with
+// distinct addresses, so the compiler turns them into one map lookup.
+func (g gen) groupRun(sets map[string]*grammar.Set) []*grammar.Rule {
+	v6 := g.chance(0.5)
+	shape := g.rule(sets)
+	shape.Family = map[bool]grammar.Family{false: grammar.FamilyIPv4, true: grammar.FamilyIPv6}[v6]
+	if shape.Saddr != nil && (shape.Saddr.Set != "" || (len(shape.Saddr.Prefixes) > 0 && shape.Saddr.Prefixes[0].Addr().Is6() != v6)) {
+		shape.Saddr = nil
+	}
+	shape.Daddr = nil
+	pool := poolV4
+	if v6 {
+		pool = poolV6
+	}
+	var addrs []netip.Addr
+	for _, a := range pool {
+		addrs = append(addrs, netip.MustParseAddr(a))
+	}
+	for i := 0; i < 20; i++ {
+		if v6 {
+			addrs = append(addrs, netip.AddrFrom16([16]byte{0x20, 0x01, 0x0d, 0xb8, 0, 3, 14: byte(i)}))
+		} else {
+			addrs = append(addrs, netip.AddrFrom4([4]byte{10, 0, 0, byte(i)}))
+		}
+	}
+	g.r.Shuffle(len(addrs), func(i, j int) { addrs[i], addrs[j] = addrs[j], addrs[i] })
+	var run []*grammar.Rule
+	for k := 0; k < 8+g.pick(8) && len(addrs) > 0; k++ {
+		r := *shape
+		other := g.rule(sets)
+		r.Counter, r.SetMetaMark, r.SetCtMark, r.Handle = other.Counter, other.SetMetaMark, other.SetCtMark, uint64(1000+k)
+		r.Actions = nil
+		switch g.pick(4) {
+		case 0:
+			r.Actions = []*grammar.Action{act(grammar.ActAccept, 0)}
+		case 1:
+			r.Actions = []*grammar.Action{act(grammar.ActDrop, 0)}
+		case 2:
+			r.Actions = []*grammar.Action{g.funnel()}
+		}
+		n := 1 + g.pick(2)
+		if n > len(addrs) {
+			n = len(addrs)
+		}
+		m := &grammar.AddrMatch{}
+		for _, a := range addrs[:n] {
+			m.Prefixes = append(m.Prefixes, netip.PrefixFrom(a, a.BitLen()))
+		}
+		addrs = addrs[n:]
+		r.Daddr = m
+		run = append(run, &r)
+	}
+	return run
+}

@@ -24,11 +24,13 @@ func (e *emitter) newLabel(what string) string {
 // label places name at the next instruction.
 func (e *emitter) label(name string) {
 	if e.pending != "" {
+		// The later label names the place better (an exit after a rule's
+		// end, the next rule after a skipped branch): the earlier one
+		// becomes its alias.
 		if e.alias == nil {
 			e.alias = map[string]string{}
 		}
-		e.alias[name] = e.pending
-		return
+		e.alias[e.pending] = name
 	}
 	e.pending = name
 }

@@ -65,6 +65,8 @@ type compiler struct {
 	l3    int16 // offset of the IP header
 
 	statLabels map[int]string
+	gen        int // exit generation (see exit)
+	genStart   int // instruction count when the generation started
 }
 
 // ruleNeeds summarises what the rules read, so the parse guard reads no more.
@@ -116,14 +118,23 @@ func (c *compiler) program(rules []*grammar.Rule) error {
 	e.comment("sfunnel %s program, %d rules, %s", c.opts.Hook, len(rules), map[bool]string{true: "L3 device", false: "Ethernet"}[c.opts.L3])
 	e.emit(mov(asm.R6, asm.R1))
 	if len(rules) == 0 {
-		e.emit(asm.Ja.Label("next"))
+		e.emit(asm.Ja.Label(c.exit("next")))
 	} else {
 		c.parse(n)
 	}
-	for i, r := range rules {
-		if err := c.rule(i, r); err != nil {
+	for i := 0; i < len(rules); {
+		c.maybeStubs()
+		if n, field := groupAt(rules, i); n > 0 {
+			if err := c.group(rules, i, n, field); err != nil {
+				return err
+			}
+			i += n
+			continue
+		}
+		if err := c.rule(i, rules[i]); err != nil {
 			return err
 		}
+		i++
 	}
 	c.exits()
 
@@ -150,7 +161,7 @@ func (c *compiler) parse(n ruleNeeds) {
 		ldx(asm.R8, asm.R6, skbDataEnd, asm.Word),
 		mov(asm.R1, asm.R7),
 		asm.Add.Imm(asm.R1, int32(l3)+20),
-		asm.JGT.Reg(asm.R1, asm.R8, "next"),
+		asm.JGT.Reg(asm.R1, asm.R8, c.exit("next")),
 	)
 	if c.opts.L3 {
 		e.emit(
@@ -163,7 +174,7 @@ func (c *compiler) parse(n ruleNeeds) {
 		if n.v6 {
 			e.emit(asm.JEq.Imm(asm.R1, 6, "ip6"))
 		}
-		e.emit(asm.Ja.Label("next"))
+		e.emit(asm.Ja.Label(c.exit("next")))
 	} else {
 		e.emit(ldx(asm.R1, asm.R7, 12, asm.Half))
 		if n.v4 {
@@ -172,7 +183,7 @@ func (c *compiler) parse(n ruleNeeds) {
 		if n.v6 {
 			e.emit(asm.JEq.Imm(asm.R1, int32(n16(0x86dd)), "ip6"))
 		}
-		e.emit(asm.Ja.Label("next"))
+		e.emit(asm.Ja.Label(c.exit("next")))
 	}
 
 	// IPv4: R9 = transport offset, R3 = info, R2 = protocol, R5 = offset of the protocol byte.
@@ -184,13 +195,13 @@ func (c *compiler) parse(n ruleNeeds) {
 			e.emit(
 				mov(asm.R2, asm.R1),
 				asm.RSh.Imm(asm.R2, 4),
-				asm.JNE.Imm(asm.R2, 4, "next"),
+				asm.JNE.Imm(asm.R2, 4, c.exit("next")),
 			)
 		}
 		e.emit(
 			asm.And.Imm(asm.R1, 0x0f),
 			asm.LSh.Imm(asm.R1, 2),
-			asm.JLT.Imm(asm.R1, 20, "next"),
+			asm.JLT.Imm(asm.R1, 20, c.exit("next")),
 			movi(asm.R3, 0),
 			asm.JEq.Imm(asm.R1, 20, "ip4_noopt"),
 			movi(asm.R3, infoOpts),
@@ -226,13 +237,13 @@ func (c *compiler) parse(n ruleNeeds) {
 		e.emit(
 			mov(asm.R1, asm.R7),
 			asm.Add.Imm(asm.R1, int32(l3)+40),
-			asm.JGT.Reg(asm.R1, asm.R8, "next"),
+			asm.JGT.Reg(asm.R1, asm.R8, c.exit("next")),
 		)
 		if !c.opts.L3 {
 			e.emit(
 				ldx(asm.R1, asm.R7, l3, asm.Byte),
 				asm.RSh.Imm(asm.R1, 4),
-				asm.JNE.Imm(asm.R1, 6, "next"),
+				asm.JNE.Imm(asm.R1, 6, c.exit("next")),
 			)
 		}
 		e.emit(
@@ -379,43 +390,71 @@ func (c *compiler) prefilter(n ruleNeeds) {
 	}
 	e := &c.e
 	ok := e.newLabel("proto_ok")
-	for _, p := range n.protos {
-		e.emit(asm.JEq.Imm(asm.R2, int32(p), ok))
+	for i, p := range n.protos {
+		if i == len(n.protos)-1 {
+			e.emit(asm.JNE.Imm(asm.R2, int32(p), c.exit("next")))
+		} else {
+			e.emit(asm.JEq.Imm(asm.R2, int32(p), ok))
+		}
 	}
-	e.emit(asm.Ja.Label("next"))
 	e.label(ok)
 }
 
-// exits emits the shared exits and stat counting.
-func (c *compiler) exits() {
-	e := &c.e
-	e.label("next")
-	e.emit(movi(asm.R0, VerdictNext), asm.Return())
-	e.label("pass")
-	e.emit(movi(asm.R0, VerdictPass), asm.Return())
-	e.label("drop")
-	e.emit(movi(asm.R0, VerdictDrop), asm.Return())
-	if len(c.statLabels) == 0 {
+// Exits (verdicts and stat counting) are emitted in generations: a
+// generation's stubs follow at most stubDistance instructions of code, so
+// every jump to an exit stays within the 16-bit jump offsets however many
+// rules there are.
+const stubDistance = 8000
+
+// exit returns the label of an exit of the current generation.
+func (c *compiler) exit(name string) string {
+	return fmt.Sprintf("%s_%d", name, c.gen)
+}
+
+// maybeStubs emits the current generation's exits when the code since the
+// last ones is long, jumping over them.
+func (c *compiler) maybeStubs() {
+	if len(c.e.insns)-c.genStart < stubDistance {
 		return
 	}
-	for s := 0; s < NumStats; s++ {
-		l, ok := c.statLabels[s]
-		if !ok {
-			continue
+	over := c.e.newLabel("after_exits")
+	c.e.emit(asm.Ja.Label(over))
+	c.exits()
+	c.e.label(over)
+}
+
+// exits emits the exits of the current generation and starts a new one.
+func (c *compiler) exits() {
+	e := &c.e
+	e.label(c.exit("next"))
+	e.emit(movi(asm.R0, VerdictNext), asm.Return())
+	e.label(c.exit("pass"))
+	e.emit(movi(asm.R0, VerdictPass), asm.Return())
+	e.label(c.exit("drop"))
+	e.emit(movi(asm.R0, VerdictDrop), asm.Return())
+	if len(c.statLabels) > 0 {
+		for s := 0; s < NumStats; s++ {
+			l, ok := c.statLabels[s]
+			if !ok {
+				continue
+			}
+			e.label(l)
+			e.emit(sti(asm.R10, slotKey, int64(s), asm.Word), asm.Ja.Label(c.exit("count_stat")))
 		}
-		e.label(l)
-		e.emit(sti(asm.R10, slotKey, int64(s), asm.Word), asm.Ja.Label("count_stat"))
+		e.label(c.exit("count_stat"))
+		e.comment("stats[key]++, pass untouched")
+		c.lookup(StatsMap, slotKey)
+		e.emit(
+			asm.JEq.Imm(asm.R0, 0, c.exit("pass")),
+			ldx(asm.R1, asm.R0, 0, asm.DWord),
+			asm.Add.Imm(asm.R1, 1),
+			stx(asm.R0, 0, asm.R1, asm.DWord),
+			asm.Ja.Label(c.exit("pass")),
+		)
 	}
-	e.label("count_stat")
-	e.comment("stats[key]++, pass untouched")
-	c.lookup(StatsMap, slotKey)
-	e.emit(
-		asm.JEq.Imm(asm.R0, 0, "pass"),
-		ldx(asm.R1, asm.R0, 0, asm.DWord),
-		asm.Add.Imm(asm.R1, 1),
-		stx(asm.R0, 0, asm.R1, asm.DWord),
-		asm.Ja.Label("pass"),
-	)
+	c.gen++
+	c.genStart = len(e.insns)
+	c.statLabels = map[int]string{}
 }
 
 // stat returns the label that counts s and passes the packet.
@@ -423,7 +462,7 @@ func (c *compiler) stat(s int) string {
 	if l, ok := c.statLabels[s]; ok {
 		return l
 	}
-	l := "stat_" + strings.ReplaceAll(StatNames[s], "-", "_")
+	l := c.exit("stat_" + strings.ReplaceAll(StatNames[s], "-", "_"))
 	c.statLabels[s] = l
 	return l
 }

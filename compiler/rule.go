@@ -20,7 +20,21 @@ func (c *compiler) rule(i int, r *grammar.Rule) error {
 	e := &c.e
 	fail := fmt.Sprintf("rule%d_end", i)
 	e.comment("rule %d handle %d: %s", i, r.Handle, Describe(r))
+	if err := c.matches(r, fail, ""); err != nil {
+		return err
+	}
+	if err := c.body(i, r, fail); err != nil {
+		return err
+	}
+	e.label(fail)
+	return nil
+}
 
+// matches emits the rule's matches, cheapest first, jumping to fail when
+// one does not hold; skip names an address match ("saddr"/"daddr") a
+// group tests with its map instead.
+func (c *compiler) matches(r *grammar.Rule, fail, skip string) error {
+	e := &c.e
 	switch r.Family {
 	case grammar.FamilyIPv4:
 		e.emit(ldx(asm.R1, asm.R10, slotFam, asm.DWord), asm.JNE.Imm(asm.R1, 4, fail))
@@ -63,17 +77,23 @@ func (c *compiler) rule(i int, r *grammar.Rule) error {
 		}
 		c.markMatch(mask, value, m.Neg, fail)
 	}
-	if r.Saddr != nil {
+	if r.Saddr != nil && skip != "saddr" {
 		if err := c.addrMatch(r, r.Saddr, slotSaddr, fail); err != nil {
 			return err
 		}
 	}
-	if r.Daddr != nil {
+	if r.Daddr != nil && skip != "daddr" {
 		if err := c.addrMatch(r, r.Daddr, slotDaddr, fail); err != nil {
 			return err
 		}
 	}
+	return nil
+}
 
+// body emits the statements and actions of rule i; a rule without actions
+// continues at next.
+func (c *compiler) body(i int, r *grammar.Rule, next string) error {
+	e := &c.e
 	if r.Counter {
 		e.comment("counter")
 		e.emit(sti(asm.R10, slotKey, int64(i), asm.Word))
@@ -108,9 +128,9 @@ func (c *compiler) rule(i int, r *grammar.Rule) error {
 		e.comment("%s", describeAction(a))
 		switch a.Kind {
 		case grammar.ActAccept:
-			e.emit(asm.Ja.Label("pass"))
+			e.emit(asm.Ja.Label(c.exit("pass")))
 		case grammar.ActDrop:
-			e.emit(asm.Ja.Label("drop"))
+			e.emit(asm.Ja.Label(c.exit("drop")))
 		case grammar.ActFunnel:
 			c.perFamily(r, func(fam int) { c.funnel(i, fam, a) })
 		case grammar.ActUnfunnel:
@@ -125,9 +145,10 @@ func (c *compiler) rule(i int, r *grammar.Rule) error {
 		}
 	}
 	if len(r.Actions) > 0 {
-		e.emit(asm.Ja.Label("pass"))
+		e.emit(asm.Ja.Label(c.exit("pass")))
+	} else {
+		e.emit(asm.Ja.Label(next))
 	}
-	e.label(fail)
 	return nil
 }
 

@@ -1,0 +1,220 @@
+package compiler_test
+
+import (
+	"fmt"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/asm"
+	"github.com/sfunnel/sfunnel/compiler"
+	"github.com/sfunnel/sfunnel/grammar"
+	"github.com/sfunnel/sfunnel/internal/testenv"
+)
+
+// Reference programs of SPEC §4, loaded in the same process.
+
+func loadRef(b testing.TB, name string, insns asm.Instructions) *ebpf.Program {
+	b.Helper()
+	p, err := ebpf.NewProgram(&ebpf.ProgramSpec{Name: name, Type: ebpf.SchedCLS, License: "GPL", Instructions: insns})
+	if err != nil {
+		b.Fatalf("load %s: %v", name, err)
+	}
+	b.Cleanup(func() { p.Close() })
+	return p
+}
+
+// emptyProgram is `r0 = 0; exit`.
+func emptyProgram() asm.Instructions {
+	return asm.Instructions{asm.Mov.Imm(asm.R0, 0), asm.Return()}
+}
+
+// floorProgram only calls bpf_skb_adjust_room ±20 (NET mode), alternately,
+// and flips the IPv4 protocol byte: no matching, no checksums.
+func floorProgram() asm.Instructions {
+	return asm.Instructions{
+		asm.Mov.Reg(asm.R6, asm.R1),
+		asm.LoadMem(asm.R2, asm.R6, 76, asm.Word),
+		asm.LoadMem(asm.R3, asm.R6, 80, asm.Word),
+		asm.Mov.Reg(asm.R4, asm.R2),
+		asm.Add.Imm(asm.R4, 34),
+		asm.JGT.Reg(asm.R4, asm.R3, "out"),
+		asm.LoadMem(asm.R5, asm.R2, 23, asm.Byte),
+		asm.Mov.Imm(asm.R2, -20),
+		asm.Mov.Imm(asm.R9, 17),
+		asm.JNE.Imm(asm.R5, 17, "adjust"),
+		asm.Mov.Imm(asm.R2, 20),
+		asm.Mov.Imm(asm.R9, 6),
+		asm.Mov.Reg(asm.R1, asm.R6).WithSymbol("adjust"),
+		asm.Mov.Imm(asm.R3, 0),
+		asm.Mov.Imm(asm.R4, 0),
+		asm.FnSkbAdjustRoom.Call(),
+		asm.LoadMem(asm.R2, asm.R6, 76, asm.Word),
+		asm.LoadMem(asm.R3, asm.R6, 80, asm.Word),
+		asm.Mov.Reg(asm.R4, asm.R2),
+		asm.Add.Imm(asm.R4, 34),
+		asm.JGT.Reg(asm.R4, asm.R3, "out"),
+		asm.StoreMem(asm.R2, 23, asm.R9, asm.Byte),
+		asm.Mov.Imm(asm.R0, 0).WithSymbol("out"),
+		asm.Return(),
+	}
+}
+
+type benchProg struct {
+	name string
+	prog *ebpf.Program
+	pkt  []byte
+	ns   []float64
+}
+
+const benchRepeat = 1_000_000
+
+func (p *benchProg) measure(b testing.TB) {
+	_, d, err := p.prog.Benchmark(p.pkt, benchRepeat, nil)
+	if err != nil {
+		b.Fatalf("%s: %v", p.name, err)
+	}
+	p.ns = append(p.ns, float64(d)/float64(time.Nanosecond))
+}
+
+func (p *benchProg) median() float64 {
+	s := slices.Clone(p.ns)
+	slices.Sort(s)
+	return s[len(s)/2]
+}
+
+func compiledProg(b testing.TB, rules []*grammar.Rule, sets map[string]*grammar.Set, hook grammar.Hook) *ebpf.Program {
+	l := compileLoad(b, rules, sets, compiler.Options{Hook: hook})
+	return l.coll.Programs[compiler.ProgramName]
+}
+
+// saddrRule matches a source prefix list or set and accepts.
+func saddrRule(m *grammar.AddrMatch) *grammar.Rule {
+	return &grammar.Rule{Family: grammar.FamilyIPv4, Saddr: m, Proto: grammar.ProtoUDP, Dport: ports(4739), Actions: []*grammar.Action{act(grammar.ActAccept, 0)}}
+}
+
+func manyPrefixes(n int) []netip.Prefix {
+	out := []netip.Prefix{netip.MustParsePrefix("192.0.2.1/32")}
+	for i := 1; i < n; i++ {
+		out = append(out, netip.PrefixFrom(netip.AddrFrom4([4]byte{10, byte(i >> 16), byte(i >> 8), byte(i)}), 32))
+	}
+	return out
+}
+
+// BenchmarkDatapath measures, in one interleaved run, the programs of SPEC
+// §4 and reports each as a ratio to its in-run reference (median of 9).
+// It writes the table to BENCHMARKS.md.
+func BenchmarkDatapath(b *testing.B) {
+	testenv.RequireRoot(b)
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+
+	ipfix := udpPkt(b, false, 40000, 4739, make([]byte, 100))
+	other := tcpPkt(b, false, 33000, 80, false, true, make([]byte, 100))
+
+	empty := loadRef(b, "empty", emptyProgram())
+	floor := loadRef(b, "floor", floorProgram())
+	bigSet := map[string]*grammar.Set{"big": {Name: "big", Type: grammar.SetIPv4Addr, Prefixes: manyPrefixes(10000)}}
+	oneSet := map[string]*grammar.Set{"big": {Name: "big", Type: grammar.SetIPv4Addr, Prefixes: manyPrefixes(1)}}
+	var manyRules []*grammar.Rule
+	for i, p := range manyPrefixes(10000) {
+		if i == 0 {
+			continue
+		}
+		manyRules = append(manyRules, saddrRule(&grammar.AddrMatch{Prefixes: []netip.Prefix{p}}))
+	}
+	manyRules = append(manyRules, saddrRule(&grammar.AddrMatch{Prefixes: manyPrefixes(1)}))
+
+	progs := []*benchProg{
+		{name: "empty", prog: empty, pkt: other},
+		{name: "floor", prog: floor, pkt: ipfix},
+		{name: "roundtrip-ingress", prog: compiledProg(b, defaultRuleset(), nil, grammar.HookIngress), pkt: ipfix},
+		{name: "roundtrip-egress", prog: compiledProg(b, defaultRuleset(), nil, grammar.HookEgress), pkt: ipfix},
+		{name: "nomatch", prog: compiledProg(b, defaultRuleset(), nil, grammar.HookEgress), pkt: other},
+		{name: "set1", prog: compiledProg(b, []*grammar.Rule{saddrRule(&grammar.AddrMatch{Set: "big"})}, oneSet, grammar.HookEgress), pkt: ipfix},
+		{name: "set10k", prog: compiledProg(b, []*grammar.Rule{saddrRule(&grammar.AddrMatch{Set: "big"})}, bigSet, grammar.HookEgress), pkt: ipfix},
+		{name: "anon1", prog: compiledProg(b, []*grammar.Rule{saddrRule(&grammar.AddrMatch{Prefixes: manyPrefixes(1)})}, nil, grammar.HookEgress), pkt: ipfix},
+		{name: "anon10k", prog: compiledProg(b, []*grammar.Rule{saddrRule(&grammar.AddrMatch{Prefixes: manyPrefixes(10000)})}, nil, grammar.HookEgress), pkt: ipfix},
+		{name: "rules10k", prog: compiledProg(b, manyRules, nil, grammar.HookEgress), pkt: ipfix},
+	}
+	for n := 0; n < b.N; n++ {
+		for round := 0; round < 9; round++ {
+			for _, p := range progs {
+				p.measure(b)
+			}
+		}
+	}
+	by := map[string]*benchProg{}
+	for _, p := range progs {
+		by[p.name] = p
+	}
+	type row struct {
+		what, ref string
+		num, den  string
+		goal      float64
+	}
+	rows := []row{
+		{"funnel+unfunnel round trip, default ruleset, ingress hook", "adjust_room floor", "roundtrip-ingress", "floor", 1.5},
+		{"funnel+unfunnel round trip, default ruleset, egress hook (+ MTU check)", "adjust_room floor", "roundtrip-egress", "floor", 1.5},
+		{"packet that matches no rule, default ruleset", "empty program", "nomatch", "empty", 1.2},
+		{"named set of 10 000 addresses vs 1 address", "same rule, 1-element set", "set10k", "set1", 1.3},
+		{"anonymous set of 10 000 addresses (LPM map) vs 1 address (inline)", "same rule, 1 address", "anon10k", "anon1", 1.3},
+		{"10 000 rules, the last one matching, vs 1 rule", "1 rule", "rules10k", "anon1", 1.3},
+	}
+	var tbl strings.Builder
+	fmt.Fprintf(&tbl, "Datapath (BPF_PROG_TEST_RUN, %d repeats per run, median of %d runs; `make bench-datapath` = `go test ./compiler -run '^$' -bench . -count 9`). %s, kernel %s.\n\n",
+		benchRepeat, len(progs[0].ns), time.Now().UTC().Format("2006-01-02"), kernelRelease())
+	tbl.WriteString("| measurement | reference | ns/run | reference ns/run | ratio | goal |\n|---|---|---:|---:|---:|---:|\n")
+	for _, r := range rows {
+		num, den := by[r.num].median(), by[r.den].median()
+		ratio := num / den
+		b.ReportMetric(ratio, r.num+"/"+r.den)
+		mark := "ok"
+		if ratio > r.goal {
+			mark = "missed"
+		}
+		fmt.Fprintf(&tbl, "| %s | %s | %.1f | %.1f | %.2f× | ≤ %.1f× (%s) |\n", r.what, r.ref, num, den, ratio, r.goal, mark)
+	}
+	b.Logf("\n%s", tbl.String())
+	if err := writeBenchmarks(tbl.String()); err != nil {
+		b.Logf("BENCHMARKS.md not updated: %v", err)
+	}
+}
+
+func kernelRelease() string {
+	out, err := exec.Command("uname", "-r").Output()
+	if err != nil {
+		return "unknown"
+	}
+	return strings.TrimSpace(string(out))
+}
+
+// writeBenchmarks replaces the datapath section of BENCHMARKS.md (between
+// the markers), keeping the rest of the file.
+func writeBenchmarks(section string) error {
+	const begin, end = "<!-- datapath:begin -->", "<!-- datapath:end -->"
+	path := filepath.Join("..", "BENCHMARKS.md")
+	old, err := os.ReadFile(path)
+	if err != nil && !os.IsNotExist(err) {
+		return err
+	}
+	text := string(old)
+	block := begin + "\n## Datapath\n\n" + section + "\n" + end
+	i, j := strings.Index(text, begin), strings.Index(text, end)
+	switch {
+	case i >= 0 && j > i:
+		text = text[:i] + block + text[j+len(end):]
+	case text == "":
+		text = "# Benchmarks\n\n" + block + "\n"
+	default:
+		text = strings.TrimRight(text, "\n") + "\n\n" + block + "\n"
+	}
+	return os.WriteFile(path, []byte(text), 0o644)
+}
