@@ -2,16 +2,9 @@ package e2e
 
 import (
 	"bytes"
-	"context"
-	"crypto/rand"
-	"crypto/sha256"
 	"encoding/binary"
-	"errors"
-	"golang.org/x/sys/unix"
-	"io"
 	"net"
 	"net/netip"
-	"syscall"
 	"testing"
 	"time"
 
@@ -227,41 +220,7 @@ func testTCPFunnel(t *testing.T, fam family, over string, on bool) {
 	capN := startCapture(t, tp.n, "n0")
 	capS := startCapture(t, tp.n, "n1")
 
-	var ln net.Listener
-	must(t, tp.s.Do(func() (err error) {
-		ln, err = smallMSS.Listen(context.Background(), "tcp", net.JoinHostPort(fam.server.String(), "8080"))
-		return err
-	}))
-	defer ln.Close()
-	go func() {
-		c, err := ln.Accept()
-		if err != nil {
-			return
-		}
-		defer c.Close()
-		io.Copy(c, c) // echo
-	}()
-	var conn net.Conn
-	must(t, tp.c.Do(func() (err error) {
-		d := net.Dialer{Timeout: 5 * time.Second, Control: smallMSS.Control}
-		conn, err = d.Dial("tcp", net.JoinHostPort(fam.vip.String(), "8080"))
-		return err
-	}))
-	defer conn.Close()
-	conn.SetDeadline(time.Now().Add(60 * time.Second))
-	payload := make([]byte, 4<<20)
-	rand.Read(payload)
-	go func() {
-		conn.Write(payload)
-		conn.(*net.TCPConn).CloseWrite()
-	}()
-	echo, err := io.ReadAll(conn)
-	if err != nil {
-		t.Fatalf("after %d bytes echoed: %v", len(echo), err)
-	}
-	if sha256.Sum256(echo) != sha256.Sum256(payload) {
-		t.Fatalf("echo differs: %d bytes back of %d", len(echo), len(payload))
-	}
+	size := echoTransfer(t, tp.s, net.JoinHostPort(fam.server.String(), "8080"), tp.c, net.JoinHostPort(fam.vip.String(), "8080"), 4<<20)
 
 	for _, side := range []struct {
 		name string
@@ -291,8 +250,8 @@ func testTCPFunnel(t *testing.T, fam family, over string, on bool) {
 			}
 			funneled++
 		}
-		if drops := side.cap.drops; funneled+drops < len(payload)/1400 {
-			t.Errorf("%s: only %d funneled packets (%d not captured) for %d bytes", side.name, funneled, drops, len(payload))
+		if drops := side.cap.drops; funneled+drops < size/1400 {
+			t.Errorf("%s: only %d funneled packets (%d not captured) for %d bytes", side.name, funneled, drops, size)
 		}
 		t.Logf("%s: %d funneled packets, %d bad", side.name, funneled, bad)
 	}
@@ -308,11 +267,3 @@ func must(t *testing.T, err error) {
 		t.Fatal(err)
 	}
 }
-
-// smallMSS leaves room for a funnel header in 1500-byte packets: both ends
-// announce and use an MSS of 1400.
-var smallMSS = net.ListenConfig{Control: func(_, _ string, c syscall.RawConn) error {
-	var serr error
-	err := c.Control(func(fd uintptr) { serr = unix.SetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_MAXSEG, 1400) })
-	return errors.Join(err, serr)
-}}

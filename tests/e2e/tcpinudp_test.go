@@ -1,14 +1,9 @@
 package e2e
 
 import (
-	"crypto/rand"
-	"crypto/sha256"
 	"encoding/binary"
-	"io"
-	"net"
 	"net/netip"
 	"testing"
-	"time"
 
 	"github.com/sfunnel/sfunnel/internal/testenv"
 	"github.com/sfunnel/sfunnel/ruleset"
@@ -61,40 +56,7 @@ func testTCPInUDP(t *testing.T, on bool) {
 	capC := startCapture(t, crouter, "w0")
 	capS := startCapture(t, srouter, "w1")
 
-	var ln net.Listener
-	must(t, sapp.Do(func() (err error) {
-		ln, err = net.Listen("tcp4", "198.51.100.2:8080")
-		return err
-	}))
-	defer ln.Close()
-	go func() {
-		c, err := ln.Accept()
-		if err != nil {
-			return
-		}
-		defer c.Close()
-		io.Copy(c, c)
-	}()
-	var conn net.Conn
-	must(t, capp.Do(func() (err error) {
-		conn, err = net.DialTimeout("tcp4", "198.51.100.2:8080", 5*time.Second)
-		return err
-	}))
-	defer conn.Close()
-	conn.SetDeadline(time.Now().Add(60 * time.Second))
-	payload := make([]byte, 4<<20)
-	rand.Read(payload)
-	go func() {
-		conn.Write(payload)
-		conn.(*net.TCPConn).CloseWrite()
-	}()
-	echo, err := io.ReadAll(conn)
-	if err != nil {
-		t.Fatalf("after %d bytes echoed: %v", len(echo), err)
-	}
-	if sha256.Sum256(echo) != sha256.Sum256(payload) {
-		t.Fatalf("echo differs: %d bytes back of %d", len(echo), len(payload))
-	}
+	size := echoTransfer(t, sapp, "198.51.100.2:8080", capp, "198.51.100.2:8080", 4<<20)
 
 	for _, side := range []struct {
 		name string
@@ -127,8 +89,8 @@ func testTCPInUDP(t *testing.T, on bool) {
 			}
 			udp++
 		}
-		if udp+side.cap.drops < len(payload)/1500 {
-			t.Errorf("%s: %d UDP datagrams on the wire for %d bytes", side.name, udp, len(payload))
+		if udp+side.cap.drops < size/1500 {
+			t.Errorf("%s: %d UDP datagrams on the wire for %d bytes", side.name, udp, size)
 		}
 		t.Logf("%s: %d rewritten segments, %d bad", side.name, udp, bad)
 	}

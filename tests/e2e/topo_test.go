@@ -3,14 +3,21 @@
 package e2e
 
 import (
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
 	"errors"
 	"fmt"
+	"golang.org/x/sys/unix"
+	"io"
 	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
+	"time"
 
 	"github.com/cilium/ebpf"
 	"github.com/gopacket/gopacket"
@@ -283,3 +290,55 @@ func (w *wire) checkInner(outer, inner uint8) error {
 	}
 	return nil
 }
+
+// echoTransfer runs a TCP echo server in srv on listen and sends size random
+// bytes to it from cl through dial, both ways at once; it fails the test
+// unless the connection completes and every byte comes back intact. It
+// returns the size.
+func echoTransfer(t *testing.T, srv *testenv.NS, listen string, cl *testenv.NS, dial string, size int) int {
+	t.Helper()
+	var ln net.Listener
+	must(t, srv.Do(func() (err error) {
+		ln, err = smallMSS.Listen(context.Background(), "tcp", listen)
+		return err
+	}))
+	defer ln.Close()
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		io.Copy(c, c)
+	}()
+	var conn net.Conn
+	must(t, cl.Do(func() (err error) {
+		d := net.Dialer{Timeout: 5 * time.Second, Control: smallMSS.Control}
+		conn, err = d.Dial("tcp", dial)
+		return err
+	}))
+	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(60 * time.Second))
+	payload := make([]byte, size)
+	rand.Read(payload)
+	go func() {
+		conn.Write(payload)
+		conn.(*net.TCPConn).CloseWrite()
+	}()
+	echo, err := io.ReadAll(conn)
+	if err != nil {
+		t.Fatalf("after %d bytes echoed: %v", len(echo), err)
+	}
+	if sha256.Sum256(echo) != sha256.Sum256(payload) {
+		t.Fatalf("echo differs: %d bytes back of %d", len(echo), len(payload))
+	}
+	return size
+}
+
+// smallMSS leaves room for a funnel header in 1500-byte packets: both ends
+// announce and use an MSS of 1400.
+var smallMSS = net.ListenConfig{Control: func(_, _ string, c syscall.RawConn) error {
+	var serr error
+	err := c.Control(func(fd uintptr) { serr = unix.SetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_MAXSEG, 1400) })
+	return errors.Join(err, serr)
+}}
