@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/sfunnel/sfunnel/tunnel/auth"
+	"github.com/sfunnel/sfunnel/tunnel/store"
 	"golang.org/x/sys/unix"
 )
 
@@ -184,6 +185,23 @@ func (a *dialer) request(peer netip.AddrPort, held []byte) {
 	s.running = true
 	s.last = time.Now()
 	go a.run(peer, s)
+}
+
+// silenceLimit is how long a server may stay silent while we send before
+// we authenticate again: it may have restarted and forgotten us, and it
+// cannot tell us (it answers nothing to peers it does not know).
+func (a *dialer) silenceLimit() time.Duration {
+	return min(10*time.Second, a.d.store.TTL()/2)
+}
+
+// checkSilence re-authenticates with a server that stopped answering; the
+// packet about to be sent is sent again after the handshake.
+func (a *dialer) checkSilence(ent *store.Entry, pkt []byte, now int64) {
+	if ent.Sent(now) > a.silenceLimit() {
+		ent.RestartSilence(now)
+		a.d.log.Printf("no answer from %s for %s: authenticating again", ent.Peer, a.silenceLimit())
+		a.request(ent.Peer, pkt)
+	}
 }
 
 func (a *dialer) run(peer netip.AddrPort, s *dialState) {

@@ -261,4 +261,14 @@ func TestExpiry(t *testing.T) {
 	if st := srv.getStatus(); st.Counters["auth_ok"] != 2 || len(st.Peers) != 1 {
 		t.Errorf("after re-authentication: counters %v, peers %d", st.Counters, len(st.Peers))
 	}
+	// A restarted server knows nobody; the client notices the silence and
+	// authenticates again.
+	if code := srv.stop(); code != 0 {
+		t.Fatalf("server exit code %d", code)
+	}
+	srv = startTunnel(t, b, "-i", "tun0", "-l", "7472", "--address", "203.0.113.1/24", "--key", key, "--expiry", "1500ms")
+	transfer(t, a, "tcp", "192.0.2.2:5001", 1<<20)
+	if st := srv.getStatus(); st.Counters["auth_ok"] == 0 || len(st.Peers) != 1 {
+		t.Errorf("after the server restarted: counters %v, peers %d", st.Counters, len(st.Peers))
+	}
 }

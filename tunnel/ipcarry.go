@@ -88,6 +88,7 @@ func (e *ipCarry) udpPeer(pkt []byte) (netip.AddrPort, bool) {
 			return e.remote, true
 		}
 		if ent := d.store.ByPeer(e.remote); ent != nil {
+			e.dial.checkSilence(ent, pkt, time.Now().UnixNano())
 			return e.remote, true
 		}
 		e.dial.request(e.remote, pkt)
@@ -139,6 +140,7 @@ func (e *ipCarry) udpToTun() error {
 			if d.key != nil {
 				ent := d.store.ByPeer(peer)
 				if ok = ent != nil; ok {
+					ent.Heard()
 					ent.Touch(now)
 					ent.RxPackets.Add(1)
 				}

@@ -75,6 +75,7 @@ func (e *tcpUDP) route(pkt []byte, now int64) ([]byte, netip.AddrPort, bool) {
 			d.stats.drop(codec.DropNoPeer)
 			return nil, peer, false
 		}
+		e.dial.checkSilence(ent, seg, now)
 	} else {
 		if ent = d.store.ByAddr(dst); ent == nil {
 			d.stats.drop(codec.DropNoPeer)
@@ -147,6 +148,7 @@ func (e *tcpUDP) netToTun() error {
 				}
 				d.stats.TunTx.Add(1)
 				ent.Touch(now)
+				ent.Heard()
 				ent.RxPackets.Add(1)
 			}
 		}

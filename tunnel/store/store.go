@@ -24,7 +24,30 @@ type Entry struct {
 	Created              time.Time
 	lastUsed             atomic.Int64 // unix nanoseconds
 	RxPackets, TxPackets atomic.Uint64
+	// since when we have been sending without hearing back (0: we heard)
+	unanswered atomic.Int64
 }
+
+// Sent notes a packet sent to the peer at now and returns how long the
+// peer has been silent since the first packet it did not answer.
+func (e *Entry) Sent(now int64) time.Duration {
+	since := e.unanswered.Load()
+	if since == 0 {
+		e.unanswered.CompareAndSwap(0, now)
+		return 0
+	}
+	return time.Duration(now - since)
+}
+
+// Heard notes a packet from the peer.
+func (e *Entry) Heard() {
+	if e.unanswered.Load() != 0 {
+		e.unanswered.Store(0)
+	}
+}
+
+// RestartSilence starts the silence count afresh (after acting on it).
+func (e *Entry) RestartSilence(now int64) { e.unanswered.Store(now) }
 
 // Touch marks the entry as used now.
 func (e *Entry) Touch(now int64) { e.lastUsed.Store(now) }
