@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -82,6 +83,7 @@ func tcpSegment() []byte {
 func TestTCPOverUDPAttacks(t *testing.T) {
 	a, b := twoHosts(t)
 	a.Run(t, "ip", "addr", "add", "192.0.2.9/24", "dev", "eth0")
+	a.Run(t, "ip", "addr", "add", "192.0.2.10/24", "dev", "eth0")
 	key := writeKey(t)
 	srv := startTunnel(t, b, "-i", "tun0", "-l", "7472", "--address", "203.0.113.1/28", "--max-peers", "8", "--key", key)
 	startTunnel(t, a, "-i", "tun0", "-l", "7473", "-b", "eth0", "-e", "7472", "--address", "198.51.100.1/32", "--key", key)
@@ -186,6 +188,36 @@ func TestTCPOverUDPAttacks(t *testing.T) {
 	if n := strings.Count(srv.log.String(), "authentication from"); n == 0 || n > 10 {
 		t.Errorf("%d failure lines logged, want a few", n)
 	}
+	t.Run("a source that kept failing is refused", func(t *testing.T) {
+		c := dialFrom(t, a, "192.0.2.9:7609", "192.0.2.2:7472")
+		defer c.Close()
+		if _, err := auth.ClientHandshake(c, good, 3*time.Second); err == nil {
+			t.Errorf("192.0.2.9 failed more than 5 times in a minute and was still let in")
+		}
+	})
+	t.Run("more good peers than the store holds", func(t *testing.T) {
+		// --max-peers 8, two entries taken: six more fit, the rest are
+		// refused in the handshake's last message.
+		accepted, refused := 0, 0
+		for port := 7610; port < 7620; port++ {
+			c := dialFrom(t, a, fmt.Sprintf("192.0.2.10:%d", port), "192.0.2.2:7472")
+			_, err := auth.ClientHandshake(c, good, 3*time.Second)
+			switch {
+			case err == nil:
+				accepted++
+			case errors.Is(err, auth.ErrRefused):
+				refused++
+			default:
+				t.Errorf("port %d: %v", port, err)
+			}
+			c.SetReadDeadline(time.Now().Add(3 * time.Second))
+			io.ReadAll(c)
+			c.Close()
+		}
+		if accepted != 6 || refused != 4 || len(srv.getStatus().Peers) != 8 {
+			t.Errorf("accepted %d, refused %d, store %d", accepted, refused, len(srv.getStatus().Peers))
+		}
+	})
 	// And the good peer still gets through.
 	transfer(t, a, "tcp", "192.0.2.2:5001", 4<<20)
 }

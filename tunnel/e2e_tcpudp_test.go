@@ -1,9 +1,15 @@
 package tunnel
 
 import (
+	"bytes"
+	"encoding/json"
 	"net"
 	"net/netip"
+	"os"
+	"strings"
+	"syscall"
 	"testing"
+	"time"
 )
 
 const transferSize = 8 << 20
@@ -57,22 +63,57 @@ func testTCPOverUDP(t *testing.T, offload string) {
 	if c := cli.getStatus(); c.Counters["net_tx"] < 1000 {
 		t.Errorf("client counters: %v, drops %v", c.Counters, c.Drops)
 	}
+	// The status command, as text and JSON, and SIGUSR1.
+	var out, errb bytes.Buffer
+	if code := Main([]string{"status", "--status-socket", srv.status}, &out, &errb); code != 0 ||
+		!strings.Contains(out.String(), "peers: 2") || !strings.Contains(out.String(), "203.0.113.") {
+		t.Errorf("status: exit %d\n%s%s", code, out.String(), errb.String())
+	}
+	out.Reset()
+	var js Status
+	if code := Main([]string{"status", "--status-socket", srv.status, "-j"}, &out, &errb); code != 0 ||
+		json.Unmarshal(out.Bytes(), &js) != nil || len(js.Peers) != 2 {
+		t.Errorf("status -j: exit %d\n%s", code, out.String())
+	}
+	srv.cmd.Process.Signal(syscall.SIGUSR1)
+	deadline := time.Now().Add(5 * time.Second)
+	for !strings.Contains(srv.log.String(), "counters:") && time.Now().Before(deadline) {
+		time.Sleep(20 * time.Millisecond)
+	}
+	if !strings.Contains(srv.log.String(), "counters:") {
+		t.Errorf("no status on stderr after SIGUSR1")
+	}
 	if code := cli.stop(); code != 0 {
 		t.Errorf("client exit code %d", code)
 	}
 	if code := srv.stop(); code != 0 {
 		t.Errorf("server exit code %d", code)
 	}
-	if out := b.Run(t, "ip", "link"); containsWord(out, "tun0") {
+	if out := b.Run(t, "ip", "link"); strings.Contains(out, "tun0") {
 		t.Errorf("tun0 still exists after SIGTERM:\n%s", out)
+	}
+	if _, err := os.Stat(srv.status); err == nil {
+		t.Errorf("status socket left behind")
 	}
 }
 
-func containsWord(s, w string) bool {
-	for i := 0; i+len(w) <= len(s); i++ {
-		if s[i:i+len(w)] == w {
-			return true
+// --persist keeps the device, and the next daemon takes it over.
+func TestPersist(t *testing.T) {
+	a, _ := twoHosts(t)
+	key := writeKey(t)
+	args := []string{"-i", "tun7", "-e", "7472", "--key", key, "--persist"}
+	for range 2 {
+		p := startTunnel(t, a, args...)
+		if code := p.stop(); code != 0 {
+			t.Fatalf("exit code %d", code)
+		}
+		if out := a.Run(t, "ip", "link", "show", "tun7"); !strings.Contains(out, "tun7") {
+			t.Fatalf("tun7 gone after a --persist daemon stopped")
 		}
 	}
-	return false
+	p := startTunnel(t, a, "-i", "tun7", "-e", "7472", "--key", key)
+	p.stop()
+	if out, err := a.Command("ip", "link", "show", "tun7").CombinedOutput(); err == nil {
+		t.Fatalf("tun7 still there after a daemon without --persist stopped:\n%s", out)
+	}
 }
