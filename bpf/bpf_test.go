@@ -426,3 +426,54 @@ func progID(t *testing.T, s *Store, id HookID) ebpf.ProgramID {
 	pid, _ := info.ID()
 	return pid
 }
+
+// The state of a deleted namespace is collected; that of live ones stays.
+func TestCollectGarbage(t *testing.T) {
+	root := testRoot(t)
+	p := newPair(t)
+	idle := testenv.NewNS(t)
+	var deadDir, liveDir, idleDir string
+	must(t, p.a.Do(func() error {
+		s, err := Open(Options{Root: root})
+		if err != nil {
+			return err
+		}
+		deadDir = s.Dir
+		ifc, _ := LookupInterface("va")
+		return s.Swap([]Update{{HookID: HookID{Ifname: "va", Hook: grammar.HookEgress}, Ifindex: ifc.Index, Coll: load(t, countingSpec(tcxNext, 1))}}, nil)
+	}))
+	must(t, idle.Do(func() error {
+		s, err := Open(Options{Root: root})
+		if err == nil {
+			idleDir = s.Dir
+			err = s.WriteState([]byte("sets only"))
+		}
+		return err
+	}))
+	testenv.Run(t, "ip", "netns", "del", p.a.Name)
+	var removed []string
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		must(t, p.b.Do(func() error {
+			s, err := Open(Options{Root: root})
+			if err != nil {
+				return err
+			}
+			liveDir = s.Dir
+			removed, err = s.CollectGarbage()
+			return err
+		}))
+		if len(removed) > 0 || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(100 * time.Millisecond) // namespace teardown is asynchronous
+	}
+	if len(removed) != 1 || removed[0] != deadDir {
+		t.Errorf("collected %v, want only %s", removed, deadDir)
+	}
+	for _, d := range []string{liveDir, idleDir} {
+		if _, err := os.Stat(d); err != nil {
+			t.Errorf("state of a live namespace removed: %v", err)
+		}
+	}
+}

@@ -217,6 +217,7 @@ func (b *Backend) Commit(rs *ruleset.Ruleset) error {
 		errs = append(errs, table.Remove())
 	}
 	errs = append(errs, writeState(s, next))
+	s.CollectGarbage() // dead namespaces' pins; best effort
 	return errors.Join(errs...)
 }
 
