@@ -38,6 +38,9 @@ func (s *Store) CollectGarbage() ([]string, error) {
 	}
 	alive := func(ino uint64) { delete(cand, ino) }
 	netnsMounts(alive)
+	if len(cand) == 0 {
+		return nil, nil
+	}
 	procs, _ := filepath.Glob("/proc/[0-9]*")
 	for _, p := range procs {
 		tasks, _ := filepath.Glob(p + "/task/[0-9]*/ns/net")

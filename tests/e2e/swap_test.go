@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/sfunnel/sfunnel/datapath"
 	"github.com/sfunnel/sfunnel/grammar"
 	"github.com/sfunnel/sfunnel/ruleset"
 )
@@ -19,12 +20,25 @@ import (
 // Every replacement swaps the programs (the rule lists differ), and none may
 // lose a datagram or let one through un-funneled: the server drops plain
 // UDP to the port, so a datagram that skipped the funnel shows up as lost.
+// With tcx links (link update) and with the clsact fallback (cls_bpf filter
+// replaced in place).
 func TestAtomicSwapUnderTraffic(t *testing.T) {
+	for _, clsact := range []bool{false, true} {
+		name := "tcx"
+		if clsact {
+			name = "clsact"
+		}
+		t.Run(name, func(t *testing.T) { testAtomicSwap(t, clsact) })
+	}
+}
+
+func testAtomicSwap(t *testing.T, clsact bool) {
 	swaps := 200
 	if v, err := strconv.Atoi(os.Getenv("SFUNNEL_SWAPS")); err == nil {
 		swaps = v
 	}
 	tp := newTopo(t)
+	tp.be = datapath.New(datapath.Options{Root: tp.root, ForceClsact: clsact})
 	funnel := "ip daddr 203.0.113.10 udp dport 4739 counter actions funnel tcp dport 179 sport 540"
 	unfunnel := "tcp dport 179 sport 540 counter actions unfunnel udp"
 	dropPlain := "udp dport 4739 counter actions drop"
