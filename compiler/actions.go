@@ -34,8 +34,15 @@ func (c *compiler) ipBound(fam int, fail string) {
 }
 
 // fold folds the ones' complement sum in r (< 2^48) to 16 bits.
-func (c *compiler) fold(r, tmp asm.Register) {
-	for i := 0; i < 4; i++ {
+func (c *compiler) fold(r, tmp asm.Register) { c.foldBelow(r, tmp, 1<<48) }
+
+// foldBelow folds a sum known to be below bound, with no more steps than
+// that needs.
+func (c *compiler) foldBelow(r, tmp asm.Register, bound uint64) {
+	// b is the largest value r can hold; one step maps x to
+	// (x >> 16) + (x & 0xffff), whose largest value is at b or just
+	// below a multiple of 0x10000.
+	for b := bound - 1; b > 0xffff; b = max(b>>16+b&0xffff, b>>16-1+0xffff) {
 		c.e.emit(
 			mov(tmp, r),
 			asm.RSh.Imm(tmp, 16),
@@ -225,124 +232,273 @@ func (c *compiler) transport(fail string) {
 	)
 }
 
-// funnel pushes a TCP or UDP header between the IP and transport headers.
-func (c *compiler) funnel(rule, fam int, a *grammar.Action) {
+// byProto emits gen for the transport protocol the packet has at this
+// point: known at compile time, or dispatched on the proto slot (other
+// protocols go to fail).
+func (c *compiler) byProto(known grammar.Proto, fail string, gen func(p grammar.Proto)) {
+	if known != grammar.ProtoAny {
+		gen(known)
+		return
+	}
+	e := &c.e
+	tcp, done := e.newLabel("tcp"), e.newLabel("proto_done")
+	e.emit(
+		ldx(asm.R1, asm.R10, slotProto, asm.DWord),
+		asm.JEq.Imm(asm.R1, 6, tcp),
+		asm.JNE.Imm(asm.R1, 17, fail),
+	)
+	gen(grammar.ProtoUDP)
+	e.emit(asm.Ja.Label(done))
+	e.label(tcp)
+	gen(grammar.ProtoTCP)
+	e.label(done)
+}
+
+// hdrInfo gives the minimal header length and check field offset.
+func hdrInfo(p grammar.Proto) (min, check int16) {
+	if p == grammar.ProtoTCP {
+		return 20, 16
+	}
+	return 8, 6
+}
+
+// addrSum32 sets dst to saddr+daddr folded to 32 bits (R1 scratch); the
+// IP header must be proven in bounds.
+func (c *compiler) addrSum32(fam int, dst asm.Register) {
+	e := &c.e
+	words, off := int16(2), c.l3+12
+	if fam == 6 {
+		words, off = 8, c.l3+8
+	}
+	e.emit(ldx(dst, asm.R7, off, asm.Word))
+	for w := int16(1); w < words; w++ {
+		e.emit(ldx(asm.R1, asm.R7, off+4*w, asm.Word), asm.Add.Reg(dst, asm.R1))
+	}
+	for i := 0; i < 2; i++ {
+		e.emit(
+			mov(asm.R1, dst),
+			asm.RSh.Imm(asm.R1, 32),
+			asm.Mov.Reg32(dst, dst),
+			asm.Add.Reg(dst, asm.R1),
+		)
+	}
+}
+
+// ipHeader rewrites the IP length (slotT1, host order, plus delta, or
+// minus the value in slotT2 when delta is negative) and the transport
+// protocol (from, known at compile time, to proto). The IPv4 checksum
+// changes by exactly the length delta plus the protocol delta.
+func (c *compiler) ipHeader(fam int, delta int32, from, proto uint8) {
+	e := &c.e
+	l3 := c.l3
+	e.emit(ldx(asm.R1, asm.R10, slotT1, asm.DWord))
+	if delta >= 0 {
+		e.emit(asm.Add.Imm(asm.R1, delta))
+	} else {
+		e.emit(ldx(asm.R2, asm.R10, slotT2, asm.DWord), asm.Sub.Reg(asm.R1, asm.R2))
+	}
+	e.emit(asm.HostTo(asm.BE, asm.R1, asm.Half))
+	if fam == 6 {
+		e.emit(
+			stx(asm.R7, l3+4, asm.R1, asm.Half),
+			sti(asm.R7, l3+6, int64(proto), asm.Byte),
+			sti(asm.R10, slotProto, int64(proto), asm.DWord),
+		)
+		return
+	}
+	// Checksum delta in network order: length + protocol (the low byte of
+	// the TTL/protocol word), made positive modulo 0xffff.
+	d := (int64(proto) - int64(from) + 0xffff) % 0xffff
+	bound := uint64(0x10000 + 0xffff)
+	if delta >= 0 {
+		d = (d + int64(delta)) % 0xffff
+	}
+	e.emit(
+		stx(asm.R7, l3+2, asm.R1, asm.Half),
+		sti(asm.R7, l3+9, int64(proto), asm.Byte),
+		ldx(asm.R0, asm.R7, l3+10, asm.Half),
+		asm.Xor.Imm(asm.R0, 0xffff),
+		asm.Add.Imm(asm.R0, int32(n16(uint16(d)))),
+	)
+	if delta < 0 {
+		e.emit(
+			asm.HostTo(asm.BE, asm.R2, asm.Half),
+			asm.Xor.Imm(asm.R2, 0xffff),
+			asm.Add.Reg(asm.R0, asm.R2),
+		)
+		bound += 0xffff
+	}
+	c.foldBelow(asm.R0, asm.R1, bound)
+	e.emit(
+		asm.Xor.Imm(asm.R0, 0xffff),
+		stx(asm.R7, l3+10, asm.R0, asm.Half),
+		sti(asm.R10, slotProto, int64(proto), asm.DWord),
+	)
+}
+
+// ipLength loads the IP length field (total length for IPv4, payload
+// length for IPv6) in host order into dst, checks that it fits the packet
+// (skb->len) and is at least min bytes of transport, and stores it in
+// slotT1. Without options the transport header is at a fixed offset.
+func (c *compiler) ipLength(fam int, dst asm.Register, min int32, max int32, fail string) {
+	e := &c.e
+	l3 := c.l3
+	hdr := int32(l3)
+	lenOff := l3 + 2
+	if fam == 6 {
+		hdr += 40
+		lenOff = l3 + 4
+		min -= 0
+	} else {
+		min += 20
+		max += 20
+	}
+	e.emit(
+		ldx(dst, asm.R7, lenOff, asm.Half),
+		asm.HostTo(asm.BE, dst, asm.Half),
+		ldx(asm.R0, asm.R6, skbLen, asm.Word),
+		asm.Sub.Imm(asm.R0, hdr),
+		asm.JGT.Reg(dst, asm.R0, fail),
+		asm.JLT.Imm(dst, min, fail),
+	)
+	if max < 0xffff {
+		e.emit(asm.JGT.Imm(dst, max, fail))
+	}
+	e.emit(stx(asm.R10, slotT1, dst, asm.DWord))
+}
+
+// funnel pushes a TCP or UDP header between the IP and transport headers
+// (packets without IPv4 options or IPv6 extension headers, so every offset
+// is a constant).
+func (c *compiler) funnel(rule, fam int, known grammar.Proto, a *grammar.Action) {
+	notApp := c.stat(StatNotApplicable)
+	c.guards(true, true)
+	c.byProto(known, notApp, func(inner grammar.Proto) { c.funnelFrom(rule, fam, inner, a) })
+}
+
+func (c *compiler) funnelFrom(rule, fam int, inner grammar.Proto, a *grammar.Action) {
 	e := &c.e
 	f := a.Funnel
 	outer := a.Proto.Number()
-	h := int32(8)
-	checkOut := int16(6)
-	if a.Proto == grammar.ProtoTCP {
-		h, checkOut = 20, 16
+	h, checkOut := hdrInfo(a.Proto)
+	if a.Proto == grammar.ProtoUDP {
+		h = 8
 	}
+	minIn, checkIn := hdrInfo(inner)
 	notApp := c.stat(StatNotApplicable)
-	c.guards(true, true)
-	c.ipBound(fam, notApp)
-	c.transport(notApp)
-	c.l4Len(fam, asm.R4, notApp)
-	csOK := e.newLabel("csum_ok")
+	l4 := c.l3 + int16(ipHdrLen(fam))
+	iphl := int32(ipHdrLen(fam))
+	if fam == 6 {
+		iphl = 0 // the IPv6 length field excludes the fixed header
+	}
+	e.comment("funnel %s in %s", inner, a.Proto)
 	e.emit(
-		asm.JLT.Reg(asm.R4, asm.R3, notApp),
-		asm.JGT.Imm(asm.R4, 65535-h-map[bool]int32{true: 20, false: 0}[fam == 4], notApp),
-		stx(asm.R10, slotT1, asm.R4, asm.DWord),
-		asm.JNE.Imm(asm.R2, 17, csOK),
-		ldx(asm.R1, asm.R5, 6, asm.Half),
-		asm.JEq.Imm(asm.R1, 0, c.stat(StatNoChecksum)),
+		mov(asm.R1, asm.R7),
+		asm.Add.Imm(asm.R1, int32(l4+minIn)),
+		asm.JGT.Reg(asm.R1, asm.R8, notApp),
 	)
-	e.label(csOK)
+	c.ipLength(fam, asm.R4, int32(minIn), 0xffff-int32(h)-iphl, notApp)
+	if inner == grammar.ProtoUDP {
+		e.emit(
+			ldx(asm.R1, asm.R7, l4+6, asm.Half),
+			asm.JEq.Imm(asm.R1, 0, c.stat(StatNoChecksum)),
+		)
+	}
 	e.comment("grow by the funnel header")
 	e.emit(
 		mov(asm.R1, asm.R6),
-		movi(asm.R2, h),
+		movi(asm.R2, int32(h)),
 		movi(asm.R3, 0), // BPF_ADJ_ROOM_NET
 		movi(asm.R4, 0),
 		asm.FnSkbAdjustRoom.Call(),
 		asm.JNE.Imm(asm.R0, 0, c.stat(StatHelperFailed)),
 	)
 	c.reload()
-	c.ipBound(fam, c.exit("pass"))
+	e.emit(
+		mov(asm.R1, asm.R7),
+		asm.Add.Imm(asm.R1, int32(l4+h+4)),
+		asm.JGT.Reg(asm.R1, asm.R8, c.exit("pass")),
+	)
 	e.comment("inner checksum without addresses")
-	c.addrSum(fam, asm.R4)
+	c.addrSum32(fam, asm.R4)
+	flags := int32(fPseudoHdr)
+	if inner == grammar.ProtoUDP {
+		flags |= fMarkMangled0
+	}
 	e.emit(
 		stx(asm.R10, slotT3, asm.R4, asm.DWord),
-		asm.Xor.Imm(asm.R4, 0xffff),
+		asm.Xor.Imm32(asm.R4, -1),
+		mov(asm.R1, asm.R6),
+		movi(asm.R2, int32(l4+h+checkIn)),
+		movi(asm.R3, 0),
+		movi(asm.R5, flags),
+		asm.FnL4CsumReplace.Call(),
 	)
-	c.l4CsumDiff(h, fPseudoHdr)
 	c.reload()
-	c.ipBound(fam, c.exit("pass"))
 	e.emit(
-		mov(asm.R5, asm.R7),
-		asm.Add.Reg(asm.R5, asm.R9),
-		mov(asm.R1, asm.R5),
-		asm.Add.Imm(asm.R1, h+4),
+		mov(asm.R1, asm.R7),
+		asm.Add.Imm(asm.R1, int32(l4+h+4)),
 		asm.JGT.Reg(asm.R1, asm.R8, c.exit("pass")),
 	)
 	e.comment("funnel header")
 	if f.HasSport && f.HasDport {
-		e.emit(sti(asm.R5, 0, int64(int32(uint32(n16(f.Sport))|uint32(n16(f.Dport))<<16)), asm.Word))
+		e.emit(sti(asm.R7, l4, int64(int32(uint32(n16(f.Sport))|uint32(n16(f.Dport))<<16)), asm.Word))
 	} else {
-		e.emit(ldx(asm.R1, asm.R5, int16(h), asm.Word), stx(asm.R5, 0, asm.R1, asm.Word))
+		e.emit(ldx(asm.R1, asm.R7, l4+h, asm.Word), stx(asm.R7, l4, asm.R1, asm.Word))
 		if f.HasSport {
-			e.emit(sti(asm.R5, 0, int64(n16(f.Sport)), asm.Half))
+			e.emit(sti(asm.R7, l4, int64(n16(f.Sport)), asm.Half))
 		}
 		if f.HasDport {
-			e.emit(sti(asm.R5, 2, int64(n16(f.Dport)), asm.Half))
+			e.emit(sti(asm.R7, l4+2, int64(n16(f.Dport)), asm.Half))
 		}
 	}
-	var hdrConst uint64 = uint64(outer) << 8 // pseudo header protocol
+	// The inner segment sums to -(proto + length) once its checksum is
+	// final: 0x1fffe (≡ 0) minus both keeps the sum positive.
+	hdrConst := uint64(outer)<<8 + 0x1fffe - uint64(inner.Number())<<8
 	if a.Proto == grammar.ProtoTCP {
 		w12 := uint32(0x50) | uint32(f.Flags)<<8 | uint32(n16(f.Window))<<16
 		e.emit(
-			sti(asm.R5, 4, int64(int32(n32(f.Seq))), asm.Word),
-			sti(asm.R5, 8, int64(int32(n32(f.Ack))), asm.Word),
-			sti(asm.R5, 12, int64(int32(w12)), asm.Word),
-			sti(asm.R5, 16, 0, asm.Word),
+			sti(asm.R7, l4+4, int64(int32(n32(f.Seq))), asm.Word),
+			sti(asm.R7, l4+8, int64(int32(n32(f.Ack))), asm.Word),
+			sti(asm.R7, l4+12, int64(int32(w12)), asm.Word),
+			sti(asm.R7, l4+16, 0, asm.Word),
 		)
 		hdrConst += uint64(n32(f.Seq)) + uint64(n32(f.Ack)) + uint64(w12)
 	}
+	e.comment("outer checksum: pseudo header + header + inner segment")
 	e.emit(
-		ldx(asm.R1, asm.R10, slotT1, asm.DWord),
-		asm.Add.Imm(asm.R1, h),
+		ldx(asm.R2, asm.R10, slotT1, asm.DWord),
+		asm.Sub.Imm(asm.R2, int32(ipHdrLen(fam))-map[bool]int32{true: 40, false: 0}[fam == 6]),
+		mov(asm.R1, asm.R2),
+		asm.Add.Imm(asm.R1, int32(h)),
 		asm.HostTo(asm.BE, asm.R1, asm.Half),
-	)
-	if a.Proto == grammar.ProtoUDP {
-		e.emit(stx(asm.R5, 4, asm.R1, asm.Half), sti(asm.R5, 6, 0, asm.Half))
-	}
-	e.comment("outer checksum: pseudo header + header + inner segment (sums to -(proto+len) once final)")
-	e.emit(
+		asm.HostTo(asm.BE, asm.R2, asm.Half),
 		ldx(asm.R3, asm.R10, slotT3, asm.DWord),
+		asm.Add.Imm(asm.R3, int32(fold16(hdrConst))),
 		asm.Add.Reg(asm.R3, asm.R1),
+		asm.Sub.Reg(asm.R3, asm.R2),
 	)
 	if a.Proto == grammar.ProtoUDP {
-		e.emit(asm.Add.Reg(asm.R3, asm.R1)) // the length field
+		e.emit(
+			asm.Add.Reg(asm.R3, asm.R1), // the length field
+			stx(asm.R7, l4+4, asm.R1, asm.Half),
+			sti(asm.R7, l4+6, 0, asm.Half),
+		)
 	}
 	e.emit(
-		asm.Add.Imm(asm.R3, int32(fold16(hdrConst))),
-		ldx(asm.R1, asm.R5, 0, asm.Word),
-		asm.Add.Reg(asm.R3, asm.R1),
-		ldx(asm.R1, asm.R10, slotT1, asm.DWord),
-		asm.HostTo(asm.BE, asm.R1, asm.Half),
-		ldx(asm.R0, asm.R10, slotT2, asm.DWord),
-		asm.LSh.Imm(asm.R0, 8),
-		asm.Add.Reg(asm.R1, asm.R0),
-	)
-	c.fold(asm.R1, asm.R0)
-	e.emit(
-		asm.Xor.Imm(asm.R1, 0xffff),
+		ldx(asm.R1, asm.R7, l4, asm.Word),
 		asm.Add.Reg(asm.R3, asm.R1),
 	)
-	c.fold(asm.R3, asm.R1)
+	c.foldBelow(asm.R3, asm.R1, 1<<34)
 	e.emit(asm.Xor.Imm(asm.R3, 0xffff))
 	if a.Proto == grammar.ProtoUDP {
 		nz := e.newLabel("nonzero")
 		e.emit(asm.JNE.Imm(asm.R3, 0, nz), movi(asm.R3, 0xffff))
 		e.label(nz)
 	}
-	e.emit(stx(asm.R5, checkOut, asm.R3, asm.Half))
+	e.emit(stx(asm.R7, l4+checkOut, asm.R3, asm.Half))
 	e.comment("IP header")
-	e.emit(movi(asm.R3, h))
-	c.ipLen(fam)
-	c.ipProto(fam, outer)
+	c.ipHeader(fam, int32(h), inner.Number(), outer)
 	if c.opts.Hook == grammar.HookEgress {
 		c.mtuCheck(rule)
 	}
@@ -385,56 +541,66 @@ func (c *compiler) mtuCheck(rule int) {
 	e.label(ok)
 }
 
-// unfunnel pops the outer header when the inner one is consistent.
-func (c *compiler) unfunnel(fam int, inner grammar.Proto) {
+// unfunnel pops the outer header when the inner one is consistent
+// (packets without IPv4 options or IPv6 extension headers).
+func (c *compiler) unfunnel(fam int, known grammar.Proto, inner grammar.Proto) {
+	bad := c.stat(StatUnfunnelInvalid)
+	c.guards(true, true)
+	c.byProto(known, bad, func(outer grammar.Proto) { c.unfunnelFrom(fam, outer, inner) })
+}
+
+func (c *compiler) unfunnelFrom(fam int, outer, inner grammar.Proto) {
 	e := &c.e
 	bad := c.stat(StatUnfunnelInvalid)
-	min := int32(8)
-	check := int32(6)
-	if inner == grammar.ProtoTCP {
-		min, check = 20, 16
-	}
-	c.guards(true, true)
-	c.ipBound(fam, bad)
-	c.transport(bad)
-	c.l4Len(fam, asm.R4, bad)
-	outerUDP, outerOK := e.newLabel("outer_udp"), e.newLabel("outer_ok")
+	minIn, checkIn := hdrInfo(inner)
+	minOut, _ := hdrInfo(outer)
+	l4 := c.l3 + int16(ipHdrLen(fam))
+	e.comment("unfunnel %s from %s", inner, outer)
 	e.emit(
-		asm.JEq.Imm(asm.R2, 17, outerUDP),
-		ldx(asm.R3, asm.R5, 12, asm.Byte),
-		asm.RSh.Imm(asm.R3, 4),
-		asm.LSh.Imm(asm.R3, 2),
-		asm.JLT.Imm(asm.R3, 20, bad),
-		asm.Ja.Label(outerOK),
-	)
-	e.label(outerUDP)
-	e.emit(
-		movi(asm.R3, 8),
-		ldx(asm.R1, asm.R5, 4, asm.Half),
-		asm.HostTo(asm.BE, asm.R1, asm.Half),
-		asm.JNE.Reg(asm.R1, asm.R4, bad),
-	)
-	e.label(outerOK)
-	e.comment("inner %s header consistent", inner)
-	e.emit(
-		mov(asm.R1, asm.R3),
-		asm.Add.Imm(asm.R1, min),
-		asm.JGT.Reg(asm.R1, asm.R4, bad),
-		asm.Sub.Reg(asm.R4, asm.R3),
-		asm.Add.Reg(asm.R5, asm.R3),
-		mov(asm.R1, asm.R5),
-		asm.Add.Imm(asm.R1, min),
+		mov(asm.R1, asm.R7),
+		asm.Add.Imm(asm.R1, int32(l4+minOut)),
 		asm.JGT.Reg(asm.R1, asm.R8, bad),
 	)
-	if inner == grammar.ProtoUDP {
+	c.ipLength(fam, asm.R4, int32(minOut+minIn), 0xffff, bad)
+	if fam == 4 {
+		e.emit(asm.Sub.Imm(asm.R4, 20)) // transport length
+	}
+	e.emit(mov(asm.R5, asm.R7))
+	if outer == grammar.ProtoUDP {
 		e.emit(
-			ldx(asm.R1, asm.R5, 4, asm.Half),
+			movi(asm.R3, 8),
+			ldx(asm.R1, asm.R7, l4+4, asm.Half),
 			asm.HostTo(asm.BE, asm.R1, asm.Half),
 			asm.JNE.Reg(asm.R1, asm.R4, bad),
 		)
 	} else {
 		e.emit(
-			ldx(asm.R1, asm.R5, 12, asm.Byte),
+			ldx(asm.R3, asm.R7, l4+12, asm.Byte),
+			asm.RSh.Imm(asm.R3, 4),
+			asm.LSh.Imm(asm.R3, 2),
+			asm.JLT.Imm(asm.R3, 20, bad),
+		)
+	}
+	e.comment("inner %s header consistent", inner)
+	e.emit(
+		mov(asm.R1, asm.R3),
+		asm.Add.Imm(asm.R1, int32(minIn)),
+		asm.JGT.Reg(asm.R1, asm.R4, bad),
+		asm.Sub.Reg(asm.R4, asm.R3),
+		asm.Add.Reg(asm.R5, asm.R3),
+		mov(asm.R1, asm.R5),
+		asm.Add.Imm(asm.R1, int32(l4+minIn)),
+		asm.JGT.Reg(asm.R1, asm.R8, bad),
+	)
+	if inner == grammar.ProtoUDP {
+		e.emit(
+			ldx(asm.R1, asm.R5, l4+4, asm.Half),
+			asm.HostTo(asm.BE, asm.R1, asm.Half),
+			asm.JNE.Reg(asm.R1, asm.R4, bad),
+		)
+	} else {
+		e.emit(
+			ldx(asm.R1, asm.R5, l4+12, asm.Byte),
 			asm.RSh.Imm(asm.R1, 4),
 			asm.LSh.Imm(asm.R1, 2),
 			asm.JLT.Imm(asm.R1, 20, bad),
@@ -443,7 +609,7 @@ func (c *compiler) unfunnel(fam int, inner grammar.Proto) {
 	}
 	e.comment("pop the outer header")
 	e.emit(
-		stx(asm.R10, slotT1, asm.R3, asm.DWord),
+		stx(asm.R10, slotT2, asm.R3, asm.DWord),
 		movi(asm.R2, 0),
 		asm.Sub.Reg(asm.R2, asm.R3),
 		mov(asm.R1, asm.R6),
@@ -453,30 +619,31 @@ func (c *compiler) unfunnel(fam int, inner grammar.Proto) {
 		asm.JNE.Imm(asm.R0, 0, c.stat(StatHelperFailed)),
 	)
 	c.reload()
-	c.ipBound(fam, c.exit("pass"))
+	e.emit(
+		mov(asm.R1, asm.R7),
+		asm.Add.Imm(asm.R1, int32(l4+checkIn+2)),
+		asm.JGT.Reg(asm.R1, asm.R8, c.exit("pass")),
+	)
 	e.comment("inner checksum gets the addresses back")
-	c.addrSum(fam, asm.R4)
+	c.addrSum32(fam, asm.R4)
 	flags := int32(fPseudoHdr)
 	if inner == grammar.ProtoUDP {
 		flags |= fMarkMangled0
 	}
 	e.emit(
 		mov(asm.R1, asm.R6),
-		mov(asm.R2, asm.R9),
-		asm.Add.Imm(asm.R2, check),
+		movi(asm.R2, int32(l4+checkIn)),
 		movi(asm.R3, 0),
 		movi(asm.R5, flags),
 		asm.FnL4CsumReplace.Call(),
 	)
 	c.reload()
-	c.ipBound(fam, c.exit("pass"))
 	e.emit(
-		movi(asm.R3, 0),
-		ldx(asm.R1, asm.R10, slotT1, asm.DWord),
-		asm.Sub.Reg(asm.R3, asm.R1),
+		mov(asm.R1, asm.R7),
+		asm.Add.Imm(asm.R1, int32(l4)),
+		asm.JGT.Reg(asm.R1, asm.R8, c.exit("pass")),
 	)
-	c.ipLen(fam)
-	c.ipProto(fam, inner.Number())
+	c.ipHeader(fam, -1, outer.Number(), inner.Number())
 }
 
 // rewrite turns TCP into UDP (to == udp) or back, in place, following

@@ -75,7 +75,9 @@ type ruleNeeds struct {
 	protos               []uint8 // nil: any protocol can match
 	sport, dport, flags  bool
 	saddr, daddr         bool
-	afterParseOnlyFamily bool
+	// dports: when every rule needs one of these destination ports
+	// (positive, inline), a packet whose port is none of them can't match.
+	dports []grammar.PortRange
 }
 
 func (c *compiler) needs(rules []*grammar.Rule) ruleNeeds {
@@ -104,7 +106,86 @@ func (c *compiler) needs(rules []*grammar.Rule) ruleNeeds {
 	if anyProto {
 		n.protos = nil
 	}
+	for _, r := range rules {
+		if r.Dport == nil || r.Dport.Neg || r.Dport.Set != "" {
+			n.dports = nil
+			break
+		}
+		n.dports = append(n.dports, r.Dport.Ranges...)
+	}
+	n.dports = mergeRanges(n.dports)
+	if len(n.dports) > maxInlineRanges {
+		n.dports = nil
+	}
 	return n
+}
+
+// mergeRanges sorts and merges port ranges.
+func mergeRanges(rs []grammar.PortRange) []grammar.PortRange {
+	rs = slices.Clone(rs)
+	slices.SortFunc(rs, func(a, b grammar.PortRange) int { return int(a.Lo) - int(b.Lo) })
+	var out []grammar.PortRange
+	for _, r := range rs {
+		if len(out) > 0 && int(r.Lo) <= int(out[len(out)-1].Hi)+1 {
+			out[len(out)-1].Hi = max(out[len(out)-1].Hi, r.Hi)
+			continue
+		}
+		out = append(out, r)
+	}
+	return out
+}
+
+// portPrefilter leaves at once for the common IPv4 packet (no options)
+// whose destination port no rule wants, before the full parse. Reading the
+// port at the fixed offset is safe whatever the packet turns out to be: a
+// fragment, another protocol or a truncated header has no port, and then
+// no rule matches either.
+func (c *compiler) portPrefilter(n ruleNeeds) {
+	if len(n.dports) == 0 || !n.v4 {
+		return
+	}
+	e := &c.e
+	l3 := c.l3
+	e.comment("prefilter: IPv4 without options, destination port no rule wants")
+	e.emit(
+		ldx(asm.R2, asm.R1, skbData, asm.Word),
+		ldx(asm.R3, asm.R1, skbDataEnd, asm.Word),
+		mov(asm.R4, asm.R2),
+		asm.Add.Imm(asm.R4, int32(l3)+24),
+		asm.JGT.Reg(asm.R4, asm.R3, "parse"),
+	)
+	if c.opts.L3 {
+		e.emit(ldx(asm.R4, asm.R2, 0, asm.Byte), asm.JNE.Imm(asm.R4, 0x45, "parse"))
+	} else {
+		e.emit(
+			ldx(asm.R4, asm.R2, 12, asm.Word),
+			asm.And.Imm32(asm.R4, 0x00ffffff),
+			asm.JNE.Imm(asm.R4, 0x00450008, "parse"),
+		)
+	}
+	e.emit(ldx(asm.R4, asm.R2, l3+22, asm.Half))
+	single := true
+	for _, r := range n.dports {
+		single = single && r.Lo == r.Hi
+	}
+	if single {
+		for _, r := range n.dports {
+			e.emit(asm.JEq.Imm(asm.R4, int32(n16(r.Lo)), "parse"))
+		}
+	} else {
+		e.emit(asm.HostTo(asm.BE, asm.R4, asm.Half))
+		for _, r := range n.dports {
+			if r.Lo == r.Hi {
+				e.emit(asm.JEq.Imm(asm.R4, int32(r.Lo), "parse"))
+				continue
+			}
+			skip := e.newLabel("range")
+			e.emit(asm.JLT.Imm(asm.R4, int32(r.Lo), skip), asm.JLE.Imm(asm.R4, int32(r.Hi), "parse"))
+			e.label(skip)
+		}
+	}
+	e.emit(movi(asm.R0, VerdictNext), asm.Return())
+	e.label("parse")
 }
 
 func (c *compiler) program(rules []*grammar.Rule) error {
@@ -116,6 +197,9 @@ func (c *compiler) program(rules []*grammar.Rule) error {
 	e := &c.e
 
 	e.comment("sfunnel %s program, %d rules, %s", c.opts.Hook, len(rules), map[bool]string{true: "L3 device", false: "Ethernet"}[c.opts.L3])
+	if len(rules) > 0 {
+		c.portPrefilter(n)
+	}
 	e.emit(mov(asm.R6, asm.R1))
 	if len(rules) == 0 {
 		e.emit(asm.Ja.Label(c.exit("next")))

@@ -124,6 +124,7 @@ func (c *compiler) body(i int, r *grammar.Rule, next string) error {
 		c.markSet(mask, value)
 	}
 
+	known := r.Proto // the transport protocol as actions change it
 	for _, a := range r.Actions {
 		e.comment("%s", describeAction(a))
 		switch a.Kind {
@@ -132,11 +133,14 @@ func (c *compiler) body(i int, r *grammar.Rule, next string) error {
 		case grammar.ActDrop:
 			e.emit(asm.Ja.Label(c.exit("drop")))
 		case grammar.ActFunnel:
-			c.perFamily(r, func(fam int) { c.funnel(i, fam, a) })
+			c.perFamily(r, func(fam int) { c.funnel(i, fam, known, a) })
+			known = a.Proto
 		case grammar.ActUnfunnel:
-			c.perFamily(r, func(fam int) { c.unfunnel(fam, a.Proto) })
+			c.perFamily(r, func(fam int) { c.unfunnel(fam, known, a.Proto) })
+			known = a.Proto
 		case grammar.ActRewrite:
 			c.perFamily(r, func(fam int) { c.rewrite(fam, a.Proto) })
+			known = a.Proto
 		case grammar.ActDNAT:
 			c.dnat(r, a)
 		}
