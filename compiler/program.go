@@ -71,10 +71,10 @@ type compiler struct {
 
 // ruleNeeds summarises what the rules read, so the parse guard reads no more.
 type ruleNeeds struct {
-	v4, v6               bool
-	protos               []uint8 // nil: any protocol can match
-	sport, dport, flags  bool
-	saddr, daddr         bool
+	v4, v6              bool
+	protos              []uint8 // nil: any protocol can match
+	sport, dport, flags bool
+	saddr, daddr        bool
 	// dports: when every rule needs one of these destination ports
 	// (positive, inline), a packet whose port is none of them can't match.
 	dports []grammar.PortRange
