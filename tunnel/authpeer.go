@@ -197,7 +197,7 @@ func (a *dialer) silenceLimit() time.Duration {
 // checkSilence re-authenticates with a server that stopped answering; the
 // packet about to be sent is sent again after the handshake.
 func (a *dialer) checkSilence(ent *store.Entry, pkt []byte, now int64) {
-	if ent.Sent(now) > a.silenceLimit() {
+	if ent.Sent(now, a.silenceLimit()) > a.silenceLimit() {
 		ent.RestartSilence(now)
 		a.d.log.Printf("no answer from %s for %s: authenticating again", ent.Peer, a.silenceLimit())
 		a.request(ent.Peer, pkt)

@@ -26,14 +26,19 @@ type Entry struct {
 	RxPackets, TxPackets atomic.Uint64
 	// since when we have been sending without hearing back (0: we heard)
 	unanswered atomic.Int64
+	lastSent   atomic.Int64
 }
 
 // Sent notes a packet sent to the peer at now and returns how long the
-// peer has been silent since the first packet it did not answer.
-func (e *Entry) Sent(now int64) time.Duration {
+// peer has been silent while we kept sending: since the first packet it
+// did not answer, unless we ourselves were quiet for longer than quiet in
+// between (then the count starts again: an unanswered last ACK before an
+// idle hour says nothing).
+func (e *Entry) Sent(now int64, quiet time.Duration) time.Duration {
+	prev := e.lastSent.Swap(now)
 	since := e.unanswered.Load()
-	if since == 0 {
-		e.unanswered.CompareAndSwap(0, now)
+	if since == 0 || now-prev > int64(quiet) {
+		e.unanswered.Store(now)
 		return 0
 	}
 	return time.Duration(now - since)

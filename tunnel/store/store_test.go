@@ -83,3 +83,30 @@ func BenchmarkLookup(b *testing.B) {
 		i++
 	}
 }
+
+func TestSilence(t *testing.T) {
+	var e Entry
+	const q = 10 * time.Second
+	s := int64(time.Second)
+	e.Sent(1*s, q)
+	if d := e.Sent(6*s, q); d != 5*time.Second {
+		t.Fatalf("silent for %v, want 5s", d)
+	}
+	e.Heard()
+	if d := e.Sent(6*s, q); d != 0 {
+		t.Fatalf("after an answer: %v", d)
+	}
+	// Quiet for longer than q: a new count, not an hour of silence.
+	if d := e.Sent(3600*s, q); d != 0 {
+		t.Fatalf("after an idle hour: %v", d)
+	}
+	if d := e.Sent(3611*s, q); d != 0 {
+		t.Fatalf("11s gap: %v", d)
+	}
+	for i := int64(1); i <= 12; i++ {
+		e.Sent((3611+i)*s, q)
+	}
+	if d := e.Sent(3624*s, q); d != 13*time.Second {
+		t.Fatalf("kept sending unanswered: %v", d)
+	}
+}
