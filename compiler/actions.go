@@ -519,8 +519,8 @@ func (c *compiler) mtuCheck(rule int) {
 		movi(asm.R5, 0),
 		asm.FnCheckMtu.Call(),
 		asm.JEq.Imm(asm.R0, 0, ok),
-		sti(asm.R10, slotKey, int64(rule), asm.Word),
 	)
+	c.ruleKey(rule)
 	c.lookup(RuleMTUMap, slotKey)
 	skip := e.newLabel("mtu_rule")
 	e.emit(

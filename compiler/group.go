@@ -5,7 +5,6 @@ import (
 	"net/netip"
 	"slices"
 
-	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/asm"
 	"github.com/sfunnel/sfunnel/grammar"
 )
@@ -138,20 +137,32 @@ func (c *compiler) group(rules []*grammar.Rule, first, n int, field string) erro
 	if v.Prefixes[0].Addr().Is6() {
 		fam = 6
 	}
-	bits := int64(32)
-	if fam == 6 {
-		bits = 128
+	// Rules whose statements and actions are the same share one body; the
+	// map value is class<<20 | rule index, and the body reads the rule
+	// index (for counters) from slotRule.
+	var classes []int // first rule (group index) of each class
+	classOf := make([]int, n)
+	keys := map[string]int{}
+	for k := 0; k < n; k++ {
+		key := bodyKey(rules[first+k])
+		cl, ok := keys[key]
+		if !ok {
+			cl = len(classes)
+			keys[key] = cl
+			classes = append(classes, k)
+		}
+		classOf[k] = cl
 	}
-	// LPM trie (BPF_F_NO_PREALLOC), value: index of the rule in the group.
-	m := &ebpf.MapSpec{Type: ebpf.LPMTrie, KeySize: 4 + uint32(bits/8), ValueSize: 4, Flags: 1}
+	var prefixes []netip.Prefix
+	var values []uint32
 	for k := 0; k < n; k++ {
 		for _, p := range varying(rules[first+k], field).Prefixes {
-			m.Contents = append(m.Contents, ebpf.MapKV{Key: LPMKey(p.Masked()), Value: uint32(k)})
+			prefixes = append(prefixes, p.Masked())
+			values = append(values, uint32(classOf[k])<<20|uint32(first+k))
 		}
 	}
-	m.MaxEntries = uint32(len(m.Contents))
-	name := c.anonMap(m)
-	e.comment("rules %d-%d: %d rules that differ only in %s, looked up in %s", first, first+n-1, n, field, name)
+	name := c.anonMap(addrMap(fam, prefixes, values))
+	e.comment("rules %d-%d: %d rules that differ only in %s, looked up in %s (%d bodies)", first, first+n-1, n, field, name, len(classes))
 	if err := c.matches(lead, end, field); err != nil {
 		return err
 	}
@@ -162,17 +173,22 @@ func (c *compiler) group(rules []*grammar.Rule, first, n int, field string) erro
 	if field == "daddr" {
 		slot = slotDaddr
 	}
-	e.emit(sti(asm.R10, slot, bits, asm.Word))
-	c.lookup(name, slot)
+	c.addrLookup(name, fam, slot)
 	e.emit(
 		asm.JEq.Imm(asm.R0, 0, end),
 		ldx(asm.R1, asm.R0, 0, asm.Word),
+		mov(asm.R2, asm.R1),
+		asm.And.Imm(asm.R2, 0xfffff),
+		stx(asm.R10, slotRule, asm.R2, asm.DWord),
+		asm.RSh.Imm(asm.R1, 20),
 	)
-	c.dispatch(first, 0, n, end)
-	for k := 0; k < n; k++ {
+	c.dispatch(first, 0, len(classes), end)
+	c.dynRule = true
+	defer func() { c.dynRule = false }()
+	for cl, k := range classes {
 		r := rules[first+k]
-		e.label(fmt.Sprintf("group%d_rule%d", first, k))
-		e.comment("rule %d handle %d: %s", first+k, r.Handle, Describe(r))
+		e.label(fmt.Sprintf("group%d_rule%d", first, cl))
+		e.comment("body %d, as rule %d handle %d: %s", cl, first+k, r.Handle, Describe(r))
 		if err := c.body(first+k, r, end); err != nil {
 			return err
 		}
@@ -181,7 +197,22 @@ func (c *compiler) group(rules []*grammar.Rule, first, n int, field string) erro
 	return nil
 }
 
-// dispatch jumps to the body of the rule whose group index is in R1.
+// bodyKey renders what a rule does once it matches.
+func bodyKey(r *grammar.Rule) string {
+	key := fmt.Sprint(r.Counter)
+	if s := r.SetMetaMark; s != nil {
+		key += fmt.Sprint(" meta", s.Value, s.Mask)
+	}
+	if s := r.SetCtMark; s != nil {
+		key += fmt.Sprint(" ct", s.Value, s.Mask)
+	}
+	for _, a := range r.Actions {
+		key += " " + describeAction(a) + fmt.Sprint(a.DNATAddr, a.DNATPort)
+	}
+	return key
+}
+
+// dispatch jumps to the body whose class is in R1.
 func (c *compiler) dispatch(first, lo, hi int, end string) {
 	e := &c.e
 	if hi-lo == 1 {

@@ -36,6 +36,7 @@ const (
 	slotT2    = -136
 	slotT3    = -144
 	slotT4    = -152
+	slotRule  = -160 // rule index in a group body (see group)
 )
 
 const (
@@ -65,8 +66,9 @@ type compiler struct {
 	l3    int16 // offset of the IP header
 
 	statLabels map[int]string
-	gen        int // exit generation (see exit)
-	genStart   int // instruction count when the generation started
+	gen        int  // exit generation (see exit)
+	dynRule    bool // emitting a group body: the rule index is in slotRule
+	genStart   int  // instruction count when the generation started
 }
 
 // ruleNeeds summarises what the rules read, so the parse guard reads no more.

@@ -96,7 +96,7 @@ func (c *compiler) body(i int, r *grammar.Rule, next string) error {
 	e := &c.e
 	if r.Counter {
 		e.comment("counter")
-		e.emit(sti(asm.R10, slotKey, int64(i), asm.Word))
+		c.ruleKey(i)
 		c.lookup(CountersMap, slotKey)
 		done := e.newLabel("counted")
 		e.emit(
@@ -311,7 +311,7 @@ func (c *compiler) addrMatch(r *grammar.Rule, m *grammar.AddrMatch, slot int16, 
 			}
 		}
 		if len(prefixes) > maxInlinePrefixes {
-			mapName = c.anonMap(lpmMap(fam, prefixes))
+			mapName = c.anonMap(addrMap(fam, prefixes, nil))
 		}
 	}
 	if (r.Family == grammar.FamilyIPv4 && fam == 6) || (r.Family == grammar.FamilyIPv6 && fam == 4) {
@@ -321,12 +321,7 @@ func (c *compiler) addrMatch(r *grammar.Rule, m *grammar.AddrMatch, slot int16, 
 		e.emit(ldx(asm.R1, asm.R10, slotFam, asm.DWord), asm.JNE.Imm(asm.R1, int32(fam), fail))
 	}
 	if mapName != "" {
-		bitsLen := int64(32)
-		if fam == 6 {
-			bitsLen = 128
-		}
-		e.emit(sti(asm.R10, slot, bitsLen, asm.Word))
-		c.lookup(mapName, slot)
+		c.addrLookup(mapName, fam, slot)
 		if m.Neg {
 			e.emit(asm.JNE.Imm(asm.R0, 0, fail))
 		} else {
@@ -506,4 +501,14 @@ func describeAction(a *grammar.Action) string {
 		return "dnat to " + a.DNATAddr.String()
 	}
 	return a.Kind.String()
+}
+
+// ruleKey stores rule index i (or, in a group body, the matched rule's) as
+// the map key.
+func (c *compiler) ruleKey(i int) {
+	if c.dynRule {
+		c.e.emit(ldx(asm.R1, asm.R10, slotRule, asm.DWord), stx(asm.R10, slotKey, asm.R1, asm.Word))
+		return
+	}
+	c.e.emit(sti(asm.R10, slotKey, int64(i), asm.Word))
 }
