@@ -8,13 +8,20 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
+	"strings"
 
 	"github.com/cilium/ebpf"
 )
 
+// setPin is where a set's map is pinned. bpffs refuses dots in names, set
+// names may have them, and colons they can't have stand in for them.
+func (s *Store) setPin(name string) string {
+	return filepath.Join(s.Dir, "sets", strings.ReplaceAll(name, ".", ":"))
+}
+
 // SetMap opens the pinned map of a named set, nil if there is none.
 func (s *Store) SetMap(name string) (*ebpf.Map, error) {
-	return loadPinnedMapIfAny(filepath.Join(s.Dir, "sets", name))
+	return loadPinnedMapIfAny(s.setPin(name))
 }
 
 // SetMapFits reports whether a pinned set map can take spec's contents in
@@ -36,7 +43,7 @@ func NewSetMap(spec *ebpf.MapSpec) (*ebpf.Map, error) {
 
 // PinSet pins m as the map of set name, replacing the previous one.
 func (s *Store) PinSet(name string, m *ebpf.Map) error {
-	return pinReplace(m, filepath.Join(s.Dir, "sets", name))
+	return pinReplace(m, s.setPin(name))
 }
 
 // UnpinSetsExcept removes the pins of sets not in keep.
@@ -47,7 +54,7 @@ func (s *Store) UnpinSetsExcept(keep map[string]bool) error {
 	}
 	var errs []error
 	for _, e := range ents {
-		if !keep[e.Name()] {
+		if !keep[strings.ReplaceAll(e.Name(), ":", ".")] {
 			errs = append(errs, os.Remove(filepath.Join(s.Dir, "sets", e.Name())))
 		}
 	}

@@ -9,7 +9,7 @@
 //	/sys/fs/bpf/sfunnel/netns-<inode>/
 //	    netns                 array map: the namespace cookie (detects a reused inode)
 //	    state                 array map: the caller's description of what is live
-//	    sets/<name>           named set maps, shared by every program using them
+//	    sets/<name>           named set maps, shared by every program using them (dots as colons)
 //	    hooks/<ifname>/<hook>/   (dots in ifname written as colons)
 //	        link              the tcx link (absent in clsact mode)
 //	        prog              the attached program

@@ -324,7 +324,7 @@ func liveProgID(t *testing.T, e *env, id bpf.HookID) ebpf.ProgramID {
 // Elements of a named set change live, without reloading the program.
 func TestSetElementsLive(t *testing.T) {
 	e := newEnv(t, Options{})
-	rule, err := grammar.ParseRule("<test>", "ip saddr @blocked udp dport 4739 counter actions drop", &grammar.Options{
+	rule, err := grammar.ParseRule("<test>", "ip saddr @blocked-v4.x udp dport 4739 counter actions drop", &grammar.Options{
 		LookupSet: func(string) (grammar.SetType, bool) { return grammar.SetIPv4Addr, true },
 	})
 	if err != nil {
@@ -332,7 +332,7 @@ func TestSetElementsLive(t *testing.T) {
 	}
 	rule.Handle = 1
 	set := func(prefixes ...string) *ruleset.Ruleset {
-		s := &grammar.Set{Name: "blocked", Type: grammar.SetIPv4Addr}
+		s := &grammar.Set{Name: "blocked-v4.x", Type: grammar.SetIPv4Addr}
 		for _, p := range prefixes {
 			s.Prefixes = append(s.Prefixes, netip.MustParsePrefix(p))
 		}
