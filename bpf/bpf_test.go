@@ -477,3 +477,33 @@ func TestCollectGarbage(t *testing.T) {
 		}
 	}
 }
+
+// Interface names may have dots (VLANs: eth0.100), bpffs names may not.
+func TestInterfaceNameWithDot(t *testing.T) {
+	root := testRoot(t)
+	a, b := testenv.NewNS(t), testenv.NewNS(t)
+	testenv.Veth(t, a, "va", "", b, "vb.7", "")
+	id := HookID{Ifname: "vb.7", Hook: grammar.HookIngress}
+	must(t, b.Do(func() error {
+		s, err := Open(Options{Root: root})
+		if err != nil {
+			return err
+		}
+		ifc, err := LookupInterface("vb.7")
+		if err != nil || ifc.Missing {
+			return fmt.Errorf("lookup: %+v %v", ifc, err)
+		}
+		if err := s.Swap([]Update{{HookID: id, Ifindex: ifc.Index, Coll: load(t, countingSpec(tcxNext, 1))}}, nil); err != nil {
+			return err
+		}
+		if hooks, err := s.PinnedHooks(); err != nil || len(hooks) != 1 || hooks[0] != id {
+			return fmt.Errorf("pinned hooks %v %v, want [%v]", hooks, err, id)
+		}
+		l, err := s.Live(id)
+		if err != nil || l == nil {
+			return fmt.Errorf("not live: %v", err)
+		}
+		l.Close()
+		return s.Swap([]Update{{HookID: id}}, nil)
+	}))
+}
