@@ -175,33 +175,11 @@ func (c *compiler) check(rules []*grammar.Rule) error {
 	return nil
 }
 
-// allHosts reports whether every prefix is a single address.
-func allHosts(prefixes []netip.Prefix) bool {
-	for _, p := range prefixes {
-		if !p.IsSingleIP() {
-			return false
-		}
-	}
-	return true
-}
-
-// addrMap is the map of an anonymous address list: a HASH of addresses when
-// every element is one address (cheaper than a trie walk), else an LPM
-// trie. values[i] is the value of prefixes[i] (nil: 1-byte 1).
+// addrMap is the LPM trie of an anonymous address list (measured here: a
+// trie lookup of 10 000 host addresses is cheaper than a hash lookup).
+// values[i] is the value of prefixes[i] (nil: 1-byte 1).
 func addrMap(fam int, prefixes []netip.Prefix, values []uint32) *ebpf.MapSpec {
-	var m *ebpf.MapSpec
-	if allHosts(prefixes) {
-		size := uint32(4)
-		if fam == 6 {
-			size = 16
-		}
-		m = &ebpf.MapSpec{Type: ebpf.Hash, KeySize: size, ValueSize: 1, MaxEntries: uint32(max(1, len(prefixes)))}
-		for _, p := range prefixes {
-			m.Contents = append(m.Contents, ebpf.MapKV{Key: p.Addr().AsSlice(), Value: []byte{1}})
-		}
-	} else {
-		m = lpmMap(fam, prefixes)
-	}
+	m := lpmMap(fam, prefixes)
 	if values != nil {
 		m.ValueSize = 4
 		for i := range m.Contents {
@@ -223,13 +201,9 @@ func addrMap(fam int, prefixes []netip.Prefix, values []uint32) *ebpf.MapSpec {
 	return m
 }
 
-// addrLookup emits R0 = lookup of the address in slot in an address map
-// (HASH: the address is the key; LPM: prefix length, then the address).
+// addrLookup emits R0 = lookup of the address in slot (an LPM key: prefix
+// length, then the address) in an address map.
 func (c *compiler) addrLookup(name string, fam int, slot int16) {
-	if c.spec.Maps[name].Type == ebpf.Hash {
-		c.lookup(name, slot+4)
-		return
-	}
 	bits := int64(32)
 	if fam == 6 {
 		bits = 128
