@@ -209,7 +209,14 @@ func clsactProgID(ifindex int, h grammar.Hook) (ebpf.ProgramID, error) {
 
 // attachTCX attaches prog with a new tcx link and pins the link.
 func (s *Store) attachTCX(id HookID, ifindex int, prog *ebpf.Program) error {
-	lk, err := link.AttachTCX(link.TCXOptions{Interface: ifindex, Program: prog, Attach: tcxAttach(id.Hook)})
+	// Ingress first, egress last: unfunnel and rewrite back restore the
+	// packet before other programs look at it; funnel and rewrite act on
+	// the packet as the others leave it.
+	opts := link.TCXOptions{Interface: ifindex, Program: prog, Attach: tcxAttach(id.Hook), Anchor: link.Tail()}
+	if id.Hook == grammar.HookIngress {
+		opts.Anchor = link.Head()
+	}
+	lk, err := link.AttachTCX(opts)
 	if err != nil {
 		return fmt.Errorf("attach tcx link to %s: %w", id, permission(err))
 	}

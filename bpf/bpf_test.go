@@ -12,6 +12,7 @@ import (
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/asm"
+	"github.com/cilium/ebpf/link"
 	"github.com/sfunnel/sfunnel/grammar"
 	"github.com/sfunnel/sfunnel/internal/testenv"
 )
@@ -506,4 +507,36 @@ func TestInterfaceNameWithDot(t *testing.T) {
 		l.Close()
 		return s.Swap([]Update{{HookID: id}}, nil)
 	}))
+}
+
+// At ingress sfunnel runs before other tcx programs already attached (it
+// restores the packet before they look at it).
+func TestIngressRunsFirst(t *testing.T) {
+	root := testRoot(t)
+	p := newPair(t)
+	id := HookID{Ifname: "vb", Hook: grammar.HookIngress}
+	var l *Live
+	must(t, p.b.Do(func() error {
+		ifc, _ := LookupInterface("vb")
+		// Someone else's program that drops everything, attached first.
+		other, err := link.AttachTCX(link.TCXOptions{Interface: ifc.Index, Program: load(t, countingSpec(tcShot, 9)).Programs[ProgramName], Attach: ebpf.AttachTCXIngress})
+		if err != nil {
+			return err
+		}
+		t.Cleanup(func() { other.Close() })
+		s, err := Open(Options{Root: root})
+		if err != nil {
+			return err
+		}
+		if err := s.Swap([]Update{{HookID: id, Ifindex: ifc.Index, Coll: load(t, countingSpec(tcxNext, 1))}}, nil); err != nil {
+			return err
+		}
+		l, err = s.Live(id)
+		return err
+	}))
+	defer l.Close()
+	p.udpDelivered(t, 3)
+	if c, err := ReadCounters(l.Counters()); err != nil || c[0].Packets < 3 {
+		t.Errorf("sfunnel's ingress program saw %+v (%v): it runs after a program that drops", c, err)
+	}
 }
