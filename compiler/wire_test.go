@@ -1,0 +1,207 @@
+package compiler_test
+
+import (
+	"bytes"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"net"
+	"testing"
+	"time"
+	"unsafe"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+	"github.com/sfunnel/sfunnel/compiler"
+	"github.com/sfunnel/sfunnel/grammar"
+	"github.com/sfunnel/sfunnel/internal/testenv"
+	"golang.org/x/sys/unix"
+)
+
+// attach attaches a program with tcx inside a namespace.
+func attach(t *testing.T, ns *testenv.NS, ifname string, prog *ebpf.Program, at ebpf.AttachType) {
+	t.Helper()
+	var l link.Link
+	err := ns.Do(func() error {
+		ifc, err := net.InterfaceByName(ifname)
+		if err != nil {
+			return err
+		}
+		l, err = link.AttachTCX(link.TCXOptions{Interface: ifc.Index, Program: prog, Attach: at})
+		return err
+	})
+	if err != nil {
+		t.Fatalf("attach to %s: %v", ifname, err)
+	}
+	t.Cleanup(func() { l.Close() })
+}
+
+// capture is an AF_PACKET socket that reports whether a frame's checksum
+// was still to be finalised (TP_STATUS_CSUMNOTREADY).
+type capture struct{ fd int }
+
+func openCapture(t *testing.T, ns *testenv.NS, ifname string) *capture {
+	t.Helper()
+	c := &capture{fd: -1}
+	err := ns.Do(func() error {
+		ifc, err := net.InterfaceByName(ifname)
+		if err != nil {
+			return err
+		}
+		proto := int(htons(unix.ETH_P_ALL))
+		fd, err := unix.Socket(unix.AF_PACKET, unix.SOCK_RAW, proto)
+		if err != nil {
+			return err
+		}
+		c.fd = fd
+		if err := unix.Bind(fd, &unix.SockaddrLinklayer{Protocol: htons(unix.ETH_P_ALL), Ifindex: ifc.Index}); err != nil {
+			return err
+		}
+		if err := unix.SetsockoptInt(fd, unix.SOL_PACKET, unix.PACKET_AUXDATA, 1); err != nil {
+			return err
+		}
+		return unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &unix.Timeval{Sec: 2})
+	})
+	if err != nil {
+		t.Fatalf("capture on %s: %v", ifname, err)
+	}
+	t.Cleanup(func() { unix.Close(c.fd) })
+	return c
+}
+
+func htons(v uint16) uint16 { return v<<8 | v>>8 }
+
+// next returns the next frame that match accepts.
+func (c *capture) next(match func([]byte) bool) (frame []byte, partial bool, err error) {
+	buf := make([]byte, 65536)
+	oob := make([]byte, 256)
+	deadline := time.Now().Add(3 * time.Second)
+	for time.Now().Before(deadline) {
+		n, oobn, _, _, err := unix.Recvmsg(c.fd, buf, oob, 0)
+		if err != nil {
+			if errors.Is(err, unix.EAGAIN) {
+				continue
+			}
+			return nil, false, err
+		}
+		if !match(buf[:n]) {
+			continue
+		}
+		msgs, err := unix.ParseSocketControlMessage(oob[:oobn])
+		if err != nil {
+			return nil, false, err
+		}
+		for _, m := range msgs {
+			if m.Header.Level == unix.SOL_PACKET && m.Header.Type == unix.PACKET_AUXDATA && len(m.Data) >= int(unsafe.Sizeof(unix.TpacketAuxdata{})) {
+				aux := (*unix.TpacketAuxdata)(unsafe.Pointer(&m.Data[0]))
+				partial = aux.Status&unix.TP_STATUS_CSUMNOTREADY != 0
+			}
+		}
+		return append([]byte(nil), buf[:n]...), partial, nil
+	}
+	return nil, false, fmt.Errorf("no matching frame")
+}
+
+// finalise does what a NIC or skb_checksum_help does to a
+// CHECKSUM_PARTIAL frame: sum [start, end) (the field holds the seed) and
+// store the folded complement at start+offset.
+func finalise(frame []byte, start, offset int) {
+	c := ^foldSum(onesSum(frame[start:], 0))
+	binary.BigEndian.PutUint16(frame[start+offset:], c)
+}
+
+// TestWireChecksums sends UDP from a real socket through the funnel at a
+// veth's egress, with transmit checksum offload on (CHECKSUM_PARTIAL) and
+// off, checks the checksums of what crossed the wire, and receives the
+// datagram through the unfunnel at the other end's ingress.
+func TestWireChecksums(t *testing.T) {
+	testenv.RequireRoot(t)
+	testenv.RequireCommand(t, "ethtool")
+	for _, v6 := range []bool{false, true} {
+		for _, txOff := range []bool{false, true} {
+			name := fmt.Sprintf("%s/tx-%s", map[bool]string{false: "ipv4", true: "ipv6"}[v6], map[bool]string{false: "on", true: "off"}[txOff])
+			t.Run(name, func(t *testing.T) { wireChecksums(t, v6, txOff) })
+		}
+	}
+}
+
+func wireChecksums(t *testing.T, v6, txOff bool) {
+	a, b := testenv.NewNS(t), testenv.NewNS(t)
+	addrA, addrB, dst := "192.0.2.1/24", "192.0.2.2/24", "192.0.2.2"
+	fam := grammar.FamilyIPv4
+	if v6 {
+		addrA, addrB, dst = "2001:db8::1/64", "2001:db8::2/64", "2001:db8::2"
+		fam = grammar.FamilyIPv6
+	}
+	testenv.Veth(t, a, "sfa", addrA, b, "sfb", addrB)
+	if txOff {
+		a.Run(t, "ethtool", "-K", "sfa", "tx", "off")
+	}
+	funnelRules := []*grammar.Rule{{Family: fam, Proto: grammar.ProtoUDP, Dport: ports(4739), Actions: []*grammar.Action{funnelTo(grammar.ProtoTCP, 540, 179)}}}
+	unfunnelRules := []*grammar.Rule{{Family: fam, Proto: grammar.ProtoTCP, Dport: ports(179), Sport: ports(540), Actions: []*grammar.Action{act(grammar.ActUnfunnel, grammar.ProtoUDP)}}}
+	sender := compileLoad(t, funnelRules, nil, compiler.Options{Hook: grammar.HookEgress})
+	receiver := compileLoad(t, unfunnelRules, nil, compiler.Options{Hook: grammar.HookIngress})
+	attach(t, a, "sfa", sender.coll.Programs[compiler.ProgramName], ebpf.AttachTCXEgress)
+	attach(t, b, "sfb", receiver.coll.Programs[compiler.ProgramName], ebpf.AttachTCXIngress)
+	capt := openCapture(t, b, "sfb")
+
+	var rx *net.UDPConn
+	if err := b.Do(func() error {
+		var err error
+		rx, err = net.ListenUDP("udp", &net.UDPAddr{IP: net.ParseIP(dst), Port: 4739})
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	defer rx.Close()
+	payload := bytes.Repeat([]byte("ipfix record "), 40)
+	if err := a.Do(func() error {
+		tx, err := net.DialUDP("udp", &net.UDPAddr{Port: 40000}, &net.UDPAddr{IP: net.ParseIP(dst), Port: 4739})
+		if err != nil {
+			return err
+		}
+		defer tx.Close()
+		_, err = tx.Write(payload)
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+
+	iphl := map[bool]int{false: 20, true: 40}[v6]
+	frame, partial, err := capt.next(func(f []byte) bool {
+		if len(f) < 14+iphl+20 {
+			return false
+		}
+		et := binary.BigEndian.Uint16(f[12:])
+		if v6 {
+			return et == 0x86dd && f[20] == 6 && binary.BigEndian.Uint16(f[14+iphl+2:]) == 179
+		}
+		return et == 0x0800 && f[23] == 6 && binary.BigEndian.Uint16(f[14+iphl+2:]) == 179
+	})
+	if err != nil {
+		t.Fatalf("funneled frame: %v", err)
+	}
+	if txOff && partial {
+		t.Errorf("tx off, yet the frame is CHECKSUM_PARTIAL")
+	}
+	inner := 14 + iphl + 20
+	if partial {
+		finalise(frame, inner, 6)
+	}
+	if ok, known := checksumsOK(frame); !known || !ok {
+		t.Fatalf("outer checksums invalid on the wire (partial %v): %x", partial, frame)
+	}
+	if !segmentValid(nil, nil, v6, 17, frame[inner:]) {
+		t.Fatalf("inner UDP checksum is not address-neutral (partial %v): %x", partial, frame)
+	}
+	rx.SetReadDeadline(time.Now().Add(3 * time.Second))
+	buf := make([]byte, 4096)
+	n, from, err := rx.ReadFromUDP(buf)
+	if err != nil {
+		t.Fatalf("datagram not delivered after unfunnel: %v", err)
+	}
+	if !bytes.Equal(buf[:n], payload) || from.Port != 40000 {
+		t.Fatalf("delivered %q from %v", buf[:n], from)
+	}
+	t.Logf("partial=%v, funneled frame %d bytes, delivered", partial, len(frame))
+}
