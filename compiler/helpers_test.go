@@ -287,3 +287,7 @@ func segmentValid(src, dst net.IP, v6 bool, proto uint8, seg []byte) bool {
 	acc += uint32(proto) + uint32(len(seg))
 	return foldSum(onesSum(seg, acc)) == 0xffff
 }
+
+func udpLayer(sport, dport uint16) *layers.UDP {
+	return &layers.UDP{SrcPort: layers.UDPPort(sport), DstPort: layers.UDPPort(dport)}
+}
