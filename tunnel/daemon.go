@@ -234,6 +234,14 @@ func (d *daemon) status() *Status {
 	if d.cfg.Remote.IsValid() {
 		st.Remote = d.cfg.Remote.String()
 	}
+	switch {
+	case d.dev.TSO():
+		st.Offload = "tun-tso udp-gso-gro"
+	case d.dev.Offload():
+		st.Offload = "vnet-headers (no TSO from the kernel) udp-gso-gro"
+	default:
+		st.Offload = "off"
+	}
 	return st
 }
 

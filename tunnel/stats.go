@@ -30,6 +30,7 @@ type Status struct {
 	Carry      string            `json:"carry"`
 	Transport  string            `json:"transport"`
 	Mode       string            `json:"mode"`
+	Offload    string            `json:"offload"`
 	ListenPort int               `json:"listen_port,omitempty"`
 	Remote     string            `json:"remote,omitempty"`
 	Started    time.Time         `json:"started"`
@@ -74,7 +75,7 @@ func writeStatusText(w io.Writer, st *Status) {
 	if st.Remote != "" {
 		fmt.Fprintf(w, "  remote %s", st.Remote)
 	}
-	fmt.Fprintf(w, "\nup since %s  expiry %s\n", st.Started.Format(time.RFC3339), st.Expiry)
+	fmt.Fprintf(w, "\nup since %s  expiry %s  offload %s\n", st.Started.Format(time.RFC3339), st.Expiry, st.Offload)
 	printMap := func(title string, m map[string]uint64) {
 		keys := make([]string, 0, len(m))
 		for k := range m {

@@ -1,8 +1,10 @@
 package tunnel
 
 import (
+	"errors"
 	"fmt"
 	"net/netip"
+	"os"
 	"time"
 
 	"github.com/sfunnel/sfunnel/tunnel/codec"
@@ -144,7 +146,11 @@ func (e *tcpUDP) netToTun() error {
 					continue
 				}
 				if err := w.Write(pkt, d.dev.Offload()); err != nil {
-					return fmt.Errorf("write to TUN: %w", err)
+					if errors.Is(err, os.ErrClosed) {
+						return err
+					}
+					d.stats.drop(codec.DropMalformed) // the kernel refused it
+					continue
 				}
 				d.stats.TunTx.Add(1)
 				ent.Touch(now)
@@ -153,7 +159,10 @@ func (e *tcpUDP) netToTun() error {
 			}
 		}
 		if err := w.Flush(); err != nil {
-			return fmt.Errorf("write to TUN: %w", err)
+			if errors.Is(err, os.ErrClosed) {
+				return err
+			}
+			d.stats.drop(codec.DropMalformed)
 		}
 	}
 }

@@ -39,6 +39,7 @@ type Device struct {
 	rc      syscall.RawConn
 	persist bool
 	vnet    bool // packets carry a virtio-net header (offloads on)
+	tso     bool // the kernel accepted TSO/checksum offload
 
 	// state of the batch read, kept here so the callback handed to the
 	// runtime poller is built once and reading allocates nothing
@@ -79,10 +80,9 @@ func Create(o Options) (*Device, error) {
 		return nil, err
 	}
 	if d.vnet {
-		if err := d.enableOffload(); err != nil {
-			d.Close()
-			return nil, fmt.Errorf("enable offloads on %s: %w", d.Name, err)
-		}
+		// Without TSO (an old kernel) the virtio-net headers still work:
+		// packets just come one by one.
+		d.tso = d.enableOffload() == nil
 	}
 	if err := d.configure(o); err != nil {
 		d.Close()
@@ -100,6 +100,9 @@ func flagsFor(o Options) netlink.TuntapFlag {
 
 // Offload reports whether the device uses virtio-net headers.
 func (d *Device) Offload() bool { return d.vnet }
+
+// TSO reports whether the kernel hands over and takes TCP super-packets.
+func (d *Device) TSO() bool { return d.tso }
 
 func (d *Device) configure(o Options) error {
 	l, err := netlink.LinkByName(d.Name)
