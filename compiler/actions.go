@@ -97,11 +97,11 @@ func (c *compiler) l4Len(fam int, dst asm.Register, fail string) {
 }
 
 // guards emits the checks every header-moving action starts with.
-func (c *compiler) guards(opts, gso bool) {
+func (c *compiler) guards(unsafe, gso bool) {
 	e := &c.e
 	e.emit(ldx(asm.R1, asm.R10, slotInfo, asm.DWord), asm.JSet.Imm(asm.R1, infoFrag, c.stat(StatFragment)))
-	if opts {
-		e.emit(asm.JSet.Imm(asm.R1, infoOpts, c.stat(StatIPOptions)))
+	if unsafe {
+		e.emit(asm.JSet.Imm(asm.R1, infoUnsafe, c.stat(StatIPOptions)))
 	}
 	if gso {
 		e.emit(ldx(asm.R1, asm.R6, skbGSOSize, asm.Word), asm.JNE.Imm(asm.R1, 0, c.stat(StatGSO)))
@@ -288,7 +288,7 @@ func (c *compiler) addrSum32(fam int, dst asm.Register) {
 // minus the value in slotT2 when delta is negative) and the transport
 // protocol (from, known at compile time, to proto). The IPv4 checksum
 // changes by exactly the length delta plus the protocol delta.
-func (c *compiler) ipHeader(fam int, delta int32, from, proto uint8) {
+func (c *compiler) ipHeader(fam int, delta int32, from, proto uint8, ext bool) {
 	e := &c.e
 	l3 := c.l3
 	e.emit(ldx(asm.R1, asm.R10, slotT1, asm.DWord))
@@ -299,8 +299,12 @@ func (c *compiler) ipHeader(fam int, delta int32, from, proto uint8) {
 	}
 	e.emit(asm.HostTo(asm.BE, asm.R1, asm.Half))
 	if fam == 6 {
+		e.emit(stx(asm.R7, l3+4, asm.R1, asm.Half))
+		if ext {
+			c.ipProto(6, proto) // the last extension header names it
+			return
+		}
 		e.emit(
-			stx(asm.R7, l3+4, asm.R1, asm.Half),
 			sti(asm.R7, l3+6, int64(proto), asm.Byte),
 			sti(asm.R10, slotProto, int64(proto), asm.DWord),
 		)
@@ -392,7 +396,10 @@ func (c *compiler) funnelFrom(rule, fam int, inner grammar.Proto, a *grammar.Act
 		iphl = 0 // the IPv6 length field excludes the fixed header
 	}
 	e.comment("funnel %s in %s", inner, a.Proto)
+	opts, done := e.newLabel("funnel_opts"), e.newLabel("funnel_done")
 	e.emit(
+		ldx(asm.R1, asm.R10, slotInfo, asm.DWord),
+		asm.JSet.Imm(asm.R1, infoOpts, opts),
 		mov(asm.R1, asm.R7),
 		asm.Add.Imm(asm.R1, int32(l4+minIn)),
 		asm.JGT.Reg(asm.R1, asm.R8, notApp),
@@ -498,10 +505,14 @@ func (c *compiler) funnelFrom(rule, fam int, inner grammar.Proto, a *grammar.Act
 	}
 	e.emit(stx(asm.R7, l4+checkOut, asm.R3, asm.Half))
 	e.comment("IP header")
-	c.ipHeader(fam, int32(h), inner.Number(), outer)
+	c.ipHeader(fam, int32(h), inner.Number(), outer, false)
 	if c.opts.Hook == grammar.HookEgress {
 		c.mtuCheck(rule)
 	}
+	e.emit(asm.Ja.Label(done))
+	e.label(opts)
+	c.funnelOpts(rule, fam, inner, a)
+	e.label(done)
 }
 
 // mtuCheck counts a funneled packet that exceeds the device MTU.
@@ -556,7 +567,10 @@ func (c *compiler) unfunnelFrom(fam int, outer, inner grammar.Proto) {
 	minOut, _ := hdrInfo(outer)
 	l4 := c.l3 + int16(ipHdrLen(fam))
 	e.comment("unfunnel %s from %s", inner, outer)
+	opts, done := e.newLabel("unfunnel_opts"), e.newLabel("unfunnel_done")
 	e.emit(
+		ldx(asm.R1, asm.R10, slotInfo, asm.DWord),
+		asm.JSet.Imm(asm.R1, infoOpts, opts),
 		mov(asm.R1, asm.R7),
 		asm.Add.Imm(asm.R1, int32(l4+minOut)),
 		asm.JGT.Reg(asm.R1, asm.R8, bad),
@@ -643,7 +657,11 @@ func (c *compiler) unfunnelFrom(fam int, outer, inner grammar.Proto) {
 		asm.Add.Imm(asm.R1, int32(l4)),
 		asm.JGT.Reg(asm.R1, asm.R8, c.exit("pass")),
 	)
-	c.ipHeader(fam, -1, outer.Number(), inner.Number())
+	c.ipHeader(fam, -1, outer.Number(), inner.Number(), false)
+	e.emit(asm.Ja.Label(done))
+	e.label(opts)
+	c.unfunnelOpts(fam, outer, inner)
+	e.label(done)
 }
 
 // rewrite turns TCP into UDP (to == udp) or back, in place, following
@@ -799,7 +817,7 @@ func (c *compiler) dnat(r *grammar.Rule, a *grammar.Action) {
 		e.emit(ldx(asm.R1, asm.R10, slotFam, asm.DWord), asm.JNE.Imm(asm.R1, int32(fam), notApp))
 	}
 	l3 := c.l3
-	c.guards(false, false)
+	c.guards(true, false)
 	c.ipBound(fam, notApp)
 	c.transport(notApp)
 	addr := a.DNATAddr.AsSlice()

@@ -37,11 +37,22 @@ const (
 	slotT3    = -144
 	slotT4    = -152
 	slotRule  = -160 // rule index in a group body (see group)
+	slotOpt   = -168 // length of IPv4 options / IPv6 extension headers being moved
+	slotBuf   = -296 // MaxOptMove bytes: options being moved
+	slotHdr   = -320 // 20 bytes: a funnel header being built
 )
+
+// MaxOptMove is the most IPv4 option or IPv6 extension header bytes funnel
+// and unfunnel move; longer chains are passed untouched (StatIPOptions).
+const MaxOptMove = 128
 
 const (
 	infoFrag = 1 // IPv4 MF/offset or an IPv6 fragment header
 	infoOpts = 2 // IPv4 options or IPv6 extension headers
+	// infoUnsafe: an IPv6 routing header (the transport checksum then
+	// covers the final destination, not the destination address) or AH
+	// (authenticates what funnel and dnat change): not rewritten.
+	infoUnsafe = 4
 
 	absentPort  = 0x10000 // port slot value when the transport header is absent
 	absentFlags = 0x100
@@ -339,20 +350,23 @@ func (c *compiler) parse(n ruleNeeds) {
 			movi(asm.R9, int32(l3)+40),
 		)
 		for i := 0; i < maxExtHeaders; i++ {
-			ext, ah, done := fmt.Sprintf("ext%d", i), fmt.Sprintf("ext%d_ah", i), fmt.Sprintf("ext%d_next", i)
+			ext, ah, route, done := fmt.Sprintf("ext%d", i), fmt.Sprintf("ext%d_ah", i), fmt.Sprintf("ext%d_route", i), fmt.Sprintf("ext%d_next", i)
 			e.label(fmt.Sprintf("ext%d_type", i))
 			e.emit(
 				asm.JEq.Imm(asm.R2, 6, "ip6_done"),
 				asm.JEq.Imm(asm.R2, 17, "ip6_done"),
 				asm.JEq.Imm(asm.R2, 0, ext),
-				asm.JEq.Imm(asm.R2, 43, ext),
 				asm.JEq.Imm(asm.R2, 60, ext),
+				asm.JEq.Imm(asm.R2, 43, route),
 				asm.JEq.Imm(asm.R2, 44, "ip6_frag"),
 				asm.JEq.Imm(asm.R2, 51, ah),
 				asm.Ja.Label("ip6_done"),
 			)
 			e.label(ah)
+			e.emit(asm.Or.Imm(asm.R3, infoUnsafe))
 			c.extHeader(2, 2, done)
+			e.label(route)
+			e.emit(asm.Or.Imm(asm.R3, infoUnsafe))
 			e.label(ext)
 			c.extHeader(1, 3, "")
 			e.label(done)

@@ -188,6 +188,20 @@ func TestActions(t *testing.T) {
 		} else {
 			withOpts = addIPv4Options(gen{r: newRand(1)}, append([]byte(nil), udp...))
 		}
+		// funnel and unfunnel behind IPv4 options / IPv6 extension headers
+		funneled := expectFunnel(udp, 14, v6, grammar.ProtoTCP, 540, 179, &dflt)
+		withOptsIn := withHeaders(udp, v6, false)
+		withOptsOut := withHeaders(funneled, v6, false)
+		cases = append(cases,
+			tableCase{name: "funnel after options" + sfx, rules: []*grammar.Rule{{Proto: grammar.ProtoUDP, Dport: ports(4739), Actions: []*grammar.Action{funnelTo(grammar.ProtoTCP, 540, 179)}}},
+				in: withOptsIn, verdict: compiler.VerdictPass, out: withOptsOut, stat: -1},
+			tableCase{name: "unfunnel after options" + sfx, rules: []*grammar.Rule{{Proto: grammar.ProtoTCP, Dport: ports(179), Actions: []*grammar.Action{act(grammar.ActUnfunnel, grammar.ProtoUDP)}}},
+				in: withOptsOut, verdict: compiler.VerdictPass, out: withOptsIn, stat: -1},
+		)
+		if v6 {
+			cases = append(cases, tableCase{name: "funnel refuses a routing header" + sfx, rules: []*grammar.Rule{{Proto: grammar.ProtoUDP, Actions: []*grammar.Action{funnelTo(grammar.ProtoTCP, 540, 179)}}},
+				in: withHeaders(udp, true, true), verdict: compiler.VerdictPass, stat: compiler.StatIPOptions})
+		}
 		cases = append(cases,
 			tableCase{name: "options: match the real transport header" + sfx, rules: []*grammar.Rule{{Proto: grammar.ProtoUDP, Dport: ports(4739), Actions: []*grammar.Action{act(grammar.ActDrop, 0)}}},
 				in: withOpts, verdict: compiler.VerdictDrop, stat: -1},
@@ -304,4 +318,34 @@ func TestNATBetweenEnds(t *testing.T) {
 			t.Fatalf("unfunneled datagram\n got %x\n  in %x", r.out, in)
 		}
 	}
+}
+
+// withHeaders inserts IPv4 options (12 bytes: a record-route-like option
+// and NOPs) or IPv6 extension headers (hop-by-hop + destination options, or
+// a routing header) after the fixed IP header, fixing lengths and the
+// IPv4 checksum.
+func withHeaders(pkt []byte, v6, routing bool) []byte {
+	if !v6 {
+		opts := []byte{0x07, 0x07, 0x04, 0, 0, 0, 0, 0x01, 0x01, 0x01, 0x01, 0x00}
+		out := append(append(append([]byte(nil), pkt[:34]...), opts...), pkt[34:]...)
+		out[14] = 0x40 | byte((20+len(opts))/4)
+		binary.BigEndian.PutUint16(out[16:], binary.BigEndian.Uint16(out[16:])+uint16(len(opts)))
+		fixIPv4Checksum(out[14:])
+		return out
+	}
+	proto := pkt[20]
+	var ext []byte
+	first := byte(0)
+	if routing {
+		first = 43
+		ext = []byte{proto, 0, 0, 0, 0, 0, 0, 0} // type 0, segments left 0
+	} else {
+		hbh := []byte{60, 0, 1, 4, 0, 0, 0, 0}
+		dst := []byte{proto, 1, 1, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}
+		ext = append(hbh, dst...)
+	}
+	out := append(append(append([]byte(nil), pkt[:54]...), ext...), pkt[54:]...)
+	out[20] = first
+	binary.BigEndian.PutUint16(out[18:], binary.BigEndian.Uint16(out[18:])+uint16(len(ext)))
+	return out
 }

@@ -47,28 +47,47 @@ func (st *state) l4Len() (uint32, bool) {
 	return l - ext, true
 }
 
-// transport returns the minimal header length and check offset.
-func (st *state) transport() (min, check int, ok bool) {
+// protoInfo returns the minimal header length and check offset of the
+// transport protocol.
+func (st *state) protoInfo() (min, check int, ok bool) {
 	switch st.s.proto {
 	case 17:
-		min, check = 8, 6
+		return 8, 6, true
 	case 6:
-		min, check = 20, 16
-	default:
-		return 0, 0, false
+		return 20, 16, true
 	}
-	if st.s.l4off > 0xffff || st.s.l4off+min > len(st.p) {
+	return 0, 0, false
+}
+
+// inBuffer reports whether n bytes of transport header are in the packet.
+func (st *state) inBuffer(n int) bool {
+	return st.s.l4off <= 0xffff && st.s.l4off+n <= len(st.p)
+}
+
+// transport returns the minimal header length and check offset.
+func (st *state) transport() (min, check int, ok bool) {
+	min, check, ok = st.protoInfo()
+	if !ok || !st.inBuffer(min) {
 		return 0, 0, false
 	}
 	return min, check, true
 }
 
-// guards mirrors the checks of header-moving actions.
-func (st *state) guards(opts, gso bool) int {
+// optsTooLong mirrors the limit on moved options (0 when none).
+func (st *state) optsTooLong() bool {
+	if !st.s.opts {
+		return false
+	}
+	o := st.s.l4off - st.l3 - st.ipHdrLen()
+	return o == 0 || o > compiler.MaxOptMove
+}
+
+// guards mirrors the checks actions start with.
+func (st *state) guards(unsafe, gso bool) int {
 	if st.s.frag {
 		return compiler.StatFragment
 	}
-	if opts && st.s.opts {
+	if unsafe && st.s.unsafe {
 		return compiler.StatIPOptions
 	}
 	if gso && st.in.GSOSize != 0 {
@@ -123,27 +142,34 @@ func (st *state) funnel(a *grammar.Action) int {
 	if s := st.guards(true, true); s != applied {
 		return s
 	}
-	min, checkIn, ok := st.transport()
+	min, checkIn, ok := st.protoInfo()
 	if !ok {
+		return compiler.StatNotApplicable
+	}
+	if st.optsTooLong() {
+		return compiler.StatIPOptions
+	}
+	if !st.inBuffer(min) {
 		return compiler.StatNotApplicable
 	}
 	l, ok := st.l4Len()
 	if !ok || l < uint32(min) {
 		return compiler.StatNotApplicable
 	}
-	limit := uint32(65535 - h)
-	if st.s.fam == 4 {
-		limit -= 20
+	ipHdr := uint32(st.s.l4off - st.l3) // IPv4: the IP length counts the header
+	if st.s.fam == 6 {
+		ipHdr -= 40
 	}
-	if l > limit {
+	if l+ipHdr+uint32(h) > 0xffff {
 		return compiler.StatNotApplicable
 	}
 	inner := st.s.proto
 	if inner == 17 && le16(st.p[st.s.l4off+6:]) == 0 {
 		return compiler.StatNoChecksum
 	}
-	// Grow: NET mode inserts right after the fixed IP header.
-	st.p = insert(st.p, st.l3+st.ipHdrLen(), h)
+	// The header goes between the options and the transport header (the
+	// datapath grows after the fixed header and moves the options).
+	st.p = insert(st.p, st.s.l4off, h)
 	l4 := st.s.l4off
 	sum := st.addrSum()
 	l4CsumReplace(st.p[l4+h+checkIn:], 0, sum^0xffff, 0, inner == 17)
@@ -201,7 +227,14 @@ func (st *state) unfunnel(innerProto grammar.Proto) int {
 	if s := st.guards(true, true); s != applied {
 		return s
 	}
-	if _, _, ok := st.transport(); !ok {
+	minOut, _, ok := st.protoInfo()
+	if !ok {
+		return bad
+	}
+	if st.optsTooLong() {
+		return compiler.StatIPOptions
+	}
+	if !st.inBuffer(minOut) {
 		return bad
 	}
 	l, ok := st.l4Len()
@@ -239,8 +272,7 @@ func (st *state) unfunnel(innerProto grammar.Proto) int {
 			return bad
 		}
 	}
-	at := st.l3 + st.ipHdrLen()
-	st.p = append(st.p[:at:at], st.p[at+int(h):]...)
+	st.p = append(st.p[:l4:l4], st.p[l4+int(h):]...)
 	l4CsumReplace(st.p[l4+checkIn:], 0, st.addrSum(), 0, innerProto == grammar.ProtoUDP)
 	st.setIPLen(-int(h))
 	st.setIPProto(innerProto.Number())
@@ -321,7 +353,7 @@ func (st *state) dnat(r *grammar.Rule, a *grammar.Action) int {
 	if r.Family == grammar.FamilyAny && st.s.fam != fam {
 		return compiler.StatNotApplicable
 	}
-	if s := st.guards(false, false); s != applied {
+	if s := st.guards(true, false); s != applied {
 		return s
 	}
 	_, check, ok := st.transport()

@@ -71,6 +71,7 @@ func New(rules []*grammar.Rule, sets map[string]*grammar.Set, opts compiler.Opti
 type parsed struct {
 	fam          int
 	frag, opts   bool
+	unsafe       bool // IPv6 routing header or AH
 	proto        uint32
 	l4off, nhoff int
 	l4           bool // transport header present
@@ -133,6 +134,9 @@ func (m *Model) parse(p []byte) (parsed, bool) {
 			switch nh {
 			case 0, 43, 60, 51:
 				s.opts = true
+				if nh == 43 || nh == 51 {
+					s.unsafe = true
+				}
 				if s.l4off+8 > len(p) {
 					break walk
 				}

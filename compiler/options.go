@@ -1,0 +1,302 @@
+package compiler
+
+import (
+	"github.com/cilium/ebpf/asm"
+	"github.com/sfunnel/sfunnel/grammar"
+)
+
+// Funnel and unfunnel of packets with IPv4 options or IPv6 extension
+// headers. BPF_ADJ_ROOM_NET inserts and removes right after the fixed IP
+// header, so the options are moved across the gap with
+// bpf_skb_load_bytes/bpf_skb_store_bytes; the transport header keeps its
+// absolute position, as CHECKSUM_PARTIAL needs. Offsets are variable
+// (R9), so the header is built on the stack and stored with a helper.
+
+// optLen checks the options length (R9 minus the fixed header) and keeps it
+// in slotOpt, jumping to StatIPOptions when there is nothing to move or too
+// much.
+func (c *compiler) optLen(fam int) {
+	e := &c.e
+	base := int32(c.l3) + ipHdrLen(fam)
+	e.emit(
+		mov(asm.R1, asm.R9),
+		asm.Sub.Imm(asm.R1, base),
+		asm.JEq.Imm(asm.R1, 0, c.stat(StatIPOptions)),
+		asm.JGT.Imm(asm.R1, MaxOptMove, c.stat(StatIPOptions)),
+		stx(asm.R10, slotOpt, asm.R1, asm.DWord),
+	)
+}
+
+// moveOpts copies slotOpt bytes from offset from (+ R2 extra when
+// fromReg) to offset to (+ the value in slotT2 when toVar).
+func (c *compiler) moveOpts(from, to int32, toVar bool) {
+	e := &c.e
+	e.emit(
+		mov(asm.R1, asm.R6),
+		movi(asm.R2, from),
+		mov(asm.R3, asm.R10),
+		asm.Add.Imm(asm.R3, slotBuf),
+		ldx(asm.R4, asm.R10, slotOpt, asm.DWord),
+		asm.FnSkbLoadBytes.Call(),
+		asm.JNE.Imm(asm.R0, 0, c.exit("pass")),
+		mov(asm.R1, asm.R6),
+		movi(asm.R2, to),
+	)
+	if toVar {
+		e.emit(ldx(asm.R3, asm.R10, slotT2, asm.DWord), asm.Add.Reg(asm.R2, asm.R3))
+	}
+	e.emit(
+		mov(asm.R3, asm.R10),
+		asm.Add.Imm(asm.R3, slotBuf),
+		ldx(asm.R4, asm.R10, slotOpt, asm.DWord),
+		movi(asm.R5, 0),
+		asm.FnSkbStoreBytes.Call(),
+	)
+}
+
+// ipLenField stores in slotT1 the IP length field value for transport
+// length dst: dst + R9 - (l3, or l3+40 for IPv6). R1 scratch.
+func (c *compiler) ipLenField(fam int, l4len asm.Register) {
+	hdr := int32(c.l3)
+	if fam == 6 {
+		hdr += 40
+	}
+	c.e.emit(
+		mov(asm.R1, l4len),
+		asm.Add.Reg(asm.R1, asm.R9),
+		asm.Sub.Imm(asm.R1, hdr),
+		stx(asm.R10, slotT1, asm.R1, asm.DWord),
+	)
+}
+
+func (c *compiler) funnelOpts(rule, fam int, inner grammar.Proto, a *grammar.Action) {
+	e := &c.e
+	f := a.Funnel
+	outer := a.Proto.Number()
+	h, checkOut := hdrInfo(a.Proto)
+	minIn, checkIn := hdrInfo(inner)
+	notApp := c.stat(StatNotApplicable)
+	base := int32(c.l3) + ipHdrLen(fam)
+	e.comment("funnel %s in %s after IP options / extension headers", inner, a.Proto)
+	c.optLen(fam)
+	e.emit(
+		asm.JGT.Imm(asm.R9, 0xffff, notApp),
+		mov(asm.R5, asm.R7),
+		asm.Add.Reg(asm.R5, asm.R9),
+		mov(asm.R1, asm.R5),
+		asm.Add.Imm(asm.R1, int32(minIn)),
+		asm.JGT.Reg(asm.R1, asm.R8, notApp),
+	)
+	c.ipBound(fam, notApp)
+	c.l4Len(fam, asm.R4, notApp)
+	e.emit(
+		asm.JLT.Imm(asm.R4, int32(minIn), notApp),
+		stx(asm.R10, slotT2, asm.R4, asm.DWord),
+	)
+	c.ipLenField(fam, asm.R4)
+	e.emit(
+		asm.Add.Imm(asm.R1, int32(h)),
+		asm.JGT.Imm(asm.R1, 0xffff, notApp),
+	)
+	if inner == grammar.ProtoUDP {
+		e.emit(
+			ldx(asm.R1, asm.R5, 6, asm.Half),
+			asm.JEq.Imm(asm.R1, 0, c.stat(StatNoChecksum)),
+		)
+	}
+	e.comment("grow, then move the options in front of the gap")
+	e.emit(
+		mov(asm.R1, asm.R6),
+		movi(asm.R2, int32(h)),
+		movi(asm.R3, 0), // BPF_ADJ_ROOM_NET
+		movi(asm.R4, 0),
+		asm.FnSkbAdjustRoom.Call(),
+		asm.JNE.Imm(asm.R0, 0, c.stat(StatHelperFailed)),
+	)
+	c.moveOpts(base+int32(h), base, false)
+	c.reload()
+	c.ipBound(fam, c.exit("pass"))
+	e.comment("inner checksum without addresses")
+	c.addrSum32(fam, asm.R4)
+	flags := int32(fPseudoHdr)
+	if inner == grammar.ProtoUDP {
+		flags |= fMarkMangled0
+	}
+	e.emit(
+		stx(asm.R10, slotT3, asm.R4, asm.DWord),
+		asm.Xor.Imm32(asm.R4, -1),
+		mov(asm.R1, asm.R6),
+		mov(asm.R2, asm.R9),
+		asm.Add.Imm(asm.R2, int32(h+checkIn)),
+		movi(asm.R3, 0),
+		movi(asm.R5, flags),
+		asm.FnL4CsumReplace.Call(),
+	)
+	e.comment("funnel header, built on the stack")
+	e.emit(
+		mov(asm.R1, asm.R6),
+		mov(asm.R2, asm.R9),
+		asm.Add.Imm(asm.R2, int32(h)),
+		mov(asm.R3, asm.R10),
+		asm.Add.Imm(asm.R3, slotHdr),
+		movi(asm.R4, 4),
+		asm.FnSkbLoadBytes.Call(),
+		asm.JNE.Imm(asm.R0, 0, c.exit("pass")),
+	)
+	if f.HasSport {
+		e.emit(sti(asm.R10, slotHdr, int64(n16(f.Sport)), asm.Half))
+	}
+	if f.HasDport {
+		e.emit(sti(asm.R10, slotHdr+2, int64(n16(f.Dport)), asm.Half))
+	}
+	hdrConst := uint64(outer)<<8 + 0x1fffe - uint64(inner.Number())<<8
+	if a.Proto == grammar.ProtoTCP {
+		w12 := uint32(0x50) | uint32(f.Flags)<<8 | uint32(n16(f.Window))<<16
+		e.emit(
+			sti(asm.R10, slotHdr+4, int64(int32(n32(f.Seq))), asm.Word),
+			sti(asm.R10, slotHdr+8, int64(int32(n32(f.Ack))), asm.Word),
+			sti(asm.R10, slotHdr+12, int64(int32(w12)), asm.Word),
+			sti(asm.R10, slotHdr+16, 0, asm.Word),
+		)
+		hdrConst += uint64(n32(f.Seq)) + uint64(n32(f.Ack)) + uint64(w12)
+	}
+	e.emit(
+		ldx(asm.R2, asm.R10, slotT2, asm.DWord),
+		mov(asm.R1, asm.R2),
+		asm.Add.Imm(asm.R1, int32(h)),
+		asm.HostTo(asm.BE, asm.R1, asm.Half),
+		asm.HostTo(asm.BE, asm.R2, asm.Half),
+		ldx(asm.R3, asm.R10, slotT3, asm.DWord),
+		asm.Add.Imm(asm.R3, int32(fold16(hdrConst))),
+		asm.Add.Reg(asm.R3, asm.R1),
+		asm.Sub.Reg(asm.R3, asm.R2),
+	)
+	if a.Proto == grammar.ProtoUDP {
+		e.emit(
+			asm.Add.Reg(asm.R3, asm.R1),
+			stx(asm.R10, slotHdr+4, asm.R1, asm.Half),
+			sti(asm.R10, slotHdr+6, 0, asm.Half),
+		)
+	}
+	e.emit(
+		ldx(asm.R1, asm.R10, slotHdr, asm.Word),
+		asm.Add.Reg(asm.R3, asm.R1),
+	)
+	c.foldBelow(asm.R3, asm.R1, 1<<34)
+	e.emit(asm.Xor.Imm(asm.R3, 0xffff))
+	if a.Proto == grammar.ProtoUDP {
+		nz := e.newLabel("nonzero")
+		e.emit(asm.JNE.Imm(asm.R3, 0, nz), movi(asm.R3, 0xffff))
+		e.label(nz)
+	}
+	e.emit(
+		stx(asm.R10, slotHdr+checkOut, asm.R3, asm.Half),
+		mov(asm.R1, asm.R6),
+		mov(asm.R2, asm.R9),
+		mov(asm.R3, asm.R10),
+		asm.Add.Imm(asm.R3, slotHdr),
+		movi(asm.R4, int32(h)),
+		movi(asm.R5, 0),
+		asm.FnSkbStoreBytes.Call(),
+	)
+	c.reload()
+	c.ipBound(fam, c.exit("pass"))
+	e.comment("IP header")
+	c.ipHeader(fam, int32(h), inner.Number(), outer, true)
+	if c.opts.Hook == grammar.HookEgress {
+		c.mtuCheck(rule)
+	}
+}
+
+func (c *compiler) unfunnelOpts(fam int, outer, inner grammar.Proto) {
+	e := &c.e
+	bad := c.stat(StatUnfunnelInvalid)
+	minIn, checkIn := hdrInfo(inner)
+	minOut, _ := hdrInfo(outer)
+	base := int32(c.l3) + ipHdrLen(fam)
+	e.comment("unfunnel %s from %s after IP options / extension headers", inner, outer)
+	c.optLen(fam)
+	e.emit(
+		asm.JGT.Imm(asm.R9, 0xffff, bad),
+		mov(asm.R5, asm.R7),
+		asm.Add.Reg(asm.R5, asm.R9),
+		mov(asm.R1, asm.R5),
+		asm.Add.Imm(asm.R1, int32(minOut)),
+		asm.JGT.Reg(asm.R1, asm.R8, bad),
+	)
+	c.ipBound(fam, bad)
+	c.l4Len(fam, asm.R4, bad)
+	if outer == grammar.ProtoUDP {
+		e.emit(
+			movi(asm.R3, 8),
+			ldx(asm.R1, asm.R5, 4, asm.Half),
+			asm.HostTo(asm.BE, asm.R1, asm.Half),
+			asm.JNE.Reg(asm.R1, asm.R4, bad),
+		)
+	} else {
+		e.emit(
+			ldx(asm.R3, asm.R5, 12, asm.Byte),
+			asm.RSh.Imm(asm.R3, 4),
+			asm.LSh.Imm(asm.R3, 2),
+			asm.JLT.Imm(asm.R3, 20, bad),
+		)
+	}
+	c.ipLenField(fam, asm.R4)
+	e.emit(
+		mov(asm.R1, asm.R3),
+		asm.Add.Imm(asm.R1, int32(minIn)),
+		asm.JGT.Reg(asm.R1, asm.R4, bad),
+		asm.Sub.Reg(asm.R4, asm.R3),
+		asm.Add.Reg(asm.R5, asm.R3),
+		mov(asm.R1, asm.R5),
+		asm.Add.Imm(asm.R1, int32(minIn)),
+		asm.JGT.Reg(asm.R1, asm.R8, bad),
+	)
+	if inner == grammar.ProtoUDP {
+		e.emit(
+			ldx(asm.R1, asm.R5, 4, asm.Half),
+			asm.HostTo(asm.BE, asm.R1, asm.Half),
+			asm.JNE.Reg(asm.R1, asm.R4, bad),
+		)
+	} else {
+		e.emit(
+			ldx(asm.R1, asm.R5, 12, asm.Byte),
+			asm.RSh.Imm(asm.R1, 4),
+			asm.LSh.Imm(asm.R1, 2),
+			asm.JLT.Imm(asm.R1, 20, bad),
+			asm.JGT.Reg(asm.R1, asm.R4, bad),
+		)
+	}
+	e.comment("move the options behind the outer header, then pop it")
+	e.emit(stx(asm.R10, slotT2, asm.R3, asm.DWord))
+	c.moveOpts(base, base, true)
+	e.emit(
+		ldx(asm.R3, asm.R10, slotT2, asm.DWord),
+		movi(asm.R2, 0),
+		asm.Sub.Reg(asm.R2, asm.R3),
+		mov(asm.R1, asm.R6),
+		movi(asm.R3, 0), // BPF_ADJ_ROOM_NET
+		movi(asm.R4, 0),
+		asm.FnSkbAdjustRoom.Call(),
+		asm.JNE.Imm(asm.R0, 0, c.exit("pass")),
+	)
+	c.reload()
+	c.ipBound(fam, c.exit("pass"))
+	e.comment("inner checksum gets the addresses back")
+	c.addrSum32(fam, asm.R4)
+	flags := int32(fPseudoHdr)
+	if inner == grammar.ProtoUDP {
+		flags |= fMarkMangled0
+	}
+	e.emit(
+		mov(asm.R1, asm.R6),
+		mov(asm.R2, asm.R9),
+		asm.Add.Imm(asm.R2, int32(checkIn)),
+		movi(asm.R3, 0),
+		movi(asm.R5, flags),
+		asm.FnL4CsumReplace.Call(),
+	)
+	c.reload()
+	c.ipBound(fam, c.exit("pass"))
+	c.ipHeader(fam, -1, outer.Number(), inner.Number(), true)
+}
