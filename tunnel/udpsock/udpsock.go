@@ -282,7 +282,8 @@ func (c *Conn) prepare(b *Batch, n int) int {
 		j := i + 1
 		if c.gso {
 			size, total := len(b.Out[i]), len(b.Out[i])
-			for j < n && j-i < maxGSOSegments && b.Peers[j] == b.Peers[i] && len(b.Out[j]) <= size && total+len(b.Out[j]) <= 65000 {
+			for j < n && j-i < maxGSOSegments && b.Peers[j] == b.Peers[i] && len(b.Out[j]) <= size && len(b.Out[j]) > 0 &&
+				total+len(b.Out[j]) <= 65000 {
 				total += len(b.Out[j])
 				j++
 				if len(b.Out[j-1]) < size {
@@ -291,8 +292,11 @@ func (c *Conn) prepare(b *Batch, n int) int {
 			}
 		}
 		for k := i; k < j; k++ {
-			b.iovs[k].Base = &b.Out[k][0]
-			b.iovs[k].SetLen(len(b.Out[k]))
+			b.iovs[k] = unix.Iovec{}
+			if len(b.Out[k]) > 0 {
+				b.iovs[k].Base = &b.Out[k][0]
+				b.iovs[k].SetLen(len(b.Out[k]))
+			}
 		}
 		h := &b.hdrs[msgs].hdr
 		nl := c.toSockaddr(&b.names[msgs], b.Peers[i])
@@ -340,7 +344,11 @@ func (c *Conn) WriteTo(p []byte, to netip.AddrPort) error {
 	nl := c.toSockaddr(&name, to)
 	var sendErr error
 	err := c.rc.Write(func(fd uintptr) bool {
-		_, _, errno := unix.Syscall6(unix.SYS_SENDTO, fd, uintptr(unsafe.Pointer(&p[0])), uintptr(len(p)), 0,
+		var base unsafe.Pointer
+		if len(p) > 0 {
+			base = unsafe.Pointer(&p[0])
+		}
+		_, _, errno := unix.Syscall6(unix.SYS_SENDTO, fd, uintptr(base), uintptr(len(p)), 0,
 			uintptr(unsafe.Pointer(&name)), uintptr(nl))
 		if errno == unix.EAGAIN {
 			return false
