@@ -426,27 +426,8 @@ func (c *compiler) funnelFrom(rule, fam int, inner grammar.Proto, a *grammar.Act
 		asm.Add.Imm(asm.R1, int32(l4+h+4)),
 		asm.JGT.Reg(asm.R1, asm.R8, c.exit("pass")),
 	)
-	e.comment("inner checksum without addresses")
 	c.addrSum32(fam, asm.R4)
-	flags := int32(fPseudoHdr)
-	if inner == grammar.ProtoUDP {
-		flags |= fMarkMangled0
-	}
-	e.emit(
-		stx(asm.R10, slotT3, asm.R4, asm.DWord),
-		asm.Xor.Imm32(asm.R4, -1),
-		mov(asm.R1, asm.R6),
-		movi(asm.R2, int32(l4+h+checkIn)),
-		movi(asm.R3, 0),
-		movi(asm.R5, flags),
-		asm.FnL4CsumReplace.Call(),
-	)
-	c.reload()
-	e.emit(
-		mov(asm.R1, asm.R7),
-		asm.Add.Imm(asm.R1, int32(l4+h+4)),
-		asm.JGT.Reg(asm.R1, asm.R8, c.exit("pass")),
-	)
+	e.emit(stx(asm.R10, slotT3, asm.R4, asm.DWord))
 	e.comment("funnel header")
 	if f.HasSport && f.HasDport {
 		e.emit(sti(asm.R7, l4, int64(int32(uint32(n16(f.Sport))|uint32(n16(f.Dport))<<16)), asm.Word))
@@ -506,6 +487,21 @@ func (c *compiler) funnelFrom(rule, fam int, inner grammar.Proto, a *grammar.Act
 	e.emit(stx(asm.R7, l4+checkOut, asm.R3, asm.Half))
 	e.comment("IP header")
 	c.ipHeader(fam, int32(h), inner.Number(), outer, false)
+	// Last, as it may move the packet: no direct access after it.
+	e.comment("inner checksum without addresses")
+	flags := int32(fPseudoHdr)
+	if inner == grammar.ProtoUDP {
+		flags |= fMarkMangled0
+	}
+	e.emit(
+		ldx(asm.R4, asm.R10, slotT3, asm.DWord),
+		asm.Xor.Imm32(asm.R4, -1),
+		mov(asm.R1, asm.R6),
+		movi(asm.R2, int32(l4+h+checkIn)),
+		movi(asm.R3, 0),
+		movi(asm.R5, flags),
+		asm.FnL4CsumReplace.Call(),
+	)
 	if c.opts.Hook == grammar.HookEgress {
 		c.mtuCheck(rule)
 	}
@@ -638,7 +634,8 @@ func (c *compiler) unfunnelFrom(fam int, outer, inner grammar.Proto) {
 		asm.Add.Imm(asm.R1, int32(l4+checkIn+2)),
 		asm.JGT.Reg(asm.R1, asm.R8, c.exit("pass")),
 	)
-	e.comment("inner checksum gets the addresses back")
+	c.ipHeader(fam, -1, outer.Number(), inner.Number(), false)
+	e.comment("inner checksum gets the addresses back (last: it may move the packet)")
 	c.addrSum32(fam, asm.R4)
 	flags := int32(fPseudoHdr)
 	if inner == grammar.ProtoUDP {
@@ -651,13 +648,6 @@ func (c *compiler) unfunnelFrom(fam int, outer, inner grammar.Proto) {
 		movi(asm.R5, flags),
 		asm.FnL4CsumReplace.Call(),
 	)
-	c.reload()
-	e.emit(
-		mov(asm.R1, asm.R7),
-		asm.Add.Imm(asm.R1, int32(l4)),
-		asm.JGT.Reg(asm.R1, asm.R8, c.exit("pass")),
-	)
-	c.ipHeader(fam, -1, outer.Number(), inner.Number(), false)
 	e.emit(asm.Ja.Label(done))
 	e.label(opts)
 	c.unfunnelOpts(fam, outer, inner)
