@@ -79,6 +79,7 @@ type compiler struct {
 	statLabels map[int]string
 	gen        int  // exit generation (see exit)
 	dynRule    bool // emitting a group body: the rule index is in slotRule
+	ruleNeeds  ruleNeeds
 	genStart   int  // instruction count when the generation started
 }
 
@@ -207,6 +208,7 @@ func (c *compiler) program(rules []*grammar.Rule) error {
 	}
 	c.statLabels = map[int]string{}
 	n := c.needs(rules)
+	c.ruleNeeds = n
 	e := &c.e
 
 	e.comment("sfunnel %s program, %d rules, %s", c.opts.Hook, len(rules), map[bool]string{true: "L3 device", false: "Ethernet"}[c.opts.L3])

@@ -35,10 +35,11 @@ func (c *compiler) rule(i int, r *grammar.Rule) error {
 // group tests with its map instead.
 func (c *compiler) matches(r *grammar.Rule, fail, skip string) error {
 	e := &c.e
-	switch r.Family {
-	case grammar.FamilyIPv4:
+	// The parse guard lets only families some rule wants through.
+	switch {
+	case r.Family == grammar.FamilyIPv4 && c.ruleNeeds.v6:
 		e.emit(ldx(asm.R1, asm.R10, slotFam, asm.DWord), asm.JNE.Imm(asm.R1, 4, fail))
-	case grammar.FamilyIPv6:
+	case r.Family == grammar.FamilyIPv6 && c.ruleNeeds.v4:
 		e.emit(ldx(asm.R1, asm.R10, slotFam, asm.DWord), asm.JNE.Imm(asm.R1, 6, fail))
 	}
 	if r.Proto != grammar.ProtoAny {
