@@ -80,7 +80,7 @@ type compiler struct {
 	gen        int  // exit generation (see exit)
 	dynRule    bool // emitting a group body: the rule index is in slotRule
 	ruleNeeds  ruleNeeds
-	genStart   int  // instruction count when the generation started
+	genStart   int // instruction count when the generation started
 }
 
 // ruleNeeds summarises what the rules read, so the parse guard reads no more.
