@@ -423,7 +423,7 @@ func (c *compiler) funnelFrom(rule, fam int, inner grammar.Proto, a *grammar.Act
 	c.reload()
 	e.emit(
 		mov(asm.R1, asm.R7),
-		asm.Add.Imm(asm.R1, int32(l4+h+4)),
+		asm.Add.Imm(asm.R1, int32(l4+h+checkIn+2)),
 		asm.JGT.Reg(asm.R1, asm.R8, c.exit("pass")),
 	)
 	c.addrSum32(fam, asm.R4)
@@ -489,19 +489,11 @@ func (c *compiler) funnelFrom(rule, fam int, inner grammar.Proto, a *grammar.Act
 	c.ipHeader(fam, int32(h), inner.Number(), outer, false)
 	// Last, as it may move the packet: no direct access after it.
 	e.comment("inner checksum without addresses")
-	flags := int32(fPseudoHdr)
-	if inner == grammar.ProtoUDP {
-		flags |= fMarkMangled0
-	}
 	e.emit(
 		ldx(asm.R4, asm.R10, slotT3, asm.DWord),
 		asm.Xor.Imm32(asm.R4, -1),
-		mov(asm.R1, asm.R6),
-		movi(asm.R2, int32(l4+h+checkIn)),
-		movi(asm.R3, 0),
-		movi(asm.R5, flags),
-		asm.FnL4CsumReplace.Call(),
 	)
+	c.pseudoCsum(l4+h+checkIn, inner == grammar.ProtoUDP)
 	if c.opts.Hook == grammar.HookEgress {
 		c.mtuCheck(rule)
 	}
@@ -637,17 +629,7 @@ func (c *compiler) unfunnelFrom(fam int, outer, inner grammar.Proto) {
 	c.ipHeader(fam, -1, outer.Number(), inner.Number(), false)
 	e.comment("inner checksum gets the addresses back (last: it may move the packet)")
 	c.addrSum32(fam, asm.R4)
-	flags := int32(fPseudoHdr)
-	if inner == grammar.ProtoUDP {
-		flags |= fMarkMangled0
-	}
-	e.emit(
-		mov(asm.R1, asm.R6),
-		movi(asm.R2, int32(l4+checkIn)),
-		movi(asm.R3, 0),
-		movi(asm.R5, flags),
-		asm.FnL4CsumReplace.Call(),
-	)
+	c.pseudoCsum(l4+checkIn, inner == grammar.ProtoUDP)
 	e.emit(asm.Ja.Label(done))
 	e.label(opts)
 	c.unfunnelOpts(fam, outer, inner)

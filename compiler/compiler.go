@@ -44,6 +44,12 @@ type Options struct {
 	L3         bool         // device without MAC header (tun, wireguard): packet data starts at the IP header
 	Hook       grammar.Hook // ingress or egress (egress counts MTU overruns)
 	CtMarkMask uint32       // bits of skb->mark that carry `ct mark` values; 0 = DefaultCtMarkMask
+	// ChecksumHelper makes every transport checksum update a
+	// bpf_l4_csum_replace call. By default the program reads
+	// skb->ip_summed through kernel BTF (bpf_cast_to_kern_ctx) and updates
+	// inline, which is faster but ties the program to the running kernel;
+	// golden listings use the helper so they don't depend on it.
+	ChecksumHelper bool
 }
 
 // Map names in Program.Spec.Maps.
@@ -177,6 +183,9 @@ func Compile(rules []*grammar.Rule, sets map[string]*grammar.Set, opts Options) 
 		return nil, err
 	}
 	c := &compiler{opts: opts, ct: ct, sets: sets, spec: &ebpf.CollectionSpec{Maps: map[string]*ebpf.MapSpec{}, Programs: map[string]*ebpf.ProgramSpec{}}}
+	if !opts.ChecksumHelper {
+		c.kern = loadKernelSkb()
+	}
 	if err := c.check(rules); err != nil {
 		return nil, err
 	}

@@ -518,7 +518,7 @@ func TestDifferential(t *testing.T) {
 			at := g.pick(len(rules) + 1)
 			rules = append(rules[:at], append(g.groupRun(sets), rules[at:]...)...)
 		}
-		opts := compiler.Options{Hook: grammar.Hook(g.pick(2))}
+		opts := compiler.Options{Hook: grammar.Hook(g.pick(2)), ChecksumHelper: g.chance(0.3)}
 		l := compileLoad(t, rules, sets, opts)
 		if strings.Contains(fmt.Sprint(l.prog.Spec.Programs[compiler.ProgramName].Instructions), "that differ only in") {
 			grouped++

@@ -37,6 +37,7 @@ const (
 	slotT3    = -144
 	slotT4    = -152
 	slotRule  = -160 // rule index in a group body (see group)
+	slotDiff  = -176 // checksum difference across a kfunc call
 	slotOpt   = -168 // length of IPv4 options / IPv6 extension headers being moved
 	slotBuf   = -296 // MaxOptMove bytes: options being moved
 	slotHdr   = -320 // 20 bytes: a funnel header being built
@@ -80,6 +81,7 @@ type compiler struct {
 	gen        int  // exit generation (see exit)
 	dynRule    bool // emitting a group body: the rule index is in slotRule
 	ruleNeeds  ruleNeeds
+	kern       kernelSkb // how to read skb->ip_summed (ok false: use helpers)
 	genStart   int // instruction count when the generation started
 }
 

@@ -117,15 +117,18 @@ func finalise(frame []byte, start, offset int) {
 func TestWireChecksums(t *testing.T) {
 	testenv.RequireRoot(t)
 	testenv.RequireCommand(t, "ethtool")
-	for _, v6 := range []bool{false, true} {
-		for _, txOff := range []bool{false, true} {
-			name := fmt.Sprintf("%s/tx-%s", map[bool]string{false: "ipv4", true: "ipv6"}[v6], map[bool]string{false: "on", true: "off"}[txOff])
-			t.Run(name, func(t *testing.T) { wireChecksums(t, v6, txOff) })
+	for _, helper := range []bool{false, true} {
+		for _, v6 := range []bool{false, true} {
+			for _, txOff := range []bool{false, true} {
+				name := fmt.Sprintf("%s/tx-%s/%s", map[bool]string{false: "ipv4", true: "ipv6"}[v6], map[bool]string{false: "on", true: "off"}[txOff],
+					map[bool]string{false: "inline", true: "helper"}[helper])
+				t.Run(name, func(t *testing.T) { wireChecksums(t, v6, txOff, helper) })
+			}
 		}
 	}
 }
 
-func wireChecksums(t *testing.T, v6, txOff bool) {
+func wireChecksums(t *testing.T, v6, txOff, helper bool) {
 	a, b := testenv.NewNS(t), testenv.NewNS(t)
 	addrA, addrB, dst := "192.0.2.1/24", "192.0.2.2/24", "192.0.2.2"
 	fam := grammar.FamilyIPv4
@@ -139,8 +142,8 @@ func wireChecksums(t *testing.T, v6, txOff bool) {
 	}
 	funnelRules := []*grammar.Rule{{Family: fam, Proto: grammar.ProtoUDP, Dport: ports(4739), Actions: []*grammar.Action{funnelTo(grammar.ProtoTCP, 540, 179)}}}
 	unfunnelRules := []*grammar.Rule{{Family: fam, Proto: grammar.ProtoTCP, Dport: ports(179), Sport: ports(540), Actions: []*grammar.Action{act(grammar.ActUnfunnel, grammar.ProtoUDP)}}}
-	sender := compileLoad(t, funnelRules, nil, compiler.Options{Hook: grammar.HookEgress})
-	receiver := compileLoad(t, unfunnelRules, nil, compiler.Options{Hook: grammar.HookIngress})
+	sender := compileLoad(t, funnelRules, nil, compiler.Options{Hook: grammar.HookEgress, ChecksumHelper: helper})
+	receiver := compileLoad(t, unfunnelRules, nil, compiler.Options{Hook: grammar.HookIngress, ChecksumHelper: helper})
 	attach(t, a, "sfa", sender.coll.Programs[compiler.ProgramName], ebpf.AttachTCXEgress)
 	attach(t, b, "sfb", receiver.coll.Programs[compiler.ProgramName], ebpf.AttachTCXIngress)
 	capt := openCapture(t, b, "sfb")

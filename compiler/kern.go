@@ -1,0 +1,157 @@
+package compiler
+
+import (
+	"sync"
+
+	"github.com/cilium/ebpf/asm"
+	"github.com/cilium/ebpf/btf"
+)
+
+// skb->ip_summed values.
+const (
+	checksumComplete = 2
+	checksumPartial  = 3
+)
+
+// kernelSkb says how to read skb->ip_summed on the running kernel: through
+// the bpf_cast_to_kern_ctx kfunc (the verifier turns it into a move), at
+// the bit offset kernel BTF gives. Transport checksum updates are then
+// inline instead of a bpf_l4_csum_replace call per update.
+type kernelSkb struct {
+	ok      bool
+	kfunc   int64 // BTF id of bpf_cast_to_kern_ctx in vmlinux
+	byteOff int16
+	shift   int32
+}
+
+var (
+	kernSkbOnce sync.Once
+	kernSkb     kernelSkb
+)
+
+func loadKernelSkb() kernelSkb {
+	kernSkbOnce.Do(func() {
+		spec, err := btf.LoadKernelSpec()
+		if err != nil {
+			return
+		}
+		var fn *btf.Func
+		if spec.TypeByName("bpf_cast_to_kern_ctx", &fn) != nil {
+			return
+		}
+		id, err := spec.TypeID(fn)
+		if err != nil {
+			return
+		}
+		var skb *btf.Struct
+		if spec.TypeByName("sk_buff", &skb) != nil {
+			return
+		}
+		off, size, ok := findMember(skb, "ip_summed", 0)
+		if !ok || size != 2 || off%8 > 6 {
+			return
+		}
+		kernSkb = kernelSkb{ok: true, kfunc: int64(id), byteOff: int16(off / 8), shift: int32(off % 8)}
+	})
+	return kernSkb
+}
+
+// findMember finds a (bit-field) member by name, through anonymous
+// structs and unions, returning its bit offset and bit-field size.
+func findMember(typ btf.Type, name string, base uint32) (uint32, uint32, bool) {
+	var members []btf.Member
+	switch s := typ.(type) {
+	case *btf.Struct:
+		members = s.Members
+	case *btf.Union:
+		members = s.Members
+	default:
+		return 0, 0, false
+	}
+	for _, m := range members {
+		if m.Name == name {
+			return base + uint32(m.Offset), uint32(m.BitfieldSize), true
+		}
+		if m.Name == "" {
+			if o, sz, ok := findMember(m.Type, name, base+uint32(m.Offset)); ok {
+				return o, sz, true
+			}
+		}
+	}
+	return 0, 0, false
+}
+
+// ipSummed sets dst to skb->ip_summed (clobbers R0-R5 but dst when dst is
+// R6-R9; callers pass R3 and reload what they need).
+func (c *compiler) ipSummed(dst asm.Register) {
+	c.e.emit(
+		mov(asm.R1, asm.R6),
+		asm.Instruction{OpCode: asm.OpCode(asm.JumpClass).SetJumpOp(asm.Call), Src: asm.PseudoKfuncCall, Constant: c.kern.kfunc},
+		ldx(dst, asm.R0, c.kern.byteOff, asm.Byte),
+		asm.RSh.Imm(dst, c.kern.shift),
+		asm.And.Imm(dst, 3),
+	)
+}
+
+// pseudoCsum adds the pseudo-header difference in R4 (a 32-bit ones'
+// complement value) to the transport checksum at R7+off, as
+// bpf_l4_csum_replace(skb, off, 0, R4, BPF_F_PSEUDO_HDR [|
+// BPF_F_MARK_MANGLED_0]) does: a final checksum (CHECKSUM_NONE,
+// UNNECESSARY) or a CHECKSUM_PARTIAL seed is updated inline;
+// CHECKSUM_COMPLETE (whose skb->csum must follow) and kernels without BTF
+// use the helper. R7+off+2 must be proven in bounds; packet pointers are
+// invalid afterwards.
+func (c *compiler) pseudoCsum(off int16, mangled bool) {
+	e := &c.e
+	flags := int32(fPseudoHdr)
+	if mangled {
+		flags |= fMarkMangled0
+	}
+	helper := func() {
+		e.emit(
+			mov(asm.R1, asm.R6),
+			movi(asm.R2, int32(off)),
+			movi(asm.R3, 0),
+			movi(asm.R5, flags),
+			asm.FnL4CsumReplace.Call(),
+		)
+	}
+	if !c.kern.ok {
+		helper()
+		return
+	}
+	viaHelper, partial, store, done := e.newLabel("csum_helper"), e.newLabel("csum_partial"), e.newLabel("csum_store"), e.newLabel("csum_done")
+	e.emit(stx(asm.R10, slotDiff, asm.R4, asm.DWord))
+	c.ipSummed(asm.R3)
+	e.emit(
+		ldx(asm.R4, asm.R10, slotDiff, asm.DWord),
+		asm.JEq.Imm(asm.R3, checksumComplete, viaHelper),
+		ldx(asm.R2, asm.R7, off, asm.Half),
+	)
+	if mangled {
+		e.emit(asm.JEq.Imm(asm.R2, 0, done))
+	}
+	e.emit(
+		asm.JEq.Imm(asm.R3, checksumPartial, partial),
+		// Final checksum: ~(~C + diff), kept positive with 0xffff (≡ 0).
+		asm.Xor.Imm(asm.R2, 0xffff),
+		asm.Add.Imm(asm.R2, 0xffff),
+		asm.Add.Reg(asm.R2, asm.R4),
+	)
+	c.foldBelow(asm.R2, asm.R1, 1<<34)
+	e.emit(asm.Xor.Imm(asm.R2, 0xffff), asm.Ja.Label(store))
+	e.label(partial)
+	// The seed is the uncomplemented pseudo-header sum.
+	e.emit(asm.Add.Reg(asm.R2, asm.R4))
+	c.foldBelow(asm.R2, asm.R1, 1<<34)
+	e.label(store)
+	if mangled {
+		nz := e.newLabel("nonzero")
+		e.emit(asm.JNE.Imm(asm.R2, 0, nz), movi(asm.R2, 0xffff))
+		e.label(nz)
+	}
+	e.emit(stx(asm.R7, off, asm.R2, asm.Half), asm.Ja.Label(done))
+	e.label(viaHelper)
+	helper()
+	e.label(done)
+}
