@@ -82,7 +82,7 @@ type compiler struct {
 	dynRule    bool // emitting a group body: the rule index is in slotRule
 	ruleNeeds  ruleNeeds
 	kern       kernelSkb // how to read skb->ip_summed (ok false: use helpers)
-	genStart   int // instruction count when the generation started
+	genStart   int       // instruction count when the generation started
 }
 
 // ruleNeeds summarises what the rules read, so the parse guard reads no more.
