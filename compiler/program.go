@@ -151,18 +151,20 @@ func mergeRanges(rs []grammar.PortRange) []grammar.PortRange {
 	return out
 }
 
-// portPrefilter leaves at once for the common IPv4 packet (no options)
-// whose destination port no rule wants, before the full parse. Reading the
-// port at the fixed offset is safe whatever the packet turns out to be: a
-// fragment, another protocol or a truncated header has no port, and then
-// no rule matches either.
-func (c *compiler) portPrefilter(n ruleNeeds) {
-	if len(n.dports) == 0 || !n.v4 {
+// fastV4 is the fast path for the common packet, IPv4 without options:
+// one test of EtherType, version and header length, then (when every rule
+// needs one of a few destination ports) an early exit for a port no rule
+// wants, then a short parse with constant offsets that joins the full
+// parse at the transport header. Reading the port at the fixed offset is
+// safe whatever the packet turns out to be: a fragment, another protocol
+// or a truncated header has no port, and then no rule matches either.
+func (c *compiler) fastV4(n ruleNeeds) {
+	if !n.v4 {
 		return
 	}
 	e := &c.e
 	l3 := c.l3
-	e.comment("prefilter: IPv4 without options, destination port no rule wants")
+	e.comment("fast path: IPv4 without options")
 	e.emit(
 		ldx(asm.R2, asm.R1, skbData, asm.Word),
 		ldx(asm.R3, asm.R1, skbDataEnd, asm.Word),
@@ -179,29 +181,62 @@ func (c *compiler) portPrefilter(n ruleNeeds) {
 			asm.JNE.Imm(asm.R4, 0x00450008, "parse"),
 		)
 	}
-	e.emit(ldx(asm.R4, asm.R2, l3+22, asm.Half))
-	single := true
-	for _, r := range n.dports {
-		single = single && r.Lo == r.Hi
-	}
-	if single {
+	if len(n.dports) > 0 {
+		e.comment("destination port no rule wants: no match")
+		e.emit(ldx(asm.R4, asm.R2, l3+22, asm.Half))
+		single := true
 		for _, r := range n.dports {
-			e.emit(asm.JEq.Imm(asm.R4, int32(n16(r.Lo)), "parse"))
+			single = single && r.Lo == r.Hi
 		}
-	} else {
-		e.emit(asm.HostTo(asm.BE, asm.R4, asm.Half))
-		for _, r := range n.dports {
-			if r.Lo == r.Hi {
-				e.emit(asm.JEq.Imm(asm.R4, int32(r.Lo), "parse"))
-				continue
+		if single {
+			for _, r := range n.dports {
+				e.emit(asm.JEq.Imm(asm.R4, int32(n16(r.Lo)), "fast_v4"))
 			}
-			skip := e.newLabel("range")
-			e.emit(asm.JLT.Imm(asm.R4, int32(r.Lo), skip), asm.JLE.Imm(asm.R4, int32(r.Hi), "parse"))
-			e.label(skip)
+		} else {
+			e.emit(asm.HostTo(asm.BE, asm.R4, asm.Half))
+			for _, r := range n.dports {
+				if r.Lo == r.Hi {
+					e.emit(asm.JEq.Imm(asm.R4, int32(r.Lo), "fast_v4"))
+					continue
+				}
+				skip := e.newLabel("range")
+				e.emit(asm.JLT.Imm(asm.R4, int32(r.Lo), skip), asm.JLE.Imm(asm.R4, int32(r.Hi), "fast_v4"))
+				e.label(skip)
+			}
 		}
+		e.emit(movi(asm.R0, VerdictNext), asm.Return())
 	}
-	e.emit(movi(asm.R0, VerdictNext), asm.Return())
+	e.label("fast_v4")
+	e.emit(
+		mov(asm.R6, asm.R1),
+		mov(asm.R7, asm.R2),
+		mov(asm.R8, asm.R3),
+		movi(asm.R3, 0),
+		movi(asm.R9, int32(l3)+20),
+		movi(asm.R5, int32(l3)+9),
+		movi(asm.R4, 4),
+		ldx(asm.R1, asm.R7, l3+6, asm.Half),
+		asm.JSet.Imm(asm.R1, int32(n16(0x3fff)), "fast_frag"),
+	)
+	e.label("fast_proto")
+	e.emit(ldx(asm.R2, asm.R7, l3+9, asm.Byte))
+	c.prefilter(n)
+	c.copyAddrs4(n)
+	e.emit(asm.Ja.Label("l4"))
+	e.label("fast_frag")
+	e.emit(movi(asm.R3, infoFrag), asm.Ja.Label("fast_proto"))
 	e.label("parse")
+}
+
+// copyAddrs4 copies the IPv4 addresses the rules match into their slots.
+func (c *compiler) copyAddrs4(n ruleNeeds) {
+	e := &c.e
+	if n.saddr {
+		e.emit(ldx(asm.R1, asm.R7, c.l3+12, asm.Word), stx(asm.R10, slotSaddr+4, asm.R1, asm.Word))
+	}
+	if n.daddr {
+		e.emit(ldx(asm.R1, asm.R7, c.l3+16, asm.Word), stx(asm.R10, slotDaddr+4, asm.R1, asm.Word))
+	}
 }
 
 func (c *compiler) program(rules []*grammar.Rule) error {
@@ -215,7 +250,7 @@ func (c *compiler) program(rules []*grammar.Rule) error {
 
 	e.comment("sfunnel %s program, %d rules, %s", c.opts.Hook, len(rules), map[bool]string{true: "L3 device", false: "Ethernet"}[c.opts.L3])
 	if len(rules) > 0 {
-		c.portPrefilter(n)
+		c.fastV4(n)
 	}
 	e.emit(mov(asm.R6, asm.R1))
 	if len(rules) == 0 {
@@ -321,12 +356,7 @@ func (c *compiler) parse(n ruleNeeds) {
 			movi(asm.R4, 4),
 		)
 		c.prefilter(n)
-		if n.saddr {
-			e.emit(ldx(asm.R1, asm.R7, l3+12, asm.Word), stx(asm.R10, slotSaddr+4, asm.R1, asm.Word))
-		}
-		if n.daddr {
-			e.emit(ldx(asm.R1, asm.R7, l3+16, asm.Word), stx(asm.R10, slotDaddr+4, asm.R1, asm.Word))
-		}
+		c.copyAddrs4(n)
 		e.emit(asm.Ja.Label("l4"))
 		e.label("ip4_frag")
 		e.emit(asm.Or.Imm(asm.R3, infoFrag), asm.Ja.Label("ip4_proto"))
