@@ -107,7 +107,10 @@ func (c *compiler) guards(unsafe, gso bool) {
 		e.emit(ldx(asm.R1, asm.R6, skbGSOSize, asm.Word), asm.JNE.Imm(asm.R1, 0, c.stat(StatGSO)))
 	}
 	e.emit(ldx(asm.R9, asm.R10, slotL4Off, asm.DWord))
-	c.reload()
+	if !c.fresh {
+		c.reload()
+	}
+	c.fresh = false
 }
 
 // ipProto rewrites the transport protocol in the IP header (and the IPv4
@@ -260,6 +263,36 @@ func hdrInfo(p grammar.Proto) (min, check int16) {
 		return 20, 16
 	}
 	return 8, 6
+}
+
+// addrSumRaw sets dst to the plain sum of the address words (below 2^33
+// for IPv4, 2^35 for IPv6; R1 scratch); the IP header must be proven in
+// bounds.
+func (c *compiler) addrSumRaw(fam int, dst asm.Register) {
+	e := &c.e
+	words, off := int16(2), c.l3+12
+	if fam == 6 {
+		words, off = 8, c.l3+8
+	}
+	e.emit(ldx(dst, asm.R7, off, asm.Word))
+	for w := int16(1); w < words; w++ {
+		e.emit(ldx(asm.R1, asm.R7, off+4*w, asm.Word), asm.Add.Reg(dst, asm.R1))
+	}
+}
+
+// negAddrSum turns a raw address sum in r into a non-negative value
+// congruent to its negation: K - r with K a multiple of 0xffff above any
+// sum.
+func (c *compiler) negAddrSum(fam int, r asm.Register) {
+	k := int64(0xffff * 0x20002) // >= 2 * (2^32 - 1)
+	if fam == 6 {
+		k = 0xffff * 0x80008 // >= 8 * (2^32 - 1)
+	}
+	c.e.emit(
+		asm.LoadImm(asm.R1, k, asm.DWord),
+		asm.Sub.Reg(asm.R1, r),
+		mov(r, asm.R1),
+	)
 }
 
 // addrSum32 sets dst to saddr+daddr folded to 32 bits (R1 scratch); the
@@ -426,7 +459,7 @@ func (c *compiler) funnelFrom(rule, fam int, inner grammar.Proto, a *grammar.Act
 		asm.Add.Imm(asm.R1, int32(l4+h+checkIn+2)),
 		asm.JGT.Reg(asm.R1, asm.R8, c.exit("pass")),
 	)
-	c.addrSum32(fam, asm.R4)
+	c.addrSumRaw(fam, asm.R4)
 	e.emit(stx(asm.R10, slotT3, asm.R4, asm.DWord))
 	e.comment("funnel header")
 	if f.HasSport && f.HasDport {
@@ -477,7 +510,7 @@ func (c *compiler) funnelFrom(rule, fam int, inner grammar.Proto, a *grammar.Act
 		ldx(asm.R1, asm.R7, l4, asm.Word),
 		asm.Add.Reg(asm.R3, asm.R1),
 	)
-	c.foldBelow(asm.R3, asm.R1, 1<<34)
+	c.foldBelow(asm.R3, asm.R1, 1<<36)
 	e.emit(asm.Xor.Imm(asm.R3, 0xffff))
 	if a.Proto == grammar.ProtoUDP {
 		nz := e.newLabel("nonzero")
@@ -489,10 +522,8 @@ func (c *compiler) funnelFrom(rule, fam int, inner grammar.Proto, a *grammar.Act
 	c.ipHeader(fam, int32(h), inner.Number(), outer, false)
 	// Last, as it may move the packet: no direct access after it.
 	e.comment("inner checksum without addresses")
-	e.emit(
-		ldx(asm.R4, asm.R10, slotT3, asm.DWord),
-		asm.Xor.Imm32(asm.R4, -1),
-	)
+	e.emit(ldx(asm.R4, asm.R10, slotT3, asm.DWord))
+	c.negAddrSum(fam, asm.R4)
 	c.pseudoCsum(l4+h+checkIn, inner == grammar.ProtoUDP)
 	if c.opts.Hook == grammar.HookEgress {
 		c.mtuCheck(rule)
@@ -628,7 +659,7 @@ func (c *compiler) unfunnelFrom(fam int, outer, inner grammar.Proto) {
 	)
 	c.ipHeader(fam, -1, outer.Number(), inner.Number(), false)
 	e.comment("inner checksum gets the addresses back (last: it may move the packet)")
-	c.addrSum32(fam, asm.R4)
+	c.addrSumRaw(fam, asm.R4)
 	c.pseudoCsum(l4+checkIn, inner == grammar.ProtoUDP)
 	e.emit(asm.Ja.Label(done))
 	e.label(opts)

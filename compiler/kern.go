@@ -93,8 +93,8 @@ func (c *compiler) ipSummed(dst asm.Register) {
 	)
 }
 
-// pseudoCsum adds the pseudo-header difference in R4 (a 32-bit ones'
-// complement value) to the transport checksum at R7+off, as
+// pseudoCsum adds the pseudo-header difference in R4 (a ones' complement
+// value below 2^36) to the transport checksum at R7+off, as
 // bpf_l4_csum_replace(skb, off, 0, R4, BPF_F_PSEUDO_HDR [|
 // BPF_F_MARK_MANGLED_0]) does: a final checksum (CHECKSUM_NONE,
 // UNNECESSARY) or a CHECKSUM_PARTIAL seed is updated inline;
@@ -108,6 +108,14 @@ func (c *compiler) pseudoCsum(off int16, mangled bool) {
 		flags |= fMarkMangled0
 	}
 	helper := func() {
+		for i := 0; i < 2; i++ { // the helper takes 32 bits
+			e.emit(
+				mov(asm.R1, asm.R4),
+				asm.RSh.Imm(asm.R1, 32),
+				asm.Mov.Reg32(asm.R4, asm.R4),
+				asm.Add.Reg(asm.R4, asm.R1),
+			)
+		}
 		e.emit(
 			mov(asm.R1, asm.R6),
 			movi(asm.R2, int32(off)),
@@ -138,12 +146,12 @@ func (c *compiler) pseudoCsum(off int16, mangled bool) {
 		asm.Add.Imm(asm.R2, 0xffff),
 		asm.Add.Reg(asm.R2, asm.R4),
 	)
-	c.foldBelow(asm.R2, asm.R1, 1<<34)
+	c.foldBelow(asm.R2, asm.R1, 1<<37)
 	e.emit(asm.Xor.Imm(asm.R2, 0xffff), asm.Ja.Label(store))
 	e.label(partial)
 	// The seed is the uncomplemented pseudo-header sum.
 	e.emit(asm.Add.Reg(asm.R2, asm.R4))
-	c.foldBelow(asm.R2, asm.R1, 1<<34)
+	c.foldBelow(asm.R2, asm.R1, 1<<37)
 	e.label(store)
 	if mangled {
 		nz := e.newLabel("nonzero")

@@ -82,6 +82,7 @@ type compiler struct {
 	dynRule    bool // emitting a group body: the rule index is in slotRule
 	ruleNeeds  ruleNeeds
 	kern       kernelSkb // how to read skb->ip_summed (ok false: use helpers)
+	fresh      bool      // R7/R8 still hold the parse guard's packet pointers
 	genStart   int       // instruction count when the generation started
 }
 

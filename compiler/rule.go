@@ -126,6 +126,9 @@ func (c *compiler) body(i int, r *grammar.Rule, next string) error {
 	}
 
 	known := r.Proto // the transport protocol as actions change it
+	// Nothing since the parse guard moved the packet: the first action
+	// can use its pointers.
+	c.fresh = true
 	for _, a := range r.Actions {
 		e.comment("%s", describeAction(a))
 		switch a.Kind {
