@@ -55,6 +55,11 @@ func run(cfg *Config, stderr io.Writer) error {
 	d := &daemon{cfg: cfg, log: log.New(stderr, "sfunnel tunnel: ", 0), started: time.Now(), errc: make(chan error, 4)}
 	d.ctx, d.cancel = context.WithCancel(context.Background())
 	defer d.cancel()
+	// Catch signals from the start: a SIGTERM during setup is handled
+	// (cleanly) once setup is done.
+	sigc := make(chan os.Signal, 4)
+	signal.Notify(sigc, syscall.SIGINT, syscall.SIGTERM, syscall.SIGUSR1)
+	defer signal.Stop(sigc)
 	if cfg.KeyFile != "" {
 		k, err := auth.ReadKeyFile(cfg.KeyFile)
 		if err != nil {
@@ -106,9 +111,6 @@ func run(cfg *Config, stderr io.Writer) error {
 	d.goLoop("addresses", d.addrLoop)
 	d.log.Printf("%s up: carry %s, transport %s, mode %s, listen port %d", dev.Name, cfg.Carry, cfg.Transport, cfg.Mode, cfg.ListenPort)
 
-	sigc := make(chan os.Signal, 4)
-	signal.Notify(sigc, syscall.SIGINT, syscall.SIGTERM, syscall.SIGUSR1)
-	defer signal.Stop(sigc)
 	for {
 		select {
 		case s := <-sigc:
