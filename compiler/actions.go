@@ -332,15 +332,32 @@ func (c *compiler) ipHeader(fam int, delta int32, from, proto uint8, ext bool) {
 	}
 	e.emit(asm.HostTo(asm.BE, asm.R1, asm.Half))
 	if fam == 6 {
+		// IPv6 has no header checksum: on a CHECKSUM_COMPLETE skb at
+		// ingress, skb->csum must follow the length and next-header change
+		// (the next-header byte sits at an even offset: a low byte).
+		complete := c.opts.Hook == grammar.HookIngress && delta < 0
+		if complete {
+			e.emit(
+				ldx(asm.R3, asm.R7, l3+4, asm.Half),
+				asm.Xor.Imm(asm.R3, 0xffff),
+				asm.Add.Reg(asm.R3, asm.R1),
+				asm.Add.Imm(asm.R3, int32((int64(proto)-int64(from)+0xffff)%0xffff)),
+				stx(asm.R10, slotDiff, asm.R3, asm.DWord),
+			)
+		}
 		e.emit(stx(asm.R7, l3+4, asm.R1, asm.Half))
 		if ext {
 			c.ipProto(6, proto) // the last extension header names it
-			return
+		} else {
+			e.emit(
+				sti(asm.R7, l3+6, int64(proto), asm.Byte),
+				sti(asm.R10, slotProto, int64(proto), asm.DWord),
+			)
 		}
-		e.emit(
-			sti(asm.R7, l3+6, int64(proto), asm.Byte),
-			sti(asm.R10, slotProto, int64(proto), asm.DWord),
-		)
+		if complete {
+			e.emit(ldx(asm.R2, asm.R10, slotDiff, asm.DWord))
+			c.csumUpdate()
+		}
 		return
 	}
 	// Checksum delta in network order: length + protocol (the low byte of
@@ -371,6 +388,13 @@ func (c *compiler) ipHeader(fam int, delta int32, from, proto uint8, ext bool) {
 		stx(asm.R7, l3+10, asm.R0, asm.Half),
 		sti(asm.R10, slotProto, int64(proto), asm.DWord),
 	)
+}
+
+// csumUpdate adds R2 (a ones' complement difference of packet bytes) to
+// skb->csum when the skb is CHECKSUM_COMPLETE (bpf_csum_update does
+// nothing to other skbs). R0-R5 are clobbered; packet pointers stay.
+func (c *compiler) csumUpdate() {
+	c.e.emit(mov(asm.R1, asm.R6), asm.FnCsumUpdate.Call())
 }
 
 // ipLength loads the IP length field (total length for IPv4, payload
@@ -806,6 +830,21 @@ func (c *compiler) rewrite(fam int, to grammar.Proto) {
 		)
 	}
 	c.ipProto(fam, to.Number())
+	if c.opts.Hook == grammar.HookIngress {
+		// CHECKSUM_COMPLETE: the segment's sum moves opposite to its
+		// pseudo-header protocol; IPv6's next-header byte (a low byte) too.
+		seg := int64(n16(17 - 6)) // TCP -> UDP: the segment loses this
+		nh := int64(17 - 6)
+		d := 0xffff - seg
+		if to == grammar.ProtoTCP {
+			d, nh = seg, 0xffff-nh
+		}
+		if fam == 6 {
+			d = (d + nh) % 0xffff
+		}
+		e.emit(movi(asm.R2, int32(d)))
+		c.csumUpdate()
+	}
 }
 
 // dnat rewrites the destination address (and port) with checksum updates.
@@ -894,6 +933,10 @@ func (c *compiler) dnat(r *grammar.Rule, a *grammar.Action) {
 		)
 		c.fold(asm.R0, asm.R1)
 		e.emit(asm.Xor.Imm(asm.R0, 0xffff), stx(asm.R7, l3+10, asm.R0, asm.Half))
+	} else if c.opts.Hook == grammar.HookIngress {
+		// CHECKSUM_COMPLETE: the destination address is covered by skb->csum.
+		e.emit(ldx(asm.R2, asm.R10, slotT3, asm.DWord))
+		c.csumUpdate()
 	}
 }
 
