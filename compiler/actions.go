@@ -737,35 +737,47 @@ func (c *compiler) rewrite(fam int, to grammar.Proto) {
 			asm.JEq.Imm(asm.R1, 0, c.stat(StatNoChecksum)),
 		)
 	}
-	e.comment("CHECKSUM_PARTIAL probe: l4_csum_replace without pseudo flag changes only complete checksums")
 	full := e.newLabel("csum_complete")
 	e.emit(
 		stx(asm.R10, slotT1, asm.R4, asm.DWord),
 		ldx(asm.R1, asm.R5, probe, asm.Half),
 		stx(asm.R10, slotT2, asm.R1, asm.DWord),
-		sti(asm.R5, probe, 0, asm.Half),
-		mov(asm.R1, asm.R6),
-		mov(asm.R2, asm.R9),
-		asm.Add.Imm(asm.R2, int32(probe)),
-		movi(asm.R3, 0),
-		movi(asm.R4, 1),
-		movi(asm.R5, 2),
-		asm.FnL4CsumReplace.Call(),
 	)
-	c.reload()
-	c.ipBound(fam, c.exit("pass"))
+	if c.kern.ok {
+		e.comment("CHECKSUM_PARTIAL: the finaliser would write into the moved fields")
+		c.ipSummed(asm.R3)
+		e.emit(asm.JEq.Imm(asm.R3, checksumPartial, c.stat(StatPartialChecksum)))
+	} else {
+		e.comment("CHECKSUM_PARTIAL probe: l4_csum_replace without pseudo flag changes only complete checksums")
+		e.emit(
+			sti(asm.R5, probe, 0, asm.Half),
+			mov(asm.R1, asm.R6),
+			mov(asm.R2, asm.R9),
+			asm.Add.Imm(asm.R2, int32(probe)),
+			movi(asm.R3, 0),
+			movi(asm.R4, 1),
+			movi(asm.R5, 2),
+			asm.FnL4CsumReplace.Call(),
+		)
+		c.reload()
+		c.ipBound(fam, c.exit("pass"))
+	}
 	e.emit(
 		mov(asm.R5, asm.R7),
 		asm.Add.Reg(asm.R5, asm.R9),
 		mov(asm.R1, asm.R5),
 		asm.Add.Imm(asm.R1, 20),
 		asm.JGT.Reg(asm.R1, asm.R8, c.exit("pass")),
-		ldx(asm.R1, asm.R5, probe, asm.Half),
-		asm.JNE.Imm(asm.R1, 0, full),
-		ldx(asm.R1, asm.R10, slotT2, asm.DWord),
-		stx(asm.R5, probe, asm.R1, asm.Half),
-		asm.Ja.Label(c.stat(StatPartialChecksum)),
 	)
+	if !c.kern.ok {
+		e.emit(
+			ldx(asm.R1, asm.R5, probe, asm.Half),
+			asm.JNE.Imm(asm.R1, 0, full),
+			ldx(asm.R1, asm.R10, slotT2, asm.DWord),
+			stx(asm.R5, probe, asm.R1, asm.Half),
+			asm.Ja.Label(c.stat(StatPartialChecksum)),
+		)
+	}
 	e.label(full)
 	if to == grammar.ProtoUDP {
 		e.comment("TCP -> UDP")

@@ -43,11 +43,23 @@ func SetMap(s *grammar.Set) *ebpf.MapSpec {
 	if m.Type == ebpf.LPMTrie {
 		m.MaxEntries = NamedAddrSetCapacity
 	}
-	m.Name = SetMapPrefix + s.Name
-	if len(m.Name) > 15 {
-		m.Name = m.Name[:15] // kernel limit; the spec key keeps the full name
-	}
+	m.Name = objName(SetMapPrefix + s.Name)
 	return m
+}
+
+// objName makes a kernel object name: at most 15 characters of
+// [A-Za-z0-9_.] (the spec's map key keeps the full name).
+func objName(s string) string {
+	b := []byte(s)
+	for i, c := range b {
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '_' || c == '.') {
+			b[i] = '_'
+		}
+	}
+	if len(b) > 15 {
+		b = b[:15]
+	}
+	return string(b)
 }
 
 // PortBitmap returns the bitmap value of a port set.

@@ -208,3 +208,34 @@ func wireChecksums(t *testing.T, v6, txOff, helper bool) {
 	}
 	t.Logf("partial=%v, funneled frame %d bytes, delivered", partial, len(frame))
 }
+
+// TestRewritePartialOnWire: TCP from a local socket is CHECKSUM_PARTIAL at
+// egress, which a TCP-in-UDP rewrite can't carry: the segments pass
+// untouched (the connection works) and are counted.
+func TestRewritePartialOnWire(t *testing.T) {
+	testenv.RequireRoot(t)
+	for _, helper := range []bool{false, true} {
+		a, b := testenv.NewNS(t), testenv.NewNS(t)
+		testenv.Veth(t, a, "sfa", "192.0.2.1/24", b, "sfb", "192.0.2.2/24")
+		rules := []*grammar.Rule{{Proto: grammar.ProtoTCP, Dport: ports(5201), Actions: []*grammar.Action{act(grammar.ActRewrite, grammar.ProtoUDP)}}}
+		l := compileLoad(t, rules, nil, compiler.Options{Hook: grammar.HookEgress, ChecksumHelper: helper})
+		attach(t, a, "sfa", l.coll.Programs[compiler.ProgramName], ebpf.AttachTCXEgress)
+		var ln net.Listener
+		if err := b.Do(func() (err error) { ln, err = net.Listen("tcp", "192.0.2.2:5201"); return }); err != nil {
+			t.Fatal(err)
+		}
+		defer ln.Close()
+		if err := a.Do(func() error {
+			c, err := net.DialTimeout("tcp", "192.0.2.2:5201", 3*time.Second)
+			if err != nil {
+				return err
+			}
+			return c.Close()
+		}); err != nil {
+			t.Fatalf("helper=%v: connection through the untouched segments: %v", helper, err)
+		}
+		if s := l.stats(t); s[compiler.StatPartialChecksum] == 0 {
+			t.Fatalf("helper=%v: no partial-checksum segment counted: %v", helper, s)
+		}
+	}
+}
