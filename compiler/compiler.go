@@ -2,13 +2,29 @@
 // SchedCLS program, generated in Go with cilium/ebpf's asm package (no C
 // compiler anywhere), plus the maps the program uses.
 //
-// The program is a pipeline of small passes, in the spirit of cbpfc: a parse
-// guard that reads the packet once into stack slots (family, addresses,
-// transport protocol, ports, TCP flags, fragment and option flags), a
-// prefilter that leaves early when no rule can match, then per rule the
-// matches (cheapest first, map lookups last), the statements (counter, mark
-// set) and the actions. See DESIGN below for the return codes and the exact
-// semantics that refmodel mirrors.
+// The program is a pipeline of small passes, in the spirit of cbpfc:
+//
+//   - a fast path for IPv4 without options (one EtherType/version/IHL test)
+//     that leaves at once when every rule needs a destination port the
+//     packet doesn't have;
+//   - the parse guard: reads the packet once into stack slots (family,
+//     addresses, transport protocol after options / extension headers,
+//     ports, TCP flags, fragment and option flags) and leaves early for
+//     families and protocols no rule wants;
+//   - per rule the matches, cheapest first, map lookups last; runs of rules
+//     that differ only in one address become one LPM lookup plus a
+//     dispatch (see group.go); large anonymous sets become maps;
+//   - the statements (counter, mark set) and the actions.
+//
+// The semantics are those of package refmodel, which the tests hold the
+// programs to, byte for byte.
+//
+// Checksums: funnel makes the inner transport checksum address-neutral and
+// derives the outer checksum in O(1) from what the inner one sums to once
+// final; unfunnel adds the addresses back. Updates are inline according to
+// skb->ip_summed (read through bpf_cast_to_kern_ctx and kernel BTF): a
+// CHECKSUM_PARTIAL seed or a complete checksum; CHECKSUM_COMPLETE skbs and
+// Options.ChecksumHelper use bpf_l4_csum_replace.
 //
 // Return codes (tcx naming; clsact direct-action reads them the same way):
 //

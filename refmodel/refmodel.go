@@ -1,14 +1,16 @@
 // Package refmodel is the reference model of sfunnel's datapath: an
 // interpreter over the rule AST that operates on packet bytes with the same
 // semantics as the programs package compiler generates. It is the oracle of
-// the differential tests.
+// the differential tests: same verdict, same output bytes, same mark, same
+// counters and stats, for a skb whose checksums are complete (as
+// BPF_PROG_TEST_RUN builds it).
 //
 // Semantics (shared with compiler):
 //   - The packet is Ethernet (EtherType IPv4/IPv6) or, on L3 devices, raw IP
 //     (version nibble). Anything else, or an IPv4 header length below 20,
 //     matches no rule.
 //   - IPv4 options and IPv6 extension headers (hop-by-hop, routing,
-//     destination options, AH, at most 4, then a fragment header) are
+//     destination options, AH; at most 4, then a fragment header) are
 //     skipped to find the transport protocol. Fragments (IPv4 MF or offset,
 //     IPv6 fragment header) have a protocol but no transport header.
 //   - Ports and TCP flags are absent when the transport header is absent
@@ -18,8 +20,16 @@
 //     then its actions in order. accept and drop end at once; after
 //     rewriting actions (funnel, unfunnel, rewrite, dnat) the packet passes.
 //     A rewriting action that can't apply leaves the packet as it is,
-//     counts a stat and passes it (the rule's later actions don't run).
-//     No rule ends evaluation: VerdictNext.
+//     counts a stat (compiler.Stat*) and passes it; the rule's later
+//     actions don't run. No rule ends evaluation: VerdictNext.
+//   - Rewriting actions never touch fragments. funnel and unfunnel work
+//     behind IPv4 options and IPv6 extension headers (up to
+//     compiler.MaxOptMove bytes), not with an IPv6 routing header or AH
+//     (nor does dnat), and not on GSO packets.
+//   - Checksums are updated incrementally from the packet's own checksums
+//     (the inner one of a funneled packet is address-neutral), so a packet
+//     with valid checksums leaves with valid checksums, and one with a bad
+//     checksum keeps it bad.
 package refmodel
 
 import (
