@@ -1,7 +1,9 @@
 package tunnel
 
 import (
+	"strings"
 	"testing"
+	"time"
 )
 
 // IP over UDP and over TCP: whole packets, both inner families, the outer
@@ -49,5 +51,28 @@ func TestIPCarry(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// The IP-over-TCP client reconnects (with backoff) after the server went
+// away and came back, and traffic flows again.
+func TestIPOverTCPReconnect(t *testing.T) {
+	a, b := twoHosts(t)
+	key := writeKey(t)
+	srvArgs := []string{"--carry", "ip", "--transport", "tcp", "--mode", "server", "-l", "7000", "--address", "198.51.100.2/24", "--key", key}
+	srv := startTunnel(t, b, srvArgs...)
+	cli := startTunnel(t, a, "--carry", "ip", "--transport", "tcp", "--mode", "client", "--remote", "192.0.2.2:7000", "--address", "198.51.100.1/24", "--key", key)
+	cli.waitCounter("connects", 1)
+	echoServer(t, b, "tcp", ":5001")
+	transfer(t, a, "tcp", "198.51.100.2:5001", 1<<20)
+	if code := srv.stop(); code != 0 {
+		t.Fatalf("server exit code %d", code)
+	}
+	time.Sleep(500 * time.Millisecond) // a few failed attempts
+	startTunnel(t, b, srvArgs...)
+	cli.waitCounter("connects", 2)
+	transfer(t, a, "tcp", "198.51.100.2:5001", 1<<20)
+	if !strings.Contains(cli.log.String(), "retry in") {
+		t.Errorf("no reconnection attempts logged:\n%s", cli.log.String())
 	}
 }
