@@ -70,15 +70,37 @@ func (l prefixList) Set(v string) error {
 
 const runUsage = `usage: sfunnel tunnel [run] [options]
        sfunnel tunnel genkey [FILE]
-       sfunnel tunnel status [--interface IF | --status-socket PATH] [-j]
+       sfunnel tunnel status [-i IF | --status-socket PATH] [-j]
 
-TCP over UDP (udp-encap-tun compatible; the default --carry tcp):
-  server: sfunnel tunnel -i tun0 -l 7472 --address 198.51.100.1/24 --key /etc/sfunnel/tunnel.key
-  client: sfunnel tunnel -i tun0 -l 7472 -b eth0 -e 7472 --address 203.0.113.1/32 --key /etc/sfunnel/tunnel.key
+TCP over UDP (the default, --carry tcp; udp-encap-tun's options):
+  server: sfunnel tunnel -i tun0 -l 7472 --address 203.0.113.1/24 --key /etc/sfunnel/tunnel.key
+  client: sfunnel tunnel -i tun0 -l 7472 -b eth0 -e 7472 --address 198.51.100.1/32 --key /etc/sfunnel/tunnel.key
 IP over UDP or TCP:
-  sfunnel tunnel --carry ip --transport udp|tcp --mode client|server|both --remote HOST[:PORT] --address CIDR
+  sfunnel tunnel --carry ip --transport udp|tcp --mode client|server|both --remote HOST[:PORT] --address CIDR [--key FILE]
 
 options:
+  -i, --interface IF           TUN device to create (default tun0)
+  -l, --listen-port N          UDP port, and TCP port for authentication (default 7472;
+                               an IP-over-UDP/TCP client picks one unless given)
+  -b, --bind-to-interface IF   send and receive only through IF (SO_BINDTODEVICE)
+  -e, --endpoint-port N        TCP over UDP client: send to each packet's destination, port N
+      --carry tcp|ip           TCP segments over UDP, or whole IP packets
+      --transport udp|tcp      with --carry ip (default udp)
+      --mode client|server|both   with --carry ip
+      --remote HOST[:PORT]     with --carry ip: the other end
+      --address CIDR           TUN address (repeatable, one per family); TCP-over-UDP
+                               server: the pool of tunnel addresses for peers
+      --key FILE               pre-shared key (sfunnel tunnel genkey); required for --carry tcp
+      --expiry DURATION        forget a peer after this long unused (default 5m)
+      --max-peers N            most peers in the connection store (default 4096)
+      --mtu N                  TUN MTU (default 1492 TCP over UDP, 1452 IP over UDP, 1500 IP over TCP)
+      --persist                keep the TUN device on exit
+      --status-socket PATH     for sfunnel tunnel status (default /run/sfunnel/tunnel-IF.sock)
+      --batch N                most packets per system call (default 64)
+      --offload=false          no TUN/UDP segmentation offloads
+  -h, --help                   this text
+
+See sfunnel-tunnel(8).
 `
 
 func parseRunFlags(args []string, stderr io.Writer) (*Config, error) {
@@ -86,10 +108,7 @@ func parseRunFlags(args []string, stderr io.Writer) (*Config, error) {
 		Expiry: DefaultExpiry, MaxPeers: DefaultMaxPeers, Batch: DefaultBatch}
 	fs := flag.NewFlagSet("sfunnel tunnel", flag.ContinueOnError)
 	fs.SetOutput(stderr)
-	fs.Usage = func() {
-		fmt.Fprint(stderr, runUsage)
-		fs.PrintDefaults()
-	}
+	fs.Usage = func() {} // the error alone; Main prints the help for -h
 	var remote string
 	for _, n := range []string{"interface", "i"} {
 		fs.StringVar(&c.Interface, n, c.Interface, "TUN device to create")

@@ -35,13 +35,14 @@ func Main(args []string, stdout, stderr io.Writer) int {
 			return status(args[1:], stdout, stderr)
 		case "run":
 			args = args[1:]
-		case "help", "-h", "--help", "-help":
-			parseRunFlags([]string{"-h"}, stdout)
+		case "help":
+			fmt.Fprint(stdout, runUsage)
 			return ExitOK
 		}
 	}
 	cfg, err := parseRunFlags(args, stderr)
 	if errors.Is(err, flag.ErrHelp) {
+		fmt.Fprint(stdout, runUsage)
 		return ExitOK
 	}
 	if err != nil {
