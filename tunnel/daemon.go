@@ -38,6 +38,7 @@ type daemon struct {
 	errc    chan error
 	wg      sync.WaitGroup
 	closers []io.Closer
+	streams func() []string // set by IP over TCP, for the status
 }
 
 // exitError carries the exit code with the message.
@@ -235,6 +236,9 @@ func (d *daemon) status() *Status {
 		Counters: d.stats.counters(), Drops: d.stats.drops(), Peers: d.store.Snapshot(), HeapAllocs: heapAllocs()}
 	if d.cfg.Remote.IsValid() {
 		st.Remote = d.cfg.Remote.String()
+	}
+	if d.streams != nil {
+		st.Streams = d.streams()
 	}
 	switch {
 	case d.dev.TSO():

@@ -72,6 +72,9 @@ func TestIPOverTCPReconnect(t *testing.T) {
 	startTunnel(t, b, srvArgs...)
 	cli.waitCounter("connects", 2)
 	transfer(t, a, "tcp", "198.51.100.2:5001", 1<<20)
+	if st := cli.getStatus(); len(st.Streams) != 1 || st.Streams[0] != "to 192.0.2.2:7000" {
+		t.Errorf("client streams: %q", st.Streams)
+	}
 	if !strings.Contains(cli.log.String(), "retry in") {
 		t.Errorf("no reconnection attempts logged:\n%s", cli.log.String())
 	}

@@ -183,6 +183,16 @@ func (e *ipCarry) udpToTun() error {
 
 func (e *ipCarry) startTCP() error {
 	d := e.d
+	d.streams = func() []string {
+		var out []string
+		if sc := e.clientConn.Load(); sc != nil {
+			out = append(out, "to "+sc.peer)
+		}
+		if sc := e.serverConn.Load(); sc != nil {
+			out = append(out, "from "+sc.peer)
+		}
+		return out
+	}
 	d.onClose(closerFunc(func() error {
 		for _, sc := range []*streamConn{e.clientConn.Load(), e.serverConn.Load()} {
 			if sc != nil {

@@ -38,6 +38,7 @@ type Status struct {
 	Counters   map[string]uint64 `json:"counters"`
 	Drops      map[string]uint64 `json:"drops"`
 	Peers      []store.Info      `json:"peers"`
+	Streams    []string          `json:"streams,omitempty"` // IP over TCP: connected streams
 	// HeapAllocs is the number of heap objects the daemon has allocated
 	// so far; it stays flat while packets flow.
 	HeapAllocs uint64 `json:"heap_allocs"`
@@ -90,6 +91,9 @@ func writeStatusText(w io.Writer, st *Status) {
 	}
 	printMap("counters", st.Counters)
 	printMap("drops", st.Drops)
+	for _, s := range st.Streams {
+		fmt.Fprintf(w, "stream: %s\n", s)
+	}
 	fmt.Fprintf(w, "peers: %d\n", len(st.Peers))
 	for _, p := range st.Peers {
 		addr := p.Address
