@@ -1,9 +1,13 @@
 package tunnel
 
 import (
+	"net"
+	"net/netip"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/sfunnel/sfunnel/tunnel/codec"
 )
 
 // IP over UDP and over TCP: whole packets, both inner families, the outer
@@ -78,4 +82,45 @@ func TestIPOverTCPReconnect(t *testing.T) {
 	if !strings.Contains(cli.log.String(), "retry in") {
 		t.Errorf("no reconnection attempts logged:\n%s", cli.log.String())
 	}
+}
+
+// With a key, IP over UDP takes datagrams only from authenticated peers:
+// well-formed IP packets from any other port or address are dropped.
+func TestIPOverUDPSpoofed(t *testing.T) {
+	a, b := twoHosts(t)
+	key := writeKey(t)
+	srv := startTunnel(t, b, "--carry", "ip", "--transport", "udp", "--mode", "server", "-l", "7000", "--address", "198.51.100.2/24", "--key", key)
+	startTunnel(t, a, "--carry", "ip", "--transport", "udp", "--mode", "client", "--remote", "192.0.2.2:7000", "--address", "198.51.100.1/24", "--key", key)
+	echoServer(t, b, "tcp", ":5001")
+	transfer(t, a, "tcp", "198.51.100.2:5001", 1<<20)
+	time.Sleep(200 * time.Millisecond)
+	before := srv.getStatus()
+	// A valid IPv4/TCP SYN from the client's tunnel address, sent from
+	// ports that never authenticated.
+	pkt := make([]byte, 40)
+	codec.PutIPv4Header(pkt, 20, codec.ProtoTCP, netip.MustParseAddr("198.51.100.1"), netip.MustParseAddr("198.51.100.2"))
+	copy(pkt[20:], tcpSegment())
+	codec.SetTCPChecksum(pkt[20:], netip.MustParseAddr("198.51.100.1"), netip.MustParseAddr("198.51.100.2"))
+	for _, from := range []string{"192.0.2.1:7001", "192.0.2.1:7002"} {
+		var u *net.UDPConn
+		if err := a.Do(func() (err error) {
+			u, err = net.ListenUDP("udp", net.UDPAddrFromAddrPort(netip.MustParseAddrPort(from)))
+			return err
+		}); err != nil {
+			t.Fatal(err)
+		}
+		for range 100 {
+			u.WriteTo(pkt, &net.UDPAddr{IP: net.ParseIP("192.0.2.2"), Port: 7000})
+		}
+		u.Close()
+	}
+	time.Sleep(200 * time.Millisecond)
+	after := srv.getStatus()
+	if got := after.Drops["unauthenticated"] - before.Drops["unauthenticated"]; got != 200 {
+		t.Errorf("%d spoofed datagrams counted as unauthenticated, want 200", got)
+	}
+	if after.Counters["tun_tx"] != before.Counters["tun_tx"] {
+		t.Errorf("%d spoofed packets reached the TUN", after.Counters["tun_tx"]-before.Counters["tun_tx"])
+	}
+	transfer(t, a, "tcp", "198.51.100.2:5001", 1<<20)
 }
