@@ -147,6 +147,11 @@ func TestTCPOverUDPAttacks(t *testing.T) {
 			junk[12] = 0xf0 // data offset beyond the datagram for short ones
 			u.WriteTo(junk[:i%40], &net.UDPAddr{IP: net.ParseIP("192.0.2.2"), Port: 7472})
 		}
+		// Oversized: a TCP segment that would not fit the server's TUN MTU.
+		big := append(tcpSegment(), make([]byte, 3000)...)
+		for range 5 {
+			u.WriteTo(big, &net.UDPAddr{IP: net.ParseIP("192.0.2.2"), Port: 7472})
+		}
 	})
 	t.Run("flood of new source ports", func(t *testing.T) {
 		for port := 20000; port < 22000; port++ {
@@ -178,7 +183,7 @@ func TestTCPOverUDPAttacks(t *testing.T) {
 	if len(st.Peers) > 2 {
 		t.Errorf("store grew to %d peers: %+v", len(st.Peers), st.Peers)
 	}
-	if st.Drops["unauthenticated"] < 2100 || st.Drops["malformed"] < 50 {
+	if st.Drops["unauthenticated"] < 2100 || st.Drops["malformed"] < 50 || st.Drops["too_big"] < 5 {
 		t.Errorf("drops: %v", st.Drops)
 	}
 	if st.Counters["auth_fail"] < 4 {
