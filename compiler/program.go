@@ -296,6 +296,9 @@ func (c *compiler) parse(n ruleNeeds) {
 	e.emit(
 		ldx(asm.R7, asm.R6, skbData, asm.Word),
 		ldx(asm.R8, asm.R6, skbDataEnd, asm.Word),
+	)
+	c.pullHeaders()
+	e.emit(
 		mov(asm.R1, asm.R7),
 		asm.Add.Imm(asm.R1, int32(l3)+20),
 		asm.JGT.Reg(asm.R1, asm.R8, c.exit("next")),
@@ -493,6 +496,38 @@ func (c *compiler) parse(n ruleNeeds) {
 		e.emit(sti(asm.R10, slotFlags, absentFlags, asm.DWord))
 	}
 	e.label("rules")
+}
+
+// pullLen is how much of the packet the parse guard wants in the linear
+// area: Ethernet, IPv6, 64 bytes of extension headers, a funnel header
+// and the inner one.
+const pullLen = 14 + 40 + 64 + 20 + 8
+
+// pullHeaders makes the first pullLen bytes (or the whole packet) linear
+// when they are not: some drivers leave headers in page fragments, where
+// direct packet access can't see them. Linear packets pay two tests.
+func (c *compiler) pullHeaders() {
+	e := &c.e
+	ok, capped := e.newLabel("linear"), e.newLabel("pull_len")
+	e.emit(
+		mov(asm.R1, asm.R7),
+		asm.Add.Imm(asm.R1, pullLen),
+		asm.JLE.Reg(asm.R1, asm.R8, ok),
+		ldx(asm.R2, asm.R6, skbLen, asm.Word),
+		asm.JLE.Imm(asm.R2, pullLen, capped),
+		movi(asm.R2, pullLen),
+	)
+	e.label(capped)
+	e.emit(
+		mov(asm.R1, asm.R7),
+		asm.Add.Reg(asm.R1, asm.R2),
+		asm.JLE.Reg(asm.R1, asm.R8, ok),
+		mov(asm.R1, asm.R6),
+		asm.FnSkbPullData.Call(),
+		ldx(asm.R7, asm.R6, skbData, asm.Word),
+		ldx(asm.R8, asm.R6, skbDataEnd, asm.Word),
+	)
+	e.label(ok)
 }
 
 // extHeader walks one IPv6 extension header whose length is
