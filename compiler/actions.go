@@ -335,7 +335,7 @@ func (c *compiler) ipHeader(fam int, delta int32, from, proto uint8, ext bool) {
 		// IPv6 has no header checksum: on a CHECKSUM_COMPLETE skb at
 		// ingress, skb->csum must follow the length and next-header change
 		// (the next-header byte sits at an even offset: a low byte).
-		complete := c.opts.Hook == grammar.HookIngress && delta < 0
+		complete := c.opts.Hook == grammar.HookIngress
 		if complete {
 			e.emit(
 				ldx(asm.R3, asm.R7, l3+4, asm.Half),
@@ -388,6 +388,22 @@ func (c *compiler) ipHeader(fam int, delta int32, from, proto uint8, ext bool) {
 		stx(asm.R7, l3+10, asm.R0, asm.Half),
 		sti(asm.R10, slotProto, int64(proto), asm.DWord),
 	)
+}
+
+// headerSum adds the bytes of a pushed header (h bytes at base+off) to
+// skb->csum of a CHECKSUM_COMPLETE skb at ingress (the gap adjust_room
+// opened was zeros).
+func (c *compiler) headerSum(base asm.Register, off, h int16) {
+	if c.opts.Hook != grammar.HookIngress {
+		return
+	}
+	e := &c.e
+	e.emit(ldx(asm.R2, base, off, asm.Word))
+	for w := int16(4); w < h; w += 4 {
+		e.emit(ldx(asm.R1, base, off+w, asm.Word), asm.Add.Reg(asm.R2, asm.R1))
+	}
+	c.foldBelow(asm.R2, asm.R1, 8<<32)
+	c.csumUpdate()
 }
 
 // csumUpdate adds R2 (a ones' complement difference of packet bytes) to
@@ -542,6 +558,7 @@ func (c *compiler) funnelFrom(rule, fam int, inner grammar.Proto, a *grammar.Act
 		e.label(nz)
 	}
 	e.emit(stx(asm.R7, l4+checkOut, asm.R3, asm.Half))
+	c.headerSum(asm.R7, l4, h)
 	e.comment("IP header")
 	c.ipHeader(fam, int32(h), inner.Number(), outer, false)
 	// Last, as it may move the packet: no direct access after it.

@@ -189,8 +189,9 @@ func (c *compiler) funnelOpts(rule, fam int, inner grammar.Proto, a *grammar.Act
 		e.emit(asm.JNE.Imm(asm.R3, 0, nz), movi(asm.R3, 0xffff))
 		e.label(nz)
 	}
+	e.emit(stx(asm.R10, slotHdr+checkOut, asm.R3, asm.Half))
+	c.headerSum(asm.R10, slotHdr, h)
 	e.emit(
-		stx(asm.R10, slotHdr+checkOut, asm.R3, asm.Half),
 		mov(asm.R1, asm.R6),
 		mov(asm.R2, asm.R9),
 		mov(asm.R3, asm.R10),
