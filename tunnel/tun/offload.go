@@ -172,7 +172,7 @@ func finishChecksum(pkt []byte, h *vnetHdr) bool {
 	return true
 }
 
-var errSegment = errors.New("cannot segment")
+var errPacketSize = errors.New("packet empty or larger than 64 KiB")
 
 // segment cuts a TCP super-packet into MSS-sized packets, each with its
 // own IP length (and IPv4 ID and header checksum), sequence number, flags
@@ -276,6 +276,9 @@ func (d *Device) NewWriter() *Writer {
 // that the TCP checksum field holds only the pseudo-header sum (see
 // codec.WrapTCPPartial), which needs offloads. Call Flush after a batch.
 func (w *Writer) Write(pkt []byte, partial bool) error {
+	if len(pkt) == 0 || len(pkt) > len(w.buf)-VnetHdrLen {
+		return errPacketSize
+	}
 	if !w.dev.vnet {
 		if partial {
 			if !finishChecksumTCP(pkt) {
@@ -339,6 +342,9 @@ func (w *Writer) start(pkt []byte, partial bool) error {
 // tcpHeaders returns the IP and IP+TCP header lengths of a TCP packet that
 // can take part in merging, or zeros.
 func tcpHeaders(pkt []byte) (iphl, hl int) {
+	if len(pkt) < codec.IPv4HeaderLen {
+		return 0, 0
+	}
 	switch pkt[0] >> 4 {
 	case 4:
 		if pkt[0]&0xf != 5 || pkt[9] != codec.ProtoTCP || binary.BigEndian.Uint16(pkt[6:])&0x3fff != 0 {
