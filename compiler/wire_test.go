@@ -122,13 +122,51 @@ func TestWireChecksums(t *testing.T) {
 			for _, txOff := range []bool{false, true} {
 				name := fmt.Sprintf("%s/tx-%s/%s", map[bool]string{false: "ipv4", true: "ipv6"}[v6], map[bool]string{false: "on", true: "off"}[txOff],
 					map[bool]string{false: "inline", true: "helper"}[helper])
-				t.Run(name, func(t *testing.T) { wireChecksums(t, v6, txOff, helper) })
+				t.Run(name, func(t *testing.T) { wireChecksums(t, v6, txOff, helper, false) })
 			}
 		}
 	}
 }
 
-func wireChecksums(t *testing.T, v6, txOff, helper bool) {
+// TestWireChecksumsOptions is TestWireChecksums with IPv4 options or an
+// IPv6 destination options header set on the sending socket: the funnel
+// header goes behind them and the checksums still hold on the wire.
+func TestWireChecksumsOptions(t *testing.T) {
+	testenv.RequireRoot(t)
+	testenv.RequireCommand(t, "ethtool")
+	for _, v6 := range []bool{false, true} {
+		for _, txOff := range []bool{false, true} {
+			name := fmt.Sprintf("%s/tx-%s", map[bool]string{false: "ipv4", true: "ipv6"}[v6], map[bool]string{false: "on", true: "off"}[txOff])
+			t.Run(name, func(t *testing.T) { wireChecksums(t, v6, txOff, false, true) })
+		}
+	}
+}
+
+// transportOf finds the transport header of a captured frame: IPv4 with
+// options, IPv6 with at most one destination options header.
+func transportOf(f []byte, v6 bool) (off int, proto uint8, ok bool) {
+	if v6 {
+		if len(f) < 54 || binary.BigEndian.Uint16(f[12:]) != 0x86dd {
+			return 0, 0, false
+		}
+		off, proto = 54, f[20]
+		if proto == 60 {
+			if len(f) < off+8 {
+				return 0, 0, false
+			}
+			proto = f[off]
+			off += (int(f[off+1]) + 1) * 8
+		}
+		return off, proto, len(f) >= off+20
+	}
+	if len(f) < 34 || binary.BigEndian.Uint16(f[12:]) != 0x0800 {
+		return 0, 0, false
+	}
+	off = 14 + int(f[14]&0xf)*4
+	return off, f[23], len(f) >= off+20
+}
+
+func wireChecksums(t *testing.T, v6, txOff, helper, withOpts bool) {
 	a, b := testenv.NewNS(t), testenv.NewNS(t)
 	addrA, addrB, dst := "192.0.2.1/24", "192.0.2.2/24", "192.0.2.2"
 	fam := grammar.FamilyIPv4
@@ -164,22 +202,34 @@ func wireChecksums(t *testing.T, v6, txOff, helper bool) {
 			return err
 		}
 		defer tx.Close()
+		if withOpts {
+			raw, err := tx.SyscallConn()
+			if err != nil {
+				return err
+			}
+			var serr error
+			raw.Control(func(fd uintptr) {
+				if v6 {
+					// Destination options: PadN filling 8 bytes.
+					serr = unix.SetsockoptString(int(fd), unix.IPPROTO_IPV6, unix.IPV6_DSTOPTS, string([]byte{0, 0, 1, 4, 0, 0, 0, 0}))
+				} else {
+					// Record route with one slot, then a NOP.
+					serr = unix.SetsockoptString(int(fd), unix.IPPROTO_IP, unix.IP_OPTIONS, string([]byte{7, 7, 4, 0, 0, 0, 0, 1}))
+				}
+			})
+			if serr != nil {
+				return fmt.Errorf("set IP options: %w", serr)
+			}
+		}
 		_, err = tx.Write(payload)
 		return err
 	}); err != nil {
 		t.Fatal(err)
 	}
 
-	iphl := map[bool]int{false: 20, true: 40}[v6]
 	frame, partial, err := capt.next(func(f []byte) bool {
-		if len(f) < 14+iphl+20 {
-			return false
-		}
-		et := binary.BigEndian.Uint16(f[12:])
-		if v6 {
-			return et == 0x86dd && f[20] == 6 && binary.BigEndian.Uint16(f[14+iphl+2:]) == 179
-		}
-		return et == 0x0800 && f[23] == 6 && binary.BigEndian.Uint16(f[14+iphl+2:]) == 179
+		off, proto, ok := transportOf(f, v6)
+		return ok && proto == 6 && binary.BigEndian.Uint16(f[off+2:]) == 179
 	})
 	if err != nil {
 		t.Fatalf("funneled frame: %v", err)
@@ -187,14 +237,30 @@ func wireChecksums(t *testing.T, v6, txOff, helper bool) {
 	if txOff && partial {
 		t.Errorf("tx off, yet the frame is CHECKSUM_PARTIAL")
 	}
-	inner := 14 + iphl + 20
+	l4, _, _ := transportOf(frame, v6)
+	if withOpts && l4 == 14+map[bool]int{false: 20, true: 40}[v6] {
+		t.Fatalf("the socket sent no options: %x", frame)
+	}
+	inner := l4 + 20
 	if partial {
 		finalise(frame, inner, 6)
 	}
-	if ok, known := checksumsOK(frame); !known || !ok {
-		t.Fatalf("outer checksums invalid on the wire (partial %v): %x", partial, frame)
+	var src, dstIP net.IP
+	end := 0
+	if v6 {
+		src, dstIP = frame[22:38], frame[38:54]
+		end = 54 + int(binary.BigEndian.Uint16(frame[18:]))
+	} else {
+		src, dstIP = frame[26:30], frame[30:34]
+		end = 14 + int(binary.BigEndian.Uint16(frame[16:]))
+		if !ipv4HeaderValid(frame[14:]) {
+			t.Fatalf("IPv4 header checksum invalid: %x", frame)
+		}
 	}
-	if !segmentValid(nil, nil, v6, 17, frame[inner:]) {
+	if end > len(frame) || !segmentValid(src, dstIP, v6, 6, frame[l4:end]) {
+		t.Fatalf("outer checksum invalid on the wire (partial %v): %x", partial, frame)
+	}
+	if !segmentValid(nil, nil, v6, 17, frame[inner:end]) {
 		t.Fatalf("inner UDP checksum is not address-neutral (partial %v): %x", partial, frame)
 	}
 	rx.SetReadDeadline(time.Now().Add(3 * time.Second))
