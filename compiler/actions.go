@@ -98,19 +98,37 @@ func (c *compiler) l4Len(fam int, dst asm.Register, fail string) {
 
 // guards emits the checks every header-moving action starts with.
 func (c *compiler) guards(unsafe, gso bool) {
+	c.guardsNoL4(unsafe, gso)
+	c.e.emit(ldx(asm.R9, asm.R10, slotL4Off, asm.DWord))
+}
+
+// guardsNoL4 is guards without loading R9; it leaves the info slot in R1
+// (infoInR1) for the caller's next test.
+func (c *compiler) guardsNoL4(unsafe, gso bool) {
 	e := &c.e
 	e.emit(ldx(asm.R1, asm.R10, slotInfo, asm.DWord), asm.JSet.Imm(asm.R1, infoFrag, c.stat(StatFragment)))
 	if unsafe {
 		e.emit(asm.JSet.Imm(asm.R1, infoUnsafe, c.stat(StatIPOptions)))
 	}
 	if gso {
-		e.emit(ldx(asm.R1, asm.R6, skbGSOSize, asm.Word), asm.JNE.Imm(asm.R1, 0, c.stat(StatGSO)))
+		e.emit(ldx(asm.R2, asm.R6, skbGSOSize, asm.Word), asm.JNE.Imm(asm.R2, 0, c.stat(StatGSO)))
 	}
-	e.emit(ldx(asm.R9, asm.R10, slotL4Off, asm.DWord))
 	if !c.fresh {
 		c.reload()
 	}
 	c.fresh = false
+	c.infoInR1 = true
+}
+
+// optsDispatch jumps to opts for packets with IPv4 options or IPv6
+// extension headers.
+func (c *compiler) optsDispatch(opts string) {
+	e := &c.e
+	if !c.infoInR1 {
+		e.emit(ldx(asm.R1, asm.R10, slotInfo, asm.DWord))
+	}
+	c.infoInR1 = false
+	e.emit(asm.JSet.Imm(asm.R1, infoOpts, opts))
 }
 
 // ipProto rewrites the transport protocol in the IP header (and the IPv4
@@ -244,6 +262,7 @@ func (c *compiler) byProto(known grammar.Proto, fail string, gen func(p grammar.
 		return
 	}
 	e := &c.e
+	c.infoInR1 = false
 	tcp, done := e.newLabel("tcp"), e.newLabel("proto_done")
 	e.emit(
 		ldx(asm.R1, asm.R10, slotProto, asm.DWord),
@@ -449,7 +468,7 @@ func (c *compiler) ipLength(fam int, dst asm.Register, min int32, max int32, fai
 // is a constant).
 func (c *compiler) funnel(rule, fam int, known grammar.Proto, a *grammar.Action) {
 	notApp := c.stat(StatNotApplicable)
-	c.guards(true, true)
+	c.guardsNoL4(true, true)
 	c.byProto(known, notApp, func(inner grammar.Proto) { c.funnelFrom(rule, fam, inner, a) })
 }
 
@@ -470,9 +489,8 @@ func (c *compiler) funnelFrom(rule, fam int, inner grammar.Proto, a *grammar.Act
 	}
 	e.comment("funnel %s in %s", inner, a.Proto)
 	opts, done := e.newLabel("funnel_opts"), e.newLabel("funnel_done")
+	c.optsDispatch(opts)
 	e.emit(
-		ldx(asm.R1, asm.R10, slotInfo, asm.DWord),
-		asm.JSet.Imm(asm.R1, infoOpts, opts),
 		mov(asm.R1, asm.R7),
 		asm.Add.Imm(asm.R1, int32(l4+minIn)),
 		asm.JGT.Reg(asm.R1, asm.R8, notApp),
@@ -616,7 +634,7 @@ func (c *compiler) mtuCheck(rule int) {
 // (packets without IPv4 options or IPv6 extension headers).
 func (c *compiler) unfunnel(fam int, known grammar.Proto, inner grammar.Proto) {
 	bad := c.stat(StatUnfunnelInvalid)
-	c.guards(true, true)
+	c.guardsNoL4(true, true)
 	c.byProto(known, bad, func(outer grammar.Proto) { c.unfunnelFrom(fam, outer, inner) })
 }
 
@@ -628,9 +646,8 @@ func (c *compiler) unfunnelFrom(fam int, outer, inner grammar.Proto) {
 	l4 := c.l3 + int16(ipHdrLen(fam))
 	e.comment("unfunnel %s from %s", inner, outer)
 	opts, done := e.newLabel("unfunnel_opts"), e.newLabel("unfunnel_done")
+	c.optsDispatch(opts)
 	e.emit(
-		ldx(asm.R1, asm.R10, slotInfo, asm.DWord),
-		asm.JSet.Imm(asm.R1, infoOpts, opts),
 		mov(asm.R1, asm.R7),
 		asm.Add.Imm(asm.R1, int32(l4+minOut)),
 		asm.JGT.Reg(asm.R1, asm.R8, bad),

@@ -78,6 +78,7 @@ func (c *compiler) funnelOpts(rule, fam int, inner grammar.Proto, a *grammar.Act
 	notApp := c.stat(StatNotApplicable)
 	base := int32(c.l3) + ipHdrLen(fam)
 	e.comment("funnel %s in %s after IP options / extension headers", inner, a.Proto)
+	e.emit(ldx(asm.R9, asm.R10, slotL4Off, asm.DWord))
 	c.optLen(fam)
 	e.emit(
 		asm.JGT.Imm(asm.R9, 0xffff, notApp),
@@ -216,6 +217,7 @@ func (c *compiler) unfunnelOpts(fam int, outer, inner grammar.Proto) {
 	minOut, _ := hdrInfo(outer)
 	base := int32(c.l3) + ipHdrLen(fam)
 	e.comment("unfunnel %s from %s after IP options / extension headers", inner, outer)
+	e.emit(ldx(asm.R9, asm.R10, slotL4Off, asm.DWord))
 	c.optLen(fam)
 	e.emit(
 		asm.JGT.Imm(asm.R9, 0xffff, bad),

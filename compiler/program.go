@@ -83,6 +83,7 @@ type compiler struct {
 	ruleNeeds  ruleNeeds
 	kern       kernelSkb // how to read skb->ip_summed (ok false: use helpers)
 	fresh      bool      // R7/R8 still hold the parse guard's packet pointers
+	infoInR1   bool      // R1 holds the info slot (guardsNoL4 just ran)
 	genStart   int       // instruction count when the generation started
 }
 
