@@ -19,17 +19,16 @@ import (
 // role). With --key, peers authenticate first: over TCP on the listen port
 // before their UDP is accepted, or at the start of each TCP stream.
 type ipCarry struct {
-	d            *daemon
-	server       bool
-	client       bool
-	maxFrame     int
-	remote       netip.AddrPort
-	sock         *udpsock.Conn
-	dial         *dialer
-	lastPeer     atomic.Pointer[netip.AddrPort] // UDP server role without a key: who spoke last
-	clientConn   atomic.Pointer[streamConn]
-	serverConn   atomic.Pointer[streamConn]
-	lastServerAt atomic.Int64
+	d          *daemon
+	server     bool
+	client     bool
+	maxFrame   int
+	remote     netip.AddrPort
+	sock       *udpsock.Conn
+	dial       *dialer
+	lastPeer   atomic.Pointer[netip.AddrPort] // UDP server role without a key: who spoke last
+	clientConn atomic.Pointer[streamConn]
+	serverConn atomic.Pointer[streamConn]
 }
 
 // streamConn is one TCP stream carrying frames.
@@ -324,6 +323,7 @@ func (e *ipCarry) tunToTCP() error {
 		if err != nil {
 			return err
 		}
+		d.countReaderDrops(r)
 		sc := e.clientConn.Load()
 		if sc == nil {
 			sc = e.serverConn.Load()

@@ -4,6 +4,8 @@ import (
 	"net/netip"
 	"time"
 
+	"github.com/sfunnel/sfunnel/tunnel/codec"
+	"github.com/sfunnel/sfunnel/tunnel/tun"
 	"github.com/sfunnel/sfunnel/tunnel/udpsock"
 )
 
@@ -21,6 +23,7 @@ func (d *daemon) tunToUDP(sock *udpsock.Conn, route udpRoute) error {
 		if err != nil {
 			return err
 		}
+		d.countReaderDrops(r)
 		now := time.Now().UnixNano()
 		m := 0
 		for _, pkt := range pkts {
@@ -36,5 +39,14 @@ func (d *daemon) tunToUDP(sock *udpsock.Conn, route udpRoute) error {
 			}
 			d.stats.NetTx.Add(uint64(m))
 		}
+	}
+}
+
+// countReaderDrops moves the reader's count of super-packets it could not
+// segment into the daemon's drop counters.
+func (d *daemon) countReaderDrops(r *tun.Reader) {
+	if r.Dropped > 0 {
+		d.stats.Drops[codec.DropMalformed].Add(r.Dropped)
+		r.Dropped = 0
 	}
 }

@@ -264,7 +264,6 @@ type Writer struct {
 	nextSeq  uint32
 	partial  bool
 	closed   bool // the group takes no more packets
-	Merged   uint64
 }
 
 // NewWriter makes a writer for the device.
@@ -299,7 +298,6 @@ func (w *Writer) Write(pkt []byte, partial bool) error {
 			w.closed = true
 		}
 		w.partial = true
-		w.Merged++
 		return nil
 	}
 	if err := w.Flush(); err != nil {

@@ -26,7 +26,6 @@ type Conn struct {
 	// one writes, and the callbacks are built once so I/O allocates nothing.
 	readFn, writeFn func(fd uintptr) bool
 	r, w            ioState
-	softErrors      uint64
 	gso, gro        bool
 	// SendErrors counts datagrams the kernel refused to send.
 	SendErrors atomic.Uint64
@@ -224,7 +223,6 @@ func (c *Conn) doRead(fd uintptr) bool {
 		case unix.EMSGSIZE, unix.ECONNREFUSED, unix.EHOSTUNREACH, unix.ENETUNREACH, unix.EHOSTDOWN, unix.ENOBUFS:
 			// An earlier send's error reported on this socket; nothing
 			// was received, try again.
-			c.softErrors++
 			continue
 		}
 		c.r.err = errno
