@@ -476,10 +476,7 @@ func (c *compiler) funnelFrom(rule, fam int, inner grammar.Proto, a *grammar.Act
 	e := &c.e
 	f := a.Funnel
 	outer := a.Proto.Number()
-	h, checkOut := hdrInfo(a.Proto)
-	if a.Proto == grammar.ProtoUDP {
-		h = 8
-	}
+	h, _ := hdrInfo(a.Proto)
 	minIn, checkIn := hdrInfo(inner)
 	notApp := c.stat(StatNotApplicable)
 	l4 := c.l3 + int16(ipHdrLen(fam))
@@ -524,59 +521,12 @@ func (c *compiler) funnelFrom(rule, fam int, inner grammar.Proto, a *grammar.Act
 		e.emit(sti(asm.R7, l4, int64(int32(uint32(n16(f.Sport))|uint32(n16(f.Dport))<<16)), asm.Word))
 	} else {
 		e.emit(ldx(asm.R1, asm.R7, l4+h, asm.Word), stx(asm.R7, l4, asm.R1, asm.Word))
-		if f.HasSport {
-			e.emit(sti(asm.R7, l4, int64(n16(f.Sport)), asm.Half))
-		}
-		if f.HasDport {
-			e.emit(sti(asm.R7, l4+2, int64(n16(f.Dport)), asm.Half))
-		}
 	}
-	// The inner segment sums to -(proto + length) once its checksum is
-	// final: 0x1fffe (≡ 0) minus both keeps the sum positive.
-	hdrConst := uint64(outer)<<8 + 0x1fffe - uint64(inner.Number())<<8
-	if a.Proto == grammar.ProtoTCP {
-		w12 := uint32(0x50) | uint32(f.Flags)<<8 | uint32(n16(f.Window))<<16
-		e.emit(
-			sti(asm.R7, l4+4, int64(int32(n32(f.Seq))), asm.Word),
-			sti(asm.R7, l4+8, int64(int32(n32(f.Ack))), asm.Word),
-			sti(asm.R7, l4+12, int64(int32(w12)), asm.Word),
-			sti(asm.R7, l4+16, 0, asm.Word),
-		)
-		hdrConst += uint64(n32(f.Seq)) + uint64(n32(f.Ack)) + uint64(w12)
-	}
-	e.comment("outer checksum: pseudo header + header + inner segment")
 	e.emit(
 		ldx(asm.R2, asm.R10, slotT1, asm.DWord),
 		asm.Sub.Imm(asm.R2, int32(ipHdrLen(fam))-map[bool]int32{true: 40, false: 0}[fam == 6]),
-		mov(asm.R1, asm.R2),
-		asm.Add.Imm(asm.R1, int32(h)),
-		asm.HostTo(asm.BE, asm.R1, asm.Half),
-		asm.HostTo(asm.BE, asm.R2, asm.Half),
-		ldx(asm.R3, asm.R10, slotT3, asm.DWord),
-		asm.Add.Imm(asm.R3, int32(fold16(hdrConst))),
-		asm.Add.Reg(asm.R3, asm.R1),
-		asm.Sub.Reg(asm.R3, asm.R2),
 	)
-	if a.Proto == grammar.ProtoUDP {
-		e.emit(
-			asm.Add.Reg(asm.R3, asm.R1), // the length field
-			stx(asm.R7, l4+4, asm.R1, asm.Half),
-			sti(asm.R7, l4+6, 0, asm.Half),
-		)
-	}
-	e.emit(
-		ldx(asm.R1, asm.R7, l4, asm.Word),
-		asm.Add.Reg(asm.R3, asm.R1),
-	)
-	c.foldBelow(asm.R3, asm.R1, 1<<36)
-	e.emit(asm.Xor.Imm(asm.R3, 0xffff))
-	if a.Proto == grammar.ProtoUDP {
-		nz := e.newLabel("nonzero")
-		e.emit(asm.JNE.Imm(asm.R3, 0, nz), movi(asm.R3, 0xffff))
-		e.label(nz)
-	}
-	e.emit(stx(asm.R7, l4+checkOut, asm.R3, asm.Half))
-	c.headerSum(asm.R7, l4, h)
+	c.funnelHeader(asm.R7, l4, a, inner)
 	e.comment("IP header")
 	c.ipHeader(fam, int32(h), inner.Number(), outer, false)
 	// Last, as it may move the packet: no direct access after it.
@@ -591,6 +541,67 @@ func (c *compiler) funnelFrom(rule, fam int, inner grammar.Proto, a *grammar.Act
 	e.label(opts)
 	c.funnelOpts(rule, fam, inner, a)
 	e.label(done)
+}
+
+// funnelHeader fills the funnel header at base+off, whose ports already
+// hold the inner header's, and its checksum. R2 holds the inner transport
+// length (host order), slotT3 the raw address sum.
+func (c *compiler) funnelHeader(base asm.Register, off int16, a *grammar.Action, inner grammar.Proto) {
+	e := &c.e
+	f := a.Funnel
+	h, checkOut := hdrInfo(a.Proto)
+	if !(f.HasSport && f.HasDport) {
+		if f.HasSport {
+			e.emit(sti(base, off, int64(n16(f.Sport)), asm.Half))
+		}
+		if f.HasDport {
+			e.emit(sti(base, off+2, int64(n16(f.Dport)), asm.Half))
+		}
+	}
+	// The inner segment sums to -(proto + length) once its checksum is
+	// final: 0x1fffe (≡ 0) minus both keeps the sum positive.
+	hdrConst := uint64(a.Proto.Number())<<8 + 0x1fffe - uint64(inner.Number())<<8
+	if a.Proto == grammar.ProtoTCP {
+		w12 := uint32(0x50) | uint32(f.Flags)<<8 | uint32(n16(f.Window))<<16
+		e.emit(
+			sti(base, off+4, int64(int32(n32(f.Seq))), asm.Word),
+			sti(base, off+8, int64(int32(n32(f.Ack))), asm.Word),
+			sti(base, off+12, int64(int32(w12)), asm.Word),
+			sti(base, off+16, 0, asm.Word),
+		)
+		hdrConst += uint64(n32(f.Seq)) + uint64(n32(f.Ack)) + uint64(w12)
+	}
+	e.comment("outer checksum: pseudo header + header + inner segment")
+	e.emit(
+		mov(asm.R1, asm.R2),
+		asm.Add.Imm(asm.R1, int32(h)),
+		asm.HostTo(asm.BE, asm.R1, asm.Half),
+		asm.HostTo(asm.BE, asm.R2, asm.Half),
+		ldx(asm.R3, asm.R10, slotT3, asm.DWord),
+		asm.Add.Imm(asm.R3, int32(fold16(hdrConst))),
+		asm.Add.Reg(asm.R3, asm.R1),
+		asm.Sub.Reg(asm.R3, asm.R2),
+	)
+	if a.Proto == grammar.ProtoUDP {
+		e.emit(
+			asm.Add.Reg(asm.R3, asm.R1), // the length field
+			stx(base, off+4, asm.R1, asm.Half),
+			sti(base, off+6, 0, asm.Half),
+		)
+	}
+	e.emit(
+		ldx(asm.R1, base, off, asm.Word),
+		asm.Add.Reg(asm.R3, asm.R1),
+	)
+	c.foldBelow(asm.R3, asm.R1, 1<<36)
+	e.emit(asm.Xor.Imm(asm.R3, 0xffff))
+	if a.Proto == grammar.ProtoUDP {
+		nz := e.newLabel("nonzero")
+		e.emit(asm.JNE.Imm(asm.R3, 0, nz), movi(asm.R3, 0xffff))
+		e.label(nz)
+	}
+	e.emit(stx(base, off+checkOut, asm.R3, asm.Half))
+	c.headerSum(base, off, h)
 }
 
 // mtuCheck counts a funneled packet that exceeds the device MTU.

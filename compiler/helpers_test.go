@@ -231,61 +231,39 @@ func foldSum(acc uint32) uint16 {
 	return uint16(acc)
 }
 
-// l4Checksum computes a transport checksum; src/dst nil means zero
-// addresses (the address-neutral form).
-func l4Checksum(src, dst net.IP, v6 bool, proto uint8, seg []byte) uint16 {
-	size := 4
-	if v6 {
-		size = 16
-	}
-	zero := make([]byte, size)
+// pseudoSum is the pseudo-header sum; src/dst nil mean zero addresses
+// (the address-neutral form).
+func pseudoSum(src, dst net.IP, v6 bool, proto uint8, n int) uint32 {
 	var acc uint32
 	for _, a := range []net.IP{src, dst} {
-		b := zero
-		if a != nil {
-			if v6 {
-				b = a.To16()
-			} else {
-				b = a.To4()
-			}
+		switch {
+		case a == nil:
+		case v6:
+			acc = onesSum(a.To16(), acc)
+		default:
+			acc = onesSum(a.To4(), acc)
 		}
-		acc = onesSum(b, acc)
 	}
-	acc += uint32(proto) + uint32(len(seg))
-	c := ^foldSum(onesSum(seg, acc))
+	return acc + uint32(proto) + uint32(n)
+}
+
+// l4Checksum computes a transport checksum over seg (its check field zero).
+func l4Checksum(src, dst net.IP, v6 bool, proto uint8, seg []byte) uint16 {
+	c := ^foldSum(onesSum(seg, pseudoSum(src, dst, v6, proto, len(seg))))
 	if c == 0 && proto == 17 {
 		c = 0xffff
 	}
 	return c
 }
 
-// checksumsValid verifies the IPv4 header checksum and, for each
-// transport header the caller names, its checksum.
 func ipv4HeaderValid(ip []byte) bool {
 	ihl := int(ip[0]&0xf) * 4
 	return foldSum(onesSum(ip[:ihl], 0)) == 0xffff
 }
 
+// segmentValid verifies a transport segment's checksum.
 func segmentValid(src, dst net.IP, v6 bool, proto uint8, seg []byte) bool {
-	size := 4
-	if v6 {
-		size = 16
-	}
-	zero := make([]byte, size)
-	var acc uint32
-	for _, a := range []net.IP{src, dst} {
-		b := zero
-		if a != nil {
-			if v6 {
-				b = a.To16()
-			} else {
-				b = a.To4()
-			}
-		}
-		acc = onesSum(b, acc)
-	}
-	acc += uint32(proto) + uint32(len(seg))
-	return foldSum(onesSum(seg, acc)) == 0xffff
+	return foldSum(onesSum(seg, pseudoSum(src, dst, v6, proto, len(seg)))) == 0xffff
 }
 
 func udpLayer(sport, dport uint16) *layers.UDP {

@@ -73,7 +73,7 @@ func (c *compiler) funnelOpts(rule, fam int, inner grammar.Proto, a *grammar.Act
 	e := &c.e
 	f := a.Funnel
 	outer := a.Proto.Number()
-	h, checkOut := hdrInfo(a.Proto)
+	h, _ := hdrInfo(a.Proto)
 	minIn, checkIn := hdrInfo(inner)
 	notApp := c.stat(StatNotApplicable)
 	base := int32(c.l3) + ipHdrLen(fam)
@@ -144,54 +144,11 @@ func (c *compiler) funnelOpts(rule, fam int, inner grammar.Proto, a *grammar.Act
 		asm.FnSkbLoadBytes.Call(),
 		asm.JNE.Imm(asm.R0, 0, c.exit("pass")),
 	)
-	if f.HasSport {
-		e.emit(sti(asm.R10, slotHdr, int64(n16(f.Sport)), asm.Half))
+	if f.HasSport && f.HasDport {
+		e.emit(sti(asm.R10, slotHdr, int64(int32(uint32(n16(f.Sport))|uint32(n16(f.Dport))<<16)), asm.Word))
 	}
-	if f.HasDport {
-		e.emit(sti(asm.R10, slotHdr+2, int64(n16(f.Dport)), asm.Half))
-	}
-	hdrConst := uint64(outer)<<8 + 0x1fffe - uint64(inner.Number())<<8
-	if a.Proto == grammar.ProtoTCP {
-		w12 := uint32(0x50) | uint32(f.Flags)<<8 | uint32(n16(f.Window))<<16
-		e.emit(
-			sti(asm.R10, slotHdr+4, int64(int32(n32(f.Seq))), asm.Word),
-			sti(asm.R10, slotHdr+8, int64(int32(n32(f.Ack))), asm.Word),
-			sti(asm.R10, slotHdr+12, int64(int32(w12)), asm.Word),
-			sti(asm.R10, slotHdr+16, 0, asm.Word),
-		)
-		hdrConst += uint64(n32(f.Seq)) + uint64(n32(f.Ack)) + uint64(w12)
-	}
-	e.emit(
-		ldx(asm.R2, asm.R10, slotT2, asm.DWord),
-		mov(asm.R1, asm.R2),
-		asm.Add.Imm(asm.R1, int32(h)),
-		asm.HostTo(asm.BE, asm.R1, asm.Half),
-		asm.HostTo(asm.BE, asm.R2, asm.Half),
-		ldx(asm.R3, asm.R10, slotT3, asm.DWord),
-		asm.Add.Imm(asm.R3, int32(fold16(hdrConst))),
-		asm.Add.Reg(asm.R3, asm.R1),
-		asm.Sub.Reg(asm.R3, asm.R2),
-	)
-	if a.Proto == grammar.ProtoUDP {
-		e.emit(
-			asm.Add.Reg(asm.R3, asm.R1),
-			stx(asm.R10, slotHdr+4, asm.R1, asm.Half),
-			sti(asm.R10, slotHdr+6, 0, asm.Half),
-		)
-	}
-	e.emit(
-		ldx(asm.R1, asm.R10, slotHdr, asm.Word),
-		asm.Add.Reg(asm.R3, asm.R1),
-	)
-	c.foldBelow(asm.R3, asm.R1, 1<<34)
-	e.emit(asm.Xor.Imm(asm.R3, 0xffff))
-	if a.Proto == grammar.ProtoUDP {
-		nz := e.newLabel("nonzero")
-		e.emit(asm.JNE.Imm(asm.R3, 0, nz), movi(asm.R3, 0xffff))
-		e.label(nz)
-	}
-	e.emit(stx(asm.R10, slotHdr+checkOut, asm.R3, asm.Half))
-	c.headerSum(asm.R10, slotHdr, h)
+	e.emit(ldx(asm.R2, asm.R10, slotT2, asm.DWord))
+	c.funnelHeader(asm.R10, slotHdr, a, inner)
 	e.emit(
 		mov(asm.R1, asm.R6),
 		mov(asm.R2, asm.R9),
