@@ -6,25 +6,33 @@ package codec
 
 import (
 	"encoding/binary"
+	"math/bits"
 	"net/netip"
 )
 
 // Sum adds b to a running ones' complement sum (not yet folded).
 func Sum(b []byte, acc uint64) uint64 {
-	// 32-bit big-endian words into a 64-bit accumulator: carries collect in
-	// the upper half and are folded once at the end.
+	// The ones' complement sum does not depend on byte order (RFC 1071),
+	// so the bulk is added as native little-endian 64-bit words with
+	// end-around carries, folded to 16 bits and byte-swapped once.
+	var s, c uint64
 	for len(b) >= 32 {
-		acc += uint64(binary.BigEndian.Uint32(b[0:4])) + uint64(binary.BigEndian.Uint32(b[4:8])) +
-			uint64(binary.BigEndian.Uint32(b[8:12])) + uint64(binary.BigEndian.Uint32(b[12:16])) +
-			uint64(binary.BigEndian.Uint32(b[16:20])) + uint64(binary.BigEndian.Uint32(b[20:24])) +
-			uint64(binary.BigEndian.Uint32(b[24:28])) + uint64(binary.BigEndian.Uint32(b[28:32]))
+		s, c = bits.Add64(s, binary.LittleEndian.Uint64(b[0:8]), c)
+		s, c = bits.Add64(s, binary.LittleEndian.Uint64(b[8:16]), c)
+		s, c = bits.Add64(s, binary.LittleEndian.Uint64(b[16:24]), c)
+		s, c = bits.Add64(s, binary.LittleEndian.Uint64(b[24:32]), c)
 		b = b[32:]
 	}
-	for len(b) >= 4 {
-		acc += uint64(binary.BigEndian.Uint32(b))
-		b = b[4:]
+	for len(b) >= 8 {
+		s, c = bits.Add64(s, binary.LittleEndian.Uint64(b[0:8]), c)
+		b = b[8:]
 	}
-	if len(b) >= 2 {
+	s, c = bits.Add64(s, c, 0)
+	s += c // cannot carry again: s was at most 2^64-2 here
+	if s != 0 {
+		acc += uint64(bits.ReverseBytes16(Fold(s)))
+	}
+	for len(b) >= 2 {
 		acc += uint64(binary.BigEndian.Uint16(b))
 		b = b[2:]
 	}

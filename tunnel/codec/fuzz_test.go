@@ -57,3 +57,28 @@ func FuzzFrameReader(f *testing.F) {
 		}
 	})
 }
+
+// sumReference is RFC 1071 done the plain way: 16-bit big-endian words.
+func sumReference(b []byte) uint16 {
+	var acc uint64
+	for len(b) >= 2 {
+		acc += uint64(b[0])<<8 | uint64(b[1])
+		b = b[2:]
+	}
+	if len(b) == 1 {
+		acc += uint64(b[0]) << 8
+	}
+	return Fold(acc)
+}
+
+func FuzzSum(f *testing.F) {
+	f.Add([]byte{0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 1})
+	f.Add(bytes.Repeat([]byte{0xff}, 1500))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		// Ones' complement: 0x0000 and 0xffff are both zero.
+		got, want := Fold(Sum(b, 0)), sumReference(b)
+		if got != want && !(got|want == 0xffff && got&want == 0) {
+			t.Fatalf("Sum %#x, reference %#x", got, want)
+		}
+	})
+}
