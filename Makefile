@@ -27,7 +27,7 @@ demo: build deps
 	./scripts/demo.sh
 
 man:
-	groff -ww -z -man man/sfunnel.8 man/sfunnel.conf.5
+	groff -ww -z -man man/sfunnel.8 man/sfunnel.conf.5 man/sfunnel-tunnel.8
 	@for m in man/*.[58]; do echo "== $$m"; MANWIDTH=80 man -l "$$m" | head -5; done
 
 install: build
