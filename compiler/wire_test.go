@@ -79,7 +79,7 @@ func (c *capture) next(match func([]byte) bool) (frame []byte, partial bool, err
 	for time.Now().Before(deadline) {
 		n, oobn, _, _, err := unix.Recvmsg(c.fd, buf, oob, 0)
 		if err != nil {
-			if errors.Is(err, unix.EAGAIN) {
+			if errors.Is(err, unix.EAGAIN) || errors.Is(err, unix.EINTR) { // timeout, or a runtime signal
 				continue
 			}
 			return nil, false, err
