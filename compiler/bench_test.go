@@ -142,6 +142,12 @@ func BenchmarkDatapath(b *testing.B) {
 		manyRules = append(manyRules, saddrRule(&grammar.AddrMatch{Prefixes: []netip.Prefix{p}}))
 	}
 	manyRules = append(manyRules, saddrRule(&grammar.AddrMatch{Prefixes: manyPrefixes(1)}))
+	var portRules []*grammar.Rule
+	for i := 0; i < 9999; i++ {
+		portRules = append(portRules, &grammar.Rule{Family: grammar.FamilyIPv4, Proto: grammar.ProtoUDP, Dport: ports(uint16(20000 + i)), Actions: []*grammar.Action{act(grammar.ActAccept, 0)}})
+	}
+	onePortRule := &grammar.Rule{Family: grammar.FamilyIPv4, Proto: grammar.ProtoUDP, Dport: ports(4739), Actions: []*grammar.Action{act(grammar.ActAccept, 0)}}
+	portRules = append(portRules, onePortRule)
 
 	progs := []*benchProg{
 		{name: "empty", prog: empty, pkt: other},
@@ -154,6 +160,8 @@ func BenchmarkDatapath(b *testing.B) {
 		{name: "anon1", prog: compiledProg(b, []*grammar.Rule{saddrRule(&grammar.AddrMatch{Prefixes: manyPrefixes(1)})}, nil, grammar.HookEgress), pkt: ipfix},
 		{name: "anon10k", prog: compiledProg(b, []*grammar.Rule{saddrRule(&grammar.AddrMatch{Prefixes: manyPrefixes(10000)})}, nil, grammar.HookEgress), pkt: ipfix},
 		{name: "rules10k", prog: compiledProg(b, manyRules, nil, grammar.HookEgress), pkt: ipfix},
+		{name: "port1", prog: compiledProg(b, []*grammar.Rule{onePortRule}, nil, grammar.HookEgress), pkt: ipfix},
+		{name: "ports10k", prog: compiledProg(b, portRules, nil, grammar.HookEgress), pkt: ipfix},
 	}
 	for n := 0; n < b.N; n++ {
 		for round := 0; round < 9; round++ {
@@ -177,7 +185,8 @@ func BenchmarkDatapath(b *testing.B) {
 		{"packet that matches no rule, default ruleset", "empty program", "nomatch", "empty", 1.2},
 		{"named set of 10 000 addresses vs 1 address", "same rule, 1-element set", "set10k", "set1", 1.3},
 		{"anonymous set of 10 000 addresses (LPM map) vs 1 address (inline)", "same rule, 1 address", "anon10k", "anon1", 1.3},
-		{"10 000 rules, the last one matching, vs 1 rule", "1 rule", "rules10k", "anon1", 1.3},
+		{"10 000 rules differing in saddr, the last one matching, vs 1 rule", "1 rule", "rules10k", "anon1", 1.3},
+		{"10 000 rules differing in dport, the last one matching, vs 1 rule", "1 rule", "ports10k", "port1", 1.3},
 	}
 	benchInvocations++
 	var tbl strings.Builder

@@ -518,6 +518,10 @@ func TestDifferential(t *testing.T) {
 			at := g.pick(len(rules) + 1)
 			rules = append(rules[:at], append(g.groupRun(sets), rules[at:]...)...)
 		}
+		if g.chance(0.15) {
+			at := g.pick(len(rules) + 1)
+			rules = append(rules[:at], append(g.portGroupRun(sets), rules[at:]...)...)
+		}
 		opts := compiler.Options{Hook: grammar.Hook(g.pick(2)), ChecksumHelper: g.chance(0.3)}
 		l := compileLoad(t, rules, sets, opts)
 		if strings.Contains(fmt.Sprint(l.prog.Spec.Programs[compiler.ProgramName].Instructions), "that differ only in") {
@@ -645,6 +649,60 @@ func (g gen) groupRun(sets map[string]*grammar.Set) []*grammar.Rule {
 		}
 		addrs = addrs[n:]
 		r.Daddr = m
+		run = append(run, &r)
+	}
+	return run
+}
+
+// portGroupRun makes a run of rules that differ only in their destination
+// (or source) ports, with distinct ports and small ranges.
+func (g gen) portGroupRun(sets map[string]*grammar.Set) []*grammar.Rule {
+	shape := g.rule(sets)
+	if shape.Proto == grammar.ProtoAny {
+		shape.Proto = grammar.Proto(1 + g.pick(2))
+	}
+	field := "dport"
+	if g.chance(0.3) {
+		field = "sport"
+	}
+	var pool []uint16
+	for _, p := range poolPort {
+		pool = append(pool, p)
+	}
+	for i := 0; i < 30; i++ {
+		pool = append(pool, uint16(20000+i*10))
+	}
+	g.r.Shuffle(len(pool), func(i, j int) { pool[i], pool[j] = pool[j], pool[i] })
+	seen := map[uint16]bool{}
+	var run []*grammar.Rule
+	for k := 0; k < 8+g.pick(8) && len(pool) > 0; k++ {
+		r := *shape
+		other := g.rule(sets)
+		r.Counter, r.SetMetaMark, r.Handle = other.Counter, other.SetMetaMark, uint64(2000+k)
+		r.Actions = nil
+		switch g.pick(4) {
+		case 0:
+			r.Actions = []*grammar.Action{act(grammar.ActAccept, 0)}
+		case 1:
+			r.Actions = []*grammar.Action{act(grammar.ActDrop, 0)}
+		case 2:
+			r.Actions = []*grammar.Action{g.funnel()}
+		}
+		p := pool[0]
+		pool = pool[1:]
+		if seen[p] {
+			continue
+		}
+		seen[p] = true
+		m := &grammar.PortMatch{Ranges: []grammar.PortRange{{Lo: p, Hi: p}}}
+		if p >= 20000 && p < 21000 && g.chance(0.3) {
+			m.Ranges[0].Hi = p + 5 // a small range, still disjoint
+		}
+		if field == "dport" {
+			r.Dport = m
+		} else {
+			r.Sport = m
+		}
 		run = append(run, &r)
 	}
 	return run

@@ -5,24 +5,30 @@ import (
 	"net/netip"
 	"slices"
 
+	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/asm"
 	"github.com/sfunnel/sfunnel/grammar"
 )
 
 // Rule groups: a run of consecutive rules that differ only in one address
-// match (saddr or daddr: plain prefixes, not negated) whose prefixes don't
-// overlap across rules compiles to one test of the shared matches, one LPM
-// lookup that yields the rule, and a binary dispatch to that rule's
+// match (saddr or daddr: plain prefixes, not negated) or one port match
+// (sport or dport: plain ports and small ranges, not negated), whose
+// values don't overlap across rules, compiles to one test of the shared
+// matches, one map lookup that yields the rule (an LPM trie for addresses,
+// a 65536-entry array for ports), and a binary dispatch to that rule's
 // statements and actions. At most one rule of such a run can match a
 // packet, so first-match order is kept, and the cost per packet no longer
 // grows with the number of rules.
-const minGroup = 8
+const (
+	minGroup          = 8
+	maxGroupRulePorts = 256 // ports one rule of a port group may list
+)
 
 // groupAt returns the length of the group starting at rules[i] and the
 // address field it varies in (0 when there is none worth it).
 func groupAt(rules []*grammar.Rule, i int) (int, string) {
 	best, field := 0, ""
-	for _, f := range []string{"saddr", "daddr"} {
+	for _, f := range []string{"saddr", "daddr", "dport", "sport"} {
 		key, ok := shapeKey(rules[i], f)
 		if !ok {
 			continue
@@ -55,17 +61,50 @@ func varying(r *grammar.Rule, field string) *grammar.AddrMatch {
 	return r.Daddr
 }
 
+func varyingPort(r *grammar.Rule, field string) *grammar.PortMatch {
+	if field == "sport" {
+		return r.Sport
+	}
+	return r.Dport
+}
+
+func isPortField(field string) bool { return field == "sport" || field == "dport" }
+
+// groupPorts lists the ports of a port match, or nil when too many.
+func groupPorts(m *grammar.PortMatch) []uint16 {
+	var out []uint16
+	for _, r := range m.Ranges {
+		if int(r.Hi)-int(r.Lo)+len(out) >= maxGroupRulePorts {
+			return nil
+		}
+		for p := int(r.Lo); p <= int(r.Hi); p++ {
+			out = append(out, uint16(p))
+		}
+	}
+	return out
+}
+
 // shapeKey renders every match of r except the varying one; ok is false
 // when the varying match can't be grouped.
 func shapeKey(r *grammar.Rule, field string) (string, bool) {
-	v := varying(r, field)
-	if v == nil || v.Neg || v.Set != "" || len(v.Prefixes) == 0 {
-		return "", false
-	}
-	is6 := v.Prefixes[0].Addr().Is6()
-	for _, p := range v.Prefixes {
-		if p.Addr().Is6() != is6 {
+	var v *grammar.AddrMatch
+	var vp *grammar.PortMatch
+	is6 := false
+	if isPortField(field) {
+		vp = varyingPort(r, field)
+		if vp == nil || vp.Neg || vp.Set != "" || len(groupPorts(vp)) == 0 {
 			return "", false
+		}
+	} else {
+		v = varying(r, field)
+		if v == nil || v.Neg || v.Set != "" || len(v.Prefixes) == 0 {
+			return "", false
+		}
+		is6 = v.Prefixes[0].Addr().Is6()
+		for _, p := range v.Prefixes {
+			if p.Addr().Is6() != is6 {
+				return "", false
+			}
 		}
 	}
 	addr := func(m *grammar.AddrMatch) string {
@@ -75,7 +114,7 @@ func shapeKey(r *grammar.Rule, field string) (string, bool) {
 		return fmt.Sprint(m.Neg, m.Prefixes, m.Set)
 	}
 	port := func(m *grammar.PortMatch) string {
-		if m == nil {
+		if m == nil || m == vp {
 			return "-"
 		}
 		return fmt.Sprint(m.Neg, m.Ranges, m.Set)
@@ -93,9 +132,21 @@ func shapeKey(r *grammar.Rule, field string) (string, bool) {
 	return fmt.Sprint(field, is6, r.Family, r.Proto, addr(r.Saddr), addr(r.Daddr), port(r.Sport), port(r.Dport), flags, mark(r.MetaMark), mark(r.CtMark)), true
 }
 
-// disjoint reports whether no prefix of one rule overlaps a prefix of
-// another.
+// disjoint reports whether no prefix (port) of one rule overlaps a prefix
+// (port) of another.
 func disjoint(rules []*grammar.Rule, field string) bool {
+	if isPortField(field) {
+		owner := map[uint16]int{}
+		for i, r := range rules {
+			for _, p := range groupPorts(varyingPort(r, field)) {
+				if o, ok := owner[p]; ok && o != i {
+					return false
+				}
+				owner[p] = i
+			}
+		}
+		return true
+	}
 	type entry struct {
 		p    netip.Prefix
 		rule int
@@ -132,9 +183,8 @@ func (c *compiler) group(rules []*grammar.Rule, first, n int, field string) erro
 	e := &c.e
 	end := fmt.Sprintf("group%d_end", first)
 	lead := rules[first]
-	v := varying(lead, field)
 	fam := 4
-	if v.Prefixes[0].Addr().Is6() {
+	if !isPortField(field) && varying(lead, field).Prefixes[0].Addr().Is6() {
 		fam = 6
 	}
 	// Rules whose statements and actions are the same share one body; the
@@ -153,30 +203,63 @@ func (c *compiler) group(rules []*grammar.Rule, first, n int, field string) erro
 		}
 		classOf[k] = cl
 	}
-	var prefixes []netip.Prefix
-	var values []uint32
-	for k := 0; k < n; k++ {
-		for _, p := range varying(rules[first+k], field).Prefixes {
-			prefixes = append(prefixes, p.Masked())
-			values = append(values, uint32(classOf[k])<<20|uint32(first+k))
+	var name string
+	if isPortField(field) {
+		// An array indexed by port; 0 = no rule, else 1<<31 | class<<20 | rule.
+		m := &ebpf.MapSpec{Type: ebpf.Array, KeySize: 4, ValueSize: 4, MaxEntries: 65536}
+		for k := 0; k < n; k++ {
+			for _, p := range groupPorts(varyingPort(rules[first+k], field)) {
+				m.Contents = append(m.Contents, ebpf.MapKV{Key: uint32(p), Value: uint32(1)<<31 | uint32(classOf[k])<<20 | uint32(first+k)})
+			}
 		}
+		name = c.anonMap(m)
+	} else {
+		var prefixes []netip.Prefix
+		var values []uint32
+		for k := 0; k < n; k++ {
+			for _, p := range varying(rules[first+k], field).Prefixes {
+				prefixes = append(prefixes, p.Masked())
+				values = append(values, uint32(classOf[k])<<20|uint32(first+k))
+			}
+		}
+		name = c.anonMap(addrMap(fam, prefixes, values))
 	}
-	name := c.anonMap(addrMap(fam, prefixes, values))
 	e.comment("rules %d-%d: %d rules that differ only in %s, looked up in %s (%d bodies)", first, first+n-1, n, field, name, len(classes))
 	if err := c.matches(lead, end, field); err != nil {
 		return err
 	}
-	if lead.Family == grammar.FamilyAny {
-		e.emit(ldx(asm.R1, asm.R10, slotFam, asm.DWord), asm.JNE.Imm(asm.R1, int32(fam), end))
+	if isPortField(field) {
+		slot := int16(slotDport)
+		if field == "sport" {
+			slot = slotSport
+		}
+		e.emit(
+			ldx(asm.R1, asm.R10, slot, asm.DWord),
+			asm.JGT.Imm(asm.R1, 0xffff, end), // absent
+			stx(asm.R10, slotKey, asm.R1, asm.Word),
+		)
+		c.lookup(name, slotKey)
+		e.emit(
+			asm.JEq.Imm(asm.R0, 0, end),
+			ldx(asm.R1, asm.R0, 0, asm.Word),
+			asm.JEq.Imm(asm.R1, 0, end),
+			asm.And.Imm32(asm.R1, 0x7fffffff),
+		)
+	} else {
+		if lead.Family == grammar.FamilyAny {
+			e.emit(ldx(asm.R1, asm.R10, slotFam, asm.DWord), asm.JNE.Imm(asm.R1, int32(fam), end))
+		}
+		slot := int16(slotSaddr)
+		if field == "daddr" {
+			slot = slotDaddr
+		}
+		c.addrLookup(name, fam, slot)
+		e.emit(
+			asm.JEq.Imm(asm.R0, 0, end),
+			ldx(asm.R1, asm.R0, 0, asm.Word),
+		)
 	}
-	slot := int16(slotSaddr)
-	if field == "daddr" {
-		slot = slotDaddr
-	}
-	c.addrLookup(name, fam, slot)
 	e.emit(
-		asm.JEq.Imm(asm.R0, 0, end),
-		ldx(asm.R1, asm.R0, 0, asm.Word),
 		mov(asm.R2, asm.R1),
 		asm.And.Imm(asm.R2, 0xfffff),
 		stx(asm.R10, slotRule, asm.R2, asm.DWord),

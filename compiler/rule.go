@@ -32,7 +32,7 @@ func (c *compiler) rule(i int, r *grammar.Rule) error {
 
 // matches emits the rule's matches, cheapest first, jumping to fail when
 // one does not hold; skip names an address match ("saddr"/"daddr") a
-// group tests with its map instead.
+// group tests with its map instead (also "dport"/"sport").
 func (c *compiler) matches(r *grammar.Rule, fail, skip string) error {
 	e := &c.e
 	// The parse guard lets only families some rule wants through.
@@ -45,12 +45,12 @@ func (c *compiler) matches(r *grammar.Rule, fail, skip string) error {
 	if r.Proto != grammar.ProtoAny {
 		e.emit(ldx(asm.R1, asm.R10, slotProto, asm.DWord), asm.JNE.Imm(asm.R1, int32(r.Proto.Number()), fail))
 	}
-	if r.Dport != nil {
+	if r.Dport != nil && skip != "dport" {
 		if err := c.portMatch(r.Dport, slotDport, fail); err != nil {
 			return err
 		}
 	}
-	if r.Sport != nil {
+	if r.Sport != nil && skip != "sport" {
 		if err := c.portMatch(r.Sport, slotSport, fail); err != nil {
 			return err
 		}
