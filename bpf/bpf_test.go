@@ -514,6 +514,17 @@ func TestInterfaceNameWithDot(t *testing.T) {
 func TestIngressRunsFirst(t *testing.T) {
 	root := testRoot(t)
 	p := newPair(t)
+	// The dropping program would eat b's ARP traffic too, and ARP retries
+	// are too slow to count on: give a a static neighbour entry for b.
+	var mac string
+	must(t, p.b.Do(func() error {
+		ifc, err := net.InterfaceByName("vb")
+		if err == nil {
+			mac = ifc.HardwareAddr.String()
+		}
+		return err
+	}))
+	p.a.Run(t, "ip", "neigh", "replace", "192.0.2.2", "lladdr", mac, "dev", "va", "nud", "permanent")
 	id := HookID{Ifname: "vb", Hook: grammar.HookIngress}
 	var l *Live
 	must(t, p.b.Do(func() error {
