@@ -184,7 +184,7 @@ func BenchmarkDatapath(b *testing.B) {
 		{"funnel+unfunnel round trip, default ruleset, egress hook (+ MTU check)", "adjust_room floor", "roundtrip-egress", "floor", 1.5},
 		{"packet that matches no rule, default ruleset", "empty program", "nomatch", "empty", 1.2},
 		{"named set of 10 000 addresses vs 1 address", "same rule, 1-element set", "set10k", "set1", 1.3},
-		{"anonymous set of 10 000 addresses (LPM map) vs 1 address (inline)", "same rule, 1 address", "anon10k", "anon1", 1.3},
+		{"anonymous set of 10 000 host addresses (host table) vs 1 address (inline)", "same rule, 1 address", "anon10k", "anon1", 1.3},
 		{"10 000 rules differing in saddr, the last one matching, vs 1 rule", "1 rule", "rules10k", "anon1", 1.3},
 		{"10 000 rules differing in dport, the last one matching, vs 1 rule", "1 rule", "ports10k", "port1", 1.3},
 	}

@@ -12,8 +12,9 @@
 //     ports, TCP flags, fragment and option flags) and leaves early for
 //     families and protocols no rule wants;
 //   - per rule the matches, cheapest first, map lookups last; runs of rules
-//     that differ only in one address become one LPM lookup plus a
-//     dispatch (see group.go); large anonymous sets become maps;
+//     that differ only in one address become one map lookup plus a
+//     dispatch (see group.go); large anonymous sets become maps (IPv4
+//     host addresses only: a perfect hash, see hosttable.go);
 //   - the statements (counter, mark set) and the actions.
 //
 // The semantics are those of package refmodel, which the tests hold the

@@ -87,10 +87,17 @@ func (g gen) addrMatch(v6 bool) *grammar.AddrMatch {
 		return m
 	}
 	n := 1 + g.pick(3)
+	hosts := false
 	if g.chance(0.2) {
-		n = 5 + g.pick(10) // an LPM map
+		n = 5 + g.pick(10) // an LPM map, or a host table when all are IPv4 hosts
+		hosts = g.chance(0.4)
 	}
 	for i := 0; i < n; i++ {
+		if hosts {
+			a := g.addr(v6)
+			m.Prefixes = append(m.Prefixes, netip.PrefixFrom(a, a.BitLen()))
+			continue
+		}
 		m.Prefixes = append(m.Prefixes, g.prefix(v6))
 	}
 	return m

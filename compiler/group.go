@@ -15,7 +15,7 @@ import (
 // (sport or dport: plain ports and small ranges, not negated), whose
 // values don't overlap across rules, compiles to one test of the shared
 // matches, one map lookup that yields the rule (an LPM trie for addresses,
-// a 65536-entry array for ports), and a binary dispatch to that rule's
+// or a host table for IPv4 hosts, a 65536-entry array for ports), and a binary dispatch to that rule's
 // statements and actions. At most one rule of such a run can match a
 // packet, so first-match order is kept, and the cost per packet no longer
 // grows with the number of rules.
@@ -204,6 +204,7 @@ func (c *compiler) group(rules []*grammar.Rule, first, n int, field string) erro
 		classOf[k] = cl
 	}
 	var name string
+	var host *hostTable
 	if isPortField(field) {
 		// An array indexed by port; 0 = no rule, else 1<<31 | class<<20 | rule.
 		m := &ebpf.MapSpec{Type: ebpf.Array, KeySize: 4, ValueSize: 4, MaxEntries: 65536}
@@ -222,7 +223,11 @@ func (c *compiler) group(rules []*grammar.Rule, first, n int, field string) erro
 				values = append(values, uint32(classOf[k])<<20|uint32(first+k))
 			}
 		}
-		name = c.anonMap(addrMap(fam, prefixes, values))
+		if host = hostTableOf(prefixes, flagged(values)); host != nil {
+			name = c.anonMap(host.mapSpec())
+		} else {
+			name = c.anonMap(addrMap(fam, prefixes, values))
+		}
 	}
 	e.comment("rules %d-%d: %d rules that differ only in %s, looked up in %s (%d bodies)", first, first+n-1, n, field, name, len(classes))
 	if err := c.matches(lead, end, field); err != nil {
@@ -253,11 +258,16 @@ func (c *compiler) group(rules []*grammar.Rule, first, n int, field string) erro
 		if field == "daddr" {
 			slot = slotDaddr
 		}
-		c.addrLookup(name, fam, slot)
-		e.emit(
-			asm.JEq.Imm(asm.R0, 0, end),
-			ldx(asm.R1, asm.R0, 0, asm.Word),
-		)
+		if host != nil {
+			c.hostLookup(name, host, slot, end)
+			e.emit(asm.And.Imm32(asm.R1, 0x7fffffff))
+		} else {
+			c.addrLookup(name, fam, slot)
+			e.emit(
+				asm.JEq.Imm(asm.R0, 0, end),
+				ldx(asm.R1, asm.R0, 0, asm.Word),
+			)
+		}
 	}
 	e.emit(
 		mov(asm.R2, asm.R1),
@@ -278,6 +288,15 @@ func (c *compiler) group(rules []*grammar.Rule, first, n int, field string) erro
 	}
 	e.label(end)
 	return nil
+}
+
+// flagged sets bit 31 of every value, so that none is 0 (an empty slot).
+func flagged(values []uint32) []uint32 {
+	out := make([]uint32, len(values))
+	for i, v := range values {
+		out[i] = 1<<31 | v
+	}
+	return out
 }
 
 // bodyKey renders what a rule does once it matches.

@@ -315,6 +315,9 @@ func (c *compiler) addrMatch(r *grammar.Rule, m *grammar.AddrMatch, slot int16, 
 			}
 		}
 		if len(prefixes) > maxInlinePrefixes {
+			if t := hostTableOf(prefixes, nil); t != nil {
+				return c.hostMatch(r, m, t, slot, fail)
+			}
 			mapName = c.anonMap(addrMap(fam, prefixes, nil))
 		}
 	}
