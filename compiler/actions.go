@@ -374,8 +374,10 @@ func (c *compiler) ipHeader(fam int, delta int32, from, proto uint8, ext bool) {
 			)
 		}
 		if complete {
-			e.emit(ldx(asm.R2, asm.R10, slotDiff, asm.DWord))
-			c.csumUpdate()
+			c.whenComplete(func() {
+				e.emit(ldx(asm.R2, asm.R10, slotDiff, asm.DWord))
+				c.csumUpdate()
+			})
 		}
 		return
 	}
@@ -417,12 +419,30 @@ func (c *compiler) headerSum(base asm.Register, off, h int16) {
 		return
 	}
 	e := &c.e
-	e.emit(ldx(asm.R2, base, off, asm.Word))
-	for w := int16(4); w < h; w += 4 {
-		e.emit(ldx(asm.R1, base, off+w, asm.Word), asm.Add.Reg(asm.R2, asm.R1))
+	c.whenComplete(func() {
+		e.emit(ldx(asm.R2, base, off, asm.Word))
+		for w := int16(4); w < h; w += 4 {
+			e.emit(ldx(asm.R1, base, off+w, asm.Word), asm.Add.Reg(asm.R2, asm.R1))
+		}
+		c.foldBelow(asm.R2, asm.R1, 8<<32)
+		c.csumUpdate()
+	})
+}
+
+// whenComplete emits body so that it runs only for CHECKSUM_COMPLETE skbs
+// when ip_summed can be read (kernel BTF): the other skbs skip the sum and
+// the helper call. Without BTF body always runs (bpf_csum_update ignores
+// other skbs). Clobbers R0-R5.
+func (c *compiler) whenComplete(body func()) {
+	if !c.kern.ok {
+		body()
+		return
 	}
-	c.foldBelow(asm.R2, asm.R1, 8<<32)
-	c.csumUpdate()
+	skip := c.e.newLabel("not_complete")
+	c.ipSummed(asm.R3)
+	c.e.emit(asm.JNE.Imm(asm.R3, checksumComplete, skip))
+	body()
+	c.e.label(skip)
 }
 
 // csumUpdate adds R2 (a ones' complement difference of packet bytes) to
@@ -899,8 +919,10 @@ func (c *compiler) rewrite(fam int, to grammar.Proto) {
 		if fam == 6 {
 			d = (d + nh) % 0xffff
 		}
-		e.emit(movi(asm.R2, int32(d)))
-		c.csumUpdate()
+		c.whenComplete(func() {
+			e.emit(movi(asm.R2, int32(d)))
+			c.csumUpdate()
+		})
 	}
 }
 
@@ -992,8 +1014,10 @@ func (c *compiler) dnat(r *grammar.Rule, a *grammar.Action) {
 		e.emit(asm.Xor.Imm(asm.R0, 0xffff), stx(asm.R7, l3+10, asm.R0, asm.Half))
 	} else if c.opts.Hook == grammar.HookIngress {
 		// CHECKSUM_COMPLETE: the destination address is covered by skb->csum.
-		e.emit(ldx(asm.R2, asm.R10, slotT3, asm.DWord))
-		c.csumUpdate()
+		c.whenComplete(func() {
+			e.emit(ldx(asm.R2, asm.R10, slotT3, asm.DWord))
+			c.csumUpdate()
+		})
 	}
 }
 
