@@ -142,18 +142,8 @@ func (c *compiler) ipProto(fam int, proto uint8) {
 			mov(asm.R2, asm.R1),
 			asm.And.Imm(asm.R2, 0xff),
 			asm.Or.Imm(asm.R2, int32(proto)<<8),
-			ldx(asm.R0, asm.R7, l3+10, asm.Half),
-			asm.Xor.Imm(asm.R0, 0xffff),
-			asm.Xor.Imm(asm.R1, 0xffff),
-			asm.Add.Reg(asm.R0, asm.R1),
-			asm.Add.Reg(asm.R0, asm.R2),
 		)
-		c.fold(asm.R0, asm.R1)
-		e.emit(
-			asm.Xor.Imm(asm.R0, 0xffff),
-			stx(asm.R7, l3+8, asm.R2, asm.Half),
-			stx(asm.R7, l3+10, asm.R0, asm.Half),
-		)
+		c.ipv4Replace16(8)
 	} else {
 		done := e.newLabel("nh_done")
 		e.emit(
@@ -169,6 +159,32 @@ func (c *compiler) ipProto(fam int, proto uint8) {
 		e.label(done)
 	}
 	e.emit(sti(asm.R10, slotProto, int64(proto), asm.DWord))
+}
+
+// requireUDPChecksum sends an inner UDP datagram (header at base+off)
+// without a checksum to the no-checksum stat: funnel derives the outer
+// checksum from the inner one.
+func (c *compiler) requireUDPChecksum(inner grammar.Proto, base asm.Register, off int16) {
+	if inner != grammar.ProtoUDP {
+		return
+	}
+	c.e.emit(
+		ldx(asm.R1, base, off+6, asm.Half),
+		asm.JEq.Imm(asm.R1, 0, c.stat(StatNoChecksum)),
+	)
+}
+
+// growNet opens h bytes after the network header:
+// bpf_skb_adjust_room(skb, h, BPF_ADJ_ROOM_NET, 0), or the helper-failed stat.
+func (c *compiler) growNet(h int16) {
+	c.e.emit(
+		mov(asm.R1, asm.R6),
+		movi(asm.R2, int32(h)),
+		movi(asm.R3, 0), // BPF_ADJ_ROOM_NET
+		movi(asm.R4, 0),
+		asm.FnSkbAdjustRoom.Call(),
+		asm.JNE.Imm(asm.R0, 0, c.stat(StatHelperFailed)),
+	)
 }
 
 // ipLen adds delta (in R3, may be negative) to the IP length field and
@@ -192,6 +208,17 @@ func (c *compiler) ipLen(fam int) {
 		asm.HostTo(asm.BE, asm.R2, asm.Half),
 		asm.Add.Reg(asm.R2, asm.R3),
 		asm.HostTo(asm.BE, asm.R2, asm.Half),
+	)
+	c.ipv4Replace16(2)
+}
+
+// ipv4Replace16 stores R2 over the 16-bit IPv4 header word at offset off,
+// whose old value is in R1 (both in network order), and updates the
+// header checksum incrementally: HC' = ~(~HC + ~old + new) (RFC 1624).
+func (c *compiler) ipv4Replace16(off int16) {
+	e := &c.e
+	l3 := c.l3
+	e.emit(
 		ldx(asm.R0, asm.R7, l3+10, asm.Half),
 		asm.Xor.Imm(asm.R0, 0xffff),
 		asm.Xor.Imm(asm.R1, 0xffff),
@@ -201,7 +228,7 @@ func (c *compiler) ipLen(fam int) {
 	c.fold(asm.R0, asm.R1)
 	e.emit(
 		asm.Xor.Imm(asm.R0, 0xffff),
-		stx(asm.R7, l3+2, asm.R2, asm.Half),
+		stx(asm.R7, l3+off, asm.R2, asm.Half),
 		stx(asm.R7, l3+10, asm.R0, asm.Half),
 	)
 }
@@ -513,21 +540,9 @@ func (c *compiler) funnelFrom(rule, fam int, inner grammar.Proto, a *grammar.Act
 		asm.JGT.Reg(asm.R1, asm.R8, notApp),
 	)
 	c.ipLength(fam, asm.R4, int32(minIn), 0xffff-int32(h)-iphl, notApp)
-	if inner == grammar.ProtoUDP {
-		e.emit(
-			ldx(asm.R1, asm.R7, l4+6, asm.Half),
-			asm.JEq.Imm(asm.R1, 0, c.stat(StatNoChecksum)),
-		)
-	}
+	c.requireUDPChecksum(inner, asm.R7, l4)
 	e.comment("grow by the funnel header")
-	e.emit(
-		mov(asm.R1, asm.R6),
-		movi(asm.R2, int32(h)),
-		movi(asm.R3, 0), // BPF_ADJ_ROOM_NET
-		movi(asm.R4, 0),
-		asm.FnSkbAdjustRoom.Call(),
-		asm.JNE.Imm(asm.R0, 0, c.stat(StatHelperFailed)),
-	)
+	c.growNet(h)
 	c.reload()
 	e.emit(
 		mov(asm.R1, asm.R7),

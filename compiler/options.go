@@ -99,21 +99,9 @@ func (c *compiler) funnelOpts(rule, fam int, inner grammar.Proto, a *grammar.Act
 		asm.Add.Imm(asm.R1, int32(h)),
 		asm.JGT.Imm(asm.R1, 0xffff, notApp),
 	)
-	if inner == grammar.ProtoUDP {
-		e.emit(
-			ldx(asm.R1, asm.R5, 6, asm.Half),
-			asm.JEq.Imm(asm.R1, 0, c.stat(StatNoChecksum)),
-		)
-	}
+	c.requireUDPChecksum(inner, asm.R5, 0)
 	e.comment("grow, then move the options in front of the gap")
-	e.emit(
-		mov(asm.R1, asm.R6),
-		movi(asm.R2, int32(h)),
-		movi(asm.R3, 0), // BPF_ADJ_ROOM_NET
-		movi(asm.R4, 0),
-		asm.FnSkbAdjustRoom.Call(),
-		asm.JNE.Imm(asm.R0, 0, c.stat(StatHelperFailed)),
-	)
+	c.growNet(h)
 	c.moveOpts(base+int32(h), base, false)
 	c.reload()
 	c.ipBound(fam, c.exit("pass"))

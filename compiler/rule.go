@@ -392,15 +392,18 @@ func Describe(r *grammar.Rule) string {
 	case grammar.FamilyIPv6:
 		b = append(b, "ip6")
 	}
+	// match renders one match: name, != when negated, the set or elements.
+	match := func(name string, neg bool, set string, elems func() []string) {
+		if neg {
+			name += " !="
+		}
+		b = append(b, name+" "+listOf(set, elems))
+	}
 	addr := func(name string, m *grammar.AddrMatch) {
 		if m == nil {
 			return
 		}
-		s := name
-		if m.Neg {
-			s += " !="
-		}
-		b = append(b, s+" "+listOf(m.Set, func() []string {
+		match(name, m.Neg, m.Set, func() []string {
 			var out []string
 			for _, p := range m.Prefixes {
 				if p.Bits() == p.Addr().BitLen() {
@@ -410,7 +413,7 @@ func Describe(r *grammar.Rule) string {
 				}
 			}
 			return out
-		}))
+		})
 	}
 	addr("saddr", r.Saddr)
 	addr("daddr", r.Daddr)
@@ -421,11 +424,7 @@ func Describe(r *grammar.Rule) string {
 		if m == nil {
 			return
 		}
-		s := name
-		if m.Neg {
-			s += " !="
-		}
-		b = append(b, s+" "+listOf(m.Set, func() []string {
+		match(name, m.Neg, m.Set, func() []string {
 			var out []string
 			for _, r := range m.Ranges {
 				if r.Lo == r.Hi {
@@ -435,7 +434,7 @@ func Describe(r *grammar.Rule) string {
 				}
 			}
 			return out
-		}))
+		})
 	}
 	port("sport", r.Sport)
 	port("dport", r.Dport)
