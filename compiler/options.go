@@ -69,6 +69,26 @@ func (c *compiler) ipLenField(fam int, l4len asm.Register) {
 	)
 }
 
+// optsTransport loads the transport offset into R9 and the options'
+// length (optLen), points R5 at the transport header, checks that min
+// bytes of it and the IP header are in the packet and puts the transport
+// length in R4 (l4Len); any failure jumps to fail.
+func (c *compiler) optsTransport(fam int, min int32, fail string) {
+	e := &c.e
+	e.emit(ldx(asm.R9, asm.R10, slotL4Off, asm.DWord))
+	c.optLen(fam)
+	e.emit(
+		asm.JGT.Imm(asm.R9, 0xffff, fail),
+		mov(asm.R5, asm.R7),
+		asm.Add.Reg(asm.R5, asm.R9),
+		mov(asm.R1, asm.R5),
+		asm.Add.Imm(asm.R1, min),
+		asm.JGT.Reg(asm.R1, asm.R8, fail),
+	)
+	c.ipBound(fam, fail)
+	c.l4Len(fam, asm.R4, fail)
+}
+
 func (c *compiler) funnelOpts(rule, fam int, inner grammar.Proto, a *grammar.Action) {
 	e := &c.e
 	f := a.Funnel
@@ -78,18 +98,7 @@ func (c *compiler) funnelOpts(rule, fam int, inner grammar.Proto, a *grammar.Act
 	notApp := c.stat(StatNotApplicable)
 	base := int32(c.l3) + ipHdrLen(fam)
 	e.comment("funnel %s in %s after IP options / extension headers", inner, a.Proto)
-	e.emit(ldx(asm.R9, asm.R10, slotL4Off, asm.DWord))
-	c.optLen(fam)
-	e.emit(
-		asm.JGT.Imm(asm.R9, 0xffff, notApp),
-		mov(asm.R5, asm.R7),
-		asm.Add.Reg(asm.R5, asm.R9),
-		mov(asm.R1, asm.R5),
-		asm.Add.Imm(asm.R1, int32(minIn)),
-		asm.JGT.Reg(asm.R1, asm.R8, notApp),
-	)
-	c.ipBound(fam, notApp)
-	c.l4Len(fam, asm.R4, notApp)
+	c.optsTransport(fam, int32(minIn), notApp)
 	e.emit(
 		asm.JLT.Imm(asm.R4, int32(minIn), notApp),
 		stx(asm.R10, slotT2, asm.R4, asm.DWord),
@@ -162,18 +171,7 @@ func (c *compiler) unfunnelOpts(fam int, outer, inner grammar.Proto) {
 	minOut, _ := hdrInfo(outer)
 	base := int32(c.l3) + ipHdrLen(fam)
 	e.comment("unfunnel %s from %s after IP options / extension headers", inner, outer)
-	e.emit(ldx(asm.R9, asm.R10, slotL4Off, asm.DWord))
-	c.optLen(fam)
-	e.emit(
-		asm.JGT.Imm(asm.R9, 0xffff, bad),
-		mov(asm.R5, asm.R7),
-		asm.Add.Reg(asm.R5, asm.R9),
-		mov(asm.R1, asm.R5),
-		asm.Add.Imm(asm.R1, int32(minOut)),
-		asm.JGT.Reg(asm.R1, asm.R8, bad),
-	)
-	c.ipBound(fam, bad)
-	c.l4Len(fam, asm.R4, bad)
+	c.optsTransport(fam, int32(minOut), bad)
 	if outer == grammar.ProtoUDP {
 		e.emit(
 			movi(asm.R3, 8),
