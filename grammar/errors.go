@@ -184,6 +184,16 @@ func tokenLen(s string) int {
 // expectations translates participle's grammar names into words.
 var expectations = []struct{ node, words string }{
 	{"ActionSyntax", "an action: accept, drop, funnel, unfunnel, rewrite or dnat"},
+	{"ListSyntax", "what to list: ruleset, interface IF [HOOK], sets or set NAME"},
+	{"FlushSyntax", "what to flush: ruleset or interface IF [HOOK]"},
+	{"AddSyntax", "rule or element"},
+	{"InsertSyntax", "rule"},
+	{"ReplaceSyntax", "rule"},
+	{"DeleteSyntax", "rule, interface or element"},
+	{"RuleCmdSyntax", "an interface name and a hook"},
+	{"ElementCmdSyntax", "a set name and { elements }"},
+	{"FunnelSyntax", "tcp or udp"},
+	{"DnatSyntax", "an address (ADDR, ADDR:PORT or [IPv6]:PORT)"},
 	{"HookName", "a hook: ingress or egress"},
 	{"StringSyntax", "a quoted string"},
 	{"NumberSyntax", "a number"},
@@ -198,9 +208,11 @@ func friendlyMessage(msg string) string {
 		return "unterminated string"
 	}
 	msg = strings.ReplaceAll(msg, `"\n"`, "end of line")
+	msg = strings.ReplaceAll(msg, `token "<EOF>"`, "end of input")
+	msg = strings.ReplaceAll(msg, `(expected "}")`, `(expected "," or "}")`)
 	head, expected, found := strings.Cut(msg, " (expected ")
 	if !found {
-		return msg
+		return msg + hint(msg)
 	}
 	for _, e := range expectations {
 		if strings.HasPrefix(expected, e.node) {
@@ -211,4 +223,17 @@ func friendlyMessage(msg string) string {
 		return head
 	}
 	return head + " (expected " + expected
+}
+
+// hint suggests the word meant for common slips from nft and sfunnel habits.
+func hint(msg string) string {
+	for word, h := range map[string]string{
+		`"action"`: "actions", `"port"`: "sport or dport", `"to"`: "dnat to ADDR",
+		`"chain"`: "interface NAME { ingress { … } }", `"table"`: "interface NAME { … }",
+	} {
+		if strings.Contains(msg, "unexpected token "+word) {
+			return " (did you mean " + h + "?)"
+		}
+	}
+	return ""
 }
