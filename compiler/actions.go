@@ -644,17 +644,22 @@ func (c *compiler) mtuCheck(rule int) {
 	e := &c.e
 	ok := e.newLabel("mtu_ok")
 	e.comment("MTU check")
-	e.emit(
-		sti(asm.R10, slotT4, 0, asm.Word),
-		mov(asm.R1, asm.R6),
-		movi(asm.R2, 0),
-		mov(asm.R3, asm.R10),
-		asm.Add.Imm(asm.R3, slotT4),
-		movi(asm.R4, 0),
-		movi(asm.R5, 0),
-		asm.FnCheckMtu.Call(),
-		asm.JEq.Imm(asm.R0, 0, ok),
-	)
+	if c.kern.mtu {
+		// bpf_check_mtu(skb, 0, &0, 0, 0) inline: skb->len against
+		// dev->mtu + dev->hard_header_len (GSO skbs never get here).
+		e.emit(
+			mov(asm.R1, asm.R6),
+			asm.Instruction{OpCode: asm.OpCode(asm.JumpClass).SetJumpOp(asm.Call), Src: asm.PseudoKfuncCall, Constant: c.kern.kfunc},
+			ldx(asm.R1, asm.R0, c.kern.devOff, asm.DWord),
+			ldx(asm.R2, asm.R1, c.kern.mtuOff, asm.Word),
+			ldx(asm.R3, asm.R1, c.kern.hhOff, asm.Half),
+			asm.Add.Reg(asm.R2, asm.R3),
+			ldx(asm.R4, asm.R6, skbLen, asm.Word),
+			asm.JLE.Reg(asm.R4, asm.R2, ok),
+		)
+	} else {
+		c.mtuHelper(ok)
+	}
 	c.ruleKey(rule)
 	c.lookup(RuleMTUMap, slotKey)
 	skip := e.newLabel("mtu_rule")
@@ -674,6 +679,21 @@ func (c *compiler) mtuCheck(rule int) {
 		stx(asm.R0, 0, asm.R1, asm.DWord),
 	)
 	e.label(ok)
+}
+
+// mtuHelper jumps to ok when bpf_check_mtu(skb, 0, &0, 0, 0) passes.
+func (c *compiler) mtuHelper(ok string) {
+	c.e.emit(
+		sti(asm.R10, slotT4, 0, asm.Word),
+		mov(asm.R1, asm.R6),
+		movi(asm.R2, 0),
+		mov(asm.R3, asm.R10),
+		asm.Add.Imm(asm.R3, slotT4),
+		movi(asm.R4, 0),
+		movi(asm.R5, 0),
+		asm.FnCheckMtu.Call(),
+		asm.JEq.Imm(asm.R0, 0, ok),
+	)
 }
 
 // unfunnel pops the outer header when the inner one is consistent

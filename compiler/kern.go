@@ -22,6 +22,11 @@ type kernelSkb struct {
 	kfunc   int64 // BTF id of bpf_cast_to_kern_ctx in vmlinux
 	byteOff int16
 	shift   int32
+
+	// mtu: skb->dev->mtu and ->hard_header_len can be read (byte offsets),
+	// so the MTU check is inline instead of a bpf_check_mtu call.
+	mtu                   bool
+	devOff, mtuOff, hhOff int16
 }
 
 var (
@@ -52,6 +57,18 @@ func loadKernelSkb() kernelSkb {
 			return
 		}
 		kernSkb = kernelSkb{ok: true, kfunc: int64(id), byteOff: int16(off / 8), shift: int32(off % 8)}
+		var dev *btf.Struct
+		if spec.TypeByName("net_device", &dev) != nil {
+			return
+		}
+		devOff, devBits, ok1 := findMember(skb, "dev", 0)
+		mtuOff, mtuBits, ok2 := findMember(dev, "mtu", 0)
+		hhOff, hhBits, ok3 := findMember(dev, "hard_header_len", 0)
+		if ok1 && ok2 && ok3 && devBits == 0 && mtuBits == 0 && hhBits == 0 && devOff%64 == 0 && mtuOff%32 == 0 && hhOff%16 == 0 &&
+			memberSize(skb, "dev") == 8 && memberSize(dev, "mtu") == 4 && memberSize(dev, "hard_header_len") == 2 {
+			kernSkb.mtu = true
+			kernSkb.devOff, kernSkb.mtuOff, kernSkb.hhOff = int16(devOff/8), int16(mtuOff/8), int16(hhOff/8)
+		}
 	})
 	return kernSkb
 }
@@ -79,6 +96,35 @@ func findMember(typ btf.Type, name string, base uint32) (uint32, uint32, bool) {
 		}
 	}
 	return 0, 0, false
+}
+
+// memberSize returns the byte size of a (non bit-field) member's type, 0
+// when unknown.
+func memberSize(typ btf.Type, name string) int {
+	var members []btf.Member
+	switch s := typ.(type) {
+	case *btf.Struct:
+		members = s.Members
+	case *btf.Union:
+		members = s.Members
+	default:
+		return 0
+	}
+	for _, m := range members {
+		if m.Name == name {
+			n, err := btf.Sizeof(m.Type)
+			if err != nil {
+				return 0
+			}
+			return n
+		}
+		if m.Name == "" {
+			if n := memberSize(m.Type, name); n != 0 {
+				return n
+			}
+		}
+	}
+	return 0
 }
 
 // ipSummed sets dst to skb->ip_summed (clobbers R0-R5 but dst when dst is
