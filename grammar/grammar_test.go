@@ -237,6 +237,15 @@ func TestIncludes(t *testing.T) {
 	if msg != wantMsg {
 		t.Errorf("got:\n%s\nwant:\n%s", msg, wantMsg)
 	}
+	// A cycle is one error, not a cascade; directories matched by a glob are skipped.
+	os.WriteFile(filepath.Join(dir, "lib", "loop.conf"), []byte("include \"loop.conf\"\n"), 0o644)
+	_, _, err = Parse(filepath.Join(dir, "lib", "loop.conf"), "include \"loop.conf\"\n", nil)
+	if list, ok := err.(ErrorList); !ok || len(list) != 1 || !strings.Contains(list[0].Msg, "include cycle") {
+		t.Errorf("include cycle: %v", err)
+	}
+	if _, srcs, err := Parse(filepath.Join(dir, "g.conf"), "include \"*\"\n", nil); err != nil {
+		t.Errorf("glob matching only directories: %s", FormatError(err, srcs))
+	}
 	_, srcs, err = Parse(filepath.Join(dir, "main.conf"), "include \"missing.conf\"\n", nil)
 	if err == nil || !strings.Contains(FormatError(err, srcs), "include file \"missing.conf\" not found") {
 		t.Errorf("missing include: %v", err)

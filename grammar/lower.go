@@ -5,6 +5,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -39,6 +40,10 @@ func Parse(filename, src string, opts *Options) ([]*Command, Sources, error) {
 		defines: map[string]*define{},
 		sets:    map[string]SetType{},
 		sources: Sources{},
+		reading: map[string]bool{},
+	}
+	if abs, err := filepath.Abs(filename); err == nil && !strings.HasPrefix(filename, "<") {
+		l.reading[abs] = true
 	}
 	for name, text := range opts.Defines {
 		// Errors in a -D value are shown on the line `define NAME = VALUE`.
@@ -94,7 +99,8 @@ type lowerer struct {
 	sources Sources
 	cmds    []*Command
 	errs    ErrorList
-	incl    []Span // include chain of the file being lowered, innermost first
+	incl    []Span          // include chain of the file being lowered, innermost first
+	reading map[string]bool // absolute paths of the files being read (include cycles)
 }
 
 func (l *lowerer) errorf(s Span, format string, args ...any) {
@@ -162,12 +168,19 @@ func (l *lowerer) include(inc *includeSyntax, from string, incl []Span, depth in
 	}
 	chain := append([]Span{span}, incl...)
 	for _, f := range files {
+		abs, _ := filepath.Abs(f)
+		if l.reading[abs] {
+			l.errorf(span, "include cycle: %s is already being read", f)
+			return
+		}
 		data, err := os.ReadFile(f)
 		if err != nil {
 			l.errorf(span, "cannot read included file: %v", err)
 			continue
 		}
+		l.reading[abs] = true
 		l.file(f, string(data), chain, depth+1)
+		delete(l.reading, abs)
 	}
 }
 
@@ -198,6 +211,11 @@ func (l *lowerer) resolveInclude(path, from string) ([]string, error) {
 			if err != nil {
 				return nil, fmt.Errorf("bad include glob %q: %v", path, err)
 			}
+			// Directories among the matches are skipped (include "/etc/sfunnel/*").
+			m = slices.DeleteFunc(m, func(p string) bool {
+				st, err := os.Stat(p)
+				return err != nil || st.IsDir()
+			})
 			if len(m) > 0 {
 				sort.Strings(m)
 				return m, nil

@@ -53,6 +53,18 @@ func (s *Session) Run(cmds []*grammar.Command) error {
 	var added []echoed
 	changed := false
 	ifaceSpans := map[string]grammar.Span{}
+	if s.Bare != nil && hasBare(cmds) {
+		// Like sfunnel, which attaches a fresh program on every start, a bare
+		// ruleset file replaces the rules of the hooks it is applied to.
+		for _, name := range s.Bare.Interfaces {
+			if i := work.Interface(name); i != nil {
+				for _, h := range s.Bare.Hooks {
+					i.setRules(h, nil)
+				}
+				changed = true
+			}
+		}
+	}
 	for _, c := range expandBare(cmds, s.Bare) {
 		if c.Kind == grammar.CmdBareRule {
 			return errAt(c.Span, "rule outside an interface block: write interface NAME { HOOK { … } }, or apply the file with --interface IF --hook HOOK")
@@ -119,6 +131,15 @@ func isRead(k grammar.CmdKind) bool {
 	return false
 }
 
+func hasBare(cmds []*grammar.Command) bool {
+	for _, c := range cmds {
+		if c.Kind == grammar.CmdBareRule {
+			return true
+		}
+	}
+	return false
+}
+
 // expandBare turns bare rules into add rule commands for each target.
 func expandBare(cmds []*grammar.Command, t *BareTarget) []*grammar.Command {
 	if t == nil {
@@ -153,6 +174,10 @@ func (s *Session) echo(added []echoed) {
 			data, _ := json.Marshal(map[string]any{verbs[a.cmd.Kind]: map[string]any{
 				"interface": a.cmd.Interface, "hook": a.cmd.Hook.String(), "handle": a.rule.Handle, "rule": grammar.FormatRule(a.rule, nil)}})
 			fmt.Fprintf(s.Out, "%s\n", data)
+			continue
+		}
+		if a.cmd.Kind == grammar.CmdReplaceRule {
+			fmt.Fprintf(s.Out, "replace rule %s %s handle %d %s\n", a.cmd.Interface, a.cmd.Hook, a.rule.Handle, grammar.FormatRule(a.rule, nil))
 			continue
 		}
 		fmt.Fprintf(s.Out, "%s rule %s %s %s # handle %d\n", verbs[a.cmd.Kind], a.cmd.Interface, a.cmd.Hook, grammar.FormatRule(a.rule, nil), a.rule.Handle)
@@ -205,7 +230,10 @@ func (s *Session) read(rs *Ruleset, c *grammar.Command) error {
 			return WriteJSON(s.Out, &Ruleset{}, nil, sets, &ListOptions{})
 		}
 		var b strings.Builder
-		for _, set := range sets {
+		for i, set := range sets {
+			if i > 0 {
+				b.WriteByte('\n')
+			}
 			b.WriteString(grammar.FormatSet(set, ""))
 		}
 		_, err := io.WriteString(s.Out, b.String())

@@ -104,3 +104,20 @@ func Lock(path string) (func(), error) {
 		f.Close()
 	}, nil
 }
+
+// SaveFile writes a saved ruleset to path atomically, as an editor would:
+// a symlink is followed (its target is replaced), an existing file keeps
+// its mode, and a missing directory is an error rather than created.
+func SaveFile(path string, data []byte) error {
+	if target, err := filepath.EvalSymlinks(path); err == nil {
+		path = target
+	}
+	perm := os.FileMode(0o644)
+	if st, err := os.Stat(path); err == nil {
+		perm = st.Mode().Perm()
+	}
+	if st, err := os.Stat(filepath.Dir(path)); err != nil || !st.IsDir() {
+		return fmt.Errorf("cannot save to %s: directory %s does not exist", path, filepath.Dir(path))
+	}
+	return WriteFileAtomic(path, data, perm)
+}

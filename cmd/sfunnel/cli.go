@@ -411,6 +411,9 @@ func (a *app) report(err error) int {
 	}
 	err = locateKernelError(err)
 	io.WriteString(a.stderr, grammar.FormatError(err, srcs))
+	if errors.Is(err, os.ErrPermission) {
+		io.WriteString(a.stderr, "sfunnel needs root, or CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN (for bpffs and setns)\n")
+	}
 	return exitCode(err)
 }
 
@@ -446,7 +449,7 @@ func (a *app) save(args []string) int {
 	if err := ruleset.WriteText(&sb, rs, nil, &ruleset.ListOptions{}); err != nil {
 		return a.report(err)
 	}
-	if err := ruleset.WriteFileAtomic(args[0], []byte(sb.String()), 0o644); err != nil {
+	if err := ruleset.SaveFile(args[0], []byte(sb.String())); err != nil {
 		return a.report(err)
 	}
 	return exitOK

@@ -4,8 +4,7 @@ import (
 	"errors"
 	"fmt"
 
-	"github.com/cilium/ebpf"
-
+	"github.com/sfunnel/sfunnel/compiler"
 	"github.com/sfunnel/sfunnel/datapath"
 	"github.com/sfunnel/sfunnel/grammar"
 	"github.com/sfunnel/sfunnel/ruleset"
@@ -20,18 +19,14 @@ func newKernelBackend(verbose bool, ctMarkMask uint32) ruleset.Backend {
 // locateKernelError turns datapath errors about one rule into located
 // errors that underline the rule and quote the kernel's reason in one line.
 func locateKernelError(err error) error {
+	var ce *compiler.Error
+	if errors.As(err, &ce) && ce.Span.Pos.Line > 0 {
+		// A compile error names its own token (e.g. a ct mark value too wide).
+		return &grammar.Error{Span: ce.Span, Msg: ce.Msg}
+	}
 	var he *datapath.HookError
 	if errors.As(err, &he) && he.Rule != nil {
-		return &grammar.Error{Span: he.Rule.Span, Msg: fmt.Sprintf("%s %s: %s", he.Hook, "rejected", oneLine(he.Err))}
+		return &grammar.Error{Span: he.Rule.Span, Msg: fmt.Sprintf("%s rejected: %s", he.Hook, he.Err.Error())}
 	}
 	return err
-}
-
-// oneLine shortens verifier errors to their reason; -v prints the full log.
-func oneLine(err error) string {
-	var ve *ebpf.VerifierError
-	if errors.As(err, &ve) {
-		return fmt.Sprintf("%v", ve)
-	}
-	return err.Error()
 }
