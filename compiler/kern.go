@@ -52,7 +52,7 @@ func loadKernelSkb() kernelSkb {
 		if spec.TypeByName("sk_buff", &skb) != nil {
 			return
 		}
-		off, size, ok := findMember(skb, "ip_summed", 0)
+		off, size, _, ok := findMember(skb, "ip_summed", 0)
 		if !ok || size != 2 || off%8 > 6 {
 			return
 		}
@@ -61,21 +61,20 @@ func loadKernelSkb() kernelSkb {
 		if spec.TypeByName("net_device", &dev) != nil {
 			return
 		}
-		devOff, devBits, ok1 := findMember(skb, "dev", 0)
-		mtuOff, mtuBits, ok2 := findMember(dev, "mtu", 0)
-		hhOff, hhBits, ok3 := findMember(dev, "hard_header_len", 0)
-		if ok1 && ok2 && ok3 && devBits == 0 && mtuBits == 0 && hhBits == 0 && devOff%64 == 0 && mtuOff%32 == 0 && hhOff%16 == 0 &&
-			memberSize(skb, "dev") == 8 && memberSize(dev, "mtu") == 4 && memberSize(dev, "hard_header_len") == 2 {
+		devOff, ok1 := plainMember(skb, "dev", 8)
+		mtuOff, ok2 := plainMember(dev, "mtu", 4)
+		hhOff, ok3 := plainMember(dev, "hard_header_len", 2)
+		if ok1 && ok2 && ok3 {
 			kernSkb.mtu = true
-			kernSkb.devOff, kernSkb.mtuOff, kernSkb.hhOff = int16(devOff/8), int16(mtuOff/8), int16(hhOff/8)
+			kernSkb.devOff, kernSkb.mtuOff, kernSkb.hhOff = devOff, mtuOff, hhOff
 		}
 	})
 	return kernSkb
 }
 
 // findMember finds a (bit-field) member by name, through anonymous
-// structs and unions, returning its bit offset and bit-field size.
-func findMember(typ btf.Type, name string, base uint32) (uint32, uint32, bool) {
+// structs and unions, returning its bit offset, bit-field size and type.
+func findMember(typ btf.Type, name string, base uint32) (uint32, uint32, btf.Type, bool) {
 	var members []btf.Member
 	switch s := typ.(type) {
 	case *btf.Struct:
@@ -83,48 +82,32 @@ func findMember(typ btf.Type, name string, base uint32) (uint32, uint32, bool) {
 	case *btf.Union:
 		members = s.Members
 	default:
-		return 0, 0, false
+		return 0, 0, nil, false
 	}
 	for _, m := range members {
 		if m.Name == name {
-			return base + uint32(m.Offset), uint32(m.BitfieldSize), true
+			return base + uint32(m.Offset), uint32(m.BitfieldSize), m.Type, true
 		}
 		if m.Name == "" {
-			if o, sz, ok := findMember(m.Type, name, base+uint32(m.Offset)); ok {
-				return o, sz, true
+			if o, sz, t, ok := findMember(m.Type, name, base+uint32(m.Offset)); ok {
+				return o, sz, t, true
 			}
 		}
 	}
-	return 0, 0, false
+	return 0, 0, nil, false
 }
 
-// memberSize returns the byte size of a (non bit-field) member's type, 0
-// when unknown.
-func memberSize(typ btf.Type, name string) int {
-	var members []btf.Member
-	switch s := typ.(type) {
-	case *btf.Struct:
-		members = s.Members
-	case *btf.Union:
-		members = s.Members
-	default:
-		return 0
+// plainMember returns the byte offset of a member that is not a bit-field,
+// is aligned and has the given byte size.
+func plainMember(typ btf.Type, name string, size int) (int16, bool) {
+	off, bits, t, ok := findMember(typ, name, 0)
+	if !ok || bits != 0 || off%uint32(8*size) != 0 {
+		return 0, false
 	}
-	for _, m := range members {
-		if m.Name == name {
-			n, err := btf.Sizeof(m.Type)
-			if err != nil {
-				return 0
-			}
-			return n
-		}
-		if m.Name == "" {
-			if n := memberSize(m.Type, name); n != 0 {
-				return n
-			}
-		}
+	if n, err := btf.Sizeof(t); err != nil || n != size {
+		return 0, false
 	}
-	return 0
+	return int16(off / 8), true
 }
 
 // ipSummed sets dst to skb->ip_summed (clobbers R0-R5 but dst when dst is
