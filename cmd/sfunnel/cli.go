@@ -308,6 +308,9 @@ type app struct {
 	stdout, stderr io.Writer
 	backend        ruleset.Backend
 	unlock         func()
+	// lastFailure is the exit code of the last failed command at the
+	// prompt; a non-interactive `-i` session exits with it.
+	lastFailure int
 }
 
 func (a *app) runFile(path string, stdin io.Reader) int {

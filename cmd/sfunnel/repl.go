@@ -130,7 +130,7 @@ func (a *app) replLoop(read func(string) (string, error), remember func(string),
 			if isTerminal(a.stdout) {
 				io.WriteString(a.stdout, "\n")
 			}
-			return exitOK
+			return a.sessionStatus()
 		case err != nil:
 			fmt.Fprintf(a.stderr, "Error: %v\n", err)
 			return exitError
@@ -142,9 +142,19 @@ func (a *app) replLoop(read func(string) (string, error), remember func(string),
 			remember(historyEntry(text))
 		}
 		if run(text) == errQuit {
-			return exitOK
+			return a.sessionStatus()
 		}
 	}
+}
+
+// sessionStatus is the exit code of a prompt session: 0 for someone at a
+// terminal (errors were shown as they happened), the last failure's code for
+// a script piping commands into -i.
+func (a *app) sessionStatus() int {
+	if isTerminal(a.stdout) {
+		return exitOK
+	}
+	return a.lastFailure
 }
 
 // readCommand reads one command, following lines that end in `\`.
@@ -187,7 +197,8 @@ func (a *app) replCommand(text string) error {
 		a.save(words[1:])
 		return nil
 	}
-	if a.report(a.exec(replFilename, text)) != exitOK {
+	if code := a.report(a.exec(replFilename, text)); code != exitOK {
+		a.lastFailure = code
 		return nil
 	}
 	// A define stays for the rest of the session, as if given with -D.
