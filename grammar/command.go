@@ -21,6 +21,8 @@ const (
 	CmdMonitor
 	// CmdDefineSet declares a named set (a `set NAME { … }` block).
 	CmdDefineSet
+	// CmdDeleteSet removes a named set no rule uses.
+	CmdDeleteSet
 	// CmdBareRule is a rule outside any interface block, as in sfunnel's own
 	// ruleset files; it needs --interface and --hook to say where it goes.
 	CmdBareRule

@@ -491,6 +491,12 @@ func (l *lowerer) command(c *commandSyntax) {
 		case c.Delete.Interface != nil:
 			cmd.Kind = CmdDeleteInterface
 			cmd.Interface, cmd.InterfaceSpan, ok = l.name(c.Delete.Interface)
+		case c.Delete.Set != nil:
+			cmd.Kind = CmdDeleteSet
+			var name string
+			var nspan Span
+			name, nspan, ok = l.name(c.Delete.Set)
+			cmd.Set = &Set{Span: nspan, Name: name}
 		default:
 			ok = elementCmd(CmdDeleteElement, c.Delete.Element)
 		}

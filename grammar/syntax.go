@@ -41,7 +41,7 @@ type stmtSyntax struct {
 	Pos       lexer.Position
 	Define    *defineSyntax    `parser:"  @@"`
 	Include   *includeSyntax   `parser:"| @@"`
-	Set       *setSyntax       `parser:"| @@"`
+	Set       *setSyntax       `parser:"| 'add'? @@"`
 	Interface *interfaceSyntax `parser:"| @@"`
 	Command   *commandSyntax   `parser:"| @@"`
 	Rule      *ruleSyntax      `parser:"| @@"`
@@ -150,6 +150,7 @@ type deleteSyntax struct {
 	Rule      *ruleCmdSyntax    `parser:"  'rule' @@"`
 	Interface *nameSyntax       `parser:"| 'interface' @@"`
 	Element   *elementCmdSyntax `parser:"| 'element' @@"`
+	Set       *nameSyntax       `parser:"| 'set' @@"`
 }
 
 type resetSyntax struct {

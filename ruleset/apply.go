@@ -191,6 +191,14 @@ func (rs *Ruleset) applyTo(c *grammar.Command, out **grammar.Rule) error {
 		}
 		s := *c.Set
 		rs.Sets = append(rs.Sets, &s)
+	case grammar.CmdDeleteSet:
+		if rs.Set(c.Set.Name) == nil {
+			return errAt(c.Set.Span, "undefined set %s", c.Set.Name)
+		}
+		if users := rs.setUsers(c.Set.Name); len(users) > 0 {
+			return errAt(c.Set.Span, "set %s is used by rule handle %d (delete or replace that rule first)", c.Set.Name, users[0])
+		}
+		rs.Sets = slices.DeleteFunc(rs.Sets, func(s *grammar.Set) bool { return s.Name == c.Set.Name })
 	case grammar.CmdAddElement, grammar.CmdDeleteElement:
 		s := rs.Set(c.Set.Name)
 		if s == nil {
@@ -224,6 +232,38 @@ func (rs *Ruleset) applyTo(c *grammar.Command, out **grammar.Rule) error {
 		return fmt.Errorf("internal: command %d is not a change", c.Kind)
 	}
 	return nil
+}
+
+// setUsers lists the handles of the rules that reference a named set.
+func (rs *Ruleset) setUsers(name string) []uint64 {
+	var out []uint64
+	for _, i := range rs.Interfaces {
+		for _, h := range []grammar.Hook{grammar.HookIngress, grammar.HookEgress} {
+			for _, r := range i.Rules(h) {
+				for _, set := range []string{setName(r.Saddr), setName(r.Daddr), portSetName(r.Sport), portSetName(r.Dport)} {
+					if set == name {
+						out = append(out, r.Handle)
+						break
+					}
+				}
+			}
+		}
+	}
+	return out
+}
+
+func setName(m *grammar.AddrMatch) string {
+	if m == nil {
+		return ""
+	}
+	return m.Set
+}
+
+func portSetName(m *grammar.PortMatch) string {
+	if m == nil {
+		return ""
+	}
+	return m.Set
 }
 
 func elemSpan(c *grammar.Command, n int) grammar.Span {

@@ -131,6 +131,19 @@ func TestSets(t *testing.T) {
 			t.Errorf("%s: no error", bad)
 		}
 	}
+	// nft's forms: add set, delete set (refused while a rule uses the set).
+	if _, err := run(t, b, "add set spare { type ipv6_addr; elements = { 2001:db8::/32 } }", nil); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := run(t, b, "delete set ports", nil); err == nil || !strings.Contains(err.Error(), "used by rule handle 1") {
+		t.Errorf("deleting a set in use: %v", err)
+	}
+	if _, err := run(t, b, "delete set spare", nil); err != nil {
+		t.Errorf("delete set: %v", err)
+	}
+	if rs, _ := b.Load(); rs.Set("spare") != nil || rs.Set("ports") == nil {
+		t.Errorf("sets after delete set: %+v", rs.Sets)
+	}
 	// Removing the set under a rule that uses it is refused.
 	if _, err := run(t, b, "flush ruleset; add rule lo egress udp dport @ports actions drop", nil); err == nil {
 		t.Errorf("rule using a flushed set accepted")

@@ -88,6 +88,7 @@ Commands:
   replace rule IF HOOK handle H RULE
   delete rule IF HOOK handle H    delete interface IF
   add element NAME { … }          delete element NAME { … }
+  add set NAME { type T; … }      delete set NAME
   reset counters [IF [HOOK]]      monitor
   save FILE                       tunnel …
 
