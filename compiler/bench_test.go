@@ -222,10 +222,14 @@ const benchNotes = `
 - Address sets: an anonymous list (or a rule group) of IPv4 host addresses is a perfect-hash
   table read with direct map value access (two loads and a compare, no helper call); named sets
   (which change live) and prefix lists stay LPM tries.
-- No match: the prefilter alone (bounds, EtherType/IHL, four destination ports: 13
-  instructions) measures about 1.15x the empty program; the verifier adds an unclone prologue
-  (read skb->cloned, pull when cloned) to every program that writes packet data directly, about
-  1 ns more. Avoiding it would mean helper writes on the funnel path, which costs more there.
+- No match is at the edge of what this setup resolves (a few ns over ~9-13 ns): seven runs of
+  the whole benchmark on 2026-11-22 gave 0.97-1.33x, so "ok" or "missed" depends on the run. The
+  prefilter alone (bounds, EtherType/IHL, four destination ports: 13 instructions) measured about
+  1.15x the empty program; the verifier adds an unclone prologue (read skb->cloned, pull when
+  cloned) to every program that writes packet data directly, about 1 ns more. Avoiding it would
+  mean helper writes on the funnel path, which costs more there.
+- Round trips in the same seven runs: ingress 1.51-1.62x, egress 1.57-1.61x since the inline
+  MTU check (1.62-1.67x with bpf_check_mtu); before this round of changes 1.66x and 1.68x.
 - Round trip: the remaining cost over the floor is instructions, not helpers (one adjust_room per
   direction, as the floor; checksums inline via kernel BTF, bpf_csum_update only for
   CHECKSUM_COMPLETE skbs): parse and match (~45), length and header checks (~20), outer and
