@@ -696,6 +696,48 @@ func (c *compiler) mtuHelper(ok string) {
 	)
 }
 
+// outerHdrLen sets R3 to the length of the outer header at base+off and
+// checks it against the transport length in R4: a UDP length field must
+// equal it, a TCP data offset must be at least 20 bytes.
+func (c *compiler) outerHdrLen(outer grammar.Proto, base asm.Register, off int16, bad string) {
+	if outer == grammar.ProtoUDP {
+		c.e.emit(
+			movi(asm.R3, 8),
+			ldx(asm.R1, base, off+4, asm.Half),
+			asm.HostTo(asm.BE, asm.R1, asm.Half),
+			asm.JNE.Reg(asm.R1, asm.R4, bad),
+		)
+		return
+	}
+	c.e.emit(
+		ldx(asm.R3, base, off+12, asm.Byte),
+		asm.RSh.Imm(asm.R3, 4),
+		asm.LSh.Imm(asm.R3, 2),
+		asm.JLT.Imm(asm.R3, 20, bad),
+	)
+}
+
+// innerHdrCheck checks the inner header at base+off against the inner
+// segment length in R4: a UDP length field must equal it, a TCP header
+// must be 20 bytes or more and fit.
+func (c *compiler) innerHdrCheck(inner grammar.Proto, base asm.Register, off int16, bad string) {
+	if inner == grammar.ProtoUDP {
+		c.e.emit(
+			ldx(asm.R1, base, off+4, asm.Half),
+			asm.HostTo(asm.BE, asm.R1, asm.Half),
+			asm.JNE.Reg(asm.R1, asm.R4, bad),
+		)
+		return
+	}
+	c.e.emit(
+		ldx(asm.R1, base, off+12, asm.Byte),
+		asm.RSh.Imm(asm.R1, 4),
+		asm.LSh.Imm(asm.R1, 2),
+		asm.JLT.Imm(asm.R1, 20, bad),
+		asm.JGT.Reg(asm.R1, asm.R4, bad),
+	)
+}
+
 // unfunnel pops the outer header when the inner one is consistent
 // (packets without IPv4 options or IPv6 extension headers).
 func (c *compiler) unfunnel(fam int, known grammar.Proto, inner grammar.Proto) {
@@ -723,21 +765,7 @@ func (c *compiler) unfunnelFrom(fam int, outer, inner grammar.Proto) {
 		e.emit(asm.Sub.Imm(asm.R4, 20)) // transport length
 	}
 	e.emit(mov(asm.R5, asm.R7))
-	if outer == grammar.ProtoUDP {
-		e.emit(
-			movi(asm.R3, 8),
-			ldx(asm.R1, asm.R7, l4+4, asm.Half),
-			asm.HostTo(asm.BE, asm.R1, asm.Half),
-			asm.JNE.Reg(asm.R1, asm.R4, bad),
-		)
-	} else {
-		e.emit(
-			ldx(asm.R3, asm.R7, l4+12, asm.Byte),
-			asm.RSh.Imm(asm.R3, 4),
-			asm.LSh.Imm(asm.R3, 2),
-			asm.JLT.Imm(asm.R3, 20, bad),
-		)
-	}
+	c.outerHdrLen(outer, asm.R7, l4, bad)
 	e.comment("inner %s header consistent", inner)
 	e.emit(
 		mov(asm.R1, asm.R3),
@@ -749,21 +777,7 @@ func (c *compiler) unfunnelFrom(fam int, outer, inner grammar.Proto) {
 		asm.Add.Imm(asm.R1, int32(l4+minIn)),
 		asm.JGT.Reg(asm.R1, asm.R8, bad),
 	)
-	if inner == grammar.ProtoUDP {
-		e.emit(
-			ldx(asm.R1, asm.R5, l4+4, asm.Half),
-			asm.HostTo(asm.BE, asm.R1, asm.Half),
-			asm.JNE.Reg(asm.R1, asm.R4, bad),
-		)
-	} else {
-		e.emit(
-			ldx(asm.R1, asm.R5, l4+12, asm.Byte),
-			asm.RSh.Imm(asm.R1, 4),
-			asm.LSh.Imm(asm.R1, 2),
-			asm.JLT.Imm(asm.R1, 20, bad),
-			asm.JGT.Reg(asm.R1, asm.R4, bad),
-		)
-	}
+	c.innerHdrCheck(inner, asm.R5, l4, bad)
 	e.comment("pop the outer header")
 	e.emit(
 		stx(asm.R10, slotT2, asm.R3, asm.DWord),

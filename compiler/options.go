@@ -172,21 +172,7 @@ func (c *compiler) unfunnelOpts(fam int, outer, inner grammar.Proto) {
 	base := int32(c.l3) + ipHdrLen(fam)
 	e.comment("unfunnel %s from %s after IP options / extension headers", inner, outer)
 	c.optsTransport(fam, int32(minOut), bad)
-	if outer == grammar.ProtoUDP {
-		e.emit(
-			movi(asm.R3, 8),
-			ldx(asm.R1, asm.R5, 4, asm.Half),
-			asm.HostTo(asm.BE, asm.R1, asm.Half),
-			asm.JNE.Reg(asm.R1, asm.R4, bad),
-		)
-	} else {
-		e.emit(
-			ldx(asm.R3, asm.R5, 12, asm.Byte),
-			asm.RSh.Imm(asm.R3, 4),
-			asm.LSh.Imm(asm.R3, 2),
-			asm.JLT.Imm(asm.R3, 20, bad),
-		)
-	}
+	c.outerHdrLen(outer, asm.R5, 0, bad)
 	c.ipLenField(fam, asm.R4)
 	e.emit(
 		mov(asm.R1, asm.R3),
@@ -198,21 +184,7 @@ func (c *compiler) unfunnelOpts(fam int, outer, inner grammar.Proto) {
 		asm.Add.Imm(asm.R1, int32(minIn)),
 		asm.JGT.Reg(asm.R1, asm.R8, bad),
 	)
-	if inner == grammar.ProtoUDP {
-		e.emit(
-			ldx(asm.R1, asm.R5, 4, asm.Half),
-			asm.HostTo(asm.BE, asm.R1, asm.Half),
-			asm.JNE.Reg(asm.R1, asm.R4, bad),
-		)
-	} else {
-		e.emit(
-			ldx(asm.R1, asm.R5, 12, asm.Byte),
-			asm.RSh.Imm(asm.R1, 4),
-			asm.LSh.Imm(asm.R1, 2),
-			asm.JLT.Imm(asm.R1, 20, bad),
-			asm.JGT.Reg(asm.R1, asm.R4, bad),
-		)
-	}
+	c.innerHdrCheck(inner, asm.R5, 0, bad)
 	e.comment("move the options behind the outer header, then pop it")
 	e.emit(stx(asm.R10, slotT2, asm.R3, asm.DWord))
 	c.moveOpts(base, base, true)
