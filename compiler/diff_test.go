@@ -511,7 +511,7 @@ func TestDifferential(t *testing.T) {
 		fmt.Sscan(s, &seed)
 	}
 	g := gen{r: rand.New(rand.NewPCG(seed, 0x5f))}
-	failures, packets, grouped := 0, 0, 0
+	failures, packets, grouped, pairGrouped := 0, 0, 0, 0
 	changed := map[grammar.ActionKind]int{}
 	verdicts := map[int32]int{}
 	var allStats [compiler.NumStats]uint64
@@ -529,10 +529,18 @@ func TestDifferential(t *testing.T) {
 			at := g.pick(len(rules) + 1)
 			rules = append(rules[:at], append(g.portGroupRun(sets), rules[at:]...)...)
 		}
+		if g.chance(0.15) {
+			at := g.pick(len(rules) + 1)
+			rules = append(rules[:at], append(g.pairGroupRun(sets), rules[at:]...)...)
+		}
 		opts := compiler.Options{Hook: grammar.Hook(g.pick(2)), ChecksumHelper: g.chance(0.3)}
 		l := compileLoad(t, rules, sets, opts)
-		if strings.Contains(fmt.Sprint(l.prog.Spec.Programs[compiler.ProgramName].Instructions), "that differ only in") {
+		listing := fmt.Sprint(l.prog.Spec.Programs[compiler.ProgramName].Instructions)
+		if strings.Contains(listing, "that differ only in") {
 			grouped++
+		}
+		if strings.Contains(listing, "addr+") {
+			pairGrouped++
 		}
 		model, err := refmodel.New(rules, sets, opts)
 		if err != nil {
@@ -592,7 +600,7 @@ func TestDifferential(t *testing.T) {
 		}
 		l.coll.Close()
 	}
-	t.Logf("%d rulesets (%d with a rule group), %d packets compared; verdicts %v; rewritten by action %v; stats %v", rulesets, grouped, packets, verdicts, changed, allStats)
+	t.Logf("%d rulesets (%d with a rule group, %d with an address+port group), %d packets compared; verdicts %v; rewritten by action %v; stats %v", rulesets, grouped, pairGrouped, packets, verdicts, changed, allStats)
 }
 
 func hasUnfunnel(r *grammar.Rule) bool {
@@ -709,6 +717,71 @@ func (g gen) portGroupRun(sets map[string]*grammar.Set) []*grammar.Rule {
 			r.Dport = m
 		} else {
 			r.Sport = m
+		}
+		run = append(run, &r)
+	}
+	return run
+}
+
+// pairGroupRun makes a run of rules that differ only in an IPv4 host
+// address and one port, drawn from the packet pools so that packets hit
+// them; keys repeat now and then (the first rule of a key wins when it has
+// actions, and ends the run when it has none).
+func (g gen) pairGroupRun(sets map[string]*grammar.Set) []*grammar.Rule {
+	shape := g.rule(sets)
+	shape.Family = grammar.FamilyIPv4
+	if g.chance(0.3) {
+		shape.Family = grammar.FamilyAny
+	}
+	if shape.Proto == grammar.ProtoAny {
+		shape.Proto = grammar.Proto(1 + g.pick(2))
+	}
+	af, pf := "saddr", "dport"
+	if g.chance(0.4) {
+		af = "daddr"
+	}
+	if g.chance(0.3) {
+		pf = "sport"
+	}
+	v4only := func(m *grammar.AddrMatch) *grammar.AddrMatch {
+		if m == nil || m.Set != "" {
+			return nil
+		}
+		for _, p := range m.Prefixes {
+			if !p.Addr().Is4() {
+				return nil
+			}
+		}
+		return m
+	}
+	shape.Saddr, shape.Daddr = v4only(shape.Saddr), v4only(shape.Daddr)
+	var run []*grammar.Rule
+	for k := 0; k < 8+g.pick(12); k++ {
+		r := *shape
+		other := g.rule(sets)
+		r.Counter, r.SetMetaMark, r.SetCtMark, r.Handle = other.Counter, other.SetMetaMark, other.SetCtMark, uint64(3000+k)
+		r.Actions = nil
+		switch g.pick(4) {
+		case 0:
+			r.Actions = []*grammar.Action{act(grammar.ActAccept, 0)}
+		case 1:
+			r.Actions = []*grammar.Action{act(grammar.ActDrop, 0)}
+		case 2:
+			r.Actions = []*grammar.Action{g.funnel()}
+		}
+		a := g.addr(false)
+		m := &grammar.AddrMatch{Prefixes: []netip.Prefix{netip.PrefixFrom(a, 32)}}
+		p := &grammar.PortMatch{Ranges: []grammar.PortRange{{Lo: poolPort[g.pick(len(poolPort))]}}}
+		p.Ranges[0].Hi = p.Ranges[0].Lo
+		if af == "saddr" {
+			r.Saddr = m
+		} else {
+			r.Daddr = m
+		}
+		if pf == "dport" {
+			r.Dport = p
+		} else {
+			r.Sport = p
 		}
 		run = append(run, &r)
 	}

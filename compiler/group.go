@@ -1,9 +1,11 @@
 package compiler
 
 import (
+	"encoding/binary"
 	"fmt"
 	"net/netip"
 	"slices"
+	"strings"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/asm"
@@ -48,10 +50,71 @@ func groupAt(rules []*grammar.Rule, i int) (int, string) {
 			best, field = n, f
 		}
 	}
+	// Address and port together: only when that groups a longer run than
+	// either alone.
+	for _, f := range []string{"saddr+dport", "saddr+sport", "daddr+dport", "daddr+sport"} {
+		if n := pairRun(rules[i:], f); n > best {
+			best, field = n, f
+		}
+	}
 	if best < minGroup {
 		return 0, ""
 	}
 	return best, field
+}
+
+// splitField returns the address and port fields a group varies in ("" for
+// none): "saddr" → saddr, ""; "dport" → "", dport; "saddr+dport" → both.
+func splitField(field string) (addr, port string) {
+	if a, p, ok := strings.Cut(field, "+"); ok {
+		return a, p
+	}
+	if isPortField(field) {
+		return "", field
+	}
+	return field, ""
+}
+
+func isPairField(field string) bool { return strings.Contains(field, "+") }
+
+// pairKey is the composite key of a rule of an address+port group: the
+// IPv4 address as in the packet, then the port as a native u32.
+func pairKey(r *grammar.Rule, field string) [8]byte {
+	af, pf := splitField(field)
+	var k [8]byte
+	a := varying(r, af).Prefixes[0].Addr().As4()
+	copy(k[:4], a[:])
+	binary.NativeEndian.PutUint32(k[4:], uint32(varyingPort(r, pf).Ranges[0].Lo))
+	return k
+}
+
+// pairRun returns how many rules from rules[0] on form an address+port
+// group. A rule whose key an earlier rule of the run has can never match
+// when that rule has actions (it ends evaluation), so the map keeps the
+// first; when it has none the scan would go on to the later rule, and the
+// run ends before it.
+func pairRun(rules []*grammar.Rule, field string) int {
+	key, ok := shapeKey(rules[0], field)
+	if !ok {
+		return 0
+	}
+	owner := map[[8]byte]*grammar.Rule{}
+	n := 0
+	for ; n < len(rules); n++ {
+		k, ok := shapeKey(rules[n], field)
+		if !ok || k != key {
+			break
+		}
+		pk := pairKey(rules[n], field)
+		if o, dup := owner[pk]; dup {
+			if len(o.Actions) == 0 {
+				break
+			}
+			continue
+		}
+		owner[pk] = rules[n]
+	}
+	return n
 }
 
 func varying(r *grammar.Rule, field string) *grammar.AddrMatch {
@@ -90,15 +153,24 @@ func shapeKey(r *grammar.Rule, field string) (string, bool) {
 	var v *grammar.AddrMatch
 	var vp *grammar.PortMatch
 	is6 := false
-	if isPortField(field) {
-		vp = varyingPort(r, field)
+	af, pf := splitField(field)
+	pair := af != "" && pf != ""
+	if pf != "" {
+		vp = varyingPort(r, pf)
 		if vp == nil || vp.Neg || vp.Set != "" || len(groupPorts(vp)) == 0 {
 			return "", false
 		}
-	} else {
-		v = varying(r, field)
+		if pair && (len(vp.Ranges) != 1 || vp.Ranges[0].Lo != vp.Ranges[0].Hi) {
+			return "", false // one exact port
+		}
+	}
+	if af != "" {
+		v = varying(r, af)
 		if v == nil || v.Neg || v.Set != "" || len(v.Prefixes) == 0 {
 			return "", false
+		}
+		if pair && (len(v.Prefixes) != 1 || !v.Prefixes[0].Addr().Is4() || v.Prefixes[0].Bits() != 32) {
+			return "", false // one IPv4 host
 		}
 		is6 = v.Prefixes[0].Addr().Is6()
 		for _, p := range v.Prefixes {
@@ -184,7 +256,7 @@ func (c *compiler) group(rules []*grammar.Rule, first, n int, field string) erro
 	end := fmt.Sprintf("group%d_end", first)
 	lead := rules[first]
 	fam := 4
-	if !isPortField(field) && varying(lead, field).Prefixes[0].Addr().Is6() {
+	if !isPortField(field) && !isPairField(field) && varying(lead, field).Prefixes[0].Addr().Is6() {
 		fam = 6
 	}
 	// Rules whose statements and actions are the same share one body; the
@@ -205,7 +277,21 @@ func (c *compiler) group(rules []*grammar.Rule, first, n int, field string) erro
 	}
 	var name string
 	var host *hostTable
-	if isPortField(field) {
+	if isPairField(field) {
+		// A hash map from address+port to class<<20 | rule; the first rule
+		// of a duplicate key wins (see pairRun).
+		m := &ebpf.MapSpec{Type: ebpf.Hash, KeySize: 8, ValueSize: 4}
+		seen := map[[8]byte]bool{}
+		for k := 0; k < n; k++ {
+			key := pairKey(rules[first+k], field)
+			if !seen[key] {
+				seen[key] = true
+				m.Contents = append(m.Contents, ebpf.MapKV{Key: key[:], Value: uint32(classOf[k])<<20 | uint32(first+k)})
+			}
+		}
+		m.MaxEntries = uint32(len(m.Contents))
+		name = c.anonMap(m)
+	} else if isPortField(field) {
 		// An array indexed by port; 0 = no rule, else 1<<31 | class<<20 | rule.
 		m := &ebpf.MapSpec{Type: ebpf.Array, KeySize: 4, ValueSize: 4, MaxEntries: 65536}
 		for k := 0; k < n; k++ {
@@ -233,7 +319,31 @@ func (c *compiler) group(rules []*grammar.Rule, first, n int, field string) erro
 	if err := c.matches(lead, end, field); err != nil {
 		return err
 	}
-	if isPortField(field) {
+	if isPairField(field) {
+		af, pf := splitField(field)
+		if lead.Family == grammar.FamilyAny {
+			e.emit(ldx(asm.R1, asm.R10, slotFam, asm.DWord), asm.JNE.Imm(asm.R1, 4, end))
+		}
+		aslot, pslot := int16(slotSaddr), int16(slotDport)
+		if af == "daddr" {
+			aslot = slotDaddr
+		}
+		if pf == "sport" {
+			pslot = slotSport
+		}
+		e.emit(
+			ldx(asm.R1, asm.R10, pslot, asm.DWord),
+			asm.JGT.Imm(asm.R1, 0xffff, end), // absent
+			stx(asm.R10, slotKey+4, asm.R1, asm.Word),
+			ldx(asm.R1, asm.R10, aslot+4, asm.Word),
+			stx(asm.R10, slotKey, asm.R1, asm.Word),
+		)
+		c.lookup(name, slotKey)
+		e.emit(
+			asm.JEq.Imm(asm.R0, 0, end),
+			ldx(asm.R1, asm.R0, 0, asm.Word),
+		)
+	} else if isPortField(field) {
 		slot := int16(slotDport)
 		if field == "sport" {
 			slot = slotSport

@@ -31,7 +31,7 @@ const (
 	slotNHOff = -64 // offset of the byte that names the transport protocol
 	slotSaddr = -88 // LPM key: prefix length (u32), then the address
 	slotDaddr = -112
-	slotKey   = -120 // u32 map key
+	slotKey   = -120 // u32 map key (8 bytes: an address+port group key)
 	slotT1    = -128 // action temporaries
 	slotT2    = -136
 	slotT3    = -144

@@ -32,7 +32,8 @@ func (c *compiler) rule(i int, r *grammar.Rule) error {
 
 // matches emits the rule's matches, cheapest first, jumping to fail when
 // one does not hold; skip names an address match ("saddr"/"daddr") a
-// group tests with its map instead (also "dport"/"sport").
+// group tests with its map instead (also "dport"/"sport", or an address
+// and a port: "saddr+dport").
 func (c *compiler) matches(r *grammar.Rule, fail, skip string) error {
 	e := &c.e
 	// The parse guard lets only families some rule wants through.
@@ -45,12 +46,12 @@ func (c *compiler) matches(r *grammar.Rule, fail, skip string) error {
 	if r.Proto != grammar.ProtoAny {
 		e.emit(ldx(asm.R1, asm.R10, slotProto, asm.DWord), asm.JNE.Imm(asm.R1, int32(r.Proto.Number()), fail))
 	}
-	if r.Dport != nil && skip != "dport" {
+	if r.Dport != nil && !skips(skip, "dport") {
 		if err := c.portMatch(r.Dport, slotDport, fail); err != nil {
 			return err
 		}
 	}
-	if r.Sport != nil && skip != "sport" {
+	if r.Sport != nil && !skips(skip, "sport") {
 		if err := c.portMatch(r.Sport, slotSport, fail); err != nil {
 			return err
 		}
@@ -78,17 +79,23 @@ func (c *compiler) matches(r *grammar.Rule, fail, skip string) error {
 		}
 		c.markMatch(mask, value, m.Neg, fail)
 	}
-	if r.Saddr != nil && skip != "saddr" {
+	if r.Saddr != nil && !skips(skip, "saddr") {
 		if err := c.addrMatch(r, r.Saddr, slotSaddr, fail); err != nil {
 			return err
 		}
 	}
-	if r.Daddr != nil && skip != "daddr" {
+	if r.Daddr != nil && !skips(skip, "daddr") {
 		if err := c.addrMatch(r, r.Daddr, slotDaddr, fail); err != nil {
 			return err
 		}
 	}
 	return nil
+}
+
+// skips reports whether a group's skip names field.
+func skips(skip, field string) bool {
+	a, p := splitField(skip)
+	return a == field || p == field
 }
 
 // body emits the statements and actions of rule i; a rule without actions
