@@ -1,6 +1,7 @@
 package compiler_test
 
 import (
+	"encoding/binary"
 	"net/netip"
 	"slices"
 	"testing"
@@ -118,6 +119,58 @@ func TestTelemetryRules(t *testing.T) {
 			}
 			if c := l.counter(t, i); c.Packets != want {
 				t.Fatalf("%d rules: rule %d counted %d packets, want %d", n, i, c.Packets, want)
+			}
+		}
+		l.coll.Close()
+	}
+}
+
+// A group whose rules do different things keeps each rule's own body:
+// past 2048 bodies (bits 20-30 of a map value), and when the bodies
+// together are longer than a jump reaches (a group splits in two).
+func TestManyGroupBodies(t *testing.T) {
+	for _, c := range []struct {
+		n      int
+		pair   bool
+		funnel bool // long bodies, else a mark set
+		check  []int
+	}{
+		{2100, false, false, []int{1, 2047, 2048, 2049, 2099}},
+		{160, false, true, []int{0, 80, 159}},
+		{160, true, true, []int{0, 80, 159}},
+	} {
+		var rules []*grammar.Rule
+		for i := 0; i < c.n; i++ {
+			port := uint16(4739)
+			if c.pair {
+				port = telemetryPorts[i%len(telemetryPorts)]
+			}
+			r := &grammar.Rule{
+				Handle: uint64(i + 1), Family: grammar.FamilyIPv4, Proto: grammar.ProtoUDP,
+				Saddr: &grammar.AddrMatch{Prefixes: []netip.Prefix{netip.PrefixFrom(telemetryAddr(i), 32)}}, Dport: ports(port),
+			}
+			if c.funnel {
+				r.Actions = []*grammar.Action{funnelTo(grammar.ProtoTCP, uint16(1000+i), 179)}
+			} else {
+				r.SetMetaMark = &grammar.MarkSet{Value: uint32(1000 + i), Mask: 0xffffffff}
+			}
+			rules = append(rules, r)
+		}
+		l := compileLoad(t, rules, nil, compiler.Options{Hook: grammar.HookEgress})
+		for _, i := range c.check {
+			dport := rules[i].Dport.Ranges[0].Lo
+			r := l.run(t, craft(t, pktSpec{src: telemetryAddr(i).AsSlice(), dst: v4b, l4: udpLayer(40000, dport)}), 0)
+			if !c.funnel {
+				if r.ret != compiler.VerdictNext || r.mark != uint32(1000+i) {
+					t.Errorf("%d rules: rule %d: verdict %d mark %d, want mark %d", c.n, i, r.ret, r.mark, 1000+i)
+				}
+				continue
+			}
+			if r.ret != compiler.VerdictPass || len(r.out) < 36 {
+				t.Fatalf("%d rules (pair %v): rule %d: verdict %d, %d bytes", c.n, c.pair, i, r.ret, len(r.out))
+			}
+			if got := binary.BigEndian.Uint16(r.out[34:]); got != uint16(1000+i) {
+				t.Errorf("%d rules (pair %v): rule %d: funnel source port %d, want %d", c.n, c.pair, i, got, 1000+i)
 			}
 		}
 		l.coll.Close()

@@ -58,8 +58,16 @@ func goldenRulesets() map[string]struct {
 		}
 		grouped = append(grouped, r)
 	}
+	// Telemetry rules: a host address and a port per rule, one repeated.
+	var pairs []*grammar.Rule
+	for i := 0; i < 9; i++ {
+		a := netip.AddrFrom4([4]byte{198, 51, 100, byte(i % 8)})
+		pairs = append(pairs, &grammar.Rule{Handle: uint64(40 + i), Saddr: &grammar.AddrMatch{Prefixes: []netip.Prefix{netip.PrefixFrom(a, 32)}},
+			Proto: grammar.ProtoUDP, Dport: ports([]uint16{2055, 4739}[i%2]), Counter: true, Actions: []*grammar.Action{funnelTo(grammar.ProtoTCP, 540, 179)}})
+	}
 	return map[string]g{
 		"group":           {rules: grouped, opts: compiler.Options{Hook: grammar.HookIngress}},
+		"pair-group":      {rules: pairs, opts: compiler.Options{Hook: grammar.HookEgress}},
 		"default-egress":  {rules: defaultRuleset(), opts: compiler.Options{Hook: grammar.HookEgress}},
 		"default-ingress": {rules: defaultRuleset(), opts: compiler.Options{Hook: grammar.HookIngress}},
 		"ipv6-sets-l3":    {rules: v6rules, sets: sets, opts: compiler.Options{Hook: grammar.HookIngress, L3: true}},

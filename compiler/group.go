@@ -3,6 +3,7 @@ package compiler
 import (
 	"encoding/binary"
 	"fmt"
+	"maps"
 	"net/netip"
 	"slices"
 	"strings"
@@ -398,6 +399,49 @@ func (c *compiler) group(rules []*grammar.Rule, first, n int, field string) erro
 	}
 	e.label(end)
 	return nil
+}
+
+// Limits of one group: its map values hold the body index in bits 20-30,
+// and every jump from the lookup to a body and from a body to the group's
+// end or to the exits after the group must stay within 16-bit offsets
+// (exits come at most stubDistance instructions apart otherwise).
+const (
+	maxGroupBodies    = 2048
+	maxGroupBodyInsns = 16000
+)
+
+// fitGroup returns how many of the n rules from first on one group holds.
+// A shorter run is still a group: a part of a run is one too.
+func (c *compiler) fitGroup(rules []*grammar.Rule, first, n int) int {
+	seen := map[string]bool{}
+	total := 0
+	for k := 0; k < n; k++ {
+		key := bodyKey(rules[first+k])
+		if seen[key] {
+			continue
+		}
+		size := c.bodySize(first+k, rules[first+k])
+		if len(seen) == maxGroupBodies || (k > 0 && total+size > maxGroupBodyInsns) {
+			return k
+		}
+		seen[key] = true
+		total += size
+	}
+	return n
+}
+
+// bodySize emits rule i's body as a group would, to count its
+// instructions, and then restores the compiler.
+func (c *compiler) bodySize(i int, r *grammar.Rule) int {
+	e, stats, fresh, info, dyn := c.e, maps.Clone(c.statLabels), c.fresh, c.infoInR1, c.dynRule
+	c.e, c.dynRule = emitter{n: e.n}, true
+	err := c.body(i, r, "group_end")
+	n := len(c.e.insns)
+	c.e, c.statLabels, c.fresh, c.infoInR1, c.dynRule = e, stats, fresh, info, dyn
+	if err != nil {
+		return 0 // emitting it for real reports the error
+	}
+	return n
 }
 
 // flagged sets bit 31 of every value, so that none is 0 (an empty slot).

@@ -262,7 +262,11 @@ func (c *compiler) program(rules []*grammar.Rule) error {
 	}
 	for i := 0; i < len(rules); {
 		c.maybeStubs()
-		if n, field := groupAt(rules, i); n > 0 {
+		n, field := groupAt(rules, i)
+		if n > 0 {
+			n = c.fitGroup(rules, i, n)
+		}
+		if n > 1 {
 			if err := c.group(rules, i, n, field); err != nil {
 				return err
 			}
