@@ -24,8 +24,8 @@ func TestDemo(t *testing.T) {
 	}
 	for _, want := range []string{
 		"192.0.2.1.540 > 192.0.2.2.179: Flags [S], cksum", // funneled on the wire
-		"(correct), seq 3405691582",                        // 0xcafebabe, valid outer checksum
-		"port 4739: telemetry record for port 4739",        // delivered unfunneled
+		"(correct), seq 3405691582",                       // 0xcafebabe, valid outer checksum
+		"port 4739: telemetry record for port 4739",       // delivered unfunneled
 		"counter packets 3 bytes",
 		"all 3 datagrams funneled over TCP/179 and delivered intact",
 	} {
