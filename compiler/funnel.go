@@ -1,0 +1,137 @@
+// funnel: push a TCP or UDP header in front of the transport header.
+
+package compiler
+
+import (
+	"github.com/cilium/ebpf/asm"
+	"github.com/sfunnel/sfunnel/grammar"
+)
+
+// funnel pushes a TCP or UDP header between the IP and transport headers
+// (packets without IPv4 options or IPv6 extension headers, so every offset
+// is a constant).
+func (c *compiler) funnel(rule, fam int, known grammar.Proto, a *grammar.Action) {
+	notApp := c.stat(StatNotApplicable)
+	c.guardsNoL4(true, true)
+	c.byProto(known, notApp, func(inner grammar.Proto) { c.funnelFrom(rule, fam, inner, a) })
+}
+
+func (c *compiler) funnelFrom(rule, fam int, inner grammar.Proto, a *grammar.Action) {
+	e := &c.e
+	f := a.Funnel
+	outer := a.Proto.Number()
+	h, _ := hdrInfo(a.Proto)
+	minIn, checkIn := hdrInfo(inner)
+	notApp := c.stat(StatNotApplicable)
+	l4 := c.l3 + int16(ipHdrLen(fam))
+	iphl := int32(ipHdrLen(fam))
+	if fam == 6 {
+		iphl = 0 // the IPv6 length field excludes the fixed header
+	}
+	e.comment("funnel %s in %s", inner, a.Proto)
+	opts, done := e.newLabel("funnel_opts"), e.newLabel("funnel_done")
+	c.optsDispatch(opts)
+	e.emit(
+		mov(asm.R1, asm.R7),
+		asm.Add.Imm(asm.R1, int32(l4+minIn)),
+		asm.JGT.Reg(asm.R1, asm.R8, notApp),
+	)
+	c.ipLength(fam, asm.R4, int32(minIn), 0xffff-int32(h)-iphl, notApp)
+	c.requireUDPChecksum(inner, asm.R7, l4)
+	e.comment("grow by the funnel header")
+	c.growNet(h)
+	c.reload()
+	e.emit(
+		mov(asm.R1, asm.R7),
+		asm.Add.Imm(asm.R1, int32(l4+h+checkIn+2)),
+		asm.JGT.Reg(asm.R1, asm.R8, c.exit("pass")),
+	)
+	c.addrSumRaw(fam, asm.R4)
+	e.emit(stx(asm.R10, slotT3, asm.R4, asm.DWord))
+	e.comment("funnel header")
+	if f.HasSport && f.HasDport {
+		e.emit(sti(asm.R7, l4, int64(int32(uint32(n16(f.Sport))|uint32(n16(f.Dport))<<16)), asm.Word))
+	} else {
+		e.emit(ldx(asm.R1, asm.R7, l4+h, asm.Word), stx(asm.R7, l4, asm.R1, asm.Word))
+	}
+	e.emit(
+		ldx(asm.R2, asm.R10, slotT1, asm.DWord),
+		asm.Sub.Imm(asm.R2, int32(ipHdrLen(fam))-map[bool]int32{true: 40, false: 0}[fam == 6]),
+	)
+	c.funnelHeader(asm.R7, l4, a, inner)
+	e.comment("IP header")
+	c.ipHeader(fam, int32(h), inner.Number(), outer, false)
+	// Last, as it may move the packet: no direct access after it.
+	e.comment("inner checksum without addresses")
+	e.emit(ldx(asm.R4, asm.R10, slotT3, asm.DWord))
+	c.negAddrSum(fam, asm.R4)
+	c.pseudoCsum(l4+h+checkIn, inner == grammar.ProtoUDP)
+	if c.opts.Hook == grammar.HookEgress {
+		c.mtuCheck(rule)
+	}
+	e.emit(asm.Ja.Label(done))
+	e.label(opts)
+	c.funnelOpts(rule, fam, inner, a)
+	e.label(done)
+}
+
+// funnelHeader fills the funnel header at base+off, whose ports already
+// hold the inner header's, and its checksum. R2 holds the inner transport
+// length (host order), slotT3 the raw address sum.
+func (c *compiler) funnelHeader(base asm.Register, off int16, a *grammar.Action, inner grammar.Proto) {
+	e := &c.e
+	f := a.Funnel
+	h, checkOut := hdrInfo(a.Proto)
+	if !(f.HasSport && f.HasDport) {
+		if f.HasSport {
+			e.emit(sti(base, off, int64(n16(f.Sport)), asm.Half))
+		}
+		if f.HasDport {
+			e.emit(sti(base, off+2, int64(n16(f.Dport)), asm.Half))
+		}
+	}
+	// The inner segment sums to -(proto + length) once its checksum is
+	// final: 0x1fffe (≡ 0) minus both keeps the sum positive.
+	hdrConst := uint64(a.Proto.Number())<<8 + 0x1fffe - uint64(inner.Number())<<8
+	if a.Proto == grammar.ProtoTCP {
+		w12 := uint32(0x50) | uint32(f.Flags)<<8 | uint32(n16(f.Window))<<16
+		e.emit(
+			sti(base, off+4, int64(int32(n32(f.Seq))), asm.Word),
+			sti(base, off+8, int64(int32(n32(f.Ack))), asm.Word),
+			sti(base, off+12, int64(int32(w12)), asm.Word),
+			sti(base, off+16, 0, asm.Word),
+		)
+		hdrConst += uint64(n32(f.Seq)) + uint64(n32(f.Ack)) + uint64(w12)
+	}
+	e.comment("outer checksum: pseudo header + header + inner segment")
+	e.emit(
+		mov(asm.R1, asm.R2),
+		asm.Add.Imm(asm.R1, int32(h)),
+		asm.HostTo(asm.BE, asm.R1, asm.Half),
+		asm.HostTo(asm.BE, asm.R2, asm.Half),
+		ldx(asm.R3, asm.R10, slotT3, asm.DWord),
+		asm.Add.Imm(asm.R3, int32(fold16(hdrConst))),
+		asm.Add.Reg(asm.R3, asm.R1),
+		asm.Sub.Reg(asm.R3, asm.R2),
+	)
+	if a.Proto == grammar.ProtoUDP {
+		e.emit(
+			asm.Add.Reg(asm.R3, asm.R1), // the length field
+			stx(base, off+4, asm.R1, asm.Half),
+			sti(base, off+6, 0, asm.Half),
+		)
+	}
+	e.emit(
+		ldx(asm.R1, base, off, asm.Word),
+		asm.Add.Reg(asm.R3, asm.R1),
+	)
+	c.foldBelow(asm.R3, asm.R1, 1<<36)
+	e.emit(asm.Xor.Imm(asm.R3, 0xffff))
+	if a.Proto == grammar.ProtoUDP {
+		nz := e.newLabel("nonzero")
+		e.emit(asm.JNE.Imm(asm.R3, 0, nz), movi(asm.R3, 0xffff))
+		e.label(nz)
+	}
+	e.emit(stx(base, off+checkOut, asm.R3, asm.Half))
+	c.headerSum(base, off, h)
+}

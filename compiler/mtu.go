@@ -1,0 +1,64 @@
+// MTU accounting for actions that grow packets.
+
+package compiler
+
+import (
+	"github.com/cilium/ebpf/asm"
+)
+
+// mtuCheck counts a funneled packet that exceeds the device MTU.
+func (c *compiler) mtuCheck(rule int) {
+	e := &c.e
+	ok := e.newLabel("mtu_ok")
+	e.comment("MTU check")
+	if c.kern.mtu {
+		// bpf_check_mtu(skb, 0, &0, 0, 0) inline: skb->len against
+		// dev->mtu + dev->hard_header_len (GSO skbs never get here).
+		e.emit(
+			mov(asm.R1, asm.R6),
+			asm.Instruction{OpCode: asm.OpCode(asm.JumpClass).SetJumpOp(asm.Call), Src: asm.PseudoKfuncCall, Constant: c.kern.kfunc},
+			ldx(asm.R1, asm.R0, c.kern.devOff, asm.DWord),
+			ldx(asm.R2, asm.R1, c.kern.mtuOff, asm.Word),
+			ldx(asm.R3, asm.R1, c.kern.hhOff, asm.Half),
+			asm.Add.Reg(asm.R2, asm.R3),
+			ldx(asm.R4, asm.R6, skbLen, asm.Word),
+			asm.JLE.Reg(asm.R4, asm.R2, ok),
+		)
+	} else {
+		c.mtuHelper(ok)
+	}
+	c.ruleKey(rule)
+	c.lookup(RuleMTUMap, slotKey)
+	skip := e.newLabel("mtu_rule")
+	e.emit(
+		asm.JEq.Imm(asm.R0, 0, skip),
+		ldx(asm.R1, asm.R0, 0, asm.DWord),
+		asm.Add.Imm(asm.R1, 1),
+		stx(asm.R0, 0, asm.R1, asm.DWord),
+	)
+	e.label(skip)
+	e.emit(sti(asm.R10, slotKey, StatMTUExceeded, asm.Word))
+	c.lookup(StatsMap, slotKey)
+	e.emit(
+		asm.JEq.Imm(asm.R0, 0, ok),
+		ldx(asm.R1, asm.R0, 0, asm.DWord),
+		asm.Add.Imm(asm.R1, 1),
+		stx(asm.R0, 0, asm.R1, asm.DWord),
+	)
+	e.label(ok)
+}
+
+// mtuHelper jumps to ok when bpf_check_mtu(skb, 0, &0, 0, 0) passes.
+func (c *compiler) mtuHelper(ok string) {
+	c.e.emit(
+		sti(asm.R10, slotT4, 0, asm.Word),
+		mov(asm.R1, asm.R6),
+		movi(asm.R2, 0),
+		mov(asm.R3, asm.R10),
+		asm.Add.Imm(asm.R3, slotT4),
+		movi(asm.R4, 0),
+		movi(asm.R5, 0),
+		asm.FnCheckMtu.Call(),
+		asm.JEq.Imm(asm.R0, 0, ok),
+	)
+}

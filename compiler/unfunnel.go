@@ -1,0 +1,117 @@
+// unfunnel: pop the funnel header.
+
+package compiler
+
+import (
+	"github.com/cilium/ebpf/asm"
+	"github.com/sfunnel/sfunnel/grammar"
+)
+
+// outerHdrLen sets R3 to the length of the outer header at base+off and
+// checks it against the transport length in R4: a UDP length field must
+// equal it, a TCP data offset must be at least 20 bytes.
+func (c *compiler) outerHdrLen(outer grammar.Proto, base asm.Register, off int16, bad string) {
+	if outer == grammar.ProtoUDP {
+		c.e.emit(
+			movi(asm.R3, 8),
+			ldx(asm.R1, base, off+4, asm.Half),
+			asm.HostTo(asm.BE, asm.R1, asm.Half),
+			asm.JNE.Reg(asm.R1, asm.R4, bad),
+		)
+		return
+	}
+	c.e.emit(
+		ldx(asm.R3, base, off+12, asm.Byte),
+		asm.RSh.Imm(asm.R3, 4),
+		asm.LSh.Imm(asm.R3, 2),
+		asm.JLT.Imm(asm.R3, 20, bad),
+	)
+}
+
+// innerHdrCheck checks the inner header at base+off against the inner
+// segment length in R4: a UDP length field must equal it, a TCP header
+// must be 20 bytes or more and fit.
+func (c *compiler) innerHdrCheck(inner grammar.Proto, base asm.Register, off int16, bad string) {
+	if inner == grammar.ProtoUDP {
+		c.e.emit(
+			ldx(asm.R1, base, off+4, asm.Half),
+			asm.HostTo(asm.BE, asm.R1, asm.Half),
+			asm.JNE.Reg(asm.R1, asm.R4, bad),
+		)
+		return
+	}
+	c.e.emit(
+		ldx(asm.R1, base, off+12, asm.Byte),
+		asm.RSh.Imm(asm.R1, 4),
+		asm.LSh.Imm(asm.R1, 2),
+		asm.JLT.Imm(asm.R1, 20, bad),
+		asm.JGT.Reg(asm.R1, asm.R4, bad),
+	)
+}
+
+// unfunnel pops the outer header when the inner one is consistent
+// (packets without IPv4 options or IPv6 extension headers).
+func (c *compiler) unfunnel(fam int, known grammar.Proto, inner grammar.Proto) {
+	bad := c.stat(StatUnfunnelInvalid)
+	c.guardsNoL4(true, true)
+	c.byProto(known, bad, func(outer grammar.Proto) { c.unfunnelFrom(fam, outer, inner) })
+}
+
+func (c *compiler) unfunnelFrom(fam int, outer, inner grammar.Proto) {
+	e := &c.e
+	bad := c.stat(StatUnfunnelInvalid)
+	minIn, checkIn := hdrInfo(inner)
+	minOut, _ := hdrInfo(outer)
+	l4 := c.l3 + int16(ipHdrLen(fam))
+	e.comment("unfunnel %s from %s", inner, outer)
+	opts, done := e.newLabel("unfunnel_opts"), e.newLabel("unfunnel_done")
+	c.optsDispatch(opts)
+	e.emit(
+		mov(asm.R1, asm.R7),
+		asm.Add.Imm(asm.R1, int32(l4+minOut)),
+		asm.JGT.Reg(asm.R1, asm.R8, bad),
+	)
+	c.ipLength(fam, asm.R4, int32(minOut+minIn), 0xffff, bad)
+	if fam == 4 {
+		e.emit(asm.Sub.Imm(asm.R4, 20)) // transport length
+	}
+	e.emit(mov(asm.R5, asm.R7))
+	c.outerHdrLen(outer, asm.R7, l4, bad)
+	e.comment("inner %s header consistent", inner)
+	e.emit(
+		mov(asm.R1, asm.R3),
+		asm.Add.Imm(asm.R1, int32(minIn)),
+		asm.JGT.Reg(asm.R1, asm.R4, bad),
+		asm.Sub.Reg(asm.R4, asm.R3),
+		asm.Add.Reg(asm.R5, asm.R3),
+		mov(asm.R1, asm.R5),
+		asm.Add.Imm(asm.R1, int32(l4+minIn)),
+		asm.JGT.Reg(asm.R1, asm.R8, bad),
+	)
+	c.innerHdrCheck(inner, asm.R5, l4, bad)
+	e.comment("pop the outer header")
+	e.emit(
+		stx(asm.R10, slotT2, asm.R3, asm.DWord),
+		movi(asm.R2, 0),
+		asm.Sub.Reg(asm.R2, asm.R3),
+		mov(asm.R1, asm.R6),
+		movi(asm.R3, 0), // BPF_ADJ_ROOM_NET
+		movi(asm.R4, 0),
+		asm.FnSkbAdjustRoom.Call(),
+		asm.JNE.Imm(asm.R0, 0, c.stat(StatHelperFailed)),
+	)
+	c.reload()
+	e.emit(
+		mov(asm.R1, asm.R7),
+		asm.Add.Imm(asm.R1, int32(l4+checkIn+2)),
+		asm.JGT.Reg(asm.R1, asm.R8, c.exit("pass")),
+	)
+	c.ipHeader(fam, -1, outer.Number(), inner.Number(), false)
+	e.comment("inner checksum gets the addresses back (last: it may move the packet)")
+	c.addrSumRaw(fam, asm.R4)
+	c.pseudoCsum(l4+checkIn, inner == grammar.ProtoUDP)
+	e.emit(asm.Ja.Label(done))
+	e.label(opts)
+	c.unfunnelOpts(fam, outer, inner)
+	e.label(done)
+}
