@@ -2,15 +2,14 @@ package bpf
 
 import (
 	"fmt"
+	"github.com/sfunnel/sfunnel/abi"
 
 	"github.com/cilium/ebpf"
 )
 
 // Counter is one rule's counter: the value type of the per-CPU "counters"
 // map.
-type Counter struct {
-	Packets, Bytes uint64
-}
+type Counter = abi.Counter
 
 // perCPU reads the per-CPU values of one counters index.
 func perCPU(m *ebpf.Map, i int) ([]Counter, error) {

@@ -3,6 +3,7 @@ package bpf
 import (
 	"errors"
 	"fmt"
+	"github.com/sfunnel/sfunnel/abi"
 	"os"
 	"path/filepath"
 	"strings"
@@ -23,11 +24,11 @@ type Update struct {
 	Coll *ebpf.Collection
 }
 
-// Names the compiler gives the program and its maps.
+// Names the compiler gives the program and its maps (package abi).
 const (
-	ProgramName  = "sfunnel"
-	CountersMap  = "counters" // per-CPU Counter by rule index
-	SetMapPrefix = "set_"     // shared named sets
+	ProgramName  = abi.ProgramName
+	CountersMap  = abi.CountersMap  // per-CPU Counter by rule index
+	SetMapPrefix = abi.SetMapPrefix // shared named sets
 )
 
 // Swap makes every update live: programs of hooks already attached are

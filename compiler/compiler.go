@@ -27,12 +27,8 @@
 // CHECKSUM_PARTIAL seed or a complete checksum; CHECKSUM_COMPLETE skbs and
 // Options.ChecksumHelper use bpf_l4_csum_replace.
 //
-// Return codes (tcx naming; clsact direct-action reads them the same way):
-//
-//	VerdictNext (-1)  no rule ended evaluation: the next program / the stack
-//	                  sees the packet (tcx TCX_NEXT, clsact TC_ACT_UNSPEC)
-//	VerdictPass (0)   accept, or the rule's rewriting actions ran (TCX_PASS)
-//	VerdictDrop (2)   drop (TC_ACT_SHOT)
+// Return codes, maps and counted events:
+// the verdicts, map layouts and stats of package abi.
 package compiler
 
 import (
@@ -41,86 +37,51 @@ import (
 	"math/bits"
 
 	"github.com/cilium/ebpf"
+	"github.com/sfunnel/sfunnel/abi"
 	"github.com/sfunnel/sfunnel/grammar"
 )
 
-// Program return codes.
+// Names from package abi, the datapath's contract, that the compiler's
+// code uses unqualified. Other packages use abi directly.
 const (
-	VerdictNext int32 = -1
-	VerdictPass int32 = 0
-	VerdictDrop int32 = 2
-)
+	VerdictNext = abi.VerdictNext
+	VerdictPass = abi.VerdictPass
+	VerdictDrop = abi.VerdictDrop
 
-// DefaultCtMarkMask holds `ct mark` values in skb->mark. It avoids
-// kube-proxy's 0x4000/0x8000 bits; values are shifted into these bits
-// (ct mark 1 is skb mark 0x00010000).
-const DefaultCtMarkMask = 0x00ff0000
+	DefaultCtMarkMask = abi.DefaultCtMarkMask
+
+	ProgramName  = abi.ProgramName
+	CountersMap  = abi.CountersMap
+	StatsMap     = abi.StatsMap
+	RuleMTUMap   = abi.RuleMTUMap
+	SetMapPrefix = abi.SetMapPrefix
+	anonPrefix   = "anon_" // + number: a large anonymous set or a rule table
+
+	StatFragment        = abi.StatFragment
+	StatUnfunnelInvalid = abi.StatUnfunnelInvalid
+	StatMTUExceeded     = abi.StatMTUExceeded
+	StatNotApplicable   = abi.StatNotApplicable
+	StatNoChecksum      = abi.StatNoChecksum
+	StatIPOptions       = abi.StatIPOptions
+	StatGSO             = abi.StatGSO
+	StatPartialChecksum = abi.StatPartialChecksum
+	StatHelperFailed    = abi.StatHelperFailed
+	NumStats            = abi.NumStats
+
+	MaxOptMove = abi.MaxOptMove
+)
 
 // Options say what the program is for.
 type Options struct {
 	L3         bool         // device without MAC header (tun, wireguard): packet data starts at the IP header
 	Hook       grammar.Hook // ingress or egress (egress counts MTU overruns)
-	CtMarkMask uint32       // bits of skb->mark that carry `ct mark` values; 0 = DefaultCtMarkMask
+	CtMarkMask uint32       // bits of skb->mark that carry `ct mark` values; 0 = abi.DefaultCtMarkMask
 	// ChecksumHelper makes every transport checksum update a
 	// bpf_l4_csum_replace call. By default the program reads
 	// skb->ip_summed through kernel BTF (bpf_cast_to_kern_ctx) and updates
 	// inline, which is faster but ties the program to the running kernel;
 	// golden listings use the helper so they don't depend on it.
 	ChecksumHelper bool
-}
-
-// Map names in Program.Spec.Maps.
-const (
-	ProgramName  = "sfunnel"
-	CountersMap  = "counters" // PERCPU_ARRAY, key uint32 rule index, value Counter
-	StatsMap     = "stats"    // PERCPU_ARRAY, key uint32 Stat*, value uint64
-	RuleMTUMap   = "rule_mtu" // PERCPU_ARRAY, key uint32 rule index, value uint64: funnels that exceeded the egress MTU
-	SetMapPrefix = "set_"     // + set name: the map of a named set (see SetMap)
-	anonPrefix   = "anon_"    // + number: a large anonymous set
-)
-
-// Counter is the value of the counters map (per CPU).
-type Counter struct {
-	Packets, Bytes uint64
-}
-
-// Stat* index the stats map: events not tied to one rule.
-const (
-	// StatFragment: a rewriting action met an IPv4/IPv6 fragment; the packet
-	// passed untouched.
-	StatFragment = iota
-	// StatUnfunnelInvalid: unfunnel found no consistent inner header; the
-	// packet passed untouched.
-	StatUnfunnelInvalid
-	// StatMTUExceeded: a funneled packet is longer than the egress device's
-	// MTU (it is still sent; the stack drops or fragments it).
-	StatMTUExceeded
-	// StatNotApplicable: a rewriting action met a packet it can't rewrite
-	// (not TCP/UDP, truncated or inconsistent lengths, family of the dnat
-	// address, result longer than 65535); untouched.
-	StatNotApplicable
-	// StatNoChecksum: funnel or rewrite tcp of a UDP datagram sent without
-	// checksum (0), which can't be carried with an O(1) checksum; untouched.
-	StatNoChecksum
-	// StatIPOptions: funnel/unfunnel of a packet with IPv4 options or IPv6
-	// extension headers beyond what is supported; untouched.
-	StatIPOptions
-	// StatGSO: funnel/unfunnel of a GSO packet (segmentation after TC would
-	// corrupt it); untouched.
-	StatGSO
-	// StatPartialChecksum: TCP-in-UDP rewrite of a packet whose checksum is
-	// still to be finalised (CHECKSUM_PARTIAL): the finaliser would write
-	// into the moved fields; untouched.
-	StatPartialChecksum
-	// StatHelperFailed: a kernel helper (adjust_room) refused; untouched.
-	StatHelperFailed
-	NumStats
-)
-
-// StatNames names the Stat* constants for display.
-var StatNames = [NumStats]string{
-	"fragment", "unfunnel-invalid", "mtu-exceeded", "not-applicable",
-	"no-checksum", "ip-options", "gso", "partial-checksum", "helper-failed",
 }
 
 // Program is a compiled hook.

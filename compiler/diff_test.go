@@ -14,6 +14,7 @@ import (
 
 	"github.com/gopacket/gopacket"
 	"github.com/gopacket/gopacket/layers"
+	"github.com/sfunnel/sfunnel/abi"
 	"github.com/sfunnel/sfunnel/compiler"
 	"github.com/sfunnel/sfunnel/grammar"
 	"github.com/sfunnel/sfunnel/refmodel"
@@ -542,11 +543,11 @@ func TestDifferential(t *testing.T) {
 		if strings.Contains(listing, "addr+") {
 			pairGrouped++
 		}
-		model, err := refmodel.New(rules, sets, opts)
+		model, err := refmodel.New(rules, sets, modelOptions(opts))
 		if err != nil {
 			t.Fatal(err)
 		}
-		counters := map[int]compiler.Counter{}
+		counters := map[int]abi.Counter{}
 		var stats [compiler.NumStats]uint64
 		for n := 0; n < perSet && failures < 5; n++ {
 			pkt := g.packet(t)

@@ -42,7 +42,7 @@ func FuzzPacket(f *testing.F) {
 	for _, rules := range rulesets {
 		opts := compiler.Options{Hook: grammar.HookIngress}
 		l := compileLoad(f, rules, nil, opts)
-		m, err := refmodel.New(rules, nil, opts)
+		m, err := refmodel.New(rules, nil, modelOptions(opts))
 		if err != nil {
 			f.Fatal(err)
 		}

@@ -10,9 +10,11 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/gopacket/gopacket"
 	"github.com/gopacket/gopacket/layers"
+	"github.com/sfunnel/sfunnel/abi"
 	"github.com/sfunnel/sfunnel/compiler"
 	"github.com/sfunnel/sfunnel/grammar"
 	"github.com/sfunnel/sfunnel/internal/testenv"
+	"github.com/sfunnel/sfunnel/refmodel"
 )
 
 // loaded is a compiled hook loaded into the kernel.
@@ -79,13 +81,13 @@ func (l *loaded) stats(t testing.TB) [compiler.NumStats]uint64 {
 	return s
 }
 
-func (l *loaded) counter(t testing.TB, i int) compiler.Counter {
+func (l *loaded) counter(t testing.TB, i int) abi.Counter {
 	t.Helper()
-	var per []compiler.Counter
-	if err := l.coll.Maps[compiler.CountersMap].Lookup(uint32(i), &per); err != nil {
+	var per []abi.Counter
+	if err := l.coll.Maps[abi.CountersMap].Lookup(uint32(i), &per); err != nil {
 		t.Fatal(err)
 	}
-	var c compiler.Counter
+	var c abi.Counter
 	for _, v := range per {
 		c.Packets += v.Packets
 		c.Bytes += v.Bytes
@@ -268,4 +270,9 @@ func segmentValid(src, dst net.IP, v6 bool, proto uint8, seg []byte) bool {
 
 func udpLayer(sport, dport uint16) *layers.UDP {
 	return &layers.UDP{SrcPort: layers.UDPPort(sport), DstPort: layers.UDPPort(dport)}
+}
+
+// modelOptions are the reference model's options for a compiled hook.
+func modelOptions(o compiler.Options) refmodel.Options {
+	return refmodel.Options{L3: o.L3, Hook: o.Hook, CtMarkMask: o.CtMarkMask}
 }

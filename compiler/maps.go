@@ -7,29 +7,14 @@ import (
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/asm"
+	"github.com/sfunnel/sfunnel/abi"
 	"github.com/sfunnel/sfunnel/grammar"
 )
 
-// Map shapes for sets.
-const (
-	// NamedAddrSetCapacity is the max_entries of a named address set's LPM
-	// trie: elements can be added live up to this many.
-	NamedAddrSetCapacity = 65536
-	// PortBitmapSize is the value size of a port set: one bit per port,
-	// bit (port & 7) of byte (port >> 3).
-	PortBitmapSize = 65536 / 8
-)
-
 // SetMap returns the map backing a named set, with its elements as
-// Contents. It has the same shape as Spec.Maps["set_"+name] of any program
-// that references the set:
-//
-//   - ipv4_addr / ipv6_addr: LPM_TRIE (BPF_F_NO_PREALLOC), key {prefixlen
-//     uint32 (host order); address [4]/[16]byte}, value uint8 1,
-//     max_entries NamedAddrSetCapacity.
-//   - inet_service: ARRAY of one element (key uint32 0), value a
-//     PortBitmapSize-byte bitmap; adding or deleting elements rewrites that
-//     one value.
+// Contents, in the layout of package abi. It has the same shape as
+// Spec.Maps["set_"+name] of any program that references the set; adding or
+// deleting elements of a port set rewrites its one value.
 func SetMap(s *grammar.Set) *ebpf.MapSpec {
 	var m *ebpf.MapSpec
 	switch s.Type {
@@ -41,7 +26,7 @@ func SetMap(s *grammar.Set) *ebpf.MapSpec {
 		m = lpmMap(6, s.Prefixes)
 	}
 	if m.Type == ebpf.LPMTrie {
-		m.MaxEntries = NamedAddrSetCapacity
+		m.MaxEntries = abi.NamedAddrSetCapacity
 	}
 	m.Name = objName(SetMapPrefix + s.Name)
 	return m
@@ -64,7 +49,7 @@ func objName(s string) string {
 
 // PortBitmap returns the bitmap value of a port set.
 func PortBitmap(ranges []grammar.PortRange) []byte {
-	b := make([]byte, PortBitmapSize)
+	b := make([]byte, abi.PortBitmapSize)
 	for _, r := range ranges {
 		for p := int(r.Lo); p <= int(r.Hi); p++ {
 			b[p>>3] |= 1 << (p & 7)
@@ -75,7 +60,7 @@ func PortBitmap(ranges []grammar.PortRange) []byte {
 
 func portBitmap(ranges []grammar.PortRange) *ebpf.MapSpec {
 	return &ebpf.MapSpec{
-		Type: ebpf.Array, KeySize: 4, ValueSize: PortBitmapSize, MaxEntries: 1,
+		Type: ebpf.Array, KeySize: 4, ValueSize: abi.PortBitmapSize, MaxEntries: 1,
 		Contents: []ebpf.MapKV{{Key: uint32(0), Value: PortBitmap(ranges)}},
 	}
 }

@@ -7,6 +7,7 @@ import (
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/asm"
+	"github.com/sfunnel/sfunnel/abi"
 	"github.com/sfunnel/sfunnel/grammar"
 )
 
@@ -42,10 +43,6 @@ const (
 	slotBuf   = -296 // MaxOptMove bytes: options being moved
 	slotHdr   = -320 // 20 bytes: a funnel header being built
 )
-
-// MaxOptMove is the most IPv4 option or IPv6 extension header bytes funnel
-// and unfunnel move; longer chains are passed untouched (StatIPOptions).
-const MaxOptMove = 128
 
 const (
 	infoFrag = 1 // IPv4 MF/offset or an IPv6 fragment header
@@ -637,7 +634,7 @@ func (c *compiler) stat(s int) string {
 	if l, ok := c.statLabels[s]; ok {
 		return l
 	}
-	l := c.exit("stat_" + strings.ReplaceAll(StatNames[s], "-", "_"))
+	l := c.exit("stat_" + strings.ReplaceAll(abi.StatNames[s], "-", "_"))
 	c.statLabels[s] = l
 	return l
 }

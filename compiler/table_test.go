@@ -9,6 +9,7 @@ import (
 	"testing"
 
 	"github.com/gopacket/gopacket/layers"
+	"github.com/sfunnel/sfunnel/abi"
 	"github.com/sfunnel/sfunnel/compiler"
 	"github.com/sfunnel/sfunnel/grammar"
 	"github.com/sfunnel/sfunnel/refmodel"
@@ -242,11 +243,11 @@ func TestActions(t *testing.T) {
 					want = 1
 				}
 				if v != want {
-					t.Errorf("stat %s = %d, want %d", compiler.StatNames[i], v, want)
+					t.Errorf("stat %s = %d, want %d", abi.StatNames[i], v, want)
 				}
 			}
 			// The model agrees.
-			m, err := refmodel.New(tc.rules, tc.sets, compiler.Options{Hook: grammar.HookEgress})
+			m, err := refmodel.New(tc.rules, tc.sets, refmodel.Options{Hook: grammar.HookEgress})
 			if err != nil {
 				t.Fatal(err)
 			}

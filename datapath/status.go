@@ -2,8 +2,8 @@ package datapath
 
 import (
 	"github.com/cilium/ebpf"
+	"github.com/sfunnel/sfunnel/abi"
 	"github.com/sfunnel/sfunnel/bpf"
-	"github.com/sfunnel/sfunnel/compiler"
 	"github.com/sfunnel/sfunnel/grammar"
 )
 
@@ -15,7 +15,7 @@ type HookStatus struct {
 	Hook   grammar.Hook
 	Mode   bpf.Mode // tcx, or clsact (fallback)
 	ProgID ebpf.ProgramID
-	// Stats are the datapath's events by compiler.StatNames (fragments
+	// Stats are the datapath's events by abi.StatNames (fragments
 	// passed, invalid unfunnels, funnels over the MTU, ...).
 	Stats map[string]uint64
 	// MTUExceeded counts, by rule handle, the funnels that made a packet
@@ -46,16 +46,16 @@ func (b *Backend) Status() ([]HookStatus, error) {
 		if info, err := l.Prog.Info(); err == nil {
 			hs.ProgID, _ = info.ID()
 		}
-		if m := l.Maps[compiler.StatsMap]; m != nil {
+		if m := l.Maps[abi.StatsMap]; m != nil {
 			if v, err := bpf.ReadStats(m); err == nil {
 				for i, n := range v {
-					if i < len(compiler.StatNames) {
-						hs.Stats[compiler.StatNames[i]] = n
+					if i < len(abi.StatNames) {
+						hs.Stats[abi.StatNames[i]] = n
 					}
 				}
 			}
 		}
-		if m := l.Maps[compiler.RuleMTUMap]; m != nil {
+		if m := l.Maps[abi.RuleMTUMap]; m != nil {
 			if v, err := bpf.ReadStats(m); err == nil {
 				for i, n := range v {
 					if i < len(h.Handles) && n > 0 {

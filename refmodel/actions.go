@@ -1,7 +1,7 @@
 package refmodel
 
 import (
-	"github.com/sfunnel/sfunnel/compiler"
+	"github.com/sfunnel/sfunnel/abi"
 	"github.com/sfunnel/sfunnel/grammar"
 )
 
@@ -79,19 +79,19 @@ func (st *state) optsTooLong() bool {
 		return false
 	}
 	o := st.s.l4off - st.l3 - st.ipHdrLen()
-	return o == 0 || o > compiler.MaxOptMove
+	return o == 0 || o > abi.MaxOptMove
 }
 
 // guards mirrors the checks actions start with.
 func (st *state) guards(unsafe, gso bool) int {
 	if st.s.frag {
-		return compiler.StatFragment
+		return abi.StatFragment
 	}
 	if unsafe && st.s.unsafe {
-		return compiler.StatIPOptions
+		return abi.StatIPOptions
 	}
 	if gso && st.in.GSOSize != 0 {
-		return compiler.StatGSO
+		return abi.StatGSO
 	}
 	return applied
 }
@@ -144,28 +144,28 @@ func (st *state) funnel(a *grammar.Action) int {
 	}
 	min, checkIn, ok := st.protoInfo()
 	if !ok {
-		return compiler.StatNotApplicable
+		return abi.StatNotApplicable
 	}
 	if st.optsTooLong() {
-		return compiler.StatIPOptions
+		return abi.StatIPOptions
 	}
 	if !st.inBuffer(min) {
-		return compiler.StatNotApplicable
+		return abi.StatNotApplicable
 	}
 	l, ok := st.l4Len()
 	if !ok || l < uint32(min) {
-		return compiler.StatNotApplicable
+		return abi.StatNotApplicable
 	}
 	ipHdr := uint32(st.s.l4off - st.l3) // IPv4: the IP length counts the header
 	if st.s.fam == 6 {
 		ipHdr -= 40
 	}
 	if l+ipHdr+uint32(h) > 0xffff {
-		return compiler.StatNotApplicable
+		return abi.StatNotApplicable
 	}
 	inner := st.s.proto
 	if inner == 17 && le16(st.p[st.s.l4off+6:]) == 0 {
-		return compiler.StatNoChecksum
+		return abi.StatNoChecksum
 	}
 	// The header goes between the options and the transport header (the
 	// datapath grows after the fixed header and moves the options).
@@ -219,7 +219,7 @@ func bswap32(v uint32) uint32 {
 }
 
 func (st *state) unfunnel(innerProto grammar.Proto) int {
-	bad := compiler.StatUnfunnelInvalid
+	bad := abi.StatUnfunnelInvalid
 	minIn, checkIn := 8, 6
 	if innerProto == grammar.ProtoTCP {
 		minIn, checkIn = 20, 16
@@ -232,7 +232,7 @@ func (st *state) unfunnel(innerProto grammar.Proto) int {
 		return bad
 	}
 	if st.optsTooLong() {
-		return compiler.StatIPOptions
+		return abi.StatIPOptions
 	}
 	if !st.inBuffer(minOut) {
 		return bad
@@ -280,7 +280,7 @@ func (st *state) unfunnel(innerProto grammar.Proto) int {
 }
 
 func (st *state) rewrite(to grammar.Proto) int {
-	notApp := compiler.StatNotApplicable
+	notApp := abi.StatNotApplicable
 	if s := st.guards(false, false); s != applied {
 		return s
 	}
@@ -307,11 +307,11 @@ func (st *state) rewrite(to grammar.Proto) int {
 			return notApp
 		}
 		if le16(p[6:]) == 0 {
-			return compiler.StatNoChecksum
+			return abi.StatNoChecksum
 		}
 	}
 	if st.in.Partial {
-		return compiler.StatPartialChecksum
+		return abi.StatPartialChecksum
 	}
 	saved := le16(p[probe:])
 	if to == grammar.ProtoUDP {
@@ -351,14 +351,14 @@ func (st *state) dnat(r *grammar.Rule, a *grammar.Action) int {
 		fam = 6
 	}
 	if r.Family == grammar.FamilyAny && st.s.fam != fam {
-		return compiler.StatNotApplicable
+		return abi.StatNotApplicable
 	}
 	if s := st.guards(true, false); s != applied {
 		return s
 	}
 	_, check, ok := st.transport()
 	if !ok {
-		return compiler.StatNotApplicable
+		return abi.StatNotApplicable
 	}
 	udp := st.s.proto == 17
 	addr := a.DNATAddr.AsSlice()

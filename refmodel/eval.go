@@ -3,13 +3,13 @@ package refmodel
 import (
 	"net/netip"
 
-	"github.com/sfunnel/sfunnel/compiler"
+	"github.com/sfunnel/sfunnel/abi"
 	"github.com/sfunnel/sfunnel/grammar"
 )
 
 // Run evaluates the rules on one packet. The input is not modified.
 func (m *Model) Run(in Input) Result {
-	st := &state{m: m, p: append([]byte(nil), in.Packet...), in: in, res: Result{Verdict: compiler.VerdictNext, Mark: in.Mark, Counters: map[int]compiler.Counter{}, Rule: -1}}
+	st := &state{m: m, p: append([]byte(nil), in.Packet...), in: in, res: Result{Verdict: abi.VerdictNext, Mark: in.Mark, Counters: map[int]abi.Counter{}, Rule: -1}}
 	st.l3 = 14
 	if m.opts.L3 {
 		st.l3 = 0
@@ -47,13 +47,14 @@ func (st *state) run() {
 			st.res.Mark = st.res.Mark&^s.Mask | s.Value&s.Mask
 		}
 		if s := r.SetCtMark; s != nil {
-			mask, value, _ := st.m.ct.SetBits(s)
-			st.res.Mark = st.res.Mark&^mask | value
+			if mask, value, ok := st.m.ct.skbBits(s.Value, s.Mask); ok {
+				st.res.Mark = st.res.Mark&^mask | value
+			}
 		}
 		if len(r.Actions) == 0 {
 			continue
 		}
-		st.res.Verdict = compiler.VerdictPass
+		st.res.Verdict = abi.VerdictPass
 		st.res.Rule = i
 		for _, a := range r.Actions {
 			var stat int
@@ -61,7 +62,7 @@ func (st *state) run() {
 			case grammar.ActAccept:
 				return
 			case grammar.ActDrop:
-				st.res.Verdict = compiler.VerdictDrop
+				st.res.Verdict = abi.VerdictDrop
 				return
 			case grammar.ActFunnel:
 				stat = st.funnel(a)
@@ -113,8 +114,8 @@ func (st *state) matches(r *grammar.Rule) bool {
 		}
 	}
 	if mm := r.CtMark; mm != nil {
-		mask, value, err := st.m.ct.MatchBits(mm)
-		if err != nil || (st.res.Mark&mask == value) == mm.Neg {
+		mask, value, ok := st.m.ct.skbBits(mm.Value, mm.Mask)
+		if !ok || (st.res.Mark&mask == value) == mm.Neg {
 			return false
 		}
 	}

@@ -20,11 +20,11 @@
 //     then its actions in order. accept and drop end at once; after
 //     rewriting actions (funnel, unfunnel, rewrite, dnat) the packet passes.
 //     A rewriting action that can't apply leaves the packet as it is,
-//     counts a stat (compiler.Stat*) and passes it; the rule's later
+//     counts a stat (abi.Stat*) and passes it; the rule's later
 //     actions don't run. No rule ends evaluation: VerdictNext.
 //   - Rewriting actions never touch fragments. funnel and unfunnel work
 //     behind IPv4 options and IPv6 extension headers (up to
-//     compiler.MaxOptMove bytes), not with an IPv6 routing header or AH
+//     abi.MaxOptMove bytes), not with an IPv6 routing header or AH
 //     (nor does dnat), and not on GSO packets.
 //   - Checksums are updated incrementally from the packet's own checksums
 //     (the inner one of a funneled packet is address-neutral), so a packet
@@ -33,9 +33,11 @@
 package refmodel
 
 import (
+	"fmt"
+	"math/bits"
 	"net/netip"
 
-	"github.com/sfunnel/sfunnel/compiler"
+	"github.com/sfunnel/sfunnel/abi"
 	"github.com/sfunnel/sfunnel/grammar"
 )
 
@@ -54,27 +56,66 @@ type Result struct {
 	Verdict  int32
 	Packet   []byte
 	Mark     uint32
-	Counters map[int]compiler.Counter // rule index -> increment
-	Rule     int                      // index of the rule that ended evaluation, -1 if none
-	Stats    [compiler.NumStats]uint64
+	Counters map[int]abi.Counter // rule index -> increment
+	Rule     int                 // index of the rule that ended evaluation, -1 if none
+	Stats    [abi.NumStats]uint64
+}
+
+// Options say what hook the model stands for.
+type Options struct {
+	L3         bool         // packet data starts at the IP header
+	Hook       grammar.Hook // ingress or egress
+	CtMarkMask uint32       // bits of skb->mark that carry `ct mark`; 0 = abi.DefaultCtMarkMask
 }
 
 // Model interprets the rules of one hook.
 type Model struct {
 	rules []*grammar.Rule
 	sets  map[string]*grammar.Set
-	opts  compiler.Options
-	ct    compiler.CtMark
+	opts  Options
+	ct    ctBits
 }
 
 // New returns a model; the sets map is read at every packet, so changing a
 // set's elements changes what matches, as with live set maps.
-func New(rules []*grammar.Rule, sets map[string]*grammar.Set, opts compiler.Options) (*Model, error) {
-	ct, err := compiler.CtMarkLayout(opts.CtMarkMask)
+func New(rules []*grammar.Rule, sets map[string]*grammar.Set, opts Options) (*Model, error) {
+	ct, err := ctLayout(opts.CtMarkMask)
 	if err != nil {
 		return nil, err
 	}
 	return &Model{rules: rules, sets: sets, opts: opts, ct: ct}, nil
+}
+
+// ctBits places `ct mark` values in skb->mark: value v, under mask m, is
+// the skb mark bits (v & m) times the mask's lowest bit, in the mask.
+// Worked out here, not taken from the compiler, so the model checks it.
+type ctBits struct {
+	mask uint32 // the skb->mark bits
+	unit uint32 // the mask's lowest set bit: ct mark 1
+}
+
+func ctLayout(mask uint32) (ctBits, error) {
+	if mask == 0 {
+		mask = abi.DefaultCtMarkMask
+	}
+	unit := mask & -mask
+	if (mask+unit)&mask != 0 {
+		return ctBits{}, fmt.Errorf("ct mark mask %#x is not contiguous", mask)
+	}
+	return ctBits{mask: mask, unit: unit}, nil
+}
+
+// width is the largest ct mark value.
+func (c ctBits) width() uint32 { return c.mask >> bits.TrailingZeros32(c.unit) }
+
+// skbBits returns the skb->mark mask and value of a ct mark value and mask;
+// ok is false when the value does not fit.
+func (c ctBits) skbBits(value, mask uint32) (m, v uint32, ok bool) {
+	if value > c.width() {
+		return 0, 0, false
+	}
+	mask &= c.width()
+	return mask * c.unit, value & mask * c.unit, true
 }
 
 // parsed is what the parse guard finds.

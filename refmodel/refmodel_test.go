@@ -7,7 +7,7 @@ import (
 
 	"github.com/gopacket/gopacket"
 	"github.com/gopacket/gopacket/layers"
-	"github.com/sfunnel/sfunnel/compiler"
+	"github.com/sfunnel/sfunnel/abi"
 	"github.com/sfunnel/sfunnel/grammar"
 	"github.com/sfunnel/sfunnel/refmodel"
 )
@@ -56,13 +56,13 @@ func TestFunnelRoundTrip(t *testing.T) {
 		{Family: grammar.FamilyIPv4, Proto: grammar.ProtoTCP, Dport: &grammar.PortMatch{Ranges: []grammar.PortRange{{Lo: 179, Hi: 179}}},
 			Actions: []*grammar.Action{{Kind: grammar.ActUnfunnel, Proto: grammar.ProtoUDP}}},
 	}
-	m, err := refmodel.New(rules, nil, compiler.Options{Hook: grammar.HookEgress})
+	m, err := refmodel.New(rules, nil, refmodel.Options{Hook: grammar.HookEgress})
 	if err != nil {
 		t.Fatal(err)
 	}
 	in := packet(t)
 	out := m.Run(refmodel.Input{Packet: in})
-	if out.Verdict != compiler.VerdictPass || out.Rule != 0 || out.Counters[0].Packets != 1 || len(out.Packet) != len(in)+20 {
+	if out.Verdict != abi.VerdictPass || out.Rule != 0 || out.Counters[0].Packets != 1 || len(out.Packet) != len(in)+20 {
 		t.Fatalf("funnel: %+v", out)
 	}
 	p := out.Packet
@@ -82,7 +82,7 @@ func TestFunnelRoundTrip(t *testing.T) {
 		t.Fatalf("funnel header %x", p[34:54])
 	}
 	back := m.Run(refmodel.Input{Packet: out.Packet})
-	if back.Verdict != compiler.VerdictPass || !bytes.Equal(back.Packet, in) {
+	if back.Verdict != abi.VerdictPass || !bytes.Equal(back.Packet, in) {
 		t.Fatalf("unfunnel: %+v", back)
 	}
 	// A fragment is never rewritten, only counted.
@@ -91,7 +91,7 @@ func TestFunnelRoundTrip(t *testing.T) {
 	frag[24], frag[25] = 0, 0
 	binary.BigEndian.PutUint16(frag[24:], ^uint16(sum(frag[14:34], 0)))
 	fr := m.Run(refmodel.Input{Packet: frag})
-	if fr.Verdict != compiler.VerdictNext || !bytes.Equal(fr.Packet, frag) {
+	if fr.Verdict != abi.VerdictNext || !bytes.Equal(fr.Packet, frag) {
 		t.Fatalf("fragment: %+v", fr)
 	}
 }

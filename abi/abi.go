@@ -1,0 +1,104 @@
+// Package abi is the contract between the programs package compiler
+// generates and everything else that talks to them: the verdicts they
+// return, the maps they own (names, key and value layouts), the events they
+// count and the counter type. bpf/ and datapath/ read the maps through it;
+// the reference model (refmodel/) shares it with the compiler and nothing
+// else, so it stays an independent oracle.
+//
+// Changing a layout here changes what old pinned maps mean: bump the state
+// format in datapath when you do.
+package abi
+
+// Verdicts the program returns (tcx naming; clsact direct-action reads them
+// the same way).
+const (
+	// VerdictNext: no rule ended evaluation; the next program / the stack
+	// sees the packet (tcx TCX_NEXT, clsact TC_ACT_UNSPEC).
+	VerdictNext int32 = -1
+	// VerdictPass: accept, or the rule's rewriting actions ran (TCX_PASS).
+	VerdictPass int32 = 0
+	// VerdictDrop: drop (TC_ACT_SHOT).
+	VerdictDrop int32 = 2
+)
+
+// Names of the program and its maps in a compiled CollectionSpec.
+const (
+	ProgramName = "sfunnel"
+	// CountersMap: PERCPU_ARRAY, key uint32 rule index, value Counter.
+	CountersMap = "counters"
+	// StatsMap: PERCPU_ARRAY, key uint32 Stat, value uint64.
+	StatsMap = "stats"
+	// RuleMTUMap: PERCPU_ARRAY, key uint32 rule index, value uint64:
+	// funnels of that rule that exceeded the egress MTU.
+	RuleMTUMap = "rule_mtu"
+	// SetMapPrefix + set name: the map of a named set (layout below),
+	// shared by every program that references the set.
+	SetMapPrefix = "set_"
+)
+
+// Counter is the value of the counters map (one per CPU).
+type Counter struct {
+	Packets, Bytes uint64
+}
+
+// Named set maps:
+//
+//   - ipv4_addr / ipv6_addr: LPM_TRIE (BPF_F_NO_PREALLOC), key {prefixlen
+//     uint32 (host order); address [4]/[16]byte}, value uint8 1,
+//     max_entries NamedAddrSetCapacity.
+//   - inet_service: ARRAY of one element (key uint32 0), value a
+//     PortBitmapSize-byte bitmap, bit (port & 7) of byte (port >> 3).
+const (
+	NamedAddrSetCapacity = 65536
+	PortBitmapSize       = 65536 / 8
+)
+
+// Stat* index the stats map: events not tied to one rule, each a reason
+// why a matched packet was left alone (or, for StatMTUExceeded, sent
+// anyway). Untyped, so they serve as map keys and immediates alike.
+const (
+	// StatFragment: a rewriting action met an IPv4/IPv6 fragment; the packet
+	// passed untouched.
+	StatFragment = iota
+	// StatUnfunnelInvalid: unfunnel found no consistent inner header; the
+	// packet passed untouched.
+	StatUnfunnelInvalid
+	// StatMTUExceeded: a funneled packet is longer than the egress device's
+	// MTU (it is still sent; the stack drops or fragments it).
+	StatMTUExceeded
+	// StatNotApplicable: a rewriting action met a packet it can't rewrite
+	// (not TCP/UDP, truncated or inconsistent lengths, family of the dnat
+	// address, result longer than 65535); untouched.
+	StatNotApplicable
+	// StatNoChecksum: funnel or rewrite tcp of a UDP datagram sent without
+	// checksum (0), which can't be carried with an O(1) checksum; untouched.
+	StatNoChecksum
+	// StatIPOptions: funnel/unfunnel of a packet with IPv4 options or IPv6
+	// extension headers beyond what is supported; untouched.
+	StatIPOptions
+	// StatGSO: funnel/unfunnel of a GSO packet (segmentation after TC would
+	// corrupt it); untouched.
+	StatGSO
+	// StatPartialChecksum: TCP-in-UDP rewrite of a packet whose checksum is
+	// still to be finalised (CHECKSUM_PARTIAL): the finaliser would write
+	// into the moved fields; untouched.
+	StatPartialChecksum
+	// StatHelperFailed: a kernel helper (adjust_room) refused; untouched.
+	StatHelperFailed
+	NumStats
+)
+
+// StatNames names the Stat* constants for display (monitor, status).
+var StatNames = [NumStats]string{
+	"fragment", "unfunnel-invalid", "mtu-exceeded", "not-applicable",
+	"no-checksum", "ip-options", "gso", "partial-checksum", "helper-failed",
+}
+
+// MaxOptMove is the most IPv4 option or IPv6 extension header bytes funnel
+// and unfunnel move; longer chains are passed untouched (StatIPOptions).
+const MaxOptMove = 128
+
+// DefaultCtMarkMask holds `ct mark` values in skb->mark. It avoids
+// kube-proxy's 0x4000/0x8000 bits; values are shifted into these bits
+// (ct mark 1 is skb mark 0x00010000). A mask is one contiguous run of bits.
+const DefaultCtMarkMask = 0x00ff0000
