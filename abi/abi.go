@@ -98,7 +98,9 @@ var StatNames = [NumStats]string{
 // and unfunnel move; longer chains are passed untouched (StatIPOptions).
 const MaxOptMove = 128
 
-// DefaultCtMarkMask holds `ct mark` values in skb->mark. It avoids
-// kube-proxy's 0x4000/0x8000 bits; values are shifted into these bits
-// (ct mark 1 is skb mark 0x00010000). A mask is one contiguous run of bits.
+// DefaultCtMarkMask is the connection mark bits `ct mark` values live in
+// (the same bits of skb->mark carry them). It avoids kube-proxy's
+// 0x4000/0x8000 bits. `ct mark set` also sets a flag bit, just above the
+// mask (0x01000000 here), that the nftables table saves on; package ctmark
+// has the layout.
 const DefaultCtMarkMask = 0x00ff0000

@@ -34,10 +34,10 @@ package compiler
 import (
 	"encoding/binary"
 	"fmt"
-	"math/bits"
 
 	"github.com/cilium/ebpf"
 	"github.com/sfunnel/sfunnel/abi"
+	"github.com/sfunnel/sfunnel/ctmark"
 	"github.com/sfunnel/sfunnel/grammar"
 )
 
@@ -112,44 +112,12 @@ func errorf(span grammar.Span, format string, args ...any) *Error {
 	return &Error{Span: span, Msg: fmt.Sprintf(format, args...)}
 }
 
-// CtMark describes how `ct mark` values sit in skb->mark.
-type CtMark struct {
-	Mask  uint32 // bits of skb->mark
-	Shift uint   // value v is stored as v << Shift
-	Width uint32 // largest value: Mask >> Shift
-}
+// CtMark is how `ct mark` values ride in skb->mark (package ctmark, which
+// also keeps the nftables table that moves them to and from conntrack).
+type CtMark = ctmark.Layout
 
-// CtMarkLayout validates a ct mark mask (0 = DefaultCtMarkMask): it must be
-// one contiguous run of bits.
-func CtMarkLayout(mask uint32) (CtMark, error) {
-	if mask == 0 {
-		mask = DefaultCtMarkMask
-	}
-	shift := uint(bits.TrailingZeros32(mask))
-	width := mask >> shift
-	if width&(width+1) != 0 {
-		return CtMark{}, fmt.Errorf("ct mark mask %#x is not one contiguous run of bits", mask)
-	}
-	return CtMark{Mask: mask, Shift: shift, Width: width}, nil
-}
-
-// CtMatchBits returns the skb->mark mask and value a `ct mark` match tests.
-func (c CtMark) MatchBits(m *grammar.MarkMatch) (mask, value uint32, err error) {
-	if m.Value&^c.Width != 0 {
-		return 0, 0, fmt.Errorf("ct mark value %#x is wider than the ct mark bits (max %#x, mask %#x)", m.Value, c.Width, c.Mask)
-	}
-	mm := m.Mask & c.Width
-	return mm << c.Shift, (m.Value & mm) << c.Shift, nil
-}
-
-// SetBits returns the skb->mark mask and value a `ct mark set` writes.
-func (c CtMark) SetBits(s *grammar.MarkSet) (mask, value uint32, err error) {
-	if s.Value&^c.Width != 0 {
-		return 0, 0, fmt.Errorf("ct mark value %#x is wider than the ct mark bits (max %#x, mask %#x)", s.Value, c.Width, c.Mask)
-	}
-	mm := s.Mask & c.Width
-	return mm << c.Shift, (s.Value & mm) << c.Shift, nil
-}
+// CtMarkLayout validates a ct mark mask (0 = DefaultCtMarkMask).
+func CtMarkLayout(mask uint32) (CtMark, error) { return ctmark.NewLayout(mask) }
 
 // Compile compiles the rules of one hook. sets holds the named sets by name.
 func Compile(rules []*grammar.Rule, sets map[string]*grammar.Set, opts Options) (*Program, error) {

@@ -155,7 +155,7 @@ func (g gen) rule(sets map[string]*grammar.Set) *grammar.Rule {
 		}
 	}
 	if g.chance(0.1) {
-		r.CtMark = &grammar.MarkMatch{Neg: g.chance(0.3), Value: uint32(g.pick(3)), Mask: 0xffffffff}
+		r.CtMark = &grammar.MarkMatch{Neg: g.chance(0.3), Value: uint32(g.pick(3)) << 16, Mask: 0xffffffff}
 	}
 	r.Counter = g.chance(0.5)
 	if g.chance(0.15) {
@@ -165,7 +165,7 @@ func (g gen) rule(sets map[string]*grammar.Set) *grammar.Rule {
 		}
 	}
 	if g.chance(0.1) {
-		r.SetCtMark = &grammar.MarkSet{Value: uint32(g.pick(256)), Mask: 0xffffffff}
+		r.SetCtMark = &grammar.MarkSet{Value: uint32(g.pick(256)) << 16, Mask: 0xffffffff}
 	}
 	switch g.pick(9) {
 	case 0:

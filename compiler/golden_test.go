@@ -40,8 +40,8 @@ func goldenRulesets() map[string]struct {
 	}
 	mixed := []*grammar.Rule{
 		{Handle: 10, Proto: grammar.ProtoTCP, TCPFlags: &grammar.FlagsMatch{Form: grammar.FlagsMasked, Flags: grammar.TCPSyn, Mask: grammar.TCPSyn | grammar.TCPAck},
-			Dport: &grammar.PortMatch{Neg: true, Ranges: []grammar.PortRange{{Lo: 1, Hi: 1023}}}, SetCtMark: &grammar.MarkSet{Value: 1, Mask: 0xffffffff}},
-		{Handle: 11, CtMark: &grammar.MarkMatch{Value: 1, Mask: 0xffffffff}, MetaMark: &grammar.MarkMatch{Neg: true, Value: 0x4000, Mask: 0x4000, HasMask: true},
+			Dport: &grammar.PortMatch{Neg: true, Ranges: []grammar.PortRange{{Lo: 1, Hi: 1023}}}, SetCtMark: &grammar.MarkSet{Value: 0x10000, Mask: 0xffffffff}},
+		{Handle: 11, CtMark: &grammar.MarkMatch{Value: 0x10000, Mask: 0xffffffff}, MetaMark: &grammar.MarkMatch{Neg: true, Value: 0x4000, Mask: 0x4000, HasMask: true},
 			Daddr: prefixes("192.0.2.0/24", "198.51.100.7"), Family: grammar.FamilyIPv4,
 			Actions: []*grammar.Action{{Kind: grammar.ActDNAT, DNATAddr: netip.MustParseAddr("203.0.113.9"), DNATPort: 8080}, funnelTo(grammar.ProtoUDP, 0, 4789)}},
 		{Handle: 12, Proto: grammar.ProtoTCP, Dport: ports(5201), Actions: []*grammar.Action{act(grammar.ActRewrite, grammar.ProtoUDP)}},

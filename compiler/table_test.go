@@ -152,9 +152,9 @@ func TestActions(t *testing.T) {
 				{Proto: grammar.ProtoUDP, Dport: &grammar.PortMatch{Ranges: []grammar.PortRange{{Lo: 1, Hi: 10}, {Lo: 4739, Hi: 4739}}}, Actions: []*grammar.Action{act(grammar.ActAccept, 0)}},
 			}, in: udp, verdict: compiler.VerdictPass, stat: -1},
 			tableCase{name: "statements then a later rule" + sfx, rules: []*grammar.Rule{
-				{Counter: true, SetMetaMark: &grammar.MarkSet{Value: 0x10, Mask: 0xff}, SetCtMark: &grammar.MarkSet{Value: 3, Mask: 0xffffffff}},
-				{CtMark: &grammar.MarkMatch{Value: 3, Mask: 0xffffffff}, MetaMark: &grammar.MarkMatch{Value: 0x10, Mask: 0xf0, HasMask: true}, Actions: []*grammar.Action{act(grammar.ActDrop, 0)}},
-			}, in: udp, mark: 0x12345601, verdict: compiler.VerdictDrop, markOut: 0x12035610, stat: -1},
+				{Counter: true, SetMetaMark: &grammar.MarkSet{Value: 0x10, Mask: 0xff}, SetCtMark: &grammar.MarkSet{Value: 0x30000, Mask: 0xffffffff}},
+				{CtMark: &grammar.MarkMatch{Value: 0x30000, Mask: 0xffffffff}, MetaMark: &grammar.MarkMatch{Value: 0x10, Mask: 0xf0, HasMask: true}, Actions: []*grammar.Action{act(grammar.ActDrop, 0)}},
+			}, in: udp, mark: 0x12345601, verdict: compiler.VerdictDrop, markOut: 0x13035610, stat: -1}, // ct mark set: the value and the flag bit 0x01000000
 			tableCase{name: "meta mark != " + sfx, rules: []*grammar.Rule{{MetaMark: &grammar.MarkMatch{Neg: true, Value: 7, Mask: 0xffffffff}, Actions: []*grammar.Action{act(grammar.ActDrop, 0)}}},
 				in: udp, mark: 7, verdict: compiler.VerdictNext, markOut: 7, stat: -1},
 		)

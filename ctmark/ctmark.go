@@ -3,15 +3,17 @@
 // skb->mark, so `ct mark set V` at TC ingress marks the packet, this table
 // saves the mark bits on the connection after conntrack, and restores them
 // onto packets of the connection before TC egress, where `ct mark V` matches
-// the packet mark.
+// the packet mark. V is the connection mark itself (see Layout): what
+// `conntrack -L` shows, restricted to MASK.
 //
 // The table is `table inet sfunnel` and nothing outside it is touched:
 //
 //	table inet sfunnel {
 //		chain ct_save {     # after conntrack, before routing
 //			type filter hook prerouting priority mangle
-//			meta mark & MASK != 0 ct mark set ct mark & ~MASK
-//			meta mark & BIT != 0 ct mark set ct mark | BIT    # for every BIT of MASK
+//			meta mark & FLAG != 0 ct mark set ct mark & ~MASK
+//			meta mark & (FLAG|BIT) == FLAG|BIT ct mark set ct mark | BIT   # for every BIT of MASK
+//			meta mark & FLAG != 0 meta mark set meta mark & ~FLAG
 //		}
 //		chain ct_restore {  # last netfilter hook before TC egress
 //			type filter hook postrouting priority mangle
@@ -21,8 +23,9 @@
 //	}
 //
 // Only MASK bits are copied (nftables cannot OR two registers, hence one
-// rule per bit), and only when some are set, so packets of the connection
-// that sfunnel did not mark leave the saved value alone.
+// rule per bit). Saving happens only for packets whose FLAG bit says a
+// `ct mark set` ran, so other packets of the connection leave the saved
+// value alone while `ct mark set 0` clears it.
 package ctmark
 
 import (
@@ -83,8 +86,9 @@ func (t *Table) Exists() (bool, error) {
 // Ensure creates the table, or replaces it (one nftables transaction) so it
 // holds exactly the rules for Mask.
 func (t *Table) Ensure() error {
-	if t.Mask == 0 {
-		return errors.New("ct mark mask is 0")
+	l, err := NewLayout(t.Mask)
+	if err != nil {
+		return err
 	}
 	exists, err := t.Exists()
 	if err != nil {
@@ -107,10 +111,10 @@ func (t *Table) Ensure() error {
 		Name: "ct_restore", Table: tbl, Type: nftables.ChainTypeFilter,
 		Hooknum: nftables.ChainHookPostrouting, Priority: nftables.ChainPriorityMangle,
 	})
-	for _, r := range copyRules(t.Mask, metaLoad, ctLoad, ctStore) {
+	for _, r := range saveRules(l) {
 		c.AddRule(&nftables.Rule{Table: tbl, Chain: save, Exprs: r})
 	}
-	for _, r := range copyRules(t.Mask, ctLoad, metaLoad, metaStore) {
+	for _, r := range restoreRules(l.Mask) {
 		c.AddRule(&nftables.Rule{Table: tbl, Chain: restore, Exprs: r})
 	}
 	if err := c.Flush(); err != nil {
@@ -166,16 +170,28 @@ func or(m uint32) expr.Any {
 	return &expr.Bitwise{SourceRegister: reg, DestRegister: reg, Len: 4, Mask: le(^m), Xor: le(m)}
 }
 
-// copyRules builds the rules copying the mask bits of src into dst.
-func copyRules(mask uint32, src, dst, store func() expr.Any) [][]expr.Any {
-	test := func(m uint32) []expr.Any {
-		// src & m != 0
-		return []expr.Any{src(), and(m), &expr.Cmp{Op: expr.CmpOpNeq, Register: reg, Data: le(0)}}
+// test loads src, keeps the bits of m and compares them with want.
+func test(src func() expr.Any, m uint32, op expr.CmpOp, want uint32) []expr.Any {
+	return []expr.Any{src(), and(m), &expr.Cmp{Op: op, Register: reg, Data: le(want)}}
+}
+
+// saveRules copy the Mask bits of flagged packets onto the connection,
+// then drop the flag.
+func saveRules(l Layout) [][]expr.Any {
+	rules := [][]expr.Any{append(test(metaLoad, l.Flag, expr.CmpOpNeq, 0), ctLoad(), and(^l.Mask), ctStore())}
+	for m := l.Mask; m != 0; m &= m - 1 {
+		bit := uint32(1) << bits.TrailingZeros32(m)
+		rules = append(rules, append(test(metaLoad, l.Flag|bit, expr.CmpOpEq, l.Flag|bit), ctLoad(), or(bit), ctStore()))
 	}
-	rules := [][]expr.Any{append(test(mask), dst(), and(^mask), store())}
+	return append(rules, append(test(metaLoad, l.Flag, expr.CmpOpNeq, 0), metaLoad(), and(^l.Flag), metaStore()))
+}
+
+// restoreRules copy the mask bits of a marked connection onto its packets.
+func restoreRules(mask uint32) [][]expr.Any {
+	rules := [][]expr.Any{append(test(ctLoad, mask, expr.CmpOpNeq, 0), metaLoad(), and(^mask), metaStore())}
 	for m := mask; m != 0; m &= m - 1 {
 		bit := uint32(1) << bits.TrailingZeros32(m)
-		rules = append(rules, append(test(bit), dst(), or(bit), store()))
+		rules = append(rules, append(test(ctLoad, bit, expr.CmpOpNeq, 0), metaLoad(), or(bit), metaStore()))
 	}
 	return rules
 }

@@ -372,7 +372,7 @@ func TestSetElementsLive(t *testing.T) {
 func TestCtMarkTableFollowsRules(t *testing.T) {
 	testenv.RequireCommand(t, "nft")
 	e := newEnv(t, Options{})
-	ct, err := grammar.ParseRule("<test>", "udp dport 4739 ct mark set 1 counter", nil)
+	ct, err := grammar.ParseRule("<test>", "udp dport 4739 ct mark set 0x10000 counter", nil)
 	if err != nil {
 		t.Fatal(err)
 	}

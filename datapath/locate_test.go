@@ -69,7 +69,7 @@ func TestCompileErrorNamesRule(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	bad, err := grammar.ParseRule("<cmdline>", "udp dport 2 ct mark set 0x100", nil) // wider than the 8 ct mark bits
+	bad, err := grammar.ParseRule("<cmdline>", "udp dport 2 ct mark set 0x100", nil) // outside the ct mark mask
 	if err != nil {
 		t.Fatal(err)
 	}

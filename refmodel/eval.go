@@ -47,7 +47,7 @@ func (st *state) run() {
 			st.res.Mark = st.res.Mark&^s.Mask | s.Value&s.Mask
 		}
 		if s := r.SetCtMark; s != nil {
-			if mask, value, ok := st.m.ct.skbBits(s.Value, s.Mask); ok {
+			if mask, value, ok := st.m.ct.setBits(s); ok {
 				st.res.Mark = st.res.Mark&^mask | value
 			}
 		}
@@ -114,7 +114,7 @@ func (st *state) matches(r *grammar.Rule) bool {
 		}
 	}
 	if mm := r.CtMark; mm != nil {
-		mask, value, ok := st.m.ct.skbBits(mm.Value, mm.Mask)
+		mask, value, ok := st.m.ct.matchBits(mm)
 		if !ok || (st.res.Mark&mask == value) == mm.Neg {
 			return false
 		}

@@ -34,7 +34,6 @@ package refmodel
 
 import (
 	"fmt"
-	"math/bits"
 	"net/netip"
 
 	"github.com/sfunnel/sfunnel/abi"
@@ -86,36 +85,50 @@ func New(rules []*grammar.Rule, sets map[string]*grammar.Set, opts Options) (*Mo
 	return &Model{rules: rules, sets: sets, opts: opts, ct: ct}, nil
 }
 
-// ctBits places `ct mark` values in skb->mark: value v, under mask m, is
-// the skb mark bits (v & m) times the mask's lowest bit, in the mask.
-// Worked out here, not taken from the compiler, so the model checks it.
+// ctBits places `ct mark` values in skb->mark: a value is the connection
+// mark itself, in the mask's bits; `ct mark set` also sets the flag bit
+// (the bit above the mask, or the highest free one for a mask reaching bit
+// 31) that tells the nftables table to save them. Worked out here, not
+// taken from the compiler, so the model checks it.
 type ctBits struct {
 	mask uint32 // the skb->mark bits
-	unit uint32 // the mask's lowest set bit: ct mark 1
+	flag uint32
 }
 
 func ctLayout(mask uint32) (ctBits, error) {
 	if mask == 0 {
 		mask = abi.DefaultCtMarkMask
 	}
-	unit := mask & -mask
-	if (mask+unit)&mask != 0 {
-		return ctBits{}, fmt.Errorf("ct mark mask %#x is not contiguous", mask)
+	if mask == 0xffffffff {
+		return ctBits{}, fmt.Errorf("ct mark mask %#x leaves no flag bit", mask)
 	}
-	return ctBits{mask: mask, unit: unit}, nil
+	c := ctBits{mask: mask}
+	if mask&0x80000000 == 0 {
+		for c.flag = 1; c.flag <= mask; c.flag <<= 1 {
+		}
+		return c, nil
+	}
+	for c.flag = 0x80000000; c.flag&mask != 0; c.flag >>= 1 {
+	}
+	return c, nil
 }
 
-// width is the largest ct mark value.
-func (c ctBits) width() uint32 { return c.mask >> bits.TrailingZeros32(c.unit) }
+// matchBits returns the skb->mark mask and value `ct mark V[/M]` tests;
+// ok is false when V or M has bits outside the ct mark mask.
+func (c ctBits) matchBits(mm *grammar.MarkMatch) (m, v uint32, ok bool) {
+	m = c.mask
+	if mm.HasMask {
+		m = mm.Mask
+	}
+	return m, mm.Value, m&^c.mask == 0 && mm.Value&^m == 0
+}
 
-// skbBits returns the skb->mark mask and value of a ct mark value and mask;
-// ok is false when the value does not fit.
-func (c ctBits) skbBits(value, mask uint32) (m, v uint32, ok bool) {
-	if value > c.width() {
+// setBits returns the skb->mark mask and value `ct mark set V` writes.
+func (c ctBits) setBits(s *grammar.MarkSet) (m, v uint32, ok bool) {
+	if (s.HasMask && s.Mask != c.mask) || s.Value&^c.mask != 0 {
 		return 0, 0, false
 	}
-	mask &= c.width()
-	return mask * c.unit, value & mask * c.unit, true
+	return c.mask | c.flag, s.Value | c.flag, true
 }
 
 // parsed is what the parse guard finds.

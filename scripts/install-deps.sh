@@ -12,6 +12,7 @@ have mandoc   || need+=(mandoc)
 have man      || need+=(man-db)
 have iperf3   || need+=(iperf3)
 have socat    || need+=(socat)
+have conntrack || need+=(conntrack)
 if [ ${#need[@]} -gt 0 ]; then
 	if [ "$(id -u)" -ne 0 ]; then
 		echo "missing packages: ${need[*]} (run as root to install them)" >&2

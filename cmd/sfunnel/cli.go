@@ -13,6 +13,7 @@ import (
 	"github.com/vishvananda/netns"
 	"golang.org/x/term"
 
+	"github.com/sfunnel/sfunnel/ctmark"
 	"github.com/sfunnel/sfunnel/datapath"
 	"github.com/sfunnel/sfunnel/grammar"
 	"github.com/sfunnel/sfunnel/ruleset"
@@ -159,8 +160,11 @@ func parseArgs(argv []string) (*options, error) {
 		case "--ct-mark-mask":
 			if v, err = next(); err == nil {
 				m, perr := strconv.ParseUint(v, 0, 32)
-				if perr != nil || m == 0 {
-					return nil, usagef("--ct-mark-mask wants a non-zero 32-bit mask, got %q", v)
+				if perr != nil {
+					return nil, usagef("--ct-mark-mask wants a 32-bit mask, got %q", v)
+				}
+				if merr := ctmark.CheckMask(uint32(m)); merr != nil {
+					return nil, usagef("--ct-mark-mask %s: %v", v, merr)
 				}
 				o.ctMarkMask = uint32(m)
 			}
