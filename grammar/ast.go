@@ -83,7 +83,7 @@ func (h Hook) String() string {
 }
 
 // Rule is one resolved rule. Matches are ANDed; a nil match matches all.
-// Statements (Counter, SetMetaMark, SetCtMark) run when every match holds,
+// Statements (Counter, SetMetaMark, SetCtMark, Trace) run when every match holds,
 // then Actions run in order.
 type Rule struct {
 	Span
@@ -107,6 +107,9 @@ type Rule struct {
 	Counter     bool
 	SetMetaMark *MarkSet
 	SetCtMark   *MarkSet
+	// Trace is nft's `meta nftrace set 1`: packets that match are reported
+	// to `monitor trace`.
+	Trace bool
 
 	Actions []*Action
 	Comment string // "" = none
@@ -273,11 +276,25 @@ func (t SetType) String() string {
 	return [...]string{"ipv4_addr", "ipv6_addr", "inet_service"}[t]
 }
 
+// MaxSetElements is the most elements a named set holds, and the size of a
+// set declared without `size`: the capacity of the datapath's LPM trie.
+const MaxSetElements = 65536
+
 // Set is a named set. Addr sets hold Prefixes, service sets hold Ports.
 type Set struct {
 	Span
-	Name     string
-	Type     SetType
+	Name string
+	Type SetType
+	// Size is the declared `size N` (0 = not given: MaxSetElements).
+	Size     uint32
 	Prefixes []netip.Prefix
 	Ports    []PortRange
+}
+
+// Limit is the number of elements s may hold.
+func (s *Set) Limit() int {
+	if s.Size == 0 {
+		return MaxSetElements
+	}
+	return int(s.Size)
 }

@@ -48,6 +48,10 @@ type Command struct {
 	// (Type is unknown there until the ruleset looks the set up; elements
 	// are then checked against it, see CheckElements).
 	Set *Set
+	// Trace is set for `monitor trace` (rule hits of packets a
+	// `meta nftrace set 1` rule marked), CmdMonitor only.
+	Trace bool
+
 	// Elements keeps the element values as written, for element commands,
 	// to be typed against the set's type.
 	Elements []Value

@@ -3,6 +3,8 @@ package grammar
 import (
 	"errors"
 	"fmt"
+	"slices"
+	"strconv"
 	"strings"
 
 	"github.com/alecthomas/participle/v2"
@@ -183,7 +185,7 @@ func tokenLen(s string) int {
 
 // expectations translates participle's grammar names into words.
 var expectations = []struct{ node, words string }{
-	{"ActionSyntax", "an action: accept, drop, funnel, unfunnel, rewrite or dnat"},
+	{"ActionSyntax", "an action: " + orList(ActionWords)},
 	{"ListSyntax", "what to list: ruleset, interface IF [HOOK], sets or set NAME"},
 	{"FlushSyntax", "what to flush: ruleset or interface IF [HOOK]"},
 	{"AddSyntax", "rule or element"},
@@ -211,28 +213,65 @@ func friendlyMessage(msg string) string {
 	msg = strings.ReplaceAll(msg, `token "<EOF>"`, "end of input")
 	msg = strings.ReplaceAll(msg, `(expected "}")`, `(expected "," or "}")`)
 	head, expected, found := strings.Cut(msg, " (expected ")
-	if !found {
-		return msg + hint(msg)
+	if h := hint(msg); h != "" {
+		return head + h
 	}
-	for _, e := range expectations {
-		if strings.HasPrefix(expected, e.node) {
-			return head + ", expected " + e.words
+	if found {
+		for _, e := range expectations {
+			if strings.HasPrefix(expected, e.node) {
+				return head + ", expected " + e.words
+			}
 		}
 	}
-	if strings.Contains(expected, "Syntax") {
+	if w, ok := strings.CutPrefix(head, "unexpected token "); ok && unknownWord(w) {
+		// A word the language does not have, where a rule could go on: say
+		// what could, rather than the separator participle wanted.
+		return head + ", expected a match, a statement (counter, meta mark set, ct mark set, meta nftrace set 1), an action (" + orList(ActionWords) + ") or the end of the rule"
+	}
+	if !found || strings.Contains(expected, "Syntax") {
 		return head
 	}
 	return head + " (expected " + expected
 }
 
+// unknownWord reports whether a quoted token is a word that is none of
+// the language's keywords.
+func unknownWord(quoted string) bool {
+	w, err := strconv.Unquote(quoted)
+	if err != nil || w == "" || !(w[0] == '_' || w[0] >= 'a' && w[0] <= 'z' || w[0] >= 'A' && w[0] <= 'Z') {
+		return false
+	}
+	for _, list := range [][]string{MatchWords, StatementWords, ActionWords, RuleWords, Hooks, FileWords, TCPFlags} {
+		if slices.Contains(list, w) {
+			return false
+		}
+	}
+	for _, u := range CommandUsage {
+		if slices.Contains(strings.Fields(u), w) {
+			return false
+		}
+	}
+	return true
+}
+
 // hint suggests the word meant for common slips from nft and sfunnel habits.
 func hint(msg string) string {
 	for word, h := range map[string]string{
-		`"action"`: "actions", `"port"`: "sport or dport", `"to"`: "dnat to ADDR",
-		`"chain"`: "interface NAME { ingress { … } }", `"table"`: "interface NAME { … }",
+		`"action"`: "did you mean actions?", `"port"`: "did you mean sport or dport?", `"to"`: "did you mean dnat to ADDR?",
+		`"chain"`: "sfunnel writes interface NAME { ingress { … } }", `"table"`: "sfunnel writes interface NAME { … }",
+		`"counter"`: "counter is a statement: write it before the actions, e.g. udp dport 5 counter drop",
 	} {
 		if strings.Contains(msg, "unexpected token "+word) {
-			return " (did you mean " + h + "?)"
+			return " (" + h + ")"
+		}
+	}
+	for word, alt := range nftOnly {
+		if strings.Contains(msg, `unexpected token "`+word+`"`) {
+			h := " (nft's " + word + " has no sfunnel counterpart"
+			if alt != "" {
+				h += "; see " + alt
+			}
+			return h + ")"
 		}
 	}
 	return ""

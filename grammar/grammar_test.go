@@ -2,14 +2,18 @@ package grammar
 
 import (
 	"flag"
+	"io"
 	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
+	"time"
 
 	"github.com/google/go-cmp/cmp"
 	"github.com/google/go-cmp/cmp/cmpopts"
+	"github.com/sfunnel/sfunnel/abi"
 )
 
 var update = flag.Bool("update", false, "rewrite golden files")
@@ -102,6 +106,24 @@ func TestRules(t *testing.T) {
 		{`udp dport 1 comment "quote \" inside"`, `udp dport 1 comment "quote \" inside"`},
 		// Listings with counter values read back (the values are dropped).
 		{"udp dport 1 counter packets 5 bytes 300 actions accept", "udp dport 1 counter actions accept"},
+		// nft's forms: actions without the word, explicit protocol and
+		// family matches, tracing. The printer keeps sfunnel's form.
+		{"udp dport 5 drop", "udp dport 5 actions drop"},
+		{"udp dport 5 counter accept", "udp dport 5 counter actions accept"},
+		{"udp dport 4739 funnel tcp dport 179 sport 540", "udp dport 4739 actions funnel tcp dport 179 sport 540"},
+		{"tcp dport 179 sport 540 counter unfunnel udp", "tcp dport 179 sport 540 counter actions unfunnel udp"},
+		{"tcp dport 443 rewrite udp comment \"mptcp\"", "tcp dport 443 actions rewrite udp comment \"mptcp\""},
+		{"udp dport 2055 dnat to 192.0.2.1 funnel tcp dport 179", "ip udp dport 2055 actions dnat to 192.0.2.1, funnel tcp dport 179"},
+		{"ip protocol udp udp dport 4739 counter", "ip udp dport 4739 counter"},
+		{"ip protocol tcp accept", "ip tcp actions accept"},
+		{"ip protocol 17 drop", "ip udp actions drop"},
+		{"ip6 nexthdr udp counter", "ip6 udp counter"},
+		{"meta l4proto udp drop", "udp actions drop"},
+		{"meta l4proto tcp tcp dport 80 drop", "tcp dport 80 actions drop"},
+		{"meta nfproto ipv6 meta l4proto tcp tcp dport 80 drop", "ip6 tcp dport 80 actions drop"},
+		{"meta nfproto ipv4 counter", "ip counter"},
+		{"udp dport 53 meta nftrace set 1 counter accept", "udp dport 53 counter meta nftrace set 1 actions accept"},
+		{"meta nftrace set 1", "meta nftrace set 1"},
 		// Line continuation.
 		{"ip udp dport 4739 \\\n actions funnel tcp dport 179", "ip udp dport 4739 actions funnel tcp dport 179"},
 	} {
@@ -305,6 +327,37 @@ func TestErrors(t *testing.T) {
 		"set s { type ipv4_addr; elements = { 2001:db8::1 } }",
 		"define a = $b\ndefine b = $a\nudp dport $a actions drop",
 		"udp dport 1 actions drop\n\tip6 saddr 10.0.0.1 counter",
+		// Empty lists match nothing; nft refuses them, so does sfunnel.
+		"udp dport { } actions drop",
+		"ip daddr { } actions drop",
+		"define none = { }\nudp dport $none actions drop",
+		"define none = {\n}\nip saddr $none counter",
+		"add element s { }",
+		// nft's forms, and what has no counterpart.
+		"ip protocol icmp drop",
+		"meta l4proto sctp drop",
+		"ip6 nexthdr tcp ip protocol udp",
+		"meta nfproto arp counter",
+		"meta nftrace set 2",
+		"udp dport 5 actions",
+		"udp dport 5 actions reject",
+		"udp dport 5 log",
+		"udp dport 5 drop counter",
+		"udp dport 5 actions counter drop",
+		"udp dport 5 jump flows",
+		// Syntax errors inside blocks are as specific as on the command line.
+		"interface eth0 {\n\tegress {\n\t\tudp dport 1 actions frob\n\t}\n}",
+		"interface eth0 {\n\tegress {\n\t\tudp dport 1 frob\n\t}\n}",
+		// Several syntax errors, one per bad line.
+		"udp dport 1 actions drop ~\nudp dport 2 actions drop\nudp sport ( 3 )\nlist rules\nudp dport 4 drop",
+		// Set sizes.
+		"set s { type ipv4_addr; size 2; elements = { 192.0.2.1, 192.0.2.2, 192.0.2.3 } }",
+		"set s { type ipv4_addr; size 70000 }",
+		"set s { type inet_service; size 0 }",
+		"set s { type inet_service\n\tsize 2\n\tsize 3\n}",
+		// Text that is not UTF-8.
+		"udp dport 1 actions drop # caf\xe9 cr\xe8me",
+		"udp dport 1 actions drop\nudp dport 2 comment \"na\xefve\"",
 	}
 	var out strings.Builder
 	for _, in := range inputs {
@@ -336,5 +389,105 @@ func TestErrors(t *testing.T) {
 	}
 	if d := cmp.Diff(string(want), out.String()); d != "" {
 		t.Errorf("error messages differ from %s (-want +got):\n%s", golden, d)
+	}
+}
+
+func TestMonitorTrace(t *testing.T) {
+	for src, trace := range map[string]bool{"monitor": false, "monitor trace": true} {
+		cmds, srcs, err := Parse("<cmdline>", src, nil)
+		if err != nil {
+			t.Fatal(FormatError(err, srcs))
+		}
+		if len(cmds) != 1 || cmds[0].Kind != CmdMonitor || cmds[0].Trace != trace {
+			t.Errorf("%q: %+v", src, cmds[0])
+		}
+	}
+}
+
+// TestSourceText: a UTF-8 BOM is dropped; includes of devices and FIFOs are
+// refused instead of read without end; sizes are bounded.
+func TestSourceText(t *testing.T) {
+	cmds, srcs, err := Parse("bom.conf", "\uFEFFudp dport 5 drop\n", nil)
+	if err != nil {
+		t.Fatalf("BOM: %s", FormatError(err, srcs))
+	}
+	if got := FormatRule(cmds[0].Rule, nil); got != "udp dport 5 actions drop" {
+		t.Errorf("BOM: %s", got)
+	}
+	// Error columns after a BOM count from the first character after it.
+	_, srcs, err = Parse("bom.conf", "\uFEFFudp dport 70000 drop\n", nil)
+	if err == nil || !strings.HasPrefix(FormatError(err, srcs), "bom.conf:1:11-15: Error: port 70000") {
+		t.Errorf("BOM error position: %v", err)
+	}
+
+	dir := t.TempDir()
+	fifo := filepath.Join(dir, "fifo")
+	if err := syscall.Mkfifo(fifo, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for path, want := range map[string]string{
+		"/dev/zero": "cannot include: /dev/zero: not a regular file (a character device cannot hold a ruleset)",
+		fifo:        "cannot include: " + fifo + ": not a regular file (a FIFO cannot hold a ruleset)",
+	} {
+		done := make(chan error, 1)
+		go func() {
+			_, _, err := Parse(filepath.Join(dir, "main.conf"), "include \""+path+"\"\n", nil)
+			done <- err
+		}()
+		select {
+		case err := <-done:
+			list, ok := err.(ErrorList)
+			if !ok || len(list) != 1 || list[0].Msg != want || list[0].Span.Pos.Line != 1 {
+				t.Errorf("include %s: %v\nwant %s", path, err, want)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatalf("include %s: still reading after 10s", path)
+		}
+	}
+	big := filepath.Join(dir, "big.conf")
+	if err := os.Truncate(big, 0); err != nil && !os.IsNotExist(err) {
+		t.Fatal(err)
+	}
+	f, _ := os.Create(big)
+	f.Truncate(MaxSourceBytes + 1)
+	f.Close()
+	if _, err := ReadSource(big); err == nil || !strings.Contains(err.Error(), "more than the") {
+		t.Errorf("oversized file: %v", err)
+	}
+	if _, err := ReadBounded(io.LimitReader(zeros{}, MaxSourceBytes+10), "/dev/stdin"); err == nil {
+		t.Errorf("oversized stdin read without error")
+	}
+}
+
+type zeros struct{}
+
+func (zeros) Read(p []byte) (int, error) {
+	clear(p)
+	return len(p), nil
+}
+
+// TestSetCapacity: the element past a set's capacity (MaxSetElements when
+// no size is declared) is a located error before anything reaches a map.
+func TestSetCapacity(t *testing.T) {
+	set := &Set{Name: "big", Type: SetIPv4Addr}
+	for i := 0; i < MaxSetElements; i++ {
+		set.Prefixes = append(set.Prefixes, netip.PrefixFrom(netip.AddrFrom4([4]byte{10, byte(i >> 16), byte(i >> 8), byte(i)}), 32))
+	}
+	span := Span{Pos: Pos{Filename: "<cmdline>", Line: 1, Column: 17}, End: Pos{Filename: "<cmdline>", Line: 1, Column: 26}}
+	_, err := CheckElements(set, []Value{{Span: span, Addr: "192.0.2.1"}}, true)
+	list, ok := err.(ErrorList)
+	if !ok || len(list) != 1 || list[0].Span != span ||
+		list[0].Msg != `set "big" is full: it holds at most 65536 elements (the default and maximum size is 65536)` {
+		t.Fatalf("element 65537: %v", err)
+	}
+	set.Prefixes = set.Prefixes[:MaxSetElements-1]
+	if _, err := CheckElements(set, []Value{{Span: span, Addr: "192.0.2.1"}}, true); err != nil {
+		t.Errorf("element 65536: %v", err)
+	}
+}
+
+func TestSetCapacityMatchesDatapath(t *testing.T) {
+	if MaxSetElements != abi.NamedAddrSetCapacity {
+		t.Errorf("grammar.MaxSetElements %d != abi.NamedAddrSetCapacity %d: the check-time limit must be the map's", MaxSetElements, abi.NamedAddrSetCapacity)
 	}
 }

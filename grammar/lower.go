@@ -1,6 +1,7 @@
 package grammar
 
 import (
+	"errors"
 	"fmt"
 	"net/netip"
 	"os"
@@ -10,6 +11,7 @@ import (
 	"strconv"
 	"strings"
 
+	"github.com/alecthomas/participle/v2"
 	"github.com/alecthomas/participle/v2/lexer"
 )
 
@@ -111,20 +113,32 @@ func (l *lowerer) errorf(s Span, format string, args ...any) {
 }
 
 func (l *lowerer) file(filename, src string, incl []Span, depth int) {
-	l.sources[filename] = src
 	saved := l.incl
 	l.incl = incl
 	defer func() { l.incl = saved }()
+	src, bad := checkText(filename, src)
+	l.sources[filename] = src
+	if bad != nil {
+		bad.IncludedFrom = incl
+		l.errs = append(l.errs, bad)
+		return
+	}
 	f, err := parser.ParseString(filename, src)
 	if err != nil {
-		e := parseError(err, src)
-		if le, ok := e.(*Error); ok {
-			le.IncludedFrom = incl
-			l.errs = append(l.errs, le)
-		} else {
-			l.errs = append(l.errs, &Error{Msg: e.Error()})
+		start := len(l.errs)
+		if f = l.syntaxErrors(filename, src, err, incl); f == nil {
+			return
 		}
-		return
+		// The text parsed once the bad lines were blanked: check the rest
+		// too, so a mistake the lowerer finds (an unknown action) is not
+		// hidden by a syntax error elsewhere. What the blanked lines
+		// declared is missing, so "undefined" errors are not reported.
+		defer func() {
+			errs := l.errs[start:]
+			errs = slices.DeleteFunc(errs, func(e *Error) bool { return strings.HasPrefix(e.Msg, "undefined ") })
+			sort.SliceStable(errs, func(i, j int) bool { return errs[i].Span.Pos.Offset < errs[j].Span.Pos.Offset })
+			l.errs = l.errs[:start+len(errs)]
+		}()
 	}
 	for _, st := range f.Stmts {
 		switch {
@@ -146,6 +160,54 @@ func (l *lowerer) file(filename, src string, incl []Span, depth int) {
 			if r := l.rule(st.Rule); r != nil {
 				l.cmds = append(l.cmds, &Command{Span: r.Span, Kind: CmdBareRule, Rule: r})
 			}
+		}
+	}
+}
+
+// maxSyntaxErrors bounds the syntax errors reported for one file.
+const maxSyntaxErrors = 10
+
+// syntaxErrors reports err and looks for more, as nft does: the line with
+// the error is blanked (so positions stay put) and the text parsed again.
+// Recovery stops at a line with a brace (blanking it would unbalance the
+// blocks and report errors that are not there) or when the parser does
+// not get past the blanked line. Semantic checks are skipped: they would
+// report what the blanked lines declared as missing.
+func (l *lowerer) syntaxErrors(filename, src string, err error, incl []Span) *fileSyntax {
+	text := []byte(src)
+	for n := 0; ; n++ {
+		e := parseError(err, string(text))
+		le, ok := e.(*Error)
+		if !ok {
+			l.errs = append(l.errs, &Error{Msg: e.Error(), IncludedFrom: incl})
+			return nil
+		}
+		le.IncludedFrom = incl
+		l.errs = append(l.errs, le)
+		off := le.Span.Pos.Offset
+		if n+1 >= maxSyntaxErrors || off < 0 || off >= len(text) {
+			return nil
+		}
+		start := strings.LastIndexByte(string(text[:off]), '\n') + 1
+		end := len(text)
+		if i := strings.IndexByte(string(text[off:]), '\n'); i >= 0 {
+			end = off + i
+		}
+		line := text[start:end]
+		if strings.ContainsAny(string(line), "{}") {
+			return nil
+		}
+		for i := range line {
+			line[i] = ' '
+		}
+		f, perr2 := parser.ParseBytes(filename, text)
+		if perr2 == nil {
+			return f
+		}
+		err = perr2
+		var perr participle.Error
+		if !errors.As(err, &perr) || perr.Position().Offset <= end {
+			return nil
 		}
 	}
 }
@@ -173,9 +235,9 @@ func (l *lowerer) include(inc *includeSyntax, from string, incl []Span, depth in
 			l.errorf(span, "include cycle: %s is already being read", f)
 			return
 		}
-		data, err := os.ReadFile(f)
+		data, err := ReadSource(f)
 		if err != nil {
-			l.errorf(span, "cannot read included file: %v", err)
+			l.errorf(span, "cannot include: %v", err)
 			continue
 		}
 		l.reading[abs] = true
@@ -249,19 +311,37 @@ func (l *lowerer) setDecl(s *setSyntax) {
 		l.errorf(tokenSpan(s.Tokens, s.Type), "unknown set type %q (want ipv4_addr, ipv6_addr or inet_service)", s.Type)
 		return
 	}
-	for _, f := range s.Flags {
-		if f != "interval" {
-			l.errorf(tokenSpan(s.Tokens, f), "unknown set flag %q (only interval is accepted; it is implied)", f)
+	var elems []Value
+	for _, p := range s.Props {
+		pspan := spanOf(p.Tokens)
+		switch {
+		case p.Flags != nil:
+			for _, f := range p.Flags {
+				if f != "interval" {
+					l.errorf(tokenSpan(p.Tokens, f), "unknown set flag %q (only interval is accepted; it is implied)", f)
+				}
+			}
+		case p.Size != nil:
+			if set.Size != 0 {
+				l.errorf(pspan, "size given twice in set %q", s.Name)
+				continue
+			}
+			if n, ok := l.number(p.Size, MaxSetElements); ok {
+				if n == 0 {
+					l.errorf(spanOf(p.Size.Tokens), "a set of size 0 could hold nothing")
+					continue
+				}
+				set.Size = uint32(n)
+			}
+		case p.Elements != nil:
+			elems = append(elems, l.values(p.Elements)...)
 		}
 	}
 	if _, dup := l.sets[s.Name]; dup {
 		l.errorf(span, "set %q is declared twice", s.Name)
 	}
 	l.sets[s.Name] = set.Type
-	if s.Elements != nil {
-		elems := l.values(s.Elements)
-		l.typeElements(set, elems)
-	}
+	l.typeElements(set, elems)
 	l.cmds = append(l.cmds, &Command{Span: span, Kind: CmdDefineSet, Set: set})
 }
 
@@ -276,7 +356,12 @@ func (l *lowerer) typeElements(set *Set, elems []Value) {
 	for _, r := range set.Ports {
 		seenR[r] = true
 	}
+	limit := set.Limit()
 	for _, e := range elems {
+		if len(set.Prefixes)+len(set.Ports) >= limit {
+			l.errorf(e.Span, "set %q is full: it holds at most %d elements (%s)", set.Name, limit, sizeHint(set))
+			return
+		}
 		switch set.Type {
 		case SetInetService:
 			r, ok := l.portRange(e)
@@ -312,12 +397,19 @@ func (l *lowerer) typeElements(set *Set, elems []Value) {
 	}
 }
 
+func sizeHint(s *Set) string {
+	if s.Size == 0 {
+		return fmt.Sprintf("the default and maximum size is %d", MaxSetElements)
+	}
+	return fmt.Sprintf("declared with size %d", s.Size)
+}
+
 // CheckElements types element values against a set, as `add element` and
 // `delete element` need once the set is known. New elements that are
 // already in set are reported as duplicates when add is true.
 func CheckElements(set *Set, elems []Value, add bool) (*Set, error) {
 	l := &lowerer{opts: &Options{}}
-	out := &Set{Name: set.Name, Type: set.Type}
+	out := &Set{Name: set.Name, Type: set.Type, Size: set.Size}
 	if add {
 		out.Prefixes = append(out.Prefixes, set.Prefixes...)
 		out.Ports = append(out.Ports, set.Ports...)
@@ -448,8 +540,8 @@ func (l *lowerer) command(c *commandSyntax) {
 			return false
 		}
 		cmd.Set = &Set{Span: spanOf(ec.Name.Tokens), Name: name}
-		cmd.Elements = l.values(ec.Value)
-		return true
+		cmd.Elements = l.nonEmpty(ec.Value)
+		return cmd.Elements != nil
 	}
 	ok := true
 	switch {
@@ -504,7 +596,7 @@ func (l *lowerer) command(c *commandSyntax) {
 		cmd.Kind = CmdResetCounters
 		target(c.Reset.Target)
 	case c.Monitor:
-		cmd.Kind = CmdMonitor
+		cmd.Kind, cmd.Trace = CmdMonitor, c.Trace
 	}
 	if ok {
 		l.cmds = append(l.cmds, cmd)
@@ -564,6 +656,24 @@ func (l *lowerer) values(v *valueSyntax) []Value {
 		out = append(out, Value{Span: span, Addr: e.Addr, Len: e.Len, Lo: e.Lo, Hi: e.Hi, Name: e.Name})
 	}
 	return out
+}
+
+// nonEmpty is values for a match or an element command, where an empty
+// list is an error as in nft: `udp dport { }` would otherwise match every
+// UDP packet once the empty match is dropped, the opposite of what it says.
+func (l *lowerer) nonEmpty(v *valueSyntax) []Value {
+	before := len(l.errs)
+	vals := l.values(v)
+	if len(vals) > 0 || len(l.errs) > before {
+		return vals
+	}
+	span := spanOf(v.Tokens)
+	if v.Elem != nil && v.Elem.Var != "" {
+		l.errorf(span, "%s is an empty list: nft refuses { } too (to match nothing, use a named @set with no elements)", v.Elem.Var)
+	} else {
+		l.errorf(span, "empty list { }: nft refuses it too (to match nothing, use a named @set with no elements)")
+	}
+	return nil
 }
 
 // expand resolves a $var to its elements.

@@ -68,6 +68,9 @@ func FormatRule(r *Rule, o *PrintOptions) string {
 	if r.SetCtMark != nil {
 		add("ct", "mark", "set", formatMark(r.SetCtMark.Value, r.SetCtMark.Mask, r.SetCtMark.HasMask))
 	}
+	if r.Trace {
+		add("meta", "nftrace", "set", "1")
+	}
 	if len(r.Actions) > 0 {
 		acts := make([]string, len(r.Actions))
 		for i, a := range r.Actions {
@@ -228,6 +231,9 @@ func formatMarkMatch(m *MarkMatch) string {
 func FormatSet(s *Set, indent string) string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "%sset %s {\n%s\ttype %s\n", indent, s.Name, indent, s.Type)
+	if s.Size != 0 {
+		fmt.Fprintf(&b, "%s\tsize %d\n", indent, s.Size)
+	}
 	if elems := FormatElements(s); elems != "" {
 		fmt.Fprintf(&b, "%s\telements = %s\n", indent, elems)
 	}

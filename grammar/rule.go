@@ -44,15 +44,29 @@ func (l *lowerer) rule(rs *ruleSyntax) *Rule {
 		case it.Addr != nil:
 			l.addrItem(r, st, it.Addr, span)
 		case it.Proto != "":
-			p := ProtoTCP
-			if it.Proto == "udp" {
-				p = ProtoUDP
+			l.setProto(r, st, protoOf(it.Proto), span)
+		case it.IPProto != nil, it.IP6Proto != nil, it.L4Proto != nil:
+			l.protoItem(r, st, it, span)
+		case it.NFProto != nil:
+			switch it.NFProto.Word {
+			case "ipv4":
+				l.setFamily(r, st, FamilyIPv4, span, "meta nfproto ipv4")
+			case "ipv6":
+				l.setFamily(r, st, FamilyIPv6, span, "meta nfproto ipv6")
+			default:
+				l.errorf(spanOf(it.NFProto.Tokens), "meta nfproto %s: sfunnel hooks see ipv4 or ipv6", it.NFProto.Word)
 			}
-			if r.Proto != ProtoAny && r.Proto != p {
-				l.errorf(span, "%s and %s in one rule: a packet has one L4 protocol (write two rules)", r.Proto, p)
-				continue
+		case it.Trace != nil:
+			v, ok := l.number(it.Trace, 0xffffffff)
+			switch {
+			case !ok:
+			case v != 1:
+				l.errorf(spanOf(it.Trace.Tokens), "meta nftrace set takes 1 (trace the packet); leave the statement out not to trace")
+			case r.Trace:
+				l.errorf(span, "meta nftrace set given twice in one rule")
+			default:
+				r.Trace = true
 			}
-			r.Proto, st.protoSpan = p, span
 		case it.Port != nil:
 			st.ports = append(st.ports, it.Port)
 			st.portSpans = append(st.portSpans, span)
@@ -84,7 +98,12 @@ func (l *lowerer) rule(rs *ruleSyntax) *Rule {
 			r.TCPFlags = l.flagsMatch(st.flags, span)
 		}
 	}
-	for _, a := range rs.Actions {
+	acts := rs.Actions
+	if rs.ActionsKw != nil && len(acts) == 0 {
+		l.errorf(spanOf(rs.ActionsKw.Tokens), "actions needs an action after it: %s", actionWords)
+	}
+	acts = append(acts, rs.NftForm...)
+	for _, a := range acts {
 		if act := l.action(r, a); act != nil {
 			r.Actions = append(r.Actions, act)
 		}
@@ -101,6 +120,58 @@ func (l *lowerer) rule(rs *ruleSyntax) *Rule {
 		return nil
 	}
 	return r
+}
+
+// actionWords lists the actions, for messages.
+var actionWords = orList(ActionWords)
+
+// orList joins words as "a, b or c".
+func orList(w []string) string {
+	if len(w) < 2 {
+		return strings.Join(w, "")
+	}
+	return strings.Join(w[:len(w)-1], ", ") + " or " + w[len(w)-1]
+}
+
+// nftOnly are nft verdicts and statements sfunnel has no counterpart for.
+var nftOnly = map[string]string{
+	"reject": "drop", "log": "counter (and monitor)", "jump": "", "goto": "", "return": "accept",
+	"continue": "", "queue": "", "masquerade": "", "snat": "", "redirect": "dnat to ADDR:PORT",
+	"notrack": "", "limit": "", "quota": "",
+}
+
+func (l *lowerer) setProto(r *Rule, st *ruleState, p Proto, span Span) {
+	if r.Proto != ProtoAny && r.Proto != p {
+		l.errorf(span, "%s and %s in one rule: a packet has one L4 protocol (write two rules)", r.Proto, p)
+		return
+	}
+	r.Proto, st.protoSpan = p, span
+}
+
+// protoItem lowers nft's `ip protocol P`, `ip6 nexthdr P` and
+// `meta l4proto P`: the same as sfunnel's bare `ip P`, `ip6 P` and `P`.
+func (l *lowerer) protoItem(r *Rule, st *ruleState, it *itemSyntax, span Span) {
+	w, what, fam := it.L4Proto, "meta l4proto", FamilyAny
+	switch {
+	case it.IPProto != nil:
+		w, what, fam = it.IPProto, "ip protocol", FamilyIPv4
+	case it.IP6Proto != nil:
+		w, what, fam = it.IP6Proto, "ip6 nexthdr", FamilyIPv6
+	}
+	var p Proto
+	switch w.Word {
+	case "tcp", "6":
+		p = ProtoTCP
+	case "udp", "17":
+		p = ProtoUDP
+	default:
+		l.errorf(spanOf(w.Tokens), "%s %s: sfunnel rules match tcp or udp only", what, w.Word)
+		return
+	}
+	if fam != FamilyAny {
+		l.setFamily(r, st, fam, span, what)
+	}
+	l.setProto(r, st, p, span)
 }
 
 func (l *lowerer) setFamily(r *Rule, st *ruleState, f Family, span Span, what string) {
@@ -146,7 +217,7 @@ func (l *lowerer) addrItem(r *Rule, st *ruleState, a *addrSyntax, span Span) {
 		return
 	}
 	seen := map[netip.Prefix]bool{}
-	for _, v := range l.values(a.Value) {
+	for _, v := range l.nonEmpty(a.Value) {
 		p, ok := l.prefix(v)
 		if !ok {
 			continue
@@ -211,7 +282,7 @@ func (l *lowerer) portItem(r *Rule, p *portSyntax, span Span) {
 		return
 	}
 	seen := map[PortRange]bool{}
-	for _, v := range l.values(p.Value) {
+	for _, v := range l.nonEmpty(p.Value) {
 		pr, ok := l.portRange(v)
 		if !ok {
 			continue
@@ -348,6 +419,17 @@ func (l *lowerer) action(r *Rule, a *actionSyntax) *Action {
 		if !l.dnat(r, act, a.DNAT) {
 			return nil
 		}
+	default:
+		if alt, ok := nftOnly[a.Unknown]; ok {
+			msg := "nft's " + a.Unknown + " has no sfunnel counterpart; the actions are " + actionWords
+			if alt != "" {
+				msg += " (see " + alt + ")"
+			}
+			l.errorf(span, "%s", msg)
+		} else {
+			l.errorf(span, "syntax error, unexpected token %q, expected an action: %s", a.Unknown, actionWords)
+		}
+		return nil
 	}
 	return act
 }

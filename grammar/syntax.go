@@ -33,8 +33,10 @@ var parser = participle.MustBuild[fileSyntax](
 )
 
 type fileSyntax struct {
-	Pos   lexer.Position
-	Stmts []*stmtSyntax `parser:"( @@ | EOL | ';' )*"`
+	Pos lexer.Position
+	// A newline or `;` ends each statement, so `udp dport 5 drop counter`
+	// is an error rather than two rules.
+	Stmts []*stmtSyntax `parser:"( EOL | ';' )* ( @@ ( ( EOL | ';' )+ @@ )* ( EOL | ';' )* )?"`
 }
 
 type stmtSyntax struct {
@@ -62,12 +64,21 @@ type includeSyntax struct {
 }
 
 type setSyntax struct {
+	Pos     lexer.Position
+	Name    string `parser:"'set' @Ident '{' ( EOL | ';' )*"`
+	Type    string `parser:"'type' @Ident ( EOL | ';' )*"`
+	TypePos lexer.Position
+	Props   []*setPropSyntax `parser:"( @@ ( EOL | ';' )* )* '}'"`
+	Tokens  []lexer.Token
+}
+
+// setPropSyntax is one of a set's `flags`, `size` and `elements` lines,
+// in any order as nft takes them.
+type setPropSyntax struct {
 	Pos      lexer.Position
-	Name     string `parser:"'set' @Ident '{' ( EOL | ';' )*"`
-	Type     string `parser:"'type' @Ident ( EOL | ';' )*"`
-	TypePos  lexer.Position
-	Flags    []string     `parser:"( 'flags' @Ident ( ',' @Ident )* ( EOL | ';' )* )?"`
-	Elements *valueSyntax `parser:"( 'elements' '=' @@ ( EOL | ';' )* )? '}'"`
+	Flags    []string      `parser:"  'flags' @Ident ( ',' @Ident )*"`
+	Size     *numberSyntax `parser:"| 'size' @@"`
+	Elements *valueSyntax  `parser:"| 'elements' '=' @@"`
 	Tokens   []lexer.Token
 }
 
@@ -87,7 +98,7 @@ type nameSyntax struct {
 type hookSyntax struct {
 	Pos    lexer.Position
 	Hook   string        `parser:"@('ingress' | 'egress') '{'"`
-	Rules  []*ruleSyntax `parser:"( EOL | ';' )* ( @@ ( EOL | ';' )* )* '}'"`
+	Rules  []*ruleSyntax `parser:"( EOL | ';' )* ( @@ ( ( EOL | ';' )+ @@ )* ( EOL | ';' )* )? '}'"`
 	Tokens []lexer.Token
 }
 
@@ -102,7 +113,8 @@ type commandSyntax struct {
 	Replace *replaceSyntax `parser:"| 'replace' @@"`
 	Delete  *deleteSyntax  `parser:"| 'delete' @@"`
 	Reset   *resetSyntax   `parser:"| 'reset' @@"`
-	Monitor bool           `parser:"| @'monitor'"`
+	Monitor bool           `parser:"| ( @'monitor'"`
+	Trace   bool           `parser:"    @'trace'? )"`
 
 	Tokens []lexer.Token
 }
@@ -177,12 +189,17 @@ type elementCmdSyntax struct {
 
 // ruleSyntax is a rule in sfunnel's lenient order: match and statement
 // items in any order, then the actions, then the comment.
+//
+// Actions may follow the word `actions` (sfunnel's form) or come straight
+// after the matches and statements (nft's form: `udp dport 5 counter drop`).
 type ruleSyntax struct {
-	Pos     lexer.Position
-	Items   []*itemSyntax   `parser:"( @@*"`
-	Actions []*actionSyntax `parser:"  ( 'actions' @@ ( ','? @@ )* )?"`
-	Comment *stringSyntax   `parser:"  ( 'comment' @@ )? )!"`
-	Tokens  []lexer.Token
+	Pos       lexer.Position
+	Items     []*itemSyntax   `parser:"( @@*"`
+	ActionsKw *keywordSyntax  `parser:"  ( @@"`
+	Actions   []*actionSyntax `parser:"      ( @@ ( ','? @@ )* )?"`
+	NftForm   []*actionSyntax `parser:"  | (?= 'accept' | 'drop' | 'funnel' | 'unfunnel' | 'rewrite' | 'dnat' ) @@ ( ','? @@ )* )?"`
+	Comment   *stringSyntax   `parser:"  ( 'comment' @@ )? )!"`
+	Tokens    []lexer.Token
 }
 
 type stringSyntax struct {
@@ -192,15 +209,22 @@ type stringSyntax struct {
 }
 
 type itemSyntax struct {
-	Pos     lexer.Position
-	Family  string         `parser:"  @('ip' | 'ip6')"`
-	Addr    *addrSyntax    `parser:"| @@"`
-	Proto   string         `parser:"| @('tcp' | 'udp')"`
-	Port    *portSyntax    `parser:"| @@"`
-	Flags   *flagsSyntax   `parser:"| 'flags' @@"`
-	Mark    *markSyntax    `parser:"| @@"`
-	Counter *counterSyntax `parser:"| @@"`
-	Tokens  []lexer.Token
+	Pos lexer.Position
+	// nft's explicit protocol matches come before the bare family word, so
+	// `ip protocol udp` is not read as `ip` followed by a stray `protocol`.
+	IPProto  *wordSyntax    `parser:"  'ip' 'protocol' @@"`
+	IP6Proto *wordSyntax    `parser:"| 'ip6' 'nexthdr' @@"`
+	L4Proto  *wordSyntax    `parser:"| 'meta' 'l4proto' @@"`
+	NFProto  *wordSyntax    `parser:"| 'meta' 'nfproto' @@"`
+	Trace    *numberSyntax  `parser:"| 'meta' 'nftrace' 'set' @@"`
+	Family   string         `parser:"| @('ip' | 'ip6')"`
+	Addr     *addrSyntax    `parser:"| @@"`
+	Proto    string         `parser:"| @('tcp' | 'udp')"`
+	Port     *portSyntax    `parser:"| @@"`
+	Flags    *flagsSyntax   `parser:"| 'flags' @@"`
+	Mark     *markSyntax    `parser:"| @@"`
+	Counter  *counterSyntax `parser:"| @@"`
+	Tokens   []lexer.Token
 }
 
 type addrSyntax struct {
@@ -250,7 +274,24 @@ type actionSyntax struct {
 	Unfunnel *protoSyntax  `parser:"| 'unfunnel' 'decap'? @@"`
 	Rewrite  *protoSyntax  `parser:"| 'rewrite' @@"`
 	DNAT     *dnatSyntax   `parser:"| 'dnat' 'to'? @@"`
-	Tokens   []lexer.Token
+	// Any other word is kept so the lowerer can name what it expected
+	// (and what the word means in nft), wherever the rule is.
+	Unknown string `parser:"| (?! 'comment' | 'actions' | 'ip' | 'ip6' | 'tcp' | 'udp' | 'saddr' | 'daddr' | 'sport' | 'dport' | 'flags' | 'meta' | 'ct' | 'counter' | 'packets' | 'bytes' ) @Ident"`
+	Tokens  []lexer.Token
+}
+
+type keywordSyntax struct {
+	Pos    lexer.Position
+	Word   string `parser:"@'actions'"`
+	Tokens []lexer.Token
+}
+
+// wordSyntax is one word or number, checked when lowered (so that
+// `ip protocol icmp` gets a message, not a syntax error).
+type wordSyntax struct {
+	Pos    lexer.Position
+	Word   string `parser:"@(Ident | Number)"`
+	Tokens []lexer.Token
 }
 
 type protoSyntax struct {

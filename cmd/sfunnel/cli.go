@@ -324,9 +324,9 @@ func (a *app) runFile(path string, stdin io.Reader) int {
 	var err error
 	if path == "-" {
 		name = "/dev/stdin"
-		data, err = io.ReadAll(stdin)
+		data, err = grammar.ReadBounded(stdin, name)
 	} else {
-		data, err = os.ReadFile(path)
+		data, err = grammar.ReadSource(path)
 	}
 	if err != nil {
 		fmt.Fprintf(a.stderr, "Error: %v\n", err)
