@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/sfunnel/sfunnel/tunnel/auth"
+	"github.com/sfunnel/sfunnel/tunnel/seal"
 	"github.com/sfunnel/sfunnel/tunnel/store"
 	"golang.org/x/sys/unix"
 )
@@ -60,15 +61,32 @@ func (d *daemon) listenTCP() (net.Listener, error) {
 // store (TCP over UDP, IP over UDP).
 func (d *daemon) serveAuth(ln net.Listener) {
 	d.goLoop("authentication", func() error {
-		return d.acceptLoop(ln, func(peer netip.AddrPort) error {
-			e, err := d.store.Add(peer, time.Now())
-			if err != nil {
+		return d.acceptLoop(ln, func(r *auth.Result) error {
+			now := time.Now()
+			// A rekey names the session it replaces: the peer keeps its
+			// entry (and tunnel address) from wherever it now connects.
+			var e *store.Entry
+			if r.Prev != 0 {
+				e = d.store.BySession(r.Prev)
+			}
+			rekey := e != nil
+			if e == nil {
+				var err error
+				if e, err = d.store.Add(r.Peer, now); err != nil {
+					return err
+				}
+			}
+			if err := d.store.Install(e, d.newSession(r, false, now)); err != nil {
 				return err
 			}
-			if e.Addr.IsValid() {
-				d.log.Printf("peer %s authenticated, tunnel address %s", peer, e.Addr)
-			} else {
-				d.log.Printf("peer %s authenticated", peer)
+			e.Touch(now.UnixNano())
+			switch {
+			case rekey:
+				d.stats.Rekeys.Add(1)
+			case e.Addr.IsValid():
+				d.log.Printf("peer %s authenticated, tunnel address %s", r.Peer, e.Addr)
+			default:
+				d.log.Printf("peer %s authenticated", r.Peer)
 			}
 			return nil
 		}, nil)
@@ -82,7 +100,7 @@ func (d *daemon) serveAuth(ln net.Listener) {
 // Then serve gets the connection; without serve the connection is closed,
 // by us first, so the TIME_WAIT state stays here and not on the client's
 // fixed port, which it reuses for its next handshake.
-func (d *daemon) acceptLoop(ln net.Listener, accept func(netip.AddrPort) error, serve func(net.Conn)) error {
+func (d *daemon) acceptLoop(ln net.Listener, accept func(*auth.Result) error, serve func(net.Conn, *seal.Session)) error {
 	lim := auth.NewLimiter()
 	srv := &auth.Server{Key: d.key}
 	sem := make(chan struct{}, maxHandshakes)
@@ -109,20 +127,42 @@ func (d *daemon) acceptLoop(ln net.Listener, accept func(netip.AddrPort) error, 
 			continue
 		}
 		go func() {
-			ok := d.key == nil || d.authOne(c, srv, lim, from, accept)
+			var ses *seal.Session
+			ok := true
+			if d.key != nil {
+				ses, ok = d.authOne(c, srv, lim, from, accept)
+			}
 			<-sem
 			if !ok || serve == nil {
 				c.Close()
 				return
 			}
-			serve(c)
+			serve(c, ses)
 		}()
 	}
 }
 
-func (d *daemon) authOne(c net.Conn, srv *auth.Server, lim *auth.Limiter, from netip.AddrPort, accept func(netip.AddrPort) error) bool {
-	if accept == nil {
-		accept = func(netip.AddrPort) error { return nil }
+// newSession derives the session keys a handshake agreed on.
+func (d *daemon) newSession(r *auth.Result, client bool, now time.Time) *seal.Session {
+	k, err := seal.Derive(d.key, r.Nc[:], r.Ns[:], client)
+	if err != nil {
+		panic(err) // only for absurd lengths
+	}
+	return seal.NewSession(d.cfg.Cipher, k, d.cfg.Rekey, now)
+}
+
+// authOne runs the server's side of a handshake; the session is for a
+// stream that carries frames itself (IP over TCP), accept installs it
+// elsewhere otherwise.
+func (d *daemon) authOne(c net.Conn, srv *auth.Server, lim *auth.Limiter, from netip.AddrPort, accept func(*auth.Result) error) (*seal.Session, bool) {
+	var ses *seal.Session
+	inner := accept
+	accept = func(r *auth.Result) error {
+		ses = d.newStreamSession(r, false) // used only by IP over TCP
+		if inner != nil {
+			return inner(r)
+		}
+		return nil
 	}
 	_, err := srv.Handshake(c, accept)
 	if err != nil {
@@ -134,11 +174,11 @@ func (d *daemon) authOne(c net.Conn, srv *auth.Server, lim *auth.Limiter, from n
 				d.log.Printf("authentication from %s failed: %v", from, err)
 			}
 		}
-		return false
+		return nil, false
 	}
 	c.SetDeadline(time.Time{})
 	d.stats.AuthOK.Add(1)
-	return true
+	return ses, true
 }
 
 // dialer authenticates this side to servers, from the UDP socket's port,
@@ -160,7 +200,8 @@ type dialState struct {
 }
 
 func (d *daemon) newDialer(port int, after func(netip.AddrPort, []byte)) *dialer {
-	return &dialer{d: d, port: port, state: make(map[netip.AddrPort]*dialState), after: after}
+	d.dial = &dialer{d: d, port: port, state: make(map[netip.AddrPort]*dialState), after: after}
+	return d.dial
 }
 
 // request starts a handshake with peer unless one is running or failed
@@ -197,7 +238,10 @@ func (a *dialer) silenceLimit() time.Duration {
 // checkSilence re-authenticates with a server that stopped answering; the
 // packet about to be sent is sent again after the handshake.
 func (a *dialer) checkSilence(ent *store.Entry, pkt []byte, now int64) {
-	if ent.Sent(now, a.silenceLimit()) > a.silenceLimit() {
+	// Keepalives sent further apart than the limit still count as one run
+	// of unanswered sending.
+	quiet := max(a.silenceLimit(), 2*a.d.cfg.Keepalive)
+	if ent.Sent(now, quiet) > a.silenceLimit() {
 		ent.RestartSilence(now)
 		a.d.log.Printf("no answer from %s for %s: authenticating again", ent.Peer, a.silenceLimit())
 		a.request(ent.Peer, pkt)
@@ -236,14 +280,29 @@ func (a *dialer) handshake(peer netip.AddrPort) error {
 		return err
 	}
 	defer c.Close()
-	seen, err := auth.ClientHandshake(c, d.key, auth.DefaultTimeout)
+	var prev uint32
+	old := d.store.ByPeer(peer)
+	if old != nil && old.Session() != nil {
+		prev = old.Session().SendID() // the server's index for it
+	}
+	r, err := auth.Client(c, d.key, auth.DefaultTimeout, prev)
 	if err != nil {
 		return err
 	}
-	if _, err := d.store.Add(peer, time.Now()); err != nil {
+	now := time.Now()
+	ent, err := d.store.Add(peer, now)
+	if err != nil {
 		return err
 	}
-	d.log.Printf("authenticated with %s (it sees us as %s)", peer, seen)
+	if err := d.store.Install(ent, d.newSession(r, true, now)); err != nil {
+		return err
+	}
+	ent.Heard()
+	if old == ent && prev != 0 {
+		d.stats.Rekeys.Add(1)
+	} else {
+		d.log.Printf("authenticated with %s (it sees us as %s)", peer, r.Peer)
+	}
 	// Let the server close first (see authOne), but do not wait long.
 	c.SetReadDeadline(time.Now().Add(time.Second))
 	io.Copy(io.Discard, io.LimitReader(c, 1))

@@ -9,7 +9,11 @@ import (
 	"net/netip"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
+
+	"github.com/sfunnel/sfunnel/tunnel/seal"
+	"github.com/spf13/pflag"
 )
 
 // Config is everything `sfunnel tunnel` was asked to do.
@@ -32,6 +36,9 @@ type Config struct {
 	StatusSocket string
 	Batch        int
 	Offload      bool
+	Cipher       seal.Cipher
+	Rekey        time.Duration // with a key: session lifetime before a new handshake
+	Keepalive    time.Duration // 0: off
 }
 
 // Defaults.
@@ -41,8 +48,6 @@ const (
 	DefaultMaxPeers = 4096
 	DefaultBatch    = 64
 )
-
-var errUsage = errors.New("usage")
 
 type prefixList struct{ p *[]netip.Prefix }
 
@@ -56,6 +61,8 @@ func (l prefixList) String() string {
 	}
 	return strings.Join(s, ",")
 }
+
+func (l prefixList) Type() string { return "CIDR" }
 
 func (l prefixList) Set(v string) error {
 	for _, f := range strings.Split(v, ",") {
@@ -90,12 +97,21 @@ options:
       --remote HOST[:PORT]     with --carry ip: the other end
       --address CIDR           TUN address (repeatable, one per family); TCP-over-UDP
                                server: the pool of tunnel addresses for peers
-      --key FILE               pre-shared key (sfunnel tunnel genkey); required for --carry tcp
+      --key FILE               pre-shared key (sfunnel tunnel genkey); required for --carry tcp.
+                               With a key every datagram and frame is encrypted and
+                               authenticated; without one the formats are plain
+      --cipher NAME            auto (AES-256-GCM with AES instructions, else
+                               ChaCha20-Poly1305), aes-256-gcm or chacha20-poly1305
+      --rekey DURATION         new session keys this often (default 2m)
+      --keepalive DURATION     send a keepalive after this long without sending,
+                               to keep NAT mappings (default 0: off; 25s is typical)
       --expiry DURATION        forget a peer after this long unused (default 5m)
       --max-peers N            most peers in the connection store (default 4096)
-      --mtu N                  TUN MTU (default 1492 TCP over UDP, 1452 IP over UDP, 1500 IP over TCP)
+      --mtu N                  TUN MTU (default 1492 TCP over UDP, 1452 IP over UDP, 1500 IP over
+                               TCP; 32 less over UDP with --key)
       --persist                keep the TUN device on exit
-      --status-socket PATH     for sfunnel tunnel status (default /run/sfunnel/tunnel-IF.sock)
+      --status-socket PATH     for sfunnel tunnel status (default /run/sfunnel/tunnel-IF.sock,
+                               /run/sfunnel/netns-INODE/tunnel-IF.sock outside the host namespace)
       --batch N                most packets per system call (default 64)
       --offload=false          no TUN/UDP segmentation offloads
   -h, --help                   this text
@@ -103,43 +119,46 @@ options:
 See sfunnel-tunnel(8).
 `
 
-func parseRunFlags(args []string, stderr io.Writer) (*Config, error) {
-	c := &Config{Interface: "tun0", Carry: "tcp", Transport: "udp", Mode: "",
-		Expiry: DefaultExpiry, MaxPeers: DefaultMaxPeers, Batch: DefaultBatch}
-	fs := flag.NewFlagSet("sfunnel tunnel", flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	fs.Usage = func() {} // the error alone; Main prints the help for -h
-	var remote string
-	for _, n := range []string{"interface", "i"} {
-		fs.StringVar(&c.Interface, n, c.Interface, "TUN device to create")
-	}
-	for _, n := range []string{"listen-port", "l"} {
-		fs.IntVar(&c.ListenPort, n, 0, "UDP (and TCP, for authentication) port to listen on (default 7472; client: ephemeral with --carry ip)")
-	}
-	for _, n := range []string{"bind-to-interface", "b"} {
-		fs.StringVar(&c.BindTo, n, "", "send and receive only through this interface (SO_BINDTODEVICE)")
-	}
-	for _, n := range []string{"endpoint-port", "e"} {
-		fs.IntVar(&c.EndpointPort, n, 0, "TCP over UDP client mode: send to the packet's destination address at this port")
-	}
+// runFlags declares every `sfunnel tunnel` option once, on c; remote
+// receives --remote for later resolution.
+func runFlags(c *Config, remote, cipher *string) *pflag.FlagSet {
+	fs := pflag.NewFlagSet("sfunnel tunnel", pflag.ContinueOnError)
+	fs.SetOutput(io.Discard) // Main prints the error, and the help for -h
+	fs.Usage = func() {}
+	fs.SortFlags = false
+	fs.StringVarP(&c.Interface, "interface", "i", c.Interface, "TUN device to create")
+	fs.IntVarP(&c.ListenPort, "listen-port", "l", 0, "UDP (and TCP, for authentication) port to listen on (default 7472; client: ephemeral with --carry ip)")
+	fs.StringVarP(&c.BindTo, "bind-to-interface", "b", "", "send and receive only through this interface (SO_BINDTODEVICE)")
+	fs.IntVarP(&c.EndpointPort, "endpoint-port", "e", 0, "TCP over UDP client mode: send to the packet's destination address at this port")
 	fs.StringVar(&c.Carry, "carry", c.Carry, "what the tunnel carries: tcp (TCP segments over UDP) or ip (whole IP packets)")
 	fs.StringVar(&c.Transport, "transport", c.Transport, "with --carry ip: udp or tcp")
 	fs.StringVar(&c.Mode, "mode", "", "with --carry ip: client, server or both")
-	fs.StringVar(&remote, "remote", "", "with --carry ip: the other end, HOST[:PORT]")
+	fs.StringVar(remote, "remote", "", "with --carry ip: the other end, HOST[:PORT]")
 	fs.Var(prefixList{&c.Addresses}, "address", "address/prefix for the TUN (repeatable or comma-separated); server: the pool of tunnel addresses")
-	fs.IntVar(&c.MTU, "mtu", 0, "MTU of the TUN device (default: 1492 for --carry tcp and 1452 for IP over UDP, so that a 1500-byte path needs no fragments; 1500 for IP over TCP)")
+	fs.IntVar(&c.MTU, "mtu", 0, "MTU of the TUN device")
 	fs.StringVar(&c.KeyFile, "key", "", "pre-shared key file (sfunnel tunnel genkey); required for --carry tcp")
+	fs.StringVar(cipher, "cipher", "auto", "AEAD with --key: auto, aes-256-gcm or chacha20-poly1305")
+	fs.DurationVar(&c.Rekey, "rekey", seal.DefaultRekeyAfter, "with --key: new session keys this often")
+	fs.DurationVar(&c.Keepalive, "keepalive", 0, "send a keepalive after this long without sending (0: off)")
 	fs.DurationVar(&c.Expiry, "expiry", c.Expiry, "forget a peer after this long without traffic")
 	fs.IntVar(&c.MaxPeers, "max-peers", c.MaxPeers, "most peers kept in the connection store")
 	fs.BoolVar(&c.Persist, "persist", false, "leave the TUN device in place on exit")
-	fs.StringVar(&c.StatusSocket, "status-socket", "", "unix socket for `sfunnel tunnel status` (default /run/sfunnel/tunnel-IF.sock)")
+	fs.StringVar(&c.StatusSocket, "status-socket", "", "unix socket for `sfunnel tunnel status`")
 	fs.IntVar(&c.Batch, "batch", c.Batch, "packets moved per system call at most")
 	fs.BoolVar(&c.Offload, "offload", true, "use TUN segmentation offloads (virtio-net headers) and UDP GSO/GRO")
+	return fs
+}
+
+func parseRunFlags(args []string, stderr io.Writer) (*Config, error) {
+	c := &Config{Interface: "tun0", Carry: "tcp", Transport: "udp", Mode: "",
+		Expiry: DefaultExpiry, MaxPeers: DefaultMaxPeers, Batch: DefaultBatch}
+	var remote, cipher string
+	fs := runFlags(c, &remote, &cipher)
 	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
+		if errors.Is(err, pflag.ErrHelp) {
 			return nil, flag.ErrHelp
 		}
-		return nil, errUsage
+		return nil, err
 	}
 	if fs.NArg() > 0 {
 		return nil, fmt.Errorf("unexpected argument %q", fs.Arg(0))
@@ -165,9 +184,22 @@ func parseRunFlags(args []string, stderr io.Writer) (*Config, error) {
 		default:
 			c.MTU = 1500
 		}
+		if c.KeyFile != "" && (c.Carry == "tcp" || c.Transport == "udp") {
+			c.MTU -= seal.Overhead // a sealed datagram still fits a 1500-byte path
+		}
 	}
 	if c.MTU < 576 || c.MTU > 65535 {
 		return bad("--mtu %d out of range 576-65535", c.MTU)
+	}
+	var err error
+	if c.Cipher, err = seal.ParseCipher(cipher); err != nil {
+		return bad("--cipher: %v", err)
+	}
+	if c.Rekey < time.Second {
+		return bad("--rekey must be at least 1s")
+	}
+	if c.Keepalive < 0 {
+		return bad("--keepalive must not be negative")
 	}
 	if c.Expiry <= 0 {
 		return bad("--expiry must be positive")
@@ -256,6 +288,27 @@ func resolveRemote(s string) (netip.AddrPort, error) {
 	return netip.AddrPortFrom(a.Unmap(), uint16(pn)), nil
 }
 
+// defaultStatusSocket is the status socket's path for ifname. Interface
+// names are per network namespace, so outside the host's namespace the
+// path carries the namespace's inode: daemons in two namespaces with the
+// same TUN name do not meet (`ip netns exec NS sfunnel tunnel status`
+// computes the same path inside NS).
 func defaultStatusSocket(ifname string) string {
+	if ino, host := netnsInode(); !host {
+		return fmt.Sprintf("/run/sfunnel/netns-%d/tunnel-%s.sock", ino, ifname)
+	}
 	return "/run/sfunnel/tunnel-" + ifname + ".sock"
+}
+
+// netnsInode identifies our network namespace; host is true when it is
+// the one of PID 1 (or that cannot be told).
+func netnsInode() (ino uint64, host bool) {
+	var self, init syscall.Stat_t
+	if syscall.Stat("/proc/self/ns/net", &self) != nil {
+		return 0, true
+	}
+	if syscall.Stat("/proc/1/ns/net", &init) != nil {
+		return self.Ino, true
+	}
+	return self.Ino, self.Ino == init.Ino && self.Dev == init.Dev
 }

@@ -39,6 +39,9 @@ type daemon struct {
 	wg      sync.WaitGroup
 	closers []io.Closer
 	streams func() []string // set by IP over TCP, for the status
+
+	keepalive *oneSender // UDP transports: sends keepalives
+	dial      *dialer    // client roles over UDP: authenticates to servers
 }
 
 // exitError carries the exit code with the message.
@@ -64,7 +67,9 @@ func run(cfg *Config, stderr io.Writer) error {
 	if cfg.KeyFile != "" {
 		k, err := auth.ReadKeyFile(cfg.KeyFile)
 		if err != nil {
-			return fatal(1, err)
+			// A configuration error: restarting will not help
+			// (sfunnel-tunnel@.service has RestartPreventExitStatus=2).
+			return fatal(ExitUsage, err)
 		}
 		d.key = k
 	}
@@ -108,9 +113,16 @@ func run(cfg *Config, stderr io.Writer) error {
 	if err := d.startStatus(); err != nil {
 		d.log.Printf("status socket disabled: %v", err)
 	}
+	if cfg.Keepalive > 0 {
+		d.goLoop("keepalive", d.keepaliveLoop)
+	}
 	d.goLoop("expiry", d.expireLoop)
 	d.goLoop("addresses", d.addrLoop)
-	d.log.Printf("%s up: carry %s, transport %s, mode %s, listen port %d", dev.Name, cfg.Carry, cfg.Transport, cfg.Mode, cfg.ListenPort)
+	sealed := "unsealed (no --key)"
+	if d.key != nil {
+		sealed = "sealed with " + cfg.Cipher.Resolve().String()
+	}
+	d.log.Printf("%s up: carry %s, transport %s, mode %s, listen port %d, %s", dev.Name, cfg.Carry, cfg.Transport, cfg.Mode, cfg.ListenPort, sealed)
 
 	for {
 		select {
@@ -237,6 +249,12 @@ func (d *daemon) status() *Status {
 	if d.cfg.Remote.IsValid() {
 		st.Remote = d.cfg.Remote.String()
 	}
+	if d.key != nil {
+		st.Cipher = d.cfg.Cipher.Resolve().String()
+	}
+	if d.cfg.Keepalive > 0 {
+		st.Keepalive = d.cfg.Keepalive.String()
+	}
 	if d.streams != nil {
 		st.Streams = d.streams()
 	}
@@ -258,13 +276,29 @@ func (d *daemon) startStatus() error {
 	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
 		return err
 	}
+	// Never take over a socket another daemon still answers on.
+	if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
+		c.Close()
+		return fmt.Errorf("another daemon answers on %s (use --status-socket)", path)
+	}
 	os.Remove(path)
 	ln, err := net.Listen("unix", path)
 	if err != nil {
 		return err
 	}
+	ln.(*net.UnixListener).SetUnlinkOnClose(false)
 	os.Chmod(path, 0o600)
-	d.onClose(closerFunc(func() error { ln.Close(); os.Remove(path); return nil }))
+	var mine syscall.Stat_t
+	syscall.Stat(path, &mine)
+	d.onClose(closerFunc(func() error {
+		ln.Close()
+		// Remove the file only if it is still ours.
+		var now syscall.Stat_t
+		if syscall.Stat(path, &now) == nil && now.Ino == mine.Ino && now.Dev == mine.Dev {
+			os.Remove(path)
+		}
+		return nil
+	}))
 	d.goLoop("status", func() error {
 		for {
 			c, err := ln.Accept()

@@ -11,6 +11,8 @@ import (
 
 	"github.com/sfunnel/sfunnel/tunnel/auth"
 	"github.com/sfunnel/sfunnel/tunnel/codec"
+	"github.com/sfunnel/sfunnel/tunnel/seal"
+	"github.com/sfunnel/sfunnel/tunnel/store"
 	"github.com/sfunnel/sfunnel/tunnel/udpsock"
 )
 
@@ -27,6 +29,8 @@ type ipCarry struct {
 	sock       *udpsock.Conn
 	dial       *dialer
 	lastPeer   atomic.Pointer[netip.AddrPort] // UDP server role without a key: who spoke last
+	lastEnt    atomic.Pointer[store.Entry]    // UDP server role with a key: who spoke last
+	one        *oneSender
 	clientConn atomic.Pointer[streamConn]
 	serverConn atomic.Pointer[streamConn]
 }
@@ -35,8 +39,15 @@ type ipCarry struct {
 type streamConn struct {
 	c      net.Conn
 	peer   string
+	ses    *seal.Session // with a key
 	broken atomic.Bool
 }
+
+// streamRekey is the session lifetime on a TCP stream: records on a
+// stream are never reordered and a stream does not roam, so only the
+// record counter wears a stream's keys out (the stream is then closed
+// and the client reconnects with a new handshake).
+const streamRekey = time.Duration(1 << 60) // ~36 years; 2× must not overflow
 
 func (d *daemon) startIP() error {
 	e := &ipCarry{d: d, server: d.cfg.Mode != "client", client: d.cfg.Mode != "server", maxFrame: d.cfg.MTU, remote: d.cfg.Remote}
@@ -57,6 +68,8 @@ func (e *ipCarry) startUDP() error {
 	}
 	d.onClose(sock)
 	e.sock = sock
+	e.one = d.newOneSender(sock)
+	d.keepalive = e.one
 	if e.server && d.key != nil {
 		ln, err := d.listenTCP()
 		if err != nil {
@@ -66,8 +79,8 @@ func (e *ipCarry) startUDP() error {
 	}
 	if e.client && d.key != nil {
 		e.dial = d.newDialer(int(sock.Port()), func(peer netip.AddrPort, pkt []byte) {
-			if len(pkt) > 0 && sock.WriteTo(pkt, peer) == nil {
-				d.stats.NetTx.Add(1)
+			if len(pkt) > 0 {
+				e.one.send(d.store.ByPeer(peer), peer, seal.TypeData, pkt)
 			}
 		})
 		e.dial.request(e.remote, nil)
@@ -80,45 +93,56 @@ func (e *ipCarry) startUDP() error {
 // udpPeer picks where a packet from the TUN goes: the remote when this
 // side is a client (once authenticated, with a key), else the server-role
 // peer that was active last.
-func (e *ipCarry) udpPeer(pkt []byte) (netip.AddrPort, bool) {
+func (e *ipCarry) udpPeer(pkt []byte, now int64) (netip.AddrPort, *store.Entry, bool) {
 	d := e.d
 	if e.client {
 		if d.key == nil {
-			return e.remote, true
+			return e.remote, nil, true
 		}
 		if ent := d.store.ByPeer(e.remote); ent != nil {
-			e.dial.checkSilence(ent, pkt, time.Now().UnixNano())
-			return e.remote, true
+			if ses := ent.Session(); ses != nil && !ses.Expired(now) {
+				e.dial.checkSilence(ent, pkt, now)
+				if ses.NeedsRekey(now) {
+					e.dial.request(e.remote, nil)
+				}
+				return ent.Endpoint(), ent, true
+			}
 		}
 		e.dial.request(e.remote, pkt)
 	}
 	if e.server {
-		if p := e.lastPeer.Load(); p != nil {
-			if d.key == nil || d.store.ByPeer(*p) != nil {
-				return *p, true
+		if d.key == nil {
+			if p := e.lastPeer.Load(); p != nil {
+				return *p, nil, true
+			}
+		} else if ent := e.lastEnt.Load(); ent != nil && d.store.ByPeer(ent.Peer) == ent {
+			if ses := ent.Session(); ses != nil && !ses.Expired(now) {
+				return ent.Endpoint(), ent, true
 			}
 		}
 	}
-	return netip.AddrPort{}, false
+	return netip.AddrPort{}, nil, false
 }
 
 // routeUDP checks a packet from the TUN and picks its peer.
-func (e *ipCarry) routeUDP(pkt []byte, now int64) ([]byte, netip.AddrPort, bool) {
+func (e *ipCarry) routeUDP(pkt []byte, now int64) ([]byte, netip.AddrPort, *seal.Session, bool) {
 	d := e.d
 	if codec.Version(pkt) == 0 {
 		d.stats.drop(codec.DropMalformed)
-		return nil, netip.AddrPort{}, false
+		return nil, netip.AddrPort{}, nil, false
 	}
-	peer, ok := e.udpPeer(pkt)
+	peer, ent, ok := e.udpPeer(pkt, now)
 	if !ok {
 		d.stats.drop(codec.DropNoPeer)
-		return nil, peer, false
+		return nil, peer, nil, false
 	}
-	if ent := d.store.ByPeer(peer); ent != nil {
+	var ses *seal.Session
+	if ent != nil {
 		ent.Touch(now)
 		ent.TxPackets.Add(1)
+		ses = ent.Session()
 	}
-	return pkt, peer, true
+	return pkt, peer, ses, true
 }
 
 func (e *ipCarry) udpToTun() error {
@@ -136,20 +160,15 @@ func (e *ipCarry) udpToTun() error {
 			p := in.Payload(i)
 			seg := in.Step(i)
 			ok := true
-			if d.key != nil {
-				ent := d.store.ByPeer(peer)
-				if ok = ent != nil; ok {
-					ent.Heard()
-					ent.Touch(now)
-					ent.RxPackets.Add(1)
+			if d.key == nil {
+				if !e.server && peer != e.remote {
+					ok = false
 				}
-			} else if !e.server && peer != e.remote {
-				ok = false
-			}
-			if ok && e.server && peer != e.remote {
-				if lp := e.lastPeer.Load(); lp == nil || *lp != peer {
-					np := peer // a copy: taking peer's address would allocate every time
-					e.lastPeer.Store(&np)
+				if ok && e.server && peer != e.remote {
+					if lp := e.lastPeer.Load(); lp == nil || *lp != peer {
+						np := peer // a copy: taking peer's address would allocate every time
+						e.lastPeer.Store(&np)
+					}
 				}
 			}
 			for o := 0; o < len(p) || o == 0; o += seg {
@@ -159,6 +178,21 @@ func (e *ipCarry) udpToTun() error {
 					continue
 				}
 				pkt := p[o:min(o+seg, len(p))]
+				if len(pkt) == 0 && d.key == nil {
+					d.stats.KeepaliveRx.Add(1) // a plain keepalive
+					continue
+				}
+				if d.key != nil {
+					op, ok := d.openUDP(e.one, pkt, nil, peer, now)
+					if !ok || !op.data {
+						continue
+					}
+					op.ent.RxPackets.Add(1)
+					if e.server && op.ent.Peer != e.remote && e.lastEnt.Load() != op.ent {
+						e.lastEnt.Store(op.ent)
+					}
+					pkt = op.pt
+				}
 				if len(pkt) > d.cfg.MTU {
 					d.stats.drop(codec.DropTooBig)
 					continue
@@ -215,9 +249,10 @@ func (e *ipCarry) startTCP() error {
 }
 
 // serveStream carries frames on an accepted (and authenticated) stream.
-func (e *ipCarry) serveStream(c net.Conn) {
+func (e *ipCarry) serveStream(c net.Conn, ses *seal.Session) {
 	d := e.d
-	sc := &streamConn{c: c, peer: c.RemoteAddr().String()}
+	d.setKeepalive(c)
+	sc := &streamConn{c: c, peer: c.RemoteAddr().String(), ses: ses}
 	if old := e.serverConn.Swap(sc); old != nil {
 		old.c.Close() // one peer at a time: the newest stream wins
 	}
@@ -240,13 +275,16 @@ func (e *ipCarry) connectLoop() error {
 			dl.LocalAddr = &net.TCPAddr{Port: d.cfg.ListenPort}
 		}
 		c, err := dl.DialContext(d.ctx, "tcp", e.remote.String())
+		var ses *seal.Session
 		if err == nil && d.key != nil {
-			if _, err = auth.ClientHandshake(c, d.key, auth.DefaultTimeout); err != nil {
+			var r *auth.Result
+			if r, err = auth.Client(c, d.key, auth.DefaultTimeout, 0); err != nil {
 				d.stats.AuthFail.Add(1)
 				c.Close()
 			} else {
 				d.stats.AuthOK.Add(1)
 				// The server's result byte was the last handshake message.
+				ses = d.newStreamSession(r, true)
 			}
 		}
 		if err != nil {
@@ -263,7 +301,8 @@ func (e *ipCarry) connectLoop() error {
 			continue
 		}
 		backoff = 100 * time.Millisecond
-		sc := &streamConn{c: c, peer: e.remote.String()}
+		d.setKeepalive(c)
+		sc := &streamConn{c: c, peer: e.remote.String(), ses: ses}
 		e.clientConn.Store(sc)
 		d.stats.Connects.Add(1)
 		d.log.Printf("stream to %s up", sc.peer)
@@ -282,7 +321,11 @@ func (e *ipCarry) connectLoop() error {
 // stream ends or breaks the framing (then it is closed: it cannot resync).
 func (e *ipCarry) readFrames(sc *streamConn) error {
 	d := e.d
-	fr := codec.NewFrameReader(sc.c, e.maxFrame)
+	max := e.maxFrame
+	if sc.ses != nil {
+		max += seal.Overhead
+	}
+	fr := codec.NewFrameReader(sc.c, max)
 	w := d.dev.NewWriter()
 	defer w.Flush()
 	for {
@@ -301,6 +344,20 @@ func (e *ipCarry) readFrames(sc *streamConn) error {
 			return err
 		}
 		d.stats.NetRx.Add(1)
+		if sc.ses != nil {
+			typ, pt, _, why := sc.ses.Open(nil, pkt, time.Now().UnixNano())
+			if why != seal.OK {
+				// A stream cannot lose or reorder records: anything
+				// that does not open is an attack on the stream.
+				d.stats.dropSeal(why)
+				return fmt.Errorf("sealed frame refused (%s)", dropName(why))
+			}
+			if typ != seal.TypeData {
+				d.stats.KeepaliveRx.Add(1)
+				continue
+			}
+			pkt = pt
+		}
 		if codec.Version(pkt) == 0 {
 			d.stats.drop(codec.DropMalformed)
 			continue
@@ -317,6 +374,13 @@ func (e *ipCarry) tunToTCP() error {
 	d := e.d
 	r := d.dev.NewReader(d.cfg.Batch, codec.FrameHeaderLen, d.cfg.MTU)
 	frames := make([][]byte, r.MaxPackets())
+	var sealBufs [][]byte
+	if d.key != nil {
+		sealBufs = make([][]byte, r.MaxPackets())
+		for i := range sealBufs {
+			sealBufs[i] = make([]byte, codec.FrameHeaderLen+seal.Overhead+d.cfg.MTU)
+		}
+	}
 	var wb net.Buffers
 	for {
 		pkts, err := r.Read()
@@ -339,6 +403,22 @@ func (e *ipCarry) tunToTCP() error {
 				d.stats.drop(codec.DropNoPeer)
 				continue
 			}
+			if sc.ses != nil {
+				f := sealBufs[m]
+				rec, ok := sc.ses.Seal(f[codec.FrameHeaderLen:], seal.TypeData, pkt)
+				if !ok || sc.ses.NeedsRekey(0) {
+					// Worn out: a new stream brings new keys.
+					sc.c.Close()
+				}
+				if !ok {
+					d.stats.drop(codec.DropStale)
+					continue
+				}
+				codec.PutFrameHeader(f, len(rec))
+				frames[m] = f[:codec.FrameHeaderLen+len(rec)]
+				m++
+				continue
+			}
 			// The reader left room for the length in front of the packet.
 			f := r.WithHeadroom(i)
 			codec.PutFrameHeader(f, len(pkt))
@@ -357,4 +437,38 @@ func (e *ipCarry) tunToTCP() error {
 		}
 		d.stats.NetTx.Add(uint64(m))
 	}
+}
+
+// newStreamSession derives the keys of one TCP stream.
+func (d *daemon) newStreamSession(r *auth.Result, client bool) *seal.Session {
+	k, err := seal.Derive(d.key, r.Nc[:], r.Ns[:], client)
+	if err != nil {
+		panic(err)
+	}
+	return seal.NewSession(d.cfg.Cipher, k, streamRekey, time.Now())
+}
+
+// setKeepalive turns on TCP keepalives at the --keepalive interval: they
+// keep NAT mappings of an idle stream and notice a dead peer (three
+// unanswered probes), after which the client reconnects.
+func (d *daemon) setKeepalive(c net.Conn) {
+	tc, ok := c.(*net.TCPConn)
+	if !ok || d.cfg.Keepalive <= 0 {
+		return
+	}
+	tc.SetKeepAliveConfig(net.KeepAliveConfig{Enable: true, Idle: d.cfg.Keepalive, Interval: d.cfg.Keepalive, Count: 3})
+}
+
+func dropName(why seal.Reject) string {
+	switch why {
+	case seal.BadTag:
+		return codec.DropBadTag.String()
+	case seal.Replay:
+		return codec.DropReplay.String()
+	case seal.Old:
+		return codec.DropTooOld.String()
+	case seal.Stale:
+		return codec.DropStale.String()
+	}
+	return codec.DropUnauth.String()
 }

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/sfunnel/sfunnel/tunnel/auth"
+	"github.com/spf13/pflag"
 )
 
 // Exit codes, as for the rest of sfunnel.
@@ -46,9 +47,7 @@ func Main(args []string, stdout, stderr io.Writer) int {
 		return ExitOK
 	}
 	if err != nil {
-		if !errors.Is(err, errUsage) {
-			fmt.Fprintf(stderr, "sfunnel tunnel: %v\n", err)
-		}
+		fmt.Fprintf(stderr, "sfunnel tunnel: %v\n", err)
 		fmt.Fprintln(stderr, "see: sfunnel tunnel --help")
 		return ExitUsage
 	}
@@ -87,21 +86,20 @@ func genkey(args []string, stdout, stderr io.Writer) int {
 }
 
 func status(args []string, stdout, stderr io.Writer) int {
-	fs := flag.NewFlagSet("sfunnel tunnel status", flag.ContinueOnError)
-	fs.SetOutput(stderr)
+	fs := pflag.NewFlagSet("sfunnel tunnel status", pflag.ContinueOnError)
+	fs.SetOutput(io.Discard)
 	ifname := "tun0"
 	var sock string
 	var asJSON bool
-	for _, n := range []string{"interface", "i"} {
-		fs.StringVar(&ifname, n, ifname, "tunnel interface")
-	}
-	fs.StringVar(&sock, "status-socket", "", "status socket of the daemon (default /run/sfunnel/tunnel-IF.sock)")
-	fs.BoolVar(&asJSON, "j", false, "JSON output")
-	fs.BoolVar(&asJSON, "json", false, "JSON output")
+	fs.StringVarP(&ifname, "interface", "i", ifname, "tunnel interface")
+	fs.StringVar(&sock, "status-socket", "", "status socket of the daemon")
+	fs.BoolVarP(&asJSON, "json", "j", false, "JSON output")
 	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
+		if errors.Is(err, pflag.ErrHelp) {
+			fmt.Fprintln(stdout, "usage: sfunnel tunnel status [-i IF | --status-socket PATH] [-j]")
 			return ExitOK
 		}
+		fmt.Fprintf(stderr, "sfunnel tunnel status: %v\n", err)
 		return ExitUsage
 	}
 	if fs.NArg() > 0 {

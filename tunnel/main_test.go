@@ -29,7 +29,7 @@ func TestUsageErrors(t *testing.T) {
 		{[]string{"--carry", "ip", "--mode", "server", "--address", "nonsense"}, "not an address"},
 		{[]string{"--carry", "ip", "--mode", "server", "--mtu", "100"}, "--mtu"},
 		{[]string{"-i", "a-very-long-interface-name", "--key", key, "-e", "1"}, "invalid --interface"},
-		{[]string{"--no-such-flag"}, "not defined"},
+		{[]string{"--no-such-flag"}, "unknown flag"},
 		{[]string{"extra"}, "unexpected argument"},
 	} {
 		var out, errb bytes.Buffer
@@ -52,8 +52,9 @@ func TestGenkeyAndKeyChecks(t *testing.T) {
 	os.WriteFile(key, out.Bytes(), 0o644)
 	errb.Reset()
 	// The key is checked before anything touches the system, so this
-	// needs no root.
-	if code := Main([]string{"--key", key, "-e", "7472", "--status-socket", filepath.Join(dir, "s")}, &out, &errb); code != ExitError ||
+	// needs no root. A configuration error: exit 2, which the systemd
+	// unit does not restart on.
+	if code := Main([]string{"--key", key, "-e", "7472", "--status-socket", filepath.Join(dir, "s")}, &out, &errb); code != ExitUsage ||
 		!strings.Contains(errb.String(), "chmod 600") {
 		t.Fatalf("world-readable key: exit %d, %s", code, errb.String())
 	}

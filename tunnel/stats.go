@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/sfunnel/sfunnel/tunnel/codec"
+	"github.com/sfunnel/sfunnel/tunnel/seal"
 	"github.com/sfunnel/sfunnel/tunnel/store"
 )
 
@@ -20,6 +21,24 @@ type Stats struct {
 	AuthOK, AuthFail           atomic.Uint64
 	Connects                   atomic.Uint64
 	Expired                    atomic.Uint64
+	KeepaliveTx, KeepaliveRx   atomic.Uint64
+	Roamed, Rekeys             atomic.Uint64
+}
+
+// dropSeal counts a sealed record that Open refused.
+func (s *Stats) dropSeal(why seal.Reject) {
+	switch why {
+	case seal.Malformed:
+		s.drop(codec.DropUnauth) // not a record of ours at all
+	case seal.BadTag:
+		s.drop(codec.DropBadTag)
+	case seal.Replay:
+		s.drop(codec.DropReplay)
+	case seal.Old:
+		s.drop(codec.DropTooOld)
+	case seal.Stale:
+		s.drop(codec.DropStale)
+	}
 }
 
 func (s *Stats) drop(why codec.Drop) { s.Drops[why].Add(1) }
@@ -30,6 +49,8 @@ type Status struct {
 	Carry      string            `json:"carry"`
 	Transport  string            `json:"transport"`
 	Mode       string            `json:"mode"`
+	Cipher     string            `json:"cipher,omitempty"` // with a key
+	Keepalive  string            `json:"keepalive,omitempty"`
 	Offload    string            `json:"offload"`
 	ListenPort int               `json:"listen_port,omitempty"`
 	Remote     string            `json:"remote,omitempty"`
@@ -57,6 +78,8 @@ func (s *Stats) counters() map[string]uint64 {
 		"net_rx": s.NetRx.Load(), "net_tx": s.NetTx.Load(),
 		"auth_ok": s.AuthOK.Load(), "auth_fail": s.AuthFail.Load(),
 		"connects": s.Connects.Load(), "expired": s.Expired.Load(),
+		"keepalive_tx": s.KeepaliveTx.Load(), "keepalive_rx": s.KeepaliveRx.Load(),
+		"roamed": s.Roamed.Load(), "rekeys": s.Rekeys.Load(),
 	}
 }
 
@@ -76,7 +99,16 @@ func writeStatusText(w io.Writer, st *Status) {
 	if st.Remote != "" {
 		fmt.Fprintf(w, "  remote %s", st.Remote)
 	}
-	fmt.Fprintf(w, "\nup since %s  expiry %s  offload %s\n", st.Started.Format(time.RFC3339), st.Expiry, st.Offload)
+	fmt.Fprintf(w, "\nup since %s  expiry %s  offload %s", st.Started.Format(time.RFC3339), st.Expiry, st.Offload)
+	if st.Cipher != "" {
+		fmt.Fprintf(w, "  cipher %s", st.Cipher)
+	} else {
+		fmt.Fprint(w, "  unsealed (no --key)")
+	}
+	if st.Keepalive != "" {
+		fmt.Fprintf(w, "  keepalive %s", st.Keepalive)
+	}
+	fmt.Fprintln(w)
 	printMap := func(title string, m map[string]uint64) {
 		keys := make([]string, 0, len(m))
 		for k := range m {
@@ -100,8 +132,15 @@ func writeStatusText(w io.Writer, st *Status) {
 		if addr == "" {
 			addr = "-"
 		}
-		fmt.Fprintf(w, "  %-45s %-39s rx %d tx %d idle %s\n", p.Peer, addr, p.RxPackets, p.TxPackets,
+		fmt.Fprintf(w, "  %-45s %-39s rx %d tx %d idle %s", p.Peer, addr, p.RxPackets, p.TxPackets,
 			time.Since(p.LastUsed).Truncate(time.Second))
+		if p.Endpoint != "" {
+			fmt.Fprintf(w, " now at %s", p.Endpoint)
+		}
+		if !p.Rekeyed.IsZero() {
+			fmt.Fprintf(w, " session %s old", time.Since(p.Rekeyed).Truncate(time.Second))
+		}
+		fmt.Fprintln(w)
 	}
 }
 

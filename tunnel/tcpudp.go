@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/sfunnel/sfunnel/tunnel/codec"
+	"github.com/sfunnel/sfunnel/tunnel/seal"
 	"github.com/sfunnel/sfunnel/tunnel/store"
 	"github.com/sfunnel/sfunnel/tunnel/udpsock"
 )
@@ -25,6 +26,7 @@ type tcpUDP struct {
 	client bool
 	port   uint16 // endpoint port (client)
 	dial   *dialer
+	one    *oneSender
 }
 
 func (d *daemon) startTCPOverUDP() error {
@@ -33,7 +35,8 @@ func (d *daemon) startTCPOverUDP() error {
 		return err
 	}
 	d.onClose(sock)
-	e := &tcpUDP{d: d, sock: sock, client: d.cfg.Mode == "client", port: uint16(d.cfg.EndpointPort)}
+	e := &tcpUDP{d: d, sock: sock, client: d.cfg.Mode == "client", port: uint16(d.cfg.EndpointPort), one: d.newOneSender(sock)}
+	d.keepalive = e.one
 	if e.client {
 		e.dial = d.newDialer(int(sock.Port()), e.sendHeld)
 	} else {
@@ -54,40 +57,48 @@ func (e *tcpUDP) sendHeld(peer netip.AddrPort, seg []byte) {
 	if len(seg) == 0 {
 		return
 	}
-	if err := e.sock.WriteTo(seg, peer); err == nil {
-		e.d.stats.NetTx.Add(1)
-	}
+	e.one.send(e.d.store.ByPeer(peer), peer, seal.TypeData, seg)
 }
 
 // route strips a packet from the TUN down to its TCP segment and finds
 // the peer it goes to.
-func (e *tcpUDP) route(pkt []byte, now int64) ([]byte, netip.AddrPort, bool) {
+func (e *tcpUDP) route(pkt []byte, now int64) ([]byte, netip.AddrPort, *seal.Session, bool) {
 	d := e.d
 	seg, _, dst, why := codec.StripIP(pkt)
 	if why != codec.DropNone {
 		d.stats.drop(why)
-		return nil, netip.AddrPort{}, false
+		return nil, netip.AddrPort{}, nil, false
 	}
 	var ent *store.Entry
-	var peer netip.AddrPort
+	var ses *seal.Session
 	if e.client {
-		peer = netip.AddrPortFrom(dst, e.port)
-		if ent = d.store.ByPeer(peer); ent == nil {
+		peer := netip.AddrPortFrom(dst, e.port)
+		ent = d.store.ByPeer(peer)
+		if ent != nil {
+			ses = ent.Session()
+		}
+		if ent == nil || ses == nil || ses.Expired(now) {
 			e.dial.request(peer, seg)
 			d.stats.drop(codec.DropNoPeer)
-			return nil, peer, false
+			return nil, peer, nil, false
 		}
 		e.dial.checkSilence(ent, seg, now)
+		if ses.NeedsRekey(now) {
+			e.dial.request(peer, nil)
+		}
 	} else {
 		if ent = d.store.ByAddr(dst); ent == nil {
 			d.stats.drop(codec.DropNoPeer)
-			return nil, peer, false
+			return nil, netip.AddrPort{}, nil, false
 		}
-		peer = ent.Peer
+		if ses = ent.Session(); ses == nil || ses.Expired(now) {
+			d.stats.drop(codec.DropStale)
+			return nil, netip.AddrPort{}, nil, false
+		}
 	}
 	ent.Touch(now)
 	ent.TxPackets.Add(1)
-	return seg, peer, true
+	return seg, ent.Endpoint(), ses, true
 }
 
 func (e *tcpUDP) netToTun() error {
@@ -109,21 +120,40 @@ func (e *tcpUDP) netToTun() error {
 			peer := in.Peers[i]
 			p := in.Payload(i)
 			seg := in.Step(i)
-			ent := d.store.ByPeer(peer)
 			for o := 0; o < len(p) || o == 0; o += seg {
 				d.stats.NetRx.Add(1)
-				if ent == nil {
-					d.stats.drop(codec.DropUnauth)
-					continue
-				}
 				n := min(seg, len(p)-o)
 				buf, off := in.Bufs[i], in.Off
-				if n != len(p) {
-					// A coalesced run (UDP GRO): give each datagram headroom.
-					copy(scratch[codec.Headroom:], p[o:o+n])
-					buf, off = scratch, codec.Headroom
+				var ent *store.Entry
+				if d.key != nil {
+					// Opened in place, or for a coalesced run (UDP GRO)
+					// into scratch: either way with headroom in front.
+					var dst []byte
+					if n != len(p) {
+						dst = scratch[codec.Headroom:]
+					}
+					op, ok := d.openUDP(e.one, p[o:o+n], dst, peer, now)
+					if !ok || !op.data {
+						continue
+					}
+					ent, n = op.ent, len(op.pt)
+					if dst != nil {
+						buf, off = scratch, codec.Headroom
+					} else {
+						off += seal.HeaderLen
+					}
+				} else {
+					if ent = d.store.ByPeer(peer); ent == nil {
+						d.stats.drop(codec.DropUnauth)
+						continue
+					}
+					if n != len(p) {
+						// A coalesced run (UDP GRO): give each datagram headroom.
+						copy(scratch[codec.Headroom:], p[o:o+n])
+						buf, off = scratch, codec.Headroom
+					}
 				}
-				src := peer.Addr()
+				src := ent.Peer.Addr()
 				if !e.client {
 					src = ent.Addr
 				}

@@ -49,7 +49,7 @@ func TestHandshake(t *testing.T) {
 			done := make(chan res, 1)
 			var accepted netip.AddrPort
 			go func() {
-				p, err := (&Server{Key: tc.srvKey}).Handshake(s, func(p netip.AddrPort) error { accepted = p; return tc.refuse })
+				p, err := (&Server{Key: tc.srvKey}).Handshake(s, func(r *Result) error { accepted = r.Peer; return tc.refuse })
 				s.Close()
 				done <- res{p, err}
 			}()
@@ -73,7 +73,7 @@ func TestHandshake(t *testing.T) {
 	c, s := pair(t)
 	srvErr := make(chan error, 1)
 	go func() {
-		_, err := (&Server{Key: GenerateKey()}).Handshake(s, func(netip.AddrPort) error { return nil })
+		_, err := (&Server{Key: GenerateKey()}).Handshake(s, func(*Result) error { return nil })
 		s.Close()
 		srvErr <- err
 	}()

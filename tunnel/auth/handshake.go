@@ -16,29 +16,31 @@ import (
 // The handshake, all on one TCP connection from the client's UDP address
 // and port to the server's listen port:
 //
-//	C → S  hello   "SFT1" ‖ Nc                          (36 bytes)
-//	S → C  chall   "SFT1" ‖ Ns ‖ A ‖ P ‖ MACs             (86 bytes)
+//	C → S  hello   "SFT2" ‖ Nc ‖ R                      (40 bytes)
+//	S → C  chall   "SFT2" ‖ Ns ‖ A ‖ P ‖ MACs             (86 bytes)
 //	C → S  proof   MACc                                  (32 bytes)
 //	S → C  result  0 = accepted, 1 = refused (store full) (1 byte)
 //
 // Nc, Ns: 32 fresh random bytes each. A ‖ P: the client's address (16
-// bytes, IPv4 mapped) and port as the server sees the connection: UDP from
-// exactly there is accepted afterwards. MACs = HMAC-SHA256(K, "sfunnel
-// tunnel v1 server" ‖ Nc ‖ Ns ‖ A ‖ P), MACc the same with "client". The
+// bytes, IPv4 mapped) and port as the server sees the connection. R: the
+// receiver index of the session this handshake replaces (a rekey), 0 for
+// a new peer. MACs = HMAC-SHA256(K, "sfunnel tunnel v2 server" ‖ Nc ‖ Ns ‖
+// A ‖ P ‖ R), MACc the same with "client". Session keys are derived from
+// K, Nc and Ns afterwards (package seal). The
 // server proves the key first but only over the client's fresh nonce; the
 // client's proof covers the server's fresh nonce, so neither message can be
 // replayed, and the labels keep one side's MAC from serving as the other's.
 const (
-	magic        = "SFT1"
+	magic        = "SFT2"
 	nonceLen     = 32
 	macLen       = sha256.Size
-	helloLen     = len(magic) + nonceLen
+	helloLen     = len(magic) + nonceLen + 4
 	challengeLen = len(magic) + nonceLen + 16 + 2 + macLen
 )
 
 var (
-	labelServer = []byte("sfunnel tunnel v1 server")
-	labelClient = []byte("sfunnel tunnel v1 client")
+	labelServer = []byte("sfunnel tunnel v2 server")
+	labelClient = []byte("sfunnel tunnel v2 client")
 )
 
 // Errors a handshake can end with.
@@ -51,17 +53,25 @@ var (
 // DefaultTimeout bounds a whole handshake.
 const DefaultTimeout = 5 * time.Second
 
-func mac(key, label, nc, ns []byte, peer netip.AddrPort) []byte {
+func mac(key, label, nc, ns []byte, peer netip.AddrPort, prev uint32) []byte {
 	h := hmac.New(sha256.New, key)
 	h.Write(label)
 	h.Write(nc)
 	h.Write(ns)
-	var ap [18]byte
+	var ap [22]byte
 	a := peer.Addr().As16()
 	copy(ap[:], a[:])
 	binary.BigEndian.PutUint16(ap[16:], peer.Port())
+	binary.BigEndian.PutUint32(ap[18:], prev)
 	h.Write(ap[:])
 	return h.Sum(nil)
+}
+
+// Result is what a successful handshake agreed on.
+type Result struct {
+	Peer   netip.AddrPort // the client as the server saw it
+	Nc, Ns [nonceLen]byte
+	Prev   uint32 // the receiver index of the session being replaced, or 0
 }
 
 func tcpAddrPort(a net.Addr) (netip.AddrPort, error) {
@@ -83,7 +93,7 @@ type Server struct {
 // with the peer (the connection's remote address and port); a non-nil error
 // from accept is reported to the client as a refusal. The connection is
 // left open; the caller closes it.
-func (s *Server) Handshake(conn net.Conn, accept func(peer netip.AddrPort) error) (netip.AddrPort, error) {
+func (s *Server) Handshake(conn net.Conn, accept func(r *Result) error) (netip.AddrPort, error) {
 	peer, err := tcpAddrPort(conn.RemoteAddr())
 	if err != nil {
 		return peer, err
@@ -100,7 +110,8 @@ func (s *Server) Handshake(conn net.Conn, accept func(peer netip.AddrPort) error
 	if string(hello[:len(magic)]) != magic {
 		return peer, ErrProtocol
 	}
-	nc := hello[len(magic):]
+	nc := hello[len(magic) : len(magic)+nonceLen]
+	prev := binary.BigEndian.Uint32(hello[len(magic)+nonceLen:])
 	var ch [challengeLen]byte
 	copy(ch[:], magic)
 	ns := ch[len(magic) : len(magic)+nonceLen]
@@ -108,7 +119,7 @@ func (s *Server) Handshake(conn net.Conn, accept func(peer netip.AddrPort) error
 	a := peer.Addr().As16()
 	copy(ch[len(magic)+nonceLen:], a[:])
 	binary.BigEndian.PutUint16(ch[len(magic)+nonceLen+16:], peer.Port())
-	copy(ch[len(magic)+nonceLen+18:], mac(s.Key, labelServer, nc, ns, peer))
+	copy(ch[len(magic)+nonceLen+18:], mac(s.Key, labelServer, nc, ns, peer, prev))
 	if _, err := conn.Write(ch[:]); err != nil {
 		return peer, fmt.Errorf("write challenge: %w", err)
 	}
@@ -116,10 +127,11 @@ func (s *Server) Handshake(conn net.Conn, accept func(peer netip.AddrPort) error
 	if _, err := io.ReadFull(conn, proof[:]); err != nil {
 		return peer, fmt.Errorf("read proof: %w", err)
 	}
-	if !hmac.Equal(proof[:], mac(s.Key, labelClient, nc, ns, peer)) {
+	if !hmac.Equal(proof[:], mac(s.Key, labelClient, nc, ns, peer, prev)) {
 		return peer, ErrBadMAC
 	}
-	if err := accept(peer); err != nil {
+	r := &Result{Peer: peer, Nc: [nonceLen]byte(nc), Ns: [nonceLen]byte(ns), Prev: prev}
+	if err := accept(r); err != nil {
 		conn.Write([]byte{1})
 		return peer, err
 	}
@@ -130,8 +142,22 @@ func (s *Server) Handshake(conn net.Conn, accept func(peer netip.AddrPort) error
 }
 
 // ClientHandshake authenticates to the server on conn and returns the
-// address and port the server saw (and will accept UDP from).
+// address and port the server saw.
 func ClientHandshake(conn net.Conn, key []byte, timeout time.Duration) (netip.AddrPort, error) {
+	r, err := Client(conn, key, timeout, 0)
+	return r.Peer, err
+}
+
+// Client authenticates to the server on conn; prev names the session a
+// rekey replaces (0: none).
+func Client(conn net.Conn, key []byte, timeout time.Duration, prev uint32) (*Result, error) {
+	r := &Result{Prev: prev}
+	seen, err := client(conn, key, timeout, r)
+	r.Peer = seen
+	return r, err
+}
+
+func client(conn net.Conn, key []byte, timeout time.Duration, r *Result) (netip.AddrPort, error) {
 	if timeout == 0 {
 		timeout = DefaultTimeout
 	}
@@ -139,8 +165,10 @@ func ClientHandshake(conn net.Conn, key []byte, timeout time.Duration) (netip.Ad
 	defer conn.SetDeadline(time.Time{})
 	var hello [helloLen]byte
 	copy(hello[:], magic)
-	nc := hello[len(magic):]
+	nc := hello[len(magic) : len(magic)+nonceLen]
 	rand.Read(nc)
+	binary.BigEndian.PutUint32(hello[len(magic)+nonceLen:], r.Prev)
+	copy(r.Nc[:], nc)
 	if _, err := conn.Write(hello[:]); err != nil {
 		return netip.AddrPort{}, fmt.Errorf("write hello: %w", err)
 	}
@@ -152,12 +180,13 @@ func ClientHandshake(conn net.Conn, key []byte, timeout time.Duration) (netip.Ad
 		return netip.AddrPort{}, ErrProtocol
 	}
 	ns := ch[len(magic) : len(magic)+nonceLen]
+	copy(r.Ns[:], ns)
 	ap := ch[len(magic)+nonceLen:]
 	seen := netip.AddrPortFrom(netip.AddrFrom16([16]byte(ap[:16])).Unmap(), binary.BigEndian.Uint16(ap[16:18]))
-	if !hmac.Equal(ap[18:18+macLen], mac(key, labelServer, nc, ns, seen)) {
+	if !hmac.Equal(ap[18:18+macLen], mac(key, labelServer, nc, ns, seen, r.Prev)) {
 		return seen, ErrBadMAC
 	}
-	if _, err := conn.Write(mac(key, labelClient, nc, ns, seen)); err != nil {
+	if _, err := conn.Write(mac(key, labelClient, nc, ns, seen, r.Prev)); err != nil {
 		return seen, fmt.Errorf("write proof: %w", err)
 	}
 	var res [1]byte

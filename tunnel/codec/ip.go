@@ -30,11 +30,17 @@ const (
 	DropNoAddress      // the TUN has no address of the needed family
 	DropTooBig         // larger than the MTU or a frame allows
 	DropUnauth         // datagram from a sender that has not authenticated
+	DropNoSession      // sealed record for a session nobody here has (spoofed, or a forgotten peer)
+	DropBadTag         // sealed record that did not authenticate (forged or modified)
+	DropReplay         // sealed record whose counter was seen already
+	DropTooOld         // sealed record behind the replay window
+	DropStale          // session worn out (too old or too many records): rekey needed
 	NumDrops
 )
 
 var dropNames = [NumDrops]string{"none", "malformed", "not_tcp", "ip_options", "fragment",
-	"no_peer", "no_address", "too_big", "unauthenticated"}
+	"no_peer", "no_address", "too_big", "unauthenticated",
+	"unknown_session", "bad_tag", "replayed", "too_old", "stale_session"}
 
 func (d Drop) String() string {
 	if d < NumDrops {

@@ -159,6 +159,7 @@ func Derive(psk, nc, ns []byte, client bool) (Keys, error) {
 // Session is one handshake's pair of directions.
 type Session struct {
 	Created time.Time
+	cipher  Cipher
 	rekey   time.Duration
 	reject  time.Duration
 	send    cipher.AEAD
@@ -176,9 +177,12 @@ func NewSession(c Cipher, k Keys, rekey time.Duration, now time.Time) *Session {
 	if rekey <= 0 {
 		rekey = DefaultRekeyAfter
 	}
-	return &Session{Created: now, rekey: rekey, reject: RejectAfter(rekey),
+	return &Session{Created: now, cipher: c.Resolve(), rekey: rekey, reject: RejectAfter(rekey),
 		send: newAEAD(c, k.Send[:]), sendID: k.SendID, recv: newAEAD(c, k.Recv[:]), recvID: k.RecvID}
 }
+
+// Cipher is the AEAD in use.
+func (s *Session) Cipher() Cipher { return s.cipher }
 
 // RecvID is the index records for this session carry.
 func (s *Session) RecvID() uint32 { return s.recvID }

@@ -12,15 +12,26 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/sfunnel/sfunnel/tunnel/seal"
 )
 
 // ErrFull means every tunnel address (or the peer limit) is in use.
 var ErrFull = errors.New("connection store full")
 
+// ErrIndexTaken means a new session's receiver index is already in use
+// (one chance in 2^32 per peer); the client simply authenticates again.
+var ErrIndexTaken = errors.New("session index collision, try again")
+
 // Entry is one authenticated peer.
 type Entry struct {
+	// Peer is the address and port the peer authenticated from (TCP),
+	// the entry's key; with a key, Endpoint is where its authenticated
+	// datagrams last came from, which may change (NAT rebinding, roaming).
 	Peer                 netip.AddrPort // remote address and UDP port (unmapped)
-	Addr                 netip.Addr     // tunnel address, invalid when the store has no pool
+	endpoint             atomic.Pointer[netip.AddrPort]
+	sess, prev           atomic.Pointer[seal.Session]
+	Addr                 netip.Addr // tunnel address, invalid when the store has no pool
 	Created              time.Time
 	lastUsed             atomic.Int64 // unix nanoseconds
 	RxPackets, TxPackets atomic.Uint64
@@ -54,6 +65,40 @@ func (e *Entry) Heard() {
 // RestartSilence starts the silence count afresh (after acting on it).
 func (e *Entry) RestartSilence(now int64) { e.unanswered.Store(now) }
 
+// Endpoint is where datagrams for the peer go.
+func (e *Entry) Endpoint() netip.AddrPort {
+	if p := e.endpoint.Load(); p != nil {
+		return *p
+	}
+	return e.Peer
+}
+
+// SetEndpoint records that authenticated traffic of the peer now comes
+// from ap (this allocates, but only when the address changes).
+func (e *Entry) SetEndpoint(ap netip.AddrPort) bool {
+	if e.Endpoint() == ap {
+		return false
+	}
+	p := ap // a copy, so that only a change allocates
+	e.endpoint.Store(&p)
+	return true
+}
+
+// Session is the current session (nil without a key).
+func (e *Entry) Session() *seal.Session { return e.sess.Load() }
+
+// SessionFor returns the current or the previous session if its receiver
+// index is id (records sealed before a rekey may still be in flight).
+func (e *Entry) SessionFor(id uint32) *seal.Session {
+	if s := e.sess.Load(); s != nil && s.RecvID() == id {
+		return s
+	}
+	if s := e.prev.Load(); s != nil && s.RecvID() == id {
+		return s
+	}
+	return nil
+}
+
 // Touch marks the entry as used now.
 func (e *Entry) Touch(now int64) { e.lastUsed.Store(now) }
 
@@ -63,7 +108,11 @@ func (e *Entry) LastUsed() time.Time { return time.Unix(0, e.lastUsed.Load()) }
 // Info is a copy of an entry for status output.
 type Info struct {
 	Peer      string    `json:"peer"`
+	Endpoint  string    `json:"endpoint,omitempty"` // when it differs from Peer
 	Address   string    `json:"address,omitempty"`
+	Cipher    string    `json:"cipher,omitempty"`
+	Rekeyed   time.Time `json:"session_created,omitzero"`
+	Sealed    uint64    `json:"sealed,omitempty"`
 	Created   time.Time `json:"created"`
 	LastUsed  time.Time `json:"last_used"`
 	RxPackets uint64    `json:"rx_packets"`
@@ -87,6 +136,7 @@ type Store struct {
 	mu     sync.RWMutex
 	byPeer map[netip.AddrPort]*Entry
 	byAddr map[netip.Addr]*Entry
+	byID   map[uint32]*Entry // receiver index of current and previous sessions
 	pools  []*pool
 	max    int
 	ttl    time.Duration
@@ -105,6 +155,7 @@ func New(o Options) *Store {
 	s := &Store{
 		byPeer: make(map[netip.AddrPort]*Entry),
 		byAddr: make(map[netip.Addr]*Entry),
+		byID:   make(map[uint32]*Entry),
 		max:    o.MaxPeers,
 		ttl:    o.TTL,
 	}
@@ -152,6 +203,34 @@ func (s *Store) ByAddr(a netip.Addr) *Entry {
 	e := s.byAddr[a]
 	s.mu.RUnlock()
 	return e
+}
+
+// BySession finds the entry owning a session receiver index.
+func (s *Store) BySession(id uint32) *Entry {
+	s.mu.RLock()
+	e := s.byID[id]
+	s.mu.RUnlock()
+	return e
+}
+
+// Install makes ses the entry's current session; the one it replaces
+// stays usable for receiving until the next rekey.
+func (s *Store) Install(e *Entry, ses *seal.Session) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.byPeer[e.Peer] != e {
+		return errors.New("peer expired during the handshake")
+	}
+	if o := s.byID[ses.RecvID()]; o != nil || ses.RecvID() == 0 {
+		return ErrIndexTaken
+	}
+	if old := e.prev.Load(); old != nil {
+		delete(s.byID, old.RecvID())
+	}
+	e.prev.Store(e.sess.Load())
+	e.sess.Store(ses)
+	s.byID[ses.RecvID()] = e
+	return nil
 }
 
 // Add records an authenticated peer and gives it a tunnel address of its
@@ -234,6 +313,11 @@ func (s *Store) Remove(peer netip.AddrPort) {
 
 func (s *Store) removeLocked(e *Entry) {
 	delete(s.byPeer, e.Peer)
+	for _, ses := range []*seal.Session{e.sess.Load(), e.prev.Load()} {
+		if ses != nil && s.byID[ses.RecvID()] == e {
+			delete(s.byID, ses.RecvID())
+		}
+	}
 	if e.Addr.IsValid() {
 		delete(s.byAddr, e.Addr)
 		for _, p := range s.pools {
@@ -259,6 +343,20 @@ func (s *Store) Expire(now time.Time) []*Entry {
 	return gone
 }
 
+// Entries lists the entries (for periodic work such as keepalives).
+func (s *Store) Entries() []*Entry {
+	s.mu.RLock()
+	out := make([]*Entry, 0, len(s.byPeer))
+	for _, e := range s.byPeer {
+		out = append(out, e)
+	}
+	s.mu.RUnlock()
+	return out
+}
+
+// Idle is how long ago the entry last carried traffic either way.
+func (e *Entry) Idle(now int64) time.Duration { return time.Duration(now - e.lastUsed.Load()) }
+
 // Snapshot copies all entries, sorted by peer, for status output.
 func (s *Store) Snapshot() []Info {
 	s.mu.RLock()
@@ -268,6 +366,12 @@ func (s *Store) Snapshot() []Info {
 			RxPackets: e.RxPackets.Load(), TxPackets: e.TxPackets.Load()}
 		if e.Addr.IsValid() {
 			i.Address = e.Addr.String()
+		}
+		if ep := e.Endpoint(); ep != e.Peer {
+			i.Endpoint = ep.String()
+		}
+		if ses := e.sess.Load(); ses != nil {
+			i.Cipher, i.Rekeyed, i.Sealed = ses.Cipher().String(), ses.Created, ses.Sent()
 		}
 		out = append(out, i)
 	}
