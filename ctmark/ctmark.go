@@ -195,3 +195,37 @@ func restoreRules(mask uint32) [][]expr.Any {
 	}
 	return rules
 }
+
+// Check describes what is wrong with the table in the current namespace
+// ("" when it is there with both chains): something outside sfunnel, such
+// as `nft flush ruleset`, may have removed it.
+func (t *Table) Check() (string, error) {
+	exists, err := t.Exists()
+	if err != nil {
+		return "", err
+	}
+	tbl := t.table()
+	if !exists {
+		return fmt.Sprintf("nftables table inet %s is missing (nft flush ruleset?)", tbl.Name), nil
+	}
+	c, err := conn()
+	if err != nil {
+		return "", err
+	}
+	chains, err := c.ListChainsOfTableFamily(nftables.TableFamilyINet)
+	if err != nil {
+		return "", nftError("list nftables chains", err)
+	}
+	have := map[string]bool{}
+	for _, ch := range chains {
+		if ch.Table.Name == tbl.Name {
+			have[ch.Name] = true
+		}
+	}
+	for _, name := range []string{"ct_save", "ct_restore"} {
+		if !have[name] {
+			return fmt.Sprintf("nftables table inet %s lacks chain %s", tbl.Name, name), nil
+		}
+	}
+	return "", nil
+}

@@ -55,3 +55,11 @@ type Backend interface {
 	// ResetCounters zeroes the counters of the given handles (all if nil).
 	ResetCounters(handles []uint64) error
 }
+
+// Warner is a Backend that can tell where the kernel no longer holds what
+// was committed (a hook detached by someone else, sfunnel's nftables table
+// flushed). `list ruleset` prints the warnings as comments, so the listing
+// stays valid input.
+type Warner interface {
+	Warnings() ([]string, error)
+}

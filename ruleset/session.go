@@ -197,6 +197,24 @@ func (s *Session) listOptions() (*ListOptions, error) {
 	return o, nil
 }
 
+// warn prints the backend's warnings as comment lines.
+func (s *Session) warn() error {
+	w, ok := s.Backend.(Warner)
+	if !ok || s.Check {
+		return nil
+	}
+	msgs, err := w.Warnings()
+	if err != nil {
+		return err
+	}
+	for _, m := range msgs {
+		if _, err := fmt.Fprintf(s.Out, "# warning: %s\n", m); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
 func (s *Session) read(rs *Ruleset, c *grammar.Command) error {
 	switch c.Kind {
 	case grammar.CmdListRuleset, grammar.CmdListInterface:
@@ -215,6 +233,9 @@ func (s *Session) read(rs *Ruleset, c *grammar.Command) error {
 		}
 		if s.JSON {
 			return WriteJSON(s.Out, rs, only, sets, o)
+		}
+		if err := s.warn(); err != nil {
+			return err
 		}
 		return WriteText(s.Out, rs, only, o)
 	case grammar.CmdListSets, grammar.CmdListSet:

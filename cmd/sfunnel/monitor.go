@@ -12,23 +12,37 @@ import (
 	"time"
 
 	"github.com/sfunnel/sfunnel/datapath"
+	"github.com/sfunnel/sfunnel/grammar"
 )
 
-// monitorInterval is how often the kernel's event counters are read.
+// monitorInterval is how often the kernel's state and event counters are read.
 const monitorInterval = 250 * time.Millisecond
 
 // monitorEvent is one line of `sfunnel monitor` (and its -j form).
 type monitorEvent struct {
-	Event     string `json:"event"` // a datapath event name, or "program"
-	Interface string `json:"interface"`
-	Hook      string `json:"hook"`
+	// Event is a datapath event name (stats), "program", "add"/"delete"
+	// (a rule appeared in or left the ruleset), or "warning"/"resolved"
+	// (the kernel no longer holds what was committed, or holds it again).
+	Event     string `json:"event"`
+	Interface string `json:"interface,omitempty"`
+	Hook      string `json:"hook,omitempty"`
 	Count     uint64 `json:"count,omitempty"`  // new events since the last line
 	Handle    uint64 `json:"handle,omitempty"` // the rule, for per-rule events
 	Program   uint32 `json:"program,omitempty"`
 	Mode      string `json:"mode,omitempty"`
+	Rule      string `json:"rule,omitempty"`    // add: the rule's text
+	Message   string `json:"message,omitempty"` // warning, resolved
 }
 
 func (e monitorEvent) String() string {
+	switch e.Event {
+	case "add":
+		return fmt.Sprintf("add rule %s %s %s # handle %d", e.Interface, e.Hook, e.Rule, e.Handle)
+	case "delete":
+		return fmt.Sprintf("delete rule %s %s handle %d", e.Interface, e.Hook, e.Handle)
+	case "warning", "resolved":
+		return fmt.Sprintf("# %s: %s", e.Event, e.Message)
+	}
 	s := fmt.Sprintf("%s %s %s", e.Interface, e.Hook, e.Event)
 	if e.Event == "program" {
 		return s + fmt.Sprintf(" %d (%s)", e.Program, e.Mode)
@@ -40,65 +54,34 @@ func (e monitorEvent) String() string {
 	return s
 }
 
-// monitor prints datapath events as they happen until SIGINT/SIGTERM: a
-// program attached or replaced, and growth of the event counters (MTU
-// exceeded per rule, invalid unfunnels, fragments passed, …).
+// monitor prints what changes in the kernel until SIGINT/SIGTERM, as
+// `nft monitor` does: rules added and deleted (by anyone), hooks detached
+// from outside and sfunnel's nftables table flushed (as warnings, and when
+// they are repaired), programs attached or replaced, and growth of the
+// event counters (MTU exceeded per rule, invalid unfunnels, fragments
+// passed, …).
 func (a *app) monitor(b *datapath.Backend) func(out io.Writer) error {
 	return func(out io.Writer) error {
 		// The lock is for transactions; monitoring must not hold off others.
 		a.release()
 		ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 		defer stop()
-		type key struct{ hook, event string }
-		last := map[key]uint64{}
-		progs := map[string]uint32{}
-		first := true
+		p := &poller{b: b}
+		if _, err := p.poll(); err != nil { // the baseline
+			return err
+		}
 		tick := time.NewTicker(monitorInterval)
 		defer tick.Stop()
 		for {
-			status, err := b.Status()
+			select {
+			case <-ctx.Done():
+				return nil
+			case <-tick.C:
+			}
+			events, err := p.poll()
 			if err != nil {
 				return err
 			}
-			var events []monitorEvent
-			for _, h := range status {
-				id := h.Ifname + " " + h.Hook.String()
-				if prev, ok := progs[id]; !ok || prev != uint32(h.ProgID) {
-					progs[id] = uint32(h.ProgID)
-					if !first {
-						events = append(events, monitorEvent{Event: "program", Interface: h.Ifname, Hook: h.Hook.String(), Program: uint32(h.ProgID), Mode: string(h.Mode)})
-					}
-				}
-				names := make([]string, 0, len(h.Stats))
-				for n := range h.Stats {
-					names = append(names, n)
-				}
-				sort.Strings(names)
-				for _, n := range names {
-					k := key{id, n}
-					if v := h.Stats[n]; v != last[k] {
-						if !first && v > last[k] && n != "mtu-exceeded" {
-							events = append(events, monitorEvent{Event: n, Interface: h.Ifname, Hook: h.Hook.String(), Count: v - last[k]})
-						}
-						last[k] = v
-					}
-				}
-				handles := make([]uint64, 0, len(h.MTUExceeded))
-				for hd := range h.MTUExceeded {
-					handles = append(handles, hd)
-				}
-				sort.Slice(handles, func(i, j int) bool { return handles[i] < handles[j] })
-				for _, hd := range handles {
-					k := key{id, fmt.Sprintf("mtu %d", hd)}
-					if v := h.MTUExceeded[hd]; v != last[k] {
-						if !first && v > last[k] {
-							events = append(events, monitorEvent{Event: "mtu-exceeded", Interface: h.Ifname, Hook: h.Hook.String(), Count: v - last[k], Handle: hd})
-						}
-						last[k] = v
-					}
-				}
-			}
-			first = false
 			for _, e := range events {
 				if a.opts.json {
 					data, _ := json.Marshal(e)
@@ -110,11 +93,148 @@ func (a *app) monitor(b *datapath.Backend) func(out io.Writer) error {
 			if f, ok := out.(interface{ Sync() error }); ok {
 				f.Sync()
 			}
-			select {
-			case <-ctx.Done():
-				return nil
-			case <-tick.C:
-			}
 		}
 	}
 }
+
+// poller remembers what the kernel held at the last poll.
+type poller struct {
+	b        *datapath.Backend
+	started  bool
+	counts   map[string]uint64   // "IF HOOK event" and "IF HOOK mtu HANDLE" → count
+	progs    map[string]uint32   // "IF HOOK" → program id
+	rules    map[ruleKey]string  // live rules → their text
+	warnings map[string]struct{} // current warnings
+}
+
+type ruleKey struct {
+	ifname string
+	hook   grammar.Hook
+	handle uint64
+}
+
+// poll returns what changed since the last poll (nothing the first time).
+func (p *poller) poll() ([]monitorEvent, error) {
+	var events []monitorEvent
+	report := p.started
+	emit := func(e monitorEvent) {
+		if report {
+			events = append(events, e)
+		}
+	}
+
+	// Rules: the ruleset as the kernel holds it.
+	rs, err := p.b.Load()
+	if err != nil {
+		return nil, err
+	}
+	rules := map[ruleKey]string{}
+	for _, ifc := range rs.Interfaces {
+		for _, h := range []grammar.Hook{grammar.HookIngress, grammar.HookEgress} {
+			for _, r := range ifc.Rules(h) {
+				rules[ruleKey{ifc.Name, h, r.Handle}] = grammar.FormatRule(r, nil)
+			}
+		}
+	}
+	for _, k := range sortedKeys(p.rules) {
+		if text, ok := rules[k]; !ok || text != p.rules[k] {
+			emit(monitorEvent{Event: "delete", Interface: k.ifname, Hook: k.hook.String(), Handle: k.handle})
+		}
+	}
+	for _, k := range sortedKeys(rules) {
+		if text, ok := p.rules[k]; !ok || text != rules[k] {
+			emit(monitorEvent{Event: "add", Interface: k.ifname, Hook: k.hook.String(), Handle: k.handle, Rule: rules[k]})
+		}
+	}
+	p.rules = rules
+
+	// Warnings: detached hooks, a flushed nftables table.
+	msgs, err := p.b.Warnings()
+	if err != nil {
+		return nil, err
+	}
+	warnings := map[string]struct{}{}
+	for _, m := range msgs {
+		warnings[m] = struct{}{}
+		if _, ok := p.warnings[m]; !ok {
+			emit(monitorEvent{Event: "warning", Message: m})
+		}
+	}
+	old := make([]string, 0, len(p.warnings))
+	for m := range p.warnings {
+		if _, ok := warnings[m]; !ok {
+			old = append(old, m)
+		}
+	}
+	sort.Strings(old)
+	for _, m := range old {
+		emit(monitorEvent{Event: "resolved", Message: m})
+	}
+	p.warnings = warnings
+
+	// Programs and event counters.
+	status, err := p.b.Status()
+	if err != nil {
+		return nil, err
+	}
+	if p.counts == nil {
+		p.counts, p.progs = map[string]uint64{}, map[string]uint32{}
+	}
+	for _, h := range status {
+		id := h.Ifname + " " + h.Hook.String()
+		if prev, ok := p.progs[id]; !ok || prev != uint32(h.ProgID) {
+			p.progs[id] = uint32(h.ProgID)
+			emit(monitorEvent{Event: "program", Interface: h.Ifname, Hook: h.Hook.String(), Program: uint32(h.ProgID), Mode: string(h.Mode)})
+		}
+		names := make([]string, 0, len(h.Stats))
+		for n := range h.Stats {
+			names = append(names, n)
+		}
+		sort.Strings(names)
+		for _, n := range names {
+			k := id + " " + n
+			if v := h.Stats[n]; v != p.counts[k] {
+				// mtu-exceeded is reported per rule below.
+				if v > p.counts[k] && n != "mtu-exceeded" {
+					emit(monitorEvent{Event: n, Interface: h.Ifname, Hook: h.Hook.String(), Count: v - p.counts[k]})
+				}
+				p.counts[k] = v
+			}
+		}
+		handles := make([]uint64, 0, len(h.MTUExceeded))
+		for hd := range h.MTUExceeded {
+			handles = append(handles, hd)
+		}
+		sort.Slice(handles, func(i, j int) bool { return handles[i] < handles[j] })
+		for _, hd := range handles {
+			k := fmt.Sprintf("%s mtu %d", id, hd)
+			if v := h.MTUExceeded[hd]; v != p.counts[k] {
+				if v > p.counts[k] {
+					emit(monitorEvent{Event: "mtu-exceeded", Interface: h.Ifname, Hook: h.Hook.String(), Count: v - p.counts[k], Handle: hd})
+				}
+				p.counts[k] = v
+			}
+		}
+	}
+	p.started = true
+	return events, nil
+}
+
+func sortedKeys(m map[ruleKey]string) []ruleKey {
+	keys := make([]ruleKey, 0, len(m))
+	for k := range m {
+		keys = append(keys, k)
+	}
+	sort.Slice(keys, func(i, j int) bool {
+		a, b := keys[i], keys[j]
+		if a.ifname != b.ifname {
+			return a.ifname < b.ifname
+		}
+		if a.hook != b.hook {
+			return a.hook < b.hook
+		}
+		return a.handle < b.handle
+	})
+	return keys
+}
+

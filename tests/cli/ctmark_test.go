@@ -1,6 +1,11 @@
 package cli
 
-import "testing"
+import (
+	"strings"
+	"testing"
+
+	"github.com/sfunnel/sfunnel/internal/testenv"
+)
 
 // ct mark values are the connection mark itself: a value or mask outside
 // the ct mark mask is refused at the token, naming the mask; a mask that
@@ -42,5 +47,38 @@ func TestCtMarkErrors(t *testing.T) {
 	}
 	if got := mustSfunnel(t, "", "--netns", a.Name, "list", "ruleset"); got != "" {
 		t.Errorf("refused rules changed the ruleset:\n%s", got)
+	}
+}
+
+// `nft flush ruleset` (what `systemctl reload nftables` runs) removes
+// sfunnel's nftables table: `list ruleset` says so in a comment that keeps
+// the listing valid input, and the next apply puts the table back.
+func TestNftFlushDetectedAndHealed(t *testing.T) {
+	testenv.RequireCommand(t, "nft")
+	a, _ := topology(t)
+	conf := "flush ruleset\ninterface veth0 {\n\tingress {\n\t\tudp dport 4739 ct mark set 0x10000\n\t}\n\tegress {\n\t\tct mark 0x10000 counter actions accept\n\t}\n}\n"
+	mustSfunnel(t, conf, "--netns", a.Name, "-f", "-")
+	a.Run(t, "nft", "list", "table", "inet", "sfunnel")
+	clean := mustSfunnel(t, "", "--netns", a.Name, "list", "ruleset")
+	if strings.Contains(clean, "warning") {
+		t.Fatalf("warning with the table in place:\n%s", clean)
+	}
+
+	a.Run(t, "nft", "flush", "ruleset")
+	got := mustSfunnel(t, "", "--netns", a.Name, "list", "ruleset")
+	warning := "# warning: nftables table inet sfunnel is missing (nft flush ruleset?): ct mark rules do not work until the ruleset is applied again\n"
+	if got != warning+clean {
+		t.Errorf("list ruleset after nft flush ruleset:\n%s\nwant the warning, then\n%s", got, clean)
+	}
+	// The listing, warning included, is valid input.
+	mustSfunnel(t, "flush ruleset\n"+got, "--netns", a.Name, "-c", "-f", "-")
+
+	// The next apply heals.
+	mustSfunnel(t, conf, "--netns", a.Name, "-f", "-")
+	if out := a.Run(t, "nft", "list", "table", "inet", "sfunnel"); !strings.Contains(out, "ct_save") {
+		t.Errorf("table not restored:\n%s", out)
+	}
+	if got := mustSfunnel(t, "", "--netns", a.Name, "list", "ruleset"); got != clean {
+		t.Errorf("after the next apply:\n%s\nwant\n%s", got, clean)
 	}
 }

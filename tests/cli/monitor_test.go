@@ -8,14 +8,20 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/sfunnel/sfunnel/internal/testenv"
 )
 
-// TestMonitor: `sfunnel monitor` reports a program swap and a funnel that
-// made a packet exceed the egress MTU, and stops cleanly on SIGINT.
+// TestMonitor: `sfunnel monitor` reports, like `nft monitor`, rules added
+// and deleted, a program swap, a funnel that made a packet exceed the
+// egress MTU, sfunnel's nftables table flushed and put back, a hook gone
+// from the kernel, and stops cleanly on SIGINT.
 func TestMonitor(t *testing.T) {
+	testenv.RequireCommand(t, "nft")
 	a, _ := topology(t)
 	a.Run(t, "ip", "link", "set", "veth0", "mtu", "1280")
 	mustSfunnel(t, "", "--netns", a.Name, "add", "rule", "veth0", "egress", "udp", "dport", "4739", "counter", "actions", "funnel", "tcp", "dport", "179", "sport", "540")
+	mustSfunnel(t, "", "--netns", a.Name, "add", "rule", "veth0", "ingress", "udp", "dport", "4739", "ct", "mark", "set", "0x10000")
 
 	cmd := exec.Command(binary, "--netns", a.Name, "monitor")
 	stdout, err := cmd.StdoutPipe()
@@ -25,7 +31,7 @@ func TestMonitor(t *testing.T) {
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	lines := make(chan string, 16)
+	lines := make(chan string, 64)
 	go func() {
 		sc := bufio.NewScanner(stdout)
 		for sc.Scan() {
@@ -33,9 +39,36 @@ func TestMonitor(t *testing.T) {
 		}
 		close(lines)
 	}()
+	var got []string
+	// expect waits for a line starting with each of want, in any order.
+	expect := func(want ...string) {
+		t.Helper()
+		seen := map[string]bool{}
+		deadline := time.After(5 * time.Second)
+		for len(seen) < len(want) {
+			select {
+			case l, ok := <-lines:
+				if !ok {
+					t.Fatalf("monitor exited; it printed:\n%s", strings.Join(got, "\n"))
+				}
+				got = append(got, l)
+				for _, w := range want {
+					if strings.HasPrefix(l, w) {
+						seen[w] = true
+					}
+				}
+			case <-deadline:
+				t.Fatalf("monitor did not report %q; it printed:\n%s", want, strings.Join(got, "\n"))
+			}
+		}
+	}
 	time.Sleep(700 * time.Millisecond) // the first poll sets the baseline
 
 	mustSfunnel(t, "", "--netns", a.Name, "add", "rule", "veth0", "egress", "udp", "dport", "9", "actions", "drop")
+	expect("add rule veth0 egress udp dport 9 actions drop # handle 3", "veth0 egress program")
+	mustSfunnel(t, "", "--netns", a.Name, "delete", "rule", "veth0", "egress", "handle", "3")
+	expect("delete rule veth0 egress handle 3")
+
 	// A datagram that fits the MTU as UDP but not once funneled (+20 bytes).
 	err = a.Do(func() error {
 		c, err := net.Dial("udp", "192.0.2.2:4739")
@@ -49,37 +82,18 @@ func TestMonitor(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := map[string]bool{"veth0 egress program": false, "veth0 egress mtu-exceeded +1 # handle 1": false}
-	deadline := time.After(5 * time.Second)
-	var got []string
-wait:
-	for {
-		select {
-		case l, ok := <-lines:
-			if !ok {
-				break wait
-			}
-			got = append(got, l)
-			for w := range want {
-				if strings.HasPrefix(l, w) {
-					want[w] = true
-				}
-			}
-			if want["veth0 egress program"] && want["veth0 egress mtu-exceeded +1 # handle 1"] {
-				break wait
-			}
-		case <-deadline:
-			break wait
-		}
-	}
+	expect("veth0 egress mtu-exceeded +1 # handle 1")
+
+	a.Run(t, "nft", "flush", "ruleset")
+	expect("# warning: nftables table inet sfunnel is missing")
+	mustSfunnel(t, "", "--netns", a.Name, "add", "rule", "veth0", "egress", "udp", "dport", "10", "actions", "drop")
+	expect("# resolved: nftables table inet sfunnel is missing")
+
+	a.Run(t, "ip", "link", "del", "veth0")
+	expect("# warning: interface veth0 egress is no longer attached", "# warning: interface veth0 ingress is no longer attached", "delete rule veth0 egress handle 1")
+
 	cmd.Process.Signal(syscall.SIGINT)
-	err = cmd.Wait()
-	for w, seen := range want {
-		if !seen {
-			t.Errorf("monitor did not report %q; it printed:\n%s", w, strings.Join(got, "\n"))
-		}
-	}
-	if err != nil {
+	if err := cmd.Wait(); err != nil {
 		t.Errorf("monitor after SIGINT: %v", err)
 	}
 }
