@@ -85,6 +85,10 @@ const (
 	StatPartialChecksum
 	// StatHelperFailed: a kernel helper (adjust_room) refused; untouched.
 	StatHelperFailed
+	// StatSegmented: a GSO or CHECKSUM_PARTIAL packet that a funnel or
+	// rewrite rule matched went to the segmentation device; its segments
+	// come back and are rewritten one by one (not a packet left alone).
+	StatSegmented
 	NumStats
 )
 
@@ -92,6 +96,7 @@ const (
 var StatNames = [NumStats]string{
 	"fragment", "unfunnel-invalid", "mtu-exceeded", "not-applicable",
 	"no-checksum", "ip-options", "gso", "partial-checksum", "helper-failed",
+	"segmented",
 }
 
 // MaxOptMove is the most IPv4 option or IPv6 extension header bytes funnel

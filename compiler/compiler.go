@@ -66,6 +66,7 @@ const (
 	StatGSO             = abi.StatGSO
 	StatPartialChecksum = abi.StatPartialChecksum
 	StatHelperFailed    = abi.StatHelperFailed
+	StatSegmented       = abi.StatSegmented
 	NumStats            = abi.NumStats
 
 	MaxOptMove = abi.MaxOptMove
@@ -82,6 +83,12 @@ type Options struct {
 	// inline, which is faster but ties the program to the running kernel;
 	// golden listings use the helper so they don't depend on it.
 	ChecksumHelper bool
+	// SegIfindex is the segmentation device of an egress hook (see
+	// NeedsSegmentation): GSO and CHECKSUM_PARTIAL packets that a funnel or
+	// rewrite rule matches are redirected there to be segmented and
+	// checksummed, and come back one segment at a time. 0: none (such
+	// packets are passed untouched and counted).
+	SegIfindex int
 }
 
 // Program is a compiled hook.

@@ -82,6 +82,7 @@ type compiler struct {
 	fresh      bool      // R7/R8 still hold the parse guard's packet pointers
 	infoInR1   bool      // R1 holds the info slot (guardsNoL4 just ran)
 	genStart   int       // instruction count when the generation started
+	segUsed    bool      // the current generation jumps to its segment exit
 }
 
 // ruleNeeds summarises what the rules read, so the parse guard reads no more.
@@ -604,6 +605,10 @@ func (c *compiler) exits() {
 	e.emit(movi(asm.R0, VerdictPass), asm.Return())
 	e.label(c.exit("drop"))
 	e.emit(movi(asm.R0, VerdictDrop), asm.Return())
+	if c.segUsed {
+		c.segExit()
+		c.segUsed = false
+	}
 	if len(c.statLabels) > 0 {
 		for s := 0; s < NumStats; s++ {
 			l, ok := c.statLabels[s]

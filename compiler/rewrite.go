@@ -15,7 +15,7 @@ import (
 func (c *compiler) rewrite(fam int, to grammar.Proto) {
 	e := &c.e
 	notApp := c.stat(StatNotApplicable)
-	c.guards(false, false)
+	c.guards(false, true)
 	c.ipBound(fam, notApp)
 	e.emit(
 		asm.JGT.Imm(asm.R9, 0xffff, notApp),

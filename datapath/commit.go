@@ -38,7 +38,14 @@ func (b *Backend) Commit(rs *ruleset.Ruleset) error {
 		old = nil // unreadable: every pinned hook is replaced or detached
 	}
 	ctMask := b.ctMarkMask(old)
-	plans, err := b.compile(rs, ctMask)
+	seg := &segdevs{verbose: b.opts.Verbose}
+	committed := false
+	defer func() {
+		if !committed {
+			seg.undo()
+		}
+	}()
+	plans, err := b.compile(rs, ctMask, seg.ensure)
 	if err != nil {
 		return err
 	}
@@ -115,6 +122,16 @@ func (b *Backend) Commit(rs *ruleset.Ruleset) error {
 		}
 		updates = append(updates, bpf.Update{HookID: p.id, Ifindex: p.ifc.Index, Coll: coll})
 	}
+	// Segmentation devices' return programs, attached before the hooks
+	// that redirect to them.
+	returns, err := seg.updates()
+	if err != nil {
+		return err
+	}
+	for _, u := range returns {
+		keep[u.HookID] = true
+	}
+	updates = append(returns, updates...)
 	// Hooks that no longer have rules.
 	pinned, err := s.PinnedHooks()
 	if err != nil {
@@ -204,7 +221,9 @@ func (b *Backend) Commit(rs *ruleset.Ruleset) error {
 	}
 
 	// Committed. What follows only tidies up and records.
+	committed = true
 	var errs []error
+	errs = append(errs, removeSegdevsExcept(seg.keep()))
 	names := map[string]bool{}
 	for _, set := range rs.Sets {
 		names[set.Name] = true

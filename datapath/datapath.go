@@ -105,8 +105,10 @@ type hookPlan struct {
 	prog  *compiler.Program
 }
 
-// compile resolves interfaces and compiles every hook that has rules.
-func (b *Backend) compile(rs *ruleset.Ruleset, ctMask uint32) ([]*hookPlan, error) {
+// compile resolves interfaces and compiles every hook that has rules. seg
+// gives the segmentation device of an interface whose egress rules need
+// one (wantsSegdev).
+func (b *Backend) compile(rs *ruleset.Ruleset, ctMask uint32, seg func(bpf.Interface) (int, error)) ([]*hookPlan, error) {
 	sets := make(map[string]*grammar.Set, len(rs.Sets))
 	for _, s := range rs.Sets {
 		sets[s.Name] = s
@@ -130,6 +132,13 @@ func (b *Backend) compile(rs *ruleset.Ruleset, ctMask uint32) ([]*hookPlan, erro
 			}
 			id := bpf.HookID{Ifname: ifc.Name, Hook: h}
 			copts := compiler.Options{L3: info.L3, Hook: h, CtMarkMask: ctMask}
+			if wantsSegdev(info, h, rules) {
+				idx, err := seg(info)
+				if err != nil {
+					return nil, &HookError{Hook: id, Err: err}
+				}
+				copts.SegIfindex = idx
+			}
 			prog, err := compiler.Compile(rules, sets, copts)
 			if err != nil {
 				return nil, &HookError{Hook: id, Rule: blameCompile(rules, sets, copts), Err: err}
@@ -168,7 +177,7 @@ func (b *Backend) Check(rs *ruleset.Ruleset) error {
 			live, _ = readState(s)
 		}
 	}
-	plans, err := b.compile(rs, b.ctMarkMask(live))
+	plans, err := b.compile(rs, b.ctMarkMask(live), checkSegdev)
 	if err != nil {
 		return err
 	}

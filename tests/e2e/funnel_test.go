@@ -198,8 +198,6 @@ func testTCPFunnel(t *testing.T, fam family, over string, on bool) {
 	tp := newTopo(t)
 	offload(t, tp.c, "c0", on)
 	offload(t, tp.s, "s0", on)
-	noGSO(t, tp.c, "c0")
-	noGSO(t, tp.s, "s0")
 
 	cf, cm := "funnel udp sport 4000 dport 4000", "udp sport 4000 dport 4000"
 	sf, sm := cf, cm

@@ -127,14 +127,6 @@ func offload(t *testing.T, ns *testenv.NS, ifname string, on bool) {
 	ns.Run(t, "ethtool", "-K", ifname, "tx", v)
 }
 
-// noGSO makes TCP hand the datapath one segment per skb: funnel headers
-// can't be pushed in front of GSO packets (see KERNEL-NOTES). TCP builds
-// GSO skbs whatever ethtool says; only gso_max_segs 1 stops it.
-func noGSO(t *testing.T, ns *testenv.NS, ifname string) {
-	t.Helper()
-	ns.Run(t, "ip", "link", "set", "dev", ifname, "gso_max_segs", "1")
-}
-
 // rules parses rule text, one rule per line, giving handles from first.
 func rules(t *testing.T, first uint64, text ...string) []*grammar.Rule {
 	t.Helper()
