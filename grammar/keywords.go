@@ -19,7 +19,7 @@ var CommandUsage = []string{
 	"replace rule IF HOOK handle H RULE",
 	"delete rule IF HOOK handle H",
 	"delete interface IF",
-	"add set NAME { type TYPE ; size N ; elements = { ELEMENTS } }",
+	"add set NAME { type TYPE [; size N] [; elements = { ELEMENTS }] }",
 	"delete set NAME",
 	"add element NAME { ELEMENTS }",
 	"delete element NAME { ELEMENTS }",

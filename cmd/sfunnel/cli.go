@@ -6,14 +6,12 @@ import (
 	"io"
 	"net"
 	"os"
-	"strconv"
 	"strings"
 
 	"github.com/cilium/ebpf"
 	"github.com/vishvananda/netns"
 	"golang.org/x/term"
 
-	"github.com/sfunnel/sfunnel/ctmark"
 	"github.com/sfunnel/sfunnel/datapath"
 	"github.com/sfunnel/sfunnel/grammar"
 	"github.com/sfunnel/sfunnel/ruleset"
@@ -30,222 +28,12 @@ const (
 // version is set at build time with -ldflags "-X main.version=…".
 var version = "0.1.0-dev"
 
-// options are the command-line flags (SPEC §3.1).
-type options struct {
-	file        string // -f
-	check       bool   // -c
-	json        bool   // -j
-	handles     bool   // -a
-	echo        bool   // -e
-	interactive bool   // -i
-	verbose     bool   // -v with work to do: full verifier logs
-	version     bool   // -v alone, --version
-	help        bool
-	defines     map[string]string
-	includeDirs []string
-	netns       string
-	state       string // --state FILE: keep the ruleset in a file, no kernel
-	ctMarkMask  uint32 // --ct-mark-mask: skb mark bits that carry ct mark values
-	ifaces      []string
-	hooks       []grammar.Hook
-	args        []string // the command words
-}
-
 type usageError struct{ msg string }
 
 func (e *usageError) Error() string { return e.msg }
 
 func usagef(format string, args ...any) error {
 	return &usageError{fmt.Sprintf(format, args...)}
-}
-
-const usageText = `Usage: sfunnel [options] [command]
-       sfunnel [options] -f FILE
-       sfunnel -i
-       sfunnel tunnel …
-
-Options:
-  -f, --file FILE         apply FILE as one transaction (- reads stdin)
-  -c, --check             parse, compile and verify only; change nothing
-  -j, --json              JSON output
-  -a, --handle            show rule handles
-  -e, --echo              echo what was added, with handles
-  -i, --interactive       read commands from an interactive prompt
-  -D, --define NAME=VALUE define $NAME (with -f)
-  -I, --includepath DIR   search DIR for include files
-      --netns NAME        operate inside the named network namespace
-      --interface IF[,IF] with -f: where bare sfunnel rules go
-      --hook ingress|egress|both
-                          with -f: the hook bare sfunnel rules go to
-      --state FILE        keep the ruleset in FILE instead of the kernel
-      --ct-mark-mask MASK mark bits that carry ct mark (default 0x00ff0000)
-  -v, --version           print the version (with a command: verbose errors)
-  -h, --help              print this help
-
-Commands:
-  list ruleset | list interface IF [HOOK] | list sets | list set NAME
-  flush ruleset | flush interface IF [HOOK]
-  add rule IF HOOK RULE           insert rule IF HOOK [position H] RULE
-  replace rule IF HOOK handle H RULE
-  delete rule IF HOOK handle H    delete interface IF
-  add element NAME { … }          delete element NAME { … }
-  add set NAME { type T; … }      delete set NAME
-  reset counters [IF [HOOK]]      monitor
-  save FILE                       tunnel …
-
-See sfunnel(8) and sfunnel.conf(5).
-`
-
-func parseArgs(argv []string) (*options, error) {
-	o := &options{defines: map[string]string{}}
-	argv = splitShortFlags(argv)
-	for i := 0; i < len(argv); i++ {
-		a := argv[i]
-		if !strings.HasPrefix(a, "-") || a == "-" {
-			o.args = argv[i:]
-			break
-		}
-		if a == "--" {
-			o.args = argv[i+1:]
-			break
-		}
-		name, val, hasVal := strings.Cut(a, "=")
-		next := func() (string, error) {
-			if hasVal {
-				return val, nil
-			}
-			if i+1 >= len(argv) {
-				return "", usagef("option %s needs a value", name)
-			}
-			i++
-			return argv[i], nil
-		}
-		var err error
-		var v string
-		switch name {
-		case "-f", "--file":
-			o.file, err = next()
-		case "-c", "--check":
-			o.check = true
-		case "-j", "--json":
-			o.json = true
-		case "-a", "--handle":
-			o.handles = true
-		case "-e", "--echo":
-			o.echo = true
-		case "-i", "--interactive":
-			o.interactive = true
-		case "-v":
-			o.verbose = true
-		case "--version":
-			o.version = true
-		case "-h", "--help":
-			o.help = true
-		case "-D", "--define":
-			if v, err = next(); err == nil {
-				k, val, ok := strings.Cut(v, "=")
-				if !ok || k == "" {
-					return nil, usagef("-D wants NAME=VALUE, got %q", v)
-				}
-				o.defines[k] = val
-			}
-		case "-I", "--includepath":
-			if v, err = next(); err == nil {
-				o.includeDirs = append(o.includeDirs, v)
-			}
-		case "--netns":
-			o.netns, err = next()
-		case "--state":
-			o.state, err = next()
-		case "--ct-mark-mask":
-			if v, err = next(); err == nil {
-				m, perr := strconv.ParseUint(v, 0, 32)
-				if perr != nil {
-					return nil, usagef("--ct-mark-mask wants a 32-bit mask, got %q", v)
-				}
-				if merr := ctmark.CheckMask(uint32(m)); merr != nil {
-					return nil, usagef("--ct-mark-mask %s: %v", v, merr)
-				}
-				o.ctMarkMask = uint32(m)
-			}
-		case "--interface":
-			if v, err = next(); err == nil {
-				for _, f := range strings.Split(v, ",") {
-					if f = strings.TrimSpace(f); f != "" {
-						o.ifaces = append(o.ifaces, f)
-					}
-				}
-			}
-		case "--hook":
-			if v, err = next(); err == nil {
-				switch v {
-				case "ingress":
-					o.hooks = []grammar.Hook{grammar.HookIngress}
-				case "egress":
-					o.hooks = []grammar.Hook{grammar.HookEgress}
-				case "both":
-					o.hooks = []grammar.Hook{grammar.HookIngress, grammar.HookEgress}
-				default:
-					return nil, usagef("--hook wants ingress, egress or both, got %q", v)
-				}
-			}
-		default:
-			return nil, usagef("unknown option %s (see sfunnel --help)", a)
-		}
-		if err != nil {
-			return nil, err
-		}
-		// Single-dash value options may not take "=": -f=x is a mistake.
-		if hasVal && !strings.HasPrefix(name, "--") {
-			return nil, usagef("write %s VALUE, not %s", name, a)
-		}
-	}
-	// -v alone asks for the version; -v with work to do asks for detail.
-	if o.verbose && o.file == "" && len(o.args) == 0 && !o.interactive {
-		o.version = true
-	}
-	if len(o.defines) > 0 && o.file == "" {
-		return nil, usagef("-D is only for -f FILE")
-	}
-	if (len(o.ifaces) > 0) != (len(o.hooks) > 0) {
-		return nil, usagef("--interface and --hook go together")
-	}
-	if len(o.ifaces) > 0 && o.file == "" {
-		return nil, usagef("--interface/--hook are for applying a bare sfunnel ruleset file with -f")
-	}
-	if o.interactive && (o.file != "" || len(o.args) > 0) {
-		return nil, usagef("-i reads commands from the prompt; it takes no -f FILE or command words")
-	}
-	if o.file != "" && len(o.args) > 0 {
-		return nil, usagef("-f FILE takes no command words (got %q)", strings.Join(o.args, " "))
-	}
-	return o, nil
-}
-
-// splitShortFlags expands combined boolean short options as nft takes
-// them: -ae is -a -e. It stops at the first word that is not an option.
-func splitShortFlags(argv []string) []string {
-	takesValue := map[string]bool{"-f": true, "-D": true, "-I": true, "--file": true, "--define": true,
-		"--includepath": true, "--netns": true, "--state": true, "--interface": true, "--hook": true, "--ct-mark-mask": true}
-	var out []string
-	for i := 0; i < len(argv); i++ {
-		a := argv[i]
-		if !strings.HasPrefix(a, "-") || a == "-" || a == "--" {
-			return append(out, argv[i:]...)
-		}
-		if len(a) > 2 && a[1] != '-' && strings.Trim(a[1:], "cjaeiv") == "" {
-			for _, c := range a[1:] {
-				out = append(out, "-"+string(c))
-			}
-			continue
-		}
-		out = append(out, a)
-		if takesValue[a] && i+1 < len(argv) {
-			i++
-			out = append(out, argv[i])
-		}
-	}
-	return out
 }
 
 // Main runs sfunnel with argv (without the program name) and returns the
@@ -256,12 +44,17 @@ func Main(argv []string, stdin io.Reader, stdout, stderr io.Writer) int {
 	}
 	o, err := parseArgs(argv)
 	if err != nil {
-		fmt.Fprintf(stderr, "Error: %v\n", err)
+		var oe *optionOrderError
+		if errors.As(err, &oe) {
+			io.WriteString(stderr, oe.err.Format(grammar.Sources{"<cmdline>": oe.src}))
+		} else {
+			fmt.Fprintf(stderr, "Error: %v\n", err)
+		}
 		return exitUsage
 	}
 	switch {
 	case o.help:
-		io.WriteString(stdout, usageText)
+		io.WriteString(stdout, usage())
 		return exitOK
 	case o.version:
 		fmt.Fprintf(stdout, "sfunnel v%s\n", version)
@@ -282,6 +75,8 @@ func Main(argv []string, stdin io.Reader, stdout, stderr io.Writer) int {
 		return app.repl(stdin)
 	case o.file != "":
 		return app.runFile(o.file, stdin)
+	case len(o.args) > 0 && o.args[0] == "__complete":
+		return app.completeCommand(o.args[1:])
 	case len(o.args) > 0 && o.args[0] == "save":
 		return app.save(o.args[1:])
 	case len(o.args) > 0:
@@ -291,7 +86,7 @@ func Main(argv []string, stdin io.Reader, stdout, stderr io.Writer) int {
 		// Non-TTY stdin with no command reads like -f -.
 		return app.runFile("-", stdin)
 	}
-	io.WriteString(stderr, usageText)
+	io.WriteString(stderr, usage())
 	return exitUsage
 }
 

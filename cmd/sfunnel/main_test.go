@@ -32,6 +32,8 @@ func TestScripts(t *testing.T) {
 	testscript.Run(t, testscript.Params{
 		Dir:                 filepath.Join("testdata", "script"),
 		RequireExplicitExec: true,
+		// SFUNNEL_UPDATE_SCRIPTS=1 rewrites the cmp files of failing scripts.
+		UpdateScripts: os.Getenv("SFUNNEL_UPDATE_SCRIPTS") != "",
 		Setup: func(env *testscript.Env) error {
 			env.Setenv("SFUNNEL_STATE", filepath.Join(env.WorkDir, "state"))
 			env.Setenv("SFUNNEL_SRC", src) // the repository, for contrib/ and man/

@@ -68,7 +68,7 @@ func TestManDocumentsOptions(t *testing.T) {
 			tags.WriteString(lines[i] + "\n")
 		}
 	}
-	_, opts, _ := strings.Cut(usageText, "Options:")
+	_, opts, _ := strings.Cut(usage(), "Options:")
 	opts, _, _ = strings.Cut(opts, "Commands:")
 	for _, opt := range regexp.MustCompile(`(?m)(?:^|[ ,])(--?[a-z][a-z-]*)`).FindAllStringSubmatch(opts, -1) {
 		if !regexp.MustCompile(regexp.QuoteMeta(opt[1]) + `\b`).MatchString(tags.String()) {

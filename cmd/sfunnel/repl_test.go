@@ -10,6 +10,8 @@ import (
 	"strings"
 	"sync"
 	"testing"
+
+	"github.com/sfunnel/sfunnel/grammar"
 	"time"
 
 	"github.com/creack/pty"
@@ -292,13 +294,21 @@ func TestComplete(t *testing.T) {
 		{"list interface ", []string{"eth0 ", "lo "}},
 		{"list interface lo ", []string{"egress ", "ingress "}},
 		{"flush interface e", []string{"eth0 "}},
-		{"delete ", []string{"element ", "interface ", "rule "}},
+		{"delete ", []string{"element ", "interface ", "rule ", "set "}},
+		{"add ", []string{"element ", "rule ", "set "}},
+		{"delete set ", []string{"flow_ports ", "routers "}},
+		{"add set s { type ", []string{"inet_service ", "ipv4_addr ", "ipv6_addr "}},
+		{"add set s { type ipv4_addr; ", []string{"elements ", "size "}},
+		{"monitor ", []string{"trace "}},
+		{"add rule lo ingress meta ", []string{"l4proto ", "mark ", "nfproto ", "nftrace "}},
+		{"add rule lo ingress ip protocol ", []string{"tcp ", "udp "}},
+		{"add rule lo ingress udp dport 1 drop ", []string{"accept ", "comment ", "dnat ", "drop ", "funnel ", "rewrite ", "unfunnel "}},
 		{"delete rule lo egress ", []string{"handle "}},
 		{"delete rule lo egress handle ", []string{"1 ", "4 "}},
 		{"replace rule lo ingress handle ", []string{"2 "}},
 		{"insert rule eth0 ingress position ", []string{"1 ", "2 ", "4 "}},
 		{"add rule lo ingress p", []string{"position "}},
-		{"add rule lo ingress udp dport 1 ", []string{"actions ", "comment ", "counter ", "ct ", "daddr ", "dport ", "flags ", "ip ", "ip6 ", "meta ", "saddr ", "sport ", "tcp ", "udp "}},
+		{"add rule lo ingress udp dport 1 ", []string{"accept ", "actions ", "comment ", "counter ", "ct ", "daddr ", "dnat ", "dport ", "drop ", "flags ", "funnel ", "ip ", "ip6 ", "meta ", "rewrite ", "saddr ", "sport ", "tcp ", "udp ", "unfunnel "}},
 		{"add rule lo ingress udp dport @", []string{"@flow_ports ", "@routers "}},
 		{"add rule lo ingress udp dport 1 actions ", []string{"accept ", "dnat ", "drop ", "funnel ", "rewrite ", "unfunnel "}},
 		{"add rule lo ingress udp dport 1 actions f", []string{"funnel "}},
@@ -306,7 +316,6 @@ func TestComplete(t *testing.T) {
 		{"add rule lo ingress udp dport 1 actions dnat to 192.0.2.1 ", []string{"accept ", "comment ", "dnat ", "drop ", "funnel ", "rewrite ", "unfunnel "}},
 		{"add rule lo ingress udp dport 1 actions funnel ", []string{"encap ", "tcp ", "udp "}},
 		{"add rule lo ingress tcp flags s", []string{"syn "}},
-		{"add rule lo ingress meta ", []string{"mark "}},
 		{"add element ", []string{"flow_ports ", "routers "}},
 		{"reset counters ", []string{"eth0 ", "lo "}},
 		{"interface lo { ", []string{"egress ", "ingress "}},
@@ -334,5 +343,44 @@ func TestComplete(t *testing.T) {
 	head, got, tail := complete("list rul -a", 8, live)
 	if head != "list " || !slices.Equal(got, []string{"ruleset "}) || tail != " -a" {
 		t.Errorf("mid-line completion = %q %q %q", head, got, tail)
+	}
+}
+
+// TestCompleteEveryUsageLine walks every command form of grammar.CommandUsage
+// (with and without its optional parts) word by word: at each step, Tab
+// must offer the word that comes next (a stand-in for placeholders).
+func TestCompleteEveryUsageLine(t *testing.T) {
+	live := func() *names {
+		return &names{interfaces: []string{"lo"}, sets: []string{"routers"}, handles: map[string][]string{"lo egress": {"1"}, "": {"1"}}}
+	}
+	stand := map[string]string{"IF": "lo", "HOOK": "egress", "NAME": "routers", "H": "1", "TYPE": "ipv4_addr", "RULE": "udp"}
+	if len(usageVariants) < len(grammar.CommandUsage) {
+		t.Fatalf("%d variants for %d usage lines", len(usageVariants), len(grammar.CommandUsage))
+	}
+	for _, v := range usageVariants {
+		typed := ""
+		for _, w := range v {
+			want, ok := stand[w]
+			switch {
+			case w == "NAME" && v[0] == "add" && v[1] == "set", w == "N", w == "ELEMENTS":
+				want, ok = "", false // the user's own value
+			case !isPlaceholder(w):
+				want, ok = w, true
+			}
+			if ok {
+				_, got, _ := complete(typed, len(typed), live)
+				if !slices.Contains(got, want+" ") {
+					t.Errorf("usage %q: after %q Tab offers %q, not %q", strings.Join(v, " "), typed, got, want)
+				}
+			}
+			if want == "" {
+				want = "x"
+				if w == "N" {
+					want = "2"
+				}
+			}
+			typed += want + " "
+
+		}
 	}
 }
