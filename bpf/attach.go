@@ -3,7 +3,6 @@ package bpf
 import (
 	"errors"
 	"fmt"
-	"os"
 	"path/filepath"
 	"strings"
 
@@ -22,12 +21,15 @@ type HookID struct {
 
 func (h HookID) String() string { return h.Ifname + " " + h.Hook.String() }
 
-// dir is the hook's directory below the namespace directory. bpffs refuses
+// rel is the hook's path below a hooks or links directory. bpffs refuses
 // names with dots, which interface names may have ("eth0.100"); interface
 // names can't have colons, so dots become colons.
-func (h HookID) dir() string {
-	return filepath.Join("hooks", strings.ReplaceAll(h.Ifname, ".", ":"), h.Hook.String())
+func (h HookID) rel() string {
+	return filepath.Join(strings.ReplaceAll(h.Ifname, ".", ":"), h.Hook.String())
 }
+
+// dir is the hook's directory in a generation.
+func (h HookID) dir() string { return filepath.Join("hooks", h.rel()) }
 
 // Mode is how a program is attached.
 type Mode string
@@ -69,110 +71,6 @@ func LookupInterface(name string) (Interface, error) {
 	// wireguard, ppp, ip tunnels start with the IP header.
 	l3 := a.EncapType != "ether" && a.EncapType != "loopback"
 	return Interface{Name: name, Index: a.Index, L3: l3, Encap: a.EncapType}, nil
-}
-
-// Live is an attached hook as the kernel and the pins show it.
-type Live struct {
-	HookID
-	Mode    Mode
-	Ifindex int
-	Prog    *ebpf.Program
-	// Maps are the program's own pinned maps by name ("counters", "stats",
-	// ...); shared set maps are not among them.
-	Maps map[string]*ebpf.Map
-	link link.Link // ModeTCX only
-}
-
-// Counters returns the hook's "counters" map (nil if it has none).
-func (l *Live) Counters() *ebpf.Map { return l.Maps[CountersMap] }
-
-// Close releases the file descriptors (the pins keep the hook attached).
-func (l *Live) Close() {
-	if l.Prog != nil {
-		l.Prog.Close()
-	}
-	for _, m := range l.Maps {
-		m.Close()
-	}
-	if l.link != nil {
-		l.link.Close()
-	}
-}
-
-// Live opens the pinned state of a hook and checks that its program is
-// really attached to the interface of that name now. It returns nil (and no
-// error) when nothing is pinned or what is pinned is no longer attached
-// (interface deleted, renamed, filter removed by hand).
-func (s *Store) Live(id HookID) (*Live, error) {
-	dir := filepath.Join(s.Dir, id.dir())
-	prog, err := ebpf.LoadPinnedProgram(filepath.Join(dir, "prog"), nil)
-	if errors.Is(err, os.ErrNotExist) {
-		return nil, nil
-	}
-	if err != nil {
-		return nil, fmt.Errorf("open %s program: %w", id, permission(err))
-	}
-	l := &Live{HookID: id, Prog: prog, Maps: map[string]*ebpf.Map{}}
-	ok, err := s.checkAttached(l, dir)
-	if err != nil || !ok {
-		l.Close()
-		return nil, err
-	}
-	ents, err := os.ReadDir(dir)
-	if err != nil {
-		l.Close()
-		return nil, err
-	}
-	for _, e := range ents {
-		name := e.Name()
-		if name == "prog" || name == "link" || strings.HasSuffix(name, "_new") {
-			continue
-		}
-		m, err := ebpf.LoadPinnedMap(filepath.Join(dir, name), nil)
-		if err != nil {
-			l.Close()
-			return nil, fmt.Errorf("open %s map %s: %w", id, name, permission(err))
-		}
-		l.Maps[name] = m
-	}
-	return l, nil
-}
-
-// checkAttached fills in Mode, Ifindex (and link) and reports whether the
-// pinned program is attached to the named interface.
-func (s *Store) checkAttached(l *Live, dir string) (bool, error) {
-	ifc, err := LookupInterface(l.Ifname)
-	if err != nil {
-		return false, err
-	}
-	if ifc.Missing {
-		return false, nil
-	}
-	l.Ifindex = ifc.Index
-	progInfo, err := l.Prog.Info()
-	if err != nil {
-		return false, fmt.Errorf("%s program info: %w", l.HookID, err)
-	}
-	progID, _ := progInfo.ID()
-
-	lk, err := link.LoadPinnedLink(filepath.Join(dir, "link"), nil)
-	switch {
-	case err == nil:
-		l.Mode, l.link = ModeTCX, lk
-		info, err := lk.Info()
-		if err != nil {
-			return false, fmt.Errorf("%s link info: %w", l.HookID, err)
-		}
-		tcx := info.TCX()
-		return tcx != nil && int(tcx.Ifindex) == ifc.Index &&
-			ebpf.AttachType(tcx.AttachType) == tcxAttach(l.Hook) && info.Program == progID, nil
-	case errors.Is(err, os.ErrNotExist):
-		l.Mode = ModeClsact
-		id, err := clsactProgID(ifc.Index, l.Hook)
-		return err == nil && id == progID, err
-	default:
-		return false, fmt.Errorf("open %s link: %w", l.HookID, permission(err))
-	}
 }
 
 func tcxAttach(h grammar.Hook) ebpf.AttachType {
@@ -221,7 +119,7 @@ func (s *Store) attachTCX(id HookID, ifindex int, prog *ebpf.Program) error {
 		return fmt.Errorf("attach tcx link to %s: %w", id, permission(err))
 	}
 	defer lk.Close()
-	if err := pinReplace(lk, filepath.Join(s.Dir, id.dir(), "link")); err != nil {
+	if err := pinReplace(lk, filepath.Join(s.linkDir(id), "link")); err != nil {
 		lk.(interface{ Detach() error }).Detach()
 		return err
 	}

@@ -154,6 +154,7 @@ func TestAttachSwapDetach(t *testing.T) {
 			p := newPair(t)
 			id := HookID{Ifname: "vb", Hook: grammar.HookIngress}
 			opts := Options{Root: root, ForceClsact: mode == ModeClsact}
+			pass := load(t, countingSpec(tcxNext, 1))
 
 			// Attach a counting pass-through program.
 			must(t, p.b.Do(func() error {
@@ -161,52 +162,37 @@ func TestAttachSwapDetach(t *testing.T) {
 				if err != nil {
 					return err
 				}
-				ifc, err := LookupInterface("vb")
-				if err != nil || ifc.Missing || ifc.L3 {
-					return fmt.Errorf("lookup vb: %+v %v", ifc, err)
-				}
-				return s.Swap([]Update{{HookID: id, Ifindex: ifc.Index, Coll: load(t, countingSpec(tcxNext, 1))}}, nil)
+				return s.Run(id, pass.Programs[ProgramName])
 			}))
 			if got := p.udpDelivered(t, 5); got != 5 {
 				t.Fatalf("pass program: %d of 5 datagrams arrived", got)
 			}
+			c, err := ReadCounters(pass.Maps[CountersMap])
+			must(t, err)
+			if c[0].Packets < 5 || c[0].Bytes < 5*(20+8+5) {
+				t.Fatalf("counters %+v, want ≥ 5 packets of ≥ 33 bytes", c[0])
+			}
 
-			// A fresh Store (as a fresh process would) sees it live, counting.
-			var first ebpf.ProgramID
+			// A fresh Store (as a fresh process would) sees it attached; Run
+			// again replaces the program in place.
+			drop := load(t, countingSpec(tcShot, 2))
 			must(t, p.b.Do(func() error {
 				s, err := Open(opts)
 				if err != nil {
 					return err
 				}
-				l, err := s.Live(id)
-				if err != nil || l == nil {
-					return fmt.Errorf("live after attach: %v %v", l, err)
+				a, err := s.Attached(id)
+				if err != nil || a == nil {
+					return fmt.Errorf("not attached after Run: %v %v", a, err)
 				}
-				defer l.Close()
-				if l.Mode != mode {
-					return fmt.Errorf("mode %s, want %s", l.Mode, mode)
+				if a.Mode != mode || a.ProgID != ProgID(pass.Programs[ProgramName]) {
+					return fmt.Errorf("attached %+v, want mode %s program %d", a, mode, ProgID(pass.Programs[ProgramName]))
 				}
-				c, err := ReadCounters(l.Counters())
-				if err != nil {
+				if err := s.Run(id, drop.Programs[ProgramName]); err != nil {
 					return err
 				}
-				if c[0].Packets < 5 || c[0].Bytes < 5*(20+8+5) {
-					return fmt.Errorf("counters %+v, want ≥ 5 packets of ≥ 33 bytes", c[0])
-				}
-				info, _ := l.Prog.Info()
-				first, _ = info.ID()
-				// Swap to a dropping program; the old one's counters are
-				// final and handed over.
-				retired := 0
-				err = s.Swap([]Update{{HookID: id, Ifindex: l.Ifindex, Coll: load(t, countingSpec(tcShot, 2))}}, func(old *Live) {
-					if c, err := ReadCounters(old.Counters()); err == nil && c[0].Packets >= 5 && old.HookID == id {
-						retired++
-					}
-				})
-				if err == nil && retired != 1 {
-					err = fmt.Errorf("retire saw %d old hooks with their counters", retired)
-				}
-				return err
+				// Idempotent: running the same program again changes nothing.
+				return s.Run(id, drop.Programs[ProgramName])
 			}))
 			if got := p.udpDelivered(t, 3); got != 0 {
 				t.Fatalf("drop program: %d datagrams arrived", got)
@@ -216,61 +202,44 @@ func TestAttachSwapDetach(t *testing.T) {
 				if err != nil {
 					return err
 				}
-				l, err := s.Live(id)
-				if err != nil || l == nil {
-					return fmt.Errorf("live after swap: %v %v", l, err)
+				a, err := s.Attached(id)
+				if err != nil || a == nil || a.ProgID != ProgID(drop.Programs[ProgramName]) {
+					return fmt.Errorf("after Run: %+v %v", a, err)
 				}
-				defer l.Close()
-				info, _ := l.Prog.Info()
-				if id2, _ := info.ID(); id2 == first {
-					return fmt.Errorf("program not replaced")
-				}
-				var mark []uint64
-				if err := l.Maps["stats"].Lookup(uint32(0), &mark); err != nil || mark[0] != 2 {
-					return fmt.Errorf("stats of the live program: %v %v", mark, err)
-				}
-				c, _ := ReadCounters(l.Counters())
-				if c[0].Packets < 3 {
-					return fmt.Errorf("counter of the new program %+v, want ≥ 3 packets", c[0])
-				}
-				if err := ZeroCounters(l.Counters(), nil); err != nil {
+				if err := s.Detach(id); err != nil {
 					return err
 				}
-				if c, _ := ReadCounters(l.Counters()); c[0].Packets != 0 {
-					return fmt.Errorf("counter after reset: %+v", c[0])
+				if err := s.Detach(id); err != nil {
+					return fmt.Errorf("second Detach: %w", err)
 				}
-				// Detach: traffic flows, pins are gone.
-				if err := s.Swap([]Update{{HookID: id}}, nil); err != nil {
-					return err
+				if a, err := s.Attached(id); a != nil || err != nil {
+					return fmt.Errorf("attached after Detach: %v %v", a, err)
 				}
-				if l, err := s.Live(id); l != nil || err != nil {
-					return fmt.Errorf("live after detach: %v %v", l, err)
-				}
-				if hooks, _ := s.PinnedHooks(); len(hooks) != 0 {
-					return fmt.Errorf("pins left after detach: %v", hooks)
+				if hooks, _ := s.AttachPoints(); len(hooks) != 0 {
+					return fmt.Errorf("attach points left after Detach: %v", hooks)
 				}
 				return nil
 			}))
 			if got := p.udpDelivered(t, 3); got != 3 {
-				t.Fatalf("after detach: %d of 3 datagrams arrived", got)
+				t.Fatalf("after Detach: %d of 3 datagrams arrived", got)
 			}
 		})
 	}
 }
 
-// A hook whose interface went away is not live any more, and a new
+// A hook whose interface went away is not attached any more, and a new
 // interface of the same name can be attached again.
-func TestLiveDropsDeletedInterface(t *testing.T) {
+func TestAttachedDropsDeletedInterface(t *testing.T) {
 	root := testRoot(t)
 	p := newPair(t)
 	id := HookID{Ifname: "vb", Hook: grammar.HookEgress}
+	prog := load(t, countingSpec(tcxNext, 1)).Programs[ProgramName]
 	must(t, p.b.Do(func() error {
 		s, err := Open(Options{Root: root})
 		if err != nil {
 			return err
 		}
-		ifc, _ := LookupInterface("vb")
-		return s.Swap([]Update{{HookID: id, Ifindex: ifc.Index, Coll: load(t, countingSpec(tcxNext, 1))}}, nil)
+		return s.Run(id, prog)
 	}))
 	p.b.Run(t, "ip", "link", "del", "vb")
 	testenv.Veth(t, p.a, "va2", "198.51.100.1/24", p.b, "vb", "198.51.100.2/24")
@@ -279,39 +248,52 @@ func TestLiveDropsDeletedInterface(t *testing.T) {
 		if err != nil {
 			return err
 		}
-		if l, err := s.Live(id); l != nil || err != nil {
-			return fmt.Errorf("hook of a deleted interface reported live: %v %v", l, err)
+		if a, err := s.Attached(id); a != nil || err != nil {
+			return fmt.Errorf("hook of a deleted interface reported attached: %v %v", a, err)
 		}
-		ifc, _ := LookupInterface("vb")
-		if err := s.Swap([]Update{{HookID: id, Ifindex: ifc.Index, Coll: load(t, countingSpec(tcxNext, 1))}}, nil); err != nil {
+		if err := s.Run(id, prog); err != nil {
 			return err
 		}
-		l, err := s.Live(id)
-		if l == nil || err != nil {
-			return fmt.Errorf("re-attached hook not live: %v", err)
+		if a, err := s.Attached(id); a == nil || err != nil {
+			return fmt.Errorf("re-attached hook not attached: %v", err)
 		}
-		l.Close()
 		return nil
 	}))
 }
 
-func TestStateRoundTripAndNamespaces(t *testing.T) {
+// Run on a missing interface says so and attaches nothing.
+func TestRunMissingInterface(t *testing.T) {
 	root := testRoot(t)
-	a, b := testenv.NewNS(t), testenv.NewNS(t)
-	big := []byte(strings.Repeat("sfunnel state ", 50000)) // several chunks even compressed? no: check length only
-	for i := range big {
-		big[i] ^= byte(i * 7) // make it hard to compress
-	}
-	must(t, a.Do(func() error {
+	ns := testenv.NewNS(t)
+	id := HookID{Ifname: "ghost0", Hook: grammar.HookIngress}
+	prog := load(t, countingSpec(tcShot, 1)).Programs[ProgramName]
+	must(t, ns.Do(func() error {
 		s, err := Open(Options{Root: root})
 		if err != nil {
 			return err
 		}
-		if got, err := s.ReadState(); got != nil || err != nil {
-			return fmt.Errorf("empty store: %q %v", got, err)
+		if err := s.Run(id, prog); !errors.Is(err, ErrNoInterface) {
+			return fmt.Errorf("Run on a missing interface: %v", err)
 		}
-		return s.WriteState(big)
+		if hooks, _ := s.AttachPoints(); len(hooks) != 0 {
+			return fmt.Errorf("attach points after a failed Run: %v", hooks)
+		}
+		return nil
 	}))
+}
+
+// Generations: state records round-trip (several chunks), publishing one
+// removes the others, a hook pinned again in a new generation keeps its pins
+// in the old one, and namespaces do not share state.
+func TestGenerations(t *testing.T) {
+	root := testRoot(t)
+	a, b := testenv.NewNS(t), testenv.NewNS(t)
+	big := []byte(strings.Repeat("sfunnel state ", 50000))
+	for i := range big {
+		big[i] ^= byte(i * 7) // hard to compress: several chunks
+	}
+	coll := load(t, countingSpec(tcxNext, 1))
+	id := HookID{Ifname: "lo", Hook: grammar.HookIngress}
 	var dirA string
 	must(t, a.Do(func() error {
 		s, err := Open(Options{Root: root})
@@ -319,7 +301,85 @@ func TestStateRoundTripAndNamespaces(t *testing.T) {
 			return err
 		}
 		dirA = s.Dir
-		got, err := s.ReadState()
+		if g, err := s.Current(); g != nil || err != nil {
+			return fmt.Errorf("empty store has a generation: %v %v", g, err)
+		}
+		g1, err := s.NewGen()
+		if err != nil {
+			return err
+		}
+		if err := g1.WriteState(big); err != nil {
+			return err
+		}
+		if err := g1.PinHook(id, coll.Programs[ProgramName], coll.Maps); err != nil {
+			return err
+		}
+		if err := s.MarkPending(g1); err != nil {
+			return err
+		}
+		if p, _ := s.Pending(); p == nil || p.N != g1.N {
+			return fmt.Errorf("pending %v, want %d", p, g1.N)
+		}
+		if err := s.Publish(g1); err != nil {
+			return err
+		}
+		// Pin g1's objects again in g2, as a commit keeping a hook does.
+		h, err := g1.Hook(id)
+		if err != nil || h == nil {
+			return fmt.Errorf("hook of g1: %v %v", h, err)
+		}
+		defer h.Close()
+		g2, err := s.NewGen()
+		if err != nil {
+			return err
+		}
+		if g2.N <= g1.N {
+			return fmt.Errorf("new generation %d after %d", g2.N, g1.N)
+		}
+		if err := g2.PinHook(id, h.Prog, h.Maps); err != nil {
+			return err
+		}
+		if h1, err := g1.Hook(id); h1 == nil || err != nil {
+			return fmt.Errorf("pinning in g2 moved g1's pins: %v", err)
+		} else {
+			h1.Close()
+		}
+		orphan, err := s.NewGen() // prepared, never committed
+		if err != nil {
+			return err
+		}
+		if err := s.MarkPending(g2); err != nil {
+			return err
+		}
+		if err := s.Publish(g2); err != nil {
+			return err
+		}
+		for _, g := range []*Gen{g1, orphan} {
+			if _, err := os.Stat(g.Dir); !errors.Is(err, os.ErrNotExist) {
+				return fmt.Errorf("generation %d left after publishing %d", g.N, g2.N)
+			}
+		}
+		if n, _ := s.Generation(); n != g2.N {
+			return fmt.Errorf("generation %d, want %d", n, g2.N)
+		}
+		return nil
+	}))
+	must(t, a.Do(func() error {
+		s, err := OpenExisting(Options{Root: root})
+		if err != nil || s == nil {
+			return fmt.Errorf("no state: %v", err)
+		}
+		g, err := s.Current()
+		if err != nil || g == nil {
+			return fmt.Errorf("current: %v %v", g, err)
+		}
+		if got, err := g.ReadState(); err != nil || got != nil {
+			return fmt.Errorf("g2 has a state record it was never given (%d bytes, %v)", len(got), err)
+		}
+		if err := g.WriteState(big); err != nil {
+			return err
+		}
+		got, err := g.ReadState()
 		if err != nil || string(got) != string(big) {
 			return fmt.Errorf("state read back differs (%d bytes, %v)", len(got), err)
 		}
@@ -333,8 +393,8 @@ func TestStateRoundTripAndNamespaces(t *testing.T) {
 		if s.Dir == dirA {
 			return fmt.Errorf("two namespaces share %s", s.Dir)
 		}
-		if got, _ := s.ReadState(); got != nil {
-			return fmt.Errorf("namespace b sees a's state")
+		if g, _ := s.Current(); g != nil {
+			return fmt.Errorf("namespace b sees a's generation")
 		}
 		return nil
 	}))
@@ -366,88 +426,33 @@ func TestSyncSet(t *testing.T) {
 	}
 }
 
-// When one swap of a transaction fails, the ones already done are undone:
-// replaced programs come back, new attachments go away.
-func TestSwapRollsBack(t *testing.T) {
-	for _, mode := range []Mode{ModeTCX, ModeClsact} {
-		t.Run(string(mode), func(t *testing.T) { testSwapRollsBack(t, mode) })
-	}
-}
-
-func testSwapRollsBack(t *testing.T, mode Mode) {
-	root := testRoot(t)
-	p := newPair(t)
-	in := HookID{Ifname: "vb", Hook: grammar.HookIngress}
-	eg := HookID{Ifname: "vb", Hook: grammar.HookEgress}
-	ghost := HookID{Ifname: "ghost0", Hook: grammar.HookIngress}
-	must(t, p.b.Do(func() error {
-		s, err := Open(Options{Root: root, ForceClsact: mode == ModeClsact})
-		if err != nil {
-			return err
-		}
-		ifc, _ := LookupInterface("vb")
-		if err := s.Swap([]Update{{HookID: in, Ifindex: ifc.Index, Coll: load(t, countingSpec(tcxNext, 1))}}, nil); err != nil {
-			return err
-		}
-		before := progID(t, s, in)
-		err = s.Swap([]Update{
-			{HookID: in, Ifindex: ifc.Index, Coll: load(t, countingSpec(tcShot, 2))},
-			{HookID: eg, Ifindex: ifc.Index, Coll: load(t, countingSpec(tcShot, 3))},
-			{HookID: ghost, Ifindex: 99999, Coll: load(t, countingSpec(tcShot, 4))},
-		}, nil)
-		if err == nil {
-			return fmt.Errorf("attaching to a missing interface succeeded")
-		}
-		if after := progID(t, s, in); after != before {
-			return fmt.Errorf("replaced program not restored (%d, was %d)", after, before)
-		}
-		for _, id := range []HookID{eg, ghost} {
-			if l, err := s.Live(id); l != nil || err != nil {
-				return fmt.Errorf("%s attached after a failed transaction: %v", id, err)
-			}
-		}
-		return nil
-	}))
-	if got := p.udpDelivered(t, 3); got != 3 {
-		t.Errorf("%d of 3 datagrams arrived after the failed transaction", got)
-	}
-}
-
-func progID(t *testing.T, s *Store, id HookID) ebpf.ProgramID {
-	t.Helper()
-	l, err := s.Live(id)
-	if err != nil || l == nil {
-		t.Fatalf("%s not live: %v", id, err)
-	}
-	defer l.Close()
-	info, err := l.Prog.Info()
-	if err != nil {
-		t.Fatal(err)
-	}
-	pid, _ := info.ID()
-	return pid
-}
-
 // The state of a deleted namespace is collected; that of live ones stays.
 func TestCollectGarbage(t *testing.T) {
 	root := testRoot(t)
 	p := newPair(t)
 	idle := testenv.NewNS(t)
 	var deadDir, liveDir, idleDir string
+	prog := load(t, countingSpec(tcxNext, 1)).Programs[ProgramName]
 	must(t, p.a.Do(func() error {
 		s, err := Open(Options{Root: root})
 		if err != nil {
 			return err
 		}
 		deadDir = s.Dir
-		ifc, _ := LookupInterface("va")
-		return s.Swap([]Update{{HookID: HookID{Ifname: "va", Hook: grammar.HookEgress}, Ifindex: ifc.Index, Coll: load(t, countingSpec(tcxNext, 1))}}, nil)
+		return s.Run(HookID{Ifname: "va", Hook: grammar.HookEgress}, prog)
 	}))
 	must(t, idle.Do(func() error {
 		s, err := Open(Options{Root: root})
+		if err != nil {
+			return err
+		}
+		idleDir = s.Dir
+		g, err := s.NewGen()
 		if err == nil {
-			idleDir = s.Dir
-			err = s.WriteState([]byte("sets only"))
+			err = g.WriteState([]byte("sets only"))
+		}
+		if err == nil {
+			err = s.Publish(g)
 		}
 		return err
 	}))
@@ -494,18 +499,16 @@ func TestInterfaceNameWithDot(t *testing.T) {
 		if err != nil || ifc.Missing {
 			return fmt.Errorf("lookup: %+v %v", ifc, err)
 		}
-		if err := s.Swap([]Update{{HookID: id, Ifindex: ifc.Index, Coll: load(t, countingSpec(tcxNext, 1))}}, nil); err != nil {
+		if err := s.Run(id, load(t, countingSpec(tcxNext, 1)).Programs[ProgramName]); err != nil {
 			return err
 		}
-		if hooks, err := s.PinnedHooks(); err != nil || len(hooks) != 1 || hooks[0] != id {
-			return fmt.Errorf("pinned hooks %v %v, want [%v]", hooks, err, id)
+		if hooks, err := s.AttachPoints(); err != nil || len(hooks) != 1 || hooks[0] != id {
+			return fmt.Errorf("attach points %v %v, want [%v]", hooks, err, id)
 		}
-		l, err := s.Live(id)
-		if err != nil || l == nil {
-			return fmt.Errorf("not live: %v", err)
+		if a, err := s.Attached(id); err != nil || a == nil {
+			return fmt.Errorf("not attached: %v", err)
 		}
-		l.Close()
-		return s.Swap([]Update{{HookID: id}}, nil)
+		return s.Detach(id)
 	}))
 }
 
@@ -526,7 +529,7 @@ func TestIngressRunsFirst(t *testing.T) {
 	}))
 	p.a.Run(t, "ip", "neigh", "replace", "192.0.2.2", "lladdr", mac, "dev", "va", "nud", "permanent")
 	id := HookID{Ifname: "vb", Hook: grammar.HookIngress}
-	var l *Live
+	coll := load(t, countingSpec(tcxNext, 1))
 	must(t, p.b.Do(func() error {
 		ifc, _ := LookupInterface("vb")
 		// Someone else's program that drops everything, attached first.
@@ -539,15 +542,10 @@ func TestIngressRunsFirst(t *testing.T) {
 		if err != nil {
 			return err
 		}
-		if err := s.Swap([]Update{{HookID: id, Ifindex: ifc.Index, Coll: load(t, countingSpec(tcxNext, 1))}}, nil); err != nil {
-			return err
-		}
-		l, err = s.Live(id)
-		return err
+		return s.Run(id, coll.Programs[ProgramName])
 	}))
-	defer l.Close()
 	p.udpDelivered(t, 3)
-	if c, err := ReadCounters(l.Counters()); err != nil || c[0].Packets < 3 {
+	if c, err := ReadCounters(coll.Maps[CountersMap]); err != nil || c[0].Packets < 3 {
 		t.Errorf("sfunnel's ingress program saw %+v (%v): it runs after a program that drops", c, err)
 	}
 }

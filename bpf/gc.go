@@ -74,14 +74,11 @@ func (s *Store) CollectGarbage() ([]string, error) {
 // alive after all, held by something the scan can't see), or a clsact hook
 // (can't be checked from outside its namespace).
 func mayBeAttached(dir string) bool {
-	hooks, _ := filepath.Glob(filepath.Join(dir, "hooks", "*", "*"))
+	hooks, _ := filepath.Glob(filepath.Join(dir, "links", "*", "*"))
 	for _, h := range hooks {
 		lk, err := link.LoadPinnedLink(filepath.Join(h, "link"), nil)
 		if err != nil {
-			if _, serr := os.Stat(filepath.Join(h, "prog")); serr == nil {
-				return true // clsact
-			}
-			continue
+			return true // clsact
 		}
 		info, err := lk.Info()
 		lk.Close()

@@ -28,16 +28,23 @@ func childAttach(root string) error {
 	if err != nil {
 		return err
 	}
-	ifc, err := LookupInterface("vb")
-	if err != nil {
-		return err
-	}
 	coll, err := LoadCollection(countingSpec(tcxNext, 7), LoadOptions{What: "vb ingress"})
 	if err != nil {
 		return err
 	}
 	defer coll.Close()
-	return s.Swap([]Update{{HookID: HookID{Ifname: "vb", Hook: grammar.HookIngress}, Ifindex: ifc.Index, Coll: coll}}, nil)
+	id := HookID{Ifname: "vb", Hook: grammar.HookIngress}
+	g, err := s.NewGen()
+	if err != nil {
+		return err
+	}
+	if err := g.PinHook(id, coll.Programs[ProgramName], coll.Maps); err != nil {
+		return err
+	}
+	if err := s.Run(id, coll.Programs[ProgramName]); err != nil {
+		return err
+	}
+	return s.Publish(g)
 }
 
 // Under `ip netns exec` (private mount namespace, fresh /sys) the state goes
@@ -59,9 +66,17 @@ func TestIPNetnsExecKeepsState(t *testing.T) {
 		if err != nil {
 			return err
 		}
-		l, err := s.Live(HookID{Ifname: "vb", Hook: grammar.HookIngress})
+		id := HookID{Ifname: "vb", Hook: grammar.HookIngress}
+		if a, err := s.Attached(id); err != nil || a == nil {
+			return fmt.Errorf("program attached under ip netns exec is not attached afterwards: %v", err)
+		}
+		g, err := s.Current()
+		if err != nil || g == nil {
+			return fmt.Errorf("no generation: %v", err)
+		}
+		l, err := g.Hook(id)
 		if err != nil || l == nil {
-			return fmt.Errorf("program attached under ip netns exec is not live afterwards: %v", err)
+			return fmt.Errorf("generation has no %s: %v", id, err)
 		}
 		defer l.Close()
 		var mark []uint64

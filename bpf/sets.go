@@ -6,23 +6,11 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"path/filepath"
 	"reflect"
-	"strings"
 
 	"github.com/cilium/ebpf"
+	"github.com/sfunnel/sfunnel/internal/faults"
 )
-
-// setPin is where a set's map is pinned. bpffs refuses dots in names, set
-// names may have them, and colons they can't have stand in for them.
-func (s *Store) setPin(name string) string {
-	return filepath.Join(s.Dir, "sets", strings.ReplaceAll(name, ".", ":"))
-}
-
-// SetMap opens the pinned map of a named set, nil if there is none.
-func (s *Store) SetMap(name string) (*ebpf.Map, error) {
-	return loadPinnedMapIfAny(s.setPin(name))
-}
 
 // SetMapFits reports whether a pinned set map can take spec's contents in
 // place: same type, key, value and flags, and room enough.
@@ -39,26 +27,6 @@ func NewSetMap(spec *ebpf.MapSpec) (*ebpf.Map, error) {
 		return nil, fmt.Errorf("create set map %s: %w", spec.Name, permission(err))
 	}
 	return m, nil
-}
-
-// PinSet pins m as the map of set name, replacing the previous one.
-func (s *Store) PinSet(name string, m *ebpf.Map) error {
-	return pinReplace(m, s.setPin(name))
-}
-
-// UnpinSetsExcept removes the pins of sets not in keep.
-func (s *Store) UnpinSetsExcept(keep map[string]bool) error {
-	ents, err := os.ReadDir(filepath.Join(s.Dir, "sets"))
-	if err != nil && !errors.Is(err, os.ErrNotExist) {
-		return err
-	}
-	var errs []error
-	for _, e := range ents {
-		if !keep[strings.ReplaceAll(e.Name(), ":", ".")] {
-			errs = append(errs, os.Remove(filepath.Join(s.Dir, "sets", e.Name())))
-		}
-	}
-	return errors.Join(errs...)
 }
 
 // SyncSet makes the elements of a live set map equal to spec.Contents:
@@ -96,12 +64,14 @@ func SyncSet(m *ebpf.Map, spec *ebpf.MapSpec) error {
 		if err := m.Put([]byte(k), v); err != nil {
 			return fmt.Errorf("add element to set %s: %w", spec.Name, err)
 		}
+		faults.Point("put element")
 	}
 	for k := range have {
 		if _, ok := want[k]; !ok {
 			if err := m.Delete([]byte(k)); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 				return fmt.Errorf("delete element from set %s: %w", spec.Name, err)
 			}
+			faults.Point("delete element")
 		}
 	}
 	return nil

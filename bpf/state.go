@@ -11,20 +11,20 @@ import (
 	"path/filepath"
 
 	"github.com/cilium/ebpf"
+	"github.com/sfunnel/sfunnel/internal/faults"
 )
 
-// The description of the live configuration is kept in the kernel next to
-// the links, so that a fresh process sees what is live even when no file was
-// written: an array map of fixed-size chunks of gzip data; entry 0 holds the
-// length.
+// A generation's state record is kept in the kernel next to its programs,
+// so that a fresh process sees what is live even when no file was written:
+// an array map of fixed-size chunks of gzip data; entry 0 holds the length.
 const stateChunk = 16 << 10
 
-// WriteState replaces the stored description with data. The new map is
-// built completely and then pinned over the old one (rename), so a reader
-// sees either the old or the new description.
-func (s *Store) WriteState(data []byte) error {
+// WriteState replaces g's state record with data. The new map is built
+// completely and then pinned over the old one (rename), so a reader sees
+// either the old or the new record.
+func (g *Gen) WriteState(data []byte) error {
 	var z bytes.Buffer
-	zw := gzip.NewWriter(&z)
+	zw, _ := gzip.NewWriterLevel(&z, gzip.BestSpeed)
 	zw.Write(data)
 	zw.Close()
 	n := (z.Len() + stateChunk - 1) / stateChunk
@@ -48,12 +48,16 @@ func (s *Store) WriteState(data []byte) error {
 			return fmt.Errorf("write state: %w", err)
 		}
 	}
-	return pinReplace(m, filepath.Join(s.Dir, "state"))
+	if err := pinReplace(m, filepath.Join(g.Dir, "state")); err != nil {
+		return err
+	}
+	faults.Point("write state")
+	return nil
 }
 
-// ReadState returns the stored description, nil if there is none.
-func (s *Store) ReadState() ([]byte, error) {
-	m, err := ebpf.LoadPinnedMap(filepath.Join(s.Dir, "state"), nil)
+// ReadState returns g's state record, nil if it has none.
+func (g *Gen) ReadState() ([]byte, error) {
+	m, err := ebpf.LoadPinnedMap(filepath.Join(g.Dir, "state"), nil)
 	if errors.Is(err, os.ErrNotExist) {
 		return nil, nil
 	}

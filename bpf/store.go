@@ -8,13 +8,20 @@
 //
 //	/sys/fs/bpf/sfunnel/netns-<inode>/
 //	    netns                 array map: the namespace cookie (detects a reused inode)
-//	    state                 array map: the caller's description of what is live
-//	    sets/<name>           named set maps, shared by every program using them (dots as colons)
-//	    hooks/<ifname>/<hook>/   (dots in ifname written as colons)
-//	        link              the tcx link (absent in clsact mode)
-//	        prog              the attached program
-//	        counters          per-rule per-CPU counters
-//	        stats             per-CPU datapath statistics
+//	    lock                  (the directory itself is flock'ed by writers)
+//	    current -> gen-N      the committed generation, what readers read
+//	    next -> gen-M         only while (or if) a commit is making gen-M live
+//	    gen-N/
+//	        state             array map: the caller's state record
+//	        sets/<name>       named set maps, shared by every program using them (dots as colons)
+//	        hooks/<ifname>/<hook>/   (dots in ifname written as colons)
+//	            prog          the hook's program
+//	            counters      per-rule per-CPU counters
+//	            stats, ...    the program's other maps
+//	    links/<ifname>/<hook>/
+//	        link              the tcx link (absent in clsact mode: the directory marks the filter as ours)
+//
+// See datapath's commit protocol for how generations are made live.
 package bpf
 
 import (
@@ -215,10 +222,7 @@ func (s *Store) claim(cookie uint64) error {
 	} else if !errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("open %s: %w", path, permission(err))
 	}
-	if err := os.MkdirAll(filepath.Join(s.Dir, "hooks"), 0o700); err != nil {
-		return fmt.Errorf("create state directory: %w", err)
-	}
-	if err := os.MkdirAll(filepath.Join(s.Dir, "sets"), 0o700); err != nil {
+	if err := os.MkdirAll(filepath.Join(s.Dir, "links"), 0o700); err != nil {
 		return fmt.Errorf("create state directory: %w", err)
 	}
 	m, err = ebpf.NewMap(&ebpf.MapSpec{Name: "sfunnel_netns", Type: ebpf.Array, KeySize: 4, ValueSize: 8, MaxEntries: 1})
@@ -234,19 +238,33 @@ func (s *Store) claim(cookie uint64) error {
 	return pinReplace(m, path)
 }
 
-// Lock takes an exclusive lock on the namespace's state, so two sfunnel
-// processes don't interleave their transactions. Call the returned function
-// to release it.
+// Lock takes the namespace's writer lock, so two sfunnel processes don't
+// interleave their transactions (readers take no lock). Call the returned
+// function to release it. The lock is an flock on the state directory: the
+// kernel drops it when its holder dies, however it dies.
 func (s *Store) Lock() (func(), error) {
+	unlock, _, err := s.lock(unix.LOCK_EX)
+	return unlock, err
+}
+
+// TryLock takes the writer lock if nobody holds it; ok is false otherwise.
+func (s *Store) TryLock() (unlock func(), ok bool, err error) {
+	return s.lock(unix.LOCK_EX | unix.LOCK_NB)
+}
+
+func (s *Store) lock(how int) (func(), bool, error) {
 	f, err := os.Open(s.Dir)
 	if err != nil {
-		return nil, fmt.Errorf("lock state: %w", err)
+		return nil, false, fmt.Errorf("lock state: %w", err)
 	}
-	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX); err != nil {
+	if err := unix.Flock(int(f.Fd()), how); err != nil {
 		f.Close()
-		return nil, fmt.Errorf("lock state: %w", err)
+		if errors.Is(err, unix.EWOULDBLOCK) {
+			return nil, false, nil
+		}
+		return nil, false, fmt.Errorf("lock state: %w", err)
 	}
-	return func() { f.Close() }, nil
+	return func() { f.Close() }, true, nil
 }
 
 // Remove deletes the namespace's whole state directory. Links pinned only

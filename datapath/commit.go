@@ -3,46 +3,110 @@ package datapath
 import (
 	"errors"
 	"fmt"
+	"os"
+	"strings"
 
 	"github.com/cilium/ebpf"
 	"github.com/sfunnel/sfunnel/bpf"
 	"github.com/sfunnel/sfunnel/compiler"
 	"github.com/sfunnel/sfunnel/grammar"
+	"github.com/sfunnel/sfunnel/internal/faults"
 	"github.com/sfunnel/sfunnel/ruleset"
 )
 
-// setPlan is a named set's map for a transaction: the pinned one (its
-// elements synced in place) or a fresh one (pinned after the swap).
+// The commit protocol. A process killed at any instant of a commit must
+// leave a state that the next sfunnel command turns into exactly the old or
+// exactly the new ruleset, on every hook, with `list` showing what runs.
+//
+//  1. Prepare, under the namespace's writer lock, changing nothing live:
+//     compile, load every changed program through the verifier, and build
+//     a new generation directory gen-M holding every hook's program and
+//     maps (unchanged hooks pin their running objects again), every named
+//     set's map, and the state record. A crash here leaves an orphan
+//     directory that the next writer removes: the old ruleset stays.
+//  2. Commit point: the symlink "next" is pointed at gen-M (one rename).
+//     From here on the transaction is rolled forward by whoever holds the
+//     lock next, if this process dies.
+//  3. Roll forward, every step idempotent: sync set maps shared with the
+//     old generation to their new elements; make every hook's attach point
+//     run gen-M's program (tcx link update or cls_bpf replace, atomic per
+//     hook); detach hooks gen-M does not have; carry counters of replaced
+//     programs into gen-M's state record.
+//  4. Publish: the symlink "current" is pointed at gen-M (one rename; the
+//     switch point for readers), "next" removed, older generations removed.
+//
+// Readers take no lock: they read the generation "current" points at, whose
+// objects never change. A reader that finds "next" and can take the lock
+// (its writer died) rolls the commit forward first, so it reports what the
+// kernel runs. While a writer is alive between steps 2 and 4, readers see
+// the previous generation; packets may meet the new program on one hook
+// and the old one on another until the writer is done (per-hook link
+// updates are atomic; across hooks only the end state is).
+//
+// Set maps updated in place (step 3) change element by element, so a
+// packet can see part of an `add element` of several elements; programs
+// are not reloaded for that.
+
+// setPlan is a named set's map for a transaction: the one of the current
+// generation (its elements synced in place) or a fresh one.
 type setPlan struct {
-	spec  *ebpf.MapSpec
 	m     *ebpf.Map
 	fresh bool
 }
 
-// Commit makes rs live as one transaction. Everything is compiled and
-// loaded through the verifier first; only then are set elements synced and
-// programs swapped. Hooks whose program did not change are left alone, so
-// `add element` reloads nothing.
+// Lock takes the namespace's writer lock for a batch that reads the live
+// ruleset and then commits (ruleset.Locker): Commit and ResetCounters called
+// meanwhile use it instead of taking it again.
+func (b *Backend) Lock() (func(), error) {
+	s, err := b.store()
+	if err != nil {
+		return nil, err
+	}
+	unlock, err := s.Lock()
+	if err != nil {
+		return nil, err
+	}
+	b.held = true
+	return func() { b.held = false; unlock() }, nil
+}
+
+func (b *Backend) writeLock(s *bpf.Store) (func(), error) {
+	if b.held {
+		return func() {}, nil
+	}
+	return s.Lock()
+}
+
+// Commit makes rs live as one transaction (see the protocol above). Hooks
+// whose program did not change are left alone, so `add element` reloads
+// nothing.
 func (b *Backend) Commit(rs *ruleset.Ruleset) error {
 	s, err := b.store()
 	if err != nil {
 		return err
 	}
-	unlock, err := s.Lock()
+	unlock, err := b.writeLock(s)
 	if err != nil {
 		return err
 	}
 	defer unlock()
-	old, err := readState(s)
+	if err := b.recover(s); err != nil {
+		return err
+	}
+	cur, err := s.Current()
 	if err != nil {
-		old = nil // unreadable: every pinned hook is replaced or detached
+		return err
+	}
+	old, err := readGenState(cur)
+	if err != nil {
+		old = nil // unreadable: every hook is replaced or detached
 	}
 	ctMask := b.ctMarkMask(old)
 	seg := &segdevs{verbose: b.opts.Verbose}
-	committed := false
+	segKept := false
 	defer func() {
-		if !committed {
-			seg.undo()
+		if !segKept {
+			seg.undo() // devices this transaction created
 		}
 	}()
 	plans, err := b.compile(rs, ctMask, seg.ensure)
@@ -50,7 +114,19 @@ func (b *Backend) Commit(rs *ruleset.Ruleset) error {
 		return err
 	}
 
-	// Sets.
+	g, err := s.NewGen()
+	if err != nil {
+		return err
+	}
+	committed := false
+	defer func() {
+		if !committed {
+			s.RemoveGen(g)
+		}
+	}()
+
+	// Sets: the current generation's map when it can take the new
+	// elements, else a fresh one (created with its elements).
 	sets := map[string]*setPlan{}
 	defer func() {
 		for _, sp := range sets {
@@ -59,48 +135,44 @@ func (b *Backend) Commit(rs *ruleset.Ruleset) error {
 	}()
 	for _, set := range rs.Sets {
 		spec := compiler.SetMap(set)
-		pinned, err := s.SetMap(set.Name)
-		if err != nil {
-			return err
-		}
-		if pinned != nil && bpf.SetMapFits(pinned, spec) {
-			sets[set.Name] = &setPlan{spec: spec, m: pinned}
-			continue
-		}
-		if pinned != nil {
-			pinned.Close()
-		}
-		m, err := bpf.NewSetMap(spec)
-		if err != nil {
-			return err
-		}
-		sets[set.Name] = &setPlan{spec: spec, m: m, fresh: true}
-	}
-
-	// Programs: load every changed one before touching anything live.
-	var updates []bpf.Update
-	defer func() {
-		for _, u := range updates {
-			if u.Coll != nil {
-				u.Coll.Close()
+		var pinned *ebpf.Map
+		if cur != nil {
+			if pinned, err = cur.SetMap(set.Name); err != nil {
+				return err
 			}
 		}
-	}()
-	next := &liveState{CtMarkMask: ctMask, Ruleset: rs}
-	keep := map[bpf.HookID]bool{}
+		sp := &setPlan{m: pinned}
+		if pinned == nil || !bpf.SetMapFits(pinned, spec) {
+			if pinned != nil {
+				pinned.Close()
+			}
+			if sp.m, err = bpf.NewSetMap(spec); err != nil {
+				return err
+			}
+			sp.fresh = true
+		}
+		sets[set.Name] = sp
+		if err := g.PinSet(set.Name, sp.m); err != nil {
+			return err
+		}
+	}
+
+	// Programs: unchanged ones pinned again, changed ones loaded.
 	for _, p := range plans {
-		d := digest(p.prog.Spec, p.prog.Handles)
-		oh := old.hook(p.id)
-		hs := hookState{
-			Ifname: p.id.Ifname, Hook: p.id.Hook, Handles: p.prog.Handles, Digest: d, Sets: p.prog.NamedSets,
+		if oh := old.hook(p.id); oh != nil && oh.Digest == p.digest && !usesFreshSet(p.prog.NamedSets, sets) && b.attached(s, p.id) {
+			h, err := cur.Hook(p.id)
+			if err != nil {
+				return err
+			}
+			if h != nil {
+				err = g.PinHook(p.id, h.Prog, h.Maps)
+				h.Close()
+				if err != nil {
+					return err
+				}
+				continue
+			}
 		}
-		keep[p.id] = true
-		if oh != nil && oh.Digest == d && !usesFreshSet(p.prog.NamedSets, sets) && b.isLive(s, p.id) {
-			hs.Base = oh.Base
-			next.Hooks = append(next.Hooks, hs)
-			continue
-		}
-		next.Hooks = append(next.Hooks, hs)
 		spec := p.prog.Spec.Copy()
 		repl := map[string]*ebpf.Map{}
 		for _, name := range p.prog.NamedSets {
@@ -108,136 +180,310 @@ func (b *Backend) Commit(rs *ruleset.Ruleset) error {
 			if sp == nil {
 				return &HookError{Hook: p.id, Err: fmt.Errorf("set @%s is not defined", name)}
 			}
-			ms := spec.Maps["set_"+name]
+			ms := spec.Maps[bpf.SetMapPrefix+name]
 			if ms == nil {
 				return &HookError{Hook: p.id, Err: fmt.Errorf("compiler: no map for set @%s", name)}
 			}
 			ms.MaxEntries = sp.m.MaxEntries() // a reused map may be larger
 			ms.Contents = nil
-			repl["set_"+name] = sp.m
+			repl[bpf.SetMapPrefix+name] = sp.m
 		}
 		coll, err := bpf.LoadCollection(spec, bpf.LoadOptions{What: p.id.String(), Maps: repl, Verbose: b.opts.Verbose})
 		if err != nil {
 			return p.loadError(err)
 		}
-		updates = append(updates, bpf.Update{HookID: p.id, Ifindex: p.ifc.Index, Coll: coll})
-	}
-	// Segmentation devices' return programs, attached before the hooks
-	// that redirect to them.
-	returns, err := seg.updates()
-	if err != nil {
-		return err
-	}
-	for _, u := range returns {
-		keep[u.HookID] = true
-	}
-	updates = append(returns, updates...)
-	// Hooks that no longer have rules.
-	pinned, err := s.PinnedHooks()
-	if err != nil {
-		return err
-	}
-	if old != nil {
-		for _, h := range old.Hooks {
-			pinned = append(pinned, h.id())
-		}
-	}
-	for _, id := range pinned {
-		if !keep[id] {
-			keep[id] = true
-			updates = append(updates, bpf.Update{HookID: id})
+		err = g.PinHook(p.id, coll.Programs[bpf.ProgramName], coll.Maps)
+		coll.Close()
+		if err != nil {
+			return err
 		}
 	}
 
+	// Segmentation devices' return programs: hooks of sfunnel's own.
+	aux, err := seg.updates()
+	if err != nil {
+		return err
+	}
+	next := stateOf(rs, ctMask, plans)
+	next.Generation = g.N
+	for i, a := range aux {
+		err := g.PinHook(a.id, a.coll.Programs[bpf.ProgramName], a.coll.Maps)
+		if err != nil {
+			for _, a := range aux[i:] {
+				a.coll.Close()
+			}
+			return err
+		}
+		a.coll.Close()
+		next.Aux = append(next.Aux, auxRecord{Interface: a.id.Ifname, Hook: a.id.Hook.String()})
+	}
+	for _, h := range next.hooks() {
+		if oh := old.hook(h.id()); oh != nil {
+			h.setBase(oh.base()) // final for kept programs; replaced ones add their counts in rollForward
+		}
+	}
+	if err := writeGenState(g, next); err != nil {
+		return err
+	}
 	// The connmark table must be there before rules that use ct mark run.
-	table := b.table(ctMask)
-	needTable := usesCtMark(rs)
-	hadTable := false
-	if needTable {
-		if hadTable, err = table.Exists(); err != nil {
-			return err
-		}
-		if err := table.Ensure(); err != nil {
+	if next.CtMarkUsed {
+		if err := b.table(ctMask).Ensure(); err != nil {
 			return err
 		}
 	}
-	undoTable := func() {
-		if needTable && !hadTable {
-			table.Remove()
-		}
-	}
+	faults.Point("prepared")
 
-	// Live changes from here on.
-	var synced []string
-	undoSets := func() {
-		for _, name := range synced {
-			if set := setOf(old, name); set != nil {
-				bpf.SyncSet(sets[name].m, compiler.SetMap(set))
+	if err := s.MarkPending(g); err != nil {
+		return err
+	}
+	committed, segKept = true, true
+	if err := b.rollForward(s, cur, g); err != nil {
+		if rerr := b.rollBack(s, cur, g); rerr != nil {
+			return fmt.Errorf("%w (undoing it failed too, the next command retries: %v)", err, rerr)
+		}
+		return err
+	}
+	return nil
+}
+
+// recover finishes or undoes what an interrupted commit left: a pending
+// generation is rolled forward (or, if that fails, back), orphans removed.
+// The caller holds the writer lock.
+func (b *Backend) recover(s *bpf.Store) error {
+	pend, err := s.Pending()
+	if err != nil {
+		return err
+	}
+	if pend != nil {
+		cur, err := s.Current()
+		if err != nil {
+			return err
+		}
+		if err := b.rollForward(s, cur, pend); err != nil {
+			if rerr := b.rollBack(s, cur, pend); rerr != nil {
+				return fmt.Errorf("finish an interrupted commit: %w; undo it: %v", err, rerr)
 			}
 		}
 	}
-	for _, set := range rs.Sets {
-		sp := sets[set.Name]
-		if sp.fresh {
+	return s.Prune()
+}
+
+// rollForward makes generation g live and publishes it (steps 3 and 4).
+// It reads everything it needs from the pinned state, so a process that
+// did not prepare g can run it.
+func (b *Backend) rollForward(s *bpf.Store, cur, g *bpf.Gen) error {
+	st, err := readGenState(g)
+	if err != nil {
+		return err
+	}
+	if st == nil {
+		return fmt.Errorf("generation %d has no state record", g.N)
+	}
+	var old *liveState
+	if cur != nil {
+		old, _ = readGenState(cur)
+	}
+	if err := syncSets(st, g, cur); err != nil {
+		return err
+	}
+	if err := runHooks(s, st, g); err != nil {
+		return err
+	}
+	// Counters the replaced programs counted: final now that they stopped.
+	for _, h := range st.hooks() {
+		oh := old.hook(h.id())
+		if oh == nil {
+			h.Base = nil
 			continue
 		}
-		synced = append(synced, set.Name)
-		if err := bpf.SyncSet(sp.m, sp.spec); err != nil {
-			undoSets()
-			undoTable()
+		base := oh.base()
+		if err := addReplacedCounts(base, oh, cur, g); err != nil {
+			return err
+		}
+		h.setBase(base)
+	}
+	if err := writeGenState(g, st); err != nil {
+		return err
+	}
+	if err := s.Publish(g); err != nil {
+		return err
+	}
+	// Tidying: failures here do not change what is live.
+	if !st.CtMarkUsed {
+		b.table(st.CtMarkMask).Remove()
+	}
+	keep := map[string]bool{}
+	for _, a := range st.Aux {
+		keep[strings.TrimSuffix(a.Interface, "r")] = true
+	}
+	removeSegdevsExcept(keep)
+	s.CollectGarbage() // dead namespaces' pins; best effort
+	return nil
+}
+
+// rollBack makes the current generation run again after a failed roll
+// forward, and forgets g.
+func (b *Backend) rollBack(s *bpf.Store, cur, g *bpf.Gen) error {
+	var st *liveState
+	if cur != nil {
+		var err error
+		if st, err = readGenState(cur); err != nil {
 			return err
 		}
 	}
-	// Counters of surviving rules: what the replaced program counted, read
-	// once it no longer runs, becomes part of the new program's base.
-	retire := func(l *bpf.Live) {
-		oh, nh := old.hook(l.HookID), next.hook(l.HookID)
-		if oh == nil || nh == nil || l.Counters() == nil {
-			return
-		}
-		cs, err := bpf.ReadCounters(l.Counters())
-		if err != nil {
-			return
-		}
-		live := map[uint64]bool{}
-		for _, h := range nh.Handles {
-			live[h] = true
-		}
-		nh.Base = map[uint64]ruleset.Counter{}
-		for i, h := range oh.Handles {
-			if !live[h] || h == 0 || i >= len(cs) {
-				continue
-			}
-			c := oh.Base[h]
-			c.Packets += cs[i].Packets
-			c.Bytes += cs[i].Bytes
-			nh.Base[h] = c
-		}
+	if st == nil {
+		st = &liveState{}
 	}
-	if err := s.Swap(updates, retire); err != nil {
-		undoSets()
-		undoTable()
+	if cur != nil {
+		if err := syncSets(st, cur, g); err != nil {
+			return err
+		}
+		if err := runHooks(s, st, cur); err != nil {
+			return err
+		}
+	} else if err := runHooks(s, st, nil); err != nil {
 		return err
 	}
+	if err := s.Unpend(); err != nil {
+		return err
+	}
+	return s.Prune()
+}
 
-	// Committed. What follows only tidies up and records.
-	committed = true
-	var errs []error
-	errs = append(errs, removeSegdevsExcept(seg.keep()))
-	names := map[string]bool{}
-	for _, set := range rs.Sets {
-		names[set.Name] = true
-		if sp := sets[set.Name]; sp.fresh {
-			errs = append(errs, s.PinSet(set.Name, sp.m))
+// syncSets gives the set maps that g shares with other (the generation it
+// replaces) the elements st lists. Fresh maps already have them.
+func syncSets(st *liveState, g, other *bpf.Gen) error {
+	if len(st.Sets) == 0 {
+		return nil
+	}
+	sets, err := st.parseSets()
+	if err != nil {
+		return err
+	}
+	for _, set := range sets {
+		m, err := g.SetMap(set.Name)
+		if err != nil {
+			return err
+		}
+		if m == nil {
+			return fmt.Errorf("generation %d has no map for set %s", g.N, set.Name)
+		}
+		shared := false
+		if other != nil {
+			if om, err := other.SetMap(set.Name); err == nil && om != nil {
+				shared = mapID(om) == mapID(m)
+				om.Close()
+			}
+		}
+		if shared {
+			err = bpf.SyncSet(m, compiler.SetMap(set))
+		}
+		m.Close()
+		if err != nil {
+			return err
 		}
 	}
-	errs = append(errs, s.UnpinSetsExcept(names))
-	if !needTable {
-		errs = append(errs, table.Remove())
+	return nil
+}
+
+func mapID(m *ebpf.Map) ebpf.MapID {
+	info, err := m.Info()
+	if err != nil {
+		return 0
 	}
-	errs = append(errs, writeState(s, next))
-	s.CollectGarbage() // dead namespaces' pins; best effort
-	return errors.Join(errs...)
+	id, _ := info.ID()
+	return id
+}
+
+// runHooks makes every hook of st run g's program and detaches every other
+// attach point. A hook whose interface has gone is skipped (Load shows it
+// is not live).
+func runHooks(s *bpf.Store, st *liveState, g *bpf.Gen) error {
+	want := map[bpf.HookID]bool{}
+	// Segmentation devices' return programs before the hooks that
+	// redirect to them.
+	var ids []bpf.HookID
+	for _, a := range st.Aux {
+		ids = append(ids, a.id())
+	}
+	for _, h := range st.hooks() {
+		ids = append(ids, h.id())
+	}
+	for _, id := range ids {
+		want[id] = true
+		gh, err := g.Hook(id)
+		if err != nil {
+			return err
+		}
+		if gh == nil {
+			return fmt.Errorf("generation %d has no program for %s", g.N, id)
+		}
+		a, err := s.Attached(id)
+		if err == nil && (a == nil || a.ProgID != bpf.ProgID(gh.Prog)) {
+			err = s.Run(id, gh.Prog)
+		}
+		gh.Close()
+		if errors.Is(err, bpf.ErrNoInterface) {
+			continue
+		}
+		if err != nil {
+			return err
+		}
+	}
+	points, err := s.AttachPoints()
+	if err != nil {
+		return err
+	}
+	for _, id := range points {
+		if !want[id] {
+			if err := s.Detach(id); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// addReplacedCounts adds to base what the old generation's program of hook
+// oh counted, if g replaced that program (a kept program goes on counting
+// in the same map).
+func addReplacedCounts(base map[uint64]ruleset.Counter, oh *hookState, cur, g *bpf.Gen) error {
+	if cur == nil || cur.N == g.N {
+		return nil
+	}
+	ch, err := cur.Hook(oh.id())
+	if err != nil || ch == nil {
+		return err
+	}
+	defer ch.Close()
+	gh, err := g.Hook(oh.id())
+	if err != nil {
+		return err
+	}
+	if gh != nil {
+		same := bpf.ProgID(gh.Prog) == bpf.ProgID(ch.Prog)
+		gh.Close()
+		if same {
+			return nil
+		}
+	}
+	if ch.Counters() == nil {
+		return nil
+	}
+	cs, err := bpf.ReadCounters(ch.Counters())
+	if err != nil {
+		return err
+	}
+	for i, handle := range oh.CounterHandles {
+		if handle == 0 || i >= len(cs) {
+			continue
+		}
+		c := base[handle]
+		c.Packets += cs[i].Packets
+		c.Bytes += cs[i].Bytes
+		base[handle] = c
+	}
+	return nil
 }
 
 func usesFreshSet(names []string, sets map[string]*setPlan) bool {
@@ -249,89 +495,102 @@ func usesFreshSet(names []string, sets map[string]*setPlan) bool {
 	return false
 }
 
-func (b *Backend) isLive(s *bpf.Store, id bpf.HookID) bool {
-	l, err := s.Live(id)
-	if err != nil || l == nil {
-		return false
-	}
-	l.Close()
-	return true
+func (b *Backend) attached(s *bpf.Store, id bpf.HookID) bool {
+	a, err := s.Attached(id)
+	return err == nil && a != nil
 }
 
-func setOf(st *liveState, name string) *grammar.Set {
-	if st == nil || st.Ruleset == nil {
-		return nil
+// parseSets parses the state's set texts.
+func (st *liveState) parseSets() ([]*grammar.Set, error) {
+	var text string
+	for _, s := range st.Sets {
+		text += s.Text
 	}
-	for _, s := range st.Ruleset.Sets {
-		if s.Name == name {
-			return s
+	cmds, _, err := grammar.Parse("<stored sets>", text, nil)
+	if err != nil {
+		return nil, fmt.Errorf("stored sets do not parse: %w", err)
+	}
+	var out []*grammar.Set
+	for _, c := range cmds {
+		if c.Kind == grammar.CmdDefineSet {
+			out = append(out, c.Set)
 		}
 	}
-	return nil
+	return out, nil
+}
+
+// snapshot opens the committed generation for reading, without the writer
+// lock. When a commit was interrupted (its writer died), it is finished
+// first, if no other writer holds the lock.
+func (b *Backend) snapshot() (*bpf.Store, *bpf.Gen, *liveState, error) {
+	s, err := b.existing()
+	if err != nil || s == nil {
+		return nil, nil, nil, err
+	}
+	if pend, _ := s.Pending(); pend != nil && !b.held {
+		if unlock, ok, _ := s.TryLock(); ok {
+			err := b.recover(s)
+			unlock()
+			if err != nil {
+				return nil, nil, nil, err
+			}
+		}
+	}
+	for try := 0; ; try++ {
+		g, err := s.Current()
+		if err != nil || g == nil {
+			return s, nil, nil, err
+		}
+		st, err := readGenState(g)
+		if st == nil && err == nil || errors.Is(err, os.ErrNotExist) {
+			// A writer published a newer generation and removed this
+			// one between our two reads: read again.
+			if _, serr := os.Stat(g.Dir); serr != nil && try < 10 {
+				continue
+			}
+		}
+		return s, g, st, err
+	}
 }
 
 // Load returns the live ruleset: what was committed, minus the hooks whose
 // program is no longer attached (interface deleted, filter removed by hand).
 func (b *Backend) Load() (*ruleset.Ruleset, error) {
+	s, _, st, err := b.snapshot()
+	if err != nil || st == nil {
+		return &ruleset.Ruleset{NextHandle: 1}, err
+	}
+	return st.ruleset(func(h *hookState) bool { return b.attached(s, h.id()) })
+}
+
+// Generation returns the number of the committed generation (0 when nothing
+// was ever committed in this namespace); every commit makes it grow. For
+// `monitor`: a change means the ruleset changed.
+func (b *Backend) Generation() (uint64, error) {
 	s, err := b.existing()
 	if err != nil || s == nil {
-		return &ruleset.Ruleset{}, err
+		return 0, err
 	}
-	st, err := readState(s)
-	if err != nil {
-		return nil, err
-	}
-	if st == nil || st.Ruleset == nil {
-		return &ruleset.Ruleset{}, nil
-	}
-	rs := st.Ruleset
-	for _, h := range st.Hooks {
-		if b.isLive(s, h.id()) {
-			continue
-		}
-		for _, ifc := range rs.Interfaces {
-			if ifc.Name == h.Ifname {
-				if h.Hook == grammar.HookEgress {
-					ifc.Egress = nil
-				} else {
-					ifc.Ingress = nil
-				}
-			}
-		}
-	}
-	// An interface whose hooks all went away is gone; one committed
-	// without rules stays as it was.
-	kept := rs.Interfaces[:0]
-	for _, ifc := range rs.Interfaces {
-		if len(ifc.Ingress)+len(ifc.Egress) > 0 || st.hook(bpf.HookID{Ifname: ifc.Name, Hook: grammar.HookIngress}) == nil &&
-			st.hook(bpf.HookID{Ifname: ifc.Name, Hook: grammar.HookEgress}) == nil {
-			kept = append(kept, ifc)
-		}
-	}
-	rs.Interfaces = kept
-	return rs, nil
+	return s.Generation()
 }
 
 // Counters returns the counters of the live rules by handle.
 func (b *Backend) Counters() (map[uint64]ruleset.Counter, error) {
 	out := map[uint64]ruleset.Counter{}
-	s, err := b.existing()
-	if err != nil || s == nil {
-		return out, err
-	}
-	st, err := readState(s)
+	s, g, st, err := b.snapshot()
 	if err != nil || st == nil {
 		return out, err
 	}
-	err = b.eachLiveCounters(s, st, func(h *hookState, m *ebpf.Map) error {
+	err = eachLiveCounters(s, g, st, func(h *hookState, m *ebpf.Map) error {
 		cs, err := bpf.ReadCounters(m)
 		if err != nil {
 			return err
 		}
-		for i, handle := range h.Handles {
+		base := h.base()
+		for i, handle := range h.CounterHandles {
 			if i < len(cs) {
-				base := h.Base[handle]
-				out[handle] = ruleset.Counter{Packets: base.Packets + cs[i].Packets, Bytes: base.Bytes + cs[i].Bytes}
+				c := base[handle]
+				out[handle] = ruleset.Counter{Packets: c.Packets + cs[i].Packets, Bytes: c.Bytes + cs[i].Bytes}
 			}
 		}
 		return nil
@@ -345,42 +604,50 @@ func (b *Backend) ResetCounters(handles []uint64) error {
 	if err != nil || s == nil {
 		return err
 	}
-	unlock, err := s.Lock()
+	unlock, err := b.writeLock(s)
 	if err != nil {
 		return err
 	}
 	defer unlock()
+	if err := b.recover(s); err != nil {
+		return err
+	}
+	g, err := s.Current()
+	if err != nil || g == nil {
+		return err
+	}
+	st, err := readGenState(g)
+	if err != nil || st == nil {
+		return err
+	}
 	want := map[uint64]bool{}
 	for _, h := range handles {
 		want[h] = true
 	}
-	st, err := readState(s)
-	if err != nil || st == nil {
-		return err
-	}
 	rebased := false
-	for i := range st.Hooks {
-		h := &st.Hooks[i]
-		for handle := range h.Base {
+	for _, h := range st.hooks() {
+		base := h.base()
+		for handle := range base {
 			if handles == nil || want[handle] {
-				delete(h.Base, handle)
+				delete(base, handle)
 				rebased = true
 			}
 		}
+		h.setBase(base)
 	}
 	// The base first: a failure after it leaves counters too low, never
 	// resurrects old counts.
 	if rebased {
-		if err := writeState(s, st); err != nil {
+		if err := writeGenState(g, st); err != nil {
 			return err
 		}
 	}
-	return b.eachLiveCounters(s, st, func(h *hookState, m *ebpf.Map) error {
+	return eachLiveCounters(s, g, st, func(h *hookState, m *ebpf.Map) error {
 		if handles == nil {
 			return bpf.ZeroCounters(m, nil)
 		}
 		idx := []int{}
-		for i, handle := range h.Handles {
+		for i, handle := range h.CounterHandles {
 			if want[handle] {
 				idx = append(idx, i)
 			}
@@ -389,20 +656,26 @@ func (b *Backend) ResetCounters(handles []uint64) error {
 	})
 }
 
-func (b *Backend) eachLiveCounters(s *bpf.Store, st *liveState, f func(*hookState, *ebpf.Map) error) error {
-	for i := range st.Hooks {
-		h := &st.Hooks[i]
-		l, err := s.Live(h.id())
+// eachLiveCounters calls f with the counters map of every attached hook.
+func eachLiveCounters(s *bpf.Store, g *bpf.Gen, st *liveState, f func(*hookState, *ebpf.Map) error) error {
+	for _, h := range st.hooks() {
+		if a, err := s.Attached(h.id()); err != nil || a == nil {
+			if err != nil {
+				return err
+			}
+			continue
+		}
+		gh, err := g.Hook(h.id())
 		if err != nil {
 			return err
 		}
-		if l == nil {
+		if gh == nil {
 			continue
 		}
-		if l.Counters() != nil {
-			err = f(h, l.Counters())
+		if gh.Counters() != nil {
+			err = f(h, gh.Counters())
 		}
-		l.Close()
+		gh.Close()
 		if err != nil {
 			return fmt.Errorf("%s: %w", h.id(), err)
 		}

@@ -39,6 +39,7 @@ type Options struct {
 // Backend implements ruleset.Backend on the kernel.
 type Backend struct {
 	opts Options
+	held bool // the writer lock is held (Lock), Commit must not take it again
 }
 
 var _ ruleset.Backend = (*Backend)(nil)
@@ -99,10 +100,11 @@ func (b *Backend) table(mask uint32) *ctmark.Table {
 
 // hookPlan is one hook with rules, compiled.
 type hookPlan struct {
-	id    bpf.HookID
-	ifc   bpf.Interface
-	rules []*grammar.Rule
-	prog  *compiler.Program
+	id     bpf.HookID
+	ifc    bpf.Interface
+	rules  []*grammar.Rule
+	prog   *compiler.Program
+	digest string
 }
 
 // compile resolves interfaces and compiles every hook that has rules. seg
@@ -147,7 +149,7 @@ func (b *Backend) compile(rs *ruleset.Ruleset, ctMask uint32, seg func(bpf.Inter
 				int(prog.Spec.Maps["counters"].MaxEntries) < len(prog.Handles)) {
 				return nil, &HookError{Hook: id, Err: errors.New("compiler: counters map smaller than the rule count")}
 			}
-			plans = append(plans, &hookPlan{id: id, ifc: info, rules: rules, prog: prog})
+			plans = append(plans, &hookPlan{id: id, ifc: info, rules: rules, prog: prog, digest: digest(prog.Spec, prog.Handles)})
 		}
 	}
 	return plans, nil
@@ -173,9 +175,7 @@ func (b *Backend) Check(rs *ruleset.Ruleset) error {
 	var live *liveState
 	if b.opts.CtMarkMask == 0 {
 		// The live mask, if one can be read; Check must not create state.
-		if s, err := b.existing(); err == nil && s != nil {
-			live, _ = readState(s)
-		}
+		_, _, live, _ = b.snapshot()
 	}
 	plans, err := b.compile(rs, b.ctMarkMask(live), checkSegdev)
 	if err != nil {

@@ -163,7 +163,17 @@ func udpRule(handle uint64, port uint16, act grammar.ActionKind) *grammar.Rule {
 	}
 }
 
+// jsonOf renders v for comparison; a ruleset as its canonical listing
+// with handles (what is stored), other values as JSON.
 func jsonOf(t *testing.T, v any) string {
+	if rs, ok := v.(*ruleset.Ruleset); ok {
+		var b strings.Builder
+		if err := ruleset.WriteText(&b, rs, nil, &ruleset.ListOptions{Handles: true}); err != nil {
+			t.Fatal(err)
+		}
+		fmt.Fprintf(&b, "next handle %d\n", rs.NextHandle)
+		return b.String()
+	}
 	b, err := json.Marshal(v)
 	if err != nil {
 		t.Fatal(err)
@@ -235,8 +245,8 @@ func TestCommitLoadCounters(t *testing.T) {
 		if err != nil {
 			return err
 		}
-		if hooks, _ := s.PinnedHooks(); len(hooks) != 0 {
-			t.Errorf("pinned hooks after flush: %v", hooks)
+		if hooks, _ := s.AttachPoints(); len(hooks) != 0 {
+			t.Errorf("attach points after flush: %v", hooks)
 		}
 		return nil
 	})
@@ -306,16 +316,11 @@ func liveProgID(t *testing.T, e *env, id bpf.HookID) ebpf.ProgramID {
 		if err != nil || s == nil {
 			return fmt.Errorf("no state: %v", err)
 		}
-		l, err := s.Live(id)
-		if err != nil || l == nil {
+		a, err := s.Attached(id)
+		if err != nil || a == nil {
 			return fmt.Errorf("%s not live: %v", id, err)
 		}
-		defer l.Close()
-		info, err := l.Prog.Info()
-		if err != nil {
-			return err
-		}
-		pid, _ = info.ID()
+		pid = a.ProgID
 		return nil
 	})
 	return pid

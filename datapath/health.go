@@ -13,21 +13,17 @@ var _ ruleset.Warner = (*Backend)(nil)
 // listed) and a missing nftables table while rules use ct mark. The next
 // commit repairs both.
 func (b *Backend) Warnings() ([]string, error) {
-	s, err := b.existing()
-	if err != nil || s == nil {
-		return nil, err
-	}
-	st, err := readState(s)
+	s, _, st, err := b.snapshot()
 	if err != nil || st == nil {
 		return nil, err
 	}
 	var out []string
-	for _, h := range st.Hooks {
-		if !b.isLive(s, h.id()) {
-			out = append(out, fmt.Sprintf("interface %s %s is no longer attached (program detached or interface removed outside sfunnel): its rules are gone from the kernel until the ruleset is applied again", h.Ifname, h.Hook))
+	for _, h := range st.hooks() {
+		if !b.attached(s, h.id()) {
+			out = append(out, fmt.Sprintf("interface %s %s is no longer attached (program detached or interface removed outside sfunnel): its rules are gone from the kernel until the ruleset is applied again", h.ifname, h.Hook))
 		}
 	}
-	if st.Ruleset != nil && usesCtMark(st.Ruleset) {
+	if st.CtMarkUsed {
 		problem, err := b.table(b.ctMarkMask(st)).Check()
 		if err != nil {
 			return nil, err

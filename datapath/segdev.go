@@ -18,6 +18,7 @@ package datapath
 import (
 	"errors"
 	"fmt"
+	"github.com/cilium/ebpf"
 	"strings"
 	"unsafe"
 
@@ -175,21 +176,28 @@ func (s *segdevs) ensure(ifc bpf.Interface) (int, error) {
 	return sd.TxIndex, nil
 }
 
+// auxHook is a hook sfunnel attaches for itself (not a user's hook): a
+// segmentation device's return program.
+type auxHook struct {
+	id   bpf.HookID
+	coll *ebpf.Collection
+}
+
 // updates loads the return programs of the devices in use.
-func (s *segdevs) updates() ([]bpf.Update, error) {
-	var us []bpf.Update
+func (s *segdevs) updates() ([]auxHook, error) {
+	var us []auxHook
 	for _, sd := range s.used {
 		l, err := netlink.LinkByName(sd.Dev)
 		if err != nil {
 			for _, u := range us {
-				u.Coll.Close()
+				u.coll.Close()
 			}
 			return nil, fmt.Errorf("segmentation device for %s: %w", sd.Dev, err)
 		}
 		u, err := sd.returnUpdate(l.Attrs().Index, s.verbose)
 		if err != nil {
 			for _, u := range us {
-				u.Coll.Close()
+				u.coll.Close()
 			}
 			return nil, err
 		}
@@ -231,15 +239,15 @@ func (sd *Segdev) remove() error {
 	return nil
 }
 
-// returnUpdate loads the return program of sd and makes it an update of
-// the return end's ingress hook.
-func (sd *Segdev) returnUpdate(ifindex int, verbose bool) (bpf.Update, error) {
+// returnUpdate loads the return program of sd for the return end's
+// ingress hook.
+func (sd *Segdev) returnUpdate(ifindex int, verbose bool) (auxHook, error) {
 	id := bpf.HookID{Ifname: sd.Rx, Hook: grammar.HookIngress}
 	coll, err := bpf.LoadCollection(compiler.SegReturn(ifindex), bpf.LoadOptions{What: id.String(), Verbose: verbose})
 	if err != nil {
-		return bpf.Update{}, err
+		return auxHook{}, err
 	}
-	return bpf.Update{HookID: id, Ifindex: sd.RxIndex, Coll: coll}, nil
+	return auxHook{id: id, coll: coll}, nil
 }
 
 // isSegdevHook tells the return ends' hooks from the user's.

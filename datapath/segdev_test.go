@@ -74,12 +74,10 @@ func TestSegdevFollowsRules(t *testing.T) {
 			t.Errorf("no state: %v", err)
 			return nil
 		}
-		l, err := s.Live(bpf.HookID{Ifname: sds[0].Rx, Hook: grammar.HookIngress})
-		if l == nil {
+		a, err := s.Attached(bpf.HookID{Ifname: sds[0].Rx, Hook: grammar.HookIngress})
+		if a == nil {
 			t.Errorf("no return program on %s (%v)", sds[0].Rx, err)
-			return nil
 		}
-		l.Close()
 		return nil
 	})
 

@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"slices"
+	"strings"
 
 	"github.com/cilium/ebpf"
 	"github.com/sfunnel/sfunnel/bpf"
@@ -14,67 +15,311 @@ import (
 	"github.com/sfunnel/sfunnel/ruleset"
 )
 
-// stateVersion changes when the stored description changes incompatibly.
-const stateVersion = 1
+// The state record stored with every generation (bpf.Gen.WriteState). It is
+// an explicit schema in tagged JSON, not a dump of Go types: rules and sets
+// are kept as the canonical text `list ruleset` prints (which the grammar
+// promises to read back), so a newer sfunnel reads what an older one wrote
+// and `list ruleset` prints without parsing.
+//
+//	{"format": "sfunnel-state", "version": 2, "generation": N,
+//	 "ct_mark_mask": M, "next_handle": H,
+//	 "sets": [{"name": S, "text": "set S {\n\ttype …\n}\n"}],
+//	 "interfaces": [{"name": IF, "hooks": [{"hook": "ingress"|"egress",
+//	    "digest": HEX, "sets": [S…], "counter_handles": [H…],
+//	    "rules": [{"handle": H, "text": RULE, "counter_at": OFFSET}],
+//	    "base": [{"handle": H, "packets": P, "bytes": B}]}]}],
+//	 "aux_hooks": [{"interface": IF, "hook": HOOK}]}
+//
+// counter_at is the byte offset in text where `list` inserts "packets P
+// bytes B" (0: the rule has no counter). counter_handles maps the index of
+// the hook's counters map to rule handles. base holds what earlier
+// programs of the hook counted for rules that survived into this one: a
+// rule's counter is its base plus the live map (copying into the live map
+// instead would race with the program counting in it).
+const (
+	stateFormat  = "sfunnel-state"
+	stateVersion = 2
+)
 
-// liveState is what is stored in the kernel next to the links: the ruleset
-// as committed and, per attached hook, what its counters map indexes mean.
 type liveState struct {
-	Version    int
-	CtMarkMask uint32
-	Ruleset    *ruleset.Ruleset
-	Hooks      []hookState
+	Format     string        `json:"format"`
+	Version    int           `json:"version"`
+	Generation uint64        `json:"generation"`
+	CtMarkMask uint32        `json:"ct_mark_mask"`
+	NextHandle uint64        `json:"next_handle"`
+	CtMarkUsed bool          `json:"ct_mark_used,omitempty"` // the nftables table is needed
+	Sets       []setRecord   `json:"sets"`
+	Interfaces []ifaceRecord `json:"interfaces"`
+	// Aux are hooks sfunnel attaches for itself (segmentation devices'
+	// return programs), with a program in the generation but no rules.
+	Aux []auxRecord `json:"aux_hooks,omitempty"`
+}
+
+type auxRecord struct {
+	Interface string `json:"interface"`
+	Hook      string `json:"hook"`
+}
+
+func (a auxRecord) id() bpf.HookID {
+	h := grammar.HookIngress
+	if a.Hook == "egress" {
+		h = grammar.HookEgress
+	}
+	return bpf.HookID{Ifname: a.Interface, Hook: h}
+}
+
+type setRecord struct {
+	Name string `json:"name"`
+	Text string `json:"text"`
+}
+
+type ifaceRecord struct {
+	Name  string      `json:"name"`
+	Hooks []hookState `json:"hooks"`
 }
 
 type hookState struct {
-	Ifname  string
-	Hook    grammar.Hook
-	Handles []uint64 // counters index → rule handle
-	Digest  string   // of the program, to skip swapping identical ones
-	Sets    []string // named sets the program uses
-	// Base holds, by handle, what earlier programs of this hook counted
-	// for rules that survived into this one: a rule's counter is its base
-	// plus the live map. (Copying into the live map instead would race
-	// with the program counting in it.)
-	Base map[uint64]ruleset.Counter `json:",omitempty"`
+	Hook           string       `json:"hook"`
+	Digest         string       `json:"digest"`
+	Sets           []string     `json:"sets,omitempty"`
+	CounterHandles []uint64     `json:"counter_handles,omitempty"`
+	Rules          []ruleRecord `json:"rules"`
+	Base           []baseRecord `json:"base,omitempty"`
+
+	ifname string // filled in by decode
+	hook   grammar.Hook
 }
 
-func (h hookState) id() bpf.HookID { return bpf.HookID{Ifname: h.Ifname, Hook: h.Hook} }
+type ruleRecord struct {
+	Handle    uint64 `json:"handle"`
+	Text      string `json:"text"`
+	CounterAt int    `json:"counter_at,omitempty"`
+}
 
-func readState(s *bpf.Store) (*liveState, error) {
-	data, err := s.ReadState()
-	if err != nil || data == nil {
-		return nil, err
+type baseRecord struct {
+	Handle  uint64 `json:"handle"`
+	Packets uint64 `json:"packets"`
+	Bytes   uint64 `json:"bytes"`
+}
+
+func (h *hookState) id() bpf.HookID { return bpf.HookID{Ifname: h.ifname, Hook: h.hook} }
+
+func (h *hookState) base() map[uint64]ruleset.Counter {
+	m := make(map[uint64]ruleset.Counter, len(h.Base))
+	for _, b := range h.Base {
+		m[b.Handle] = ruleset.Counter{Packets: b.Packets, Bytes: b.Bytes}
 	}
+	return m
+}
+
+func (h *hookState) setBase(m map[uint64]ruleset.Counter) {
+	h.Base = h.Base[:0]
+	for _, r := range h.Rules {
+		if c, ok := m[r.Handle]; ok && (c.Packets != 0 || c.Bytes != 0) {
+			h.Base = append(h.Base, baseRecord{Handle: r.Handle, Packets: c.Packets, Bytes: c.Bytes})
+		}
+	}
+}
+
+// decodeState reads a state record. Unknown fields are ignored (a newer
+// sfunnel may add some); a record of another format or a newer major
+// version is refused with a message saying what to do.
+func decodeState(data []byte) (*liveState, error) {
 	var st liveState
 	if err := json.Unmarshal(data, &st); err != nil {
 		return nil, fmt.Errorf("stored ruleset is corrupt: %w", err)
 	}
-	if st.Version != stateVersion {
-		return nil, fmt.Errorf("stored ruleset has version %d, this sfunnel reads %d (flush ruleset with the sfunnel that wrote it)", st.Version, stateVersion)
+	if st.Format != stateFormat || st.Version != stateVersion {
+		return nil, fmt.Errorf("stored ruleset has format %q version %d, this sfunnel reads %q version %d "+
+			"(run `sfunnel flush ruleset` with the sfunnel that wrote it, or remove %s)",
+			st.Format, st.Version, stateFormat, stateVersion, bpf.DefaultRoot)
+	}
+	for i := range st.Interfaces {
+		ifc := &st.Interfaces[i]
+		for j := range ifc.Hooks {
+			h := &ifc.Hooks[j]
+			h.ifname = ifc.Name
+			switch h.Hook {
+			case "ingress":
+				h.hook = grammar.HookIngress
+			case "egress":
+				h.hook = grammar.HookEgress
+			default:
+				return nil, fmt.Errorf("stored ruleset is corrupt: interface %s has hook %q", ifc.Name, h.Hook)
+			}
+		}
 	}
 	return &st, nil
 }
 
-func writeState(s *bpf.Store, st *liveState) error {
-	st.Version = stateVersion
+func encodeState(st *liveState) ([]byte, error) {
+	st.Format, st.Version = stateFormat, stateVersion
 	data, err := json.Marshal(st)
 	if err != nil {
-		return fmt.Errorf("encode ruleset: %w", err)
+		return nil, fmt.Errorf("encode ruleset: %w", err)
 	}
-	return s.WriteState(data)
+	return data, nil
 }
 
-func (st *liveState) hook(id bpf.HookID) *hookState {
+func readGenState(g *bpf.Gen) (*liveState, error) {
+	if g == nil {
+		return nil, nil
+	}
+	data, err := g.ReadState()
+	if err != nil || data == nil {
+		return nil, err
+	}
+	return decodeState(data)
+}
+
+func writeGenState(g *bpf.Gen, st *liveState) error {
+	data, err := encodeState(st)
+	if err != nil {
+		return err
+	}
+	return g.WriteState(data)
+}
+
+// hooks lists every hook of the state.
+func (st *liveState) hooks() []*hookState {
 	if st == nil {
 		return nil
 	}
-	for i := range st.Hooks {
-		if st.Hooks[i].id() == id {
-			return &st.Hooks[i]
+	var out []*hookState
+	for i := range st.Interfaces {
+		for j := range st.Interfaces[i].Hooks {
+			out = append(out, &st.Interfaces[i].Hooks[j])
+		}
+	}
+	return out
+}
+
+func (st *liveState) hook(id bpf.HookID) *hookState {
+	for _, h := range st.hooks() {
+		if h.id() == id {
+			return h
 		}
 	}
 	return nil
+}
+
+// ruleRecordOf renders a rule for the state record.
+func ruleRecordOf(r *grammar.Rule) ruleRecord {
+	text := grammar.FormatRule(r, nil)
+	rec := ruleRecord{Handle: r.Handle, Text: text}
+	if r.Counter {
+		with := grammar.FormatRule(r, &grammar.PrintOptions{Counter: func(uint64) (uint64, uint64, bool) { return 0, 0, true }})
+		i := 0
+		for i < len(text) && text[i] == with[i] {
+			i++
+		}
+		rec.CounterAt = i
+	}
+	return rec
+}
+
+// stateOf describes rs; hooks get their digests and counter handles from
+// the compiled plans.
+func stateOf(rs *ruleset.Ruleset, ctMask uint32, plans []*hookPlan) *liveState {
+	st := &liveState{CtMarkMask: ctMask, NextHandle: rs.NextHandle, CtMarkUsed: usesCtMark(rs), Sets: []setRecord{}, Interfaces: []ifaceRecord{}}
+	for _, s := range rs.Sets {
+		st.Sets = append(st.Sets, setRecord{Name: s.Name, Text: grammar.FormatSet(s, "")})
+	}
+	byID := map[bpf.HookID]*hookPlan{}
+	for _, p := range plans {
+		byID[p.id] = p
+	}
+	for _, ifc := range rs.Interfaces {
+		ir := ifaceRecord{Name: ifc.Name}
+		for _, h := range []grammar.Hook{grammar.HookIngress, grammar.HookEgress} {
+			rules := ifc.Rules(h)
+			if len(rules) == 0 {
+				continue
+			}
+			hs := hookState{Hook: h.String(), ifname: ifc.Name, hook: h, Rules: make([]ruleRecord, len(rules))}
+			for i, r := range rules {
+				hs.Rules[i] = ruleRecordOf(r)
+			}
+			if p := byID[hs.id()]; p != nil {
+				hs.Digest = p.digest
+				hs.Sets = p.prog.NamedSets
+				hs.CounterHandles = p.prog.Handles
+			}
+			ir.Hooks = append(ir.Hooks, hs)
+		}
+		st.Interfaces = append(st.Interfaces, ir)
+	}
+	return st
+}
+
+// ruleset parses the state's text back into a ruleset (for writers, and
+// listings that need the rules' structure). Only the hooks in live (nil:
+// all) are kept.
+func (st *liveState) ruleset(live func(*hookState) bool) (*ruleset.Ruleset, error) {
+	if st == nil {
+		return &ruleset.Ruleset{NextHandle: 1}, nil
+	}
+	rs := &ruleset.Ruleset{NextHandle: st.NextHandle}
+	var b strings.Builder
+	var handles []uint64
+	for _, s := range st.Sets {
+		b.WriteString(s.Text)
+	}
+	for _, ifc := range st.Interfaces {
+		opened := false
+		for i := range ifc.Hooks {
+			h := &ifc.Hooks[i]
+			if live != nil && !live(h) {
+				continue
+			}
+			if !opened {
+				fmt.Fprintf(&b, "interface %s {\n", ifc.Name)
+				opened = true
+			}
+			fmt.Fprintf(&b, "%s {\n", h.Hook)
+			for _, r := range h.Rules {
+				b.WriteString(r.Text)
+				b.WriteByte('\n')
+				handles = append(handles, r.Handle)
+			}
+			b.WriteString("}\n")
+		}
+		if opened {
+			b.WriteString("}\n")
+		}
+	}
+	cmds, _, err := grammar.Parse("<stored ruleset>", b.String(), nil)
+	if err != nil {
+		return nil, fmt.Errorf("stored ruleset does not parse: %w", err)
+	}
+	n := 0
+	for _, c := range cmds {
+		switch c.Kind {
+		case grammar.CmdDefineSet:
+			rs.Sets = append(rs.Sets, c.Set)
+		case grammar.CmdAddRule:
+			if n >= len(handles) {
+				return nil, fmt.Errorf("stored ruleset does not parse back to its rules")
+			}
+			r := c.Rule
+			r.Handle = handles[n]
+			n++
+			ifc := rs.Interface(c.Interface)
+			if ifc == nil {
+				ifc = &ruleset.Interface{Name: c.Interface}
+				rs.Interfaces = append(rs.Interfaces, ifc)
+			}
+			if c.Hook == grammar.HookEgress {
+				ifc.Egress = append(ifc.Egress, r)
+			} else {
+				ifc.Ingress = append(ifc.Ingress, r)
+			}
+		}
+	}
+	if n != len(handles) {
+		return nil, fmt.Errorf("stored ruleset does not parse back to its rules (%d of %d)", n, len(handles))
+	}
+	return rs, nil
 }
 
 // digest identifies a compiled program: instructions, map shapes, contents
@@ -117,4 +362,4 @@ func digest(spec *ebpf.CollectionSpec, handles []uint64) string {
 	return hex.EncodeToString(h.Sum(nil))
 }
 
-func isSetMap(name string) bool { return len(name) > 4 && name[:4] == "set_" }
+func isSetMap(name string) bool { return strings.HasPrefix(name, bpf.SetMapPrefix) }

@@ -25,27 +25,27 @@ type HookStatus struct {
 
 // Status returns the live hooks in the order of the ruleset.
 func (b *Backend) Status() ([]HookStatus, error) {
-	s, err := b.existing()
-	if err != nil || s == nil {
-		return nil, err
-	}
-	st, err := readState(s)
+	s, g, st, err := b.snapshot()
 	if err != nil || st == nil {
 		return nil, err
 	}
 	var out []HookStatus
-	for _, h := range st.Hooks {
-		l, err := s.Live(h.id())
+	for _, h := range st.hooks() {
+		a, err := s.Attached(h.id())
+		if err != nil {
+			return nil, err
+		}
+		if a == nil {
+			continue
+		}
+		l, err := g.Hook(h.id())
 		if err != nil {
 			return nil, err
 		}
 		if l == nil {
 			continue
 		}
-		hs := HookStatus{Ifname: h.Ifname, Hook: h.Hook, Mode: l.Mode, Stats: map[string]uint64{}, MTUExceeded: map[uint64]uint64{}}
-		if info, err := l.Prog.Info(); err == nil {
-			hs.ProgID, _ = info.ID()
-		}
+		hs := HookStatus{Ifname: h.ifname, Hook: h.hook, Mode: a.Mode, ProgID: a.ProgID, Stats: map[string]uint64{}, MTUExceeded: map[uint64]uint64{}}
 		if m := l.Maps[abi.StatsMap]; m != nil {
 			if v, err := bpf.ReadStats(m); err == nil {
 				for i, n := range v {
@@ -58,8 +58,8 @@ func (b *Backend) Status() ([]HookStatus, error) {
 		if m := l.Maps[abi.RuleMTUMap]; m != nil {
 			if v, err := bpf.ReadStats(m); err == nil {
 				for i, n := range v {
-					if i < len(h.Handles) && n > 0 {
-						hs.MTUExceeded[h.Handles[i]] = n
+					if i < len(h.CounterHandles) && n > 0 {
+						hs.MTUExceeded[h.CounterHandles[i]] = n
 					}
 				}
 			}

@@ -63,3 +63,12 @@ type Backend interface {
 type Warner interface {
 	Warnings() ([]string, error)
 }
+
+// Locker is a Backend whose writers serialise on a lock that readers never
+// take (readers see the last committed ruleset). A batch that changes the
+// ruleset holds it from reading the live ruleset until its commit, so no
+// other writer's change is lost in between; Commit and ResetCounters
+// called meanwhile must not take it again.
+type Locker interface {
+	Lock() (unlock func(), err error)
+}

@@ -44,6 +44,13 @@ type BareTarget struct {
 // live ruleset, checked, then committed once; read-only commands (list, …)
 // print after the commit, so they show the state the batch produced.
 func (s *Session) Run(cmds []*grammar.Command) error {
+	if l, ok := s.Backend.(Locker); ok && !s.Check && hasChanges(cmds) {
+		unlock, err := l.Lock()
+		if err != nil {
+			return err
+		}
+		defer unlock()
+	}
 	live, err := s.Backend.Load()
 	if err != nil {
 		return err
@@ -120,6 +127,16 @@ func (s *Session) Run(cmds []*grammar.Command) error {
 		}
 	}
 	return nil
+}
+
+// hasChanges reports whether a batch changes the ruleset.
+func hasChanges(cmds []*grammar.Command) bool {
+	for _, c := range cmds {
+		if !isRead(c.Kind) {
+			return true
+		}
+	}
+	return false
 }
 
 func isRead(k grammar.CmdKind) bool {

@@ -34,6 +34,10 @@ func (f *FileBackend) Load() (*Ruleset, error) {
 
 func (f *FileBackend) Check(*Ruleset) error { return nil }
 
+// Lock takes the writer lock of the state file (PATH.lock); readers read
+// the file, which is replaced atomically, without it.
+func (f *FileBackend) Lock() (func(), error) { return Lock(f.Path + ".lock") }
+
 func (f *FileBackend) Commit(rs *Ruleset) error {
 	data, err := json.Marshal(rs)
 	if err != nil {

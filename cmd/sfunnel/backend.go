@@ -2,16 +2,15 @@ package main
 
 import (
 	"os"
-	"path/filepath"
 
 	"github.com/sfunnel/sfunnel/ruleset"
 )
 
-// runDir holds the lock (and the state file of the file backend).
-const runDir = "/run/sfunnel"
-
 // openBackend picks where the ruleset lives: the kernel datapath, or a
 // state file with --state (or SFUNNEL_STATE) for use without the kernel.
+// No lock is taken here: readers never wait, and a batch that changes the
+// ruleset takes its backend's writer lock (ruleset.Locker) once it has
+// been parsed.
 func (a *app) openBackend() (ruleset.Backend, error) {
 	if a.backend != nil {
 		return a.backend, nil
@@ -20,15 +19,6 @@ func (a *app) openBackend() (ruleset.Backend, error) {
 	if state == "" {
 		state = os.Getenv("SFUNNEL_STATE")
 	}
-	lockPath := filepath.Join(runDir, "lock")
-	if state != "" {
-		lockPath = state + ".lock"
-	}
-	unlock, err := ruleset.Lock(lockPath)
-	if err != nil {
-		return nil, err
-	}
-	a.unlock = unlock
 	if state != "" {
 		a.backend = &ruleset.FileBackend{Path: state}
 	} else {

@@ -148,15 +148,27 @@ func (a *app) exec(name, text string) (err error) {
 		return err
 	}
 	defer a.release()
-	live, err := b.Load()
-	if err != nil {
-		return err
+	// Set types come from the committed ruleset, read (without any lock)
+	// only when the text names a set it does not define.
+	var live *ruleset.Ruleset
+	var loadErr error
+	lookupSet := func(set string) (grammar.SetType, bool) {
+		if live == nil && loadErr == nil {
+			live, loadErr = b.Load()
+		}
+		if live == nil {
+			return 0, false
+		}
+		return live.SetType(set)
 	}
 	cmds, parsed, err := grammar.Parse(name, text, &grammar.Options{
 		Defines:     a.opts.defines,
 		IncludeDirs: a.opts.includeDirs,
-		LookupSet:   live.SetType,
+		LookupSet:   lookupSet,
 	})
+	if loadErr != nil {
+		return loadErr
+	}
 	for k, v := range parsed {
 		srcs[k] = v
 	}

@@ -168,16 +168,11 @@ func (tp *dp) progID(t *testing.T, ns *testenv.NS, ifname string, hook grammar.H
 		if err != nil || s == nil {
 			return fmt.Errorf("no datapath state: %v", err)
 		}
-		l, err := s.Live(bpf.HookID{Ifname: ifname, Hook: hook})
-		if err != nil || l == nil {
+		a, err := s.Attached(bpf.HookID{Ifname: ifname, Hook: hook})
+		if err != nil || a == nil {
 			return fmt.Errorf("%s %s not live: %v", ifname, hook, err)
 		}
-		defer l.Close()
-		info, err := l.Prog.Info()
-		if err != nil {
-			return err
-		}
-		id, _ = info.ID()
+		id = a.ProgID
 		return nil
 	})
 	if err != nil {
