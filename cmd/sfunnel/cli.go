@@ -79,6 +79,8 @@ func Main(argv []string, stdin io.Reader, stdout, stderr io.Writer) int {
 		return app.completeCommand(o.args[1:])
 	case len(o.args) > 0 && o.args[0] == "save":
 		return app.save(o.args[1:])
+	case len(o.args) > 0 && o.args[0] == "metrics":
+		return app.metrics(o.args[1:])
 	case len(o.args) > 0:
 		return app.runText("<cmdline>", strings.Join(o.args, " "))
 	}

@@ -147,7 +147,7 @@ Options:
 	for _, u := range grammar.CommandUsage {
 		b.WriteString("  " + u + "\n")
 	}
-	b.WriteString("  save FILE\n  tunnel …\n\nSee sfunnel(8) and sfunnel.conf(5).\n")
+	b.WriteString("  save FILE\n  metrics [ADDR]   (Prometheus metrics on http://ADDR/metrics)\n  tunnel …\n\nSee sfunnel(8) and sfunnel.conf(5).\n")
 	return b.String()
 }
 
