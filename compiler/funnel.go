@@ -29,6 +29,9 @@ func (c *compiler) funnelFrom(rule, fam int, inner grammar.Proto, a *grammar.Act
 		iphl = 0 // the IPv6 length field excludes the fixed header
 	}
 	e.comment("funnel %s in %s", inner, a.Proto)
+	if inner == grammar.ProtoTCP {
+		c.mssClamp(f, h)
+	}
 	opts, done := e.newLabel("funnel_opts"), e.newLabel("funnel_done")
 	c.optsDispatch(opts)
 	e.emit(

@@ -242,6 +242,9 @@ const (
 	DefaultFunnelSeq    = 0xCAFEBABE
 	DefaultFunnelAck    = 0xBABECAFE
 	DefaultFunnelWindow = 1024
+	// MinFunnelMSS is the smallest `mss` a funnel takes (RFC 9293's
+	// default IPv4 MSS).
+	MinFunnelMSS = 536
 )
 
 // FunnelHeader holds the fields of the pushed header. Has* record which
@@ -261,6 +264,13 @@ type FunnelHeader struct {
 	HasSeq    bool
 	HasAck    bool
 	HasWindow bool
+
+	// MSS clamping of the inner TCP SYN and SYN-ACK (either protocol):
+	// by default to what fits the device MTU once funneled; `mss N` clamps
+	// to N, `mss off` leaves the option alone.
+	MSS    uint16
+	HasMSS bool
+	MSSOff bool
 }
 
 // SetType is the element type of a named set.

@@ -93,6 +93,8 @@ func TestRules(t *testing.T) {
 		{"meta mark set 0x100/0xff00 counter", "counter meta mark set 0x100/0xff00"},
 		{"udp dport 4739 actions funnel tcp dport 179 sport 540 flags syn|ack seq 1 ack 0x2 window 65535", "udp dport 4739 actions funnel tcp dport 179 sport 540 flags syn|ack seq 0x00000001 ack 0x00000002 window 65535"},
 		{"udp dport 4739 actions funnel udp dport 9000", "udp dport 4739 actions funnel udp dport 9000"},
+		{"tcp dport 80 actions funnel udp mss 1360 dport 4739", "tcp dport 80 actions funnel udp dport 4739 mss 1360"},
+		{"tcp dport 80 actions funnel tcp dport 179 mss off", "tcp dport 80 actions funnel tcp dport 179 mss off"},
 		{"tcp dport 443 actions rewrite udp", "tcp dport 443 actions rewrite udp"},
 		{"udp dport 443 actions rewrite tcp", "udp dport 443 actions rewrite tcp"},
 		{"udp dport 53 actions dnat to 192.0.2.53", "ip udp dport 53 actions dnat to 192.0.2.53"},

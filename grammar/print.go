@@ -115,6 +115,11 @@ func FormatAction(a *Action) string {
 		if h.HasWindow {
 			w = append(w, "window", strconv.Itoa(int(h.Window)))
 		}
+		if h.MSSOff {
+			w = append(w, "mss", "off")
+		} else if h.HasMSS {
+			w = append(w, "mss", strconv.Itoa(int(h.MSS)))
+		}
 		return strings.Join(w, " ")
 	case ActUnfunnel, ActRewrite:
 		return a.Kind.String() + " " + a.Proto.String()

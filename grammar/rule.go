@@ -444,8 +444,8 @@ func (l *lowerer) funnelFields(act *Action, f *funnelSyntax) bool {
 		if name == "" {
 			name = "flags"
 		}
-		if act.Proto == ProtoUDP && name != "sport" && name != "dport" {
-			l.errorf(span, "%s is a TCP header field; funnel udp takes only sport and dport", name)
+		if act.Proto == ProtoUDP && name != "sport" && name != "dport" && name != "mss" {
+			l.errorf(span, "%s is a TCP header field; funnel udp takes only sport, dport and mss", name)
 			ok = false
 			continue
 		}
@@ -486,6 +486,23 @@ func (l *lowerer) funnelFields(act *Action, f *funnelSyntax) bool {
 					h.Window = uint16(v)
 				}
 			}
+		case "mss":
+			if dup(&h.HasMSS) {
+				continue
+			}
+			if fld.Off {
+				h.MSSOff = true
+				continue
+			}
+			v, good := l.number(fld.Value, 65535)
+			if !good || v < MinFunnelMSS {
+				if good {
+					l.errorf(span, "mss %d is below %d; use mss off to leave the option alone", v, MinFunnelMSS)
+				}
+				ok = false
+				continue
+			}
+			h.MSS = uint16(v)
 		case "seq", "ack":
 			v, good := l.number(fld.Value, 0xffffffff)
 			if !good {

@@ -307,8 +307,9 @@ type funnelSyntax struct {
 
 type funnelFieldSyntax struct {
 	Pos    lexer.Position
-	Name   string        `parser:"(  @('sport' | 'dport' | 'seq' | 'ack' | 'window')"`
-	Value  *numberSyntax `parser:"   @@"`
+	Name   string        `parser:"(  @('sport' | 'dport' | 'seq' | 'ack' | 'window' | 'mss')"`
+	Off    bool          `parser:"   ( @'off'"`
+	Value  *numberSyntax `parser:"   | @@ )"`
 	Flags  []string      `parser:"| 'flags' @Ident ( '|' @Ident )* )"`
 	Tokens []lexer.Token
 }

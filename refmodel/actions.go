@@ -146,6 +146,9 @@ func (st *state) funnel(a *grammar.Action) int {
 	if !ok {
 		return abi.StatNotApplicable
 	}
+	if st.s.proto == 6 {
+		st.mssClamp(f, h)
+	}
 	if st.optsTooLong() {
 		return abi.StatIPOptions
 	}
@@ -386,4 +389,59 @@ func (st *state) dnat(r *grammar.Rule, a *grammar.Action) int {
 		put16(st.p[st.l3+10:], c^0xffff)
 	}
 	return applied
+}
+
+// mssClamp lowers the MSS option of a TCP SYN about to be funneled behind
+// an h-byte header: to the rule's mss, or to the MTU minus the IP header,
+// 20 and h. It looks at the first 8 options only, as the datapath does.
+func (st *state) mssClamp(f *grammar.FunnelHeader, h int) {
+	if f.MSSOff {
+		return
+	}
+	l4 := st.s.l4off
+	if l4 > 0xffff || l4+20 > len(st.p) || st.p[l4+13]&grammar.TCPSyn == 0 {
+		return
+	}
+	clamp := int(f.MSS)
+	if !f.HasMSS {
+		mtu := st.m.opts.MTU
+		if mtu == 0 {
+			mtu = 65536 // loopback, where BPF_PROG_TEST_RUN runs
+		}
+		if clamp = mtu - (l4 - st.l3) - 20 - h; clamp < grammar.MinFunnelMSS {
+			return
+		}
+	}
+	doff := int(st.p[l4+12]>>4) * 4
+	if doff <= 20 {
+		return
+	}
+	cur, end := l4+20, l4+doff
+	for i := 0; i < 8; i++ {
+		if cur >= end || cur+2 > len(st.p) {
+			return
+		}
+		kind, n := st.p[cur], int(st.p[cur+1])
+		switch {
+		case kind == 0:
+			return
+		case kind == 1:
+			cur++
+			continue
+		case kind == 2:
+			if n != 4 || cur+4 > len(st.p) {
+				return
+			}
+			if int(st.p[cur+2])<<8|int(st.p[cur+3]) <= clamp {
+				return
+			}
+			from := le16(st.p[cur+2:])
+			st.p[cur+2], st.p[cur+3] = byte(clamp>>8), byte(clamp)
+			l4CsumReplace(st.p[l4+16:], from, le16(st.p[cur+2:]), 2, false)
+			return
+		case n < 2:
+			return
+		}
+		cur += n
+	}
 }

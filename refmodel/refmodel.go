@@ -65,6 +65,7 @@ type Options struct {
 	L3         bool         // packet data starts at the IP header
 	Hook       grammar.Hook // ingress or egress
 	CtMarkMask uint32       // bits of skb->mark that carry `ct mark`; 0 = abi.DefaultCtMarkMask
+	MTU        int          // MTU of the device (MSS clamping); 0 = 65536, loopback's
 }
 
 // Model interprets the rules of one hook.

@@ -107,7 +107,9 @@ func testTCPDefaultOffloads(t *testing.T, client, server netip.Addr, forwarded b
 	}})
 	wireSC := startCapture(t, tp.r, "r1")
 
-	size := echoTransfer(t, tp.s, net.JoinHostPort(server.String(), "8080"), tp.c, net.JoinHostPort(server.String(), "8080"), 2<<20)
+	// Default sockets (MSS from the 1500-byte MTU): the funnel rules clamp
+	// the MSS of the SYN and SYN-ACK so that funneled segments still fit.
+	size := echoTransferWith(t, net.ListenConfig{}, tp.s, net.JoinHostPort(server.String(), "8080"), tp.c, net.JoinHostPort(server.String(), "8080"), 2<<20)
 
 	for _, side := range []struct {
 		name string
@@ -166,6 +168,7 @@ func (tp *dp) stats(t *testing.T, ns *testenv.NS, ifname string, hook grammar.Ho
 // the bytes. It returns the number of good and bad frames.
 func checkTCPWire(t *testing.T, side string, frames []frame, from netip.Addr, how tcpRewrite) (good, bad int) {
 	t.Helper()
+	syns := 0
 	fail := func(format string, args ...any) {
 		if bad++; bad <= 5 {
 			t.Errorf("%s: %s", side, fmt.Sprintf(format, args...))
@@ -195,13 +198,59 @@ func checkTCPWire(t *testing.T, side string, frames []frame, from netip.Addr, ho
 				fail("%d-byte packet: %v", len(w.l4), err)
 				continue
 			}
+			if mss, ok := w.innerSYNMSS(how.proto); ok {
+				syns++
+				// What fits a 1500-byte MTU behind the funnel header.
+				limit := 1500 - 20 - 20 - map[uint8]int{6: 20, 17: 8}[how.proto]
+				if w.src.Is6() {
+					limit -= 20
+				}
+				if mss > limit {
+					fail("funneled SYN announces MSS %d, more than %d fits", mss, limit)
+				}
+			}
 		} else if err := checkTCPInUDP(w); err != nil {
 			fail("%d-byte datagram: %v", len(w.l4), err)
 			continue
 		}
 		good++
 	}
+	if how.funnel && syns == 0 {
+		t.Errorf("%s: no funneled SYN with an MSS option seen", side)
+	}
 	return good, bad
+}
+
+// innerSYNMSS returns the MSS option of a funneled SYN's inner TCP header.
+func (w *wire) innerSYNMSS(outer uint8) (int, bool) {
+	hl := 8
+	if outer == 6 {
+		hl = int(w.l4[12]>>4) * 4
+	}
+	in := w.l4[hl:]
+	if len(in) < 20 || in[13]&0x02 == 0 {
+		return 0, false
+	}
+	end := min(int(in[12]>>4)*4, len(in))
+	for o := 20; o+1 < end; {
+		switch in[o] {
+		case 0:
+			return 0, false
+		case 1:
+			o++
+			continue
+		case 2:
+			if o+4 <= end {
+				return int(binary.BigEndian.Uint16(in[o+2:])), true
+			}
+			return 0, false
+		}
+		if in[o+1] < 2 {
+			return 0, false
+		}
+		o += int(in[o+1])
+	}
+	return 0, false
 }
 
 // checkTCPInUDP checks a TCP-in-UDP datagram: UDP length and checksum, and

@@ -284,9 +284,15 @@ func (w *wire) checkInner(outer, inner uint8) error {
 // returns the size.
 func echoTransfer(t *testing.T, srv *testenv.NS, listen string, cl *testenv.NS, dial string, size int) int {
 	t.Helper()
+	return echoTransferWith(t, smallMSS, srv, listen, cl, dial, size)
+}
+
+// echoTransferWith is echoTransfer with both sockets set up by lc.
+func echoTransferWith(t *testing.T, lc net.ListenConfig, srv *testenv.NS, listen string, cl *testenv.NS, dial string, size int) int {
+	t.Helper()
 	var ln net.Listener
 	must(t, srv.Do(func() (err error) {
-		ln, err = smallMSS.Listen(context.Background(), "tcp", listen)
+		ln, err = lc.Listen(context.Background(), "tcp", listen)
 		return err
 	}))
 	defer ln.Close()
@@ -300,7 +306,7 @@ func echoTransfer(t *testing.T, srv *testenv.NS, listen string, cl *testenv.NS, 
 	}()
 	var conn net.Conn
 	must(t, cl.Do(func() (err error) {
-		d := net.Dialer{Timeout: 5 * time.Second, Control: smallMSS.Control}
+		d := net.Dialer{Timeout: 5 * time.Second, Control: lc.Control}
 		conn, err = d.Dial("tcp", dial)
 		return err
 	}))
