@@ -465,6 +465,9 @@ func bodyKey(r *grammar.Rule) string {
 	for _, a := range r.Actions {
 		key += " " + describeAction(a) + fmt.Sprint(a.DNATAddr, a.DNATPort)
 	}
+	if r.Trace {
+		key += " nftrace"
+	}
 	return key
 }
 

@@ -83,6 +83,7 @@ type compiler struct {
 	infoInR1   bool      // R1 holds the info slot (guardsNoL4 just ran)
 	genStart   int       // instruction count when the generation started
 	segUsed    bool      // the current generation jumps to its segment exit
+	tracing    bool      // some rule has meta nftrace set 1 (trace.go)
 }
 
 // ruleNeeds summarises what the rules read, so the parse guard reads no more.
@@ -249,6 +250,7 @@ func (c *compiler) program(rules []*grammar.Rule) error {
 	e := &c.e
 
 	e.comment("sfunnel %s program, %d rules, %s", c.opts.Hook, len(rules), map[bool]string{true: "L3 device", false: "Ethernet"}[c.opts.L3])
+	c.traceInit(rules)
 	if len(rules) > 0 {
 		c.fastV4(n)
 	}
@@ -287,6 +289,7 @@ func (c *compiler) program(rules []*grammar.Rule) error {
 	c.spec.Maps[CountersMap] = &ebpf.MapSpec{Name: CountersMap, Type: ebpf.PerCPUArray, KeySize: 4, ValueSize: 16, MaxEntries: uint32(max(1, len(rules)))}
 	c.spec.Maps[RuleMTUMap] = &ebpf.MapSpec{Name: RuleMTUMap, Type: ebpf.PerCPUArray, KeySize: 4, ValueSize: 8, MaxEntries: uint32(max(1, len(rules)))}
 	c.spec.Maps[StatsMap] = &ebpf.MapSpec{Name: StatsMap, Type: ebpf.PerCPUArray, KeySize: 4, ValueSize: 8, MaxEntries: NumStats}
+	c.traceMaps()
 	return nil
 }
 
@@ -600,10 +603,13 @@ func (c *compiler) maybeStubs() {
 func (c *compiler) exits() {
 	e := &c.e
 	e.label(c.exit("next"))
+	c.traceExit(abi.TraceNext, false)
 	e.emit(movi(asm.R0, VerdictNext), asm.Return())
 	e.label(c.exit("pass"))
+	c.traceExit(abi.TracePass, false)
 	e.emit(movi(asm.R0, VerdictPass), asm.Return())
 	e.label(c.exit("drop"))
+	c.traceExit(abi.TraceDrop, false)
 	e.emit(movi(asm.R0, VerdictDrop), asm.Return())
 	if c.segUsed {
 		c.segExit()
@@ -619,6 +625,7 @@ func (c *compiler) exits() {
 			e.emit(sti(asm.R10, slotKey, int64(s), asm.Word), asm.Ja.Label(c.exit("count_stat")))
 		}
 		e.label(c.exit("count_stat"))
+		c.traceExit(abi.TraceLeft, true)
 		e.comment("stats[key]++, pass untouched")
 		c.lookup(StatsMap, slotKey)
 		e.emit(

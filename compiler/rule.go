@@ -102,6 +102,7 @@ func skips(skip, field string) bool {
 // continues at next.
 func (c *compiler) body(i int, r *grammar.Rule, next string) error {
 	e := &c.e
+	c.traceRule(i, r)
 	c.segmentFirst(r)
 	if r.Counter {
 		e.comment("counter")

@@ -92,6 +92,7 @@ func (c *compiler) segLabel() string {
 func (c *compiler) segExit() {
 	e := &c.e
 	e.label(c.exit("segment"))
+	c.traceExit(traceSegment, false)
 	e.emit(sti(asm.R10, slotKey, StatSegmented, asm.Word))
 	c.lookup(StatsMap, slotKey)
 	done := e.newLabel("seg_counted")

@@ -1,0 +1,167 @@
+package compiler
+
+import (
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/asm"
+
+	"github.com/sfunnel/sfunnel/abi"
+	"github.com/sfunnel/sfunnel/grammar"
+)
+
+// Tracing (`meta nftrace set 1`, read by `sfunnel monitor trace`): a traced
+// rule that matches gives the packet a trace id in slotTrace; from then on
+// every rule that matches, and the exit that ends the program, write an
+// abi.TraceRecord into the abi.TraceMap ring buffer. Programs without a
+// traced rule get none of this code (c.tracing false).
+
+// Stack slots of traced programs.
+const (
+	slotTrace    = -328 // u64 trace id of the packet, 0 = not traced
+	slotTraceRec = -336 // the reserved ring buffer record across the copy
+)
+
+// skb->ifindex in struct __sk_buff.
+const skbIfindex = 40
+
+// traceInit decides whether the program traces and, if so, clears the
+// trace id first thing.
+func (c *compiler) traceInit(rules []*grammar.Rule) {
+	c.tracing = false
+	for _, r := range rules {
+		c.tracing = c.tracing || r.Trace
+	}
+	if !c.tracing {
+		return
+	}
+	c.e.comment("no trace id yet")
+	c.e.emit(sti(asm.R10, slotTrace, 0, asm.DWord))
+}
+
+// traceMaps adds the ring buffer of a traced program.
+func (c *compiler) traceMaps() {
+	if c.tracing {
+		c.spec.Maps[abi.TraceMap] = &ebpf.MapSpec{Name: abi.TraceMap, Type: ebpf.RingBuf, MaxEntries: abi.TraceMapSize}
+	}
+}
+
+// traceRule is where rule i matched (the start of its body): a traced
+// rule starts tracing the packet, and a traced packet gets a record.
+// R1-R5 are free here; R6-R9 are kept.
+func (c *compiler) traceRule(i int, r *grammar.Rule) {
+	if !c.tracing {
+		return
+	}
+	e := &c.e
+	if r.Trace {
+		have := e.newLabel("trace_id")
+		e.comment("meta nftrace set 1: give the packet a trace id")
+		e.emit(
+			ldx(asm.R1, asm.R10, slotTrace, asm.DWord),
+			asm.JNE.Imm(asm.R1, 0, have),
+			asm.FnGetPrandomU32.Call(),
+			asm.Or.Imm32(asm.R0, 1), // never 0
+			stx(asm.R10, slotTrace, asm.R0, asm.DWord),
+		)
+		e.label(have)
+	}
+	skip := e.newLabel("untraced")
+	e.comment("traced packet: record the rule")
+	e.emit(ldx(asm.R1, asm.R10, slotTrace, asm.DWord), asm.JEq.Imm(asm.R1, 0, skip))
+	c.traceRecord(abi.TraceRule, i, abi.TraceNext, false)
+	e.label(skip)
+}
+
+// traceExit is where the program ends with verdict: a traced packet gets
+// its last record and loses its id. With leftAlone, slotKey holds the
+// Stat* that says why (the count_stat exit).
+func (c *compiler) traceExit(verdict uint8, leftAlone bool) {
+	if !c.tracing {
+		return
+	}
+	e := &c.e
+	skip := e.newLabel("untraced")
+	e.comment("traced packet: record the verdict")
+	e.emit(ldx(asm.R1, asm.R10, slotTrace, asm.DWord), asm.JEq.Imm(asm.R1, 0, skip))
+	c.traceRecord(abi.TraceVerdict, -1, verdict, leftAlone)
+	e.emit(sti(asm.R10, slotTrace, 0, asm.DWord))
+	e.label(skip)
+}
+
+// traceRecord writes one record: header fields, then the packet from the
+// IP header on (at most abi.TraceDataLen bytes). A full ring buffer drops
+// the record. Clobbers R0-R5.
+func (c *compiler) traceRecord(kind uint8, rule int, verdict uint8, leftAlone bool) {
+	e := &c.e
+	done, nocopy, capped := e.newLabel("trace_done"), e.newLabel("trace_nocopy"), e.newLabel("trace_capped")
+	hook := int64(0)
+	if c.opts.Hook == grammar.HookEgress {
+		hook = 1
+	}
+	e.emit(
+		asm.LoadMapPtr(asm.R1, 0).WithReference(abi.TraceMap),
+		movi(asm.R2, abi.TraceRecordLen),
+		movi(asm.R3, 0),
+		asm.FnRingbufReserve.Call(),
+		asm.JEq.Imm(asm.R0, 0, done),
+		stx(asm.R10, slotTraceRec, asm.R0, asm.DWord),
+		ldx(asm.R1, asm.R10, slotTrace, asm.DWord),
+		stx(asm.R0, abi.TraceOffID, asm.R1, asm.Word),
+		sti(asm.R0, abi.TraceOffKind, int64(kind), asm.Byte),
+		sti(asm.R0, abi.TraceOffHook, hook, asm.Byte),
+		sti(asm.R0, abi.TraceOffVerdict, int64(verdict), asm.Byte),
+	)
+	if leftAlone {
+		e.emit(
+			ldx(asm.R1, asm.R10, slotKey, asm.Word),
+			asm.Add.Imm(asm.R1, 1),
+			stx(asm.R0, abi.TraceOffReason, asm.R1, asm.Byte),
+		)
+	} else {
+		e.emit(sti(asm.R0, abi.TraceOffReason, 0, asm.Byte))
+	}
+	switch {
+	case rule < 0:
+		e.emit(sti(asm.R0, abi.TraceOffRule, -1, asm.Word))
+	case c.dynRule:
+		e.emit(ldx(asm.R1, asm.R10, slotRule, asm.DWord), stx(asm.R0, abi.TraceOffRule, asm.R1, asm.Word))
+	default:
+		e.emit(sti(asm.R0, abi.TraceOffRule, int64(rule), asm.Word))
+	}
+	e.emit(
+		ldx(asm.R1, asm.R6, skbIfindex, asm.Word),
+		stx(asm.R0, abi.TraceOffIfindex, asm.R1, asm.Word),
+		ldx(asm.R1, asm.R6, skbMark, asm.Word),
+		stx(asm.R0, abi.TraceOffMark, asm.R1, asm.Word),
+		sti(asm.R0, abi.TraceOffMark+4, 0, asm.Word),
+		ldx(asm.R4, asm.R6, skbLen, asm.Word),
+		stx(asm.R0, abi.TraceOffLen, asm.R4, asm.Word),
+		// caplen = min(len - l3, TraceDataLen), nothing if <= 0
+		asm.Sub.Imm(asm.R4, int32(c.l3)),
+		sti(asm.R0, abi.TraceOffCaplen, 0, asm.Word),
+		asm.JSLE.Imm(asm.R4, 0, nocopy),
+		asm.JLE.Imm(asm.R4, abi.TraceDataLen, capped),
+		movi(asm.R4, abi.TraceDataLen),
+	)
+	e.label(capped)
+	e.emit(
+		stx(asm.R0, abi.TraceOffCaplen, asm.R4, asm.Word),
+		mov(asm.R1, asm.R6),
+		movi(asm.R2, int32(c.l3)),
+		mov(asm.R3, asm.R0),
+		asm.Add.Imm(asm.R3, abi.TraceHeaderLen),
+		asm.FnSkbLoadBytes.Call(),
+		asm.JSGE.Imm(asm.R0, 0, nocopy),
+		ldx(asm.R1, asm.R10, slotTraceRec, asm.DWord),
+		sti(asm.R1, abi.TraceOffCaplen, 0, asm.Word), // the copy failed
+	)
+	e.label(nocopy)
+	e.emit(
+		ldx(asm.R1, asm.R10, slotTraceRec, asm.DWord),
+		movi(asm.R2, 0),
+		asm.FnRingbufSubmit.Call(),
+	)
+	e.label(done)
+}
+
+// traceSegment is the verdict of the segmentation redirect (segment.go).
+const traceSegment = abi.TraceSegment
