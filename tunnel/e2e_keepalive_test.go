@@ -49,6 +49,9 @@ func TestKeepaliveThroughNAT(t *testing.T) {
 		}
 		t.Run(name, func(t *testing.T) {
 			a, _, b := natHosts(t, "3")
+			// No IPv6 chatter from the client's TUN (router
+			// solicitations, MLD reports) refreshing the mapping by chance.
+			a.Run(t, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1")
 			key := writeKey(t)
 			srvArgs := []string{"--carry", "ip", "--transport", "udp", "--mode", "server", "-l", "7000", "--address", "203.0.113.2/24", "--key", key}
 			srv := startTunnel(t, b, srvArgs...)

@@ -184,13 +184,18 @@ func (e *ipCarry) udpToTun() error {
 				}
 				if d.key != nil {
 					op, ok := d.openUDP(e.one, pkt, nil, peer, now)
-					if !ok || !op.data {
+					if !ok {
 						continue
 					}
-					op.ent.RxPackets.Add(1)
+					// Keepalives count: the peer that kept the tunnel up
+					// is the one to send to.
 					if e.server && op.ent.Peer != e.remote && e.lastEnt.Load() != op.ent {
 						e.lastEnt.Store(op.ent)
 					}
+					if !op.data {
+						continue
+					}
+					op.ent.RxPackets.Add(1)
 					pkt = op.pt
 				}
 				if len(pkt) > d.cfg.MTU {

@@ -55,6 +55,9 @@ func (d *daemon) keepaliveLoop() error {
 				// A server we keep sending to that stays silent may have
 				// restarted and forgotten us: authenticate again.
 				if d.dial != nil && (d.cfg.Mode == "client" || ent.Peer == d.cfg.Remote) {
+					// The side that keeps the tunnel alive does not let
+					// its server's entry expire: it keeps asking.
+					ent.Touch(now)
 					d.dial.checkSilence(ent, nil, now)
 				}
 			}
