@@ -5,7 +5,7 @@ DESTDIR ?=
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -X main.version=$(VERSION)
 
-.PHONY: all build test deps demo man install bench bench-datapath bench-tunnel fuzz clean
+.PHONY: all build test deps demo man install bench bench-datapath bench-tunnel crash-long fuzz clean
 
 all: build
 
@@ -47,6 +47,11 @@ bench-datapath:
 
 bench-tunnel: build
 	@if [ -x bench/tunnel/run.sh ]; then bench/tunnel/run.sh; else echo "no tunnel benchmark yet"; fi
+
+# crash-long kills sfunnel at every crash point of every tested commit
+# (make test tests every second one); see tests/crash.
+crash-long:
+	SFUNNEL_LONG=1 $(GO) test -count=1 -v -timeout 120m -run TestCrashAtEveryPoint ./tests/crash
 
 # fuzz runs the parser fuzzer for 10 minutes.
 fuzz:

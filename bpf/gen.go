@@ -298,3 +298,22 @@ func pinMapCopy(m *ebpf.Map, path string) error {
 	defer c.Close()
 	return pinReplace(c, path)
 }
+
+// Untidy reports whether an unfinished commit left something behind: a
+// pending generation, a generation other than the current one, or a
+// temporary name. (While a writer works, it is untidy too: its lock tells.)
+func (s *Store) Untidy() bool {
+	ents, err := os.ReadDir(s.Dir)
+	if err != nil {
+		return false
+	}
+	cur, _ := os.Readlink(filepath.Join(s.Dir, currentLink))
+	for _, e := range ents {
+		name := e.Name()
+		if name == pendingLink || strings.HasSuffix(name, "_new") ||
+			strings.HasPrefix(name, genPrefix) && name != cur {
+			return true
+		}
+	}
+	return false
+}

@@ -520,14 +520,14 @@ func (st *liveState) parseSets() ([]*grammar.Set, error) {
 }
 
 // snapshot opens the committed generation for reading, without the writer
-// lock. When a commit was interrupted (its writer died), it is finished
-// first, if no other writer holds the lock.
+// lock. When a commit was interrupted (its writer died), it is finished or
+// undone first, if no other writer holds the lock.
 func (b *Backend) snapshot() (*bpf.Store, *bpf.Gen, *liveState, error) {
 	s, err := b.existing()
 	if err != nil || s == nil {
 		return nil, nil, nil, err
 	}
-	if pend, _ := s.Pending(); pend != nil && !b.held {
+	if !b.held && s.Untidy() {
 		if unlock, ok, _ := s.TryLock(); ok {
 			err := b.recover(s)
 			unlock()

@@ -1,0 +1,509 @@
+// Package crash kills sfunnel with SIGKILL at every numbered point of a
+// commit (internal/faults: SFUNNEL_KILL_AT) and checks, after each, that
+// the next command lists exactly the old or exactly the new ruleset and
+// that real traffic in the namespace behaves as that listing says, on every
+// hook.
+//
+// In `make test` every second point is tested (every 251st element write
+// of a 2 000-address `add element`); SFUNNEL_LONG=1 (make crash-long)
+// tests every point of all of them.
+package crash
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/sfunnel/sfunnel/internal/testenv"
+)
+
+var binary string
+
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "sfunnel-crash")
+	if err != nil {
+		panic(err)
+	}
+	binary = filepath.Join(dir, "sfunnel")
+	if out, err := exec.Command("go", "build", "-o", binary, "../../cmd/sfunnel").CombinedOutput(); err != nil {
+		os.Stderr.Write(out)
+		panic(err)
+	}
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+// env is two namespaces joined by a veth: a (192.0.2.1 on va) and b
+// (192.0.2.2 on vb), where sfunnel runs on vb.
+type env struct {
+	a, b *testenv.NS
+}
+
+func newEnv(t *testing.T) *env {
+	testenv.RequireRoot(t)
+	e := &env{testenv.NewNS(t), testenv.NewNS(t)}
+	testenv.Veth(t, e.a, "va", "192.0.2.1/24", e.b, "vb", "192.0.2.2/24")
+	// Static neighbours: a drop rule must not be confused with ARP delays.
+	mac := func(ns *testenv.NS, ifc string) string {
+		var m string
+		if err := ns.Do(func() error {
+			i, err := net.InterfaceByName(ifc)
+			if err == nil {
+				m = i.HardwareAddr.String()
+			}
+			return err
+		}); err != nil {
+			t.Fatal(err)
+		}
+		return m
+	}
+	e.a.Run(t, "ip", "neigh", "replace", "192.0.2.2", "lladdr", mac(e.b, "vb"), "dev", "va", "nud", "permanent")
+	e.b.Run(t, "ip", "neigh", "replace", "192.0.2.1", "lladdr", mac(e.a, "va"), "dev", "vb", "nud", "permanent")
+	t.Cleanup(func() { exec.Command(binary, "--netns", e.b.Name, "flush", "ruleset").Run() })
+	return e
+}
+
+type result struct {
+	stdout, stderr string
+	killed         bool
+	code           int
+}
+
+// sfunnel runs the binary in namespace b; env adds environment variables.
+func (e *env) sfunnel(t *testing.T, stdin string, extraEnv []string, args ...string) result {
+	t.Helper()
+	// A command that hangs (e.g. a reader waiting for a writer) fails.
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, binary, append([]string{"--netns", e.b.Name}, args...)...)
+	cmd.Stdin = strings.NewReader(stdin)
+	cmd.Env = append(os.Environ(), extraEnv...)
+	var o, er bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &o, &er
+	err := cmd.Run()
+	r := result{stdout: o.String(), stderr: er.String()}
+	var ee *exec.ExitError
+	if errors.As(err, &ee) {
+		if ws, ok := ee.Sys().(syscall.WaitStatus); ok && ws.Signaled() && ws.Signal() == syscall.SIGKILL {
+			r.killed = true
+		}
+		r.code = ee.ExitCode()
+	} else if err != nil {
+		t.Fatalf("sfunnel %v: %v", args, err)
+	}
+	if ctx.Err() != nil {
+		t.Fatalf("sfunnel %v did not return within 60 s", args)
+	}
+	return r
+}
+
+func (e *env) must(t *testing.T, stdin string, args ...string) string {
+	t.Helper()
+	r := e.sfunnel(t, stdin, nil, args...)
+	if r.code != 0 {
+		t.Fatalf("sfunnel %v: exit %d\n%s", args, r.code, r.stderr)
+	}
+	return r.stdout
+}
+
+var counterValues = regexp.MustCompile(`counter packets \d+ bytes \d+`)
+
+// listing is `list ruleset` without counter values.
+func (e *env) listing(t *testing.T) string {
+	t.Helper()
+	return counterValues.ReplaceAllString(e.must(t, "", "list", "ruleset"), "counter")
+}
+
+// points returns how many crash points running args from the current
+// state passes.
+func (e *env) points(t *testing.T, stdin string, args ...string) int {
+	t.Helper()
+	r := e.sfunnel(t, stdin, []string{"SFUNNEL_KILL_TRACE=1"}, args...)
+	if r.code != 0 {
+		t.Fatalf("sfunnel %v: exit %d\n%s", args, r.code, r.stderr)
+	}
+	return strings.Count(r.stderr, "sfunnel-point ")
+}
+
+// probe sends one UDP datagram to each port, from a to b (through vb's
+// ingress) or from b to a (through vb's egress), and returns the ports
+// whose datagram arrived.
+func (e *env) probe(t *testing.T, ingress bool, ports []int) map[int]bool {
+	t.Helper()
+	src, dst := e.b, e.a
+	dstIP := net.IPv4(192, 0, 2, 1)
+	if ingress {
+		src, dst, dstIP = e.a, e.b, net.IPv4(192, 0, 2, 2)
+	}
+	conns := map[int]*net.UDPConn{}
+	defer func() {
+		for _, c := range conns {
+			c.Close()
+		}
+	}()
+	if err := dst.Do(func() error {
+		for _, p := range ports {
+			c, err := net.ListenUDP("udp4", &net.UDPAddr{IP: dstIP, Port: p})
+			if err != nil {
+				return err
+			}
+			conns[p] = c
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if err := src.Do(func() error {
+		for _, p := range ports {
+			c, err := net.DialUDP("udp4", nil, &net.UDPAddr{IP: dstIP, Port: p})
+			if err != nil {
+				return err
+			}
+			_, err = c.Write([]byte("probe"))
+			c.Close()
+			if err != nil {
+				return err
+			}
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	// Read all sockets at once: a read past its deadline fails at once,
+	// even with a datagram queued.
+	got := map[int]bool{}
+	var mu sync.Mutex
+	var wg sync.WaitGroup
+	deadline := time.Now().Add(250 * time.Millisecond)
+	for _, p := range ports {
+		wg.Add(1)
+		go func(p int) {
+			defer wg.Done()
+			buf := make([]byte, 16)
+			conns[p].SetReadDeadline(deadline)
+			if _, _, err := conns[p].ReadFrom(buf); err == nil {
+				mu.Lock()
+				got[p] = true
+				mu.Unlock()
+			}
+		}(p)
+	}
+	wg.Wait()
+	return got
+}
+
+type scenario struct {
+	name  string
+	old   string   // ruleset file applied before each run
+	args  []string // the command that is killed
+	stdin string
+	// handleOf, when set, names a rule by a regexp of its listing: the
+	// argument "HANDLE" in args becomes its handle (handles grow with
+	// every apply of old).
+	handleOf string
+	// probes
+	ingress, egress []int
+	// every tells how many crash points to skip between two tested ones in
+	// make test (1: all).
+	every int
+}
+
+func (e *env) traffic(t *testing.T, sc *scenario) (ingressDrop, egressDrop map[int]bool) {
+	var in, out map[int]bool
+	if len(sc.ingress) > 0 {
+		in = e.probe(t, true, sc.ingress)
+	}
+	if len(sc.egress) > 0 {
+		out = e.probe(t, false, sc.egress)
+	}
+	ingressDrop, egressDrop = map[int]bool{}, map[int]bool{}
+	for _, p := range sc.ingress {
+		if !in[p] {
+			ingressDrop[p] = true
+		}
+	}
+	for _, p := range sc.egress {
+		if !out[p] {
+			egressDrop[p] = true
+		}
+	}
+	return
+}
+
+const rulesetA = `flush ruleset
+set ports {
+	type inet_service
+	elements = { 5001 }
+}
+interface vb {
+	ingress {
+		udp dport 6000 counter actions drop
+	}
+	egress {
+		udp dport @ports counter actions drop
+	}
+}
+`
+
+const rulesetB = `flush ruleset
+set ports {
+	type inet_service
+	elements = { 5001, 5002 }
+}
+interface vb {
+	ingress {
+		udp dport 6001 counter actions drop
+	}
+	egress {
+		udp dport 7000 counter actions drop
+		udp dport @ports counter actions drop
+	}
+}
+`
+
+const rulesetC = `flush ruleset
+set hosts {
+	type ipv4_addr
+	elements = { 203.0.113.1 }
+}
+interface vb {
+	egress {
+		ip daddr @hosts udp dport 5003 counter actions drop
+	}
+}
+`
+
+// manyHosts lists n addresses of 198.51.100.0/22 and then 192.0.2.1 (the
+// probes' destination: only the last element added makes them drop).
+func manyHosts(n int) string {
+	var b strings.Builder
+	for i := 0; i < n-1; i++ {
+		fmt.Fprintf(&b, "198.51.%d.%d, ", 100+i/250, 1+i%250)
+	}
+	b.WriteString("192.0.2.1")
+	return b.String()
+}
+
+func manyElements(from, n int) string {
+	var b strings.Builder
+	for i := 0; i < n; i++ {
+		if i > 0 {
+			b.WriteString(", ")
+		}
+		b.WriteString(strconv.Itoa(from + i))
+	}
+	return b.String()
+}
+
+func long() bool { return os.Getenv("SFUNNEL_LONG") == "1" }
+
+func TestCrashAtEveryPoint(t *testing.T) {
+	scenarios := []*scenario{
+		{name: "apply", old: rulesetA, args: []string{"-f", "-"}, stdin: rulesetB,
+			ingress: []int{6000, 6001}, egress: []int{5001, 5002, 7000}, every: 2},
+		{name: "add-rule", old: rulesetA, args: []string{"add", "rule", "vb", "ingress", "udp", "dport", "6002", "counter", "actions", "drop"},
+			ingress: []int{6000, 6002}, egress: []int{5001}, every: 2},
+		{name: "delete-rule", old: rulesetB, args: []string{"delete", "rule", "vb", "egress", "handle", "HANDLE"}, handleOf: `udp dport 7000 .*# handle (\d+)`,
+			ingress: []int{6001}, egress: []int{5002, 7000}, every: 2},
+		{name: "add-element", old: rulesetA, args: []string{"add", "element", "ports", "{ " + manyElements(10000, 2000) + " }"},
+			ingress: []int{6000}, egress: []int{5001, 10000, 11999}, every: 3},
+		{name: "delete-element", old: rulesetB, args: []string{"delete", "element", "ports", "{ 5002 }"},
+			ingress: []int{6001}, egress: []int{5001, 5002}, every: 2},
+		{name: "add-address-elements", old: rulesetC, args: []string{"add", "element", "hosts", "{ " + manyHosts(2000) + " }"},
+			egress: []int{5003}, every: 251},
+	}
+	for _, sc := range scenarios {
+		t.Run(sc.name, func(t *testing.T) { testCrashes(t, sc) })
+	}
+}
+
+func testCrashes(t *testing.T, sc *scenario) {
+	e := newEnv(t)
+	// The two acceptable outcomes, listed and seen on the wire.
+	e.must(t, sc.old, "-f", "-")
+	oldList := e.listing(t)
+	oldIn, oldOut := e.traffic(t, sc)
+	n := e.points(t, sc.stdin, e.args(t, sc)...)
+	newList := e.listing(t)
+	newIn, newOut := e.traffic(t, sc)
+	if oldList == newList {
+		t.Fatalf("the command does not change the listing:\n%s", oldList)
+	}
+	if fmt.Sprint(oldIn, oldOut) == fmt.Sprint(newIn, newOut) {
+		t.Fatalf("the probes do not tell the old ruleset (drops %v %v) from the new one", oldIn, oldOut)
+	}
+	if n < 3 {
+		t.Fatalf("only %d crash points in the commit", n)
+	}
+	every := sc.every
+	if long() {
+		every = 1
+	}
+	tested := 0
+	for k := 1; k <= n; k += every {
+		e.must(t, sc.old, "-f", "-")
+		r := e.sfunnel(t, sc.stdin, []string{"SFUNNEL_KILL_AT=" + strconv.Itoa(k)}, e.args(t, sc)...)
+		if !r.killed {
+			t.Fatalf("point %d of %d: not killed (exit %d)\n%s", k, n, r.code, r.stderr)
+		}
+		// The next command (a reader) finishes or undoes the commit.
+		list := e.listing(t)
+		in, out := e.traffic(t, sc)
+		var want string
+		switch list {
+		case oldList:
+			want = fmt.Sprint(oldIn, oldOut)
+		case newList:
+			want = fmt.Sprint(newIn, newOut)
+		default:
+			t.Fatalf("killed at point %d of %d: list shows neither the old nor the new ruleset:\n%s\nold:\n%s\nnew:\n%s", k, n, list, oldList, newList)
+		}
+		if got := fmt.Sprint(in, out); got != want {
+			t.Fatalf("killed at point %d of %d: traffic drops %s, the listing says %s\n%s", k, n, got, want, list)
+		}
+		tested++
+		// Nothing left behind once a command ran: no pending commit, no
+		// orphan generation.
+		e.checkTidy(t, k)
+	}
+	t.Logf("%s: %d crash points, %d tested", sc.name, n, tested)
+}
+
+// args returns the scenario's command for the current state.
+func (e *env) args(t *testing.T, sc *scenario) []string {
+	t.Helper()
+	if sc.handleOf == "" {
+		return sc.args
+	}
+	m := regexp.MustCompile(sc.handleOf).FindStringSubmatch(e.must(t, "", "-a", "list", "ruleset"))
+	if m == nil {
+		t.Fatalf("no rule matches %s", sc.handleOf)
+	}
+	out := append([]string(nil), sc.args...)
+	for i, a := range out {
+		if a == "HANDLE" {
+			out[i] = m[1]
+		}
+	}
+	return out
+}
+
+// checkTidy checks that the state directory of b holds one generation and
+// no pending commit.
+func (e *env) checkTidy(t *testing.T, k int) {
+	t.Helper()
+	if err := e.b.Do(func() error {
+		var st syscall.Stat_t
+		if err := syscall.Stat("/proc/thread-self/ns/net", &st); err != nil {
+			return err
+		}
+		dir := fmt.Sprintf("/sys/fs/bpf/sfunnel/netns-%d", st.Ino)
+		ents, err := os.ReadDir(dir)
+		if err != nil {
+			return err
+		}
+		var gens, other []string
+		for _, en := range ents {
+			switch name := en.Name(); {
+			case strings.HasPrefix(name, "gen-"):
+				gens = append(gens, name)
+			case name == "next" || strings.HasSuffix(name, "_new"):
+				other = append(other, name)
+			}
+		}
+		if len(gens) != 1 || len(other) != 0 {
+			return fmt.Errorf("killed at point %d: left behind %v %v", k, gens, other)
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// A writer stopped in the middle of a long commit (after its commit point,
+// holding the writer lock) does not block readers: `list ruleset` returns
+// the committed ruleset meanwhile; another writer waits; when the first
+// one resumes, both changes are there.
+func TestReadersDoNotWaitForWriters(t *testing.T) {
+	e := newEnv(t)
+	e.must(t, rulesetA, "-f", "-")
+	before := e.listing(t)
+	// Stop at the point right after "next" is renamed into place.
+	trace := e.sfunnel(t, rulesetB, []string{"SFUNNEL_KILL_TRACE=1"}, "-f", "-")
+	stop := 0
+	for _, l := range strings.Split(trace.stderr, "\n") {
+		var n int
+		if _, err := fmt.Sscanf(l, "sfunnel-point %d rename next", &n); err == nil {
+			stop = n
+			break
+		}
+	}
+	if stop == 0 {
+		t.Fatalf("no commit point in:\n%s", trace.stderr)
+	}
+	e.must(t, rulesetA, "-f", "-")
+
+	writer := exec.Command(binary, "--netns", e.b.Name, "-f", "-")
+	writer.Stdin = strings.NewReader(rulesetB)
+	writer.Env = append(os.Environ(), "SFUNNEL_STOP_AT="+strconv.Itoa(stop))
+	if err := writer.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer writer.Process.Kill()
+	waitStopped(t, writer.Process.Pid)
+
+	if got := e.listing(t); got != before {
+		t.Errorf("list while a writer is stopped in its commit:\n%s\nwant the committed ruleset:\n%s", got, before)
+	}
+	second := exec.Command(binary, "--netns", e.b.Name, "add", "rule", "vb", "ingress", "udp", "dport", "6002", "counter", "actions", "drop")
+	done := make(chan error, 1)
+	if err := second.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() { done <- second.Wait() }()
+	select {
+	case err := <-done:
+		t.Fatalf("a second writer finished while the first held the lock: %v", err)
+	case <-time.After(time.Second):
+	}
+	writer.Process.Signal(syscall.SIGCONT)
+	if err := writer.Wait(); err != nil {
+		t.Fatalf("resumed writer: %v", err)
+	}
+	if err := <-done; err != nil {
+		t.Fatalf("second writer: %v", err)
+	}
+	after := e.listing(t)
+	if !strings.Contains(after, "udp dport 7000") || !strings.Contains(after, "udp dport 6002") {
+		t.Errorf("after both writers:\n%s", after)
+	}
+}
+
+// waitStopped waits until process pid is stopped (state T).
+func waitStopped(t *testing.T, pid int) {
+	t.Helper()
+	for i := 0; i < 200; i++ {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if i := bytes.LastIndexByte(b, ')'); i > 0 && len(b) > i+2 && b[i+2] == 'T' {
+			return
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	t.Fatal("the writer never reached its commit point")
+}
