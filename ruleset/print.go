@@ -1,18 +1,19 @@
 package ruleset
 
 import (
-	"encoding/json"
 	"io"
-	"net/netip"
+	"os"
 	"strings"
 
 	"github.com/sfunnel/sfunnel/grammar"
+	"github.com/sfunnel/sfunnel/nftjson"
 )
 
 // Listing options.
 type ListOptions struct {
 	Handles  bool               // -a: append `# handle N`
 	Counters map[uint64]Counter // values for `counter packets N bytes M`
+	Version  string             // sfunnel's version, for JSON metainfo
 }
 
 func (o *ListOptions) print() *grammar.PrintOptions {
@@ -69,95 +70,56 @@ type Selector struct {
 	HasHook   bool
 }
 
-// The JSON schema of `sfunnel -j list …` (documented in sfunnel.8):
-//
-//	{"sfunnel": {"version": 1,
-//	  "sets": [{"name": N, "type": T, "elements": ["192.0.2.0/24", "80", "1000-2000"]}],
-//	  "interfaces": [{"name": IF, "hooks": [{"hook": "ingress"|"egress",
-//	    "rules": [{"handle": H, "rule": CANONICAL TEXT,
-//	               "counter": {"packets": P, "bytes": B}, "comment": C}]}]}]}}
-//
-// "counter" is present when the rule has a counter, "comment" when it has
-// one. "rule" is exactly what `list ruleset` prints for the rule, without
-// the counter values.
-type jsonDoc struct {
-	Sfunnel jsonRuleset `json:"sfunnel"`
-}
-
-type jsonRuleset struct {
-	Version    int             `json:"version"`
-	Sets       []jsonSet       `json:"sets"`
-	Interfaces []jsonInterface `json:"interfaces"`
-}
-
-type jsonSet struct {
-	Name     string   `json:"name"`
-	Type     string   `json:"type"`
-	Elements []string `json:"elements"`
-}
-
-type jsonInterface struct {
-	Name  string     `json:"name"`
-	Hooks []jsonHook `json:"hooks"`
-}
-
-type jsonHook struct {
-	Hook  string     `json:"hook"`
-	Rules []jsonRule `json:"rules"`
-}
-
-type jsonRule struct {
-	Handle  uint64       `json:"handle"`
-	Rule    string       `json:"rule"`
-	Counter *jsonCounter `json:"counter,omitempty"`
-	Comment string       `json:"comment,omitempty"`
-}
-
-type jsonCounter struct {
-	Packets uint64 `json:"packets"`
-	Bytes   uint64 `json:"bytes"`
-}
-
-func setElements(s *grammar.Set) []string {
-	out := []string{}
-	for _, p := range s.Prefixes {
-		out = append(out, grammar.FormatPrefixes([]netip.Prefix{p}))
-	}
-	for _, r := range s.Ports {
-		out = append(out, grammar.FormatRanges([]grammar.PortRange{r}))
-	}
-	return out
-}
-
-// WriteJSON prints rs in the documented JSON schema.
+// WriteJSON prints rs (or one interface/hook, or only sets) as a
+// libnftables-json shaped document (package nftjson).
 func WriteJSON(w io.Writer, rs *Ruleset, only *Selector, sets []*grammar.Set, o *ListOptions) error {
-	doc := jsonDoc{Sfunnel: jsonRuleset{Version: 1, Sets: []jsonSet{}, Interfaces: []jsonInterface{}}}
-	for _, s := range sets {
-		doc.Sfunnel.Sets = append(doc.Sfunnel.Sets, jsonSet{Name: s.Name, Type: s.Type.String(), Elements: setElements(s)})
+	data, err := nftjson.Marshal(nftjson.Encode(jsonListing(rs, only, sets, o)))
+	if err != nil {
+		return err
+	}
+	_, err = w.Write(data)
+	return err
+}
+
+func jsonListing(rs *Ruleset, only *Selector, sets []*grammar.Set, o *ListOptions) *nftjson.Listing {
+	l := &nftjson.Listing{Version: o.Version, Sets: sets}
+	if o.Counters != nil {
+		l.Counter = func(h uint64) (uint64, uint64) {
+			c := o.Counters[h]
+			return c.Packets, c.Bytes
+		}
 	}
 	for _, i := range rs.Interfaces {
 		if only != nil && only.Interface != i.Name {
 			continue
 		}
-		ji := jsonInterface{Name: i.Name, Hooks: []jsonHook{}}
 		for _, h := range []grammar.Hook{grammar.HookIngress, grammar.HookEgress} {
 			rules := i.Rules(h)
 			if len(rules) == 0 || (only != nil && only.HasHook && only.Hook != h) {
 				continue
 			}
-			jh := jsonHook{Hook: h.String(), Rules: []jsonRule{}}
-			for _, r := range rules {
-				jr := jsonRule{Handle: r.Handle, Rule: grammar.FormatRule(r, nil), Comment: r.Comment}
-				if r.Counter {
-					c := o.Counters[r.Handle]
-					jr.Counter = &jsonCounter{Packets: c.Packets, Bytes: c.Bytes}
-				}
-				jh.Rules = append(jh.Rules, jr)
-			}
-			ji.Hooks = append(ji.Hooks, jh)
+			l.Hooks = append(l.Hooks, nftjson.Hook{Interface: i.Name, Hook: h, Rules: rules})
 		}
-		doc.Sfunnel.Interfaces = append(doc.Sfunnel.Interfaces, ji)
 	}
-	enc := json.NewEncoder(w)
-	return enc.Encode(doc)
+	return l
+}
+
+// auditJSON is a test hook: with SFUNNEL_JSON_AUDIT=DIR, every listing is
+// also written to DIR as JSON (listing-*.json), with the sets of the whole
+// ruleset beside it (listing-*.sets.json, for @set references in a
+// listing of one interface), so a test can check that every listing the
+// tests produce validates against the schema and reads back.
+func auditJSON(rs *Ruleset, only *Selector, sets []*grammar.Set, o *ListOptions) {
+	dir := os.Getenv("SFUNNEL_JSON_AUDIT")
+	if dir == "" {
+		return
+	}
+	f, err := os.CreateTemp(dir, "listing-*.json")
+	if err != nil {
+		return
+	}
+	defer f.Close()
+	WriteJSON(f, rs, only, sets, o)
+	ctx, _ := nftjson.Marshal(nftjson.Encode(&nftjson.Listing{Version: o.Version, Sets: rs.Sets}))
+	os.WriteFile(strings.TrimSuffix(f.Name(), ".json")+".sets.json", ctx, 0o644)
 }

@@ -174,7 +174,7 @@ list ruleset`, &Session{JSON: true})
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := `{"sfunnel":{"version":1,"sets":[{"name":"s","type":"ipv4_addr","elements":["192.0.2.0/24"]}],"interfaces":[{"name":"lo","hooks":[{"hook":"egress","rules":[{"handle":1,"rule":"ip saddr @s udp dport 1 counter actions drop comment \"c\"","counter":{"packets":0,"bytes":0},"comment":"c"}]}]}]}}` + "\n"
+	want := `{"nftables":[{"metainfo":{"version":"","release_name":"sfunnel","json_schema_version":1}},{"set":{"elem":[{"prefix":{"addr":"192.0.2.0","len":24}}],"name":"s","type":"ipv4_addr"}},{"chain":{"hook":"egress","interface":"lo"}},{"rule":{"comment":"c","expr":[{"match":{"left":{"payload":{"field":"saddr","protocol":"ip"}},"op":"==","right":"@s"}},{"match":{"left":{"payload":{"field":"dport","protocol":"udp"}},"op":"==","right":1}},{"counter":{"packets":0,"bytes":0}},{"drop":null}],"handle":1,"hook":"egress","interface":"lo"}}]}` + "\n"
 	if out != want {
 		t.Errorf("got  %s\nwant %s", out, want)
 	}

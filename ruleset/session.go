@@ -1,13 +1,13 @@
 package ruleset
 
 import (
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"strings"
 
 	"github.com/sfunnel/sfunnel/grammar"
+	"github.com/sfunnel/sfunnel/nftjson"
 )
 
 // Session runs batches of commands against a Backend: every batch is one
@@ -16,7 +16,9 @@ type Session struct {
 	Backend Backend
 	Out     io.Writer
 
-	JSON    bool // -j
+	JSON bool // -j
+	// Version is sfunnel's version, for JSON metainfo.
+	Version string
 	Handles bool // -a
 	Echo    bool // -e
 	Check   bool // -c: verify, change nothing
@@ -185,14 +187,20 @@ type echoed struct {
 // echo prints what the batch added, with the handles it got (-e).
 func (s *Session) echo(added []echoed) {
 	verbs := map[grammar.CmdKind]string{grammar.CmdAddRule: "add", grammar.CmdInsertRule: "insert", grammar.CmdReplaceRule: "replace"}
-	for _, a := range added {
-		if s.JSON {
-			// One object a line: {"add": {"interface": …, "hook": …, "handle": …, "rule": …}}.
-			data, _ := json.Marshal(map[string]any{verbs[a.cmd.Kind]: map[string]any{
-				"interface": a.cmd.Interface, "hook": a.cmd.Hook.String(), "handle": a.rule.Handle, "rule": grammar.FormatRule(a.rule, nil)}})
-			fmt.Fprintf(s.Out, "%s\n", data)
-			continue
+	if s.JSON {
+		// nft -e -j: one document with a command object per change.
+		doc := &nftjson.Document{}
+		for _, a := range added {
+			doc.Nftables = append(doc.Nftables, nftjson.Object{verbs[a.cmd.Kind]: map[string]any{
+				"rule": nftjson.RuleObject(a.cmd.Interface, a.cmd.Hook, a.rule, nil, nil)}})
 		}
+		if len(doc.Nftables) > 0 {
+			data, _ := nftjson.Marshal(doc)
+			s.Out.Write(data)
+		}
+		return
+	}
+	for _, a := range added {
 		if a.cmd.Kind == grammar.CmdReplaceRule {
 			fmt.Fprintf(s.Out, "replace rule %s %s handle %d %s\n", a.cmd.Interface, a.cmd.Hook, a.rule.Handle, grammar.FormatRule(a.rule, nil))
 			continue
@@ -202,7 +210,7 @@ func (s *Session) echo(added []echoed) {
 }
 
 func (s *Session) listOptions() (*ListOptions, error) {
-	o := &ListOptions{Handles: s.Handles}
+	o := &ListOptions{Handles: s.Handles, Version: s.Version}
 	if s.Check {
 		return o, nil
 	}
@@ -248,6 +256,7 @@ func (s *Session) read(rs *Ruleset, c *grammar.Command) error {
 			only = &Selector{Interface: c.Interface, Hook: c.Hook, HasHook: c.HasHook}
 			sets = nil
 		}
+		auditJSON(rs, only, sets, o)
 		if s.JSON {
 			return WriteJSON(s.Out, rs, only, sets, o)
 		}
@@ -264,8 +273,9 @@ func (s *Session) read(rs *Ruleset, c *grammar.Command) error {
 			}
 			sets = []*grammar.Set{set}
 		}
+		auditJSON(&Ruleset{}, nil, sets, &ListOptions{Version: s.Version})
 		if s.JSON {
-			return WriteJSON(s.Out, &Ruleset{}, nil, sets, &ListOptions{})
+			return WriteJSON(s.Out, &Ruleset{}, nil, sets, &ListOptions{Version: s.Version})
 		}
 		var b strings.Builder
 		for i, set := range sets {

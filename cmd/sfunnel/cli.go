@@ -14,6 +14,7 @@ import (
 
 	"github.com/sfunnel/sfunnel/datapath"
 	"github.com/sfunnel/sfunnel/grammar"
+	"github.com/sfunnel/sfunnel/nftjson"
 	"github.com/sfunnel/sfunnel/ruleset"
 )
 
@@ -129,6 +130,13 @@ func (a *app) runFile(path string, stdin io.Reader) int {
 		fmt.Fprintf(a.stderr, "Error: %v\n", err)
 		return exitError
 	}
+	if a.opts.json && nftjson.IsJSON(data) {
+		// -j -f reads nft-shaped JSON, as nft -j -f does; a text file
+		// still works with -j (its listings print as JSON).
+		return a.report(a.execWith(name, string(data), func(opts *grammar.Options) ([]*grammar.Command, grammar.Sources, error) {
+			return nftjson.Parse(name, data, opts)
+		}))
+	}
 	return a.runText(name, string(data))
 }
 
@@ -138,7 +146,14 @@ func (a *app) runText(name, text string) int {
 }
 
 // exec parses text and runs it as one transaction, under the lock.
-func (a *app) exec(name, text string) (err error) {
+func (a *app) exec(name, text string) error {
+	return a.execWith(name, text, func(opts *grammar.Options) ([]*grammar.Command, grammar.Sources, error) {
+		return grammar.Parse(name, text, opts)
+	})
+}
+
+// execWith runs what parse returns as one transaction, under the lock.
+func (a *app) execWith(name, text string, parse func(*grammar.Options) ([]*grammar.Command, grammar.Sources, error)) (err error) {
 	srcs := grammar.Sources{name: text}
 	defer func() {
 		if err != nil {
@@ -163,7 +178,7 @@ func (a *app) exec(name, text string) (err error) {
 		}
 		return live.SetType(set)
 	}
-	cmds, parsed, err := grammar.Parse(name, text, &grammar.Options{
+	cmds, parsed, err := parse(&grammar.Options{
 		Defines:     a.opts.defines,
 		IncludeDirs: a.opts.includeDirs,
 		LookupSet:   lookupSet,
@@ -181,6 +196,7 @@ func (a *app) exec(name, text string) (err error) {
 		Backend:         b,
 		Out:             a.stdout,
 		JSON:            a.opts.json,
+		Version:         version,
 		Handles:         a.opts.handles,
 		Echo:            a.opts.echo,
 		Check:           a.opts.check,

@@ -11,6 +11,7 @@ import (
 
 	"github.com/rogpeppe/go-internal/testscript"
 
+	"github.com/sfunnel/sfunnel/internal/jsonaudit"
 	"github.com/sfunnel/sfunnel/internal/testenv"
 )
 
@@ -29,6 +30,20 @@ func TestScripts(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// Every listing the scripts print (text or JSON) is also written as JSON
+	// to audit; once all scripts are done, each must validate against the
+	// schema and read back to the same document.
+	audit := t.TempDir()
+	t.Cleanup(func() {
+		n, errs := jsonaudit.CheckDir(audit)
+		for _, err := range errs {
+			t.Error(err)
+		}
+		if n < 20 {
+			t.Errorf("only %d listings audited; the scripts list far more", n)
+		}
+		t.Logf("%d listings validated against nftjson/schema.json and read back", n)
+	})
 	testscript.Run(t, testscript.Params{
 		Dir:                 filepath.Join("testdata", "script"),
 		RequireExplicitExec: true,
@@ -36,6 +51,7 @@ func TestScripts(t *testing.T) {
 		UpdateScripts: os.Getenv("SFUNNEL_UPDATE_SCRIPTS") != "",
 		Setup: func(env *testscript.Env) error {
 			env.Setenv("SFUNNEL_STATE", filepath.Join(env.WorkDir, "state"))
+			env.Setenv("SFUNNEL_JSON_AUDIT", audit)
 			env.Setenv("SFUNNEL_SRC", src) // the repository, for contrib/ and man/
 			return nil
 		},

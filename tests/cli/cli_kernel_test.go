@@ -7,6 +7,7 @@ package cli
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"net"
 	"os"
 	"os/exec"
@@ -15,6 +16,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/sfunnel/sfunnel/internal/jsonaudit"
 	"github.com/sfunnel/sfunnel/internal/testenv"
 )
 
@@ -31,7 +33,19 @@ func TestMain(m *testing.M) {
 		os.Stderr.Write(out)
 		panic(err)
 	}
+	// Every listing these tests make the real binary print (kernel state,
+	// live counters) is also written as JSON and must validate against the
+	// schema and read back.
+	audit := filepath.Join(dir, "json")
+	os.Mkdir(audit, 0o755)
+	os.Setenv("SFUNNEL_JSON_AUDIT", audit)
 	code := m.Run()
+	n, errs := jsonaudit.CheckDir(audit)
+	for _, err := range errs {
+		fmt.Fprintln(os.Stderr, "JSON audit:", err)
+		code = 1
+	}
+	fmt.Fprintf(os.Stderr, "JSON audit: %d listings validated and read back\n", n)
 	os.RemoveAll(dir)
 	os.Exit(code)
 }
@@ -143,10 +157,17 @@ func TestKernelIsSourceOfTruth(t *testing.T) {
 	if got := mustSfunnel(t, "", "--netns", a.Name, "list", "ruleset"); got != listed {
 		t.Errorf("after reset counters:\n%s", got)
 	}
-	// -j shows the same state in the documented schema.
+	// -j shows the same state in libnftables-json's shape, valid against
+	// the schema, and reads back.
 	js := mustSfunnel(t, "", "--netns", a.Name, "-j", "list", "ruleset")
-	if !strings.Contains(js, `"rule":"ip daddr @collectors udp dport { 2055, 4739, 6343 } counter actions funnel tcp dport 179 sport 540 comment \"flows\""`) {
+	if !strings.Contains(js, `{"match":{"left":{"payload":{"field":"dport","protocol":"udp"}},"op":"==","right":{"set":[2055,4739,6343]}}},{"counter":{"packets":0,"bytes":0}},{"funnel":{"dport":179,"protocol":"tcp","sport":540}}]`) {
 		t.Errorf("json: %s", js)
+	}
+	if err := jsonaudit.Validate([]byte(js)); err != nil {
+		t.Errorf("json does not validate: %v", err)
+	}
+	if err := jsonaudit.RoundTrip([]byte(js), nil); err != nil {
+		t.Error(err)
 	}
 }
 
