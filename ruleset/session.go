@@ -27,9 +27,10 @@ type Session struct {
 	// ruleset files): `-f FILE --interface IF --hook ingress|egress|both`.
 	Bare *BareTarget
 
-	// Monitor streams live events until interrupted (the monitor command);
+	// Monitor streams live events until interrupted (the monitor command;
+	// trace for `monitor trace`, the records of traced packets);
 	// nil when the backend has none.
-	Monitor func(out io.Writer) error
+	Monitor func(out io.Writer, trace bool) error
 
 	// InterfaceExists reports whether a network interface exists, so rules
 	// for a missing one are reported at the name. Nil skips the check.
@@ -313,7 +314,7 @@ func (s *Session) read(rs *Ruleset, c *grammar.Command) error {
 		if s.Monitor == nil || s.Check {
 			return ErrMonitorUnsupported
 		}
-		return s.Monitor(s.Out)
+		return s.Monitor(s.Out, c.Trace)
 	}
 	return nil
 }

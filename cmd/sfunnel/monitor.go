@@ -60,12 +60,15 @@ func (e monitorEvent) String() string {
 // they are repaired), programs attached or replaced, and growth of the
 // event counters (MTU exceeded per rule, invalid unfunnels, fragments
 // passed, …).
-func (a *app) monitor(b *datapath.Backend) func(out io.Writer) error {
-	return func(out io.Writer) error {
+func (a *app) monitor(b *datapath.Backend) func(out io.Writer, trace bool) error {
+	return func(out io.Writer, trace bool) error {
 		// The lock is for transactions; monitoring must not hold off others.
 		a.release()
 		ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 		defer stop()
+		if trace {
+			return a.monitorTrace(ctx, b, out)
+		}
 		p := &poller{b: b}
 		if _, err := p.poll(); err != nil { // the baseline
 			return err
