@@ -35,23 +35,43 @@ ingress | egress | both) ;;
 *) log "DIRECTION must be ingress, egress or both, not '$DIRECTION'"; exit 2 ;;
 esac
 
-rules=$(mktemp)
-trap 'rm -f "$rules"' EXIT
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
 if [ -n "${SFUNNEL_RULESET:-}" ]; then
-	# sfunnel accepted rules separated by ';' on one line; so does sfunnel -f.
-	printf '%s\n' "$SFUNNEL_RULESET" | tr ';' '\n' > "$rules"
+	# sfunnel accepted rules separated by ';' on one line, each with an
+	# optional '#' comment; split at every ';' outside double quotes (so
+	# comment "netflow; v9" stays whole). The file is named after the
+	# variable, so errors read SFUNNEL_RULESET:LINE:COL (LINE = the rule's
+	# place in the variable).
+	rules=SFUNNEL_RULESET
+	printf '%s\n' "$SFUNNEL_RULESET" | awk '{
+		out = ""; inq = 0; esc = 0
+		for (i = 1; i <= length($0); i++) {
+			c = substr($0, i, 1)
+			if (inq && esc) { esc = 0 }
+			else if (inq && c == "\\") { esc = 1 }
+			else if (c == "\"") { inq = !inq }
+			else if (!inq && c == ";") { print out; out = ""; continue }
+			out = out c
+		}
+		print out
+	}' > "$work/$rules"
 elif [ -f /opt/sfunnel/src/ruleset ]; then
-	cp /opt/sfunnel/src/ruleset "$rules"
+	rules=/opt/sfunnel/src/ruleset
 elif [ -f /etc/sfunnel/sfunnel.conf ]; then
-	cp /etc/sfunnel/sfunnel.conf "$rules"
+	rules=/etc/sfunnel/sfunnel.conf
 else
-	cat > "$rules" <<'RULES'
+	rules=default-ruleset
+	cat > "$work/$rules" <<'RULES'
 ip udp dport 2055 actions funnel encap tcp dport 179 sport 540 #Netflow
 ip udp dport 4739 actions funnel encap tcp dport 179 sport 540 #IPFIX
 ip udp dport 6343 actions funnel encap tcp dport 179 sport 540 #SFLOW
 ip tcp dport 179 sport 540 actions unfunnel decap udp
 RULES
 fi
+# Relative names are in $work; a ruleset file is used where it is, so its
+# errors and includes name it.
+cd "$work"
 
 if [ -z "${IFACES:-}" ]; then
 	if [ -n "${NETNS:-}" ]; then
@@ -63,8 +83,19 @@ fi
 ifaces=$(echo "$IFACES" | tr -s ' ,' ',' | sed 's/^,//; s/,$//')
 
 log "interfaces: $ifaces, hook: $DIRECTION"
-log "ruleset:"
+log "ruleset ($rules):"
 sed 's/^/    /' "$rules"
+
+# Mistakes in the rules do not go away by waiting: check them once without
+# the kernel (a scratch state file) and stop at once if they are wrong.
+# Only interfaces that do not exist yet are worth retrying for.
+if ! "$SFUNNEL" "$@" --state "$work/check.state" -f "$rules" --interface "$ifaces" --hook "$DIRECTION" 2> "$work/check.err"; then
+	if grep 'Error: ' "$work/check.err" | grep -qv 'Error: unknown interface '; then
+		cat "$work/check.err" >&2
+		log "the ruleset has errors; not retrying"
+		exit 1
+	fi
+fi
 
 i=1
 while :; do
