@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"syscall"
@@ -300,15 +301,23 @@ func defaultStatusSocket(ifname string) string {
 	return "/run/sfunnel/tunnel-" + ifname + ".sock"
 }
 
-// netnsInode identifies our network namespace; host is true when it is
-// the one of PID 1 (or that cannot be told).
+// netnsInode identifies our network namespace; host is false when it is
+// known not to be the host's: it differs from PID 1's (when that can be
+// read) or it is one of the named namespaces of ip-netns(8).
 func netnsInode() (ino uint64, host bool) {
 	var self, init syscall.Stat_t
 	if syscall.Stat("/proc/self/ns/net", &self) != nil {
 		return 0, true
 	}
-	if syscall.Stat("/proc/1/ns/net", &init) != nil {
-		return self.Ino, true
+	if syscall.Stat("/proc/1/ns/net", &init) == nil {
+		return self.Ino, self.Ino == init.Ino && self.Dev == init.Dev
 	}
-	return self.Ino, self.Ino == init.Ino && self.Dev == init.Dev
+	named, _ := filepath.Glob("/run/netns/*")
+	for _, n := range named {
+		var st syscall.Stat_t
+		if syscall.Stat(n, &st) == nil && st.Ino == self.Ino && st.Dev == self.Dev {
+			return self.Ino, false
+		}
+	}
+	return self.Ino, true
 }

@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -296,6 +297,9 @@ func (d *daemon) startStatus() error {
 		var now syscall.Stat_t
 		if syscall.Stat(path, &now) == nil && now.Ino == mine.Ino && now.Dev == mine.Dev {
 			os.Remove(path)
+			if strings.HasPrefix(filepath.Base(filepath.Dir(path)), "netns-") {
+				os.Remove(filepath.Dir(path)) // only if empty
+			}
 		}
 		return nil
 	}))

@@ -1,22 +1,26 @@
 #!/bin/bash
-# Tunnel throughput benchmark: iperf3 TCP between two network namespaces
-# joined by a veth pair, directly, through OpenVPN (UDP, no cipher, no
-# auth: what a user would otherwise reach for) and through every
-# `sfunnel tunnel` mode, all in the same run. Medians of RUNS runs of DUR
-# seconds each. Writes its table into BENCHMARKS.md between
-# <!-- tunnel:begin --> and <!-- tunnel:end --> (OUT=- prints it instead).
+# Tunnel throughput benchmark: iperf3 TCP (1 and 4 streams) between two
+# network namespaces joined by a veth pair: directly, through OpenVPN (UDP,
+# without cipher and with its default data cipher AES-256-GCM), through
+# wireguard-go, and through every `sfunnel tunnel` mode, sealed (--key)
+# and plain, all in the same run. Medians of RUNS runs of DUR seconds
+# each. Writes its table into BENCHMARKS.md between <!-- tunnel:begin -->
+# and <!-- tunnel:end --> (OUT=- prints it instead).
 #
-# Usage (root): bench/tunnel/run.sh      RUNS=5 DUR=5 OUT=BENCHMARKS.md
+# Usage (root): bench/tunnel/run.sh      RUNS=3 DUR=4 OUT=BENCHMARKS.md
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-RUNS=${RUNS:-5}
-DUR=${DUR:-5}
+RUNS=${RUNS:-3}
+DUR=${DUR:-4}
 OUT=${OUT:-BENCHMARKS.md}
 
 [ "$(id -u)" = 0 ] || { echo "run as root" >&2; exit 3; }
 missing=()
 command -v iperf3 >/dev/null || missing+=(iperf3)
 command -v openvpn >/dev/null || missing+=(openvpn)
+command -v openssl >/dev/null || missing+=(openssl)
+command -v wireguard-go >/dev/null || missing+=(wireguard-go)
+command -v wg >/dev/null || missing+=(wireguard-tools)
 if [ ${#missing[@]} -gt 0 ]; then
 	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
@@ -56,15 +60,23 @@ start() {
 	pids+=("$last")
 }
 
-# measure TARGET: prints the median receiver throughput in Gbit/s
+# measure TARGET STREAMS: the median receiver throughput in Gbit/s, then
+# all runs in brackets
 measure() {
-	local target=$1 vals=()
+	local target=$1 streams=$2 vals=()
 	for _ in $(seq "$RUNS"); do
-		v=$(ip netns exec "$A" timeout $((DUR + 20)) iperf3 -c "$target" -t "$DUR" -f g 2>/dev/null | awk '/receiver/ {print $(NF-2)}')
+		v=$(ip netns exec "$A" timeout $((DUR + 20)) iperf3 -c "$target" -P "$streams" -t "$DUR" -f g 2>/dev/null | awk '/receiver/ {v=$(NF-2)} END {print v}')
 		vals+=("${v:-0}")
 	done
 	printf '%s\n' "${vals[@]}" | sort -g | awk '{a[NR]=$1} END {m=(NR%2)?a[(NR+1)/2]:(a[NR/2]+a[NR/2+1])/2; printf "%.2f", m}'
 	printf ' (%s)' "$(printf '%s ' "${vals[@]}" | sed 's/ $//')"
+}
+
+# both KEY TARGET: measures 1 and 4 streams into res[KEY/1] and res[KEY/4]
+both() {
+	res[$1/1]=$(measure "$2" 1)
+	res[$1/4]=$(measure "$2" 4)
+	echo "$1: ${res[$1/1]} | ${res[$1/4]}" >&2
 }
 
 # waitfor NS IF: until the device exists
@@ -79,20 +91,54 @@ stopall() {
 }
 
 declare -A res
-res[direct]=$(measure 192.0.2.2)
+both direct 192.0.2.2
 
-start "$B" ovb openvpn --dev sfbtun --dev-type tun --proto udp --lport 1194 --ifconfig 203.0.113.102 203.0.113.101 --cipher none --auth none --verb 1
-b=$last
-start "$A" ova openvpn --dev sfbtun --dev-type tun --proto udp --remote 192.0.2.2 1194 --ifconfig 203.0.113.101 203.0.113.102 --cipher none --auth none --verb 1
+# OpenVPN, UDP, peer to peer: without cipher, and with TLS and its default
+# data cipher AES-256-GCM (self-signed certificates pinned by fingerprint).
+for side in a b; do
+	openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 1 -subj "/CN=sfb-$side" \
+		-keyout "$work/ovpn-$side.key" -out "$work/ovpn-$side.crt" 2>/dev/null
+done
+fp() { openssl x509 -in "$1" -noout -fingerprint -sha256 | cut -d= -f2; }
+ovpn() { # ovpn KEY EXTRA-ARGS-FOR-BOTH...
+	local key=$1; shift
+	start "$B" ovb-$key openvpn --dev sfbtun --dev-type tun --proto udp --lport 1194 --ifconfig 203.0.113.102 203.0.113.101 --verb 1 "$@" ${OVB_ARGS[@]+"${OVB_ARGS[@]}"}
+	local b=$last
+	start "$A" ova-$key openvpn --dev sfbtun --dev-type tun --proto udp --remote 192.0.2.2 1194 --ifconfig 203.0.113.101 203.0.113.102 --verb 1 "$@" ${OVA_ARGS[@]+"${OVA_ARGS[@]}"}
+	local a=$last
+	for _ in $(seq 300); do grep -q "Initialization Sequence Completed" "$work/ova-$key.log" && break; sleep 0.05; done
+	grep -q "Initialization Sequence Completed" "$work/ova-$key.log" || { cat "$work/ova-$key.log" "$work/ovb-$key.log" >&2; exit 1; }
+	sleep 0.5
+	both "$key" 203.0.113.102
+	stopall "$a" "$b"
+}
+OVA_ARGS=() OVB_ARGS=()
+ovpn openvpn-none --cipher none --auth none
+OVB_ARGS=(--tls-server --dh none --cert "$work/ovpn-b.crt" --key "$work/ovpn-b.key" --peer-fingerprint "$(fp "$work/ovpn-a.crt")")
+OVA_ARGS=(--tls-client --cert "$work/ovpn-a.crt" --key "$work/ovpn-a.key" --peer-fingerprint "$(fp "$work/ovpn-b.crt")")
+ovpn openvpn-gcm --data-ciphers AES-256-GCM --verb 3
+ovpn_gcm_cipher=$(grep -ho "Data Channel: cipher '[^']*'" "$work/ova-openvpn-gcm.log" | head -1 | cut -d"'" -f2 || true)
+
+# wireguard-go (userspace WireGuard: ChaCha20-Poly1305).
+wg genkey >"$work/wga.key"; wg genkey >"$work/wgb.key"
+start "$A" wga env WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD=1 wireguard-go -f wga
 a=$last
-for _ in $(seq 200); do grep -q "Initialization Sequence Completed" "$work/ova.log" && break; sleep 0.05; done
+start "$B" wgb env WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD=1 wireguard-go -f wgb
+b=$last
+waitfor "$A" wga; waitfor "$B" wgb
+sleep 0.3
+ip netns exec "$A" wg set wga private-key "$work/wga.key" listen-port 51820 peer "$(wg pubkey <"$work/wgb.key")" endpoint 192.0.2.2:51820 allowed-ips 203.0.113.202/32
+ip netns exec "$B" wg set wgb private-key "$work/wgb.key" listen-port 51820 peer "$(wg pubkey <"$work/wga.key")" endpoint 192.0.2.1:51820 allowed-ips 203.0.113.201/32
+ip -n "$A" addr add 203.0.113.201/24 dev wga; ip -n "$B" addr add 203.0.113.202/24 dev wgb
+ip -n "$A" link set wga up; ip -n "$B" link set wgb up
 sleep 0.5
-res[openvpn]=$(measure 203.0.113.102)
+both wireguard-go 203.0.113.202
 stopall "$a" "$b"
 
 T="$work/tunneld"
 K="$work/key"
-# TCP over UDP: the client routes the server's own address into its TUN.
+# TCP over UDP (always sealed: it needs --key): the client routes the
+# server's own address into its TUN.
 for off in true false; do
 	start "$B" tcpudp-b "$T" -i sfbtun -l 7472 --address 203.0.113.1/24 --key "$K" --status-socket "$work/b.sock" --offload=$off
 	b=$last
@@ -100,53 +146,75 @@ for off in true false; do
 	a=$last
 	waitfor "$A" sfbtun; waitfor "$B" sfbtun
 	ip -n "$A" route add 192.0.2.2/32 dev sfbtun
-	if [ $off = true ]; then res[tcp-over-udp]=$(measure 192.0.2.2); else res[tcp-over-udp-nooffload]=$(measure 192.0.2.2); fi
+	if [ $off = true ]; then both tcp-over-udp-sealed 192.0.2.2; else both tcp-over-udp-sealed-nooffload 192.0.2.2; fi
 	stopall "$a" "$b"
 done
 
 for tr in udp tcp; do
-	start "$B" ip$tr-b "$T" -i sfbtun --carry ip --transport $tr --mode server -l 7000 --address 198.51.100.2/24 --key "$K" --status-socket "$work/b.sock"
-	b=$last
-	start "$A" ip$tr-a "$T" -i sfbtun --carry ip --transport $tr --mode client --remote 192.0.2.2:7000 --address 198.51.100.1/24 --key "$K" --status-socket "$work/a.sock"
-	a=$last
-	waitfor "$A" sfbtun; waitfor "$B" sfbtun; sleep 1
-	res[ip-over-$tr]=$(measure 198.51.100.2)
-	stopall "$a" "$b"
+	for sealed in plain sealed; do
+		keyargs=()
+		[ $sealed = sealed ] && keyargs=(--key "$K")
+		start "$B" ip$tr-$sealed-b "$T" -i sfbtun --carry ip --transport $tr --mode server -l 7000 --address 198.51.100.2/24 "${keyargs[@]}" --status-socket "$work/b.sock"
+		b=$last
+		start "$A" ip$tr-$sealed-a "$T" -i sfbtun --carry ip --transport $tr --mode client --remote 192.0.2.2:7000 --address 198.51.100.1/24 "${keyargs[@]}" --status-socket "$work/a.sock"
+		a=$last
+		waitfor "$A" sfbtun; waitfor "$B" sfbtun; sleep 1
+		both ip-over-$tr-$sealed 198.51.100.2
+		stopall "$a" "$b"
+	done
 done
 
 num() { echo "${1%% *}"; }
-ovpn=$(num "${res[openvpn]}")
-direct=$(num "${res[direct]}")
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN{ if (b>0) printf "%.1f", a/b; else printf "-" }'; }
+cipher=$(grep -ho "sealed with [a-z0-9-]*" "$work/tcpudp-a.log" | head -1 | cut -d' ' -f3)
 table=$(
 	echo "<!-- tunnel:begin -->"
 	echo "## Userspace tunnels (\`sfunnel tunnel\`)"
 	echo
-	echo "iperf3 TCP, one stream, ${DUR} s, median of ${RUNS} runs (all runs in brackets), between two network"
-	echo "namespaces joined by a veth pair (MTU 1500), all in one run of \`bench/tunnel/run.sh\`."
-	echo "$(date -u +%Y-%m-%d), kernel $(uname -r), $(nproc) vCPU, $(openvpn --version | head -1 | cut -d' ' -f1-2)."
+	echo "iperf3 TCP, 1 and 4 parallel streams, ${DUR} s, median of ${RUNS} runs (all runs in brackets), between two network"
+	echo "namespaces joined by a veth pair (MTU 1500), all in one run of \`bench/tunnel/run.sh\` (\`make bench-tunnel\`)."
+	echo "$(date -u +%Y-%m-%d), kernel $(uname -r), $(nproc) vCPU (shared with other jobs: compare ratios, not absolutes),"
+	echo "$(openvpn --version | head -1 | cut -d' ' -f1-2) (data cipher ${ovpn_gcm_cipher:-?}), wireguard-go $(wireguard-go --version 2>/dev/null | awk '{print $NF}' | head -1), sfunnel sealed with $cipher."
 	echo
-	echo "| path | Gbit/s (median) | × OpenVPN | × direct | runs |"
-	echo "|---|---:|---:|---:|---|"
-	for k in direct openvpn tcp-over-udp ip-over-udp ip-over-tcp tcp-over-udp-nooffload; do
-		v=$(num "${res[$k]}")
-		runs=${res[$k]#* }
-		label=$k
+	echo "| path | 1 stream Gbit/s | 4 streams Gbit/s | 1 stream × WireGuard-go | × OpenVPN AES-256-GCM | × OpenVPN no cipher | × same mode plain | runs (1 / 4 streams) |"
+	echo "|---|---:|---:|---:|---:|---:|---:|---|"
+	for k in direct openvpn-none openvpn-gcm wireguard-go tcp-over-udp-sealed ip-over-udp-sealed ip-over-tcp-sealed ip-over-udp-plain ip-over-tcp-plain tcp-over-udp-sealed-nooffload; do
+		v1=$(num "${res[$k/1]}"); v4=$(num "${res[$k/4]}")
+		label=$k plain=-
 		case $k in
 			direct) label="direct (veth, no tunnel)" ;;
-			openvpn) label="OpenVPN, UDP, --cipher none --auth none" ;;
-			tcp-over-udp) label="sfunnel tunnel, TCP over UDP (authenticated)" ;;
-			ip-over-udp) label="sfunnel tunnel --carry ip --transport udp" ;;
-			ip-over-tcp) label="sfunnel tunnel --carry ip --transport tcp" ;;
-			tcp-over-udp-nooffload) label="sfunnel tunnel, TCP over UDP, --offload=false (no TSO/GSO/GRO)" ;;
+			openvpn-none) label="OpenVPN, UDP, --cipher none --auth none" ;;
+			openvpn-gcm) label="OpenVPN, UDP, TLS, AES-256-GCM" ;;
+			wireguard-go) label="wireguard-go (ChaCha20-Poly1305)" ;;
+			tcp-over-udp-sealed) label="sfunnel tunnel, TCP over UDP, sealed" ;;
+			ip-over-udp-sealed) label="sfunnel tunnel --carry ip --transport udp, sealed"; plain=$(ratio "$v1" "$(num "${res[ip-over-udp-plain/1]}")") ;;
+			ip-over-tcp-sealed) label="sfunnel tunnel --carry ip --transport tcp, sealed"; plain=$(ratio "$v1" "$(num "${res[ip-over-tcp-plain/1]}")") ;;
+			ip-over-udp-plain) label="sfunnel tunnel --carry ip --transport udp, plain (no --key)" ;;
+			ip-over-tcp-plain) label="sfunnel tunnel --carry ip --transport tcp, plain (no --key)" ;;
+			tcp-over-udp-sealed-nooffload) label="sfunnel tunnel, TCP over UDP, sealed, --offload=false" ;;
 		esac
-		echo "| $label | $v | $(awk -v a="$v" -v b="$ovpn" 'BEGIN{printf (b>0)?"%.1f":"-", a/b}') | $(awk -v a="$v" -v b="$direct" 'BEGIN{printf (b>0)?"%.2f":"-", a/b}') | $runs |"
+		echo "| $label | $v1 | $v4 | $(ratio "$v1" "$(num "${res[wireguard-go/1]}")") | $(ratio "$v1" "$(num "${res[openvpn-gcm/1]}")") | $(ratio "$v1" "$(num "${res[openvpn-none/1]}")") | $plain | ${res[$k/1]#* } / ${res[$k/4]#* } |"
 	done
 	echo
-	worst=$(for k in tcp-over-udp ip-over-udp ip-over-tcp; do num "${res[$k]}"; done | sort -g | head -1)
-	verdict=$(awk -v a="$worst" -v b="$ovpn" 'BEGIN{print (b>0 && a>=4*b)?"met":"missed"}')
-	echo "Goal: every tunnel mode (offloads on, the default) at least 4× OpenVPN: **$verdict** (slowest mode $(awk -v a="$worst" -v b="$ovpn" 'BEGIN{printf (b>0)?"%.1f":"-", a/b}')×)."
-	echo "Defaults: TUN MTU 1492 (TCP over UDP), 1452 (IP over UDP), 1500 (IP over TCP); OpenVPN's tun MTU 1500."
-	echo "TUN offloads (virtio-net headers, TSO) plus UDP GSO/GRO and recvmmsg/sendmmsg batches carry most of the gain (compare the last row)."
+	wg1=$(num "${res[wireguard-go/1]}"); og1=$(num "${res[openvpn-gcm/1]}"); on1=$(num "${res[openvpn-none/1]}")
+	verdict() { awk -v a="$1" -v b="$2" -v f="$3" 'BEGIN{print (b>0 && a>=f*b)?"met":"**missed**"}'; }
+	for k in tcp-over-udp-sealed ip-over-udp-sealed ip-over-tcp-sealed; do
+		v=$(num "${res[$k/1]}")
+		line="- $k (1 stream): ≥ 5× wireguard-go $(verdict "$v" "$wg1" 5) ($(ratio "$v" "$wg1")×), ≥ 6× OpenVPN AES-256-GCM $(verdict "$v" "$og1" 6) ($(ratio "$v" "$og1")×)"
+		case $k in
+			ip-over-*) p=$(num "${res[${k%-sealed}-plain/1]}"); line="$line, ≥ 0.7× plain $(verdict "$v" "$p" 0.7) ($(awk -v a="$v" -v b="$p" 'BEGIN{printf (b>0)?"%.2f":"-", a/b}')×)" ;;
+			*) line="$line (TCP over UDP has no plain variant: it always authenticates)" ;;
+		esac
+		echo "$line"
+	done
+	for k in ip-over-udp-plain ip-over-tcp-plain; do
+		v=$(num "${res[$k/1]}")
+		echo "- $k (1 stream): ≥ 4× OpenVPN without cipher $(verdict "$v" "$on1" 4) ($(ratio "$v" "$on1")×)"
+	done
+	echo
+	echo "Goals are checked on the 1-stream medians; the 4-stream column shows how each scales over the 2 vCPUs."
+	echo "Defaults: TUN MTU 1492 (TCP over UDP), 1452 (IP over UDP), 1500 (IP over TCP), 32 bytes less over UDP when sealed;"
+	echo "OpenVPN's tun MTU 1500; WireGuard's 1420."
 	echo "<!-- tunnel:end -->"
 )
 if [ "$OUT" = - ]; then
