@@ -89,6 +89,12 @@ const (
 	// rewrite rule matched went to the segmentation device; its segments
 	// come back and are rewritten one by one (not a packet left alone).
 	StatSegmented
+	// StatUrgent: rewrite udp of a TCP segment with URG set: TCP-in-UDP
+	// has no urgent pointer, so the segment stays TCP (as tcp-in-udp does).
+	StatUrgent
+	// StatUDPLength: funnel of a UDP datagram whose length field disagrees
+	// with the IP payload length (or is below 8); untouched.
+	StatUDPLength
 	NumStats
 )
 
@@ -96,7 +102,7 @@ const (
 var StatNames = [NumStats]string{
 	"fragment", "unfunnel-invalid", "mtu-exceeded", "not-applicable",
 	"no-checksum", "ip-options", "gso", "partial-checksum", "helper-failed",
-	"segmented",
+	"segmented", "urgent", "udp-length",
 }
 
 // MaxOptMove is the most IPv4 option or IPv6 extension header bytes funnel

@@ -67,6 +67,8 @@ const (
 	StatPartialChecksum = abi.StatPartialChecksum
 	StatHelperFailed    = abi.StatHelperFailed
 	StatSegmented       = abi.StatSegmented
+	StatUrgent          = abi.StatUrgent
+	StatUDPLength       = abi.StatUDPLength
 	NumStats            = abi.NumStats
 
 	MaxOptMove = abi.MaxOptMove

@@ -58,6 +58,23 @@ func (c *compiler) requireUDPChecksum(inner grammar.Proto, base asm.Register, of
 	)
 }
 
+// requireUDPLength sends an inner UDP datagram (header at base+off) whose
+// length field is not the transport length (in l4len, host order) to the
+// udp-length stat: funnel carries the length field as it is, and the
+// receiver would see a datagram longer or shorter than what arrives.
+func (c *compiler) requireUDPLength(inner grammar.Proto, base asm.Register, off int16, l4len asm.Register, sub int32) {
+	if inner != grammar.ProtoUDP {
+		return
+	}
+	c.e.emit(
+		mov(asm.R0, l4len),
+		asm.Sub.Imm(asm.R0, sub),
+		ldx(asm.R1, base, off+4, asm.Half),
+		asm.HostTo(asm.BE, asm.R1, asm.Half),
+		asm.JNE.Reg(asm.R1, asm.R0, c.stat(StatUDPLength)),
+	)
+}
+
 // l4CsumReplace emits bpf_l4_csum_replace(skb, R9 + off + slotT4, from=0,
 // to=diff (R4), flags): the check field offset is in slotT4, the transport
 // protocol in slotT2 (UDP adds BPF_F_MARK_MANGLED_0).

@@ -40,6 +40,7 @@ func (c *compiler) funnelFrom(rule, fam int, inner grammar.Proto, a *grammar.Act
 		asm.JGT.Reg(asm.R1, asm.R8, notApp),
 	)
 	c.ipLength(fam, asm.R4, int32(minIn), 0xffff-int32(h)-iphl, notApp)
+	c.requireUDPLength(inner, asm.R7, l4, asm.R4, map[bool]int32{true: 0, false: 20}[fam == 6])
 	c.requireUDPChecksum(inner, asm.R7, l4)
 	e.comment("grow by the funnel header")
 	c.growNet(h)

@@ -108,6 +108,7 @@ func (c *compiler) funnelOpts(rule, fam int, inner grammar.Proto, a *grammar.Act
 		asm.Add.Imm(asm.R1, int32(h)),
 		asm.JGT.Imm(asm.R1, 0xffff, notApp),
 	)
+	c.requireUDPLength(inner, asm.R5, 0, asm.R4, 0)
 	c.requireUDPChecksum(inner, asm.R5, 0)
 	e.comment("grow, then move the options in front of the gap")
 	c.growNet(h)

@@ -37,6 +37,9 @@ func (c *compiler) rewrite(fam int, to grammar.Proto) {
 			asm.LSh.Imm(asm.R1, 2),
 			asm.JLT.Imm(asm.R1, 20, notApp),
 			asm.JGT.Reg(asm.R1, asm.R4, notApp),
+			// TCP-in-UDP has no urgent pointer: leave such segments TCP.
+			ldx(asm.R1, asm.R5, 13, asm.Byte),
+			asm.JSet.Imm(asm.R1, int32(grammar.TCPUrg), c.stat(StatUrgent)),
 		)
 	} else {
 		probe = 4

@@ -167,6 +167,9 @@ func (st *state) funnel(a *grammar.Action) int {
 		return abi.StatNotApplicable
 	}
 	inner := st.s.proto
+	if inner == 17 && be16(st.p[st.s.l4off+4:]) != l {
+		return abi.StatUDPLength
+	}
 	if inner == 17 && le16(st.p[st.s.l4off+6:]) == 0 {
 		return abi.StatNoChecksum
 	}
@@ -284,7 +287,7 @@ func (st *state) unfunnel(innerProto grammar.Proto) int {
 
 func (st *state) rewrite(to grammar.Proto) int {
 	notApp := abi.StatNotApplicable
-	if s := st.guards(false, false); s != applied {
+	if s := st.guards(false, true); s != applied {
 		return s
 	}
 	l4 := st.s.l4off
@@ -300,6 +303,9 @@ func (st *state) rewrite(to grammar.Proto) int {
 	if to == grammar.ProtoUDP {
 		if d := uint32(p[12]>>4) * 4; d < 20 || d > l {
 			return notApp
+		}
+		if p[13]&grammar.TCPUrg != 0 {
+			return abi.StatUrgent
 		}
 	} else {
 		probe = 4
