@@ -5,14 +5,17 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"net/netip"
 	"os"
 	"os/signal"
 	"sort"
+	"strings"
 	"syscall"
 	"time"
 
 	"github.com/sfunnel/sfunnel/datapath"
 	"github.com/sfunnel/sfunnel/grammar"
+	"github.com/sfunnel/sfunnel/ruleset"
 )
 
 // monitorInterval is how often the kernel's state and event counters are read.
@@ -21,17 +24,20 @@ const monitorInterval = 250 * time.Millisecond
 // monitorEvent is one line of `sfunnel monitor` (and its -j form).
 type monitorEvent struct {
 	// Event is a datapath event name (stats), "program", "add"/"delete"
-	// (a rule appeared in or left the ruleset), or "warning"/"resolved"
-	// (the kernel no longer holds what was committed, or holds it again).
-	Event     string `json:"event"`
-	Interface string `json:"interface,omitempty"`
-	Hook      string `json:"hook,omitempty"`
-	Count     uint64 `json:"count,omitempty"`  // new events since the last line
-	Handle    uint64 `json:"handle,omitempty"` // the rule, for per-rule events
-	Program   uint32 `json:"program,omitempty"`
-	Mode      string `json:"mode,omitempty"`
-	Rule      string `json:"rule,omitempty"`    // add: the rule's text
-	Message   string `json:"message,omitempty"` // warning, resolved
+	// (a rule appeared in or left the ruleset), "add set"/"delete set",
+	// "add element"/"delete element", or "warning"/"resolved" (the kernel
+	// no longer holds what was committed, or holds it again).
+	Event     string   `json:"event"`
+	Interface string   `json:"interface,omitempty"`
+	Hook      string   `json:"hook,omitempty"`
+	Count     uint64   `json:"count,omitempty"`  // new events since the last line
+	Handle    uint64   `json:"handle,omitempty"` // the rule, for per-rule events
+	Program   uint32   `json:"program,omitempty"`
+	Mode      string   `json:"mode,omitempty"`
+	Rule      string   `json:"rule,omitempty"`     // add: the rule's text
+	Message   string   `json:"message,omitempty"`  // warning, resolved
+	Set       string   `json:"set,omitempty"`      // add/delete set/element
+	Elements  []string `json:"elements,omitempty"` // add/delete element
 }
 
 func (e monitorEvent) String() string {
@@ -42,6 +48,10 @@ func (e monitorEvent) String() string {
 		return fmt.Sprintf("delete rule %s %s handle %d", e.Interface, e.Hook, e.Handle)
 	case "warning", "resolved":
 		return fmt.Sprintf("# %s: %s", e.Event, e.Message)
+	case "add set", "delete set":
+		return e.Event + " " + e.Set
+	case "add element", "delete element":
+		return fmt.Sprintf("%s %s { %s }", e.Event, e.Set, strings.Join(e.Elements, ", "))
 	}
 	s := fmt.Sprintf("%s %s %s", e.Interface, e.Hook, e.Event)
 	if e.Event == "program" {
@@ -104,6 +114,9 @@ func (a *app) monitor(b *datapath.Backend) func(out io.Writer, trace bool) error
 type poller struct {
 	b        *datapath.Backend
 	started  bool
+	gen      uint64              // commit generation of rules and sets
+	hooks    int                 // live hooks
+	sets     map[string][]string // set → its elements, as printed
 	counts   map[string]uint64   // "IF HOOK event" and "IF HOOK mtu HANDLE" → count
 	progs    map[string]uint32   // "IF HOOK" → program id
 	rules    map[ruleKey]string  // live rules → their text
@@ -126,30 +139,24 @@ func (p *poller) poll() ([]monitorEvent, error) {
 		}
 	}
 
-	// Rules: the ruleset as the kernel holds it.
-	rs, err := p.b.Load()
+	// Rules and sets: the ruleset as the kernel holds it, read again when
+	// a commit made a new generation (or a hook went away: Load drops it).
+	gen, err := p.b.Generation()
 	if err != nil {
 		return nil, err
 	}
-	rules := map[ruleKey]string{}
-	for _, ifc := range rs.Interfaces {
-		for _, h := range []grammar.Hook{grammar.HookIngress, grammar.HookEgress} {
-			for _, r := range ifc.Rules(h) {
-				rules[ruleKey{ifc.Name, h, r.Handle}] = grammar.FormatRule(r, nil)
-			}
-		}
+	status, err := p.b.Status()
+	if err != nil {
+		return nil, err
 	}
-	for _, k := range sortedKeys(p.rules) {
-		if text, ok := rules[k]; !ok || text != p.rules[k] {
-			emit(monitorEvent{Event: "delete", Interface: k.ifname, Hook: k.hook.String(), Handle: k.handle})
+	if !p.started || gen != p.gen || len(status) != p.hooks {
+		p.gen, p.hooks = gen, len(status)
+		rs, err := p.b.Load()
+		if err != nil {
+			return nil, err
 		}
+		p.diffRuleset(rs, emit)
 	}
-	for _, k := range sortedKeys(rules) {
-		if text, ok := p.rules[k]; !ok || text != rules[k] {
-			emit(monitorEvent{Event: "add", Interface: k.ifname, Hook: k.hook.String(), Handle: k.handle, Rule: rules[k]})
-		}
-	}
-	p.rules = rules
 
 	// Warnings: detached hooks, a flushed nftables table.
 	msgs, err := p.b.Warnings()
@@ -176,10 +183,6 @@ func (p *poller) poll() ([]monitorEvent, error) {
 	p.warnings = warnings
 
 	// Programs and event counters.
-	status, err := p.b.Status()
-	if err != nil {
-		return nil, err
-	}
 	if p.counts == nil {
 		p.counts, p.progs = map[string]uint64{}, map[string]uint32{}
 	}
@@ -223,6 +226,83 @@ func (p *poller) poll() ([]monitorEvent, error) {
 	return events, nil
 }
 
+// diffRuleset emits the rules and set elements that appeared or went.
+func (p *poller) diffRuleset(rs *ruleset.Ruleset, emit func(monitorEvent)) {
+	sets := map[string][]string{}
+	for _, set := range rs.Sets {
+		var elems []string
+		for _, pf := range set.Prefixes {
+			elems = append(elems, grammar.FormatPrefixes([]netip.Prefix{pf}))
+		}
+		for _, r := range set.Ports {
+			elems = append(elems, grammar.FormatRanges([]grammar.PortRange{r}))
+		}
+		sets[set.Name] = elems
+	}
+	names := make([]string, 0, len(sets)+len(p.sets))
+	for n := range sets {
+		names = append(names, n)
+	}
+	for n := range p.sets {
+		if _, ok := sets[n]; !ok {
+			names = append(names, n)
+		}
+	}
+	sort.Strings(names)
+	for _, n := range names {
+		now, ok := sets[n]
+		before, had := p.sets[n]
+		if !had && ok {
+			emit(monitorEvent{Event: "add set", Set: n})
+		}
+		if added := minus(now, before); len(added) > 0 {
+			emit(monitorEvent{Event: "add element", Set: n, Elements: added})
+		}
+		if gone := minus(before, now); len(gone) > 0 && ok {
+			emit(monitorEvent{Event: "delete element", Set: n, Elements: gone})
+		}
+		if had && !ok {
+			emit(monitorEvent{Event: "delete set", Set: n})
+		}
+	}
+	p.sets = sets
+
+	rules := map[ruleKey]string{}
+	for _, ifc := range rs.Interfaces {
+		for _, h := range []grammar.Hook{grammar.HookIngress, grammar.HookEgress} {
+			for _, r := range ifc.Rules(h) {
+				rules[ruleKey{ifc.Name, h, r.Handle}] = grammar.FormatRule(r, nil)
+			}
+		}
+	}
+	for _, k := range sortedKeys(p.rules) {
+		if text, ok := rules[k]; !ok || text != p.rules[k] {
+			emit(monitorEvent{Event: "delete", Interface: k.ifname, Hook: k.hook.String(), Handle: k.handle})
+		}
+	}
+	for _, k := range sortedKeys(rules) {
+		if text, ok := p.rules[k]; !ok || text != rules[k] {
+			emit(monitorEvent{Event: "add", Interface: k.ifname, Hook: k.hook.String(), Handle: k.handle, Rule: rules[k]})
+		}
+	}
+	p.rules = rules
+}
+
+// minus returns the elements of a not in b, in a's order.
+func minus(a, b []string) []string {
+	in := make(map[string]bool, len(b))
+	for _, x := range b {
+		in[x] = true
+	}
+	var out []string
+	for _, x := range a {
+		if !in[x] {
+			out = append(out, x)
+		}
+	}
+	return out
+}
+
 func sortedKeys(m map[ruleKey]string) []ruleKey {
 	keys := make([]ruleKey, 0, len(m))
 	for k := range m {
@@ -240,4 +320,3 @@ func sortedKeys(m map[ruleKey]string) []ruleKey {
 	})
 	return keys
 }
-

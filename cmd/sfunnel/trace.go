@@ -249,4 +249,3 @@ func tcpFlags(t *layers.TCP) string {
 	}
 	return strings.Join(f, "|")
 }
-

@@ -68,6 +68,12 @@ func TestMonitor(t *testing.T) {
 	expect("add rule veth0 egress udp dport 9 actions drop # handle 3", "veth0 egress program")
 	mustSfunnel(t, "", "--netns", a.Name, "delete", "rule", "veth0", "egress", "handle", "3")
 	expect("delete rule veth0 egress handle 3")
+	mustSfunnel(t, "", "--netns", a.Name, "add", "set", "flows", "{", "type", "inet_service;", "elements", "=", "{", "2055", "}", "}")
+	expect("add set flows", "add element flows { 2055 }")
+	mustSfunnel(t, "", "--netns", a.Name, "add", "element", "flows", "{", "4739,", "6343", "}")
+	expect("add element flows { 4739, 6343 }")
+	mustSfunnel(t, "", "--netns", a.Name, "delete", "element", "flows", "{", "2055", "}")
+	expect("delete element flows { 2055 }")
 
 	// A datagram that fits the MTU as UDP but not once funneled (+20 bytes).
 	err = a.Do(func() error {
