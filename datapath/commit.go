@@ -682,3 +682,40 @@ func eachLiveCounters(s *bpf.Store, g *bpf.Gen, st *liveState, f func(*hookState
 	}
 	return nil
 }
+
+var _ ruleset.Lister = (*Backend)(nil)
+
+// Listing returns the live ruleset as stored, without parsing it, with
+// the hooks whose program is no longer attached left out (as Load).
+func (b *Backend) Listing() (*ruleset.Listing, error) {
+	s, _, st, err := b.snapshot()
+	if err != nil || st == nil {
+		return &ruleset.Listing{}, err
+	}
+	l := &ruleset.Listing{}
+	for _, set := range st.Sets {
+		l.Sets = append(l.Sets, ruleset.ListedSet{Name: set.Name, Text: set.Text})
+	}
+	for _, ifc := range st.Interfaces {
+		li := ruleset.ListedInterface{Name: ifc.Name}
+		for i := range ifc.Hooks {
+			h := &ifc.Hooks[i]
+			if !b.attached(s, h.id()) {
+				continue
+			}
+			rules := make([]ruleset.ListedRule, len(h.Rules))
+			for j, r := range h.Rules {
+				rules[j] = ruleset.ListedRule{Handle: r.Handle, Text: r.Text, CounterAt: r.CounterAt}
+			}
+			if h.hook == grammar.HookEgress {
+				li.Egress = rules
+			} else {
+				li.Ingress = rules
+			}
+		}
+		if len(li.Ingress)+len(li.Egress) > 0 {
+			l.Interfaces = append(l.Interfaces, li)
+		}
+	}
+	return l, nil
+}

@@ -205,17 +205,8 @@ func (st *liveState) hook(id bpf.HookID) *hookState {
 
 // ruleRecordOf renders a rule for the state record.
 func ruleRecordOf(r *grammar.Rule) ruleRecord {
-	text := grammar.FormatRule(r, nil)
-	rec := ruleRecord{Handle: r.Handle, Text: text}
-	if r.Counter {
-		with := grammar.FormatRule(r, &grammar.PrintOptions{Counter: func(uint64) (uint64, uint64, bool) { return 0, 0, true }})
-		i := 0
-		for i < len(text) && text[i] == with[i] {
-			i++
-		}
-		rec.CounterAt = i
-	}
-	return rec
+	lr := ruleset.ListRule(r)
+	return ruleRecord{Handle: lr.Handle, Text: lr.Text, CounterAt: lr.CounterAt}
 }
 
 // stateOf describes rs; hooks get their digests and counter handles from

@@ -30,37 +30,7 @@ func (o *ListOptions) print() *grammar.PrintOptions {
 // WriteText prints rs (or one interface/hook of it) in canonical form; the
 // output is valid input to `sfunnel -f` and lists back byte-identically.
 func WriteText(w io.Writer, rs *Ruleset, only *Selector, o *ListOptions) error {
-	var b strings.Builder
-	if only == nil {
-		for _, s := range rs.Sets {
-			b.WriteString(grammar.FormatSet(s, ""))
-			b.WriteByte('\n')
-		}
-	}
-	po := o.print()
-	for _, i := range rs.Interfaces {
-		if only != nil && only.Interface != i.Name {
-			continue
-		}
-		var hooks strings.Builder
-		for _, h := range []grammar.Hook{grammar.HookIngress, grammar.HookEgress} {
-			rules := i.Rules(h)
-			if len(rules) == 0 || (only != nil && only.HasHook && only.Hook != h) {
-				continue
-			}
-			hooks.WriteString("\t" + h.String() + " {\n")
-			for _, r := range rules {
-				hooks.WriteString("\t\t" + grammar.FormatRule(r, po) + "\n")
-			}
-			hooks.WriteString("\t}\n")
-		}
-		// An interface or hook without rules does not exist in the ruleset.
-		if hooks.Len() > 0 {
-			b.WriteString("interface " + i.Name + " {\n" + hooks.String() + "}\n")
-		}
-	}
-	_, err := io.WriteString(w, b.String())
-	return err
+	return WriteListing(w, ListingOf(rs), only, o)
 }
 
 // Selector picks one interface, optionally one hook.

@@ -179,3 +179,60 @@ list ruleset`, &Session{JSON: true})
 		t.Errorf("got  %s\nwant %s", out, want)
 	}
 }
+
+// A listing prints rules exactly as the canonical printer does, with
+// counter values and handles wherever the rule has them.
+func TestListingMatchesPrinter(t *testing.T) {
+	text := `set ports {
+	type inet_service
+	elements = { 80, 443 }
+}
+interface eth0 {
+	ingress {
+		tcp dport 179 sport 540 counter actions unfunnel udp
+		udp dport @ports counter meta mark set 0x10 actions accept comment "with counter"
+		ip saddr 192.0.2.0/24 counter
+		udp dport 5 actions drop
+	}
+	egress {
+		ip daddr 198.51.100.1 udp dport { 2055, 4739 } counter actions funnel tcp dport 179 sport 540
+	}
+}
+`
+	cmds, _, err := grammar.Parse("<test>", text, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rs := &Ruleset{NextHandle: 1}
+	for _, c := range cmds {
+		if _, err := rs.apply(c); err != nil {
+			t.Fatal(err)
+		}
+	}
+	counters := map[uint64]Counter{1: {7, 700}, 2: {8, 800}, 3: {9, 900}, 5: {1, 2}}
+	for _, o := range []*ListOptions{{}, {Handles: true}, {Counters: counters}, {Handles: true, Counters: counters}} {
+		var want strings.Builder
+		for _, s := range rs.Sets {
+			want.WriteString(grammar.FormatSet(s, "") + "\n")
+		}
+		po := o.print()
+		for _, i := range rs.Interfaces {
+			want.WriteString("interface " + i.Name + " {\n")
+			for _, h := range []grammar.Hook{grammar.HookIngress, grammar.HookEgress} {
+				want.WriteString("\t" + h.String() + " {\n")
+				for _, r := range i.Rules(h) {
+					want.WriteString("\t\t" + grammar.FormatRule(r, po) + "\n")
+				}
+				want.WriteString("\t}\n")
+			}
+			want.WriteString("}\n")
+		}
+		var got bytes.Buffer
+		if err := WriteListing(&got, ListingOf(rs), nil, o); err != nil {
+			t.Fatal(err)
+		}
+		if got.String() != want.String() {
+			t.Errorf("options %+v:\n got %s\nwant %s", o, got.String(), want.String())
+		}
+	}
+}

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"os"
 	"strings"
 
 	"github.com/sfunnel/sfunnel/grammar"
@@ -47,6 +48,18 @@ type BareTarget struct {
 // live ruleset, checked, then committed once; read-only commands (list, …)
 // print after the commit, so they show the state the batch produced.
 func (s *Session) Run(cmds []*grammar.Command) error {
+	if l, ok := s.Backend.(Lister); ok && s.isTextList(cmds) {
+		listing, err := l.Listing()
+		if err != nil {
+			return err
+		}
+		for _, c := range cmds {
+			if err := s.listText(listing, c); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
 	if l, ok := s.Backend.(Locker); ok && !s.Check && hasChanges(cmds) {
 		unlock, err := l.Lock()
 		if err != nil {
@@ -317,6 +330,62 @@ func (s *Session) read(rs *Ruleset, c *grammar.Command) error {
 		return s.Monitor(s.Out, c.Trace)
 	}
 	return nil
+}
+
+// isTextList reports whether a batch only lists, in text: then a Lister
+// backend prints it from its stored listing without parsing anything.
+func (s *Session) isTextList(cmds []*grammar.Command) bool {
+	if s.JSON || len(cmds) == 0 || os.Getenv("SFUNNEL_JSON_AUDIT") != "" {
+		return false
+	}
+	for _, c := range cmds {
+		switch c.Kind {
+		case grammar.CmdListRuleset, grammar.CmdListInterface, grammar.CmdListSets, grammar.CmdListSet:
+		default:
+			return false
+		}
+	}
+	return true
+}
+
+// listText prints a list command in text from a listing.
+func (s *Session) listText(l *Listing, c *grammar.Command) error {
+	switch c.Kind {
+	case grammar.CmdListRuleset, grammar.CmdListInterface:
+		var only *Selector
+		if c.Kind == grammar.CmdListInterface {
+			if l.Interface(c.Interface) == nil {
+				return errAt(c.InterfaceSpan, "interface %s has no rules", c.Interface)
+			}
+			only = &Selector{Interface: c.Interface, Hook: c.Hook, HasHook: c.HasHook}
+		}
+		o, err := s.listOptions()
+		if err != nil {
+			return err
+		}
+		if err := s.warn(); err != nil {
+			return err
+		}
+		return WriteListing(s.Out, l, only, o)
+	default: // list sets, list set NAME
+		var b strings.Builder
+		found := false
+		for _, set := range l.Sets {
+			if c.Kind == grammar.CmdListSet && set.Name != c.Set.Name {
+				continue
+			}
+			if found {
+				b.WriteByte('\n')
+			}
+			found = true
+			b.WriteString(set.Text)
+		}
+		if c.Kind == grammar.CmdListSet && !found {
+			return errAt(c.Set.Span, "undefined set %s", c.Set.Name)
+		}
+		_, err := io.WriteString(s.Out, b.String())
+		return err
+	}
 }
 
 // ErrMonitorUnsupported is returned by backends without an event stream.
