@@ -301,7 +301,8 @@ func pinMapCopy(m *ebpf.Map, path string) error {
 
 // Untidy reports whether an unfinished commit left something behind: a
 // pending generation, a generation other than the current one, or a
-// temporary name. (While a writer works, it is untidy too: its lock tells.)
+// temporary name, or the layout of an older sfunnel. (While a writer works,
+// it is untidy too: its lock tells.)
 func (s *Store) Untidy() bool {
 	ents, err := os.ReadDir(s.Dir)
 	if err != nil {
@@ -310,10 +311,85 @@ func (s *Store) Untidy() bool {
 	cur, _ := os.Readlink(filepath.Join(s.Dir, currentLink))
 	for _, e := range ents {
 		name := e.Name()
-		if name == pendingLink || strings.HasSuffix(name, "_new") ||
+		if name == pendingLink || strings.HasSuffix(name, "_new") || name == "hooks" || name == "state" || name == "sets" ||
 			strings.HasPrefix(name, genPrefix) && name != cur {
 			return true
 		}
 	}
 	return false
+}
+
+// The layout before generations (sfunnel ≤ 0.1): a state map, sets/ and
+// hooks/<ifname>/<hook>/{link,prog,maps…} directly in the namespace
+// directory.
+
+// Legacy returns the namespace's state in the old layout: its state record
+// (nil if none) and whether anything of that layout is there.
+func (s *Store) Legacy() (state []byte, found bool, err error) {
+	_, herr := os.Stat(filepath.Join(s.Dir, "hooks"))
+	_, serr := os.Stat(filepath.Join(s.Dir, "state"))
+	if herr != nil && serr != nil {
+		return nil, false, nil
+	}
+	state, err = (&Gen{Dir: s.Dir}).ReadState()
+	return state, true, err
+}
+
+// AdoptLegacy moves the old layout into generation g and the attach
+// points: each hook's link pin (or clsact marker) to links/, its program and
+// maps and the sets pinned in g. The old directories stay until
+// RemoveLegacy. Idempotent.
+func (s *Store) AdoptLegacy(g *Gen) ([]HookID, error) {
+	ids, err := listHooks(filepath.Join(s.Dir, "hooks"))
+	if err != nil {
+		return nil, err
+	}
+	legacy := &Gen{Dir: s.Dir}
+	for _, id := range ids {
+		old := filepath.Join(s.Dir, id.dir())
+		if err := os.MkdirAll(s.linkDir(id), 0o700); err != nil {
+			return nil, err
+		}
+		if _, err := os.Stat(filepath.Join(old, "link")); err == nil {
+			if err := os.Rename(filepath.Join(old, "link"), filepath.Join(s.linkDir(id), "link")); err != nil {
+				return nil, fmt.Errorf("adopt %s: %w", id, err)
+			}
+			faults.Point("adopt link " + id.String())
+		}
+		h, err := legacy.Hook(id)
+		if err != nil {
+			return nil, err
+		}
+		if h == nil {
+			continue
+		}
+		err = g.PinHook(id, h.Prog, h.Maps)
+		h.Close()
+		if err != nil {
+			return nil, err
+		}
+	}
+	sets, _ := os.ReadDir(filepath.Join(s.Dir, "sets"))
+	for _, e := range sets {
+		name := strings.ReplaceAll(e.Name(), ":", ".")
+		m, err := legacy.SetMap(name)
+		if err != nil || m == nil {
+			return nil, err
+		}
+		err = g.PinSet(name, m)
+		m.Close()
+		if err != nil {
+			return nil, err
+		}
+	}
+	return ids, nil
+}
+
+// RemoveLegacy removes what is left of the old layout.
+func (s *Store) RemoveLegacy() error {
+	var errs []error
+	for _, name := range []string{"hooks", "sets", "state"} {
+		errs = append(errs, os.RemoveAll(filepath.Join(s.Dir, name)))
+	}
+	return errors.Join(errs...)
 }

@@ -250,6 +250,9 @@ func (b *Backend) Commit(rs *ruleset.Ruleset) error {
 // generation is rolled forward (or, if that fails, back), orphans removed.
 // The caller holds the writer lock.
 func (b *Backend) recover(s *bpf.Store) error {
+	if err := b.migrate(s); err != nil {
+		return fmt.Errorf("adopt the state of an older sfunnel: %w", err)
+	}
 	pend, err := s.Pending()
 	if err != nil {
 		return err
