@@ -167,6 +167,8 @@ func (g gen) rule(sets map[string]*grammar.Set) *grammar.Rule {
 	if g.chance(0.1) {
 		r.SetCtMark = &grammar.MarkSet{Value: uint32(g.pick(256)) << 16, Mask: 0xffffffff}
 	}
+	// Tracing code must change nothing the packet or the verdict shows.
+	r.Trace = g.chance(0.1)
 	switch g.pick(9) {
 	case 0:
 	case 1:
