@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"crypto/rand"
 	"encoding/binary"
+	"io"
 	"net"
 	"net/netip"
 	"strconv"
@@ -295,5 +296,85 @@ func TestOnPathAttacker(t *testing.T) {
 			}
 			_ = cli
 		})
+	}
+}
+
+// tcpTamperer is an on-path attacker for IP over TCP: a TCP proxy that
+// parses the client's frames and, on its first connection, flips a bit in
+// one frame and, on its second, sends an earlier frame again. Each
+// connection after that is forwarded faithfully.
+func tcpTamperer(t *testing.T, ns *testenv.NS, listen, server string) {
+	var ln net.Listener
+	if err := ns.Do(func() (err error) { ln, err = net.Listen("tcp", listen); return }); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for conn := 0; ; conn++ {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			var s net.Conn
+			if err := ns.Do(func() (err error) { s, err = net.Dial("tcp", server); return }); err != nil {
+				c.Close()
+				continue
+			}
+			go func() { io.Copy(c, s); c.Close() }()
+			go func(conn int) {
+				defer s.Close()
+				// The handshake's two client messages pass unchanged.
+				if _, err := io.CopyN(s, c, 40+32); err != nil {
+					return
+				}
+				var saved []byte
+				for n := 0; ; n++ {
+					var hdr [2]byte
+					if _, err := io.ReadFull(c, hdr[:]); err != nil {
+						return
+					}
+					f := make([]byte, 2+int(binary.BigEndian.Uint16(hdr[:])))
+					copy(f, hdr[:])
+					if _, err := io.ReadFull(c, f[2:]); err != nil {
+						return
+					}
+					if n == 10 {
+						saved = bytes.Clone(f)
+					}
+					switch {
+					case conn == 0 && n == 50:
+						f[len(f)/2] ^= 0x10
+					case conn == 1 && n == 50:
+						s.Write(saved)
+					}
+					if _, err := s.Write(f); err != nil {
+						return
+					}
+				}
+			}(conn)
+		}
+	}()
+}
+
+// IP over TCP under a tampering proxy: a modified frame and a replayed
+// frame each end the stream, are counted, and reach nothing; the client
+// reconnects and the transfer completes intact.
+func TestOnPathAttackerTCP(t *testing.T) {
+	testenv.RequireRoot(t)
+	a, m, b := testenv.NewNS(t), testenv.NewNS(t), testenv.NewNS(t)
+	testenv.Veth(t, a, "eth0", "192.0.2.1/24", m, "eth0", "192.0.2.254/24")
+	testenv.Veth(t, m, "eth1", "198.51.100.254/24", b, "eth0", "198.51.100.2/24")
+	key := writeKey(t)
+	srv := startTunnel(t, b, "--carry", "ip", "--transport", "tcp", "--mode", "server", "-l", "7000", "--address", "203.0.113.2/24", "--key", key)
+	cli := startTunnel(t, a, "--carry", "ip", "--transport", "tcp", "--mode", "client", "--remote", "192.0.2.254:7000", "--address", "203.0.113.1/24", "--key", key)
+	tcpTamperer(t, m, "192.0.2.254:7000", "198.51.100.2:7000")
+	echoServer(t, b, "tcp", ":5001")
+	transfer(t, a, "tcp", "203.0.113.2:5001", 16<<20)
+	st := srv.getStatus()
+	if st.Drops["bad_tag"] != 1 || st.Drops["replayed"] != 1 {
+		t.Errorf("server drops %v, want one bad_tag and one replayed", st.Drops)
+	}
+	if c := cli.getStatus().Counters["connects"]; c < 3 {
+		t.Errorf("client connected %d times, want 3 (two streams cut)", c)
 	}
 }

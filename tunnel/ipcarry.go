@@ -13,6 +13,7 @@ import (
 	"github.com/sfunnel/sfunnel/tunnel/codec"
 	"github.com/sfunnel/sfunnel/tunnel/seal"
 	"github.com/sfunnel/sfunnel/tunnel/store"
+	"github.com/sfunnel/sfunnel/tunnel/tun"
 	"github.com/sfunnel/sfunnel/tunnel/udpsock"
 )
 
@@ -328,7 +329,7 @@ func (e *ipCarry) readFrames(sc *streamConn) error {
 	d := e.d
 	max := e.maxFrame
 	if sc.ses != nil {
-		max += seal.Overhead
+		max = maxSealedFrame
 	}
 	fr := codec.NewFrameReader(sc.c, max)
 	w := d.dev.NewWriter()
@@ -349,43 +350,77 @@ func (e *ipCarry) readFrames(sc *streamConn) error {
 			return err
 		}
 		d.stats.NetRx.Add(1)
-		if sc.ses != nil {
-			typ, pt, _, why := sc.ses.Open(nil, pkt, time.Now().UnixNano())
-			if why != seal.OK {
-				// A stream cannot lose or reorder records: anything
-				// that does not open is an attack on the stream.
-				d.stats.dropSeal(why)
-				return fmt.Errorf("sealed frame refused (%s)", dropName(why))
-			}
-			if typ != seal.TypeData {
-				d.stats.KeepaliveRx.Add(1)
-				continue
-			}
-			pkt = pt
-		}
-		if codec.Version(pkt) == 0 {
-			d.stats.drop(codec.DropMalformed)
+		if sc.ses == nil {
+			e.toTun(w, pkt)
 			continue
 		}
-		if err := w.Write(pkt, false); err != nil {
-			d.stats.drop(codec.DropMalformed)
+		typ, pt, _, why := sc.ses.Open(nil, pkt, time.Now().UnixNano())
+		if why != seal.OK {
+			// A stream cannot lose or reorder records: anything that
+			// does not open is an attack on the stream.
+			d.stats.dropSeal(why)
+			return fmt.Errorf("sealed frame refused (%s)", dropName(why))
+		}
+		if typ != seal.TypeData {
+			d.stats.KeepaliveRx.Add(1)
 			continue
 		}
-		d.stats.TunTx.Add(1)
+		// One record, one or more whole packets, each delimited by the
+		// length in its own header.
+		for len(pt) > 0 {
+			n := codec.PacketLen(pt)
+			if n == 0 || n > len(pt) {
+				d.stats.drop(codec.DropMalformed)
+				break
+			}
+			e.toTun(w, pt[:n])
+			pt = pt[n:]
+		}
 	}
+}
+
+// toTun writes one packet received over a stream into the TUN.
+func (e *ipCarry) toTun(w *tun.Writer, pkt []byte) {
+	d := e.d
+	if len(pkt) > e.maxFrame {
+		d.stats.drop(codec.DropTooBig)
+		return
+	}
+	if codec.Version(pkt) == 0 {
+		d.stats.drop(codec.DropMalformed)
+		return
+	}
+	if err := w.Write(pkt, false); err != nil {
+		d.stats.drop(codec.DropMalformed)
+		return
+	}
+	d.stats.TunTx.Add(1)
+}
+
+// maxSealedFrame is the largest sealed frame over TCP: a record holds as
+// many whole packets of one batch from the TUN as fit, so the AEAD runs
+// over up to 64 KiB at a time instead of once per packet.
+const maxSealedFrame = 0xffff
+
+// sealRecord seals the n bytes of packets staged in buf (after room for
+// the frame and record headers) in place and returns the frame.
+func sealRecord(ses *seal.Session, buf []byte, n int) ([]byte, bool) {
+	h := codec.FrameHeaderLen
+	rec, ok := ses.Seal(buf[h:], seal.TypeData, buf[h+seal.HeaderLen:h+seal.HeaderLen+n])
+	if !ok {
+		return nil, false
+	}
+	codec.PutFrameHeader(buf, len(rec))
+	return buf[:h+len(rec)], true
 }
 
 func (e *ipCarry) tunToTCP() error {
 	d := e.d
 	r := d.dev.NewReader(d.cfg.Batch, codec.FrameHeaderLen, d.cfg.MTU)
 	frames := make([][]byte, r.MaxPackets())
-	var sealBufs [][]byte
-	if d.key != nil {
-		sealBufs = make([][]byte, r.MaxPackets())
-		for i := range sealBufs {
-			sealBufs[i] = make([]byte, codec.FrameHeaderLen+seal.Overhead+d.cfg.MTU)
-		}
-	}
+	// With a key: records being filled, allocated as first needed.
+	recs := make([][]byte, r.MaxPackets())
+	const room = maxSealedFrame - seal.Overhead
 	var wb net.Buffers
 	for {
 		pkts, err := r.Read()
@@ -397,7 +432,7 @@ func (e *ipCarry) tunToTCP() error {
 		if sc == nil {
 			sc = e.serverConn.Load()
 		}
-		m := 0
+		m, fill := 0, 0
 		for i, pkt := range pkts {
 			d.stats.TunRx.Add(1)
 			if len(pkt) > e.maxFrame || codec.Version(pkt) == 0 {
@@ -409,19 +444,20 @@ func (e *ipCarry) tunToTCP() error {
 				continue
 			}
 			if sc.ses != nil {
-				f := sealBufs[m]
-				rec, ok := sc.ses.Seal(f[codec.FrameHeaderLen:], seal.TypeData, pkt)
-				if !ok || sc.ses.NeedsRekey(0) {
-					// Worn out: a new stream brings new keys.
-					sc.c.Close()
+				// Stage the packet into the current record; seal the
+				// record when the next packet would not fit.
+				if fill > 0 && fill+len(pkt) > room {
+					ok := e.finishRecord(sc, recs, frames, &m, fill)
+					fill = 0
+					if !ok {
+						break
+					}
 				}
-				if !ok {
-					d.stats.drop(codec.DropStale)
-					continue
+				if recs[m] == nil {
+					recs[m] = make([]byte, codec.FrameHeaderLen+maxSealedFrame)
 				}
-				codec.PutFrameHeader(f, len(rec))
-				frames[m] = f[:codec.FrameHeaderLen+len(rec)]
-				m++
+				copy(recs[m][codec.FrameHeaderLen+seal.HeaderLen+fill:], pkt)
+				fill += len(pkt)
 				continue
 			}
 			// The reader left room for the length in front of the packet.
@@ -429,6 +465,9 @@ func (e *ipCarry) tunToTCP() error {
 			codec.PutFrameHeader(f, len(pkt))
 			frames[m] = f
 			m++
+		}
+		if fill > 0 {
+			e.finishRecord(sc, recs, frames, &m, fill)
 		}
 		if m == 0 {
 			continue
@@ -442,6 +481,23 @@ func (e *ipCarry) tunToTCP() error {
 		}
 		d.stats.NetTx.Add(uint64(m))
 	}
+}
+
+// finishRecord seals the record being filled (recs[*m], fill bytes) into
+// frames[*m]; false when the session is worn out (the stream is closed, a
+// new one brings new keys).
+func (e *ipCarry) finishRecord(sc *streamConn, recs, frames [][]byte, m *int, fill int) bool {
+	f, ok := sealRecord(sc.ses, recs[*m], fill)
+	if !ok || sc.ses.NeedsRekey(0) {
+		sc.c.Close()
+	}
+	if !ok {
+		e.d.stats.drop(codec.DropStale)
+		return false
+	}
+	frames[*m] = f
+	*m++
+	return true
 }
 
 // newStreamSession derives the keys of one TCP stream.

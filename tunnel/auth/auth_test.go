@@ -2,11 +2,13 @@ package auth
 
 import (
 	"errors"
+	"io"
 	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
 	"testing"
+	"time"
 )
 
 func pair(t *testing.T) (client, server net.Conn) {
@@ -115,5 +117,58 @@ func TestKeyFile(t *testing.T) {
 		if _, err := ParseKey(bad); err == nil {
 			t.Errorf("key %q accepted", bad)
 		}
+	}
+}
+
+// Both sides agree on the nonces (the session keys' input) and on the
+// session a rekey replaces; a man in the middle who changes the latter
+// breaks the server's proof.
+func TestHandshakeResult(t *testing.T) {
+	key := GenerateKey()
+	c, s := pair(t)
+	got := make(chan *Result, 1)
+	go func() {
+		(&Server{Key: key}).Handshake(s, func(r *Result) error { got <- r; return nil })
+		s.Close()
+	}()
+	r, err := Client(c, key, 0, 0x01020304)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sr := <-got
+	if sr.Nc != r.Nc || sr.Ns != r.Ns || sr.Prev != 0x01020304 || r.Prev != sr.Prev {
+		t.Fatalf("client %+v, server %+v", r, sr)
+	}
+	// A relay that rewrites R in the hello.
+	c2, s2 := pair(t)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		m, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		defer m.Close()
+		hello := make([]byte, helloLen)
+		io.ReadFull(m, hello)
+		hello[helloLen-1] ^= 1
+		s2.Write(hello)
+		go io.Copy(s2, m)
+		io.Copy(m, s2)
+	}()
+	go func() {
+		(&Server{Key: key}).Handshake(c2, func(*Result) error { return nil })
+		c2.Close()
+	}()
+	mc, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer mc.Close()
+	if _, err := Client(mc, key, 2*time.Second, 5); !errors.Is(err, ErrBadMAC) {
+		t.Fatalf("handshake with R rewritten on the way: %v, want %v", err, ErrBadMAC)
 	}
 }

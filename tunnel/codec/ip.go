@@ -76,6 +76,18 @@ func Version(pkt []byte) int {
 	return 0
 }
 
+// PacketLen is the length an IPv4 or IPv6 packet at the start of b
+// declares for itself (header included), or 0 if b does not start with one.
+func PacketLen(b []byte) int {
+	switch {
+	case len(b) >= IPv4HeaderLen && b[0]>>4 == 4:
+		return int(binary.BigEndian.Uint16(b[2:]))
+	case len(b) >= IPv6HeaderLen && b[0]>>4 == 6:
+		return IPv6HeaderLen + int(binary.BigEndian.Uint16(b[4:]))
+	}
+	return 0
+}
+
 // Dst returns the destination address of a packet Version accepted.
 func Dst(pkt []byte) netip.Addr {
 	if pkt[0]>>4 == 4 {
