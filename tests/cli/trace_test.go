@@ -48,7 +48,7 @@ func TestMonitorTrace(t *testing.T) {
 		}
 		close(lines)
 	}()
-	time.Sleep(500 * time.Millisecond) // the ring buffers are open
+	// (Records written before monitor opens the ring buffer wait there.)
 
 	// Receive on b what crossed the wire: the funneled datagram arrives as TCP.
 	capture := b.Command("tcpdump", "-nn", "-i", "veth1", "-c", "1", "--immediate-mode", "-l", "tcp port 179")
@@ -56,12 +56,23 @@ func TestMonitorTrace(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	capture.Stderr = nil
+	capErr, err := capture.StderrPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
 	if err := capture.Start(); err != nil {
 		t.Fatal(err)
 	}
 	defer capture.Process.Kill()
-	time.Sleep(500 * time.Millisecond) // tcpdump listens
+	for br := bufio.NewReader(capErr); ; {
+		l, err := br.ReadString('\n')
+		if err != nil {
+			t.Fatalf("tcpdump: %q %v", l, err)
+		}
+		if strings.Contains(l, "listening on") {
+			break
+		}
+	}
 
 	send := func(port string) {
 		t.Helper()
@@ -145,7 +156,6 @@ func TestMonitorTrace(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer cmd.Process.Kill()
-	time.Sleep(500 * time.Millisecond)
 	send("4739")
 	sc := bufio.NewScanner(stdout)
 	var ev struct{ ID, Interface, Hook, Type, Packet, Rule, Verdict string }
