@@ -167,8 +167,23 @@ func parseError(err error, src string) error {
 		span.End.Column += n
 		span.End.Offset += n
 	}
-	return &Error{Span: span, Msg: "syntax error, " + friendlyMessage(perr.Message())}
+	msg := friendlyMessage(perr.Message())
+	if p.Offset >= 0 && p.Offset+1 < len(src) && src[p.Offset] == '-' && isLetter(src[p.Offset+1]) {
+		// `list ruleset -a` at the prompt or in a file: rule text has no
+		// words that start with '-'.
+		n := 1
+		for p.Offset+n < len(src) && isLetter(src[p.Offset+n]) {
+			n++
+		}
+		span.End = p
+		span.End.Column += n
+		span.End.Offset += n
+		msg = "unexpected option " + src[p.Offset:p.Offset+n] + ": options go on the command line, before the command (sfunnel " + src[p.Offset:p.Offset+n] + " COMMAND)"
+	}
+	return &Error{Span: span, Msg: "syntax error, " + msg}
 }
+
+func isLetter(c byte) bool { return c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c == '-' }
 
 // tokenLen is the length of the token that starts s (at least 1).
 func tokenLen(s string) int {
@@ -209,12 +224,16 @@ func friendlyMessage(msg string) string {
 	if strings.HasPrefix(msg, `unexpected token "\""`) {
 		return "unterminated string"
 	}
+	msg = strings.ReplaceAll(msg, `token "\n"`, "end of line")
 	msg = strings.ReplaceAll(msg, `"\n"`, "end of line")
 	msg = strings.ReplaceAll(msg, `token "<EOF>"`, "end of input")
 	msg = strings.ReplaceAll(msg, `(expected "}")`, `(expected "," or "}")`)
 	head, expected, found := strings.Cut(msg, " (expected ")
 	if h := hint(msg); h != "" {
 		return head + h
+	}
+	if found && strings.HasPrefix(expected, `<ident> (("|" | ",")`) {
+		return head + ", expected tcp flags: " + orList(TCPFlags)
 	}
 	if found {
 		for _, e := range expectations {

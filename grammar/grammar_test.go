@@ -350,8 +350,13 @@ func TestErrors(t *testing.T) {
 		// Syntax errors inside blocks are as specific as on the command line.
 		"interface eth0 {\n\tegress {\n\t\tudp dport 1 actions frob\n\t}\n}",
 		"interface eth0 {\n\tegress {\n\t\tudp dport 1 frob\n\t}\n}",
+		"interface eth0 {\n\tegress {\n\t\tudp dport\n\t\tudp dport 1 actions funnel\n\t\tudp dport 1 dnat to\n\t\ttcp flags\n\t\tudp dport 1 comment\n\t}\n}",
+		"interface eth0 { egress { meta mark set } }",
 		// Several syntax errors, one per bad line.
 		"udp dport 1 actions drop ~\nudp dport 2 actions drop\nudp sport ( 3 )\nlist rules\nudp dport 4 drop",
+		// Options belong on the command line.
+		"list ruleset -a",
+		"list ruleset --json",
 		// Set sizes.
 		"set s { type ipv4_addr; size 2; elements = { 192.0.2.1, 192.0.2.2, 192.0.2.3 } }",
 		"set s { type ipv4_addr; size 70000 }",

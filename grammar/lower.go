@@ -183,6 +183,9 @@ func (l *lowerer) syntaxErrors(filename, src string, err error, incl []Span) *fi
 			return nil
 		}
 		le.IncludedFrom = incl
+		if alone := lineAlone(filename, string(text), le); alone != nil {
+			le = alone
+		}
 		l.errs = append(l.errs, le)
 		off := le.Span.Pos.Offset
 		if n+1 >= maxSyntaxErrors || off < 0 || off >= len(text) {
@@ -442,8 +445,14 @@ func (l *lowerer) interfaceBlock(b *interfaceSyntax) {
 			if h.Hook == "egress" {
 				hook = HookEgress
 			}
-			for _, rs := range h.Rules {
-				r := l.rule(rs)
+			for _, line := range h.Rules {
+				if line.Bad != nil {
+					if seen[name] && name == firstName(b, l) {
+						l.badLine(line.Bad)
+					}
+					continue
+				}
+				r := l.rule(line.Rule)
 				if r == nil {
 					continue
 				}
@@ -455,6 +464,88 @@ func (l *lowerer) interfaceBlock(b *interfaceSyntax) {
 			}
 		}
 	}
+}
+
+// firstName is the first interface of a block, so a bad line of a block
+// for several interfaces is reported once.
+func firstName(b *interfaceSyntax, l *lowerer) string {
+	if len(b.Names) == 0 {
+		return ""
+	}
+	return b.Names[0].Name
+}
+
+// lineAlone parses the line of a syntax error on its own (as the command
+// line would see it) and returns that error if it lies further into the
+// line: participle backs out of a rule inside a block and blames an
+// earlier token, while the line alone gets the specific message. Lines
+// with braces are left as they are.
+func lineAlone(filename, src string, e *Error) *Error {
+	off := e.Span.Pos.Offset
+	if off < 0 || off > len(src) {
+		return nil
+	}
+	start := strings.LastIndexByte(src[:off], '\n') + 1
+	end := len(src)
+	if i := strings.IndexByte(src[off:], '\n'); i >= 0 {
+		end = off + i
+	}
+	if strings.ContainsAny(src[start:end], "{}") {
+		return nil
+	}
+	blank := []byte(src[:end])
+	for i := 0; i < start; i++ {
+		if blank[i] != '\n' {
+			blank[i] = ' '
+		}
+	}
+	_, err := parser.ParseBytes(filename, blank)
+	if err == nil {
+		return nil
+	}
+	alone, ok := parseError(err, string(blank)).(*Error)
+	if !ok || alone.Span.Pos.Offset <= off || alone.Span.Pos.Offset > end {
+		return nil
+	}
+	alone.Msg = strings.Replace(alone.Msg, "end of input", "end of line", 1)
+	alone.IncludedFrom = e.IncludedFrom
+	return alone
+}
+
+// badLine reports a hook line that is not a rule by parsing it alone, with
+// the rest of its file blanked so positions stay put: the message is the
+// one the same text gets on the command line.
+func (l *lowerer) badLine(b *badLineSyntax) {
+	span := spanOf(b.Tokens)
+	src := l.sources[span.Pos.Filename]
+	if span.Pos.Offset < 0 || span.End.Offset > len(src) {
+		l.errorf(span, "syntax error: not a rule")
+		return
+	}
+	// The line alone, as the command line would have it: blanks before
+	// (newlines kept), nothing after.
+	end := len(src)
+	if i := strings.IndexByte(src[span.End.Offset:], '\n'); i >= 0 {
+		end = span.End.Offset + i
+	}
+	blank := []byte(src[:end])
+	for i := 0; i < span.Pos.Offset; i++ {
+		if blank[i] != '\n' {
+			blank[i] = ' '
+		}
+	}
+	_, err := parser.ParseBytes(span.Pos.Filename, blank)
+	if err == nil {
+		l.errorf(span, "syntax error, this is not a rule")
+		return
+	}
+	if e, ok := parseError(err, string(blank)).(*Error); ok && e.Span.Pos.Offset >= span.Pos.Offset {
+		e.Msg = strings.Replace(e.Msg, "end of input", "end of line", 1)
+		e.IncludedFrom = append([]Span(nil), l.incl...)
+		l.errs = append(l.errs, e)
+		return
+	}
+	l.errorf(span, "syntax error, this is not a rule")
 }
 
 // name resolves an interface or set name, which may be a $var.

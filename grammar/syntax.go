@@ -97,8 +97,23 @@ type nameSyntax struct {
 
 type hookSyntax struct {
 	Pos    lexer.Position
-	Hook   string        `parser:"@('ingress' | 'egress') '{'"`
-	Rules  []*ruleSyntax `parser:"( EOL | ';' )* ( @@ ( ( EOL | ';' )+ @@ )* ( EOL | ';' )* )? '}'"`
+	Hook   string            `parser:"@('ingress' | 'egress') '{'"`
+	Rules  []*hookLineSyntax `parser:"( EOL | ';' )* ( @@ ( ( EOL | ';' )+ @@ )* ( EOL | ';' )* )? '}'"`
+	Tokens []lexer.Token
+}
+
+// hookLineSyntax is one rule of a hook block. A line that is not a rule is
+// kept as Bad, so the block still parses and the lowerer can parse that
+// line on its own, for the same message as on the command line (participle
+// would otherwise back out of the whole block and blame its brace).
+type hookLineSyntax struct {
+	Rule *ruleSyntax    `parser:"  @@ (?= EOL | ';' | '}' )"`
+	Bad  *badLineSyntax `parser:"| @@"`
+}
+
+type badLineSyntax struct {
+	Pos    lexer.Position
+	Words  []string `parser:"( @'{' @~'}'* @'}' | @~( EOL | ';' | '}' ) )+"`
 	Tokens []lexer.Token
 }
 
@@ -276,7 +291,7 @@ type actionSyntax struct {
 	DNAT     *dnatSyntax   `parser:"| 'dnat' 'to'? @@"`
 	// Any other word is kept so the lowerer can name what it expected
 	// (and what the word means in nft), wherever the rule is.
-	Unknown string `parser:"| (?! 'comment' | 'actions' | 'ip' | 'ip6' | 'tcp' | 'udp' | 'saddr' | 'daddr' | 'sport' | 'dport' | 'flags' | 'meta' | 'ct' | 'counter' | 'packets' | 'bytes' ) @Ident"`
+	Unknown string `parser:"| (?! 'comment' | 'actions' | 'ip' | 'ip6' | 'tcp' | 'udp' | 'saddr' | 'daddr' | 'sport' | 'dport' | 'flags' | 'meta' | 'ct' | 'counter' | 'packets' | 'bytes' | 'accept' | 'drop' | 'funnel' | 'unfunnel' | 'rewrite' | 'dnat' ) @Ident"`
 	Tokens  []lexer.Token
 }
 
