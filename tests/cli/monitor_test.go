@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"net"
 	"os/exec"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -62,12 +63,29 @@ func TestMonitor(t *testing.T) {
 			}
 		}
 	}
-	time.Sleep(700 * time.Millisecond) // the first poll sets the baseline
+	// The first poll sets the baseline: what changed before it is not
+	// reported. Add rules until one is; every later change is then.
+	for k := 0; ; k++ {
+		if k == 20 {
+			t.Fatalf("monitor reported none of 20 rules added; it printed:\n%s", strings.Join(got, "\n"))
+		}
+		port := strconv.Itoa(20000 + k)
+		mustSfunnel(t, "", "--netns", a.Name, "add", "rule", "veth0", "ingress", "udp", "dport", port, "counter")
+		if waitLine(lines, &got, "add rule veth0 ingress udp dport "+port+" counter # handle", time.Second) {
+			break
+		}
+	}
 
 	mustSfunnel(t, "", "--netns", a.Name, "add", "rule", "veth0", "egress", "udp", "dport", "9", "actions", "drop")
-	expect("add rule veth0 egress udp dport 9 actions drop # handle 3", "veth0 egress program")
-	mustSfunnel(t, "", "--netns", a.Name, "delete", "rule", "veth0", "egress", "handle", "3")
-	expect("delete rule veth0 egress handle 3")
+	expect("add rule veth0 egress udp dport 9 actions drop # handle ", "veth0 egress program")
+	var handle string
+	for _, l := range got {
+		if h, ok := strings.CutPrefix(l, "add rule veth0 egress udp dport 9 actions drop # handle "); ok {
+			handle = h
+		}
+	}
+	mustSfunnel(t, "", "--netns", a.Name, "delete", "rule", "veth0", "egress", "handle", handle)
+	expect("delete rule veth0 egress handle " + handle)
 	mustSfunnel(t, "", "--netns", a.Name, "add", "set", "flows", "{", "type", "inet_service;", "elements", "=", "{", "2055", "}", "}")
 	expect("add set flows", "add element flows { 2055 }")
 	mustSfunnel(t, "", "--netns", a.Name, "add", "element", "flows", "{", "4739,", "6343", "}")
@@ -101,5 +119,24 @@ func TestMonitor(t *testing.T) {
 	cmd.Process.Signal(syscall.SIGINT)
 	if err := cmd.Wait(); err != nil {
 		t.Errorf("monitor after SIGINT: %v", err)
+	}
+}
+
+// waitLine reads lines until one starts with prefix (true) or d passes.
+func waitLine(lines <-chan string, got *[]string, prefix string, d time.Duration) bool {
+	deadline := time.After(d)
+	for {
+		select {
+		case l, ok := <-lines:
+			if !ok {
+				return false
+			}
+			*got = append(*got, l)
+			if strings.HasPrefix(l, prefix) {
+				return true
+			}
+		case <-deadline:
+			return false
+		}
 	}
 }
