@@ -16,6 +16,9 @@ import (
 type Session struct {
 	Backend Backend
 	Out     io.Writer
+	// Err gets the warnings of -j listings (text listings carry them as
+	// comments); nil drops them.
+	Err io.Writer
 
 	JSON bool // -j
 	// Version is sfunnel's version, for JSON metainfo.
@@ -236,7 +239,8 @@ func (s *Session) listOptions() (*ListOptions, error) {
 	return o, nil
 }
 
-// warn prints the backend's warnings as comment lines.
+// warn prints the backend's warnings: as comment lines before a text
+// listing, on Err before a JSON one (which has no place for them).
 func (s *Session) warn() error {
 	w, ok := s.Backend.(Warner)
 	if !ok || s.Check {
@@ -247,8 +251,13 @@ func (s *Session) warn() error {
 		return err
 	}
 	for _, m := range msgs {
-		if _, err := fmt.Fprintf(s.Out, "# warning: %s\n", m); err != nil {
-			return err
+		switch {
+		case !s.JSON:
+			if _, err := fmt.Fprintf(s.Out, "# warning: %s\n", m); err != nil {
+				return err
+			}
+		case s.Err != nil:
+			fmt.Fprintf(s.Err, "Warning: %s\n", m)
 		}
 	}
 	return nil
@@ -271,11 +280,11 @@ func (s *Session) read(rs *Ruleset, c *grammar.Command) error {
 			sets = nil
 		}
 		auditJSON(rs, only, sets, o)
-		if s.JSON {
-			return WriteJSON(s.Out, rs, only, sets, o)
-		}
 		if err := s.warn(); err != nil {
 			return err
+		}
+		if s.JSON {
+			return WriteJSON(s.Out, rs, only, sets, o)
 		}
 		return WriteText(s.Out, rs, only, o)
 	case grammar.CmdListSets, grammar.CmdListSet:

@@ -195,6 +195,7 @@ func (a *app) execWith(name, text string, parse func(*grammar.Options) ([]*gramm
 	s := &ruleset.Session{
 		Backend:         b,
 		Out:             a.stdout,
+		Err:             a.stderr,
 		JSON:            a.opts.json,
 		Version:         version,
 		Handles:         a.opts.handles,

@@ -72,6 +72,10 @@ func TestNftFlushDetectedAndHealed(t *testing.T) {
 	}
 	// The listing, warning included, is valid input.
 	mustSfunnel(t, "flush ruleset\n"+got, "--netns", a.Name, "-c", "-f", "-")
+	// -j has no place for it: it goes to stderr.
+	if r := sfunnel(t, "", "--netns", a.Name, "-j", "list", "ruleset"); r.code != 0 || r.stderr != "Warning: "+strings.TrimPrefix(warning, "# warning: ") || !strings.HasPrefix(r.stdout, `{"nftables"`) {
+		t.Errorf("-j list ruleset after nft flush ruleset: exit %d\nstdout %s\nstderr %s", r.code, r.stdout, r.stderr)
+	}
 
 	// The next apply heals.
 	mustSfunnel(t, conf, "--netns", a.Name, "-f", "-")
