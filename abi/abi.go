@@ -34,7 +34,31 @@ const (
 	// SetMapPrefix + set name: the map of a named set (layout below),
 	// shared by every program that references the set.
 	SetMapPrefix = "set_"
+	// ControlMap: ARRAY, 1 entry, key uint32 0, value Control. The
+	// program reads the generation once per packet.
+	ControlMap = "ctl"
+	// TablePrefix + key size in words: HASH (BPF_F_NO_PREALLOC) rule
+	// tables. Key: uint32 shape id<<1 | generation, then the shape's key
+	// words (addresses as in the packet, prefix-masked; ports and marks as
+	// native uint32). Value: TableValue.
+	TablePrefix = "tbl"
 )
+
+// Control is the value of the control map.
+type Control struct {
+	Generation uint32 // live generation of the rule tables: 0 or 1
+	NoRule     uint32 // always NoRule: "no match yet", read from here so the verifier can't fold it
+}
+
+// NoRule is the priority of "no rule matched".
+const NoRule = 0xffffffff
+
+// TableValue is the value of a rule table entry (native uint32s).
+type TableValue struct {
+	Prio uint32 // the lowest matching priority wins (rule position)
+	Slot uint32 // index of the rule's counters and rule_mtu entries
+	Body uint32 // which of the segment's action bodies runs
+}
 
 // Counter is the value of the counters map (one per CPU).
 type Counter struct {

@@ -32,8 +32,12 @@
 package compiler
 
 import (
+	"crypto/sha256"
 	"encoding/binary"
 	"fmt"
+	"maps"
+	"slices"
+	"strings"
 
 	"github.com/cilium/ebpf"
 	"github.com/sfunnel/sfunnel/abi"
@@ -93,11 +97,56 @@ type Options struct {
 	SegIfindex int
 }
 
-// Program is a compiled hook.
+// Program is a compiled hook: the program with its maps (Spec), and apart
+// from it the contents of its rule tables, so that a change that only
+// changes contents can be applied to the live maps (see Digest and
+// TableContents).
 type Program struct {
 	Spec      *ebpf.CollectionSpec // exactly one program named "sfunnel" (SchedCLS, GPL) + its maps
 	Handles   []uint64             // Handles[i] = handle of rule i; index i of "counters" and "rule_mtu"
 	NamedSets []string             // named sets the program references; their maps are Spec.Maps["set_"+name]
+	// Tables names the maps of Spec whose contents are rule tables
+	// (abi.TablePrefix), sorted. Spec holds their generation 0 entries.
+	Tables []string
+	// Digest identifies the program and the shapes of its maps, not the
+	// contents of its tables: two compilations with the same digest differ
+	// at most in TableContents (and named set elements).
+	Digest [32]byte
+
+	c *compiler
+}
+
+// TableContents returns every entry of every table map for generation gen
+// (0 or 1): the live program uses the generation abi.ControlMap holds.
+func (p *Program) TableContents(gen uint32) map[string][]ebpf.MapKV {
+	out := map[string][]ebpf.MapKV{}
+	for _, name := range p.Tables {
+		out[name] = p.c.entries(p.c.tables[name], gen&1)
+	}
+	return out
+}
+
+// digest hashes the listing of the instructions and the map shapes.
+func digest(spec *ebpf.CollectionSpec) [32]byte {
+	h := sha256.New()
+	// Not the listing: its comments name rules and count entries.
+	for _, ins := range spec.Programs[ProgramName].Instructions {
+		fmt.Fprintf(h, "%v %v %v %d %d %s %s\n", ins.OpCode, ins.Dst, ins.Src, ins.Offset, ins.Constant, ins.Reference(), ins.Symbol())
+	}
+	names := slices.Sorted(maps.Keys(spec.Maps))
+	for _, n := range names {
+		m := spec.Maps[n]
+		fmt.Fprintf(h, "map %s %v %d %d %d %#x\n", n, m.Type, m.KeySize, m.ValueSize, m.MaxEntries, m.Flags)
+		if !strings.HasPrefix(n, abi.TablePrefix) && n != abi.ControlMap && !strings.HasPrefix(n, SetMapPrefix) {
+			// Anonymous sets and host tables are part of the program.
+			for _, kv := range m.Contents {
+				fmt.Fprintf(h, "%v %v\n", kv.Key, kv.Value)
+			}
+		}
+	}
+	var d [32]byte
+	h.Sum(d[:0])
+	return d
 }
 
 // Error is a compile error at a node of the rule text.
@@ -147,9 +196,10 @@ func Compile(rules []*grammar.Rule, sets map[string]*grammar.Set, opts Options) 
 	if err := c.program(rules); err != nil {
 		return nil, err
 	}
-	p := &Program{Spec: c.spec, NamedSets: c.named}
+	p := &Program{Spec: c.spec, NamedSets: c.named, c: c, Digest: digest(c.spec)}
 	for _, r := range rules {
 		p.Handles = append(p.Handles, r.Handle)
 	}
+	p.Tables = slices.Sorted(maps.Keys(c.tables))
 	return p, nil
 }

@@ -11,6 +11,7 @@ import (
 	"os"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/gopacket/gopacket"
 	"github.com/gopacket/gopacket/layers"
@@ -500,6 +501,169 @@ func describeRules(rules []*grammar.Rule) string {
 	return b.String()
 }
 
+// diffTally sums what the differential tests compared.
+type diffTally struct {
+	rulesets, tabled, packets, failures int
+	changed                             map[grammar.ActionKind]int
+	verdicts                            map[int32]int
+	stats                               [compiler.NumStats]uint64
+}
+
+func newTally() *diffTally {
+	return &diffTally{changed: map[grammar.ActionKind]int{}, verdicts: map[int32]int{}}
+}
+
+func (d *diffTally) String() string {
+	return fmt.Sprintf("%d rulesets (%d with table segments), %d packets compared; verdicts %v; rewritten by action %v; stats %v",
+		d.rulesets, d.tabled, d.packets, d.verdicts, d.changed, d.stats)
+}
+
+// diffRuleset compiles and loads rules, runs perSet random packets through
+// the program and the reference model and compares verdicts, bytes, marks,
+// counters and stats.
+func diffRuleset(t *testing.T, g gen, d *diffTally, rs int, rules []*grammar.Rule, sets map[string]*grammar.Set, opts compiler.Options, perSet int) {
+	t.Helper()
+	d.rulesets++
+	l := compileLoad(t, rules, sets, opts)
+	defer l.coll.Close()
+	listing := fmt.Sprint(l.prog.Spec.Programs[compiler.ProgramName].Instructions)
+	if strings.Contains(listing, "looked up in tables") {
+		d.tabled++
+	}
+	show := func() string {
+		if len(rules) > 64 {
+			return fmt.Sprintf("  (%d rules; SFUNNEL_SEED replays)\n", len(rules))
+		}
+		return describeRules(rules)
+	}
+	model, err := refmodel.New(rules, sets, modelOptions(opts))
+	if err != nil {
+		t.Fatal(err)
+	}
+	counters := map[int]abi.Counter{}
+	var stats [compiler.NumStats]uint64
+	for n := 0; n < perSet && d.failures < 5; n++ {
+		pkt := g.packet(t)
+		mark := poolMark[g.pick(len(poolMark))]
+		got := l.run(t, pkt, mark)
+		want := model.Run(refmodel.Input{Packet: pkt, Mark: mark})
+		d.packets++
+		d.verdicts[want.Verdict]++
+		if want.Rule >= 0 && !bytes.Equal(pkt, want.Packet) {
+			for _, a := range rules[want.Rule].Actions {
+				d.changed[a.Kind]++
+			}
+		}
+		for i, v := range want.Stats {
+			d.stats[i] += v
+		}
+		for i, c := range want.Counters {
+			cc := counters[i]
+			cc.Packets += c.Packets
+			cc.Bytes += c.Bytes
+			counters[i] = cc
+		}
+		for i, v := range want.Stats {
+			stats[i] += v
+		}
+		if got.ret != want.Verdict || !bytes.Equal(got.out, want.Packet) || got.mark != want.Mark {
+			d.failures++
+			t.Errorf("ruleset %d packet %d mismatch (model: rule %d)\nrules:\n%sin   %s\ngot  verdict %d mark %#x %s\nwant verdict %d mark %#x %s",
+				rs, n, want.Rule, show(), hex.EncodeToString(pkt), got.ret, got.mark, hex.EncodeToString(got.out),
+				want.Verdict, want.Mark, hex.EncodeToString(want.Packet))
+			continue
+		}
+		if want.Rule >= 0 && want.Verdict == compiler.VerdictPass && !bytes.Equal(pkt, want.Packet) && !hasUnfunnel(rules[want.Rule]) {
+			if ok, known := checksumsOK(pkt); known && ok {
+				if ok2, known2 := checksumsOK(want.Packet); known2 && !ok2 {
+					d.failures++
+					t.Errorf("ruleset %d packet %d: valid input, invalid checksums out\nrules:\n%sin  %s\nout %s", rs, n, show(), hex.EncodeToString(pkt), hex.EncodeToString(want.Packet))
+				}
+			}
+		}
+	}
+	for i := range rules {
+		if c := l.counter(t, i); c != counters[i] {
+			d.failures++
+			t.Errorf("ruleset %d rule %d counter %+v, model %+v\nrules:\n%s", rs, i, c, counters[i], show())
+			break
+		}
+	}
+	if s := l.stats(t); s != stats {
+		d.failures++
+		t.Errorf("ruleset %d stats %v, model %v\nrules:\n%s", rs, s, stats, show())
+	}
+}
+
+// diffSeed returns the generator of a differential test.
+func diffSeed(t *testing.T) gen {
+	seed := uint64(rand.Int64())
+	if s := os.Getenv("SFUNNEL_SEED"); s != "" {
+		fmt.Sscan(s, &seed)
+	}
+	t.Logf("seed %d (SFUNNEL_SEED to replay)", seed)
+	return gen{r: rand.New(rand.NewPCG(seed, 0x5f))}
+}
+
+// mixedRules makes n rules of mixed shapes, as large rulesets are: a few
+// dozen random rules (every match kind, negations, ranges, sets, marks,
+// both families, stacked actions) serve as templates, and each rule is a
+// template with new values in its positive address, port and mark
+// matches; one rule in fifty is a fresh random rule.
+func (g gen) mixedRules(n int, sets map[string]*grammar.Set) []*grammar.Rule {
+	var templates []*grammar.Rule
+	for i := 0; i < 40; i++ {
+		templates = append(templates, g.rule(sets))
+	}
+	var rules []*grammar.Rule
+	for len(rules) < n {
+		if g.chance(0.02) {
+			rules = append(rules, g.rule(sets))
+			continue
+		}
+		r := *templates[g.pick(len(templates))]
+		for _, m := range []**grammar.AddrMatch{&r.Saddr, &r.Daddr} {
+			if *m != nil && !(*m).Neg && (*m).Set == "" {
+				nm := **m
+				nm.Prefixes = nil
+				for _, p := range (*m).Prefixes {
+					a := g.addr(p.Addr().Is6())
+					if g.chance(0.5) {
+						// A value outside the pools: most rules then match no packet.
+						b := a.AsSlice()
+						b[len(b)-1] ^= byte(1 + g.pick(255))
+						a, _ = netip.AddrFromSlice(b)
+					}
+					nm.Prefixes = append(nm.Prefixes, netip.PrefixFrom(a, p.Bits()).Masked())
+				}
+				*m = &nm
+			}
+		}
+		for _, m := range []**grammar.PortMatch{&r.Sport, &r.Dport} {
+			if *m != nil && !(*m).Neg && (*m).Set == "" {
+				nm := **m
+				nm.Ranges = nil
+				for _, rg := range (*m).Ranges {
+					p := g.port()
+					hi := uint16(min(65535, int(p)+int(rg.Hi-rg.Lo)))
+					nm.Ranges = append(nm.Ranges, grammar.PortRange{Lo: p, Hi: hi})
+				}
+				*m = &nm
+			}
+		}
+		if m := r.MetaMark; m != nil && !m.Neg {
+			nm := *m
+			nm.Value = poolMark[g.pick(len(poolMark))] & m.Mask
+			r.MetaMark = &nm
+		}
+		rules = append(rules, &r)
+	}
+	for i, r := range rules {
+		r.Handle = uint64(i + 1)
+	}
+	return rules
+}
+
 func TestDifferential(t *testing.T) {
 	rulesets, perSet := 400, 256
 	if os.Getenv("SFUNNEL_LONG") == "1" {
@@ -508,20 +672,16 @@ func TestDifferential(t *testing.T) {
 	if testing.Short() {
 		rulesets = 40
 	}
-	seed := uint64(rand.Int64())
-	t.Logf("seed %d (SFUNNEL_SEED to replay)", seed)
-	if s := os.Getenv("SFUNNEL_SEED"); s != "" {
-		fmt.Sscan(s, &seed)
-	}
-	g := gen{r: rand.New(rand.NewPCG(seed, 0x5f))}
-	failures, packets, grouped, pairGrouped := 0, 0, 0, 0
-	changed := map[grammar.ActionKind]int{}
-	verdicts := map[int32]int{}
-	var allStats [compiler.NumStats]uint64
-	for rs := 0; rs < rulesets && failures < 5; rs++ {
+	g := diffSeed(t)
+	d := newTally()
+	for rs := 0; rs < rulesets && d.failures < 5; rs++ {
 		sets := g.sets()
 		var rules []*grammar.Rule
-		for i := 0; i < 1+g.pick(6); i++ {
+		n := 1 + g.pick(6)
+		if g.chance(0.3) {
+			n = 17 + g.pick(40) // past the inline limit: table segments
+		}
+		for i := 0; i < n; i++ {
 			rules = append(rules, g.rule(sets))
 		}
 		if g.chance(0.2) {
@@ -537,73 +697,40 @@ func TestDifferential(t *testing.T) {
 			rules = append(rules[:at], append(g.pairGroupRun(sets), rules[at:]...)...)
 		}
 		opts := compiler.Options{Hook: grammar.Hook(g.pick(2)), ChecksumHelper: g.chance(0.3)}
-		l := compileLoad(t, rules, sets, opts)
-		listing := fmt.Sprint(l.prog.Spec.Programs[compiler.ProgramName].Instructions)
-		if strings.Contains(listing, "that differ only in") {
-			grouped++
-		}
-		if strings.Contains(listing, "addr+") {
-			pairGrouped++
-		}
-		model, err := refmodel.New(rules, sets, modelOptions(opts))
-		if err != nil {
-			t.Fatal(err)
-		}
-		counters := map[int]abi.Counter{}
-		var stats [compiler.NumStats]uint64
-		for n := 0; n < perSet && failures < 5; n++ {
-			pkt := g.packet(t)
-			mark := poolMark[g.pick(len(poolMark))]
-			got := l.run(t, pkt, mark)
-			want := model.Run(refmodel.Input{Packet: pkt, Mark: mark})
-			packets++
-			verdicts[want.Verdict]++
-			if want.Rule >= 0 && !bytes.Equal(pkt, want.Packet) {
-				for _, a := range rules[want.Rule].Actions {
-					changed[a.Kind]++
-				}
-			}
-			for i, v := range want.Stats {
-				allStats[i] += v
-			}
-			for i, c := range want.Counters {
-				cc := counters[i]
-				cc.Packets += c.Packets
-				cc.Bytes += c.Bytes
-				counters[i] = cc
-			}
-			for i, v := range want.Stats {
-				stats[i] += v
-			}
-			if got.ret != want.Verdict || !bytes.Equal(got.out, want.Packet) || got.mark != want.Mark {
-				failures++
-				t.Errorf("ruleset %d packet %d mismatch\nrules:\n%sin   %s\ngot  verdict %d mark %#x %s\nwant verdict %d mark %#x %s",
-					rs, n, describeRules(rules), hex.EncodeToString(pkt), got.ret, got.mark, hex.EncodeToString(got.out),
-					want.Verdict, want.Mark, hex.EncodeToString(want.Packet))
-				continue
-			}
-			if want.Rule >= 0 && want.Verdict == compiler.VerdictPass && !bytes.Equal(pkt, want.Packet) && !hasUnfunnel(rules[want.Rule]) {
-				if ok, known := checksumsOK(pkt); known && ok {
-					if ok2, known2 := checksumsOK(want.Packet); known2 && !ok2 {
-						failures++
-						t.Errorf("ruleset %d packet %d: valid input, invalid checksums out\nrules:\n%sin  %s\nout %s", rs, n, describeRules(rules), hex.EncodeToString(pkt), hex.EncodeToString(want.Packet))
-					}
-				}
-			}
-		}
-		for i := range rules {
-			if c := l.counter(t, i); c != counters[i] {
-				failures++
-				t.Errorf("ruleset %d rule %d counter %+v, model %+v\nrules:\n%s", rs, i, c, counters[i], describeRules(rules))
-			}
-		}
-		if s := l.stats(t); s != stats {
-			failures++
-			t.Errorf("ruleset %d stats %v, model %v\nrules:\n%s", rs, s, stats, describeRules(rules))
-		}
-		l.coll.Close()
+		diffRuleset(t, g, d, rs, rules, sets, opts, perSet)
 	}
-	t.Logf("%d rulesets (%d with a rule group, %d with an address+port group), %d packets compared; verdicts %v; rewritten by action %v; stats %v", rulesets, grouped, pairGrouped, packets, verdicts, changed, allStats)
+	t.Logf("%v", d)
+	if d.tabled == 0 {
+		t.Error("no ruleset used table segments")
+	}
+}
+
+// Large mixed rulesets (every match kind, negations, ranges, sets, marks,
+// both families, stacked actions), compiled vs the reference model: few
+// packets per ruleset, so that CI time stays modest; SFUNNEL_LONG=1 sweeps
+// more sizes and packets.
+func TestDifferentialLarge(t *testing.T) {
+	sizes, perSet := []int{1000, 10000}, 300
+	if os.Getenv("SFUNNEL_LONG") == "1" {
+		sizes, perSet = []int{100, 300, 1000, 3000, 10000, 10000, 10000}, 3000
+	}
+	if testing.Short() {
+		sizes = sizes[:2]
+	}
+	g := diffSeed(t)
+	d := newTally()
+	for rs, n := range sizes {
+		sets := g.sets()
+		rules := g.mixedRules(n, sets)
+		opts := compiler.Options{Hook: grammar.Hook(g.pick(2)), ChecksumHelper: g.chance(0.3)}
+		start := time.Now()
+		diffRuleset(t, g, d, rs, rules, sets, opts, perSet)
+		t.Logf("%d rules: compiled, loaded and compared in %v", n, time.Since(start))
+		if d.failures > 0 {
+			break
+		}
+	}
+	t.Logf("%v", d)
 }
 
 func hasUnfunnel(r *grammar.Rule) bool {

@@ -13,6 +13,9 @@ type emitter struct {
 	alias   map[string]string // label placed where another one already was
 	note    string            // comment for the next instruction
 	n       int
+	// owner is 1 + the index of the rule whose code is being emitted (0:
+	// none); instructions carry it as metadata (see RuleAt).
+	owner int
 }
 
 // newLabel returns a fresh label name.
@@ -54,6 +57,9 @@ func (e *emitter) emit(insns ...asm.Instruction) {
 		if e.note != "" {
 			ins = ins.WithSource(asm.Comment(e.note))
 			e.note = ""
+		}
+		if e.owner > 0 {
+			ins.Metadata.Set(ruleMeta{}, e.owner-1)
 		}
 		e.insns = append(e.insns, ins)
 	}

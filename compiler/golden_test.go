@@ -65,7 +65,23 @@ func goldenRulesets() map[string]struct {
 		pairs = append(pairs, &grammar.Rule{Handle: uint64(40 + i), Saddr: &grammar.AddrMatch{Prefixes: []netip.Prefix{netip.PrefixFrom(a, 32)}},
 			Proto: grammar.ProtoUDP, Dport: ports([]uint16{2055, 4739}[i%2]), Counter: true, Actions: []*grammar.Action{funnelTo(grammar.ProtoTCP, 540, 179)}})
 	}
+	// A table segment: 18 rules of four shapes (IPv4 host + port list, a
+	// /24 with a port range, IPv6 with a meta mark under a mask, a
+	// negated port kept in the shape), then a counter rule.
+	var classified []*grammar.Rule
+	for i := 0; i < 6; i++ {
+		classified = append(classified,
+			&grammar.Rule{Handle: uint64(60 + 3*i), Family: grammar.FamilyIPv4, Saddr: prefixes(fmt.Sprintf("192.0.2.%d", i)), Proto: grammar.ProtoUDP,
+				Dport: &grammar.PortMatch{Ranges: []grammar.PortRange{{Lo: 2055, Hi: 2055}, {Lo: 4739, Hi: 4739}}}, Actions: []*grammar.Action{funnelTo(grammar.ProtoTCP, 540, 179)}},
+			&grammar.Rule{Handle: uint64(61 + 3*i), Family: grammar.FamilyIPv4, Daddr: prefixes(fmt.Sprintf("198.51.%d.0/24", i)), Proto: grammar.ProtoTCP,
+				Sport: &grammar.PortMatch{Ranges: []grammar.PortRange{{Lo: 1000, Hi: 1003}}}, Dport: &grammar.PortMatch{Neg: true, Ranges: []grammar.PortRange{{Lo: 22, Hi: 22}}},
+				Counter: true, Actions: []*grammar.Action{act(grammar.ActDrop, 0)}},
+			&grammar.Rule{Handle: uint64(62 + 3*i), Family: grammar.FamilyIPv6, Saddr: prefixes(fmt.Sprintf("2001:db8:%x::/48", i)),
+				MetaMark: &grammar.MarkMatch{Value: uint32(i), Mask: 0xff, HasMask: true}, Actions: []*grammar.Action{act(grammar.ActAccept, 0)}})
+	}
+	classified = append(classified, &grammar.Rule{Handle: 99, Proto: grammar.ProtoUDP, Counter: true})
 	return map[string]g{
+		"classifier":      {rules: classified, opts: compiler.Options{Hook: grammar.HookEgress}},
 		"group":           {rules: grouped, opts: compiler.Options{Hook: grammar.HookIngress}},
 		"pair-group":      {rules: pairs, opts: compiler.Options{Hook: grammar.HookEgress}},
 		"default-egress":  {rules: defaultRuleset(), opts: compiler.Options{Hook: grammar.HookEgress}},
@@ -78,7 +94,7 @@ func goldenRulesets() map[string]struct {
 
 func listing(p *compiler.Program) string {
 	var b strings.Builder
-	fmt.Fprintf(&b, "%v", p.Spec.Programs[compiler.ProgramName].Instructions)
+	b.WriteString(compiler.Listing(p.Spec.Programs[compiler.ProgramName].Instructions))
 	var names []string
 	for n := range p.Spec.Maps {
 		names = append(names, n)

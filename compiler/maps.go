@@ -1,6 +1,7 @@
 package compiler
 
 import (
+	"crypto/sha256"
 	"fmt"
 	"net/netip"
 	"slices"
@@ -89,12 +90,26 @@ func lpmMap(fam int, prefixes []netip.Prefix) *ebpf.MapSpec {
 	return m
 }
 
-// anonMap adds a map for a large anonymous set and returns its name.
+// anonMap adds a map for a large anonymous set and returns its name; sets
+// with the same elements share one map (a program may use at most 64).
 func (c *compiler) anonMap(m *ebpf.MapSpec) string {
+	h := sha256.New()
+	fmt.Fprintf(h, "%v %d %d %d %d\n", m.Type, m.KeySize, m.ValueSize, m.MaxEntries, m.Flags)
+	for _, kv := range m.Contents {
+		fmt.Fprintf(h, "%v %v\n", kv.Key, kv.Value)
+	}
+	sum := string(h.Sum(nil))
+	if name, ok := c.anonByContent[sum]; ok {
+		return name
+	}
 	name := fmt.Sprintf("%s%d", anonPrefix, c.anon)
 	c.anon++
 	m.Name = name
 	c.spec.Maps[name] = m
+	if c.anonByContent == nil {
+		c.anonByContent = map[string]string{}
+	}
+	c.anonByContent[sum] = name
 	return name
 }
 

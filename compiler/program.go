@@ -20,30 +20,6 @@ const (
 	skbGSOSize = 176
 )
 
-// Stack slots (offsets from R10) filled by the parse guard.
-const (
-	slotFam   = -8  // 4 or 6
-	slotInfo  = -16 // info* bits
-	slotProto = -24 // transport protocol (after IPv6 extension headers)
-	slotL4Off = -32 // offset of the transport header from skb->data
-	slotSport = -40 // host order, absentPort when the header is absent
-	slotDport = -48
-	slotFlags = -56 // TCP flags byte, absentFlags when absent
-	slotNHOff = -64 // offset of the byte that names the transport protocol
-	slotSaddr = -88 // LPM key: prefix length (u32), then the address
-	slotDaddr = -112
-	slotKey   = -120 // u32 map key (8 bytes: an address+port group key)
-	slotT1    = -128 // action temporaries
-	slotT2    = -136
-	slotT3    = -144
-	slotT4    = -152
-	slotRule  = -160 // rule index in a group body (see group)
-	slotDiff  = -176 // checksum difference across a kfunc call
-	slotOpt   = -168 // length of IPv4 options / IPv6 extension headers being moved
-	slotBuf   = -296 // MaxOptMove bytes: options being moved
-	slotHdr   = -320 // 20 bytes: a funnel header being built
-)
-
 const (
 	infoFrag = 1 // IPv4 MF/offset or an IPv6 fragment header
 	infoOpts = 2 // IPv4 options or IPv6 extension headers
@@ -71,8 +47,10 @@ type compiler struct {
 	spec  *ebpf.CollectionSpec
 	named []string
 	anon  int
-	e     emitter
-	l3    int16 // offset of the IP header
+	// anonByContent: anonymous set maps by a hash of their contents.
+	anonByContent map[string]string
+	e             emitter
+	l3            int16 // offset of the IP header
 
 	statLabels map[int]string
 	gen        int  // exit generation (see exit)
@@ -84,6 +62,11 @@ type compiler struct {
 	genStart   int       // instruction count when the generation started
 	segUsed    bool      // the current generation jumps to its segment exit
 	tracing    bool      // some rule has meta nftrace set 1 (trace.go)
+
+	inShape   bool                // emitting a shape's residual checks
+	nextShape uint32              // id of the next shape placed
+	tables    map[string][]*shape // shapes by table map
+	bodyOf    []uint32            // body of each rule in its segment
 }
 
 // ruleNeeds summarises what the rules read, so the parse guard reads no more.
@@ -179,7 +162,7 @@ func (c *compiler) fastV4(n ruleNeeds) {
 		e.emit(
 			ldx(asm.R4, asm.R2, 12, asm.Word),
 			asm.And.Imm32(asm.R4, 0x00ffffff),
-			asm.JNE.Imm(asm.R4, 0x00450008, "parse"),
+			netImm(asm.JNE.Imm(asm.R4, 0x00450008, "parse")),
 		)
 	}
 	if len(n.dports) > 0 {
@@ -191,7 +174,7 @@ func (c *compiler) fastV4(n ruleNeeds) {
 		}
 		if single {
 			for _, r := range n.dports {
-				e.emit(asm.JEq.Imm(asm.R4, int32(n16(r.Lo)), "fast_v4"))
+				e.emit(netImm(asm.JEq.Imm(asm.R4, int32(n16(r.Lo)), "fast_v4")))
 			}
 		} else {
 			e.emit(asm.HostTo(asm.BE, asm.R4, asm.Half))
@@ -217,7 +200,7 @@ func (c *compiler) fastV4(n ruleNeeds) {
 		movi(asm.R5, int32(l3)+9),
 		movi(asm.R4, 4),
 		ldx(asm.R1, asm.R7, l3+6, asm.Half),
-		asm.JSet.Imm(asm.R1, int32(n16(0x3fff)), "fast_frag"),
+		netImm(asm.JSet.Imm(asm.R1, int32(n16(0x3fff)), "fast_frag")),
 	)
 	e.label("fast_proto")
 	e.emit(ldx(asm.R2, asm.R7, l3+9, asm.Byte))
@@ -245,6 +228,8 @@ func (c *compiler) program(rules []*grammar.Rule) error {
 		c.l3 = 14
 	}
 	c.statLabels = map[int]string{}
+	c.tables = map[string][]*shape{}
+	c.bodyOf = make([]uint32, len(rules))
 	n := c.needs(rules)
 	c.ruleNeeds = n
 	e := &c.e
@@ -260,23 +245,18 @@ func (c *compiler) program(rules []*grammar.Rule) error {
 	} else {
 		c.parse(n)
 	}
-	for i := 0; i < len(rules); {
-		c.maybeStubs()
-		n, field := groupAt(rules, i)
-		if n > 0 {
-			n = c.fitGroup(rules, i, n)
-		}
-		if n > 1 {
-			if err := c.group(rules, i, n, field); err != nil {
-				return err
-			}
-			i += n
-			continue
-		}
-		if err := c.rule(i, rules[i]); err != nil {
+	segs, err := c.classify(rules)
+	if err != nil {
+		return err
+	}
+	c.place(segs)
+	if len(c.tables) > 0 {
+		c.readGeneration()
+	}
+	for _, seg := range segs {
+		if err := c.segment(rules, seg); err != nil {
 			return err
 		}
-		i++
 	}
 	c.exits()
 
@@ -286,8 +266,11 @@ func (c *compiler) program(rules []*grammar.Rule) error {
 		License:      "GPL",
 		Instructions: e.finish(),
 	}
-	c.spec.Maps[CountersMap] = &ebpf.MapSpec{Name: CountersMap, Type: ebpf.PerCPUArray, KeySize: 4, ValueSize: 16, MaxEntries: uint32(max(1, len(rules)))}
-	c.spec.Maps[RuleMTUMap] = &ebpf.MapSpec{Name: RuleMTUMap, Type: ebpf.PerCPUArray, KeySize: 4, ValueSize: 8, MaxEntries: uint32(max(1, len(rules)))}
+	// Headroom, so that a rule added to an existing shape keeps the maps.
+	slots := uint32(capacity(len(rules), 16))
+	c.spec.Maps[CountersMap] = &ebpf.MapSpec{Name: CountersMap, Type: ebpf.PerCPUArray, KeySize: 4, ValueSize: 16, MaxEntries: slots}
+	c.spec.Maps[RuleMTUMap] = &ebpf.MapSpec{Name: RuleMTUMap, Type: ebpf.PerCPUArray, KeySize: 4, ValueSize: 8, MaxEntries: slots}
+	c.tableMaps()
 	c.spec.Maps[StatsMap] = &ebpf.MapSpec{Name: StatsMap, Type: ebpf.PerCPUArray, KeySize: 4, ValueSize: 8, MaxEntries: NumStats}
 	c.traceMaps()
 	return nil
@@ -324,10 +307,10 @@ func (c *compiler) parse(n ruleNeeds) {
 	} else {
 		e.emit(ldx(asm.R1, asm.R7, 12, asm.Half))
 		if n.v4 {
-			e.emit(asm.JEq.Imm(asm.R1, int32(n16(0x0800)), "ip4"))
+			e.emit(netImm(asm.JEq.Imm(asm.R1, int32(n16(0x0800)), "ip4")))
 		}
 		if n.v6 {
-			e.emit(asm.JEq.Imm(asm.R1, int32(n16(0x86dd)), "ip6"))
+			e.emit(netImm(asm.JEq.Imm(asm.R1, int32(n16(0x86dd)), "ip6")))
 		}
 		e.emit(asm.Ja.Label(c.exit("next")))
 	}
@@ -357,7 +340,7 @@ func (c *compiler) parse(n ruleNeeds) {
 			mov(asm.R9, asm.R1),
 			asm.Add.Imm(asm.R9, int32(l3)),
 			ldx(asm.R1, asm.R7, l3+6, asm.Half),
-			asm.JSet.Imm(asm.R1, int32(n16(0x3fff)), "ip4_frag"),
+			netImm(asm.JSet.Imm(asm.R1, int32(n16(0x3fff)), "ip4_frag")),
 		)
 		e.label("ip4_proto")
 		e.emit(

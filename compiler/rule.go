@@ -19,8 +19,10 @@ const (
 func (c *compiler) rule(i int, r *grammar.Rule) error {
 	e := &c.e
 	fail := fmt.Sprintf("rule%d_end", i)
+	e.owner = i + 1
+	defer func() { e.owner = 0 }()
 	e.comment("rule %d handle %d: %s", i, r.Handle, Describe(r))
-	if err := c.matches(r, fail, ""); err != nil {
+	if err := c.matchesExcept(r, fail, [numKeyFields]bool{}); err != nil {
 		return err
 	}
 	if err := c.body(i, r, fail); err != nil {
@@ -30,11 +32,10 @@ func (c *compiler) rule(i int, r *grammar.Rule) error {
 	return nil
 }
 
-// matches emits the rule's matches, cheapest first, jumping to fail when
-// one does not hold; skip names an address match ("saddr"/"daddr") a
-// group tests with its map instead (also "dport"/"sport", or an address
-// and a port: "saddr+dport").
-func (c *compiler) matches(r *grammar.Rule, fail, skip string) error {
+// matchesExcept emits the rule's matches, cheapest first, jumping to fail
+// when one does not hold; a table segment's shape tests the keyed fields
+// with its lookup instead.
+func (c *compiler) matchesExcept(r *grammar.Rule, fail string, keyed [numKeyFields]bool) error {
 	e := &c.e
 	// The parse guard lets only families some rule wants through.
 	switch {
@@ -46,18 +47,20 @@ func (c *compiler) matches(r *grammar.Rule, fail, skip string) error {
 	if r.Proto != grammar.ProtoAny {
 		e.emit(ldx(asm.R1, asm.R10, slotProto, asm.DWord), asm.JNE.Imm(asm.R1, int32(r.Proto.Number()), fail))
 	}
-	if r.Dport != nil && !skips(skip, "dport") {
+	if r.Dport != nil && !keyed[keyDport] {
 		if err := c.portMatch(r.Dport, slotDport, fail); err != nil {
 			return err
 		}
 	}
-	if r.Sport != nil && !skips(skip, "sport") {
+	if r.Sport != nil && !keyed[keySport] {
 		if err := c.portMatch(r.Sport, slotSport, fail); err != nil {
 			return err
 		}
 	}
 	if f := r.TCPFlags; f != nil {
-		e.emit(ldx(asm.R1, asm.R10, slotFlags, asm.DWord), asm.JGT.Imm(asm.R1, 0xff, fail))
+		e.emit(ldx(asm.R1, asm.R10, slotFlags, asm.DWord))
+		c.unlink(asm.R1)
+		e.emit(asm.JGT.Imm(asm.R1, 0xff, fail))
 		switch f.Form {
 		case grammar.FlagsAny:
 			e.emit(asm.And.Imm(asm.R1, int32(f.Flags)), asm.JEq.Imm(asm.R1, 0, fail))
@@ -69,33 +72,27 @@ func (c *compiler) matches(r *grammar.Rule, fail, skip string) error {
 			e.emit(asm.And.Imm(asm.R1, int32(f.Mask)), asm.JNE.Imm(asm.R1, int32(f.Flags), fail))
 		}
 	}
-	if m := r.MetaMark; m != nil {
+	if m := r.MetaMark; m != nil && !keyed[keyMeta] {
 		c.markMatch(m.Mask, m.Value&m.Mask, m.Neg, fail)
 	}
-	if m := r.CtMark; m != nil {
+	if m := r.CtMark; m != nil && !keyed[keyCt] {
 		mask, value, err := c.ct.MatchBits(m)
 		if err != nil {
 			return &Error{Span: m.Span, Msg: err.Error()}
 		}
 		c.markMatch(mask, value, m.Neg, fail)
 	}
-	if r.Saddr != nil && !skips(skip, "saddr") {
+	if r.Saddr != nil && !keyed[keySaddr] {
 		if err := c.addrMatch(r, r.Saddr, slotSaddr, fail); err != nil {
 			return err
 		}
 	}
-	if r.Daddr != nil && !skips(skip, "daddr") {
+	if r.Daddr != nil && !keyed[keyDaddr] {
 		if err := c.addrMatch(r, r.Daddr, slotDaddr, fail); err != nil {
 			return err
 		}
 	}
 	return nil
-}
-
-// skips reports whether a group's skip names field.
-func skips(skip, field string) bool {
-	a, p := splitField(skip)
-	return a == field || p == field
 }
 
 // body emits the statements and actions of rule i; a rule without actions
@@ -233,6 +230,7 @@ func (c *compiler) portMatch(m *grammar.PortMatch, slot int16, fail string) erro
 		mapName = c.anonMap(portBitmap(ranges))
 	}
 	e.emit(ldx(asm.R1, asm.R10, slot, asm.DWord))
+	c.unlink(asm.R1)
 	if mapName != "" {
 		e.emit(asm.JGT.Imm(asm.R1, 0xffff, fail), sti(asm.R10, slotKey, 0, asm.Word))
 		c.lookup(mapName, slotKey)
@@ -374,10 +372,11 @@ func (c *compiler) addrMatch(r *grammar.Rule, m *grammar.AddrMatch, slot int16, 
 				continue // /0 matches everything of the family
 			}
 			e.emit(ldx(asm.R1, asm.R10, slot+4+int16(4*w), asm.Word))
+			c.unlink(asm.R1)
 			if mword != 0xffffffff {
-				e.emit(asm.And.Imm32(asm.R1, int32(mword)))
+				e.emit(netImm(asm.And.Imm32(asm.R1, int32(mword))))
 			}
-			e.emit(asm.JNE.Imm32(asm.R1, int32(vword), next))
+			e.emit(netImm(asm.JNE.Imm32(asm.R1, int32(vword), next)))
 		}
 		e.emit(asm.Ja.Label(hit))
 		if next != miss {
@@ -526,4 +525,14 @@ func (c *compiler) ruleKey(i int) {
 		return
 	}
 	c.e.emit(sti(asm.R10, slotKey, int64(i), asm.Word))
+}
+
+// unlink, in a shape's residual checks, makes r a copy the verifier does not
+// tie to the stack slot it was loaded from: a check then narrows r only,
+// not the slot, so the paths through the shapes of a segment reach its
+// bodies in one state instead of one per combination of outcomes.
+func (c *compiler) unlink(r asm.Register) {
+	if c.inShape {
+		c.e.emit(asm.Xor.Imm(r, 0))
+	}
 }

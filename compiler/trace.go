@@ -14,11 +14,7 @@ import (
 // abi.TraceRecord into the abi.TraceMap ring buffer. Programs without a
 // traced rule get none of this code (c.tracing false).
 
-// Stack slots of traced programs.
-const (
-	slotTrace    = -328 // u64 trace id of the packet, 0 = not traced
-	slotTraceRec = -336 // the reserved ring buffer record across the copy
-)
+// Its stack slots, slotTrace and slotTraceRec, are in frame.go.
 
 // skb->ifindex in struct __sk_buff.
 const skbIfindex = 40

@@ -18,7 +18,7 @@ import (
 func ruleOf(err error, rules []*grammar.Rule, insns asm.Instructions) *grammar.Rule {
 	var verr *bpf.VerifierError
 	if errors.As(err, &verr) && verr.Err != nil {
-		if i := ruleAt(insns, lastInsn(verr.Err.Log)); i >= 0 && i < len(rules) {
+		if i := compiler.RuleAt(insns, lastInsn(verr.Err.Log)); i >= 0 && i < len(rules) {
 			return rules[i]
 		}
 	}
@@ -50,29 +50,4 @@ func lastInsn(log []string) int {
 		}
 	}
 	return -1
-}
-
-var ruleComment = regexp.MustCompile(`(?:^|; )rule (\d+) handle`)
-
-// ruleAt returns the index of the rule whose code holds raw instruction
-// offset off (the verifier counts 64-bit immediates as two), from the
-// compiler's "rule N handle H: ..." comments; -1 when off is outside every
-// rule (prologue, shared epilogue).
-func ruleAt(insns asm.Instructions, off int) int {
-	if off < 0 {
-		return -1
-	}
-	rule, raw := -1, 0
-	for _, ins := range insns {
-		if raw > off {
-			break
-		}
-		if src := ins.Source(); src != nil {
-			if m := ruleComment.FindStringSubmatch(src.String()); m != nil {
-				rule, _ = strconv.Atoi(m[1])
-			}
-		}
-		raw += int(ins.Size() / asm.InstructionSize)
-	}
-	return rule
 }

@@ -12,21 +12,10 @@ import (
 	"github.com/sfunnel/sfunnel/ruleset"
 )
 
-func TestLastInsnAndRuleAt(t *testing.T) {
+func TestLastInsn(t *testing.T) {
 	log := []string{"0: R1=ctx() R10=fp0", "0: (bf) r6 = r1", "1: (18) r1 = 0x0", "3: (85) call bpf_map_lookup_elem#1", "R1 type=scalar expected=map_ptr", "processed 4 insns"}
 	if got := lastInsn(log); got != 3 {
 		t.Errorf("lastInsn = %d, want 3", got)
-	}
-	insns := asm.Instructions{
-		asm.Mov.Reg(asm.R6, asm.R1).WithSource(asm.Comment("prologue")),
-		asm.LoadImm(asm.R1, 1, asm.DWord).WithSource(asm.Comment("x; rule 0 handle 5: udp")), // raw 1-2
-		asm.Mov.Imm(asm.R0, 0).WithSource(asm.Comment("rule 1 handle 6: tcp")),               // raw 3
-		asm.Return(), // raw 4
-	}
-	for off, want := range map[int]int{0: -1, 1: 0, 2: 0, 3: 1, 4: 1, -1: -1} {
-		if got := ruleAt(insns, off); got != want {
-			t.Errorf("ruleAt(%d) = %d, want %d", off, got, want)
-		}
 	}
 }
 
@@ -40,17 +29,21 @@ func TestVerifierErrorNamesRule(t *testing.T) {
 		t.Fatal(err)
 	}
 	ps := prog.Spec.Programs[bpf.ProgramName]
-	at := -1
+	at, raw := -1, 0
 	for i, ins := range ps.Instructions {
-		if src := ins.Source(); src != nil && ruleComment.MatchString(src.String()) && ruleComment.FindStringSubmatch(src.String())[1] == "1" {
+		// An instruction of rule 1 without label, reference or comment,
+		// whose metadata the inserted one can copy.
+		if compiler.RuleAt(ps.Instructions, raw) == 1 && ins.Symbol() == "" && ins.Reference() == "" && ins.Source() == nil {
 			at = i
+			break
 		}
+		raw += int(ins.Size() / asm.InstructionSize)
 	}
 	if at < 0 {
-		t.Fatalf("no rule 1 comment in the listing:\n%v", ps.Instructions)
+		t.Fatalf("no instruction of rule 1 in the listing:\n%v", ps.Instructions)
 	}
 	// Read above the stack frame inside rule 1's code.
-	bad := asm.LoadMem(asm.R1, asm.R10, 8, asm.DWord)
+	bad := asm.LoadMem(asm.R1, asm.R10, 8, asm.DWord).WithMetadata(ps.Instructions[at].Metadata)
 	ps.Instructions = append(ps.Instructions[:at+1], append(asm.Instructions{bad}, ps.Instructions[at+1:]...)...)
 	_, err = bpf.LoadCollection(prog.Spec, bpf.LoadOptions{What: "vb ingress"})
 	var verr *bpf.VerifierError

@@ -1,0 +1,500 @@
+package compiler
+
+import (
+	"encoding/binary"
+	"net/netip"
+	"slices"
+	"strings"
+
+	"github.com/sfunnel/sfunnel/grammar"
+)
+
+// The classifier pass: rules → segments of shapes with table entries.
+//
+// Tuple-space classification. A rule's *shape* is the rule with the values
+// of its key fields blanked: positive address prefixes (their length stays
+// in the shape), positive ports (lists and bounded ranges are expanded) and
+// positive mark values (the mask stays). Everything else — family,
+// protocol, TCP flags, negations, named sets, ranges too wide to expand —
+// stays in the shape as written and is checked inline once per shape
+// (residual checks). The shape key is the canonical printer's text of that
+// blanked rule, so a match the printer knows is never silently merged.
+//
+// Rules of one shape share a hash table from key to {priority, counter
+// slot, body}; per packet the program looks up each shape once and keeps
+// the lowest priority (rule position): the first matching rule. Cost per
+// packet grows with the number of shapes, not rules.
+//
+// A segment is a run of rules classified together. A rule without a
+// terminal action (counter, mark set: evaluation goes on with the next
+// rules, which see the new mark) shares its segment only with rules of its
+// own shape (distinct keys of one shape never match the same packet). A
+// segment also ends before a rule whose key its shape already holds
+// (unless the holder ends evaluation: then the later rule can't match by
+// that key and its entry is dropped), and when its bodies or shapes
+// outgrow the jump range. Small segments are emitted rule by
+// rule, as before.
+
+// Limits of the classifier.
+const (
+	// inlineRules: segments of at most this many rules are emitted rule by
+	// rule (cheaper than a lookup for a few rules).
+	inlineRules = 16
+	// maxExpandPorts: a positive port match with at most this many ports
+	// is keyed (one entry per port); wider ones stay in the shape.
+	maxExpandPorts = 1024
+	// maxRuleEntries bounds the entries one rule expands to (the product
+	// of its keyed lists); past it the widest list stays in the shape.
+	maxRuleEntries = 1 << 16
+	// maxSegmentShapes bounds the shapes of one segment, so its lookups
+	// stay within jump range of the exits.
+	maxSegmentShapes = 256
+)
+
+// keyField names a field a shape keys on, in key order.
+type keyField uint8
+
+const (
+	keySaddr keyField = iota
+	keyDaddr
+	keySport
+	keyDport
+	keyMeta
+	keyCt
+	numKeyFields
+)
+
+var keyFieldNames = [numKeyFields]string{"saddr", "daddr", "sport", "dport", "meta mark", "ct mark"}
+
+// shape is one rule shape of a segment: its residual checks (the template
+// rule with the keyed matches skipped), its key layout and its table.
+type shape struct {
+	key   string        // canonical text of the blanked rule, with the keyed fields
+	tmpl  *grammar.Rule // first rule of the shape: its unkeyed matches are the shape's
+	keyed [numKeyFields]bool
+	bits  [2]int     // prefix length of keyed saddr, daddr
+	fam   int        // 4 or 6 when an address is keyed, else 0
+	mask  [2]uint32  // skb->mark mask of keyed meta mark, ct mark
+	id    uint32     // unique in the program: the first key word is id<<1 | generation
+	table string     // map holding the entries (one per key size)
+	words int        // key words after the first
+	ents  []tabEntry // entries, in rule order
+}
+
+// tabEntry is one key of one rule.
+type tabEntry struct {
+	rule int
+	key  []byte // key words after the first (shape id and generation)
+}
+
+// segment is a run of rules classified together.
+type segment struct {
+	first, n int
+	inline   bool
+	shapes   []*shape // looked up
+	members  []int    // rules tested inline after the lookups, in order
+}
+
+// ruleVariant is one (shape, keys) part of a rule: an address list with
+// prefixes of several lengths makes one variant per length.
+type ruleVariant struct {
+	sh   *shape // key, keyed, bits, fam, mask filled; not yet placed
+	keys [][]byte
+}
+
+// classify cuts the rules into segments.
+func (c *compiler) classify(rules []*grammar.Rule) ([]segment, error) {
+	var segs []segment
+	variants := make([][]ruleVariant, len(rules))
+	for i, r := range rules {
+		v, err := c.variants(r)
+		if err != nil {
+			return nil, err
+		}
+		variants[i] = v
+	}
+	start := 0
+	for start < len(rules) {
+		seg := segment{first: start}
+		byKey := map[string]*shape{}
+		owner := map[string]int{} // shape key + entry key → rule
+		bodies := map[string]bool{}
+		bodyInsns := 0
+		nonTerminal := false
+		i := start
+	rules:
+		for ; i < len(rules); i++ {
+			r := rules[i]
+			// A key an earlier rule of the segment holds in the same shape:
+			// dead when that rule ends evaluation, else a new segment.
+			newShapes := 0
+			for _, v := range variants[i] {
+				if byKey[v.sh.key] == nil {
+					newShapes++
+				}
+				for _, k := range v.keys {
+					if o, ok := owner[v.sh.key+string(k)]; ok && o != i && !terminal(rules[o]) {
+						break rules
+					}
+				}
+			}
+			if len(byKey)+newShapes > maxSegmentShapes && i > start {
+				break
+			}
+			// Rules that don't end evaluation share a segment only with
+			// rules of their own shape: distinct keys of one shape never
+			// match the same packet, so the rules after the one that ran
+			// can't match either.
+			if (nonTerminal || !terminal(r)) && i > start && (newShapes > 0 || len(variants[i]) > 1) {
+				break
+			}
+			bk := bodyKey(r)
+			if !bodies[bk] {
+				size := c.bodySize(i, r)
+				if i > start && (len(bodies) == maxGroupBodies || bodyInsns+size > maxGroupBodyInsns) {
+					break
+				}
+				bodies[bk] = true
+				bodyInsns += size
+			}
+			for _, v := range variants[i] {
+				sh := byKey[v.sh.key]
+				if sh == nil {
+					sh = v.sh
+					sh.tmpl = r
+					byKey[sh.key] = sh
+					seg.shapes = append(seg.shapes, sh)
+				}
+				for _, k := range v.keys {
+					ok := sh.key + string(k)
+					if _, dup := owner[ok]; dup {
+						continue // an earlier rule that ends evaluation has it
+					}
+					owner[ok] = i
+					sh.ents = append(sh.ents, tabEntry{rule: i, key: k})
+				}
+			}
+			nonTerminal = nonTerminal || !terminal(r)
+			if nonTerminal && len(byKey) > 1 {
+				i++
+				break
+			}
+		}
+		seg.n = i - start
+		seg.inline = seg.n <= inlineRules
+		if !seg.inline {
+			seg.split(variants)
+			seg.inline = len(seg.shapes) == 0
+		}
+		if seg.inline {
+			seg.shapes, seg.members = nil, nil
+		}
+		segs = append(segs, seg)
+		start = i
+	}
+	return segs, nil
+}
+
+// split keeps in tables the shapes that several rules share: a lookup per
+// shape pays against a test per rule only then. A rule with a shape of its
+// own is a member tested inline, in rule order, after the lookups (see
+// segment).
+func (seg *segment) split(variants [][]ruleVariant) {
+	rulesOf := map[*shape]map[int]bool{}
+	for _, sh := range seg.shapes {
+		rulesOf[sh] = map[int]bool{}
+		for _, en := range sh.ents {
+			rulesOf[sh][en.rule] = true
+		}
+	}
+	inline := map[int]bool{}
+	for i := seg.first; i < seg.first+seg.n; i++ {
+		for _, sh := range seg.shapes {
+			if rulesOf[sh][i] && len(rulesOf[sh]) < minTableRules {
+				inline[i] = true
+			}
+		}
+		if len(variants[i]) == 0 {
+			inline[i] = true
+		}
+	}
+	var kept []*shape
+	for _, sh := range seg.shapes {
+		ents := sh.ents[:0]
+		for _, en := range sh.ents {
+			if !inline[en.rule] {
+				ents = append(ents, en)
+			}
+		}
+		sh.ents = ents
+		if len(ents) > 0 {
+			kept = append(kept, sh)
+		}
+	}
+	seg.shapes = kept
+	for i := seg.first; i < seg.first+seg.n; i++ {
+		if inline[i] {
+			seg.members = append(seg.members, i)
+		}
+	}
+}
+
+// minTableRules is the fewest rules a shape needs to get a table.
+const minTableRules = 3
+
+// terminal reports whether a matching rule ends evaluation.
+func terminal(r *grammar.Rule) bool { return len(r.Actions) > 0 }
+
+// variants splits a rule into its shapes and keys.
+func (c *compiler) variants(r *grammar.Rule) ([]ruleVariant, error) {
+	if err := c.checkAddrs(r); err != nil {
+		return nil, err
+	}
+	// Which fields are keyed, and their values.
+	var portVals [2][]uint32 // sport, dport
+	keyPorts := [2]bool{}
+	for j, m := range []*grammar.PortMatch{r.Sport, r.Dport} {
+		if m == nil || m.Neg || m.Set != "" {
+			continue
+		}
+		n := 0
+		for _, rg := range m.Ranges {
+			n += int(rg.Hi) - int(rg.Lo) + 1
+		}
+		if n == 0 || n > maxExpandPorts {
+			continue
+		}
+		keyPorts[j] = true
+		seen := map[uint32]bool{}
+		for _, rg := range m.Ranges {
+			for p := uint32(rg.Lo); p <= uint32(rg.Hi); p++ {
+				if !seen[p] {
+					seen[p] = true
+					portVals[j] = append(portVals[j], p)
+				}
+			}
+		}
+	}
+	keyAddr := [2]bool{}
+	for j, m := range []*grammar.AddrMatch{r.Saddr, r.Daddr} {
+		keyAddr[j] = m != nil && !m.Neg && m.Set == "" && len(m.Prefixes) > 0
+	}
+	var markMask, markVal [2]uint32
+	keyMark := [2]bool{}
+	if m := r.MetaMark; m != nil && !m.Neg {
+		keyMark[0], markMask[0], markVal[0] = true, m.Mask, m.Value&m.Mask
+	}
+	if m := r.CtMark; m != nil {
+		mask, value, err := c.ct.MatchBits(m)
+		if err != nil {
+			return nil, &Error{Span: m.Span, Msg: err.Error()}
+		}
+		if !m.Neg {
+			keyMark[1], markMask[1], markVal[1] = true, mask, value
+		}
+	}
+	// Keep the product of the keyed lists bounded: unkey the widest.
+	for {
+		n := 1
+		widest, wide := -1, 0
+		for j := 0; j < 2; j++ {
+			if keyAddr[j] {
+				l := len(addrOf(r, j).Prefixes)
+				n *= l
+				if l > wide {
+					widest, wide = j, l
+				}
+			}
+			if keyPorts[j] {
+				n *= len(portVals[j])
+				if len(portVals[j]) > wide {
+					widest, wide = 2+j, len(portVals[j])
+				}
+			}
+		}
+		if n <= maxRuleEntries || widest < 0 {
+			break
+		}
+		if widest < 2 {
+			keyAddr[widest] = false
+		} else {
+			keyPorts[widest-2] = false
+		}
+	}
+	// One variant per combination of prefix lengths of the keyed addresses.
+	lengths := [2][]int{{-1}, {-1}}
+	for j := 0; j < 2; j++ {
+		if keyAddr[j] {
+			lengths[j] = nil
+			for _, p := range addrOf(r, j).Prefixes {
+				if !slices.Contains(lengths[j], p.Bits()) {
+					lengths[j] = append(lengths[j], p.Bits())
+				}
+			}
+		}
+	}
+	var out []ruleVariant
+	for _, sl := range lengths[0] {
+		for _, dl := range lengths[1] {
+			sh := &shape{}
+			sh.keyed[keySport], sh.keyed[keyDport] = keyPorts[0], keyPorts[1]
+			sh.keyed[keyMeta], sh.keyed[keyCt] = keyMark[0], keyMark[1]
+			sh.mask = markMask
+			var addrs [2][]netip.Prefix
+			for j, l := range []int{sl, dl} {
+				if l < 0 {
+					continue
+				}
+				sh.keyed[keySaddr+keyField(j)] = true
+				sh.bits[j] = l
+				for _, p := range addrOf(r, j).Prefixes {
+					if p.Bits() == l {
+						addrs[j] = append(addrs[j], p.Masked())
+					}
+				}
+				sh.fam = 4
+				if addrs[j][0].Addr().Is6() {
+					sh.fam = 6
+				}
+			}
+			sh.key = shapeKey(r, sh)
+			sh.words = keyWords(sh)
+			v := ruleVariant{sh: sh}
+			// The cross product of the keyed values.
+			keys := [][]byte{nil}
+			cross := func(vals [][]byte) {
+				var next [][]byte
+				for _, k := range keys {
+					for _, v := range vals {
+						next = append(next, append(slices.Clip(k), v...))
+					}
+				}
+				keys = next
+			}
+			for j := 0; j < 2; j++ {
+				if sh.keyed[keySaddr+keyField(j)] {
+					var vals [][]byte
+					for _, p := range addrs[j] {
+						vals = append(vals, p.Addr().AsSlice())
+					}
+					cross(vals)
+				}
+			}
+			for j := 0; j < 2; j++ {
+				if keyPorts[j] {
+					var vals [][]byte
+					for _, p := range portVals[j] {
+						vals = append(vals, binary.NativeEndian.AppendUint32(nil, p))
+					}
+					cross(vals)
+				}
+			}
+			for j := 0; j < 2; j++ {
+				if keyMark[j] {
+					cross([][]byte{binary.NativeEndian.AppendUint32(nil, markVal[j])})
+				}
+			}
+			v.keys = keys
+			out = append(out, v)
+		}
+	}
+	return out, nil
+}
+
+func addrOf(r *grammar.Rule, j int) *grammar.AddrMatch {
+	if j == 0 {
+		return r.Saddr
+	}
+	return r.Daddr
+}
+
+// checkAddrs reports the address errors addrMatch would, for keyed
+// addresses that never reach it.
+func (c *compiler) checkAddrs(r *grammar.Rule) error {
+	for _, m := range []*grammar.AddrMatch{r.Saddr, r.Daddr} {
+		if m == nil || m.Set != "" {
+			continue
+		}
+		if len(m.Prefixes) == 0 {
+			return errorf(m.Span, "empty address list")
+		}
+		is6 := m.Prefixes[0].Addr().Is6() && !m.Prefixes[0].Addr().Is4In6()
+		for _, p := range m.Prefixes {
+			if p.Addr().Is4() == is6 {
+				return errorf(m.Span, "IPv4 and IPv6 addresses mixed in one match")
+			}
+		}
+		if (r.Family == grammar.FamilyIPv4 && is6) || (r.Family == grammar.FamilyIPv6 && !is6) {
+			return errorf(m.Span, "address family conflicts with the rule's family")
+		}
+	}
+	return nil
+}
+
+// keyWords is the number of 32-bit words of a shape's key after the first.
+func keyWords(sh *shape) int {
+	n := 0
+	for f := keyField(0); f < numKeyFields; f++ {
+		if !sh.keyed[f] {
+			continue
+		}
+		if (f == keySaddr || f == keyDaddr) && sh.fam == 6 {
+			n += 4
+		} else {
+			n++
+		}
+	}
+	return n
+}
+
+// shapeKey renders the rule's matches with the keyed values blanked,
+// through the canonical printer, prefixed with the keyed fields (so that a
+// keyed field never reads like an unkeyed one with the blank value).
+func shapeKey(r *grammar.Rule, sh *shape) string {
+	b := &grammar.Rule{Family: r.Family, Saddr: r.Saddr, Daddr: r.Daddr, Proto: r.Proto, Sport: r.Sport, Dport: r.Dport,
+		TCPFlags: r.TCPFlags, MetaMark: r.MetaMark, CtMark: r.CtMark}
+	var keyed []string
+	for j := 0; j < 2; j++ {
+		if !sh.keyed[keySaddr+keyField(j)] {
+			continue
+		}
+		zero := netip.IPv4Unspecified()
+		if sh.fam == 6 {
+			zero = netip.IPv6Unspecified()
+		}
+		m := &grammar.AddrMatch{Prefixes: []netip.Prefix{netip.PrefixFrom(zero, sh.bits[j])}}
+		if j == 0 {
+			b.Saddr = m
+		} else {
+			b.Daddr = m
+		}
+	}
+	if sh.keyed[keySport] {
+		b.Sport = &grammar.PortMatch{Ranges: []grammar.PortRange{{}}}
+	}
+	if sh.keyed[keyDport] {
+		b.Dport = &grammar.PortMatch{Ranges: []grammar.PortRange{{}}}
+	}
+	if sh.keyed[keyMeta] {
+		b.MetaMark = &grammar.MarkMatch{Mask: r.MetaMark.Mask, HasMask: true}
+	}
+	if sh.keyed[keyCt] {
+		b.CtMark = &grammar.MarkMatch{Mask: r.CtMark.Mask, HasMask: true}
+	}
+	for f := keyField(0); f < numKeyFields; f++ {
+		if sh.keyed[f] {
+			keyed = append(keyed, keyFieldNames[f])
+		}
+	}
+	return "key(" + strings.Join(keyed, ",") + ") " + grammar.FormatRule(b, nil)
+}
+
+// bodyKey renders what a rule does once it matches: the canonical text of
+// its statements and actions, with the family and protocol the action code
+// depends on. Rules with the same key share one body.
+func bodyKey(r *grammar.Rule) string {
+	b := *r
+	b.Span, b.Handle, b.Comment = grammar.Span{}, 0, ""
+	b.Saddr, b.Daddr, b.Sport, b.Dport, b.TCPFlags, b.MetaMark, b.CtMark = nil, nil, nil, nil, nil, nil, nil
+	return grammar.FormatRule(&b, nil)
+}

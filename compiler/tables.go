@@ -1,0 +1,312 @@
+package compiler
+
+import (
+	"encoding/binary"
+	"fmt"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/asm"
+	"github.com/sfunnel/sfunnel/abi"
+	"github.com/sfunnel/sfunnel/grammar"
+)
+
+// Emission of table segments (see classify.go).
+//
+// Per packet the program reads the live generation from the control map
+// once (abi.ControlMap); every table key starts with the word
+// shape id<<1 | generation, so a commit can write the other generation's
+// entries and switch with one 4-byte write: a packet sees the old tables or
+// the new ones, never a mix.
+//
+// Table values are tableValue: {prio, slot, body} as three native u32.
+const tableValueSize = 12
+
+// tableName is the map of the shapes whose keys have words words after the
+// first (one map per key size keeps the program's map count small).
+func tableName(words int) string { return fmt.Sprintf("%s%d", abi.TablePrefix, 1+words) }
+
+// place gives the segments' shapes their ids and tables.
+func (c *compiler) place(segs []segment) {
+	for si := range segs {
+		for _, sh := range segs[si].shapes {
+			sh.id = c.nextShape
+			c.nextShape++
+			sh.table = tableName(sh.words)
+			c.tables[sh.table] = append(c.tables[sh.table], sh)
+		}
+	}
+}
+
+// segment emits one segment.
+func (c *compiler) segment(rules []*grammar.Rule, seg segment) error {
+	if seg.inline {
+		for i := seg.first; i < seg.first+seg.n; i++ {
+			c.maybeStubs()
+			if err := c.rule(i, rules[i]); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+	c.maybeStubs()
+	e := &c.e
+	first := seg.first
+	end := fmt.Sprintf("seg%d_end", first)
+	e.comment("rules %d-%d: %d rules in %d shapes, looked up in tables; the lowest rule wins", first, first+seg.n-1, seg.n, len(seg.shapes))
+	// The verifier must not know "none yet" as a constant: a branch it can
+	// decide marks the slot precise, and then every combination of hits
+	// and misses of the shapes is a state of its own.
+	e.emit(
+		asm.LoadMapValue(asm.R1, 0, 4).WithReference(abi.ControlMap),
+		ldx(asm.R1, asm.R1, 0, asm.Word),
+		stx(asm.R10, slotBest, asm.R1, asm.DWord),
+	)
+	for _, sh := range seg.shapes {
+		if err := c.shapeLookup(sh); err != nil {
+			return err
+		}
+	}
+	// Members: rules of shapes of their own, in order, each unless a table
+	// rule before it matched.
+	// They jump to the dispatch through a trampoline every few thousand
+	// instructions, so the jumps stay in range however many they are.
+	hop := 0
+	found := fmt.Sprintf("seg%d_found%d", first, hop)
+	since := len(e.insns)
+	for _, i := range seg.members {
+		if len(e.insns)-since > stubDistance/2 {
+			hop++
+			over := e.newLabel("over")
+			e.emit(asm.Ja.Label(over))
+			e.label(found)
+			found = fmt.Sprintf("seg%d_found%d", first, hop)
+			e.emit(asm.Ja.Label(found))
+			e.label(over)
+			since = len(e.insns)
+		}
+		c.maybeStubs()
+		next := fmt.Sprintf("rule%d_end", i)
+		e.owner = i + 1
+		e.comment("rule %d handle %d: %s", i, rules[i].Handle, Describe(rules[i]))
+		e.emit(
+			ldx(asm.R1, asm.R10, slotBest, asm.DWord),
+			asm.JLT.Imm(asm.R1, int32(i), found),
+		)
+		err := c.matchesExcept(rules[i], next, [numKeyFields]bool{})
+		if err == nil {
+			err = c.body(i, rules[i], end)
+		}
+		e.owner = 0
+		if err != nil {
+			return err
+		}
+		e.label(next)
+	}
+	e.label(found)
+	// The bodies of the segment's rules, one per distinct body.
+	var classes []int // rule of each body
+	classOf := map[string]int{}
+	for _, sh := range seg.shapes {
+		for _, en := range sh.ents {
+			i := en.rule
+			k := bodyKey(rules[i])
+			if _, ok := classOf[k]; !ok {
+				classOf[k] = len(classes)
+				classes = append(classes, i)
+			}
+			c.bodyOf[i] = uint32(classOf[k])
+		}
+	}
+	e.emit(
+		ldx(asm.R1, asm.R10, slotBest, asm.DWord),
+		asm.JEq.Imm32(asm.R1, -1, end),
+		ldx(asm.R1, asm.R10, slotBody, asm.DWord),
+	)
+	label := func(cl int) string { return fmt.Sprintf("seg%d_body%d", first, cl) }
+	c.dispatch(label, 0, len(classes))
+	c.dynRule = true
+	defer func() { c.dynRule = false }()
+	for cl, i := range classes {
+		r := rules[i]
+		e.label(label(cl))
+		e.comment("body %d, as rule %d handle %d: %s", cl, i, r.Handle, Describe(r))
+		e.owner = i + 1
+		// The rule's family and protocol again: the packet has them (its
+		// shape checked them), but the verifier would otherwise walk every
+		// body with every family and protocol some path reaches the
+		// dispatch with.
+		if r.Family != grammar.FamilyAny {
+			fam := int32(4)
+			if r.Family == grammar.FamilyIPv6 {
+				fam = 6
+			}
+			e.emit(ldx(asm.R1, asm.R10, slotFam, asm.DWord), asm.JNE.Imm(asm.R1, fam, end))
+		}
+		if r.Proto != grammar.ProtoAny {
+			e.emit(ldx(asm.R1, asm.R10, slotProto, asm.DWord), asm.JNE.Imm(asm.R1, int32(r.Proto.Number()), end))
+		}
+		err := c.body(i, r, end)
+		e.owner = 0
+		if err != nil {
+			return err
+		}
+	}
+	e.label(end)
+	return nil
+}
+
+// shapeLookup emits one shape's residual checks, key and lookup; a hit with
+// a lower priority than the best so far becomes the best.
+func (c *compiler) shapeLookup(sh *shape) error {
+	e := &c.e
+	miss := fmt.Sprintf("shape%d_miss", sh.id)
+	e.comment("shape %d: %s (%d entries in %s)", sh.id, sh.key, len(sh.ents), sh.table)
+	c.inShape = true
+	err := c.matchesExcept(sh.tmpl, miss, sh.keyed)
+	c.inShape = false
+	if err != nil {
+		return err
+	}
+	if sh.fam != 0 && sh.tmpl.Family == grammar.FamilyAny {
+		e.emit(ldx(asm.R1, asm.R10, slotFam, asm.DWord), asm.JNE.Imm(asm.R1, int32(sh.fam), miss))
+	}
+	e.emit(
+		ldx(asm.R1, asm.R10, slotGen, asm.DWord),
+		asm.Or.Imm(asm.R1, int32(sh.id<<1)),
+		stx(asm.R10, slotTKey, asm.R1, asm.Word),
+	)
+	off := int16(slotTKey + 4)
+	for j, slot := range []int16{slotSaddr, slotDaddr} {
+		if !sh.keyed[keySaddr+keyField(j)] {
+			continue
+		}
+		n := 1
+		if sh.fam == 6 {
+			n = 4
+		}
+		left := sh.bits[j]
+		for w := 0; w < n; w++ {
+			bits := min(max(left, 0), 32)
+			left -= 32
+			var mask [4]byte
+			for k := 0; k < bits; k++ {
+				mask[k/8] |= 0x80 >> (k % 8)
+			}
+			mword := binary.NativeEndian.Uint32(mask[:])
+			switch mword {
+			case 0:
+				e.emit(sti(asm.R10, off, 0, asm.Word))
+			case 0xffffffff:
+				e.emit(ldx(asm.R1, asm.R10, slot+4+int16(4*w), asm.Word), stx(asm.R10, off, asm.R1, asm.Word))
+			default:
+				e.emit(ldx(asm.R1, asm.R10, slot+4+int16(4*w), asm.Word), netImm(asm.And.Imm32(asm.R1, int32(mword))), stx(asm.R10, off, asm.R1, asm.Word))
+			}
+			off += 4
+		}
+	}
+	for j, slot := range []int16{slotSport, slotDport} {
+		if sh.keyed[keySport+keyField(j)] {
+			// An absent port (abi: 0x10000) is in no table.
+			e.emit(ldx(asm.R1, asm.R10, slot, asm.DWord), stx(asm.R10, off, asm.R1, asm.Word))
+			off += 4
+		}
+	}
+	for j := 0; j < 2; j++ {
+		if sh.keyed[keyMeta+keyField(j)] {
+			e.emit(ldx(asm.R1, asm.R6, skbMark, asm.Word))
+			if sh.mask[j] != 0xffffffff {
+				e.emit(asm.And.Imm32(asm.R1, int32(sh.mask[j])))
+			}
+			e.emit(stx(asm.R10, off, asm.R1, asm.Word))
+			off += 4
+		}
+	}
+	c.lookup(sh.table, slotTKey)
+	e.emit(
+		asm.JEq.Imm(asm.R0, 0, miss),
+		ldx(asm.R1, asm.R0, 0, asm.Word),
+		ldx(asm.R2, asm.R10, slotBest, asm.DWord),
+		asm.JGE.Reg(asm.R1, asm.R2, miss),
+		stx(asm.R10, slotBest, asm.R1, asm.DWord),
+		ldx(asm.R1, asm.R0, 4, asm.Word),
+		stx(asm.R10, slotRule, asm.R1, asm.DWord),
+		ldx(asm.R1, asm.R0, 8, asm.Word),
+		stx(asm.R10, slotBody, asm.R1, asm.DWord),
+	)
+	e.label(miss)
+	return nil
+}
+
+// readGeneration emits the read of the live generation into slotGen.
+func (c *compiler) readGeneration() {
+	c.e.comment("live table generation, read once per packet")
+	c.e.emit(
+		asm.LoadMapValue(asm.R1, 0, 0).WithReference(abi.ControlMap),
+		ldx(asm.R1, asm.R1, 0, asm.Word),
+		asm.And.Imm(asm.R1, 1),
+		stx(asm.R10, slotGen, asm.R1, asm.DWord),
+	)
+}
+
+// tableMaps adds the control map and the table maps, filled with
+// generation 0.
+func (c *compiler) tableMaps() {
+	if len(c.tables) == 0 {
+		return
+	}
+	c.spec.Maps[abi.ControlMap] = &ebpf.MapSpec{
+		Name: abi.ControlMap, Type: ebpf.Array, KeySize: 4, ValueSize: 8, MaxEntries: 1,
+		Contents: []ebpf.MapKV{{Key: uint32(0), Value: abi.Control{Generation: 0, NoRule: abi.NoRule}}},
+	}
+	for name, shapes := range c.tables {
+		n := 0
+		for _, sh := range shapes {
+			n += len(sh.ents)
+		}
+		c.spec.Maps[name] = &ebpf.MapSpec{
+			Name: name, Type: ebpf.Hash, KeySize: uint32(4 + 4*shapes[0].words), ValueSize: tableValueSize,
+			MaxEntries: uint32(capacity(2*n, 64)), Flags: 1, // BPF_F_NO_PREALLOC
+			Contents: c.entries(shapes, 0),
+		}
+	}
+}
+
+// entries are the map entries of shapes for generation gen.
+func (c *compiler) entries(shapes []*shape, gen uint32) []ebpf.MapKV {
+	var out []ebpf.MapKV
+	for _, sh := range shapes {
+		for _, en := range sh.ents {
+			k := binary.NativeEndian.AppendUint32(nil, sh.id<<1|gen)
+			k = append(k, en.key...)
+			v := binary.NativeEndian.AppendUint32(nil, uint32(en.rule))
+			v = binary.NativeEndian.AppendUint32(v, uint32(en.rule))
+			v = binary.NativeEndian.AppendUint32(v, c.bodyOf[en.rule])
+			out = append(out, ebpf.MapKV{Key: k, Value: v})
+		}
+	}
+	return out
+}
+
+// capacity is the smallest power of two ≥ n and ≥ least.
+func capacity(n, least int) int {
+	c := least
+	for c < n {
+		c *= 2
+	}
+	return c
+}
+
+// dispatch jumps to the body whose class is in R1.
+func (c *compiler) dispatch(label func(int) string, lo, hi int) {
+	e := &c.e
+	if hi-lo == 1 {
+		e.emit(asm.Ja.Label(label(lo)))
+		return
+	}
+	mid := (lo + hi) / 2
+	upper := e.newLabel("dispatch")
+	e.emit(asm.JGE.Imm(asm.R1, int32(mid), upper))
+	c.dispatch(label, lo, mid)
+	e.label(upper)
+	c.dispatch(label, mid, hi)
+}
