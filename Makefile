@@ -5,7 +5,7 @@ DESTDIR ?=
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -X main.version=$(VERSION)
 
-.PHONY: all build test deps demo man install bench bench-datapath bench-tunnel crash-long fuzz clean
+.PHONY: all build test deps demo man install bench bench-datapath bench-tunnel bench-tcp crash-long fuzz clean
 
 all: build
 
@@ -44,6 +44,11 @@ bench: bench-datapath
 # Datapath benchmark (BPF_PROG_TEST_RUN, ratios to in-run reference programs).
 bench-datapath:
 	$(GO) test ./compiler -run '^$$' -bench . -count 9 -timeout 60m
+
+# TCP through funnel / TCP-in-UDP with offloads on: iperf3 between namespaces,
+# ratios to in-run references (plain, tso+gso off, tso+gso+tx off).
+bench-tcp: build
+	bench/tcp/run.sh
 
 bench-tunnel: build
 	@if [ -x bench/tunnel/run.sh ]; then bench/tunnel/run.sh; else echo "no tunnel benchmark yet"; fi

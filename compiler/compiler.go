@@ -95,6 +95,9 @@ type Options struct {
 	// checksummed, and come back one segment at a time. 0: none (such
 	// packets are passed untouched and counted).
 	SegIfindex int
+	// SegReturnIfindex is the device's return end: segments received there
+	// are back from segmentation and are rewritten without another detour.
+	SegReturnIfindex int
 }
 
 // Program is a compiled hook: the program with its maps (Spec), and apart

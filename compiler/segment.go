@@ -23,6 +23,9 @@ import (
 // packet with a complete checksum that the rule rewrites in O(1).
 // Unmatched traffic never takes the detour and keeps GSO.
 
+// __sk_buff.ingress_ifindex (skb->skb_iif): where the packet was received.
+const skbIngressIfindex = 36
+
 // TC_ACT_REDIRECT (tcx: TCX_REDIRECT).
 const verdictRedirect = 7
 
@@ -67,18 +70,35 @@ func segmentKind(r *grammar.Rule) segKind {
 // own guards count such packets instead (StatGSO, StatPartialChecksum).
 func (c *compiler) segmentFirst(r *grammar.Rule) {
 	k := segmentKind(r)
-	if k == segNone || c.opts.SegIfindex == 0 || c.opts.Hook != grammar.HookEgress || c.opts.L3 {
+	if k == segNone || c.opts.SegIfindex == 0 || c.opts.SegReturnIfindex == 0 || c.opts.Hook != grammar.HookEgress || c.opts.L3 {
 		return
 	}
 	e := &c.e
 	seg := c.segLabel()
-	e.comment("GSO packet: segment it first")
-	e.emit(ldx(asm.R1, asm.R6, skbGSOSize, asm.Word), asm.JNE.Imm(asm.R1, 0, seg))
+	// Every TCP segment of a matched flow takes the detour, not only the
+	// GSO ones: a single-segment skb sent directly would overtake the GSO
+	// packets queued before it on the device pair (reordering the flow).
+	// A segment coming back from the device (received on its return end)
+	// is rewritten here and now.
+	back := e.newLabel("segmented")
+	e.comment("back from the segmentation device?")
+	e.emit(
+		ldx(asm.R1, asm.R6, skbIngressIfindex, asm.Word),
+		asm.JEq.Imm(asm.R1, int32(c.opts.SegReturnIfindex), back),
+	)
+	e.comment("TCP, or a GSO packet: through the segmentation device")
+	e.emit(
+		ldx(asm.R1, asm.R10, slotProto, asm.DWord),
+		asm.JEq.Imm(asm.R1, 6, seg),
+		ldx(asm.R1, asm.R6, skbGSOSize, asm.Word),
+		asm.JNE.Imm(asm.R1, 0, seg),
+	)
 	if k == segPartial && c.kern.ok {
 		e.comment("checksum still to be finalised: finalise it first")
 		c.ipSummed(asm.R1)
 		e.emit(asm.JEq.Imm(asm.R1, checksumPartial, seg))
 	}
+	e.label(back)
 }
 
 // segLabel returns the label of the current generation's redirect to the

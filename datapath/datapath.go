@@ -110,7 +110,7 @@ type hookPlan struct {
 // compile resolves interfaces and compiles every hook that has rules. seg
 // gives the segmentation device of an interface whose egress rules need
 // one (wantsSegdev).
-func (b *Backend) compile(rs *ruleset.Ruleset, ctMask uint32, seg func(bpf.Interface) (int, error)) ([]*hookPlan, error) {
+func (b *Backend) compile(rs *ruleset.Ruleset, ctMask uint32, seg func(bpf.Interface) (tx, rx int, err error)) ([]*hookPlan, error) {
 	sets := make(map[string]*grammar.Set, len(rs.Sets))
 	for _, s := range rs.Sets {
 		sets[s.Name] = s
@@ -135,11 +135,11 @@ func (b *Backend) compile(rs *ruleset.Ruleset, ctMask uint32, seg func(bpf.Inter
 			id := bpf.HookID{Ifname: ifc.Name, Hook: h}
 			copts := compiler.Options{L3: info.L3, Hook: h, CtMarkMask: ctMask}
 			if wantsSegdev(info, h, rules) {
-				idx, err := seg(info)
+				tx, rx, err := seg(info)
 				if err != nil {
 					return nil, &HookError{Hook: id, Err: err}
 				}
-				copts.SegIfindex = idx
+				copts.SegIfindex, copts.SegReturnIfindex = tx, rx
 			}
 			prog, err := compiler.Compile(rules, sets, copts)
 			if err != nil {

@@ -152,12 +152,12 @@ func (sd *Segdev) configure() error {
 
 // checkSegdev is compile's seg for Check, which creates nothing: an
 // existing device's index, or a stand-in (the verifier accepts any).
-func checkSegdev(ifc bpf.Interface) (int, error) {
+func checkSegdev(ifc bpf.Interface) (tx, rx int, err error) {
 	sd, err := findSegdev(ifc)
 	if err != nil || sd == nil {
-		return 1, err
+		return 1, 1, err
 	}
-	return sd.TxIndex, nil
+	return sd.TxIndex, sd.RxIndex, nil
 }
 
 // segdevs makes the segmentation devices a transaction needs.
@@ -167,13 +167,13 @@ type segdevs struct {
 }
 
 // ensure is compile's seg for Commit.
-func (s *segdevs) ensure(ifc bpf.Interface) (int, error) {
+func (s *segdevs) ensure(ifc bpf.Interface) (tx, rx int, err error) {
 	sd, err := ensureSegdev(ifc)
 	if err != nil {
-		return 0, err
+		return 0, 0, err
 	}
 	s.used = append(s.used, sd)
-	return sd.TxIndex, nil
+	return sd.TxIndex, sd.RxIndex, nil
 }
 
 // auxHook is a hook sfunnel attaches for itself (not a user's hook): a
