@@ -34,31 +34,59 @@ type Rule struct {
 	Bytes     uint64
 }
 
-// Read takes a snapshot of the live datapath (in the calling thread's
-// network namespace).
-func Read(b *datapath.Backend) (*Snapshot, error) {
-	rs, err := b.Load()
+// Reader takes snapshots of the live datapath (in the calling thread's
+// network namespace). The rules are parsed again only when a commit made a
+// new generation; counters, events and warnings are read every time.
+type Reader struct {
+	B *datapath.Backend
+
+	gen   uint64
+	have  bool
+	rules []Rule // counter rules, without counts
+}
+
+// Read takes a snapshot.
+func (rd *Reader) Read() (*Snapshot, error) {
+	b := rd.B
+	gen, err := b.Generation()
 	if err != nil {
 		return nil, err
+	}
+	if !rd.have || gen != rd.gen {
+		rs, err := b.Load()
+		if err != nil {
+			return nil, err
+		}
+		rd.rules = rd.rules[:0]
+		for _, ifc := range rs.Interfaces {
+			for _, h := range []grammar.Hook{grammar.HookIngress, grammar.HookEgress} {
+				for _, r := range ifc.Rules(h) {
+					if r.Counter {
+						rd.rules = append(rd.rules, Rule{Interface: ifc.Name, Hook: h, Handle: r.Handle, Comment: r.Comment})
+					}
+				}
+			}
+		}
+		rd.gen, rd.have = gen, true
 	}
 	counters, err := b.Counters()
 	if err != nil {
 		return nil, err
 	}
 	s := &Snapshot{}
-	for _, ifc := range rs.Interfaces {
-		for _, h := range []grammar.Hook{grammar.HookIngress, grammar.HookEgress} {
-			for _, r := range ifc.Rules(h) {
-				if !r.Counter {
-					continue
-				}
-				c := counters[r.Handle]
-				s.Rules = append(s.Rules, Rule{Interface: ifc.Name, Hook: h, Handle: r.Handle, Comment: r.Comment, Packets: c.Packets, Bytes: c.Bytes})
-			}
-		}
-	}
 	if s.Hooks, err = b.Status(); err != nil {
 		return nil, err
+	}
+	live := map[string]bool{}
+	for _, h := range s.Hooks {
+		live[h.Ifname+" "+h.Hook.String()] = true
+	}
+	for _, r := range rd.rules {
+		// A hook detached outside sfunnel has no counters to show.
+		if c, ok := counters[r.Handle]; ok && live[r.Interface+" "+r.Hook.String()] {
+			r.Packets, r.Bytes = c.Packets, c.Bytes
+			s.Rules = append(s.Rules, r)
+		}
 	}
 	if s.Warnings, err = b.Warnings(); err != nil {
 		return nil, err

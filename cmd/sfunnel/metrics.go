@@ -63,11 +63,11 @@ func (a *app) metrics(args []string) int {
 	go srv.Serve(ln)
 	fmt.Fprintf(a.stderr, "sfunnel: metrics on http://%s/metrics\n", ln.Addr())
 
-	b := datapath.New(datapath.Options{Verbose: a.opts.verbose, CtMarkMask: a.opts.ctMarkMask})
+	rd := &metrics.Reader{B: datapath.New(datapath.Options{Verbose: a.opts.verbose, CtMarkMask: a.opts.ctMarkMask})}
 	for {
 		select {
 		case reply := <-reqs:
-			s, err := metrics.Read(b)
+			s, err := rd.Read()
 			reply <- snapshotResult{s, err}
 		case <-ctx.Done():
 			shut, cancel := context.WithTimeout(context.Background(), 2*time.Second)

@@ -92,6 +92,16 @@ func TestMetrics(t *testing.T) {
 		t.Errorf("sfunnel_warnings = %v after nft flush ruleset, want 1", got)
 	}
 
+	// A commit shows at the next scrape: the new rule, the table back.
+	mustSfunnel(t, "", "--netns", a.Name, "add", "rule", "veth0", "egress", "udp", "dport", "5555", "counter")
+	mf = scrape(t, a, "127.0.0.1:9142")
+	if got := value(t, mf, "sfunnel_rule_packets_total", map[string]string{"interface": "veth0", "hook": "egress", "handle": "4"}); got != 0 {
+		t.Errorf("new rule: sfunnel_rule_packets_total = %v, want 0", got)
+	}
+	if got := value(t, mf, "sfunnel_warnings", nil); got != 0 {
+		t.Errorf("sfunnel_warnings = %v after the next commit restored the table, want 0", got)
+	}
+
 	cmd.Process.Signal(syscall.SIGTERM)
 	if err := cmd.Wait(); err != nil {
 		t.Errorf("metrics after SIGTERM: %v", err)
