@@ -11,6 +11,7 @@ import (
 	"strconv"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/sfunnel/sfunnel/datapath"
@@ -151,6 +152,8 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 // Handler serves the metrics of read at every request.
 func Handler(read func() (*Snapshot, error)) http.Handler {
 	reg := prometheus.NewPedanticRegistry()
-	reg.MustRegister(&Collector{Read: read})
+	reg.MustRegister(&Collector{Read: read},
+		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
+		collectors.NewGoCollector())
 	return promhttp.HandlerFor(reg, promhttp.HandlerOpts{ErrorHandling: promhttp.HTTPErrorOnError})
 }

@@ -87,6 +87,9 @@ func TestMetrics(t *testing.T) {
 	if got := value(t, mf, "sfunnel_warnings", nil); got != 0 {
 		t.Errorf("sfunnel_warnings = %v before nft flush ruleset", got)
 	}
+	if mf["process_cpu_seconds_total"] == nil || mf["go_goroutines"] == nil {
+		t.Error("no process_ or go_ metrics of the exporter itself")
+	}
 	a.Run(t, "nft", "flush", "ruleset")
 	if got := value(t, scrape(t, a, "127.0.0.1:9142"), "sfunnel_warnings", nil); got != 1 {
 		t.Errorf("sfunnel_warnings = %v after nft flush ruleset, want 1", got)
