@@ -5,7 +5,7 @@ DESTDIR ?=
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -X main.version=$(VERSION)
 
-.PHONY: all build test deps demo man install bench bench-datapath bench-tunnel bench-tcp crash-long fuzz clean
+.PHONY: all build test deps demo man install bench bench-datapath bench-tunnel bench-tcp bench-control crash-long fuzz clean
 
 all: build
 
@@ -52,6 +52,12 @@ bench-tcp: build
 
 bench-tunnel: build
 	@if [ -x bench/tunnel/run.sh ]; then bench/tunnel/run.sh; else echo "no tunnel benchmark yet"; fi
+
+# Control-plane benchmark against nft in the same run (apply, list,
+# add/delete rule on a 10 000-rule hook; time and peak RSS); writes the
+# "Control plane" section of BENCHMARKS.md.
+bench-control: build
+	$(GO) run ./bench/control -sfunnel bin/sfunnel -rules 10000 -runs 5 -o BENCHMARKS.md
 
 # crash-long kills sfunnel at every crash point of every tested commit
 # (make test tests every second one); see tests/crash.

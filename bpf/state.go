@@ -22,7 +22,14 @@ const stateChunk = 16 << 10
 // WriteState replaces g's state record with data. The new map is built
 // completely and then pinned over the old one (rename), so a reader sees
 // either the old or the new record.
-func (g *Gen) WriteState(data []byte) error {
+func (g *Gen) WriteState(data []byte) error { return g.WriteBlob("state", data) }
+
+// ReadState returns g's state record, nil if it has none.
+func (g *Gen) ReadState() ([]byte, error) { return g.ReadBlob("state") }
+
+// WriteBlob replaces the named blob of g (a state record, a cache) with
+// data, atomically for readers.
+func (g *Gen) WriteBlob(name string, data []byte) error {
 	var z bytes.Buffer
 	zw, _ := gzip.NewWriterLevel(&z, gzip.BestSpeed)
 	zw.Write(data)
@@ -48,16 +55,16 @@ func (g *Gen) WriteState(data []byte) error {
 			return fmt.Errorf("write state: %w", err)
 		}
 	}
-	if err := pinReplace(m, filepath.Join(g.Dir, "state")); err != nil {
+	if err := pinReplace(m, filepath.Join(g.Dir, name)); err != nil {
 		return err
 	}
-	faults.Point("write state")
+	faults.Point("write " + name)
 	return nil
 }
 
-// ReadState returns g's state record, nil if it has none.
-func (g *Gen) ReadState() ([]byte, error) {
-	m, err := ebpf.LoadPinnedMap(filepath.Join(g.Dir, "state"), nil)
+// ReadBlob returns the named blob of g, nil if it has none.
+func (g *Gen) ReadBlob(name string) ([]byte, error) {
+	m, err := ebpf.LoadPinnedMap(filepath.Join(g.Dir, name), nil)
 	if errors.Is(err, os.ErrNotExist) {
 		return nil, nil
 	}

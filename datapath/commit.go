@@ -225,6 +225,7 @@ func (b *Backend) Commit(rs *ruleset.Ruleset) error {
 	if err := writeGenState(g, next); err != nil {
 		return err
 	}
+	writeCache(g, next, rs)
 	// The connmark table must be there before rules that use ct mark run.
 	if next.CtMarkUsed {
 		if err := b.table(ctMask).Ensure(); err != nil {
@@ -559,11 +560,33 @@ func (b *Backend) snapshot() (*bpf.Store, *bpf.Gen, *liveState, error) {
 // Load returns the live ruleset: what was committed, minus the hooks whose
 // program is no longer attached (interface deleted, filter removed by hand).
 func (b *Backend) Load() (*ruleset.Ruleset, error) {
-	s, _, st, err := b.snapshot()
+	s, g, st, err := b.snapshot()
 	if err != nil || st == nil {
 		return &ruleset.Ruleset{NextHandle: 1}, err
 	}
-	return st.ruleset(func(h *hookState) bool { return b.attached(s, h.id()) })
+	live := func(h *hookState) bool { return b.attached(s, h.id()) }
+	if rs := readCache(g, st); rs != nil {
+		for _, h := range st.hooks() {
+			if !live(h) {
+				if ifc := rs.Interface(h.ifname); ifc != nil {
+					if h.hook == grammar.HookEgress {
+						ifc.Egress = nil
+					} else {
+						ifc.Ingress = nil
+					}
+				}
+			}
+		}
+		kept := rs.Interfaces[:0]
+		for _, ifc := range rs.Interfaces {
+			if len(ifc.Ingress)+len(ifc.Egress) > 0 {
+				kept = append(kept, ifc)
+			}
+		}
+		rs.Interfaces = kept
+		return rs, nil
+	}
+	return st.ruleset(live)
 }
 
 // Generation returns the number of the committed generation (0 when nothing

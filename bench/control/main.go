@@ -1,0 +1,284 @@
+// Command control measures sfunnel's control plane against nft in the same
+// run, on comparable rulesets in a scratch network namespace: apply a
+// ruleset file, add and delete one rule on its large hook, list it; wall
+// time (medians) and peak RSS of each command. It prints a Markdown table
+// and, with -o FILE, replaces the "Control plane" section of FILE
+// (BENCHMARKS.md).
+//
+//	go run ./bench/control -sfunnel bin/sfunnel -rules 10000 -runs 5 -o BENCHMARKS.md
+package main
+
+import (
+	"bytes"
+	"flag"
+	"fmt"
+	"os"
+	"os/exec"
+	"regexp"
+	"sort"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+)
+
+var (
+	only    = flag.String("workload", "", "run only the workloads whose name contains this")
+	sfunnel = flag.String("sfunnel", "bin/sfunnel", "sfunnel binary")
+	rules   = flag.Int("rules", 10000, "rules on the hook")
+	runs    = flag.Int("runs", 5, "runs per measurement (the median is reported)")
+	out     = flag.String("o", "", "Markdown file whose \"## Control plane\" section is replaced")
+)
+
+// workload is one ruleset shape, written for both tools.
+type workload struct {
+	name string
+	rule func(i int) (sf, nft string)
+}
+
+var workloads = []workload{
+	{"IPv4 host + port", func(i int) (string, string) {
+		m := fmt.Sprintf("ip saddr 10.%d.%d.1 udp dport %d", i/250%250, i%250, 1000+i%60000)
+		return m + " counter actions drop", m + " counter drop"
+	}},
+	{"mixed shapes", func(i int) (string, string) {
+		var m string
+		switch i % 5 {
+		case 0:
+			m = fmt.Sprintf("ip saddr 10.%d.%d.1 udp dport %d", i/250%250, i%250, 1000+i%60000)
+		case 1:
+			m = fmt.Sprintf("ip daddr 10.%d.%d.0/24 tcp sport %d", i/250%250, i%250, 2000+i%5000)
+		case 2:
+			m = fmt.Sprintf("udp dport %d-%d", 3000+i%1000, 3100+i%1000)
+		case 3:
+			m = fmt.Sprintf("meta mark %d", i)
+		default:
+			m = fmt.Sprintf("ip6 saddr 2001:db8::%x udp dport %d", i, i%60000+1)
+		}
+		return m + " counter actions drop", m + " counter drop"
+	}},
+}
+
+// sample is one command's wall time and peak RSS.
+type sample struct {
+	wall time.Duration
+	rss  int64 // KiB
+	ok   bool
+	err  string
+}
+
+func run(stdin []byte, name string, args ...string) sample {
+	cmd := exec.Command(name, args...)
+	cmd.Stdin = bytes.NewReader(stdin)
+	var stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = nil, &stderr
+	t := time.Now()
+	err := cmd.Run()
+	s := sample{wall: time.Since(t), ok: err == nil}
+	if ru, ok := cmd.ProcessState.SysUsage().(*syscall.Rusage); ok {
+		s.rss = ru.Maxrss
+	}
+	if err != nil {
+		s.err = strings.TrimSpace(firstLine(stderr.String()))
+	}
+	return s
+}
+
+func firstLine(s string) string {
+	if i := strings.IndexByte(s, '\n'); i >= 0 {
+		return s[:i]
+	}
+	return s
+}
+
+func median(ss []sample) sample {
+	sort.Slice(ss, func(i, j int) bool { return ss[i].wall < ss[j].wall })
+	m := ss[len(ss)/2]
+	for _, s := range ss {
+		if s.rss > m.rss {
+			m.rss = s.rss
+		}
+		if !s.ok {
+			m.ok, m.err = false, s.err
+		}
+	}
+	return m
+}
+
+func must(name string, args ...string) string {
+	out, err := exec.Command(name, args...).CombinedOutput()
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "%s %v: %v\n%s", name, args, err, out)
+		os.Exit(1)
+	}
+	return string(out)
+}
+
+type row struct {
+	what     string
+	sf, nft  sample
+	ratioRSS bool
+}
+
+func main() {
+	flag.Parse()
+	ns := fmt.Sprintf("sfbench-%d", os.Getpid())
+	must("ip", "netns", "add", ns)
+	defer exec.Command("ip", "netns", "del", ns).Run()
+	must("ip", "-n", ns, "link", "add", "vb", "type", "veth", "peer", "name", "va")
+	must("ip", "-n", ns, "link", "set", "vb", "up")
+	must("ip", "-n", ns, "link", "set", "va", "up")
+	sf := func(stdin []byte, args ...string) sample {
+		return run(stdin, *sfunnel, append([]string{"--netns", ns}, args...)...)
+	}
+	nft := func(stdin []byte, args ...string) sample {
+		return run(stdin, "ip", append([]string{"netns", "exec", ns, "nft"}, args...)...)
+	}
+	var table strings.Builder
+	kernel := strings.TrimSpace(must("uname", "-r"))
+	fmt.Fprintf(&table, "Measured %s, kernel %s, %d rules on one hook (sfunnel: vb ingress; nft: a netdev ingress chain on vb), medians of %d runs; RSS is the largest of the runs. Times include process start.\n\n",
+		time.Now().UTC().Format("2006-01-02 15:04 UTC"), kernel, *rules, *runs)
+	table.WriteString("| ruleset | operation | sfunnel | nft | ratio | sfunnel RSS | nft RSS | RSS ratio |\n|---|---|---:|---:|---:|---:|---:|---:|\n")
+	for _, w := range workloads {
+		if !strings.Contains(w.name, *only) {
+			continue
+		}
+		var sfText, nftText strings.Builder
+		sfText.WriteString("flush ruleset\ninterface vb {\n\tingress {\n")
+		nftText.WriteString("flush ruleset\ntable netdev sfb {\n\tchain c {\n\t\ttype filter hook ingress device vb priority 0;\n")
+		for i := 0; i < *rules; i++ {
+			s, n := w.rule(i)
+			sfText.WriteString("\t\t" + s + "\n")
+			nftText.WriteString("\t\t" + n + "\n")
+		}
+		sfText.WriteString("\t}\n}\n")
+		nftText.WriteString("\t}\n}\n")
+		var rows []row
+		measure := func(what string, f func() (sample, sample)) {
+			var a, b []sample
+			for i := 0; i < *runs; i++ {
+				x, y := f()
+				a, b = append(a, x), append(b, y)
+			}
+			rows = append(rows, row{what: what, sf: median(a), nft: median(b)})
+		}
+		// A ruleset sfunnel refuses (slowly: the verifier gives up after a
+		// million instructions) is tried once.
+		var refused *sample
+		measure("apply (-f)", func() (sample, sample) {
+			b := nft([]byte(nftText.String()), "-f", "-")
+			if refused != nil {
+				return *refused, b
+			}
+			a := sf([]byte(sfText.String()), "-f", "-")
+			if !a.ok {
+				refused = &a
+			}
+			return a, b
+		})
+		if refused != nil {
+			r := rows[0]
+			fmt.Fprintf(&table, "| %s | %s | %s | %s | — | — | %s | — |\n", w.name, r.what, cell(r.sf), cell(r.nft), kib(r.nft))
+			nft([]byte("flush ruleset\n"), "-f", "-")
+			continue
+		}
+		// The rest on the loaded hook (the last apply of each stays).
+		sf([]byte(sfText.String()), "-f", "-")
+		nft([]byte(nftText.String()), "-f", "-")
+		measure("list ruleset", func() (sample, sample) {
+			return sf(nil, "list", "ruleset"), nft(nil, "list", "ruleset")
+		})
+		handleRe := regexp.MustCompile(`# handle (\d+)`)
+		var sfHandles, nftHandles []string
+		measure("add rule", func() (sample, sample) {
+			a := run(nil, "sh", "-c", fmt.Sprintf("%s --netns %s -e add rule vb ingress ip saddr 10.251.0.1 udp dport 9 counter actions drop > /tmp/sfb-echo", *sfunnel, ns))
+			if m := handleRe.FindStringSubmatch(readFile("/tmp/sfb-echo")); m != nil {
+				sfHandles = append(sfHandles, m[1])
+			}
+			b := run(nil, "sh", "-c", fmt.Sprintf("ip netns exec %s nft --echo --handle add rule netdev sfb c ip saddr 10.251.0.1 udp dport 9 counter drop > /tmp/nftb-echo", ns))
+			if m := handleRe.FindStringSubmatch(readFile("/tmp/nftb-echo")); m != nil {
+				nftHandles = append(nftHandles, m[1])
+			}
+			return a, b
+		})
+		i := 0
+		measure("delete rule", func() (sample, sample) {
+			var a, b sample
+			if i < len(sfHandles) {
+				a = sf(nil, "delete", "rule", "vb", "ingress", "handle", sfHandles[i])
+			} else {
+				a = sample{err: "no handle from add rule"}
+			}
+			if i < len(nftHandles) {
+				b = nft(nil, "delete", "rule", "netdev", "sfb", "c", "handle", nftHandles[i])
+			} else {
+				b = sample{err: "no handle from add rule"}
+			}
+			i++
+			return a, b
+		})
+		for _, r := range rows {
+			fmt.Fprintf(&table, "| %s | %s | %s | %s | %s | %s | %s | %s |\n", w.name, r.what, cell(r.sf), cell(r.nft),
+				ratio(r.sf, r.nft, float64(r.sf.wall), float64(r.nft.wall)),
+				kib(r.sf), kib(r.nft), ratio(r.sf, r.nft, float64(r.sf.rss), float64(r.nft.rss)))
+		}
+		sf([]byte("flush ruleset\n"), "-f", "-")
+		nft([]byte("flush ruleset\n"), "-f", "-")
+	}
+	fmt.Print(table.String())
+	if *out != "" {
+		if err := replaceSection(*out, "## Control plane", table.String()); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(1)
+		}
+	}
+}
+
+func readFile(p string) string {
+	b, _ := os.ReadFile(p)
+	return string(b)
+}
+
+func cell(s sample) string {
+	if !s.ok {
+		return "fails: " + strings.ReplaceAll(s.err, "|", "/")
+	}
+	return fmt.Sprintf("%.3f s", s.wall.Seconds())
+}
+
+func kib(s sample) string {
+	if !s.ok {
+		return "—"
+	}
+	return strconv.FormatInt(s.rss/1024, 10) + " MB"
+}
+
+func ratio(a, b sample, x, y float64) string {
+	if !a.ok || !b.ok || y == 0 {
+		return "—"
+	}
+	return fmt.Sprintf("%.2f×", x/y)
+}
+
+// replaceSection replaces the body of the section starting with heading
+// (up to the next "## " heading) in file, or appends the section.
+func replaceSection(file, heading, body string) error {
+	data, err := os.ReadFile(file)
+	if err != nil && !os.IsNotExist(err) {
+		return err
+	}
+	text := string(data)
+	section := heading + " (`make bench-control`)\n\n" + body + "\n"
+	start := strings.Index(text, heading)
+	if start < 0 {
+		if text != "" && !strings.HasSuffix(text, "\n\n") {
+			text += "\n"
+		}
+		return os.WriteFile(file, []byte(text+section), 0o644)
+	}
+	end := len(text)
+	if i := strings.Index(text[start+len(heading):], "\n## "); i >= 0 {
+		end = start + len(heading) + i + 1
+	}
+	return os.WriteFile(file, []byte(text[:start]+section+text[end:]), 0o644)
+}
