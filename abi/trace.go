@@ -48,9 +48,10 @@ const (
 //	20   4    caplen    bytes of packet data that follow
 //	24   4    mark      skb->mark
 //	28   4    (zero)
-//	32   128  data
+//	32   8    time      bpf_ktime_get_ns (CLOCK_MONOTONIC)
+//	40   128  data
 const (
-	TraceHeaderLen = 32
+	TraceHeaderLen = 40
 	TraceDataLen   = 128
 	TraceRecordLen = TraceHeaderLen + TraceDataLen
 
@@ -64,6 +65,7 @@ const (
 	TraceOffLen     = 16
 	TraceOffCaplen  = 20
 	TraceOffMark    = 24
+	TraceOffTime    = 32
 )
 
 // TraceRecord is a decoded record.
@@ -77,6 +79,7 @@ type TraceRecord struct {
 	Ifindex uint32
 	Len     uint32
 	Mark    uint32
+	Time    uint64 // CLOCK_MONOTONIC nanoseconds
 	Data    []byte // from the IP header on, at most TraceDataLen bytes
 }
 
@@ -90,6 +93,7 @@ func DecodeTrace(b []byte) (TraceRecord, error) {
 		ID: ne.Uint32(b[TraceOffID:]), Kind: b[TraceOffKind], Hook: b[TraceOffHook],
 		Verdict: b[TraceOffVerdict], Reason: b[TraceOffReason], Rule: ne.Uint32(b[TraceOffRule:]),
 		Ifindex: ne.Uint32(b[TraceOffIfindex:]), Len: ne.Uint32(b[TraceOffLen:]), Mark: ne.Uint32(b[TraceOffMark:]),
+		Time: ne.Uint64(b[TraceOffTime:]),
 	}
 	n := int(ne.Uint32(b[TraceOffCaplen:]))
 	if n > TraceDataLen || TraceHeaderLen+n > len(b) {

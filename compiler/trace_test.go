@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf/ringbuf"
+	"golang.org/x/sys/unix"
 
 	"github.com/sfunnel/sfunnel/abi"
 	"github.com/sfunnel/sfunnel/compiler"
@@ -72,10 +73,17 @@ func TestTraceRecords(t *testing.T) {
 	}
 
 	pkt := craft(t, pktSpec{l4: udpLayer(40000, 4739), payload: []byte("traced")})
+	before := monotonic(t)
 	if r := l.run(t, pkt, 0); r.ret != compiler.VerdictPass {
 		t.Fatalf("verdict %d", r.ret)
 	}
+	after := monotonic(t)
 	got := read()
+	for _, g := range got {
+		if g.Time < before || g.Time > after {
+			t.Errorf("record time %d outside the run [%d, %d]", g.Time, before, after)
+		}
+	}
 	if len(got) != 4 {
 		t.Fatalf("%d records, want rules 2, 4, 5 and the verdict: %+v", len(got), got)
 	}
@@ -139,4 +147,12 @@ func TestTraceRecords(t *testing.T) {
 	if len(got) != 2 || got[0].Kind != abi.TraceRule || got[0].Rule != 5 || got[1].Verdict != abi.TracePass {
 		t.Errorf("grouped rules: %+v, want rule index 5 then pass", got)
 	}
+}
+
+func monotonic(t *testing.T) uint64 {
+	var ts unix.Timespec
+	if err := unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts); err != nil {
+		t.Fatal(err)
+	}
+	return uint64(ts.Nano())
 }

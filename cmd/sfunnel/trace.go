@@ -12,6 +12,7 @@ import (
 	"github.com/cilium/ebpf/ringbuf"
 	"github.com/gopacket/gopacket"
 	"github.com/gopacket/gopacket/layers"
+	"golang.org/x/sys/unix"
 
 	"github.com/sfunnel/sfunnel/abi"
 	"github.com/sfunnel/sfunnel/datapath"
@@ -51,10 +52,17 @@ type traceItem struct {
 	rec abi.TraceRecord
 }
 
-// monitorTrace prints the records of traced packets until ctx ends. The
-// ring buffers are opened again whenever the ruleset changes (a new
-// program has new ones).
+// monitorTrace prints the records of traced packets until ctx ends. As
+// with nft, only packets traced after it started are shown (a ring buffer
+// keeps what nobody read). The ring buffers are opened again whenever the
+// ruleset changes (a new program has new ones).
 func (a *app) monitorTrace(ctx context.Context, b *datapath.Backend, out io.Writer) error {
+	var now unix.Timespec
+	if err := unix.ClockGettime(unix.CLOCK_MONOTONIC, &now); err != nil {
+		return err
+	}
+	start := uint64(now.Nano())
+	stale := map[uint32]bool{} // trace ids that began before start
 	items := make(chan traceItem, 1024)
 	done := make(chan struct{}) // readers stop sending once monitoring ends
 	defer close(done)
@@ -127,6 +135,16 @@ func (a *app) monitorTrace(ctx context.Context, b *datapath.Backend, out io.Writ
 				}
 			}
 		case it := <-items:
+			if it.rec.Time < start || stale[it.rec.ID] {
+				stale[it.rec.ID] = it.rec.Kind != abi.TraceVerdict
+				if !stale[it.rec.ID] {
+					delete(stale, it.rec.ID)
+				}
+				continue
+			}
+			if len(started) > 4096 { // verdict records lost to a full ring buffer
+				clear(started)
+			}
 			for _, e := range traceEvents(it, started) {
 				if a.opts.json {
 					data, _ := json.Marshal(e)

@@ -89,12 +89,27 @@ func TestMonitorTrace(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+	var got []string
+	// monitor trace shows the packets traced after it started: send
+	// traced datagrams until it shows one, then let it fall quiet.
+	for k := 0; ; k++ {
+		if k == 20 {
+			t.Fatalf("monitor trace showed none of 20 traced datagrams; it printed:\n%s", strings.Join(got, "\n"))
+		}
+		send("4739")
+		if waitLine(lines, &got, "trace id ", time.Second) {
+			break
+		}
+	}
+	for waitLine(lines, &got, "", 300*time.Millisecond) {
+	}
+	got = nil
+
 	send("4740") // untraced: no record
 	send("4739") // traced
 	send("4740")
 	send("4739")
 
-	var got []string
 	next := func() string {
 		t.Helper()
 		select {
@@ -156,13 +171,36 @@ func TestMonitorTrace(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer cmd.Process.Kill()
-	send("4739")
-	sc := bufio.NewScanner(stdout)
+	jlines := make(chan string, 64)
+	go func() {
+		sc := bufio.NewScanner(stdout)
+		for sc.Scan() {
+			jlines <- sc.Text()
+		}
+		close(jlines)
+	}()
+	var jgot []string
+	for k := 0; ; k++ {
+		if k == 20 {
+			t.Fatalf("monitor -j trace showed none of 20 traced datagrams")
+		}
+		send("4739")
+		if waitLine(jlines, &jgot, "{", time.Second) {
+			break
+		}
+	}
+	for len(jgot) < 4 {
+		l, ok := <-jlines
+		if !ok {
+			break
+		}
+		jgot = append(jgot, l)
+	}
 	var ev struct{ ID, Interface, Hook, Type, Packet, Rule, Verdict string }
 	var types []string
-	for len(types) < 4 && sc.Scan() {
-		if err := json.Unmarshal(sc.Bytes(), &ev); err != nil {
-			t.Fatalf("%q: %v", sc.Text(), err)
+	for _, l := range jgot[:min(4, len(jgot))] {
+		if err := json.Unmarshal([]byte(l), &ev); err != nil {
+			t.Fatalf("%q: %v", l, err)
 		}
 		types = append(types, ev.Type)
 	}
