@@ -279,6 +279,14 @@ func hint(msg string) string {
 		`"action"`: "did you mean actions?", `"port"`: "did you mean sport or dport?", `"to"`: "did you mean dnat to ADDR?",
 		`"chain"`: "sfunnel writes interface NAME { ingress { … } }", `"table"`: "sfunnel writes interface NAME { … }",
 		`"counter"`: "counter is a statement: write it before the actions, e.g. udp dport 5 counter drop",
+		`"state"`:   "sfunnel's hooks see no conntrack state; ct mark is the connection match it has",
+		`"iifname"`: "the interface is the block's: interface NAME { ingress { … } }",
+		`"oifname"`: "the interface is the block's: interface NAME { egress { … } }",
+		`"iif"`:     "the interface is the block's: interface NAME { ingress { … } }",
+		`"oif"`:     "the interface is the block's: interface NAME { egress { … } }",
+		`"icmp"`:    "sfunnel rules match tcp or udp only",
+		`"icmpv6"`:  "sfunnel rules match tcp or udp only",
+		`"th"`:      "write tcp or udp: sfunnel has no th (any transport header) match",
 	} {
 		if strings.Contains(msg, "unexpected token "+word) {
 			return " (" + h + ")"

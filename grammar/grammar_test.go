@@ -347,6 +347,9 @@ func TestErrors(t *testing.T) {
 		"udp dport 5 drop counter",
 		"udp dport 5 actions counter drop",
 		"udp dport 5 jump flows",
+		"ct state established accept",
+		"iifname eth0 udp dport 1 drop",
+		"icmp type echo-request drop",
 		// Syntax errors inside blocks are as specific as on the command line.
 		"interface eth0 {\n\tegress {\n\t\tudp dport 1 actions frob\n\t}\n}",
 		"interface eth0 {\n\tegress {\n\t\tudp dport 1 frob\n\t}\n}",
