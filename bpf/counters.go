@@ -20,6 +20,17 @@ func perCPU(m *ebpf.Map, i int) ([]Counter, error) {
 	return v, nil
 }
 
+// ReadCounter returns the counter of index i, summed over CPUs.
+func ReadCounter(m *ebpf.Map, i int) (Counter, error) {
+	var c Counter
+	v, err := perCPU(m, i)
+	for _, x := range v {
+		c.Packets += x.Packets
+		c.Bytes += x.Bytes
+	}
+	return c, err
+}
+
 // ReadCounters returns the counters of every index, summed over CPUs.
 func ReadCounters(m *ebpf.Map) ([]Counter, error) {
 	out := make([]Counter, m.MaxEntries())

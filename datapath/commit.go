@@ -157,20 +157,41 @@ func (b *Backend) Commit(rs *ruleset.Ruleset) error {
 		}
 	}
 
-	// Programs: unchanged ones pinned again, changed ones loaded.
+	// Programs: unchanged ones pinned again (their rule tables rewritten
+	// when only those changed), changed ones loaded.
+	tables := map[bpf.HookID]*tableUpdate{}
+	kept := map[bpf.HookID]uint32{} // table generation of kept programs
 	for _, p := range plans {
-		if oh := old.hook(p.id); oh != nil && oh.Digest == p.digest && !usesFreshSet(p.prog.NamedSets, sets) && b.attached(s, p.id) {
+		if oh := old.hook(p.id); oh != nil && !usesFreshSet(p.prog.NamedSets, sets) && b.attached(s, p.id) {
+			same := oh.Digest == p.digest
+			tablesOnly := !same && len(p.prog.Tables) > 0 && oh.ProgDigest == progDigest(p.prog) &&
+				slotsCompatible(oh.CounterHandles, p.prog.Handles)
 			h, err := cur.Hook(p.id)
 			if err != nil {
 				return err
 			}
-			if h != nil {
-				err = g.PinHook(p.id, h.Prog, h.Maps)
-				h.Close()
-				if err != nil {
-					return err
+			if h != nil && (same || tablesOnly) {
+				var tu *tableUpdate
+				if tablesOnly {
+					// A failure leaves entries the program does not read;
+					// the hook is then reloaded instead.
+					tu, err = prepareTables(h, p.prog, len(oh.CounterHandles))
 				}
-				continue
+				if err == nil {
+					err = g.PinHook(p.id, h.Prog, h.Maps)
+					h.Close()
+					if err != nil {
+						return err
+					}
+					kept[p.id] = oh.TableGen
+					if tu != nil {
+						tables[p.id] = tu
+					}
+					continue
+				}
+			}
+			if h != nil {
+				h.Close()
 			}
 		}
 		spec := p.prog.Spec.Copy()
@@ -218,9 +239,27 @@ func (b *Backend) Commit(rs *ruleset.Ruleset) error {
 		next.Aux = append(next.Aux, auxRecord{Interface: a.id.Ifname, Hook: a.id.Hook.String()})
 	}
 	for _, h := range next.hooks() {
+		base := map[uint64]ruleset.Counter{}
 		if oh := old.hook(h.id()); oh != nil {
-			h.setBase(oh.base()) // final for kept programs; replaced ones add their counts in rollForward
+			base = oh.base() // final for kept programs; replaced ones add their counts in rollForward
 		}
+		if gen, ok := kept[h.id()]; ok {
+			h.TableGen = gen
+		}
+		if tu := tables[h.id()]; tu != nil {
+			h.TableGen = tu.gen
+			// New slots start from what is in them (unsigned
+			// arithmetic: base + live = live - residue).
+			for i, r := range tu.residue {
+				if i < len(h.CounterHandles) {
+					c := base[h.CounterHandles[i]]
+					c.Packets -= r.Packets
+					c.Bytes -= r.Bytes
+					base[h.CounterHandles[i]] = c
+				}
+			}
+		}
+		h.setBase(base)
 	}
 	if err := writeGenState(g, next); err != nil {
 		return err
@@ -293,18 +332,24 @@ func (b *Backend) rollForward(s *bpf.Store, cur, g *bpf.Gen) error {
 	if err := runHooks(s, st, g); err != nil {
 		return err
 	}
+	if err := switchTables(st, g); err != nil {
+		return err
+	}
 	// Counters the replaced programs counted: final now that they stopped.
+	// (A kept program's bases were settled when g was prepared.)
 	for _, h := range st.hooks() {
 		oh := old.hook(h.id())
 		if oh == nil {
-			h.Base = nil
 			continue
 		}
 		base := oh.base()
-		if err := addReplacedCounts(base, oh, cur, g); err != nil {
+		replaced, err := addReplacedCounts(base, oh, cur, g)
+		if err != nil {
 			return err
 		}
-		h.setBase(base)
+		if replaced {
+			h.setBase(base)
+		}
 	}
 	if err := writeGenState(g, st); err != nil {
 		return err
@@ -343,6 +388,9 @@ func (b *Backend) rollBack(s *bpf.Store, cur, g *bpf.Gen) error {
 			return err
 		}
 		if err := runHooks(s, st, cur); err != nil {
+			return err
+		}
+		if err := switchTables(st, cur); err != nil {
 			return err
 		}
 	} else if err := runHooks(s, st, nil); err != nil {
@@ -451,32 +499,32 @@ func runHooks(s *bpf.Store, st *liveState, g *bpf.Gen) error {
 // addReplacedCounts adds to base what the old generation's program of hook
 // oh counted, if g replaced that program (a kept program goes on counting
 // in the same map).
-func addReplacedCounts(base map[uint64]ruleset.Counter, oh *hookState, cur, g *bpf.Gen) error {
+func addReplacedCounts(base map[uint64]ruleset.Counter, oh *hookState, cur, g *bpf.Gen) (replaced bool, err error) {
 	if cur == nil || cur.N == g.N {
-		return nil
+		return false, nil
 	}
 	ch, err := cur.Hook(oh.id())
 	if err != nil || ch == nil {
-		return err
+		return false, err
 	}
 	defer ch.Close()
 	gh, err := g.Hook(oh.id())
 	if err != nil {
-		return err
+		return false, err
 	}
 	if gh != nil {
 		same := bpf.ProgID(gh.Prog) == bpf.ProgID(ch.Prog)
 		gh.Close()
 		if same {
-			return nil
+			return false, nil
 		}
 	}
 	if ch.Counters() == nil {
-		return nil
+		return true, nil
 	}
 	cs, err := bpf.ReadCounters(ch.Counters())
 	if err != nil {
-		return err
+		return false, err
 	}
 	for i, handle := range oh.CounterHandles {
 		if handle == 0 || i >= len(cs) {
@@ -487,7 +535,7 @@ func addReplacedCounts(base map[uint64]ruleset.Counter, oh *hookState, cur, g *b
 		c.Bytes += cs[i].Bytes
 		base[handle] = c
 	}
-	return nil
+	return true, nil
 }
 
 func usesFreshSet(names []string, sets map[string]*setPlan) bool {

@@ -25,7 +25,8 @@ import (
 //	 "ct_mark_mask": M, "next_handle": H,
 //	 "sets": [{"name": S, "text": "set S {\n\ttype …\n}\n"}],
 //	 "interfaces": [{"name": IF, "hooks": [{"hook": "ingress"|"egress",
-//	    "digest": HEX, "sets": [S…], "counter_handles": [H…],
+//	    "digest": HEX, "program_digest": HEX, "table_generation": 0|1,
+//	    "sets": [S…], "counter_handles": [H…],
 //	    "rules": [{"handle": H, "text": RULE, "counter_at": OFFSET}],
 //	    "base": [{"handle": H, "packets": P, "bytes": B}]}]}],
 //	 "aux_hooks": [{"interface": IF, "hook": HOOK}]}
@@ -81,6 +82,8 @@ type ifaceRecord struct {
 type hookState struct {
 	Hook           string       `json:"hook"`
 	Digest         string       `json:"digest"`
+	ProgDigest     string       `json:"program_digest,omitempty"`
+	TableGen       uint32       `json:"table_generation,omitempty"`
 	Sets           []string     `json:"sets,omitempty"`
 	CounterHandles []uint64     `json:"counter_handles,omitempty"`
 	Rules          []ruleRecord `json:"rules"`
@@ -233,6 +236,7 @@ func stateOf(rs *ruleset.Ruleset, ctMask uint32, plans []*hookPlan) *liveState {
 			}
 			if p := byID[hs.id()]; p != nil {
 				hs.Digest = p.digest
+				hs.ProgDigest = progDigest(p.prog)
 				hs.Sets = p.prog.NamedSets
 				hs.CounterHandles = p.prog.Handles
 			}

@@ -297,6 +297,18 @@ func manyHosts(n int) string {
 	return b.String()
 }
 
+// rulesetD has 40 rules of one shape on vb ingress: the hook classifies
+// through rule tables, and a rule of that shape is added by rewriting them.
+func rulesetD() string {
+	var b strings.Builder
+	b.WriteString("flush ruleset\ninterface vb {\n\tingress {\n")
+	for i := 0; i < 40; i++ {
+		fmt.Fprintf(&b, "\t\tip saddr 192.0.2.%d udp dport %d counter actions drop\n", 100+i, 7000+i)
+	}
+	b.WriteString("\t}\n}\n")
+	return b.String()
+}
+
 func manyElements(from, n int) string {
 	var b strings.Builder
 	for i := 0; i < n; i++ {
@@ -322,6 +334,8 @@ func TestCrashAtEveryPoint(t *testing.T) {
 			ingress: []int{6000}, egress: []int{5001, 10000, 11999}, every: 3},
 		{name: "delete-element", old: rulesetB, args: []string{"delete", "element", "ports", "{ 5002 }"},
 			ingress: []int{6001}, egress: []int{5001, 5002}, every: 2},
+		{name: "add-rule-tables", old: rulesetD(), args: []string{"add", "rule", "vb", "ingress", "ip", "saddr", "192.0.2.1", "udp", "dport", "7005", "counter", "actions", "drop"},
+			ingress: []int{7005, 7006}, every: 1},
 		{name: "add-address-elements", old: rulesetC, args: []string{"add", "element", "hosts", "{ " + manyHosts(2000) + " }"},
 			egress: []int{5003}, every: 251},
 	}
