@@ -222,26 +222,48 @@ func packetSummary(r abi.TraceRecord) string {
 		return fmt.Sprintf("length %d", r.Len)
 	}
 	p := gopacket.NewPacket(r.Data, first, gopacket.DecodeOptions{Lazy: true, NoCopy: true})
+	udp, _ := p.Layer(layers.LayerTypeUDP).(*layers.UDP)
+	tcp, _ := p.Layer(layers.LayerTypeTCP).(*layers.TCP)
 	if ip, ok := p.Layer(layers.LayerTypeIPv4).(*layers.IPv4); ok {
 		w = append(w, "ip saddr", addr(ip.SrcIP), "ip daddr", addr(ip.DstIP), "ip protocol", strings.ToLower(ip.Protocol.String()))
 		if ip.Flags&layers.IPv4MoreFragments != 0 || ip.FragOffset != 0 {
 			w = append(w, "ip frag-off", fmt.Sprint(ip.FragOffset*8))
+			if ip.FragOffset == 0 { // gopacket leaves a first fragment's transport header undecoded
+				udp, tcp = transport(ip.Protocol, ip.Payload)
+			}
 		}
 	}
 	if ip, ok := p.Layer(layers.LayerTypeIPv6).(*layers.IPv6); ok {
 		w = append(w, "ip6 saddr", addr(ip.SrcIP), "ip6 daddr", addr(ip.DstIP))
 	}
-	if u, ok := p.Layer(layers.LayerTypeUDP).(*layers.UDP); ok {
-		w = append(w, "udp sport", fmt.Sprint(uint16(u.SrcPort)), "udp dport", fmt.Sprint(uint16(u.DstPort)))
+	if udp != nil {
+		w = append(w, "udp sport", fmt.Sprint(uint16(udp.SrcPort)), "udp dport", fmt.Sprint(uint16(udp.DstPort)))
 	}
-	if t, ok := p.Layer(layers.LayerTypeTCP).(*layers.TCP); ok {
-		w = append(w, "tcp sport", fmt.Sprint(uint16(t.SrcPort)), "tcp dport", fmt.Sprint(uint16(t.DstPort)), "tcp flags", tcpFlags(t))
+	if tcp != nil {
+		w = append(w, "tcp sport", fmt.Sprint(uint16(tcp.SrcPort)), "tcp dport", fmt.Sprint(uint16(tcp.DstPort)), "tcp flags", tcpFlags(tcp))
 	}
 	w = append(w, "length", fmt.Sprint(r.Len))
 	if r.Mark != 0 {
 		w = append(w, "meta mark", fmt.Sprintf("0x%08x", r.Mark))
 	}
 	return strings.Join(w, " ")
+}
+
+// transport decodes a UDP or TCP header at the start of b, if there is one.
+func transport(proto layers.IPProtocol, b []byte) (*layers.UDP, *layers.TCP) {
+	switch proto {
+	case layers.IPProtocolUDP:
+		u := &layers.UDP{}
+		if len(b) >= 8 && u.DecodeFromBytes(b, gopacket.NilDecodeFeedback) == nil {
+			return u, nil
+		}
+	case layers.IPProtocolTCP:
+		t := &layers.TCP{}
+		if t.DecodeFromBytes(b, gopacket.NilDecodeFeedback) == nil {
+			return nil, t
+		}
+	}
+	return nil, nil
 }
 
 func addr(ip []byte) string {
