@@ -103,9 +103,10 @@ func newFlagSet(o *options, defines *[]string) *pflag.FlagSet {
 	fs.BoolVarP(&o.handles, "handle", "a", false, "show rule handles")
 	fs.BoolVarP(&o.echo, "echo", "e", false, "echo what was added, with handles")
 	fs.BoolVarP(&o.interactive, "interactive", "i", false, "read commands from an interactive prompt")
-	fs.CountVarP(&o.numeric, "numeric", "n", "accepted as nft takes it (sfunnel prints numbers anyway)")
+	fs.VarPF(numericValue{&o.numeric}, "numeric", "n", "accepted as nft takes it, also repeated (sfunnel prints numbers anyway)").NoOptDefVal = "true"
 	fs.StringArrayVarP(defines, "define", "D", nil, "define $NAME (with -f)")
 	fs.Lookup("define").Value = &defineValue{defines}
+	fs.Lookup("define").DefValue = ""
 	fs.StringArrayVarP(&o.includeDirs, "includepath", "I", nil, "search `DIR` for include files")
 	fs.StringVar(&o.netns, "netns", "", "operate inside the named network namespace `NAME`")
 	fs.Var(listValue{&o.ifaces}, "interface", "with -f: where bare sfunnel rules go")
@@ -117,6 +118,14 @@ func newFlagSet(o *options, defines *[]string) *pflag.FlagSet {
 	fs.BoolVarP(&o.help, "help", "h", false, "print this help")
 	return fs
 }
+
+// numericValue is -n: a switch that may be repeated (-nn), as nft's.
+type numericValue struct{ n *int }
+
+func (v numericValue) String() string   { return "" }
+func (v numericValue) Type() string     { return "bool" }
+func (v numericValue) IsBoolFlag() bool { return true }
+func (v numericValue) Set(string) error { *v.n++; return nil }
 
 // defineValue is -D NAME=VALUE, checked as given.
 type defineValue struct{ list *[]string }
