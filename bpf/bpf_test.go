@@ -89,7 +89,7 @@ func (p pair) udpDelivered(t *testing.T, n int) int {
 		// The first datagram may wait for ARP on a loaded machine.
 		wait := 300 * time.Millisecond
 		if got == 0 {
-			wait = time.Second
+			wait = 3 * time.Second
 		}
 		rx.SetReadDeadline(time.Now().Add(wait))
 		if _, _, err := rx.ReadFrom(buf); err != nil {
