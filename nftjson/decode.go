@@ -478,7 +478,7 @@ func exprText(raw json.RawMessage) (string, bool, error) {
 	case "accept", "drop":
 		return k, true, nil
 	case "funnel":
-		m, err := fields("funnel", v, "protocol", "dport", "sport", "flags", "seq", "ack", "window")
+		m, err := fields("funnel", v, "protocol", "dport", "sport", "flags", "seq", "ack", "window", "mss")
 		if err != nil {
 			return "", true, err
 		}
@@ -512,6 +512,21 @@ func exprText(raw json.RawMessage) (string, bool, error) {
 				return "", true, err
 			}
 			w = append(w, f.name, strconv.FormatUint(n, 10))
+		}
+		if mv, ok := m["mss"]; ok {
+			var off string
+			if unmarshal(mv, &off) == nil {
+				if off != "off" {
+					return "", true, fmt.Errorf(`funnel mss is a number or "off"`)
+				}
+				w = append(w, "mss", "off")
+			} else {
+				n, err := num("funnel mss", mv, 65535)
+				if err != nil {
+					return "", true, err
+				}
+				w = append(w, "mss", strconv.FormatUint(n, 10))
+			}
 		}
 		return strings.Join(w, " "), true, nil
 	case "unfunnel", "rewrite":

@@ -315,6 +315,11 @@ func actionObject(a *grammar.Action) map[string]any {
 			if h.HasWindow {
 				o["window"] = h.Window
 			}
+			if h.MSSOff {
+				o["mss"] = "off"
+			} else if h.HasMSS {
+				o["mss"] = h.MSS
+			}
 		}
 		return map[string]any{"funnel": o}
 	}

@@ -41,6 +41,8 @@ set ports { type inet_service; elements = { 80, 1000-2000 } }
 		"counter meta mark set 0x100/0xff00",
 		"udp dport 4739 actions funnel tcp dport 179 sport 540 flags syn|ack seq 0x00000001 ack 0x00000002 window 65535",
 		"udp dport 4739 actions funnel udp dport 9000",
+		"udp dport 4739 actions funnel tcp dport 179 sport 540 mss 1360",
+		"tcp dport 80 actions funnel udp dport 9000 mss off",
 		"tcp dport 443 actions rewrite udp",
 		"udp dport 443 actions rewrite tcp",
 		"ip udp dport 53 actions dnat to 192.0.2.53:5353",
