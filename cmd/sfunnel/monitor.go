@@ -96,17 +96,23 @@ func (a *app) monitor(b *datapath.Backend) func(out io.Writer, trace bool) error
 				return err
 			}
 			for _, e := range events {
-				if a.opts.json {
-					data, _ := json.Marshal(e)
-					fmt.Fprintf(out, "%s\n", data)
-				} else {
-					fmt.Fprintln(out, e)
-				}
-			}
-			if f, ok := out.(interface{ Sync() error }); ok {
-				f.Sync()
+				a.printEvent(out, e)
 			}
 		}
+	}
+}
+
+// printEvent prints one line of monitor: e's text, or its JSON with -j,
+// flushed at once (monitor output is read as it comes).
+func (a *app) printEvent(out io.Writer, e fmt.Stringer) {
+	if a.opts.json {
+		data, _ := json.Marshal(e)
+		fmt.Fprintf(out, "%s\n", data)
+	} else {
+		fmt.Fprintln(out, e)
+	}
+	if f, ok := out.(interface{ Sync() error }); ok {
+		f.Sync()
 	}
 }
 

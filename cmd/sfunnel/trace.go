@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
 	"io"
 	"net/netip"
@@ -146,15 +145,7 @@ func (a *app) monitorTrace(ctx context.Context, b *datapath.Backend, out io.Writ
 				clear(started)
 			}
 			for _, e := range traceEvents(it, started) {
-				if a.opts.json {
-					data, _ := json.Marshal(e)
-					fmt.Fprintf(out, "%s\n", data)
-				} else {
-					fmt.Fprintln(out, e)
-				}
-			}
-			if f, ok := out.(interface{ Sync() error }); ok {
-				f.Sync()
+				a.printEvent(out, e)
 			}
 		}
 	}
