@@ -176,3 +176,114 @@ func TestManyGroupBodies(t *testing.T) {
 		l.coll.Close()
 	}
 }
+
+// mixedShapes makes n rules of seven shapes, interleaved (the issue's
+// "mixed shapes": host + port, /24 + port, port ranges, two CIDRs, meta
+// mark, IPv6 prefix + port, a negated port), none of which matches the
+// test packets of udpPkt (192.0.2.1:40000 → 198.51.100.7:4739) or
+// tcpPkt; add a rule that does.
+func mixedShapes(n int) []*grammar.Rule {
+	var rules []*grammar.Rule
+	for i := 0; i < n; i++ {
+		k := i / 7
+		a := func(x byte) netip.Addr { return netip.AddrFrom4([4]byte{10, x, byte(k >> 8), byte(k)}) }
+		r := &grammar.Rule{Handle: uint64(i + 1)}
+		switch i % 7 {
+		case 0:
+			r.Family, r.Proto = grammar.FamilyIPv4, grammar.ProtoUDP
+			r.Saddr = &grammar.AddrMatch{Prefixes: []netip.Prefix{netip.PrefixFrom(a(1), 32)}}
+			r.Dport = ports(telemetryPorts[k%len(telemetryPorts)])
+			r.Counter, r.Actions = true, []*grammar.Action{funnelTo(grammar.ProtoTCP, 540, 179)}
+		case 1:
+			r.Family, r.Proto = grammar.FamilyIPv4, grammar.ProtoTCP
+			r.Daddr = &grammar.AddrMatch{Prefixes: []netip.Prefix{netip.PrefixFrom(a(2), 24).Masked()}}
+			r.Sport = ports(uint16(1000 + k%1000))
+			r.Actions = []*grammar.Action{act(grammar.ActAccept, 0)}
+		case 2:
+			lo := uint16(20000 + (k%4000)*10)
+			r.Proto = grammar.ProtoUDP
+			r.Dport = &grammar.PortMatch{Ranges: []grammar.PortRange{{Lo: lo, Hi: lo + 9}}}
+			r.Counter, r.Actions = true, []*grammar.Action{act(grammar.ActDrop, 0)}
+		case 3:
+			r.Family = grammar.FamilyIPv4
+			r.Saddr = &grammar.AddrMatch{Prefixes: []netip.Prefix{netip.PrefixFrom(a(3), 24).Masked()}}
+			r.Daddr = &grammar.AddrMatch{Prefixes: []netip.Prefix{netip.PrefixFrom(a(4), 16).Masked()}}
+			r.Actions = []*grammar.Action{act(grammar.ActAccept, 0)}
+		case 4:
+			r.Proto = grammar.ProtoUDP
+			r.MetaMark = &grammar.MarkMatch{Value: uint32(k + 1), Mask: 0xffffffff}
+			r.Actions = []*grammar.Action{act(grammar.ActAccept, 0)}
+		case 5:
+			b := netip.MustParseAddr("2001:db8::").As16()
+			b[4], b[5], b[6], b[7] = byte(k>>8), byte(k), 0, 1
+			r.Family, r.Proto = grammar.FamilyIPv6, grammar.ProtoUDP
+			r.Saddr = &grammar.AddrMatch{Prefixes: []netip.Prefix{netip.PrefixFrom(netip.AddrFrom16(b), 64)}}
+			r.Dport = ports(4739)
+			r.Actions = []*grammar.Action{funnelTo(grammar.ProtoUDP, 4739, 4789)}
+		case 6:
+			r.Family, r.Proto = grammar.FamilyIPv4, grammar.ProtoTCP
+			r.Saddr = &grammar.AddrMatch{Prefixes: []netip.Prefix{netip.PrefixFrom(a(6), 32)}}
+			r.Dport = &grammar.PortMatch{Neg: true, Ranges: []grammar.PortRange{{Lo: 22, Hi: 22}}}
+			r.Actions = []*grammar.Action{act(grammar.ActDrop, 0)}
+		}
+		rules = append(rules, r)
+	}
+	return rules
+}
+
+// matchingIPFIX is a rule of mixedShapes' first shape that the udpPkt
+// packet matches.
+func matchingIPFIX(handle uint64) *grammar.Rule {
+	return &grammar.Rule{Handle: handle, Family: grammar.FamilyIPv4, Proto: grammar.ProtoUDP, Saddr: prefixes("192.0.2.1"), Dport: ports(4739),
+		Counter: true, Actions: []*grammar.Action{act(grammar.ActAccept, 0)}}
+}
+
+// 100 000 rules of mixed shapes load, in tables of a few shapes, and the
+// last one matches; an earlier rule of the same shape and key shadows it.
+func TestHundredThousandRules(t *testing.T) {
+	rules := append(mixedShapes(100000-1), matchingIPFIX(100000))
+	start := time.Now()
+	p, err := compiler.Compile(rules, nil, compiler.Options{Hook: grammar.HookEgress})
+	if err != nil {
+		t.Fatal(err)
+	}
+	compiled := time.Since(start)
+	l := compileLoad(t, rules, nil, compiler.Options{Hook: grammar.HookEgress})
+	insns := len(l.prog.Spec.Programs[compiler.ProgramName].Instructions)
+	t.Logf("100 000 rules: %d instructions, %d table maps; compiled in %v, compiled and loaded in %v", insns, len(p.Tables), compiled, time.Since(start)-compiled)
+	if insns > 20000 {
+		t.Errorf("%d instructions for 100 000 rules of 8 shapes", insns)
+	}
+	pkt := udpPkt(t, false, 40000, 4739, nil)
+	if r := l.run(t, pkt, 0); r.ret != compiler.VerdictPass {
+		t.Fatalf("last rule: verdict %d", r.ret)
+	}
+	if c := l.counter(t, len(rules)-1); c.Packets != 1 {
+		t.Fatalf("last rule counted %+v", c)
+	}
+	// A packet for rule 70 000 (shape 0: 10.1.k.k, port of k).
+	k := 70000 / 7
+	src := netip.AddrFrom4([4]byte{10, 1, byte(k >> 8), byte(k)})
+	r := l.run(t, craft(t, pktSpec{src: src.AsSlice(), dst: v4b, l4: udpLayer(40000, telemetryPorts[k%len(telemetryPorts)])}), 0)
+	if r.ret != compiler.VerdictPass || len(r.out) != len(pkt)+20 {
+		t.Fatalf("rule 70 000: verdict %d, %d bytes (want funneled)", r.ret, len(r.out))
+	}
+	if c := l.counter(t, 70000); c.Packets != 1 {
+		t.Fatalf("rule 70 000 counted %+v", c)
+	}
+	// The meta mark shape: mark k+1 matches rule 7k+4 and accepts.
+	if r := l.run(t, pkt, uint32(5+1)); r.ret != compiler.VerdictPass {
+		t.Fatalf("meta mark 6: verdict %d", r.ret)
+	}
+}
+
+// BenchmarkCompile10kMixed is the compiler's share of applying 10 000
+// rules (the control-plane goal is nft -f's time for the whole apply).
+func BenchmarkCompile10kMixed(b *testing.B) {
+	rules := append(mixedShapes(10000-1), matchingIPFIX(10000))
+	for n := 0; n < b.N; n++ {
+		if _, err := compiler.Compile(rules, nil, compiler.Options{Hook: grammar.HookEgress}); err != nil {
+			b.Fatal(err)
+		}
+	}
+}

@@ -106,7 +106,9 @@ type ruleVariant struct {
 func (c *compiler) classify(rules []*grammar.Rule) ([]segment, error) {
 	var segs []segment
 	variants := make([][]ruleVariant, len(rules))
+	c.bodyKeys = make([]string, len(rules))
 	for i, r := range rules {
+		c.bodyKeys[i] = bodyKey(r)
 		v, err := c.variants(r)
 		if err != nil {
 			return nil, err
@@ -148,7 +150,7 @@ func (c *compiler) classify(rules []*grammar.Rule) ([]segment, error) {
 			if (nonTerminal || !terminal(r)) && i > start && (newShapes > 0 || len(variants[i]) > 1) {
 				break
 			}
-			bk := bodyKey(r)
+			bk := c.bodyKeys[i]
 			if !bodies[bk] {
 				size := c.bodySize(i, r)
 				if i > start && (len(bodies) == maxGroupBodies || bodyInsns+size > maxGroupBodyInsns) {

@@ -610,9 +610,9 @@ func diffSeed(t *testing.T) gen {
 // both families, stacked actions) serve as templates, and each rule is a
 // template with new values in its positive address, port and mark
 // matches; one rule in fifty is a fresh random rule.
-func (g gen) mixedRules(n int, sets map[string]*grammar.Set) []*grammar.Rule {
+func (g gen) mixedRules(n, shapes int, sets map[string]*grammar.Set) []*grammar.Rule {
 	var templates []*grammar.Rule
-	for i := 0; i < 40; i++ {
+	for i := 0; i < shapes; i++ {
 		templates = append(templates, g.rule(sets))
 	}
 	var rules []*grammar.Rule
@@ -677,12 +677,12 @@ func TestDifferential(t *testing.T) {
 	for rs := 0; rs < rulesets && d.failures < 5; rs++ {
 		sets := g.sets()
 		var rules []*grammar.Rule
-		n := 1 + g.pick(6)
-		if g.chance(0.3) {
-			n = 17 + g.pick(40) // past the inline limit: table segments
-		}
-		for i := 0; i < n; i++ {
+		for i := 0; i < 1+g.pick(6); i++ {
 			rules = append(rules, g.rule(sets))
+		}
+		if g.chance(0.3) {
+			// Past the inline limit, few shapes: table segments.
+			rules = append(rules, g.mixedRules(17+g.pick(40), 1+g.pick(4), sets)...)
 		}
 		if g.chance(0.2) {
 			at := g.pick(len(rules) + 1)
@@ -721,7 +721,7 @@ func TestDifferentialLarge(t *testing.T) {
 	d := newTally()
 	for rs, n := range sizes {
 		sets := g.sets()
-		rules := g.mixedRules(n, sets)
+		rules := g.mixedRules(n, 40, sets)
 		opts := compiler.Options{Hook: grammar.Hook(g.pick(2)), ChecksumHelper: g.chance(0.3)}
 		start := time.Now()
 		diffRuleset(t, g, d, rs, rules, sets, opts, perSet)

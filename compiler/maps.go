@@ -187,34 +187,6 @@ func (c *compiler) check(rules []*grammar.Rule) error {
 	return nil
 }
 
-// addrMap is the LPM trie of an anonymous address list with prefixes or
-// IPv6 addresses (measured here: a trie lookup of 10 000 host addresses is
-// cheaper than a BPF hash map lookup; lists of IPv4 hosts only get a host
-// table instead, cheaper than both).
-// values[i] is the value of prefixes[i] (nil: 1-byte 1).
-func addrMap(fam int, prefixes []netip.Prefix, values []uint32) *ebpf.MapSpec {
-	m := lpmMap(fam, prefixes)
-	if values != nil {
-		m.ValueSize = 4
-		for i := range m.Contents {
-			m.Contents[i].Value = values[i]
-		}
-	}
-	// Duplicates would make loading fail on a full map; keep the first.
-	seen := map[string]bool{}
-	out := m.Contents[:0]
-	for _, kv := range m.Contents {
-		k := fmt.Sprint(kv.Key)
-		if !seen[k] {
-			seen[k] = true
-			out = append(out, kv)
-		}
-	}
-	m.Contents = out
-	m.MaxEntries = uint32(max(1, len(out)))
-	return m
-}
-
 // addrLookup emits R0 = lookup of the address in slot (an LPM key: prefix
 // length, then the address) in an address map.
 func (c *compiler) addrLookup(name string, fam int, slot int16) {

@@ -49,6 +49,7 @@ type compiler struct {
 	anon  int
 	// anonByContent: anonymous set maps by a hash of their contents.
 	anonByContent map[string]string
+	anonSets      anonLists // large anonymous lists (anon.go)
 	e             emitter
 	l3            int16 // offset of the IP header
 
@@ -67,6 +68,7 @@ type compiler struct {
 	nextShape uint32              // id of the next shape placed
 	tables    map[string][]*shape // shapes by table map
 	bodyOf    []uint32            // body of each rule in its segment
+	bodyKeys  []string            // bodyKey of each rule
 }
 
 // ruleNeeds summarises what the rules read, so the parse guard reads no more.
@@ -271,6 +273,7 @@ func (c *compiler) program(rules []*grammar.Rule) error {
 	c.spec.Maps[CountersMap] = &ebpf.MapSpec{Name: CountersMap, Type: ebpf.PerCPUArray, KeySize: 4, ValueSize: 16, MaxEntries: slots}
 	c.spec.Maps[RuleMTUMap] = &ebpf.MapSpec{Name: RuleMTUMap, Type: ebpf.PerCPUArray, KeySize: 4, ValueSize: 8, MaxEntries: slots}
 	c.tableMaps()
+	c.anonMaps()
 	c.spec.Maps[StatsMap] = &ebpf.MapSpec{Name: StatsMap, Type: ebpf.PerCPUArray, KeySize: 4, ValueSize: 8, MaxEntries: NumStats}
 	c.traceMaps()
 	return nil

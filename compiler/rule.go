@@ -218,7 +218,7 @@ func (c *compiler) markSet(mask, value uint32) {
 func (c *compiler) portMatch(m *grammar.PortMatch, slot int16, fail string) error {
 	e := &c.e
 	ranges := m.Ranges
-	mapName := ""
+	mapName, listID := "", uint32(0)
 	if m.Set != "" {
 		s, err := c.namedSet(m.Set, m.Span, grammar.SetInetService)
 		if err != nil {
@@ -227,12 +227,12 @@ func (c *compiler) portMatch(m *grammar.PortMatch, slot int16, fail string) erro
 		_ = s
 		mapName = SetMapPrefix + m.Set
 	} else if len(ranges) > maxInlineRanges {
-		mapName = c.anonMap(portBitmap(ranges))
+		mapName, listID = anonPortsMap, c.portList(ranges)
 	}
 	e.emit(ldx(asm.R1, asm.R10, slot, asm.DWord))
 	c.unlink(asm.R1)
 	if mapName != "" {
-		e.emit(asm.JGT.Imm(asm.R1, 0xffff, fail), sti(asm.R10, slotKey, 0, asm.Word))
+		e.emit(asm.JGT.Imm(asm.R1, 0xffff, fail), sti(asm.R10, slotKey, int64(listID), asm.Word))
 		c.lookup(mapName, slotKey)
 		e.emit(
 			asm.JEq.Imm(asm.R0, 0, fail),
@@ -322,10 +322,16 @@ func (c *compiler) addrMatch(r *grammar.Rule, m *grammar.AddrMatch, slot int16, 
 			}
 		}
 		if len(prefixes) > maxInlinePrefixes {
-			if t := hostTableOf(prefixes, nil); t != nil {
-				return c.hostMatch(r, m, t, slot, fail)
+			if c.anonSets.hosts < maxHostTables {
+				if t := hostTableOf(prefixes, nil); t != nil {
+					c.anonSets.hosts++
+					return c.hostMatch(r, m, t, slot, fail)
+				}
 			}
-			mapName = c.anonMap(addrMap(fam, prefixes, nil))
+			mapName = anonV4Map
+			if fam == 6 {
+				mapName = anonV6Map
+			}
 		}
 	}
 	if (r.Family == grammar.FamilyIPv4 && fam == 6) || (r.Family == grammar.FamilyIPv6 && fam == 4) {
@@ -335,7 +341,11 @@ func (c *compiler) addrMatch(r *grammar.Rule, m *grammar.AddrMatch, slot int16, 
 		e.emit(ldx(asm.R1, asm.R10, slotFam, asm.DWord), asm.JNE.Imm(asm.R1, int32(fam), fail))
 	}
 	if mapName != "" {
-		c.addrLookup(mapName, fam, slot)
+		if m.Set != "" {
+			c.addrLookup(mapName, fam, slot)
+		} else {
+			c.prefixLookup(fam, c.prefixList(fam, prefixes), slot)
+		}
 		if m.Neg {
 			e.emit(asm.JNE.Imm(asm.R0, 0, fail))
 		} else {

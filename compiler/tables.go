@@ -109,7 +109,7 @@ func (c *compiler) segment(rules []*grammar.Rule, seg segment) error {
 	for _, sh := range seg.shapes {
 		for _, en := range sh.ents {
 			i := en.rule
-			k := bodyKey(rules[i])
+			k := c.bodyKeys[i]
 			if _, ok := classOf[k]; !ok {
 				classOf[k] = len(classes)
 				classes = append(classes, i)
