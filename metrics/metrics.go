@@ -14,6 +14,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"github.com/sfunnel/sfunnel/abi"
 	"github.com/sfunnel/sfunnel/datapath"
 	"github.com/sfunnel/sfunnel/grammar"
 )
@@ -101,8 +102,11 @@ var (
 	ruleBytes = prometheus.NewDesc("sfunnel_rule_bytes_total",
 		"Bytes counted by a rule's counter statement.", []string{"interface", "hook", "handle", "comment"}, nil)
 	leftAlone = prometheus.NewDesc("sfunnel_left_alone_packets_total",
-		"Packets a rule matched but passed untouched, by reason (fragment, unfunnel-invalid, not-applicable, no-checksum, ip-options, gso, partial-checksum, helper-failed).",
+		"Packets a rule matched but passed untouched, by reason (the event names of sfunnel monitor, e.g. fragment, unfunnel-invalid, gso).",
 		[]string{"interface", "hook", "reason"}, nil)
+	segmented = prometheus.NewDesc("sfunnel_segmented_packets_total",
+		"GSO or CHECKSUM_PARTIAL packets a funnel or rewrite rule sent through the segmentation device (their segments are rewritten one by one).",
+		[]string{"interface", "hook"}, nil)
 	mtuExceeded = prometheus.NewDesc("sfunnel_mtu_exceeded_packets_total",
 		"Packets a rule's funnel made longer than the egress MTU.", []string{"interface", "hook", "handle"}, nil)
 	hookInfo = prometheus.NewDesc("sfunnel_hook_info",
@@ -117,7 +121,7 @@ type Collector struct {
 }
 
 func (c *Collector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{rulePackets, ruleBytes, leftAlone, mtuExceeded, hookInfo, outOfStep} {
+	for _, d := range []*prometheus.Desc{rulePackets, ruleBytes, leftAlone, segmented, mtuExceeded, hookInfo, outOfStep} {
 		ch <- d
 	}
 }
@@ -137,10 +141,13 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 		hook := hs.Hook.String()
 		ch <- prometheus.MustNewConstMetric(hookInfo, prometheus.GaugeValue, 1, hs.Ifname, hook, string(hs.Mode), strconv.FormatUint(uint64(hs.ProgID), 10))
 		for reason, n := range hs.Stats {
-			if reason == "mtu-exceeded" { // per rule below
-				continue
+			switch reason {
+			case abi.StatNames[abi.StatMTUExceeded]: // per rule below
+			case abi.StatNames[abi.StatSegmented]: // not left alone
+				ch <- prometheus.MustNewConstMetric(segmented, prometheus.CounterValue, float64(n), hs.Ifname, hook)
+			default:
+				ch <- prometheus.MustNewConstMetric(leftAlone, prometheus.CounterValue, float64(n), hs.Ifname, hook, reason)
 			}
-			ch <- prometheus.MustNewConstMetric(leftAlone, prometheus.CounterValue, float64(n), hs.Ifname, hook, reason)
 		}
 		for handle, n := range hs.MTUExceeded {
 			ch <- prometheus.MustNewConstMetric(mtuExceeded, prometheus.CounterValue, float64(n), hs.Ifname, hook, strconv.FormatUint(handle, 10))

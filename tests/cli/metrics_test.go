@@ -81,6 +81,14 @@ func TestMetrics(t *testing.T) {
 	if got := value(t, mf, "sfunnel_left_alone_packets_total", map[string]string{"interface": "veth0", "hook": "egress", "reason": "fragment"}); got < 1 {
 		t.Errorf("sfunnel_left_alone_packets_total{reason=fragment} = %v, want the fragmented datagram", got)
 	}
+	value(t, mf, "sfunnel_segmented_packets_total", map[string]string{"interface": "veth0", "hook": "egress"})
+	for _, m := range mf["sfunnel_left_alone_packets_total"].Metric {
+		for _, l := range m.Label {
+			if l.GetName() == "reason" && (l.GetValue() == "segmented" || l.GetValue() == "mtu-exceeded") {
+				t.Errorf("%s counted as left alone", l.GetValue())
+			}
+		}
+	}
 	if got := value(t, mf, "sfunnel_hook_info", map[string]string{"interface": "veth0", "hook": "ingress"}); got != 1 {
 		t.Errorf("sfunnel_hook_info for veth0 ingress = %v", got)
 	}
