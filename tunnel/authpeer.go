@@ -148,7 +148,21 @@ func (d *daemon) newSession(r *auth.Result, client bool, now time.Time) *seal.Se
 	if err != nil {
 		panic(err) // only for absurd lengths
 	}
-	return seal.NewSession(d.cfg.Cipher, k, d.cfg.Rekey, now)
+	return seal.NewSession(seal.Cipher(r.Cipher), k, d.cfg.Rekey, now)
+}
+
+// checkCipher decides whether this server takes the AEAD the client
+// proposed: any known one with --cipher auto (so that two hosts that
+// would pick differently still agree), else only the one configured.
+func (d *daemon) checkCipher(r *auth.Result) error {
+	c := seal.Cipher(r.Cipher)
+	if c != seal.AESGCM && c != seal.ChaCha20Poly1305 {
+		return fmt.Errorf("%w: unknown cipher %d", auth.ErrCipher, r.Cipher)
+	}
+	if d.cfg.Cipher != seal.Auto && c != d.cfg.Cipher {
+		return fmt.Errorf("%w: the peer seals with %s, this side requires %s", auth.ErrCipher, c, d.cfg.Cipher)
+	}
+	return nil
 }
 
 // authOne runs the server's side of a handshake; the session is for a
@@ -158,6 +172,9 @@ func (d *daemon) authOne(c net.Conn, srv *auth.Server, lim *auth.Limiter, from n
 	var ses *seal.Session
 	inner := accept
 	accept = func(r *auth.Result) error {
+		if err := d.checkCipher(r); err != nil {
+			return err
+		}
 		ses = d.newStreamSession(r, false) // used only by IP over TCP
 		if inner != nil {
 			return inner(r)
@@ -285,7 +302,7 @@ func (a *dialer) handshake(peer netip.AddrPort) error {
 	if old != nil && old.Session() != nil {
 		prev = old.Session().SendID() // the server's index for it
 	}
-	r, err := auth.Client(c, d.key, auth.DefaultTimeout, prev)
+	r, err := auth.Client(c, d.key, auth.DefaultTimeout, prev, byte(d.cfg.Cipher.Resolve()))
 	if err != nil {
 		return err
 	}

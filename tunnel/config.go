@@ -102,7 +102,8 @@ options:
                                With a key every datagram and frame is encrypted and
                                authenticated; without one the formats are plain
       --cipher NAME            auto (AES-256-GCM with AES instructions, else
-                               ChaCha20-Poly1305), aes-256-gcm or chacha20-poly1305
+                               ChaCha20-Poly1305; a server takes the client's choice),
+                               aes-256-gcm or chacha20-poly1305
       --rekey DURATION         new session keys this often (default 2m)
       --keepalive DURATION     send a keepalive after this long without sending,
                                to keep NAT mappings (default 0: off; 25s is typical)

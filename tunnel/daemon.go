@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/sfunnel/sfunnel/tunnel/auth"
+	"github.com/sfunnel/sfunnel/tunnel/seal"
 	"github.com/sfunnel/sfunnel/tunnel/store"
 	"github.com/sfunnel/sfunnel/tunnel/tun"
 )
@@ -122,6 +123,9 @@ func run(cfg *Config, stderr io.Writer) error {
 	sealed := "unsealed (no --key)"
 	if d.key != nil {
 		sealed = "sealed with " + cfg.Cipher.Resolve().String()
+		if cfg.Cipher == seal.Auto {
+			sealed += " (auto: as a server, each peer's choice)"
+		}
 	}
 	d.log.Printf("%s up: carry %s, transport %s, mode %s, listen port %d, %s", dev.Name, cfg.Carry, cfg.Transport, cfg.Mode, cfg.ListenPort, sealed)
 
@@ -252,6 +256,9 @@ func (d *daemon) status() *Status {
 	}
 	if d.key != nil {
 		st.Cipher = d.cfg.Cipher.Resolve().String()
+		if d.cfg.Cipher == seal.Auto {
+			st.Cipher = "auto (" + st.Cipher + ")"
+		}
 	}
 	if d.cfg.Keepalive > 0 {
 		st.Keepalive = d.cfg.Keepalive.String()

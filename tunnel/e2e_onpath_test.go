@@ -325,7 +325,7 @@ func tcpTamperer(t *testing.T, ns *testenv.NS, listen, server string) {
 			go func(conn int) {
 				defer s.Close()
 				// The handshake's two client messages pass unchanged.
-				if _, err := io.CopyN(s, c, 40+32); err != nil {
+				if _, err := io.CopyN(s, c, 41+32); err != nil {
 					return
 				}
 				var saved []byte

@@ -226,3 +226,30 @@ func TestStatusSocketPerNamespace(t *testing.T) {
 		t.Errorf("after the daemon in b stopped, the one in a no longer answers")
 	}
 }
+
+// The client proposes its cipher in the handshake: a server with --cipher
+// auto takes it (two hosts whose CPUs would pick differently still
+// agree), a server with another cipher set refuses it, and says why.
+func TestCipherNegotiation(t *testing.T) {
+	a, b := twoHosts(t)
+	key := writeKey(t)
+	srv := startTunnel(t, b, "-i", "tun0", "-l", "7472", "--address", "203.0.113.1/24", "--key", key)
+	cli := startTunnel(t, a, "-i", "tun0", "-l", "7473", "-b", "eth0", "-e", "7472", "--address", "198.51.100.1/32", "--key", key, "--cipher", "chacha20-poly1305")
+	a.Run(t, "ip", "route", "add", "192.0.2.2/32", "dev", "tun0")
+	echoServer(t, b, "tcp", ":5001")
+	transfer(t, a, "tcp", "192.0.2.2:5001", 1<<20)
+	if st := srv.getStatus(); len(st.Peers) != 1 || st.Peers[0].Cipher != "chacha20-poly1305" {
+		t.Errorf("server peers: %+v", st.Peers)
+	}
+	cli.stop()
+	srv.stop()
+	srv = startTunnel(t, b, "-i", "tun0", "-l", "7472", "--address", "203.0.113.1/24", "--key", key, "--cipher", "aes-256-gcm")
+	cli = startTunnel(t, a, "-i", "tun0", "-l", "7473", "-b", "eth0", "-e", "7472", "--address", "198.51.100.1/32", "--key", key, "--cipher", "chacha20-poly1305")
+	a.Run(t, "ip", "route", "replace", "192.0.2.2/32", "dev", "tun0")
+	if canConnect(a, "192.0.2.2:5001", 2*time.Second) {
+		t.Fatal("a client with another cipher got through")
+	}
+	if !strings.Contains(cli.log.String(), "another --cipher") || !strings.Contains(srv.log.String(), "requires aes-256-gcm") {
+		t.Errorf("the refusal is not explained:\nclient: %s\nserver: %s", cli.log.String(), srv.log.String())
+	}
+}

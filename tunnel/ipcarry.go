@@ -284,7 +284,7 @@ func (e *ipCarry) connectLoop() error {
 		var ses *seal.Session
 		if err == nil && d.key != nil {
 			var r *auth.Result
-			if r, err = auth.Client(c, d.key, auth.DefaultTimeout, 0); err != nil {
+			if r, err = auth.Client(c, d.key, auth.DefaultTimeout, 0, byte(d.cfg.Cipher.Resolve())); err != nil {
 				d.stats.AuthFail.Add(1)
 				c.Close()
 			} else {
@@ -506,7 +506,7 @@ func (d *daemon) newStreamSession(r *auth.Result, client bool) *seal.Session {
 	if err != nil {
 		panic(err)
 	}
-	return seal.NewSession(d.cfg.Cipher, k, streamRekey, time.Now())
+	return seal.NewSession(seal.Cipher(r.Cipher), k, streamRekey, time.Now())
 }
 
 // setKeepalive turns on TCP keepalives at the --keepalive interval: they

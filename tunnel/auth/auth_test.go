@@ -131,12 +131,12 @@ func TestHandshakeResult(t *testing.T) {
 		(&Server{Key: key}).Handshake(s, func(r *Result) error { got <- r; return nil })
 		s.Close()
 	}()
-	r, err := Client(c, key, 0, 0x01020304)
+	r, err := Client(c, key, 0, 0x01020304, 2)
 	if err != nil {
 		t.Fatal(err)
 	}
 	sr := <-got
-	if sr.Nc != r.Nc || sr.Ns != r.Ns || sr.Prev != 0x01020304 || r.Prev != sr.Prev {
+	if sr.Nc != r.Nc || sr.Ns != r.Ns || sr.Prev != 0x01020304 || r.Prev != sr.Prev || sr.Cipher != 2 {
 		t.Fatalf("client %+v, server %+v", r, sr)
 	}
 	// A relay that rewrites R in the hello.
@@ -154,7 +154,7 @@ func TestHandshakeResult(t *testing.T) {
 		defer m.Close()
 		hello := make([]byte, helloLen)
 		io.ReadFull(m, hello)
-		hello[helloLen-1] ^= 1
+		hello[helloLen-2] ^= 1 // the last byte of R
 		s2.Write(hello)
 		go io.Copy(s2, m)
 		io.Copy(m, s2)
@@ -168,7 +168,7 @@ func TestHandshakeResult(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer mc.Close()
-	if _, err := Client(mc, key, 2*time.Second, 5); !errors.Is(err, ErrBadMAC) {
+	if _, err := Client(mc, key, 2*time.Second, 5, 1); !errors.Is(err, ErrBadMAC) {
 		t.Fatalf("handshake with R rewritten on the way: %v, want %v", err, ErrBadMAC)
 	}
 }
