@@ -9,23 +9,6 @@ import (
 // $vars, sfunnel's `encap`/`decap` words); lower.go turns them into the
 // canonical AST of ast.go and reports semantic errors at their tokens.
 
-var ruleLexer = lexer.MustSimple([]lexer.SimpleRule{
-	{Name: "Comment", Pattern: `#[^\n]*`},
-	{Name: "Continuation", Pattern: `\\\r?\n`},
-	{Name: "EOL", Pattern: `\r?\n`},
-	{Name: "Whitespace", Pattern: `[ \t\r]+`},
-	{Name: "String", Pattern: `"(?:\\.|[^"\\\n])*"`},
-	{Name: "Var", Pattern: `\$[A-Za-z_][A-Za-z0-9_]*`},
-	{Name: "SetRef", Pattern: `@[A-Za-z_][A-Za-z0-9_.\-]*`},
-	{Name: "IPv6", Pattern: `(?:[0-9a-fA-F]{0,4}:){2,7}(?:(?:\d{1,3}\.){3}\d{1,3}|[0-9a-fA-F]{1,4})?`},
-	{Name: "IPv4", Pattern: `\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}`},
-	{Name: "Number", Pattern: `0[xX][0-9a-fA-F]+|\d+`},
-	{Name: "Ident", Pattern: `[A-Za-z_][A-Za-z0-9_.\-]*`},
-	{Name: "Punct", Pattern: `!=|==|[{}(),;=|/\-:\[\]*]`},
-	// Anything else is a single bad character, so the parser can point at it.
-	{Name: "Bad", Pattern: `.`},
-})
-
 var parser = participle.MustBuild[fileSyntax](
 	participle.Lexer(ruleLexer),
 	participle.Elide("Comment", "Continuation", "Whitespace"),

@@ -1,0 +1,220 @@
+package grammar
+
+import (
+	"io"
+	"regexp"
+	"strings"
+	"unicode/utf8"
+
+	"github.com/alecthomas/participle/v2/lexer"
+)
+
+// The lexer, written out by hand: participle's regexp lexer was a quarter
+// of the time of parsing a large ruleset. It produces exactly the tokens
+// of these rules, tried in this order at each position (the first that
+// matches wins, as in a regexp alternation); lexer_test.go checks it
+// against participle's regexp lexer built from the same rules.
+//
+//	Comment      #[^\n]*
+//	Continuation \\\r?\n
+//	EOL          \r?\n
+//	Whitespace   [ \t\r]+
+//	String       "(?:\\.|[^"\\\n])*"
+//	Var          \$[A-Za-z_][A-Za-z0-9_]*
+//	SetRef       @[A-Za-z_][A-Za-z0-9_.\-]*
+//	IPv6         (?:[0-9a-fA-F]{0,4}:){2,7}(?:(?:\d{1,3}\.){3}\d{1,3}|[0-9a-fA-F]{1,4})?
+//	IPv4         \d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}
+//	Number       0[xX][0-9a-fA-F]+|\d+
+//	Ident        [A-Za-z_][A-Za-z0-9_.\-]*
+//	Punct        !=|==|[{}(),;=|/\-:\[\]*]
+//	Bad          .  (any other single character, so the parser can point at it)
+
+var tokenNames = []string{"EOF", "Comment", "Continuation", "EOL", "Whitespace", "String", "Var", "SetRef", "IPv6", "IPv4", "Number", "Ident", "Punct", "Bad"}
+
+const (
+	tokComment lexer.TokenType = -2 - iota
+	tokContinuation
+	tokEOL
+	tokWhitespace
+	tokString
+	tokVar
+	tokSetRef
+	tokIPv6
+	tokIPv4
+	tokNumber
+	tokIdent
+	tokPunct
+	tokBad
+)
+
+// ipv6Pattern is used only where an IPv6 address can start (hex digits
+// then ':' within five bytes), for its backtracking rules.
+var ipv6Pattern = regexp.MustCompile(`^(?:[0-9a-fA-F]{0,4}:){2,7}(?:(?:\d{1,3}\.){3}\d{1,3}|[0-9a-fA-F]{1,4})?`)
+
+type ruleLexerDef struct{}
+
+var ruleLexer = ruleLexerDef{}
+
+func (ruleLexerDef) Symbols() map[string]lexer.TokenType {
+	m := make(map[string]lexer.TokenType, len(tokenNames))
+	for i, n := range tokenNames {
+		m[n] = lexer.TokenType(-1 - i)
+	}
+	return m
+}
+
+func (d ruleLexerDef) Lex(filename string, r io.Reader) (lexer.Lexer, error) {
+	data, err := io.ReadAll(r)
+	if err != nil {
+		return nil, err
+	}
+	return d.LexString(filename, string(data))
+}
+
+func (ruleLexerDef) LexString(filename, src string) (lexer.Lexer, error) {
+	return &ruleTokens{src: src, pos: lexer.Position{Filename: filename, Line: 1, Column: 1}}, nil
+}
+
+func (d ruleLexerDef) LexBytes(filename string, src []byte) (lexer.Lexer, error) {
+	return d.LexString(filename, string(src))
+}
+
+type ruleTokens struct {
+	src string
+	off int
+	pos lexer.Position
+}
+
+func (l *ruleTokens) Next() (lexer.Token, error) {
+	if l.off >= len(l.src) {
+		return lexer.EOFToken(l.pos), nil
+	}
+	typ, n := scanToken(l.src[l.off:])
+	tok := lexer.Token{Type: typ, Value: l.src[l.off : l.off+n], Pos: l.pos}
+	l.pos.Advance(tok.Value)
+	l.off += n
+	return tok, nil
+}
+
+func isDigit(c byte) bool  { return c >= '0' && c <= '9' }
+func isHex(c byte) bool    { return isDigit(c) || c >= 'a' && c <= 'f' || c >= 'A' && c <= 'F' }
+func isAlpha(c byte) bool  { return c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c == '_' }
+func isNameCh(c byte) bool { return isAlpha(c) || isDigit(c) || c == '.' || c == '-' }
+
+// run is the length of the prefix of s whose bytes satisfy ok.
+func run(s string, ok func(byte) bool) int {
+	i := 0
+	for i < len(s) && ok(s[i]) {
+		i++
+	}
+	return i
+}
+
+// scanToken returns the type and length of the token at the start of s
+// (len(s) > 0).
+func scanToken(s string) (lexer.TokenType, int) {
+	c := s[0]
+	switch c {
+	case '#':
+		if n := strings.IndexByte(s, '\n'); n >= 0 {
+			return tokComment, n
+		}
+		return tokComment, len(s)
+	case '\\':
+		if strings.HasPrefix(s[1:], "\n") {
+			return tokContinuation, 2
+		}
+		if strings.HasPrefix(s[1:], "\r\n") {
+			return tokContinuation, 3
+		}
+	case '\n':
+		return tokEOL, 1
+	case '\r':
+		if strings.HasPrefix(s[1:], "\n") {
+			return tokEOL, 2
+		}
+		return tokWhitespace, run(s, func(b byte) bool { return b == ' ' || b == '\t' || b == '\r' })
+	case ' ', '\t':
+		return tokWhitespace, run(s, func(b byte) bool { return b == ' ' || b == '\t' || b == '\r' })
+	case '"':
+		if n := scanString(s); n > 0 {
+			return tokString, n
+		}
+	case '$':
+		if len(s) > 1 && isAlpha(s[1]) {
+			return tokVar, 2 + run(s[2:], func(b byte) bool { return isAlpha(b) || isDigit(b) })
+		}
+	case '@':
+		if len(s) > 1 && isAlpha(s[1]) {
+			return tokSetRef, 2 + run(s[2:], isNameCh)
+		}
+	}
+	if isHex(c) || c == ':' {
+		if h := run(s[:min(len(s), 5)], isHex); h < len(s) && h <= 4 && s[h] == ':' {
+			if m := ipv6Pattern.FindStringIndex(s); m != nil && m[1] > 0 {
+				return tokIPv6, m[1]
+			}
+		}
+	}
+	if isDigit(c) {
+		if n := scanIPv4(s); n > 0 {
+			return tokIPv4, n
+		}
+		if c == '0' && len(s) > 2 && (s[1] == 'x' || s[1] == 'X') && isHex(s[2]) {
+			return tokNumber, 2 + run(s[2:], isHex)
+		}
+		return tokNumber, run(s, isDigit)
+	}
+	if isAlpha(c) {
+		return tokIdent, 1 + run(s[1:], isNameCh)
+	}
+	if strings.HasPrefix(s, "!=") || strings.HasPrefix(s, "==") {
+		return tokPunct, 2
+	}
+	if strings.IndexByte("{}(),;=|/-:[]*", c) >= 0 {
+		return tokPunct, 1
+	}
+	_, n := utf8.DecodeRuneInString(s)
+	return tokBad, n
+}
+
+// scanString is the length of the string literal at the start of s, 0 if
+// it is not closed on its line.
+func scanString(s string) int {
+	for i := 1; i < len(s); {
+		switch s[i] {
+		case '"':
+			return i + 1
+		case '\n':
+			return 0
+		case '\\':
+			if i+1 >= len(s) || s[i+1] == '\n' {
+				return 0
+			}
+			_, n := utf8.DecodeRuneInString(s[i+1:])
+			i += 1 + n
+			continue
+		}
+		i++
+	}
+	return 0
+}
+
+// scanIPv4 is the length of a dotted quad at the start of s, or 0.
+func scanIPv4(s string) int {
+	i := 0
+	for part := 0; part < 4; part++ {
+		d := run(s[i:min(len(s), i+3)], isDigit)
+		if d == 0 {
+			return 0
+		}
+		i += d
+		if part < 3 {
+			if i >= len(s) || s[i] != '.' {
+				return 0
+			}
+			i++
+		}
+	}
+	return i
+}
