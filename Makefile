@@ -64,9 +64,11 @@ bench-control: build
 crash-long:
 	SFUNNEL_LONG=1 $(GO) test -count=1 -v -timeout 120m -run TestCrashAtEveryPoint ./tests/crash
 
-# fuzz runs the parser fuzzer for 10 minutes and the sealed-record fuzzer for 2.
+# fuzz runs the parser fuzzer for 10 minutes, the lexer's differential
+# fuzzer and the sealed-record fuzzer for 2 each.
 fuzz:
 	$(GO) test ./grammar -run '^$$' -fuzz FuzzParse -fuzztime 10m
+	$(GO) test ./grammar -run '^$$' -fuzz FuzzLexer -fuzztime 2m
 	$(GO) test ./tunnel/seal -run '^$$' -fuzz FuzzOpen -fuzztime 2m
 
 clean:
