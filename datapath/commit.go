@@ -277,7 +277,7 @@ func (b *Backend) Commit(rs *ruleset.Ruleset) error {
 		return err
 	}
 	committed, segKept = true, true
-	if err := b.rollForward(s, cur, g); err != nil {
+	if err := b.rollForward(s, cur, g, next, old); err != nil {
 		if rerr := b.rollBack(s, cur, g); rerr != nil {
 			return fmt.Errorf("%w (undoing it failed too, the next command retries: %v)", err, rerr)
 		}
@@ -302,7 +302,7 @@ func (b *Backend) recover(s *bpf.Store) error {
 		if err != nil {
 			return err
 		}
-		if err := b.rollForward(s, cur, pend); err != nil {
+		if err := b.rollForward(s, cur, pend, nil, nil); err != nil {
 			if rerr := b.rollBack(s, cur, pend); rerr != nil {
 				return fmt.Errorf("finish an interrupted commit: %w; undo it: %v", err, rerr)
 			}
@@ -312,19 +312,23 @@ func (b *Backend) recover(s *bpf.Store) error {
 }
 
 // rollForward makes generation g live and publishes it (steps 3 and 4).
-// It reads everything it needs from the pinned state, so a process that
+// It can read everything it needs from the pinned state, so a process that
 // did not prepare g can run it.
-func (b *Backend) rollForward(s *bpf.Store, cur, g *bpf.Gen) error {
-	st, err := readGenState(g)
-	if err != nil {
-		return err
-	}
+//
+// st and old are g's and cur's state records when the caller has them (nil:
+// read them from the pins).
+func (b *Backend) rollForward(s *bpf.Store, cur, g *bpf.Gen, st, old *liveState) error {
 	if st == nil {
-		return fmt.Errorf("generation %d has no state record", g.N)
-	}
-	var old *liveState
-	if cur != nil {
-		old, _ = readGenState(cur)
+		var err error
+		if st, err = readGenState(g); err != nil {
+			return err
+		}
+		if st == nil {
+			return fmt.Errorf("generation %d has no state record", g.N)
+		}
+		if cur != nil {
+			old, _ = readGenState(cur)
+		}
 	}
 	if err := syncSets(st, g, cur); err != nil {
 		return err

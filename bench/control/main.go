@@ -136,7 +136,8 @@ func main() {
 	}
 	var table strings.Builder
 	kernel := strings.TrimSpace(must("uname", "-r"))
-	fmt.Fprintf(&table, "Measured %s, kernel %s, %d rules on one hook (sfunnel: vb ingress; nft: a netdev ingress chain on vb), medians of %d runs; RSS is the largest of the runs. Times include process start.\n\n",
+	fmt.Fprintf(&table, "Measured %s, kernel %s, %d rules on one hook (sfunnel: vb ingress; nft: a netdev ingress chain on vb), medians of %d runs; RSS is the largest of the runs. Times include process start. "+
+		"`add rule` appends `ip saddr 10.251.0.1 udp dport 1005 counter drop` (a shape and port range the hook has, so sfunnel rewrites its rule tables without loading a program); `delete rule` deletes that rule again.\n\n",
 		time.Now().UTC().Format("2006-01-02 15:04 UTC"), kernel, *rules, *runs)
 	table.WriteString("| ruleset | operation | sfunnel | nft | ratio | sfunnel RSS | nft RSS | RSS ratio |\n|---|---|---:|---:|---:|---:|---:|---:|\n")
 	for _, w := range workloads {
@@ -191,11 +192,11 @@ func main() {
 		handleRe := regexp.MustCompile(`# handle (\d+)`)
 		var sfHandles, nftHandles []string
 		measure("add rule", func() (sample, sample) {
-			a := run(nil, "sh", "-c", fmt.Sprintf("%s --netns %s -e add rule vb ingress ip saddr 10.251.0.1 udp dport 9 counter actions drop > /tmp/sfb-echo", *sfunnel, ns))
+			a := run(nil, "sh", "-c", fmt.Sprintf("%s --netns %s -e add rule vb ingress ip saddr 10.251.0.1 udp dport 1005 counter actions drop > /tmp/sfb-echo", *sfunnel, ns))
 			if m := handleRe.FindStringSubmatch(readFile("/tmp/sfb-echo")); m != nil {
 				sfHandles = append(sfHandles, m[1])
 			}
-			b := run(nil, "sh", "-c", fmt.Sprintf("ip netns exec %s nft --echo --handle add rule netdev sfb c ip saddr 10.251.0.1 udp dport 9 counter drop > /tmp/nftb-echo", ns))
+			b := run(nil, "sh", "-c", fmt.Sprintf("ip netns exec %s nft --echo --handle add rule netdev sfb c ip saddr 10.251.0.1 udp dport 1005 counter drop > /tmp/nftb-echo", ns))
 			if m := handleRe.FindStringSubmatch(readFile("/tmp/nftb-echo")); m != nil {
 				nftHandles = append(nftHandles, m[1])
 			}
