@@ -148,7 +148,13 @@ func (d *daemon) newSession(r *auth.Result, client bool, now time.Time) *seal.Se
 	if err != nil {
 		panic(err) // only for absurd lengths
 	}
-	return seal.NewSession(seal.Cipher(r.Cipher), k, d.cfg.Rekey, now)
+	rekey := d.cfg.Rekey
+	if !client {
+		// The client decides when to rekey, with an interval we do not
+		// know: hold its sessions to the longest it may choose.
+		rekey = seal.MaxRekey
+	}
+	return seal.NewSession(seal.Cipher(r.Cipher), k, rekey, now)
 }
 
 // checkCipher decides whether this server takes the AEAD the client

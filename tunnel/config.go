@@ -197,8 +197,8 @@ func parseRunFlags(args []string, stderr io.Writer) (*Config, error) {
 	if c.Cipher, err = seal.ParseCipher(cipher); err != nil {
 		return bad("--cipher: %v", err)
 	}
-	if c.Rekey < time.Second {
-		return bad("--rekey must be at least 1s")
+	if c.Rekey < time.Second || c.Rekey > seal.MaxRekey {
+		return bad("--rekey must be between 1s and %s", seal.MaxRekey)
 	}
 	if c.Keepalive < 0 {
 		return bad("--keepalive must not be negative")

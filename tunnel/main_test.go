@@ -30,6 +30,8 @@ func TestUsageErrors(t *testing.T) {
 		{[]string{"--carry", "ip", "--mode", "server", "--mtu", "100"}, "--mtu"},
 		{[]string{"-i", "a-very-long-interface-name", "--key", key, "-e", "1"}, "invalid --interface"},
 		{[]string{"--no-such-flag"}, "unknown flag"},
+		{[]string{"--key", key, "-e", "1", "--rekey", "2h"}, "--rekey must be between"},
+		{[]string{"--key", key, "-e", "1", "--cipher", "rot13"}, "unknown cipher"},
 		{[]string{"extra"}, "unexpected argument"},
 	} {
 		var out, errb bytes.Buffer

@@ -56,6 +56,10 @@ const (
 	RejectAfterMessages = 1 << 40
 )
 
+// MaxRekey bounds --rekey. The side that answers handshakes does not know
+// the other side's interval and holds its sessions to this one.
+const MaxRekey = time.Hour
+
 // RejectAfter is how long a session may be used after it was made, given
 // the rekey interval: the client has a full rekey interval more to get a
 // new one through.
