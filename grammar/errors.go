@@ -168,6 +168,17 @@ func parseError(err error, src string) error {
 		span.End.Offset += n
 	}
 	msg := friendlyMessage(perr.Message())
+	if verb := verbBefore(src, p.Offset); verb != "" {
+		// `add frob`: participle's alternatives (add set, add rule, a rule)
+		// blur what was expected; the usage lines say it.
+		head, _, _ := strings.Cut(msg, ",")
+		head, _, _ = strings.Cut(head, " (")
+		what := afterVerb(verb)
+		if verb == "list" || verb == "flush" {
+			what = "what to " + verb + ": " + what
+		}
+		msg = head + ", expected " + what
+	}
 	if p.Offset >= 0 && p.Offset+1 < len(src) && src[p.Offset] == '-' && isLetter(src[p.Offset+1]) {
 		// `list ruleset -a` at the prompt or in a file: rule text has no
 		// words that start with '-'.
@@ -201,12 +212,13 @@ func tokenLen(s string) int {
 // expectations translates participle's grammar names into words.
 var expectations = []struct{ node, words string }{
 	{"ActionSyntax", "an action: " + orList(ActionWords)},
-	{"ListSyntax", "what to list: ruleset, interface IF [HOOK], sets or set NAME"},
-	{"FlushSyntax", "what to flush: ruleset or interface IF [HOOK]"},
-	{"AddSyntax", "rule or element"},
-	{"InsertSyntax", "rule"},
-	{"ReplaceSyntax", "rule"},
-	{"DeleteSyntax", "rule, interface or element"},
+	{"ListSyntax", "what to list: " + afterVerb("list")},
+	{"FlushSyntax", "what to flush: " + afterVerb("flush")},
+	{"AddSyntax", afterVerb("add")},
+	{"InsertSyntax", afterVerb("insert")},
+	{"ReplaceSyntax", afterVerb("replace")},
+	{"DeleteSyntax", afterVerb("delete")},
+	{"ResetSyntax", afterVerb("reset")},
 	{"RuleCmdSyntax", "an interface name and a hook"},
 	{"ElementCmdSyntax", "a set name and { elements }"},
 	{"FunnelSyntax", "tcp or udp"},
@@ -218,6 +230,57 @@ var expectations = []struct{ node, words string }{
 	{"ProtoSyntax", "tcp or udp"},
 	{"NameSyntax", "a name"},
 	{"RuleSyntax", "a rule"},
+}
+
+// verbBefore returns the command verb just before offset when it starts
+// its statement (only blanks, or a ';', before it on the line), else "".
+func verbBefore(src string, off int) string {
+	if off <= 0 || off > len(src) {
+		return ""
+	}
+	line := src[:off]
+	if i := strings.LastIndexAny(line, "\n;"); i >= 0 {
+		line = line[i+1:]
+	}
+	words := strings.Fields(line)
+	if len(words) != 1 || !strings.HasSuffix(line, " ") && !strings.HasSuffix(line, "\t") {
+		return ""
+	}
+	for _, u := range CommandUsage {
+		if strings.Fields(u)[0] == words[0] {
+			return words[0]
+		}
+	}
+	return ""
+}
+
+// afterVerb lists what may follow a command verb, from CommandUsage:
+// "ruleset, interface IF [HOOK], sets or set NAME" for list.
+func afterVerb(verb string) string {
+	var forms []string
+	for _, u := range CommandUsage {
+		rest, ok := strings.CutPrefix(u, verb+" ")
+		if !ok {
+			continue
+		}
+		// Up to the first placeholder that is not a name: enough to see
+		// which form is meant, without the rule or set body.
+		var w []string
+		for _, f := range strings.Fields(rest) {
+			if f == "RULE" || f == "{" || strings.HasPrefix(f, "[position") || f == "handle" {
+				break
+			}
+			w = append(w, f)
+		}
+		form := strings.Join(w, " ")
+		if strings.HasPrefix(form, "[") && strings.HasSuffix(form, "]") && strings.Count(form, "[") == 1 {
+			form = form[1 : len(form)-1] // monitor [trace]: after the verb, trace
+		}
+		if !slices.Contains(forms, form) {
+			forms = append(forms, form)
+		}
+	}
+	return orList(forms)
 }
 
 func friendlyMessage(msg string) string {
