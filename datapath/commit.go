@@ -225,7 +225,7 @@ func (b *Backend) Commit(rs *ruleset.Ruleset) error {
 	if err != nil {
 		return err
 	}
-	next := stateOf(rs, ctMask, plans)
+	next := stateOf(rs, ctMask, plans, b.known)
 	next.Generation = g.N
 	for i, a := range aux {
 		err := g.PinHook(a.id, a.coll.Programs[bpf.ProgramName], a.coll.Maps)
@@ -636,9 +636,35 @@ func (b *Backend) Load() (*ruleset.Ruleset, error) {
 			}
 		}
 		rs.Interfaces = kept
+		b.remember(st, rs)
 		return rs, nil
 	}
-	return st.ruleset(live)
+	rs, err := st.ruleset(live)
+	if err == nil {
+		b.remember(st, rs)
+	}
+	return rs, err
+}
+
+// remember notes the stored record of every rule Load returns, so that a
+// commit of a ruleset made from them does not format them again.
+func (b *Backend) remember(st *liveState, rs *ruleset.Ruleset) {
+	b.known = map[*grammar.Rule]ruleRecord{}
+	for _, h := range st.hooks() {
+		ifc := rs.Interface(h.ifname)
+		if ifc == nil {
+			continue
+		}
+		rules := ifc.Rules(h.hook)
+		if len(rules) != len(h.Rules) {
+			continue
+		}
+		for i, r := range rules {
+			if r.Handle == h.Rules[i].Handle {
+				b.known[r] = h.Rules[i]
+			}
+		}
+	}
 }
 
 // Generation returns the number of the committed generation (0 when nothing

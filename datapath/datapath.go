@@ -40,6 +40,8 @@ type Options struct {
 type Backend struct {
 	opts Options
 	held bool // the writer lock is held (Lock), Commit must not take it again
+	// known maps the rules the last Load returned to their stored records.
+	known map[*grammar.Rule]ruleRecord
 }
 
 var _ ruleset.Backend = (*Backend)(nil)

@@ -144,7 +144,7 @@ func (e *env) send(t *testing.T, port, n int) int {
 		// The first datagram may wait for ARP on a loaded machine.
 		wait := 300 * time.Millisecond
 		if got == 0 {
-			wait = time.Second
+			wait = 3 * time.Second
 		}
 		rx.SetReadDeadline(time.Now().Add(wait))
 		if _, err := rx.Read(buf); err != nil {

@@ -214,7 +214,10 @@ func ruleRecordOf(r *grammar.Rule) ruleRecord {
 
 // stateOf describes rs; hooks get their digests and counter handles from
 // the compiled plans.
-func stateOf(rs *ruleset.Ruleset, ctMask uint32, plans []*hookPlan) *liveState {
+//
+// known holds the records of rules read from the committed state (rules
+// are never changed in place, so the same rule has the same record).
+func stateOf(rs *ruleset.Ruleset, ctMask uint32, plans []*hookPlan, known map[*grammar.Rule]ruleRecord) *liveState {
 	st := &liveState{CtMarkMask: ctMask, NextHandle: rs.NextHandle, CtMarkUsed: usesCtMark(rs), Sets: []setRecord{}, Interfaces: []ifaceRecord{}}
 	for _, s := range rs.Sets {
 		st.Sets = append(st.Sets, setRecord{Name: s.Name, Text: grammar.FormatSet(s, "")})
@@ -232,7 +235,11 @@ func stateOf(rs *ruleset.Ruleset, ctMask uint32, plans []*hookPlan) *liveState {
 			}
 			hs := hookState{Hook: h.String(), ifname: ifc.Name, hook: h, Rules: make([]ruleRecord, len(rules))}
 			for i, r := range rules {
-				hs.Rules[i] = ruleRecordOf(r)
+				if rec, ok := known[r]; ok && rec.Handle == r.Handle {
+					hs.Rules[i] = rec
+				} else {
+					hs.Rules[i] = ruleRecordOf(r)
+				}
 			}
 			if p := byID[hs.id()]; p != nil {
 				hs.Digest = p.digest
