@@ -98,9 +98,10 @@ options:
       --remote HOST[:PORT]     with --carry ip: the other end
       --address CIDR           TUN address (repeatable, one per family); TCP-over-UDP
                                server: the pool of tunnel addresses for peers
-      --key FILE               pre-shared key (sfunnel tunnel genkey); required for --carry tcp.
-                               With a key every datagram and frame is encrypted and
-                               authenticated; without one the formats are plain
+      --key FILE               pre-shared key (sfunnel tunnel genkey). With a key peers
+                               authenticate and every datagram and frame is encrypted
+                               and authenticated; without one the formats are plain
+                               (udp-encap-tun's, TunConnector's) and anyone can inject
       --cipher NAME            auto (AES-256-GCM with AES instructions, else
                                ChaCha20-Poly1305; a server takes the client's choice),
                                aes-256-gcm or chacha20-poly1305
@@ -138,7 +139,7 @@ func runFlags(c *Config, remote, cipher *string) *pflag.FlagSet {
 	fs.StringVar(remote, "remote", "", "with --carry ip: the other end, HOST[:PORT]")
 	fs.Var(prefixList{&c.Addresses}, "address", "address/prefix for the TUN (repeatable or comma-separated); server: the pool of tunnel addresses")
 	fs.IntVar(&c.MTU, "mtu", 0, "MTU of the TUN device")
-	fs.StringVar(&c.KeyFile, "key", "", "pre-shared key file (sfunnel tunnel genkey); required for --carry tcp")
+	fs.StringVar(&c.KeyFile, "key", "", "pre-shared key file (sfunnel tunnel genkey)")
 	fs.StringVar(cipher, "cipher", "auto", "AEAD with --key: auto, aes-256-gcm or chacha20-poly1305")
 	fs.DurationVar(&c.Rekey, "rekey", seal.DefaultRekeyAfter, "with --key: new session keys this often")
 	fs.DurationVar(&c.Keepalive, "keepalive", 0, "send a keepalive after this long without sending (0: off)")
@@ -219,9 +220,6 @@ func parseRunFlags(args []string, stderr io.Writer) (*Config, error) {
 	case "tcp":
 		if c.Mode != "" || remote != "" || c.Transport != "udp" {
 			return bad("--mode, --remote and --transport need --carry ip (TCP over UDP picks client mode with --endpoint-port)")
-		}
-		if c.KeyFile == "" {
-			return bad("--carry tcp needs --key FILE (create one with: sfunnel tunnel genkey FILE)")
 		}
 		if c.ListenPort == 0 {
 			c.ListenPort = DefaultPort

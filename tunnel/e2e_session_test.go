@@ -274,3 +274,31 @@ func TestStreamKeepalive(t *testing.T) {
 		}
 	}
 }
+
+// Without a key, TCP over UDP is udp-encap-tun's format: each datagram is
+// a bare TCP segment, peers need no handshake, and the daemon warns.
+func TestPlainTCPOverUDP(t *testing.T) {
+	a, b := twoHosts(t)
+	srv := startTunnel(t, b, "-i", "tun0", "-l", "7472", "--address", "203.0.113.1/24")
+	cli := startTunnel(t, a, "-i", "tun0", "-l", "7473", "-b", "eth0", "-e", "7472", "--address", "198.51.100.1/32")
+	a.Run(t, "ip", "route", "add", "192.0.2.2/32", "dev", "tun0")
+	echoServer(t, b, "tcp", ":5001")
+	stop := sniffUDP(t, b, "eth0", 7472)
+	transfer(t, a, "tcp", "192.0.2.2:5001", 1<<20)
+	got := stop()
+	if len(got) == 0 {
+		t.Fatal("nothing captured")
+	}
+	for _, p := range got {
+		if len(p) < 20 || binary.BigEndian.Uint16(p[2:]) != 5001 || int(p[12]>>4)*4 < 20 {
+			t.Fatalf("not a bare TCP segment to port 5001 on the wire: % x", p[:min(len(p), 24)])
+		}
+	}
+	st := srv.getStatus()
+	if len(st.Peers) != 1 || st.Peers[0].Address != "203.0.113.2" || st.Counters["auth_ok"] != 0 {
+		t.Errorf("server: peers %+v counters %v", st.Peers, st.Counters)
+	}
+	if !strings.Contains(srv.log.String(), "warning: no --key") || !strings.Contains(cli.log.String(), "warning: no --key") {
+		t.Errorf("no warning about running without a key")
+	}
+}

@@ -32,9 +32,18 @@ func (d *daemon) keepaliveLoop() error {
 			}
 			now := tm.UnixNano()
 			if d.key == nil {
-				if d.cfg.Mode != "server" && now-lastPlain >= int64(k) {
-					lastPlain = now
+				if d.cfg.Mode == "server" || now-lastPlain < int64(k) {
+					continue
+				}
+				lastPlain = now
+				if d.cfg.Carry == "ip" {
 					if d.keepalive.send(nil, d.cfg.Remote, 0, nil) {
+						d.stats.KeepaliveTx.Add(1)
+					}
+					continue
+				}
+				for _, ent := range d.store.Entries() {
+					if ent.Idle(now) >= k && d.keepalive.send(nil, ent.Peer, 0, nil) {
 						d.stats.KeepaliveTx.Add(1)
 					}
 				}

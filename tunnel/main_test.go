@@ -17,8 +17,7 @@ func TestUsageErrors(t *testing.T) {
 		args []string
 		want string
 	}{
-		{[]string{"-l", "7472", "--address", "203.0.113.1/24"}, "needs --key"},
-		{[]string{"--key", key, "-l", "7472"}, "needs --address"},
+		{[]string{"-l", "7472"}, "needs --address"},
 		{[]string{"--key", key, "-l", "70000", "-e", "1"}, "out of range"},
 		{[]string{"--carry", "udp"}, "--carry must be"},
 		{[]string{"--carry", "ip", "--mode", "client"}, "needs --remote"},

@@ -37,9 +37,13 @@ func (d *daemon) startTCPOverUDP() error {
 	d.onClose(sock)
 	e := &tcpUDP{d: d, sock: sock, client: d.cfg.Mode == "client", port: uint16(d.cfg.EndpointPort), one: d.newOneSender(sock)}
 	d.keepalive = e.one
-	if e.client {
+	switch {
+	case d.key == nil:
+		// udp-encap-tun's behaviour: whoever sends is a peer.
+		d.log.Printf("warning: no --key: packets are accepted from any sender and sent in the clear (use sfunnel tunnel genkey)")
+	case e.client:
 		e.dial = d.newDialer(int(sock.Port()), e.sendHeld)
-	} else {
+	default:
 		ln, err := d.listenTCP()
 		if err != nil {
 			return err
@@ -74,24 +78,34 @@ func (e *tcpUDP) route(pkt []byte, now int64) ([]byte, netip.AddrPort, *seal.Ses
 	if e.client {
 		peer := netip.AddrPortFrom(dst, e.port)
 		ent = d.store.ByPeer(peer)
-		if ent != nil {
-			ses = ent.Session()
-		}
-		if ent == nil || ses == nil || ses.Expired(now) {
-			e.dial.request(peer, seg)
-			d.stats.drop(codec.DropNoPeer)
-			return nil, peer, nil, false
-		}
-		e.dial.checkSilence(ent, seg, now)
-		if ses.NeedsRekey(now) {
-			e.dial.request(peer, nil)
+		if d.key == nil {
+			if ent == nil {
+				var err error
+				if ent, err = d.store.Add(peer, time.Unix(0, now)); err != nil {
+					d.stats.drop(codec.DropNoPeer)
+					return nil, peer, nil, false
+				}
+			}
+		} else {
+			if ent != nil {
+				ses = ent.Session()
+			}
+			if ent == nil || ses == nil || ses.Expired(now) {
+				e.dial.request(peer, seg)
+				d.stats.drop(codec.DropNoPeer)
+				return nil, peer, nil, false
+			}
+			e.dial.checkSilence(ent, seg, now)
+			if ses.NeedsRekey(now) {
+				e.dial.request(peer, nil)
+			}
 		}
 	} else {
 		if ent = d.store.ByAddr(dst); ent == nil {
 			d.stats.drop(codec.DropNoPeer)
 			return nil, netip.AddrPort{}, nil, false
 		}
-		if ses = ent.Session(); ses == nil || ses.Expired(now) {
+		if ses = ent.Session(); d.key != nil && (ses == nil || ses.Expired(now)) {
 			d.stats.drop(codec.DropStale)
 			return nil, netip.AddrPort{}, nil, false
 		}
@@ -143,9 +157,21 @@ func (e *tcpUDP) netToTun() error {
 						off += seal.HeaderLen
 					}
 				} else {
-					if ent = d.store.ByPeer(peer); ent == nil {
-						d.stats.drop(codec.DropUnauth)
+					if n == 0 {
+						d.stats.KeepaliveRx.Add(1) // a plain keepalive
 						continue
+					}
+					if ent = d.store.ByPeer(peer); ent == nil {
+						var err error
+						if e.client {
+							// Only from servers we send to.
+							d.stats.drop(codec.DropUnauth)
+							continue
+						}
+						if ent, err = d.store.Add(peer, time.Unix(0, now)); err != nil {
+							d.stats.drop(codec.DropNoPeer)
+							continue
+						}
 					}
 					if n != len(p) {
 						// A coalesced run (UDP GRO): give each datagram headroom.
