@@ -1,7 +1,10 @@
 package datapath
 
 import (
+	"bytes"
 	"encoding/binary"
+	"errors"
+	"reflect"
 	"encoding/hex"
 	"fmt"
 
@@ -64,13 +67,8 @@ func prepareTables(h *bpf.Hook, prog *compiler.Program, oldSlots int) (*tableUpd
 		if m == nil {
 			return nil, fmt.Errorf("%s has no table %s", h.HookID, name)
 		}
-		if err := clearGeneration(m, next); err != nil {
+		if err := fillGeneration(m, next, kvs); err != nil {
 			return nil, fmt.Errorf("table %s of %s: %w", name, h.HookID, err)
-		}
-		for _, kv := range kvs {
-			if err := m.Put(kv.Key, kv.Value); err != nil {
-				return nil, fmt.Errorf("table %s of %s: %w", name, h.HookID, err)
-			}
 		}
 		faults.Point("fill table " + name)
 	}
@@ -87,25 +85,94 @@ func prepareTables(h *bpf.Hook, prog *compiler.Program, oldSlots int) (*tableUpd
 	return u, nil
 }
 
-// clearGeneration deletes the entries of generation gen from a table.
-func clearGeneration(m *ebpf.Map, gen uint32) error {
-	var stale [][]byte
-	key, val := make([]byte, m.KeySize()), make([]byte, m.ValueSize())
-	it := m.Iterate()
-	for it.Next(&key, &val) {
-		if binary.NativeEndian.Uint32(key[:4])&1 == gen {
-			stale = append(stale, append([]byte(nil), key...))
-		}
-	}
-	if err := it.Err(); err != nil {
+// fillGeneration makes generation gen of table m hold exactly kvs: stale
+// entries of gen are deleted, missing or different ones written; entries
+// of the other generation are left alone. Batched (one system call per few
+// thousand entries) where the kernel has the batch API.
+func fillGeneration(m *ebpf.Map, gen uint32, kvs []ebpf.MapKV) error {
+	ks, vs := int(m.KeySize()), int(m.ValueSize())
+	have, err := readTable(m)
+	if err != nil {
 		return err
 	}
-	for _, k := range stale {
-		if err := m.Delete(k); err != nil {
-			return err
+	want := make(map[string]bool, len(kvs))
+	var putK, putV [][]byte
+	for _, kv := range kvs {
+		k, v := kv.Key.([]byte), kv.Value.([]byte)
+		if len(k) != ks || len(v) != vs {
+			return fmt.Errorf("entry of %d/%d bytes, table has %d/%d", len(k), len(v), ks, vs)
+		}
+		want[string(k)] = true
+		if old, ok := have[string(k)]; !ok || !bytes.Equal(old, v) {
+			putK, putV = append(putK, k), append(putV, v)
+		}
+	}
+	var del [][]byte
+	for k := range have {
+		if binary.NativeEndian.Uint32([]byte(k[:4]))&1 == gen && !want[k] {
+			del = append(del, []byte(k))
+		}
+	}
+	if len(del) > 0 {
+		if _, err := m.BatchDelete(records(ks, del), nil); err != nil {
+			for _, k := range del {
+				if err := m.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+					return err
+				}
+			}
+		}
+	}
+	if len(putK) > 0 {
+		if _, err := m.BatchUpdate(records(ks, putK), records(vs, putV), nil); err != nil {
+			for i := range putK {
+				if err := m.Put(putK[i], putV[i]); err != nil {
+					return err
+				}
+			}
 		}
 	}
 	return nil
+}
+
+// readTable returns every entry of a hash table by key.
+func readTable(m *ebpf.Map) (map[string][]byte, error) {
+	ks, vs := int(m.KeySize()), int(m.ValueSize())
+	out := map[string][]byte{}
+	const chunk = 4096
+	keys, vals := records(ks, make([][]byte, chunk)), records(vs, make([][]byte, chunk))
+	var cursor ebpf.MapBatchCursor
+	for {
+		n, err := m.BatchLookup(&cursor, keys, vals, nil)
+		kv, vv := reflect.ValueOf(keys), reflect.ValueOf(vals)
+		for i := 0; i < n; i++ {
+			out[string(kv.Index(i).Slice(0, ks).Bytes())] = append([]byte(nil), vv.Index(i).Slice(0, vs).Bytes()...)
+		}
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			return out, nil
+		}
+		if err != nil {
+			break // no batch API: iterate
+		}
+	}
+	out = map[string][]byte{}
+	key, val := make([]byte, ks), make([]byte, vs)
+	it := m.Iterate()
+	for it.Next(&key, &val) {
+		out[string(key)] = append([]byte(nil), val...)
+	}
+	return out, it.Err()
+}
+
+// records packs byte strings of one size into a []([size]byte), the form
+// the batch calls take.
+func records(size int, recs [][]byte) any {
+	s := reflect.MakeSlice(reflect.SliceOf(reflect.ArrayOf(size, reflect.TypeOf(byte(0)))), len(recs), len(recs))
+	for i, r := range recs {
+		if r != nil {
+			reflect.Copy(s.Index(i), reflect.ValueOf(r))
+		}
+	}
+	return s.Interface()
 }
 
 // switchTables makes every hook of st with tables read the generation its
