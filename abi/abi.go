@@ -41,6 +41,8 @@ const (
 	// tables. Key: uint32 shape id<<1 | generation, then the shape's key
 	// words (addresses as in the packet, prefix-masked; ports and marks as
 	// native uint32). Value: TableValue.
+	// TablePrefix + "p" + shape id: ARRAY of 2<<16 TableValue, index
+	// generation<<16 | port, for a shape keyed on one port only.
 	TablePrefix = "tbl"
 )
 
@@ -55,7 +57,7 @@ const NoRule = 0xffffffff
 
 // TableValue is the value of a rule table entry (native uint32s).
 type TableValue struct {
-	Prio uint32 // the lowest matching priority wins (rule position)
+	Prio uint32 // the lowest matching priority wins: rule position + 1; 0 = no entry
 	Slot uint32 // index of the rule's counters and rule_mtu entries
 	Body uint32 // which of the segment's action bodies runs
 }

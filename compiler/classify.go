@@ -79,7 +79,22 @@ type shape struct {
 	table string     // map holding the entries (one per key size)
 	words int        // key words after the first
 	ents  []tabEntry // entries, in rule order
+	array bool       // one port keyed: an ARRAY indexed by generation<<16 | port
 }
+
+// portOnly reports whether the shape keys on one port and nothing else.
+func (sh *shape) portOnly() bool {
+	n := 0
+	for _, k := range sh.keyed {
+		if k {
+			n++
+		}
+	}
+	return n == 1 && (sh.keyed[keySport] || sh.keyed[keyDport])
+}
+
+// maxPortArrays bounds the port arrays of a program (1.5 MiB each).
+const maxPortArrays = 4
 
 // tabEntry is one key of one rule.
 type tabEntry struct {

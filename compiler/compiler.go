@@ -124,7 +124,21 @@ type Program struct {
 func (p *Program) TableContents(gen uint32) map[string][]ebpf.MapKV {
 	out := map[string][]ebpf.MapKV{}
 	for _, name := range p.Tables {
-		out[name] = p.c.entries(p.c.tables[name], gen&1)
+		shapes := p.c.tables[name]
+		kvs := p.c.entries(shapes, gen&1)
+		if shapes[0].array {
+			// Every slot of the generation: an array has no deletes.
+			have := map[uint32]bool{}
+			for _, kv := range kvs {
+				have[binary.NativeEndian.Uint32(kv.Key.([]byte))] = true
+			}
+			for port := uint32(0); port < 1<<16; port++ {
+				if k := gen&1<<16 | port; !have[k] {
+					kvs = append(kvs, ebpf.MapKV{Key: binary.NativeEndian.AppendUint32(nil, k), Value: make([]byte, tableValueSize)})
+				}
+			}
+		}
+		out[name] = kvs
 	}
 	return out
 }

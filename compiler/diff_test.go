@@ -640,7 +640,15 @@ func (g gen) mixedRules(n, shapes int, sets map[string]*grammar.Set) []*grammar.
 			}
 		}
 		for _, m := range []**grammar.PortMatch{&r.Sport, &r.Dport} {
-			if *m != nil && !(*m).Neg && (*m).Set == "" {
+			wide := false
+			if *m != nil {
+				n := 0
+				for _, rg := range (*m).Ranges {
+					n += int(rg.Hi-rg.Lo) + 1
+				}
+				wide = n > 1024 // not a key: part of the shape, kept as is
+			}
+			if *m != nil && !(*m).Neg && (*m).Set == "" && !wide {
 				nm := **m
 				nm.Ranges = nil
 				for _, rg := range (*m).Ranges {

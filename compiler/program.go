@@ -69,6 +69,7 @@ type compiler struct {
 	tables    map[string][]*shape // shapes by table map
 	bodyOf    []uint32            // body of each rule in its segment
 	bodyKeys  []string            // bodyKey of each rule
+	portArrays int                // port-array tables made
 }
 
 // ruleNeeds summarises what the rules read, so the parse guard reads no more.

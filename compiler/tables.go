@@ -32,6 +32,13 @@ func (c *compiler) place(segs []segment) {
 			sh.id = c.nextShape
 			c.nextShape++
 			sh.table = tableName(sh.words)
+			if sh.portOnly() && c.portArrays < maxPortArrays {
+				// One port: an array indexed by generation<<16 | port,
+				// whose lookup the verifier inlines (no hash).
+				c.portArrays++
+				sh.array = true
+				sh.table = fmt.Sprintf("%sp%d", abi.TablePrefix, sh.id)
+			}
 			c.tables[sh.table] = append(c.tables[sh.table], sh)
 		}
 	}
@@ -90,7 +97,7 @@ func (c *compiler) segment(rules []*grammar.Rule, seg segment) error {
 		e.comment("rule %d handle %d: %s", i, rules[i].Handle, Describe(rules[i]))
 		e.emit(
 			ldx(asm.R1, asm.R10, slotBest, asm.DWord),
-			asm.JLT.Imm(asm.R1, int32(i), found),
+			asm.JLE.Imm(asm.R1, int32(i), found), // priority = position + 1
 		)
 		err := c.matchesExcept(rules[i], next, [numKeyFields]bool{})
 		if err == nil {
@@ -170,6 +177,22 @@ func (c *compiler) shapeLookup(sh *shape) error {
 	if sh.fam != 0 && sh.tmpl.Family == grammar.FamilyAny {
 		e.emit(ldx(asm.R1, asm.R10, slotFam, asm.DWord), asm.JNE.Imm(asm.R1, int32(sh.fam), miss))
 	}
+	if sh.array {
+		slot := int16(slotDport)
+		if sh.keyed[keySport] {
+			slot = slotSport
+		}
+		e.emit(
+			ldx(asm.R1, asm.R10, slot, asm.DWord),
+			asm.JGT.Imm(asm.R1, 0xffff, miss), // absent
+			ldx(asm.R2, asm.R10, slotGen, asm.DWord),
+			asm.LSh.Imm(asm.R2, 16),
+			asm.Or.Reg(asm.R1, asm.R2),
+			stx(asm.R10, slotTKey, asm.R1, asm.Word),
+		)
+		c.found(sh, miss)
+		return nil
+	}
 	e.emit(
 		ldx(asm.R1, asm.R10, slotGen, asm.DWord),
 		asm.Or.Imm(asm.R1, int32(sh.id<<1)),
@@ -221,10 +244,19 @@ func (c *compiler) shapeLookup(sh *shape) error {
 			off += 4
 		}
 	}
+	c.found(sh, miss)
+	return nil
+}
+
+// found looks the key at slotTKey up in the shape's table; a hit with a
+// lower priority than the best so far becomes the best.
+func (c *compiler) found(sh *shape, miss string) {
+	e := &c.e
 	c.lookup(sh.table, slotTKey)
 	e.emit(
 		asm.JEq.Imm(asm.R0, 0, miss),
 		ldx(asm.R1, asm.R0, 0, asm.Word),
+		asm.JEq.Imm(asm.R1, 0, miss), // an empty array slot
 		ldx(asm.R2, asm.R10, slotBest, asm.DWord),
 		asm.JGE.Reg(asm.R1, asm.R2, miss),
 		stx(asm.R10, slotBest, asm.R1, asm.DWord),
@@ -234,7 +266,6 @@ func (c *compiler) shapeLookup(sh *shape) error {
 		stx(asm.R10, slotBody, asm.R1, asm.DWord),
 	)
 	e.label(miss)
-	return nil
 }
 
 // readGeneration emits the read of the live generation into slotGen.
@@ -259,6 +290,13 @@ func (c *compiler) tableMaps() {
 		Contents: []ebpf.MapKV{{Key: uint32(0), Value: abi.Control{Generation: 0, NoRule: abi.NoRule}}},
 	}
 	for name, shapes := range c.tables {
+		if shapes[0].array {
+			c.spec.Maps[name] = &ebpf.MapSpec{
+				Name: name, Type: ebpf.Array, KeySize: 4, ValueSize: tableValueSize, MaxEntries: 2 << 16,
+				Contents: c.entries(shapes, 0),
+			}
+			continue
+		}
 		n := 0
 		for _, sh := range shapes {
 			n += len(sh.ents)
@@ -278,7 +316,10 @@ func (c *compiler) entries(shapes []*shape, gen uint32) []ebpf.MapKV {
 		for _, en := range sh.ents {
 			k := binary.NativeEndian.AppendUint32(nil, sh.id<<1|gen)
 			k = append(k, en.key...)
-			v := binary.NativeEndian.AppendUint32(nil, uint32(en.rule))
+			if sh.array {
+				k = binary.NativeEndian.AppendUint32(nil, gen<<16|binary.NativeEndian.Uint32(en.key))
+			}
+			v := binary.NativeEndian.AppendUint32(nil, uint32(en.rule)+1)
 			v = binary.NativeEndian.AppendUint32(v, uint32(en.rule))
 			v = binary.NativeEndian.AppendUint32(v, c.bodyOf[en.rule])
 			out = append(out, ebpf.MapKV{Key: k, Value: v})
