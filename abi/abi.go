@@ -26,11 +26,15 @@ const (
 	ProgramName = "sfunnel"
 	// CountersMap: PERCPU_ARRAY, key uint32 rule index, value Counter.
 	CountersMap = "counters"
-	// StatsMap: PERCPU_ARRAY, key uint32 Stat, value uint64.
+	// StatsMap: PERCPU_ARRAY, key uint32 Stat, value uint64: the hook's
+	// events; then, at (slot+1)*NumStats + Stat, the packets the rule in
+	// counter slot `slot` matched but left alone, by reason (taken back out
+	// of its counter: a rule's counter counts what it transformed).
 	StatsMap = "stats"
 	// RuleMTUMap: PERCPU_ARRAY, key uint32 rule index, value uint64:
 	// funnels of that rule that exceeded the egress MTU.
 	RuleMTUMap = "rule_mtu"
+
 	// SetMapPrefix + set name: the map of a named set (layout below),
 	// shared by every program that references the set.
 	SetMapPrefix = "set_"

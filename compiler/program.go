@@ -2,6 +2,7 @@ package compiler
 
 import (
 	"fmt"
+	"maps"
 	"slices"
 	"strings"
 
@@ -53,7 +54,9 @@ type compiler struct {
 	e             emitter
 	l3            int16 // offset of the IP header
 
-	statLabels map[int]string
+	statLabels map[int]string // by stat + NumStats*(rule+1); rule -1 (from slotRule) in table bodies
+	curRule    int            // the rule whose body is being emitted
+	curCounted bool           // and whether it has a counter
 	gen        int  // exit generation (see exit)
 	dynRule    bool // emitting a group body: the rule index is in slotRule
 	ruleNeeds  ruleNeeds
@@ -275,7 +278,8 @@ func (c *compiler) program(rules []*grammar.Rule) error {
 	c.spec.Maps[RuleMTUMap] = &ebpf.MapSpec{Name: RuleMTUMap, Type: ebpf.PerCPUArray, KeySize: 4, ValueSize: 8, MaxEntries: slots}
 	c.tableMaps()
 	c.anonMaps()
-	c.spec.Maps[StatsMap] = &ebpf.MapSpec{Name: StatsMap, Type: ebpf.PerCPUArray, KeySize: 4, ValueSize: 8, MaxEntries: NumStats}
+	// The hook's events, then each rule's left-alone counts (abi.StatsMap).
+	c.spec.Maps[StatsMap] = &ebpf.MapSpec{Name: StatsMap, Type: ebpf.PerCPUArray, KeySize: 4, ValueSize: 8, MaxEntries: NumStats * (1 + slots)}
 	c.traceMaps()
 	return nil
 }
@@ -603,23 +607,71 @@ func (c *compiler) exits() {
 		c.segUsed = false
 	}
 	if len(c.statLabels) > 0 {
-		for s := 0; s < NumStats; s++ {
-			l, ok := c.statLabels[s]
-			if !ok {
-				continue
+		for _, k := range slices.Sorted(maps.Keys(c.statLabels)) {
+			counted := k&statCounted != 0
+			k &^= statCounted
+			s, rule := k%NumStats, k/NumStats-1
+			e.label(c.statLabels[k|map[bool]int{true: statCounted}[counted]])
+			e.emit(
+				sti(asm.R10, slotKey, int64(s), asm.Word),
+				sti(asm.R10, slotT4, int64(map[bool]int{true: 1}[counted]), asm.DWord),
+			)
+			// The rule's own count of what it left alone, in the same map
+			// after the hook's: key (slot+1)*NumStats + s.
+			if rule < 0 {
+				e.emit(
+					ldx(asm.R1, asm.R10, slotRule, asm.DWord),
+					asm.Add.Imm(asm.R1, 1),
+					asm.Mul.Imm(asm.R1, NumStats),
+					asm.Add.Imm(asm.R1, int32(s)),
+					stx(asm.R10, slotT3, asm.R1, asm.DWord),
+				)
+			} else {
+				e.emit(sti(asm.R10, slotT3, int64((rule+1)*NumStats+s), asm.DWord))
 			}
-			e.label(l)
-			e.emit(sti(asm.R10, slotKey, int64(s), asm.Word), asm.Ja.Label(c.exit("count_stat")))
+			e.emit(asm.Ja.Label(c.exit("count_stat")))
 		}
 		e.label(c.exit("count_stat"))
 		c.traceExit(abi.TraceLeft, true)
-		e.comment("stats[key]++, pass untouched")
+		e.comment("stats[key]++, stats[(rule+1)*NumStats+key]++, pass untouched")
 		c.lookup(StatsMap, slotKey)
+		ruleStats := e.newLabel("rule_stats")
 		e.emit(
-			asm.JEq.Imm(asm.R0, 0, c.exit("pass")),
+			asm.JEq.Imm(asm.R0, 0, ruleStats),
 			ldx(asm.R1, asm.R0, 0, asm.DWord),
 			asm.Add.Imm(asm.R1, 1),
 			stx(asm.R0, 0, asm.R1, asm.DWord),
+		)
+		e.label(ruleStats)
+		e.emit(ldx(asm.R1, asm.R10, slotT3, asm.DWord), stx(asm.R10, slotKey, asm.R1, asm.Word))
+		c.lookup(StatsMap, slotKey)
+		counted := e.newLabel("rule_counted")
+		e.emit(
+			asm.JEq.Imm(asm.R0, 0, counted),
+			ldx(asm.R1, asm.R0, 0, asm.DWord),
+			asm.Add.Imm(asm.R1, 1),
+			stx(asm.R0, 0, asm.R1, asm.DWord),
+		)
+		e.label(counted)
+		e.comment("the rule's counter counts what it transformed: take the packet back")
+		e.emit(
+			ldx(asm.R1, asm.R10, slotT4, asm.DWord),
+			asm.JEq.Imm(asm.R1, 0, c.exit("pass")),
+			ldx(asm.R1, asm.R10, slotT3, asm.DWord),
+			asm.Div.Imm(asm.R1, NumStats),
+			asm.Sub.Imm(asm.R1, 1),
+			stx(asm.R10, slotKey, asm.R1, asm.Word),
+		)
+		c.lookup(CountersMap, slotKey)
+		e.emit(
+			asm.JEq.Imm(asm.R0, 0, c.exit("pass")),
+			ldx(asm.R1, asm.R0, 0, asm.DWord),
+			asm.Sub.Imm(asm.R1, 1),
+			stx(asm.R0, 0, asm.R1, asm.DWord),
+			ldx(asm.R1, asm.R0, 8, asm.DWord),
+			ldx(asm.R2, asm.R6, skbLen, asm.Word),
+			asm.Sub.Reg(asm.R1, asm.R2),
+			stx(asm.R0, 8, asm.R1, asm.DWord),
 			asm.Ja.Label(c.exit("pass")),
 		)
 	}
@@ -630,13 +682,26 @@ func (c *compiler) exits() {
 
 // stat returns the label that counts s and passes the packet.
 func (c *compiler) stat(s int) string {
-	if l, ok := c.statLabels[s]; ok {
+	k, name := s, "stat_"+strings.ReplaceAll(abi.StatNames[s], "-", "_")
+	if !c.dynRule {
+		k += NumStats * (c.curRule + 1)
+		name += fmt.Sprintf("_r%d", c.curRule)
+	}
+	if c.curCounted {
+		k |= statCounted
+		name += "_counted"
+	}
+	if l, ok := c.statLabels[k]; ok {
 		return l
 	}
-	l := c.exit("stat_" + strings.ReplaceAll(abi.StatNames[s], "-", "_"))
-	c.statLabels[s] = l
+	l := c.exit(name)
+	c.statLabels[k] = l
 	return l
 }
+
+// statCounted marks a statLabels key whose rule counts packets: leaving a
+// packet alone takes it back out of the rule's counter.
+const statCounted = 1 << 30
 
 // lookup emits R0 = bpf_map_lookup_elem(map, fp+slot).
 func (c *compiler) lookup(m string, slot int16) {

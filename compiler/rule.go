@@ -99,6 +99,7 @@ func (c *compiler) matchesExcept(r *grammar.Rule, fail string, keyed [numKeyFiel
 // continues at next.
 func (c *compiler) body(i int, r *grammar.Rule, next string) error {
 	e := &c.e
+	c.curRule, c.curCounted = i, r.Counter
 	c.traceRule(i, r)
 	c.segmentFirst(r)
 	if r.Counter {

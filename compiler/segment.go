@@ -30,74 +30,52 @@ const skbIngressIfindex = 36
 const verdictRedirect = 7
 
 // NeedsSegmentation reports whether some rule of an egress hook rewrites
-// packets per segment (funnel, rewrite) and so wants a segmentation device.
+// TCP per segment (funnel, rewrite udp) and so wants a segmentation device.
 func NeedsSegmentation(rules []*grammar.Rule) bool {
 	for _, r := range rules {
-		if segmentKind(r) != segNone {
+		if segments(r) {
 			return true
 		}
 	}
 	return false
 }
 
-type segKind int
-
-const (
-	segNone    segKind = iota
-	segGSO             // GSO packets (funnel)
-	segPartial         // GSO packets and CHECKSUM_PARTIAL ones (rewrite)
-)
-
-// segmentKind says which packets rule r must see segmented and checksummed.
-// Only the first rewriting action counts: the detour happens before any
-// action runs, so that every segment meets the rule unchanged.
-func segmentKind(r *grammar.Rule) segKind {
-	k := segNone
+// segments reports whether rule r's TCP segments take the detour: a TCP
+// rule whose actions push a header in front of the TCP header or rewrite
+// it in place. UDP rules don't: UDP GSO (UDP_SEGMENT) funnels are rare and
+// are left alone (gso), and a UDP socket's checksum is complete whenever
+// the device lacks checksum offload.
+func segments(r *grammar.Rule) bool {
+	if r.Proto != grammar.ProtoTCP {
+		return false
+	}
 	for _, a := range r.Actions {
-		switch a.Kind {
-		case grammar.ActFunnel:
-			k = max(k, segGSO)
-		case grammar.ActRewrite:
-			k = segPartial
+		if a.Kind == grammar.ActFunnel || a.Kind == grammar.ActRewrite {
+			return true
 		}
 	}
-	return k
+	return false
 }
 
 // segmentFirst emits, at the start of rule i's body, the detour to the
-// segmentation device for the packets the rule can't rewrite whole.
-// Without a device (ingress, L3 devices, Options.SegIfindex 0) the actions'
-// own guards count such packets instead (StatGSO, StatPartialChecksum).
+// segmentation device: every TCP segment the rule matches goes there
+// before the rule touches it — GSO packets to be cut, CHECKSUM_PARTIAL ones
+// to be finished, and the single-segment ones too, so that they can't
+// overtake GSO packets of their flow queued on the pair. Without a device
+// (ingress, L3 devices, Options.SegIfindex 0) the actions' own guards count
+// the packets they can't rewrite (StatGSO, StatPartialChecksum).
 func (c *compiler) segmentFirst(r *grammar.Rule) {
-	k := segmentKind(r)
-	if k == segNone || c.opts.SegIfindex == 0 || c.opts.SegReturnIfindex == 0 || c.opts.Hook != grammar.HookEgress || c.opts.L3 {
+	if !segments(r) || c.opts.SegIfindex == 0 || c.opts.SegReturnIfindex == 0 || c.opts.Hook != grammar.HookEgress || c.opts.L3 {
 		return
 	}
 	e := &c.e
-	seg := c.segLabel()
-	// Every TCP segment of a matched flow takes the detour, not only the
-	// GSO ones: a single-segment skb sent directly would overtake the GSO
-	// packets queued before it on the device pair (reordering the flow).
-	// A segment coming back from the device (received on its return end)
-	// is rewritten here and now.
 	back := e.newLabel("segmented")
-	e.comment("back from the segmentation device?")
+	e.comment("TCP: through the segmentation device, unless back from it")
 	e.emit(
 		ldx(asm.R1, asm.R6, skbIngressIfindex, asm.Word),
 		asm.JEq.Imm(asm.R1, int32(c.opts.SegReturnIfindex), back),
+		asm.Ja.Label(c.segLabel()),
 	)
-	e.comment("TCP, or a GSO packet: through the segmentation device")
-	e.emit(
-		ldx(asm.R1, asm.R10, slotProto, asm.DWord),
-		asm.JEq.Imm(asm.R1, 6, seg),
-		ldx(asm.R1, asm.R6, skbGSOSize, asm.Word),
-		asm.JNE.Imm(asm.R1, 0, seg),
-	)
-	if k == segPartial && c.kern.ok {
-		e.comment("checksum still to be finalised: finalise it first")
-		c.ipSummed(asm.R1)
-		e.emit(asm.JEq.Imm(asm.R1, checksumPartial, seg))
-	}
 	e.label(back)
 }
 

@@ -25,6 +25,7 @@ import (
 	"github.com/sfunnel/sfunnel/bpf"
 	"github.com/sfunnel/sfunnel/compiler"
 	"github.com/sfunnel/sfunnel/grammar"
+	"github.com/sfunnel/sfunnel/ruleset"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 )
@@ -381,4 +382,23 @@ func txOffload(name string) bool {
 // rxMerge names the features that merge received packets.
 func rxMerge(name string) bool {
 	return strings.HasPrefix(name, "rx-gro") || name == "rx-lro" || name == "rx-udp-gro-forwarding"
+}
+
+var _ ruleset.Noter = (*Backend)(nil)
+
+// Notes names the segmentation devices serving the live hooks, for the
+// listing (as comment lines).
+func (b *Backend) Notes() ([]string, error) {
+	sds, err := Segdevs()
+	if err != nil {
+		return nil, err
+	}
+	var out []string
+	for _, sd := range sds {
+		if sd.Dev == "" {
+			continue
+		}
+		out = append(out, fmt.Sprintf("segmentation device %s (return %s) serves %s egress: TCP segments and GSO packets its funnel/rewrite rules match are segmented and checksummed there (tso, gso, tx off) and rewritten one by one", sd.Tx, sd.Rx, sd.Dev))
+	}
+	return out, nil
 }

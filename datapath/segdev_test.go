@@ -97,3 +97,42 @@ func TestSegdevFollowsRules(t *testing.T) {
 		t.Errorf("after flush: %+v", sds)
 	}
 }
+
+// A rule's counter counts what it transformed; what it matched but left
+// alone is counted beside it, by reason, and listed next to the rule.
+func TestLeftAloneBesideCounter(t *testing.T) {
+	e := newEnv(t, Options{})
+	r, err := grammar.ParseRule("<test>", "udp dport 4739 counter actions rewrite tcp", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.Handle = 1
+	rs := &ruleset.Ruleset{NextHandle: 2, Interfaces: []*ruleset.Interface{{Name: "vb", Ingress: []*grammar.Rule{r}}}}
+	e.commit(t, rs)
+	// 16-byte datagrams are too short to be TCP: left alone, so delivered.
+	if got := e.send(t, 4739, 5); got != 5 {
+		t.Fatalf("%d of 5 datagrams left alone arrived", got)
+	}
+	var cs map[uint64]ruleset.Counter
+	var la map[uint64]map[string]uint64
+	e.do(t, func() (err error) {
+		if cs, err = e.be.Counters(); err != nil {
+			return err
+		}
+		la, err = e.be.LeftAlone()
+		return err
+	})
+	if cs[1].Packets != 0 || cs[1].Bytes != 0 {
+		t.Errorf("counter %+v, want 0: nothing was transformed", cs[1])
+	}
+	if la[1]["not-applicable"] != 5 {
+		t.Errorf("left alone %v, want not-applicable 5", la)
+	}
+	var sb strings.Builder
+	if err := ruleset.WriteText(&sb, rs, nil, &ruleset.ListOptions{Counters: cs, LeftAlone: la, Handles: true}); err != nil {
+		t.Fatal(err)
+	}
+	if want := "counter packets 0 bytes 0 actions rewrite tcp # handle 1, left alone: not-applicable 5\n"; !strings.Contains(sb.String(), want) {
+		t.Errorf("listing:\n%s\nwant a line ending %q", sb.String(), want)
+	}
+}

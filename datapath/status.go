@@ -5,6 +5,7 @@ import (
 	"github.com/sfunnel/sfunnel/abi"
 	"github.com/sfunnel/sfunnel/bpf"
 	"github.com/sfunnel/sfunnel/grammar"
+	"github.com/sfunnel/sfunnel/ruleset"
 )
 
 // HookStatus is what the kernel shows of one live hook: for `monitor`
@@ -21,6 +22,9 @@ type HookStatus struct {
 	// MTUExceeded counts, by rule handle, the funnels that made a packet
 	// longer than the egress MTU.
 	MTUExceeded map[uint64]uint64
+	// LeftAlone counts, by rule handle and reason (abi.StatNames), the
+	// packets the rule matched but did not transform.
+	LeftAlone map[uint64]map[string]uint64
 }
 
 // Status returns the live hooks in the order of the ruleset.
@@ -53,6 +57,7 @@ func (b *Backend) Status() ([]HookStatus, error) {
 						hs.Stats[abi.StatNames[i]] = n
 					}
 				}
+				hs.LeftAlone = leftAlone(v, h.CounterHandles)
 			}
 		}
 		if m := l.Maps[abi.RuleMTUMap]; m != nil {
@@ -64,8 +69,44 @@ func (b *Backend) Status() ([]HookStatus, error) {
 				}
 			}
 		}
+
 		l.Close()
 		out = append(out, hs)
 	}
 	return out, nil
 }
+
+// leftAlone turns the per-rule part of a stats map ((slot+1)*NumStats +
+// reason) into counts by handle and reason name; zero counts are left out.
+func leftAlone(v []uint64, handles []uint64) map[uint64]map[string]uint64 {
+	out := map[uint64]map[string]uint64{}
+	for k := abi.NumStats; k < len(v); k++ {
+		slot, reason := k/abi.NumStats-1, k%abi.NumStats
+		if v[k] == 0 || slot >= len(handles) || handles[slot] == 0 {
+			continue
+		}
+		h := handles[slot]
+		if out[h] == nil {
+			out[h] = map[string]uint64{}
+		}
+		out[h][abi.StatNames[reason]] += v[k]
+	}
+	return out
+}
+
+// LeftAlone returns, by rule handle and reason, the packets the live rules
+// matched but left untouched (since their hook's program was loaded).
+func (b *Backend) LeftAlone() (map[uint64]map[string]uint64, error) {
+	hs, err := b.Status()
+	if err != nil {
+		return nil, err
+	}
+	out := map[uint64]map[string]uint64{}
+	for _, h := range hs {
+		for handle, m := range h.LeftAlone {
+			out[handle] = m
+		}
+	}
+	return out, nil
+}
+var _ ruleset.LeftAloner = (*Backend)(nil)

@@ -75,6 +75,13 @@ func (st *state) run() {
 			}
 			if stat >= 0 {
 				st.res.Stats[stat]++
+				// Left alone: the rule's counter counts what it transformed.
+				if r.Counter {
+					c := st.res.Counters[i]
+					c.Packets--
+					c.Bytes -= uint64(len(st.p))
+					st.res.Counters[i] = c
+				}
 				return
 			}
 		}

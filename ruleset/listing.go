@@ -2,6 +2,8 @@ package ruleset
 
 import (
 	"io"
+	"maps"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -152,8 +154,19 @@ func writeListedRule(b *strings.Builder, r ListedRule, o *ListOptions) {
 		}
 	}
 	b.WriteString(text)
+	comment := " # "
 	if o.Handles && r.Handle != 0 {
 		b.WriteString(" # handle ")
 		b.WriteString(strconv.FormatUint(r.Handle, 10))
+		comment = ", "
+	}
+	if la := o.LeftAlone[r.Handle]; len(la) > 0 {
+		b.WriteString(comment + "left alone:")
+		for i, reason := range slices.Sorted(maps.Keys(la)) {
+			if i > 0 {
+				b.WriteByte(',')
+			}
+			b.WriteString(" " + reason + " " + strconv.FormatUint(la[reason], 10))
+		}
 	}
 }

@@ -64,6 +64,18 @@ type Warner interface {
 	Warnings() ([]string, error)
 }
 
+// Noter is a Backend with facts about the live datapath worth a comment
+// line in a text listing (devices it created, ...).
+type Noter interface {
+	Notes() ([]string, error)
+}
+
+// LeftAloner is a Backend that counts, per rule, the packets a rule matched
+// but did not transform, by reason (shown beside the rule in listings).
+type LeftAloner interface {
+	LeftAlone() (map[uint64]map[string]uint64, error)
+}
+
 // Locker is a Backend whose writers serialise on a lock that readers never
 // take (readers see the last committed ruleset). A batch that changes the
 // ruleset holds it from reading the live ruleset until its commit, so no

@@ -14,6 +14,9 @@ type ListOptions struct {
 	Handles  bool               // -a: append `# handle N`
 	Counters map[uint64]Counter // values for `counter packets N bytes M`
 	Version  string             // sfunnel's version, for JSON metainfo
+	// LeftAlone: by handle and reason, the packets a rule matched but left
+	// untouched (printed as a comment after the rule; "left_alone" in JSON).
+	LeftAlone map[uint64]map[string]uint64
 }
 
 func (o *ListOptions) print() *grammar.PrintOptions {
@@ -53,6 +56,9 @@ func WriteJSON(w io.Writer, rs *Ruleset, only *Selector, sets []*grammar.Set, o 
 
 func jsonListing(rs *Ruleset, only *Selector, sets []*grammar.Set, o *ListOptions) *nftjson.Listing {
 	l := &nftjson.Listing{Version: o.Version, Sets: sets}
+	if o.LeftAlone != nil {
+		l.LeftAlone = func(h uint64) map[string]uint64 { return o.LeftAlone[h] }
+	}
 	if o.Counters != nil {
 		l.Counter = func(h uint64) (uint64, uint64) {
 			c := o.Counters[h]

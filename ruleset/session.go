@@ -236,6 +236,11 @@ func (s *Session) listOptions() (*ListOptions, error) {
 		return nil, err
 	}
 	o.Counters = c
+	if la, ok := s.Backend.(LeftAloner); ok {
+		if o.LeftAlone, err = la.LeftAlone(); err != nil {
+			return nil, err
+		}
+	}
 	return o, nil
 }
 
@@ -249,6 +254,17 @@ func (s *Session) warn() error {
 	msgs, err := w.Warnings()
 	if err != nil {
 		return err
+	}
+	if n, ok := s.Backend.(Noter); ok && !s.JSON {
+		notes, err := n.Notes()
+		if err != nil {
+			return err
+		}
+		for _, m := range notes {
+			if _, err := fmt.Fprintf(s.Out, "# %s\n", m); err != nil {
+				return err
+			}
+		}
 	}
 	for _, m := range msgs {
 		switch {
