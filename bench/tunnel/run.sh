@@ -143,16 +143,20 @@ stopall "$a" "$b"
 
 T="$work/tunneld"
 K="$work/key"
-# TCP over UDP (always sealed: it needs --key): the client routes the
-# server's own address into its TUN.
-for off in true false; do
-	start "$B" tcpudp-b "$T" -i sfbtun -l 7472 --address 203.0.113.1/24 --key "$K" --status-socket "$work/b.sock" --offload=$off
+# TCP over UDP: the client routes the server's own address into its TUN.
+for variant in sealed plain sealed-nooffload; do
+	keyargs=(--key "$K") off=true
+	case $variant in
+		plain) keyargs=() ;;
+		sealed-nooffload) off=false ;;
+	esac
+	start "$B" tcpudp-$variant-b "$T" -i sfbtun -l 7472 --address 203.0.113.1/24 "${keyargs[@]}" --status-socket "$work/b.sock" --offload=$off
 	b=$last
-	start "$A" tcpudp-a "$T" -i sfbtun -l 7473 -b eth0 -e 7472 --address 198.51.100.1/32 --key "$K" --status-socket "$work/a.sock" --offload=$off
+	start "$A" tcpudp-$variant-a "$T" -i sfbtun -l 7473 -b eth0 -e 7472 --address 198.51.100.1/32 "${keyargs[@]}" --status-socket "$work/a.sock" --offload=$off
 	a=$last
 	waitfor "$A" sfbtun; waitfor "$B" sfbtun
 	ip -n "$A" route add 192.0.2.2/32 dev sfbtun
-	if [ $off = true ]; then both tcp-over-udp-sealed 192.0.2.2; else both tcp-over-udp-sealed-nooffload 192.0.2.2; fi
+	both tcp-over-udp-$variant 192.0.2.2
 	stopall "$a" "$b"
 done
 
@@ -172,7 +176,7 @@ done
 
 num() { echo "${1%% *}"; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN{ if (b>0) printf "%.1f", a/b; else printf "-" }'; }
-cipher=$(grep -ho "sealed with [a-z0-9-]*" "$work/tcpudp-a.log" | head -1 | cut -d' ' -f3)
+cipher=$(grep -ho "sealed with [a-z0-9-]*" "$work/tcpudp-sealed-a.log" | head -1 | cut -d' ' -f3)
 table=$(
 	echo "<!-- tunnel:begin -->"
 	echo "## Userspace tunnels (\`sfunnel tunnel\`)"
@@ -184,7 +188,7 @@ table=$(
 	echo
 	echo "| path | 1 stream Gbit/s | 4 streams Gbit/s | 1 stream × WireGuard-go | × OpenVPN AES-256-GCM | × OpenVPN no cipher | × same mode plain | runs (1 / 4 streams) |"
 	echo "|---|---:|---:|---:|---:|---:|---:|---|"
-	for k in direct openvpn-none openvpn-gcm wireguard-go tcp-over-udp-sealed ip-over-udp-sealed ip-over-tcp-sealed ip-over-udp-plain ip-over-tcp-plain tcp-over-udp-sealed-nooffload; do
+	for k in direct openvpn-none openvpn-gcm wireguard-go tcp-over-udp-sealed ip-over-udp-sealed ip-over-tcp-sealed tcp-over-udp-plain ip-over-udp-plain ip-over-tcp-plain tcp-over-udp-sealed-nooffload; do
 		v1=$(num "${res[$k/1]}"); v4=$(num "${res[$k/4]}")
 		label=$k plain=-
 		case $k in
@@ -192,7 +196,8 @@ table=$(
 			openvpn-none) label="OpenVPN, UDP, --cipher none --auth none" ;;
 			openvpn-gcm) label="OpenVPN, UDP, TLS, AES-256-GCM" ;;
 			wireguard-go) label="wireguard-go (ChaCha20-Poly1305)" ;;
-			tcp-over-udp-sealed) label="sfunnel tunnel, TCP over UDP, sealed" ;;
+			tcp-over-udp-sealed) label="sfunnel tunnel, TCP over UDP, sealed"; plain=$(ratio "$v1" "$(num "${res[tcp-over-udp-plain/1]}")") ;;
+			tcp-over-udp-plain) label="sfunnel tunnel, TCP over UDP, plain (no --key)" ;;
 			ip-over-udp-sealed) label="sfunnel tunnel --carry ip --transport udp, sealed"; plain=$(ratio "$v1" "$(num "${res[ip-over-udp-plain/1]}")") ;;
 			ip-over-tcp-sealed) label="sfunnel tunnel --carry ip --transport tcp, sealed"; plain=$(ratio "$v1" "$(num "${res[ip-over-tcp-plain/1]}")") ;;
 			ip-over-udp-plain) label="sfunnel tunnel --carry ip --transport udp, plain (no --key)" ;;
@@ -210,13 +215,11 @@ table=$(
 		for k in tcp-over-udp-sealed ip-over-udp-sealed ip-over-tcp-sealed; do
 			v=$(num "${res[$k/$n]}")
 			line="- $k: ≥ 5× wireguard-go $(verdict "$v" "$wg" 5) ($(rx "$v" "$wg")×), ≥ 6× OpenVPN AES-256-GCM $(verdict "$v" "$og" 6) ($(rx "$v" "$og")×)"
-			case $k in
-				ip-over-*) p=$(num "${res[${k%-sealed}-plain/$n]}"); line="$line, ≥ 0.7× plain $(verdict "$v" "$p" 0.7) ($(rx "$v" "$p")×)" ;;
-				*) line="$line (no plain variant: TCP over UDP always authenticates)" ;;
-			esac
+			p=$(num "${res[${k%-sealed}-plain/$n]}")
+			line="$line, ≥ 0.7× plain $(verdict "$v" "$p" 0.7) ($(rx "$v" "$p")×)"
 			echo "$line"
 		done
-		for k in ip-over-udp-plain ip-over-tcp-plain; do
+		for k in tcp-over-udp-plain ip-over-udp-plain ip-over-tcp-plain; do
 			v=$(num "${res[$k/$n]}")
 			echo "- $k: ≥ 4× OpenVPN without cipher $(verdict "$v" "$on" 4) ($(rx "$v" "$on")×)"
 		done
