@@ -366,7 +366,7 @@ func (a *app) completeCommand(args []string) int {
 		for _, u := range grammar.CommandUsage {
 			first = append(first, strings.Fields(u)[0])
 		}
-		for _, w := range sortedUnion(first, []string{"save"}) {
+		for _, w := range sortedUnion(first, []string{"save", "metrics"}) {
 			if strings.HasPrefix(w, cur) {
 				fmt.Fprintln(a.stdout, w)
 			}
