@@ -107,9 +107,12 @@ func fillGeneration(m *ebpf.Map, gen uint32, kvs []ebpf.MapKV) error {
 			putK, putV = append(putK, k), append(putV, v)
 		}
 	}
+	// Hash tables: the generation is bit 0 of the key's first word.
+	// Arrays (one-port shapes, generation<<16 | port) have no deletes:
+	// kvs covers every slot of the generation.
 	var del [][]byte
 	for k := range have {
-		if binary.NativeEndian.Uint32([]byte(k[:4]))&1 == gen && !want[k] {
+		if m.Type() != ebpf.Array && binary.NativeEndian.Uint32([]byte(k[:4]))&1 == gen && !want[k] {
 			del = append(del, []byte(k))
 		}
 	}

@@ -96,3 +96,36 @@ func TestTableOnlyChanges(t *testing.T) {
 		t.Errorf("counter of rule 42 after the reload %+v, want 3 packets", c)
 	}
 }
+
+// One-port shapes are arrays indexed by generation and port: a rule of
+// that shape is added without a reload too.
+func TestTableOnlyPortArray(t *testing.T) {
+	e := newEnv(t, Options{})
+	id := bpf.HookID{Ifname: "vb", Hook: grammar.HookIngress}
+	var rules []*grammar.Rule
+	for i := 0; i < 40; i++ {
+		rules = append(rules, udpRule(uint64(i+1), uint16(7000+2*i), grammar.ActDrop))
+	}
+	rs := func(rules []*grammar.Rule) *ruleset.Ruleset {
+		return &ruleset.Ruleset{NextHandle: 100, Interfaces: []*ruleset.Interface{{Name: "vb", Ingress: slices.Clone(rules)}}}
+	}
+	e.commit(t, rs(rules))
+	prog := liveProgID(t, e, id)
+	if got := e.send(t, 7005, 2); got != 2 {
+		t.Fatalf("%d of 2 datagrams to an odd port arrived before the rule was added", got)
+	}
+	e.commit(t, rs(append(slices.Clone(rules), udpRule(41, 7005, grammar.ActDrop))))
+	if after := liveProgID(t, e, id); after != prog {
+		t.Errorf("adding a one-port rule reloaded the program (%d → %d)", prog, after)
+	}
+	if got := e.send(t, 7005, 2); got != 0 {
+		t.Errorf("%d of 2 datagrams passed the added drop rule", got)
+	}
+	if got := e.send(t, 7001, 2); got != 2 {
+		t.Errorf("%d of 2 datagrams to a port without a rule arrived", got)
+	}
+	_, counters := e.fresh(t)
+	if c := counters[41]; c.Packets != 2 {
+		t.Errorf("counter of the added rule %+v, want 2 packets", c)
+	}
+}
