@@ -13,6 +13,8 @@ have man      || need+=(man-db)
 have iperf3   || need+=(iperf3)
 have socat    || need+=(socat)
 have conntrack || need+=(conntrack)
+# TCP-in-UDP's wire layout is checked against scapy (Debian's python3).
+/usr/bin/python3 -c 'import scapy.all' >/dev/null 2>&1 || need+=(python3-scapy)
 if [ ${#need[@]} -gt 0 ]; then
 	if [ "$(id -u)" -ne 0 ]; then
 		echo "missing packages: ${need[*]} (run as root to install them)" >&2
