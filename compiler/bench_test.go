@@ -241,9 +241,16 @@ const benchNotes = `
   follows the number of shapes the packet's family and protocol can reach (here 4 of 7 for the UDP
   packet), not the number of rules; each lookup costs about one empty program run, which is why the
   ratio to a single inline rule is several times, not 1.5.
-- Address sets: an anonymous list (or a rule group) of IPv4 host addresses is a perfect-hash
-  table read with direct map value access (two loads and a compare, no helper call); named sets
-  (which change live) and prefix lists stay LPM tries.
+- 10 000 rules differing in one field: a shape keyed on one port is an array indexed by
+  generation and port (the verifier inlines its lookup); a shape keyed on an IPv4 host address is a
+  hash table (a helper call and a hash per packet), about 2x one inline rule. The rule groups this
+  replaced (consecutive rules only, with a compile-time perfect hash for hosts) measured 1.13x here
+  on 2026-11-22; a perfect hash whose parameters live in the map value would bring it back without
+  tying the program to the table's contents (not done).
+- Address sets: an anonymous list of IPv4 host addresses is a perfect-hash table read with direct
+  map value access (two loads and a compare, no helper call), up to 8 per program; other large
+  anonymous lists share one LPM trie per family (keyed by list id) and one port-bitmap array, so a
+  program stays under the kernel's 64 maps; named sets (which change live) stay LPM tries.
 - No match is at the edge of what this setup resolves (a few ns over ~9-13 ns): seven runs of
   the whole benchmark on 2026-11-22 gave 0.97-1.33x, so "ok" or "missed" depends on the run. The
   prefilter alone (bounds, EtherType/IHL, four destination ports: 13 instructions) measured about

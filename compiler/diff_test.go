@@ -609,18 +609,23 @@ func diffSeed(t *testing.T) gen {
 // dozen random rules (every match kind, negations, ranges, sets, marks,
 // both families, stacked actions) serve as templates, and each rule is a
 // template with new values in its positive address, port and mark
-// matches; one rule in fifty is a fresh random rule.
+// matches. (Many rules each of a shape of its own are tested one by one,
+// and a few hundred complex ones exceed the verifier: sfunnel(8) BUGS.)
 func (g gen) mixedRules(n, shapes int, sets map[string]*grammar.Set) []*grammar.Rule {
 	var templates []*grammar.Rule
 	for i := 0; i < shapes; i++ {
-		templates = append(templates, g.rule(sets))
+		r := g.rule(sets)
+		if len(r.Actions) == 0 {
+			// Rules that don't end evaluation, interleaved with rules of
+			// other shapes, cut segments and fall back to rule-by-rule
+			// code (sfunnel(8) BUGS); templates end evaluation.
+			r.Actions = []*grammar.Action{act(grammar.ActAccept, 0)}
+		}
+		templates = append(templates, r)
 	}
 	var rules []*grammar.Rule
 	for len(rules) < n {
-		if g.chance(0.02) {
-			rules = append(rules, g.rule(sets))
-			continue
-		}
+
 		r := *templates[g.pick(len(templates))]
 		for _, m := range []**grammar.AddrMatch{&r.Saddr, &r.Daddr} {
 			if *m != nil && !(*m).Neg && (*m).Set == "" {
@@ -729,7 +734,7 @@ func TestDifferentialLarge(t *testing.T) {
 	d := newTally()
 	for rs, n := range sizes {
 		sets := g.sets()
-		rules := g.mixedRules(n, 40, sets)
+		rules := g.mixedRules(n, 20, sets)
 		opts := compiler.Options{Hook: grammar.Hook(g.pick(2)), ChecksumHelper: g.chance(0.3)}
 		start := time.Now()
 		diffRuleset(t, g, d, rs, rules, sets, opts, perSet)

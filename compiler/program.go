@@ -67,12 +67,12 @@ type compiler struct {
 	segUsed    bool      // the current generation jumps to its segment exit
 	tracing    bool      // some rule has meta nftrace set 1 (trace.go)
 
-	inShape   bool                // emitting a shape's residual checks
-	nextShape uint32              // id of the next shape placed
-	tables    map[string][]*shape // shapes by table map
-	bodyOf    []uint32            // body of each rule in its segment
-	bodyKeys  []string            // bodyKey of each rule
-	portArrays int                // port-array tables made
+	inShape    bool                // emitting a shape's residual checks
+	nextShape  uint32              // id of the next shape placed
+	tables     map[string][]*shape // shapes by table map
+	bodyOf     []uint32            // body of each rule in its segment
+	bodyKeys   []string            // bodyKey of each rule
+	portArrays int                 // port-array tables made
 }
 
 // ruleNeeds summarises what the rules read, so the parse guard reads no more.
