@@ -549,3 +549,43 @@ func TestIngressRunsFirst(t *testing.T) {
 		t.Errorf("sfunnel's ingress program saw %+v (%v): it runs after a program that drops", c, err)
 	}
 }
+
+// Batched reads of per-CPU arrays give what per-index lookups give.
+func TestReadCountersBatched(t *testing.T) {
+	testenv.RequireRoot(t)
+	m, err := ebpf.NewMap(&ebpf.MapSpec{Type: ebpf.PerCPUArray, KeySize: 4, ValueSize: 16, MaxEntries: 5000})
+	must(t, err)
+	defer m.Close()
+	ncpu := ebpfPossibleCPUs()
+	for _, i := range []uint32{0, 1, 4095, 4096, 4999} {
+		v := make([]Counter, ncpu)
+		for c := range v {
+			v[c] = Counter{Packets: uint64(i) + 1, Bytes: uint64(c) + 10}
+		}
+		must(t, m.Put(i, v))
+	}
+	var got []Counter
+	if !readBatched(m, func(i int, c Counter) {
+		for len(got) <= i {
+			got = append(got, Counter{})
+		}
+		got[i].Packets += c.Packets
+		got[i].Bytes += c.Bytes
+	}) {
+		t.Fatal("no batch lookup on a per-CPU array")
+	}
+	want, err := ReadCounters(m)
+	must(t, err)
+	for i := range want {
+		w := Counter{}
+		if i < len(got) {
+			w = got[i]
+		}
+		if w != want[i] {
+			t.Fatalf("index %d: batched %+v, ReadCounters %+v", i, w, want[i])
+		}
+	}
+	if want[4096].Packets != 4097*uint64(ncpu) || want[4096].Bytes != uint64(ncpu*(ncpu-1)/2+10*ncpu) || want[2].Packets != 0 {
+		t.Errorf("counters %+v %+v", want[4096], want[2])
+	}
+}
