@@ -5,7 +5,7 @@ DESTDIR ?=
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -X main.version=$(VERSION)
 
-.PHONY: all build test deps demo man install bench bench-datapath bench-tunnel bench-tcp bench-control crash-long fuzz clean
+.PHONY: all build test deps demo man install bench bench-datapath bench-tunnel bench-tcp bench-control bench-grammar crash-long fuzz clean
 
 all: build
 
@@ -52,6 +52,11 @@ bench-tcp: build
 
 bench-tunnel: build
 	@if [ -x bench/tunnel/run.sh ]; then bench/tunnel/run.sh; else echo "no tunnel benchmark yet"; fi
+
+# Parsing a 10 000-rule file with the hand-written lexer and, as the in-run
+# reference, participle's regexp lexer built from the same rules.
+bench-grammar:
+	$(GO) test ./grammar -run '^$$' -bench '10k' -count 5 -timeout 30m
 
 # Control-plane benchmark against nft in the same run (apply, list,
 # add/delete rule on a 10 000-rule hook; time and peak RSS); writes the

@@ -1,0 +1,96 @@
+package grammar
+
+import (
+	"fmt"
+	"strings"
+	"testing"
+
+	"github.com/alecthomas/participle/v2"
+	"github.com/alecthomas/participle/v2/lexer"
+)
+
+// ruleset10k is a 10 000-rule file of the shapes bench/control applies.
+func ruleset10k() string {
+	var b strings.Builder
+	b.WriteString("interface veth0 {\n\tegress {\n")
+	for i := range 10000 {
+		var m string
+		switch i % 5 {
+		case 0:
+			m = fmt.Sprintf("ip saddr 10.%d.%d.1 udp dport %d", i/250%250, i%250, 1000+i%60000)
+		case 1:
+			m = fmt.Sprintf("ip daddr 10.%d.%d.0/24 tcp sport %d", i/250%250, i%250, 2000+i%5000)
+		case 2:
+			m = fmt.Sprintf("udp dport %d-%d", 3000+i%1000, 3100+i%1000)
+		case 3:
+			m = fmt.Sprintf("meta mark 0x%x/0xffff # rule %d", i, i)
+		default:
+			m = fmt.Sprintf("ip6 saddr 2001:db8::%x udp dport %d", i, i%60000+1)
+		}
+		fmt.Fprintf(&b, "\t\t%s counter actions funnel encap tcp dport 179 sport 540\n", m)
+	}
+	b.WriteString("\t}\n}\n")
+	return b.String()
+}
+
+// benchLexers are the lexers the benchmarks compare.
+var benchLexers = []struct {
+	name string
+	def  lexer.Definition
+}{{"lexer=hand", ruleLexer}, {"lexer=regexp", regexpLexer}}
+
+// withLexer builds the parser with another lexer definition, for the
+// in-run reference.
+func withLexer(def lexer.Definition) *participle.Parser[fileSyntax] {
+	return participle.MustBuild[fileSyntax](
+		participle.Lexer(def),
+		participle.Elide("Comment", "Continuation", "Whitespace"),
+		participle.UseLookahead(3),
+	)
+}
+
+// BenchmarkParse10k: Parse of a 10 000-rule file with the hand-written
+// lexer and, as the in-run reference, participle's regexp lexer built from
+// the rules it is checked against (lexer_test.go).
+// Run: go test ./grammar -run '^$' -bench Parse10k -count 5
+func BenchmarkParse10k(b *testing.B) {
+	src := ruleset10k()
+	for _, c := range benchLexers {
+		b.Run(c.name, func(b *testing.B) {
+			saved := parser
+			parser = withLexer(c.def)
+			defer func() { parser = saved }()
+			b.SetBytes(int64(len(src)))
+			for b.Loop() {
+				if _, _, err := Parse("bench.conf", src, nil); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}
+
+// BenchmarkLex10k: the lexers alone on the same file.
+func BenchmarkLex10k(b *testing.B) {
+	src := ruleset10k()
+	for _, c := range benchLexers {
+		b.Run(c.name, func(b *testing.B) {
+			b.SetBytes(int64(len(src)))
+			for b.Loop() {
+				l, err := c.def.(lexer.StringDefinition).LexString("bench.conf", src)
+				if err != nil {
+					b.Fatal(err)
+				}
+				for {
+					t, err := l.Next()
+					if err != nil {
+						b.Fatal(err)
+					}
+					if t.EOF() {
+						break
+					}
+				}
+			}
+		})
+	}
+}
