@@ -57,8 +57,8 @@ type compiler struct {
 	statLabels map[int]string // by stat + NumStats*(rule+1); rule -1 (from slotRule) in table bodies
 	curRule    int            // the rule whose body is being emitted
 	curCounted bool           // and whether it has a counter
-	gen        int  // exit generation (see exit)
-	dynRule    bool // emitting a group body: the rule index is in slotRule
+	gen        int            // exit generation (see exit)
+	dynRule    bool           // emitting a group body: the rule index is in slotRule
 	ruleNeeds  ruleNeeds
 	kern       kernelSkb // how to read skb->ip_summed (ok false: use helpers)
 	fresh      bool      // R7/R8 still hold the parse guard's packet pointers
