@@ -15,11 +15,11 @@ import (
 //	capp 192.0.2.1 ─ crouter ═ 203.0.113.1 … 203.0.113.2 ═ srouter ─ sapp 198.51.100.2
 //
 // The routers rewrite TCP to UDP in place on the wire link (═) and back.
-// The hosts' links have transmit checksum offload and segmentation off: the
-// in-place rewrite needs complete checksums (a CHECKSUM_PARTIAL skb would be
-// finalised at the TCP offset, inside the rewritten header), which is what
-// a forwarded packet from such a link has — the "segmentation device"
-// deployment of KERNEL-NOTES. Offload is toggled on the wire link.
+// The hosts' links have transmit checksum offload and segmentation off, so
+// the routers forward single segments with complete checksums (each still
+// takes the segmentation device's detour, as every matched TCP segment
+// does). Offloads at their defaults are TestTCPDefaultOffloads' job.
+// Offload is toggled on the wire link.
 func TestTCPInUDPRewrite(t *testing.T) {
 	for _, on := range []bool{true, false} {
 		t.Run(onOff(on), func(t *testing.T) { testTCPInUDP(t, on) })
