@@ -233,7 +233,7 @@ state record; the verifier is fast for classified rules. ` + "`add rule`/`delete
 committed rules from a cache of syntax trees (no parsing), compile the hook again (about 0.1–0.4 s for
 10 000 rules) and, when only rule tables change, write them in map batches without loading a program;
 a rule of a new shape, a port outside the hook's port range, or an insert/delete that moves other
-rules' counter slots loads the program again (the mixed-shapes rows). nft's ` + "`add rule`" + ` here includes
+rules' counter slots loads the program again. nft's ` + "`add rule`" + ` here includes
 ` + "`--echo --handle`" + ` (it reads the ruleset back); its ` + "`delete rule`" + ` is a single netlink message.
 `)
 	fmt.Print(table.String())
