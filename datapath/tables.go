@@ -91,9 +91,15 @@ func prepareTables(h *bpf.Hook, prog *compiler.Program, oldSlots int) (*tableUpd
 // thousand entries) where the kernel has the batch API.
 func fillGeneration(m *ebpf.Map, gen uint32, kvs []ebpf.MapKV) error {
 	ks, vs := int(m.KeySize()), int(m.ValueSize())
-	have, err := readTable(m)
-	if err != nil {
-		return err
+	var have map[string][]byte
+	if m.Type() != ebpf.Array {
+		// Arrays (one-port shapes) are written whole: kvs covers every slot
+		// of the generation, and reading both generations to compare costs
+		// more than writing one.
+		var err error
+		if have, err = readTable(m); err != nil {
+			return err
+		}
 	}
 	want := make(map[string]bool, len(kvs))
 	var putK, putV [][]byte
