@@ -106,10 +106,36 @@ func (d ruleLexerDef) LexBytes(filename string, src []byte) (lexer.Lexer, error)
 	return d.LexString(filename, string(src))
 }
 
+// parseLexer is ruleLexer without the Whitespace tokens, for the parser.
+// participle elides them anyway, but keeps every token it is given in one
+// array for the whole parse: dropping the blanks up front halves that
+// array and what the garbage collector scans. Nothing reads them: errors
+// point at other tokens, and spanOf skips blanks.
+var parseLexer = parseLexerDef{}
+
+type parseLexerDef struct{ ruleLexerDef }
+
+func (d parseLexerDef) Lex(filename string, r io.Reader) (lexer.Lexer, error) {
+	data, err := io.ReadAll(r)
+	if err != nil {
+		return nil, err
+	}
+	return d.LexString(filename, string(data))
+}
+
+func (parseLexerDef) LexString(filename, src string) (lexer.Lexer, error) {
+	return &ruleTokens{src: src, pos: lexer.Position{Filename: filename, Line: 1, Column: 1}, noBlanks: true}, nil
+}
+
+func (d parseLexerDef) LexBytes(filename string, src []byte) (lexer.Lexer, error) {
+	return d.LexString(filename, string(src))
+}
+
 type ruleTokens struct {
-	src string
-	off int
-	pos lexer.Position
+	src      string
+	off      int
+	pos      lexer.Position
+	noBlanks bool // leave out Whitespace tokens (parseLexer)
 }
 
 func (l *ruleTokens) Next() (lexer.Token, error) {
@@ -117,6 +143,11 @@ func (l *ruleTokens) Next() (lexer.Token, error) {
 		return lexer.EOFToken(l.pos), nil
 	}
 	typ, n := scanToken(l.src[l.off:])
+	if typ == tokWhitespace && l.noBlanks {
+		l.pos.Advance(l.src[l.off : l.off+n])
+		l.off += n
+		return l.Next()
+	}
 	tok := lexer.Token{Type: typ, Value: l.src[l.off : l.off+n], Pos: l.pos}
 	l.pos.Advance(tok.Value)
 	l.off += n

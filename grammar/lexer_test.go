@@ -58,6 +58,16 @@ func sameTokens(t testing.TB, src string) {
 		}
 		t.Fatalf("%q: %d tokens from the regexp lexer, %d from ruleLexer", src, len(want), len(got))
 	}
+	// The parser's lexer gives the same tokens without the blanks.
+	var blankFree []string
+	for _, tok := range got {
+		if !strings.HasPrefix(tok, "Whitespace:") {
+			blankFree = append(blankFree, tok)
+		}
+	}
+	if p := tokens(t, parseLexer, src); strings.Join(p, "\n") != strings.Join(blankFree, "\n") {
+		t.Fatalf("%q: parseLexer %q, want ruleLexer's tokens without Whitespace %q", src, p, blankFree)
+	}
 }
 
 // TestLexerMatchesRegexp: the hand-written lexer gives the regexp lexer's

@@ -123,7 +123,9 @@ func (l *lowerer) file(filename, src string, incl []Span, depth int) {
 		l.errs = append(l.errs, bad)
 		return
 	}
+	restoreGC := relaxGC(len(src))
 	f, err := parser.ParseString(filename, src)
+	restoreGC()
 	if err != nil {
 		start := len(l.errs)
 		if f = l.syntaxErrors(filename, src, err, incl); f == nil {

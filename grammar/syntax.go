@@ -10,7 +10,7 @@ import (
 // canonical AST of ast.go and reports semantic errors at their tokens.
 
 var parser = participle.MustBuild[fileSyntax](
-	participle.Lexer(ruleLexer),
+	participle.Lexer(parseLexer),
 	participle.Elide("Comment", "Continuation", "Whitespace"),
 	participle.UseLookahead(3),
 )
