@@ -54,6 +54,7 @@ func ReadCounters(m *ebpf.Map) ([]Counter, error) {
 	}
 	return out, nil
 }
+
 // ZeroCounters zeroes the given indexes (all when idx is nil).
 func ZeroCounters(m *ebpf.Map, idx []int) error {
 	if idx == nil {

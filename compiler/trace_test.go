@@ -43,7 +43,7 @@ func TestTraceRecords(t *testing.T) {
 	rules := []*grammar.Rule{
 		parse(1, "udp dport 5000 counter"), // matches before tracing starts: no record
 		parse(2, "udp dport 4739 counter meta nftrace set 1"),
-		parse(3, "udp sport 9 drop"),        // does not match
+		parse(3, "udp sport 9 drop"),       // does not match
 		parse(4, "udp dport 4739 counter"), // traced: a record
 		parse(5, "udp actions accept"),
 	}

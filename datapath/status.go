@@ -109,4 +109,5 @@ func (b *Backend) LeftAlone() (map[uint64]map[string]uint64, error) {
 	}
 	return out, nil
 }
+
 var _ ruleset.LeftAloner = (*Backend)(nil)

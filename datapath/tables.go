@@ -3,10 +3,10 @@ package datapath
 import (
 	"bytes"
 	"encoding/binary"
-	"errors"
-	"reflect"
 	"encoding/hex"
+	"errors"
 	"fmt"
+	"reflect"
 
 	"github.com/cilium/ebpf"
 	"github.com/sfunnel/sfunnel/abi"

@@ -21,8 +21,8 @@ import (
 var (
 	killAt = envInt("SFUNNEL_KILL_AT")
 	stopAt = envInt("SFUNNEL_STOP_AT")
-	trace = os.Getenv("SFUNNEL_KILL_TRACE") == "1"
-	count atomic.Int64
+	trace  = os.Getenv("SFUNNEL_KILL_TRACE") == "1"
+	count  atomic.Int64
 )
 
 // Point marks a place in a commit where a crash must be survivable: right
