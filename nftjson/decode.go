@@ -267,6 +267,15 @@ func num(what string, raw json.RawMessage, max uint64) (uint64, error) {
 
 // word checks that a string is a single word, so JSON cannot smuggle
 // other rule text into the generated line.
+// wordField reads a JSON string that must be a single word of rule text.
+func wordField(what string, raw json.RawMessage) (string, error) {
+	s, err := str(what, raw)
+	if err != nil {
+		return "", err
+	}
+	return word(what, s)
+}
+
 func word(what, s string) (string, error) {
 	if s == "" || strings.ContainsAny(s, " \t\r\n;#{}\"\\,") {
 		return "", fmt.Errorf("%s %q is not a single word", what, s)
@@ -279,18 +288,12 @@ func setText(raw json.RawMessage, verb string) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	name, err := str("set name", m["name"])
+	name, err := wordField("set name", m["name"])
 	if err != nil {
 		return "", err
 	}
-	if name, err = word("set name", name); err != nil {
-		return "", err
-	}
-	typ, err := str("set type", m["type"])
+	typ, err := wordField("set type", m["type"])
 	if err != nil {
-		return "", err
-	}
-	if typ, err = word("set type", typ); err != nil {
 		return "", err
 	}
 	parts := []string{"type " + typ}
@@ -341,11 +344,7 @@ func commandText(verb string, raw json.RawMessage) (string, error) {
 			if err != nil {
 				return "", err
 			}
-			name, err := str("set name", m["name"])
-			if err != nil {
-				return "", err
-			}
-			name, err = word("set name", name)
+			name, err := wordField("set name", m["name"])
 			return "delete set " + name, err
 		case (verb == "add" || verb == "delete") && k == "element":
 			m, err := fields("element", v, "name", "elem", "family", "table")
@@ -482,11 +481,8 @@ func exprText(raw json.RawMessage) (string, bool, error) {
 		if err != nil {
 			return "", true, err
 		}
-		p, err := str("funnel protocol", m["protocol"])
+		p, err := wordField("funnel protocol", m["protocol"])
 		if err != nil {
-			return "", true, err
-		}
-		if p, err = word("funnel protocol", p); err != nil {
 			return "", true, err
 		}
 		w := []string{"funnel", p}
