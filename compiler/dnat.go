@@ -47,12 +47,8 @@ func (c *compiler) dnat(r *grammar.Rule, a *grammar.Action) {
 	if a.DNATPort != 0 {
 		e.comment("port")
 		c.reload()
+		e.emit(l4Bound(4, c.exit("pass"))...)
 		e.emit(
-			mov(asm.R5, asm.R7),
-			asm.Add.Reg(asm.R5, asm.R9),
-			mov(asm.R1, asm.R5),
-			asm.Add.Imm(asm.R1, 4),
-			asm.JGT.Reg(asm.R1, asm.R8, c.exit("pass")),
 			ldx(asm.R3, asm.R5, 2, asm.Half),
 			movi(asm.R4, int32(n16(a.DNATPort))),
 		)
@@ -70,13 +66,7 @@ func (c *compiler) dnat(r *grammar.Rule, a *grammar.Action) {
 	}
 	c.reload()
 	c.ipBound(fam, c.exit("pass"))
-	e.emit(
-		mov(asm.R5, asm.R7),
-		asm.Add.Reg(asm.R5, asm.R9),
-		mov(asm.R1, asm.R5),
-		asm.Add.Imm(asm.R1, 4),
-		asm.JGT.Reg(asm.R1, asm.R8, c.exit("pass")),
-	)
+	e.emit(l4Bound(4, c.exit("pass"))...)
 	for w := 0; w < len(addr); w += 4 {
 		v := uint32(addr[w]) | uint32(addr[w+1])<<8 | uint32(addr[w+2])<<16 | uint32(addr[w+3])<<24
 		e.emit(sti(asm.R7, daddr+int16(w), int64(int32(v)), asm.Word))

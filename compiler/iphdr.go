@@ -15,6 +15,18 @@ func ipHdrLen(fam int) int32 {
 }
 
 // ipBound proves the fixed IP header is in the packet (to the verifier).
+// l4Bound points R5 at the L4 header (data + R9) and jumps to fail unless
+// n bytes of it lie inside the packet (R8 = data_end).
+func l4Bound(n int32, fail string) []asm.Instruction {
+	return []asm.Instruction{
+		mov(asm.R5, asm.R7),
+		asm.Add.Reg(asm.R5, asm.R9),
+		mov(asm.R1, asm.R5),
+		asm.Add.Imm(asm.R1, n),
+		asm.JGT.Reg(asm.R1, asm.R8, fail),
+	}
+}
+
 func (c *compiler) ipBound(fam int, fail string) {
 	c.e.emit(
 		mov(asm.R1, asm.R7),

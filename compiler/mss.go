@@ -30,11 +30,9 @@ func (c *compiler) mssClamp(f *grammar.FunnelHeader, h int16) {
 	e.emit(
 		ldx(asm.R9, asm.R10, slotL4Off, asm.DWord),
 		asm.JGT.Imm(asm.R9, 0xffff, done),
-		mov(asm.R5, asm.R7),
-		asm.Add.Reg(asm.R5, asm.R9),
-		mov(asm.R1, asm.R5),
-		asm.Add.Imm(asm.R1, 20),
-		asm.JGT.Reg(asm.R1, asm.R8, done),
+	)
+	e.emit(l4Bound(20, done)...)
+	e.emit(
 		ldx(asm.R1, asm.R5, 13, asm.Byte),
 		asm.JSet.Imm(asm.R1, int32(grammar.TCPSyn), syn),
 		asm.Ja.Label(done),
@@ -62,12 +60,8 @@ func (c *compiler) mssClamp(f *grammar.FunnelHeader, h int16) {
 		c.reload()
 		e.emit(
 			asm.JGT.Imm(asm.R9, 0xffff, done),
-			mov(asm.R5, asm.R7),
-			asm.Add.Reg(asm.R5, asm.R9),
-			mov(asm.R1, asm.R5),
-			asm.Add.Imm(asm.R1, 20),
-			asm.JGT.Reg(asm.R1, asm.R8, done),
 		)
+		e.emit(l4Bound(20, done)...)
 	}
 	e.emit(stx(asm.R10, slotT4, asm.R2, asm.DWord))
 	// R3 walks the options, R4 is where they end.

@@ -79,12 +79,8 @@ func (c *compiler) optsTransport(fam int, min int32, fail string) {
 	c.optLen(fam)
 	e.emit(
 		asm.JGT.Imm(asm.R9, 0xffff, fail),
-		mov(asm.R5, asm.R7),
-		asm.Add.Reg(asm.R5, asm.R9),
-		mov(asm.R1, asm.R5),
-		asm.Add.Imm(asm.R1, min),
-		asm.JGT.Reg(asm.R1, asm.R8, fail),
 	)
+	e.emit(l4Bound(min, fail)...)
 	c.ipBound(fam, fail)
 	c.l4Len(fam, asm.R4, fail)
 }

@@ -19,12 +19,8 @@ func (c *compiler) rewrite(fam int, to grammar.Proto) {
 	c.ipBound(fam, notApp)
 	e.emit(
 		asm.JGT.Imm(asm.R9, 0xffff, notApp),
-		mov(asm.R5, asm.R7),
-		asm.Add.Reg(asm.R5, asm.R9),
-		mov(asm.R1, asm.R5),
-		asm.Add.Imm(asm.R1, 20),
-		asm.JGT.Reg(asm.R1, asm.R8, notApp),
 	)
+	e.emit(l4Bound(20, notApp)...)
 	c.l4Len(fam, asm.R4, notApp)
 	e.emit(asm.JLT.Imm(asm.R4, 20, notApp))
 	// probe is the field used to tell a CHECKSUM_PARTIAL skb: it is
@@ -81,13 +77,7 @@ func (c *compiler) rewrite(fam int, to grammar.Proto) {
 		c.reload()
 		c.ipBound(fam, c.exit("pass"))
 	}
-	e.emit(
-		mov(asm.R5, asm.R7),
-		asm.Add.Reg(asm.R5, asm.R9),
-		mov(asm.R1, asm.R5),
-		asm.Add.Imm(asm.R1, 20),
-		asm.JGT.Reg(asm.R1, asm.R8, c.exit("pass")),
-	)
+	e.emit(l4Bound(20, c.exit("pass"))...)
 	if !c.kern.ok {
 		e.emit(
 			ldx(asm.R1, asm.R5, probe, asm.Half),
