@@ -69,20 +69,8 @@ type tcpTopo struct {
 func newTCPTopo(t *testing.T) *tcpTopo {
 	testenv.RequireRoot(t)
 	testenv.RequireCommand(t, "ethtool")
-	tp := &tcpTopo{c: testenv.NewNS(t), r: testenv.NewNS(t), s: testenv.NewNS(t), dp: newDP(t)}
-	testenv.Veth(t, tp.c, "c0", "192.0.2.1/24", tp.r, "r0", "192.0.2.254/24")
-	testenv.Veth(t, tp.r, "r1", "198.51.100.254/24", tp.s, "s0", "198.51.100.2/24")
-	for _, a := range []struct {
-		ns       *testenv.NS
-		dev, adr string
-	}{{tp.c, "c0", "2001:db8:1::1/64"}, {tp.r, "r0", "2001:db8:1::fe/64"}, {tp.r, "r1", "2001:db8:2::fe/64"}, {tp.s, "s0", "2001:db8:2::2/64"}} {
-		a.ns.Run(t, "ip", "-6", "addr", "add", a.adr, "dev", a.dev, "nodad")
-	}
-	tp.c.Run(t, "ip", "route", "add", "default", "via", "192.0.2.254")
-	tp.s.Run(t, "ip", "route", "add", "default", "via", "198.51.100.254")
-	tp.c.Run(t, "ip", "-6", "route", "add", "default", "via", "2001:db8:1::fe")
-	tp.s.Run(t, "ip", "-6", "route", "add", "default", "via", "2001:db8:2::fe")
-	tp.r.Run(t, "sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1")
+	c, r, srv := routedChain(t, "r0", "r1")
+	tp := &tcpTopo{c: c, r: r, s: srv, dp: newDP(t)}
 	// A router as deployed: GRO on where traffic comes in.
 	tp.r.Run(t, "ethtool", "-K", "r0", "gro", "on")
 	tp.r.Run(t, "ethtool", "-K", "r1", "gro", "on")

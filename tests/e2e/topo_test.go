@@ -79,23 +79,34 @@ func newDP(t *testing.T) *dp {
 	return d
 }
 
-func newTopo(t *testing.T) *topo {
-	testenv.RequireRoot(t)
-	testenv.RequireCommand(t, "nft")
-	tp := &topo{c: testenv.NewNS(t), n: testenv.NewNS(t), s: testenv.NewNS(t), dp: newDP(t)}
-	testenv.Veth(t, tp.c, "c0", "192.0.2.1/24", tp.n, "n0", "192.0.2.254/24")
-	testenv.Veth(t, tp.n, "n1", "198.51.100.254/24", tp.s, "s0", "198.51.100.2/24")
+// routedChain makes client ─ middle ─ server namespaces, dual stack: the
+// client's c0 (192.0.2.1, 2001:db8:1::1) faces the middle's in
+// (192.0.2.254, 2001:db8:1::fe), the middle's out (198.51.100.254,
+// 2001:db8:2::fe) faces the server's s0 (198.51.100.2, 2001:db8:2::2); the
+// middle forwards and the ends route through it.
+func routedChain(t *testing.T, in, out string) (c, mid, s *testenv.NS) {
+	c, mid, s = testenv.NewNS(t), testenv.NewNS(t), testenv.NewNS(t)
+	testenv.Veth(t, c, "c0", "192.0.2.1/24", mid, in, "192.0.2.254/24")
+	testenv.Veth(t, mid, out, "198.51.100.254/24", s, "s0", "198.51.100.2/24")
 	for _, a := range []struct {
 		ns       *testenv.NS
 		dev, adr string
-	}{{tp.c, "c0", "2001:db8:1::1/64"}, {tp.n, "n0", "2001:db8:1::fe/64"}, {tp.n, "n1", "2001:db8:2::fe/64"}, {tp.s, "s0", "2001:db8:2::2/64"}} {
+	}{{c, "c0", "2001:db8:1::1/64"}, {mid, in, "2001:db8:1::fe/64"}, {mid, out, "2001:db8:2::fe/64"}, {s, "s0", "2001:db8:2::2/64"}} {
 		a.ns.Run(t, "ip", "-6", "addr", "add", a.adr, "dev", a.dev, "nodad")
 	}
-	tp.c.Run(t, "ip", "route", "add", "default", "via", "192.0.2.254")
-	tp.s.Run(t, "ip", "route", "add", "default", "via", "198.51.100.254")
-	tp.c.Run(t, "ip", "-6", "route", "add", "default", "via", "2001:db8:1::fe")
-	tp.s.Run(t, "ip", "-6", "route", "add", "default", "via", "2001:db8:2::fe")
-	tp.n.Run(t, "sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1")
+	c.Run(t, "ip", "route", "add", "default", "via", "192.0.2.254")
+	s.Run(t, "ip", "route", "add", "default", "via", "198.51.100.254")
+	c.Run(t, "ip", "-6", "route", "add", "default", "via", "2001:db8:1::fe")
+	s.Run(t, "ip", "-6", "route", "add", "default", "via", "2001:db8:2::fe")
+	mid.Run(t, "sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1")
+	return c, mid, s
+}
+
+func newTopo(t *testing.T) *topo {
+	testenv.RequireRoot(t)
+	testenv.RequireCommand(t, "nft")
+	c, n, srv := routedChain(t, "n0", "n1")
+	tp := &topo{c: c, n: n, s: srv, dp: newDP(t)}
 	nftScript(t, tp.n, `table ip nat {
 	chain pre { type nat hook prerouting priority dstnat; ip daddr 203.0.113.10 dnat to 198.51.100.2; }
 	chain post { type nat hook postrouting priority srcnat; oifname "n1" masquerade; }
