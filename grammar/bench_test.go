@@ -34,6 +34,31 @@ func ruleset10k() string {
 	return b.String()
 }
 
+// controlRuleset10k is a 10 000-rule hook of one of bench/control's
+// workloads ("host" or "mixed"), as `make bench-control` applies it.
+func controlRuleset10k(workload string) string {
+	var b strings.Builder
+	b.WriteString("flush ruleset\ninterface vb {\n ingress {\n")
+	for i := range 10000 {
+		m := fmt.Sprintf("ip saddr 10.%d.%d.1 udp dport %d", i/250%250, i%250, 1000+i%60000)
+		if workload == "mixed" {
+			switch i % 5 {
+			case 1:
+				m = fmt.Sprintf("ip daddr 10.%d.%d.0/24 tcp sport %d", i/250%250, i%250, 2000+i%5000)
+			case 2:
+				m = fmt.Sprintf("udp dport %d-%d", 3000+i%1000, 3100+i%1000)
+			case 3:
+				m = fmt.Sprintf("meta mark %d", i)
+			case 4:
+				m = fmt.Sprintf("ip6 saddr 2001:db8::%x udp dport %d", i, i%60000+1)
+			}
+		}
+		fmt.Fprintf(&b, "  %s counter actions drop\n", m)
+	}
+	b.WriteString(" }\n}\n")
+	return b.String()
+}
+
 // benchLexers are the lexers the benchmarks compare.
 var benchLexers = []struct {
 	name string
@@ -47,31 +72,56 @@ func withLexer(def lexer.Definition) *participle.Parser[fileSyntax] {
 		participle.Lexer(def),
 		participle.Elide("Comment", "Continuation", "Whitespace"),
 		participle.UseLookahead(3),
+		participle.ParseTypeWith(declineQuickRule),
+		participle.ParseTypeWith(declineQuickLines),
 	)
 }
 
-// BenchmarkParse10k: Parse of a 10 000-rule file with the hand-written
-// lexer and, as the in-run reference, participle's regexp lexer built from
-// the rules it is checked against (lexer_test.go).
+// BenchmarkParse10k: Parse (parse and lower) of 10 000-rule files — the
+// shapes of the control-plane benchmark (file=host, file=mixed) and a file
+// of funnel rules with comments (file=funnel) — with the quick path
+// (path=quick, what sfunnel runs) and, as the in-run references, with the
+// grammar alone (path=grammar) and the grammar with participle's regexp
+// lexer (path=grammar,lexer=regexp).
 // Run: go test ./grammar -run '^$' -bench Parse10k -count 5
 func BenchmarkParse10k(b *testing.B) {
-	src := ruleset10k()
-	for _, c := range benchLexers {
-		b.Run(c.name, func(b *testing.B) {
-			saved := parser
-			parser = withLexer(c.def)
-			defer func() { parser = saved }()
-			b.SetBytes(int64(len(src)))
-			cpu0 := processCPU(b)
-			for b.Loop() {
-				if _, _, err := Parse("bench.conf", src, nil); err != nil {
-					b.Fatal(err)
+	files := []struct{ name, src string }{
+		{"file=host", controlRuleset10k("host")},
+		{"file=mixed", controlRuleset10k("mixed")},
+		{"file=funnel", ruleset10k()},
+	}
+	variants := []struct {
+		name  string
+		quick bool
+		lex   lexer.Definition
+	}{
+		{"path=quick", true, nil},
+		{"path=grammar", false, nil},
+		{"path=grammar,lexer=regexp", false, regexpLexer},
+	}
+	for _, f := range files {
+		for _, v := range variants {
+			b.Run(f.name+"/"+v.name, func(b *testing.B) {
+				quickPath = v.quick
+				defer func() { quickPath = true }()
+				if v.lex != nil {
+					saved := parser
+					parser = withLexer(v.lex)
+					defer func() { parser = saved }()
 				}
-			}
-			// CPU time (user + system, GC workers included) reads truer
-			// than wall time on a loaded machine.
-			b.ReportMetric(float64(processCPU(b)-cpu0)/float64(b.N), "cpu-ns/op")
-		})
+				b.SetBytes(int64(len(f.src)))
+				b.ReportAllocs()
+				cpu0 := processCPU(b)
+				for b.Loop() {
+					if _, _, err := Parse("bench.conf", f.src, nil); err != nil {
+						b.Fatal(err)
+					}
+				}
+				// CPU time (user + system, GC workers included) reads truer
+				// than wall time on a loaded machine.
+				b.ReportMetric(float64(processCPU(b)-cpu0)/float64(b.N), "cpu-ns/op")
+			})
+		}
 	}
 }
 

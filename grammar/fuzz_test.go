@@ -5,22 +5,27 @@ import (
 	"testing"
 )
 
-// FuzzParse: no input panics the parser; every error carries a position;
-// every rule that parses prints canonically and reprints identically.
+// fuzzSeeds start FuzzParse.
+var fuzzSeeds = []string{
+	"ip udp dport 4739 actions funnel encap tcp dport 179 sport 540 #IPFIX\n",
+	"tcp dport 179 sport 540 actions unfunnel udp",
+	"define p = { 1, 2-3 }\ninterface eth0 { egress { udp dport $p counter actions drop } }\n",
+	"set s { type ipv4_addr; elements = { 192.0.2.0/24 } }\nadd rule eth0 ingress ip saddr @s actions accept",
+	"ip6 daddr 2001:db8::/32 tcp flags syn / syn,ack meta mark set 0x1/0xff actions dnat to [2001:db8::1]:80",
+	"replace rule eth0 egress handle 4 ct mark 1 actions rewrite udp comment \"x\"",
+	"include \"nothing/*.conf\"; list ruleset; flush interface eth0 egress",
+}
+
+// FuzzParse: no input panics the parser; the quick path (quick.go) gives
+// the grammar's tree and errors; every error carries a position; every
+// rule that parses prints canonically and reprints identically.
 // Run: go test ./grammar -run '^$' -fuzz FuzzParse -fuzztime 10m
 func FuzzParse(f *testing.F) {
-	for _, s := range []string{
-		"ip udp dport 4739 actions funnel encap tcp dport 179 sport 540 #IPFIX\n",
-		"tcp dport 179 sport 540 actions unfunnel udp",
-		"define p = { 1, 2-3 }\ninterface eth0 { egress { udp dport $p counter actions drop } }\n",
-		"set s { type ipv4_addr; elements = { 192.0.2.0/24 } }\nadd rule eth0 ingress ip saddr @s actions accept",
-		"ip6 daddr 2001:db8::/32 tcp flags syn / syn,ack meta mark set 0x1/0xff actions dnat to [2001:db8::1]:80",
-		"replace rule eth0 egress handle 4 ct mark 1 actions rewrite udp comment \"x\"",
-		"include \"nothing/*.conf\"; list ruleset; flush interface eth0 egress",
-	} {
+	for _, s := range fuzzSeeds {
 		f.Add(s)
 	}
 	f.Fuzz(func(t *testing.T, src string) {
+		quickAgrees(t, src, true)
 		cmds, _, err := Parse("fuzz", src, &Options{LookupSet: testSets})
 		if err != nil {
 			var list ErrorList

@@ -124,7 +124,7 @@ func (l *lowerer) file(filename, src string, incl []Span, depth int) {
 		return
 	}
 	restoreGC := relaxGC(len(src))
-	f, err := parser.ParseString(filename, src)
+	f, err := parseFile(filename, src)
 	restoreGC()
 	if err != nil {
 		start := len(l.errs)

@@ -13,6 +13,8 @@ var parser = participle.MustBuild[fileSyntax](
 	participle.Lexer(parseLexer),
 	participle.Elide("Comment", "Continuation", "Whitespace"),
 	participle.UseLookahead(3),
+	participle.ParseTypeWith(declineQuickRule),
+	participle.ParseTypeWith(declineQuickLines),
 )
 
 type fileSyntax struct {
@@ -23,8 +25,11 @@ type fileSyntax struct {
 }
 
 type stmtSyntax struct {
-	Pos       lexer.Position
-	Define    *defineSyntax    `parser:"  @@"`
+	Pos lexer.Position
+	// Quick is a rule read by the quick path (quick.go); settle moves it
+	// to Rule. The same holds for the Quick fields below.
+	Quick     quickRule        `parser:"  @@"`
+	Define    *defineSyntax    `parser:"| @@"`
 	Include   *includeSyntax   `parser:"| @@"`
 	Set       *setSyntax       `parser:"| 'add'? @@"`
 	Interface *interfaceSyntax `parser:"| @@"`
@@ -81,7 +86,8 @@ type nameSyntax struct {
 type hookSyntax struct {
 	Pos    lexer.Position
 	Hook   string            `parser:"@('ingress' | 'egress') '{'"`
-	Rules  []*hookLineSyntax `parser:"( EOL | ';' )* ( @@ ( ( EOL | ';' )+ @@ )* ( EOL | ';' )* )? '}'"`
+	Quick  quickLines        `parser:"( @@ '}'"`
+	Rules  []*hookLineSyntax `parser:"| ( EOL | ';' )* ( @@ ( ( EOL | ';' )+ @@ )* ( EOL | ';' )* )? '}' )"`
 	Tokens []lexer.Token
 }
 
@@ -90,8 +96,9 @@ type hookSyntax struct {
 // line on its own, for the same message as on the command line (participle
 // would otherwise back out of the whole block and blame its brace).
 type hookLineSyntax struct {
-	Rule *ruleSyntax    `parser:"  @@ (?= EOL | ';' | '}' )"`
-	Bad  *badLineSyntax `parser:"| @@"`
+	Quick quickRule      `parser:"  @@"`
+	Rule  *ruleSyntax    `parser:"| @@ (?= EOL | ';' | '}' )"`
+	Bad   *badLineSyntax `parser:"| @@"`
 }
 
 type badLineSyntax struct {
@@ -174,7 +181,8 @@ type ruleCmdSyntax struct {
 	Hook     *hookName     `parser:"@@"`
 	Position *numberSyntax `parser:"( 'position' @@"`
 	Handle   *numberSyntax `parser:"| 'handle' @@ )?"`
-	Rule     *ruleSyntax   `parser:"@@?"`
+	Quick    quickRule     `parser:"( @@"`
+	Rule     *ruleSyntax   `parser:"| @@ )?"`
 	Tokens   []lexer.Token
 }
 
