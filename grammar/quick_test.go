@@ -105,8 +105,10 @@ func TestQuickPathKnownInputs(t *testing.T) {
 	inputs = append(inputs, fuzzSeeds...)
 	read := 0
 	for _, in := range inputs {
-		for _, c := range contexts {
-			read += quickAgrees(t, c(in), true)
+		for i, c := range contexts {
+			// Parse's commands and errors are compared in three contexts
+			// (each costs two more parses, with their error recovery).
+			read += quickAgrees(t, c(in), i == 0 || i == 2 || i == 5)
 		}
 	}
 	// Most of these are rules the quick path reads; if it read none, it
@@ -123,7 +125,7 @@ func TestQuickPathKnownInputs(t *testing.T) {
 // swapped or replaced. A fixed seed in CI; SFUNNEL_LONG=1 draws a fresh
 // one and runs longer.
 func TestQuickPathRandom(t *testing.T) {
-	seed, files := int64(1), 1000
+	seed, files := int64(1), 800
 	if os.Getenv("SFUNNEL_LONG") == "1" {
 		seed, files = rand.Int63(), 30000
 	}
