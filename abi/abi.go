@@ -48,6 +48,10 @@ const (
 	// TablePrefix + "p" + shape id: ARRAY of 2<<16 TableValue, index
 	// generation<<16 | port, for a shape keyed on one port only.
 	TablePrefix = "tbl"
+	// PerfectTables: ARRAY of 2 elements, key uint32 generation, value
+	// that generation's perfect-hash rule tables, one after the other
+	// (their layout is the compiler's: compiler/perfect.go). Written whole.
+	PerfectTables = TablePrefix + "h"
 )
 
 // Control is the value of the control map.

@@ -80,6 +80,9 @@ type shape struct {
 	words int        // key words after the first
 	ents  []tabEntry // entries, in rule order
 	array bool       // one port keyed: an ARRAY indexed by generation<<16 | port
+	// perfect: the shape's perfect-hash table (perfect.go), nil when it
+	// has an array or a hash table.
+	perfect *perfectTable
 }
 
 // portOnly reports whether the shape keys on one port and nothing else.

@@ -73,6 +73,10 @@ type compiler struct {
 	bodyOf     []uint32            // body of each rule in its segment
 	bodyKeys   []string            // bodyKey of each rule
 	portArrays int                 // port-array tables made
+	// perfectSize: bytes of a generation of the perfect-hash tables;
+	// perfectBlob: its value, built once the bodies are known.
+	perfectSize int
+	perfectBlob []byte
 }
 
 // ruleNeeds summarises what the rules read, so the parse guard reads no more.

@@ -3,6 +3,7 @@ package compiler
 import (
 	"encoding/binary"
 	"fmt"
+	"slices"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/asm"
@@ -25,19 +26,27 @@ const tableValueSize = 12
 // first (one map per key size keeps the program's map count small).
 func tableName(words int) string { return fmt.Sprintf("%s%d", abi.TablePrefix, 1+words) }
 
-// place gives the segments' shapes their ids and tables.
+// place gives the segments' shapes their ids and tables: a port array for
+// a shape keyed on one port (a few per program), else a perfect-hash
+// table while they fit (perfect.go), else a hash table per key size.
 func (c *compiler) place(segs []segment) {
 	for si := range segs {
 		for _, sh := range segs[si].shapes {
 			sh.id = c.nextShape
 			c.nextShape++
 			sh.table = tableName(sh.words)
-			if sh.portOnly() && c.portArrays < maxPortArrays {
+			switch {
+			case sh.portOnly() && c.portArrays < maxPortArrays:
 				// One port: an array indexed by generation<<16 | port,
 				// whose lookup the verifier inlines (no hash).
 				c.portArrays++
 				sh.array = true
 				sh.table = fmt.Sprintf("%sp%d", abi.TablePrefix, sh.id)
+			default:
+				if t := newPerfectTable(sh, c.perfectSize); t != nil {
+					sh.perfect, sh.table = t, perfectMap
+					c.perfectSize += t.size
+				}
 			}
 			c.tables[sh.table] = append(c.tables[sh.table], sh)
 		}
@@ -68,8 +77,11 @@ func (c *compiler) segment(rules []*grammar.Rule, seg segment) error {
 		ldx(asm.R1, asm.R1, 0, asm.Word),
 		stx(asm.R10, slotBest, asm.R1, asm.DWord),
 	)
-	for _, sh := range seg.shapes {
-		if err := c.shapeLookup(sh); err != nil {
+	if slices.ContainsFunc(seg.shapes, func(sh *shape) bool { return sh.perfect != nil }) {
+		c.perfectBase(end)
+	}
+	for k, sh := range seg.shapes {
+		if err := c.shapeLookup(sh, k > 0); err != nil {
 			return err
 		}
 	}
@@ -163,8 +175,10 @@ func (c *compiler) segment(rules []*grammar.Rule, seg segment) error {
 }
 
 // shapeLookup emits one shape's residual checks, key and lookup; a hit with
-// a lower priority than the best so far becomes the best.
-func (c *compiler) shapeLookup(sh *shape) error {
+// a lower priority than the best so far becomes the best. Shapes come in
+// the order of their first rule; after the first, a perfect-hash table
+// whose lowest priority can't beat the best so far is skipped (skipLow).
+func (c *compiler) shapeLookup(sh *shape, skipLow bool) error {
 	e := &c.e
 	miss := fmt.Sprintf("shape%d_miss", sh.id)
 	e.comment("shape %d: %s (%d entries in %s)", sh.id, sh.key, len(sh.ents), sh.table)
@@ -176,6 +190,10 @@ func (c *compiler) shapeLookup(sh *shape) error {
 	}
 	if sh.fam != 0 && sh.tmpl.Family == grammar.FamilyAny {
 		e.emit(ldx(asm.R1, asm.R10, slotFam, asm.DWord), asm.JNE.Imm(asm.R1, int32(sh.fam), miss))
+	}
+	if sh.perfect != nil {
+		c.perfectLookup(sh, miss, skipLow)
+		return nil
 	}
 	if sh.array {
 		slot := int16(slotDport)
@@ -253,19 +271,8 @@ func (c *compiler) shapeLookup(sh *shape) error {
 func (c *compiler) found(sh *shape, miss string) {
 	e := &c.e
 	c.lookup(sh.table, slotTKey)
-	e.emit(
-		asm.JEq.Imm(asm.R0, 0, miss),
-		ldx(asm.R1, asm.R0, 0, asm.Word),
-		asm.JEq.Imm(asm.R1, 0, miss), // an empty array slot
-		ldx(asm.R2, asm.R10, slotBest, asm.DWord),
-		asm.JGE.Reg(asm.R1, asm.R2, miss),
-		stx(asm.R10, slotBest, asm.R1, asm.DWord),
-		ldx(asm.R1, asm.R0, 4, asm.Word),
-		stx(asm.R10, slotRule, asm.R1, asm.DWord),
-		ldx(asm.R1, asm.R0, 8, asm.Word),
-		stx(asm.R10, slotBody, asm.R1, asm.DWord),
-	)
-	e.label(miss)
+	e.emit(asm.JEq.Imm(asm.R0, 0, miss))
+	c.hit(0, miss, true)
 }
 
 // readGeneration emits the read of the live generation into slotGen.
@@ -290,6 +297,13 @@ func (c *compiler) tableMaps() {
 		Contents: []ebpf.MapKV{{Key: uint32(0), Value: abi.Control{Generation: 0, NoRule: abi.NoRule}}},
 	}
 	for name, shapes := range c.tables {
+		if name == perfectMap {
+			c.spec.Maps[name] = &ebpf.MapSpec{
+				Name: name, Type: ebpf.Array, KeySize: 4, ValueSize: uint32(c.perfectSize), MaxEntries: 2,
+				Contents: c.perfectContents(0),
+			}
+			continue
+		}
 		if shapes[0].array {
 			c.spec.Maps[name] = &ebpf.MapSpec{
 				Name: name, Type: ebpf.Array, KeySize: 4, ValueSize: tableValueSize, MaxEntries: 2 << 16,
@@ -307,6 +321,18 @@ func (c *compiler) tableMaps() {
 			Contents: c.entries(shapes, 0),
 		}
 	}
+}
+
+// perfectContents is the entry of the perfect-hash tables' map for
+// generation gen: the generation's whole value.
+func (c *compiler) perfectContents(gen uint32) []ebpf.MapKV {
+	if c.perfectBlob == nil {
+		c.perfectBlob = make([]byte, c.perfectSize)
+		for _, sh := range c.tables[perfectMap] {
+			sh.perfect.fill(c.perfectBlob, sh, c.bodyOf)
+		}
+	}
+	return []ebpf.MapKV{{Key: binary.NativeEndian.AppendUint32(nil, gen), Value: c.perfectBlob}}
 }
 
 // entries are the map entries of shapes for generation gen.

@@ -1,0 +1,414 @@
+package compiler
+
+import (
+	"encoding/binary"
+	"slices"
+
+	"github.com/cilium/ebpf/asm"
+	"github.com/sfunnel/sfunnel/abi"
+)
+
+// Perfect-hash rule tables.
+//
+// A shape's table is, when it fits, a perfect hash ("hash and displace")
+// kept in the value of one ARRAY map of two elements, element g holding
+// generation g of every such table of the program (abi.PerfectTables). The
+// program takes the live generation's value pointer once per segment (an
+// array lookup the verifier inlines) and then reads each table with plain
+// loads: no helper call, no hashing in the kernel, a few multiplications
+// and two dependent loads per shape. The hash seeds live in the value, next
+// to the displacements and slots, so new contents (and a new seed) need no
+// new program; only the layout — each table's offset and its slot and
+// bucket counts, capacities with headroom like the hash tables'
+// max_entries — is part of the program (and of Program.Digest).
+//
+// A table whose key is k u64 chunks (its key words paired in order, the
+// last one alone when their number is odd; address words that the prefix
+// masks out entirely are not key words) sits at offset off of the
+// generation's value:
+//
+//	off+0         u64 S: the seed
+//	off+8         u32 lowest priority of the entries (abi.NoRule when none)
+//	off+16        [nb]u32 displacements
+//	off+slotsOff  [ns]{[k]u64 key chunks; u32 prio, slot, body; u32 0}
+//
+// h = c0, then h = h*S + c for each further chunk c, then h *= S (64-bit
+// arithmetic). The bucket is the top bb bits of h, the slot the next sb
+// bits of h xor disp[bucket] (mod ns). A key is in the table when its slot
+// holds its chunks; empty slots have priority abi.NoRule, which never
+// beats the best so far.
+const (
+	perfectMap = abi.PerfectTables
+	// maxPerfectBytes bounds a generation's value: the kernel refuses array
+	// values above KMALLOC_MAX_SIZE (4 MiB on x86-64). Shapes that no longer
+	// fit keep hash tables.
+	maxPerfectBytes = 4 << 20
+	perfectHeader   = 16
+)
+
+// keyWord is where the program finds one 32-bit word of a shape's key.
+type keyWord struct {
+	slot int16  // stack slot of the u32; unused for marks
+	mask uint32 // applied to the loaded word (native order)
+	mark bool   // skb->mark instead of a stack slot
+	idx  int    // index of the word in tabEntry.key
+}
+
+// perfectTable is the layout of one shape's perfect-hash table and, once
+// built, where each of its entries goes.
+type perfectTable struct {
+	words                    []keyWord
+	chunks                   int
+	bb, sb                   int // log2 of the bucket and slot counts
+	off, slotsOff, esz, size int
+
+	seed uint64
+	disp         []uint32
+	slotOf       []int // slot of each of the shape's entries
+}
+
+// perfectWords returns the key words of a shape, in tabEntry.key order
+// (see variants), leaving out address words the prefix masks out.
+func perfectWords(sh *shape) []keyWord {
+	var out []keyWord
+	idx := 0
+	for j, slot := range []int16{slotSaddr, slotDaddr} {
+		if !sh.keyed[keySaddr+keyField(j)] {
+			continue
+		}
+		n := 1
+		if sh.fam == 6 {
+			n = 4
+		}
+		left := sh.bits[j]
+		for w := 0; w < n; w++ {
+			bits := min(max(left, 0), 32)
+			left -= 32
+			var mask [4]byte
+			for k := 0; k < bits; k++ {
+				mask[k/8] |= 0x80 >> (k % 8)
+			}
+			if bits > 0 {
+				out = append(out, keyWord{slot: slot + 4 + int16(4*w), mask: binary.NativeEndian.Uint32(mask[:]), idx: idx})
+			}
+			idx++
+		}
+	}
+	for j, slot := range []int16{slotSport, slotDport} {
+		if sh.keyed[keySport+keyField(j)] {
+			out = append(out, keyWord{slot: slot, mask: 0xffffffff, idx: idx})
+			idx++
+		}
+	}
+	for j := 0; j < 2; j++ {
+		if sh.keyed[keyMeta+keyField(j)] {
+			out = append(out, keyWord{mark: true, mask: sh.mask[j], idx: idx})
+			idx++
+		}
+	}
+	return out
+}
+
+// newPerfectTable lays out a table for the shape's entries at offset off
+// and finds its hash; nil when the shape has no key words, the table
+// doesn't fit or no hash was found (the shape then keeps a hash table).
+func newPerfectTable(sh *shape, off int) *perfectTable {
+	words := perfectWords(sh)
+	if len(words) == 0 {
+		return nil
+	}
+	ns := capacity(2*len(sh.ents), 8)
+	t := &perfectTable{words: words, chunks: (len(words) + 1) / 2, off: off, sb: bitsFor(ns)}
+	t.bb = t.sb - 2
+	t.esz = 8*t.chunks + 16
+	t.slotsOff = (perfectHeader + 4<<t.bb + 7) &^ 7
+	t.size = t.slotsOff + ns*t.esz
+	if off+t.size > maxPerfectBytes {
+		return nil
+	}
+	keys := make([][]uint64, len(sh.ents))
+	for i, en := range sh.ents {
+		keys[i] = t.chunksOf(en.key)
+	}
+	if !t.build(keys) {
+		return nil
+	}
+	return t
+}
+
+// chunksOf returns the key chunks of an entry's key words.
+func (t *perfectTable) chunksOf(key []byte) []uint64 {
+	out := make([]uint64, 0, t.chunks)
+	for i := 0; i < len(t.words); i += 2 {
+		w := t.words[i]
+		c := uint64(binary.NativeEndian.Uint32(key[4*w.idx:]) & w.mask)
+		if i+1 < len(t.words) {
+			w2 := t.words[i+1]
+			c = c<<32 | uint64(binary.NativeEndian.Uint32(key[4*w2.idx:])&w2.mask)
+		}
+		out = append(out, c)
+	}
+	return out
+}
+
+// hash returns a key's bucket and slot hash.
+func (t *perfectTable) hash(key []uint64, s uint64) (uint32, uint32) {
+	h := key[0]
+	for _, c := range key[1:] {
+		h = h*s + c
+	}
+	h *= s
+	return uint32(h >> (64 - t.bb)), uint32(h << t.bb >> (64 - t.sb))
+}
+
+// build finds seeds and displacements that give every key its own slot.
+// The seeds come from a fixed sequence: the same keys give the same table.
+func (t *perfectTable) build(keys [][]uint64) bool {
+	seed := uint64(0x243f6a8885a308d3)
+	next := func() uint64 {
+		seed += 0x9e3779b97f4a7c15
+		z := seed
+		z = (z ^ z>>30) * 0xbf58476d1ce4e5b9
+		z = (z ^ z>>27) * 0x94d049bb133111eb
+		return (z ^ z>>31) | 1
+	}
+	for try := 0; try < 32; try++ {
+		if s := next(); t.place(keys, s) {
+			t.seed = s
+			return true
+		}
+	}
+	return false
+}
+
+// place finds a displacement per bucket, largest buckets first.
+func (t *perfectTable) place(keys [][]uint64, s uint64) bool {
+	nb, ns := 1<<t.bb, 1<<t.sb
+	bucketOf := make([]uint32, len(keys))
+	hashOf := make([]uint32, len(keys))
+	count := make([]int, nb+1)
+	for i, k := range keys {
+		bucketOf[i], hashOf[i] = t.hash(k, s)
+		count[bucketOf[i]+1]++
+	}
+	// members of bucket x: byBucket[count[x]:count[x+1]] (a counting sort).
+	for x := 1; x <= nb; x++ {
+		count[x] += count[x-1]
+	}
+	byBucket := make([]int, len(keys))
+	fill := slices.Clone(count[:nb])
+	for i := range keys {
+		byBucket[fill[bucketOf[i]]] = i
+		fill[bucketOf[i]]++
+	}
+	order := make([]int, 0, nb)
+	for x := 0; x < nb; x++ {
+		if count[x+1] > count[x] {
+			order = append(order, x)
+		}
+	}
+	slices.SortStableFunc(order, func(x, y int) int { return (count[y+1] - count[y]) - (count[x+1] - count[x]) })
+	used := make([]bool, ns)
+	disp := make([]uint32, nb)
+	slotOf := make([]int, len(keys))
+	for _, x := range order {
+		members := byBucket[count[x]:count[x+1]]
+		// Two keys with one slot hash in one bucket: no displacement
+		// separates them; another seed will.
+		for j, i := range members {
+			for _, o := range members[:j] {
+				if hashOf[i] == hashOf[o] {
+					return false
+				}
+			}
+		}
+		found := false
+		for d := uint32(0); d < uint32(ns) && !found; d++ {
+			found = true
+			for _, i := range members {
+				if used[(hashOf[i]^d)&uint32(ns-1)] {
+					found = false
+					break
+				}
+			}
+			if found {
+				disp[x] = d
+				for _, i := range members {
+					sl := (hashOf[i] ^ d) & uint32(ns-1)
+					used[sl] = true
+					slotOf[i] = int(sl)
+				}
+			}
+		}
+		if !found {
+			return false
+		}
+	}
+	t.disp, t.slotOf = disp, slotOf
+	return true
+}
+
+// fill writes the table of the shape's entries into a generation's value.
+func (t *perfectTable) fill(blob []byte, sh *shape, bodyOf []uint32) {
+	b := blob[t.off : t.off+t.size]
+	binary.NativeEndian.PutUint64(b[0:], t.seed)
+	low := uint32(abi.NoRule)
+	for x, d := range t.disp {
+		binary.NativeEndian.PutUint32(b[perfectHeader+4*x:], d)
+	}
+	for sl := 0; sl < 1<<t.sb; sl++ {
+		binary.NativeEndian.PutUint32(b[t.slotsOff+sl*t.esz+8*t.chunks:], abi.NoRule)
+	}
+	for i, en := range sh.ents {
+		e := b[t.slotsOff+t.slotOf[i]*t.esz:]
+		for j, c := range t.chunksOf(en.key) {
+			binary.NativeEndian.PutUint64(e[8*j:], c)
+		}
+		v := e[8*t.chunks:]
+		prio := uint32(en.rule) + 1
+		binary.NativeEndian.PutUint32(v[0:], prio)
+		binary.NativeEndian.PutUint32(v[4:], uint32(en.rule))
+		binary.NativeEndian.PutUint32(v[8:], bodyOf[en.rule])
+		low = min(low, prio)
+	}
+	binary.NativeEndian.PutUint32(b[8:], low)
+}
+
+// lookup is the Go side of the emitted lookup (for tests): the entry's
+// value words, or ok false.
+func (t *perfectTable) lookup(blob []byte, key []uint64) (prio, slot, body uint32, ok bool) {
+	b := blob[t.off : t.off+t.size]
+	x, hs := t.hash(key, binary.NativeEndian.Uint64(b))
+	d := binary.NativeEndian.Uint32(b[perfectHeader+4*x:])
+	e := b[t.slotsOff+int((hs^d)&(1<<t.sb-1))*t.esz:]
+	for j, c := range key {
+		if binary.NativeEndian.Uint64(e[8*j:]) != c {
+			return 0, 0, 0, false
+		}
+	}
+	v := e[8*t.chunks:]
+	prio = binary.NativeEndian.Uint32(v)
+	return prio, binary.NativeEndian.Uint32(v[4:]), binary.NativeEndian.Uint32(v[8:]), prio != abi.NoRule
+}
+
+// perfectBase emits, at the start of a segment with perfect tables, the
+// pointer to the live generation's value into slotPerfect (the verifier
+// inlines the array lookup); a failed lookup (impossible: the generation
+// is 0 or 1) skips the segment.
+func (c *compiler) perfectBase(skip string) {
+	e := &c.e
+	e.comment("the live generation of the perfect-hash tables")
+	c.lookup(perfectMap, slotGen)
+	e.emit(
+		asm.JEq.Imm(asm.R0, 0, skip),
+		stx(asm.R10, slotPerfect, asm.R0, asm.DWord),
+	)
+}
+
+// perfectLookup emits the probe of a shape's perfect-hash table, after its
+// residual checks; a hit with a lower priority than the best so far
+// becomes the best. skipLow: first test the table's lowest priority
+// against the best so far.
+func (c *compiler) perfectLookup(sh *shape, miss string, skipLow bool) {
+	e := &c.e
+	t := sh.perfect
+	// The key chunks: in R4 when one, else at slotTKey.
+	for j := 0; j < t.chunks; j++ {
+		dst := asm.R4
+		if t.chunks > 1 {
+			dst = asm.R1
+		}
+		c.keyWord(dst, t.words[2*j])
+		if 2*j+1 < len(t.words) {
+			c.keyWord(asm.R2, t.words[2*j+1])
+			e.emit(asm.LSh.Imm(dst, 32), asm.Or.Reg(dst, asm.R2))
+		}
+		if t.chunks > 1 {
+			e.emit(stx(asm.R10, slotTKey+int16(8*j), asm.R1, asm.DWord))
+		}
+	}
+	// Offsets past 32 KiB don't fit a load: R0 points at the table.
+	e.emit(ldx(asm.R0, asm.R10, slotPerfect, asm.DWord))
+	if t.off != 0 {
+		e.emit(asm.Add.Imm(asm.R0, int32(t.off)))
+	}
+	if skipLow {
+		e.emit(
+			ldx(asm.R1, asm.R0, 8, asm.Word),
+			ldx(asm.R2, asm.R10, slotBest, asm.DWord),
+			asm.JGE.Reg(asm.R1, asm.R2, miss),
+		)
+	}
+	e.emit(ldx(asm.R3, asm.R0, 0, asm.DWord))
+	if t.chunks == 1 {
+		e.emit(mov(asm.R1, asm.R4))
+	} else {
+		e.emit(ldx(asm.R1, asm.R10, slotTKey, asm.DWord))
+		for j := 1; j < t.chunks; j++ {
+			e.emit(asm.Mul.Reg(asm.R1, asm.R3), ldx(asm.R2, asm.R10, slotTKey+int16(8*j), asm.DWord), asm.Add.Reg(asm.R1, asm.R2))
+		}
+	}
+	e.emit(
+		asm.Mul.Reg(asm.R1, asm.R3),
+		// the bucket's displacement (top bb bits)
+		mov(asm.R2, asm.R1),
+		asm.RSh.Imm(asm.R2, int32(64-t.bb)),
+		asm.LSh.Imm(asm.R2, 2),
+		asm.Add.Reg(asm.R2, asm.R0),
+		ldx(asm.R2, asm.R2, perfectHeader, asm.Word),
+		// the slot (the next sb bits)
+		asm.LSh.Imm(asm.R1, int32(t.bb)),
+		asm.RSh.Imm(asm.R1, int32(64-t.sb)),
+		asm.Xor.Reg(asm.R1, asm.R2),
+		asm.And.Imm(asm.R1, int32(1<<t.sb-1)),
+		asm.Mul.Imm(asm.R1, int32(t.esz)),
+		asm.Add.Imm(asm.R1, int32(t.slotsOff)),
+		asm.Add.Reg(asm.R0, asm.R1),
+	)
+	for j := 0; j < t.chunks; j++ {
+		e.emit(ldx(asm.R1, asm.R0, int16(8*j), asm.DWord))
+		if t.chunks == 1 {
+			e.emit(asm.JNE.Reg(asm.R1, asm.R4, miss))
+		} else {
+			e.emit(ldx(asm.R2, asm.R10, slotTKey+int16(8*j), asm.DWord), asm.JNE.Reg(asm.R1, asm.R2, miss))
+		}
+	}
+	c.hit(int16(8*t.chunks), miss, false)
+}
+
+// keyWord emits dst = one word of a shape's key (zero-extended).
+func (c *compiler) keyWord(dst asm.Register, w keyWord) {
+	e := &c.e
+	if w.mark {
+		e.emit(ldx(dst, asm.R6, skbMark, asm.Word))
+	} else {
+		e.emit(ldx(dst, asm.R10, w.slot, asm.Word))
+	}
+	if w.mask != 0xffffffff {
+		ins := asm.And.Imm32(dst, int32(w.mask))
+		if !w.mark {
+			ins = netImm(ins)
+		}
+		e.emit(ins)
+	}
+}
+
+// hit takes the table value {prio, slot, body} at R0+at: a priority lower
+// than the best so far becomes the best. empty0: priority 0 is an empty
+// slot (arrays; perfect-hash tables mark empty slots abi.NoRule).
+func (c *compiler) hit(at int16, miss string, empty0 bool) {
+	c.e.emit(ldx(asm.R1, asm.R0, at, asm.Word))
+	if empty0 {
+		c.e.emit(asm.JEq.Imm(asm.R1, 0, miss))
+	}
+	c.e.emit(
+		ldx(asm.R2, asm.R10, slotBest, asm.DWord),
+		asm.JGE.Reg(asm.R1, asm.R2, miss),
+		stx(asm.R10, slotBest, asm.R1, asm.DWord),
+		ldx(asm.R1, asm.R0, at+4, asm.Word),
+		stx(asm.R10, slotRule, asm.R1, asm.DWord),
+		ldx(asm.R1, asm.R0, at+8, asm.Word),
+		stx(asm.R10, slotBody, asm.R1, asm.DWord),
+	)
+	c.e.label(miss)
+}
