@@ -62,9 +62,9 @@ type perfectTable struct {
 	bb, sb                   int // log2 of the bucket and slot counts
 	off, slotsOff, esz, size int
 
-	seed uint64
-	disp         []uint32
-	slotOf       []int // slot of each of the shape's entries
+	seed   uint64
+	disp   []uint32
+	slotOf []int // slot of each of the shape's entries
 }
 
 // perfectWords returns the key words of a shape, in tabEntry.key order
