@@ -23,6 +23,10 @@ func (c *compiler) reload() {
 // guards emits the checks every header-moving action starts with.
 func (c *compiler) guards(unsafe, gso bool) {
 	c.guardsNoL4(unsafe, gso)
+	if c.fast {
+		c.e.emit(movi(asm.R9, int32(c.l3)+20))
+		return
+	}
 	c.e.emit(ldx(asm.R9, asm.R10, slotL4Off, asm.DWord))
 }
 
@@ -30,9 +34,11 @@ func (c *compiler) guards(unsafe, gso bool) {
 // (infoInR1) for the caller's next test.
 func (c *compiler) guardsNoL4(unsafe, gso bool) {
 	e := &c.e
-	e.emit(ldx(asm.R1, asm.R10, slotInfo, asm.DWord), asm.JSet.Imm(asm.R1, infoFrag, c.stat(StatFragment)))
-	if unsafe {
-		e.emit(asm.JSet.Imm(asm.R1, infoUnsafe, c.stat(StatIPOptions)))
+	if !c.fast { // the fast path has seen neither fragments nor options
+		e.emit(ldx(asm.R1, asm.R10, slotInfo, asm.DWord), asm.JSet.Imm(asm.R1, infoFrag, c.stat(StatFragment)))
+		if unsafe {
+			e.emit(asm.JSet.Imm(asm.R1, infoUnsafe, c.stat(StatIPOptions)))
+		}
 	}
 	if gso {
 		e.emit(ldx(asm.R2, asm.R6, skbGSOSize, asm.Word), asm.JNE.Imm(asm.R2, 0, c.stat(StatGSO)))
@@ -41,13 +47,16 @@ func (c *compiler) guardsNoL4(unsafe, gso bool) {
 		c.reload()
 	}
 	c.fresh = false
-	c.infoInR1 = true
+	c.infoInR1 = !c.fast
 }
 
 // optsDispatch jumps to opts for packets with IPv4 options or IPv6
 // extension headers.
 func (c *compiler) optsDispatch(opts string) {
 	e := &c.e
+	if c.fast {
+		return // no options on the fast path: opts is not reached
+	}
 	if !c.infoInR1 {
 		e.emit(ldx(asm.R1, asm.R10, slotInfo, asm.DWord))
 	}

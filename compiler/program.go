@@ -63,9 +63,12 @@ type compiler struct {
 	kern       kernelSkb // how to read skb->ip_summed (ok false: use helpers)
 	fresh      bool      // R7/R8 still hold the parse guard's packet pointers
 	infoInR1   bool      // R1 holds the info slot (guardsNoL4 just ran)
-	genStart   int       // instruction count when the generation started
-	segUsed    bool      // the current generation jumps to its segment exit
-	tracing    bool      // some rule has meta nftrace set 1 (trace.go)
+	// fast: emitting a body for the fast matcher (fast.go): the packet is
+	// IPv4 without options, not a fragment, R9 = the transport offset.
+	fast     bool
+	genStart int  // instruction count when the generation started
+	segUsed  bool // the current generation jumps to its segment exit
+	tracing  bool // some rule has meta nftrace set 1 (trace.go)
 
 	inShape    bool                // emitting a shape's residual checks
 	nextShape  uint32              // id of the next shape placed
@@ -152,11 +155,16 @@ func mergeRanges(rs []grammar.PortRange) []grammar.PortRange {
 // parse at the transport header. Reading the port at the fixed offset is
 // safe whatever the packet turns out to be: a fragment, another protocol
 // or a truncated header has no port, and then no rule matches either.
-func (c *compiler) fastV4(n ruleNeeds) {
+func (c *compiler) fastV4(n ruleNeeds, rules []*grammar.Rule) {
 	if !n.v4 {
 		return
 	}
 	e := &c.e
+	if c.fastRules(rules) {
+		c.fastMatch(rules)
+		e.label("parse")
+		return
+	}
 	l3 := c.l3
 	e.comment("fast path: IPv4 without options")
 	e.emit(
@@ -247,7 +255,7 @@ func (c *compiler) program(rules []*grammar.Rule) error {
 	e.comment("sfunnel %s program, %d rules, %s", c.opts.Hook, len(rules), map[bool]string{true: "L3 device", false: "Ethernet"}[c.opts.L3])
 	c.traceInit(rules)
 	if len(rules) > 0 {
-		c.fastV4(n)
+		c.fastV4(n, rules)
 	}
 	e.emit(mov(asm.R6, asm.R1))
 	if len(rules) == 0 {

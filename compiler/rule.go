@@ -176,6 +176,10 @@ func (c *compiler) perFamily(r *grammar.Rule, gen func(fam int)) {
 	case grammar.FamilyIPv6:
 		gen(6)
 	default:
+		if c.fast { // IPv4 only
+			gen(4)
+			return
+		}
 		e := &c.e
 		v6, done := e.newLabel("v6"), e.newLabel("fam_done")
 		e.emit(ldx(asm.R1, asm.R10, slotFam, asm.DWord), asm.JEq.Imm(asm.R1, 6, v6))

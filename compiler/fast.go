@@ -1,0 +1,250 @@
+// Fast matcher: small rulesets that test only the transport protocol and
+// ports (sfunnel's default ruleset and its like) are matched, for IPv4
+// packets without options, on the packet's own bytes with immediates, and
+// each rule's body is emitted a second time for what is known there.
+
+package compiler
+
+import (
+	"fmt"
+	"math/bits"
+
+	"github.com/cilium/ebpf/asm"
+	"github.com/sfunnel/sfunnel/grammar"
+)
+
+// maxFastRules bounds the rulesets the fast matcher takes: their bodies are
+// emitted twice (fast and general path).
+const maxFastRules = 8
+
+// fastRules reports whether the fast matcher can decide every rule: TCP or
+// UDP with positive inline port lists at most, a terminal action, no
+// tracing. IPv6-only rules are allowed (the fast path skips them).
+func (c *compiler) fastRules(rules []*grammar.Rule) bool {
+	if c.tracing || len(rules) == 0 || len(rules) > maxFastRules {
+		return false
+	}
+	for _, r := range rules {
+		if r.Proto != grammar.ProtoTCP && r.Proto != grammar.ProtoUDP {
+			return false
+		}
+		if r.Saddr != nil || r.Daddr != nil || r.TCPFlags != nil || r.MetaMark != nil || r.CtMark != nil || r.Trace || len(r.Actions) == 0 {
+			return false
+		}
+		for _, m := range []*grammar.PortMatch{r.Sport, r.Dport} {
+			if m != nil && (m.Neg || m.Set != "" || len(m.Ranges) > maxInlineRanges) {
+				return false
+			}
+		}
+	}
+	return true
+}
+
+// fastMatch emits the fast path of a ruleset fastRules accepts:
+//
+//   - one bounds check covering the IPv4 header and the largest transport
+//     header a rule wants, and one test of EtherType, version and IHL;
+//   - when every rule wants a few destination ports, a bitmap test of the
+//     port folded into the same branch as the header test, so that a
+//     packet no rule wants leaves after two branches;
+//   - the rules in order, each testing destination port, protocol and
+//     source port against immediates;
+//   - per rule that can match, the check that the packet is not a
+//     fragment, the stack slots its body reads, and its body, emitted
+//     knowing the family (4), that there are no options and the protocol.
+//
+// Packets it can't decide (other families, options, fragments, short or
+// non-linear headers) take the general parse at "parse".
+func (c *compiler) fastMatch(rules []*grammar.Rule) {
+	e := &c.e
+	l3 := c.l3
+	hdr := int32(8)
+	var sport, dport bool
+	for _, r := range rules {
+		if r.Family == grammar.FamilyIPv6 {
+			continue
+		}
+		if r.Proto == grammar.ProtoTCP {
+			hdr = 20
+		}
+		sport = sport || r.Sport != nil
+		dport = dport || r.Dport != nil
+	}
+	e.comment("fast path: IPv4 without options, rules on protocol and ports")
+	e.emit(
+		ldx(asm.R2, asm.R1, skbData, asm.Word),
+		ldx(asm.R3, asm.R1, skbDataEnd, asm.Word),
+		mov(asm.R4, asm.R2),
+		asm.Add.Imm(asm.R4, int32(l3)+20+hdr),
+		asm.JGT.Reg(asm.R4, asm.R3, "parse"),
+	)
+	// R4 = 0 for IPv4 without options.
+	if c.opts.L3 {
+		e.emit(ldx(asm.R4, asm.R2, 0, asm.Byte), asm.Xor.Imm32(asm.R4, 0x45))
+	} else {
+		e.emit(
+			ldx(asm.R4, asm.R2, 12, asm.Word),
+			asm.And.Imm32(asm.R4, 0x00ffffff),
+			netImm(asm.Xor.Imm32(asm.R4, 0x00450008)),
+		)
+	}
+	if shift, mask, ok := c.portFilter(rules); ok {
+		e.comment("destination port in no rule's bitmap (bits %d-%d of the port as loaded): no match", shift, shift+5)
+		e.emit(
+			ldx(asm.R5, asm.R2, l3+22, asm.Half),
+			asm.RSh.Imm(asm.R5, int32(shift)),
+			asm.And.Imm(asm.R5, 63),
+			asm.LoadImm(asm.R0, int64(mask), asm.DWord),
+			asm.RSh.Reg(asm.R0, asm.R5),
+			asm.And.Imm(asm.R0, 1),
+			asm.Or.Reg(asm.R0, asm.R4),
+			asm.JNE.Imm(asm.R0, 0, "fast_v4"),
+			movi(asm.R0, VerdictNext),
+			asm.Return(),
+		)
+		e.label("fast_v4")
+	}
+	e.emit(
+		asm.JNE.Imm(asm.R4, 0, "parse"),
+		mov(asm.R6, asm.R1),
+		mov(asm.R7, asm.R2),
+		mov(asm.R8, asm.R3),
+		ldx(asm.R9, asm.R7, l3+9, asm.Byte),
+	)
+	if dport {
+		e.emit(ldx(asm.R4, asm.R7, l3+22, asm.Half))
+	}
+	if sport {
+		e.emit(ldx(asm.R5, asm.R7, l3+20, asm.Half))
+	}
+	var hits []int
+	for i, r := range rules {
+		if r.Family == grammar.FamilyIPv6 {
+			continue
+		}
+		e.owner = i + 1
+		miss := e.newLabel("fast_miss")
+		e.comment("rule %d handle %d", i, r.Handle)
+		c.fastPortTest(r.Dport, asm.R4, miss)
+		e.emit(asm.JNE.Imm(asm.R9, int32(r.Proto.Number()), miss))
+		c.fastPortTest(r.Sport, asm.R5, miss)
+		e.emit(asm.Ja.Label(fastHit(i)))
+		e.label(miss)
+		e.owner = 0
+		hits = append(hits, i)
+	}
+	e.emit(movi(asm.R0, VerdictNext), asm.Return())
+	for _, i := range hits {
+		c.fastBody(i, rules[i])
+	}
+}
+
+func fastHit(i int) string { return fmt.Sprintf("fast_rule%d", i) }
+
+// fastBody emits rule i's body for the fast path.
+func (c *compiler) fastBody(i int, r *grammar.Rule) {
+	e := &c.e
+	l3 := c.l3
+	e.label(fastHit(i))
+	e.owner = i + 1
+	defer func() { e.owner = 0 }()
+	e.comment("rule %d matched on the fast path: %s", i, Describe(r))
+	e.emit(
+		ldx(asm.R0, asm.R7, l3+6, asm.Half),
+		netImm(asm.JSet.Imm(asm.R0, int32(n16(0x3fff)), "parse")),
+		sti(asm.R10, slotFam, 4, asm.DWord),
+		sti(asm.R10, slotInfo, 0, asm.DWord),
+		sti(asm.R10, slotProto, int64(r.Proto.Number()), asm.DWord),
+		sti(asm.R10, slotL4Off, int64(l3)+20, asm.DWord),
+		sti(asm.R10, slotNHOff, int64(l3)+9, asm.DWord),
+		movi(asm.R9, int32(l3)+20),
+	)
+	c.fast = true
+	defer func() { c.fast = false }()
+	// fastRules admits only rules with actions: the body never falls
+	// through to a next rule.
+	_ = c.body(i, r, c.exit("next"))
+}
+
+// fastPortTest jumps to miss unless the port in reg (network order, as
+// loaded) is in m (nil: any). R0 is scratch.
+func (c *compiler) fastPortTest(m *grammar.PortMatch, reg asm.Register, miss string) {
+	if m == nil {
+		return
+	}
+	e := &c.e
+	if len(m.Ranges) == 1 && m.Ranges[0].Lo == m.Ranges[0].Hi {
+		e.emit(netImm(asm.JNE.Imm(reg, int32(n16(m.Ranges[0].Lo)), miss)))
+		return
+	}
+	hit := e.newLabel("port_hit")
+	host := false
+	for _, r := range m.Ranges {
+		if r.Lo == r.Hi {
+			e.emit(netImm(asm.JEq.Imm(reg, int32(n16(r.Lo)), hit)))
+			continue
+		}
+		if !host {
+			e.emit(mov(asm.R0, reg), asm.HostTo(asm.BE, asm.R0, asm.Half))
+			host = true
+		}
+		skip := e.newLabel("range")
+		e.emit(asm.JLT.Imm(asm.R0, int32(r.Lo), skip), asm.JLE.Imm(asm.R0, int32(r.Hi), hit))
+		e.label(skip)
+	}
+	e.emit(asm.Ja.Label(miss))
+	e.label(hit)
+}
+
+// maxFilterPorts bounds the destination ports a port filter holds: more
+// would set most of its 64 bits.
+const maxFilterPorts = 16
+
+// commonPorts are well-known service ports; the port filter's hash is
+// chosen so that they miss it if it can be, since unmatched traffic is
+// mostly theirs.
+var commonPorts = []uint16{20, 21, 22, 23, 25, 53, 67, 68, 80, 110, 123, 143, 161, 443, 465, 514, 587, 853, 993, 995, 1194, 3306, 3478, 5060, 5353, 5432, 8080, 8443}
+
+// portFilter returns a 64-bit bitmap of the destination ports the IPv4
+// rules want, indexed by bits shift..shift+5 of the port as a little-endian
+// load sees it, when every such rule wants a few destination ports. A
+// packet whose bit is clear matches no rule.
+func (c *compiler) portFilter(rules []*grammar.Rule) (shift int, mask uint64, ok bool) {
+	var ports []uint16
+	for _, r := range rules {
+		if r.Family == grammar.FamilyIPv6 {
+			continue
+		}
+		if r.Dport == nil {
+			return 0, 0, false
+		}
+		for _, pr := range r.Dport.Ranges {
+			if int(pr.Hi)-int(pr.Lo)+len(ports) >= maxFilterPorts {
+				return 0, 0, false
+			}
+			for p := int(pr.Lo); p <= int(pr.Hi); p++ {
+				ports = append(ports, n16(uint16(p)))
+			}
+		}
+	}
+	if len(ports) == 0 {
+		return 0, 0, false
+	}
+	best := -1
+	for k := 0; k <= 10; k++ {
+		var m uint64
+		for _, p := range ports {
+			m |= 1 << (p >> k & 63)
+		}
+		cost := bits.OnesCount64(m) // false positives of a random port
+		for _, p := range commonPorts {
+			if m&(1<<(n16(p)>>k&63)) != 0 {
+				cost += 64
+			}
+		}
+		if best < 0 || cost < best {
+			best, shift, mask = cost, k, m
+		}
+	}
+	return shift, mask, true
+}

@@ -1,0 +1,115 @@
+package compiler_test
+
+import (
+	"strings"
+	"testing"
+
+	"github.com/sfunnel/sfunnel/compiler"
+	"github.com/sfunnel/sfunnel/grammar"
+)
+
+// fastRule turns a random rule into one the fast matcher takes: TCP or UDP,
+// positive inline port lists, statements and actions kept, at least one
+// action.
+func (g gen) fastRule(sets map[string]*grammar.Set) *grammar.Rule {
+	r := g.rule(sets)
+	r.Saddr, r.Daddr, r.TCPFlags, r.MetaMark, r.CtMark, r.Trace = nil, nil, nil, nil, nil, false
+	if r.Proto == grammar.ProtoAny {
+		r.Proto = grammar.Proto(1 + g.pick(2))
+	}
+	for _, m := range []**grammar.PortMatch{&r.Sport, &r.Dport} {
+		if *m == nil {
+			continue
+		}
+		if (*m).Neg || (*m).Set != "" || len((*m).Ranges) > 6 {
+			*m = &grammar.PortMatch{Ranges: []grammar.PortRange{{Lo: g.port(), Hi: 0}}}
+			(*m).Ranges[0].Hi = (*m).Ranges[0].Lo
+		}
+	}
+	if r.Dport == nil && g.chance(0.7) {
+		p := g.port()
+		r.Dport = &grammar.PortMatch{Ranges: []grammar.PortRange{{Lo: p, Hi: p}}}
+	}
+	if len(r.Actions) == 0 {
+		r.Actions = []*grammar.Action{g.funnel()}
+	}
+	for _, a := range r.Actions {
+		// A rule's proto decides what unfunnel and rewrite see.
+		if a.Kind == grammar.ActRewrite {
+			a.Proto = map[grammar.Proto]grammar.Proto{grammar.ProtoTCP: grammar.ProtoUDP, grammar.ProtoUDP: grammar.ProtoTCP}[r.Proto]
+		}
+	}
+	return r
+}
+
+// TestDifferentialFast holds the fast matcher (small rulesets on protocol
+// and ports, IPv4 without options) to the reference model, with the packet
+// mix of TestDifferential: other families, options, fragments, truncated
+// headers, bad checksums, funnel-shaped payloads.
+func TestDifferentialFast(t *testing.T) {
+	rulesets, perSet := 120, 256
+	if testing.Short() {
+		rulesets = 20
+	}
+	g := diffSeed(t)
+	d := newTally()
+	fast := 0
+	for rs := 0; rs < rulesets && d.failures < 5; rs++ {
+		sets := g.sets()
+		var rules []*grammar.Rule
+		if g.chance(0.15) {
+			rules = defaultRulesetRules()
+		} else {
+			for i := 0; i < 1+g.pick(8); i++ {
+				rules = append(rules, g.fastRule(sets))
+			}
+		}
+		opts := compiler.Options{Hook: grammar.Hook(g.pick(2)), ChecksumHelper: g.chance(0.3)}
+		p, err := compiler.Compile(rules, sets, opts)
+		if err != nil {
+			t.Fatalf("compile: %v\n%s", err, describeRules(rules))
+		}
+		if strings.Contains(compiler.Listing(p.Spec.Programs[compiler.ProgramName].Instructions), "rules on protocol and ports") {
+			fast++
+		}
+		diffRuleset(t, g, d, rs, rules, sets, opts, perSet)
+	}
+	t.Logf("%v; %d of %d rulesets on the fast matcher", d, fast, rulesets)
+	if fast < rulesets/2 {
+		t.Errorf("only %d of %d rulesets used the fast matcher", fast, rulesets)
+	}
+}
+
+// defaultRulesetRules is sfunnel's default ruleset with fresh rule values
+// (the generators change rules in place).
+func defaultRulesetRules() []*grammar.Rule { return defaultRuleset() }
+
+// TestFastMatcherAllPorts runs UDP and TCP packets to every destination
+// port through the default ruleset's program: the fast path's port bitmap
+// and rule tests must let exactly the rules' ports match.
+func TestFastMatcherAllPorts(t *testing.T) {
+	l := compileLoad(t, defaultRuleset(), nil, compiler.Options{Hook: grammar.HookEgress})
+	if !strings.Contains(compiler.Listing(l.prog.Spec.Programs[compiler.ProgramName].Instructions), "bitmap") {
+		t.Fatal("no destination port bitmap in the default ruleset's program")
+	}
+	udp := udpPkt(t, false, 40000, 1, make([]byte, 32))
+	tcp := tcpPkt(t, false, 540, 1, false, true, make([]byte, 32))
+	want := map[bool]map[uint16]bool{true: {2055: true, 4739: true, 6343: true}, false: {179: true}}
+	matched := 0
+	for _, isUDP := range []bool{true, false} {
+		base := map[bool][]byte{true: udp, false: tcp}[isUDP]
+		for port := 0; port < 1<<16; port++ {
+			pkt := append([]byte(nil), base...)
+			pkt[36], pkt[37] = byte(port>>8), byte(port)
+			got := l.run(t, pkt, 0)
+			if m := got.ret == compiler.VerdictPass; m != want[isUDP][uint16(port)] {
+				t.Fatalf("udp %v dport %d: verdict %d", isUDP, port, got.ret)
+			} else if m {
+				matched++
+			}
+		}
+	}
+	if matched != 4 {
+		t.Fatalf("%d packets matched, want 4", matched)
+	}
+}
