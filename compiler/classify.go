@@ -111,6 +111,7 @@ type segment struct {
 	inline   bool
 	shapes   []*shape // looked up
 	members  []int    // rules tested inline after the lookups, in order
+	linear   []int    // rules handed to placeRest's path (emitLinear), in order
 }
 
 // ruleVariant is one (shape, keys) part of a rule: an address list with
@@ -204,10 +205,11 @@ func (c *compiler) classify(rules []*grammar.Rule) ([]segment, error) {
 		seg.inline = seg.n <= inlineRules
 		if !seg.inline {
 			seg.split(variants)
-			seg.inline = len(seg.shapes) == 0
+			seg.members, seg.linear = c.placeRest(rules, seg.members)
+			seg.inline = len(seg.shapes) == 0 && len(seg.linear) == 0
 		}
 		if seg.inline {
-			seg.shapes, seg.members = nil, nil
+			seg.shapes, seg.members, seg.linear = nil, nil, nil
 		}
 		segs = append(segs, seg)
 		start = i
@@ -258,6 +260,18 @@ func (seg *segment) split(variants [][]ruleVariant) {
 		}
 	}
 }
+
+// placeRest decides which of a table segment's remaining rules (those of
+// shapes of their own, in order) are tested inline one by one (members)
+// and which go to another path (linear, see emitLinear).
+func (c *compiler) placeRest(rules []*grammar.Rule, members []int) (inline, linear []int) {
+	return members, nil
+}
+
+// emitLinear emits the test of the segment's linear rules: each that
+// matches with a priority lower than the best so far becomes the best
+// (slotBest, slotRule, slotBody); it runs no body.
+func (c *compiler) emitLinear(rules []*grammar.Rule, seg segment) error { return nil }
 
 // minTableRules is the fewest rules a shape needs to get a table.
 const minTableRules = 3

@@ -124,6 +124,10 @@ type Program struct {
 func (p *Program) TableContents(gen uint32) map[string][]ebpf.MapKV {
 	out := map[string][]ebpf.MapKV{}
 	for _, name := range p.Tables {
+		if f := p.c.extraTables[name]; f != nil {
+			out[name] = f(gen & 1)
+			continue
+		}
 		shapes := p.c.tables[name]
 		if name == perfectMap {
 			out[name] = p.c.perfectContents(gen & 1)
@@ -222,5 +226,9 @@ func Compile(rules []*grammar.Rule, sets map[string]*grammar.Set, opts Options) 
 		p.Handles = append(p.Handles, r.Handle)
 	}
 	p.Tables = slices.Sorted(maps.Keys(c.tables))
+	for name := range c.extraTables {
+		p.Tables = append(p.Tables, name)
+	}
+	slices.Sort(p.Tables)
 	return p, nil
 }

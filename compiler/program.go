@@ -80,6 +80,10 @@ type compiler struct {
 	// perfectBlob: its value, built once the bodies are known.
 	perfectSize int
 	perfectBlob []byte
+	// extraTables: maps of another path (emitLinear) whose contents are
+	// per generation like the rule tables': listed in Program.Tables, their
+	// contents from TableContents. Their MapSpecs are added by that path.
+	extraTables map[string]func(gen uint32) []ebpf.MapKV
 }
 
 // ruleNeeds summarises what the rules read, so the parse guard reads no more.
@@ -268,7 +272,7 @@ func (c *compiler) program(rules []*grammar.Rule) error {
 		return err
 	}
 	c.place(segs)
-	if len(c.tables) > 0 {
+	if len(c.tables) > 0 || slices.ContainsFunc(segs, func(s segment) bool { return len(s.linear) > 0 }) {
 		c.readGeneration()
 	}
 	for _, seg := range segs {

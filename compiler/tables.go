@@ -85,6 +85,29 @@ func (c *compiler) segment(rules []*grammar.Rule, seg segment) error {
 			return err
 		}
 	}
+	// The bodies of the segment's table and linear rules, one per
+	// distinct body (known before emitLinear, which stores them).
+	var classes []int // rule of each body
+	classOf := map[string]int{}
+	addClass := func(i int) {
+		k := c.bodyKeys[i]
+		if _, ok := classOf[k]; !ok {
+			classOf[k] = len(classes)
+			classes = append(classes, i)
+		}
+		c.bodyOf[i] = uint32(classOf[k])
+	}
+	for _, sh := range seg.shapes {
+		for _, en := range sh.ents {
+			addClass(en.rule)
+		}
+	}
+	for _, i := range seg.linear {
+		addClass(i)
+	}
+	if err := c.emitLinear(rules, seg); err != nil {
+		return err
+	}
 	// Members: rules of shapes of their own, in order, each unless a table
 	// rule before it matched.
 	// They jump to the dispatch through a trampoline every few thousand
@@ -122,20 +145,6 @@ func (c *compiler) segment(rules []*grammar.Rule, seg segment) error {
 		e.label(next)
 	}
 	e.label(found)
-	// The bodies of the segment's rules, one per distinct body.
-	var classes []int // rule of each body
-	classOf := map[string]int{}
-	for _, sh := range seg.shapes {
-		for _, en := range sh.ents {
-			i := en.rule
-			k := c.bodyKeys[i]
-			if _, ok := classOf[k]; !ok {
-				classOf[k] = len(classes)
-				classes = append(classes, i)
-			}
-			c.bodyOf[i] = uint32(classOf[k])
-		}
-	}
 	e.emit(
 		ldx(asm.R1, asm.R10, slotBest, asm.DWord),
 		asm.JEq.Imm32(asm.R1, -1, end),
@@ -289,7 +298,7 @@ func (c *compiler) readGeneration() {
 // tableMaps adds the control map and the table maps, filled with
 // generation 0.
 func (c *compiler) tableMaps() {
-	if len(c.tables) == 0 {
+	if len(c.tables) == 0 && len(c.extraTables) == 0 {
 		return
 	}
 	c.spec.Maps[abi.ControlMap] = &ebpf.MapSpec{
