@@ -735,20 +735,37 @@ func (l *lowerer) values(v *valueSyntax) []Value {
 		l.errorf(spanOf(v.Tokens), "a set reference (%s) cannot be used here", v.SetRef)
 		return nil
 	}
-	elems := v.List
 	if v.Elem != nil {
-		elems = []*elemSyntax{v.Elem}
+		return l.appendElem(nil, v.Elem)
 	}
 	var out []Value
-	for _, e := range elems {
-		span := spanOf(e.Tokens)
-		if e.Var != "" {
-			out = append(out, l.expand(e.Var, span)...)
-			continue
-		}
-		out = append(out, Value{Span: span, Addr: e.Addr, Len: e.Len, Lo: e.Lo, Hi: e.Hi, Name: e.Name})
+	for _, e := range v.List {
+		out = l.appendElem(out, e)
 	}
 	return out
+}
+
+func (l *lowerer) appendElem(out []Value, e *elemSyntax) []Value {
+	span := spanOf(e.Tokens)
+	if e.Var != "" {
+		return append(out, l.expand(e.Var, span)...)
+	}
+	return append(out, elemValue(e, span))
+}
+
+func elemValue(e *elemSyntax, span Span) Value {
+	return Value{Span: span, Addr: e.Addr, Len: e.Len, Lo: e.Lo, Hi: e.Hi, Name: e.Name}
+}
+
+// matchValues is nonEmpty for a match, with a single element written
+// into one rather than a list of its own: most matches are one element,
+// and a large file has thousands of them.
+func (l *lowerer) matchValues(v *valueSyntax, one *[1]Value) []Value {
+	if e := v.Elem; e != nil && e.Var == "" {
+		one[0] = elemValue(e, spanOf(e.Tokens))
+		return one[:]
+	}
+	return l.nonEmpty(v)
 }
 
 // nonEmpty is values for a match or an element command, where an empty

@@ -2,6 +2,7 @@ package grammar
 
 import (
 	"net/netip"
+	"slices"
 	"strconv"
 	"strings"
 )
@@ -103,6 +104,9 @@ func (l *lowerer) rule(rs *ruleSyntax) *Rule {
 		l.errorf(spanOf(rs.ActionsKw.Tokens), "actions needs an action after it: %s", actionWords)
 	}
 	acts = append(acts, rs.NftForm...)
+	if len(acts) > 0 {
+		r.Actions = make([]*Action, 0, len(acts))
+	}
 	for _, a := range acts {
 		if act := l.action(r, a); act != nil {
 			r.Actions = append(r.Actions, act)
@@ -216,8 +220,10 @@ func (l *lowerer) addrItem(r *Rule, st *ruleState, a *addrSyntax, span Span) {
 		*target = m
 		return
 	}
-	seen := map[netip.Prefix]bool{}
-	for _, v := range l.nonEmpty(a.Value) {
+	var one [1]Value
+	vals := l.matchValues(a.Value, &one)
+	seen := newDupSet[netip.Prefix](len(vals))
+	for _, v := range vals {
 		p, ok := l.prefix(v)
 		if !ok {
 			continue
@@ -228,11 +234,14 @@ func (l *lowerer) addrItem(r *Rule, st *ruleState, a *addrSyntax, span Span) {
 			continue
 		}
 		l.setFamily(r, st, f, v.Span, v.Addr)
-		if seen[p] {
+		if seen.has(m.Prefixes, p) {
 			l.errorf(v.Span, "duplicate element %s", formatPrefix(p))
 			continue
 		}
-		seen[p] = true
+		seen.add(p)
+		if m.Prefixes == nil {
+			m.Prefixes = make([]netip.Prefix, 0, len(vals))
+		}
 		m.Prefixes = append(m.Prefixes, p)
 	}
 	if len(m.Prefixes) == 0 {
@@ -281,21 +290,50 @@ func (l *lowerer) portItem(r *Rule, p *portSyntax, span Span) {
 		*target = m
 		return
 	}
-	seen := map[PortRange]bool{}
-	for _, v := range l.nonEmpty(p.Value) {
+	var one [1]Value
+	vals := l.matchValues(p.Value, &one)
+	seen := newDupSet[PortRange](len(vals))
+	for _, v := range vals {
 		pr, ok := l.portRange(v)
 		if !ok {
 			continue
 		}
-		if seen[pr] {
+		if seen.has(m.Ranges, pr) {
 			l.errorf(v.Span, "duplicate element %s", formatRange(pr))
 			continue
 		}
-		seen[pr] = true
+		seen.add(pr)
+		if m.Ranges == nil {
+			m.Ranges = make([]PortRange, 0, len(vals))
+		}
 		m.Ranges = append(m.Ranges, pr)
 	}
 	if len(m.Ranges) > 0 {
 		*target = m
+	}
+}
+
+// dupSet finds duplicates among the elements kept so far: by a linear
+// search of a short list, which most are, and a map for long ones.
+type dupSet[T comparable] map[T]bool
+
+func newDupSet[T comparable](n int) dupSet[T] {
+	if n <= 8 {
+		return nil
+	}
+	return make(dupSet[T], n)
+}
+
+func (d dupSet[T]) has(kept []T, v T) bool {
+	if d == nil {
+		return slices.Contains(kept, v)
+	}
+	return d[v]
+}
+
+func (d dupSet[T]) add(v T) {
+	if d != nil {
+		d[v] = true
 	}
 }
 
@@ -354,7 +392,10 @@ func (l *lowerer) markItem(r *Rule, m *markSyntax, span Span) {
 			return
 		}
 	}
-	what := m.Kind + " mark"
+	what := "meta mark"
+	if m.Kind == "ct" {
+		what = "ct mark"
+	}
 	if m.Set {
 		if m.Neg {
 			l.errorf(span, "%s set takes no !=", what)
@@ -574,9 +615,9 @@ func (l *lowerer) dnat(r *Rule, act *Action, d *dnatSyntax) bool {
 // checkActions reports combinations of actions that cannot mean anything,
 // the mistakes sfunnel accepted silently.
 func (l *lowerer) checkActions(r *Rule) {
-	seen := map[ActionKind]*Action{}
+	var seen [ActDNAT + 1]*Action
 	for _, a := range r.Actions {
-		if prev, dup := seen[a.Kind]; dup && prev != nil {
+		if prev := seen[a.Kind]; prev != nil {
 			l.errorf(a.Span, "%s given twice in one rule", a.Kind)
 			continue
 		}
