@@ -68,6 +68,9 @@ func declineQuickLines(*lexer.PeekingLexer) (quickLines, error) {
 // every branch it tried).
 func parseFile(filename, src string) (*fileSyntax, error) {
 	if quickPath {
+		if f := parseQuickFile(filename, src); f != nil {
+			return f, nil
+		}
 		if f, err := quickParser.ParseString(filename, src); err == nil {
 			f.settle()
 			return f, nil
@@ -143,7 +146,9 @@ func parseQuickRule(lex *lexer.PeekingLexer) (quickRule, error) {
 func parseQuickLines(lex *lexer.PeekingLexer) (quickLines, error) {
 	at := lex.MakeCheckpoint()
 	q := quick{lex: lex}
-	if lines := q.hookBody(); lines != nil {
+	// An empty block is left to the grammar, which gives it no lines
+	// (nil, not an empty list).
+	if lines, ok := q.hookBody(); ok && len(lines) > 0 {
 		return lines, nil
 	}
 	lex.LoadCheckpoint(at)
@@ -152,13 +157,16 @@ func parseQuickLines(lex *lexer.PeekingLexer) (quickLines, error) {
 
 // hookBody reads `( EOL | ';' )* ( rule ( ( EOL | ';' )+ rule )* ( EOL | ';' )* )?`
 // up to the `}`, which it leaves.
-func (q *quick) hookBody() hookLines {
+func (q *quick) hookBody() (hookLines, bool) {
 	var lines hookLines
 	q.endOfLine()
+	if q.at("}") {
+		return nil, true
+	}
 	for {
 		r := q.rule()
 		if r == nil {
-			return nil
+			return nil, false
 		}
 		line := newIn(&q.line, hookLineSyntax{Rule: r})
 		lines = append(lines, line)
@@ -167,13 +175,10 @@ func (q *quick) hookBody() hookLines {
 			// After more than three separators the grammar's lookahead
 			// gives up looking for a rule before the brace, with an
 			// error: leave that to it.
-			if n > 3 {
-				return nil
-			}
-			return lines
+			return lines, n <= 3
 		}
 		if n == 0 {
-			return nil
+			return nil, false
 		}
 	}
 }
@@ -194,7 +199,7 @@ func (q *quick) endOfLine() int {
 // first token included) to the end of its last token. Each method returns
 // nil when it declines; the caller then declines the whole rule.
 type quick struct {
-	lex *lexer.PeekingLexer
+	lex tokenStream
 
 	// The structs of a rule come from blocks allocated together: a rule
 	// is a dozen small structs, and a block per kind for many rules is
@@ -222,6 +227,20 @@ type quick struct {
 	field    slab[funnelFieldSyntax]
 	fieldPtr slab[*funnelFieldSyntax]
 	dnats    slab[dnatSyntax]
+}
+
+// tokenStream is what the quick path reads: participle's PeekingLexer
+// inside a parse, or a tokenCursor for a whole file (quickfile.go).
+type tokenStream interface {
+	// Peek is the next token that is not elided (a comment or a line
+	// continuation).
+	Peek() *lexer.Token
+	// Next consumes it.
+	Next() *lexer.Token
+	// RawCursor is the index just past the last token consumed.
+	RawCursor() lexer.RawCursor
+	// Range is the tokens from one raw cursor to another.
+	Range(start, end lexer.RawCursor) []lexer.Token
 }
 
 // slab hands out values of T from blocks that grow up to maxSlab values.
@@ -537,8 +556,7 @@ func (q *quick) flagList(comma bool) ([]string, bool) {
 	}
 }
 
-// value reads an element, a `{ list }` or an @set. Empty lists and
-// identifiers (errors once lowered) are left to the grammar.
+// value reads an element, a `{ list }` or an @set.
 func (q *quick) value() *valueSyntax {
 	start, pos := q.mark()
 	v := newIn(&q.values, valueSyntax{Pos: pos})
@@ -549,7 +567,7 @@ func (q *quick) value() *valueSyntax {
 		q.separators()
 		var scratch [8]*elemSyntax
 		list := scratch[:0]
-		for {
+		for !q.at("}") {
 			e := q.elem()
 			if e == nil {
 				return nil
@@ -593,7 +611,7 @@ func (q *quick) separators() int {
 	return n
 }
 
-// elem reads an address or prefix, a port or range, or a $var.
+// elem reads an address or prefix, a port or range, a $var or a name.
 func (q *quick) elem() *elemSyntax {
 	start, pos := q.mark()
 	e := newIn(&q.elems, elemSyntax{Pos: pos})
@@ -626,6 +644,9 @@ func (q *quick) elem() *elemSyntax {
 	case tokVar:
 		q.next()
 		e.Var = t.Value
+	case tokIdent:
+		q.next()
+		e.Name = t.Value
 	default:
 		return nil
 	}

@@ -15,13 +15,23 @@ import (
 // quickAgrees checks that the quick path changes nothing about src: the
 // parse tree (every position and token) equals the grammar's, or both
 // parsers reject the text; and Parse gives the same commands and the same
-// error text either way. It returns how many rules the quick path read.
-func quickAgrees(t testing.TB, src string, parse bool) int {
+// error text either way. It returns how many rules the quick path read
+// inside participle's parse, and whether it read the whole file alone.
+func quickAgrees(t testing.TB, src string, parse bool) (rules int, whole bool) {
 	t.Helper()
 	plain, perr := parser.ParseString("q.conf", src)
 	fast, ferr := quickParser.ParseString("q.conf", src)
 	if (perr == nil) != (ferr == nil) {
 		t.Fatalf("%q: grammar error %v, quick path error %v", src, perr, ferr)
+	}
+	if f := parseQuickFile("q.conf", src); f != nil {
+		if perr != nil {
+			t.Fatalf("%q: the quick path read the file, the grammar reports %v", src, perr)
+		}
+		if !reflect.DeepEqual(plain, f) {
+			t.Fatalf("%q: the quick path's tree of the file differs from the grammar's (-grammar +quick):\n%s", src, cmp.Diff(plain, f))
+		}
+		whole = true
 	}
 	n := 0
 	if ferr == nil {
@@ -44,7 +54,22 @@ func quickAgrees(t testing.TB, src string, parse bool) int {
 			t.Fatalf("%q: errors differ:\ngrammar: %v\nquick:   %v", src, perr, ferr)
 		}
 	}
-	return n
+	return n, whole
+}
+
+func hasBadLines(f *fileSyntax) bool {
+	for _, st := range f.Stmts {
+		if st.Interface != nil {
+			for _, h := range st.Interface.Hooks {
+				for _, line := range h.Rules {
+					if line.Bad != nil {
+						return true
+					}
+				}
+			}
+		}
+	}
+	return false
 }
 
 // quickRules counts the rules the quick path read in a tree not yet settled.
@@ -103,18 +128,22 @@ func TestQuickPathKnownInputs(t *testing.T) {
 	}
 	inputs = append(inputs, errorInputs...)
 	inputs = append(inputs, fuzzSeeds...)
-	read := 0
+	read, wholes := 0, 0
 	for _, in := range inputs {
 		for i, c := range contexts {
 			// Parse's commands and errors are compared in three contexts
 			// (each costs two more parses, with their error recovery).
-			read += quickAgrees(t, c(in), i == 0 || i == 2 || i == 5)
+			n, whole := quickAgrees(t, c(in), i == 0 || i == 2 || i == 5)
+			read += n
+			if whole {
+				wholes++
+			}
 		}
 	}
 	// Most of these are rules the quick path reads; if it read none, it
 	// would prove nothing.
-	if read < len(ruleCases)*len(contexts) {
-		t.Errorf("the quick path read %d rules of %d inputs in %d contexts", read, len(inputs), len(contexts))
+	if read < len(ruleCases)*len(contexts) || wholes < len(ruleCases)*len(contexts) {
+		t.Errorf("the quick path read %d rules and %d whole files of %d inputs in %d contexts", read, wholes, len(inputs), len(contexts))
 	}
 }
 
@@ -131,25 +160,32 @@ func TestQuickPathRandom(t *testing.T) {
 	}
 	t.Logf("seed %d", seed)
 	g := &ruleGen{r: rand.New(rand.NewSource(seed))}
-	var rules, read, parsed, cleanRules, cleanRead int
+	var rules, read, parsed, clean, cleanWhole, cleanRules, cleanRead int
 	for i := range files {
 		src, n, mutated := g.file()
-		got := quickAgrees(t, src, i%4 == 0)
+		got, whole := quickAgrees(t, src, i%4 == 0)
 		rules += n
 		read += got
-		if _, err := parser.ParseString("q.conf", src); err == nil {
+		if f, err := parser.ParseString("q.conf", src); err == nil {
 			parsed++
-			if !mutated {
+			// Lines that are not rules (a word in a list without its
+			// comma, a string across a continuation) are the grammar's.
+			if !mutated && !hasBadLines(f) {
+				clean++
 				cleanRules += n
 				cleanRead += got
+				if whole {
+					cleanWhole++
+				}
 			}
 		}
 	}
-	t.Logf("%d files (%d parse), %d rules, %d read by the quick path; of the rules of files parsed and not mutated, %d of %d", files, parsed, rules, read, cleanRead, cleanRules)
+	t.Logf("%d files (%d parse), %d rules, %d read by the quick path in participle's parse; of the files parsed and not mutated, %d of %d read whole, and %d of their %d rules in participle's parse", files, parsed, rules, read, cleanWhole, clean, cleanRead, cleanRules)
 	// Generated rules are well formed (values out of range and the like
-	// aside, which the lowerer reports): the quick path must read them.
-	if cleanRead < cleanRules*9/10 {
-		t.Errorf("the quick path read only %d of %d rules of well-formed files", cleanRead, cleanRules)
+	// aside, which the lowerer reports): the quick path must read them
+	// and their files.
+	if cleanRead < cleanRules*9/10 || cleanWhole < clean*9/10 {
+		t.Errorf("the quick path read only %d of %d rules and %d of %d files that are well formed", cleanRead, cleanRules, cleanWhole, clean)
 	}
 }
 

@@ -1,0 +1,322 @@
+package grammar
+
+import "github.com/alecthomas/participle/v2/lexer"
+
+// The quick path for whole files.
+//
+// Once rules and hook blocks are read quickly (quick.go), what is left of
+// participle's cost on a large file is building its token array: it
+// appends the tokens one by one, copying the array as it grows (a fifth of
+// the CPU of a 10 000-rule parse, and twice the array's memory at the
+// peak). parseQuickFile lexes into an array of the right size and reads
+// the statements large rulesets are made of — rules, interface blocks,
+// `define`, `flush ruleset`, `add|insert|replace rule` — with the same
+// structs, positions and tokens the grammar gives. At any other statement
+// or anything it does not read with certainty it returns nil, and the file
+// is parsed by participle (with the quick path for rules and hook blocks).
+
+// parseQuickFile parses src, or returns nil to leave it to participle.
+func parseQuickFile(filename, src string) *fileSyntax {
+	c := &tokenCursor{toks: lexAll(filename, src)}
+	c.skipElided()
+	q := quick{lex: c}
+	f := &fileSyntax{Pos: c.Peek().Pos}
+	// ( EOL | ';' )* ( stmt ( ( EOL | ';' )+ stmt )* ( EOL | ';' )* )?
+	q.endOfLine()
+	var stmts []*stmtSyntax
+	for !c.Peek().EOF() {
+		st := q.stmt()
+		if st == nil {
+			return nil
+		}
+		stmts = append(stmts, st)
+		n := q.endOfLine()
+		if c.Peek().EOF() {
+			// As in a hook block, more than three separators before the
+			// end are a syntax error of the grammar's.
+			if n > 3 {
+				return nil
+			}
+			break
+		}
+		if n == 0 {
+			return nil
+		}
+	}
+	f.Stmts = stmts
+	return f
+}
+
+// lexAll lexes src as parseLexer does for participle, EOF token included,
+// into an array of the right size (counted first: lexing is cheap next to
+// growing an array of tokens).
+func lexAll(filename, src string) []lexer.Token {
+	n := 1
+	for off := 0; off < len(src); {
+		typ, l := scanToken(src[off:])
+		if typ != tokWhitespace {
+			n++
+		}
+		off += l
+	}
+	toks := make([]lexer.Token, 0, n)
+	lex := &ruleTokens{src: src, pos: lexer.Position{Filename: filename, Line: 1, Column: 1}, noBlanks: true}
+	for {
+		t, _ := lex.Next()
+		toks = append(toks, t)
+		if t.EOF() {
+			return toks
+		}
+	}
+}
+
+// tokenCursor walks a token array as participle's PeekingLexer does, with
+// comments and line continuations elided.
+type tokenCursor struct {
+	toks []lexer.Token
+	raw  int // just past the last token consumed
+	next int // the next token not elided
+}
+
+func (c *tokenCursor) skipElided() {
+	for t := &c.toks[c.next]; t.Type == tokComment || t.Type == tokContinuation; t = &c.toks[c.next] {
+		c.next++
+	}
+}
+
+func (c *tokenCursor) Peek() *lexer.Token { return &c.toks[c.next] }
+
+func (c *tokenCursor) Next() *lexer.Token {
+	t := &c.toks[c.next]
+	if t.EOF() {
+		return t
+	}
+	c.next++
+	c.raw = c.next
+	c.skipElided()
+	return t
+}
+
+func (c *tokenCursor) RawCursor() lexer.RawCursor { return lexer.RawCursor(c.raw) }
+
+func (c *tokenCursor) Range(start, end lexer.RawCursor) []lexer.Token { return c.toks[start:end] }
+
+// stmt reads a statement the quick path knows, nil otherwise.
+func (q *quick) stmt() *stmtSyntax {
+	start, pos := q.mark()
+	st := &stmtSyntax{Pos: pos}
+	switch q.peek().Value {
+	case "interface":
+		if st.Interface = q.interfaceBlock(); st.Interface == nil {
+			return nil
+		}
+	case "define":
+		if st.Define = q.define(); st.Define == nil {
+			return nil
+		}
+	case "flush":
+		if st.Command = q.flushRuleset(); st.Command == nil {
+			return nil
+		}
+	case "add", "insert", "replace":
+		if st.Command = q.ruleCommand(); st.Command == nil {
+			return nil
+		}
+	default:
+		// No other statement starts with a word a rule starts with.
+		if st.Rule = q.rule(); st.Rule == nil {
+			return nil
+		}
+	}
+	st.Tokens = q.tokens(start)
+	return st
+}
+
+// define reads `define NAME = VALUE`.
+func (q *quick) define() *defineSyntax {
+	start, pos := q.mark()
+	q.next()
+	name := q.peek()
+	if name.Type != tokIdent {
+		return nil
+	}
+	q.next()
+	if !q.at("=") {
+		return nil
+	}
+	q.next()
+	v := q.value()
+	if v == nil {
+		return nil
+	}
+	return &defineSyntax{Pos: pos, Name: name.Value, Value: v, Tokens: q.tokens(start)}
+}
+
+// flushRuleset reads `flush ruleset`.
+func (q *quick) flushRuleset() *commandSyntax {
+	start, pos := q.mark()
+	q.next()
+	if !q.at("ruleset") {
+		return nil
+	}
+	q.next()
+	return &commandSyntax{Pos: pos, Flush: &flushSyntax{Ruleset: true}, Tokens: q.tokens(start)}
+}
+
+// ruleCommand reads `add rule`, `insert rule` and `replace rule` with
+// their rule.
+func (q *quick) ruleCommand() *commandSyntax {
+	start, pos := q.mark()
+	verb := q.next().Value
+	if !q.at("rule") {
+		return nil
+	}
+	q.next()
+	rc := q.ruleCmd()
+	if rc == nil {
+		return nil
+	}
+	c := &commandSyntax{Pos: pos}
+	switch verb {
+	case "add":
+		c.Add = &addSyntax{Rule: rc}
+	case "insert":
+		c.Insert = &insertSyntax{Rule: rc}
+	default:
+		c.Replace = &replaceSyntax{Rule: rc}
+	}
+	c.Tokens = q.tokens(start)
+	return c
+}
+
+// ruleCmd reads `IF HOOK [position N | handle N] RULE`; a command without
+// its rule is left to the grammar.
+func (q *quick) ruleCmd() *ruleCmdSyntax {
+	start, pos := q.mark()
+	rc := &ruleCmdSyntax{Pos: pos}
+	if rc.Name = q.name(); rc.Name == nil {
+		return nil
+	}
+	if rc.Hook = q.hookName(); rc.Hook == nil {
+		return nil
+	}
+	switch {
+	case q.at("position"):
+		q.next()
+		if rc.Position = q.number(); rc.Position == nil {
+			return nil
+		}
+	case q.at("handle"):
+		q.next()
+		if rc.Handle = q.number(); rc.Handle == nil {
+			return nil
+		}
+	}
+	if rc.Rule = q.rule(); rc.Rule == nil {
+		return nil
+	}
+	rc.Tokens = q.tokens(start)
+	return rc
+}
+
+func (q *quick) name() *nameSyntax {
+	start, pos := q.mark()
+	t := q.peek()
+	if t.Type != tokIdent && t.Type != tokVar {
+		return nil
+	}
+	q.next()
+	return &nameSyntax{Pos: pos, Name: t.Value, Tokens: q.tokens(start)}
+}
+
+func (q *quick) hookName() *hookName {
+	start, pos := q.mark()
+	t := q.peek()
+	if t.Value != "ingress" && t.Value != "egress" {
+		return nil
+	}
+	q.next()
+	return &hookName{Pos: pos, Hook: t.Value, Tokens: q.tokens(start)}
+}
+
+// interfaceBlock reads `interface NAMES { HOOK { … } … }`.
+func (q *quick) interfaceBlock() *interfaceSyntax {
+	start, pos := q.mark()
+	q.next()
+	ib := &interfaceSyntax{Pos: pos}
+	if q.at("{") {
+		// '{' EOL* name ( ',' EOL* name )* EOL* '}'
+		q.next()
+		for {
+			q.newlines()
+			n := q.name()
+			if n == nil {
+				return nil
+			}
+			ib.Names = append(ib.Names, n)
+			if !q.at(",") {
+				break
+			}
+			q.next()
+		}
+		q.newlines()
+		if !q.at("}") {
+			return nil
+		}
+		q.next()
+	} else {
+		n := q.name()
+		if n == nil {
+			return nil
+		}
+		ib.Names = []*nameSyntax{n}
+	}
+	if !q.at("{") {
+		return nil
+	}
+	q.next()
+	// ( EOL | ';' )* ( hook ( EOL | ';' )* )* '}'
+	q.endOfLine()
+	for !q.at("}") {
+		h := q.hook()
+		if h == nil {
+			return nil
+		}
+		ib.Hooks = append(ib.Hooks, h)
+		q.endOfLine()
+	}
+	q.next()
+	ib.Tokens = q.tokens(start)
+	return ib
+}
+
+// newlines skips EOL tokens.
+func (q *quick) newlines() {
+	for q.peek().Type == tokEOL {
+		q.next()
+	}
+}
+
+// hook reads `ingress|egress { RULES }`.
+func (q *quick) hook() *hookSyntax {
+	start, pos := q.mark()
+	t := q.peek()
+	if t.Value != "ingress" && t.Value != "egress" {
+		return nil
+	}
+	q.next()
+	if !q.at("{") {
+		return nil
+	}
+	q.next()
+	lines, ok := q.hookBody()
+	if !ok || !q.at("}") {
+		return nil
+	}
+	q.next()
+	h := &hookSyntax{Pos: pos, Hook: t.Value, Tokens: q.tokens(start)}
+	if len(lines) > 0 {
+		h.Rules = lines
+	}
+	return h
+}
