@@ -83,6 +83,8 @@ type shape struct {
 	// perfect: the shape's perfect-hash table (perfect.go), nil when it
 	// has an array or a hash table.
 	perfect *perfectTable
+	// shadowed: a key of two rules, the later one's entry dropped (Layout).
+	shadowed bool
 }
 
 // portOnly reports whether the shape keys on one port and nothing else.
@@ -189,6 +191,7 @@ func (c *compiler) classify(rules []*grammar.Rule) ([]segment, error) {
 				for _, k := range v.keys {
 					ok := sh.key + string(k)
 					if _, dup := owner[ok]; dup {
+						sh.shadowed = true
 						continue // an earlier rule that ends evaluation has it
 					}
 					owner[ok] = i

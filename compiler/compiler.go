@@ -98,6 +98,12 @@ type Options struct {
 	// SegReturnIfindex is the device's return end: segments received there
 	// are back from segmentation and are rewritten without another detour.
 	SegReturnIfindex int
+	// Prios and Slots, when set, give rule i its priority (increasing with
+	// i, below 1<<31: the lowest matching one wins) and its counter slot
+	// (index of its counters, rule_mtu, stats and trace entries). Nil:
+	// i+1 and i. The datapath keeps them stable across changes, so a rule
+	// added between two others needs no new program (see Layout).
+	Prios, Slots []uint32
 }
 
 // Program is a compiled hook: the program with its maps (Spec), and apart
@@ -106,7 +112,7 @@ type Options struct {
 // TableContents).
 type Program struct {
 	Spec      *ebpf.CollectionSpec // exactly one program named "sfunnel" (SchedCLS, GPL) + its maps
-	Handles   []uint64             // Handles[i] = handle of rule i; index i of "counters" and "rule_mtu"
+	Handles   []uint64             // Handles[slot] = handle of the rule counted at slot (0: free); index of "counters" and "rule_mtu"
 	NamedSets []string             // named sets the program references; their maps are Spec.Maps["set_"+name]
 	// Tables names the maps of Spec whose contents are rule tables
 	// (abi.TablePrefix), sorted. Spec holds their generation 0 entries.
@@ -215,6 +221,9 @@ func Compile(rules []*grammar.Rule, sets map[string]*grammar.Set, opts Options) 
 	if !opts.ChecksumHelper {
 		c.kern = loadKernelSkb()
 	}
+	if err := c.checkPrios(len(rules)); err != nil {
+		return nil, err
+	}
 	if err := c.check(rules); err != nil {
 		return nil, err
 	}
@@ -222,8 +231,9 @@ func Compile(rules []*grammar.Rule, sets map[string]*grammar.Set, opts Options) 
 		return nil, err
 	}
 	p := &Program{Spec: c.spec, NamedSets: c.named, c: c, Digest: digest(c.spec)}
-	for _, r := range rules {
-		p.Handles = append(p.Handles, r.Handle)
+	p.Handles = make([]uint64, c.slotsUsed(len(rules)))
+	for i, r := range rules {
+		p.Handles[c.slot(i)] = r.Handle
 	}
 	p.Tables = slices.Sorted(maps.Keys(c.tables))
 	for name := range c.extraTables {

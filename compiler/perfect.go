@@ -249,7 +249,9 @@ func (t *perfectTable) place(keys [][]uint64, s uint64) bool {
 }
 
 // fill writes the table of the shape's entries into a generation's value.
-func (t *perfectTable) fill(blob []byte, sh *shape, bodyOf []uint32) {
+//
+// at gives a rule's priority and counter slot (compiler.at).
+func (t *perfectTable) fill(blob []byte, sh *shape, bodyOf []uint32, at func(rule int) (prio, slot uint32)) {
 	b := blob[t.off : t.off+t.size]
 	binary.NativeEndian.PutUint64(b[0:], t.seed)
 	low := uint32(abi.NoRule)
@@ -265,9 +267,9 @@ func (t *perfectTable) fill(blob []byte, sh *shape, bodyOf []uint32) {
 			binary.NativeEndian.PutUint64(e[8*j:], c)
 		}
 		v := e[8*t.chunks:]
-		prio := uint32(en.rule) + 1
+		prio, slot := at(en.rule)
 		binary.NativeEndian.PutUint32(v[0:], prio)
-		binary.NativeEndian.PutUint32(v[4:], uint32(en.rule))
+		binary.NativeEndian.PutUint32(v[4:], slot)
 		binary.NativeEndian.PutUint32(v[8:], bodyOf[en.rule])
 		low = min(low, prio)
 	}

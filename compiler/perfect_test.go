@@ -68,7 +68,7 @@ func TestPerfectTable(t *testing.T) {
 				t.Fatalf("%s n=%d: no table", name, n)
 			}
 			blob := make([]byte, off+tab.size)
-			tab.fill(blob, sh, bodyOf)
+			tab.fill(blob, sh, bodyOf, (&compiler{}).at)
 			for _, en := range sh.ents {
 				prio, slot, body, ok := tab.lookup(blob, tab.chunksOf(en.key))
 				if !ok || prio != uint32(en.rule+1) || slot != uint32(en.rule) || body != bodyOf[en.rule] {
@@ -86,7 +86,7 @@ func TestPerfectTable(t *testing.T) {
 			}
 			again := newPerfectTable(sh, off)
 			blob2 := make([]byte, off+again.size)
-			again.fill(blob2, sh, bodyOf)
+			again.fill(blob2, sh, bodyOf, (&compiler{}).at)
 			if !bytes.Equal(blob, blob2) {
 				t.Fatalf("%s n=%d: the same entries gave another table", name, n)
 			}

@@ -84,6 +84,11 @@ type compiler struct {
 	// per generation like the rule tables': listed in Program.Tables, their
 	// contents from TableContents. Their MapSpecs are added by that path.
 	extraTables map[string]func(gen uint32) []ebpf.MapKV
+	segs       []segment           // the classifier's segments (Layout)
+	// ruleStats, usesRuleMTU: some rule counts left-alone packets / MTU
+	// overruns in its slot (the per-rule parts of the maps are needed).
+	ruleStats, usesRuleMTU bool
+	rules      []*grammar.Rule
 }
 
 // ruleNeeds summarises what the rules read, so the parse guard reads no more.
@@ -272,6 +277,7 @@ func (c *compiler) program(rules []*grammar.Rule) error {
 		return err
 	}
 	c.place(segs)
+	c.segs, c.rules = segs, rules
 	if len(c.tables) > 0 || slices.ContainsFunc(segs, func(s segment) bool { return len(s.linear) > 0 }) {
 		c.readGeneration()
 	}
@@ -289,13 +295,22 @@ func (c *compiler) program(rules []*grammar.Rule) error {
 		Instructions: e.finish(),
 	}
 	// Headroom, so that a rule added to an existing shape keeps the maps.
-	slots := uint32(capacity(len(rules), 16))
+	slots := uint32(capacity(c.slotsUsed(len(rules)), 16))
 	c.spec.Maps[CountersMap] = &ebpf.MapSpec{Name: CountersMap, Type: ebpf.PerCPUArray, KeySize: 4, ValueSize: 16, MaxEntries: slots}
-	c.spec.Maps[RuleMTUMap] = &ebpf.MapSpec{Name: RuleMTUMap, Type: ebpf.PerCPUArray, KeySize: 4, ValueSize: 8, MaxEntries: slots}
+	// Per-CPU arrays cost an allocation per entry and CPU: the per-rule
+	// parts only where some rule counts in them.
+	mtuSlots, statSlots := uint32(1), uint32(0)
+	if c.usesRuleMTU {
+		mtuSlots = slots
+	}
+	if c.ruleStats {
+		statSlots = slots
+	}
+	c.spec.Maps[RuleMTUMap] = &ebpf.MapSpec{Name: RuleMTUMap, Type: ebpf.PerCPUArray, KeySize: 4, ValueSize: 8, MaxEntries: mtuSlots}
 	c.tableMaps()
 	c.anonMaps()
 	// The hook's events, then each rule's left-alone counts (abi.StatsMap).
-	c.spec.Maps[StatsMap] = &ebpf.MapSpec{Name: StatsMap, Type: ebpf.PerCPUArray, KeySize: 4, ValueSize: 8, MaxEntries: NumStats * (1 + slots)}
+	c.spec.Maps[StatsMap] = &ebpf.MapSpec{Name: StatsMap, Type: ebpf.PerCPUArray, KeySize: 4, ValueSize: 8, MaxEntries: NumStats * (1 + statSlots)}
 	c.traceMaps()
 	return nil
 }
@@ -700,13 +715,14 @@ func (c *compiler) exits() {
 func (c *compiler) stat(s int) string {
 	k, name := s, "stat_"+strings.ReplaceAll(abi.StatNames[s], "-", "_")
 	if !c.dynRule {
-		k += NumStats * (c.curRule + 1)
+		k += NumStats * (int(c.slot(c.curRule)) + 1)
 		name += fmt.Sprintf("_r%d", c.curRule)
 	}
 	if c.curCounted {
 		k |= statCounted
 		name += "_counted"
 	}
+	c.ruleStats = true
 	if l, ok := c.statLabels[k]; ok {
 		return l
 	}
@@ -721,6 +737,9 @@ const statCounted = 1 << 30
 
 // lookup emits R0 = bpf_map_lookup_elem(map, fp+slot).
 func (c *compiler) lookup(m string, slot int16) {
+	if m == RuleMTUMap {
+		c.usesRuleMTU = true
+	}
 	c.e.emit(
 		asm.LoadMapPtr(asm.R1, 0).WithReference(m),
 		mov(asm.R2, asm.R10),

@@ -539,7 +539,7 @@ func (c *compiler) ruleKey(i int) {
 		c.e.emit(ldx(asm.R1, asm.R10, slotRule, asm.DWord), stx(asm.R10, slotKey, asm.R1, asm.Word))
 		return
 	}
-	c.e.emit(sti(asm.R10, slotKey, int64(i), asm.Word))
+	c.e.emit(sti(asm.R10, slotKey, int64(c.slot(i)), asm.Word))
 }
 
 // unlink, in a shape's residual checks, makes r a copy the verifier does not

@@ -132,7 +132,7 @@ func (c *compiler) segment(rules []*grammar.Rule, seg segment) error {
 		e.comment("rule %d handle %d: %s", i, rules[i].Handle, Describe(rules[i]))
 		e.emit(
 			ldx(asm.R1, asm.R10, slotBest, asm.DWord),
-			asm.JLE.Imm(asm.R1, int32(i), found), // priority = position + 1
+			asm.JLT.Imm(asm.R1, int32(c.prio(i)), found), // a table rule before it matched
 		)
 		err := c.matchesExcept(rules[i], next, [numKeyFields]bool{})
 		if err == nil {
@@ -338,7 +338,7 @@ func (c *compiler) perfectContents(gen uint32) []ebpf.MapKV {
 	if c.perfectBlob == nil {
 		c.perfectBlob = make([]byte, c.perfectSize)
 		for _, sh := range c.tables[perfectMap] {
-			sh.perfect.fill(c.perfectBlob, sh, c.bodyOf)
+			sh.perfect.fill(c.perfectBlob, sh, c.bodyOf, c.at)
 		}
 	}
 	return []ebpf.MapKV{{Key: binary.NativeEndian.AppendUint32(nil, gen), Value: c.perfectBlob}}
@@ -354,8 +354,8 @@ func (c *compiler) entries(shapes []*shape, gen uint32) []ebpf.MapKV {
 			if sh.array {
 				k = binary.NativeEndian.AppendUint32(nil, gen<<16|binary.NativeEndian.Uint32(en.key))
 			}
-			v := binary.NativeEndian.AppendUint32(nil, uint32(en.rule)+1)
-			v = binary.NativeEndian.AppendUint32(v, uint32(en.rule))
+			v := binary.NativeEndian.AppendUint32(nil, c.prio(en.rule))
+			v = binary.NativeEndian.AppendUint32(v, c.slot(en.rule))
 			v = binary.NativeEndian.AppendUint32(v, c.bodyOf[en.rule])
 			out = append(out, ebpf.MapKV{Key: k, Value: v})
 		}

@@ -63,7 +63,7 @@ func (c *compiler) traceRule(i int, r *grammar.Rule) {
 	skip := e.newLabel("untraced")
 	e.comment("traced packet: record the rule")
 	e.emit(ldx(asm.R1, asm.R10, slotTrace, asm.DWord), asm.JEq.Imm(asm.R1, 0, skip))
-	c.traceRecord(abi.TraceRule, i, abi.TraceNext, false)
+	c.traceRecord(abi.TraceRule, int(c.slot(i)), abi.TraceNext, false)
 	e.label(skip)
 }
 
