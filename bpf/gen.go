@@ -393,3 +393,33 @@ func (s *Store) RemoveLegacy() error {
 	}
 	return errors.Join(errs...)
 }
+
+// tablesDirty marks that a writer may have changed the spare generation of
+// some hook's rule tables without committing (see datapath's incremental
+// changes). A symlink: bpffs has no regular files.
+const tablesDirty = "tables-dirty"
+
+// TablesDirty reports whether the mark is there.
+func (s *Store) TablesDirty() bool {
+	_, err := os.Lstat(filepath.Join(s.Dir, tablesDirty))
+	return err == nil
+}
+
+// MarkTablesDirty sets the mark (before a spare generation is written).
+func (s *Store) MarkTablesDirty() error {
+	err := os.Symlink("spare", filepath.Join(s.Dir, tablesDirty))
+	if err != nil && !errors.Is(err, os.ErrExist) {
+		return fmt.Errorf("mark tables: %w", err)
+	}
+	faults.Point("mark tables dirty")
+	return nil
+}
+
+// ClearTablesDirty removes the mark (once a commit that knew of it is
+// published).
+func (s *Store) ClearTablesDirty() error {
+	if err := os.Remove(filepath.Join(s.Dir, tablesDirty)); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return err
+	}
+	return nil
+}

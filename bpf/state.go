@@ -100,3 +100,21 @@ func (g *Gen) ReadBlob(name string) ([]byte, error) {
 	}
 	return data, nil
 }
+
+// LinkBlob makes g hold the same named blob as from (the same map pinned
+// again, no copy); nothing happens when from has none.
+func (g *Gen) LinkBlob(from *Gen, name string) error {
+	m, err := ebpf.LoadPinnedMap(filepath.Join(from.Dir, name), nil)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("open %s: %w", name, permission(err))
+	}
+	defer m.Close()
+	if err := pinMapCopy(m, filepath.Join(g.Dir, name)); err != nil {
+		return err
+	}
+	faults.Point("link " + name)
+	return nil
+}

@@ -9,6 +9,7 @@ import (
 	"sync"
 
 	"github.com/sfunnel/sfunnel/bpf"
+	"github.com/sfunnel/sfunnel/grammar"
 	"github.com/sfunnel/sfunnel/ruleset"
 )
 
@@ -18,7 +19,19 @@ import (
 // record's rules and of this sfunnel binary's build id. The cache is never
 // the format: a record written by another build, or any doubt, and the
 // text is parsed instead.
-const cacheBlob = "rules_cache"
+//
+// A commit that changes a few rules does not encode ten thousand trees
+// again: the new generation links the previous generation's cache (the
+// base, the same map) and writes a patch beside it — the rules not in the
+// base, and every hook's rule order by handle. Patches accumulate until
+// they hold many rules; then the cache is written whole again.
+const (
+	cacheBlob = "rules_cache"
+	patchBlob = "rules_patch"
+	// maxPatchRules: past this many rules outside the base, the cache is
+	// written whole.
+	maxPatchRules = 1024
+)
 
 // buildID identifies this binary (the Go build id note of its ELF file),
 // so a cache written by another build of sfunnel is not trusted.
@@ -72,34 +85,126 @@ func cacheKey(st *liveState) []byte {
 	return h.Sum(nil)
 }
 
-// writeCache stores rs, the trees of st's rules, in g (best effort).
-func writeCache(g *bpf.Gen, st *liveState, rs *ruleset.Ruleset) {
+// cachePatch is a cache as a base plus changes.
+type cachePatch struct {
+	Base, Key  []byte // the base cache's key; the key the patched cache has
+	Rules      []*grammar.Rule
+	Sets       []*grammar.Set
+	NextHandle uint64
+	Hooks      []hookOrder
+}
+
+type hookOrder struct {
+	Interface string
+	Hook      grammar.Hook
+	Handles   []uint64
+}
+
+// cacheBase is what a writer knows of the cache it read: the base's key
+// and trees.
+type cacheBase struct {
+	key   []byte
+	rules map[*grammar.Rule]bool
+}
+
+// writeCache stores rs, the trees of st's rules, in g (best effort): as a
+// patch on cur's base when b read that base and few rules are new,
+// else whole.
+func (b *Backend) writeCache(cur, g *bpf.Gen, st *liveState, rs *ruleset.Ruleset) {
 	key := cacheKey(st)
 	if key == nil {
 		return
 	}
-	var b bytes.Buffer
-	b.Write(key)
-	if err := gob.NewEncoder(&b).Encode(rs); err != nil {
+	if base := b.cache; base != nil && cur != nil {
+		p := &cachePatch{Base: base.key, Key: key, Sets: rs.Sets, NextHandle: rs.NextHandle}
+		for _, ifc := range rs.Interfaces {
+			for _, h := range []grammar.Hook{grammar.HookIngress, grammar.HookEgress} {
+				o := hookOrder{Interface: ifc.Name, Hook: h}
+				for _, r := range ifc.Rules(h) {
+					o.Handles = append(o.Handles, r.Handle)
+					if !base.rules[r] {
+						p.Rules = append(p.Rules, r)
+					}
+				}
+				if len(o.Handles) > 0 {
+					p.Hooks = append(p.Hooks, o)
+				}
+			}
+		}
+		if len(p.Rules) <= maxPatchRules {
+			var buf bytes.Buffer
+			if gob.NewEncoder(&buf).Encode(p) == nil && g.LinkBlob(cur, cacheBlob) == nil && g.WriteBlob(patchBlob, buf.Bytes()) == nil {
+				return
+			}
+		}
+	}
+	var buf bytes.Buffer
+	buf.Write(key)
+	if err := gob.NewEncoder(&buf).Encode(rs); err != nil {
 		return
 	}
-	g.WriteBlob(cacheBlob, b.Bytes())
+	g.WriteBlob(cacheBlob, buf.Bytes())
 }
 
 // readCache returns the trees of st's rules from g's cache, nil when there
-// is no cache that matches.
-func readCache(g *bpf.Gen, st *liveState) *ruleset.Ruleset {
+// is no cache that matches. It notes the base for the next writeCache.
+func (b *Backend) readCache(g *bpf.Gen, st *liveState) *ruleset.Ruleset {
+	b.cache = nil
 	key := cacheKey(st)
 	if key == nil {
 		return nil
 	}
 	data, err := g.ReadBlob(cacheBlob)
-	if err != nil || len(data) < len(key) || !bytes.Equal(data[:len(key)], key) {
+	if err != nil || len(data) < len(key) {
 		return nil
+	}
+	whole := bytes.Equal(data[:len(key)], key)
+	var p cachePatch
+	if !whole {
+		pdata, err := g.ReadBlob(patchBlob)
+		if err != nil || pdata == nil || gob.NewDecoder(bytes.NewReader(pdata)).Decode(&p) != nil ||
+			!bytes.Equal(p.Key, key) || !bytes.Equal(p.Base, data[:len(key)]) {
+			return nil
+		}
 	}
 	var rs ruleset.Ruleset
 	if err := gob.NewDecoder(bytes.NewReader(data[len(key):])).Decode(&rs); err != nil {
 		return nil
 	}
-	return &rs
+	base := &cacheBase{key: data[:len(key)], rules: map[*grammar.Rule]bool{}}
+	byHandle := map[uint64]*grammar.Rule{}
+	for _, ifc := range rs.Interfaces {
+		for _, r := range append(ifc.Ingress, ifc.Egress...) {
+			base.rules[r] = true
+			byHandle[r.Handle] = r
+		}
+	}
+	b.cache = base
+	if whole {
+		return &rs
+	}
+	for _, r := range p.Rules {
+		byHandle[r.Handle] = r
+	}
+	out := &ruleset.Ruleset{Sets: p.Sets, NextHandle: p.NextHandle}
+	for _, o := range p.Hooks {
+		ifc := out.Interface(o.Interface)
+		if ifc == nil {
+			ifc = &ruleset.Interface{Name: o.Interface}
+			out.Interfaces = append(out.Interfaces, ifc)
+		}
+		rules := make([]*grammar.Rule, len(o.Handles))
+		for i, h := range o.Handles {
+			if rules[i] = byHandle[h]; rules[i] == nil {
+				b.cache = nil
+				return nil
+			}
+		}
+		if o.Hook == grammar.HookEgress {
+			ifc.Egress = rules
+		} else {
+			ifc.Ingress = rules
+		}
+	}
+	return out
 }

@@ -97,11 +97,15 @@ func (b *Backend) Commit(rs *ruleset.Ruleset) error {
 	if err != nil {
 		return err
 	}
-	old, err := readGenState(cur)
-	if err != nil {
-		old = nil // unreadable: every hook is replaced or detached
+	old := b.read
+	if old == nil || cur == nil || old.Generation != cur.N || !b.held {
+		if old, err = readGenState(cur); err != nil {
+			old = nil // unreadable: every hook is replaced or detached
+		}
 	}
+	b.read = nil
 	ctMask := b.ctMarkMask(old)
+	dirty := s.TablesDirty()
 	seg := &segdevs{verbose: b.opts.Verbose}
 	segKept := false
 	defer func() {
@@ -109,10 +113,6 @@ func (b *Backend) Commit(rs *ruleset.Ruleset) error {
 			seg.undo() // devices this transaction created
 		}
 	}()
-	plans, err := b.compile(rs, ctMask, seg.ensure)
-	if err != nil {
-		return err
-	}
 
 	g, err := s.NewGen()
 	if err != nil {
@@ -157,10 +157,45 @@ func (b *Backend) Commit(rs *ruleset.Ruleset) error {
 		}
 	}
 
+	// Hooks whose change is table entries of the running program only
+	// (patch.go): no compilation.
+	patches := map[bpf.HookID]*hookPatch{}
+	for _, ifc := range rs.Interfaces {
+		for _, hk := range []grammar.Hook{grammar.HookIngress, grammar.HookEgress} {
+			id := bpf.HookID{Ifname: ifc.Name, Hook: hk}
+			oh := old.hook(id)
+			if oh == nil || len(ifc.Rules(hk)) == 0 || usesFreshSet(oh.Sets, sets) || !b.attached(s, id) {
+				continue
+			}
+			p, err := b.patchHook(s, cur, oh, ifc.Rules(hk), ctMask, dirty)
+			if err != nil {
+				return err
+			}
+			if p != nil {
+				patches[id] = p
+			}
+		}
+	}
+	plans, err := b.compile(rs, ctMask, seg.ensure, old, patches)
+	if err != nil {
+		return err
+	}
+
 	// Programs: unchanged ones pinned again (their rule tables rewritten
 	// when only those changed), changed ones loaded.
 	tables := map[bpf.HookID]*tableUpdate{}
 	kept := map[bpf.HookID]uint32{} // table generation of kept programs
+	for id := range patches {
+		h, err := cur.Hook(id)
+		if err != nil {
+			return err
+		}
+		err = g.PinHook(id, h.Prog, h.Maps)
+		h.Close()
+		if err != nil {
+			return err
+		}
+	}
 	for _, p := range plans {
 		if oh := old.hook(p.id); oh != nil && !usesFreshSet(p.prog.NamedSets, sets) && b.attached(s, p.id) {
 			same := oh.Digest == p.digest
@@ -175,7 +210,9 @@ func (b *Backend) Commit(rs *ruleset.Ruleset) error {
 				if tablesOnly {
 					// A failure leaves entries the program does not read;
 					// the hook is then reloaded instead.
-					tu, err = prepareTables(h, p.prog, len(oh.CounterHandles))
+					if err = s.MarkTablesDirty(); err == nil {
+						tu, err = prepareTables(h, p.prog, oh.CounterHandles)
+					}
 				}
 				if err == nil {
 					err = g.PinHook(p.id, h.Prog, h.Maps)
@@ -213,7 +250,12 @@ func (b *Backend) Commit(rs *ruleset.Ruleset) error {
 		if err != nil {
 			return p.loadError(err)
 		}
-		err = g.PinHook(p.id, coll.Programs[bpf.ProgramName], coll.Maps)
+		// The spare table generation starts equal to the live one, so
+		// the next change of a rule writes that rule's entries only.
+		if err = prefillSpare(coll.Maps, p.prog); err == nil {
+			p.spareKnown = true
+			err = g.PinHook(p.id, coll.Programs[bpf.ProgramName], coll.Maps)
+		}
 		coll.Close()
 		if err != nil {
 			return err
@@ -225,7 +267,7 @@ func (b *Backend) Commit(rs *ruleset.Ruleset) error {
 	if err != nil {
 		return err
 	}
-	next := stateOf(rs, ctMask, plans, b.known)
+	next := stateOf(rs, ctMask, plans, b.known, patches)
 	next.Generation = g.N
 	for i, a := range aux {
 		err := g.PinHook(a.id, a.coll.Programs[bpf.ProgramName], a.coll.Maps)
@@ -240,31 +282,26 @@ func (b *Backend) Commit(rs *ruleset.Ruleset) error {
 	}
 	for _, h := range next.hooks() {
 		base := map[uint64]ruleset.Counter{}
-		if oh := old.hook(h.id()); oh != nil {
+		oh := old.hook(h.id())
+		if oh != nil {
 			base = oh.base() // final for kept programs; replaced ones add their counts in rollForward
 		}
 		if gen, ok := kept[h.id()]; ok {
 			h.TableGen = gen
+			if oh != nil && !dirty {
+				h.Spare = oh.Spare // tables untouched
+			}
 		}
 		if tu := tables[h.id()]; tu != nil {
 			h.TableGen = tu.gen
-			// New slots start from what is in them (unsigned
-			// arithmetic: base + live = live - residue).
-			for i, r := range tu.residue {
-				if i < len(h.CounterHandles) {
-					c := base[h.CounterHandles[i]]
-					c.Packets -= r.Packets
-					c.Bytes -= r.Bytes
-					base[h.CounterHandles[i]] = c
-				}
-			}
+			h.Spare = nil
 		}
 		h.setBase(base)
 	}
 	if err := writeGenState(g, next); err != nil {
 		return err
 	}
-	writeCache(g, next, rs)
+	b.writeCache(cur, g, next, rs)
 	// The connmark table must be there before rules that use ct mark run.
 	if next.CtMarkUsed {
 		if err := b.table(ctMask).Ensure(); err != nil {
@@ -341,6 +378,7 @@ func (b *Backend) rollForward(s *bpf.Store, cur, g *bpf.Gen, st, old *liveState)
 	}
 	// Counters the replaced programs counted: final now that they stopped.
 	// (A kept program's bases were settled when g was prepared.)
+	rebased := false
 	for _, h := range st.hooks() {
 		oh := old.hook(h.id())
 		if oh == nil {
@@ -353,12 +391,20 @@ func (b *Backend) rollForward(s *bpf.Store, cur, g *bpf.Gen, st, old *liveState)
 		}
 		if replaced {
 			h.setBase(base)
+			rebased = true
 		}
 	}
-	if err := writeGenState(g, st); err != nil {
-		return err
+	if rebased {
+		if err := writeGenState(g, st); err != nil {
+			return err
+		}
 	}
 	if err := s.Publish(g); err != nil {
+		return err
+	}
+	// g's record was made knowing of the mark: what it says of every
+	// hook's spare tables holds.
+	if err := s.ClearTablesDirty(); err != nil {
 		return err
 	}
 	// Tidying: failures here do not change what is live.
@@ -598,6 +644,9 @@ func (b *Backend) snapshot() (*bpf.Store, *bpf.Gen, *liveState, error) {
 			return s, nil, nil, err
 		}
 		st, err := readGenState(g)
+		if st != nil && st.Generation == g.N {
+			b.read = st // Commit, under the lock taken before, reads it again
+		}
 		if st == nil && err == nil || errors.Is(err, os.ErrNotExist) {
 			// A writer published a newer generation and removed this
 			// one between our two reads: read again.
@@ -617,7 +666,7 @@ func (b *Backend) Load() (*ruleset.Ruleset, error) {
 		return &ruleset.Ruleset{NextHandle: 1}, err
 	}
 	live := func(h *hookState) bool { return b.attached(s, h.id()) }
-	if rs := readCache(g, st); rs != nil {
+	if rs := b.readCache(g, st); rs != nil {
 		for _, h := range st.hooks() {
 			if !live(h) {
 				if ifc := rs.Interface(h.ifname); ifc != nil {
@@ -650,6 +699,7 @@ func (b *Backend) Load() (*ruleset.Ruleset, error) {
 // commit of a ruleset made from them does not format them again.
 func (b *Backend) remember(st *liveState, rs *ruleset.Ruleset) {
 	b.known = map[*grammar.Rule]ruleRecord{}
+	b.byHandle = map[uint64]*grammar.Rule{}
 	for _, h := range st.hooks() {
 		ifc := rs.Interface(h.ifname)
 		if ifc == nil {
@@ -662,6 +712,7 @@ func (b *Backend) remember(st *liveState, rs *ruleset.Ruleset) {
 		for i, r := range rules {
 			if r.Handle == h.Rules[i].Handle {
 				b.known[r] = h.Rules[i]
+				b.byHandle[r.Handle] = r
 			}
 		}
 	}
@@ -713,6 +764,7 @@ func (b *Backend) ResetCounters(handles []uint64) error {
 		return err
 	}
 	defer unlock()
+	b.read = nil
 	if err := b.recover(s); err != nil {
 		return err
 	}

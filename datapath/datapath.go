@@ -41,7 +41,12 @@ type Backend struct {
 	opts Options
 	held bool // the writer lock is held (Lock), Commit must not take it again
 	// known maps the rules the last Load returned to their stored records.
-	known map[*grammar.Rule]ruleRecord
+	known    map[*grammar.Rule]ruleRecord
+	byHandle map[uint64]*grammar.Rule // the rules of known by handle
+	// read is the state record the last snapshot read (Commit under the
+	// same lock does not decode it again); cache the rules cache it read.
+	read  *liveState
+	cache *cacheBase
 }
 
 var _ ruleset.Backend = (*Backend)(nil)
@@ -102,17 +107,24 @@ func (b *Backend) table(mask uint32) *ctmark.Table {
 
 // hookPlan is one hook with rules, compiled.
 type hookPlan struct {
-	id     bpf.HookID
-	ifc    bpf.Interface
-	rules  []*grammar.Rule
-	prog   *compiler.Program
-	digest string
+	id           bpf.HookID
+	ifc          bpf.Interface
+	rules        []*grammar.Rule
+	prios, slots []uint32
+	prog         *compiler.Program
+	digest       string
+	// spareKnown: the program was loaded with both table generations
+	// equal.
+	spareKnown bool
 }
 
 // compile resolves interfaces and compiles every hook that has rules. seg
 // gives the segmentation device of an interface whose egress rules need
 // one (wantsSegdev).
-func (b *Backend) compile(rs *ruleset.Ruleset, ctMask uint32, seg func(bpf.Interface) (tx, rx int, err error)) ([]*hookPlan, error) {
+//
+// Hooks in skip are not compiled (incremental changes, patch.go); old is
+// the live state, whose priorities and counter slots rules keep.
+func (b *Backend) compile(rs *ruleset.Ruleset, ctMask uint32, seg func(bpf.Interface) (tx, rx int, err error), old *liveState, skip map[bpf.HookID]*hookPatch) ([]*hookPlan, error) {
 	sets := make(map[string]*grammar.Set, len(rs.Sets))
 	for _, s := range rs.Sets {
 		sets[s.Name] = s
@@ -135,7 +147,11 @@ func (b *Backend) compile(rs *ruleset.Ruleset, ctMask uint32, seg func(bpf.Inter
 				}
 			}
 			id := bpf.HookID{Ifname: ifc.Name, Hook: h}
-			copts := compiler.Options{L3: info.L3, Hook: h, CtMarkMask: ctMask}
+			if skip[id] != nil {
+				continue
+			}
+			prios, slots := assignSlots(old.hook(id), rules)
+			copts := compiler.Options{L3: info.L3, Hook: h, CtMarkMask: ctMask, Prios: prios, Slots: slots}
 			if wantsSegdev(info, h, rules) {
 				tx, rx, err := seg(info)
 				if err != nil {
@@ -151,7 +167,7 @@ func (b *Backend) compile(rs *ruleset.Ruleset, ctMask uint32, seg func(bpf.Inter
 				int(prog.Spec.Maps["counters"].MaxEntries) < len(prog.Handles)) {
 				return nil, &HookError{Hook: id, Err: errors.New("compiler: counters map smaller than the rule count")}
 			}
-			plans = append(plans, &hookPlan{id: id, ifc: info, rules: rules, prog: prog, digest: digest(prog.Spec, prog.Handles)})
+			plans = append(plans, &hookPlan{id: id, ifc: info, rules: rules, prios: prios, slots: slots, prog: prog, digest: digest(prog.Spec, prog.Handles)})
 		}
 	}
 	return plans, nil
@@ -179,7 +195,7 @@ func (b *Backend) Check(rs *ruleset.Ruleset) error {
 		// The live mask, if one can be read; Check must not create state.
 		_, _, live, _ = b.snapshot()
 	}
-	plans, err := b.compile(rs, b.ctMarkMask(live), checkSegdev)
+	plans, err := b.compile(rs, b.ctMarkMask(live), checkSegdev, nil, nil)
 	if err != nil {
 		return err
 	}

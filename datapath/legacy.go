@@ -38,7 +38,7 @@ func decodeLegacy(data []byte) (*liveState, error) {
 	if rs == nil {
 		rs = &ruleset.Ruleset{NextHandle: 1}
 	}
-	st := stateOf(rs, ls.CtMarkMask, nil, nil)
+	st := stateOf(rs, ls.CtMarkMask, nil, nil, nil)
 	for _, h := range st.hooks() {
 		for _, lh := range ls.Hooks {
 			if lh.Ifname == h.ifname && lh.Hook == h.hook {

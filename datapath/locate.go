@@ -30,6 +30,7 @@ func ruleOf(err error, rules []*grammar.Rule, insns asm.Instructions) *grammar.R
 // commands share the file name "<cmdline>" and overlapping offsets). Nil
 // when no single rule fails alone.
 func blameCompile(rules []*grammar.Rule, sets map[string]*grammar.Set, opts compiler.Options) *grammar.Rule {
+	opts.Prios, opts.Slots = nil, nil // for the whole hook
 	for _, r := range rules {
 		if _, err := compiler.Compile([]*grammar.Rule{r}, sets, opts); err != nil {
 			return r

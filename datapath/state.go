@@ -11,6 +11,7 @@ import (
 
 	"github.com/cilium/ebpf"
 	"github.com/sfunnel/sfunnel/bpf"
+	"github.com/sfunnel/sfunnel/compiler"
 	"github.com/sfunnel/sfunnel/grammar"
 	"github.com/sfunnel/sfunnel/ruleset"
 )
@@ -27,8 +28,10 @@ import (
 //	 "interfaces": [{"name": IF, "hooks": [{"hook": "ingress"|"egress",
 //	    "digest": HEX, "program_digest": HEX, "table_generation": 0|1,
 //	    "sets": [S…], "counter_handles": [H…],
-//	    "rules": [{"handle": H, "text": RULE, "counter_at": OFFSET}],
-//	    "base": [{"handle": H, "packets": P, "bytes": B}]}]}],
+//	    "rules": [{"handle": H, "text": RULE, "counter_at": OFFSET,
+//	               "prio": P, "slot": S, "segment": G, "table": true}],
+//	    "base": [{"handle": H, "packets": P, "bytes": B}],
+//	    "layout": {compiler.Layout}, "spare": {"delta": {TABLE: [KEY…]}}}]}],
 //	 "aux_hooks": [{"interface": IF, "hook": HOOK}]}
 //
 // counter_at is the byte offset in text where `list` inserts "packets P
@@ -88,6 +91,11 @@ type hookState struct {
 	CounterHandles []uint64     `json:"counter_handles,omitempty"`
 	Rules          []ruleRecord `json:"rules"`
 	Base           []baseRecord `json:"base,omitempty"`
+	// Layout is what incremental changes need of the compiled program
+	// (patch.go); Spare how the spare table generation differs from the
+	// live one. Absent: the next change compiles the hook.
+	Layout *compiler.Layout `json:"layout,omitempty"`
+	Spare  *spareRecord     `json:"spare,omitempty"`
 
 	ifname string // filled in by decode
 	hook   grammar.Hook
@@ -97,6 +105,15 @@ type ruleRecord struct {
 	Handle    uint64 `json:"handle"`
 	Text      string `json:"text"`
 	CounterAt int    `json:"counter_at,omitempty"`
+	// Prio is the rule's priority in the program's tables (sparse,
+	// growing with the rule's position; 0 in records of older sfunnels),
+	// Slot its counter slot, Segment 1 + its table segment in the layout
+	// (0: tested by code of its own), Table whether its matching is all
+	// table entries.
+	Prio    uint32 `json:"prio,omitempty"`
+	Slot    uint32 `json:"slot,omitempty"`
+	Segment int    `json:"segment,omitempty"`
+	Table   bool   `json:"table,omitempty"`
 }
 
 type baseRecord struct {
@@ -217,7 +234,9 @@ func ruleRecordOf(r *grammar.Rule) ruleRecord {
 //
 // known holds the records of rules read from the committed state (rules
 // are never changed in place, so the same rule has the same record).
-func stateOf(rs *ruleset.Ruleset, ctMask uint32, plans []*hookPlan, known map[*grammar.Rule]ruleRecord) *liveState {
+//
+// Hooks in patches take the record their patch made.
+func stateOf(rs *ruleset.Ruleset, ctMask uint32, plans []*hookPlan, known map[*grammar.Rule]ruleRecord, patches map[bpf.HookID]*hookPatch) *liveState {
 	st := &liveState{CtMarkMask: ctMask, NextHandle: rs.NextHandle, CtMarkUsed: usesCtMark(rs), Sets: []setRecord{}, Interfaces: []ifaceRecord{}}
 	for _, s := range rs.Sets {
 		st.Sets = append(st.Sets, setRecord{Name: s.Name, Text: grammar.FormatSet(s, "")})
@@ -233,6 +252,13 @@ func stateOf(rs *ruleset.Ruleset, ctMask uint32, plans []*hookPlan, known map[*g
 			if len(rules) == 0 {
 				continue
 			}
+			id := bpf.HookID{Ifname: ifc.Name, Hook: h}
+			if p := patches[id]; p != nil {
+				hs := p.hs
+				hs.Hook, hs.ifname, hs.hook = h.String(), ifc.Name, h
+				ir.Hooks = append(ir.Hooks, hs)
+				continue
+			}
 			hs := hookState{Hook: h.String(), ifname: ifc.Name, hook: h, Rules: make([]ruleRecord, len(rules))}
 			for i, r := range rules {
 				if rec, ok := known[r]; ok && rec.Handle == r.Handle {
@@ -246,6 +272,16 @@ func stateOf(rs *ruleset.Ruleset, ctMask uint32, plans []*hookPlan, known map[*g
 				hs.ProgDigest = progDigest(p.prog)
 				hs.Sets = p.prog.NamedSets
 				hs.CounterHandles = p.prog.Handles
+				layout, place := p.prog.Layout()
+				hs.Layout = layout
+				for i := range hs.Rules {
+					r := &hs.Rules[i]
+					r.Prio, r.Slot = p.prios[i], p.slots[i]
+					r.Segment, r.Table = place[i].Segment+1, place[i].Table
+				}
+				if p.spareKnown {
+					hs.Spare = &spareRecord{Delta: map[string][]string{}}
+				}
 			}
 			ir.Hooks = append(ir.Hooks, hs)
 		}

@@ -30,20 +30,16 @@ import (
 // tableUpdate is a hook whose program stays while its tables change.
 type tableUpdate struct {
 	gen uint32 // the generation to switch to
-	// residue holds, for counter slots the hook did not use before, what
-	// the map holds there now (left by rules deleted earlier): the new
-	// rule's counter starts from it.
-	residue map[int]abi.Counter
 }
 
 func progDigest(p *compiler.Program) string { return hex.EncodeToString(p.Digest[:]) }
 
-// slotsCompatible reports whether counters keep their meaning: every slot
-// the old program used holds the same rule's counter in the new one (rules
-// added at the end, or removed from the end, or replaced in place).
+// slotsCompatible reports whether counters keep their meaning: no slot
+// counts one rule in the old program and another in the new one (a slot
+// freed now is reused by a later commit, after it has been zeroed).
 func slotsCompatible(old, new []uint64) bool {
 	for i := 0; i < len(old) && i < len(new); i++ {
-		if old[i] != new[i] {
+		if old[i] != new[i] && old[i] != 0 && new[i] != 0 {
 			return false
 		}
 	}
@@ -51,17 +47,15 @@ func slotsCompatible(old, new []uint64) bool {
 }
 
 // prepareTables writes prog's entries into the generation of h's tables
-// that the running program does not read, and returns the update.
-func prepareTables(h *bpf.Hook, prog *compiler.Program, oldSlots int) (*tableUpdate, error) {
-	ctl := h.Maps[abi.ControlMap]
-	if ctl == nil {
-		return nil, fmt.Errorf("%s has no control map", h.HookID)
+// that the running program does not read, zeroes the counter slots that
+// new rules take (oldHandles: the running program's slots), and returns
+// the update.
+func prepareTables(h *bpf.Hook, prog *compiler.Program, oldHandles []uint64) (*tableUpdate, error) {
+	live, err := liveGeneration(h)
+	if err != nil {
+		return nil, err
 	}
-	var c abi.Control
-	if err := ctl.Lookup(uint32(0), &c); err != nil {
-		return nil, fmt.Errorf("read control map of %s: %w", h.HookID, err)
-	}
-	next := 1 - c.Generation&1
+	next := 1 - live
 	for name, kvs := range prog.TableContents(next) {
 		m := h.Maps[name]
 		if m == nil {
@@ -72,17 +66,46 @@ func prepareTables(h *bpf.Hook, prog *compiler.Program, oldSlots int) (*tableUpd
 		}
 		faults.Point("fill table " + name)
 	}
-	u := &tableUpdate{gen: next, residue: map[int]abi.Counter{}}
-	if m := h.Counters(); m != nil {
-		for i := oldSlots; i < len(prog.Handles) && i < int(m.MaxEntries()); i++ {
-			v, err := bpf.ReadCounter(m, i)
-			if err != nil {
-				return nil, err
-			}
-			u.residue[i] = v
+	var fresh []uint32
+	for i, handle := range prog.Handles {
+		if handle != 0 && (i >= len(oldHandles) || oldHandles[i] == 0) {
+			fresh = append(fresh, uint32(i))
 		}
 	}
-	return u, nil
+	if err := zeroSlots(h, fresh); err != nil {
+		return nil, err
+	}
+	return &tableUpdate{gen: next}, nil
+}
+
+// prefillSpare writes generation 1 of a freshly loaded program's tables
+// (its maps hold generation 0), so both generations are equal.
+func prefillSpare(maps map[string]*ebpf.Map, prog *compiler.Program) error {
+	for name, kvs := range prog.TableContents(1) {
+		m := maps[name]
+		if m == nil {
+			return fmt.Errorf("no table %s", name)
+		}
+		var ks, vs [][]byte
+		for _, kv := range kvs {
+			v := kv.Value.([]byte)
+			if binary.NativeEndian.Uint32(v) == 0 {
+				continue // an empty array slot: zero already
+			}
+			ks, vs = append(ks, kv.Key.([]byte)), append(vs, v)
+		}
+		if len(ks) == 0 {
+			continue
+		}
+		if _, err := m.BatchUpdate(records(int(m.KeySize()), ks), records(int(m.ValueSize()), vs), nil); err != nil {
+			for i := range ks {
+				if err := m.Put(ks[i], vs[i]); err != nil {
+					return fmt.Errorf("table %s: %w", name, err)
+				}
+			}
+		}
+	}
+	return nil
 }
 
 // fillGeneration makes generation gen of table m hold exactly kvs: stale

@@ -1,0 +1,558 @@
+package datapath
+
+import (
+	"encoding/binary"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"strings"
+
+	"github.com/cilium/ebpf"
+	"github.com/sfunnel/sfunnel/abi"
+	"github.com/sfunnel/sfunnel/bpf"
+	"github.com/sfunnel/sfunnel/compiler"
+	"github.com/sfunnel/sfunnel/grammar"
+	"github.com/sfunnel/sfunnel/internal/faults"
+)
+
+// Incremental rule changes. `add/insert/replace/delete rule` on a hook
+// whose compiled program already has the rule's shapes and action body
+// (compiler.Layout) write that rule's table entries and nothing else: no
+// compilation, no program load, O(change) map updates.
+//
+// Priorities are sparse (prioGap apart when assigned afresh), so a rule
+// inserted between two others takes a priority between theirs; counter
+// slots belong to a rule for its life (a deleted rule frees its slot, no
+// other rule's counter moves). When two neighbours leave no priority
+// between them, or the change needs new code, the hook is compiled again
+// (the full path), which assigns priorities afresh where needed.
+//
+// The entries go into the spare table generation, which the program does
+// not read, and the commit's roll-forward flips the control map: a packet
+// sees the old rules or the new ones. To keep that O(change), the spare
+// generation must be known: every hook's state record says which keys its
+// spare generation differs from the live one by (spareRecord, the previous
+// commit's change). Before a writer touches a spare generation it marks
+// the namespace's tables dirty (bpf.Store.MarkTablesDirty); a writer that
+// finds the mark (an earlier writer died or failed before its commit
+// point, its scribbles left in a spare generation) rebuilds the spare
+// generations it patches from the live ones, forgets what it knew of the
+// others, and clears the mark once its own commit is published.
+
+// prioGap is the distance between priorities assigned afresh: 14 inserts
+// at one place before the hook is compiled again.
+const prioGap = 1 << 14
+
+// maxPatch is the most rules one incremental change adds and removes.
+const maxPatch = 256
+
+// spareRecord says how a hook's spare table generation differs from its
+// live one: at the keys the last commit changed (table name → keys in
+// their generation-0 form, hex). A hook without one has an unknown spare.
+type spareRecord struct {
+	Delta map[string][]string `json:"delta"`
+}
+
+// hookPatch is a hook changed by table entries only.
+type hookPatch struct {
+	hs  hookState
+	gen uint32 // the table generation to switch to
+}
+
+// patchHook tries to make rules the rules of hook oh by writing table
+// entries into the spare generation of cur's program. It returns nil, and
+// no error, when the change needs a compilation; an error when a map
+// operation failed (the spare generation is dirty then, and marked so).
+func (b *Backend) patchHook(s *bpf.Store, cur *bpf.Gen, oh *hookState, rules []*grammar.Rule, ctMask uint32, dirty bool) (*hookPatch, error) {
+	l := oh.Layout
+	if l == nil || cur == nil || l.CtMarkMask != ctMask || len(oh.Rules) == 0 {
+		return nil, nil
+	}
+	if oh.hook == grammar.HookEgress && compiler.NeedsSegmentation(rules) {
+		return nil, nil // the segmentation device is set up by a compilation
+	}
+	oldAt := make(map[uint64]int, len(oh.Rules))
+	for i, r := range oh.Rules {
+		if r.Prio == 0 {
+			return nil, nil // written by an sfunnel without sparse priorities
+		}
+		oldAt[r.Handle] = i
+	}
+	// Survivors keep their records; the rest is added or removed.
+	recs := make([]ruleRecord, len(rules))
+	kept := make([]bool, len(rules))
+	newAt := make(map[uint64]int, len(rules))
+	changes := 0
+	for i, r := range rules {
+		newAt[r.Handle] = i
+		if j, ok := oldAt[r.Handle]; ok && b.sameRule(r, &oh.Rules[j]) {
+			recs[i], kept[i] = oh.Rules[j], true
+			continue
+		}
+		if changes++; changes > maxPatch {
+			return nil, nil
+		}
+	}
+	var removed []ruleRecord
+	for _, r := range oh.Rules {
+		if i, ok := newAt[r.Handle]; !ok || !kept[i] {
+			removed = append(removed, r)
+			if changes++; changes > maxPatch {
+				return nil, nil
+			}
+		}
+	}
+	if changes == 0 {
+		return nil, nil
+	}
+
+	// Entries to remove (generation-0 keys).
+	type entry struct {
+		table    string
+		key, val []byte
+	}
+	var dels []entry
+	delKey := map[string]bool{}
+	for _, rec := range removed {
+		if !rec.Table || rec.Segment == 0 {
+			return nil, nil // its code is in the program
+		}
+		r := b.ruleOf(rec)
+		if r == nil {
+			return nil, nil
+		}
+		ents, err := l.Place(r, rec.Segment-1, rec.Prio, rec.Slot, 0)
+		if err != nil {
+			return nil, nil
+		}
+		for _, en := range ents {
+			if en.Shadowed {
+				return nil, nil // another rule's entry hides behind it
+			}
+			dels = append(dels, entry{en.Table, en.Key, nil})
+			delKey[en.Table+string(en.Key)] = true
+		}
+	}
+
+	// Rules to add: a priority between their neighbours', a free slot, a
+	// segment of a neighbour that has their shapes and body.
+	used := map[uint32]bool{}
+	for _, r := range oh.Rules {
+		used[r.Slot] = true // slots freed now are reused by a later commit
+	}
+	nextFree := uint32(0)
+	allocSlot := func() (uint32, bool) {
+		for ; int(nextFree) < l.Slots; nextFree++ {
+			if !used[nextFree] {
+				used[nextFree] = true
+				return nextFree, true
+			}
+		}
+		return 0, false
+	}
+	nextKept := make([]int, len(rules)+1)
+	nextKept[len(rules)] = -1
+	for i := len(rules) - 1; i >= 0; i-- {
+		nextKept[i] = nextKept[i+1]
+		if kept[i] {
+			nextKept[i] = i
+		}
+	}
+	var puts []entry
+	putKey := map[string]bool{}
+	var fresh []uint32 // slots to zero
+	for i, r := range rules {
+		if kept[i] {
+			continue
+		}
+		rec := ruleRecordOf(r)
+		var segs []int
+		if j, ok := oldAt[r.Handle]; ok {
+			// Replaced in place: its priority, slot and segment.
+			old := oh.Rules[j]
+			if !old.Table || old.Segment == 0 {
+				return nil, nil
+			}
+			rec.Prio, rec.Slot = old.Prio, old.Slot
+			segs = []int{old.Segment}
+		} else {
+			lo, hi := uint32(0), uint32(1<<31)
+			prevSeg, nextSeg := 0, 0
+			if i > 0 {
+				lo, prevSeg = recs[i-1].Prio, recs[i-1].Segment
+			}
+			if n := nextKept[i]; n >= 0 {
+				hi, nextSeg = recs[n].Prio, recs[n].Segment
+			}
+			if hi-lo < 2 {
+				return nil, nil // no priority left between them
+			}
+			rec.Prio = lo + (hi-lo)/2
+			if nextKept[i] < 0 {
+				rec.Prio = lo + min(prioGap, (hi-lo)/2)
+			}
+			for _, sg := range []int{prevSeg, nextSeg} {
+				if sg > 0 && l.Segments[sg-1].Terminal && (len(segs) == 0 || segs[0] != sg) {
+					segs = append(segs, sg)
+				}
+			}
+			slot, ok := allocSlot()
+			if !ok {
+				return nil, nil // the counters map is full
+			}
+			rec.Slot = slot
+			fresh = append(fresh, slot)
+		}
+		var ents []compiler.Entry
+		for _, sg := range segs {
+			var err error
+			if ents, err = l.Place(r, sg-1, rec.Prio, rec.Slot, 0); err == nil {
+				rec.Segment, rec.Table = sg, true
+				break
+			}
+		}
+		if !rec.Table {
+			return nil, nil
+		}
+		for _, en := range ents {
+			k := en.Table + string(en.Key)
+			if putKey[k] {
+				return nil, nil // two new rules share a key: which one wins is a compilation's call
+			}
+			putKey[k] = true
+			puts = append(puts, entry{en.Table, en.Key, en.Value})
+		}
+		recs[i] = rec
+	}
+
+	h, err := cur.Hook(oh.id())
+	if err != nil || h == nil {
+		return nil, err
+	}
+	defer h.Close()
+	live, err := liveGeneration(h)
+	if err != nil {
+		return nil, err
+	}
+	if live != oh.TableGen {
+		dirty = true // the record and the control map disagree: trust neither spare
+	}
+	spare := 1 - live
+	// A key another rule holds in the live tables is shadowing the
+	// compiler resolves.
+	for _, p := range puts {
+		m := h.Maps[p.table]
+		if m == nil {
+			return nil, nil
+		}
+		if delKey[p.table+string(p.key)] {
+			continue
+		}
+		v, err := lookupEntry(m, genKey(m, p.key, live))
+		if err != nil {
+			return nil, err
+		}
+		if v != nil {
+			return nil, nil
+		}
+	}
+
+	// From here on the spare generation changes.
+	if err := s.MarkTablesDirty(); err != nil {
+		return nil, err
+	}
+	if dirty || oh.Spare == nil {
+		if err := syncSpare(h, live); err != nil {
+			return nil, fmt.Errorf("%s: %w", oh.id(), err)
+		}
+	} else {
+		for name, keys := range oh.Spare.Delta {
+			m := h.Maps[name]
+			if m == nil {
+				return nil, fmt.Errorf("%s has no table %s", oh.id(), name)
+			}
+			for _, hk := range keys {
+				k, err := hex.DecodeString(hk)
+				if err != nil {
+					return nil, fmt.Errorf("stored ruleset is corrupt: %w", err)
+				}
+				if err := copyEntry(m, k, live); err != nil {
+					return nil, err
+				}
+			}
+		}
+	}
+	delta := map[string][]string{}
+	for _, d := range dels {
+		m := h.Maps[d.table]
+		if m == nil {
+			return nil, fmt.Errorf("%s has no table %s", oh.id(), d.table)
+		}
+		if err := deleteEntry(m, genKey(m, d.key, spare)); err != nil {
+			return nil, err
+		}
+		delta[d.table] = append(delta[d.table], hex.EncodeToString(d.key))
+	}
+	for _, p := range puts {
+		m := h.Maps[p.table]
+		if err := m.Put(genKey(m, p.key, spare), p.val); err != nil {
+			return nil, fmt.Errorf("table %s of %s: %w", p.table, oh.id(), err)
+		}
+		if !delKey[p.table+string(p.key)] {
+			delta[p.table] = append(delta[p.table], hex.EncodeToString(p.key))
+		}
+	}
+	faults.Point("patch tables " + oh.id().String())
+	if err := zeroSlots(h, fresh); err != nil {
+		return nil, err
+	}
+
+	hs := *oh
+	hs.Rules = recs
+	hs.Digest = "" // the program's tables differ from any compilation's generation 0
+	hs.TableGen = spare
+	hs.Spare = &spareRecord{Delta: delta}
+	hs.CounterHandles = append([]uint64(nil), oh.CounterHandles...)
+	for _, r := range removed {
+		if int(r.Slot) < len(hs.CounterHandles) && hs.CounterHandles[r.Slot] == r.Handle {
+			hs.CounterHandles[r.Slot] = 0
+		}
+	}
+	for _, r := range recs {
+		for int(r.Slot) >= len(hs.CounterHandles) {
+			hs.CounterHandles = append(hs.CounterHandles, 0)
+		}
+		hs.CounterHandles[r.Slot] = r.Handle
+	}
+	return &hookPatch{hs: hs, gen: spare}, nil
+}
+
+// sameRule reports whether r is the rule rec records.
+func (b *Backend) sameRule(r *grammar.Rule, rec *ruleRecord) bool {
+	if k, ok := b.known[r]; ok {
+		return k.Handle == rec.Handle && k.Text == rec.Text
+	}
+	return ruleRecordOf(r).Text == rec.Text
+}
+
+// ruleOf returns the syntax tree of a stored rule, as the last Load
+// returned it (nil if it did not: the hook is compiled again then).
+func (b *Backend) ruleOf(rec ruleRecord) *grammar.Rule {
+	if r := b.byHandle[rec.Handle]; r != nil && b.known[r].Text == rec.Text {
+		return r
+	}
+	return nil
+}
+
+// liveGeneration reads the table generation h's program reads.
+func liveGeneration(h *bpf.Hook) (uint32, error) {
+	ctl := h.Maps[abi.ControlMap]
+	if ctl == nil {
+		return 0, fmt.Errorf("%s has no control map", h.HookID)
+	}
+	var c abi.Control
+	if err := ctl.Lookup(uint32(0), &c); err != nil {
+		return 0, fmt.Errorf("read control map of %s: %w", h.HookID, err)
+	}
+	return c.Generation & 1, nil
+}
+
+// genKey turns a generation-0 key of table m into generation gen's.
+func genKey(m *ebpf.Map, k []byte, gen uint32) []byte {
+	out := append([]byte(nil), k...)
+	w := binary.NativeEndian.Uint32(out)
+	if m.Type() == ebpf.Array {
+		binary.NativeEndian.PutUint32(out, w&0xffff|gen<<16)
+	} else {
+		binary.NativeEndian.PutUint32(out, w&^1|gen)
+	}
+	return out
+}
+
+// lookupEntry returns the value at k (nil: no entry, or an empty array slot).
+func lookupEntry(m *ebpf.Map, k []byte) ([]byte, error) {
+	v := make([]byte, m.ValueSize())
+	if err := m.Lookup(k, v); err != nil {
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			return nil, nil
+		}
+		return nil, err
+	}
+	if binary.NativeEndian.Uint32(v) == 0 {
+		return nil, nil // priority 0: no rule
+	}
+	return v, nil
+}
+
+// deleteEntry removes k (an array slot is zeroed).
+func deleteEntry(m *ebpf.Map, k []byte) error {
+	if m.Type() == ebpf.Array {
+		return m.Put(k, make([]byte, m.ValueSize()))
+	}
+	if err := m.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return err
+	}
+	return nil
+}
+
+// copyEntry makes the spare generation's entry at generation-0 key k what
+// the live generation has.
+func copyEntry(m *ebpf.Map, k []byte, live uint32) error {
+	v, err := lookupEntry(m, genKey(m, k, live))
+	if err != nil {
+		return err
+	}
+	if v == nil {
+		return deleteEntry(m, genKey(m, k, 1-live))
+	}
+	return m.Put(genKey(m, k, 1-live), v)
+}
+
+// syncSpare makes every table's spare generation equal to the live one.
+func syncSpare(h *bpf.Hook, live uint32) error {
+	for name, m := range h.Maps {
+		if !strings.HasPrefix(name, abi.TablePrefix) {
+			continue
+		}
+		all, err := readTable(m)
+		if err != nil {
+			return err
+		}
+		var kvs []ebpf.MapKV
+		if m.Type() == ebpf.Array {
+			zero := make([]byte, m.ValueSize())
+			for port := uint32(0); port < 1<<16; port++ {
+				v := all[string(binary.NativeEndian.AppendUint32(nil, live<<16|port))]
+				if v == nil {
+					v = zero
+				}
+				kvs = append(kvs, ebpf.MapKV{Key: binary.NativeEndian.AppendUint32(nil, (1-live)<<16|port), Value: v})
+			}
+		} else {
+			for k, v := range all {
+				if binary.NativeEndian.Uint32([]byte(k[:4]))&1 == live {
+					kvs = append(kvs, ebpf.MapKV{Key: genKey(m, []byte(k), 1-live), Value: v})
+				}
+			}
+		}
+		if err := fillGeneration(m, 1-live, kvs); err != nil {
+			return fmt.Errorf("table %s: %w", name, err)
+		}
+	}
+	return nil
+}
+
+// zeroSlots zeroes what counter slots hold (counters, MTU overruns,
+// left-alone counts), left there by rules deleted earlier, before new
+// rules count in them. The live program does not use them.
+func zeroSlots(h *bpf.Hook, slots []uint32) error {
+	if len(slots) == 0 {
+		return nil
+	}
+	ncpu, err := ebpf.PossibleCPU()
+	if err != nil {
+		return err
+	}
+	for _, slot := range slots {
+		if m := h.Maps[abi.CountersMap]; m != nil && slot < m.MaxEntries() {
+			if err := m.Put(slot, make([]abi.Counter, ncpu)); err != nil {
+				return fmt.Errorf("reset counter slot %d: %w", slot, err)
+			}
+		}
+		if m := h.Maps[abi.RuleMTUMap]; m != nil && slot < m.MaxEntries() {
+			if err := m.Put(slot, make([]uint64, ncpu)); err != nil {
+				return fmt.Errorf("reset slot %d: %w", slot, err)
+			}
+		}
+		if m := h.Maps[abi.StatsMap]; m != nil {
+			for st := uint32(0); st < abi.NumStats; st++ {
+				if k := (slot+1)*abi.NumStats + st; k < m.MaxEntries() {
+					if err := m.Put(k, make([]uint64, ncpu)); err != nil {
+						return fmt.Errorf("reset slot %d: %w", slot, err)
+					}
+				}
+			}
+		}
+	}
+	return nil
+}
+
+// assignSlots gives rules their priorities and counter slots for a
+// compilation: rules that were in oh keep theirs, new ones take free slots
+// and priorities between their neighbours'. When that is not possible (no
+// room between two priorities, slots too sparse, no usable record),
+// everything is assigned afresh: prioGap apart, slots in rule order.
+func assignSlots(oh *hookState, rules []*grammar.Rule) (prios, slots []uint32) {
+	n := len(rules)
+	prios, slots = make([]uint32, n), make([]uint32, n)
+	fresh := func() ([]uint32, []uint32) {
+		gap := uint32(min(prioGap, (1<<31-1)/(n+1)))
+		for i := range rules {
+			prios[i], slots[i] = uint32(i+1)*gap, uint32(i)
+		}
+		return prios, slots
+	}
+	if oh == nil || len(oh.Rules) == 0 {
+		return fresh()
+	}
+	old := make(map[uint64]ruleRecord, len(oh.Rules))
+	used := map[uint32]bool{}
+	for _, r := range oh.Rules {
+		if r.Prio == 0 {
+			return fresh()
+		}
+		old[r.Handle] = r
+		used[r.Slot] = true
+	}
+	free, top := uint32(0), 0
+	for i, r := range rules {
+		if o, ok := old[r.Handle]; ok {
+			slots[i] = o.Slot
+		} else {
+			for used[free] {
+				free++
+			}
+			used[free] = true
+			slots[i] = free
+		}
+		top = max(top, int(slots[i])+1)
+	}
+	if top > 2*n+16 {
+		return fresh() // mostly holes: compact them (the program is loaded again)
+	}
+	lo := uint32(0)
+	for i := 0; i < n; {
+		if o, ok := old[rules[i].Handle]; ok {
+			if o.Prio <= lo {
+				return fresh()
+			}
+			prios[i], lo = o.Prio, o.Prio
+			i++
+			continue
+		}
+		j := i
+		for j < n {
+			if _, ok := old[rules[j].Handle]; ok {
+				break
+			}
+			j++
+		}
+		hi := uint32(1 << 31)
+		if j < n {
+			hi = old[rules[j].Handle].Prio
+		}
+		k := uint32(j - i)
+		if hi <= lo || hi-lo <= k {
+			return fresh()
+		}
+		step := (hi - lo) / (k + 1)
+		if j == n {
+			step = min(step, prioGap)
+		}
+		for t := uint32(0); t < k; t++ {
+			prios[i+int(t)] = lo + step*(t+1)
+		}
+		lo, i = prios[j-1], j
+	}
+	return prios, slots
+}
