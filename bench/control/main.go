@@ -137,8 +137,8 @@ func main() {
 	var table strings.Builder
 	kernel := strings.TrimSpace(must("uname", "-r"))
 	fmt.Fprintf(&table, "Measured %s, kernel %s, %d rules on one hook (sfunnel: vb ingress; nft: a netdev ingress chain on vb), medians of %d runs; RSS is the largest of the runs. Times include process start. "+
-		"`add rule` appends `ip saddr 10.251.0.1 udp dport 1005 counter drop` (a shape and port range the hook has, so sfunnel rewrites its rule tables without loading a program); `delete rule` deletes that rule again.\n\n",
-		time.Now().UTC().Format("2006-01-02 15:04 UTC"), kernel, *rules, *runs)
+		"`add rule` appends `ip saddr 10.251.0.1 udp dport 1005 counter drop` (a shape, action and port range the hook has: sfunnel writes that rule's table entries, without compiling or loading a program); `insert rule (middle)` inserts `ip saddr 10.252.0.1 udp dport 1005 counter drop` before the rule in the middle of the hook; `replace rule` replaces that inserted rule by one with another address; `delete rule` deletes the added rule again. Machine load (1-minute load average) when the run started: %s.\n\n",
+		time.Now().UTC().Format("2006-01-02 15:04 UTC"), kernel, *rules, *runs, loadAvg())
 	table.WriteString("| ruleset | operation | sfunnel | nft | ratio | sfunnel RSS | nft RSS | RSS ratio |\n|---|---|---:|---:|---:|---:|---:|---:|\n")
 	for _, w := range workloads {
 		if !strings.Contains(w.name, *only) {
@@ -202,6 +202,46 @@ func main() {
 			}
 			return a, b
 		})
+		// A rule inserted in the middle of the hook (before the rule at
+		// position rules/2), then replaced by one with another address.
+		middle := func(list string) string {
+			ms := handleRe.FindAllStringSubmatch(list, -1)
+			if len(ms) <= *rules/2 {
+				return ""
+			}
+			return ms[*rules/2][1]
+		}
+		sfMid := middle(run1(*sfunnel, "--netns", ns, "-a", "list", "ruleset"))
+		nftMid := middle(run1("ip", "netns", "exec", ns, "nft", "-a", "list", "ruleset"))
+		var sfIns, nftIns []string
+		measure("insert rule (middle)", func() (sample, sample) {
+			a := run(nil, "sh", "-c", fmt.Sprintf("%s --netns %s -e insert rule vb ingress position %s ip saddr 10.252.0.1 udp dport 1005 counter actions drop > /tmp/sfb-echo", *sfunnel, ns, sfMid))
+			if m := handleRe.FindStringSubmatch(readFile("/tmp/sfb-echo")); m != nil {
+				sfIns = append(sfIns, m[1])
+			}
+			b := run(nil, "sh", "-c", fmt.Sprintf("ip netns exec %s nft --echo --handle insert rule netdev sfb c position %s ip saddr 10.252.0.1 udp dport 1005 counter drop > /tmp/nftb-echo", ns, nftMid))
+			if m := handleRe.FindStringSubmatch(readFile("/tmp/nftb-echo")); m != nil {
+				nftIns = append(nftIns, m[1])
+			}
+			return a, b
+		})
+		j := 0
+		measure("replace rule", func() (sample, sample) {
+			var a, b sample
+			addr := fmt.Sprintf("10.253.0.%d", j+1)
+			if j < len(sfIns) {
+				a = sf(nil, "replace", "rule", "vb", "ingress", "handle", sfIns[j], "ip", "saddr", addr, "udp", "dport", "1005", "counter", "actions", "drop")
+			} else {
+				a = sample{err: "no handle from insert rule"}
+			}
+			if j < len(nftIns) {
+				b = nft(nil, "replace", "rule", "netdev", "sfb", "c", "handle", nftIns[j], "ip", "saddr", addr, "udp", "dport", "1005", "counter", "drop")
+			} else {
+				b = sample{err: "no handle from insert rule"}
+			}
+			j++
+			return a, b
+		})
 		i := 0
 		measure("delete rule", func() (sample, sample) {
 			var a, b sample
@@ -218,6 +258,12 @@ func main() {
 			i++
 			return a, b
 		})
+		for _, h := range sfIns {
+			sf(nil, "delete", "rule", "vb", "ingress", "handle", h)
+		}
+		for _, h := range nftIns {
+			nft(nil, "delete", "rule", "netdev", "sfb", "c", "handle", h)
+		}
 		for _, r := range rows {
 			fmt.Fprintf(&table, "| %s | %s | %s | %s | %s | %s | %s | %s |\n", w.name, r.what, cell(r.sf), cell(r.nft),
 				ratio(r.sf, r.nft, float64(r.sf.wall), float64(r.nft.wall)),
@@ -227,14 +273,15 @@ func main() {
 		nft([]byte("flush ruleset\n"), "-f", "-")
 	}
 	table.WriteString(`
-Where sfunnel's time goes (pprof of the same commands, 2026-11-30): ` + "`-f`" + ` of 10 000 rules is
-dominated by parsing the input (participle, about 60 %), then compiling (about 15 %) and writing the
-state record; the verifier is fast for classified rules. ` + "`add rule`/`delete rule`" + ` read the
-committed rules from a cache of syntax trees (no parsing), compile the hook again (about 0.1–0.4 s for
-10 000 rules) and, when only rule tables change, write them in map batches without loading a program;
-a rule of a new shape, a port outside the hook's port range, or an insert/delete that moves other
-rules' counter slots loads the program again. nft's ` + "`add rule`" + ` here includes
-` + "`--echo --handle`" + ` (it reads the ruleset back); its ` + "`delete rule`" + ` is a single netlink message.
+Where sfunnel's time goes (perf of the same commands, 2026-11-30): ` + "`-f`" + ` of 10 000 rules is
+dominated by parsing the input, then compiling and writing the state record; the verifier is fast for
+classified rules. ` + "`add`/`insert`/`replace`/`delete rule`" + ` of a rule whose shape and action the hook's
+tables have do not compile the hook: they read the state record and the cached syntax trees, write
+that rule's entries into the spare table generation and flip it, and store the new record and a patch
+of the cache (about half of their CPU is decoding and encoding those). A rule of a new shape or body, a
+port outside the hook's port range, a key another rule shares, or no priority left between two
+neighbours compiles the hook again. nft's ` + "`add`/`insert rule`" + ` here include ` + "`--echo --handle`" + `
+(they read the ruleset back); its ` + "`replace`/`delete rule`" + ` are a single netlink message.
 `)
 	fmt.Print(table.String())
 	if *out != "" {
@@ -243,6 +290,21 @@ rules' counter slots loads the program again. nft's ` + "`add rule`" + ` here in
 			os.Exit(1)
 		}
 	}
+}
+
+// loadAvg is the 1-minute load average.
+func loadAvg() string {
+	f := strings.Fields(readFile("/proc/loadavg"))
+	if len(f) == 0 {
+		return "unknown"
+	}
+	return f[0]
+}
+
+// run1 returns a command's output ("" if it fails).
+func run1(name string, args ...string) string {
+	out, _ := exec.Command(name, args...).Output()
+	return string(out)
 }
 
 func readFile(p string) string {

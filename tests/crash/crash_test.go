@@ -219,6 +219,12 @@ type scenario struct {
 	// every tells how many crash points to skip between two tested ones in
 	// make test (1: all).
 	every int
+	// followUp, when set, is a second incremental change run after each
+	// kill (after the listing was checked); then the traffic must again
+	// be what the listing says: a rule ip saddr 192.0.2.1 udp dport P
+	// drops the ingress probe to P, nothing else does. It catches table
+	// entries a killed writer left in the spare generation.
+	followUp []string
 }
 
 func (e *env) traffic(t *testing.T, sc *scenario) (ingressDrop, egressDrop map[int]bool) {
@@ -309,6 +315,23 @@ func rulesetD() string {
 	return b.String()
 }
 
+// rulesetE is rulesetD with rule 20 matching the probes' source,
+// 192.0.2.1 (port 7020).
+func rulesetE() string {
+	return strings.Replace(rulesetD(), "ip saddr 192.0.2.120 udp dport 7020", "ip saddr 192.0.2.1 udp dport 7020", 1)
+}
+
+// dropsOf predicts the ingress probes a listing of rulesets D and E drops.
+func dropsOf(list string, ports []int) map[int]bool {
+	out := map[int]bool{}
+	for _, p := range ports {
+		if strings.Contains(list, fmt.Sprintf("ip saddr 192.0.2.1 udp dport %d counter", p)) {
+			out[p] = true
+		}
+	}
+	return out
+}
+
 func manyElements(from, n int) string {
 	var b strings.Builder
 	for i := 0; i < n; i++ {
@@ -336,6 +359,12 @@ func TestCrashAtEveryPoint(t *testing.T) {
 			ingress: []int{6001}, egress: []int{5001, 5002}, every: 2},
 		{name: "add-rule-tables", old: rulesetD(), args: []string{"add", "rule", "vb", "ingress", "ip", "saddr", "192.0.2.1", "udp", "dport", "7005", "counter", "actions", "drop"},
 			ingress: []int{7005, 7006}, every: 1},
+		{name: "insert-rule-middle", old: rulesetD(), args: []string{"insert", "rule", "vb", "ingress", "position", "HANDLE", "ip", "saddr", "192.0.2.1", "udp", "dport", "7021", "counter", "actions", "drop"},
+			handleOf: `udp dport 7020 .*# handle (\d+)`, ingress: []int{7021, 7022, 7030}, every: 2,
+			followUp: []string{"add", "rule", "vb", "ingress", "ip", "saddr", "192.0.2.1", "udp", "dport", "7030", "counter", "actions", "drop"}},
+		{name: "delete-rule-middle", old: rulesetE(), args: []string{"delete", "rule", "vb", "ingress", "handle", "HANDLE"},
+			handleOf: `saddr 192\.0\.2\.1 udp dport 7020 .*# handle (\d+)`, ingress: []int{7020, 7021, 7030}, every: 2,
+			followUp: []string{"insert", "rule", "vb", "ingress", "ip", "saddr", "192.0.2.1", "udp", "dport", "7030", "counter", "actions", "drop"}},
 		{name: "add-address-elements", old: rulesetC, args: []string{"add", "element", "hosts", "{ " + manyHosts(2000) + " }"},
 			egress: []int{5003}, every: 251},
 	}
@@ -392,6 +421,14 @@ func testCrashes(t *testing.T, sc *scenario) {
 		// Nothing left behind once a command ran: no pending commit, no
 		// orphan generation.
 		e.checkTidy(t, k)
+		if sc.followUp != nil {
+			e.must(t, "", sc.followUp...)
+			list := e.listing(t)
+			in, _ := e.traffic(t, sc)
+			if want := dropsOf(list, sc.ingress); fmt.Sprint(in) != fmt.Sprint(want) {
+				t.Fatalf("killed at point %d of %d, then %v: traffic drops %v, the listing says %v\n%s", k, n, sc.followUp, in, want, list)
+			}
+		}
 	}
 	t.Logf("%s: %d crash points, %d tested", sc.name, n, tested)
 }
