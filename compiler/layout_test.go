@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
-	"net/netip"
 	"slices"
 	"testing"
 
@@ -64,12 +63,12 @@ func TestPlaceInsertInTheMiddle(t *testing.T) {
 	if len(layout.Segments) == 0 {
 		t.Fatal("no table segment")
 	}
-	// A rule of the shape of rule 70 (IPv4 saddr + UDP dport, funnel),
-	// inserted after it.
-	at := 70
+	// A rule of the shape of rule 72 (UDP dport range, counter drop: a
+	// port array), inserted after it.
+	at := 72
 	nr := *rules[at]
 	nr.Handle = 1000
-	nr.Saddr = &grammar.AddrMatch{Prefixes: []netip.Prefix{netip.MustParsePrefix("10.99.0.1/32")}}
+	nr.Dport = &grammar.PortMatch{Ranges: []grammar.PortRange{{Lo: 60000, Hi: 60009}}}
 	if !place[at].Table || !place[at+1].Table || place[at].Segment != place[at+1].Segment {
 		t.Fatalf("rules %d and %d are not table rules of one segment: %+v %+v", at, at+1, place[at], place[at+1])
 	}
@@ -110,9 +109,9 @@ func TestPlaceInsertInTheMiddle(t *testing.T) {
 	}
 
 	// New code is refused: another body, a rule that does not end
-	// evaluation, a port the hook's fast path drops.
+	// evaluation.
 	other := nr
-	other.Actions = []*grammar.Action{act(grammar.ActDrop, 0)}
+	other.Actions = []*grammar.Action{act(grammar.ActAccept, 0)}
 	counting := nr
 	counting.Actions = nil
 	for name, r := range map[string]*grammar.Rule{"new body": &other, "non-terminal": &counting} {
