@@ -84,11 +84,11 @@ type compiler struct {
 	// per generation like the rule tables': listed in Program.Tables, their
 	// contents from TableContents. Their MapSpecs are added by that path.
 	extraTables map[string]func(gen uint32) []ebpf.MapKV
-	segs       []segment           // the classifier's segments (Layout)
+	segs        []segment // the classifier's segments (Layout)
 	// ruleStats, usesRuleMTU: some rule counts left-alone packets / MTU
 	// overruns in its slot (the per-rule parts of the maps are needed).
 	ruleStats, usesRuleMTU bool
-	rules      []*grammar.Rule
+	rules                  []*grammar.Rule
 }
 
 // ruleNeeds summarises what the rules read, so the parse guard reads no more.
