@@ -384,6 +384,9 @@ func (b *Backend) rollForward(s *bpf.Store, cur, g *bpf.Gen, st, old *liveState)
 		if oh == nil {
 			continue
 		}
+		if !sharesHandles(oh, h) {
+			continue // no rule of the old program lives on (flush ruleset): nothing to carry
+		}
 		base := oh.base()
 		replaced, err := addReplacedCounts(base, oh, cur, g)
 		if err != nil {
@@ -546,6 +549,20 @@ func runHooks(s *bpf.Store, st *liveState, g *bpf.Gen) error {
 	return nil
 }
 
+// sharesHandles reports whether a rule of old is a rule of h.
+func sharesHandles(old, h *hookState) bool {
+	in := make(map[uint64]bool, len(h.Rules))
+	for _, r := range h.Rules {
+		in[r.Handle] = true
+	}
+	for _, r := range old.Rules {
+		if in[r.Handle] {
+			return true
+		}
+	}
+	return false
+}
+
 // addReplacedCounts adds to base what the old generation's program of hook
 // oh counted, if g replaced that program (a kept program goes on counting
 // in the same map).
@@ -693,6 +710,18 @@ func (b *Backend) Load() (*ruleset.Ruleset, error) {
 		b.remember(st, rs)
 	}
 	return rs, err
+}
+
+// NextHandle returns the handle the next rule gets (ruleset.Flusher): what
+// a batch that starts with `flush ruleset` needs of the live ruleset,
+// without its rules.
+func (b *Backend) NextHandle() (uint64, error) {
+	b.known, b.byHandle, b.cache = nil, nil, nil
+	_, _, st, err := b.snapshot()
+	if err != nil || st == nil {
+		return 1, err
+	}
+	return max(st.NextHandle, 1), nil
 }
 
 // remember notes the stored record of every rule Load returns, so that a

@@ -84,3 +84,10 @@ type LeftAloner interface {
 type Locker interface {
 	Lock() (unlock func(), err error)
 }
+
+// Flusher is a Backend that can tell the next handle without loading the
+// live rules: a batch that starts with `flush ruleset` needs nothing else
+// of them.
+type Flusher interface {
+	NextHandle() (uint64, error)
+}

@@ -70,8 +70,15 @@ func (s *Session) Run(cmds []*grammar.Command) error {
 		}
 		defer unlock()
 	}
-	live, err := s.Backend.Load()
-	if err != nil {
+	var live *Ruleset
+	var err error
+	if f, ok := s.Backend.(Flusher); ok && flushesFirst(cmds) {
+		nh, err := f.NextHandle()
+		if err != nil {
+			return err
+		}
+		live = &Ruleset{NextHandle: nh}
+	} else if live, err = s.Backend.Load(); err != nil {
 		return err
 	}
 	work := live.Clone()
@@ -146,6 +153,12 @@ func (s *Session) Run(cmds []*grammar.Command) error {
 		}
 	}
 	return nil
+}
+
+// flushesFirst reports whether a batch's first command is `flush ruleset`
+// (so the live rules are not needed).
+func flushesFirst(cmds []*grammar.Command) bool {
+	return len(cmds) > 0 && cmds[0].Kind == grammar.CmdFlushRuleset
 }
 
 // hasChanges reports whether a batch changes the ruleset.
