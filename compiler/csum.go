@@ -175,8 +175,12 @@ func (c *compiler) whenComplete(body func()) {
 		return
 	}
 	skip := c.e.newLabel("not_complete")
-	c.ipSummed(asm.R3)
-	c.e.emit(asm.JNE.Imm(asm.R3, checksumComplete, skip))
+	summed := c.summed
+	if summed == 0 {
+		c.ipSummed(asm.R3)
+		summed = asm.R3
+	}
+	c.e.emit(asm.JNE.Imm(summed, checksumComplete, skip))
 	body()
 	c.e.label(skip)
 }

@@ -8,6 +8,7 @@ package compiler
 import (
 	"fmt"
 	"math/bits"
+	"slices"
 
 	"github.com/cilium/ebpf/asm"
 	"github.com/sfunnel/sfunnel/grammar"
@@ -70,12 +71,13 @@ func (c *compiler) fastMatch(rules []*grammar.Rule) {
 		sport = sport || r.Sport != nil
 		dport = dport || r.Dport != nil
 	}
+	c.fastBound = l3 + 20 + int16(hdr)
 	e.comment("fast path: IPv4 without options, rules on protocol and ports")
 	e.emit(
 		ldx(asm.R2, asm.R1, skbData, asm.Word),
 		ldx(asm.R3, asm.R1, skbDataEnd, asm.Word),
 		mov(asm.R4, asm.R2),
-		asm.Add.Imm(asm.R4, int32(l3)+20+hdr),
+		asm.Add.Imm(asm.R4, int32(c.fastBound)),
 		asm.JGT.Reg(asm.R4, asm.R3, "parse"),
 	)
 	// R4 = 0 for IPv4 without options.
@@ -152,18 +154,92 @@ func (c *compiler) fastBody(i int, r *grammar.Rule) {
 	e.emit(
 		ldx(asm.R0, asm.R7, l3+6, asm.Half),
 		netImm(asm.JSet.Imm(asm.R0, int32(n16(0x3fff)), "parse")),
+	)
+	// The slots the general parse fills, for the body's code that reads
+	// them (those it doesn't are dropped below).
+	start := len(e.insns)
+	e.emit(
 		sti(asm.R10, slotFam, 4, asm.DWord),
 		sti(asm.R10, slotInfo, 0, asm.DWord),
 		sti(asm.R10, slotProto, int64(r.Proto.Number()), asm.DWord),
 		sti(asm.R10, slotL4Off, int64(l3)+20, asm.DWord),
 		sti(asm.R10, slotNHOff, int64(l3)+9, asm.DWord),
-		movi(asm.R9, int32(l3)+20),
 	)
-	c.fast = true
-	defer func() { c.fast = false }()
+	end := len(e.insns)
+	e.emit(movi(asm.R9, int32(l3)+20))
+	c.fast, c.fastPtrs = true, true
 	// fastRules admits only rules with actions: the body never falls
-	// through to a next rule.
+	// through to a next rule, and what it jumps to (exits) reads none of
+	// these slots.
 	_ = c.body(i, r, c.exit("next"))
+	c.fast = false
+	c.dropUnreadStores(start, end)
+}
+
+// dropUnreadStores removes the stack stores insns[start:end] whose slot no
+// instruction reachable after them loads or takes the address of (an
+// immediate equal to the slot's offset counts as taking it). Code after
+// end jumps only within itself or to exits, which read none of them.
+func (c *compiler) dropUnreadStores(start, end int) {
+	e := &c.e
+	later := e.insns[end:]
+	at := map[string]int{}
+	for i, ins := range later {
+		if s := ins.Symbol(); s != "" {
+			at[s] = i
+		}
+	}
+	target := func(ref string) (int, bool) {
+		for {
+			if i, ok := at[ref]; ok {
+				return i, true
+			}
+			to, ok := e.alias[ref]
+			if !ok {
+				return 0, false
+			}
+			ref = to
+		}
+	}
+	type span struct{ off, size int16 }
+	var read []span
+	seen := make([]bool, len(later))
+	work := []int{0}
+	for len(work) > 0 {
+		i := work[len(work)-1]
+		work = work[:len(work)-1]
+		if i >= len(later) || seen[i] {
+			continue
+		}
+		seen[i] = true
+		ins := later[i]
+		cls := ins.OpCode.Class()
+		switch {
+		case cls == asm.LdXClass && ins.Src == asm.R10:
+			read = append(read, span{ins.Offset, int16(ins.OpCode.Size().Sizeof())})
+		case cls.IsALU() && ins.OpCode.Source() == asm.ImmSource && ins.Constant >= -512 && ins.Constant < 0:
+			read = append(read, span{int16(ins.Constant), 1})
+		case cls.IsJump() && ins.OpCode.JumpOp() != asm.Call:
+			if ins.OpCode.JumpOp() == asm.Exit {
+				continue
+			}
+			if t, ok := target(ins.Reference()); ok {
+				work = append(work, t)
+			}
+			if ins.OpCode.JumpOp() == asm.Ja {
+				continue
+			}
+		}
+		work = append(work, i+1)
+	}
+	out := slices.Clone(e.insns[:start])
+	for _, st := range e.insns[start:end] {
+		size := int16(st.OpCode.Size().Sizeof())
+		if slices.ContainsFunc(read, func(r span) bool { return r.off < st.Offset+size && st.Offset < r.off+r.size }) {
+			out = append(out, st)
+		}
+	}
+	e.insns = append(out, later...)
 }
 
 // fastPortTest jumps to miss unless the port in reg (network order, as
@@ -247,4 +323,18 @@ func (c *compiler) portFilter(rules []*grammar.Rule) (shift int, mask uint64, ok
 		}
 	}
 	return shift, mask, true
+}
+
+// inBounds emits the check that the first n bytes of the packet are there
+// (R7 = data, R8 = data_end; R1 scratch), unless the fast path proved it
+// for the pointers R7 and R8 still hold.
+func (c *compiler) inBounds(n int16, fail string) {
+	if c.fast && c.fastPtrs && n <= c.fastBound {
+		return
+	}
+	c.e.emit(
+		mov(asm.R1, asm.R7),
+		asm.Add.Imm(asm.R1, int32(n)),
+		asm.JGT.Reg(asm.R1, asm.R8, fail),
+	)
 }

@@ -34,11 +34,7 @@ func (c *compiler) funnelFrom(rule, fam int, inner grammar.Proto, a *grammar.Act
 	}
 	opts, done := e.newLabel("funnel_opts"), e.newLabel("funnel_done")
 	c.optsDispatch(opts)
-	e.emit(
-		mov(asm.R1, asm.R7),
-		asm.Add.Imm(asm.R1, int32(l4+minIn)),
-		asm.JGT.Reg(asm.R1, asm.R8, notApp),
-	)
+	c.inBounds(l4+minIn, notApp)
 	c.ipLength(fam, asm.R4, int32(minIn), 0xffff-int32(h)-iphl, notApp)
 	c.requireUDPLength(inner, asm.R7, l4, asm.R4, map[bool]int32{true: 0, false: 20}[fam == 6])
 	c.requireUDPChecksum(inner, asm.R7, l4)
@@ -50,6 +46,7 @@ func (c *compiler) funnelFrom(rule, fam int, inner grammar.Proto, a *grammar.Act
 		asm.Add.Imm(asm.R1, int32(l4+h+checkIn+2)),
 		asm.JGT.Reg(asm.R1, asm.R8, c.exit("pass")),
 	)
+	c.readSummed()
 	c.addrSumRaw(fam, asm.R4)
 	e.emit(stx(asm.R10, slotT3, asm.R4, asm.DWord))
 	e.comment("funnel header")
@@ -58,30 +55,36 @@ func (c *compiler) funnelFrom(rule, fam int, inner grammar.Proto, a *grammar.Act
 	} else {
 		e.emit(ldx(asm.R1, asm.R7, l4+h, asm.Word), stx(asm.R7, l4, asm.R1, asm.Word))
 	}
-	e.emit(
-		ldx(asm.R2, asm.R10, slotT1, asm.DWord),
-		asm.Sub.Imm(asm.R2, int32(ipHdrLen(fam))-map[bool]int32{true: 40, false: 0}[fam == 6]),
-	)
+	if a.Proto == grammar.ProtoUDP {
+		e.emit(
+			ldx(asm.R2, asm.R10, slotT1, asm.DWord),
+			asm.Sub.Imm(asm.R2, int32(ipHdrLen(fam))-map[bool]int32{true: 40, false: 0}[fam == 6]),
+		)
+	}
 	c.funnelHeader(asm.R7, l4, a, inner)
 	e.comment("IP header")
 	c.ipHeader(fam, int32(h), inner.Number(), outer, false)
 	// Last, as it may move the packet: no direct access after it.
 	e.comment("inner checksum without addresses")
-	e.emit(ldx(asm.R4, asm.R10, slotT3, asm.DWord))
-	c.negAddrSum(fam, asm.R4)
-	c.pseudoCsum(l4+h+checkIn, inner == grammar.ProtoUDP)
+	c.pseudoCsum(l4+h+checkIn, inner == grammar.ProtoUDP, func() {
+		e.emit(ldx(asm.R4, asm.R10, slotT3, asm.DWord))
+		c.negAddrSum(fam, asm.R4)
+	})
+	c.summed = 0
 	if c.opts.Hook == grammar.HookEgress {
 		c.mtuCheck(rule)
 	}
 	e.emit(asm.Ja.Label(done))
-	e.label(opts)
-	c.funnelOpts(rule, fam, inner, a)
+	if !c.fast { // the fast path has no options
+		e.label(opts)
+		c.funnelOpts(rule, fam, inner, a)
+	}
 	e.label(done)
 }
 
 // funnelHeader fills the funnel header at base+off, whose ports already
-// hold the inner header's, and its checksum. R2 holds the inner transport
-// length (host order), slotT3 the raw address sum.
+// hold the inner header's, and its checksum. For a UDP header R2 holds the
+// inner transport length (host order); slotT3 holds the raw address sum.
 func (c *compiler) funnelHeader(base asm.Register, off int16, a *grammar.Action, inner grammar.Proto) {
 	e := &c.e
 	f := a.Funnel
@@ -95,8 +98,12 @@ func (c *compiler) funnelHeader(base asm.Register, off int16, a *grammar.Action,
 		}
 	}
 	// The inner segment sums to -(proto + length) once its checksum is
-	// final: 0x1fffe (≡ 0) minus both keeps the sum positive.
-	hdrConst := uint64(a.Proto.Number())<<8 + 0x1fffe - uint64(inner.Number())<<8
+	// final. A byte swap is a multiplication by 256 modulo 0xffff, so in
+	// network order the pseudo header's length (inner length + h) and
+	// that sum add up to h - proto: the outer checksum is the addresses
+	// plus constants, and UDP's length field once more. 0x1fffe (≡ 0)
+	// keeps the constant positive.
+	hdrConst := uint64(a.Proto.Number())<<8 + uint64(h)<<8 + 0x1fffe - uint64(inner.Number())<<8
 	if a.Proto == grammar.ProtoTCP {
 		w12 := uint32(0x50) | uint32(f.Flags)<<8 | uint32(n16(f.Window))<<16
 		e.emit(
@@ -107,29 +114,35 @@ func (c *compiler) funnelHeader(base asm.Register, off int16, a *grammar.Action,
 		)
 		hdrConst += uint64(n32(f.Seq)) + uint64(n32(f.Ack)) + uint64(w12)
 	}
+	constPorts := f.HasSport && f.HasDport
+	if constPorts {
+		hdrConst += uint64(n16(f.Sport)) + uint64(n16(f.Dport))<<16
+	}
 	e.comment("outer checksum: pseudo header + header + inner segment")
+	bound := uint64(1)<<33 + 0x10000 // the address sum, the constant
 	e.emit(
-		mov(asm.R1, asm.R2),
-		asm.Add.Imm(asm.R1, int32(h)),
-		asm.HostTo(asm.BE, asm.R1, asm.Half),
-		asm.HostTo(asm.BE, asm.R2, asm.Half),
 		ldx(asm.R3, asm.R10, slotT3, asm.DWord),
 		asm.Add.Imm(asm.R3, int32(fold16(hdrConst))),
-		asm.Add.Reg(asm.R3, asm.R1),
-		asm.Sub.Reg(asm.R3, asm.R2),
 	)
 	if a.Proto == grammar.ProtoUDP {
 		e.emit(
+			mov(asm.R1, asm.R2),
+			asm.Add.Imm(asm.R1, int32(h)),
+			asm.HostTo(asm.BE, asm.R1, asm.Half),
 			asm.Add.Reg(asm.R3, asm.R1), // the length field
 			stx(base, off+4, asm.R1, asm.Half),
 			sti(base, off+6, 0, asm.Half),
 		)
+		bound += 0x10000
 	}
-	e.emit(
-		ldx(asm.R1, base, off, asm.Word),
-		asm.Add.Reg(asm.R3, asm.R1),
-	)
-	c.foldBelow(asm.R3, asm.R1, 1<<36)
+	if !constPorts {
+		e.emit(
+			ldx(asm.R1, base, off, asm.Word),
+			asm.Add.Reg(asm.R3, asm.R1),
+		)
+		bound += 1 << 32
+	}
+	c.foldBelow(asm.R3, asm.R1, bound)
 	e.emit(asm.Xor.Imm(asm.R3, 0xffff))
 	if a.Proto == grammar.ProtoUDP {
 		nz := e.newLabel("nonzero")

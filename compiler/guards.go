@@ -14,6 +14,7 @@ import (
 
 // reload refreshes the packet pointers.
 func (c *compiler) reload() {
+	c.fastPtrs = false
 	c.e.emit(
 		ldx(asm.R7, asm.R6, skbData, asm.Word),
 		ldx(asm.R8, asm.R6, skbDataEnd, asm.Word),

@@ -122,15 +122,15 @@ func (c *compiler) ipSummed(dst asm.Register) {
 	)
 }
 
-// pseudoCsum adds the pseudo-header difference in R4 (a ones' complement
-// value below 2^36) to the transport checksum at R7+off, as
-// bpf_l4_csum_replace(skb, off, 0, R4, BPF_F_PSEUDO_HDR [|
-// BPF_F_MARK_MANGLED_0]) does: a final checksum (CHECKSUM_NONE,
-// UNNECESSARY) or a CHECKSUM_PARTIAL seed is updated inline;
-// CHECKSUM_COMPLETE (whose skb->csum must follow) and kernels without BTF
-// use the helper. R7+off+2 must be proven in bounds; packet pointers are
-// invalid afterwards.
-func (c *compiler) pseudoCsum(off int16, mangled bool) {
+// pseudoCsum adds the pseudo-header difference that diff leaves in R4 (a
+// ones' complement value below 2^36; diff may use R0 and R1) to the
+// transport checksum at R7+off, as bpf_l4_csum_replace(skb, off, 0, R4,
+// BPF_F_PSEUDO_HDR [| BPF_F_MARK_MANGLED_0]) does: a final checksum
+// (CHECKSUM_NONE, UNNECESSARY) or a CHECKSUM_PARTIAL seed is updated
+// inline; CHECKSUM_COMPLETE (whose skb->csum must follow) and kernels
+// without BTF use the helper. R7+off+2 must be proven in bounds; packet
+// pointers are invalid afterwards.
+func (c *compiler) pseudoCsum(off int16, mangled bool, diff func()) {
 	e := &c.e
 	flags := int32(fPseudoHdr)
 	if mangled {
@@ -154,22 +154,26 @@ func (c *compiler) pseudoCsum(off int16, mangled bool) {
 		)
 	}
 	if !c.kern.ok {
+		diff()
 		helper()
 		return
 	}
 	viaHelper, partial, store, done := e.newLabel("csum_helper"), e.newLabel("csum_partial"), e.newLabel("csum_store"), e.newLabel("csum_done")
-	e.emit(stx(asm.R10, slotDiff, asm.R4, asm.DWord))
-	c.ipSummed(asm.R3)
+	summed := c.summed
+	if summed == 0 {
+		c.ipSummed(asm.R3)
+		summed = asm.R3
+	}
+	diff()
 	e.emit(
-		ldx(asm.R4, asm.R10, slotDiff, asm.DWord),
-		asm.JEq.Imm(asm.R3, checksumComplete, viaHelper),
+		asm.JEq.Imm(summed, checksumComplete, viaHelper),
 		ldx(asm.R2, asm.R7, off, asm.Half),
 	)
 	if mangled {
 		e.emit(asm.JEq.Imm(asm.R2, 0, done))
 	}
 	e.emit(
-		asm.JEq.Imm(asm.R3, checksumPartial, partial),
+		asm.JEq.Imm(summed, checksumPartial, partial),
 		// Final checksum: ~(~C + diff), kept positive with 0xffff (≡ 0).
 		asm.Xor.Imm(asm.R2, 0xffff),
 		asm.Add.Imm(asm.R2, 0xffff),
@@ -191,4 +195,14 @@ func (c *compiler) pseudoCsum(off int16, mangled bool) {
 	e.label(viaHelper)
 	helper()
 	e.label(done)
+}
+
+// readSummed reads skb->ip_summed into R9 once for the rest of an action
+// that no longer needs R9 (c.summed; clobbers R0-R5), when it can be read.
+func (c *compiler) readSummed() {
+	if !c.kern.ok {
+		return
+	}
+	c.ipSummed(asm.R9)
+	c.summed = asm.R9
 }

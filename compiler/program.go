@@ -65,10 +65,13 @@ type compiler struct {
 	infoInR1   bool      // R1 holds the info slot (guardsNoL4 just ran)
 	// fast: emitting a body for the fast matcher (fast.go): the packet is
 	// IPv4 without options, not a fragment, R9 = the transport offset.
-	fast     bool
-	genStart int  // instruction count when the generation started
-	segUsed  bool // the current generation jumps to its segment exit
-	tracing  bool // some rule has meta nftrace set 1 (trace.go)
+	fast      bool
+	fastBound int16        // bytes of packet the fast path proved present
+	fastPtrs  bool         // R7/R8 are still the fast path's (no reload since)
+	summed    asm.Register // holds skb->ip_summed during an action (readSummed); 0: none
+	genStart  int          // instruction count when the generation started
+	segUsed   bool         // the current generation jumps to its segment exit
+	tracing   bool         // some rule has meta nftrace set 1 (trace.go)
 
 	inShape    bool                // emitting a shape's residual checks
 	nextShape  uint32              // id of the next shape placed

@@ -66,11 +66,7 @@ func (c *compiler) unfunnelFrom(fam int, outer, inner grammar.Proto) {
 	e.comment("unfunnel %s from %s", inner, outer)
 	opts, done := e.newLabel("unfunnel_opts"), e.newLabel("unfunnel_done")
 	c.optsDispatch(opts)
-	e.emit(
-		mov(asm.R1, asm.R7),
-		asm.Add.Imm(asm.R1, int32(l4+minOut)),
-		asm.JGT.Reg(asm.R1, asm.R8, bad),
-	)
+	c.inBounds(l4+minOut, bad)
 	c.ipLength(fam, asm.R4, int32(minOut+minIn), 0xffff, bad)
 	if fam == 4 {
 		e.emit(asm.Sub.Imm(asm.R4, 20)) // transport length
@@ -106,12 +102,15 @@ func (c *compiler) unfunnelFrom(fam int, outer, inner grammar.Proto) {
 		asm.Add.Imm(asm.R1, int32(l4+checkIn+2)),
 		asm.JGT.Reg(asm.R1, asm.R8, c.exit("pass")),
 	)
+	c.readSummed()
 	c.ipHeader(fam, -1, outer.Number(), inner.Number(), false)
 	e.comment("inner checksum gets the addresses back (last: it may move the packet)")
-	c.addrSumRaw(fam, asm.R4)
-	c.pseudoCsum(l4+checkIn, inner == grammar.ProtoUDP)
+	c.pseudoCsum(l4+checkIn, inner == grammar.ProtoUDP, func() { c.addrSumRaw(fam, asm.R4) })
+	c.summed = 0
 	e.emit(asm.Ja.Label(done))
-	e.label(opts)
-	c.unfunnelOpts(fam, outer, inner)
+	if !c.fast { // the fast path has no options
+		e.label(opts)
+		c.unfunnelOpts(fam, outer, inner)
+	}
 	e.label(done)
 }
