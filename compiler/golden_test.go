@@ -65,9 +65,10 @@ func goldenRulesets() map[string]struct {
 		pairs = append(pairs, &grammar.Rule{Handle: uint64(40 + i), Saddr: &grammar.AddrMatch{Prefixes: []netip.Prefix{netip.PrefixFrom(a, 32)}},
 			Proto: grammar.ProtoUDP, Dport: ports([]uint16{2055, 4739}[i%2]), Counter: true, Actions: []*grammar.Action{funnelTo(grammar.ProtoTCP, 540, 179)}})
 	}
-	// A table segment: 18 rules of four shapes (IPv4 host + port list, a
-	// /24 with a port range, IPv6 with a meta mark under a mask, a
-	// negated port kept in the shape), then a counter rule.
+	// A table segment: 24 rules of four shapes (IPv4 host + port list, a
+	// /24 with a port range and a negated port kept in the shape, IPv6 with
+	// a meta mark under a mask, one UDP port: a port-indexed table), then
+	// a counter rule.
 	var classified []*grammar.Rule
 	for i := 0; i < 6; i++ {
 		classified = append(classified,
@@ -77,7 +78,8 @@ func goldenRulesets() map[string]struct {
 				Sport: &grammar.PortMatch{Ranges: []grammar.PortRange{{Lo: 1000, Hi: 1003}}}, Dport: &grammar.PortMatch{Neg: true, Ranges: []grammar.PortRange{{Lo: 22, Hi: 22}}},
 				Counter: true, Actions: []*grammar.Action{act(grammar.ActDrop, 0)}},
 			&grammar.Rule{Handle: uint64(62 + 3*i), Family: grammar.FamilyIPv6, Saddr: prefixes(fmt.Sprintf("2001:db8:%x::/48", i)),
-				MetaMark: &grammar.MarkMatch{Value: uint32(i), Mask: 0xff, HasMask: true}, Actions: []*grammar.Action{act(grammar.ActAccept, 0)}})
+				MetaMark: &grammar.MarkMatch{Value: uint32(i), Mask: 0xff, HasMask: true}, Actions: []*grammar.Action{act(grammar.ActAccept, 0)}},
+			&grammar.Rule{Handle: uint64(80 + i), Proto: grammar.ProtoUDP, Dport: ports(uint16(7000 + i)), Actions: []*grammar.Action{act(grammar.ActDrop, 0)}})
 	}
 	classified = append(classified, &grammar.Rule{Handle: 99, Proto: grammar.ProtoUDP, Counter: true})
 	return map[string]g{

@@ -23,44 +23,71 @@ import (
 // max_entries — is part of the program (and of Program.Digest).
 //
 // A table whose key is k u64 chunks (its key words paired in order, the
-// last one alone when their number is odd; address words that the prefix
-// masks out entirely are not key words) sits at offset off of the
-// generation's value:
+// last one alone when their number is odd; address words in host order,
+// so that a prefix is a range; address words that the prefix masks out
+// entirely are not key words) sits at offset off of the generation's
+// value:
 //
 //	off+0         u64 S: the seed
-//	off+8         u32 lowest priority of the entries (abi.NoRule when none)
-//	off+16        [nb]u32 displacements
+//	off+8         u32 lowest priority of the entries (abi.NoRule when none), u32 0
+//	off+16        u32 lowest, u32 highest first key word of the entries
+//	off+24        [nb]u32 displacements
 //	off+slotsOff  [ns]{[k]u64 key chunks; u32 prio, slot, body; u32 0}
+//	              (padded to 32 bytes when k ≤ 2; the displacements are
+//	              then stored shifted left by 5)
 //
-// h = c0, then h = h*S + c for each further chunk c, then h *= S (64-bit
-// arithmetic). The bucket is the top bb bits of h, the slot the next sb
-// bits of h xor disp[bucket] (mod ns). A key is in the table when its slot
-// holds its chunks; empty slots have priority abi.NoRule, which never
-// beats the best so far.
+// A packet whose first key word is outside the entries' range misses at
+// once (rules tend to use a few subnets and port ranges: most shapes a
+// packet can't match cost one key word, two loads and two compares). Else h = c0, then
+// h = h*S + c for each further chunk c, then h *= S (64-bit arithmetic).
+// The bucket is the top bb bits of h, the slot the next sb bits of h xor
+// disp[bucket] (mod ns). A key is in the table when its slot holds its
+// chunks; empty slots have priority abi.NoRule, which never beats the
+// best so far.
+//
+// A shape keyed on one port only is indexed by the port directly:
+//
+//	off+0  u32 lowest priority, u32 0
+//	off+8  [65536]{u32 prio, slot, body} (prio abi.NoRule: no entry)
 const (
 	perfectMap = abi.PerfectTables
 	// maxPerfectBytes bounds a generation's value: the kernel refuses array
 	// values above KMALLOC_MAX_SIZE (4 MiB on x86-64). Shapes that no longer
 	// fit keep hash tables.
 	maxPerfectBytes = 4 << 20
-	perfectHeader   = 16
+	perfectHeader   = 24
 )
 
 // keyWord is where the program finds one 32-bit word of a shape's key.
 type keyWord struct {
 	slot int16  // stack slot of the u32; unused for marks
-	mask uint32 // applied to the loaded word (native order)
+	mask uint32 // applied to the word (host order)
 	mark bool   // skb->mark instead of a stack slot
+	addr bool   // an address word: network order in the packet and the key
 	idx  int    // index of the word in tabEntry.key
+}
+
+// value returns the word of an entry's key, as the program computes it.
+func (w keyWord) value(key []byte) uint32 {
+	if w.addr {
+		return binary.BigEndian.Uint32(key[4*w.idx:]) & w.mask
+	}
+	return binary.NativeEndian.Uint32(key[4*w.idx:]) & w.mask
 }
 
 // perfectTable is the layout of one shape's perfect-hash table and, once
 // built, where each of its entries goes.
 type perfectTable struct {
+	port                     bool // indexed by the port (see above)
 	words                    []keyWord
 	chunks                   int
 	bb, sb                   int // log2 of the bucket and slot counts
 	off, slotsOff, esz, size int
+	// shift: log2 of esz when a power of two (keys of one or two chunks:
+	// entries padded to 32 bytes); the displacements are then stored
+	// shifted, and the slot's offset is a shift and an xor away from the
+	// hash. 0: esz is multiplied.
+	shift int
 
 	seed   uint64
 	disp   []uint32
@@ -84,12 +111,8 @@ func perfectWords(sh *shape) []keyWord {
 		for w := 0; w < n; w++ {
 			bits := min(max(left, 0), 32)
 			left -= 32
-			var mask [4]byte
-			for k := 0; k < bits; k++ {
-				mask[k/8] |= 0x80 >> (k % 8)
-			}
 			if bits > 0 {
-				out = append(out, keyWord{slot: slot + 4 + int16(4*w), mask: binary.NativeEndian.Uint32(mask[:]), idx: idx})
+				out = append(out, keyWord{slot: slot + 4 + int16(4*w), mask: ^uint32(0) << (32 - bits), addr: true, idx: idx})
 			}
 			idx++
 		}
@@ -121,6 +144,9 @@ func newPerfectTable(sh *shape, off int) *perfectTable {
 	t := &perfectTable{words: words, chunks: (len(words) + 1) / 2, off: off, sb: bitsFor(ns)}
 	t.bb = t.sb - 2
 	t.esz = 8*t.chunks + 16
+	if t.chunks <= 2 {
+		t.esz, t.shift = 32, 5
+	}
 	t.slotsOff = (perfectHeader + 4<<t.bb + 7) &^ 7
 	t.size = t.slotsOff + ns*t.esz
 	if off+t.size > maxPerfectBytes {
@@ -136,15 +162,25 @@ func newPerfectTable(sh *shape, off int) *perfectTable {
 	return t
 }
 
+// portTableSize is the size of a port-indexed table.
+const portTableSize = 8 + 65536*tableValueSize
+
+// newPortTable lays out a port-indexed table for a shape keyed on one
+// port at offset off; nil when it doesn't fit.
+func newPortTable(sh *shape, off int) *perfectTable {
+	if off+portTableSize > maxPerfectBytes {
+		return nil
+	}
+	return &perfectTable{port: true, words: perfectWords(sh), off: off, esz: tableValueSize, slotsOff: 8, size: portTableSize}
+}
+
 // chunksOf returns the key chunks of an entry's key words.
 func (t *perfectTable) chunksOf(key []byte) []uint64 {
 	out := make([]uint64, 0, t.chunks)
 	for i := 0; i < len(t.words); i += 2 {
-		w := t.words[i]
-		c := uint64(binary.NativeEndian.Uint32(key[4*w.idx:]) & w.mask)
+		c := uint64(t.words[i].value(key))
 		if i+1 < len(t.words) {
-			w2 := t.words[i+1]
-			c = c<<32 | uint64(binary.NativeEndian.Uint32(key[4*w2.idx:])&w2.mask)
+			c = c<<32 | uint64(t.words[i+1].value(key))
 		}
 		out = append(out, c)
 	}
@@ -253,19 +289,38 @@ func (t *perfectTable) place(keys [][]uint64, s uint64) bool {
 // at gives a rule's priority and counter slot (compiler.at).
 func (t *perfectTable) fill(blob []byte, sh *shape, bodyOf []uint32, at func(rule int) (prio, slot uint32)) {
 	b := blob[t.off : t.off+t.size]
+	if t.port {
+		low := uint32(abi.NoRule)
+		for p := 0; p < 1<<16; p++ {
+			binary.NativeEndian.PutUint32(b[8+p*tableValueSize:], abi.NoRule)
+		}
+		for _, en := range sh.ents {
+			v := b[8+int(binary.NativeEndian.Uint32(en.key))*tableValueSize:]
+			prio := uint32(en.rule) + 1
+			binary.NativeEndian.PutUint32(v[0:], prio)
+			binary.NativeEndian.PutUint32(v[4:], uint32(en.rule))
+			binary.NativeEndian.PutUint32(v[8:], bodyOf[en.rule])
+			low = min(low, prio)
+		}
+		binary.NativeEndian.PutUint32(b, low)
+		return
+	}
 	binary.NativeEndian.PutUint64(b[0:], t.seed)
 	low := uint32(abi.NoRule)
 	for x, d := range t.disp {
-		binary.NativeEndian.PutUint32(b[perfectHeader+4*x:], d)
+		binary.NativeEndian.PutUint32(b[perfectHeader+4*x:], d<<t.shift)
 	}
 	for sl := 0; sl < 1<<t.sb; sl++ {
 		binary.NativeEndian.PutUint32(b[t.slotsOff+sl*t.esz+8*t.chunks:], abi.NoRule)
 	}
+	lo, hi := ^uint32(0), uint32(0)
 	for i, en := range sh.ents {
 		e := b[t.slotsOff+t.slotOf[i]*t.esz:]
 		for j, c := range t.chunksOf(en.key) {
 			binary.NativeEndian.PutUint64(e[8*j:], c)
 		}
+		w := t.words[0].value(en.key)
+		lo, hi = min(lo, w), max(hi, w)
 		v := e[8*t.chunks:]
 		prio, slot := at(en.rule)
 		binary.NativeEndian.PutUint32(v[0:], prio)
@@ -274,15 +329,32 @@ func (t *perfectTable) fill(blob []byte, sh *shape, bodyOf []uint32, at func(rul
 		low = min(low, prio)
 	}
 	binary.NativeEndian.PutUint32(b[8:], low)
+	binary.NativeEndian.PutUint32(b[16:], lo)
+	binary.NativeEndian.PutUint32(b[20:], hi)
 }
 
 // lookup is the Go side of the emitted lookup (for tests): the entry's
 // value words, or ok false.
 func (t *perfectTable) lookup(blob []byte, key []uint64) (prio, slot, body uint32, ok bool) {
 	b := blob[t.off : t.off+t.size]
+	if t.port {
+		if key[0] > 0xffff {
+			return 0, 0, 0, false
+		}
+		v := b[8+int(key[0])*tableValueSize:]
+		prio = binary.NativeEndian.Uint32(v)
+		return prio, binary.NativeEndian.Uint32(v[4:]), binary.NativeEndian.Uint32(v[8:]), prio != abi.NoRule
+	}
+	w0 := uint32(key[0])
+	if len(t.words) > 1 {
+		w0 = uint32(key[0] >> 32)
+	}
+	if w0 < binary.NativeEndian.Uint32(b[16:]) || w0 > binary.NativeEndian.Uint32(b[20:]) {
+		return 0, 0, 0, false
+	}
 	x, hs := t.hash(key, binary.NativeEndian.Uint64(b))
 	d := binary.NativeEndian.Uint32(b[perfectHeader+4*x:])
-	e := b[t.slotsOff+int((hs^d)&(1<<t.sb-1))*t.esz:]
+	e := b[t.slotsOff+int((hs^d>>t.shift)&(1<<t.sb-1))*t.esz:]
 	for j, c := range key {
 		if binary.NativeEndian.Uint64(e[8*j:]) != c {
 			return 0, 0, 0, false
@@ -314,25 +386,37 @@ func (c *compiler) perfectBase(skip string) {
 func (c *compiler) perfectLookup(sh *shape, miss string, skipLow bool) {
 	e := &c.e
 	t := sh.perfect
-	// The key chunks: in R4 when one, else at slotTKey.
+	if t.port {
+		c.portLookup(t, miss)
+		return
+	}
+	// The first key word, its range, then the key chunks: in R4 when
+	// one, else at slotTKey.
+	c.keyWord(asm.R4, t.words[0])
+	// Offsets past 32 KiB don't fit a load: R0 points at the table.
+	e.emit(ldx(asm.R0, asm.R10, slotPerfect, asm.DWord))
+	if t.off != 0 {
+		e.emit(asm.Add.Imm(asm.R0, int32(t.off)))
+	}
+	e.emit(
+		ldx(asm.R1, asm.R0, 16, asm.Word),
+		asm.JLT.Reg(asm.R4, asm.R1, miss),
+		ldx(asm.R1, asm.R0, 20, asm.Word),
+		asm.JGT.Reg(asm.R4, asm.R1, miss),
+	)
 	for j := 0; j < t.chunks; j++ {
 		dst := asm.R4
-		if t.chunks > 1 {
+		if j > 0 {
 			dst = asm.R1
+			c.keyWord(dst, t.words[2*j])
 		}
-		c.keyWord(dst, t.words[2*j])
 		if 2*j+1 < len(t.words) {
 			c.keyWord(asm.R2, t.words[2*j+1])
 			e.emit(asm.LSh.Imm(dst, 32), asm.Or.Reg(dst, asm.R2))
 		}
 		if t.chunks > 1 {
-			e.emit(stx(asm.R10, slotTKey+int16(8*j), asm.R1, asm.DWord))
+			e.emit(stx(asm.R10, slotTKey+int16(8*j), dst, asm.DWord))
 		}
-	}
-	// Offsets past 32 KiB don't fit a load: R0 points at the table.
-	e.emit(ldx(asm.R0, asm.R10, slotPerfect, asm.DWord))
-	if t.off != 0 {
-		e.emit(asm.Add.Imm(asm.R0, int32(t.off)))
 	}
 	if skipLow {
 		e.emit(
@@ -341,17 +425,16 @@ func (c *compiler) perfectLookup(sh *shape, miss string, skipLow bool) {
 			asm.JGE.Reg(asm.R1, asm.R2, miss),
 		)
 	}
-	e.emit(ldx(asm.R3, asm.R0, 0, asm.DWord))
 	if t.chunks == 1 {
-		e.emit(mov(asm.R1, asm.R4))
+		e.emit(ldx(asm.R1, asm.R0, 0, asm.DWord), asm.Mul.Reg(asm.R1, asm.R4))
 	} else {
-		e.emit(ldx(asm.R1, asm.R10, slotTKey, asm.DWord))
+		e.emit(ldx(asm.R3, asm.R0, 0, asm.DWord), ldx(asm.R1, asm.R10, slotTKey, asm.DWord))
 		for j := 1; j < t.chunks; j++ {
 			e.emit(asm.Mul.Reg(asm.R1, asm.R3), ldx(asm.R2, asm.R10, slotTKey+int16(8*j), asm.DWord), asm.Add.Reg(asm.R1, asm.R2))
 		}
+		e.emit(asm.Mul.Reg(asm.R1, asm.R3))
 	}
 	e.emit(
-		asm.Mul.Reg(asm.R1, asm.R3),
 		// the bucket's displacement (top bb bits)
 		mov(asm.R2, asm.R1),
 		asm.RSh.Imm(asm.R2, int32(64-t.bb)),
@@ -360,22 +443,59 @@ func (c *compiler) perfectLookup(sh *shape, miss string, skipLow bool) {
 		ldx(asm.R2, asm.R2, perfectHeader, asm.Word),
 		// the slot (the next sb bits)
 		asm.LSh.Imm(asm.R1, int32(t.bb)),
-		asm.RSh.Imm(asm.R1, int32(64-t.sb)),
-		asm.Xor.Reg(asm.R1, asm.R2),
-		asm.And.Imm(asm.R1, int32(1<<t.sb-1)),
-		asm.Mul.Imm(asm.R1, int32(t.esz)),
-		asm.Add.Imm(asm.R1, int32(t.slotsOff)),
-		asm.Add.Reg(asm.R0, asm.R1),
 	)
+	if t.shift > 0 {
+		e.emit(
+			asm.RSh.Imm(asm.R1, int32(64-t.sb-t.shift)),
+			asm.Xor.Reg(asm.R1, asm.R2),
+			asm.And.Imm(asm.R1, int32((1<<t.sb-1)<<t.shift)),
+		)
+	} else {
+		e.emit(
+			asm.RSh.Imm(asm.R1, int32(64-t.sb)),
+			asm.Xor.Reg(asm.R1, asm.R2),
+			asm.And.Imm(asm.R1, int32(1<<t.sb-1)),
+			asm.Mul.Imm(asm.R1, int32(t.esz)),
+		)
+	}
+	// The slots' offset in the loads when it fits 16 bits.
+	at := int16(0)
+	if t.slotsOff+t.esz <= 1<<15 {
+		at = int16(t.slotsOff)
+	} else {
+		e.emit(asm.Add.Imm(asm.R1, int32(t.slotsOff)))
+	}
+	e.emit(asm.Add.Reg(asm.R0, asm.R1))
 	for j := 0; j < t.chunks; j++ {
-		e.emit(ldx(asm.R1, asm.R0, int16(8*j), asm.DWord))
+		e.emit(ldx(asm.R1, asm.R0, at+int16(8*j), asm.DWord))
 		if t.chunks == 1 {
 			e.emit(asm.JNE.Reg(asm.R1, asm.R4, miss))
 		} else {
 			e.emit(ldx(asm.R2, asm.R10, slotTKey+int16(8*j), asm.DWord), asm.JNE.Reg(asm.R1, asm.R2, miss))
 		}
 	}
-	c.hit(int16(8*t.chunks), miss, false)
+	c.hit(at+int16(8*t.chunks), miss, false)
+}
+
+// portLookup emits the probe of a port-indexed table (as cheap as a test
+// of its lowest priority would be).
+func (c *compiler) portLookup(t *perfectTable, miss string) {
+	e := &c.e
+	e.emit(
+		ldx(asm.R1, asm.R10, t.words[0].slot, asm.DWord),
+		asm.Xor.Imm(asm.R1, 0), // narrow R1, not the slot (see unlink)
+		asm.JGT.Imm(asm.R1, 0xffff, miss), // absent
+		ldx(asm.R0, asm.R10, slotPerfect, asm.DWord),
+	)
+	if t.off != 0 {
+		e.emit(asm.Add.Imm(asm.R0, int32(t.off)))
+	}
+	e.emit(
+		asm.Mul.Imm(asm.R1, tableValueSize),
+		asm.Add.Imm(asm.R1, 8),
+		asm.Add.Reg(asm.R0, asm.R1),
+	)
+	c.hit(0, miss, false)
 }
 
 // keyWord emits dst = one word of a shape's key (zero-extended).
@@ -386,12 +506,11 @@ func (c *compiler) keyWord(dst asm.Register, w keyWord) {
 	} else {
 		e.emit(ldx(dst, asm.R10, w.slot, asm.Word))
 	}
+	if w.addr {
+		e.emit(asm.HostTo(asm.BE, dst, asm.Word))
+	}
 	if w.mask != 0xffffffff {
-		ins := asm.And.Imm32(dst, int32(w.mask))
-		if !w.mark {
-			ins = netImm(ins)
-		}
-		e.emit(ins)
+		e.emit(asm.And.Imm32(dst, int32(w.mask)))
 	}
 }
 

@@ -35,9 +35,13 @@ func randomKey(r *rand.Rand, sh *shape) []byte {
 	for _, w := range perfectWords(sh) {
 		v := r.Uint32() & w.mask
 		if r.IntN(2) == 0 {
-			v &= 0x000f000f // keys that differ in a few bits only
+			v &= 0xf000f000 // keys that differ in a few bits only
 		}
-		binary.NativeEndian.PutUint32(key[4*w.idx:], v)
+		if w.addr {
+			binary.BigEndian.PutUint32(key[4*w.idx:], v)
+		} else {
+			binary.NativeEndian.PutUint32(key[4*w.idx:], v)
+		}
 	}
 	return key
 }

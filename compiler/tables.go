@@ -26,9 +26,10 @@ const tableValueSize = 12
 // first (one map per key size keeps the program's map count small).
 func tableName(words int) string { return fmt.Sprintf("%s%d", abi.TablePrefix, 1+words) }
 
-// place gives the segments' shapes their ids and tables: a port array for
-// a shape keyed on one port (a few per program), else a perfect-hash
-// table while they fit (perfect.go), else a hash table per key size.
+// place gives the segments' shapes their ids and tables: a port-indexed
+// table for a shape keyed on one port, a perfect-hash table for others,
+// in the perfect-hash tables' map while it fits (perfect.go); past that a
+// port array (a few per program) or a hash table per key size.
 func (c *compiler) place(segs []segment) {
 	for si := range segs {
 		for _, sh := range segs[si].shapes {
@@ -36,6 +37,9 @@ func (c *compiler) place(segs []segment) {
 			c.nextShape++
 			sh.table = tableName(sh.words)
 			switch {
+			case sh.portOnly() && c.perfectSize+portTableSize <= maxPerfectBytes:
+				sh.perfect, sh.table = newPortTable(sh, c.perfectSize), perfectMap
+				c.perfectSize += portTableSize
 			case sh.portOnly() && c.portArrays < maxPortArrays:
 				// One port: an array indexed by generation<<16 | port,
 				// whose lookup the verifier inlines (no hash).
