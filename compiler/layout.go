@@ -64,6 +64,15 @@ type ShapeLayout struct {
 	// Perfect: the shape is in the perfect-hash tables' value, which
 	// only a compilation rebuilds (for now).
 	Perfect bool `json:"perfect,omitempty"`
+	// PerfectLayout: where, for RebuildPerfect (set when Perfect).
+	PerfectLayout *PerfectLayout `json:"perfect_layout,omitempty"`
+}
+
+func perfectLayoutOf(sh *shape) *PerfectLayout {
+	if sh.perfect == nil {
+		return nil
+	}
+	return sh.perfect.layout()
 }
 
 // Placement says where rule i of a compiled hook is: Segment indexes
@@ -158,7 +167,7 @@ func (p *Program) Layout() (*Layout, []Placement) {
 		}
 		bodies := map[uint32]string{}
 		for _, sh := range seg.shapes {
-			sl.Shapes = append(sl.Shapes, ShapeLayout{Key: sh.key, ID: sh.id, Table: sh.table, Array: sh.array, Shadowed: sh.shadowed, Perfect: sh.perfect != nil})
+			sl.Shapes = append(sl.Shapes, ShapeLayout{Key: sh.key, ID: sh.id, Table: sh.table, Array: sh.array, Shadowed: sh.shadowed, Perfect: sh.perfect != nil, PerfectLayout: perfectLayoutOf(sh)})
 			for _, en := range sh.ents {
 				bodies[c.bodyOf[en.rule]] = c.bodyKeys[en.rule]
 			}

@@ -284,53 +284,74 @@ func (t *perfectTable) place(keys [][]uint64, s uint64) bool {
 	return true
 }
 
-// fill writes the table of the shape's entries into a generation's value.
-//
-// at gives a rule's priority and counter slot (compiler.at).
-func (t *perfectTable) fill(blob []byte, sh *shape, bodyOf []uint32, at func(rule int) (prio, slot uint32)) {
+// perfectEntry is one entry of a perfect-hash table: its key chunks
+// (the port for a port-indexed table) and value.
+type perfectEntry struct {
+	key   []uint64
+	value abi.TableValue
+}
+
+// entriesOf returns the shape's entries with their values.
+func (t *perfectTable) entriesOf(sh *shape, value func(rule int) abi.TableValue) []perfectEntry {
+	out := make([]perfectEntry, len(sh.ents))
+	for i, en := range sh.ents {
+		out[i] = perfectEntry{key: t.chunksOf(en.key), value: value(en.rule)}
+	}
+	return out
+}
+
+// fill writes the table of ents (the entries the table was built for, in
+// that order) into a generation's value.
+func (t *perfectTable) fill(blob []byte, ents []perfectEntry) {
 	b := blob[t.off : t.off+t.size]
+	put := func(v []byte, tv abi.TableValue) {
+		binary.NativeEndian.PutUint32(v[0:], tv.Prio)
+		binary.NativeEndian.PutUint32(v[4:], tv.Slot)
+		binary.NativeEndian.PutUint32(v[8:], tv.Body)
+	}
+	low := uint32(abi.NoRule)
 	if t.port {
-		low := uint32(abi.NoRule)
 		for p := 0; p < 1<<16; p++ {
-			binary.NativeEndian.PutUint32(b[8+p*tableValueSize:], abi.NoRule)
+			put(b[8+p*tableValueSize:], abi.TableValue{Prio: abi.NoRule})
 		}
-		for _, en := range sh.ents {
-			v := b[8+int(binary.NativeEndian.Uint32(en.key))*tableValueSize:]
-			prio := uint32(en.rule) + 1
-			binary.NativeEndian.PutUint32(v[0:], prio)
-			binary.NativeEndian.PutUint32(v[4:], uint32(en.rule))
-			binary.NativeEndian.PutUint32(v[8:], bodyOf[en.rule])
-			low = min(low, prio)
+		for _, en := range ents {
+			put(b[8+int(en.key[0])*tableValueSize:], en.value)
+			low = min(low, en.value.Prio)
 		}
 		binary.NativeEndian.PutUint32(b, low)
 		return
 	}
 	binary.NativeEndian.PutUint64(b[0:], t.seed)
-	low := uint32(abi.NoRule)
 	for x, d := range t.disp {
 		binary.NativeEndian.PutUint32(b[perfectHeader+4*x:], d<<t.shift)
 	}
 	for sl := 0; sl < 1<<t.sb; sl++ {
-		binary.NativeEndian.PutUint32(b[t.slotsOff+sl*t.esz+8*t.chunks:], abi.NoRule)
+		e := b[t.slotsOff+sl*t.esz:]
+		clear(e[:t.esz])
+		put(e[8*t.chunks:], abi.TableValue{Prio: abi.NoRule})
 	}
 	lo, hi := ^uint32(0), uint32(0)
-	for i, en := range sh.ents {
+	for i, en := range ents {
 		e := b[t.slotsOff+t.slotOf[i]*t.esz:]
-		for j, c := range t.chunksOf(en.key) {
+		for j, c := range en.key {
 			binary.NativeEndian.PutUint64(e[8*j:], c)
 		}
-		w := t.words[0].value(en.key)
+		w := t.firstWord(en.key)
 		lo, hi = min(lo, w), max(hi, w)
-		v := e[8*t.chunks:]
-		prio, slot := at(en.rule)
-		binary.NativeEndian.PutUint32(v[0:], prio)
-		binary.NativeEndian.PutUint32(v[4:], slot)
-		binary.NativeEndian.PutUint32(v[8:], bodyOf[en.rule])
-		low = min(low, prio)
+		put(e[8*t.chunks:], en.value)
+		low = min(low, en.value.Prio)
 	}
 	binary.NativeEndian.PutUint32(b[8:], low)
 	binary.NativeEndian.PutUint32(b[16:], lo)
 	binary.NativeEndian.PutUint32(b[20:], hi)
+}
+
+// firstWord is the first key word of a key's chunks.
+func (t *perfectTable) firstWord(key []uint64) uint32 {
+	if len(t.words) > 1 {
+		return uint32(key[0] >> 32)
+	}
+	return uint32(key[0])
 }
 
 // lookup is the Go side of the emitted lookup (for tests): the entry's
@@ -345,11 +366,7 @@ func (t *perfectTable) lookup(blob []byte, key []uint64) (prio, slot, body uint3
 		prio = binary.NativeEndian.Uint32(v)
 		return prio, binary.NativeEndian.Uint32(v[4:]), binary.NativeEndian.Uint32(v[8:]), prio != abi.NoRule
 	}
-	w0 := uint32(key[0])
-	if len(t.words) > 1 {
-		w0 = uint32(key[0] >> 32)
-	}
-	if w0 < binary.NativeEndian.Uint32(b[16:]) || w0 > binary.NativeEndian.Uint32(b[20:]) {
+	if w0 := t.firstWord(key); w0 < binary.NativeEndian.Uint32(b[16:]) || w0 > binary.NativeEndian.Uint32(b[20:]) {
 		return 0, 0, 0, false
 	}
 	x, hs := t.hash(key, binary.NativeEndian.Uint64(b))
@@ -483,7 +500,7 @@ func (c *compiler) portLookup(t *perfectTable, miss string) {
 	e := &c.e
 	e.emit(
 		ldx(asm.R1, asm.R10, t.words[0].slot, asm.DWord),
-		asm.Xor.Imm(asm.R1, 0), // narrow R1, not the slot (see unlink)
+		asm.Xor.Imm(asm.R1, 0),            // narrow R1, not the slot (see unlink)
 		asm.JGT.Imm(asm.R1, 0xffff, miss), // absent
 		ldx(asm.R0, asm.R10, slotPerfect, asm.DWord),
 	)
@@ -532,4 +549,155 @@ func (c *compiler) hit(at int16, miss string, empty0 bool) {
 		stx(asm.R10, slotBody, asm.R1, asm.DWord),
 	)
 	c.e.label(miss)
+}
+
+// Incremental changes (see layout.go): the datapath rebuilds one shape's
+// table inside the spare generation's value without compiling.
+
+// PerfectLayout is where one shape's table sits in the perfect-hash
+// tables' value and how its key is laid out; it is stored with the hook's
+// state (JSON).
+type PerfectLayout struct {
+	Port       bool          `json:"port,omitempty"` // indexed by the port
+	Off        int           `json:"off"`
+	Size       int           `json:"size"`
+	BucketBits int           `json:"bucket_bits,omitempty"`
+	SlotBits   int           `json:"slot_bits,omitempty"`
+	Chunks     int           `json:"chunks,omitempty"`
+	EntrySize  int           `json:"entry_size"`
+	Shift      int           `json:"shift,omitempty"`
+	SlotsOff   int           `json:"slots_off"`
+	Words      []PerfectWord `json:"words"`
+}
+
+// PerfectWord is one key word: its index in the table key (the words after
+// the first of abi's TablePrefix keys), its mask, whether an address.
+type PerfectWord struct {
+	Idx  int    `json:"idx"`
+	Mask uint32 `json:"mask"`
+	Addr bool   `json:"addr,omitempty"`
+}
+
+// PerfectEntry is an entry to put: its key as in abi's TablePrefix tables
+// (the words after the first) and value.
+type PerfectEntry struct {
+	Key   []byte
+	Value abi.TableValue
+}
+
+func (t *perfectTable) layout() *PerfectLayout {
+	l := &PerfectLayout{Port: t.port, Off: t.off, Size: t.size, BucketBits: t.bb, SlotBits: t.sb, Chunks: t.chunks,
+		EntrySize: t.esz, Shift: t.shift, SlotsOff: t.slotsOff}
+	for _, w := range t.words {
+		l.Words = append(l.Words, PerfectWord{Idx: w.idx, Mask: w.mask, Addr: w.addr})
+	}
+	return l
+}
+
+func (l *PerfectLayout) table() *perfectTable {
+	t := &perfectTable{port: l.Port, off: l.Off, size: l.Size, bb: l.BucketBits, sb: l.SlotBits, chunks: l.Chunks,
+		esz: l.EntrySize, shift: l.Shift, slotsOff: l.SlotsOff}
+	for _, w := range l.Words {
+		t.words = append(t.words, keyWord{idx: w.Idx, mask: w.Mask, addr: w.Addr})
+	}
+	return t
+}
+
+// entries reads the table's entries back from a generation's value.
+func (t *perfectTable) entries(blob []byte) []perfectEntry {
+	b := blob[t.off : t.off+t.size]
+	value := func(v []byte) abi.TableValue {
+		return abi.TableValue{Prio: binary.NativeEndian.Uint32(v), Slot: binary.NativeEndian.Uint32(v[4:]), Body: binary.NativeEndian.Uint32(v[8:])}
+	}
+	var out []perfectEntry
+	if t.port {
+		for p := 0; p < 1<<16; p++ {
+			if v := value(b[8+p*tableValueSize:]); v.Prio != abi.NoRule {
+				out = append(out, perfectEntry{key: []uint64{uint64(p)}, value: v})
+			}
+		}
+		return out
+	}
+	for sl := 0; sl < 1<<t.sb; sl++ {
+		e := b[t.slotsOff+sl*t.esz:]
+		if v := value(e[8*t.chunks:]); v.Prio != abi.NoRule {
+			key := make([]uint64, t.chunks)
+			for j := range key {
+				key[j] = binary.NativeEndian.Uint64(e[8*j:])
+			}
+			out = append(out, perfectEntry{key: key, value: v})
+		}
+	}
+	return out
+}
+
+// RebuildPerfect returns a copy of live (a generation's value of the
+// perfect-hash tables) whose table l holds its entries less the keys of
+// del, with put's added or replaced. ok is false when the entries exceed
+// the table's capacity (a compilation would lay the table out larger: the
+// program changes) or no hash was found: compile the hook again.
+func RebuildPerfect(live []byte, l *PerfectLayout, put []PerfectEntry, del [][]byte) (blob []byte, ok bool) {
+	t := l.table()
+	if len(live) < t.off+t.size {
+		return nil, false
+	}
+	ents := t.entries(live)
+	index := map[string]int{}
+	keyOf := func(k []uint64) string {
+		var b []byte
+		for _, c := range k {
+			b = binary.NativeEndian.AppendUint64(b, c)
+		}
+		return string(b)
+	}
+	for i, en := range ents {
+		index[keyOf(en.key)] = i
+	}
+	gone := map[int]bool{}
+	for _, k := range del {
+		if i, ok := index[keyOf(t.chunksOf(k))]; ok {
+			gone[i] = true
+		}
+	}
+	var next []perfectEntry
+	for i, en := range ents {
+		if !gone[i] {
+			next = append(next, en)
+		}
+	}
+	index = map[string]int{}
+	for i, en := range next {
+		index[keyOf(en.key)] = i
+	}
+	for _, p := range put {
+		en := perfectEntry{key: t.chunksOf(p.Key), value: p.Value}
+		if t.port && en.key[0] > 0xffff {
+			return nil, false
+		}
+		if i, ok := index[keyOf(en.key)]; ok {
+			next[i] = en
+			continue
+		}
+		index[keyOf(en.key)] = len(next)
+		next = append(next, en)
+	}
+	if !t.port {
+		// A compilation gives a table of n entries 2n slots.
+		if len(next) > 1<<t.sb/2 {
+			return nil, false
+		}
+		keys := make([][]uint64, len(next))
+		for i, en := range next {
+			keys[i] = en.key
+		}
+		if len(keys) > 0 && !t.build(keys) {
+			return nil, false
+		}
+		if len(keys) == 0 {
+			t.disp = make([]uint32, 1<<t.bb)
+		}
+	}
+	blob = slices.Clone(live)
+	t.fill(blob, next)
+	return blob, true
 }

@@ -5,6 +5,8 @@ import (
 	"encoding/binary"
 	"math/rand/v2"
 	"testing"
+
+	"github.com/sfunnel/sfunnel/abi"
 )
 
 // perfectShapes are shapes of every key width: one word (a mark), a masked
@@ -66,13 +68,16 @@ func TestPerfectTable(t *testing.T) {
 			for i := range bodyOf {
 				bodyOf[i] = uint32(i % 7)
 			}
+			valueOf := func(i int) abi.TableValue {
+				return abi.TableValue{Prio: uint32(i) + 1, Slot: uint32(i), Body: bodyOf[i]}
+			}
 			const off = 64
 			tab := newPerfectTable(sh, off)
 			if tab == nil {
 				t.Fatalf("%s n=%d: no table", name, n)
 			}
 			blob := make([]byte, off+tab.size)
-			tab.fill(blob, sh, bodyOf, (&compiler{}).at)
+			tab.fill(blob, tab.entriesOf(sh, valueOf))
 			for _, en := range sh.ents {
 				prio, slot, body, ok := tab.lookup(blob, tab.chunksOf(en.key))
 				if !ok || prio != uint32(en.rule+1) || slot != uint32(en.rule) || body != bodyOf[en.rule] {
@@ -90,7 +95,7 @@ func TestPerfectTable(t *testing.T) {
 			}
 			again := newPerfectTable(sh, off)
 			blob2 := make([]byte, off+again.size)
-			again.fill(blob2, sh, bodyOf, (&compiler{}).at)
+			again.fill(blob2, again.entriesOf(sh, valueOf))
 			if !bytes.Equal(blob, blob2) {
 				t.Fatalf("%s n=%d: the same entries gave another table", name, n)
 			}
@@ -101,5 +106,106 @@ func TestPerfectTable(t *testing.T) {
 	all.ents = make([]tabEntry, 40000)
 	if newPerfectTable(all, 0) != nil {
 		t.Fatal("a table past maxPerfectBytes")
+	}
+}
+
+// RebuildPerfect gives the table a compilation of the changed entries
+// would: every kept and put entry found with its value, deleted keys gone,
+// the lowest priority and the range updated; past the capacity it refuses.
+func TestRebuildPerfect(t *testing.T) {
+	r := rand.New(rand.NewPCG(9, 9))
+	shapes := perfectShapes()
+	port := &shape{}
+	port.keyed[keyDport] = true
+	port.words = keyWords(port)
+	shapes["port"] = port
+	for name, sh := range shapes {
+		sh.ents = nil
+		seen := map[string]bool{}
+		for len(sh.ents) < 200 {
+			k := randomKey(r, sh)
+			if sh == port {
+				k = binary.NativeEndian.AppendUint32(nil, uint32(r.IntN(1<<16)))
+			}
+			if !seen[string(k)] {
+				seen[string(k)] = true
+				sh.ents = append(sh.ents, tabEntry{rule: len(sh.ents), key: k})
+			}
+		}
+		valueOf := func(i int) abi.TableValue {
+			return abi.TableValue{Prio: uint32(i) + 10, Slot: uint32(i), Body: uint32(i % 3)}
+		}
+		var tab *perfectTable
+		if sh == port {
+			tab = newPortTable(sh, 16)
+		} else {
+			tab = newPerfectTable(sh, 16)
+		}
+		live := make([]byte, 16+tab.size)
+		tab.fill(live, tab.entriesOf(sh, valueOf))
+		// Delete the first 50 (the lowest priorities), replace the next
+		// 10, add 100 more.
+		var del [][]byte
+		want := map[string]abi.TableValue{}
+		for i, en := range sh.ents {
+			switch {
+			case i < 50:
+				del = append(del, en.key)
+			default:
+				want[string(en.key)] = valueOf(i)
+			}
+		}
+		var put []PerfectEntry
+		for i := 50; i < 60; i++ {
+			v := abi.TableValue{Prio: 5000 + uint32(i), Slot: 7, Body: 1}
+			put = append(put, PerfectEntry{Key: sh.ents[i].key, Value: v})
+			want[string(sh.ents[i].key)] = v
+		}
+		for len(put) < 110 {
+			k := randomKey(r, sh)
+			if sh == port {
+				k = binary.NativeEndian.AppendUint32(nil, uint32(r.IntN(1<<16)))
+			}
+			if seen[string(k)] {
+				continue
+			}
+			seen[string(k)] = true
+			v := abi.TableValue{Prio: 9000 + uint32(len(put)), Slot: 8, Body: 2}
+			put = append(put, PerfectEntry{Key: k, Value: v})
+			want[string(k)] = v
+		}
+		l := tab.layout()
+		blob, ok := RebuildPerfect(live, l, put, del)
+		if !ok {
+			t.Fatalf("%s: not rebuilt", name)
+		}
+		if !bytes.Equal(blob[:16], live[:16]) {
+			t.Fatalf("%s: bytes before the table changed", name)
+		}
+		got := l.table()
+		for k := range seen {
+			prio, slot, body, ok := got.lookup(blob, got.chunksOf([]byte(k)))
+			w, member := want[k]
+			if ok != member || ok && (abi.TableValue{Prio: prio, Slot: slot, Body: body}) != w {
+				t.Fatalf("%s: key %x -> %d %d %d %v, want %+v %v", name, k, prio, slot, body, ok, w, member)
+			}
+		}
+		if low := binary.NativeEndian.Uint32(blob[16+map[bool]int{true: 0, false: 8}[sh == port]:]); low != 70 {
+			t.Fatalf("%s: lowest priority %d, want 70 (rule 60)", name, low)
+		}
+		if sh != port {
+			// 200 entries got 512 slots: 257 don't fit.
+			var many []PerfectEntry
+			for len(many) < 257 {
+				k := randomKey(r, sh)
+				if !seen[string(k)] {
+					seen[string(k)] = true
+					many = append(many, PerfectEntry{Key: k, Value: abi.TableValue{Prio: 1}})
+				}
+			}
+			if _, ok := RebuildPerfect(blob, l, many, nil); ok {
+				t.Fatalf("%s: rebuilt past the capacity", name)
+			}
+		}
 	}
 }

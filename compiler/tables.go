@@ -26,10 +26,11 @@ const tableValueSize = 12
 // first (one map per key size keeps the program's map count small).
 func tableName(words int) string { return fmt.Sprintf("%s%d", abi.TablePrefix, 1+words) }
 
-// place gives the segments' shapes their ids and tables: a port-indexed
-// table for a shape keyed on one port, a perfect-hash table for others,
-// in the perfect-hash tables' map while it fits (perfect.go); past that a
-// port array (a few per program) or a hash table per key size.
+// place gives the segments' shapes their ids and tables: a port array for
+// a shape keyed on one port (a few per program, then a port-indexed table
+// in the perfect-hash tables' value), a perfect-hash table for others
+// while the value stays under 4 MiB (perfect.go), else a hash table per
+// key size.
 func (c *compiler) place(segs []segment) {
 	for si := range segs {
 		for _, sh := range segs[si].shapes {
@@ -37,15 +38,16 @@ func (c *compiler) place(segs []segment) {
 			c.nextShape++
 			sh.table = tableName(sh.words)
 			switch {
-			case sh.portOnly() && c.perfectSize+portTableSize <= maxPerfectBytes:
-				sh.perfect, sh.table = newPortTable(sh, c.perfectSize), perfectMap
-				c.perfectSize += portTableSize
 			case sh.portOnly() && c.portArrays < maxPortArrays:
 				// One port: an array indexed by generation<<16 | port,
-				// whose lookup the verifier inlines (no hash).
+				// whose lookup the verifier inlines (no hash); its
+				// entries change one by one (Layout.Place).
 				c.portArrays++
 				sh.array = true
 				sh.table = fmt.Sprintf("%sp%d", abi.TablePrefix, sh.id)
+			case sh.portOnly() && c.perfectSize+portTableSize <= maxPerfectBytes:
+				sh.perfect, sh.table = newPortTable(sh, c.perfectSize), perfectMap
+				c.perfectSize += portTableSize
 			default:
 				if t := newPerfectTable(sh, c.perfectSize); t != nil {
 					sh.perfect, sh.table = t, perfectMap
@@ -342,7 +344,10 @@ func (c *compiler) perfectContents(gen uint32) []ebpf.MapKV {
 	if c.perfectBlob == nil {
 		c.perfectBlob = make([]byte, c.perfectSize)
 		for _, sh := range c.tables[perfectMap] {
-			sh.perfect.fill(c.perfectBlob, sh, c.bodyOf, c.at)
+			sh.perfect.fill(c.perfectBlob, sh.perfect.entriesOf(sh, func(i int) abi.TableValue {
+				prio, slot := c.at(i)
+				return abi.TableValue{Prio: prio, Slot: slot, Body: c.bodyOf[i]}
+			}))
 		}
 	}
 	return []ebpf.MapKV{{Key: binary.NativeEndian.AppendUint32(nil, gen), Value: c.perfectBlob}}
