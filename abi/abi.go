@@ -75,7 +75,11 @@ type Counter struct {
 	Packets, Bytes uint64
 }
 
-// Named set maps:
+// Named set maps: SetMapPrefix + name is an ARRAY_OF_MAPS of one entry
+// (key uint32 0) whose value is the set's elements map (SetElements
+// appended to the name in a CollectionSpec): a change of elements builds a
+// new elements map and swaps it in with one update, so a packet sees the
+// old elements or the new ones, never a part. Elements maps:
 //
 //   - ipv4_addr / ipv6_addr: LPM_TRIE (BPF_F_NO_PREALLOC), key {prefixlen
 //     uint32 (host order); address [4]/[16]byte}, value uint8 1,
@@ -83,6 +87,7 @@ type Counter struct {
 //   - inet_service: ARRAY of one element (key uint32 0), value a
 //     PortBitmapSize-byte bitmap, bit (port & 7) of byte (port >> 3).
 const (
+	SetElements          = "/elements"
 	NamedAddrSetCapacity = 65536
 	PortBitmapSize       = 65536 / 8
 )

@@ -271,6 +271,25 @@ func (g *Gen) SetMap(name string) (*ebpf.Map, error) {
 	return loadPinnedMapIfAny(g.setPin(name))
 }
 
+// SetElements opens the elements map of a named set (the value of its
+// outer map), nil if g has none (the layout before elements maps).
+func (g *Gen) SetElements(name string) (*ebpf.Map, error) {
+	return loadPinnedMapIfAny(filepath.Join(g.Dir, "elements", strings.ReplaceAll(name, ".", ":")))
+}
+
+// PinSetElements pins m as the elements map of set name in g.
+func (g *Gen) PinSetElements(name string, m *ebpf.Map) error {
+	dir := filepath.Join(g.Dir, "elements")
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return err
+	}
+	if err := pinMapCopy(m, filepath.Join(dir, strings.ReplaceAll(name, ".", ":"))); err != nil {
+		return err
+	}
+	faults.Point("pin elements " + name)
+	return nil
+}
+
 // PinSet pins m as the map of set name in g.
 func (g *Gen) PinSet(name string, m *ebpf.Map) error {
 	if err := pinMapCopy(m, g.setPin(name)); err != nil {

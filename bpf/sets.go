@@ -29,6 +29,54 @@ func NewSetMap(spec *ebpf.MapSpec) (*ebpf.Map, error) {
 	return m, nil
 }
 
+// NewSetElements creates a set's elements map holding spec.Contents
+// (written in batches where the kernel can).
+func NewSetElements(spec *ebpf.MapSpec) (*ebpf.Map, error) {
+	empty := spec.Copy()
+	empty.Contents = nil
+	m, err := ebpf.NewMap(empty)
+	if err != nil {
+		return nil, fmt.Errorf("create elements map of %s: %w", spec.Name, permission(err))
+	}
+	var ks, vs [][]byte
+	for _, kv := range spec.Contents {
+		k, err := marshalBytes(kv.Key, int(m.KeySize()))
+		if err == nil {
+			var v []byte
+			if v, err = marshalBytes(kv.Value, int(m.ValueSize())); err == nil {
+				ks, vs = append(ks, k), append(vs, v)
+			}
+		}
+		if err != nil {
+			m.Close()
+			return nil, fmt.Errorf("set %s: %w", spec.Name, err)
+		}
+	}
+	if len(ks) > 0 {
+		if _, err := m.BatchUpdate(Records(int(m.KeySize()), ks), Records(int(m.ValueSize()), vs), nil); err != nil {
+			for i := range ks {
+				if err := m.Put(ks[i], vs[i]); err != nil {
+					m.Close()
+					return nil, fmt.Errorf("add element to set %s: %w", spec.Name, err)
+				}
+			}
+		}
+	}
+	return m, nil
+}
+
+// Records packs byte strings of one size into a []([size]byte), the form
+// the batch calls take.
+func Records(size int, recs [][]byte) any {
+	s := reflect.MakeSlice(reflect.SliceOf(reflect.ArrayOf(size, reflect.TypeOf(byte(0)))), len(recs), len(recs))
+	for i, r := range recs {
+		if r != nil {
+			reflect.Copy(s.Index(i), reflect.ValueOf(r))
+		}
+	}
+	return s.Interface()
+}
+
 // SyncSet makes the elements of a live set map equal to spec.Contents:
 // new and changed entries are written first, then stale ones deleted, so an
 // element present before and after never disappears. Keys and values are

@@ -12,10 +12,22 @@ import (
 	"github.com/sfunnel/sfunnel/grammar"
 )
 
-// SetMap returns the map backing a named set, with its elements as
-// Contents, in the layout of package abi. It has the same shape as
-// Spec.Maps["set_"+name] of any program that references the set; adding or
-// deleting elements of a port set rewrites its one value.
+// SetOuter returns the map a program looks a named set up through (abi:
+// an ARRAY_OF_MAPS of one entry, the elements map); Spec.Maps["set_"+name]
+// of any program that references the set has its shape.
+func SetOuter(s *grammar.Set) *ebpf.MapSpec {
+	inner := SetMap(s)
+	inner.Contents = nil
+	return &ebpf.MapSpec{
+		Name: objName(SetMapPrefix + s.Name), Type: ebpf.ArrayOfMaps, KeySize: 4, ValueSize: 4, MaxEntries: 1,
+		InnerMap: inner,
+		Contents: []ebpf.MapKV{{Key: uint32(0), Value: SetMapPrefix + s.Name + abi.SetElements}},
+	}
+}
+
+// SetMap returns the elements map of a named set, with its elements as
+// Contents, in the layout of package abi (Spec.Maps["set_"+name+
+// abi.SetElements]).
 func SetMap(s *grammar.Set) *ebpf.MapSpec {
 	var m *ebpf.MapSpec
 	switch s.Type {
@@ -124,7 +136,8 @@ func (c *compiler) namedSet(name string, span grammar.Span, types ...grammar.Set
 	}
 	if !slices.Contains(c.named, name) {
 		c.named = append(c.named, name)
-		c.spec.Maps[SetMapPrefix+name] = SetMap(s)
+		c.spec.Maps[SetMapPrefix+name] = SetOuter(s)
+		c.spec.Maps[SetMapPrefix+name+abi.SetElements] = SetMap(s)
 	}
 	return s, nil
 }
@@ -195,5 +208,22 @@ func (c *compiler) addrLookup(name string, fam int, slot int16) {
 		bits = 128
 	}
 	c.e.emit(sti(asm.R10, slot, bits, asm.Word))
-	c.lookup(name, slot)
+	c.setLookup(name, slot)
+}
+
+// setLookup emits R0 = the element at fp+slot of named set map name
+// (through its outer map: abi), 0 when absent.
+func (c *compiler) setLookup(name string, slot int16) {
+	e := &c.e
+	done := e.newLabel("set_done")
+	e.emit(sti(asm.R10, slotKey, 0, asm.Word))
+	c.lookup(name, slotKey)
+	e.emit(
+		asm.JEq.Imm(asm.R0, 0, done),
+		mov(asm.R1, asm.R0),
+		mov(asm.R2, asm.R10),
+		asm.Add.Imm(asm.R2, int32(slot)),
+		asm.FnMapLookupElem.Call(),
+	)
+	e.label(done)
 }

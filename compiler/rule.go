@@ -238,7 +238,11 @@ func (c *compiler) portMatch(m *grammar.PortMatch, slot int16, fail string) erro
 	c.unlink(asm.R1)
 	if mapName != "" {
 		e.emit(asm.JGT.Imm(asm.R1, 0xffff, fail), sti(asm.R10, slotKey, int64(listID), asm.Word))
-		c.lookup(mapName, slotKey)
+		if m.Set != "" {
+			c.setLookup(mapName, slotKey) // listID 0: the bitmap's key
+		} else {
+			c.lookup(mapName, slotKey)
+		}
 		e.emit(
 			asm.JEq.Imm(asm.R0, 0, fail),
 			ldx(asm.R1, asm.R10, slot, asm.DWord),

@@ -13,29 +13,14 @@ import (
 // bpf package applies `add element` / `delete element`.
 func syncSet(t *testing.T, live *ebpf.Map, spec *ebpf.MapSpec) {
 	t.Helper()
-	want := map[string]bool{}
-	for _, kv := range spec.Contents {
-		if err := live.Put(kv.Key, kv.Value); err != nil {
-			t.Fatal(err)
-		}
-		want[string(toBytes(t, kv.Key))] = true
+	// abi: the set's outer map gets a new elements map, in one update.
+	elems, err := ebpf.NewMap(spec)
+	if err != nil {
+		t.Fatal(err)
 	}
-	if spec.Type != ebpf.LPMTrie {
-		return
-	}
-	var stale [][]byte
-	key := make([]byte, spec.KeySize)
-	val := make([]byte, spec.ValueSize)
-	it := live.Iterate()
-	for it.Next(&key, &val) {
-		if !want[string(key)] {
-			stale = append(stale, append([]byte(nil), key...))
-		}
-	}
-	for _, k := range stale {
-		if err := live.Delete(k); err != nil {
-			t.Fatal(err)
-		}
+	defer elems.Close()
+	if err := live.Put(uint32(0), elems); err != nil {
+		t.Fatal(err)
 	}
 }
 

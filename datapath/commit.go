@@ -4,9 +4,11 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"slices"
 	"strings"
 
 	"github.com/cilium/ebpf"
+	"github.com/sfunnel/sfunnel/abi"
 	"github.com/sfunnel/sfunnel/bpf"
 	"github.com/sfunnel/sfunnel/compiler"
 	"github.com/sfunnel/sfunnel/grammar"
@@ -125,34 +127,62 @@ func (b *Backend) Commit(rs *ruleset.Ruleset) error {
 		}
 	}()
 
-	// Sets: the current generation's map when it can take the new
-	// elements, else a fresh one (created with its elements).
+	// Sets: the current generation's outer map when it fits (programs
+	// keep it), else a fresh one; the elements map of the current
+	// generation when the elements did not change, else a new one, which
+	// roll-forward swaps in with one update (atomic for packets).
 	sets := map[string]*setPlan{}
 	defer func() {
 		for _, sp := range sets {
 			sp.m.Close()
 		}
 	}()
+	oldSets := map[string]string{}
+	if old != nil {
+		for _, sr := range old.Sets {
+			oldSets[sr.Name] = sr.Text
+		}
+	}
 	for _, set := range rs.Sets {
-		spec := compiler.SetMap(set)
-		var pinned *ebpf.Map
+		outer := compiler.SetOuter(set)
+		outer.Contents = nil
+		var pinned, elems *ebpf.Map
 		if cur != nil {
 			if pinned, err = cur.SetMap(set.Name); err != nil {
 				return err
 			}
 		}
 		sp := &setPlan{m: pinned}
-		if pinned == nil || !bpf.SetMapFits(pinned, spec) {
+		sets[set.Name] = sp
+		if pinned == nil || !bpf.SetMapFits(pinned, outer) {
 			if pinned != nil {
 				pinned.Close()
 			}
-			if sp.m, err = bpf.NewSetMap(spec); err != nil {
+			if sp.m, err = bpf.NewSetMap(outer); err != nil {
 				return err
 			}
 			sp.fresh = true
+		} else if t, ok := oldSets[set.Name]; ok && t == grammar.FormatSet(set, "") {
+			if elems, err = cur.SetElements(set.Name); err != nil {
+				return err
+			}
 		}
-		sets[set.Name] = sp
-		if err := g.PinSet(set.Name, sp.m); err != nil {
+		if elems == nil {
+			if elems, err = bpf.NewSetElements(compiler.SetMap(set)); err != nil {
+				return err
+			}
+		}
+		if sp.fresh {
+			err = sp.m.Put(uint32(0), elems)
+		}
+		if err == nil {
+			err = g.PinSetElements(set.Name, elems)
+		}
+		elems.Close()
+		if err == nil {
+			err = g.PinSet(set.Name, sp.m)
+		}
+		if err != nil {
 			return err
 		}
 	}
@@ -245,6 +275,7 @@ func (b *Backend) Commit(rs *ruleset.Ruleset) error {
 			ms.MaxEntries = sp.m.MaxEntries() // a reused map may be larger
 			ms.Contents = nil
 			repl[bpf.SetMapPrefix+name] = sp.m
+			delete(spec.Maps, bpf.SetMapPrefix+name+abi.SetElements) // the set's own
 		}
 		coll, err := bpf.LoadCollection(spec, bpf.LoadOptions{What: p.id.String(), Maps: repl, Verbose: b.opts.Verbose})
 		if err != nil {
@@ -455,10 +486,35 @@ func (b *Backend) rollBack(s *bpf.Store, cur, g *bpf.Gen) error {
 	return s.Prune()
 }
 
-// syncSets gives the set maps that g shares with other (the generation it
-// replaces) the elements st lists. Fresh maps already have them.
+// syncSets makes the outer maps of st's sets in g hold g's elements maps
+// (one update each, atomic for packets). Sets pinned in the layout before
+// elements maps get their elements in place, as then.
 func syncSets(st *liveState, g, other *bpf.Gen) error {
-	if len(st.Sets) == 0 {
+	var legacy []string
+	for _, sr := range st.Sets {
+		m, err := g.SetMap(sr.Name)
+		if err != nil {
+			return err
+		}
+		if m == nil {
+			return fmt.Errorf("generation %d has no map for set %s", g.N, sr.Name)
+		}
+		elems, err := g.SetElements(sr.Name)
+		if err == nil && elems == nil {
+			legacy = append(legacy, sr.Name)
+		} else if err == nil {
+			err = m.Put(uint32(0), elems)
+			elems.Close()
+			if err == nil {
+				faults.Point("swap set " + sr.Name)
+			}
+		}
+		m.Close()
+		if err != nil {
+			return fmt.Errorf("set %s: %w", sr.Name, err)
+		}
+	}
+	if len(legacy) == 0 {
 		return nil
 	}
 	sets, err := st.parseSets()
@@ -466,12 +522,12 @@ func syncSets(st *liveState, g, other *bpf.Gen) error {
 		return err
 	}
 	for _, set := range sets {
+		if !slices.Contains(legacy, set.Name) {
+			continue
+		}
 		m, err := g.SetMap(set.Name)
 		if err != nil {
 			return err
-		}
-		if m == nil {
-			return fmt.Errorf("generation %d has no map for set %s", g.N, set.Name)
 		}
 		shared := false
 		if other != nil {

@@ -350,7 +350,20 @@ func TestSetElementsLive(t *testing.T) {
 		t.Fatalf("%d of 3 datagrams from an address not in the set arrived", got)
 	}
 	before := liveProgID(t, e, id)
+	oldElems := e.elements(t, "blocked-v4.x")
+	defer oldElems.Close()
 	e.commit(t, set("198.51.100.7/32", "192.0.2.0/28"))
+	// The elements were not added one by one to the map packets read: a
+	// new elements map took its place in one update; the old one still
+	// holds exactly the old element.
+	newElems := e.elements(t, "blocked-v4.x")
+	defer newElems.Close()
+	if mapIDOf(t, newElems) == mapIDOf(t, oldElems) {
+		t.Error("add element changed the elements map in place")
+	}
+	if n, m := countEntries(t, oldElems), countEntries(t, newElems); n != 1 || m != 2 {
+		t.Errorf("old elements map holds %d entries (want 1), new one %d (want 2)", n, m)
+	}
 	if got := e.send(t, 4739, 3); got != 0 {
 		t.Errorf("%d datagrams from an address added to the set passed a drop rule", got)
 	}
@@ -457,4 +470,56 @@ func TestStatusCountsMTUExceeded(t *testing.T) {
 	if st[0].MTUExceeded[7] != 1 || st[0].Stats["mtu-exceeded"] != 1 {
 		t.Errorf("status %+v: want one MTU overrun, for rule 7", st[0])
 	}
+}
+
+// elements opens the elements map the live outer map of set name holds.
+func (e *env) elements(t *testing.T, name string) *ebpf.Map {
+	t.Helper()
+	var m *ebpf.Map
+	e.do(t, func() error {
+		s, err := bpf.OpenExisting(bpf.Options{Root: e.root})
+		if err != nil || s == nil {
+			return fmt.Errorf("no state: %v", err)
+		}
+		g, err := s.Current()
+		if err != nil {
+			return err
+		}
+		outer, err := g.SetMap(name)
+		if err != nil || outer == nil {
+			return fmt.Errorf("no map for set %s: %v", name, err)
+		}
+		defer outer.Close()
+		var id uint32
+		if err := outer.Lookup(uint32(0), &id); err != nil {
+			return err
+		}
+		m, err = ebpf.NewMapFromID(ebpf.MapID(id))
+		return err
+	})
+	return m
+}
+
+func mapIDOf(t *testing.T, m *ebpf.Map) ebpf.MapID {
+	t.Helper()
+	info, err := m.Info()
+	if err != nil {
+		t.Fatal(err)
+	}
+	id, _ := info.ID()
+	return id
+}
+
+func countEntries(t *testing.T, m *ebpf.Map) int {
+	t.Helper()
+	n := 0
+	k, v := make([]byte, m.KeySize()), make([]byte, m.ValueSize())
+	it := m.Iterate()
+	for it.Next(&k, &v) {
+		n++
+	}
+	if err := it.Err(); err != nil {
+		t.Fatal(err)
+	}
+	return n
 }

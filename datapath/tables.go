@@ -195,17 +195,8 @@ func readTable(m *ebpf.Map) (map[string][]byte, error) {
 	return out, it.Err()
 }
 
-// records packs byte strings of one size into a []([size]byte), the form
-// the batch calls take.
-func records(size int, recs [][]byte) any {
-	s := reflect.MakeSlice(reflect.SliceOf(reflect.ArrayOf(size, reflect.TypeOf(byte(0)))), len(recs), len(recs))
-	for i, r := range recs {
-		if r != nil {
-			reflect.Copy(s.Index(i), reflect.ValueOf(r))
-		}
-	}
-	return s.Interface()
-}
+// records packs byte strings of one size for the batch calls.
+func records(size int, recs [][]byte) any { return bpf.Records(size, recs) }
 
 // switchTables makes every hook of st with tables read the generation its
 // record names (0 for a program loaded fresh). Idempotent.
