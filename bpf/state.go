@@ -16,7 +16,9 @@ import (
 
 // A generation's state record is kept in the kernel next to its programs,
 // so that a fresh process sees what is live even when no file was written:
-// an array map of fixed-size chunks of gzip data; entry 0 holds the length.
+// an array map of fixed-size chunks of the data; entry 0 holds the length
+// (and rawBlob; without it the chunks are gzip data, as older sfunnels
+// wrote them).
 const stateChunk = 16 << 10
 
 // WriteState replaces g's state record with data. The new map is built
@@ -27,13 +29,15 @@ func (g *Gen) WriteState(data []byte) error { return g.WriteBlob("state", data) 
 // ReadState returns g's state record, nil if it has none.
 func (g *Gen) ReadState() ([]byte, error) { return g.ReadBlob("state") }
 
+// rawBlob, in the length word, marks a blob stored as is (blobs of older
+// sfunnels are gzip data): compressing took a tenth of a small change's
+// time for little kernel memory saved.
+const rawBlob = 1 << 63
+
 // WriteBlob replaces the named blob of g (a state record, a cache) with
 // data, atomically for readers.
 func (g *Gen) WriteBlob(name string, data []byte) error {
-	var z bytes.Buffer
-	zw, _ := gzip.NewWriterLevel(&z, gzip.BestSpeed)
-	zw.Write(data)
-	zw.Close()
+	z := bytes.NewBuffer(data)
 	n := (z.Len() + stateChunk - 1) / stateChunk
 	m, err := ebpf.NewMap(&ebpf.MapSpec{
 		Name: "sfunnel_state", Type: ebpf.Array, KeySize: 4, ValueSize: stateChunk,
@@ -44,7 +48,7 @@ func (g *Gen) WriteBlob(name string, data []byte) error {
 	}
 	defer m.Close()
 	buf := make([]byte, stateChunk)
-	binary.NativeEndian.PutUint64(buf, uint64(z.Len()))
+	binary.NativeEndian.PutUint64(buf, uint64(z.Len())|rawBlob)
 	if err := m.Put(uint32(0), buf); err != nil {
 		return fmt.Errorf("write state: %w", err)
 	}
@@ -80,6 +84,8 @@ func (g *Gen) ReadBlob(name string) ([]byte, error) {
 		return nil, fmt.Errorf("read state: %w", err)
 	}
 	size := binary.NativeEndian.Uint64(buf)
+	raw := size&rawBlob != 0
+	size &^= rawBlob
 	if size > uint64(m.MaxEntries()-1)*stateChunk {
 		return nil, fmt.Errorf("state map is corrupt (length %d)", size)
 	}
@@ -89,6 +95,9 @@ func (g *Gen) ReadBlob(name string) ([]byte, error) {
 			return nil, fmt.Errorf("read state: %w", err)
 		}
 		z = append(z, buf[:min(uint64(stateChunk), size-uint64(len(z)))]...)
+	}
+	if raw {
+		return z, nil
 	}
 	zr, err := gzip.NewReader(bytes.NewReader(z))
 	if err != nil {

@@ -237,10 +237,11 @@ func (c *compiler) portMatch(m *grammar.PortMatch, slot int16, fail string) erro
 	e.emit(ldx(asm.R1, asm.R10, slot, asm.DWord))
 	c.unlink(asm.R1)
 	if mapName != "" {
-		e.emit(asm.JGT.Imm(asm.R1, 0xffff, fail), sti(asm.R10, slotKey, int64(listID), asm.Word))
+		e.emit(asm.JGT.Imm(asm.R1, 0xffff, fail))
 		if m.Set != "" {
-			c.setLookup(mapName, slotKey) // listID 0: the bitmap's key
+			c.setLookup(mapName, slotKey) // key 0, also the bitmap's
 		} else {
+			e.emit(sti(asm.R10, slotKey, int64(listID), asm.Word))
 			c.lookup(mapName, slotKey)
 		}
 		e.emit(

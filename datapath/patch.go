@@ -411,8 +411,8 @@ func copyEntry(m *ebpf.Map, k []byte, live uint32) error {
 // syncSpare makes every table's spare generation equal to the live one.
 func syncSpare(h *bpf.Hook, live uint32) error {
 	for name, m := range h.Maps {
-		if !strings.HasPrefix(name, abi.TablePrefix) {
-			continue
+		if !strings.HasPrefix(name, abi.TablePrefix) || m.Type() == ebpf.Array && m.MaxEntries() != 2<<16 {
+			continue // not a table of entries (the perfect-hash value is rebuilt whole)
 		}
 		all, err := readTable(m)
 		if err != nil {

@@ -86,6 +86,9 @@ func prefillSpare(maps map[string]*ebpf.Map, prog *compiler.Program) error {
 		if m == nil {
 			return fmt.Errorf("no table %s", name)
 		}
+		if m.Type() == ebpf.Array && m.MaxEntries() == 2 {
+			continue // one value per generation (perfect-hash tables): rewritten whole from the live one
+		}
 		var ks, vs [][]byte
 		for _, kv := range kvs {
 			v := kv.Value.([]byte)
