@@ -311,6 +311,7 @@ var errorInputs = []string{
 	"udp dport 1 actions accept, drop",
 	"udp dport 1 actions funnel udp dport 1 seq 5",
 	"udp dport 1 actions funnel tcp dport 1 dport 2",
+	"udp dport 1 actions funnel tcp sport off",
 	"actions funnel tcp dport 179",
 	"ip udp dport 1 actions dnat to 192.0.2.1:0",
 	"ip6 udp dport 1 actions dnat to 192.0.2.1",

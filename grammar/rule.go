@@ -490,6 +490,12 @@ func (l *lowerer) funnelFields(act *Action, f *funnelSyntax) bool {
 			ok = false
 			continue
 		}
+		if fld.Off && name != "mss" {
+			// The grammar takes `off` after any field name.
+			l.errorf(span, "%s off: only mss takes off (to leave the MSS option alone)", name)
+			ok = false
+			continue
+		}
 		dup := func(has *bool) bool {
 			if *has {
 				l.errorf(span, "funnel %s given twice", name)
