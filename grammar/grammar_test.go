@@ -221,6 +221,32 @@ list ruleset
 	}
 }
 
+// TestBlankLines: blank and comment lines before a closing brace or the
+// end of the file are allowed however many there are (four or more were a
+// syntax error: participle gave up past its lookahead).
+func TestBlankLines(t *testing.T) {
+	for _, src := range []string{
+		"interface eth0 {\n\tegress {\n\t\tudp dport 1 drop\n\t\t# a\n\t\t# b\n\t\t# c\n\t}\n}\n",
+		"interface eth0 {\n\tegress {\n\t\tudp dport 1 drop;;;;;;\n\n\n\n\n\t}\n}\n\n\n\n\n",
+		"udp dport 1 drop\n# a\n# b\n# c\n# d\n",
+		"udp dport { 1,\n\t2,\n\n\n\n} drop\n",
+		"define p = { 1, 2,,,, }\nudp dport $p drop",
+	} {
+		for _, quick := range []bool{true, false} {
+			quickPath = quick
+			cmds, srcs, err := Parse("blank.conf", src, nil)
+			quickPath = true
+			if err != nil {
+				t.Errorf("%q (quick path %v): %s", src, quick, FormatError(err, srcs))
+				continue
+			}
+			if len(cmds) != 1 || !strings.HasPrefix(FormatRule(cmds[0].Rule, nil), "udp dport ") {
+				t.Errorf("%q (quick path %v): %d commands", src, quick, len(cmds))
+			}
+		}
+	}
+}
+
 func TestDefineFromCommandLine(t *testing.T) {
 	cmds, srcs, err := Parse("f", "define p = 1\nudp dport $p actions drop\n", &Options{Defines: map[string]string{"p": "{ 7, 9 }"}})
 	if err != nil {

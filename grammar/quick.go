@@ -155,7 +155,7 @@ func parseQuickLines(lex *lexer.PeekingLexer) (quickLines, error) {
 	return nil, participle.NextMatch
 }
 
-// hookBody reads `( EOL | ';' )* ( rule ( ( EOL | ';' )+ rule )* ( EOL | ';' )* )?`
+// hookBody reads `( EOL | ';' )* ( rule ( ( EOL | ';' )+ rule? )* )?`
 // up to the `}`, which it leaves.
 func (q *quick) hookBody() (hookLines, bool) {
 	var lines hookLines
@@ -172,10 +172,7 @@ func (q *quick) hookBody() (hookLines, bool) {
 		lines = append(lines, line)
 		n := q.endOfLine()
 		if q.at("}") {
-			// After more than three separators the grammar's lookahead
-			// gives up looking for a rule before the brace, with an
-			// error: leave that to it.
-			return lines, n <= 3
+			return lines, true
 		}
 		if n == 0 {
 			return nil, false
@@ -575,11 +572,6 @@ func (q *quick) value() *valueSyntax {
 			list = append(list, e)
 			n := q.separators()
 			if q.at("}") {
-				// More than three separators before the brace: the
-				// grammar's lookahead gives up there, with an error.
-				if n > 3 {
-					return nil
-				}
 				break
 			}
 			if n == 0 {

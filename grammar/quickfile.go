@@ -21,7 +21,7 @@ func parseQuickFile(filename, src string) *fileSyntax {
 	c.skipElided()
 	q := quick{lex: c}
 	f := &fileSyntax{Pos: c.Peek().Pos}
-	// ( EOL | ';' )* ( stmt ( ( EOL | ';' )+ stmt )* ( EOL | ';' )* )?
+	// ( EOL | ';' )* ( stmt ( ( EOL | ';' )+ stmt? )* )?
 	q.endOfLine()
 	var stmts []*stmtSyntax
 	for !c.Peek().EOF() {
@@ -32,11 +32,6 @@ func parseQuickFile(filename, src string) *fileSyntax {
 		stmts = append(stmts, st)
 		n := q.endOfLine()
 		if c.Peek().EOF() {
-			// As in a hook block, more than three separators before the
-			// end are a syntax error of the grammar's.
-			if n > 3 {
-				return nil
-			}
 			break
 		}
 		if n == 0 {

@@ -20,8 +20,12 @@ var parser = participle.MustBuild[fileSyntax](
 type fileSyntax struct {
 	Pos lexer.Position
 	// A newline or `;` ends each statement, so `udp dport 5 drop counter`
-	// is an error rather than two rules.
-	Stmts []*stmtSyntax `parser:"( EOL | ';' )* ( @@ ( ( EOL | ';' )+ @@ )* ( EOL | ';' )* )?"`
+	// is an error rather than two rules. The statement after separators is
+	// optional (`@@?`) so that blank and comment lines at the end are
+	// separators that lead nowhere: with `( EOL | ';' )+ @@`, four of them
+	// took participle past its lookahead (3) before the statement failed,
+	// and it reported an error. Hook blocks and lists have the same form.
+	Stmts []*stmtSyntax `parser:"( EOL | ';' )* ( @@ ( ( EOL | ';' )+ @@? )* )?"`
 }
 
 type stmtSyntax struct {
@@ -87,7 +91,7 @@ type hookSyntax struct {
 	Pos    lexer.Position
 	Hook   string            `parser:"@('ingress' | 'egress') '{'"`
 	Quick  quickLines        `parser:"( @@ '}'"`
-	Rules  []*hookLineSyntax `parser:"| ( EOL | ';' )* ( @@ ( ( EOL | ';' )+ @@ )* ( EOL | ';' )* )? '}' )"`
+	Rules  []*hookLineSyntax `parser:"| ( EOL | ';' )* ( @@ ( ( EOL | ';' )+ @@? )* )? '}' )"`
 	Tokens []lexer.Token
 }
 
@@ -338,7 +342,7 @@ type numberSyntax struct {
 // valueSyntax is an address, prefix, port, port range, list, @set or $var.
 type valueSyntax struct {
 	Pos    lexer.Position
-	List   []*elemSyntax `parser:"(  '{' ( EOL | ',' )* ( @@ ( ( EOL | ',' )+ @@ )* )? ( EOL | ',' )* '}'"`
+	List   []*elemSyntax `parser:"(  '{' ( EOL | ',' )* ( @@ ( ( EOL | ',' )+ @@? )* )? '}'"`
 	SetRef string        `parser:"| @SetRef"`
 	Elem   *elemSyntax   `parser:"| @@ )"`
 	Tokens []lexer.Token
