@@ -100,6 +100,27 @@ func TestLexerMatchesRegexp(t *testing.T) {
 	}
 }
 
+// TestScanIPv6: scanIPv6 matches what the IPv6 pattern matches, on random
+// text over the characters of addresses.
+func TestScanIPv6(t *testing.T) {
+	alphabet := []string{"0", "1", "9", "a", "f", "F", "g", ":", "::", ".", "12", "123", "1234", "12345", "ffff", "192.0.2.1", "1.2.3", " "}
+	rng := rand.New(rand.NewSource(1))
+	for i := 0; i < 200000; i++ {
+		var b strings.Builder
+		for j := rng.Intn(16); j >= 0; j-- {
+			b.WriteString(alphabet[rng.Intn(len(alphabet))])
+		}
+		s := b.String()
+		want := 0
+		if m := ipv6Pattern.FindStringIndex(s); m != nil {
+			want = m[1]
+		}
+		if got := scanIPv6(s); got != want {
+			t.Fatalf("%q: scanIPv6 %d, pattern %d", s, got, want)
+		}
+	}
+}
+
 func FuzzLexer(f *testing.F) {
 	f.Add("ip6 daddr 2001:db8::/32 tcp dport { 80, 443 } comment \"x\" # y\n")
 	f.Fuzz(func(t *testing.T, src string) {
