@@ -125,6 +125,24 @@ func BenchmarkParse10k(b *testing.B) {
 	}
 }
 
+// BenchmarkFormatRule10k: the canonical printer on the rules of the
+// control-plane benchmark's mixed 10 000-rule file (the compiler prints
+// every rule for its shape keys, the state keeps every rule's text).
+func BenchmarkFormatRule10k(b *testing.B) {
+	cmds, _, err := Parse("bench.conf", controlRuleset10k("mixed"), nil)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.ReportAllocs()
+	for b.Loop() {
+		for _, c := range cmds {
+			if c.Rule != nil {
+				FormatRule(c.Rule, nil)
+			}
+		}
+	}
+}
+
 // processCPU is the process's user + system CPU time so far, in ns.
 func processCPU(b *testing.B) int64 {
 	var ru syscall.Rusage

@@ -24,116 +24,180 @@ func FormatRule(r *Rule, o *PrintOptions) string {
 	if o == nil {
 		o = &PrintOptions{}
 	}
-	var w []string
-	add := func(s ...string) { w = append(w, s...) }
+	// The compiler prints every rule for its shape keys and the state
+	// keeps the text of every rule, so the words are appended into one
+	// buffer rather than joined.
+	w := words{b: make([]byte, 0, 128)}
 	fam := familyName(r.Family)
 	if r.Family != FamilyAny && r.Saddr == nil && r.Daddr == nil {
-		add(fam)
+		w.word(fam)
 	}
 	if r.Saddr != nil {
-		add(fam, "saddr", formatAddrMatch(r.Saddr))
+		w.word(fam)
+		w.word("saddr")
+		w.b = appendAddrMatch(w.next(), r.Saddr)
 	}
 	if r.Daddr != nil {
-		add(fam, "daddr", formatAddrMatch(r.Daddr))
+		w.word(fam)
+		w.word("daddr")
+		w.b = appendAddrMatch(w.next(), r.Daddr)
 	}
 	if r.Proto != ProtoAny {
-		add(r.Proto.String())
+		w.word(r.Proto.String())
 		if r.Dport != nil {
-			add("dport", formatPortMatch(r.Dport))
+			w.word("dport")
+			w.b = appendPortMatch(w.next(), r.Dport)
 		}
 		if r.Sport != nil {
-			add("sport", formatPortMatch(r.Sport))
+			w.word("sport")
+			w.b = appendPortMatch(w.next(), r.Sport)
 		}
 		if r.TCPFlags != nil {
-			add("flags", formatFlagsMatch(r.TCPFlags))
+			w.word("flags")
+			w.b = appendFlagsMatch(w.next(), r.TCPFlags)
 		}
 	}
 	if r.MetaMark != nil {
-		add("meta", "mark", formatMarkMatch(r.MetaMark))
+		w.word("meta")
+		w.word("mark")
+		w.b = appendMarkMatch(w.next(), r.MetaMark)
 	}
 	if r.CtMark != nil {
-		add("ct", "mark", formatMarkMatch(r.CtMark))
+		w.word("ct")
+		w.word("mark")
+		w.b = appendMarkMatch(w.next(), r.CtMark)
 	}
 	if r.Counter {
-		add("counter")
+		w.word("counter")
 		if o.Counter != nil {
 			if p, b, ok := o.Counter(r.Handle); ok {
-				add("packets", strconv.FormatUint(p, 10), "bytes", strconv.FormatUint(b, 10))
+				w.word("packets")
+				w.b = strconv.AppendUint(w.next(), p, 10)
+				w.word("bytes")
+				w.b = strconv.AppendUint(w.next(), b, 10)
 			}
 		}
 	}
 	if r.SetMetaMark != nil {
-		add("meta", "mark", "set", formatMark(r.SetMetaMark.Value, r.SetMetaMark.Mask, r.SetMetaMark.HasMask))
+		w.word("meta")
+		w.word("mark")
+		w.word("set")
+		w.b = appendMark(w.next(), r.SetMetaMark.Value, r.SetMetaMark.Mask, r.SetMetaMark.HasMask)
 	}
 	if r.SetCtMark != nil {
-		add("ct", "mark", "set", formatMark(r.SetCtMark.Value, r.SetCtMark.Mask, r.SetCtMark.HasMask))
+		w.word("ct")
+		w.word("mark")
+		w.word("set")
+		w.b = appendMark(w.next(), r.SetCtMark.Value, r.SetCtMark.Mask, r.SetCtMark.HasMask)
 	}
 	if r.Trace {
-		add("meta", "nftrace", "set", "1")
+		w.word("meta")
+		w.word("nftrace")
+		w.word("set")
+		w.word("1")
 	}
 	if len(r.Actions) > 0 {
-		acts := make([]string, len(r.Actions))
+		w.word("actions")
+		w.next()
 		for i, a := range r.Actions {
-			acts[i] = FormatAction(a)
+			if i > 0 {
+				w.b = append(w.b, ", "...)
+			}
+			w.b = appendAction(w.b, a)
 		}
-		add("actions", strings.Join(acts, ", "))
 	}
 	if r.Comment != "" {
-		add("comment", strconv.Quote(r.Comment))
+		w.word("comment")
+		w.b = strconv.AppendQuote(w.next(), r.Comment)
 	}
-	s := strings.Join(w, " ")
 	if o.Handles && r.Handle != 0 {
-		s += " # handle " + strconv.FormatUint(r.Handle, 10)
+		w.b = append(w.b, " # handle "...)
+		w.b = strconv.AppendUint(w.b, r.Handle, 10)
 	}
-	return s
+	return string(w.b)
 }
+
+// words builds text of words separated by single spaces.
+type words struct {
+	b []byte
+	n int
+}
+
+// next starts a word and returns the buffer to append it to.
+func (w *words) next() []byte {
+	if w.n > 0 {
+		w.b = append(w.b, ' ')
+	}
+	w.n++
+	return w.b
+}
+
+func (w *words) word(s string) { w.b = append(w.next(), s...) }
 
 // FormatAction prints one action in canonical form.
 func FormatAction(a *Action) string {
+	return string(appendAction(nil, a))
+}
+
+func appendAction(b []byte, a *Action) []byte {
 	switch a.Kind {
 	case ActFunnel:
-		w := []string{"funnel", a.Proto.String()}
+		b = append(b, "funnel "...)
+		b = append(b, a.Proto.String()...)
 		h := a.Funnel
 		if h == nil {
-			return strings.Join(w, " ")
+			return b
 		}
 		if h.HasDport {
-			w = append(w, "dport", strconv.Itoa(int(h.Dport)))
+			b = strconv.AppendUint(append(b, " dport "...), uint64(h.Dport), 10)
 		}
 		if h.HasSport {
-			w = append(w, "sport", strconv.Itoa(int(h.Sport)))
+			b = strconv.AppendUint(append(b, " sport "...), uint64(h.Sport), 10)
 		}
 		if h.HasFlags {
-			w = append(w, "flags", formatFlags(h.Flags, "|"))
+			b = appendFlags(append(b, " flags "...), h.Flags, '|')
 		}
 		if h.HasSeq {
-			w = append(w, "seq", fmt.Sprintf("0x%08x", h.Seq))
+			b = appendHex32(append(b, " seq "...), h.Seq)
 		}
 		if h.HasAck {
-			w = append(w, "ack", fmt.Sprintf("0x%08x", h.Ack))
+			b = appendHex32(append(b, " ack "...), h.Ack)
 		}
 		if h.HasWindow {
-			w = append(w, "window", strconv.Itoa(int(h.Window)))
+			b = strconv.AppendUint(append(b, " window "...), uint64(h.Window), 10)
 		}
 		if h.MSSOff {
-			w = append(w, "mss", "off")
+			b = append(b, " mss off"...)
 		} else if h.HasMSS {
-			w = append(w, "mss", strconv.Itoa(int(h.MSS)))
+			b = strconv.AppendUint(append(b, " mss "...), uint64(h.MSS), 10)
 		}
-		return strings.Join(w, " ")
+		return b
 	case ActUnfunnel, ActRewrite:
-		return a.Kind.String() + " " + a.Proto.String()
+		b = append(b, a.Kind.String()...)
+		b = append(b, ' ')
+		return append(b, a.Proto.String()...)
 	case ActDNAT:
-		addr := a.DNATAddr.String()
-		if a.DNATPort != 0 {
-			if a.DNATAddr.Is6() {
-				addr = "[" + addr + "]"
-			}
-			addr += ":" + strconv.Itoa(int(a.DNATPort))
+		b = append(b, "dnat to "...)
+		if a.DNATPort == 0 {
+			return a.DNATAddr.AppendTo(b)
 		}
-		return "dnat to " + addr
+		if a.DNATAddr.Is6() {
+			b = append(a.DNATAddr.AppendTo(append(b, '[')), ']')
+		} else {
+			b = a.DNATAddr.AppendTo(b)
+		}
+		return strconv.AppendUint(append(b, ':'), uint64(a.DNATPort), 10)
 	}
-	return a.Kind.String()
+	return append(b, a.Kind.String()...)
+}
+
+// appendHex32 appends v as 0x and eight hex digits (funnel seq and ack).
+func appendHex32(b []byte, v uint32) []byte {
+	b = append(b, "0x"...)
+	for shift := 28; shift >= 0; shift -= 4 {
+		b = append(b, "0123456789abcdef"[v>>shift&0xf])
+	}
+	return b
 }
 
 func neg(n bool) string {
@@ -143,93 +207,122 @@ func neg(n bool) string {
 	return ""
 }
 
-func formatAddrMatch(m *AddrMatch) string {
+func appendAddrMatch(b []byte, m *AddrMatch) []byte {
+	b = append(b, neg(m.Neg)...)
 	if m.Set != "" {
-		return neg(m.Neg) + "@" + m.Set
+		return append(append(b, '@'), m.Set...)
 	}
-	return neg(m.Neg) + FormatPrefixes(m.Prefixes)
+	return appendPrefixes(b, m.Prefixes)
 }
 
 // FormatPrefixes prints one prefix bare, several as { a, b }.
 func FormatPrefixes(ps []netip.Prefix) string {
+	return string(appendPrefixes(nil, ps))
+}
+
+func appendPrefixes(b []byte, ps []netip.Prefix) []byte {
 	if len(ps) == 1 {
-		return formatPrefix(ps[0])
+		return appendPrefix(b, ps[0])
 	}
-	s := make([]string, len(ps))
+	b = append(b, "{ "...)
 	for i, p := range ps {
-		s[i] = formatPrefix(p)
+		if i > 0 {
+			b = append(b, ", "...)
+		}
+		b = appendPrefix(b, p)
 	}
-	return "{ " + strings.Join(s, ", ") + " }"
+	return append(b, " }"...)
 }
 
 func formatPrefix(p netip.Prefix) string {
-	if p.IsSingleIP() {
-		return p.Addr().String()
-	}
-	return p.String()
+	return string(appendPrefix(nil, p))
 }
 
-func formatPortMatch(m *PortMatch) string {
-	if m.Set != "" {
-		return neg(m.Neg) + "@" + m.Set
+func appendPrefix(b []byte, p netip.Prefix) []byte {
+	if p.IsSingleIP() {
+		return p.Addr().AppendTo(b)
 	}
-	return neg(m.Neg) + FormatRanges(m.Ranges)
+	return p.AppendTo(b)
+}
+
+func appendPortMatch(b []byte, m *PortMatch) []byte {
+	b = append(b, neg(m.Neg)...)
+	if m.Set != "" {
+		return append(append(b, '@'), m.Set...)
+	}
+	return appendRanges(b, m.Ranges)
 }
 
 // FormatRanges prints one port or range bare, several as { a, b-c }.
 func FormatRanges(rs []PortRange) string {
+	return string(appendRanges(nil, rs))
+}
+
+func appendRanges(b []byte, rs []PortRange) []byte {
 	if len(rs) == 1 {
-		return formatRange(rs[0])
+		return appendRange(b, rs[0])
 	}
-	s := make([]string, len(rs))
+	b = append(b, "{ "...)
 	for i, r := range rs {
-		s[i] = formatRange(r)
+		if i > 0 {
+			b = append(b, ", "...)
+		}
+		b = appendRange(b, r)
 	}
-	return "{ " + strings.Join(s, ", ") + " }"
+	return append(b, " }"...)
 }
 
 func formatRange(r PortRange) string {
-	if r.Lo == r.Hi {
-		return strconv.Itoa(int(r.Lo))
-	}
-	return strconv.Itoa(int(r.Lo)) + "-" + strconv.Itoa(int(r.Hi))
+	return string(appendRange(nil, r))
 }
 
-func formatFlags(bits uint8, sep string) string {
-	var s []string
+func appendRange(b []byte, r PortRange) []byte {
+	b = strconv.AppendUint(b, uint64(r.Lo), 10)
+	if r.Lo == r.Hi {
+		return b
+	}
+	return strconv.AppendUint(append(b, '-'), uint64(r.Hi), 10)
+}
+
+func appendFlags(b []byte, bits uint8, sep byte) []byte {
+	if bits == 0 {
+		return append(b, '0')
+	}
+	first := true
 	for _, f := range flagNames {
 		if bits&f.bit != 0 {
-			s = append(s, f.name)
+			if !first {
+				b = append(b, sep)
+			}
+			first = false
+			b = append(b, f.name...)
 		}
 	}
-	if len(s) == 0 {
-		return "0"
-	}
-	return strings.Join(s, sep)
+	return b
 }
 
-func formatFlagsMatch(m *FlagsMatch) string {
+func appendFlagsMatch(b []byte, m *FlagsMatch) []byte {
 	switch m.Form {
 	case FlagsExact:
-		return "== " + formatFlags(m.Flags, "|")
+		return appendFlags(append(b, "== "...), m.Flags, '|')
 	case FlagsNone:
-		return "!= " + formatFlags(m.Flags, "|")
+		return appendFlags(append(b, "!= "...), m.Flags, '|')
 	case FlagsMasked:
-		return formatFlags(m.Flags, "|") + " / " + formatFlags(m.Mask, ",")
+		return appendFlags(append(appendFlags(b, m.Flags, '|'), " / "...), m.Mask, ',')
 	}
-	return formatFlags(m.Flags, "|")
+	return appendFlags(b, m.Flags, '|')
 }
 
-func formatMark(v, mask uint32, hasMask bool) string {
-	s := fmt.Sprintf("0x%x", v)
+func appendMark(b []byte, v, mask uint32, hasMask bool) []byte {
+	b = strconv.AppendUint(append(b, "0x"...), uint64(v), 16)
 	if hasMask {
-		s += fmt.Sprintf("/0x%x", mask)
+		b = strconv.AppendUint(append(b, "/0x"...), uint64(mask), 16)
 	}
-	return s
+	return b
 }
 
-func formatMarkMatch(m *MarkMatch) string {
-	return neg(m.Neg) + formatMark(m.Value, m.Mask, m.HasMask)
+func appendMarkMatch(b []byte, m *MarkMatch) []byte {
+	return appendMark(append(b, neg(m.Neg)...), m.Value, m.Mask, m.HasMask)
 }
 
 // FormatSet prints a set declaration block, indented by indent.

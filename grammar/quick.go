@@ -9,22 +9,31 @@ import (
 //
 // participle parses a rule by trying, for each word, the alternatives of
 // itemSyntax and actionSyntax in order, each on a copy of its parse context
-// (lookahead 3): some 480 allocations and 50 KB per rule, most of the time
-// of `sfunnel -f` on a large file and most of its garbage (BENCHMARKS.md,
-// "Rule text parsing"). Yet a rule's first word decides its production.
+// (lookahead 3): some 480 allocations and 50 KB per rule, which made
+// parsing most of the time of `sfunnel -f` on a large file (2 s of CPU for
+// 10 000 rules; BENCHMARKS.md, "Rule text parsing"). Yet a rule's first
+// word decides its production.
 //
-// parseQuickRule reads a rule by that first word, straight from participle's
-// token stream, and fills the same syntax structs with the same positions
-// and tokens the grammar would (participle's Parseable-style extension point,
-// ParseTypeWith). It only takes rules it reads with certainty: at anything
-// else — a form it does not know, a value the lowerer will reject anyway
-// (`dport http`, an empty list, an unknown action), a word after the rule
-// that is not its end — it gives the rule back untouched and the grammar
-// parses it as before. And when a file does not parse, it is parsed again
-// with the grammar alone (parseFile), so every syntax error is the
-// grammar's. The grammar in syntax.go stays the one definition of the
-// language; quick_test.go checks that both paths give identical trees
-// (positions and tokens included) and identical errors.
+// The quick path reads a rule by that first word and fills the same syntax
+// structs, with the same positions and tokens, that the grammar would. It
+// runs at three levels, each falling back to the next:
+//   - parseQuickFile (quickfile.go) reads a whole file made of rules,
+//     interface blocks, defines, `flush ruleset` and add/insert/replace
+//     rule from its own token array, without participle;
+//   - inside participle's parse (participle.ParseTypeWith, its extension
+//     point for custom productions), parseQuickLines reads the body of a
+//     hook block and parseQuickRule a single rule, from participle's token
+//     stream;
+//   - participle's grammar parses whatever they decline.
+// Each takes only text it reads with certainty: at anything else — a form
+// it does not know, an unknown action (an error once lowered), a word after
+// a rule that is not its end — it declines, untouched, and the next level
+// parses that text as before. When a file does not parse at all, it is
+// parsed again with the grammar alone (parseFile), so every syntax error is
+// the grammar's. The grammar in syntax.go stays the one definition of the
+// language; quick_test.go checks that the paths give identical trees
+// (positions and tokens included), commands and errors, on every test input
+// and on random and mutated rules, and FuzzParse does on what it finds.
 
 // quickRule is a rule the quick path read; only *ruleSyntax implements it.
 // A field of this type precedes each place a rule can start; settle moves
