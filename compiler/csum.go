@@ -199,3 +199,11 @@ func fold16(v uint64) uint16 {
 	}
 	return uint16(v)
 }
+
+// addrSumBound bounds addrSumRaw's sum (exclusive).
+func addrSumBound(fam int) uint64 {
+	if fam == 6 {
+		return 8 << 32
+	}
+	return 2 << 32
+}

@@ -73,19 +73,21 @@ func (c *compiler) fastMatch(rules []*grammar.Rule) {
 	}
 	c.fastBound = l3 + 20 + int16(hdr)
 	e.comment("fast path: IPv4 without options, rules on protocol and ports")
+	// R7, R8: the packet pointers the bodies start with; R1 stays the
+	// context for the general path.
 	e.emit(
-		ldx(asm.R2, asm.R1, skbData, asm.Word),
-		ldx(asm.R3, asm.R1, skbDataEnd, asm.Word),
-		mov(asm.R4, asm.R2),
+		ldx(asm.R7, asm.R1, skbData, asm.Word),
+		ldx(asm.R8, asm.R1, skbDataEnd, asm.Word),
+		mov(asm.R4, asm.R7),
 		asm.Add.Imm(asm.R4, int32(c.fastBound)),
-		asm.JGT.Reg(asm.R4, asm.R3, "parse"),
+		asm.JGT.Reg(asm.R4, asm.R8, "parse"),
 	)
 	// R4 = 0 for IPv4 without options.
 	if c.opts.L3 {
-		e.emit(ldx(asm.R4, asm.R2, 0, asm.Byte), asm.Xor.Imm32(asm.R4, 0x45))
+		e.emit(ldx(asm.R4, asm.R7, 0, asm.Byte), asm.Xor.Imm32(asm.R4, 0x45))
 	} else {
 		e.emit(
-			ldx(asm.R4, asm.R2, 12, asm.Word),
+			ldx(asm.R4, asm.R7, 12, asm.Word),
 			asm.And.Imm32(asm.R4, 0x00ffffff),
 			netImm(asm.Xor.Imm32(asm.R4, 0x00450008)),
 		)
@@ -93,7 +95,7 @@ func (c *compiler) fastMatch(rules []*grammar.Rule) {
 	if shift, mask, ok := c.portFilter(rules); ok {
 		e.comment("destination port in no rule's bitmap (bits %d-%d of the port as loaded): no match", shift, shift+5)
 		e.emit(
-			ldx(asm.R5, asm.R2, l3+22, asm.Half),
+			ldx(asm.R5, asm.R7, l3+22, asm.Half),
 			asm.RSh.Imm(asm.R5, int32(shift)),
 			asm.And.Imm(asm.R5, 63),
 			asm.LoadImm(asm.R0, int64(mask), asm.DWord),
@@ -109,8 +111,6 @@ func (c *compiler) fastMatch(rules []*grammar.Rule) {
 	e.emit(
 		asm.JNE.Imm(asm.R4, 0, "parse"),
 		mov(asm.R6, asm.R1),
-		mov(asm.R7, asm.R2),
-		mov(asm.R8, asm.R3),
 		ldx(asm.R9, asm.R7, l3+9, asm.Byte),
 	)
 	if dport {
@@ -143,7 +143,8 @@ func (c *compiler) fastMatch(rules []*grammar.Rule) {
 
 func fastHit(i int) string { return fmt.Sprintf("fast_rule%d", i) }
 
-// fastBody emits rule i's body for the fast path.
+// fastBody emits rule i's body for the fast path. R9 holds no transport
+// offset there: guards() sets it, the rest loads slotL4Off.
 func (c *compiler) fastBody(i int, r *grammar.Rule) {
 	e := &c.e
 	l3 := c.l3
@@ -166,7 +167,6 @@ func (c *compiler) fastBody(i int, r *grammar.Rule) {
 		sti(asm.R10, slotNHOff, int64(l3)+9, asm.DWord),
 	)
 	end := len(e.insns)
-	e.emit(movi(asm.R9, int32(l3)+20))
 	c.fast, c.fastPtrs = true, true
 	// fastRules admits only rules with actions: the body never falls
 	// through to a next rule, and what it jumps to (exits) reads none of

@@ -47,8 +47,10 @@ func (c *compiler) funnelFrom(rule, fam int, inner grammar.Proto, a *grammar.Act
 		asm.JGT.Reg(asm.R1, asm.R8, c.exit("pass")),
 	)
 	c.readSummed()
-	c.addrSumRaw(fam, asm.R4)
-	e.emit(stx(asm.R10, slotT3, asm.R4, asm.DWord))
+	// R8 (data_end) is not needed any more: it keeps the folded address
+	// sum for the outer checksum and the inner one.
+	c.addrSumRaw(fam, asm.R8)
+	c.foldBelow(asm.R8, asm.R1, addrSumBound(fam))
 	e.comment("funnel header")
 	if f.HasSport && f.HasDport {
 		e.emit(sti(asm.R7, l4, int64(int32(uint32(n16(f.Sport))|uint32(n16(f.Dport))<<16)), asm.Word))
@@ -61,15 +63,12 @@ func (c *compiler) funnelFrom(rule, fam int, inner grammar.Proto, a *grammar.Act
 			asm.Sub.Imm(asm.R2, int32(ipHdrLen(fam))-map[bool]int32{true: 40, false: 0}[fam == 6]),
 		)
 	}
-	c.funnelHeader(asm.R7, l4, a, inner)
+	c.funnelHeader(asm.R7, l4, a, inner, asm.R8, 0xffff)
 	e.comment("IP header")
 	c.ipHeader(fam, int32(h), inner.Number(), outer, false)
 	// Last, as it may move the packet: no direct access after it.
 	e.comment("inner checksum without addresses")
-	c.pseudoCsum(l4+h+checkIn, inner == grammar.ProtoUDP, func() {
-		e.emit(ldx(asm.R4, asm.R10, slotT3, asm.DWord))
-		c.negAddrSum(fam, asm.R4)
-	})
+	c.csumSub16(l4+h+checkIn, inner == grammar.ProtoUDP, asm.R8)
 	c.summed = 0
 	if c.opts.Hook == grammar.HookEgress {
 		c.mtuCheck(rule)
@@ -84,8 +83,9 @@ func (c *compiler) funnelFrom(rule, fam int, inner grammar.Proto, a *grammar.Act
 
 // funnelHeader fills the funnel header at base+off, whose ports already
 // hold the inner header's, and its checksum. For a UDP header R2 holds the
-// inner transport length (host order); slotT3 holds the raw address sum.
-func (c *compiler) funnelHeader(base asm.Register, off int16, a *grammar.Action, inner grammar.Proto) {
+// inner transport length (host order); the address sum, at most sumMax,
+// is in sum (R10: in slotT3).
+func (c *compiler) funnelHeader(base asm.Register, off int16, a *grammar.Action, inner grammar.Proto, sum asm.Register, sumMax uint64) {
 	e := &c.e
 	f := a.Funnel
 	h, checkOut := hdrInfo(a.Proto)
@@ -119,11 +119,13 @@ func (c *compiler) funnelHeader(base asm.Register, off int16, a *grammar.Action,
 		hdrConst += uint64(n16(f.Sport)) + uint64(n16(f.Dport))<<16
 	}
 	e.comment("outer checksum: pseudo header + header + inner segment")
-	bound := uint64(1)<<33 + 0x10000 // the address sum, the constant
-	e.emit(
-		ldx(asm.R3, asm.R10, slotT3, asm.DWord),
-		asm.Add.Imm(asm.R3, int32(fold16(hdrConst))),
-	)
+	bound := sumMax + 0xffff + 1 // the address sum, the constant
+	if sum == asm.R10 {
+		e.emit(ldx(asm.R3, asm.R10, slotT3, asm.DWord))
+	} else {
+		e.emit(mov(asm.R3, sum))
+	}
+	e.emit(asm.Add.Imm(asm.R3, int32(fold16(hdrConst))))
 	if a.Proto == grammar.ProtoUDP {
 		e.emit(
 			mov(asm.R1, asm.R2),
@@ -133,14 +135,14 @@ func (c *compiler) funnelHeader(base asm.Register, off int16, a *grammar.Action,
 			stx(base, off+4, asm.R1, asm.Half),
 			sti(base, off+6, 0, asm.Half),
 		)
-		bound += 0x10000
+		bound += 0xffff
 	}
 	if !constPorts {
 		e.emit(
 			ldx(asm.R1, base, off, asm.Word),
 			asm.Add.Reg(asm.R3, asm.R1),
 		)
-		bound += 1 << 32
+		bound += 0xffffffff
 	}
 	c.foldBelow(asm.R3, asm.R1, bound)
 	e.emit(asm.Xor.Imm(asm.R3, 0xffff))

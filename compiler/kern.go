@@ -206,3 +206,57 @@ func (c *compiler) readSummed() {
 	c.ipSummed(asm.R9)
 	c.summed = asm.R9
 }
+
+// csumSub16 takes the 16-bit folded sum in reg (not R0-R3) out of the
+// transport checksum at R7+off, as pseudoCsum does with the difference
+// -reg, to the bit: a final checksum becomes C + reg (ones' complement;
+// for TCP 0xffff is written 0x0000 as ~fold(~C - reg) gives it), a
+// CHECKSUM_PARTIAL seed seed - reg. Packet pointers are invalid afterwards.
+func (c *compiler) csumSub16(off int16, mangled bool, reg asm.Register) {
+	e := &c.e
+	neg := func() { // R4 = a positive value congruent to -reg
+		e.emit(movi(asm.R4, 0x1fffe), asm.Sub.Reg(asm.R4, reg))
+	}
+	if !c.kern.ok {
+		c.pseudoCsum(off, mangled, neg)
+		return
+	}
+	viaHelper, partial, store, done := e.newLabel("csum_helper"), e.newLabel("csum_partial"), e.newLabel("csum_store"), e.newLabel("csum_done")
+	summed := c.summed
+	if summed == 0 {
+		c.ipSummed(asm.R3)
+		summed = asm.R3
+	}
+	e.emit(
+		asm.JEq.Imm(summed, checksumComplete, viaHelper),
+		ldx(asm.R2, asm.R7, off, asm.Half),
+	)
+	if mangled {
+		e.emit(asm.JEq.Imm(asm.R2, 0, done))
+	}
+	e.emit(
+		asm.JEq.Imm(summed, checksumPartial, partial),
+		asm.Add.Reg(asm.R2, reg),
+	)
+	c.foldBelow(asm.R2, asm.R1, 2*0xffff+1)
+	if !mangled {
+		// A sum of 0 (mod 0xffff): what the helper writes.
+		e.emit(asm.JNE.Imm(asm.R2, 0xffff, store), movi(asm.R2, 0))
+	}
+	e.emit(asm.Ja.Label(store))
+	e.label(partial)
+	// The seed is the uncomplemented pseudo-header sum: seed - reg, kept
+	// positive with 0x1fffe (≡ 0); never 0, so never the mangled 0.
+	e.emit(asm.Add.Imm(asm.R2, 0x1fffe), asm.Sub.Reg(asm.R2, reg))
+	c.foldBelow(asm.R2, asm.R1, 0xffff+0x1fffe+1)
+	e.label(store)
+	e.emit(stx(asm.R7, off, asm.R2, asm.Half), asm.Ja.Label(done))
+	e.label(viaHelper)
+	c.summed, c.kern.ok = 0, false
+	c.pseudoCsum(off, mangled, neg)
+	c.summed, c.kern.ok = summed, true
+	if summed == asm.R3 {
+		c.summed = 0
+	}
+	e.label(done)
+}

@@ -142,7 +142,7 @@ func (c *compiler) funnelOpts(rule, fam int, inner grammar.Proto, a *grammar.Act
 		e.emit(sti(asm.R10, slotHdr, int64(int32(uint32(n16(f.Sport))|uint32(n16(f.Dport))<<16)), asm.Word))
 	}
 	e.emit(ldx(asm.R2, asm.R10, slotT2, asm.DWord))
-	c.funnelHeader(asm.R10, slotHdr, a, inner)
+	c.funnelHeader(asm.R10, slotHdr, a, inner, asm.R10, 0xffffffff)
 	e.emit(
 		mov(asm.R1, asm.R6),
 		mov(asm.R2, asm.R9),

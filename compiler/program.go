@@ -64,7 +64,7 @@ type compiler struct {
 	fresh      bool      // R7/R8 still hold the parse guard's packet pointers
 	infoInR1   bool      // R1 holds the info slot (guardsNoL4 just ran)
 	// fast: emitting a body for the fast matcher (fast.go): the packet is
-	// IPv4 without options, not a fragment, R9 = the transport offset.
+	// IPv4 without options, not a fragment (fast.go: what else holds).
 	fast      bool
 	fastBound int16        // bytes of packet the fast path proved present
 	fastPtrs  bool         // R7/R8 are still the fast path's (no reload since)
