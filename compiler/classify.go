@@ -3,8 +3,10 @@ package compiler
 import (
 	"encoding/binary"
 	"net/netip"
+	"runtime"
 	"slices"
 	"strings"
+	"sync"
 
 	"github.com/sfunnel/sfunnel/grammar"
 )
@@ -126,21 +128,15 @@ type ruleVariant struct {
 // classify cuts the rules into segments.
 func (c *compiler) classify(rules []*grammar.Rule) ([]segment, error) {
 	var segs []segment
-	variants := make([][]ruleVariant, len(rules))
-	c.bodyKeys = make([]string, len(rules))
-	for i, r := range rules {
-		c.bodyKeys[i] = bodyKey(r)
-		v, err := c.variants(r)
-		if err != nil {
-			return nil, err
-		}
-		variants[i] = v
+	variants, err := c.allVariants(rules)
+	if err != nil {
+		return nil, err
 	}
 	start := 0
 	for start < len(rules) {
 		seg := segment{first: start}
 		byKey := map[string]*shape{}
-		owner := map[string]int{} // shape key + entry key → rule
+		owner := map[ownerKey]int{} // rule of each key of each shape
 		bodies := map[string]bool{}
 		bodyInsns := 0
 		nonTerminal := false
@@ -152,11 +148,13 @@ func (c *compiler) classify(rules []*grammar.Rule) ([]segment, error) {
 			// dead when that rule ends evaluation, else a new segment.
 			newShapes := 0
 			for _, v := range variants[i] {
-				if byKey[v.sh.key] == nil {
+				sh := byKey[v.sh.key]
+				if sh == nil {
 					newShapes++
+					continue
 				}
 				for _, k := range v.keys {
-					if o, ok := owner[v.sh.key+string(k)]; ok && o != i && !terminal(rules[o]) {
+					if o, ok := owner[ownerKey{sh, string(k)}]; ok && o != i && !terminal(rules[o]) {
 						break rules
 					}
 				}
@@ -189,7 +187,7 @@ func (c *compiler) classify(rules []*grammar.Rule) ([]segment, error) {
 					seg.shapes = append(seg.shapes, sh)
 				}
 				for _, k := range v.keys {
-					ok := sh.key + string(k)
+					ok := ownerKey{sh, string(k)}
 					if _, dup := owner[ok]; dup {
 						sh.shadowed = true
 						continue // an earlier rule that ends evaluation has it
@@ -264,6 +262,48 @@ func (seg *segment) split(variants [][]ruleVariant) {
 	}
 }
 
+// ownerKey is a key of a shape of a segment.
+type ownerKey struct {
+	sh  *shape
+	key string
+}
+
+// allVariants computes every rule's body key (c.bodyKeys) and variants;
+// large rulesets on every CPU (both depend on the rule alone).
+func (c *compiler) allVariants(rules []*grammar.Rule) ([][]ruleVariant, error) {
+	variants := make([][]ruleVariant, len(rules))
+	c.bodyKeys = make([]string, len(rules))
+	errs := make([]error, len(rules))
+	work := func(lo, hi int) {
+		memo := map[string]string{}
+		for i := lo; i < hi; i++ {
+			c.bodyKeys[i] = bodyKey(rules[i])
+			variants[i], errs[i] = c.variantsMemo(rules[i], memo)
+		}
+	}
+	workers := runtime.GOMAXPROCS(0)
+	if len(rules) < 2048 || workers == 1 {
+		work(0, len(rules))
+	} else {
+		var wg sync.WaitGroup
+		per := (len(rules) + workers - 1) / workers
+		for lo := 0; lo < len(rules); lo += per {
+			wg.Add(1)
+			go func(lo, hi int) {
+				defer wg.Done()
+				work(lo, hi)
+			}(lo, min(lo+per, len(rules)))
+		}
+		wg.Wait()
+	}
+	for _, err := range errs {
+		if err != nil {
+			return nil, err // the first rule's error, as before
+		}
+	}
+	return variants, nil
+}
+
 // placeRest decides which of a table segment's remaining rules (those of
 // shapes of their own, in order) are tested inline one by one (members)
 // and which go to another path (linear, see emitLinear).
@@ -283,7 +323,10 @@ const minTableRules = 3
 func terminal(r *grammar.Rule) bool { return len(r.Actions) > 0 }
 
 // variants splits a rule into its shapes and keys.
-func (c *compiler) variants(r *grammar.Rule) ([]ruleVariant, error) {
+func (c *compiler) variants(r *grammar.Rule) ([]ruleVariant, error) { return c.variantsMemo(r, nil) }
+
+// variantsMemo is variants with a memo of shape keys (see shapeKey).
+func (c *compiler) variantsMemo(r *grammar.Rule, memo map[string]string) ([]ruleVariant, error) {
 	if err := c.checkAddrs(r); err != nil {
 		return nil, err
 	}
@@ -302,6 +345,13 @@ func (c *compiler) variants(r *grammar.Rule) ([]ruleVariant, error) {
 			continue
 		}
 		keyPorts[j] = true
+		portVals[j] = make([]uint32, 0, n)
+		if len(m.Ranges) == 1 { // no duplicates
+			for p := uint32(m.Ranges[0].Lo); p <= uint32(m.Ranges[0].Hi); p++ {
+				portVals[j] = append(portVals[j], p)
+			}
+			continue
+		}
 		seen := map[uint32]bool{}
 		for _, rg := range m.Ranges {
 			for p := uint32(rg.Lo); p <= uint32(rg.Hi); p++ {
@@ -394,48 +444,73 @@ func (c *compiler) variants(r *grammar.Rule) ([]ruleVariant, error) {
 					sh.fam = 6
 				}
 			}
-			sh.key = shapeKey(r, sh)
+			sh.key = shapeKey(r, sh, memo)
 			sh.words = keyWords(sh)
 			v := ruleVariant{sh: sh}
-			// The cross product of the keyed values.
-			keys := [][]byte{nil}
-			cross := func(vals [][]byte) {
-				var next [][]byte
-				for _, k := range keys {
-					for _, v := range vals {
-						next = append(next, append(slices.Clip(k), v...))
-					}
-				}
-				keys = next
-			}
+			// The cross product of the keyed values, in one buffer: each
+			// field's values as its bytes, in key order.
+			var fields [][]byte // per keyed field: its values, back to back
+			var widths []int
 			for j := 0; j < 2; j++ {
 				if sh.keyed[keySaddr+keyField(j)] {
-					var vals [][]byte
-					for _, p := range addrs[j] {
-						vals = append(vals, p.Addr().AsSlice())
+					w := 4
+					if sh.fam == 6 {
+						w = 16
 					}
-					cross(vals)
+					b := make([]byte, 0, w*len(addrs[j]))
+					for _, p := range addrs[j] {
+						b = append(b, p.Addr().AsSlice()...)
+					}
+					fields, widths = append(fields, b), append(widths, w)
 				}
 			}
 			for j := 0; j < 2; j++ {
 				if keyPorts[j] {
-					var vals [][]byte
+					b := make([]byte, 0, 4*len(portVals[j]))
 					for _, p := range portVals[j] {
-						vals = append(vals, binary.NativeEndian.AppendUint32(nil, p))
+						b = binary.NativeEndian.AppendUint32(b, p)
 					}
-					cross(vals)
+					fields, widths = append(fields, b), append(widths, 4)
 				}
 			}
 			for j := 0; j < 2; j++ {
 				if keyMark[j] {
-					cross([][]byte{binary.NativeEndian.AppendUint32(nil, markVal[j])})
+					fields, widths = append(fields, binary.NativeEndian.AppendUint32(nil, markVal[j])), append(widths, 4)
 				}
 			}
-			v.keys = keys
+			v.keys = crossKeys(fields, widths)
 			out = append(out, v)
 		}
 	}
 	return out, nil
+}
+
+// crossKeys returns every combination of one value of each field (field
+// f's values are widths[f] bytes each, back to back), the last field
+// varying fastest, as slices of one buffer.
+func crossKeys(fields [][]byte, widths []int) [][]byte {
+	n, size := 1, 0
+	offs := make([]int, len(fields))
+	for f, b := range fields {
+		n *= len(b) / widths[f]
+		offs[f] = size
+		size += widths[f]
+	}
+	buf := make([]byte, n*size)
+	keys := make([][]byte, n)
+	for i := range keys {
+		k := buf[i*size : (i+1)*size : (i+1)*size]
+		rest := i
+		for f := len(fields) - 1; f >= 0; f-- {
+			w := widths[f]
+			m := len(fields[f]) / w
+			x := rest % m
+			rest /= m
+			copy(k[offs[f]:], fields[f][x*w:(x+1)*w])
+		}
+		keys[i] = k
+	}
+	return keys
 }
 
 func addrOf(r *grammar.Rule, j int) *grammar.AddrMatch {
@@ -487,7 +562,9 @@ func keyWords(sh *shape) int {
 // shapeKey renders the rule's matches with the keyed values blanked,
 // through the canonical printer, prefixed with the keyed fields (so that a
 // keyed field never reads like an unkeyed one with the blank value).
-func shapeKey(r *grammar.Rule, sh *shape) string {
+// memo, when not nil, keeps the keys by matchesSig of the blanked rule (the
+// printer is most of the classifier's time on large rulesets).
+func shapeKey(r *grammar.Rule, sh *shape, memo map[string]string) string {
 	b := &grammar.Rule{Family: r.Family, Saddr: r.Saddr, Daddr: r.Daddr, Proto: r.Proto, Sport: r.Sport, Dport: r.Dport,
 		TCPFlags: r.TCPFlags, MetaMark: r.MetaMark, CtMark: r.CtMark}
 	var keyed []string
@@ -518,12 +595,78 @@ func shapeKey(r *grammar.Rule, sh *shape) string {
 	if sh.keyed[keyCt] {
 		b.CtMark = &grammar.MarkMatch{Mask: r.CtMark.Mask, HasMask: true}
 	}
+	var sig string
+	if memo != nil {
+		sig = matchesSig(b, sh.keyed)
+		if k, ok := memo[sig]; ok {
+			return k
+		}
+	}
 	for f := keyField(0); f < numKeyFields; f++ {
 		if sh.keyed[f] {
 			keyed = append(keyed, keyFieldNames[f])
 		}
 	}
-	return "key(" + strings.Join(keyed, ",") + ") " + grammar.FormatRule(b, nil)
+	k := "key(" + strings.Join(keyed, ",") + ") " + grammar.FormatRule(b, nil)
+	if memo != nil {
+		memo[sig] = k
+	}
+	return k
+}
+
+// matchesSig encodes the keyed fields and every match field of b that the
+// printer reads (all but the spans): equal encodings print alike.
+// TestMatchesSigFields fails when a match type gains a field.
+func matchesSig(b *grammar.Rule, keyed [numKeyFields]bool) string {
+	buf := make([]byte, 0, 64)
+	flag := func(v bool) {
+		if v {
+			buf = append(buf, 1)
+		} else {
+			buf = append(buf, 0)
+		}
+	}
+	for _, k := range keyed {
+		flag(k)
+	}
+	buf = append(buf, byte(b.Family), byte(b.Proto))
+	str := func(s string) { buf = append(binary.AppendUvarint(buf, uint64(len(s))), s...) }
+	for _, m := range []*grammar.AddrMatch{b.Saddr, b.Daddr} {
+		flag(m != nil)
+		if m != nil {
+			flag(m.Neg)
+			str(m.Set)
+			buf = binary.AppendUvarint(buf, uint64(len(m.Prefixes)))
+			for _, p := range m.Prefixes {
+				a := p.Addr().AsSlice()
+				buf = append(append(buf, byte(len(a)), byte(p.Bits())), a...)
+			}
+		}
+	}
+	for _, m := range []*grammar.PortMatch{b.Sport, b.Dport} {
+		flag(m != nil)
+		if m != nil {
+			flag(m.Neg)
+			str(m.Set)
+			buf = binary.AppendUvarint(buf, uint64(len(m.Ranges)))
+			for _, rg := range m.Ranges {
+				buf = binary.NativeEndian.AppendUint16(binary.NativeEndian.AppendUint16(buf, rg.Lo), rg.Hi)
+			}
+		}
+	}
+	flag(b.TCPFlags != nil)
+	if f := b.TCPFlags; f != nil {
+		buf = append(buf, byte(f.Form), f.Flags, f.Mask)
+	}
+	for _, m := range []*grammar.MarkMatch{b.MetaMark, b.CtMark} {
+		flag(m != nil)
+		if m != nil {
+			flag(m.Neg)
+			flag(m.HasMask)
+			buf = binary.NativeEndian.AppendUint32(binary.NativeEndian.AppendUint32(buf, m.Value), m.Mask)
+		}
+	}
+	return string(buf)
 }
 
 // bodyKey renders what a rule does once it matches: the canonical text of

@@ -353,20 +353,33 @@ func (c *compiler) perfectContents(gen uint32) []ebpf.MapKV {
 	return []ebpf.MapKV{{Key: binary.NativeEndian.AppendUint32(nil, gen), Value: c.perfectBlob}}
 }
 
-// entries are the map entries of shapes for generation gen.
+// entries are the map entries of shapes for generation gen (keys and
+// values slices of two buffers: large tables have many).
 func (c *compiler) entries(shapes []*shape, gen uint32) []ebpf.MapKV {
-	var out []ebpf.MapKV
+	n, keyBytes := 0, 0
+	for _, sh := range shapes {
+		n += len(sh.ents)
+		for _, en := range sh.ents {
+			keyBytes += 4 + len(en.key)
+		}
+	}
+	out := make([]ebpf.MapKV, 0, n)
+	keys := make([]byte, 0, keyBytes)
+	vals := make([]byte, 0, n*tableValueSize)
 	for _, sh := range shapes {
 		for _, en := range sh.ents {
-			k := binary.NativeEndian.AppendUint32(nil, sh.id<<1|gen)
-			k = append(k, en.key...)
+			at := len(keys)
 			if sh.array {
-				k = binary.NativeEndian.AppendUint32(nil, gen<<16|binary.NativeEndian.Uint32(en.key))
+				keys = binary.NativeEndian.AppendUint32(keys, gen<<16|binary.NativeEndian.Uint32(en.key))
+			} else {
+				keys = binary.NativeEndian.AppendUint32(keys, sh.id<<1|gen)
+				keys = append(keys, en.key...)
 			}
-			v := binary.NativeEndian.AppendUint32(nil, c.prio(en.rule))
-			v = binary.NativeEndian.AppendUint32(v, c.slot(en.rule))
-			v = binary.NativeEndian.AppendUint32(v, c.bodyOf[en.rule])
-			out = append(out, ebpf.MapKV{Key: k, Value: v})
+			v := len(vals)
+			vals = binary.NativeEndian.AppendUint32(vals, c.prio(en.rule))
+			vals = binary.NativeEndian.AppendUint32(vals, c.slot(en.rule))
+			vals = binary.NativeEndian.AppendUint32(vals, c.bodyOf[en.rule])
+			out = append(out, ebpf.MapKV{Key: keys[at:len(keys):len(keys)], Value: vals[v:len(vals):len(vals)]})
 		}
 	}
 	return out
