@@ -72,7 +72,9 @@ func perfectLayoutOf(sh *shape) *PerfectLayout {
 	if sh.perfect == nil {
 		return nil
 	}
-	return sh.perfect.layout()
+	l := sh.perfect.layout()
+	l.Shape = sh.id
+	return l
 }
 
 // Placement says where rule i of a compiled hook is: Segment indexes

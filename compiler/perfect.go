@@ -558,6 +558,7 @@ func (c *compiler) hit(at int16, miss string, empty0 bool) {
 // tables' value and how its key is laid out; it is stored with the hook's
 // state (JSON).
 type PerfectLayout struct {
+	Shape      uint32        `json:"shape"`          // the shape's id (ShapeLayout.ID)
 	Port       bool          `json:"port,omitempty"` // indexed by the port
 	Off        int           `json:"off"`
 	Size       int           `json:"size"`
@@ -629,6 +630,17 @@ func (t *perfectTable) entries(blob []byte) []perfectEntry {
 		}
 	}
 	return out
+}
+
+// LookupPerfect returns the value of a key (as in PerfectEntry) in table l
+// of a generation's value.
+func LookupPerfect(blob []byte, l *PerfectLayout, key []byte) (abi.TableValue, bool) {
+	t := l.table()
+	if len(blob) < t.off+t.size || len(key) < 4*(slices.MaxFunc(t.words, func(a, b keyWord) int { return a.idx - b.idx }).idx+1) {
+		return abi.TableValue{}, false
+	}
+	prio, slot, body, ok := t.lookup(blob, t.chunksOf(key))
+	return abi.TableValue{Prio: prio, Slot: slot, Body: body}, ok
 }
 
 // RebuildPerfect returns a copy of live (a generation's value of the
