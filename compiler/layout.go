@@ -61,8 +61,9 @@ type ShapeLayout struct {
 	// entry was dropped); removing the earlier rule must restore it, which
 	// only a compilation can.
 	Shadowed bool `json:"shadowed,omitempty"`
-	// Perfect: the shape is in the perfect-hash tables' value, which
-	// only a compilation rebuilds (for now).
+	// Perfect: the shape is in the perfect-hash tables' value (one value
+	// per generation): a change rebuilds the shape's table in a copy of
+	// the live value (RebuildPerfect).
 	Perfect bool `json:"perfect,omitempty"`
 	// PerfectLayout: where, for RebuildPerfect (set when Perfect).
 	PerfectLayout *PerfectLayout `json:"perfect_layout,omitempty"`
@@ -195,6 +196,9 @@ type Entry struct {
 	Value []byte // abi.TableValue
 	// Shadowed: the shape holds keys of several rules (see ShapeLayout).
 	Shadowed bool
+	// Perfect, for a shape in the perfect-hash value: its table, and Key
+	// is the key words after the first (RebuildPerfect's form).
+	Perfect *PerfectLayout
 }
 
 // Place returns the table entries of rule r in segment seg of l, with
@@ -232,7 +236,13 @@ func (l *Layout) Place(r *grammar.Rule, seg int, prio, slot, gen uint32) ([]Entr
 		}
 		sh := &sl.Shapes[i]
 		if sh.Perfect {
-			return nil, ErrNotPlaceable
+			if sh.PerfectLayout == nil {
+				return nil, ErrNotPlaceable
+			}
+			for _, k := range v.keys {
+				out = append(out, Entry{Table: sh.Table, Key: k, Value: val, Shadowed: sh.Shadowed, Perfect: sh.PerfectLayout})
+			}
+			continue
 		}
 		for _, k := range v.keys {
 			var key []byte
@@ -272,4 +282,24 @@ func (n *LayoutNeeds) covers(r *grammar.Rule) bool {
 		}
 	}
 	return true
+}
+
+// PerfectKeys returns a test of whether table l of a generation's
+// perfect-hash value holds a key (in RebuildPerfect's form).
+func PerfectKeys(blob []byte, l *PerfectLayout) func(key []byte) bool {
+	t := l.table()
+	have := map[string]bool{}
+	str := func(k []uint64) string {
+		var b []byte
+		for _, c := range k {
+			b = binary.NativeEndian.AppendUint64(b, c)
+		}
+		return string(b)
+	}
+	if len(blob) >= t.off+t.size {
+		for _, en := range t.entries(blob) {
+			have[str(en.key)] = true
+		}
+	}
+	return func(key []byte) bool { return have[str(t.chunksOf(key))] }
 }

@@ -5,6 +5,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 
 	"github.com/cilium/ebpf"
@@ -110,6 +111,7 @@ func (b *Backend) patchHook(s *bpf.Store, cur *bpf.Gen, oh *hookState, rules []*
 	type entry struct {
 		table    string
 		key, val []byte
+		perfect  *compiler.PerfectLayout // a table in the perfect-hash value
 	}
 	var dels []entry
 	delKey := map[string]bool{}
@@ -129,7 +131,7 @@ func (b *Backend) patchHook(s *bpf.Store, cur *bpf.Gen, oh *hookState, rules []*
 			if en.Shadowed {
 				return nil, nil // another rule's entry hides behind it
 			}
-			dels = append(dels, entry{en.Table, en.Key, nil})
+			dels = append(dels, entry{en.Table, en.Key, nil, en.Perfect})
 			delKey[en.Table+string(en.Key)] = true
 		}
 	}
@@ -220,7 +222,7 @@ func (b *Backend) patchHook(s *bpf.Store, cur *bpf.Gen, oh *hookState, rules []*
 				return nil, nil // two new rules share a key: which one wins is a compilation's call
 			}
 			putKey[k] = true
-			puts = append(puts, entry{en.Table, en.Key, en.Value})
+			puts = append(puts, entry{en.Table, en.Key, en.Value, en.Perfect})
 		}
 		recs[i] = rec
 	}
@@ -238,6 +240,23 @@ func (b *Backend) patchHook(s *bpf.Store, cur *bpf.Gen, oh *hookState, rules []*
 		dirty = true // the record and the control map disagree: trust neither spare
 	}
 	spare := 1 - live
+	// Perfect-hash tables: the live generation's value, to rebuild.
+	blobs := map[string][]byte{}
+	holds := map[*compiler.PerfectLayout]func([]byte) bool{}
+	for _, e := range append(slices.Clone(puts), dels...) {
+		if e.perfect == nil || blobs[e.table] != nil {
+			continue
+		}
+		m := h.Maps[e.table]
+		if m == nil {
+			return nil, nil
+		}
+		blob := make([]byte, m.ValueSize())
+		if err := m.Lookup(live, blob); err != nil {
+			return nil, fmt.Errorf("table %s of %s: %w", e.table, oh.id(), err)
+		}
+		blobs[e.table] = blob
+	}
 	// A key another rule holds in the live tables is shadowing the
 	// compiler resolves.
 	for _, p := range puts {
@@ -248,6 +267,15 @@ func (b *Backend) patchHook(s *bpf.Store, cur *bpf.Gen, oh *hookState, rules []*
 		if delKey[p.table+string(p.key)] {
 			continue
 		}
+		if p.perfect != nil {
+			if holds[p.perfect] == nil {
+				holds[p.perfect] = compiler.PerfectKeys(blobs[p.table], p.perfect)
+			}
+			if holds[p.perfect](p.key) {
+				return nil, nil
+			}
+			continue
+		}
 		v, err := lookupEntry(m, genKey(m, p.key, live))
 		if err != nil {
 			return nil, err
@@ -255,6 +283,39 @@ func (b *Backend) patchHook(s *bpf.Store, cur *bpf.Gen, oh *hookState, rules []*
 		if v != nil {
 			return nil, nil
 		}
+	}
+	// The spare generation's perfect-hash value: the live one with each
+	// changed shape's table rebuilt (in memory: nothing is written yet).
+	type change struct {
+		put []compiler.PerfectEntry
+		del [][]byte
+	}
+	var order []*compiler.PerfectLayout
+	perfectChanges := map[*compiler.PerfectLayout]*change{}
+	table := map[*compiler.PerfectLayout]string{}
+	for i, e := range append(slices.Clone(dels), puts...) {
+		if e.perfect == nil {
+			continue
+		}
+		ch := perfectChanges[e.perfect]
+		if ch == nil {
+			ch = &change{}
+			perfectChanges[e.perfect], table[e.perfect] = ch, e.table
+			order = append(order, e.perfect)
+		}
+		if i < len(dels) {
+			ch.del = append(ch.del, e.key)
+		} else {
+			ch.put = append(ch.put, compiler.PerfectEntry{Key: e.key, Value: abi.TableValue{
+				Prio: binary.NativeEndian.Uint32(e.val), Slot: binary.NativeEndian.Uint32(e.val[4:]), Body: binary.NativeEndian.Uint32(e.val[8:])}})
+		}
+	}
+	for _, l := range order {
+		blob, ok := compiler.RebuildPerfect(blobs[table[l]], l, perfectChanges[l].put, perfectChanges[l].del)
+		if !ok {
+			return nil, nil // past the table's capacity: a compilation lays it out again
+		}
+		blobs[table[l]] = blob
 	}
 
 	// From here on the spare generation changes.
@@ -282,8 +343,16 @@ func (b *Backend) patchHook(s *bpf.Store, cur *bpf.Gen, oh *hookState, rules []*
 			}
 		}
 	}
+	for name, blob := range blobs {
+		if err := h.Maps[name].Put(spare, blob); err != nil {
+			return nil, fmt.Errorf("table %s of %s: %w", name, oh.id(), err)
+		}
+	}
 	delta := map[string][]string{}
 	for _, d := range dels {
+		if d.perfect != nil {
+			continue // rewritten whole
+		}
 		m := h.Maps[d.table]
 		if m == nil {
 			return nil, fmt.Errorf("%s has no table %s", oh.id(), d.table)
@@ -294,6 +363,9 @@ func (b *Backend) patchHook(s *bpf.Store, cur *bpf.Gen, oh *hookState, rules []*
 		delta[d.table] = append(delta[d.table], hex.EncodeToString(d.key))
 	}
 	for _, p := range puts {
+		if p.perfect != nil {
+			continue
+		}
 		m := h.Maps[p.table]
 		if err := m.Put(genKey(m, p.key, spare), p.val); err != nil {
 			return nil, fmt.Errorf("table %s of %s: %w", p.table, oh.id(), err)

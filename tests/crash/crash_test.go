@@ -321,11 +321,24 @@ func rulesetE() string {
 	return strings.Replace(rulesetD(), "ip saddr 192.0.2.120 udp dport 7020", "ip saddr 192.0.2.1 udp dport 7020", 1)
 }
 
-// dropsOf predicts the ingress probes a listing of rulesets D and E drops.
+// rulesetF has 40 rules of one port each (even ports from 7000) on vb
+// ingress: a port-array table, changed entry by entry.
+func rulesetF() string {
+	var b strings.Builder
+	b.WriteString("flush ruleset\ninterface vb {\n\tingress {\n")
+	for i := 0; i < 40; i++ {
+		fmt.Fprintf(&b, "\t\tudp dport %d counter actions drop\n", 7000+2*i)
+	}
+	b.WriteString("\t}\n}\n")
+	return b.String()
+}
+
+// dropsOf predicts the ingress probes a listing of rulesets D, E and F
+// drops: a drop rule for the probes' source (or any source) and port.
 func dropsOf(list string, ports []int) map[int]bool {
 	out := map[int]bool{}
 	for _, p := range ports {
-		if strings.Contains(list, fmt.Sprintf("ip saddr 192.0.2.1 udp dport %d counter", p)) {
+		if regexp.MustCompile(fmt.Sprintf(`(?m)^\s*(ip saddr 192\.0\.2\.1 )?udp dport %d counter`, p)).MatchString(list) {
 			out[p] = true
 		}
 	}
@@ -365,6 +378,9 @@ func TestCrashAtEveryPoint(t *testing.T) {
 		{name: "delete-rule-middle", old: rulesetE(), args: []string{"delete", "rule", "vb", "ingress", "handle", "HANDLE"},
 			handleOf: `saddr 192\.0\.2\.1 udp dport 7020 .*# handle (\d+)`, ingress: []int{7020, 7021, 7030}, every: 2,
 			followUp: []string{"insert", "rule", "vb", "ingress", "ip", "saddr", "192.0.2.1", "udp", "dport", "7030", "counter", "actions", "drop"}},
+		{name: "insert-port-rule-middle", old: rulesetF(), args: []string{"insert", "rule", "vb", "ingress", "position", "HANDLE", "udp", "dport", "7021", "counter", "actions", "drop"},
+			handleOf: `udp dport 7020 .*# handle (\d+)`, ingress: []int{7021, 7023, 7031}, every: 2,
+			followUp: []string{"add", "rule", "vb", "ingress", "udp", "dport", "7031", "counter", "actions", "drop"}},
 		{name: "add-address-elements", old: rulesetC, args: []string{"add", "element", "hosts", "{ " + manyHosts(2000) + " }"},
 			egress: []int{5003}, every: 1},
 	}
