@@ -97,7 +97,11 @@ func (c *compiler) fastMatch(rules []*grammar.Rule) {
 		e.emit(
 			ldx(asm.R5, asm.R7, l3+22, asm.Half),
 			asm.RSh.Imm(asm.R5, int32(shift)),
-			asm.And.Imm(asm.R5, 63),
+		)
+		if shift < 10 {
+			e.emit(asm.And.Imm(asm.R5, 63))
+		}
+		e.emit(
 			asm.LoadImm(asm.R0, int64(mask), asm.DWord),
 			asm.RSh.Reg(asm.R0, asm.R5),
 			asm.And.Imm(asm.R0, 1),
@@ -313,6 +317,9 @@ func (c *compiler) portFilter(rules []*grammar.Rule) (shift int, mask uint64, ok
 			m |= 1 << (p >> k & 63)
 		}
 		cost := bits.OnesCount64(m) // false positives of a random port
+		if k < 10 {
+			cost++ // needs the AND that x >> 10 (< 64) does without
+		}
 		for _, p := range commonPorts {
 			if m&(1<<(n16(p)>>k&63)) != 0 {
 				cost += 64

@@ -53,7 +53,9 @@ func (c *compiler) funnelFrom(rule, fam int, inner grammar.Proto, a *grammar.Act
 	c.foldBelow(asm.R8, asm.R1, addrSumBound(fam))
 	e.comment("funnel header")
 	if f.HasSport && f.HasDport {
-		e.emit(sti(asm.R7, l4, int64(int32(uint32(n16(f.Sport))|uint32(n16(f.Dport))<<16)), asm.Word))
+		if a.Proto != grammar.ProtoTCP { // funnelHeader writes a TCP header whole
+			e.emit(sti(asm.R7, l4, int64(int32(uint32(n16(f.Sport))|uint32(n16(f.Dport))<<16)), asm.Word))
+		}
 	} else {
 		e.emit(ldx(asm.R1, asm.R7, l4+h, asm.Word), stx(asm.R7, l4, asm.R1, asm.Word))
 	}
@@ -104,17 +106,30 @@ func (c *compiler) funnelHeader(base asm.Register, off int16, a *grammar.Action,
 	// plus constants, and UDP's length field once more. 0x1fffe (≡ 0)
 	// keeps the constant positive.
 	hdrConst := uint64(a.Proto.Number())<<8 + uint64(h)<<8 + 0x1fffe - uint64(inner.Number())<<8
+	constPorts := f.HasSport && f.HasDport
+	// wide: a TCP header with both ports given, in the packet: two 64-bit
+	// stores and one 32-bit store of checksum and urgent pointer.
+	wide := a.Proto == grammar.ProtoTCP && constPorts && base != asm.R10
 	if a.Proto == grammar.ProtoTCP {
 		w12 := uint32(0x50) | uint32(f.Flags)<<8 | uint32(n16(f.Window))<<16
-		e.emit(
-			sti(base, off+4, int64(int32(n32(f.Seq))), asm.Word),
-			sti(base, off+8, int64(int32(n32(f.Ack))), asm.Word),
-			sti(base, off+12, int64(int32(w12)), asm.Word),
-			sti(base, off+16, 0, asm.Word),
-		)
+		if wide {
+			ports := uint32(n16(f.Sport)) | uint32(n16(f.Dport))<<16
+			e.emit(
+				asm.LoadImm(asm.R1, int64(uint64(ports)|uint64(n32(f.Seq))<<32), asm.DWord),
+				stx(base, off, asm.R1, asm.DWord),
+				asm.LoadImm(asm.R1, int64(uint64(n32(f.Ack))|uint64(w12)<<32), asm.DWord),
+				stx(base, off+8, asm.R1, asm.DWord),
+			)
+		} else {
+			e.emit(
+				sti(base, off+4, int64(int32(n32(f.Seq))), asm.Word),
+				sti(base, off+8, int64(int32(n32(f.Ack))), asm.Word),
+				sti(base, off+12, int64(int32(w12)), asm.Word),
+				sti(base, off+16, 0, asm.Word),
+			)
+		}
 		hdrConst += uint64(n32(f.Seq)) + uint64(n32(f.Ack)) + uint64(w12)
 	}
-	constPorts := f.HasSport && f.HasDport
 	if constPorts {
 		hdrConst += uint64(n16(f.Sport)) + uint64(n16(f.Dport))<<16
 	}
@@ -151,6 +166,10 @@ func (c *compiler) funnelHeader(base asm.Register, off int16, a *grammar.Action,
 		e.emit(asm.JNE.Imm(asm.R3, 0, nz), movi(asm.R3, 0xffff))
 		e.label(nz)
 	}
-	e.emit(stx(base, off+checkOut, asm.R3, asm.Half))
+	if wide {
+		e.emit(stx(base, off+checkOut, asm.R3, asm.Word)) // and urgent pointer 0
+	} else {
+		e.emit(stx(base, off+checkOut, asm.R3, asm.Half))
+	}
 	c.headerSum(base, off, h)
 }
