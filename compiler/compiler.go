@@ -6,7 +6,8 @@
 //
 //   - a fast path for IPv4 without options (one EtherType/version/IHL test)
 //     that leaves at once when every rule needs a destination port the
-//     packet doesn't have;
+//     packet doesn't have; for small rulesets on protocol and ports it also
+//     matches the rules and runs their bodies, specialised (fast.go);
 //   - the parse guard: reads the packet once into stack slots (family,
 //     addresses, transport protocol after options / extension headers,
 //     ports, TCP flags, fragment and option flags) and leaves early for
