@@ -828,7 +828,7 @@ func (b *Backend) Counters() (map[uint64]ruleset.Counter, error) {
 		}
 		base := h.base()
 		for i, handle := range h.CounterHandles {
-			if i < len(cs) {
+			if i < len(cs) && handle != 0 { // 0: a free slot
 				c := base[handle]
 				out[handle] = ruleset.Counter{Packets: c.Packets + cs[i].Packets, Bytes: c.Bytes + cs[i].Bytes}
 			}

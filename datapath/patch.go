@@ -576,6 +576,15 @@ func assignSlots(oh *hookState, rules []*grammar.Rule) (prios, slots []uint32) {
 		old[r.Handle] = r
 		used[r.Slot] = true
 	}
+	survivors := 0
+	for _, r := range rules {
+		if _, ok := old[r.Handle]; ok {
+			survivors++
+		}
+	}
+	if survivors == 0 {
+		return fresh() // nothing to keep (flush ruleset): no holes for the old rules' slots
+	}
 	free, top := uint32(0), 0
 	for i, r := range rules {
 		if o, ok := old[r.Handle]; ok {

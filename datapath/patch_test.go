@@ -160,3 +160,32 @@ func TestInsertDeleteInTheMiddle(t *testing.T) {
 		t.Errorf("rule 50 counted %+v after the reload, want 4 packets", counters[h50])
 	}
 }
+
+// assignSlots keeps the priorities and slots of rules that stay, puts new
+// rules between their neighbours in free slots, and starts afresh when
+// there is no room or nothing stays.
+func TestAssignSlots(t *testing.T) {
+	rule := func(h uint64) *grammar.Rule { return &grammar.Rule{Handle: h} }
+	old := &hookState{Rules: []ruleRecord{{Handle: 1, Prio: 100, Slot: 0}, {Handle: 2, Prio: 200, Slot: 1}, {Handle: 3, Prio: 300, Slot: 2}}}
+	// Rule 2 deleted, rules 7 and 8 inserted between 1 and 3, 9 at the end.
+	prios, slots := assignSlots(old, []*grammar.Rule{rule(1), rule(7), rule(8), rule(3), rule(9)})
+	if fmt.Sprint(prios) != fmt.Sprint([]uint32{100, 166, 232, 300, 300 + prioGap}) {
+		t.Errorf("priorities %v", prios)
+	}
+	// Slot 1 (rule 2's) is not reused by this commit: the old program may
+	// still count in it.
+	if fmt.Sprint(slots) != fmt.Sprint([]uint32{0, 3, 4, 2, 5}) {
+		t.Errorf("slots %v", slots)
+	}
+	// No room between 100 and 101: afresh.
+	tight := &hookState{Rules: []ruleRecord{{Handle: 1, Prio: 100, Slot: 0}, {Handle: 2, Prio: 101, Slot: 1}}}
+	prios, slots = assignSlots(tight, []*grammar.Rule{rule(1), rule(5), rule(2)})
+	if fmt.Sprint(prios, slots) != fmt.Sprint([]uint32{prioGap, 2 * prioGap, 3 * prioGap}, []uint32{0, 1, 2}) {
+		t.Errorf("no room: %v %v", prios, slots)
+	}
+	// Nothing stays (flush ruleset): afresh, from slot 0.
+	prios, slots = assignSlots(old, []*grammar.Rule{rule(10), rule(11)})
+	if fmt.Sprint(prios, slots) != fmt.Sprint([]uint32{prioGap, 2 * prioGap}, []uint32{0, 1}) {
+		t.Errorf("nothing stays: %v %v", prios, slots)
+	}
+}

@@ -62,7 +62,8 @@ var workloads = []workload{
 // sample is one command's wall time and peak RSS.
 type sample struct {
 	wall time.Duration
-	rss  int64 // KiB
+	cpu  time.Duration // user + system
+	rss  int64         // KiB
 	ok   bool
 	err  string
 }
@@ -77,6 +78,7 @@ func run(stdin []byte, name string, args ...string) sample {
 	s := sample{wall: time.Since(t), ok: err == nil}
 	if ru, ok := cmd.ProcessState.SysUsage().(*syscall.Rusage); ok {
 		s.rss = ru.Maxrss
+		s.cpu = time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 	}
 	if err != nil {
 		s.err = strings.TrimSpace(firstLine(stderr.String()))
@@ -92,8 +94,14 @@ func firstLine(s string) string {
 }
 
 func median(ss []sample) sample {
+	cpus := make([]time.Duration, len(ss))
+	for i, s := range ss {
+		cpus[i] = s.cpu
+	}
+	sort.Slice(cpus, func(i, j int) bool { return cpus[i] < cpus[j] })
 	sort.Slice(ss, func(i, j int) bool { return ss[i].wall < ss[j].wall })
 	m := ss[len(ss)/2]
+	m.cpu = cpus[len(cpus)/2]
 	for _, s := range ss {
 		if s.rss > m.rss {
 			m.rss = s.rss
@@ -136,10 +144,10 @@ func main() {
 	}
 	var table strings.Builder
 	kernel := strings.TrimSpace(must("uname", "-r"))
-	fmt.Fprintf(&table, "Measured %s, kernel %s, %d rules on one hook (sfunnel: vb ingress; nft: a netdev ingress chain on vb), medians of %d runs; RSS is the largest of the runs. Times include process start. "+
+	fmt.Fprintf(&table, "Measured %s, kernel %s, %d rules on one hook (sfunnel: vb ingress; nft: a netdev ingress chain on vb), medians of %d runs (wall time, and CPU time user + system, which a loaded machine disturbs less); RSS is the largest of the runs. Times include process start; `÷ nft add rule` is the issue's yardstick for rule changes (sfunnel's time over nft's `add rule` of the same run). "+
 		"`add rule` appends `ip saddr 10.251.0.1 udp dport 1005 counter drop` (a shape, action and port range the hook has: sfunnel writes that rule's table entries, without compiling or loading a program); `insert rule (middle)` inserts `ip saddr 10.252.0.1 udp dport 1005 counter drop` before the rule in the middle of the hook; `replace rule` replaces that inserted rule by one with another address; `delete rule` deletes the added rule again. Machine load (1-minute load average) when the run started: %s.\n\n",
 		time.Now().UTC().Format("2006-01-02 15:04 UTC"), kernel, *rules, *runs, loadAvg())
-	table.WriteString("| ruleset | operation | sfunnel | nft | ratio | sfunnel RSS | nft RSS | RSS ratio |\n|---|---|---:|---:|---:|---:|---:|---:|\n")
+	table.WriteString("| ruleset | operation | sfunnel | nft | ratio | ÷ nft add rule | sfunnel CPU | nft CPU | CPU ratio | sfunnel RSS | nft RSS | RSS ratio |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
 	for _, w := range workloads {
 		if !strings.Contains(w.name, *only) {
 			continue
@@ -179,7 +187,7 @@ func main() {
 		})
 		if refused != nil {
 			r := rows[0]
-			fmt.Fprintf(&table, "| %s | %s | %s | %s | — | — | %s | — |\n", w.name, r.what, cell(r.sf), cell(r.nft), kib(r.nft))
+			fmt.Fprintf(&table, "| %s | %s | %s | %s | — | — | — | %s | — | — | %s | — |\n", w.name, r.what, cell(r.sf), cell(r.nft), cpuCell(r.nft), kib(r.nft))
 			nft([]byte("flush ruleset\n"), "-f", "-")
 			continue
 		}
@@ -264,9 +272,20 @@ func main() {
 		for _, h := range nftIns {
 			nft(nil, "delete", "rule", "netdev", "sfb", "c", "handle", h)
 		}
+		var nftAdd sample
 		for _, r := range rows {
-			fmt.Fprintf(&table, "| %s | %s | %s | %s | %s | %s | %s | %s |\n", w.name, r.what, cell(r.sf), cell(r.nft),
-				ratio(r.sf, r.nft, float64(r.sf.wall), float64(r.nft.wall)),
+			if r.what == "add rule" {
+				nftAdd = r.nft
+			}
+		}
+		for _, r := range rows {
+			vsAdd := "—"
+			if strings.HasSuffix(r.what, "rule") || strings.Contains(r.what, "rule (") {
+				vsAdd = ratio(r.sf, nftAdd, float64(r.sf.wall), float64(nftAdd.wall))
+			}
+			fmt.Fprintf(&table, "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", w.name, r.what, cell(r.sf), cell(r.nft),
+				ratio(r.sf, r.nft, float64(r.sf.wall), float64(r.nft.wall)), vsAdd,
+				cpuCell(r.sf), cpuCell(r.nft), ratio(r.sf, r.nft, float64(r.sf.cpu), float64(r.nft.cpu)),
 				kib(r.sf), kib(r.nft), ratio(r.sf, r.nft, float64(r.sf.rss), float64(r.nft.rss)))
 		}
 		sf([]byte("flush ruleset\n"), "-f", "-")
@@ -317,6 +336,13 @@ func cell(s sample) string {
 		return "fails: " + strings.ReplaceAll(s.err, "|", "/")
 	}
 	return fmt.Sprintf("%.3f s", s.wall.Seconds())
+}
+
+func cpuCell(s sample) string {
+	if !s.ok {
+		return "—"
+	}
+	return fmt.Sprintf("%.3f s", s.cpu.Seconds())
 }
 
 func kib(s sample) string {
