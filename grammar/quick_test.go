@@ -411,6 +411,13 @@ func (g *ruleGen) file() (src string, rules int, mutated bool) {
 	if g.chance(2) {
 		b.WriteString("define p = { 1, 2-3 }\ndefine a = 192.0.2.1\ndefine one = 1\ndefine none = { }\n")
 	}
+	if g.chance(3) {
+		set := g.set()
+		if mutated && g.chance(2) {
+			set = g.mutate(set)
+		}
+		b.WriteString(set + g.pick("\n", "; ", "\n\n"))
+	}
 	end := func() string { return g.pick("\n", "\n", "; ", "\n\n", "\n# c\n", "\n\n\n\n") }
 	switch g.r.Intn(4) {
 	case 0:
@@ -438,5 +445,36 @@ func (g *ruleGen) file() (src string, rules int, mutated bool) {
 		}
 		b.WriteString("}\n")
 	}
+	if g.chance(4) {
+		el := g.pick("add", "delete") + " element " + g.pick("s4", "ports", "$a") + " " + g.list(g.addr)
+		if mutated && g.chance(2) {
+			el = g.mutate(el)
+		}
+		b.WriteString(g.pick("\n", "; ") + el + "\n")
+	}
 	return b.String(), n, mutated
+}
+
+// set writes a named set declaration, its lines in any order.
+func (g *ruleGen) set() string {
+	typ, elem := "ipv4_addr", func() string { return fmt.Sprintf("192.0.%d.%d", g.r.Intn(256), g.r.Intn(256)) }
+	switch g.r.Intn(3) {
+	case 1:
+		typ, elem = "inet_service", g.port
+	case 2:
+		typ, elem = "ipv6_addr", func() string { return fmt.Sprintf("2001:db8::%x", g.r.Intn(65536)) }
+	}
+	props := []string{"type " + typ}
+	for _, p := range g.r.Perm(3)[:g.r.Intn(4)] {
+		switch p {
+		case 0:
+			props = append(props, "flags "+g.pick("interval", "interval, constant", "timeout"))
+		case 1:
+			props = append(props, "size "+g.pick("100", "0", "70000", "$one"))
+		default:
+			props = append(props, "elements = "+g.list(elem))
+		}
+	}
+	sep := g.pick("; ", "\n\t", ";\n")
+	return g.pick("", "add ") + "set " + g.pick("s4", "blk") + " {" + g.pick(" ", "\n\t") + strings.Join(props, sep) + g.pick(" }", "\n}", ";\n\n}")
 }

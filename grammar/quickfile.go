@@ -113,8 +113,28 @@ func (q *quick) stmt() *stmtSyntax {
 		if st.Command = q.flushRuleset(); st.Command == nil {
 			return nil
 		}
-	case "add", "insert", "replace":
+	case "set":
+		if st.Set = q.set(); st.Set == nil {
+			return nil
+		}
+	case "add":
+		// `add set` is a set; `add rule` and `add element` commands.
+		q.next()
+		if q.at("set") {
+			if st.Set = q.set(); st.Set == nil {
+				return nil
+			}
+			break
+		}
+		if st.Command = q.addCommand(pos, start); st.Command == nil {
+			return nil
+		}
+	case "insert", "replace":
 		if st.Command = q.ruleCommand(); st.Command == nil {
+			return nil
+		}
+	case "delete":
+		if st.Command = q.deleteElement(); st.Command == nil {
 			return nil
 		}
 	default:
@@ -158,8 +178,33 @@ func (q *quick) flushRuleset() *commandSyntax {
 	return &commandSyntax{Pos: pos, Flush: &flushSyntax{Ruleset: true}, Tokens: q.tokens(start)}
 }
 
-// ruleCommand reads `add rule`, `insert rule` and `replace rule` with
-// their rule.
+// addCommand reads what follows `add` (already read; the command starts
+// at start): `rule` and its rule, or `element NAME VALUE`.
+func (q *quick) addCommand(pos lexer.Position, start lexer.RawCursor) *commandSyntax {
+	c := &commandSyntax{Pos: pos}
+	switch {
+	case q.at("rule"):
+		q.next()
+		rc := q.ruleCmd()
+		if rc == nil {
+			return nil
+		}
+		c.Add = &addSyntax{Rule: rc}
+	case q.at("element"):
+		q.next()
+		ec := q.elementCmd()
+		if ec == nil {
+			return nil
+		}
+		c.Add = &addSyntax{Element: ec}
+	default:
+		return nil
+	}
+	c.Tokens = q.tokens(start)
+	return c
+}
+
+// ruleCommand reads `insert rule` and `replace rule` with their rule.
 func (q *quick) ruleCommand() *commandSyntax {
 	start, pos := q.mark()
 	verb := q.next().Value
@@ -172,16 +217,120 @@ func (q *quick) ruleCommand() *commandSyntax {
 		return nil
 	}
 	c := &commandSyntax{Pos: pos}
-	switch verb {
-	case "add":
-		c.Add = &addSyntax{Rule: rc}
-	case "insert":
+	if verb == "insert" {
 		c.Insert = &insertSyntax{Rule: rc}
-	default:
+	} else {
 		c.Replace = &replaceSyntax{Rule: rc}
 	}
 	c.Tokens = q.tokens(start)
 	return c
+}
+
+// deleteElement reads `delete element NAME VALUE`; other delete commands
+// are left to the grammar.
+func (q *quick) deleteElement() *commandSyntax {
+	start, pos := q.mark()
+	q.next()
+	if !q.at("element") {
+		return nil
+	}
+	q.next()
+	ec := q.elementCmd()
+	if ec == nil {
+		return nil
+	}
+	return &commandSyntax{Pos: pos, Delete: &deleteSyntax{Element: ec}, Tokens: q.tokens(start)}
+}
+
+// elementCmd reads `NAME VALUE` of an element command.
+func (q *quick) elementCmd() *elementCmdSyntax {
+	start, pos := q.mark()
+	ec := &elementCmdSyntax{Pos: pos}
+	if ec.Name = q.name(); ec.Name == nil {
+		return nil
+	}
+	if ec.Value = q.value(); ec.Value == nil {
+		return nil
+	}
+	ec.Tokens = q.tokens(start)
+	return ec
+}
+
+// set reads `set NAME { type T; PROPS }`: a named set, maybe of many
+// elements (a block list), which participle reads at some 35 allocations
+// per element.
+func (q *quick) set() *setSyntax {
+	start, pos := q.mark()
+	q.next()
+	name := q.peek()
+	if name.Type != tokIdent {
+		return nil
+	}
+	q.next()
+	if !q.at("{") {
+		return nil
+	}
+	q.next()
+	q.endOfLine()
+	if !q.at("type") {
+		return nil
+	}
+	q.next()
+	typ := q.peek()
+	if typ.Type != tokIdent {
+		return nil
+	}
+	q.next()
+	q.endOfLine()
+	s := &setSyntax{Pos: pos, Name: name.Value, Type: typ.Value}
+	for !q.at("}") {
+		p := q.setProp()
+		if p == nil {
+			return nil
+		}
+		s.Props = append(s.Props, p)
+		q.endOfLine()
+	}
+	q.next()
+	s.Tokens = q.tokens(start)
+	return s
+}
+
+// setProp reads a set's `flags`, `size` or `elements` line.
+func (q *quick) setProp() *setPropSyntax {
+	start, pos := q.mark()
+	p := &setPropSyntax{Pos: pos}
+	switch q.next().Value {
+	case "flags":
+		for {
+			t := q.peek()
+			if t.Type != tokIdent {
+				return nil
+			}
+			q.next()
+			p.Flags = append(p.Flags, t.Value)
+			if !q.at(",") {
+				break
+			}
+			q.next()
+		}
+	case "size":
+		if p.Size = q.number(); p.Size == nil {
+			return nil
+		}
+	case "elements":
+		if !q.at("=") {
+			return nil
+		}
+		q.next()
+		if p.Elements = q.value(); p.Elements == nil {
+			return nil
+		}
+	default:
+		return nil
+	}
+	p.Tokens = q.tokens(start)
+	return p
 }
 
 // ruleCmd reads `IF HOOK [position N | handle N] RULE`; a command without
