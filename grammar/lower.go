@@ -355,11 +355,18 @@ func (l *lowerer) setDecl(s *setSyntax) {
 // typeElements checks elements against the set type and appends them to set,
 // reporting duplicates at the duplicate.
 func (l *lowerer) typeElements(set *Set, elems []Value) {
-	seenP := map[netip.Prefix]bool{}
+	// Sized up front: a block list may have tens of thousands of elements.
+	nP, nR := len(set.Prefixes), len(set.Ports)
+	if set.Type == SetInetService {
+		nR += len(elems)
+	} else {
+		nP += len(elems)
+	}
+	seenP := make(map[netip.Prefix]bool, nP)
+	seenR := make(map[PortRange]bool, nR)
 	for _, p := range set.Prefixes {
 		seenP[p] = true
 	}
-	seenR := map[PortRange]bool{}
 	for _, r := range set.Ports {
 		seenR[r] = true
 	}
@@ -741,6 +748,9 @@ func (l *lowerer) values(v *valueSyntax) []Value {
 		return l.appendElem(nil, v.Elem)
 	}
 	var out []Value
+	if len(v.List) > 0 {
+		out = make([]Value, 0, len(v.List))
+	}
 	for _, e := range v.List {
 		out = l.appendElem(out, e)
 	}
