@@ -74,6 +74,10 @@ type compiler struct {
 	tracing   bool         // some rule has meta nftrace set 1 (trace.go)
 
 	inShape    bool                // emitting a shape's residual checks
+	// knownFam, knownProto: the family (4, 6) and protocol number the
+	// packet is known to have where the current shape's checks are
+	// emitted (lookups); 0: not known.
+	knownFam, knownProto int
 	nextShape  uint32              // id of the next shape placed
 	tables     map[string][]*shape // shapes by table map
 	bodyOf     []uint32            // body of each rule in its segment

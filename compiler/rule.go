@@ -38,13 +38,15 @@ func (c *compiler) rule(i int, r *grammar.Rule) error {
 func (c *compiler) matchesExcept(r *grammar.Rule, fail string, keyed [numKeyFields]bool) error {
 	e := &c.e
 	// The parse guard lets only families some rule wants through.
+	// A table segment's shapes come grouped by family and protocol
+	// (lookups): those tests are done.
 	switch {
-	case r.Family == grammar.FamilyIPv4 && c.ruleNeeds.v6:
+	case r.Family == grammar.FamilyIPv4 && c.ruleNeeds.v6 && c.knownFam != 4:
 		e.emit(ldx(asm.R1, asm.R10, slotFam, asm.DWord), asm.JNE.Imm(asm.R1, 4, fail))
-	case r.Family == grammar.FamilyIPv6 && c.ruleNeeds.v4:
+	case r.Family == grammar.FamilyIPv6 && c.ruleNeeds.v4 && c.knownFam != 6:
 		e.emit(ldx(asm.R1, asm.R10, slotFam, asm.DWord), asm.JNE.Imm(asm.R1, 6, fail))
 	}
-	if r.Proto != grammar.ProtoAny {
+	if r.Proto != grammar.ProtoAny && c.knownProto != int(r.Proto.Number()) {
 		e.emit(ldx(asm.R1, asm.R10, slotProto, asm.DWord), asm.JNE.Imm(asm.R1, int32(r.Proto.Number()), fail))
 	}
 	if r.Dport != nil && !keyed[keyDport] {

@@ -86,10 +86,8 @@ func (c *compiler) segment(rules []*grammar.Rule, seg segment) error {
 	if slices.ContainsFunc(seg.shapes, func(sh *shape) bool { return sh.perfect != nil }) {
 		c.perfectBase(end)
 	}
-	for k, sh := range seg.shapes {
-		if err := c.shapeLookup(sh, k > 0); err != nil {
-			return err
-		}
+	if err := c.lookups(seg.shapes); err != nil {
+		return err
 	}
 	// The bodies of the segment's table and linear rules, one per
 	// distinct body (known before emitLinear, which stores them).
@@ -189,6 +187,79 @@ func (c *compiler) segment(rules []*grammar.Rule, seg segment) error {
 	return nil
 }
 
+// lookups emits the shapes' lookups grouped by the family, then the
+// protocol their packets have (groups in the order of their first shapes),
+// each tested once per group: a packet skips the shapes of other families
+// and protocols in a jump or two.
+func (c *compiler) lookups(shapes []*shape) error {
+	e := &c.e
+	first := shapes[0]
+	for _, fam := range groupBy(shapes, shapeFam) {
+		f := shapeFam(fam[0])
+		famEnd := e.newLabel("family_end")
+		if f == 4 && c.ruleNeeds.v6 || f == 6 && c.ruleNeeds.v4 {
+			e.comment("shapes of IPv%d packets", f)
+			e.emit(ldx(asm.R1, asm.R10, slotFam, asm.DWord), asm.JNE.Imm(asm.R1, int32(f), famEnd))
+		}
+		c.knownFam = f
+		for _, group := range groupBy(fam, shapeProto) {
+			p := shapeProto(group[0])
+			end := e.newLabel("proto_end")
+			if p != 0 {
+				e.comment("shapes of %s packets", group[0].tmpl.Proto)
+				e.emit(ldx(asm.R1, asm.R10, slotProto, asm.DWord), asm.JNE.Imm(asm.R1, int32(p), end))
+			}
+			c.knownProto = p
+			for _, sh := range group {
+				if err := c.shapeLookup(sh, sh != first); err != nil {
+					return err
+				}
+			}
+			c.knownProto = 0
+			e.label(end)
+		}
+		c.knownFam = 0
+		e.label(famEnd)
+	}
+	return nil
+}
+
+// shapeFam is the family of a shape's packets (0: either), shapeProto
+// their transport protocol (0: any).
+func shapeFam(sh *shape) int {
+	switch sh.tmpl.Family {
+	case grammar.FamilyIPv4:
+		return 4
+	case grammar.FamilyIPv6:
+		return 6
+	}
+	return sh.fam
+}
+
+func shapeProto(sh *shape) int {
+	if sh.tmpl.Proto == grammar.ProtoAny {
+		return 0
+	}
+	return int(sh.tmpl.Proto.Number())
+}
+
+// groupBy splits shapes by key, groups in the order of their first shape.
+func groupBy(shapes []*shape, key func(*shape) int) [][]*shape {
+	var out [][]*shape
+	at := map[int]int{}
+	for _, sh := range shapes {
+		k := key(sh)
+		i, ok := at[k]
+		if !ok {
+			i = len(out)
+			at[k] = i
+			out = append(out, nil)
+		}
+		out[i] = append(out[i], sh)
+	}
+	return out
+}
+
 // shapeLookup emits one shape's residual checks, key and lookup; a hit with
 // a lower priority than the best so far becomes the best. Shapes come in
 // the order of their first rule; after the first, a perfect-hash table
@@ -203,7 +274,7 @@ func (c *compiler) shapeLookup(sh *shape, skipLow bool) error {
 	if err != nil {
 		return err
 	}
-	if sh.fam != 0 && sh.tmpl.Family == grammar.FamilyAny {
+	if sh.fam != 0 && sh.tmpl.Family == grammar.FamilyAny && c.knownFam != sh.fam {
 		e.emit(ldx(asm.R1, asm.R10, slotFam, asm.DWord), asm.JNE.Imm(asm.R1, int32(sh.fam), miss))
 	}
 	if sh.perfect != nil {
