@@ -142,7 +142,7 @@ func (c *commandSyntax) ruleCmds() []*ruleCmdSyntax {
 func parseQuickRule(lex *lexer.PeekingLexer) (quickRule, error) {
 	at := lex.MakeCheckpoint()
 	q := quick{lex: lex}
-	if r := q.rule(); r != nil {
+	if r := q.rule(); r != nil && !q.tooLong {
 		return r, nil
 	}
 	lex.LoadCheckpoint(at)
@@ -157,7 +157,7 @@ func parseQuickLines(lex *lexer.PeekingLexer) (quickLines, error) {
 	q := quick{lex: lex}
 	// An empty block is left to the grammar, which gives it no lines
 	// (nil, not an empty list).
-	if lines, ok := q.hookBody(); ok && len(lines) > 0 {
+	if lines, ok := q.hookBody(); ok && len(lines) > 0 && !q.tooLong {
 		return lines, nil
 	}
 	lex.LoadCheckpoint(at)
@@ -179,6 +179,7 @@ func (q *quick) hookBody() (hookLines, bool) {
 		}
 		line := newIn(&q.line, hookLineSyntax{Rule: r})
 		lines = append(lines, line)
+		q.repeated(len(lines))
 		n := q.endOfLine()
 		if q.at("}") {
 			return lines, true
@@ -196,6 +197,7 @@ func (q *quick) endOfLine() int {
 		q.next()
 		n++
 	}
+	q.repeated(n)
 	return n
 }
 
@@ -206,6 +208,9 @@ func (q *quick) endOfLine() int {
 // nil when it declines; the caller then declines the whole rule.
 type quick struct {
 	lex tokenStream
+	// tooLong is set when a repetition nears participle.MaxIterations,
+	// past which the grammar refuses the text: it is left to the grammar.
+	tooLong bool
 
 	// The structs of a rule come from blocks allocated together: a rule
 	// is a dozen small structs, and a block per kind for many rules is
@@ -233,6 +238,13 @@ type quick struct {
 	field    slab[funnelFieldSyntax]
 	fieldPtr slab[*funnelFieldSyntax]
 	dnats    slab[dnatSyntax]
+}
+
+// repeated notes that a repetition has reached n.
+func (q *quick) repeated(n int) {
+	if n >= participle.MaxIterations/2 {
+		q.tooLong = true
+	}
 }
 
 // tokenStream is what the quick path reads: participle's PeekingLexer
@@ -347,6 +359,7 @@ func (q *quick) rule() *ruleSyntax {
 			return nil
 		}
 		items = append(items, it)
+		q.repeated(len(items))
 	}
 	r.Items = keep(&q.itemPtr, items)
 	switch {
@@ -555,6 +568,7 @@ func (q *quick) flagList(comma bool) ([]string, bool) {
 		}
 		q.next()
 		words = append(words, t.Value)
+		q.repeated(len(words))
 		if !q.at("|") && !(comma && q.at(",")) {
 			return words, true
 		}
@@ -579,6 +593,7 @@ func (q *quick) value() *valueSyntax {
 				return nil
 			}
 			list = append(list, e)
+			q.repeated(len(list))
 			n := q.separators()
 			if q.at("}") {
 				break
@@ -609,6 +624,7 @@ func (q *quick) separators() int {
 		q.next()
 		n++
 	}
+	q.repeated(n)
 	return n
 }
 
@@ -694,6 +710,7 @@ func (q *quick) actions() []*actionSyntax {
 			return nil
 		}
 		acts = append(acts, a)
+		q.repeated(len(acts))
 		if q.at(",") {
 			q.next()
 			if !isActionWord(q.peek().Value) {
@@ -734,6 +751,7 @@ func (q *quick) action() *actionSyntax {
 				return nil
 			}
 			fields = append(fields, fld)
+			q.repeated(len(fields))
 		}
 		f.Fields = keep(&q.fieldPtr, fields)
 		a.Funnel = f

@@ -9,6 +9,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/alecthomas/participle/v2"
 	"github.com/google/go-cmp/cmp"
 )
 
@@ -144,6 +145,36 @@ func TestQuickPathKnownInputs(t *testing.T) {
 	// would prove nothing.
 	if read < len(ruleCases)*len(contexts) || wholes < len(ruleCases)*len(contexts) {
 		t.Errorf("the quick path read %d rules and %d whole files of %d inputs in %d contexts", read, wholes, len(inputs), len(contexts))
+	}
+}
+
+// TestQuickPathRepetitionLimit: participle refuses a group repeated
+// MaxIterations times; the quick path leaves such text to it rather than
+// accept what the grammar refuses (checked with the limit lowered).
+func TestQuickPathRepetitionLimit(t *testing.T) {
+	defer func(saved int) { participle.MaxIterations = saved }(participle.MaxIterations)
+	participle.MaxIterations = 12
+	long := func(n int, f func(i int) string, sep string) string {
+		var w []string
+		for i := range n {
+			w = append(w, f(i))
+		}
+		return strings.Join(w, sep)
+	}
+	rule := func(i int) string { return fmt.Sprintf("udp dport %d drop", i) }
+	for _, src := range []string{
+		"interface eth0 { ingress {\n" + long(20, rule, "\n") + "\n} }",
+		long(20, rule, "\n"),
+		"udp dport { " + long(20, func(i int) string { return fmt.Sprint(i) }, ", ") + " } drop",
+		"udp dport 1 drop" + strings.Repeat("\n", 20),
+		"udp dport 1 counter" + strings.Repeat(" counter", 20),
+		"tcp flags " + long(20, func(int) string { return "syn" }, "|"),
+		"udp dport 1 drop" + strings.Repeat(" drop", 20),
+	} {
+		if _, err := parser.ParseString("q.conf", src); err == nil {
+			t.Errorf("%.40q: the grammar takes it with MaxIterations %d", src, participle.MaxIterations)
+		}
+		quickAgrees(t, src, true)
 	}
 }
 

@@ -30,6 +30,7 @@ func parseQuickFile(filename, src string) *fileSyntax {
 			return nil
 		}
 		stmts = append(stmts, st)
+		q.repeated(len(stmts))
 		n := q.endOfLine()
 		if c.Peek().EOF() {
 			break
@@ -37,6 +38,9 @@ func parseQuickFile(filename, src string) *fileSyntax {
 		if n == 0 {
 			return nil
 		}
+	}
+	if q.tooLong {
+		return nil
 	}
 	f.Stmts = stmts
 	return f
@@ -289,6 +293,7 @@ func (q *quick) set() *setSyntax {
 			return nil
 		}
 		s.Props = append(s.Props, p)
+		q.repeated(len(s.Props))
 		q.endOfLine()
 	}
 	q.next()
@@ -309,6 +314,7 @@ func (q *quick) setProp() *setPropSyntax {
 			}
 			q.next()
 			p.Flags = append(p.Flags, t.Value)
+			q.repeated(len(p.Flags))
 			if !q.at(",") {
 				break
 			}
@@ -398,6 +404,7 @@ func (q *quick) interfaceBlock() *interfaceSyntax {
 				return nil
 			}
 			ib.Names = append(ib.Names, n)
+			q.repeated(len(ib.Names))
 			if !q.at(",") {
 				break
 			}
@@ -427,6 +434,7 @@ func (q *quick) interfaceBlock() *interfaceSyntax {
 			return nil
 		}
 		ib.Hooks = append(ib.Hooks, h)
+		q.repeated(len(ib.Hooks))
 		q.endOfLine()
 	}
 	q.next()
@@ -436,9 +444,12 @@ func (q *quick) interfaceBlock() *interfaceSyntax {
 
 // newlines skips EOL tokens.
 func (q *quick) newlines() {
+	n := 0
 	for q.peek().Type == tokEOL {
 		q.next()
+		n++
 	}
+	q.repeated(n)
 }
 
 // hook reads `ingress|egress { RULES }`.
