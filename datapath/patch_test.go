@@ -189,3 +189,24 @@ func TestAssignSlots(t *testing.T) {
 		t.Errorf("nothing stays: %v %v", prios, slots)
 	}
 }
+
+// Priorities, slots and segments are stored as the hook's placement
+// arrays and come back on the rules.
+func TestPlacementRoundTrip(t *testing.T) {
+	st := &liveState{Interfaces: []ifaceRecord{{Name: "vb", Hooks: []hookState{{Hook: "ingress",
+		Rules: []ruleRecord{{Handle: 4, Text: "udp dport 1 accept", Prio: 1 << 14, Slot: 3, Segment: 1, Table: true}, {Handle: 5, Text: "udp dport 2 accept", Prio: 2 << 14, Slot: 0}}}}}}}
+	data, err := encodeState(st)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(data), `"placement":{"prio":[16384,32768],"slot":[3,0],"segment":[1,0],"table":[true,false]}`) {
+		t.Errorf("placement not stored as arrays: %s", data)
+	}
+	back, err := decodeState(data)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, want := fmt.Sprint(back.Interfaces[0].Hooks[0].Rules), fmt.Sprint(st.Interfaces[0].Hooks[0].Rules); got != want {
+		t.Errorf("rules came back as %s, want %s", got, want)
+	}
+}

@@ -28,8 +28,8 @@ import (
 //	 "interfaces": [{"name": IF, "hooks": [{"hook": "ingress"|"egress",
 //	    "digest": HEX, "program_digest": HEX, "table_generation": 0|1,
 //	    "sets": [S…], "counter_handles": [H…],
-//	    "rules": [{"handle": H, "text": RULE, "counter_at": OFFSET,
-//	               "prio": P, "slot": S, "segment": G, "table": true}],
+//	    "rules": [{"handle": H, "text": RULE, "counter_at": OFFSET}],
+//	    "placement": {"prio": [P…], "slot": [S…], "segment": [G…], "table": [B…]},
 //	    "base": [{"handle": H, "packets": P, "bytes": B}],
 //	    "layout": {compiler.Layout}, "spare": {"delta": {TABLE: [KEY…]}}}]}],
 //	 "aux_hooks": [{"interface": IF, "hook": HOOK}]}
@@ -94,8 +94,9 @@ type hookState struct {
 	// Layout is what incremental changes need of the compiled program
 	// (patch.go); Spare how the spare table generation differs from the
 	// live one. Absent: the next change compiles the hook.
-	Layout *compiler.Layout `json:"layout,omitempty"`
-	Spare  *spareRecord     `json:"spare,omitempty"`
+	Layout    *compiler.Layout `json:"layout,omitempty"`
+	Spare     *spareRecord     `json:"spare,omitempty"`
+	Placement *placementRecord `json:"placement,omitempty"`
 
 	ifname string // filled in by decode
 	hook   grammar.Hook
@@ -110,10 +111,21 @@ type ruleRecord struct {
 	// Slot its counter slot, Segment 1 + its table segment in the layout
 	// (0: tested by code of its own), Table whether its matching is all
 	// table entries.
-	Prio    uint32 `json:"prio,omitempty"`
-	Slot    uint32 `json:"slot,omitempty"`
-	Segment int    `json:"segment,omitempty"`
-	Table   bool   `json:"table,omitempty"`
+	// They are stored as the hook's placement arrays (decoding ten
+	// thousand objects' fields costs more than arrays of numbers).
+	Prio    uint32 `json:"-"`
+	Slot    uint32 `json:"-"`
+	Segment int    `json:"-"`
+	Table   bool   `json:"-"`
+}
+
+// placementRecord holds the Prio, Slot, Segment and Table of a hook's
+// rules, in rule order.
+type placementRecord struct {
+	Prio    []uint32 `json:"prio"`
+	Slot    []uint32 `json:"slot"`
+	Segment []int    `json:"segment"`
+	Table   []bool   `json:"table"`
 }
 
 type baseRecord struct {
@@ -167,6 +179,17 @@ func decodeState(data []byte) (*liveState, error) {
 			default:
 				return nil, fmt.Errorf("stored ruleset is corrupt: interface %s has hook %q", ifc.Name, h.Hook)
 			}
+			if p := h.Placement; p != nil {
+				n := len(h.Rules)
+				if len(p.Prio) != n || len(p.Slot) != n || len(p.Segment) != n || len(p.Table) != n {
+					return nil, fmt.Errorf("stored ruleset is corrupt: placement of %s %s", ifc.Name, h.Hook)
+				}
+				for k := range h.Rules {
+					r := &h.Rules[k]
+					r.Prio, r.Slot, r.Segment, r.Table = p.Prio[k], p.Slot[k], p.Segment[k], p.Table[k]
+				}
+				h.Placement = nil
+			}
 		}
 	}
 	return &st, nil
@@ -174,7 +197,22 @@ func decodeState(data []byte) (*liveState, error) {
 
 func encodeState(st *liveState) ([]byte, error) {
 	st.Format, st.Version = stateFormat, stateVersion
+	for _, h := range st.hooks() {
+		h.Placement = nil
+		if len(h.Rules) == 0 || h.Rules[0].Prio == 0 {
+			continue
+		}
+		p := &placementRecord{}
+		for _, r := range h.Rules {
+			p.Prio, p.Slot, p.Segment = append(p.Prio, r.Prio), append(p.Slot, r.Slot), append(p.Segment, r.Segment)
+			p.Table = append(p.Table, r.Table)
+		}
+		h.Placement = p
+	}
 	data, err := json.Marshal(st)
+	for _, h := range st.hooks() {
+		h.Placement = nil
+	}
 	if err != nil {
 		return nil, fmt.Errorf("encode ruleset: %w", err)
 	}

@@ -145,7 +145,7 @@ func main() {
 	var table strings.Builder
 	kernel := strings.TrimSpace(must("uname", "-r"))
 	fmt.Fprintf(&table, "Measured %s, kernel %s, %d rules on one hook (sfunnel: vb ingress; nft: a netdev ingress chain on vb), medians of %d runs (wall time, and CPU time user + system, which a loaded machine disturbs less); RSS is the largest of the runs. Times include process start; `÷ nft add rule` is the issue's yardstick for rule changes (sfunnel's time over nft's `add rule` of the same run). "+
-		"`add rule` appends `ip saddr 10.251.0.1 udp dport 1005 counter drop` (a shape, action and port range the hook has: sfunnel writes that rule's table entries, without compiling or loading a program); `insert rule (middle)` inserts `ip saddr 10.252.0.1 udp dport 1005 counter drop` before the rule in the middle of the hook; `replace rule` replaces that inserted rule by one with another address; `delete rule` deletes the added rule again. Machine load (1-minute load average) when the run started: %s.\n\n",
+		"`add rule` appends `ip saddr 10.251.0.N udp dport 1005 counter drop` (N = the run: a shape, action and port range the hook has, and a new key: sfunnel writes that rule's table entries, without compiling or loading a program; the same rule added again would compile the hook, see sfunnel(8) NOTES); `insert rule (middle)` inserts `ip saddr 10.252.0.N udp dport 1005 counter drop` before the rule in the middle of the hook; `replace rule` replaces that inserted rule by one with another address; `delete rule` deletes an added rule again. Machine load (1-minute load average) when the run started: %s.\n\n",
 		time.Now().UTC().Format("2006-01-02 15:04 UTC"), kernel, *rules, *runs, loadAvg())
 	table.WriteString("| ruleset | operation | sfunnel | nft | ratio | ÷ nft add rule | sfunnel CPU | nft CPU | CPU ratio | sfunnel RSS | nft RSS | RSS ratio |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
 	for _, w := range workloads {
@@ -199,12 +199,14 @@ func main() {
 		})
 		handleRe := regexp.MustCompile(`# handle (\d+)`)
 		var sfHandles, nftHandles []string
+		n := 0
 		measure("add rule", func() (sample, sample) {
-			a := run(nil, "sh", "-c", fmt.Sprintf("%s --netns %s -e add rule vb ingress ip saddr 10.251.0.1 udp dport 1005 counter actions drop > /tmp/sfb-echo", *sfunnel, ns))
+			n++
+			a := run(nil, "sh", "-c", fmt.Sprintf("%s --netns %s -e add rule vb ingress ip saddr 10.251.0.%d udp dport 1005 counter actions drop > /tmp/sfb-echo", *sfunnel, ns, n))
 			if m := handleRe.FindStringSubmatch(readFile("/tmp/sfb-echo")); m != nil {
 				sfHandles = append(sfHandles, m[1])
 			}
-			b := run(nil, "sh", "-c", fmt.Sprintf("ip netns exec %s nft --echo --handle add rule netdev sfb c ip saddr 10.251.0.1 udp dport 1005 counter drop > /tmp/nftb-echo", ns))
+			b := run(nil, "sh", "-c", fmt.Sprintf("ip netns exec %s nft --echo --handle add rule netdev sfb c ip saddr 10.251.0.%d udp dport 1005 counter drop > /tmp/nftb-echo", ns, n))
 			if m := handleRe.FindStringSubmatch(readFile("/tmp/nftb-echo")); m != nil {
 				nftHandles = append(nftHandles, m[1])
 			}
@@ -222,12 +224,14 @@ func main() {
 		sfMid := middle(run1(*sfunnel, "--netns", ns, "-a", "list", "ruleset"))
 		nftMid := middle(run1("ip", "netns", "exec", ns, "nft", "-a", "list", "ruleset"))
 		var sfIns, nftIns []string
+		n = 0
 		measure("insert rule (middle)", func() (sample, sample) {
-			a := run(nil, "sh", "-c", fmt.Sprintf("%s --netns %s -e insert rule vb ingress position %s ip saddr 10.252.0.1 udp dport 1005 counter actions drop > /tmp/sfb-echo", *sfunnel, ns, sfMid))
+			n++
+			a := run(nil, "sh", "-c", fmt.Sprintf("%s --netns %s -e insert rule vb ingress position %s ip saddr 10.252.0.%d udp dport 1005 counter actions drop > /tmp/sfb-echo", *sfunnel, ns, sfMid, n))
 			if m := handleRe.FindStringSubmatch(readFile("/tmp/sfb-echo")); m != nil {
 				sfIns = append(sfIns, m[1])
 			}
-			b := run(nil, "sh", "-c", fmt.Sprintf("ip netns exec %s nft --echo --handle insert rule netdev sfb c position %s ip saddr 10.252.0.1 udp dport 1005 counter drop > /tmp/nftb-echo", ns, nftMid))
+			b := run(nil, "sh", "-c", fmt.Sprintf("ip netns exec %s nft --echo --handle insert rule netdev sfb c position %s ip saddr 10.252.0.%d udp dport 1005 counter drop > /tmp/nftb-echo", ns, nftMid, n))
 			if m := handleRe.FindStringSubmatch(readFile("/tmp/nftb-echo")); m != nil {
 				nftIns = append(nftIns, m[1])
 			}
