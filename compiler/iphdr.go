@@ -5,6 +5,7 @@ package compiler
 import (
 	"github.com/cilium/ebpf/asm"
 	"github.com/sfunnel/sfunnel/grammar"
+	"math"
 )
 
 func ipHdrLen(fam int) int32 {
@@ -137,15 +138,18 @@ func (c *compiler) ipv4Replace16(off int16) {
 	)
 }
 
+// varDelta as ipHeader's delta: the length changes by minus slotT2.
+const varDelta = math.MinInt32
+
 // ipHeader rewrites the IP length (slotT1, host order, plus delta, or
-// minus the value in slotT2 when delta is negative) and the transport
-// protocol (from, known at compile time, to proto). The IPv4 checksum
-// changes by exactly the length delta plus the protocol delta.
+// minus the value in slotT2 for varDelta) and the transport protocol
+// (from, known at compile time, to proto). The IPv4 checksum changes by
+// exactly the length delta plus the protocol delta.
 func (c *compiler) ipHeader(fam int, delta int32, from, proto uint8, ext bool) {
 	e := &c.e
 	l3 := c.l3
 	e.emit(ldx(asm.R1, asm.R10, slotT1, asm.DWord))
-	if delta >= 0 {
+	if delta != varDelta {
 		e.emit(asm.Add.Imm(asm.R1, delta))
 	} else {
 		e.emit(ldx(asm.R2, asm.R10, slotT2, asm.DWord), asm.Sub.Reg(asm.R1, asm.R2))
@@ -186,8 +190,8 @@ func (c *compiler) ipHeader(fam int, delta int32, from, proto uint8, ext bool) {
 	// the TTL/protocol word), made positive modulo 0xffff.
 	d := (int64(proto) - int64(from) + 0xffff) % 0xffff
 	bound := uint64(0x10000 + 0xffff)
-	if delta >= 0 {
-		d = (d + int64(delta)) % 0xffff
+	if delta != varDelta {
+		d = (d + int64(delta)%0xffff + 0xffff) % 0xffff
 	}
 	e.emit(
 		stx(asm.R7, l3+2, asm.R1, asm.Half),
@@ -196,7 +200,7 @@ func (c *compiler) ipHeader(fam int, delta int32, from, proto uint8, ext bool) {
 		asm.Xor.Imm(asm.R0, 0xffff),
 		asm.Add.Imm(asm.R0, int32(n16(uint16(d)))),
 	)
-	if delta < 0 {
+	if delta == varDelta {
 		e.emit(
 			asm.HostTo(asm.BE, asm.R2, asm.Half),
 			asm.Xor.Imm(asm.R2, 0xffff),

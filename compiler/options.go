@@ -213,5 +213,5 @@ func (c *compiler) unfunnelOpts(fam int, outer, inner grammar.Proto) {
 	)
 	c.reload()
 	c.ipBound(fam, c.exit("pass"))
-	c.ipHeader(fam, -1, outer.Number(), inner.Number(), true)
+	c.ipHeader(fam, varDelta, outer.Number(), inner.Number(), true)
 }

@@ -68,6 +68,9 @@ func (c *compiler) unfunnelFrom(fam int, outer, inner grammar.Proto) {
 	c.optsDispatch(opts)
 	c.inBounds(l4+minOut, bad)
 	c.ipLength(fam, asm.R4, int32(minOut+minIn), 0xffff, bad)
+	if outer == grammar.ProtoTCP {
+		c.unfunnelFixed(fam, inner, done)
+	}
 	if fam == 4 {
 		e.emit(asm.Sub.Imm(asm.R4, 20)) // transport length
 	}
@@ -103,7 +106,7 @@ func (c *compiler) unfunnelFrom(fam int, outer, inner grammar.Proto) {
 		asm.JGT.Reg(asm.R1, asm.R8, c.exit("pass")),
 	)
 	c.readSummed()
-	c.ipHeader(fam, -1, outer.Number(), inner.Number(), false)
+	c.ipHeader(fam, varDelta, outer.Number(), inner.Number(), false)
 	e.comment("inner checksum gets the addresses back (last: it may move the packet)")
 	c.pseudoCsum(l4+checkIn, inner == grammar.ProtoUDP, func() { c.addrSumRaw(fam, asm.R4) })
 	c.summed = 0
@@ -113,4 +116,47 @@ func (c *compiler) unfunnelFrom(fam int, outer, inner grammar.Proto) {
 		c.unfunnelOpts(fam, outer, inner)
 	}
 	e.label(done)
+}
+
+// unfunnelFixed pops a TCP outer header of exactly 20 bytes (data offset 5,
+// no flags in the low bits: what funnel writes) with every offset and the
+// length change constant; other headers go on to the general code after
+// it. R4 holds the IP length field (ipLength's checks passed, so the
+// inner header's minimum fits); jumps to done.
+func (c *compiler) unfunnelFixed(fam int, inner grammar.Proto, done string) {
+	e := &c.e
+	bad := c.stat(StatUnfunnelInvalid)
+	minIn, checkIn := hdrInfo(inner)
+	l4 := c.l3 + int16(ipHdrLen(fam))
+	general := e.newLabel("unfunnel_var")
+	e.emit(ldx(asm.R1, asm.R7, l4+12, asm.Byte), asm.JNE.Imm(asm.R1, 0x50, general))
+	sub := int32(20) // the inner segment's length
+	if fam == 4 {
+		sub += 20
+	}
+	e.emit(asm.Sub.Imm(asm.R4, sub))
+	c.inBounds(l4+20+minIn, bad)
+	c.innerHdrCheck(inner, asm.R7, l4+20, bad)
+	e.comment("pop the 20-byte outer header")
+	e.emit(
+		mov(asm.R1, asm.R6),
+		movi(asm.R2, -20),
+		movi(asm.R3, 0), // BPF_ADJ_ROOM_NET
+		movi(asm.R4, 0),
+		asm.FnSkbAdjustRoom.Call(),
+		asm.JNE.Imm(asm.R0, 0, c.stat(StatHelperFailed)),
+	)
+	c.reload()
+	e.emit(
+		mov(asm.R1, asm.R7),
+		asm.Add.Imm(asm.R1, int32(l4+checkIn+2)),
+		asm.JGT.Reg(asm.R1, asm.R8, c.exit("pass")),
+	)
+	c.readSummed()
+	c.ipHeader(fam, -20, uint8(grammar.ProtoTCP.Number()), inner.Number(), false)
+	e.comment("inner checksum gets the addresses back (last: it may move the packet)")
+	c.pseudoCsum(l4+checkIn, inner == grammar.ProtoUDP, func() { c.addrSumRaw(fam, asm.R4) })
+	c.summed = 0
+	e.emit(asm.Ja.Label(done))
+	e.label(general)
 }
