@@ -6,6 +6,7 @@ import (
 	"slices"
 
 	"github.com/cilium/ebpf"
+	"github.com/sfunnel/sfunnel/abi"
 	"github.com/sfunnel/sfunnel/grammar"
 )
 
@@ -284,11 +285,11 @@ func (n *LayoutNeeds) covers(r *grammar.Rule) bool {
 	return true
 }
 
-// PerfectKeys returns a test of whether table l of a generation's
-// perfect-hash value holds a key (in RebuildPerfect's form).
-func PerfectKeys(blob []byte, l *PerfectLayout) func(key []byte) bool {
+// PerfectValues returns a lookup in table l of a generation's perfect-hash
+// value: the value at a key (in RebuildPerfect's form), if any.
+func PerfectValues(blob []byte, l *PerfectLayout) func(key []byte) (abi.TableValue, bool) {
 	t := l.table()
-	have := map[string]bool{}
+	have := map[string]abi.TableValue{}
 	str := func(k []uint64) string {
 		var b []byte
 		for _, c := range k {
@@ -298,8 +299,11 @@ func PerfectKeys(blob []byte, l *PerfectLayout) func(key []byte) bool {
 	}
 	if len(blob) >= t.off+t.size {
 		for _, en := range t.entries(blob) {
-			have[str(en.key)] = true
+			have[str(en.key)] = en.value
 		}
 	}
-	return func(key []byte) bool { return have[str(t.chunksOf(key))] }
+	return func(key []byte) (abi.TableValue, bool) {
+		v, ok := have[str(t.chunksOf(key))]
+		return v, ok
+	}
 }

@@ -128,7 +128,7 @@ func (b *Backend) patchHook(s *bpf.Store, cur *bpf.Gen, oh *hookState, rules []*
 			return nil, nil
 		}
 		for _, en := range ents {
-			if en.Shadowed {
+			if en.Shadowed || slices.Contains(oh.Contested, en.Table+"/"+hex.EncodeToString(en.Key)) {
 				return nil, nil // another rule's entry hides behind it
 			}
 			dels = append(dels, entry{en.Table, en.Key, nil, en.Perfect})
@@ -242,7 +242,7 @@ func (b *Backend) patchHook(s *bpf.Store, cur *bpf.Gen, oh *hookState, rules []*
 	spare := 1 - live
 	// Perfect-hash tables: the live generation's value, to rebuild.
 	blobs := map[string][]byte{}
-	holds := map[*compiler.PerfectLayout]func([]byte) bool{}
+	holds := map[*compiler.PerfectLayout]func([]byte) (abi.TableValue, bool){}
 	for _, e := range append(slices.Clone(puts), dels...) {
 		if e.perfect == nil || blobs[e.table] != nil {
 			continue
@@ -257,33 +257,48 @@ func (b *Backend) patchHook(s *bpf.Store, cur *bpf.Gen, oh *hookState, rules []*
 		}
 		blobs[e.table] = blob
 	}
-	// A key another rule holds in the live tables is shadowing the
-	// compiler resolves.
+	// A key another rule holds in the live tables: when that rule comes
+	// first, the new rule's entry is dead (as a compilation drops it) and
+	// the key is contested (deleting its holder needs a compilation); when
+	// the new rule comes first, a compilation decides.
+	contested := slices.Clone(oh.Contested)
+	live4 := puts[:0:0]
 	for _, p := range puts {
 		m := h.Maps[p.table]
 		if m == nil {
 			return nil, nil
 		}
 		if delKey[p.table+string(p.key)] {
+			live4 = append(live4, p)
 			continue
 		}
+		var holder uint32 // its priority, 0: none
 		if p.perfect != nil {
 			if holds[p.perfect] == nil {
-				holds[p.perfect] = compiler.PerfectKeys(blobs[p.table], p.perfect)
+				holds[p.perfect] = compiler.PerfectValues(blobs[p.table], p.perfect)
 			}
-			if holds[p.perfect](p.key) {
-				return nil, nil
+			if v, ok := holds[p.perfect](p.key); ok {
+				holder = v.Prio
 			}
-			continue
+		} else {
+			v, err := lookupEntry(m, genKey(m, p.key, live))
+			if err != nil {
+				return nil, err
+			}
+			if v != nil {
+				holder = binary.NativeEndian.Uint32(v)
+			}
 		}
-		v, err := lookupEntry(m, genKey(m, p.key, live))
-		if err != nil {
-			return nil, err
-		}
-		if v != nil {
+		switch {
+		case holder == 0:
+			live4 = append(live4, p)
+		case holder < binary.NativeEndian.Uint32(p.val):
+			contested = append(contested, p.table+"/"+hex.EncodeToString(p.key))
+		default:
 			return nil, nil
 		}
 	}
+	puts = live4
 	// The spare generation's perfect-hash value: the live one with each
 	// changed shape's table rebuilt (in memory: nothing is written yet).
 	type change struct {
@@ -384,6 +399,7 @@ func (b *Backend) patchHook(s *bpf.Store, cur *bpf.Gen, oh *hookState, rules []*
 	hs.Digest = "" // the program's tables differ from any compilation's generation 0
 	hs.TableGen = spare
 	hs.Spare = &spareRecord{Delta: delta}
+	hs.Contested = contested
 	hs.CounterHandles = append([]uint64(nil), oh.CounterHandles...)
 	for _, r := range removed {
 		if int(r.Slot) < len(hs.CounterHandles) && hs.CounterHandles[r.Slot] == r.Handle {

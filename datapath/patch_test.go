@@ -151,13 +151,34 @@ func TestInsertDeleteInTheMiddle(t *testing.T) {
 		t.Errorf("rule 50 counted %+v, want 4 packets", counters[h50])
 	}
 
+	// The same rule as rule 50 again, at the end: its entry is dead (rule
+	// 50 comes first), no program; deleting rule 50 then hands the key to
+	// it (a compilation decides that), and datagrams still drop.
+	out = e.run(t, "add rule vb ingress ip saddr 192.0.2.1 udp dport 7050 counter actions drop")
+	var dup uint64
+	fmt.Sscanf(out[strings.LastIndex(out, "# handle ")+len("# handle "):], "%d", &dup)
+	if got := liveProgID(t, e, id); got != prog {
+		t.Fatal("adding a rule whose key an earlier rule holds loaded a program")
+	}
+	if got := e.send(t, 7050, 1); got != 0 {
+		t.Fatal("rule 50 stopped dropping after its duplicate was added")
+	}
+	e.run(t, fmt.Sprintf("delete rule vb ingress handle %d", h50))
+	if got := e.send(t, 7050, 2); got != 0 {
+		t.Fatalf("%d of 2 datagrams passed the duplicate of the deleted rule 50", got)
+	}
+	if _, counters := e.fresh(t); counters[dup].Packets != 2 {
+		t.Errorf("the duplicate counted %+v, want 2 packets", counters[dup])
+	}
+	prog = liveProgID(t, e, id)
+
 	// A rule whose body the hook does not have needs a program.
 	e.run(t, fmt.Sprintf("insert rule vb ingress position %d udp dport 7300 counter actions drop", h300))
 	if got := liveProgID(t, e, id); got == prog {
 		t.Fatal("a rule with a new action body did not load a program")
 	}
-	if _, counters := e.fresh(t); counters[h50].Packets != 4 {
-		t.Errorf("rule 50 counted %+v after the reload, want 4 packets", counters[h50])
+	if _, counters := e.fresh(t); counters[dup].Packets != 2 {
+		t.Errorf("the duplicate of rule 50 counted %+v after the reload, want 2 packets", counters[dup])
 	}
 }
 

@@ -97,6 +97,9 @@ type hookState struct {
 	Layout    *compiler.Layout `json:"layout,omitempty"`
 	Spare     *spareRecord     `json:"spare,omitempty"`
 	Placement *placementRecord `json:"placement,omitempty"`
+	// Contested are table keys ("TABLE/HEXKEY") that incremental changes
+	// found held by an earlier rule: deleting that rule compiles the hook.
+	Contested []string `json:"contested,omitempty"`
 
 	ifname string // filled in by decode
 	hook   grammar.Hook
