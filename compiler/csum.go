@@ -67,12 +67,13 @@ func (c *compiler) requireUDPLength(inner grammar.Proto, base asm.Register, off 
 		return
 	}
 	c.e.emit(
-		mov(asm.R0, l4len),
-		asm.Sub.Imm(asm.R0, sub),
 		ldx(asm.R1, base, off+4, asm.Half),
 		asm.HostTo(asm.BE, asm.R1, asm.Half),
-		asm.JNE.Reg(asm.R1, asm.R0, c.stat(StatUDPLength)),
 	)
+	if sub != 0 {
+		c.e.emit(asm.Add.Imm(asm.R1, sub))
+	}
+	c.e.emit(asm.JNE.Reg(asm.R1, l4len, c.stat(StatUDPLength)))
 }
 
 // l4CsumReplace emits bpf_l4_csum_replace(skb, R9 + off + slotT4, from=0,

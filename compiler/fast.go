@@ -82,20 +82,23 @@ func (c *compiler) fastMatch(rules []*grammar.Rule) {
 		asm.Add.Imm(asm.R4, int32(c.fastBound)),
 		asm.JGT.Reg(asm.R4, asm.R8, "parse"),
 	)
-	// R4 = 0 for IPv4 without options.
+	// R3 = 0 for IPv4 without options.
 	if c.opts.L3 {
-		e.emit(ldx(asm.R4, asm.R7, 0, asm.Byte), asm.Xor.Imm32(asm.R4, 0x45))
+		e.emit(ldx(asm.R3, asm.R7, 0, asm.Byte), asm.Xor.Imm32(asm.R3, 0x45))
 	} else {
 		e.emit(
-			ldx(asm.R4, asm.R7, 12, asm.Word),
-			asm.And.Imm32(asm.R4, 0x00ffffff),
-			netImm(asm.Xor.Imm32(asm.R4, 0x00450008)),
+			ldx(asm.R3, asm.R7, 12, asm.Word),
+			asm.And.Imm32(asm.R3, 0x00ffffff),
+			netImm(asm.Xor.Imm32(asm.R3, 0x00450008)),
 		)
 	}
-	if shift, mask, ok := c.portFilter(rules); ok {
+	shift, mask, filter := c.portFilter(rules)
+	if filter {
+		// R4: the destination port, kept for the rules' tests.
 		e.comment("destination port in no rule's bitmap (bits %d-%d of the port as loaded): no match", shift, shift+5)
 		e.emit(
-			ldx(asm.R5, asm.R7, l3+22, asm.Half),
+			ldx(asm.R4, asm.R7, l3+22, asm.Half),
+			mov(asm.R5, asm.R4),
 			asm.RSh.Imm(asm.R5, int32(shift)),
 		)
 		if shift < 10 {
@@ -105,7 +108,7 @@ func (c *compiler) fastMatch(rules []*grammar.Rule) {
 			asm.LoadImm(asm.R0, int64(mask), asm.DWord),
 			asm.RSh.Reg(asm.R0, asm.R5),
 			asm.And.Imm(asm.R0, 1),
-			asm.Or.Reg(asm.R0, asm.R4),
+			asm.Or.Reg(asm.R0, asm.R3),
 			asm.JNE.Imm(asm.R0, 0, "fast_v4"),
 			movi(asm.R0, VerdictNext),
 			asm.Return(),
@@ -113,11 +116,11 @@ func (c *compiler) fastMatch(rules []*grammar.Rule) {
 		e.label("fast_v4")
 	}
 	e.emit(
-		asm.JNE.Imm(asm.R4, 0, "parse"),
+		asm.JNE.Imm(asm.R3, 0, "parse"),
 		mov(asm.R6, asm.R1),
 		ldx(asm.R9, asm.R7, l3+9, asm.Byte),
 	)
-	if dport {
+	if dport && !filter {
 		e.emit(ldx(asm.R4, asm.R7, l3+22, asm.Half))
 	}
 	if sport {

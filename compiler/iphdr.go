@@ -173,10 +173,8 @@ func (c *compiler) ipHeader(fam int, delta int32, from, proto uint8, ext bool) {
 		if ext {
 			c.ipProto(6, proto) // the last extension header names it
 		} else {
-			e.emit(
-				sti(asm.R7, l3+6, int64(proto), asm.Byte),
-				sti(asm.R10, slotProto, int64(proto), asm.DWord),
-			)
+			e.emit(sti(asm.R7, l3+6, int64(proto), asm.Byte))
+			c.protoSlot(proto)
 		}
 		if complete {
 			c.whenComplete(func() {
@@ -212,8 +210,16 @@ func (c *compiler) ipHeader(fam int, delta int32, from, proto uint8, ext bool) {
 	e.emit(
 		asm.Xor.Imm(asm.R0, 0xffff),
 		stx(asm.R7, l3+10, asm.R0, asm.Half),
-		sti(asm.R10, slotProto, int64(proto), asm.DWord),
 	)
+	c.protoSlot(proto)
+}
+
+// protoSlot records the new transport protocol in its slot for the
+// actions after this one (the body's last action has none).
+func (c *compiler) protoSlot(proto uint8) {
+	if !c.lastAction {
+		c.e.emit(sti(asm.R10, slotProto, int64(proto), asm.DWord))
+	}
 }
 
 // ipLength loads the IP length field (total length for IPv4, payload

@@ -69,20 +69,23 @@ type compiler struct {
 	fastBound int16        // bytes of packet the fast path proved present
 	fastPtrs  bool         // R7/R8 are still the fast path's (no reload since)
 	summed    asm.Register // holds skb->ip_summed during an action (readSummed); 0: none
-	genStart  int          // instruction count when the generation started
-	segUsed   bool         // the current generation jumps to its segment exit
-	tracing   bool         // some rule has meta nftrace set 1 (trace.go)
+	// lastAction: emitting a body's last action, after which only exits
+	// run (they read no parse slots).
+	lastAction bool
+	genStart   int  // instruction count when the generation started
+	segUsed    bool // the current generation jumps to its segment exit
+	tracing    bool // some rule has meta nftrace set 1 (trace.go)
 
-	inShape    bool                // emitting a shape's residual checks
+	inShape bool // emitting a shape's residual checks
 	// knownFam, knownProto: the family (4, 6) and protocol number the
 	// packet is known to have where the current shape's checks are
 	// emitted (lookups); 0: not known.
 	knownFam, knownProto int
-	nextShape  uint32              // id of the next shape placed
-	tables     map[string][]*shape // shapes by table map
-	bodyOf     []uint32            // body of each rule in its segment
-	bodyKeys   []string            // bodyKey of each rule
-	portArrays int                 // port-array tables made
+	nextShape            uint32              // id of the next shape placed
+	tables               map[string][]*shape // shapes by table map
+	bodyOf               []uint32            // body of each rule in its segment
+	bodyKeys             []string            // bodyKey of each rule
+	portArrays           int                 // port-array tables made
 	// perfectSize: bytes of a generation of the perfect-hash tables;
 	// perfectBlob: its value, built once the bodies are known.
 	perfectSize int

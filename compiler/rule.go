@@ -138,7 +138,9 @@ func (c *compiler) body(i int, r *grammar.Rule, next string) error {
 	// Nothing since the parse guard moved the packet: the first action
 	// can use its pointers.
 	c.fresh = true
-	for _, a := range r.Actions {
+	defer func() { c.lastAction = false }()
+	for j, a := range r.Actions {
+		c.lastAction = j == len(r.Actions)-1
 		e.comment("%s", describeAction(a))
 		switch a.Kind {
 		case grammar.ActAccept:
