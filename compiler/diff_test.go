@@ -584,7 +584,11 @@ func diffRuleset(t *testing.T, g gen, d *diffTally, rs int, rules []*grammar.Rul
 		}
 	}
 	for i := range rules {
-		if c := l.counter(t, i); c != counters[i] {
+		slot := i
+		if opts.Slots != nil {
+			slot = int(opts.Slots[i])
+		}
+		if c := l.counter(t, slot); c != counters[i] {
 			d.failures++
 			t.Errorf("ruleset %d rule %d counter %+v, model %+v\nrules:\n%s", rs, i, c, counters[i], show())
 			break
@@ -719,6 +723,7 @@ func TestDifferential(t *testing.T) {
 			rules = append(rules[:at], append(g.pairGroupRun(sets), rules[at:]...)...)
 		}
 		opts := compiler.Options{Hook: grammar.Hook(g.pick(2)), ChecksumHelper: g.chance(0.3)}
+		sparseOptions(&opts, len(rules), rs)
 		diffRuleset(t, g, d, rs, rules, sets, opts, perSet)
 	}
 	t.Logf("%v", d)
@@ -745,6 +750,7 @@ func TestDifferentialLarge(t *testing.T) {
 		sets := g.sets()
 		rules := g.mixedRules(n, 20, sets)
 		opts := compiler.Options{Hook: grammar.Hook(g.pick(2)), ChecksumHelper: g.chance(0.3)}
+		sparseOptions(&opts, len(rules), rs+1)
 		start := time.Now()
 		diffRuleset(t, g, d, rs, rules, sets, opts, perSet)
 		t.Logf("%d rules: compiled, loaded and compared in %v", n, time.Since(start))
@@ -938,4 +944,22 @@ func (g gen) pairGroupRun(sets map[string]*grammar.Set) []*grammar.Rule {
 		run = append(run, &r)
 	}
 	return run
+}
+
+// sparseOptions gives every other ruleset (by its number, not the
+// generator's draw) the priorities and counter slots the datapath gives:
+// sparse priorities (gaps of 1, 3 or 2^14, as after inserts) and slots out
+// of rule order with holes (as after deletes).
+func sparseOptions(o *compiler.Options, n, rs int) {
+	if rs%2 == 0 {
+		return
+	}
+	gap := []uint32{2, 4, 1 << 14}[rs/2%3]
+	if uint64(gap)*uint64(n+2) >= 1<<31 {
+		gap = 2
+	}
+	for i := 0; i < n; i++ {
+		o.Prios = append(o.Prios, uint32(i+1)*gap+uint32(i%2))
+		o.Slots = append(o.Slots, uint32(2*(n-1-i)+i%2))
+	}
 }

@@ -112,6 +112,7 @@ func (b *Backend) patchHook(s *bpf.Store, cur *bpf.Gen, oh *hookState, rules []*
 		table    string
 		key, val []byte
 		perfect  *compiler.PerfectLayout // a table in the perfect-hash value
+		terminal bool                    // put in a segment whose rules all end evaluation
 	}
 	var dels []entry
 	delKey := map[string]bool{}
@@ -131,7 +132,7 @@ func (b *Backend) patchHook(s *bpf.Store, cur *bpf.Gen, oh *hookState, rules []*
 			if en.Shadowed || slices.Contains(oh.Contested, en.Table+"/"+hex.EncodeToString(en.Key)) {
 				return nil, nil // another rule's entry hides behind it
 			}
-			dels = append(dels, entry{en.Table, en.Key, nil, en.Perfect})
+			dels = append(dels, entry{en.Table, en.Key, nil, en.Perfect, false})
 			delKey[en.Table+string(en.Key)] = true
 		}
 	}
@@ -222,7 +223,7 @@ func (b *Backend) patchHook(s *bpf.Store, cur *bpf.Gen, oh *hookState, rules []*
 				return nil, nil // two new rules share a key: which one wins is a compilation's call
 			}
 			putKey[k] = true
-			puts = append(puts, entry{en.Table, en.Key, en.Value, en.Perfect})
+			puts = append(puts, entry{en.Table, en.Key, en.Value, en.Perfect, l.Segments[rec.Segment-1].Terminal})
 		}
 		recs[i] = rec
 	}
@@ -292,7 +293,9 @@ func (b *Backend) patchHook(s *bpf.Store, cur *bpf.Gen, oh *hookState, rules []*
 		switch {
 		case holder == 0:
 			live4 = append(live4, p)
-		case holder < binary.NativeEndian.Uint32(p.val):
+		case holder < binary.NativeEndian.Uint32(p.val) && p.terminal:
+			// (Behind a rule that does not end evaluation, the new rule
+			// must still match: that takes a new segment.)
 			contested = append(contested, p.table+"/"+hex.EncodeToString(p.key))
 		default:
 			return nil, nil
