@@ -1,0 +1,204 @@
+package compiler_test
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"github.com/sfunnel/sfunnel/compiler"
+	"github.com/sfunnel/sfunnel/grammar"
+	"github.com/sfunnel/sfunnel/internal/testenv"
+)
+
+// Adversarial rulesets: (nearly) every rule has a shape of its own, so no
+// shape table helps and every rule is matched on its own.
+
+// uniqueRule makes a random rule (every match kind, negations, ranges,
+// sets, marks, both families) and then gives it something only its shape
+// has: a negated port or address, a range too wide to expand, a mark mask
+// or TCP flags — all of which the classifier keeps in the shape.
+// actions, when not nil, is the pool its action list is drawn from (large
+// rulesets: every distinct action list is code of its own).
+func (g gen) uniqueRule(k int, sets map[string]*grammar.Set, actions [][]*grammar.Action) *grammar.Rule {
+	r := g.rule(sets)
+	switch g.pick(6) {
+	case 0, 1: // a port != k or a range wider than 1024 ports, unique in the hook
+		if r.Proto == grammar.ProtoAny {
+			r.Proto = grammar.Proto(1 + g.pick(2))
+		}
+		lo := uint16(k % 60000)
+		m := &grammar.PortMatch{Neg: true, Ranges: []grammar.PortRange{{Lo: lo, Hi: lo}}}
+		if g.chance(0.5) {
+			m = &grammar.PortMatch{Neg: g.chance(0.3), Ranges: []grammar.PortRange{{Lo: lo, Hi: lo + 1025 + uint16(g.pick(4000))}}}
+		}
+		if g.chance(0.5) {
+			r.Dport = m
+		} else {
+			r.Sport = m
+		}
+	case 2: // an address != a prefix of its own
+		v6 := r.Family == grammar.FamilyIPv6 || (r.Family == grammar.FamilyAny && g.chance(0.5))
+		var a netip.Addr
+		if v6 {
+			a = netip.AddrFrom16([16]byte{0x20, 0x01, 0x0d, 0xb8, 9, byte(k >> 16), byte(k >> 8), byte(k), 15: 1})
+		} else {
+			a = netip.AddrFrom4([4]byte{10, byte(k >> 16), byte(k >> 8), byte(k)})
+		}
+		m := &grammar.AddrMatch{Neg: true, Prefixes: []netip.Prefix{netip.PrefixFrom(a, a.BitLen()-g.pick(8)).Masked()}}
+		fam := map[bool]grammar.Family{false: grammar.FamilyIPv4, true: grammar.FamilyIPv6}[v6]
+		if r.Family != fam {
+			r.Saddr, r.Daddr = nil, nil
+		}
+		r.Family = fam
+		if g.chance(0.5) || r.Daddr != nil {
+			r.Saddr = m
+		} else {
+			r.Daddr = m
+		}
+	case 3: // a meta mark under a mask of its own
+		r.MetaMark = &grammar.MarkMatch{Neg: g.chance(0.5), Value: poolMark[g.pick(len(poolMark))], Mask: uint32(k)<<8 | 0xff, HasMask: true}
+		r.MetaMark.Value &= r.MetaMark.Mask
+	case 4: // a meta mark != k
+		r.MetaMark = &grammar.MarkMatch{Neg: true, Value: uint32(k), Mask: 0xffffffff}
+	default: // TCP flags and a port != k
+		r.Proto = grammar.ProtoTCP
+		r.TCPFlags = &grammar.FlagsMatch{Form: grammar.FlagsForm(g.pick(4)), Flags: uint8(g.pick(256)), Mask: uint8(g.pick(256))}
+		if r.TCPFlags.Form == grammar.FlagsMasked {
+			r.TCPFlags.Flags &= r.TCPFlags.Mask
+		}
+		r.Sport = &grammar.PortMatch{Neg: true, Ranges: []grammar.PortRange{{Lo: uint16(k % 60000), Hi: uint16(k % 60000)}}}
+	}
+	if actions != nil {
+		r.Actions = actions[g.pick(len(actions))]
+	}
+	// Keep the actions valid for the rule's (possibly changed) family and
+	// protocol.
+	var fixed []*grammar.Action
+	for _, a := range r.Actions {
+		a2 := *a
+		switch a.Kind {
+		case grammar.ActUnfunnel:
+			if r.Proto == grammar.ProtoAny {
+				r.Proto = grammar.ProtoUDP
+			}
+		case grammar.ActRewrite:
+			if r.Proto == grammar.ProtoAny {
+				r.Proto = grammar.ProtoUDP
+			}
+			a2.Proto = grammar.ProtoUDP
+			if r.Proto == grammar.ProtoUDP {
+				a2.Proto = grammar.ProtoTCP
+			}
+		case grammar.ActDNAT:
+			if r.Family != grammar.FamilyAny && a.DNATAddr.Is6() != (r.Family == grammar.FamilyIPv6) {
+				a2 = *act(grammar.ActAccept, 0)
+			}
+		}
+		fixed = append(fixed, &a2)
+	}
+	r.Actions = fixed
+	if r.TCPFlags != nil && r.Proto != grammar.ProtoTCP {
+		r.TCPFlags = nil
+	}
+	return r
+}
+
+// actionPool draws n random action lists (stacked actions included) and
+// the empty one (counter / mark set only).
+func (g gen) actionPool(n int, sets map[string]*grammar.Set) [][]*grammar.Action {
+	pool := [][]*grammar.Action{nil}
+	for len(pool) < n {
+		r := g.rule(sets)
+		if len(r.Actions) > 0 {
+			pool = append(pool, r.Actions)
+		}
+	}
+	return pool
+}
+
+// uniqueRules makes n rules of (nearly) n shapes; pool bounds the distinct
+// action lists (0: every rule draws its own).
+func (g gen) uniqueRules(n, pool int, sets map[string]*grammar.Set) []*grammar.Rule {
+	var actions [][]*grammar.Action
+	if pool > 0 {
+		actions = g.actionPool(pool, sets)
+	}
+	rules := make([]*grammar.Rule, n)
+	for i := range rules {
+		rules[i] = g.uniqueRule(i, sets, actions)
+		rules[i].Handle = uint64(i + 1)
+	}
+	return rules
+}
+
+// verifierStats loads a compiled hook and returns the verifier's processed
+// instruction count (from its log) and the load time.
+func verifierStats(t testing.TB, p *compiler.Program) (processed int, took time.Duration, err error) {
+	start := time.Now()
+	coll, err := ebpf.NewCollectionWithOptions(p.Spec, ebpf.CollectionOptions{Programs: ebpf.ProgramOptions{LogLevel: ebpf.LogLevelStats, LogSizeStart: 1 << 16}})
+	took = time.Since(start)
+	if err != nil {
+		var ve *ebpf.VerifierError
+		if errors.As(err, &ve) {
+			return processedInsns(strings.Join(ve.Log, "\n")), took, err
+		}
+		return 0, took, err
+	}
+	defer coll.Close()
+	return processedInsns(coll.Programs[compiler.ProgramName].VerifierLog), took, nil
+}
+
+// processedInsns reads "processed N insns" from a verifier log.
+func processedInsns(log string) int {
+	i := strings.Index(log, "processed ")
+	if i < 0 {
+		return -1
+	}
+	f := strings.Fields(log[i+len("processed "):])
+	if len(f) == 0 {
+		return -1
+	}
+	n, _ := strconv.Atoi(f[0])
+	return n
+}
+
+// TestUniqueShapeSweep (SFUNNEL_SWEEP=1) reports, per ruleset size, the
+// compile time, instruction count, verifier time and processed
+// instructions of adversarial unique-shape rulesets.
+func TestUniqueShapeSweep(t *testing.T) {
+	if os.Getenv("SFUNNEL_SWEEP") != "1" {
+		t.Skip("SFUNNEL_SWEEP=1 runs the sweep")
+	}
+	testenv.RequireRoot(t)
+	sizes := []int{50, 100, 200, 400, 800, 1600, 3200, 10000, 100000}
+	for _, pool := range []int{0, 32} {
+		for _, n := range sizes {
+			g := gen{r: newRand(uint64(n))}
+			sets := g.sets()
+			rules := g.uniqueRules(n, pool, sets)
+			start := time.Now()
+			p, err := compiler.Compile(rules, sets, compiler.Options{Hook: grammar.HookEgress})
+			compiled := time.Since(start)
+			if err != nil {
+				t.Logf("pool %d, %d rules: compile: %v", pool, n, err)
+				break
+			}
+			insns := len(p.Spec.Programs[compiler.ProgramName].Instructions)
+			processed, took, err := verifierStats(t, p)
+			msg := "ok"
+			if err != nil {
+				msg = fmt.Sprintf("REFUSED: %.200v", err)
+			}
+			t.Logf("action pool %d, %6d rules: compile %8v, %7d insns, load %8v, processed %8d: %s", pool, n, compiled.Round(time.Millisecond), insns, took.Round(time.Millisecond), processed, msg)
+			if err != nil {
+				break
+			}
+		}
+	}
+}
