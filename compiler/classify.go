@@ -115,7 +115,8 @@ type segment struct {
 	inline   bool
 	shapes   []*shape // looked up
 	members  []int    // rules tested inline after the lookups, in order
-	linear   []int    // rules handed to placeRest's path (emitLinear), in order
+	linear   []int    // rules matched by the record scan (linear.go), in order
+	scanFx   bool     // the scan does the linear rules' counter and mark set
 }
 
 // ruleVariant is one (shape, keys) part of a rule: an address list with
@@ -132,6 +133,16 @@ func (c *compiler) classify(rules []*grammar.Rule) ([]segment, error) {
 	if err != nil {
 		return nil, err
 	}
+	// Rules of shapes no table would hold go to the record scan
+	// (linear.go): they bring no shape into a segment.
+	scan := c.scanned(rules, variants)
+	own := make([][]ruleVariant, len(rules))
+	for i := range rules {
+		if !scan[i] {
+			own[i] = variants[i]
+		}
+	}
+	variants = own
 	start := 0
 	for start < len(rules) {
 		seg := segment{first: start}
@@ -140,10 +151,30 @@ func (c *compiler) classify(rules []*grammar.Rule) ([]segment, error) {
 		bodies := map[string]bool{}
 		bodyInsns := 0
 		nonTerminal := false
+		scanNonTerminal, others, hasScan := false, false, false // (linear.go)
 		i := start
 	rules:
 		for ; i < len(rules); i++ {
 			r := rules[i]
+			// Scanned rules (linear.go) and rules that don't end evaluation:
+			// the scan does a scanned rule's counter and mark set, which
+			// must not come after a lookup or an inline rule of its segment,
+			// and a rule that doesn't end evaluation must not keep a later
+			// rule of its segment from being tested. So a scanned rule that
+			// doesn't end evaluation shares a segment only with scanned
+			// rules, and a rule outside the tables (no variants) never
+			// follows one that doesn't end evaluation.
+			if i > start {
+				nt := !terminal(r)
+				switch {
+				case scan[i] && nt && !c.tracing && others, scan[i] && nonTerminal:
+					break rules
+				case !scan[i] && (scanNonTerminal || nt && hasScan):
+					break rules
+				case !scan[i] && (nonTerminal || nt) && len(variants[i]) == 0:
+					break rules
+				}
+			}
 			// A key an earlier rule of the segment holds in the same shape:
 			// dead when that rule ends evaluation, else a new segment.
 			newShapes := 0
@@ -170,7 +201,13 @@ func (c *compiler) classify(rules []*grammar.Rule) ([]segment, error) {
 				break
 			}
 			bk := c.bodyKeys[i]
-			if !bodies[bk] {
+			if !bodies[bk] && scan[i] && terminal(r) {
+				// Its body is inline (a member) or shared (linscan.go).
+				if i > start && len(bodies) == maxGroupBodies {
+					break
+				}
+				bodies[bk] = true
+			} else if !bodies[bk] {
 				size := c.bodySize(i, r)
 				if i > start && (len(bodies) == maxGroupBodies || bodyInsns+size > maxGroupBodyInsns) {
 					break
@@ -196,17 +233,29 @@ func (c *compiler) classify(rules []*grammar.Rule) ([]segment, error) {
 					sh.ents = append(sh.ents, tabEntry{rule: i, key: k})
 				}
 			}
-			nonTerminal = nonTerminal || !terminal(r)
+			if scan[i] {
+				hasScan = true
+				if !terminal(r) && c.tracing {
+					// The scan stops at it and its body runs (it traces):
+					// it ends its segment.
+					i++
+					break
+				}
+				scanNonTerminal = scanNonTerminal || !terminal(r)
+			} else {
+				others = true
+				nonTerminal = nonTerminal || !terminal(r)
+			}
 			if nonTerminal && len(byKey) > 1 {
 				i++
 				break
 			}
 		}
 		seg.n = i - start
-		seg.inline = seg.n <= inlineRules
+		seg.inline = seg.n <= inlineRules && !c.scanSmall(rules, seg, scan)
 		if !seg.inline {
 			seg.split(variants)
-			seg.members, seg.linear = c.placeRest(rules, seg.members)
+			c.placeRest(rules, &seg, scan)
 			seg.inline = len(seg.shapes) == 0 && len(seg.linear) == 0
 		}
 		if seg.inline {
@@ -303,18 +352,6 @@ func (c *compiler) allVariants(rules []*grammar.Rule) ([][]ruleVariant, error) {
 	}
 	return variants, nil
 }
-
-// placeRest decides which of a table segment's remaining rules (those of
-// shapes of their own, in order) are tested inline one by one (members)
-// and which go to another path (linear, see emitLinear).
-func (c *compiler) placeRest(rules []*grammar.Rule, members []int) (inline, linear []int) {
-	return members, nil
-}
-
-// emitLinear emits the test of the segment's linear rules: each that
-// matches with a priority lower than the best so far becomes the best
-// (slotBest, slotRule, slotBody); it runs no body.
-func (c *compiler) emitLinear(rules []*grammar.Rule, seg segment) error { return nil }
 
 // minTableRules is the fewest rules a shape needs to get a table.
 const minTableRules = 3

@@ -106,6 +106,12 @@ func prune(insns asm.Instructions) asm.Instructions {
 		}
 		seen[i] = true
 		ins := insns[i]
+		if ins.IsFunctionReference() {
+			// A function (linscan.go) is reached through its call or pointer.
+			if t, ok := at[ins.Reference()]; ok {
+				work = append(work, t)
+			}
+		}
 		op := ins.OpCode
 		cls := op.Class()
 		if cls.IsJump() && op.JumpOp() != asm.Call {

@@ -38,7 +38,7 @@ const (
 	slotRule  = -160 // counter slot of the rule whose body runs (table segments)
 	slotOpt   = -168 // length of IPv4 options / IPv6 extension headers being moved
 	slotDiff  = -176 // checksum difference across a kfunc call
-	slotBuf   = -304 // MaxOptMove bytes: options being moved
+	slotBuf   = -304 // MaxOptMove bytes: options being moved; before the bodies, the record scan's struct (linscan.go)
 	slotHdr   = -328 // 20 bytes (24 reserved): a funnel header being built
 	slotTKey  = -384 // 56 bytes: a rule table key being built
 	slotBest  = -392 // lowest priority found so far in a table segment

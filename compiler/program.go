@@ -99,6 +99,11 @@ type compiler struct {
 	// overruns in its slot (the per-rule parts of the maps are needed).
 	ruleStats, usesRuleMTU bool
 	rules                  []*grammar.Rule
+
+	lin    *linearTable // the record scan's map (linear.go)
+	fxDone bool         // emitting a body whose counter and mark set the scan did
+	pool   []int        // rules whose bodies are shared by the segments (linscan.go)
+	poolOf map[string]string
 }
 
 // ruleNeeds summarises what the rules read, so the parse guard reads no more.
@@ -288,7 +293,16 @@ func (c *compiler) program(rules []*grammar.Rule) error {
 	}
 	c.place(segs)
 	c.segs, c.rules = segs, rules
-	if len(c.tables) > 0 || slices.ContainsFunc(segs, func(s segment) bool { return len(s.linear) > 0 }) {
+	for _, seg := range segs {
+		if len(seg.linear) > 0 && c.lin == nil {
+			c.lin = &linearTable{}
+			if c.extraTables == nil {
+				c.extraTables = map[string]func(gen uint32) []ebpf.MapKV{}
+			}
+			c.extraTables[linearMap] = c.lin.contents
+		}
+	}
+	if len(c.tables) > 0 || c.lin != nil {
 		c.readGeneration()
 	}
 	for _, seg := range segs {
@@ -296,13 +310,19 @@ func (c *compiler) program(rules []*grammar.Rule) error {
 			return err
 		}
 	}
+	if err := c.bodyPool(rules); err != nil {
+		return err
+	}
 	c.exits()
+	c.linearFinish()
 
+	insns := e.finish()
+	c.linearFuncInfo(insns)
 	c.spec.Programs[ProgramName] = &ebpf.ProgramSpec{
 		Name:         ProgramName,
 		Type:         ebpf.SchedCLS,
 		License:      "GPL",
-		Instructions: e.finish(),
+		Instructions: insns,
 	}
 	// Headroom, so that a rule added to an existing shape keeps the maps.
 	slots := uint32(capacity(c.slotsUsed(len(rules)), 16))

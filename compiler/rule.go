@@ -104,7 +104,7 @@ func (c *compiler) body(i int, r *grammar.Rule, next string) error {
 	c.curRule, c.curCounted = i, r.Counter
 	c.traceRule(i, r)
 	c.segmentFirst(r)
-	if r.Counter {
+	if r.Counter && !c.fxDone {
 		e.comment("counter")
 		c.ruleKey(i)
 		c.lookup(CountersMap, slotKey)
@@ -121,11 +121,11 @@ func (c *compiler) body(i int, r *grammar.Rule, next string) error {
 		)
 		e.label(done)
 	}
-	if s := r.SetMetaMark; s != nil {
+	if s := r.SetMetaMark; s != nil && !c.fxDone {
 		e.comment("meta mark set")
 		c.markSet(s.Mask, s.Value&s.Mask)
 	}
-	if s := r.SetCtMark; s != nil {
+	if s := r.SetCtMark; s != nil && !c.fxDone {
 		mask, value, err := c.ct.SetBits(s)
 		if err != nil {
 			return &Error{Span: s.Span, Msg: err.Error()}

@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"slices"
+	"strings"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/asm"
@@ -161,6 +162,11 @@ func (c *compiler) segment(rules []*grammar.Rule, seg segment) error {
 	for cl, i := range classes {
 		r := rules[i]
 		e.label(label(cl))
+		if len(seg.linear) > 0 && terminal(r) {
+			// Shared with every segment (linscan.go: bodyPool).
+			e.emit(asm.LongJump(c.pooledBody(i)))
+			continue
+		}
 		e.comment("body %d, as rule %d handle %d: %s", cl, i, r.Handle, Describe(r))
 		e.owner = i + 1
 		// The rule's family and protocol again: the packet has them (its
@@ -177,7 +183,9 @@ func (c *compiler) segment(rules []*grammar.Rule, seg segment) error {
 		if r.Proto != grammar.ProtoAny {
 			e.emit(ldx(asm.R1, asm.R10, slotProto, asm.DWord), asm.JNE.Imm(asm.R1, int32(r.Proto.Number()), end))
 		}
+		c.fxDone = strings.HasPrefix(c.bodyKeys[i], "scan: ")
 		err := c.body(i, r, end)
+		c.fxDone = false
 		e.owner = 0
 		if err != nil {
 			return err
@@ -377,6 +385,9 @@ func (c *compiler) readGeneration() {
 func (c *compiler) tableMaps() {
 	if len(c.tables) == 0 && len(c.extraTables) == 0 {
 		return
+	}
+	if c.lin != nil {
+		c.spec.Maps[linearMap] = c.linearMapSpec()
 	}
 	c.spec.Maps[abi.ControlMap] = &ebpf.MapSpec{
 		Name: abi.ControlMap, Type: ebpf.Array, KeySize: 4, ValueSize: 8, MaxEntries: 1,

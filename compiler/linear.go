@@ -1,0 +1,445 @@
+package compiler
+
+import (
+	"encoding/binary"
+
+	"github.com/cilium/ebpf"
+	"github.com/sfunnel/sfunnel/abi"
+	"github.com/sfunnel/sfunnel/grammar"
+)
+
+// The record scan: rules whose shape no table would hold (a shape of their
+// own: negations, named sets, TCP flags, wide ranges, or a combination no
+// other rule has) are not compiled into code one by one — a few hundred
+// complex ones would exceed the verifier's budget — but into records, one
+// per rule, in an ARRAY map. One callback of bpf_loop, emitted once per
+// program, tests the packet against a record: code size and the verifier's
+// work depend on which match kinds the hook uses, not on how many rules.
+//
+// Per packet a segment's scan walks its records in rule order and stops at
+// the first that matches, or at a record whose priority is not below the
+// best table hit so far (slotBest), or at the end of the list. A terminal
+// rule's record only names the winner (slotBest, slotRule, slotBody): its
+// body runs after the scan, from the segment's dispatch, like a table
+// hit's. A record of a rule that doesn't end evaluation (counter, mark set)
+// does its counter and mark set in the scan and the scan goes on; such
+// records share a segment only with records (classify), so nothing else of
+// the segment runs between them. Where the scan decides the winner alone
+// (no inline members after it), terminal records' counter and mark set are
+// done in the scan too, so rules that differ only in them share a body.
+//
+// Map layout (linearMap, ARRAY of linCap*2 records, generation g at
+// g*linCap): the first linear segments' entries are a directory, entry s
+// holding in its prio field the index of segment s's first record; then
+// each segment's records, ended by a zero record. The program reads
+// directory entry gen*linCap + s, then the records from there: a commit
+// writes the other generation whole and flips abi.ControlMap.
+//
+// Per packet the scan costs a few tens of instructions per record it
+// reads: it is for rules that share no shape, as the tables are for rules
+// that do.
+
+// linearMap is the record map's name (abi.TablePrefix: Program.Tables lists
+// it, TableContents fills it).
+const linearMap = abi.TablePrefix + "lin"
+
+// linMin: a segment's scanned rules go to the scan past this many (fewer
+// are tested inline, as before: cheaper per packet).
+const linMin = inlineRules
+
+// Record layout (native byte order).
+const (
+	recPrio     = 0  // u32 rule position + 1; 0 ends the list
+	recSlot     = 4  // u32 counter slot
+	recBody     = 8  // u32 body class in the segment's dispatch
+	recFlags    = 12 // u32 rec* bits
+	recFam      = 16 // u8 0 any, 4, 6, 0xff none
+	recProto    = 17 // u8 0 any
+	recTCPMask  = 18 // u8
+	recTCPValue = 19 // u8
+	recMetaMask = 20 // u32: (mark & mask) == value, or != with recMetaNeg
+	recMetaVal  = 24
+	recCtMask   = 28
+	recCtVal    = 32
+	recSetMask  = 36 // u32: mark = mark &^ mask | value (meta then ct mark set)
+	recSetVal   = 40
+	recSport    = 44 // u32 lo (or list / set index), u32 hi
+	recDport    = 52
+	recSaddr    = 60 // u32 prefix length (or list / set index), 4 u32 host-order address words
+	recDaddr    = 80
+	recSize     = 100
+)
+
+// Record flags. A port or address match has a kind: a range / prefix, a
+// list in the shared anonymous maps (anon.go), or a named set.
+const (
+	recTerminal = 1 << iota
+	recCount
+	recSetMark
+	recMeta
+	recMetaNeg
+	recCt
+	recCtNeg
+	recTCP
+	recTCPNeg
+	recSportNeg
+	recDportNeg
+	recSaddrNeg
+	recDaddrNeg
+	recKindShift = 16 // 2 bits each: sport, dport, saddr, daddr
+)
+
+const (
+	kindNone = iota
+	kindRange
+	kindList
+	kindSet
+)
+
+// linearTable is the program's record map.
+type linearTable struct {
+	segs    [][]byte // each segment's records, in order, without the end
+	sets    []string // named sets the records use, by index
+	kinds   [4][4]bool
+	uses    struct{ meta, ct, tcp, count, setMark, fam, proto bool }
+	cap     int   // records per generation
+	maxScan int   // longest list
+	capRefs []int // instructions that hold linCapSymbol until linearFinish
+}
+
+// scanned marks the rules whose every shape fewer than minTableRules rules
+// of the hook have (or that have no keyed field): no table would hold
+// them. A rule that doesn't end evaluation goes to the scan only when the
+// program doesn't trace (a traced packet records every rule that matches,
+// from its body).
+func (c *compiler) scanned(rules []*grammar.Rule, variants [][]ruleVariant) []bool {
+	count := map[string]int{}
+	for i := range rules {
+		seen := map[string]bool{}
+		for _, v := range variants[i] {
+			if !seen[v.sh.key] {
+				seen[v.sh.key] = true
+				count[v.sh.key]++
+			}
+		}
+	}
+	out := make([]bool, len(rules))
+	for i := range rules {
+		out[i] = true
+		for _, v := range variants[i] {
+			if count[v.sh.key] >= minTableRules {
+				out[i] = false
+			}
+		}
+	}
+	return out
+}
+
+// smallHook: hooks of at most this many rules keep their small segments
+// inline (the code of a few rules costs the verifier little); in larger
+// hooks a small segment of scanned rules (cut by rules without a terminal
+// action in a hook that traces) is scanned too, so that many of them
+// can't add up.
+const smallHook = 2 * inlineRules
+
+// scanSmall reports whether a segment of at most inlineRules rules is
+// scanned rather than inline: in a large hook, when all its rules are
+// scanned rules.
+func (c *compiler) scanSmall(rules []*grammar.Rule, seg segment, scan []bool) bool {
+	if len(rules) <= smallHook {
+		return false
+	}
+	for i := seg.first; i < seg.first+seg.n; i++ {
+		if !scan[i] {
+			return false
+		}
+	}
+	return true
+}
+
+// placeRest moves a segment's scanned members to the scan when there are
+// more than linMin of them, or when they are all its rules and the hook is
+// large (scanSmall).
+func (c *compiler) placeRest(rules []*grammar.Rule, seg *segment, scan []bool) {
+	n := 0
+	for _, i := range seg.members {
+		if scan[i] {
+			n++
+		}
+	}
+	if n <= linMin && !(n == seg.n && c.scanSmall(rules, *seg, scan)) {
+		return
+	}
+	var members []int
+	for _, i := range seg.members {
+		if scan[i] {
+			seg.linear = append(seg.linear, i)
+		} else {
+			members = append(members, i)
+		}
+	}
+	seg.members = members
+	seg.scanFx = len(members) == 0
+	if seg.scanFx {
+		for _, i := range seg.linear {
+			if c.fxInScan(rules[i]) {
+				c.bodyKeys[i] = scanBodyKey(rules[i])
+			}
+		}
+	}
+}
+
+// fxInScan reports whether the scan may do rule r's counter and mark set:
+// not when its body first sends TCP segments through the segmentation
+// device (they come back and are counted then).
+func (c *compiler) fxInScan(r *grammar.Rule) bool {
+	if !terminal(r) && c.tracing {
+		return false // its body runs: it traces
+	}
+	return !(segments(r) && c.opts.SegIfindex != 0 && c.opts.SegReturnIfindex != 0 && c.opts.Hook == grammar.HookEgress && !c.opts.L3)
+}
+
+// scanBodyKey is the body key of a rule whose counter and mark set the scan
+// does: its body has only the actions (the counter flag stays in the key:
+// the body's exits take a packet they leave alone back out of the counter).
+func scanBodyKey(r *grammar.Rule) string {
+	b := *r
+	b.SetMetaMark, b.SetCtMark = nil, nil
+	return "scan: " + bodyKey(&b)
+}
+
+// record encodes rule i.
+func (c *compiler) record(r *grammar.Rule, i int, fx bool) ([]byte, error) {
+	t := c.lin
+	b := make([]byte, recSize)
+	put := func(off int, v uint32) { binary.NativeEndian.PutUint32(b[off:], v) }
+	put(recPrio, uint32(i+1))
+	put(recSlot, uint32(i))
+	put(recBody, c.bodyOf[i])
+	var flags uint32
+	if terminal(r) || c.tracing {
+		// The scan stops here. A rule without a terminal action in a hook
+		// that traces ends its segment: its body runs, then the next
+		// segment's rules.
+		flags |= recTerminal
+	}
+	fam := 0
+	switch r.Family {
+	case grammar.FamilyIPv4:
+		fam = 4
+	case grammar.FamilyIPv6:
+		fam = 6
+	}
+	if r.Proto != grammar.ProtoAny {
+		b[recProto] = r.Proto.Number()
+		t.uses.proto = true
+	}
+	// Addresses: a prefix, a list in the shared tries, or a named set.
+	for j, m := range []*grammar.AddrMatch{r.Saddr, r.Daddr} {
+		if m == nil {
+			continue
+		}
+		off, shift, neg := recSaddr+20*j, recKindShift+4+2*j, uint32(recSaddrNeg<<j)
+		kind, mfam := 0, 0
+		if m.Set != "" {
+			s, err := c.namedSet(m.Set, m.Span, grammar.SetIPv4Addr, grammar.SetIPv6Addr)
+			if err != nil {
+				return nil, err
+			}
+			mfam = 4
+			if s.Type == grammar.SetIPv6Addr {
+				mfam = 6
+			}
+			kind = kindSet
+			put(off, c.linSet(m.Set))
+		} else {
+			if len(m.Prefixes) == 0 {
+				return nil, errorf(m.Span, "empty address list")
+			}
+			mfam = 4
+			if m.Prefixes[0].Addr().Is6() && !m.Prefixes[0].Addr().Is4In6() {
+				mfam = 6
+			}
+			for _, p := range m.Prefixes {
+				if p.Addr().Is4() != (mfam == 4) {
+					return nil, errorf(m.Span, "IPv4 and IPv6 addresses mixed in one match")
+				}
+			}
+			if len(m.Prefixes) == 1 {
+				kind = kindRange
+				p := m.Prefixes[0].Masked()
+				put(off, uint32(p.Bits()))
+				a := p.Addr().AsSlice()
+				for w := 0; w*4 < len(a); w++ {
+					put(off+4+4*w, binary.BigEndian.Uint32(a[4*w:]))
+				}
+			} else {
+				kind = kindList
+				put(off, c.prefixList(mfam, m.Prefixes))
+			}
+		}
+		if (r.Family == grammar.FamilyIPv4 && mfam == 6) || (r.Family == grammar.FamilyIPv6 && mfam == 4) {
+			return nil, errorf(m.Span, "address family conflicts with the rule's family")
+		}
+		if fam != 0 && fam != mfam {
+			fam = 0xff // an IPv4 and an IPv6 address: no packet has both
+		} else {
+			fam = mfam
+		}
+		flags |= uint32(kind) << shift
+		if m.Neg {
+			flags |= neg
+		}
+		t.kinds[2+j][kind] = true
+		t.kinds[2+j][kindNone] = true
+	}
+	if fam != 0 {
+		t.uses.fam = true
+	}
+	b[recFam] = byte(fam)
+	// Ports: a range, a list in the shared bitmaps, or a named set.
+	for j, m := range []*grammar.PortMatch{r.Sport, r.Dport} {
+		if m == nil {
+			continue
+		}
+		off, shift, neg := recSport+8*j, recKindShift+2*j, uint32(recSportNeg<<j)
+		kind := kindRange
+		switch {
+		case m.Set != "":
+			if _, err := c.namedSet(m.Set, m.Span, grammar.SetInetService); err != nil {
+				return nil, err
+			}
+			kind = kindSet
+			put(off, c.linSet(m.Set))
+		case len(m.Ranges) == 1:
+			put(off, uint32(m.Ranges[0].Lo))
+			put(off+4, uint32(m.Ranges[0].Hi))
+		default:
+			kind = kindList
+			put(off, c.portList(m.Ranges))
+		}
+		flags |= uint32(kind) << shift
+		if m.Neg {
+			flags |= neg
+		}
+		t.kinds[j][kind] = true
+		t.kinds[j][kindNone] = true
+	}
+	if f := r.TCPFlags; f != nil {
+		flags |= recTCP
+		t.uses.tcp = true
+		mask, value, ne := f.Flags, uint8(0), false
+		switch f.Form {
+		case grammar.FlagsAny:
+			ne = true
+		case grammar.FlagsNone:
+		case grammar.FlagsExact:
+			mask, value = 0xff, f.Flags
+		default:
+			mask, value = f.Mask, f.Flags
+		}
+		b[recTCPMask], b[recTCPValue] = mask, value
+		if ne {
+			flags |= recTCPNeg
+		}
+	}
+	if m := r.MetaMark; m != nil {
+		flags |= recMeta
+		t.uses.meta = true
+		put(recMetaMask, m.Mask)
+		put(recMetaVal, m.Value&m.Mask)
+		if m.Neg {
+			flags |= recMetaNeg
+		}
+	}
+	if m := r.CtMark; m != nil {
+		mask, value, err := c.ct.MatchBits(m)
+		if err != nil {
+			return nil, &Error{Span: m.Span, Msg: err.Error()}
+		}
+		flags |= recCt
+		t.uses.ct = true
+		put(recCtMask, mask)
+		put(recCtVal, value)
+		if m.Neg {
+			flags |= recCtNeg
+		}
+	}
+	// Statements the scan does: always for rules that don't end
+	// evaluation (their bodies never run), else when fx.
+	if fx || !terminal(r) && !c.tracing {
+		if r.Counter {
+			flags |= recCount
+			t.uses.count = true
+		}
+		var mask, value uint32
+		if s := r.SetMetaMark; s != nil {
+			mask, value = s.Mask, s.Value&s.Mask
+		}
+		if s := r.SetCtMark; s != nil {
+			m2, v2, err := c.ct.SetBits(s)
+			if err != nil {
+				return nil, &Error{Span: s.Span, Msg: err.Error()}
+			}
+			mask, value = mask|m2, value&^m2|v2
+		}
+		if r.SetMetaMark != nil || r.SetCtMark != nil {
+			flags |= recSetMark
+			t.uses.setMark = true
+			put(recSetMask, mask)
+			put(recSetVal, value)
+		}
+	}
+	put(recFlags, flags)
+	return b, nil
+}
+
+// linSet returns the index of a named set in the callback's switch.
+func (c *compiler) linSet(name string) uint32 {
+	for i, s := range c.lin.sets {
+		if s == name {
+			return uint32(i)
+		}
+	}
+	c.lin.sets = append(c.lin.sets, name)
+	return uint32(len(c.lin.sets) - 1)
+}
+
+// linearMapSpec is the record map with generation 0.
+func (c *compiler) linearMapSpec() *ebpf.MapSpec {
+	t := c.lin
+	return &ebpf.MapSpec{
+		Name: linearMap, Type: ebpf.Array, KeySize: 4, ValueSize: recSize, MaxEntries: uint32(2 * t.cap),
+		Contents: t.contents(0),
+	}
+}
+
+// contents are every entry of generation gen (an array has no deletes).
+func (t *linearTable) contents(gen uint32) []ebpf.MapKV {
+	base := int(gen) * t.cap
+	out := make([]ebpf.MapKV, 0, t.cap)
+	key := func(i int) []byte { return binary.NativeEndian.AppendUint32(nil, uint32(base+i)) }
+	next := len(t.segs)
+	for s, recs := range t.segs {
+		dir := make([]byte, recSize)
+		binary.NativeEndian.PutUint32(dir[recPrio:], uint32(base+next))
+		out = append(out, ebpf.MapKV{Key: key(s), Value: dir})
+		next += len(recs)/recSize + 1
+	}
+	at := len(t.segs)
+	for _, recs := range t.segs {
+		for k := 0; k < len(recs); k += recSize {
+			out = append(out, ebpf.MapKV{Key: key(at), Value: recs[k : k+recSize]})
+			at++
+		}
+		out = append(out, ebpf.MapKV{Key: key(at), Value: make([]byte, recSize)})
+		at++
+	}
+	zero := make([]byte, recSize)
+	for ; at < t.cap; at++ {
+		out = append(out, ebpf.MapKV{Key: key(at), Value: zero})
+	}
+	return out
+}
+
+func nativeU32(b []byte) uint32 { return binary.NativeEndian.Uint32(b) }

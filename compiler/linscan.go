@@ -1,0 +1,645 @@
+package compiler
+
+import (
+	"fmt"
+	"strings"
+
+	"github.com/cilium/ebpf/asm"
+	"github.com/cilium/ebpf/btf"
+	"github.com/sfunnel/sfunnel/grammar"
+)
+
+// Emission of the record scan (see linear.go).
+//
+// The scan is a global function, linScanFunc(struct scan *s): the kernel
+// verifies a global function once, on its own, with s pointing to memory
+// of unknown contents — not once per way the program reaches each call —
+// so what it costs the verifier does not depend on the rules before it or
+// on how many segments call it. It runs bpf_loop over the records with
+// linRecordFunc as the callback. The program fills the scan struct (the
+// packet's fields, the best priority so far, where the list starts) in
+// slotBuf, which only action bodies use otherwise, calls the function and
+// reads the winner back.
+
+// The scan struct, at slotBuf in the program's frame.
+const (
+	scanAt    = slotBuf
+	scanSport = 0  // u32, absentPort when absent
+	scanDport = 4  // u32
+	scanFam   = 8  // u8 4 or 6
+	scanProto = 9  // u8
+	scanFlags = 10 // u16, absentFlags when absent
+	scanMark  = 12 // u32 skb->mark as the scan sees and sets it
+	scanLen   = 16 // u32 skb->len, for counters
+	scanBase  = 20 // u32 index of the list's first record
+	scanBest  = 24 // u32 in: the best priority so far; out: the winner's
+	scanRule  = 28 // u32 out: the winner's counter slot
+	scanBody  = 32 // u32 out: the winner's body
+	scanKey   = 36 // u32 map key scratch
+	// scanSaddr, scanDaddr: {u32 prefix length; u32 list id (big endian);
+	// 4 u32 address words as in the packet}: an anon trie key in place,
+	// and from +4 a named set's LPM key.
+	scanSaddr = 40
+	scanDaddr = 64
+	scanSize  = 88
+)
+
+const (
+	linScanFunc   = "lin_scan"
+	linRecordFunc = "lin_record"
+	// linCapSymbol stands for the records per generation until the program
+	// is finished (capRefs are patched then).
+	linCapSymbol = 0x7fff0000
+)
+
+// emitLinear emits the scan of seg's linear rules: it leaves the winner
+// in slotBest, slotRule and slotBody (when lower than what the lookups
+// found) and applies the counter and mark set of the records that do them.
+func (c *compiler) emitLinear(rules []*grammar.Rule, seg segment) error {
+	if len(seg.linear) == 0 {
+		return nil
+	}
+	t := c.lin
+	var recs []byte
+	setsMark := false
+	for _, i := range seg.linear {
+		rec, err := c.record(rules[i], i, seg.scanFx && c.fxInScan(rules[i]))
+		if err != nil {
+			return err
+		}
+		setsMark = setsMark || nativeU32(rec[recFlags:])&recSetMark != 0
+		recs = append(recs, rec...)
+	}
+	s := len(t.segs)
+	t.segs = append(t.segs, recs)
+	t.maxScan = max(t.maxScan, len(seg.linear))
+	e := &c.e
+	n := c.ruleNeeds
+	e.comment("rules %d...%d: %d records, scanned in order (linscan.go)", seg.linear[0], seg.linear[len(seg.linear)-1], len(seg.linear))
+	for off := int16(0); off < scanSize; off += 8 {
+		e.emit(sti(asm.R10, scanAt+off, 0, asm.DWord))
+	}
+	e.emit(
+		ldx(asm.R1, asm.R10, slotFam, asm.DWord), stx(asm.R10, scanAt+scanFam, asm.R1, asm.Byte),
+		ldx(asm.R1, asm.R10, slotProto, asm.DWord), stx(asm.R10, scanAt+scanProto, asm.R1, asm.Byte),
+		ldx(asm.R1, asm.R6, skbMark, asm.Word), stx(asm.R10, scanAt+scanMark, asm.R1, asm.Word),
+		ldx(asm.R1, asm.R6, skbLen, asm.Word), stx(asm.R10, scanAt+scanLen, asm.R1, asm.Word),
+		ldx(asm.R1, asm.R10, slotBest, asm.DWord), stx(asm.R10, scanAt+scanBest, asm.R1, asm.Word),
+	)
+	for _, f := range []struct {
+		need  bool
+		slot  int16
+		off   int16
+		size  asm.Size
+		absnt int64
+	}{{n.sport, slotSport, scanSport, asm.Word, absentPort}, {n.dport, slotDport, scanDport, asm.Word, absentPort}, {n.flags, slotFlags, scanFlags, asm.Half, absentFlags}} {
+		if f.need {
+			e.emit(ldx(asm.R1, asm.R10, f.slot, asm.DWord), stx(asm.R10, scanAt+f.off, asm.R1, f.size))
+		} else {
+			e.emit(sti(asm.R10, scanAt+f.off, f.absnt, f.size))
+		}
+	}
+	for _, a := range []struct {
+		need bool
+		slot int16
+		off  int16
+	}{{n.saddr, slotSaddr, scanSaddr}, {n.daddr, slotDaddr, scanDaddr}} {
+		if !a.need {
+			continue
+		}
+		e.emit(ldx(asm.R1, asm.R10, a.slot+4, asm.Word), stx(asm.R10, scanAt+a.off+8, asm.R1, asm.Word))
+		if n.v6 {
+			v4 := e.newLabel("scan_v4")
+			e.emit(ldx(asm.R1, asm.R10, slotFam, asm.DWord), asm.JNE.Imm(asm.R1, 6, v4))
+			for w := int16(1); w < 4; w++ {
+				e.emit(ldx(asm.R1, asm.R10, a.slot+4+4*w, asm.Word), stx(asm.R10, scanAt+a.off+8+4*w, asm.R1, asm.Word))
+			}
+			e.label(v4)
+		}
+	}
+	// Directory entry s of the live generation: the list's first record.
+	e.emit(
+		ldx(asm.R1, asm.R10, slotGen, asm.DWord),
+		asm.Mul.Imm(asm.R1, linCapSymbol),
+		asm.Add.Imm(asm.R1, int32(s)),
+		stx(asm.R10, slotKey, asm.R1, asm.Word),
+	)
+	t.capRefs = append(t.capRefs, len(e.insns)-3)
+	c.lookup(linearMap, slotKey)
+	done := fmt.Sprintf("lin%d_done", s)
+	e.emit(
+		asm.JEq.Imm(asm.R0, 0, done),
+		ldx(asm.R1, asm.R0, recPrio, asm.Word),
+		stx(asm.R10, scanAt+scanBase, asm.R1, asm.Word),
+		mov(asm.R1, asm.R10),
+		asm.Add.Imm(asm.R1, scanAt),
+		asm.Call.Label(linScanFunc),
+		ldx(asm.R1, asm.R10, scanAt+scanBest, asm.Word), stx(asm.R10, slotBest, asm.R1, asm.DWord),
+		ldx(asm.R1, asm.R10, scanAt+scanRule, asm.Word), stx(asm.R10, slotRule, asm.R1, asm.DWord),
+		ldx(asm.R1, asm.R10, scanAt+scanBody, asm.Word), stx(asm.R10, slotBody, asm.R1, asm.DWord),
+	)
+
+	if setsMark {
+		e.emit(
+			ldx(asm.R1, asm.R10, scanAt+scanMark, asm.Word),
+			stx(asm.R6, skbMark, asm.R1, asm.Word),
+		)
+	}
+	e.label(done)
+	return nil
+}
+
+// Bodies of terminal rules in segments with a scan are emitted once, after
+// the last segment, and every segment's dispatch jumps there (a long jump:
+// the program may be longer than a 16-bit offset reaches): a terminal body
+// ends the program, so it needs no way back. Many segments then share one
+// copy of each action list, and a segment is not cut when its bodies are
+// long.
+
+// pooledBody returns the label of rule i's shared body.
+func (c *compiler) pooledBody(i int) string {
+	k := c.bodyKeys[i]
+	if l, ok := c.poolOf[k]; ok {
+		return l
+	}
+	if c.poolOf == nil {
+		c.poolOf = map[string]string{}
+	}
+	l := fmt.Sprintf("pool_body%d", len(c.pool))
+	c.poolOf[k] = l
+	c.pool = append(c.pool, i)
+	return l
+}
+
+// bodyPool emits the shared bodies.
+func (c *compiler) bodyPool(rules []*grammar.Rule) error {
+	e := &c.e
+	if len(c.pool) == 0 {
+		return nil
+	}
+	// The rules end here: no rule ended evaluation.
+	e.emit(asm.Ja.Label(c.exit("next")))
+	c.dynRule = true
+	defer func() { c.dynRule = false }()
+	for n, i := range c.pool {
+		c.maybeStubs()
+		r := rules[i]
+		e.label(fmt.Sprintf("pool_body%d", n))
+		e.comment("shared body %d, as rule %d handle %d: %s", n, i, r.Handle, Describe(r))
+		e.owner = i + 1
+		// The rule's family and protocol again, for the verifier (see
+		// segment); a packet that reached the body has them.
+		if r.Family != grammar.FamilyAny {
+			fam := int32(4)
+			if r.Family == grammar.FamilyIPv6 {
+				fam = 6
+			}
+			e.emit(ldx(asm.R1, asm.R10, slotFam, asm.DWord), asm.JNE.Imm(asm.R1, fam, c.exit("next")))
+		}
+		if r.Proto != grammar.ProtoAny {
+			e.emit(ldx(asm.R1, asm.R10, slotProto, asm.DWord), asm.JNE.Imm(asm.R1, int32(r.Proto.Number()), c.exit("next")))
+		}
+		c.fxDone = strings.HasPrefix(c.bodyKeys[i], "scan: ")
+		err := c.body(i, r, c.exit("next"))
+		c.fxDone = false
+		e.owner = 0
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// linearFunctions emits the scan function and its callback after the
+// program.
+func (c *compiler) linearFunctions() {
+	t := c.lin
+	e := &c.e
+	e.owner = 0
+	// lin_scan(R1 = s): bpf_loop(cap, lin_record, &s, 0). The callback's
+	// context must be on the stack: it holds s.
+	e.label(linScanFunc)
+	e.comment("record scan (linscan.go): a global function, verified once")
+	e.emit(
+		asm.JEq.Imm(asm.R1, 0, "lin_scan_out"),
+		stx(asm.R10, -8, asm.R1, asm.DWord),
+		movi(asm.R1, int32(t.cap)),
+		asm.Instruction{OpCode: asm.LoadImmOp(asm.DWord), Dst: asm.R2, Src: asm.PseudoFunc, Constant: -1}.WithReference(linRecordFunc),
+		mov(asm.R3, asm.R10),
+		asm.Add.Imm(asm.R3, -8),
+		movi(asm.R4, 0),
+		asm.FnLoop.Call(),
+	)
+	e.label("lin_scan_out")
+	e.emit(movi(asm.R0, 0), asm.Return())
+	c.linearCallback()
+}
+
+// linearCallback emits lin_record(R1 = index, R2 = &s): it tests record
+// s.base+index and returns 1 to stop the scan. R6 = s, R7 = record, R8 =
+// its flags, R9 scratch kept across helpers.
+func (c *compiler) linearCallback() {
+	t := c.lin
+	e := &c.e
+	stop, next := "lin_stop", "lin_next"
+	e.label(linRecordFunc)
+	e.comment("record test (linscan.go): R1 index, R2 holds the scan struct")
+	e.emit(
+		ldx(asm.R6, asm.R2, 0, asm.DWord),
+		ldx(asm.R2, asm.R6, scanBase, asm.Word),
+		asm.Add.Reg(asm.R1, asm.R2),
+		stx(asm.R6, scanKey, asm.R1, asm.Word),
+		asm.LoadMapPtr(asm.R1, 0).WithReference(linearMap),
+		mov(asm.R2, asm.R6),
+		asm.Add.Imm(asm.R2, scanKey),
+		asm.FnMapLookupElem.Call(),
+		asm.JEq.Imm(asm.R0, 0, stop),
+		mov(asm.R7, asm.R0),
+		ldx(asm.R1, asm.R7, recPrio, asm.Word),
+		asm.JEq.Imm(asm.R1, 0, stop),
+		ldx(asm.R2, asm.R6, scanBest, asm.Word),
+		asm.JGE.Reg(asm.R1, asm.R2, stop),
+		ldx(asm.R8, asm.R7, recFlags, asm.Word),
+	)
+	for _, f := range []struct {
+		use      bool
+		rec, pkt int16
+		name     string
+	}{{t.uses.fam, recFam, scanFam, "fam"}, {t.uses.proto, recProto, scanProto, "proto"}} {
+		if !f.use {
+			continue
+		}
+		ok := "lin_" + f.name + "_ok"
+		e.emit(
+			ldx(asm.R1, asm.R7, f.rec, asm.Byte),
+			asm.JEq.Imm(asm.R1, 0, ok),
+			ldx(asm.R2, asm.R6, f.pkt, asm.Byte),
+			asm.JNE.Reg(asm.R1, asm.R2, next),
+		)
+		e.label(ok)
+	}
+	for j := range 2 {
+		c.linPort(j, next)
+	}
+	if t.uses.tcp {
+		skip := "lin_tcp_ok"
+		e.emit(asm.JSet.Imm(asm.R8, recTCP, "lin_tcp"), asm.Ja.Label(skip))
+		e.label("lin_tcp")
+		e.emit(
+			ldx(asm.R1, asm.R6, scanFlags, asm.Half),
+			asm.JGT.Imm(asm.R1, 0xff, next),
+			ldx(asm.R2, asm.R7, recTCPMask, asm.Byte),
+			asm.And.Reg(asm.R1, asm.R2),
+			ldx(asm.R2, asm.R7, recTCPValue, asm.Byte),
+		)
+		c.linCompare(recTCPNeg, next)
+		e.label(skip)
+	}
+	for j, m := range []struct {
+		use       bool
+		bit, neg  int32
+		mask, val int16
+	}{{t.uses.meta, recMeta, recMetaNeg, recMetaMask, recMetaVal}, {t.uses.ct, recCt, recCtNeg, recCtMask, recCtVal}} {
+		if !m.use {
+			continue
+		}
+		skip, test := fmt.Sprintf("lin_mark%d_ok", j), fmt.Sprintf("lin_mark%d", j)
+		e.emit(asm.JSet.Imm(asm.R8, m.bit, test), asm.Ja.Label(skip))
+		e.label(test)
+		e.emit(
+			ldx(asm.R1, asm.R6, scanMark, asm.Word),
+			ldx(asm.R2, asm.R7, m.mask, asm.Word),
+			asm.And.Reg(asm.R1, asm.R2),
+			ldx(asm.R2, asm.R7, m.val, asm.Word),
+		)
+		c.linCompare(m.neg, next)
+		e.label(skip)
+	}
+	for j := range 2 {
+		c.linAddr(j, next)
+	}
+	e.comment("the record matches")
+	if t.uses.count {
+		done := "lin_counted"
+		e.emit(asm.JSet.Imm(asm.R8, recCount, "lin_count"), asm.Ja.Label(done))
+		e.label("lin_count")
+		e.emit(
+			ldx(asm.R1, asm.R7, recSlot, asm.Word),
+			stx(asm.R6, scanKey, asm.R1, asm.Word),
+			asm.LoadMapPtr(asm.R1, 0).WithReference(CountersMap),
+			mov(asm.R2, asm.R6),
+			asm.Add.Imm(asm.R2, scanKey),
+			asm.FnMapLookupElem.Call(),
+			asm.JEq.Imm(asm.R0, 0, done),
+			ldx(asm.R1, asm.R0, 0, asm.DWord),
+			asm.Add.Imm(asm.R1, 1),
+			stx(asm.R0, 0, asm.R1, asm.DWord),
+			ldx(asm.R1, asm.R0, 8, asm.DWord),
+			ldx(asm.R2, asm.R6, scanLen, asm.Word),
+			asm.Add.Reg(asm.R1, asm.R2),
+			stx(asm.R0, 8, asm.R1, asm.DWord),
+		)
+		e.label(done)
+	}
+	if t.uses.setMark {
+		done := "lin_marked"
+		e.emit(asm.JSet.Imm(asm.R8, recSetMark, "lin_mark_set"), asm.Ja.Label(done))
+		e.label("lin_mark_set")
+		e.emit(
+			ldx(asm.R1, asm.R6, scanMark, asm.Word),
+			ldx(asm.R2, asm.R7, recSetMask, asm.Word),
+			asm.Xor.Imm32(asm.R2, -1),
+			asm.And.Reg32(asm.R1, asm.R2),
+			ldx(asm.R2, asm.R7, recSetVal, asm.Word),
+			asm.Or.Reg32(asm.R1, asm.R2),
+			stx(asm.R6, scanMark, asm.R1, asm.Word),
+		)
+		e.label(done)
+	}
+	e.emit(asm.JSet.Imm(asm.R8, recTerminal, "lin_won"), asm.Ja.Label(next))
+	e.label("lin_won")
+	e.emit(
+		ldx(asm.R1, asm.R7, recPrio, asm.Word),
+		stx(asm.R6, scanBest, asm.R1, asm.Word),
+		ldx(asm.R1, asm.R7, recSlot, asm.Word),
+		stx(asm.R6, scanRule, asm.R1, asm.Word),
+		ldx(asm.R1, asm.R7, recBody, asm.Word),
+		stx(asm.R6, scanBody, asm.R1, asm.Word),
+	)
+	e.label(stop)
+	e.emit(movi(asm.R0, 1), asm.Return())
+	e.label(next)
+	e.emit(movi(asm.R0, 0), asm.Return())
+}
+
+// linCompare jumps to next unless (R1 == R2) != (flags & neg).
+func (c *compiler) linCompare(neg int32, next string) {
+	e := &c.e
+	isNeg, done := e.newLabel("lin_neg"), e.newLabel("lin_ok")
+	e.emit(
+		asm.JSet.Imm(asm.R8, neg, isNeg),
+		asm.JNE.Reg(asm.R1, asm.R2, next),
+		asm.Ja.Label(done),
+	)
+	e.label(isNeg)
+	e.emit(asm.JEq.Reg(asm.R1, asm.R2, next))
+	e.label(done)
+}
+
+// linHit emits the end of a field test: "in" holds the packet's value in
+// the match, "out" not; a negated match swaps them.
+func (c *compiler) linHit(in, out, done, next string, neg int32) {
+	e := &c.e
+	e.emit(asm.Ja.Label(next)) // a kind this program's records don't use
+	e.label(in)
+	e.emit(asm.JSet.Imm(asm.R8, neg, next), asm.Ja.Label(done))
+	e.label(out)
+	e.emit(asm.JSet.Imm(asm.R8, neg, done), asm.Ja.Label(next))
+	e.label(done)
+}
+
+// linPort emits the test of port match j (0 sport, 1 dport) of the record.
+func (c *compiler) linPort(j int, next string) {
+	t := c.lin
+	k := t.kinds[j]
+	if !k[kindRange] && !k[kindList] && !k[kindSet] {
+		return
+	}
+	e := &c.e
+	off := int16(recSport + 8*j)
+	pkt := int16(scanSport + 4*j)
+	neg := int32(recSportNeg << j)
+	name := []string{"sport", "dport"}[j]
+	done, in, out := "lin_"+name+"_ok", "lin_"+name+"_in", "lin_"+name+"_out"
+	e.emit(
+		mov(asm.R9, asm.R8),
+		asm.RSh.Imm(asm.R9, int32(recKindShift+2*j)),
+		asm.And.Imm(asm.R9, 3),
+		asm.JEq.Imm(asm.R9, kindNone, done),
+		// An absent port never matches, negated or not.
+		ldx(asm.R1, asm.R6, pkt, asm.Word),
+		asm.JGT.Imm(asm.R1, 0xffff, next),
+	)
+	if k[kindRange] {
+		notRange := e.newLabel("lin_" + name + "_map")
+		e.emit(
+			asm.JNE.Imm(asm.R9, kindRange, notRange),
+			ldx(asm.R2, asm.R7, off, asm.Word),
+			asm.JLT.Reg(asm.R1, asm.R2, out),
+			ldx(asm.R2, asm.R7, off+4, asm.Word),
+			asm.JGT.Reg(asm.R1, asm.R2, out),
+			asm.Ja.Label(in),
+		)
+		e.label(notRange)
+	}
+	// bitmap tests the port's bit in a bitmap map whose key is at scanKey.
+	bitmap := func(mapName string) {
+		e.emit(
+			asm.LoadMapPtr(asm.R1, 0).WithReference(mapName),
+			mov(asm.R2, asm.R6),
+			asm.Add.Imm(asm.R2, scanKey),
+			asm.FnMapLookupElem.Call(),
+			asm.JEq.Imm(asm.R0, 0, next),
+			ldx(asm.R1, asm.R6, pkt, asm.Word),
+			asm.And.Imm(asm.R1, 0xffff),
+			mov(asm.R2, asm.R1),
+			asm.RSh.Imm(asm.R2, 3),
+			asm.Add.Reg(asm.R0, asm.R2),
+			ldx(asm.R2, asm.R0, 0, asm.Byte),
+			asm.And.Imm(asm.R1, 7),
+			asm.RSh.Reg(asm.R2, asm.R1),
+			asm.And.Imm(asm.R2, 1),
+			asm.JEq.Imm(asm.R2, 0, out),
+			asm.Ja.Label(in),
+		)
+	}
+	if k[kindList] {
+		notList := e.newLabel("lin_" + name + "_set")
+		e.emit(
+			asm.JNE.Imm(asm.R9, kindList, notList),
+			ldx(asm.R1, asm.R7, off, asm.Word),
+			stx(asm.R6, scanKey, asm.R1, asm.Word),
+		)
+		bitmap(anonPortsMap)
+		e.label(notList)
+	}
+	if k[kindSet] {
+		e.emit(asm.JNE.Imm(asm.R9, kindSet, next))
+		for si, s := range t.sets {
+			if c.sets[s] == nil || c.sets[s].Type != grammar.SetInetService {
+				continue
+			}
+			other := e.newLabel("lin_" + name + "_other")
+			e.emit(
+				ldx(asm.R1, asm.R7, off, asm.Word),
+				asm.JNE.Imm(asm.R1, int32(si), other),
+				sti(asm.R6, scanKey, 0, asm.Word),
+			)
+			bitmap(SetMapPrefix + s)
+			e.label(other)
+		}
+	}
+	c.linHit(in, out, done, next, neg)
+}
+
+// linAddr emits the test of address match j (0 saddr, 1 daddr). The
+// record's family, tested before, is the packet's.
+func (c *compiler) linAddr(j int, next string) {
+	t := c.lin
+	k := t.kinds[2+j]
+	if !k[kindRange] && !k[kindList] && !k[kindSet] {
+		return
+	}
+	e := &c.e
+	off := int16(recSaddr + 20*j)
+	pkt := int16(scanSaddr + 24*j)
+	neg := int32(recSaddrNeg << j)
+	name := []string{"saddr", "daddr"}[j]
+	done, in, out := "lin_"+name+"_ok", "lin_"+name+"_in", "lin_"+name+"_out"
+	e.emit(
+		mov(asm.R9, asm.R8),
+		asm.RSh.Imm(asm.R9, int32(recKindShift+4+2*j)),
+		asm.And.Imm(asm.R9, 3),
+		asm.JEq.Imm(asm.R9, kindNone, done),
+	)
+	if k[kindRange] {
+		notPrefix := e.newLabel("lin_" + name + "_map")
+		e.emit(asm.JNE.Imm(asm.R9, kindRange, notPrefix))
+		// Word w of the prefix compares its first min(32, bits-32w) bits;
+		// words past the prefix length match.
+		for w := int16(0); w < 4; w++ {
+			e.emit(
+				ldx(asm.R3, asm.R7, off, asm.Word), // prefix length
+				asm.Sub.Imm(asm.R3, int32(32*w)),
+				asm.JSLE.Imm(asm.R3, 0, in),
+				ldx(asm.R1, asm.R6, pkt+8+4*w, asm.Word),
+				asm.HostTo(asm.BE, asm.R1, asm.Word),
+				ldx(asm.R2, asm.R7, off+4+4*w, asm.Word),
+			)
+			full := e.newLabel("lin_full")
+			e.emit(
+				asm.JSGE.Imm(asm.R3, 32, full),
+				movi(asm.R4, 32),
+				asm.Sub.Reg(asm.R4, asm.R3),
+				asm.RSh.Reg(asm.R1, asm.R4),
+				asm.RSh.Reg(asm.R2, asm.R4),
+			)
+			e.label(full)
+			e.emit(asm.JNE.Reg(asm.R1, asm.R2, out))
+		}
+		e.emit(asm.Ja.Label(in))
+		e.label(notPrefix)
+	}
+	lpm := func(mapName string, key int16) {
+		e.emit(
+			asm.LoadMapPtr(asm.R1, 0).WithReference(mapName),
+			mov(asm.R2, asm.R6),
+			asm.Add.Imm(asm.R2, int32(key)),
+			asm.FnMapLookupElem.Call(),
+			asm.JEq.Imm(asm.R0, 0, out),
+			asm.Ja.Label(in),
+		)
+	}
+	if k[kindList] {
+		notList := e.newLabel("lin_" + name + "_set")
+		v6 := e.newLabel("lin_" + name + "_list6")
+		// Key {prefix length; list id, big endian; address} in place.
+		e.emit(
+			asm.JNE.Imm(asm.R9, kindList, notList),
+			ldx(asm.R1, asm.R7, off, asm.Word),
+			asm.HostTo(asm.BE, asm.R1, asm.Word),
+			stx(asm.R6, pkt+4, asm.R1, asm.Word),
+			ldx(asm.R1, asm.R6, scanFam, asm.Byte),
+			asm.JEq.Imm(asm.R1, 6, v6),
+		)
+		for f, m := range []string{anonV4Map, anonV6Map} {
+			if f == 1 {
+				e.label(v6)
+			}
+			if c.anonSets.next[f] == 0 {
+				e.emit(asm.Ja.Label(next)) // no list of this family
+				continue
+			}
+			e.emit(sti(asm.R6, pkt, int64(64+96*f), asm.Word))
+			lpm(m, pkt)
+		}
+		e.label(notList)
+	}
+	if k[kindSet] {
+		e.emit(asm.JNE.Imm(asm.R9, kindSet, next))
+		for si, s := range t.sets {
+			st := c.sets[s]
+			if st == nil || st.Type == grammar.SetInetService {
+				continue
+			}
+			other := e.newLabel("lin_" + name + "_other")
+			bits := int64(32)
+			if st.Type == grammar.SetIPv6Addr {
+				bits = 128
+			}
+			e.emit(
+				ldx(asm.R1, asm.R7, off, asm.Word),
+				asm.JNE.Imm(asm.R1, int32(si), other),
+				sti(asm.R6, pkt+4, bits, asm.Word),
+			)
+			lpm(SetMapPrefix+s, pkt+4)
+			e.label(other)
+		}
+	}
+	c.linHit(in, out, done, next, neg)
+}
+
+// linearFinish patches the records per generation into the scan code and
+// adds the scan functions; called after the exits.
+func (c *compiler) linearFinish() {
+	t := c.lin
+	if t == nil {
+		return
+	}
+	n := len(t.segs)
+	for _, s := range t.segs {
+		n += len(s)/recSize + 1
+	}
+	// Headroom, so that a rule added to a list keeps the map.
+	t.cap = capacity(n+n/4, 64)
+	for _, at := range t.capRefs {
+		ins := &c.e.insns[at]
+		if ins.Constant != linCapSymbol {
+			panic("linear: capacity reference moved")
+		}
+		ins.Constant = int64(t.cap)
+	}
+	c.linearFunctions()
+}
+
+// linearFuncInfo gives the program and its functions the BTF function
+// records the kernel wants of a program with a global function and a
+// callback.
+func (c *compiler) linearFuncInfo(insns asm.Instructions) {
+	if c.lin == nil {
+		return
+	}
+	u32 := &btf.Int{Name: "unsigned int", Size: 4}
+	i32 := &btf.Int{Name: "int", Size: 4, Encoding: btf.Signed}
+	long := &btf.Int{Name: "long", Size: 8, Encoding: btf.Signed}
+	void := &btf.Pointer{Target: &btf.Void{}}
+	scan := &btf.Struct{Name: "sfunnel_scan", Size: scanSize, Members: []btf.Member{
+		{Name: "w", Type: &btf.Array{Index: u32, Type: u32, Nelems: scanSize / 4}},
+	}}
+	funcs := map[string]*btf.Func{
+		linScanFunc: {Name: linScanFunc, Linkage: btf.GlobalFunc, Type: &btf.FuncProto{
+			Return: i32, Params: []btf.FuncParam{{Name: "s", Type: &btf.Pointer{Target: scan}}},
+		}},
+		linRecordFunc: {Name: linRecordFunc, Linkage: btf.StaticFunc, Type: &btf.FuncProto{
+			Return: long, Params: []btf.FuncParam{{Name: "index", Type: u32}, {Name: "ctx", Type: void}},
+		}},
+	}
+	insns[0] = btf.WithFuncMetadata(insns[0], &btf.Func{Name: ProgramName, Linkage: btf.GlobalFunc, Type: &btf.FuncProto{
+		Return: i32, Params: []btf.FuncParam{{Name: "skb", Type: void}},
+	}})
+	for i := range insns {
+		if fn := funcs[insns[i].Symbol()]; fn != nil {
+			insns[i] = btf.WithFuncMetadata(insns[i], fn)
+		}
+	}
+}
