@@ -213,8 +213,8 @@ func (c *compiler) record(r *grammar.Rule, i int, fx bool) ([]byte, error) {
 	t := c.lin
 	b := make([]byte, recSize)
 	put := func(off int, v uint32) { binary.NativeEndian.PutUint32(b[off:], v) }
-	put(recPrio, uint32(i+1))
-	put(recSlot, uint32(i))
+	put(recPrio, c.prio(i))
+	put(recSlot, c.slot(i))
 	put(recBody, c.bodyOf[i])
 	var flags uint32
 	if terminal(r) || c.tracing {

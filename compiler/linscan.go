@@ -432,13 +432,20 @@ func (c *compiler) linPort(j int, next string) {
 		)
 		e.label(notRange)
 	}
-	// bitmap tests the port's bit in a bitmap map whose key is at scanKey.
-	bitmap := func(mapName string) {
+	// bitmap tests the port's bit in a bitmap map whose key is at scanKey
+	// (a named set: through its outer map).
+	bitmap := func(mapName string, set bool) {
+		if set {
+			c.linSetLookup(mapName, scanKey)
+		} else {
+			e.emit(
+				asm.LoadMapPtr(asm.R1, 0).WithReference(mapName),
+				mov(asm.R2, asm.R6),
+				asm.Add.Imm(asm.R2, scanKey),
+				asm.FnMapLookupElem.Call(),
+			)
+		}
 		e.emit(
-			asm.LoadMapPtr(asm.R1, 0).WithReference(mapName),
-			mov(asm.R2, asm.R6),
-			asm.Add.Imm(asm.R2, scanKey),
-			asm.FnMapLookupElem.Call(),
 			asm.JEq.Imm(asm.R0, 0, next),
 			ldx(asm.R1, asm.R6, pkt, asm.Word),
 			asm.And.Imm(asm.R1, 0xffff),
@@ -460,7 +467,7 @@ func (c *compiler) linPort(j int, next string) {
 			ldx(asm.R1, asm.R7, off, asm.Word),
 			stx(asm.R6, scanKey, asm.R1, asm.Word),
 		)
-		bitmap(anonPortsMap)
+		bitmap(anonPortsMap, false)
 		e.label(notList)
 	}
 	if k[kindSet] {
@@ -475,7 +482,7 @@ func (c *compiler) linPort(j int, next string) {
 				asm.JNE.Imm(asm.R1, int32(si), other),
 				sti(asm.R6, scanKey, 0, asm.Word),
 			)
-			bitmap(SetMapPrefix + s)
+			bitmap(SetMapPrefix+s, true)
 			e.label(other)
 		}
 	}
@@ -530,12 +537,18 @@ func (c *compiler) linAddr(j int, next string) {
 		e.emit(asm.Ja.Label(in))
 		e.label(notPrefix)
 	}
-	lpm := func(mapName string, key int16) {
+	lpm := func(mapName string, key int16, set bool) {
+		if set {
+			c.linSetLookup(mapName, key)
+		} else {
+			e.emit(
+				asm.LoadMapPtr(asm.R1, 0).WithReference(mapName),
+				mov(asm.R2, asm.R6),
+				asm.Add.Imm(asm.R2, int32(key)),
+				asm.FnMapLookupElem.Call(),
+			)
+		}
 		e.emit(
-			asm.LoadMapPtr(asm.R1, 0).WithReference(mapName),
-			mov(asm.R2, asm.R6),
-			asm.Add.Imm(asm.R2, int32(key)),
-			asm.FnMapLookupElem.Call(),
 			asm.JEq.Imm(asm.R0, 0, out),
 			asm.Ja.Label(in),
 		)
@@ -561,7 +574,7 @@ func (c *compiler) linAddr(j int, next string) {
 				continue
 			}
 			e.emit(sti(asm.R6, pkt, int64(64+96*f), asm.Word))
-			lpm(m, pkt)
+			lpm(m, pkt, false)
 		}
 		e.label(notList)
 	}
@@ -582,11 +595,32 @@ func (c *compiler) linAddr(j int, next string) {
 				asm.JNE.Imm(asm.R1, int32(si), other),
 				sti(asm.R6, pkt+4, bits, asm.Word),
 			)
-			lpm(SetMapPrefix+s, pkt+4)
+			lpm(SetMapPrefix+s, pkt+4, true)
 			e.label(other)
 		}
 	}
 	c.linHit(in, out, done, next, neg)
+}
+
+// linSetLookup emits R0 = the element at s+key of named set map name,
+// through its outer map (abi: key 0 holds the set's map), 0 when absent.
+// Clobbers scanKey.
+func (c *compiler) linSetLookup(name string, key int16) {
+	e := &c.e
+	done := e.newLabel("lin_set_done")
+	e.emit(
+		sti(asm.R6, scanKey, 0, asm.Word),
+		asm.LoadMapPtr(asm.R1, 0).WithReference(name),
+		mov(asm.R2, asm.R6),
+		asm.Add.Imm(asm.R2, scanKey),
+		asm.FnMapLookupElem.Call(),
+		asm.JEq.Imm(asm.R0, 0, done),
+		mov(asm.R1, asm.R0),
+		mov(asm.R2, asm.R6),
+		asm.Add.Imm(asm.R2, int32(key)),
+		asm.FnMapLookupElem.Call(),
+	)
+	e.label(done)
 }
 
 // linearFinish patches the records per generation into the scan code and
