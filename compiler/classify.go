@@ -201,7 +201,7 @@ func (c *compiler) classify(rules []*grammar.Rule) ([]segment, error) {
 				break
 			}
 			bk := c.bodyKeys[i]
-			if !bodies[bk] && scan[i] && terminal(r) {
+			if !bodies[bk] && (scan[i] || len(rules) > poolHook) && terminal(r) {
 				// Its body is inline (a member) or shared (linscan.go).
 				if i > start && len(bodies) == maxGroupBodies {
 					break

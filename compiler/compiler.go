@@ -172,6 +172,16 @@ func digest(spec *ebpf.CollectionSpec) [32]byte {
 		if !strings.HasPrefix(n, abi.TablePrefix) && n != abi.ControlMap && !strings.HasPrefix(n, SetMapPrefix) {
 			// Anonymous sets and host tables are part of the program.
 			for _, kv := range m.Contents {
+				// Bytes as they are (formatting 8 KiB bitmaps was most of
+				// compiling 100 000 rules with lists).
+				k, kok := kv.Key.([]byte)
+				v, vok := kv.Value.([]byte)
+				if kok && vok {
+					fmt.Fprintf(h, "%d %d\n", len(k), len(v))
+					h.Write(k)
+					h.Write(v)
+					continue
+				}
 				fmt.Fprintf(h, "%v %v\n", kv.Key, kv.Value)
 			}
 		}

@@ -524,9 +524,15 @@ func (d *diffTally) String() string {
 // counters and stats.
 func diffRuleset(t *testing.T, g gen, d *diffTally, rs int, rules []*grammar.Rule, sets map[string]*grammar.Set, opts compiler.Options, perSet int) {
 	t.Helper()
-	d.rulesets++
 	l := compileLoad(t, rules, sets, opts)
 	defer l.coll.Close()
+	diffLoaded(t, g, d, rs, l, rules, sets, opts, perSet)
+}
+
+// diffLoaded is diffRuleset for a hook already loaded.
+func diffLoaded(t *testing.T, g gen, d *diffTally, rs int, l *loaded, rules []*grammar.Rule, sets map[string]*grammar.Set, opts compiler.Options, perSet int) {
+	t.Helper()
+	d.rulesets++
 	listing := fmt.Sprint(l.prog.Spec.Programs[compiler.ProgramName].Instructions)
 	if strings.Contains(listing, "looked up in tables") {
 		d.tabled++
@@ -618,16 +624,25 @@ func diffSeed(t *testing.T) gen {
 	return gen{r: rand.New(rand.NewPCG(seed, 0x5f))}
 }
 
-// mixedRules makes n rules of mixed shapes, as large rulesets are: a few
-// dozen random rules (every match kind, negations, ranges, sets, marks,
-// both families, stacked actions) serve as templates, and each rule is a
-// template with new values in its positive address, port and mark
-// matches. (Many rules each of a shape of its own are tested one by one,
-// and a few hundred complex ones exceed the verifier: sfunnel(8) BUGS.)
+// mixedRules makes n rules of mixed shapes, as large rulesets are: random
+// rules (every match kind, negations, ranges, sets, marks, both families,
+// stacked actions) serve as templates, and each rule is a template with new
+// values in its positive address, port and mark matches. Shapes that few
+// rules share go to the record scan (linear.go). With more than 32
+// templates their actions come from 16 action lists: each distinct action
+// list is code of its own (sfunnel(8) BUGS).
 func (g gen) mixedRules(n, shapes int, sets map[string]*grammar.Set) []*grammar.Rule {
 	var templates []*grammar.Rule
+	var actions [][]*grammar.Action
+	if shapes > 32 {
+		actions = g.actionPool(16, sets)[1:]
+	}
 	for i := 0; i < shapes; i++ {
 		r := g.rule(sets)
+		if actions != nil {
+			r.Actions = actions[g.pick(len(actions))]
+			fixActions(r)
+		}
 		if len(r.Actions) == 0 {
 			// Rules that don't end evaluation, interleaved with rules of
 			// other shapes, cut segments and fall back to rule-by-rule
@@ -748,10 +763,22 @@ func TestDifferentialLarge(t *testing.T) {
 	d := newTally()
 	for rs, n := range sizes {
 		sets := g.sets()
+		// 20 templates: many shapes of a few rules each make many table
+		// lookups, whose code the verifier walks per way through the
+		// earlier ones (1 000 rules of 100 templates exceed its limit in
+		// the shape lookups). Rules of shapes of their own:
+		// TestDifferentialUniqueShapes.
 		rules := g.mixedRules(n, 20, sets)
 		opts := compiler.Options{Hook: grammar.Hook(g.pick(2)), ChecksumHelper: g.chance(0.3)}
 		sparseOptions(&opts, len(rules), rs+1)
 		start := time.Now()
+		if os.Getenv("SFUNNEL_DUMP") == fmt.Sprint(rs) {
+			p, err := compiler.Compile(rules, sets, opts)
+			if err != nil {
+				t.Fatal(err)
+			}
+			dumpVerifier(t, p)
+		}
 		diffRuleset(t, g, d, rs, rules, sets, opts, perSet)
 		t.Logf("%d rules: compiled, loaded and compared in %v", n, time.Since(start))
 		if d.failures > 0 {

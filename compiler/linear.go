@@ -63,11 +63,11 @@ const (
 	recCtVal    = 32
 	recSetMask  = 36 // u32: mark = mark &^ mask | value (meta then ct mark set)
 	recSetVal   = 40
-	recSport    = 44 // u32 lo (or list / set index), u32 hi
-	recDport    = 52
-	recSaddr    = 60 // u32 prefix length (or list / set index), 4 u32 host-order address words
-	recDaddr    = 80
-	recSize     = 100
+	recSport    = 44 // recRanges {u16 lo, u16 hi} (unused ones repeat the first), or a u32 list / set index
+	recDport    = 60
+	recSaddr    = 76 // u32 prefix length (or list / set index), 4 u32 host-order address words
+	recDaddr    = 96
+	recSize     = 116
 )
 
 // Record flags. A port or address match has a kind: a range / prefix, a
@@ -86,21 +86,32 @@ const (
 	recDportNeg
 	recSaddrNeg
 	recDaddrNeg
-	recKindShift = 16 // 2 bits each: sport, dport, saddr, daddr
+	recKindShift = 16 // 3 bits each: sport, dport, saddr, daddr
+)
+
+// recRanges: port ranges kept in the record; listRanges: in a range list
+// (linRangesMap); more: a port bitmap (anon.go).
+const (
+	recRanges  = 4
+	listRanges = 32
 )
 
 const (
-	kindNone = iota
-	kindRange
-	kindList
-	kindSet
+	kindNone  = iota
+	kindRange // ports: up to recRanges ranges in the record; addresses: one prefix
+	kindList  // ports: a range list; addresses: a list in the shared tries
+	kindSet   // a named set
+	kindBitmap
+	numKinds
 )
 
 // linearTable is the program's record map.
 type linearTable struct {
 	segs    [][]byte // each segment's records, in order, without the end
 	sets    []string // named sets the records use, by index
-	kinds   [4][4]bool
+	kinds   [4][numKinds]bool
+	ranges  [][]byte          // range lists (linRangesMap), by id
+	rangeID map[string]uint32 // by content
 	uses    struct{ meta, ct, tcp, count, setMark, fam, proto bool }
 	cap     int   // records per generation
 	maxScan int   // longest list
@@ -239,7 +250,7 @@ func (c *compiler) record(r *grammar.Rule, i int, fx bool) ([]byte, error) {
 		if m == nil {
 			continue
 		}
-		off, shift, neg := recSaddr+20*j, recKindShift+4+2*j, uint32(recSaddrNeg<<j)
+		off, shift, neg := recSaddr+20*j, recKindShift+6+3*j, uint32(recSaddrNeg<<j)
 		kind, mfam := 0, 0
 		if m.Set != "" {
 			s, err := c.namedSet(m.Set, m.Span, grammar.SetIPv4Addr, grammar.SetIPv6Addr)
@@ -302,7 +313,7 @@ func (c *compiler) record(r *grammar.Rule, i int, fx bool) ([]byte, error) {
 		if m == nil {
 			continue
 		}
-		off, shift, neg := recSport+8*j, recKindShift+2*j, uint32(recSportNeg<<j)
+		off, shift, neg := recSport+16*j, recKindShift+3*j, uint32(recSportNeg<<j)
 		kind := kindRange
 		switch {
 		case m.Set != "":
@@ -311,11 +322,13 @@ func (c *compiler) record(r *grammar.Rule, i int, fx bool) ([]byte, error) {
 			}
 			kind = kindSet
 			put(off, c.linSet(m.Set))
-		case len(m.Ranges) == 1:
-			put(off, uint32(m.Ranges[0].Lo))
-			put(off+4, uint32(m.Ranges[0].Hi))
-		default:
+		case len(m.Ranges) <= recRanges:
+			copy(b[off:], packRanges(m.Ranges, recRanges))
+		case len(m.Ranges) <= listRanges:
 			kind = kindList
+			put(off, c.rangeList(m.Ranges))
+		default:
+			kind = kindBitmap
 			put(off, c.portList(m.Ranges))
 		}
 		flags |= uint32(kind) << shift
@@ -394,6 +407,40 @@ func (c *compiler) record(r *grammar.Rule, i int, fx bool) ([]byte, error) {
 	return b, nil
 }
 
+// packRanges lays out port ranges as n {u16 lo, u16 hi}, the unused ones
+// repeating the first (an empty list: a range no port is in).
+func packRanges(rs []grammar.PortRange, n int) []byte {
+	b := make([]byte, 4*n)
+	for k := 0; k < n; k++ {
+		r := grammar.PortRange{Lo: 1, Hi: 0}
+		if len(rs) > 0 {
+			r = rs[0]
+		}
+		if k < len(rs) {
+			r = rs[k]
+		}
+		binary.NativeEndian.PutUint16(b[4*k:], r.Lo)
+		binary.NativeEndian.PutUint16(b[4*k+2:], r.Hi)
+	}
+	return b
+}
+
+// rangeList returns the id of a port range list in linRangesMap.
+func (c *compiler) rangeList(rs []grammar.PortRange) uint32 {
+	t := c.lin
+	v := packRanges(rs, listRanges)
+	if id, ok := t.rangeID[string(v)]; ok {
+		return id
+	}
+	if t.rangeID == nil {
+		t.rangeID = map[string]uint32{}
+	}
+	id := uint32(len(t.ranges))
+	t.rangeID[string(v)] = id
+	t.ranges = append(t.ranges, v)
+	return id
+}
+
 // linSet returns the index of a named set in the callback's switch.
 func (c *compiler) linSet(name string) uint32 {
 	for i, s := range c.lin.sets {
@@ -405,10 +452,21 @@ func (c *compiler) linSet(name string) uint32 {
 	return uint32(len(c.lin.sets) - 1)
 }
 
-// linearMapSpec is the record map with generation 0.
-func (c *compiler) linearMapSpec() *ebpf.MapSpec {
+// linRangesMap holds the scan's port range lists (ARRAY, value listRanges
+// {u16 lo, u16 hi}), part of the program like the other anonymous lists.
+const linRangesMap = anonPrefix + "ranges"
+
+// linearMapSpecs adds the record map with generation 0, and the range lists.
+func (c *compiler) linearMapSpecs() {
 	t := c.lin
-	return &ebpf.MapSpec{
+	if len(t.ranges) > 0 {
+		m := &ebpf.MapSpec{Name: linRangesMap, Type: ebpf.Array, KeySize: 4, ValueSize: 4 * listRanges, MaxEntries: uint32(len(t.ranges))}
+		for i, v := range t.ranges {
+			m.Contents = append(m.Contents, ebpf.MapKV{Key: uint32(i), Value: v})
+		}
+		c.spec.Maps[linRangesMap] = m
+	}
+	c.spec.Maps[linearMap] = &ebpf.MapSpec{
 		Name: linearMap, Type: ebpf.Array, KeySize: 4, ValueSize: recSize, MaxEntries: uint32(2 * t.cap),
 		Contents: t.contents(0),
 	}

@@ -156,6 +156,10 @@ func (c *compiler) emitLinear(rules []*grammar.Rule, seg segment) error {
 // copy of each action list, and a segment is not cut when its bodies are
 // long.
 
+// poolHook: in hooks of more rules than this, every table segment's
+// terminal bodies are shared too (a large hook has many segments).
+const poolHook = 64
+
 // pooledBody returns the label of rule i's shared body.
 func (c *compiler) pooledBody(i int) string {
 	k := c.bodyKeys[i]
@@ -402,35 +406,59 @@ func (c *compiler) linHit(in, out, done, next string, neg int32) {
 func (c *compiler) linPort(j int, next string) {
 	t := c.lin
 	k := t.kinds[j]
-	if !k[kindRange] && !k[kindList] && !k[kindSet] {
+	if !k[kindRange] && !k[kindList] && !k[kindSet] && !k[kindBitmap] {
 		return
 	}
 	e := &c.e
-	off := int16(recSport + 8*j)
+	off := int16(recSport + 16*j)
 	pkt := int16(scanSport + 4*j)
 	neg := int32(recSportNeg << j)
 	name := []string{"sport", "dport"}[j]
 	done, in, out := "lin_"+name+"_ok", "lin_"+name+"_in", "lin_"+name+"_out"
 	e.emit(
 		mov(asm.R9, asm.R8),
-		asm.RSh.Imm(asm.R9, int32(recKindShift+2*j)),
-		asm.And.Imm(asm.R9, 3),
+		asm.RSh.Imm(asm.R9, int32(recKindShift+3*j)),
+		asm.And.Imm(asm.R9, 7),
 		asm.JEq.Imm(asm.R9, kindNone, done),
 		// An absent port never matches, negated or not.
 		ldx(asm.R1, asm.R6, pkt, asm.Word),
 		asm.JGT.Imm(asm.R1, 0xffff, next),
 	)
+	// ranges tests n {u16 lo, u16 hi} at base+at against the port in R1.
+	ranges := func(base asm.Register, at int16, n int) {
+		for r := 0; r < n; r++ {
+			skip := e.newLabel("lin_range")
+			e.emit(
+				ldx(asm.R2, base, at+int16(4*r), asm.Half),
+				asm.JLT.Reg(asm.R1, asm.R2, skip),
+				ldx(asm.R2, base, at+int16(4*r)+2, asm.Half),
+				asm.JLE.Reg(asm.R1, asm.R2, in),
+			)
+			e.label(skip)
+		}
+		e.emit(asm.Ja.Label(out))
+	}
 	if k[kindRange] {
-		notRange := e.newLabel("lin_" + name + "_map")
+		other := e.newLabel("lin_" + name + "_map")
+		e.emit(asm.JNE.Imm(asm.R9, kindRange, other))
+		ranges(asm.R7, off, recRanges)
+		e.label(other)
+	}
+	if k[kindList] {
+		other := e.newLabel("lin_" + name + "_list")
 		e.emit(
-			asm.JNE.Imm(asm.R9, kindRange, notRange),
-			ldx(asm.R2, asm.R7, off, asm.Word),
-			asm.JLT.Reg(asm.R1, asm.R2, out),
-			ldx(asm.R2, asm.R7, off+4, asm.Word),
-			asm.JGT.Reg(asm.R1, asm.R2, out),
-			asm.Ja.Label(in),
+			asm.JNE.Imm(asm.R9, kindList, other),
+			ldx(asm.R1, asm.R7, off, asm.Word),
+			stx(asm.R6, scanKey, asm.R1, asm.Word),
+			asm.LoadMapPtr(asm.R1, 0).WithReference(linRangesMap),
+			mov(asm.R2, asm.R6),
+			asm.Add.Imm(asm.R2, scanKey),
+			asm.FnMapLookupElem.Call(),
+			asm.JEq.Imm(asm.R0, 0, next),
+			ldx(asm.R1, asm.R6, pkt, asm.Word),
 		)
-		e.label(notRange)
+		ranges(asm.R0, 0, listRanges)
+		e.label(other)
 	}
 	// bitmap tests the port's bit in a bitmap map whose key is at scanKey
 	// (a named set: through its outer map).
@@ -460,15 +488,15 @@ func (c *compiler) linPort(j int, next string) {
 			asm.Ja.Label(in),
 		)
 	}
-	if k[kindList] {
-		notList := e.newLabel("lin_" + name + "_set")
+	if k[kindBitmap] {
+		other := e.newLabel("lin_" + name + "_set")
 		e.emit(
-			asm.JNE.Imm(asm.R9, kindList, notList),
+			asm.JNE.Imm(asm.R9, kindBitmap, other),
 			ldx(asm.R1, asm.R7, off, asm.Word),
 			stx(asm.R6, scanKey, asm.R1, asm.Word),
 		)
 		bitmap(anonPortsMap, false)
-		e.label(notList)
+		e.label(other)
 	}
 	if k[kindSet] {
 		e.emit(asm.JNE.Imm(asm.R9, kindSet, next))
@@ -480,7 +508,6 @@ func (c *compiler) linPort(j int, next string) {
 			e.emit(
 				ldx(asm.R1, asm.R7, off, asm.Word),
 				asm.JNE.Imm(asm.R1, int32(si), other),
-				sti(asm.R6, scanKey, 0, asm.Word),
 			)
 			bitmap(SetMapPrefix+s, true)
 			e.label(other)
@@ -505,8 +532,8 @@ func (c *compiler) linAddr(j int, next string) {
 	done, in, out := "lin_"+name+"_ok", "lin_"+name+"_in", "lin_"+name+"_out"
 	e.emit(
 		mov(asm.R9, asm.R8),
-		asm.RSh.Imm(asm.R9, int32(recKindShift+4+2*j)),
-		asm.And.Imm(asm.R9, 3),
+		asm.RSh.Imm(asm.R9, int32(recKindShift+6+3*j)),
+		asm.And.Imm(asm.R9, 7),
 		asm.JEq.Imm(asm.R9, kindNone, done),
 	)
 	if k[kindRange] {

@@ -162,7 +162,7 @@ func (c *compiler) segment(rules []*grammar.Rule, seg segment) error {
 	for cl, i := range classes {
 		r := rules[i]
 		e.label(label(cl))
-		if len(seg.linear) > 0 && terminal(r) {
+		if (len(seg.linear) > 0 || len(rules) > poolHook) && terminal(r) {
 			// Shared with every segment (linscan.go: bodyPool).
 			e.emit(asm.LongJump(c.pooledBody(i)))
 			continue
@@ -387,7 +387,7 @@ func (c *compiler) tableMaps() {
 		return
 	}
 	if c.lin != nil {
-		c.spec.Maps[linearMap] = c.linearMapSpec()
+		c.linearMapSpecs()
 	}
 	c.spec.Maps[abi.ControlMap] = &ebpf.MapSpec{
 		Name: abi.ControlMap, Type: ebpf.Array, KeySize: 4, ValueSize: 8, MaxEntries: 1,
