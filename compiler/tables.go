@@ -87,8 +87,10 @@ func (c *compiler) segment(rules []*grammar.Rule, seg segment) error {
 	if slices.ContainsFunc(seg.shapes, func(sh *shape) bool { return sh.perfect != nil }) {
 		c.perfectBase(end)
 	}
-	if err := c.lookups(seg.shapes); err != nil {
-		return err
+	if len(seg.shapes) > 0 { // none: a segment of scanned rules (linear.go)
+		if err := c.lookups(seg.shapes); err != nil {
+			return err
+		}
 	}
 	// The bodies of the segment's table and linear rules, one per
 	// distinct body (known before emitLinear, which stores them).
