@@ -1,7 +1,9 @@
 package compiler_test
 
 import (
+	"encoding/binary"
 	"fmt"
+	"net/netip"
 	"slices"
 	"strings"
 	"testing"
@@ -62,5 +64,77 @@ func TestPerfectTablesDifferential(t *testing.T) {
 	t.Logf("%v; %d rulesets with port-indexed tables", d, portTables)
 	if portTables == 0 {
 		t.Error("no ruleset had more one-port shapes than port arrays")
+	}
+}
+
+// A perfect-hash table rebuilt without compiling (RebuildPerfect, what the
+// datapath does for one changed rule) is read by the loaded program: the
+// matching rule's key moved from port 4739 to 2055 in the spare
+// generation, then the switch.
+func TestRebuildPerfectLoaded(t *testing.T) {
+	opts := compiler.Options{Hook: grammar.HookEgress}
+	rules := append(mixedShapes(69), matchingIPFIX(70))
+	p, err := compiler.Compile(rules, nil, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	layout, _ := p.Layout()
+	var pl *compiler.PerfectLayout
+	for _, seg := range layout.Segments {
+		for _, sh := range seg.Shapes {
+			if strings.HasPrefix(sh.Key, "key(saddr,dport) ip saddr 0.0.0.0 udp") {
+				pl = sh.PerfectLayout
+			}
+		}
+	}
+	if pl == nil {
+		t.Fatal("no perfect-hash table for the saddr+dport shape")
+	}
+	live := p.TableContents(0)[abi.PerfectTables][0].Value.([]byte)
+	key := func(port uint32) []byte {
+		return binary.NativeEndian.AppendUint32(netip.MustParseAddr("192.0.2.1").AsSlice(), port)
+	}
+	v, ok := compiler.LookupPerfect(live, pl, key(4739))
+	if !ok || v.Prio != 70 {
+		t.Fatalf("LookupPerfect of rule 69's key: %+v %v", v, ok)
+	}
+	blob, ok := compiler.RebuildPerfect(live, pl, []compiler.PerfectEntry{{Key: key(2055), Value: v}}, [][]byte{key(4739)})
+	if !ok {
+		t.Fatal("not rebuilt")
+	}
+
+	l := compileLoad(t, rules, nil, opts)
+	to4739, to2055 := udpPkt(t, false, 40000, 4739, nil), udpPkt(t, false, 40000, 2055, nil)
+	if r := l.run(t, to4739, 0); r.ret != compiler.VerdictPass {
+		t.Fatalf("before: port 4739 verdict %d", r.ret)
+	}
+	if err := l.coll.Maps[abi.PerfectTables].Put(uint32(1), blob); err != nil {
+		t.Fatal(err)
+	}
+	if r := l.run(t, to4739, 0); r.ret != compiler.VerdictPass {
+		t.Fatalf("spare generation written, not switched: port 4739 verdict %d", r.ret)
+	}
+	// The other tables' generation 1 (the port array) as generation 0.
+	for name, kvs := range p.TableContents(1) {
+		if name == abi.PerfectTables {
+			continue
+		}
+		for _, kv := range kvs {
+			if err := l.coll.Maps[name].Put(kv.Key, kv.Value); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	if err := l.coll.Maps[abi.ControlMap].Put(uint32(0), abi.Control{Generation: 1, NoRule: abi.NoRule}); err != nil {
+		t.Fatal(err)
+	}
+	if r := l.run(t, to4739, 0); r.ret != compiler.VerdictNext {
+		t.Fatalf("after: port 4739 verdict %d, want no match", r.ret)
+	}
+	if r := l.run(t, to2055, 0); r.ret != compiler.VerdictPass {
+		t.Fatalf("after: port 2055 verdict %d", r.ret)
+	}
+	if c := l.counter(t, 69); c.Packets != 3 {
+		t.Fatalf("rule 69 counted %d packets, want 3", c.Packets)
 	}
 }
