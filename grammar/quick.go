@@ -18,8 +18,9 @@ import (
 // structs, with the same positions and tokens, that the grammar would. It
 // runs at three levels, each falling back to the next:
 //   - parseQuickFile (quickfile.go) reads a whole file made of rules,
-//     interface blocks, defines, `flush ruleset` and add/insert/replace
-//     rule from its own token array, without participle;
+//     interface blocks, defines, named sets, `flush ruleset`,
+//     add/insert/replace rule and add/delete element from its own token
+//     array, without participle;
 //   - inside participle's parse (participle.ParseTypeWith, its extension
 //     point for custom productions), parseQuickLines reads the body of a
 //     hook block and parseQuickRule a single rule, from participle's token

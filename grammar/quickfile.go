@@ -10,7 +10,8 @@ import "github.com/alecthomas/participle/v2/lexer"
 // the CPU of a 10 000-rule parse, and twice the array's memory at the
 // peak). parseQuickFile lexes into an array of the right size and reads
 // the statements large rulesets are made of — rules, interface blocks,
-// `define`, `flush ruleset`, `add|insert|replace rule` — with the same
+// `define`, named sets, `flush ruleset`, `add|insert|replace rule`,
+// `add|delete element` — with the same
 // structs, positions and tokens the grammar gives. At any other statement
 // or anything it does not read with certainty it returns nil, and the file
 // is parsed by participle (with the quick path for rules and hook blocks).
