@@ -115,7 +115,9 @@ func (b *Backend) writeCache(cur, g *bpf.Gen, st *liveState, rs *ruleset.Ruleset
 	if key == nil {
 		return
 	}
-	if base := b.cache; base != nil && cur != nil {
+	base := b.cache
+	b.cache = nil // the base of the next commit is what the next Load reads
+	if base != nil && cur != nil {
 		p := &cachePatch{Base: base.key, Key: key, Sets: rs.Sets, NextHandle: rs.NextHandle}
 		for _, ifc := range rs.Interfaces {
 			for _, h := range []grammar.Hook{grammar.HookIngress, grammar.HookEgress} {

@@ -96,6 +96,15 @@ func TestInsertDeleteInTheMiddle(t *testing.T) {
 		if len(rules) != 401 || rules[300].Handle != added || rules[301].Handle != h300 {
 			t.Fatalf("round %d: the rule was not inserted before rule 300", round)
 		}
+		// The rules cache is the previous one plus a patch, and reads back.
+		nb := New(Options{Root: e.root})
+		e.do(t, func() error {
+			rs, err := nb.Load()
+			if err == nil && (nb.cache == nil || len(rs.Interface("vb").Ingress) != 401) {
+				t.Errorf("round %d: the patched rules cache was not used", round)
+			}
+			return err
+		})
 		if c := counters[added]; c.Packets != 4 {
 			t.Errorf("round %d: inserted rule counted %+v, want 4 packets (a reused slot starts from zero)", round, c)
 		}
