@@ -150,30 +150,32 @@ func (b *Backend) writeCache(cur, g *bpf.Gen, st *liveState, rs *ruleset.Ruleset
 
 // readCache returns the trees of st's rules from g's cache, nil when there
 // is no cache that matches. It notes the base for the next writeCache.
-func (b *Backend) readCache(g *bpf.Gen, st *liveState) *ruleset.Ruleset {
+//
+// pre, when not nil, is g's cache read and decoded meanwhile (prefetch).
+func (b *Backend) readCache(g *bpf.Gen, st *liveState, pre <-chan *decodedCache) *ruleset.Ruleset {
 	b.cache = nil
 	key := cacheKey(st)
 	if key == nil {
 		return nil
 	}
-	data, err := g.ReadBlob(cacheBlob)
-	if err != nil || len(data) < len(key) {
-		return nil
+	var dc *decodedCache
+	if pre != nil {
+		if dc = <-pre; dc != nil && dc.gen != g.N {
+			dc = nil // a commit was finished in between: read again
+		}
 	}
-	whole := bytes.Equal(data[:len(key)], key)
-	var p cachePatch
-	if !whole {
-		pdata, err := g.ReadBlob(patchBlob)
-		if err != nil || pdata == nil || gob.NewDecoder(bytes.NewReader(pdata)).Decode(&p) != nil ||
-			!bytes.Equal(p.Key, key) || !bytes.Equal(p.Base, data[:len(key)]) {
+	if dc == nil {
+		if dc = decodeCache(g); dc == nil {
 			return nil
 		}
 	}
-	var rs ruleset.Ruleset
-	if err := gob.NewDecoder(bytes.NewReader(data[len(key):])).Decode(&rs); err != nil {
+	data, rs := dc.key, dc.rs
+	whole := bytes.Equal(data, key)
+	p := dc.patch
+	if !whole && (p == nil || !bytes.Equal(p.Key, key) || !bytes.Equal(p.Base, data)) {
 		return nil
 	}
-	base := &cacheBase{key: data[:len(key)], rules: map[*grammar.Rule]bool{}}
+	base := &cacheBase{key: data, rules: map[*grammar.Rule]bool{}}
 	byHandle := map[uint64]*grammar.Rule{}
 	for _, ifc := range rs.Interfaces {
 		for _, r := range append(ifc.Ingress, ifc.Egress...) {
@@ -183,7 +185,7 @@ func (b *Backend) readCache(g *bpf.Gen, st *liveState) *ruleset.Ruleset {
 	}
 	b.cache = base
 	if whole {
-		return &rs
+		return rs
 	}
 	for _, r := range p.Rules {
 		byHandle[r.Handle] = r
@@ -208,5 +210,53 @@ func (b *Backend) readCache(g *bpf.Gen, st *liveState) *ruleset.Ruleset {
 			ifc.Ingress = rules
 		}
 	}
+	return out
+}
+
+// decodedCache is a generation's rules cache, decoded: the base's key and
+// trees, and the patch on it if there is one.
+type decodedCache struct {
+	gen   uint64
+	key   []byte
+	rs    *ruleset.Ruleset
+	patch *cachePatch
+}
+
+const cacheKeyLen = sha256.Size
+
+// decodeCache reads and decodes g's cache (nil if it has none or it is
+// corrupt); whether it matches the state record is readCache's call.
+func decodeCache(g *bpf.Gen) *decodedCache {
+	data, err := g.ReadBlob(cacheBlob)
+	if err != nil || len(data) < cacheKeyLen {
+		return nil
+	}
+	dc := &decodedCache{gen: g.N, key: data[:cacheKeyLen], rs: &ruleset.Ruleset{}}
+	if err := gob.NewDecoder(bytes.NewReader(data[cacheKeyLen:])).Decode(dc.rs); err != nil {
+		return nil
+	}
+	if pdata, err := g.ReadBlob(patchBlob); err == nil && pdata != nil {
+		var p cachePatch
+		if gob.NewDecoder(bytes.NewReader(pdata)).Decode(&p) == nil {
+			dc.patch = &p
+		}
+	}
+	return dc
+}
+
+// prefetchCache decodes the committed generation's cache in a goroutine,
+// while the caller decodes the state record (two cores: about the time of
+// the longer of the two instead of their sum).
+func (b *Backend) prefetchCache() <-chan *decodedCache {
+	s, err := b.existing()
+	if err != nil || s == nil {
+		return nil
+	}
+	g, err := s.Current()
+	if err != nil || g == nil {
+		return nil
+	}
+	out := make(chan *decodedCache, 1)
+	go func() { out <- decodeCache(g) }()
 	return out
 }

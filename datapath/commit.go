@@ -734,12 +734,13 @@ func (b *Backend) snapshot() (*bpf.Store, *bpf.Gen, *liveState, error) {
 // Load returns the live ruleset: what was committed, minus the hooks whose
 // program is no longer attached (interface deleted, filter removed by hand).
 func (b *Backend) Load() (*ruleset.Ruleset, error) {
+	pre := b.prefetchCache()
 	s, g, st, err := b.snapshot()
 	if err != nil || st == nil {
 		return &ruleset.Ruleset{NextHandle: 1}, err
 	}
 	live := func(h *hookState) bool { return b.attached(s, h.id()) }
-	if rs := b.readCache(g, st); rs != nil {
+	if rs := b.readCache(g, st, pre); rs != nil {
 		for _, h := range st.hooks() {
 			if !live(h) {
 				if ifc := rs.Interface(h.ifname); ifc != nil {
