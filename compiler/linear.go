@@ -116,6 +116,7 @@ type linearTable struct {
 	cap     int   // records per generation
 	maxScan int   // longest list
 	capRefs []int // instructions that hold linCapSymbol until linearFinish
+	used    int   // entries of a generation before the zero tail
 }
 
 // scanned marks the rules whose every shape fewer than minTableRules rules
@@ -468,7 +469,7 @@ func (c *compiler) linearMapSpecs() {
 	}
 	c.spec.Maps[linearMap] = &ebpf.MapSpec{
 		Name: linearMap, Type: ebpf.Array, KeySize: 4, ValueSize: recSize, MaxEntries: uint32(2 * t.cap),
-		Contents: t.contents(0),
+		Contents: t.contents(0)[:t.used], // a new array is zeros already
 	}
 }
 
@@ -493,6 +494,7 @@ func (t *linearTable) contents(gen uint32) []ebpf.MapKV {
 		out = append(out, ebpf.MapKV{Key: key(at), Value: make([]byte, recSize)})
 		at++
 	}
+	t.used = at
 	zero := make([]byte, recSize)
 	for ; at < t.cap; at++ {
 		out = append(out, ebpf.MapKV{Key: key(at), Value: zero})
