@@ -424,3 +424,26 @@ func TestRecordUpdateWithoutReload(t *testing.T) {
 		l.coll.Close()
 	}
 }
+
+// A rule that keys on nothing after rules without a terminal action that
+// share a table: when one of those matches (and counts), the later rule is
+// still tested (classify keeps it out of their segment).
+func TestRuleAfterNonTerminalTable(t *testing.T) {
+	var rules []*grammar.Rule
+	for k := 0; k < 20; k++ {
+		rules = append(rules, &grammar.Rule{Handle: uint64(k + 1), Family: grammar.FamilyIPv4, Proto: grammar.ProtoUDP, Dport: ports(uint16(4730 + k)), Counter: true})
+	}
+	rules = append(rules, &grammar.Rule{Handle: 21, Family: grammar.FamilyIPv4, Proto: grammar.ProtoUDP,
+		Sport: &grammar.PortMatch{Neg: true, Ranges: []grammar.PortRange{{Lo: 7, Hi: 7}}}, Counter: true,
+		Actions: []*grammar.Action{act(grammar.ActAccept, 0)}})
+	l := compileLoad(t, rules, nil, compiler.Options{Hook: grammar.HookEgress})
+	if r := l.run(t, udpPkt(t, false, 40000, 4739, nil), 0); r.ret != compiler.VerdictPass {
+		t.Fatalf("verdict %d, want the last rule's accept", r.ret)
+	}
+	if c := l.counter(t, 9); c.Packets != 1 {
+		t.Fatalf("rule 9 (dport 4739) counted %d packets, want 1", c.Packets)
+	}
+	if c := l.counter(t, 20); c.Packets != 1 {
+		t.Fatalf("the last rule counted %d packets, want 1", c.Packets)
+	}
+}
