@@ -56,6 +56,13 @@ const (
 	// fit keep hash tables.
 	maxPerfectBytes = 4 << 20
 	perfectHeader   = 24
+	// maxPerfectShapes bounds the perfect-hash tables of a program: a
+	// probe is about twice the code of a hash table lookup, and with many
+	// shapes the verifier walks each shape's code many times (1 000 mixed
+	// rules of 40 templates: +40-70 % processed instructions over hash
+	// tables with no bound, +10 % with 8). Past it, shapes keep hash
+	// tables; the per-packet cost is then mostly the number of shapes.
+	maxPerfectShapes = 8
 )
 
 // keyWord is where the program finds one 32-bit word of a shape's key.

@@ -138,3 +138,32 @@ func TestRebuildPerfectLoaded(t *testing.T) {
 		t.Fatalf("rule 69 counted %d packets, want 3", c.Packets)
 	}
 }
+
+// A hook of many shapes gives perfect-hash tables to the first eight
+// (the verifier walks their longer probes once per state) and hash
+// tables to the rest.
+func TestPerfectShapesBounded(t *testing.T) {
+	g := diffSeed(t)
+	sets := g.sets()
+	rules := g.mixedRules(400, 30, sets)
+	p, err := compiler.Compile(rules, sets, compiler.Options{Hook: grammar.HookEgress})
+	if err != nil {
+		t.Fatal(err)
+	}
+	layout, _ := p.Layout()
+	perfect, hashed := 0, 0
+	for _, seg := range layout.Segments {
+		for _, sh := range seg.Shapes {
+			switch {
+			case sh.Perfect && !sh.PerfectLayout.Port:
+				perfect++
+			case !sh.Perfect && !sh.Array:
+				hashed++
+			}
+		}
+	}
+	t.Logf("%d perfect-hash tables, %d hash tables", perfect, hashed)
+	if perfect != 8 || hashed == 0 {
+		t.Fatalf("%d perfect-hash and %d hash tables, want 8 and some", perfect, hashed)
+	}
+}

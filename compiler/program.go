@@ -88,8 +88,9 @@ type compiler struct {
 	portArrays           int                 // port-array tables made
 	// perfectSize: bytes of a generation of the perfect-hash tables;
 	// perfectBlob: its value, built once the bodies are known.
-	perfectSize int
-	perfectBlob []byte
+	perfectSize   int
+	perfectBlob   []byte
+	perfectShapes int // shapes with perfect-hash tables (not port-indexed)
 	// extraTables: maps of another path (emitLinear) whose contents are
 	// per generation like the rule tables': listed in Program.Tables, their
 	// contents from TableContents. Their MapSpecs are added by that path.

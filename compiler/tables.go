@@ -30,8 +30,8 @@ func tableName(words int) string { return fmt.Sprintf("%s%d", abi.TablePrefix, 1
 // place gives the segments' shapes their ids and tables: a port array for
 // a shape keyed on one port (a few per program, then a port-indexed table
 // in the perfect-hash tables' value), a perfect-hash table for others
-// while the value stays under 4 MiB (perfect.go), else a hash table per
-// key size.
+// while the value stays under 4 MiB and the program has fewer than
+// maxPerfectShapes of them (perfect.go), else a hash table per key size.
 func (c *compiler) place(segs []segment) {
 	for si := range segs {
 		for _, sh := range segs[si].shapes {
@@ -49,10 +49,14 @@ func (c *compiler) place(segs []segment) {
 			case sh.portOnly() && c.perfectSize+portTableSize <= maxPerfectBytes:
 				sh.perfect, sh.table = newPortTable(sh, c.perfectSize), perfectMap
 				c.perfectSize += portTableSize
+			case c.perfectShapes >= maxPerfectShapes:
+				// Many shapes: hash tables, whose lookups are shorter
+				// code for the verifier to walk.
 			default:
 				if t := newPerfectTable(sh, c.perfectSize); t != nil {
 					sh.perfect, sh.table = t, perfectMap
 					c.perfectSize += t.size
+					c.perfectShapes++
 				}
 			}
 			c.tables[sh.table] = append(c.tables[sh.table], sh)
