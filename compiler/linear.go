@@ -2,6 +2,7 @@ package compiler
 
 import (
 	"encoding/binary"
+	"strings"
 
 	"github.com/cilium/ebpf"
 	"github.com/sfunnel/sfunnel/abi"
@@ -214,10 +215,26 @@ func (c *compiler) fxInScan(r *grammar.Rule) bool {
 // scanBodyKey is the body key of a rule whose counter and mark set the scan
 // does: its body has only the actions (the counter flag stays in the key:
 // the body's exits take a packet they leave alone back out of the counter).
+//
+// The family is left out: the body is emitted as for a rule of either
+// family (bodyRule), which a packet of the record's family runs the same
+// way, so rules that differ in family only share one body.
 func scanBodyKey(r *grammar.Rule) string {
 	b := *r
-	b.SetMetaMark, b.SetCtMark = nil, nil
+	b.SetMetaMark, b.SetCtMark, b.Family = nil, nil, grammar.FamilyAny
 	return "scan: " + bodyKey(&b)
+}
+
+// bodyRule is the rule a body of class key is emitted from: for a key of
+// scanBodyKey, rule r with either family, and whether the scan did its
+// counter and mark set.
+func bodyRule(r *grammar.Rule, key string) (*grammar.Rule, bool) {
+	if !strings.HasPrefix(key, "scan: ") {
+		return r, false
+	}
+	b := *r
+	b.Family = grammar.FamilyAny
+	return &b, true
 }
 
 // record encodes rule i.

@@ -2,7 +2,6 @@ package compiler
 
 import (
 	"fmt"
-	"strings"
 
 	"github.com/cilium/ebpf/asm"
 	"github.com/cilium/ebpf/btf"
@@ -187,7 +186,7 @@ func (c *compiler) bodyPool(rules []*grammar.Rule) error {
 	defer func() { c.dynRule = false }()
 	for n, i := range c.pool {
 		c.maybeStubs()
-		r := rules[i]
+		r, fx := bodyRule(rules[i], c.bodyKeys[i])
 		e.label(fmt.Sprintf("pool_body%d", n))
 		e.comment("shared body %d, as rule %d handle %d: %s", n, i, r.Handle, Describe(r))
 		e.owner = i + 1
@@ -203,7 +202,7 @@ func (c *compiler) bodyPool(rules []*grammar.Rule) error {
 		if r.Proto != grammar.ProtoAny {
 			e.emit(ldx(asm.R1, asm.R10, slotProto, asm.DWord), asm.JNE.Imm(asm.R1, int32(r.Proto.Number()), c.exit("next")))
 		}
-		c.fxDone = strings.HasPrefix(c.bodyKeys[i], "scan: ")
+		c.fxDone = fx
 		err := c.body(i, r, c.exit("next"))
 		c.fxDone = false
 		e.owner = 0

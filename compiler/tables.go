@@ -4,7 +4,6 @@ import (
 	"encoding/binary"
 	"fmt"
 	"slices"
-	"strings"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/asm"
@@ -173,6 +172,7 @@ func (c *compiler) segment(rules []*grammar.Rule, seg segment) error {
 			e.emit(asm.LongJump(c.pooledBody(i)))
 			continue
 		}
+		r, fx := bodyRule(r, c.bodyKeys[i])
 		e.comment("body %d, as rule %d handle %d: %s", cl, i, r.Handle, Describe(r))
 		e.owner = i + 1
 		// The rule's family and protocol again: the packet has them (its
@@ -189,7 +189,7 @@ func (c *compiler) segment(rules []*grammar.Rule, seg segment) error {
 		if r.Proto != grammar.ProtoAny {
 			e.emit(ldx(asm.R1, asm.R10, slotProto, asm.DWord), asm.JNE.Imm(asm.R1, int32(r.Proto.Number()), end))
 		}
-		c.fxDone = strings.HasPrefix(c.bodyKeys[i], "scan: ")
+		c.fxDone = fx
 		err := c.body(i, r, end)
 		c.fxDone = false
 		e.owner = 0
