@@ -122,19 +122,18 @@ const uniqueNotes = `
   buys is that any such ruleset loads and stays far from the verifier's limit. Not done: records
   grouped by family and protocol (a packet would skip the others), records read with plain loads
   from one array value like the perfect-hash tables (no helper call per record), a skip index.
-- Verifier work (TestUniqueShapeSweep, SFUNNEL_SWEEP=1, eight action lists, one seed per size,
-  2026-11-30 ~03:00 UTC, loaded machine): 50 rules 124 427 processed instructions, 100: 294 930,
-  200: 375 477, 400: 239 943, 800: 142 204, 1 600: 73 540, 3 200: 376 774, 10 000: 416 041,
-  30 000: 107 816, 100 000: 310 450 (limit 1 000 000); compile 11.4 s and load 23 s for
-  100 000 at load average ~15. TestHundredThousandUniqueShapes (03:06 UTC, load average 8):
-  10 303 instructions, 412 853 processed, compiled in 4.5 s, loaded in 8.5 s, 14.8 s for the whole
-  test with 60 packets against the reference model; at 03:18 UTC, once bodies of scanned rules
-  leave out the family (rules differing in family only share a body): 5 506 instructions, 220 276
-  processed, compiled in 1.8 s, loaded in 3.6 s, 6.1 s for the test. Before the scan, 100 such
-  rules were refused at 1 000 001 (50 took 124 000-200 000). What
-  varies with the seed is the action code: each distinct action list (with family, protocol,
-  counter) is a body the verifier walks once per way the parse guard reaches it; with every rule
-  drawing its own random actions, 100 rules still exceed the limit (sfunnel(8) BUGS).
+- Verifier work (TestUniqueShapeSweep, SFUNNEL_SWEEP=1, one seed per size, 2026-11-30 03:25 UTC,
+  quiet machine), processed instructions (limit 1 000 000) for 50 / 100 / 200 / 400 / 800 / 1 600 /
+  3 200 / 10 000 / 30 000 / 100 000 rules: with eight action lists 143 680 / 311 020 / 399 081 /
+  164 346 / 83 216 / 42 281 / 191 456 / 214 887 / 61 536 / 172 157 (100 000: compile 1.4 s, load
+  2.4 s); with 32 random action lists 252 256 / 425 993 / 356 463 / 401 230 / 383 356 / 339 148 /
+  464 055 / 645 224 / 513 822 / 802 214 (100 000: compile 1.3 s, load 5.3 s). Before the scan,
+  100 such rules were refused at 1 000 001 (50 took 124 000-200 000). What varies with the seed
+  and grows with the action lists is the action code: each distinct action list (with protocol
+  and counter) is a body the verifier walks once per way the parse guard reaches it; with every
+  rule drawing its own random actions, 100 rules still exceed the limit (sfunnel(8) BUGS).
+  TestHundredThousandUniqueShapes: 5 506 instructions, 220 276 processed, compile 1.8 s, load
+  3.6 s (load average 8).
 `
 
 // writeSection replaces (or appends) the part of BENCHMARKS.md between
