@@ -142,6 +142,30 @@ func mov(dst, src asm.Register) asm.Instruction { return asm.Mov.Reg(dst, src) }
 func movi(dst asm.Register, v int32) asm.Instruction {
 	return asm.Mov.Imm(dst, v)
 }
+
+// bump adds one to the u64 that a map lookup returned in R0, or jumps to
+// skip when the lookup found nothing.
+func bump(skip string) asm.Instructions {
+	return asm.Instructions{
+		asm.JEq.Imm(asm.R0, 0, skip),
+		ldx(asm.R1, asm.R0, 0, asm.DWord),
+		asm.Add.Imm(asm.R1, 1),
+		stx(asm.R0, 0, asm.R1, asm.DWord),
+	}
+}
+
+// countPacket adds one packet and the u32 length at lenPtr+lenOff to the
+// abi.Counter that a map lookup returned in R0, or jumps to skip when the
+// lookup found nothing. Clobbers R1 and R2.
+func countPacket(skip string, lenPtr asm.Register, lenOff int16) asm.Instructions {
+	return append(bump(skip),
+		ldx(asm.R1, asm.R0, 8, asm.DWord),
+		ldx(asm.R2, lenPtr, lenOff, asm.Word),
+		asm.Add.Reg(asm.R1, asm.R2),
+		stx(asm.R0, 8, asm.R1, asm.DWord),
+	)
+}
+
 func ldx(dst, src asm.Register, off int16, size asm.Size) asm.Instruction {
 	return asm.LoadMem(dst, src, off, size)
 }

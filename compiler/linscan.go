@@ -333,15 +333,8 @@ func (c *compiler) linearCallback() {
 			mov(asm.R2, asm.R6),
 			asm.Add.Imm(asm.R2, scanKey),
 			asm.FnMapLookupElem.Call(),
-			asm.JEq.Imm(asm.R0, 0, done),
-			ldx(asm.R1, asm.R0, 0, asm.DWord),
-			asm.Add.Imm(asm.R1, 1),
-			stx(asm.R0, 0, asm.R1, asm.DWord),
-			ldx(asm.R1, asm.R0, 8, asm.DWord),
-			ldx(asm.R2, asm.R6, scanLen, asm.Word),
-			asm.Add.Reg(asm.R1, asm.R2),
-			stx(asm.R0, 8, asm.R1, asm.DWord),
 		)
+		e.emit(countPacket(done, asm.R6, scanLen)...)
 		e.label(done)
 	}
 	if t.uses.setMark {

@@ -30,21 +30,11 @@ func (c *compiler) mtuCheck(rule int) {
 	c.ruleKey(rule)
 	c.lookup(RuleMTUMap, slotKey)
 	skip := e.newLabel("mtu_rule")
-	e.emit(
-		asm.JEq.Imm(asm.R0, 0, skip),
-		ldx(asm.R1, asm.R0, 0, asm.DWord),
-		asm.Add.Imm(asm.R1, 1),
-		stx(asm.R0, 0, asm.R1, asm.DWord),
-	)
+	e.emit(bump(skip)...)
 	e.label(skip)
 	e.emit(sti(asm.R10, slotKey, StatMTUExceeded, asm.Word))
 	c.lookup(StatsMap, slotKey)
-	e.emit(
-		asm.JEq.Imm(asm.R0, 0, ok),
-		ldx(asm.R1, asm.R0, 0, asm.DWord),
-		asm.Add.Imm(asm.R1, 1),
-		stx(asm.R0, 0, asm.R1, asm.DWord),
-	)
+	e.emit(bump(ok)...)
 	e.label(ok)
 }
 

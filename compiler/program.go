@@ -698,22 +698,12 @@ func (c *compiler) exits() {
 		e.comment("stats[key]++, stats[(rule+1)*NumStats+key]++, pass untouched")
 		c.lookup(StatsMap, slotKey)
 		ruleStats := e.newLabel("rule_stats")
-		e.emit(
-			asm.JEq.Imm(asm.R0, 0, ruleStats),
-			ldx(asm.R1, asm.R0, 0, asm.DWord),
-			asm.Add.Imm(asm.R1, 1),
-			stx(asm.R0, 0, asm.R1, asm.DWord),
-		)
+		e.emit(bump(ruleStats)...)
 		e.label(ruleStats)
 		e.emit(ldx(asm.R1, asm.R10, slotT3, asm.DWord), stx(asm.R10, slotKey, asm.R1, asm.Word))
 		c.lookup(StatsMap, slotKey)
 		counted := e.newLabel("rule_counted")
-		e.emit(
-			asm.JEq.Imm(asm.R0, 0, counted),
-			ldx(asm.R1, asm.R0, 0, asm.DWord),
-			asm.Add.Imm(asm.R1, 1),
-			stx(asm.R0, 0, asm.R1, asm.DWord),
-		)
+		e.emit(bump(counted)...)
 		e.label(counted)
 		e.comment("the rule's counter counts what it transformed: take the packet back")
 		e.emit(

@@ -109,16 +109,7 @@ func (c *compiler) body(i int, r *grammar.Rule, next string) error {
 		c.ruleKey(i)
 		c.lookup(CountersMap, slotKey)
 		done := e.newLabel("counted")
-		e.emit(
-			asm.JEq.Imm(asm.R0, 0, done),
-			ldx(asm.R1, asm.R0, 0, asm.DWord),
-			asm.Add.Imm(asm.R1, 1),
-			stx(asm.R0, 0, asm.R1, asm.DWord),
-			ldx(asm.R1, asm.R0, 8, asm.DWord),
-			ldx(asm.R2, asm.R6, skbLen, asm.Word),
-			asm.Add.Reg(asm.R1, asm.R2),
-			stx(asm.R0, 8, asm.R1, asm.DWord),
-		)
+		e.emit(countPacket(done, asm.R6, skbLen)...)
 		e.label(done)
 	}
 	if s := r.SetMetaMark; s != nil && !c.fxDone {

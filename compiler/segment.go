@@ -94,12 +94,7 @@ func (c *compiler) segExit() {
 	e.emit(sti(asm.R10, slotKey, StatSegmented, asm.Word))
 	c.lookup(StatsMap, slotKey)
 	done := e.newLabel("seg_counted")
-	e.emit(
-		asm.JEq.Imm(asm.R0, 0, done),
-		ldx(asm.R1, asm.R0, 0, asm.DWord),
-		asm.Add.Imm(asm.R1, 1),
-		stx(asm.R0, 0, asm.R1, asm.DWord),
-	)
+	e.emit(bump(done)...)
 	e.label(done)
 	e.emit(
 		movi(asm.R1, int32(c.opts.SegIfindex)),

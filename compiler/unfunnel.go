@@ -99,13 +99,7 @@ func (c *compiler) unfunnelFrom(fam int, outer, inner grammar.Proto) {
 		asm.FnSkbAdjustRoom.Call(),
 		asm.JNE.Imm(asm.R0, 0, c.stat(StatHelperFailed)),
 	)
-	c.reload()
-	e.emit(
-		mov(asm.R1, asm.R7),
-		asm.Add.Imm(asm.R1, int32(l4+checkIn+2)),
-		asm.JGT.Reg(asm.R1, asm.R8, c.exit("pass")),
-	)
-	c.readSummed()
+	c.afterPop(l4 + checkIn + 2)
 	c.ipHeader(fam, varDelta, outer.Number(), inner.Number(), false)
 	e.comment("inner checksum gets the addresses back (last: it may move the packet)")
 	c.pseudoCsum(l4+checkIn, inner == grammar.ProtoUDP, func() { c.addrSumRaw(fam, asm.R4) })
@@ -146,17 +140,24 @@ func (c *compiler) unfunnelFixed(fam int, inner grammar.Proto, done string) {
 		asm.FnSkbAdjustRoom.Call(),
 		asm.JNE.Imm(asm.R0, 0, c.stat(StatHelperFailed)),
 	)
-	c.reload()
-	e.emit(
-		mov(asm.R1, asm.R7),
-		asm.Add.Imm(asm.R1, int32(l4+checkIn+2)),
-		asm.JGT.Reg(asm.R1, asm.R8, c.exit("pass")),
-	)
-	c.readSummed()
+	c.afterPop(l4 + checkIn + 2)
 	c.ipHeader(fam, -20, uint8(grammar.ProtoTCP.Number()), inner.Number(), false)
 	e.comment("inner checksum gets the addresses back (last: it may move the packet)")
 	c.pseudoCsum(l4+checkIn, inner == grammar.ProtoUDP, func() { c.addrSumRaw(fam, asm.R4) })
 	c.summed = 0
 	e.emit(asm.Ja.Label(done))
 	e.label(general)
+}
+
+// afterPop reloads the packet pointers after the outer header is gone,
+// passes the packet when its first end bytes no longer fit, and reads
+// ip_summed for the checksum updates that follow.
+func (c *compiler) afterPop(end int16) {
+	c.reload()
+	c.e.emit(
+		mov(asm.R1, asm.R7),
+		asm.Add.Imm(asm.R1, int32(end)),
+		asm.JGT.Reg(asm.R1, asm.R8, c.exit("pass")),
+	)
+	c.readSummed()
 }
