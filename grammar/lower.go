@@ -127,7 +127,10 @@ func (l *lowerer) file(filename, src string, incl []Span, depth int) {
 	// little, and a relaxed collector target (tried before it, 200 %) now
 	// only added some 20 MB to the peak RSS of `sfunnel -f` on 10 000 rules
 	// (BENCHMARKS.md, "Rule text parsing").
-	f, err := parseFile(filename, src)
+	if quickPath && streamLowering && l.streamFile(filename, src, incl, depth) {
+		return
+	}
+	f, err := parseGrammar(filename, src)
 	if err != nil {
 		start := len(l.errs)
 		if f = l.syntaxErrors(filename, src, err, incl); f == nil {
@@ -145,25 +148,30 @@ func (l *lowerer) file(filename, src string, incl []Span, depth int) {
 		}()
 	}
 	for _, st := range f.Stmts {
-		switch {
-		case st.Define != nil:
-			d := st.Define
-			if _, dup := l.defines[d.Name]; dup && l.opts.Defines[d.Name] != "" {
-				continue // -D overrides the file
-			}
-			l.defines[d.Name] = &define{value: d.Value}
-		case st.Include != nil:
-			l.include(st.Include, filename, incl, depth)
-		case st.Set != nil:
-			l.setDecl(st.Set)
-		case st.Interface != nil:
-			l.interfaceBlock(st.Interface)
-		case st.Command != nil:
-			l.command(st.Command)
-		case st.Rule != nil:
-			if r := l.rule(st.Rule); r != nil {
-				l.cmds = append(l.cmds, &Command{Span: r.Span, Kind: CmdBareRule, Rule: r})
-			}
+		l.stmt(st, filename, incl, depth)
+	}
+}
+
+// stmt lowers one statement of file filename.
+func (l *lowerer) stmt(st *stmtSyntax, filename string, incl []Span, depth int) {
+	switch {
+	case st.Define != nil:
+		d := st.Define
+		if _, dup := l.defines[d.Name]; dup && l.opts.Defines[d.Name] != "" {
+			return // -D overrides the file
+		}
+		l.defines[d.Name] = &define{value: d.Value}
+	case st.Include != nil:
+		l.include(st.Include, filename, incl, depth)
+	case st.Set != nil:
+		l.setDecl(st.Set)
+	case st.Interface != nil:
+		l.interfaceBlock(st.Interface)
+	case st.Command != nil:
+		l.command(st.Command)
+	case st.Rule != nil:
+		if r := l.rule(st.Rule); r != nil {
+			l.cmds = append(l.cmds, &Command{Span: r.Span, Kind: CmdBareRule, Rule: r})
 		}
 	}
 }
@@ -463,15 +471,8 @@ func (l *lowerer) interfaceBlock(b *interfaceSyntax) {
 					}
 					continue
 				}
-				r := l.rule(line.Rule)
-				if r == nil {
-					continue
-				}
-				if len(b.Names) > 1 {
-					// Each interface gets its own copy of the rule.
-					r = cloneRule(r)
-				}
-				l.cmds = append(l.cmds, &Command{Span: r.Span, Kind: CmdAddRule, Interface: name, InterfaceSpan: nspan, Hook: hook, HasHook: true, Rule: r})
+				// Each interface gets its own copy of the rule.
+				l.hookRule(name, nspan, hook, line.Rule, len(b.Names) > 1)
 			}
 		}
 	}
@@ -521,6 +522,19 @@ func lineAlone(filename, src string, e *Error) *Error {
 	alone.Msg = strings.Replace(alone.Msg, "end of input", "end of line", 1)
 	alone.IncludedFrom = e.IncludedFrom
 	return alone
+}
+
+// hookRule lowers a rule of a hook block of interface name into an add
+// rule command (a copy of the rule when several interfaces share it).
+func (l *lowerer) hookRule(name string, nspan Span, hook Hook, rs *ruleSyntax, clone bool) {
+	r := l.rule(rs)
+	if r == nil {
+		return
+	}
+	if clone {
+		r = cloneRule(r)
+	}
+	l.cmds = append(l.cmds, &Command{Span: r.Span, Kind: CmdAddRule, Interface: name, InterfaceSpan: nspan, Hook: hook, HasHook: true, Rule: r})
 }
 
 // badLine reports a hook line that is not a rule by parsing it alone, with

@@ -81,6 +81,14 @@ func parseFile(filename, src string) (*fileSyntax, error) {
 		if f := parseQuickFile(filename, src); f != nil {
 			return f, nil
 		}
+	}
+	return parseGrammar(filename, src)
+}
+
+// parseGrammar is parseFile for a file parseQuickFile declined: participle,
+// with the quick path for rules and hook blocks inside it.
+func parseGrammar(filename, src string) (*fileSyntax, error) {
+	if quickPath {
 		if f, err := quickParser.ParseString(filename, src); err == nil {
 			f.settle()
 			return f, nil
@@ -173,14 +181,17 @@ func (q *quick) hookBody() (hookLines, bool) {
 	if q.at("}") {
 		return nil, true
 	}
-	for {
+	for n := 1; ; n++ {
 		r := q.rule()
 		if r == nil {
 			return nil, false
 		}
-		line := newIn(&q.line, hookLineSyntax{Rule: r})
-		lines = append(lines, line)
-		q.repeated(len(lines))
+		if q.into != nil {
+			q.into(r) // lowered now, not kept (stream.go)
+		} else {
+			lines = append(lines, newIn(&q.line, hookLineSyntax{Rule: r}))
+		}
+		q.repeated(n)
 		n := q.endOfLine()
 		if q.at("}") {
 			return lines, true
@@ -212,6 +223,13 @@ type quick struct {
 	// tooLong is set when a repetition nears participle.MaxIterations,
 	// past which the grammar refuses the text: it is left to the grammar.
 	tooLong bool
+
+	// sink, when set, takes each statement of a whole file as soon as it
+	// is read (parseQuickFile keeps none), and into each rule of the hook
+	// block being read when the sink asked for them (stream.go).
+	sink   stmtSink
+	stream func(Hook, *ruleSyntax) // the sink's, for the interface block being read
+	into   func(*ruleSyntax)       // stream, for the hook block being read
 
 	// The structs of a rule come from blocks allocated together: a rule
 	// is a dozen small structs, and a block per kind for many rules is

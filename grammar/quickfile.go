@@ -18,20 +18,30 @@ import "github.com/alecthomas/participle/v2/lexer"
 
 // parseQuickFile parses src, or returns nil to leave it to participle.
 func parseQuickFile(filename, src string) *fileSyntax {
+	return readQuickFile(filename, src, nil)
+}
+
+// readQuickFile is parseQuickFile, handing each statement to sink instead
+// of keeping it when sink is not nil (the tree returned then has none).
+func readQuickFile(filename, src string, sink stmtSink) *fileSyntax {
 	c := &tokenCursor{toks: lexAll(filename, src)}
 	c.skipElided()
-	q := quick{lex: c}
+	q := quick{lex: c, sink: sink}
 	f := &fileSyntax{Pos: c.Peek().Pos}
 	// ( EOL | ';' )* ( stmt ( ( EOL | ';' )+ stmt? )* )?
 	q.endOfLine()
 	var stmts []*stmtSyntax
-	for !c.Peek().EOF() {
+	for n := 1; !c.Peek().EOF(); n++ {
 		st := q.stmt()
 		if st == nil {
 			return nil
 		}
-		stmts = append(stmts, st)
-		q.repeated(len(stmts))
+		if sink != nil {
+			sink.stmt(st)
+		} else {
+			stmts = append(stmts, st)
+		}
+		q.repeated(n)
 		n := q.endOfLine()
 		if c.Peek().EOF() {
 			break
@@ -427,6 +437,10 @@ func (q *quick) interfaceBlock() *interfaceSyntax {
 		return nil
 	}
 	q.next()
+	if q.sink != nil {
+		q.stream = q.sink.interfaceRules(ib)
+		defer func() { q.stream = nil }()
+	}
 	// ( EOL | ';' )* ( hook ( EOL | ';' )* )* '}'
 	q.endOfLine()
 	for !q.at("}") {
@@ -465,6 +479,14 @@ func (q *quick) hook() *hookSyntax {
 		return nil
 	}
 	q.next()
+	if q.stream != nil {
+		hook := HookIngress
+		if t.Value == "egress" {
+			hook = HookEgress
+		}
+		q.into = func(r *ruleSyntax) { q.stream(hook, r) }
+		defer func() { q.into = nil }()
+	}
 	lines, ok := q.hookBody()
 	if !ok || !q.at("}") {
 		return nil
