@@ -131,31 +131,40 @@ type Program struct {
 func (p *Program) TableContents(gen uint32) map[string][]ebpf.MapKV {
 	out := map[string][]ebpf.MapKV{}
 	for _, name := range p.Tables {
-		if f := p.c.extraTables[name]; f != nil {
-			out[name] = f(gen & 1)
-			continue
-		}
-		shapes := p.c.tables[name]
-		if name == perfectMap {
-			out[name] = p.c.perfectContents(gen & 1)
-			continue
-		}
-		kvs := p.c.entries(shapes, gen&1)
-		if shapes[0].array {
-			// Every slot of the generation: an array has no deletes.
-			have := map[uint32]bool{}
-			for _, kv := range kvs {
-				have[binary.NativeEndian.Uint32(kv.Key.([]byte))] = true
-			}
-			for port := uint32(0); port < 1<<16; port++ {
-				if k := gen&1<<16 | port; !have[k] {
-					kvs = append(kvs, ebpf.MapKV{Key: binary.NativeEndian.AppendUint32(nil, k), Value: make([]byte, tableValueSize)})
-				}
-			}
-		}
-		out[name] = kvs
+		out[name] = p.tableContents(name, gen, true)
 	}
 	return out
+}
+
+// TableEntries returns the entries of table name for generation gen
+// without the empty slots of port arrays, which a new map holds already
+// (a generation of a port array is 65 536 slots).
+func (p *Program) TableEntries(name string, gen uint32) []ebpf.MapKV {
+	return p.tableContents(name, gen, false)
+}
+
+func (p *Program) tableContents(name string, gen uint32, emptySlots bool) []ebpf.MapKV {
+	if f := p.c.extraTables[name]; f != nil {
+		return f(gen & 1)
+	}
+	shapes := p.c.tables[name]
+	if name == perfectMap {
+		return p.c.perfectContents(gen & 1)
+	}
+	kvs := p.c.entries(shapes, gen&1)
+	if shapes[0].array && emptySlots {
+		// Every slot of the generation: an array has no deletes.
+		have := map[uint32]bool{}
+		for _, kv := range kvs {
+			have[binary.NativeEndian.Uint32(kv.Key.([]byte))] = true
+		}
+		for port := uint32(0); port < 1<<16; port++ {
+			if k := gen&1<<16 | port; !have[k] {
+				kvs = append(kvs, ebpf.MapKV{Key: binary.NativeEndian.AppendUint32(nil, k), Value: make([]byte, tableValueSize)})
+			}
+		}
+	}
+	return kvs
 }
 
 // digest hashes the listing of the instructions and the map shapes.

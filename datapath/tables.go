@@ -81,7 +81,7 @@ func prepareTables(h *bpf.Hook, prog *compiler.Program, oldHandles []uint64) (*t
 // prefillSpare writes generation 1 of a freshly loaded program's tables
 // (its maps hold generation 0), so both generations are equal.
 func prefillSpare(maps map[string]*ebpf.Map, prog *compiler.Program) error {
-	for name, kvs := range prog.TableContents(1) {
+	for _, name := range prog.Tables {
 		m := maps[name]
 		if m == nil {
 			return fmt.Errorf("no table %s", name)
@@ -90,7 +90,7 @@ func prefillSpare(maps map[string]*ebpf.Map, prog *compiler.Program) error {
 			continue // one value per generation (perfect-hash tables): rewritten whole from the live one
 		}
 		var ks, vs [][]byte
-		for _, kv := range kvs {
+		for _, kv := range prog.TableEntries(name, 1) {
 			v := kv.Value.([]byte)
 			if binary.NativeEndian.Uint32(v) == 0 {
 				continue // an empty array slot: zero already
