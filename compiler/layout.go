@@ -28,6 +28,40 @@ type Layout struct {
 	Slots      int             `json:"slots"`  // capacity of the counters map
 	Tables     map[string]int  `json:"tables"` // capacity of each hash table (both generations)
 	Segments   []SegmentLayout `json:"segments"`
+	// Scan is the record scan (linear.go); nil when the program has none.
+	Scan *ScanLayout `json:"scan,omitempty"`
+}
+
+// ScanLayout is what PlaceRecord needs of a program's record scan: what
+// its callback tests, and where free records are.
+type ScanLayout struct {
+	Cap  int `json:"cap"`  // records per generation (an immediate in the code)
+	Dirs int `json:"dirs"` // directory entries: one per segment with a scan
+	// Used: entries of a generation that lists may occupy; a list
+	// rewritten incrementally goes after them (both generations agree on
+	// everything a directory reaches below Used).
+	Used int      `json:"used"`
+	Sets []string `json:"sets,omitempty"` // named sets, by index in the callback
+	// Kinds[f] has bit k set when the callback tests kind k of field f
+	// (sport, dport, saddr, daddr).
+	Kinds [4]uint8 `json:"kinds"`
+	Uses  ScanUses `json:"uses"`
+	// Tracing: a rule without a terminal action ends its segment (its
+	// body runs, it traces); SegDev: bodies that segment do their own
+	// counting (fxInScan).
+	Tracing bool `json:"tracing,omitempty"`
+	SegDev  bool `json:"segdev,omitempty"`
+}
+
+// ScanUses are the record fields the callback reads.
+type ScanUses struct {
+	Fam     bool `json:"fam,omitempty"`
+	Proto   bool `json:"proto,omitempty"`
+	TCP     bool `json:"tcp,omitempty"`
+	Meta    bool `json:"meta,omitempty"`
+	Ct      bool `json:"ct,omitempty"`
+	Count   bool `json:"count,omitempty"`
+	SetMark bool `json:"set_mark,omitempty"`
 }
 
 // LayoutNeeds is what the parse guard and the fast path read: a new rule
@@ -50,6 +84,14 @@ type SegmentLayout struct {
 	Bodies []string      `json:"bodies"` // body keys by body index
 	// Terminal: every rule of the segment ends evaluation.
 	Terminal bool `json:"terminal"`
+	// Scan: 1 + the segment's directory entry in the record scan (0: the
+	// segment has no scan). ScanOnly: the segment has no lookups and no
+	// inline members; ScanFx: the scan does its terminal records' counter
+	// and mark set; ScanMark: the segment writes the scan's mark back.
+	Scan     int  `json:"scan,omitempty"`
+	ScanOnly bool `json:"scan_only,omitempty"`
+	ScanFx   bool `json:"scan_fx,omitempty"`
+	ScanMark bool `json:"scan_mark,omitempty"`
 }
 
 // ShapeLayout is one shape of a table segment.
@@ -156,6 +198,8 @@ func (p *Program) Layout() (*Layout, []Placement) {
 	for i := range place {
 		place[i].Segment = -1
 	}
+	l.Scan = c.scanLayout()
+	dirs := 0
 	for _, seg := range c.segs {
 		if seg.inline {
 			continue
@@ -176,6 +220,17 @@ func (p *Program) Layout() (*Layout, []Placement) {
 				bodies[c.bodyOf[en.rule]] = c.bodyKeys[en.rule]
 			}
 		}
+		if len(seg.linear) > 0 {
+			// Directory entries follow the order emitLinear meets the
+			// segments in.
+			dirs++
+			sl.Scan, sl.ScanFx = dirs, seg.scanFx
+			sl.ScanOnly = len(seg.shapes) == 0 && len(seg.members) == 0
+			sl.ScanMark = c.lin.marks[dirs-1]
+			for _, i := range seg.linear {
+				bodies[c.bodyOf[i]] = c.bodyKeys[i]
+			}
+		}
 		sl.Bodies = make([]string, len(bodies))
 		for b, k := range bodies {
 			sl.Bodies[b] = k
@@ -183,6 +238,35 @@ func (p *Program) Layout() (*Layout, []Placement) {
 		l.Segments = append(l.Segments, sl)
 	}
 	return l, place
+}
+
+// scanLayout describes the program's record scan (nil: none).
+func (c *compiler) scanLayout() *ScanLayout {
+	t := c.lin
+	if t == nil {
+		return nil
+	}
+	sc := &ScanLayout{Cap: t.cap, Dirs: len(t.segs), Used: t.used, Sets: slices.Clone(t.sets),
+		Uses:    ScanUses{Fam: t.uses.fam, Proto: t.uses.proto, TCP: t.uses.tcp, Meta: t.uses.meta, Ct: t.uses.ct, Count: t.uses.count, SetMark: t.uses.setMark},
+		Tracing: c.tracing, SegDev: c.segDev()}
+	for f, kinds := range t.kinds {
+		for k, on := range kinds {
+			if on {
+				sc.Kinds[f] |= 1 << k
+			}
+		}
+	}
+	return sc
+}
+
+// WithScanUsed returns a copy of l whose record lists use used entries of
+// a generation.
+func (l *Layout) WithScanUsed(used int) *Layout {
+	c := *l
+	sc := *l.Scan
+	sc.Used = used
+	c.Scan = &sc
+	return &c
 }
 
 // ErrNotPlaceable: the rule needs code the hook does not have (a new shape
@@ -258,6 +342,109 @@ func (l *Layout) Place(r *grammar.Rule, seg int, prio, slot, gen uint32) ([]Entr
 	}
 	return out, nil
 }
+
+// PlaceRecord returns the record (linear.go) of rule r in the record scan
+// of segment seg of l, with priority prio and counter slot slot: for a
+// rule no table of the segment holds. The callback must already test what
+// the record asks, the segment's dispatch must have the rule's body, and
+// lists past a record's own fields (range lists, address lists, port
+// bitmaps) are refused: they live in maps of the program's own. An error
+// wrapping ErrNotPlaceable means the rule needs new code.
+func (l *Layout) PlaceRecord(r *grammar.Rule, seg int, prio, slot uint32) ([]byte, error) {
+	sc := l.Scan
+	if sc == nil || seg < 0 || seg >= len(l.Segments) || l.Segments[seg].Scan == 0 || !l.Needs.covers(r) || !recordFits(r) {
+		return nil, ErrNotPlaceable
+	}
+	sl := &l.Segments[seg]
+	ct, err := CtMarkLayout(l.CtMarkMask)
+	if err != nil {
+		return nil, err
+	}
+	c := &compiler{ct: ct, tracing: sc.Tracing, opts: Options{Prios: []uint32{prio}, Slots: []uint32{slot}},
+		lin: &linearTable{sets: slices.Clone(sc.Sets)}}
+	if sc.SegDev {
+		c.opts.SegIfindex, c.opts.SegReturnIfindex, c.opts.Hook = 1, 1, grammar.HookEgress
+	}
+	fx, body := false, 0
+	if terminal(r) {
+		// Its body runs from the segment's dispatch.
+		fx = sl.ScanFx && c.fxInScan(r)
+		key := bodyKey(r)
+		if fx {
+			key = scanBodyKey(r)
+		}
+		if body = slices.Index(sl.Bodies, key); body < 0 {
+			return nil, ErrNotPlaceable
+		}
+	} else if sc.Tracing || !sl.ScanOnly {
+		// The scan does its counter and mark set and goes on, which only
+		// a segment of records alone allows (classify); a hook that
+		// traces runs its body.
+		return nil, ErrNotPlaceable
+	}
+	c.bodyOf = []uint32{uint32(body)}
+	rec, err := c.record(r, 0, fx)
+	if err != nil {
+		return nil, err
+	}
+	t := c.lin
+	uses := ScanUses{Fam: t.uses.fam, Proto: t.uses.proto, TCP: t.uses.tcp, Meta: t.uses.meta, Ct: t.uses.ct, Count: t.uses.count, SetMark: t.uses.setMark}
+	if !sc.Uses.covers(uses) || len(t.sets) != len(sc.Sets) || len(t.ranges) > 0 {
+		return nil, ErrNotPlaceable
+	}
+	for f, kinds := range t.kinds {
+		for k, on := range kinds {
+			if on && k != kindNone && sc.Kinds[f]&(1<<k) == 0 {
+				return nil, ErrNotPlaceable
+			}
+		}
+	}
+	if nativeU32(rec[recFlags:])&recSetMark != 0 && !sl.ScanMark {
+		return nil, ErrNotPlaceable // the segment does not write the scan's mark back
+	}
+	return rec, nil
+}
+
+// recordFits reports whether rule r's record holds all its matches: no
+// address or port list that would need an entry in a shared map, no
+// named set (PlaceRecord has no set definitions to check it against).
+func recordFits(r *grammar.Rule) bool {
+	for _, m := range []*grammar.AddrMatch{r.Saddr, r.Daddr} {
+		if m != nil && (m.Set != "" || len(m.Prefixes) != 1) {
+			return false
+		}
+	}
+	for _, m := range []*grammar.PortMatch{r.Sport, r.Dport} {
+		if m != nil && (m.Set != "" || len(m.Ranges) > recRanges) {
+			return false
+		}
+	}
+	return true
+}
+
+// covers reports whether a callback reading u's fields reads v's.
+func (u ScanUses) covers(v ScanUses) bool {
+	return (u.Fam || !v.Fam) && (u.Proto || !v.Proto) && (u.TCP || !v.TCP) && (u.Meta || !v.Meta) &&
+		(u.Ct || !v.Ct) && (u.Count || !v.Count) && (u.SetMark || !v.SetMark)
+}
+
+// RecordSize is the size of a record; RecordPrio and RecordSlot read a
+// record's priority (in a directory entry: its list's first index) and
+// counter slot.
+const RecordSize = recSize
+
+func RecordPrio(rec []byte) uint32 { return nativeU32(rec[recPrio:]) }
+func RecordSlot(rec []byte) uint32 { return nativeU32(rec[recSlot:]) }
+
+// DirectoryEntry is a directory entry pointing at index first.
+func DirectoryEntry(first uint32) []byte {
+	b := make([]byte, recSize)
+	binary.NativeEndian.PutUint32(b[recPrio:], first)
+	return b
+}
+
+// RecordMap is the name of the record scan's map.
+const RecordMap = linearMap
 
 // covers reports whether the parse guard and fast path of a hook with
 // needs n read everything rule r matches on.

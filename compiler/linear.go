@@ -109,6 +109,7 @@ const (
 // linearTable is the program's record map.
 type linearTable struct {
 	segs    [][]byte // each segment's records, in order, without the end
+	marks   []bool   // by segment: a record sets the mark (written back)
 	sets    []string // named sets the records use, by index
 	kinds   [4][numKinds]bool
 	ranges  [][]byte          // range lists (linRangesMap), by id
@@ -209,7 +210,13 @@ func (c *compiler) fxInScan(r *grammar.Rule) bool {
 	if !terminal(r) && c.tracing {
 		return false // its body runs: it traces
 	}
-	return !(segments(r) && c.opts.SegIfindex != 0 && c.opts.SegReturnIfindex != 0 && c.opts.Hook == grammar.HookEgress && !c.opts.L3)
+	return !(segments(r) && c.segDev())
+}
+
+// segDev reports whether bodies that segment send packets through the
+// segmentation device.
+func (c *compiler) segDev() bool {
+	return c.opts.SegIfindex != 0 && c.opts.SegReturnIfindex != 0 && c.opts.Hook == grammar.HookEgress && !c.opts.L3
 }
 
 // scanBodyKey is the body key of a rule whose counter and mark set the scan

@@ -71,6 +71,7 @@ func (c *compiler) emitLinear(rules []*grammar.Rule, seg segment) error {
 	}
 	s := len(t.segs)
 	t.segs = append(t.segs, recs)
+	t.marks = append(t.marks, setsMark)
 	t.maxScan = max(t.maxScan, len(seg.linear))
 	e := &c.e
 	n := c.ruleNeeds

@@ -47,6 +47,9 @@ type Backend struct {
 	// same lock does not decode it again); cache the rules cache it read.
 	read  *liveState
 	cache *cacheBase
+	// patched counts the hooks changed by table entries alone (patch.go),
+	// without compiling: tests tell the incremental path by it.
+	patched int
 }
 
 var _ ruleset.Backend = (*Backend)(nil)

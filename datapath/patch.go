@@ -116,9 +116,24 @@ func (b *Backend) patchHook(s *bpf.Store, cur *bpf.Gen, oh *hookState, rules []*
 	}
 	var dels []entry
 	delKey := map[string]bool{}
+	// Records of the record scan, by segment (scanpatch.go).
+	edits := map[int]*scanEdit{}
+	editOf := func(seg int) *scanEdit {
+		if edits[seg] == nil {
+			edits[seg] = &scanEdit{dir: l.Segments[seg-1].Scan - 1, del: map[uint32]bool{}}
+		}
+		return edits[seg]
+	}
 	for _, rec := range removed {
-		if !rec.Table || rec.Segment == 0 {
+		if rec.Segment == 0 || rec.Segment > len(l.Segments) {
 			return nil, nil // its code is in the program
+		}
+		if !rec.Table {
+			if l.Segments[rec.Segment-1].Scan == 0 {
+				return nil, nil // a member: its code is in the program
+			}
+			editOf(rec.Segment).del[rec.Slot] = true // (planScan checks it is a record)
+			continue
 		}
 		r := b.ruleOf(rec)
 		if r == nil {
@@ -169,15 +184,15 @@ func (b *Backend) patchHook(s *bpf.Store, cur *bpf.Gen, oh *hookState, rules []*
 			continue
 		}
 		rec := ruleRecordOf(r)
-		var segs []int
+		var segs, recSegs []int // segments for its table entries, for its record
 		if j, ok := oldAt[r.Handle]; ok {
 			// Replaced in place: its priority, slot and segment.
 			old := oh.Rules[j]
-			if !old.Table || old.Segment == 0 {
+			if old.Segment == 0 || old.Segment > len(l.Segments) {
 				return nil, nil
 			}
 			rec.Prio, rec.Slot = old.Prio, old.Slot
-			segs = []int{old.Segment}
+			segs, recSegs = []int{old.Segment}, []int{old.Segment}
 		} else {
 			lo, hi := uint32(0), uint32(1<<31)
 			prevSeg, nextSeg := 0, 0
@@ -198,6 +213,9 @@ func (b *Backend) patchHook(s *bpf.Store, cur *bpf.Gen, oh *hookState, rules []*
 				if sg > 0 && l.Segments[sg-1].Terminal && (len(segs) == 0 || segs[0] != sg) {
 					segs = append(segs, sg)
 				}
+				if sg > 0 && (len(recSegs) == 0 || recSegs[0] != sg) {
+					recSegs = append(recSegs, sg)
+				}
 			}
 			slot, ok := allocSlot()
 			if !ok {
@@ -215,7 +233,20 @@ func (b *Backend) patchHook(s *bpf.Store, cur *bpf.Gen, oh *hookState, rules []*
 			}
 		}
 		if !rec.Table {
-			return nil, nil
+			// A record of the segment's scan, if it has one that can test it.
+			for _, sg := range recSegs {
+				if rb, err := l.PlaceRecord(r, sg-1, rec.Prio, rec.Slot); err == nil {
+					rec.Segment = sg
+					ed := editOf(sg)
+					ed.add = append(ed.add, rb)
+					break
+				}
+			}
+			if rec.Segment == 0 {
+				return nil, nil
+			}
+			recs[i] = rec
+			continue
 		}
 		for _, en := range ents {
 			k := en.Table + string(en.Key)
@@ -336,6 +367,28 @@ func (b *Backend) patchHook(s *bpf.Store, cur *bpf.Gen, oh *hookState, rules []*
 		blobs[table[l]] = blob
 	}
 
+	// The record scan's new lists (read from the live generation).
+	var recMap *ebpf.Map
+	var recAll map[string][]byte
+	var sw *scanWrite
+	if l.Scan != nil {
+		recMap = h.Maps[compiler.RecordMap]
+		if recMap == nil || recMap.MaxEntries() != uint32(2*l.Scan.Cap) {
+			return nil, nil
+		}
+	}
+	if len(edits) > 0 || l.Scan != nil && (dirty || oh.Spare == nil || len(oh.Spare.Delta[compiler.RecordMap]) > 0) {
+		if recAll, err = readTable(recMap); err != nil {
+			return nil, fmt.Errorf("table %s of %s: %w", compiler.RecordMap, oh.id(), err)
+		}
+	}
+	if len(edits) > 0 {
+		var ok bool
+		if sw, ok = planScan(recAll, l.Scan, live, edits); !ok {
+			return nil, nil
+		}
+	}
+
 	// From here on the spare generation changes.
 	if err := s.MarkTablesDirty(); err != nil {
 		return nil, err
@@ -344,11 +397,26 @@ func (b *Backend) patchHook(s *bpf.Store, cur *bpf.Gen, oh *hookState, rules []*
 		if err := syncSpare(h, live); err != nil {
 			return nil, fmt.Errorf("%s: %w", oh.id(), err)
 		}
+		if recMap != nil {
+			if err := syncRecords(recMap, l.Scan, recAll, live); err != nil {
+				return nil, fmt.Errorf("%s: %w", oh.id(), err)
+			}
+		}
 	} else {
 		for name, keys := range oh.Spare.Delta {
 			m := h.Maps[name]
 			if m == nil {
 				return nil, fmt.Errorf("%s has no table %s", oh.id(), name)
+			}
+			if name == compiler.RecordMap {
+				rels, err := relKeys(keys)
+				if err == nil {
+					err = copyRecords(m, l.Scan, recAll, rels, live)
+				}
+				if err != nil {
+					return nil, fmt.Errorf("%s: %w", oh.id(), err)
+				}
+				continue
 			}
 			for _, hk := range keys {
 				k, err := hex.DecodeString(hk)
@@ -392,12 +460,22 @@ func (b *Backend) patchHook(s *bpf.Store, cur *bpf.Gen, oh *hookState, rules []*
 			delta[p.table] = append(delta[p.table], hex.EncodeToString(p.key))
 		}
 	}
+	layout := l
+	if sw != nil {
+		keys, err := sw.write(recMap, l.Scan, spare)
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", oh.id(), err)
+		}
+		delta[compiler.RecordMap] = keys
+		layout = l.WithScanUsed(sw.used)
+	}
 	faults.Point("patch tables " + oh.id().String())
 	if err := zeroSlots(h, fresh); err != nil {
 		return nil, err
 	}
 
 	hs := *oh
+	hs.Layout = layout
 	hs.Rules = recs
 	hs.Digest = "" // the program's tables differ from any compilation's generation 0
 	hs.TableGen = spare
@@ -415,6 +493,7 @@ func (b *Backend) patchHook(s *bpf.Store, cur *bpf.Gen, oh *hookState, rules []*
 		}
 		hs.CounterHandles[r.Slot] = r.Handle
 	}
+	b.patched++
 	return &hookPatch{hs: hs, gen: spare}, nil
 }
 
@@ -502,8 +581,8 @@ func copyEntry(m *ebpf.Map, k []byte, live uint32) error {
 // syncSpare makes every table's spare generation equal to the live one.
 func syncSpare(h *bpf.Hook, live uint32) error {
 	for name, m := range h.Maps {
-		if !strings.HasPrefix(name, abi.TablePrefix) || m.Type() == ebpf.Array && m.MaxEntries() != 2<<16 {
-			continue // not a table of entries (the perfect-hash value is rebuilt whole)
+		if !strings.HasPrefix(name, abi.TablePrefix) || name == compiler.RecordMap || m.Type() == ebpf.Array && m.MaxEntries() != 2<<16 {
+			continue // not a table of entries (the perfect-hash value is rebuilt whole; records: syncRecords)
 		}
 		all, err := readTable(m)
 		if err != nil {

@@ -3,8 +3,10 @@ package datapath
 import (
 	"fmt"
 	"io"
+	"net"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/sfunnel/sfunnel/bpf"
 	"github.com/sfunnel/sfunnel/grammar"
@@ -72,10 +74,10 @@ func TestInsertDeleteInTheMiddle(t *testing.T) {
 		return 0
 	}
 	h50, h300 := handleOf(7050), handleOf(7300)
-	if got := e.send(t, 7050, 3); got != 0 {
+	if got := e.arrive(t, 7050, 3); got != 0 {
 		t.Fatalf("%d of 3 datagrams passed rule 50", got)
 	}
-	if got := e.send(t, 7300, 2); got != 0 {
+	if got := e.arrive(t, 7300, 2); got != 0 {
 		t.Fatalf("%d of 2 datagrams passed rule 300", got)
 	}
 	want300 := uint64(2)
@@ -88,7 +90,7 @@ func TestInsertDeleteInTheMiddle(t *testing.T) {
 		if got := liveProgID(t, e, id); got != prog {
 			t.Fatalf("round %d: inserting a rule in the middle loaded a program (%d → %d)", round, prog, got)
 		}
-		if got := e.send(t, 7300, 4); got != 4 {
+		if got := e.arrive(t, 7300, 4); got != 4 {
 			t.Fatalf("round %d: %d of 4 datagrams passed the inserted accept rule", round, got)
 		}
 		rs, counters := e.fresh(t)
@@ -119,7 +121,7 @@ func TestInsertDeleteInTheMiddle(t *testing.T) {
 		if got := liveProgID(t, e, id); got != prog {
 			t.Fatalf("round %d: deleting a rule in the middle loaded a program", round)
 		}
-		if got := e.send(t, 7300, 1); got != 0 {
+		if got := e.arrive(t, 7300, 1); got != 0 {
 			t.Fatalf("round %d: rule 300 does not drop after the delete", round)
 		}
 		want300++
@@ -134,7 +136,7 @@ func TestInsertDeleteInTheMiddle(t *testing.T) {
 	// A rule of the address + port shape (a perfect-hash table, rebuilt
 	// in the spare generation's value), inserted before rule 50 and
 	// deleted again.
-	if got := e.send(t, 7051, 2); got != 2 {
+	if got := e.arrive(t, 7051, 2); got != 2 {
 		t.Fatalf("%d of 2 datagrams to port 7051 arrived before the insert", got)
 	}
 	out := e.run(t, fmt.Sprintf("insert rule vb ingress position %d ip saddr 192.0.2.1 udp dport 7051 counter actions drop", h50))
@@ -143,17 +145,17 @@ func TestInsertDeleteInTheMiddle(t *testing.T) {
 	if got := liveProgID(t, e, id); got != prog {
 		t.Fatal("inserting an address + port rule loaded a program")
 	}
-	if got := e.send(t, 7051, 2); got != 0 {
+	if got := e.arrive(t, 7051, 2); got != 0 {
 		t.Fatalf("%d of 2 datagrams passed the inserted address + port drop rule", got)
 	}
-	if got := e.send(t, 7050, 1); got != 0 {
+	if got := e.arrive(t, 7050, 1); got != 0 {
 		t.Fatal("rule 50 stopped dropping after the insert")
 	}
 	e.run(t, fmt.Sprintf("delete rule vb ingress handle %d", hp))
 	if got := liveProgID(t, e, id); got != prog {
 		t.Fatal("deleting an address + port rule loaded a program")
 	}
-	if got := e.send(t, 7051, 2); got != 2 {
+	if got := e.arrive(t, 7051, 2); got != 2 {
 		t.Fatalf("%d of 2 datagrams to port 7051 arrived after the delete", got)
 	}
 	if _, counters := e.fresh(t); counters[h50].Packets != 4 {
@@ -169,11 +171,11 @@ func TestInsertDeleteInTheMiddle(t *testing.T) {
 	if got := liveProgID(t, e, id); got != prog {
 		t.Fatal("adding a rule whose key an earlier rule holds loaded a program")
 	}
-	if got := e.send(t, 7050, 1); got != 0 {
+	if got := e.arrive(t, 7050, 1); got != 0 {
 		t.Fatal("rule 50 stopped dropping after its duplicate was added")
 	}
 	e.run(t, fmt.Sprintf("delete rule vb ingress handle %d", h50))
-	if got := e.send(t, 7050, 2); got != 0 {
+	if got := e.arrive(t, 7050, 2); got != 0 {
 		t.Fatalf("%d of 2 datagrams passed the duplicate of the deleted rule 50", got)
 	}
 	if _, counters := e.fresh(t); counters[dup].Packets != 2 {
@@ -239,4 +241,159 @@ func TestPlacementRoundTrip(t *testing.T) {
 	if got, want := fmt.Sprint(back.Interfaces[0].Hooks[0].Rules), fmt.Sprint(st.Interfaces[0].Hooks[0].Rules); got != want {
 		t.Errorf("rules came back as %s, want %s", got, want)
 	}
+}
+
+// scanHook is n rules on vb ingress whose shapes no other rule shares
+// (each has its own `sport !=`), so they are records of the record scan:
+// rule i drops datagrams from 192.0.2.1 to port 7000+2i, every fourth
+// rule accepts them instead.
+func scanHook(n int) string {
+	var b strings.Builder
+	b.WriteString("flush ruleset\ninterface vb {\n\tingress {\n")
+	for i := 0; i < n; i++ {
+		verdict := "drop"
+		if i%4 == 3 {
+			verdict = "accept"
+		}
+		fmt.Fprintf(&b, "\t\tip saddr 192.0.2.1 udp sport != %d dport %d counter actions %s\n", 100+i, 7000+2*i, verdict)
+	}
+	b.WriteString("\t}\n}\n")
+	return b.String()
+}
+
+// echoed returns the handle `-e` echoed.
+func echoed(t *testing.T, out string) uint64 {
+	t.Helper()
+	var h uint64
+	if _, err := fmt.Sscanf(out[strings.LastIndex(out, "# handle ")+len("# handle "):], "%d", &h); err != nil {
+		t.Fatalf("no handle echoed: %q", out)
+	}
+	return h
+}
+
+// Rules of the record scan change by records alone: a rule of a shape of
+// its own inserted in the middle, replaced, deleted, added at the end,
+// and a counter-only rule, keep the program (same id), every other rule
+// keeps its counter, and datagrams through the veth meet the right rule
+// at each step.
+func TestRecordChangesWithoutReload(t *testing.T) {
+	e := newEnv(t, Options{})
+	id := bpf.HookID{Ifname: "vb", Hook: grammar.HookIngress}
+	e.run(t, scanHook(120))
+	prog := liveProgID(t, e, id)
+	rs, _ := e.fresh(t)
+	rules := rs.Interface("vb").Ingress
+	h60, h61 := rules[60].Handle, rules[61].Handle // drop 7120, drop 7122
+	patched := e.be.patched
+	same := func(step string) {
+		t.Helper()
+		if got := liveProgID(t, e, id); got != prog {
+			t.Fatalf("%s loaded a program (%d → %d)", step, prog, got)
+		}
+		if e.be.patched != patched+1 {
+			t.Fatalf("%s compiled the hook", step)
+		}
+		patched = e.be.patched
+	}
+	if got := e.arrive(t, 7120, 2); got != 0 {
+		t.Fatalf("%d of 2 datagrams passed rule 60", got)
+	}
+
+	// Inserted before rule 60: its accept wins.
+	ins := echoed(t, e.run(t, fmt.Sprintf("insert rule vb ingress position %d ip saddr 192.0.2.1 udp sport != 9 dport 7120 counter actions accept", h60)))
+	same("inserting a scanned rule")
+	if got := e.arrive(t, 7120, 3); got != 3 {
+		t.Fatalf("%d of 3 datagrams passed the inserted accept rule", got)
+	}
+	// Replaced by one for rule 61's port: rule 60 drops again, 61's
+	// datagrams pass.
+	e.run(t, fmt.Sprintf("replace rule vb ingress handle %d ip saddr 192.0.2.1 udp sport != 9 dport 7122 counter actions accept", ins))
+	same("replacing a scanned rule")
+	if got := e.arrive(t, 7120, 1); got != 0 {
+		t.Fatal("rule 60 does not drop after the replace")
+	}
+	if got := e.arrive(t, 7122, 2); got != 2 {
+		t.Fatalf("%d of 2 datagrams passed the replaced accept rule", got)
+	}
+	// A counter-only rule before rule 61 counts, and rule 61 still drops.
+	cnt := echoed(t, e.run(t, fmt.Sprintf("insert rule vb ingress position %d ip saddr 192.0.2.1 udp sport != 9 dport 7122 counter", h61)))
+	same("inserting a counter-only rule")
+	e.run(t, fmt.Sprintf("delete rule vb ingress handle %d", ins))
+	same("deleting a scanned rule")
+	if got := e.arrive(t, 7122, 4); got != 0 {
+		t.Fatalf("%d of 4 datagrams passed rule 61 after the delete", got)
+	}
+	// Added at the end, for a port no rule has.
+	if got := e.arrive(t, 7500, 1); got != 1 {
+		t.Fatal("port 7500 dropped before any rule for it")
+	}
+	end := echoed(t, e.run(t, "add rule vb ingress ip saddr 192.0.2.1 udp sport != 9 dport 7500 counter actions drop"))
+	same("adding a scanned rule")
+	if got := e.arrive(t, 7500, 2); got != 0 {
+		t.Fatalf("%d of 2 datagrams passed the added drop rule", got)
+	}
+
+	rs, counters := e.fresh(t)
+	rules = rs.Interface("vb").Ingress
+	if len(rules) != 122 || rules[61].Handle != cnt || rules[62].Handle != h61 || rules[121].Handle != end {
+		t.Fatalf("rules not where they were put: %d rules", len(rules))
+	}
+	for _, c := range []struct {
+		what   string
+		handle uint64
+		want   uint64
+	}{{"rule 60", h60, 3}, {"rule 61", h61, 4}, {"the counter-only rule", cnt, 4}, {"the added rule", end, 2}} {
+		if got := counters[c.handle].Packets; got != c.want {
+			t.Errorf("%s counted %d packets, want %d", c.what, got, c.want)
+		}
+	}
+}
+
+// probePort is a port no rule of the tests' hooks matches.
+const probePort = 7999
+
+// arrive sends n datagrams from a to b:port, then one to probePort, and
+// returns how many of the n arrived once the probe did (the probe follows
+// them through the veth; drops are known without waiting for a timeout).
+func (e *env) arrive(t *testing.T, port, n int) int {
+	t.Helper()
+	var rx, probe, tx, ptx *net.UDPConn
+	e.do(t, func() (err error) {
+		if rx, err = net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(192, 0, 2, 2), Port: port}); err != nil {
+			return err
+		}
+		probe, err = net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(192, 0, 2, 2), Port: probePort})
+		return err
+	})
+	defer rx.Close()
+	defer probe.Close()
+	if err := e.a.Do(func() (err error) {
+		if tx, err = net.DialUDP("udp4", nil, &net.UDPAddr{IP: net.IPv4(192, 0, 2, 2), Port: port}); err != nil {
+			return err
+		}
+		ptx, err = net.DialUDP("udp4", nil, &net.UDPAddr{IP: net.IPv4(192, 0, 2, 2), Port: probePort})
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	defer tx.Close()
+	defer ptx.Close()
+	for i := 0; i < n; i++ {
+		tx.Write([]byte("datagram"))
+	}
+	ptx.Write([]byte("probe"))
+	buf := make([]byte, 100)
+	probe.SetReadDeadline(time.Now().Add(3 * time.Second))
+	if _, err := probe.Read(buf); err != nil {
+		t.Fatalf("the probe to port %d did not arrive: %v", probePort, err)
+	}
+	got := 0
+	for got < n {
+		rx.SetReadDeadline(time.Now().Add(20 * time.Millisecond))
+		if _, err := rx.Read(buf); err != nil {
+			break
+		}
+		got++
+	}
+	return got
 }

@@ -1,0 +1,228 @@
+package datapath
+
+import (
+	"encoding/binary"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"slices"
+
+	"github.com/cilium/ebpf"
+	"github.com/sfunnel/sfunnel/compiler"
+)
+
+// Incremental changes of scanned rules (the record scan, compiler/linear.go).
+// A segment's records are a list in rule order ended by a zero record,
+// which directory entry d of the generation points at. Inserting a record
+// into a list moves the records after it, so a change writes the segment's
+// whole new list into the spare generation past the entries lists use
+// (ScanLayout.Used), then points the spare directory entry at it: the
+// live generation is not touched, and the control word's flip switches
+// every list at once. What the lists left behind is reclaimed when Used
+// reaches the capacity: the spare generation's lists are then laid out
+// again from the start. A compilation lays them out afresh too.
+//
+// Keys of the record map in a spare record's delta and in these functions
+// are relative: index i of generation g is g*Cap + i. Directory entries
+// hold absolute indexes, so copying one between generations moves it.
+
+// scanEdit is a change of one segment's record list.
+type scanEdit struct {
+	dir int             // directory entry
+	del map[uint32]bool // counter slots of the records removed
+	add [][]byte        // records added
+}
+
+// scanWrite is a planned write of the spare generation's records.
+type scanWrite struct {
+	writes map[uint32][]byte // relative index → value (directory values relative too)
+	used   int
+}
+
+// planScan computes the spare generation's new lists for edits from the
+// live generation's (all: the record map's entries, by key). ok is false
+// when a removed record is not in its list (the rule is tested by code of
+// its own) or the lists do not fit: the hook is compiled then.
+func planScan(all map[string][]byte, sc *compiler.ScanLayout, live uint32, edits map[int]*scanEdit) (sw *scanWrite, ok bool) {
+	capacity := uint32(sc.Cap)
+	at := func(rel uint32) []byte {
+		return all[string(binary.NativeEndian.AppendUint32(nil, live*capacity+rel))]
+	}
+	list := func(dir int) ([][]byte, bool) {
+		d := at(uint32(dir))
+		if d == nil {
+			return nil, false
+		}
+		first := compiler.RecordPrio(d)
+		if first < live*capacity || first >= (live+1)*capacity {
+			return nil, false
+		}
+		var recs [][]byte
+		for rel := first - live*capacity; rel < capacity; rel++ {
+			r := at(rel)
+			if r == nil {
+				return nil, false
+			}
+			if compiler.RecordPrio(r) == 0 {
+				return recs, true
+			}
+			recs = append(recs, r)
+		}
+		return nil, false // no end: not a list sfunnel wrote
+	}
+	lists := map[int][][]byte{}
+	for _, ed := range edits {
+		if ed.dir < 0 || ed.dir >= sc.Dirs {
+			return nil, false
+		}
+		old, ok := list(ed.dir)
+		if !ok {
+			return nil, false
+		}
+		recs := make([][]byte, 0, len(old)+len(ed.add))
+		gone := 0
+		for _, r := range old {
+			if ed.del[compiler.RecordSlot(r)] {
+				gone++
+				continue
+			}
+			recs = append(recs, r)
+		}
+		if gone != len(ed.del) {
+			return nil, false // a member: its code is in the program
+		}
+		for _, a := range ed.add {
+			p := compiler.RecordPrio(a)
+			i, found := slices.BinarySearchFunc(recs, p, func(r []byte, p uint32) int {
+				return int(int64(compiler.RecordPrio(r)) - int64(p))
+			})
+			if found {
+				return nil, false
+			}
+			recs = slices.Insert(recs, i, a)
+		}
+		lists[ed.dir] = recs
+	}
+	sw = &scanWrite{writes: map[uint32][]byte{}, used: sc.Used}
+	need := 0
+	for _, recs := range lists {
+		need += len(recs) + 1
+	}
+	zero := make([]byte, compiler.RecordSize)
+	put := func(dir int, recs [][]byte) {
+		sw.writes[uint32(dir)] = compiler.DirectoryEntry(uint32(sw.used))
+		for _, r := range recs {
+			sw.writes[uint32(sw.used)] = r
+			sw.used++
+		}
+		sw.writes[uint32(sw.used)] = zero
+		sw.used++
+	}
+	dirs := make([]int, 0, len(lists))
+	for d := range lists {
+		dirs = append(dirs, d)
+	}
+	slices.Sort(dirs)
+	if sw.used+need <= sc.Cap {
+		for _, d := range dirs {
+			put(d, lists[d])
+		}
+		return sw, true
+	}
+	// Out of room: every list again, from after the directory.
+	sw = &scanWrite{writes: map[uint32][]byte{}, used: sc.Dirs}
+	for d := 0; d < sc.Dirs; d++ {
+		recs, ok := lists[d]
+		if !ok {
+			if recs, ok = list(d); !ok {
+				return nil, false
+			}
+		}
+		if sw.used+len(recs)+1 > sc.Cap {
+			return nil, false
+		}
+		put(d, recs)
+	}
+	return sw, true
+}
+
+// write puts the planned entries into generation spare of m and returns
+// their delta keys.
+func (sw *scanWrite) write(m *ebpf.Map, sc *compiler.ScanLayout, spare uint32) ([]string, error) {
+	var ks, vs [][]byte
+	var delta []string
+	for rel, v := range sw.writes {
+		if int(rel) < sc.Dirs {
+			v = compiler.DirectoryEntry(spare*uint32(sc.Cap) + compiler.RecordPrio(v))
+		}
+		ks = append(ks, binary.NativeEndian.AppendUint32(nil, spare*uint32(sc.Cap)+rel))
+		vs = append(vs, v)
+		delta = append(delta, hex.EncodeToString(binary.NativeEndian.AppendUint32(nil, rel)))
+	}
+	if err := putAll(m, ks, vs); err != nil {
+		return nil, fmt.Errorf("table %s: %w", compiler.RecordMap, err)
+	}
+	return delta, nil
+}
+
+// copyRecords makes the spare generation's records at the relative
+// indexes rels what the live generation has (all: the map's entries by
+// key).
+func copyRecords(m *ebpf.Map, sc *compiler.ScanLayout, all map[string][]byte, rels []uint32, live uint32) error {
+	capacity := uint32(sc.Cap)
+	zero := make([]byte, m.ValueSize())
+	var ks, vs [][]byte
+	for _, rel := range rels {
+		if rel >= capacity {
+			return errors.New("stored ruleset is corrupt: record index past the capacity")
+		}
+		v := all[string(binary.NativeEndian.AppendUint32(nil, live*capacity+rel))]
+		if v == nil {
+			v = zero
+		}
+		if int(rel) < sc.Dirs {
+			v = compiler.DirectoryEntry(compiler.RecordPrio(v) - live*capacity + (1-live)*capacity)
+		}
+		ks = append(ks, binary.NativeEndian.AppendUint32(nil, (1-live)*capacity+rel))
+		vs = append(vs, v)
+	}
+	return putAll(m, ks, vs)
+}
+
+// syncRecords makes the spare generation's records equal to the live one's.
+func syncRecords(m *ebpf.Map, sc *compiler.ScanLayout, all map[string][]byte, live uint32) error {
+	rels := make([]uint32, sc.Cap)
+	for i := range rels {
+		rels[i] = uint32(i)
+	}
+	return copyRecords(m, sc, all, rels, live)
+}
+
+// putAll writes entries, batched where the kernel can.
+func putAll(m *ebpf.Map, ks, vs [][]byte) error {
+	if len(ks) == 0 {
+		return nil
+	}
+	if _, err := m.BatchUpdate(records(int(m.KeySize()), ks), records(int(m.ValueSize()), vs), nil); err == nil {
+		return nil
+	}
+	for i := range ks {
+		if err := m.Put(ks[i], vs[i]); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// relKeys decodes a delta's record indexes.
+func relKeys(keys []string) ([]uint32, error) {
+	rels := make([]uint32, 0, len(keys))
+	for _, hk := range keys {
+		k, err := hex.DecodeString(hk)
+		if err != nil || len(k) != 4 {
+			return nil, errors.New("stored ruleset is corrupt: bad record index")
+		}
+		rels = append(rels, binary.NativeEndian.Uint32(k))
+	}
+	return rels, nil
+}
