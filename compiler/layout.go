@@ -88,7 +88,10 @@ type SegmentLayout struct {
 	// segment has no scan). ScanOnly: the segment has no lookups and no
 	// inline members; ScanFx: the scan does its terminal records' counter
 	// and mark set; ScanMark: the segment writes the scan's mark back.
-	Scan     int  `json:"scan,omitempty"`
+	// EntriesOnly: every rule of the segment is table entries (no inline
+	// members, no scan).
+	EntriesOnly bool `json:"entries_only,omitempty"`
+	Scan        int  `json:"scan,omitempty"`
 	ScanOnly bool `json:"scan_only,omitempty"`
 	ScanFx   bool `json:"scan_fx,omitempty"`
 	ScanMark bool `json:"scan_mark,omitempty"`
@@ -220,6 +223,7 @@ func (p *Program) Layout() (*Layout, []Placement) {
 				bodies[c.bodyOf[en.rule]] = c.bodyKeys[en.rule]
 			}
 		}
+		sl.EntriesOnly = len(seg.members) == 0 && len(seg.linear) == 0
 		if len(seg.linear) > 0 {
 			// Directory entries follow the order emitLinear meets the
 			// segments in.
@@ -259,6 +263,15 @@ func (c *compiler) scanLayout() *ScanLayout {
 	return sc
 }
 
+// WithNonTerminal returns a copy of l where segment seg holds a rule that
+// does not end evaluation.
+func (l *Layout) WithNonTerminal(seg int) *Layout {
+	c := *l
+	c.Segments = slices.Clone(l.Segments)
+	c.Segments[seg].Terminal = false
+	return &c
+}
+
 // WithScanUsed returns a copy of l whose record lists use used entries of
 // a generation.
 func (l *Layout) WithScanUsed(used int) *Layout {
@@ -290,10 +303,18 @@ type Entry struct {
 // priority prio and counter slot slot, for table generation gen. An error
 // wrapping ErrNotPlaceable means the rule needs new code.
 func (l *Layout) Place(r *grammar.Rule, seg int, prio, slot, gen uint32) ([]Entry, error) {
-	if seg < 0 || seg >= len(l.Segments) || !terminal(r) || !l.Needs.covers(r) {
+	if seg < 0 || seg >= len(l.Segments) || !l.Needs.covers(r) {
 		return nil, ErrNotPlaceable
 	}
 	sl := &l.Segments[seg]
+	// A rule that does not end evaluation (or any rule in a segment of
+	// such rules) only in a segment of one shape whose rules are all
+	// table entries: distinct keys of one shape never match one packet,
+	// so after the one that ran no other rule of the segment could have.
+	oneShape := len(sl.Shapes) == 1 && sl.EntriesOnly
+	if !(terminal(r) && sl.Terminal) && !oneShape {
+		return nil, ErrNotPlaceable
+	}
 	body := slices.Index(sl.Bodies, bodyKey(r))
 	if body < 0 {
 		return nil, ErrNotPlaceable
@@ -307,7 +328,7 @@ func (l *Layout) Place(r *grammar.Rule, seg int, prio, slot, gen uint32) ([]Entr
 	if err != nil {
 		return nil, err
 	}
-	if len(vs) == 0 {
+	if len(vs) == 0 || !(terminal(r) && sl.Terminal) && len(vs) != 1 {
 		return nil, ErrNotPlaceable
 	}
 	val := binary.NativeEndian.AppendUint32(nil, prio)
@@ -427,6 +448,9 @@ func (u ScanUses) covers(v ScanUses) bool {
 	return (u.Fam || !v.Fam) && (u.Proto || !v.Proto) && (u.TCP || !v.TCP) && (u.Meta || !v.Meta) &&
 		(u.Ct || !v.Ct) && (u.Count || !v.Count) && (u.SetMark || !v.SetMark)
 }
+
+// Terminal reports whether rule r ends evaluation.
+func Terminal(r *grammar.Rule) bool { return terminal(r) }
 
 // RecordSize is the size of a record; RecordPrio and RecordSlot read a
 // record's priority (in a directory entry: its list's first index) and

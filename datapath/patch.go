@@ -178,6 +178,7 @@ func (b *Backend) patchHook(s *bpf.Store, cur *bpf.Gen, oh *hookState, rules []*
 	}
 	var puts []entry
 	putKey := map[string]bool{}
+	nl := l // the layout after the change
 	var fresh []uint32 // slots to zero
 	for i, r := range rules {
 		if kept[i] {
@@ -210,10 +211,8 @@ func (b *Backend) patchHook(s *bpf.Store, cur *bpf.Gen, oh *hookState, rules []*
 				rec.Prio = lo + min(prioGap, (hi-lo)/2)
 			}
 			for _, sg := range []int{prevSeg, nextSeg} {
-				if sg > 0 && l.Segments[sg-1].Terminal && (len(segs) == 0 || segs[0] != sg) {
-					segs = append(segs, sg)
-				}
-				if sg > 0 && (len(recSegs) == 0 || recSegs[0] != sg) {
+				if sg > 0 && (len(segs) == 0 || segs[0] != sg) {
+					segs = append(segs, sg) // (Place checks the segment can hold it)
 					recSegs = append(recSegs, sg)
 				}
 			}
@@ -229,6 +228,9 @@ func (b *Backend) patchHook(s *bpf.Store, cur *bpf.Gen, oh *hookState, rules []*
 			var err error
 			if ents, err = l.Place(r, sg-1, rec.Prio, rec.Slot, 0); err == nil {
 				rec.Segment, rec.Table = sg, true
+				if !compiler.Terminal(r) && nl.Segments[sg-1].Terminal {
+					nl = nl.WithNonTerminal(sg - 1)
+				}
 				break
 			}
 		}
@@ -254,7 +256,7 @@ func (b *Backend) patchHook(s *bpf.Store, cur *bpf.Gen, oh *hookState, rules []*
 				return nil, nil // two new rules share a key: which one wins is a compilation's call
 			}
 			putKey[k] = true
-			puts = append(puts, entry{en.Table, en.Key, en.Value, en.Perfect, l.Segments[rec.Segment-1].Terminal})
+			puts = append(puts, entry{en.Table, en.Key, en.Value, en.Perfect, nl.Segments[rec.Segment-1].Terminal})
 		}
 		recs[i] = rec
 	}
@@ -460,14 +462,14 @@ func (b *Backend) patchHook(s *bpf.Store, cur *bpf.Gen, oh *hookState, rules []*
 			delta[p.table] = append(delta[p.table], hex.EncodeToString(p.key))
 		}
 	}
-	layout := l
+	layout := nl
 	if sw != nil {
 		keys, err := sw.write(recMap, l.Scan, spare)
 		if err != nil {
 			return nil, fmt.Errorf("%s: %w", oh.id(), err)
 		}
 		delta[compiler.RecordMap] = keys
-		layout = l.WithScanUsed(sw.used)
+		layout = nl.WithScanUsed(sw.used)
 	}
 	faults.Point("patch tables " + oh.id().String())
 	if err := zeroSlots(h, fresh); err != nil {

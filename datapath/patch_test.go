@@ -397,3 +397,65 @@ func (e *env) arrive(t *testing.T, port, n int) int {
 	}
 	return got
 }
+
+// Rules without a terminal action (counter only) of one shape change by
+// table entries alone: inserted, replaced and deleted among 200 such
+// rules, without compiling; they count real datagrams, and the drop rule
+// after them still sees the packets they counted.
+func TestCounterRulesWithoutReload(t *testing.T) {
+	e := newEnv(t, Options{})
+	id := bpf.HookID{Ifname: "vb", Hook: grammar.HookIngress}
+	var b strings.Builder
+	b.WriteString("flush ruleset\ninterface vb {\n\tingress {\n")
+	for i := 0; i < 200; i++ {
+		fmt.Fprintf(&b, "\t\tip saddr 192.0.2.1 udp dport %d counter\n", 7000+2*i)
+	}
+	b.WriteString("\t\tudp dport { 7120, 7503 } counter actions drop\n\t}\n}\n")
+	e.run(t, b.String())
+	prog := liveProgID(t, e, id)
+	patched := e.be.patched
+	rs, _ := e.fresh(t)
+	rules := rs.Interface("vb").Ingress
+	h60, last := rules[60].Handle, rules[200].Handle
+	same := func(step string) {
+		t.Helper()
+		if got := liveProgID(t, e, id); got != prog {
+			t.Fatalf("%s loaded a program (%d → %d)", step, prog, got)
+		}
+		if e.be.patched != patched+1 {
+			t.Fatalf("%s compiled the hook", step)
+		}
+		patched = e.be.patched
+	}
+	if got := e.arrive(t, 7120, 2); got != 0 {
+		t.Fatalf("%d of 2 datagrams passed the drop rule", got)
+	}
+	c := echoed(t, e.run(t, fmt.Sprintf("insert rule vb ingress position %d ip saddr 192.0.2.1 udp dport 7501 counter", last)))
+	same("inserting a counter-only rule")
+	if got := e.arrive(t, 7501, 3); got != 3 {
+		t.Fatalf("%d of 3 datagrams passed the counter-only rule", got)
+	}
+	e.run(t, fmt.Sprintf("replace rule vb ingress handle %d ip saddr 192.0.2.1 udp dport 7503 counter", c))
+	same("replacing a counter-only rule")
+	if got := e.arrive(t, 7503, 2); got != 0 {
+		t.Fatalf("%d of 2 datagrams passed the drop rule after the counter-only rule", got)
+	}
+	_, counters := e.fresh(t)
+	for _, w := range []struct {
+		what   string
+		handle uint64
+		want   uint64
+	}{{"the replaced counter-only rule (a replaced rule keeps its handle and counter, compiled or not)", c, 5}, {"rule 60", h60, 2}, {"the drop rule", last, 4}} {
+		if got := counters[w.handle].Packets; got != w.want {
+			t.Errorf("%s counted %d packets, want %d", w.what, got, w.want)
+		}
+	}
+	e.run(t, fmt.Sprintf("delete rule vb ingress handle %d", c))
+	same("deleting a counter-only rule")
+	if got := e.arrive(t, 7501, 1); got != 1 {
+		t.Fatal("port 7501 dropped after the delete")
+	}
+	if _, counters = e.fresh(t); counters[last].Packets != 4 || counters[h60].Packets != 2 {
+		t.Errorf("counters changed by the delete: drop rule %d, rule 60 %d packets", counters[last].Packets, counters[h60].Packets)
+	}
+}
