@@ -106,6 +106,10 @@ func (b *Backend) Commit(rs *ruleset.Ruleset) error {
 		}
 	}
 	b.read = nil
+	defer func() { b.outline, b.outlineState = nil, nil }()
+	if err := b.outlineBefore(rs, old); err != nil {
+		return err
+	}
 	ctMask := b.ctMarkMask(old)
 	dirty := s.TablesDirty()
 	seg := &segdevs{verbose: b.opts.Verbose}
@@ -206,6 +210,9 @@ func (b *Backend) Commit(rs *ruleset.Ruleset) error {
 			}
 		}
 	}
+	if err := b.outlineCompiled(rs, patches); err != nil {
+		return err
+	}
 	plans, err := b.compile(rs, ctMask, seg.ensure, old, patches)
 	if err != nil {
 		return err
@@ -299,6 +306,7 @@ func (b *Backend) Commit(rs *ruleset.Ruleset) error {
 		return err
 	}
 	next := stateOf(rs, ctMask, plans, b.known, patches)
+	next.CtMarkUsed = usesCtMark(rs, b.outline)
 	next.Generation = g.N
 	for i, a := range aux {
 		err := g.PinHook(a.id, a.coll.Programs[bpf.ProgramName], a.coll.Maps)
@@ -332,7 +340,6 @@ func (b *Backend) Commit(rs *ruleset.Ruleset) error {
 	if err := writeGenState(g, next); err != nil {
 		return err
 	}
-	b.writeCache(cur, g, next, rs)
 	// The connmark table must be there before rules that use ct mark run.
 	if next.CtMarkUsed {
 		if err := b.table(ctMask).Ensure(); err != nil {
@@ -734,34 +741,12 @@ func (b *Backend) snapshot() (*bpf.Store, *bpf.Gen, *liveState, error) {
 // Load returns the live ruleset: what was committed, minus the hooks whose
 // program is no longer attached (interface deleted, filter removed by hand).
 func (b *Backend) Load() (*ruleset.Ruleset, error) {
-	pre := b.prefetchCache()
-	s, g, st, err := b.snapshot()
+	b.outline, b.outlineState = nil, nil
+	s, _, st, err := b.snapshot()
 	if err != nil || st == nil {
 		return &ruleset.Ruleset{NextHandle: 1}, err
 	}
 	live := func(h *hookState) bool { return b.attached(s, h.id()) }
-	if rs := b.readCache(g, st, pre); rs != nil {
-		for _, h := range st.hooks() {
-			if !live(h) {
-				if ifc := rs.Interface(h.ifname); ifc != nil {
-					if h.hook == grammar.HookEgress {
-						ifc.Egress = nil
-					} else {
-						ifc.Ingress = nil
-					}
-				}
-			}
-		}
-		kept := rs.Interfaces[:0]
-		for _, ifc := range rs.Interfaces {
-			if len(ifc.Ingress)+len(ifc.Egress) > 0 {
-				kept = append(kept, ifc)
-			}
-		}
-		rs.Interfaces = kept
-		b.remember(st, rs)
-		return rs, nil
-	}
 	rs, err := st.ruleset(live)
 	if err == nil {
 		b.remember(st, rs)
@@ -773,7 +758,7 @@ func (b *Backend) Load() (*ruleset.Ruleset, error) {
 // a batch that starts with `flush ruleset` needs of the live ruleset,
 // without its rules.
 func (b *Backend) NextHandle() (uint64, error) {
-	b.known, b.byHandle, b.cache = nil, nil, nil
+	b.known, b.byHandle, b.outline, b.outlineState = nil, nil, nil, nil
 	_, _, st, err := b.snapshot()
 	if err != nil || st == nil {
 		return 1, err

@@ -44,12 +44,16 @@ type Backend struct {
 	known    map[*grammar.Rule]ruleRecord
 	byHandle map[uint64]*grammar.Rule // the rules of known by handle
 	// read is the state record the last snapshot read (Commit under the
-	// same lock does not decode it again); cache the rules cache it read.
-	read  *liveState
-	cache *cacheBase
+	// same lock does not decode it again).
+	read *liveState
 	// patched counts the hooks changed by table entries alone (patch.go),
 	// without compiling: tests tell the incremental path by it.
 	patched int
+	// outline holds the placeholder rules of the last LoadOutline (the
+	// rules it did not parse) with their records, and outlineState the
+	// state record it read them from.
+	outline      map[*grammar.Rule]ruleRecord
+	outlineState *liveState
 }
 
 var _ ruleset.Backend = (*Backend)(nil)
@@ -177,11 +181,16 @@ func (b *Backend) compile(rs *ruleset.Ruleset, ctMask uint32, seg func(bpf.Inter
 }
 
 // usesCtMark reports whether any rule matches or sets the connection mark.
-func usesCtMark(rs *ruleset.Ruleset) bool {
+// Placeholder rules (LoadOutline; outline holds their records) are judged
+// by their stored text.
+func usesCtMark(rs *ruleset.Ruleset, outline map[*grammar.Rule]ruleRecord) bool {
 	for _, ifc := range rs.Interfaces {
 		for _, rules := range [][]*grammar.Rule{ifc.Ingress, ifc.Egress} {
 			for _, r := range rules {
 				if r.CtMark != nil || r.SetCtMark != nil {
+					return true
+				}
+				if rec, ok := outline[r]; ok && strings.Contains(rec.Text, "ct mark") {
 					return true
 				}
 			}

@@ -39,6 +39,7 @@ func decodeLegacy(data []byte) (*liveState, error) {
 		rs = &ruleset.Ruleset{NextHandle: 1}
 	}
 	st := stateOf(rs, ls.CtMarkMask, nil, nil, nil)
+	st.CtMarkUsed = usesCtMark(rs, nil)
 	for _, h := range st.hooks() {
 		for _, lh := range ls.Hooks {
 			if lh.Ifname == h.ifname && lh.Hook == h.hook {

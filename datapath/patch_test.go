@@ -98,12 +98,12 @@ func TestInsertDeleteInTheMiddle(t *testing.T) {
 		if len(rules) != 401 || rules[300].Handle != added || rules[301].Handle != h300 {
 			t.Fatalf("round %d: the rule was not inserted before rule 300", round)
 		}
-		// The rules cache is the previous one plus a patch, and reads back.
+		// A fresh reader parses the stored rules back.
 		nb := New(Options{Root: e.root})
 		e.do(t, func() error {
 			rs, err := nb.Load()
-			if err == nil && (nb.cache == nil || len(rs.Interface("vb").Ingress) != 401) {
-				t.Errorf("round %d: the patched rules cache was not used", round)
+			if err == nil && len(rs.Interface("vb").Ingress) != 401 {
+				t.Errorf("round %d: the stored rules read back as %d rules", round, len(rs.Interface("vb").Ingress))
 			}
 			return err
 		})

@@ -276,9 +276,10 @@ func ruleRecordOf(r *grammar.Rule) ruleRecord {
 // known holds the records of rules read from the committed state (rules
 // are never changed in place, so the same rule has the same record).
 //
-// Hooks in patches take the record their patch made.
+// Hooks in patches take the record their patch made. CtMarkUsed is the
+// caller's to fill in (usesCtMark).
 func stateOf(rs *ruleset.Ruleset, ctMask uint32, plans []*hookPlan, known map[*grammar.Rule]ruleRecord, patches map[bpf.HookID]*hookPatch) *liveState {
-	st := &liveState{CtMarkMask: ctMask, NextHandle: rs.NextHandle, CtMarkUsed: usesCtMark(rs), Sets: []setRecord{}, Interfaces: []ifaceRecord{}}
+	st := &liveState{CtMarkMask: ctMask, NextHandle: rs.NextHandle, Sets: []setRecord{}, Interfaces: []ifaceRecord{}}
 	for _, s := range rs.Sets {
 		st.Sets = append(st.Sets, setRecord{Name: s.Name, Text: grammar.FormatSet(s, "")})
 	}

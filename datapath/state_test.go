@@ -134,23 +134,3 @@ func TestStateOtherVersion(t *testing.T) {
 		}
 	}
 }
-
-// The rules cache is used only when it matches the record it belongs to.
-func TestRulesCacheKey(t *testing.T) {
-	data, err := os.ReadFile("testdata/state-v2.json")
-	if err != nil {
-		t.Fatal(err)
-	}
-	st, err := decodeState(data)
-	if err != nil {
-		t.Fatal(err)
-	}
-	k1 := cacheKey(st)
-	if k1 == nil {
-		t.Fatal("no build id: the cache is never used")
-	}
-	st.Interfaces[0].Hooks[0].Rules[0].Text = "udp dport 5001 counter actions drop"
-	if string(cacheKey(st)) == string(k1) {
-		t.Error("a changed rule text keeps the cache key")
-	}
-}

@@ -91,3 +91,13 @@ type Locker interface {
 type Flusher interface {
 	NextHandle() (uint64, error)
 }
+
+// Outliner is a Backend that can load the live ruleset in outline: sets
+// whole, rules as placeholders that carry their handle and nothing else.
+// A batch of add, insert, replace and delete rule commands needs no more
+// of the rules it does not touch (their place and handle), and the
+// backend's Commit reads the syntax of the stored rules it needs itself;
+// parsing ten thousand rules to change one is most of such a command.
+type Outliner interface {
+	LoadOutline() (*Ruleset, error)
+}

@@ -78,6 +78,10 @@ func (s *Session) Run(cmds []*grammar.Command) error {
 			return err
 		}
 		live = &Ruleset{NextHandle: nh}
+	} else if o, ok := s.Backend.(Outliner); ok && s.outlineDoes(cmds) {
+		if live, err = o.LoadOutline(); err != nil {
+			return err
+		}
 	} else if live, err = s.Backend.Load(); err != nil {
 		return err
 	}
@@ -159,6 +163,23 @@ func (s *Session) Run(cmds []*grammar.Command) error {
 // (so the live rules are not needed).
 func flushesFirst(cmds []*grammar.Command) bool {
 	return len(cmds) > 0 && cmds[0].Kind == grammar.CmdFlushRuleset
+}
+
+// outlineDoes reports whether the batch needs of the live rules only their
+// handles and places (Outliner): rule changes only, nothing that reads or
+// prints the rules, nothing checked without committing.
+func (s *Session) outlineDoes(cmds []*grammar.Command) bool {
+	if s.Check || s.Bare != nil || len(cmds) == 0 {
+		return false
+	}
+	for _, c := range cmds {
+		switch c.Kind {
+		case grammar.CmdAddRule, grammar.CmdInsertRule, grammar.CmdReplaceRule, grammar.CmdDeleteRule:
+		default:
+			return false
+		}
+	}
+	return true
 }
 
 // hasChanges reports whether a batch changes the ruleset.
