@@ -36,7 +36,7 @@ type Layout struct {
 // its callback tests, and where free records are.
 type ScanLayout struct {
 	Cap  int `json:"cap"`  // records per generation (an immediate in the code)
-	Dirs int `json:"dirs"` // directory entries: one per segment with a scan
+	Dirs int `json:"dirs"` // directory entries: nine per segment with a scan (linear.go)
 	// Used: entries of a generation that lists may occupy; a list
 	// rewritten incrementally goes after them (both generations agree on
 	// everything a directory reaches below Used).
@@ -84,17 +84,21 @@ type SegmentLayout struct {
 	Bodies []string      `json:"bodies"` // body keys by body index
 	// Terminal: every rule of the segment ends evaluation.
 	Terminal bool `json:"terminal"`
-	// Scan: 1 + the segment's directory entry in the record scan (0: the
-	// segment has no scan). ScanOnly: the segment has no lookups and no
+	// Scan: 1 + the segment's first directory entry in the record scan
+	// (0: the segment has no scan); ScanLists: how many of its entries
+	// it uses: 1 (every record in the first list, which every packet
+	// reads) or 9 (lists by family and protocol, entry Scan-1+
+	// RecordGroup(record); only records that end the scan). ScanOnly: the segment has no lookups and no
 	// inline members; ScanFx: the scan does its terminal records' counter
 	// and mark set; ScanMark: the segment writes the scan's mark back.
 	// EntriesOnly: every rule of the segment is table entries (no inline
 	// members, no scan).
 	EntriesOnly bool `json:"entries_only,omitempty"`
 	Scan        int  `json:"scan,omitempty"`
-	ScanOnly bool `json:"scan_only,omitempty"`
-	ScanFx   bool `json:"scan_fx,omitempty"`
-	ScanMark bool `json:"scan_mark,omitempty"`
+	ScanLists   int  `json:"scan_lists,omitempty"`
+	ScanOnly    bool `json:"scan_only,omitempty"`
+	ScanFx      bool `json:"scan_fx,omitempty"`
+	ScanMark    bool `json:"scan_mark,omitempty"`
 }
 
 // ShapeLayout is one shape of a table segment.
@@ -228,7 +232,11 @@ func (p *Program) Layout() (*Layout, []Placement) {
 			// Directory entries follow the order emitLinear meets the
 			// segments in.
 			dirs++
-			sl.Scan, sl.ScanFx = dirs, seg.scanFx
+			sl.Scan, sl.ScanFx = 1+(dirs-1)*linGroups, seg.scanFx
+			sl.ScanLists = 1
+			if c.lin.grouped[dirs-1] {
+				sl.ScanLists = linGroups
+			}
 			sl.ScanOnly = len(seg.shapes) == 0 && len(seg.members) == 0
 			sl.ScanMark = c.lin.marks[dirs-1]
 			for _, i := range seg.linear {
@@ -250,7 +258,7 @@ func (c *compiler) scanLayout() *ScanLayout {
 	if t == nil {
 		return nil
 	}
-	sc := &ScanLayout{Cap: t.cap, Dirs: len(t.segs), Used: t.used, Sets: slices.Clone(t.sets),
+	sc := &ScanLayout{Cap: t.cap, Dirs: len(t.segs) * linGroups, Used: t.used, Sets: slices.Clone(t.sets),
 		Uses:    ScanUses{Fam: t.uses.fam, Proto: t.uses.proto, TCP: t.uses.tcp, Meta: t.uses.meta, Ct: t.uses.ct, Count: t.uses.count, SetMark: t.uses.setMark},
 		Tracing: c.tracing, SegDev: c.segDev()}
 	for f, kinds := range t.kinds {
@@ -397,10 +405,11 @@ func (l *Layout) PlaceRecord(r *grammar.Rule, seg int, prio, slot uint32) ([]byt
 		if body = slices.Index(sl.Bodies, key); body < 0 {
 			return nil, ErrNotPlaceable
 		}
-	} else if sc.Tracing || !sl.ScanOnly {
+	} else if sc.Tracing || !sl.ScanOnly || sl.ScanLists > 1 {
 		// The scan does its counter and mark set and goes on, which only
-		// a segment of records alone allows (classify); a hook that
-		// traces runs its body.
+		// a segment of records alone allows (classify), in rule order: not
+		// in lists by family and protocol; a hook that traces runs its
+		// body.
 		return nil, ErrNotPlaceable
 	}
 	c.bodyOf = []uint32{uint32(body)}

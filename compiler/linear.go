@@ -29,12 +29,26 @@ import (
 // (no inline members after it), terminal records' counter and mark set are
 // done in the scan too, so rules that differ only in them share a body.
 //
+// Lists: a segment whose records all end the scan (recTerminal) keeps
+// them in linGroups lists by the family and protocol they need (any, IPv4,
+// IPv6 × any, TCP, UDP), each in rule order; a packet reads the at most
+// four lists its family and protocol can match, one after the other, each
+// until a record's priority is not below the best so far, so the winner is
+// still the first matching rule. A segment with records that don't end the
+// scan (their counters and mark sets must run in rule order) keeps them
+// all in list 0.
+//
 // Map layout (linearMap, ARRAY of linCap*2 records, generation g at
-// g*linCap): the first linear segments' entries are a directory, entry s
-// holding in its prio field the index of segment s's first record; then
-// each segment's records, ended by a zero record. The program reads
-// directory entry gen*linCap + s, then the records from there: a commit
-// writes the other generation whole and flips abi.ControlMap.
+// g*linCap): the first linGroups entries per linear segment are a
+// directory, entry s*linGroups + l holding in its prio field the index of
+// the first record of segment s's list l; then a zero record that empty
+// lists point at; then the lists' records, each list ended by a zero
+// record. So every directory entry is the absolute index of a list ended
+// by a zero record, which incremental changes (datapath/scanpatch.go)
+// copy between generations as they are. The program reads
+// directory entries from gen*linCap + s*linGroups, then the records from
+// there: a commit writes the other generation whole and flips
+// abi.ControlMap.
 //
 // Per packet the scan costs a few tens of instructions per record it
 // reads: it is for rules that share no shape, as the tables are for rules
@@ -108,9 +122,10 @@ const (
 
 // linearTable is the program's record map.
 type linearTable struct {
-	segs    [][]byte // each segment's records, in order, without the end
-	marks   []bool   // by segment: a record sets the mark (written back)
-	sets    []string // named sets the records use, by index
+	segs    [][linGroups][]byte // each segment's lists of records, in order, without the ends
+	marks   []bool              // by segment: a record sets the mark (written back)
+	grouped []bool              // by segment: its records are in lists by family and protocol
+	sets    []string            // named sets the records use, by index
 	kinds   [4][numKinds]bool
 	ranges  [][]byte          // range lists (linRangesMap), by id
 	rangeID map[string]uint32 // by content
@@ -497,26 +512,70 @@ func (c *compiler) linearMapSpecs() {
 	}
 }
 
+// linGroups: record lists per segment, by family (any, 4, 6) × protocol
+// (any, TCP, UDP).
+const linGroups = 9
+
+// linGroup is the list of a record in a segment whose records all end the
+// scan.
+func linGroup(rec []byte) int {
+	fam := map[byte]int{4: 1, 6: 2}[rec[recFam]] // 0xff (no packet): any, the family test fails it
+	proto := map[byte]int{6: 1, 17: 2}[rec[recProto]]
+	return 3*fam + proto
+}
+
+// RecordGroup is the list (directory entry s*9 + RecordGroup) a record
+// belongs to in a segment whose records are in lists by family and
+// protocol (SegmentLayout.ScanLists 9).
+func RecordGroup(rec []byte) int { return linGroup(rec) }
+
+// entries counts a generation's entries: the directory, the empty list,
+// then the lists and their ends.
+func (t *linearTable) entries() int {
+	n := len(t.segs)*linGroups + 1
+	for _, lists := range t.segs {
+		for _, recs := range lists {
+			if len(recs) > 0 {
+				n += len(recs)/recSize + 1
+			}
+		}
+	}
+	return n
+}
+
 // contents are every entry of generation gen (an array has no deletes).
 func (t *linearTable) contents(gen uint32) []ebpf.MapKV {
 	base := int(gen) * t.cap
 	out := make([]ebpf.MapKV, 0, t.cap)
 	key := func(i int) []byte { return binary.NativeEndian.AppendUint32(nil, uint32(base+i)) }
-	next := len(t.segs)
-	for s, recs := range t.segs {
-		dir := make([]byte, recSize)
-		binary.NativeEndian.PutUint32(dir[recPrio:], uint32(base+next))
-		out = append(out, ebpf.MapKV{Key: key(s), Value: dir})
-		next += len(recs)/recSize + 1
+	empty := len(t.segs) * linGroups
+	next := empty + 1
+	for s, lists := range t.segs {
+		for l, recs := range lists {
+			first := empty
+			if len(recs) > 0 {
+				first = next
+				next += len(recs)/recSize + 1
+			}
+			dir := make([]byte, recSize)
+			binary.NativeEndian.PutUint32(dir[recPrio:], uint32(base+first))
+			out = append(out, ebpf.MapKV{Key: key(s*linGroups + l), Value: dir})
+		}
 	}
-	at := len(t.segs)
-	for _, recs := range t.segs {
-		for k := 0; k < len(recs); k += recSize {
-			out = append(out, ebpf.MapKV{Key: key(at), Value: recs[k : k+recSize]})
+	out = append(out, ebpf.MapKV{Key: key(empty), Value: make([]byte, recSize)})
+	at := empty + 1
+	for _, lists := range t.segs {
+		for _, recs := range lists {
+			if len(recs) == 0 {
+				continue
+			}
+			for k := 0; k < len(recs); k += recSize {
+				out = append(out, ebpf.MapKV{Key: key(at), Value: recs[k : k+recSize]})
+				at++
+			}
+			out = append(out, ebpf.MapKV{Key: key(at), Value: make([]byte, recSize)})
 			at++
 		}
-		out = append(out, ebpf.MapKV{Key: key(at), Value: make([]byte, recSize)})
-		at++
 	}
 	t.used = at
 	zero := make([]byte, recSize)

@@ -40,7 +40,13 @@ const (
 	// and from +4 a named set's LPM key.
 	scanSaddr = 40
 	scanDaddr = 64
-	scanSize  = 88
+	scanDir   = 88 // u32 the segment's first directory entry (linear.go)
+	scanCur   = 92 // u32 the record being tested
+	scanWin   = 96 // u32 the winning record, 0: none (its counter and mark set run last)
+	// scanLists: 4 u32, the first records of the lists still to read (0:
+	// none), in the order lin_scan reads them.
+	scanLists = 100
+	scanSize  = 120
 )
 
 const (
@@ -59,23 +65,39 @@ func (c *compiler) emitLinear(rules []*grammar.Rule, seg segment) error {
 		return nil
 	}
 	t := c.lin
-	var recs []byte
-	setsMark := false
+	var recs [][]byte
+	setsMark, grouped := false, true
 	for _, i := range seg.linear {
 		rec, err := c.record(rules[i], i, seg.scanFx && c.fxInScan(rules[i]))
 		if err != nil {
 			return err
 		}
-		setsMark = setsMark || nativeU32(rec[recFlags:])&recSetMark != 0
-		recs = append(recs, rec...)
+		flags := nativeU32(rec[recFlags:])
+		setsMark = setsMark || flags&recSetMark != 0
+		grouped = grouped && flags&recTerminal != 0
+		recs = append(recs, rec)
+	}
+	// Records that all end the scan go to the lists of their family and
+	// protocol (linear.go); else one list in rule order.
+	var lists [linGroups][]byte
+	for _, rec := range recs {
+		l := 0
+		if grouped {
+			l = linGroup(rec)
+		}
+		lists[l] = append(lists[l], rec...)
 	}
 	s := len(t.segs)
-	t.segs = append(t.segs, recs)
+	t.segs = append(t.segs, lists)
 	t.marks = append(t.marks, setsMark)
-	t.maxScan = max(t.maxScan, len(seg.linear))
+	t.grouped = append(t.grouped, grouped)
 	e := &c.e
 	n := c.ruleNeeds
-	e.comment("rules %d...%d: %d records, scanned in order (linscan.go)", seg.linear[0], seg.linear[len(seg.linear)-1], len(seg.linear))
+	how := "one list"
+	if grouped {
+		how = "lists by family and protocol"
+	}
+	e.comment("rules %d...%d: %d records, scanned in order (linscan.go), %s", seg.linear[0], seg.linear[len(seg.linear)-1], len(seg.linear), how)
 	for off := int16(0); off < scanSize; off += 8 {
 		e.emit(sti(asm.R10, scanAt+off, 0, asm.DWord))
 	}
@@ -117,35 +139,39 @@ func (c *compiler) emitLinear(rules []*grammar.Rule, seg segment) error {
 			e.label(v4)
 		}
 	}
-	// Directory entry s of the live generation: the list's first record.
+	// The segment's directory in the live generation.
 	e.emit(
 		ldx(asm.R1, asm.R10, slotGen, asm.DWord),
 		asm.Mul.Imm(asm.R1, linCapSymbol),
-		asm.Add.Imm(asm.R1, int32(s)),
+		asm.Add.Imm(asm.R1, int32(s*linGroups)),
+		stx(asm.R10, scanAt+scanDir, asm.R1, asm.Word),
+		// Overwrite the map key slot, as a lookup here did: what a body
+		// before left there (a constant key the verifier tracks) must not
+		// keep the states of every way here apart.
 		stx(asm.R10, slotKey, asm.R1, asm.Word),
 	)
-	t.capRefs = append(t.capRefs, len(e.insns)-3)
-	c.lookup(linearMap, slotKey)
-	done := fmt.Sprintf("lin%d_done", s)
+	t.capRefs = append(t.capRefs, len(e.insns)-4)
 	e.emit(
-		asm.JEq.Imm(asm.R0, 0, done),
-		ldx(asm.R1, asm.R0, recPrio, asm.Word),
-		stx(asm.R10, scanAt+scanBase, asm.R1, asm.Word),
 		mov(asm.R1, asm.R10),
 		asm.Add.Imm(asm.R1, scanAt),
 		asm.Call.Label(linScanFunc),
-		ldx(asm.R1, asm.R10, scanAt+scanBest, asm.Word), stx(asm.R10, slotBest, asm.R1, asm.DWord),
-		ldx(asm.R1, asm.R10, scanAt+scanRule, asm.Word), stx(asm.R10, slotRule, asm.R1, asm.DWord),
-		ldx(asm.R1, asm.R10, scanAt+scanBody, asm.Word), stx(asm.R10, slotBody, asm.R1, asm.DWord),
 	)
-
 	if setsMark {
 		e.emit(
 			ldx(asm.R1, asm.R10, scanAt+scanMark, asm.Word),
 			stx(asm.R6, skbMark, asm.R1, asm.Word),
 		)
 	}
-	e.label(done)
+	// A record won: it beat what the lookups found (the scan reads no
+	// record whose priority is not below it).
+	e.emit(
+		ldx(asm.R1, asm.R10, scanAt+scanWin, asm.Word),
+		asm.JEq.Imm(asm.R1, 0, fmt.Sprintf("lin%d_done", s)),
+		ldx(asm.R1, asm.R10, scanAt+scanBest, asm.Word), stx(asm.R10, slotBest, asm.R1, asm.DWord),
+		ldx(asm.R1, asm.R10, scanAt+scanRule, asm.Word), stx(asm.R10, slotRule, asm.R1, asm.DWord),
+		ldx(asm.R1, asm.R10, scanAt+scanBody, asm.Word), stx(asm.R10, slotBody, asm.R1, asm.DWord),
+	)
+	e.label(fmt.Sprintf("lin%d_done", s))
 	return nil
 }
 
@@ -217,26 +243,173 @@ func (c *compiler) bodyPool(rules []*grammar.Rule) error {
 // linearFunctions emits the scan function and its callback after the
 // program.
 func (c *compiler) linearFunctions() {
-	t := c.lin
 	e := &c.e
 	e.owner = 0
-	// lin_scan(R1 = s): bpf_loop(cap, lin_record, &s, 0). The callback's
-	// context must be on the stack: it holds s.
+	// lin_scan(R1 = s): the lists of the packet's family and protocol
+	// (linear.go), then the winner's counter and mark set. R6 = s, R8 =
+	// the protocol's list index (0 any), R9 = the family's (0 any).
 	e.label(linScanFunc)
 	e.comment("record scan (linscan.go): a global function, verified once")
+	fam, proto := "lin_fam_done", "lin_proto_done"
 	e.emit(
 		asm.JEq.Imm(asm.R1, 0, "lin_scan_out"),
+		mov(asm.R6, asm.R1),
+		// bpf_loop's callback context must be on the stack: it holds s.
 		stx(asm.R10, -8, asm.R1, asm.DWord),
-		movi(asm.R1, int32(t.cap)),
+		movi(asm.R9, 0),
+		ldx(asm.R1, asm.R6, scanFam, asm.Byte),
+		asm.JNE.Imm(asm.R1, 4, "lin_fam6"),
+		movi(asm.R9, 3),
+	)
+	e.label("lin_fam6")
+	e.emit(
+		asm.JNE.Imm(asm.R1, 6, fam),
+		movi(asm.R9, 6),
+	)
+	e.label(fam)
+	e.emit(
+		movi(asm.R8, 0),
+		ldx(asm.R1, asm.R6, scanProto, asm.Byte),
+		asm.JNE.Imm(asm.R1, 6, "lin_udp"),
+		movi(asm.R8, 1),
+	)
+	e.label("lin_udp")
+	e.emit(
+		asm.JNE.Imm(asm.R1, 17, proto),
+		movi(asm.R8, 2),
+	)
+	e.label(proto)
+	// Each list once: any/any, family/any, any/protocol, family/protocol
+	// (the program zeroed scanLists), then one bpf_loop over them all.
+	c.linList(0, func() { e.emit(movi(asm.R1, 0)) })
+	e.emit(asm.JEq.Imm(asm.R9, 0, "lin_no_fam"))
+	c.linList(1, func() { e.emit(mov(asm.R1, asm.R9)) })
+	e.label("lin_no_fam")
+	e.emit(asm.JEq.Imm(asm.R8, 0, "lin_lists"))
+	c.linList(2, func() { e.emit(mov(asm.R1, asm.R8)) })
+	e.emit(asm.JEq.Imm(asm.R9, 0, "lin_lists"))
+	c.linList(3, func() { e.emit(mov(asm.R1, asm.R9), asm.Add.Reg(asm.R1, asm.R8)) })
+	e.label("lin_lists")
+	c.linNextList("lin_lists_done")
+	e.emit(
+		stx(asm.R6, scanBase, asm.R1, asm.Word),
+		movi(asm.R1, int32(c.lin.cap)),
 		asm.Instruction{OpCode: asm.LoadImmOp(asm.DWord), Dst: asm.R2, Src: asm.PseudoFunc, Constant: -1}.WithReference(linRecordFunc),
 		mov(asm.R3, asm.R10),
 		asm.Add.Imm(asm.R3, -8),
 		movi(asm.R4, 0),
 		asm.FnLoop.Call(),
 	)
+	e.label("lin_lists_done")
+	if c.lin.uses.count || c.lin.uses.setMark {
+		e.comment("the winning record's counter and mark set")
+		e.emit(
+			ldx(asm.R1, asm.R6, scanWin, asm.Word),
+			asm.JEq.Imm(asm.R1, 0, "lin_scan_out"),
+			stx(asm.R6, scanKey, asm.R1, asm.Word),
+			asm.LoadMapPtr(asm.R1, 0).WithReference(linearMap),
+			mov(asm.R2, asm.R6),
+			asm.Add.Imm(asm.R2, scanKey),
+			asm.FnMapLookupElem.Call(),
+			asm.JEq.Imm(asm.R0, 0, "lin_scan_out"),
+			mov(asm.R7, asm.R0),
+			ldx(asm.R8, asm.R7, recFlags, asm.Word),
+		)
+		c.linEffects()
+	}
 	e.label("lin_scan_out")
 	e.emit(movi(asm.R0, 0), asm.Return())
 	c.linearCallback()
+}
+
+// linList puts the first record of one list of the segment in
+// scanLists[k] unless the list is empty: list sets R1 to its index; its
+// directory entry names the record.
+func (c *compiler) linList(k int16, list func()) {
+	e := &c.e
+	skip, empty := e.newLabel("lin_list_done"), e.newLabel("lin_list_empty")
+	list()
+	e.emit(
+		ldx(asm.R2, asm.R6, scanDir, asm.Word),
+		asm.Add.Reg(asm.R1, asm.R2),
+		stx(asm.R6, scanKey, asm.R1, asm.Word),
+		asm.LoadMapPtr(asm.R1, 0).WithReference(linearMap),
+		mov(asm.R2, asm.R6),
+		asm.Add.Imm(asm.R2, scanKey),
+		asm.FnMapLookupElem.Call(),
+		asm.JEq.Imm(asm.R0, 0, skip),
+		ldx(asm.R1, asm.R0, recPrio, asm.Word),
+		stx(asm.R6, scanLists+4*k, asm.R1, asm.Word),
+		stx(asm.R6, scanKey, asm.R1, asm.Word),
+		asm.LoadMapPtr(asm.R1, 0).WithReference(linearMap),
+		mov(asm.R2, asm.R6),
+		asm.Add.Imm(asm.R2, scanKey),
+		asm.FnMapLookupElem.Call(),
+		asm.JEq.Imm(asm.R0, 0, empty),
+		ldx(asm.R1, asm.R0, recPrio, asm.Word),
+		asm.JNE.Imm(asm.R1, 0, skip),
+	)
+	e.label(empty)
+	e.emit(sti(asm.R6, scanLists+4*k, 0, asm.Word))
+	e.label(skip)
+}
+
+// linNextList takes the next list to read out of scanLists: R1 = its
+// first record, or a jump to none.
+func (c *compiler) linNextList(none string) {
+	e := &c.e
+	taken := e.newLabel("lin_list")
+	var takes []string
+	for k := int16(0); k < 4; k++ {
+		takes = append(takes, e.newLabel("lin_take"))
+		e.emit(
+			ldx(asm.R1, asm.R6, scanLists+4*k, asm.Word),
+			asm.JNE.Imm(asm.R1, 0, takes[k]),
+		)
+	}
+	e.emit(asm.Ja.Label(none))
+	for k := int16(0); k < 4; k++ {
+		e.label(takes[k])
+		e.emit(sti(asm.R6, scanLists+4*k, 0, asm.Word), asm.Ja.Label(taken))
+	}
+	e.label(taken)
+}
+
+// linEffects emits the counter and mark set of the record at R7 (flags in
+// R8; R6 = s).
+func (c *compiler) linEffects() {
+	t := c.lin
+	e := &c.e
+	if t.uses.count {
+		done, count := e.newLabel("lin_counted"), e.newLabel("lin_count")
+		e.emit(asm.JSet.Imm(asm.R8, recCount, count), asm.Ja.Label(done))
+		e.label(count)
+		e.emit(
+			ldx(asm.R1, asm.R7, recSlot, asm.Word),
+			stx(asm.R6, scanKey, asm.R1, asm.Word),
+			asm.LoadMapPtr(asm.R1, 0).WithReference(CountersMap),
+			mov(asm.R2, asm.R6),
+			asm.Add.Imm(asm.R2, scanKey),
+			asm.FnMapLookupElem.Call(),
+		)
+		e.emit(countPacket(done, asm.R6, scanLen)...)
+		e.label(done)
+	}
+	if t.uses.setMark {
+		done, set := e.newLabel("lin_marked"), e.newLabel("lin_mark_set")
+		e.emit(asm.JSet.Imm(asm.R8, recSetMark, set), asm.Ja.Label(done))
+		e.label(set)
+		e.emit(
+			ldx(asm.R1, asm.R6, scanMark, asm.Word),
+			ldx(asm.R2, asm.R7, recSetMask, asm.Word),
+			asm.Xor.Imm32(asm.R2, -1),
+			asm.And.Reg32(asm.R1, asm.R2),
+			ldx(asm.R2, asm.R7, recSetVal, asm.Word),
+			asm.Or.Reg32(asm.R1, asm.R2),
+			stx(asm.R6, scanMark, asm.R1, asm.Word),
+		)
+		e.label(done)
+	}
 }
 
 // linearCallback emits lin_record(R1 = index, R2 = &s): it tests record
@@ -245,14 +418,15 @@ func (c *compiler) linearFunctions() {
 func (c *compiler) linearCallback() {
 	t := c.lin
 	e := &c.e
-	stop, next := "lin_stop", "lin_next"
+	stop, next, end := "lin_stop", "lin_next", "lin_list_end"
 	e.label(linRecordFunc)
 	e.comment("record test (linscan.go): R1 index, R2 holds the scan struct")
 	e.emit(
 		ldx(asm.R6, asm.R2, 0, asm.DWord),
 		ldx(asm.R2, asm.R6, scanBase, asm.Word),
-		asm.Add.Reg(asm.R1, asm.R2),
+		asm.Add.Reg32(asm.R1, asm.R2),
 		stx(asm.R6, scanKey, asm.R1, asm.Word),
+		stx(asm.R6, scanCur, asm.R1, asm.Word),
 		asm.LoadMapPtr(asm.R1, 0).WithReference(linearMap),
 		mov(asm.R2, asm.R6),
 		asm.Add.Imm(asm.R2, scanKey),
@@ -260,9 +434,9 @@ func (c *compiler) linearCallback() {
 		asm.JEq.Imm(asm.R0, 0, stop),
 		mov(asm.R7, asm.R0),
 		ldx(asm.R1, asm.R7, recPrio, asm.Word),
-		asm.JEq.Imm(asm.R1, 0, stop),
+		asm.JEq.Imm(asm.R1, 0, end),
 		ldx(asm.R2, asm.R6, scanBest, asm.Word),
-		asm.JGE.Reg(asm.R1, asm.R2, stop),
+		asm.JGE.Reg(asm.R1, asm.R2, end),
 		ldx(asm.R8, asm.R7, recFlags, asm.Word),
 	)
 	for _, f := range []struct {
@@ -322,38 +496,10 @@ func (c *compiler) linearCallback() {
 	for j := range 2 {
 		c.linAddr(j, next)
 	}
-	e.comment("the record matches")
-	if t.uses.count {
-		done := "lin_counted"
-		e.emit(asm.JSet.Imm(asm.R8, recCount, "lin_count"), asm.Ja.Label(done))
-		e.label("lin_count")
-		e.emit(
-			ldx(asm.R1, asm.R7, recSlot, asm.Word),
-			stx(asm.R6, scanKey, asm.R1, asm.Word),
-			asm.LoadMapPtr(asm.R1, 0).WithReference(CountersMap),
-			mov(asm.R2, asm.R6),
-			asm.Add.Imm(asm.R2, scanKey),
-			asm.FnMapLookupElem.Call(),
-		)
-		e.emit(countPacket(done, asm.R6, scanLen)...)
-		e.label(done)
-	}
-	if t.uses.setMark {
-		done := "lin_marked"
-		e.emit(asm.JSet.Imm(asm.R8, recSetMark, "lin_mark_set"), asm.Ja.Label(done))
-		e.label("lin_mark_set")
-		e.emit(
-			ldx(asm.R1, asm.R6, scanMark, asm.Word),
-			ldx(asm.R2, asm.R7, recSetMask, asm.Word),
-			asm.Xor.Imm32(asm.R2, -1),
-			asm.And.Reg32(asm.R1, asm.R2),
-			ldx(asm.R2, asm.R7, recSetVal, asm.Word),
-			asm.Or.Reg32(asm.R1, asm.R2),
-			stx(asm.R6, scanMark, asm.R1, asm.Word),
-		)
-		e.label(done)
-	}
-	e.emit(asm.JSet.Imm(asm.R8, recTerminal, "lin_won"), asm.Ja.Label(next))
+	e.comment("the record matches: a record that ends the scan wins (its counter and mark set run last, in lin_scan); the others count and set the mark now")
+	e.emit(asm.JSet.Imm(asm.R8, recTerminal, "lin_won"))
+	c.linEffects()
+	e.emit(asm.Ja.Label(next))
 	e.label("lin_won")
 	e.emit(
 		ldx(asm.R1, asm.R7, recPrio, asm.Word),
@@ -362,6 +508,20 @@ func (c *compiler) linearCallback() {
 		stx(asm.R6, scanRule, asm.R1, asm.Word),
 		ldx(asm.R1, asm.R7, recBody, asm.Word),
 		stx(asm.R6, scanBody, asm.R1, asm.Word),
+		ldx(asm.R1, asm.R6, scanCur, asm.Word),
+		stx(asm.R6, scanWin, asm.R1, asm.Word),
+	)
+	e.comment("the list ends (or no record after this one can win): on with the next list, if any; index+1 is its first record")
+	e.label(end)
+	c.linNextList(stop)
+	e.emit(
+		ldx(asm.R2, asm.R6, scanCur, asm.Word),
+		asm.Sub.Reg32(asm.R1, asm.R2),
+		ldx(asm.R2, asm.R6, scanBase, asm.Word),
+		asm.Add.Reg32(asm.R1, asm.R2),
+		asm.Sub.Imm32(asm.R1, 1),
+		stx(asm.R6, scanBase, asm.R1, asm.Word),
+		asm.Ja.Label(next),
 	)
 	e.label(stop)
 	e.emit(movi(asm.R0, 1), asm.Return())
@@ -650,10 +810,7 @@ func (c *compiler) linearFinish() {
 	if t == nil {
 		return
 	}
-	n := len(t.segs)
-	for _, s := range t.segs {
-		n += len(s)/recSize + 1
-	}
+	n := t.entries()
 	// Headroom, so that a rule added to a list keeps the map.
 	t.cap = capacity(n+n/4, 64)
 	for _, at := range t.capRefs {
