@@ -88,7 +88,8 @@ type SegmentLayout struct {
 	// (0: the segment has no scan); ScanLists: how many of its entries
 	// it uses: 1 (every record in the first list, which every packet
 	// reads) or 9 (lists by family and protocol, entry Scan-1+
-	// RecordGroup(record); only records that end the scan). ScanOnly: the segment has no lookups and no
+	// RecordGroup(record) for records that end the scan; records that
+	// don't, and set no mark, in the first list, which is read last). ScanOnly: the segment has no lookups and no
 	// inline members; ScanFx: the scan does its terminal records' counter
 	// and mark set; ScanMark: the segment writes the scan's mark back.
 	// EntriesOnly: every rule of the segment is table entries (no inline
@@ -405,17 +406,21 @@ func (l *Layout) PlaceRecord(r *grammar.Rule, seg int, prio, slot uint32) ([]byt
 		if body = slices.Index(sl.Bodies, key); body < 0 {
 			return nil, ErrNotPlaceable
 		}
-	} else if sc.Tracing || !sl.ScanOnly || sl.ScanLists > 1 {
+	} else if sc.Tracing || !sl.ScanOnly {
 		// The scan does its counter and mark set and goes on, which only
-		// a segment of records alone allows (classify), in rule order: not
-		// in lists by family and protocol; a hook that traces runs its
-		// body.
+		// a segment of records alone allows (classify); a hook that
+		// traces runs its body.
 		return nil, ErrNotPlaceable
 	}
 	c.bodyOf = []uint32{uint32(body)}
 	rec, err := c.record(r, 0, fx)
 	if err != nil {
 		return nil, err
+	}
+	if sl.ScanLists > 1 && sequential(nativeU32(rec[recFlags:])) {
+		// A mark set that later records may test: the segment's records
+		// must be one list in rule order (linscan.go).
+		return nil, ErrNotPlaceable
 	}
 	t := c.lin
 	uses := ScanUses{Fam: t.uses.fam, Proto: t.uses.proto, TCP: t.uses.tcp, Meta: t.uses.meta, Ct: t.uses.ct, Count: t.uses.count, SetMark: t.uses.setMark}

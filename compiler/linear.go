@@ -29,14 +29,18 @@ import (
 // (no inline members after it), terminal records' counter and mark set are
 // done in the scan too, so rules that differ only in them share a body.
 //
-// Lists: a segment whose records all end the scan (recTerminal) keeps
-// them in linGroups lists by the family and protocol they need (any, IPv4,
-// IPv6 × any, TCP, UDP), each in rule order; a packet reads the at most
-// four lists its family and protocol can match, one after the other, each
+// Lists: a segment keeps its records that end the scan (recTerminal) in
+// linGroups lists by the family and protocol they need (any, IPv4, IPv6 ×
+// any, TCP, UDP), each in rule order; a packet reads the at most four
+// lists its family and protocol can match, one after the other, each
 // until a record's priority is not below the best so far, so the winner is
-// still the first matching rule. A segment with records that don't end the
-// scan (their counters and mark sets must run in rule order) keeps them
-// all in list 0.
+// still the first matching rule. Records that don't end the scan (a
+// counter) go to list 0 (any/any), which is read last: they count when
+// they are below the winner of the other lists, as in rule order. A
+// segment with a record that doesn't end the scan and sets the mark
+// (which later records may test) keeps every record in list 0, in rule
+// order. A winning record's own counter and mark set run once, after all
+// lists.
 //
 // Map layout (linearMap, ARRAY of linCap*2 records, generation g at
 // g*linCap): the first linGroups entries per linear segment are a
@@ -526,8 +530,14 @@ func linGroup(rec []byte) int {
 
 // RecordGroup is the list (directory entry s*9 + RecordGroup) a record
 // belongs to in a segment whose records are in lists by family and
-// protocol (SegmentLayout.ScanLists 9).
-func RecordGroup(rec []byte) int { return linGroup(rec) }
+// protocol (SegmentLayout.ScanLists 9): records that don't end the scan
+// are in list 0.
+func RecordGroup(rec []byte) int {
+	if nativeU32(rec[recFlags:])&recTerminal == 0 {
+		return 0
+	}
+	return linGroup(rec)
+}
 
 // entries counts a generation's entries: the directory, the empty list,
 // then the lists and their ends.

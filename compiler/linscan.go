@@ -74,15 +74,16 @@ func (c *compiler) emitLinear(rules []*grammar.Rule, seg segment) error {
 		}
 		flags := nativeU32(rec[recFlags:])
 		setsMark = setsMark || flags&recSetMark != 0
-		grouped = grouped && flags&recTerminal != 0
+		grouped = grouped && !sequential(flags)
 		recs = append(recs, rec)
 	}
-	// Records that all end the scan go to the lists of their family and
-	// protocol (linear.go); else one list in rule order.
+	// Records go to the lists of their family and protocol (linear.go),
+	// those that don't end the scan to list 0, which is read last; when
+	// one sets the mark, all stay in list 0, in rule order.
 	var lists [linGroups][]byte
 	for _, rec := range recs {
 		l := 0
-		if grouped {
+		if grouped && nativeU32(rec[recFlags:])&recTerminal != 0 {
 			l = linGroup(rec)
 		}
 		lists[l] = append(lists[l], rec...)
@@ -279,17 +280,19 @@ func (c *compiler) linearFunctions() {
 		movi(asm.R8, 2),
 	)
 	e.label(proto)
-	// Each list once: any/any, family/any, any/protocol, family/protocol
-	// (the program zeroed scanLists), then one bpf_loop over them all.
-	c.linList(0, func() { e.emit(movi(asm.R1, 0)) })
+	// Each list once: family/any, any/protocol, family/protocol, then
+	// any/any (last: it holds the records that don't end the scan, whose
+	// counters count only below the winner of the others); the program
+	// zeroed scanLists. Then one bpf_loop over them all.
 	e.emit(asm.JEq.Imm(asm.R9, 0, "lin_no_fam"))
-	c.linList(1, func() { e.emit(mov(asm.R1, asm.R9)) })
+	c.linList(0, func() { e.emit(mov(asm.R1, asm.R9)) })
 	e.label("lin_no_fam")
-	e.emit(asm.JEq.Imm(asm.R8, 0, "lin_lists"))
-	c.linList(2, func() { e.emit(mov(asm.R1, asm.R8)) })
-	e.emit(asm.JEq.Imm(asm.R9, 0, "lin_lists"))
-	c.linList(3, func() { e.emit(mov(asm.R1, asm.R9), asm.Add.Reg(asm.R1, asm.R8)) })
-	e.label("lin_lists")
+	e.emit(asm.JEq.Imm(asm.R8, 0, "lin_any"))
+	c.linList(1, func() { e.emit(mov(asm.R1, asm.R8)) })
+	e.emit(asm.JEq.Imm(asm.R9, 0, "lin_any"))
+	c.linList(2, func() { e.emit(mov(asm.R1, asm.R9), asm.Add.Reg(asm.R1, asm.R8)) })
+	e.label("lin_any")
+	c.linList(3, func() { e.emit(movi(asm.R1, 0)) })
 	c.linNextList("lin_lists_done")
 	e.emit(
 		stx(asm.R6, scanBase, asm.R1, asm.Word),
@@ -320,6 +323,13 @@ func (c *compiler) linearFunctions() {
 	e.label("lin_scan_out")
 	e.emit(movi(asm.R0, 0), asm.Return())
 	c.linearCallback()
+}
+
+// sequential reports whether a record of these flags keeps its segment's
+// records in one list in rule order: it doesn't end the scan and sets the
+// mark, which later records may test.
+func sequential(flags uint32) bool {
+	return flags&recTerminal == 0 && flags&recSetMark != 0
 }
 
 // linList puts the first record of one list of the segment in
