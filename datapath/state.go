@@ -89,7 +89,7 @@ type hookState struct {
 	TableGen       uint32       `json:"table_generation,omitempty"`
 	Sets           []string     `json:"sets,omitempty"`
 	CounterHandles []uint64     `json:"counter_handles,omitempty"`
-	Rules          []ruleRecord `json:"rules"`
+	Rules          ruleRecords  `json:"rules"`
 	Base           []baseRecord `json:"base,omitempty"`
 	// Layout is what incremental changes need of the compiled program
 	// (patch.go); Spare how the spare table generation differs from the

@@ -1,0 +1,189 @@
+package datapath
+
+import (
+	"encoding/json"
+	"unicode/utf8"
+)
+
+// ruleRecords is a hook's rules in the state record, in the record's JSON
+// form ([{"handle": H, "text": RULE, "counter_at": OFFSET}, …]) with a
+// reader of its own: encoding/json's reflection over ten thousand small
+// objects was the largest part of a rule change on a large hook (a third
+// of `delete rule`), and this reads them in half the time. What it does not
+// expect (another key, a number in another form) goes to encoding/json,
+// so what it reads is exactly the record's format. (Writing is
+// encoding/json's: a writer of its own measured slower, as encoding/json
+// checks a Marshaler's output again.)
+type ruleRecords []ruleRecord
+
+func (rr *ruleRecords) UnmarshalJSON(data []byte) error {
+	if out, ok := readRuleRecords(data); ok {
+		*rr = out
+		return nil
+	}
+	var plain []ruleRecord
+	if err := json.Unmarshal(data, &plain); err != nil {
+		return err
+	}
+	*rr = plain
+	return nil
+}
+
+// readRuleRecords reads the array the way MarshalJSON writes it (any
+// key order, white space, counter_at absent, any string); false for
+// anything else.
+func readRuleRecords(data []byte) ([]ruleRecord, bool) {
+	p := jsonCursor{b: data}
+	if !p.byte('[') {
+		return nil, false
+	}
+	out := []ruleRecord{}
+	if p.byte(']') {
+		return out, p.end()
+	}
+	for {
+		var r ruleRecord
+		if !p.byte('{') {
+			return nil, false
+		}
+		for first := true; !p.byte('}'); first = false {
+			if !first && !p.byte(',') {
+				return nil, false
+			}
+			key, ok := p.key()
+			if !ok || !p.byte(':') {
+				return nil, false
+			}
+			switch string(key) { // compared without a copy
+			case "handle":
+				if r.Handle, ok = p.uint(); !ok {
+					return nil, false
+				}
+			case "counter_at":
+				n, ok := p.uint()
+				if !ok || n > 1<<31 {
+					return nil, false
+				}
+				r.CounterAt = int(n)
+			case "text":
+				if r.Text, ok = p.string(); !ok {
+					return nil, false
+				}
+			default:
+				return nil, false
+			}
+		}
+		out = append(out, r)
+		if p.byte(']') {
+			return out, p.end()
+		}
+		if !p.byte(',') {
+			return nil, false
+		}
+	}
+}
+
+// jsonCursor reads the few JSON forms readRuleRecords accepts.
+type jsonCursor struct {
+	b []byte
+	i int
+}
+
+func (p *jsonCursor) space() {
+	for p.i < len(p.b) && (p.b[p.i] == ' ' || p.b[p.i] == '\t' || p.b[p.i] == '\n' || p.b[p.i] == '\r') {
+		p.i++
+	}
+}
+
+// byte consumes c (after white space) if it is next.
+func (p *jsonCursor) byte(c byte) bool {
+	p.space()
+	if p.i < len(p.b) && p.b[p.i] == c {
+		p.i++
+		return true
+	}
+	return false
+}
+
+func (p *jsonCursor) end() bool {
+	p.space()
+	return p.i == len(p.b)
+}
+
+// key reads a string without escapes or bytes outside ASCII.
+func (p *jsonCursor) key() ([]byte, bool) {
+	if !p.byte('"') {
+		return nil, false
+	}
+	start := p.i
+	for ; p.i < len(p.b); p.i++ {
+		switch c := p.b[p.i]; {
+		case c == '"':
+			p.i++
+			return p.b[start : p.i-1], true
+		case c < 0x20 || c == '\\' || c >= utf8.RuneSelf:
+			return nil, false
+		}
+	}
+	return nil, false
+}
+
+// string reads a string; one with escapes or other than ASCII is decoded
+// by encoding/json.
+func (p *jsonCursor) string() (string, bool) {
+	s, plain, ok := p.stringToken()
+	if !ok || plain {
+		return s, ok
+	}
+	if err := json.Unmarshal([]byte(s), &s); err != nil {
+		return "", false
+	}
+	return s, true
+}
+
+// stringToken reads a string: its contents when plain, else the token
+// with its quotes.
+func (p *jsonCursor) stringToken() (s string, plain, ok bool) {
+	if !p.byte('"') {
+		return "", false, false
+	}
+	start, plain := p.i, true
+	for ; p.i < len(p.b); p.i++ {
+		switch c := p.b[p.i]; {
+		case c == '"':
+			p.i++
+			if plain {
+				return string(p.b[start : p.i-1]), true, true
+			}
+			return string(p.b[start-1 : p.i]), false, true
+		case c == '\\':
+			plain = false
+			p.i++ // the escaped byte
+		case c < 0x20:
+			return "", false, false
+		case c >= utf8.RuneSelf:
+			plain = false
+		}
+	}
+	return "", false, false
+}
+
+// uint reads a non-negative integer without sign, fraction or exponent.
+func (p *jsonCursor) uint() (uint64, bool) {
+	p.space()
+	start := p.i
+	var n uint64
+	for ; p.i < len(p.b) && p.b[p.i] >= '0' && p.b[p.i] <= '9'; p.i++ {
+		if p.i-start >= 19 {
+			return 0, false
+		}
+		n = n*10 + uint64(p.b[p.i]-'0')
+	}
+	if p.i == start || p.b[start] == '0' && p.i-start > 1 {
+		return 0, false
+	}
+	if p.i < len(p.b) && (p.b[p.i] == '.' || p.b[p.i] == 'e' || p.b[p.i] == 'E') {
+		return 0, false
+	}
+	return n, true
+}
