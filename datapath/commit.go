@@ -723,7 +723,10 @@ func (b *Backend) snapshot() (*bpf.Store, *bpf.Gen, *liveState, error) {
 		if err != nil || g == nil {
 			return s, nil, nil, err
 		}
-		st, err := readGenState(g)
+		st := b.prefetched(g)
+		if st == nil {
+			st, err = readGenState(g)
+		}
 		if st != nil && st.Generation == g.N {
 			b.read = st // Commit, under the lock taken before, reads it again
 		}

@@ -54,6 +54,8 @@ type Backend struct {
 	// state record it read them from.
 	outline      map[*grammar.Rule]ruleRecord
 	outlineState *liveState
+	// pre is the state record being read ahead (Prefetch).
+	pre *statePrefetch
 }
 
 var _ ruleset.Backend = (*Backend)(nil)

@@ -114,9 +114,12 @@ type app struct {
 	// lastFailure is the exit code of the last failed command at the
 	// prompt; a non-interactive `-i` session exits with it.
 	lastFailure int
+	// fileInput: the command applies a ruleset file (-f).
+	fileInput bool
 }
 
 func (a *app) runFile(path string, stdin io.Reader) int {
+	a.fileInput = true
 	name := path
 	var data []byte
 	var err error
@@ -165,6 +168,9 @@ func (a *app) execWith(name, text string, parse func(*grammar.Options) ([]*gramm
 		return err
 	}
 	defer a.release()
+	if p, ok := b.(interface{ Prefetch() }); ok {
+		p.Prefetch() // the live state is read while the input is parsed
+	}
 	// Set types come from the committed ruleset, read (without any lock)
 	// only when the text names a set it does not define.
 	var live *ruleset.Ruleset
@@ -191,6 +197,9 @@ func (a *app) execWith(name, text string, parse func(*grammar.Options) ([]*gramm
 	}
 	if err != nil {
 		return err
+	}
+	if a.fileInput {
+		limitMemory(cmds, parsed)
 	}
 	s := &ruleset.Session{
 		Backend:         b,
