@@ -36,6 +36,10 @@ import (
 // that key and its entry is dropped), and when its bodies or shapes
 // outgrow the jump range. Small segments are emitted rule by
 // rule, as before.
+//
+// In a large hook only a few shapes are code (shapescan.go: the code
+// budget); the rules of the others go to the record scan (linear.go),
+// those that share a shape as one shape record per shape.
 
 // Limits of the classifier.
 const (
@@ -87,6 +91,8 @@ type shape struct {
 	perfect *perfectTable
 	// shadowed: a key of two rules, the later one's entry dropped (Layout).
 	shadowed bool
+	// first: the shape's first rule (a shape record sits where it is).
+	first int
 }
 
 // portOnly reports whether the shape keys on one port and nothing else.
@@ -117,6 +123,9 @@ type segment struct {
 	members  []int    // rules tested inline after the lookups, in order
 	linear   []int    // rules matched by the record scan (linear.go), in order
 	scanFx   bool     // the scan does the linear rules' counter and mark set
+	// scanShapes: shapes of linear rules over the code budget, one shape
+	// record each (shapescan.go), in the order of their first rules.
+	scanShapes []*shape
 }
 
 // ruleVariant is one (shape, keys) part of a rule: an address list with
@@ -126,9 +135,11 @@ type ruleVariant struct {
 	keys [][]byte
 }
 
-// classify cuts the rules into segments.
+// classify cuts the rules into segments. In a large hook the shapes
+// emitted as code are kept within a budget (shapescan.go): rules of the
+// other shapes go to the record scan, and each pass that finds the budget
+// exceeded sends more of them there.
 func (c *compiler) classify(rules []*grammar.Rule) ([]segment, error) {
-	var segs []segment
 	variants, err := c.allVariants(rules)
 	if err != nil {
 		return nil, err
@@ -136,13 +147,31 @@ func (c *compiler) classify(rules []*grammar.Rule) ([]segment, error) {
 	// Rules of shapes no table would hold go to the record scan
 	// (linear.go): they bring no shape into a segment.
 	scan := c.scanned(rules, variants)
-	own := make([][]ruleVariant, len(rules))
-	for i := range rules {
-		if !scan[i] {
-			own[i] = variants[i]
+	b := c.newBudget(rules, variants, scan)
+	keys := slices.Clone(c.bodyKeys)
+	for {
+		copy(c.bodyKeys, keys) // placeRest rewrites some
+		segs := c.classifyWith(rules, variants, scan)
+		if !b.demote(segs) {
+			return segs, nil
 		}
 	}
-	variants = own
+}
+
+// classifyWith cuts the rules into segments, the rules marked in scan (and
+// those over the code budget, c.over) going to the record scan.
+func (c *compiler) classifyWith(rules []*grammar.Rule, all [][]ruleVariant, scan []bool) []segment {
+	var segs []segment
+	over := c.over
+	scan = slices.Clone(scan)
+	own := make([][]ruleVariant, len(rules))
+	for i := range rules {
+		scan[i] = scan[i] || over.demoted[i]
+		if !scan[i] {
+			own[i] = all[i]
+		}
+	}
+	variants := own
 	start := 0
 	for start < len(rules) {
 		seg := segment{first: start}
@@ -218,7 +247,8 @@ func (c *compiler) classify(rules []*grammar.Rule) ([]segment, error) {
 			for _, v := range variants[i] {
 				sh := byKey[v.sh.key]
 				if sh == nil {
-					sh = v.sh
+					cp := *v.sh // the variants serve every pass (classify)
+					sh = &cp
 					sh.tmpl = r
 					byKey[sh.key] = sh
 					seg.shapes = append(seg.shapes, sh)
@@ -252,19 +282,20 @@ func (c *compiler) classify(rules []*grammar.Rule) ([]segment, error) {
 			}
 		}
 		seg.n = i - start
-		seg.inline = seg.n <= inlineRules && !c.scanSmall(rules, seg, scan)
+		seg.inline = seg.n <= inlineRules && !c.scanSmall(rules, seg, scan) && !over.any(seg)
 		if !seg.inline {
 			seg.split(variants)
 			c.placeRest(rules, &seg, scan)
+			c.scanShapesOf(rules, &seg)
 			seg.inline = len(seg.shapes) == 0 && len(seg.linear) == 0
 		}
 		if seg.inline {
-			seg.shapes, seg.members, seg.linear = nil, nil, nil
+			seg.shapes, seg.members, seg.linear, seg.scanShapes = nil, nil, nil, nil
 		}
 		segs = append(segs, seg)
 		start = i
 	}
-	return segs, nil
+	return segs
 }
 
 // split keeps in tables the shapes that several rules share: a lookup per

@@ -505,6 +505,7 @@ func describeRules(rules []*grammar.Rule) string {
 // diffTally sums what the differential tests compared.
 type diffTally struct {
 	rulesets, tabled, packets, failures int
+	byShapeRecord                       int // packets a rule in a shape record won
 	changed                             map[grammar.ActionKind]int
 	verdicts                            map[int32]int
 	stats                               [compiler.NumStats]uint64
@@ -515,8 +516,8 @@ func newTally() *diffTally {
 }
 
 func (d *diffTally) String() string {
-	return fmt.Sprintf("%d rulesets (%d with table segments), %d packets compared; verdicts %v; rewritten by action %v; stats %v",
-		d.rulesets, d.tabled, d.packets, d.verdicts, d.changed, d.stats)
+	return fmt.Sprintf("%d rulesets (%d with table segments), %d packets compared (%d won by a rule in a shape record); verdicts %v; rewritten by action %v; stats %v",
+		d.rulesets, d.tabled, d.packets, d.byShapeRecord, d.verdicts, d.changed, d.stats)
 }
 
 // diffRuleset compiles and loads rules, runs perSet random packets through
@@ -549,12 +550,16 @@ func diffLoaded(t *testing.T, g gen, d *diffTally, rs int, l *loaded, rules []*g
 	}
 	counters := map[int]abi.Counter{}
 	var stats [compiler.NumStats]uint64
+	inShapeRecord := compiler.ShapeRecordRules(l.prog)
 	for n := 0; n < perSet && d.failures < 5; n++ {
 		pkt := g.packet(t)
 		mark := poolMark[g.pick(len(poolMark))]
 		got := l.run(t, pkt, mark)
 		want := model.Run(refmodel.Input{Packet: pkt, Mark: mark})
 		d.packets++
+		if inShapeRecord[want.Rule] {
+			d.byShapeRecord++
+		}
 		d.verdicts[want.Verdict]++
 		if want.Rule >= 0 && !bytes.Equal(pkt, want.Packet) {
 			for _, a := range rules[want.Rule].Actions {
@@ -632,21 +637,42 @@ func diffSeed(t *testing.T) gen {
 // templates their actions come from 16 action lists: each distinct action
 // list is code of its own (sfunnel(8) BUGS).
 func (g gen) mixedRules(n, shapes int, sets map[string]*grammar.Set) []*grammar.Rule {
+	return g.shapedRules(n, shapes, 0, sets)
+}
+
+// shapedRules is mixedRules where a template in nonTerminal (0 to 1) does
+// not end evaluation (counter, mark set only). With more than 32 templates,
+// what rules do once they match (statements and actions) comes from 16
+// tails: each distinct one is a body, code of its own (sfunnel(8) BUGS),
+// which is not what these rulesets are about.
+func (g gen) shapedRules(n, shapes int, nonTerminal float64, sets map[string]*grammar.Set) []*grammar.Rule {
 	var templates []*grammar.Rule
-	var actions [][]*grammar.Action
+	var tails []*grammar.Rule
 	if shapes > 32 {
-		actions = g.actionPool(16, sets)[1:]
+		for len(tails) < 16 {
+			r := g.rule(sets)
+			if len(r.Actions) > 0 {
+				r.Trace = false
+				tails = append(tails, r)
+			}
+		}
 	}
 	for i := 0; i < shapes; i++ {
 		r := g.rule(sets)
-		if actions != nil {
-			r.Actions = actions[g.pick(len(actions))]
+		if tails != nil {
+			t := tails[g.pick(len(tails))]
+			r.Counter, r.SetMetaMark, r.SetCtMark, r.Trace, r.Actions = t.Counter, t.SetMetaMark, t.SetCtMark, false, t.Actions
 			fixActions(r)
 		}
-		if len(r.Actions) == 0 {
+		if nonTerminal > 0 && g.chance(nonTerminal) { // (no draw: other tests keep their rulesets)
+			r.Actions = nil
+			if r.SetMetaMark == nil && r.SetCtMark == nil {
+				r.Counter = true
+			}
+		} else if len(r.Actions) == 0 {
 			// Rules that don't end evaluation, interleaved with rules of
-			// other shapes, cut segments and fall back to rule-by-rule
-			// code (sfunnel(8) BUGS); templates end evaluation.
+			// other shapes, cut segments (sfunnel(8) BUGS); templates end
+			// evaluation unless nonTerminal says otherwise.
 			r.Actions = []*grammar.Action{act(grammar.ActAccept, 0)}
 		}
 		templates = append(templates, r)
@@ -748,27 +774,30 @@ func TestDifferential(t *testing.T) {
 }
 
 // Large mixed rulesets (every match kind, negations, ranges, sets, marks,
-// both families, stacked actions), compiled vs the reference model: few
-// packets per ruleset, so that CI time stays modest; SFUNNEL_LONG=1 sweeps
-// more sizes and packets.
+// both families, stacked actions) of few and of many shapes, some with
+// rules that don't end evaluation among them, compiled vs the reference
+// model: few packets per ruleset, so that CI time stays modest;
+// SFUNNEL_LONG=1 sweeps more sizes and packets. Past 16 shapes most are
+// shape records of the record scan (shapescan.go): packets must reach
+// rules there.
 func TestDifferentialLarge(t *testing.T) {
-	sizes, perSet := []int{1000, 10000}, 300
+	type size struct {
+		n, templates int
+		nonTerminal  float64
+	}
+	sizes, perSet := []size{{1000, 20, 0}, {1000, 100, 0}, {3000, 300, 0.2}, {10000, 1000, 0.1}}, 300
 	if os.Getenv("SFUNNEL_LONG") == "1" {
-		sizes, perSet = []int{100, 300, 1000, 3000, 10000, 10000, 10000}, 3000
+		sizes, perSet = []size{{100, 10, 0}, {300, 30, 0.3}, {1000, 100, 0}, {1000, 100, 0.5}, {3000, 30, 0},
+			{3000, 300, 0.2}, {10000, 20, 0}, {10000, 1000, 0}, {10000, 1000, 0.2}, {10000, 3000, 0.1}}, 3000
 	}
 	if testing.Short() {
 		sizes = sizes[:2]
 	}
 	g := diffSeed(t)
 	d := newTally()
-	for rs, n := range sizes {
+	for rs, sz := range sizes {
 		sets := g.sets()
-		// 20 templates: many shapes of a few rules each make many table
-		// lookups, whose code the verifier walks per way through the
-		// earlier ones (1 000 rules of 100 templates exceed its limit in
-		// the shape lookups). Rules of shapes of their own:
-		// TestDifferentialUniqueShapes.
-		rules := g.mixedRules(n, 20, sets)
+		rules := g.shapedRules(sz.n, sz.templates, sz.nonTerminal, sets)
 		opts := compiler.Options{Hook: grammar.Hook(g.pick(2)), ChecksumHelper: g.chance(0.3)}
 		sparseOptions(&opts, len(rules), rs+1)
 		start := time.Now()
@@ -780,12 +809,15 @@ func TestDifferentialLarge(t *testing.T) {
 			dumpVerifier(t, p)
 		}
 		diffRuleset(t, g, d, rs, rules, sets, opts, perSet)
-		t.Logf("%d rules: compiled, loaded and compared in %v", n, time.Since(start))
+		t.Logf("%d rules of %d templates: compiled, loaded and compared in %v", sz.n, sz.templates, time.Since(start))
 		if d.failures > 0 {
 			break
 		}
 	}
 	t.Logf("%v", d)
+	if d.byShapeRecord == 0 {
+		t.Error("no packet was won by a rule in a shape record")
+	}
 }
 
 func hasUnfunnel(r *grammar.Rule) bool {

@@ -133,7 +133,7 @@ type linearTable struct {
 	kinds   [4][numKinds]bool
 	ranges  [][]byte          // range lists (linRangesMap), by id
 	rangeID map[string]uint32 // by content
-	uses    struct{ meta, ct, tcp, count, setMark, fam, proto bool }
+	uses    struct{ meta, ct, tcp, count, setMark, fam, proto, shape bool }
 	cap     int   // records per generation
 	maxScan int   // longest list
 	capRefs []int // instructions that hold linCapSymbol until linearFinish
@@ -200,7 +200,7 @@ func (c *compiler) placeRest(rules []*grammar.Rule, seg *segment, scan []bool) {
 			n++
 		}
 	}
-	if n <= linMin && !(n == seg.n && c.scanSmall(rules, *seg, scan)) {
+	if n <= linMin && !(n == seg.n && c.scanSmall(rules, *seg, scan)) && !c.over.any(*seg) {
 		return
 	}
 	var members []int
@@ -215,7 +215,7 @@ func (c *compiler) placeRest(rules []*grammar.Rule, seg *segment, scan []bool) {
 	seg.scanFx = len(members) == 0
 	if seg.scanFx {
 		for _, i := range seg.linear {
-			if c.fxInScan(rules[i]) {
+			if c.fxInScan(rules[i]) && !c.over.byShape[i] {
 				c.bodyKeys[i] = scanBodyKey(rules[i])
 			}
 		}
@@ -510,6 +510,7 @@ func (c *compiler) linearMapSpecs() {
 		}
 		c.spec.Maps[linRangesMap] = m
 	}
+	c.shapeKeySpec()
 	c.spec.Maps[linearMap] = &ebpf.MapSpec{
 		Name: linearMap, Type: ebpf.Array, KeySize: 4, ValueSize: recSize, MaxEntries: uint32(2 * t.cap),
 		Contents: t.contents(0)[:t.used], // a new array is zeros already

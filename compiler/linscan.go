@@ -65,13 +65,14 @@ func (c *compiler) emitLinear(rules []*grammar.Rule, seg segment) error {
 		return nil
 	}
 	t := c.lin
+	all, err := c.segmentRecords(rules, seg)
+	if err != nil {
+		return err
+	}
 	var recs [][]byte
 	setsMark, grouped := false, true
-	for _, i := range seg.linear {
-		rec, err := c.record(rules[i], i, seg.scanFx && c.fxInScan(rules[i]))
-		if err != nil {
-			return err
-		}
+	for k := 0; k < len(all); k += recSize {
+		rec := all[k : k+recSize]
 		flags := nativeU32(rec[recFlags:])
 		setsMark = setsMark || flags&recSetMark != 0
 		grouped = grouped && !sequential(flags)
@@ -507,6 +508,9 @@ func (c *compiler) linearCallback() {
 		c.linAddr(j, next)
 	}
 	e.comment("the record matches: a record that ends the scan wins (its counter and mark set run last, in lin_scan); the others count and set the mark now")
+	if t.uses.shape {
+		e.emit(asm.JSet.Imm(asm.R8, recShape, "lin_shape"))
+	}
 	e.emit(asm.JSet.Imm(asm.R8, recTerminal, "lin_won"))
 	c.linEffects()
 	e.emit(asm.Ja.Label(next))
@@ -537,6 +541,9 @@ func (c *compiler) linearCallback() {
 	e.emit(movi(asm.R0, 1), asm.Return())
 	e.label(next)
 	e.emit(movi(asm.R0, 0), asm.Return())
+	if t.uses.shape {
+		c.shapeHit(next)
+	}
 }
 
 // linCompare jumps to next unless (R1 == R2) != (flags & neg).

@@ -102,6 +102,7 @@ type compiler struct {
 	rules                  []*grammar.Rule
 
 	lin    *linearTable // the record scan's map (linear.go)
+	over   *overBudget  // rules past the code budget (shapescan.go)
 	fxDone bool         // emitting a body whose counter and mark set the scan did
 	pool   []int        // rules whose bodies are shared by the segments (linscan.go)
 	poolOf map[string]string

@@ -60,6 +60,7 @@ func (c *compiler) place(segs []segment) {
 			}
 			c.tables[sh.table] = append(c.tables[sh.table], sh)
 		}
+		c.placeScanShapes(&segs[si])
 	}
 }
 
