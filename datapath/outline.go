@@ -38,9 +38,13 @@ func (b *Backend) LoadOutline() (*ruleset.Ruleset, error) {
 		return nil, err
 	}
 	rs := &ruleset.Ruleset{NextHandle: st.NextHandle, Sets: sets}
-	b.known = map[*grammar.Rule]ruleRecord{}
-	b.byHandle = map[uint64]*grammar.Rule{}
-	b.outline = map[*grammar.Rule]ruleRecord{}
+	n := 0
+	for _, h := range st.hooks() {
+		n += len(h.Rules)
+	}
+	b.known = make(map[*grammar.Rule]ruleRecord, n)
+	b.byHandle = make(map[uint64]*grammar.Rule, n)
+	b.outline = make(map[*grammar.Rule]ruleRecord, n)
 	for _, h := range st.hooks() {
 		if !b.attached(s, h.id()) {
 			continue

@@ -83,14 +83,14 @@ type ifaceRecord struct {
 }
 
 type hookState struct {
-	Hook           string       `json:"hook"`
-	Digest         string       `json:"digest"`
-	ProgDigest     string       `json:"program_digest,omitempty"`
-	TableGen       uint32       `json:"table_generation,omitempty"`
-	Sets           []string     `json:"sets,omitempty"`
-	CounterHandles []uint64     `json:"counter_handles,omitempty"`
-	Rules          ruleRecords  `json:"rules"`
-	Base           []baseRecord `json:"base,omitempty"`
+	Hook           string          `json:"hook"`
+	Digest         string          `json:"digest"`
+	ProgDigest     string          `json:"program_digest,omitempty"`
+	TableGen       uint32          `json:"table_generation,omitempty"`
+	Sets           []string        `json:"sets,omitempty"`
+	CounterHandles numbers[uint64] `json:"counter_handles,omitempty"`
+	Rules          ruleRecords     `json:"rules"`
+	Base           []baseRecord    `json:"base,omitempty"`
 	// Layout is what incremental changes need of the compiled program
 	// (patch.go); Spare how the spare table generation differs from the
 	// live one. Absent: the next change compiles the hook.
@@ -125,10 +125,10 @@ type ruleRecord struct {
 // placementRecord holds the Prio, Slot, Segment and Table of a hook's
 // rules, in rule order.
 type placementRecord struct {
-	Prio    []uint32 `json:"prio"`
-	Slot    []uint32 `json:"slot"`
-	Segment []int    `json:"segment"`
-	Table   []bool   `json:"table"`
+	Prio    numbers[uint32] `json:"prio"`
+	Slot    numbers[uint32] `json:"slot"`
+	Segment numbers[int]    `json:"segment"`
+	Table   flags           `json:"table"`
 }
 
 type baseRecord struct {

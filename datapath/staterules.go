@@ -187,3 +187,87 @@ func (p *jsonCursor) uint() (uint64, bool) {
 	}
 	return n, true
 }
+
+// numbers and flags are the record's arrays of numbers and booleans
+// (placement, counter handles: five per rule), read without reflection
+// like ruleRecords.
+type numbers[T uint32 | uint64 | int] []T
+
+func (n *numbers[T]) UnmarshalJSON(data []byte) error {
+	p := jsonCursor{b: data}
+	out, ok := readArray(&p, func() (T, bool) {
+		v, ok := p.uint()
+		return T(v), ok && uint64(T(v)) == v && T(v) >= 0
+	})
+	if !ok {
+		var plain []T
+		if err := json.Unmarshal(data, &plain); err != nil {
+			return err
+		}
+		out = plain
+	}
+	*n = out
+	return nil
+}
+
+type flags []bool
+
+func (f *flags) UnmarshalJSON(data []byte) error {
+	p := jsonCursor{b: data}
+	out, ok := readArray(&p, func() (bool, bool) {
+		switch {
+		case p.word("true"):
+			return true, true
+		case p.word("false"):
+			return false, true
+		}
+		return false, false
+	})
+	if !ok {
+		var plain []bool
+		if err := json.Unmarshal(data, &plain); err != nil {
+			return err
+		}
+		out = plain
+	}
+	*f = out
+	return nil
+}
+
+// readArray reads `[ elem, … ]` (null: nil) with elem; false for anything
+// else.
+func readArray[T any](p *jsonCursor, elem func() (T, bool)) ([]T, bool) {
+	if p.word("null") {
+		return nil, p.end()
+	}
+	if !p.byte('[') {
+		return nil, false
+	}
+	out := []T{}
+	if p.byte(']') {
+		return out, p.end()
+	}
+	for {
+		v, ok := elem()
+		if !ok {
+			return nil, false
+		}
+		out = append(out, v)
+		if p.byte(']') {
+			return out, p.end()
+		}
+		if !p.byte(',') {
+			return nil, false
+		}
+	}
+}
+
+// word consumes w (after white space) if it is next.
+func (p *jsonCursor) word(w string) bool {
+	p.space()
+	if len(p.b)-p.i >= len(w) && string(p.b[p.i:p.i+len(w)]) == w {
+		p.i += len(w)
+		return true
+	}
+	return false
+}

@@ -96,3 +96,68 @@ func BenchmarkRuleRecords(b *testing.B) {
 		}
 	})
 }
+
+// The record's number and boolean arrays read as encoding/json reads them.
+func TestNumbersAndFlagsJSON(t *testing.T) {
+	r := rand.New(rand.NewSource(9))
+	for n := 0; n < 200; n++ {
+		var u64 []uint64
+		var u32 []uint32
+		var ints []int
+		var bs []bool
+		for i := r.Intn(8); i > 0; i-- {
+			u64 = append(u64, r.Uint64()>>r.Intn(64))
+			u32 = append(u32, r.Uint32()>>r.Intn(32))
+			ints = append(ints, r.Intn(1<<20))
+			bs = append(bs, r.Intn(2) == 0)
+		}
+		same(t, u64, func(b []byte) (any, error) {
+			var v numbers[uint64]
+			err := json.Unmarshal(b, &v)
+			return []uint64(v), err
+		})
+		same(t, u32, func(b []byte) (any, error) {
+			var v numbers[uint32]
+			err := json.Unmarshal(b, &v)
+			return []uint32(v), err
+		})
+		same(t, ints, func(b []byte) (any, error) { var v numbers[int]; err := json.Unmarshal(b, &v); return []int(v), err })
+		same(t, bs, func(b []byte) (any, error) { var v flags; err := json.Unmarshal(b, &v); return []bool(v), err })
+	}
+	for _, form := range []string{`[4294967296]`, `[-1]`, `[1.5]`, `[18446744073709551615]`, `[1,]`, `[true]`, `null`, ` [ 1 , 2 ] `} {
+		var plain []uint32
+		perr := json.Unmarshal([]byte(form), &plain)
+		var v numbers[uint32]
+		err := json.Unmarshal([]byte(form), &v)
+		if (err == nil) != (perr == nil) || err == nil && !reflect.DeepEqual([]uint32(v), plain) {
+			t.Errorf("%s: read as %v, %v; encoding/json: %v, %v", form, v, err, plain, perr)
+		}
+	}
+	for _, form := range []string{`[tru]`, `[true,false]`, `[1]`, `null`, `[ true ]`} {
+		var plain []bool
+		perr := json.Unmarshal([]byte(form), &plain)
+		var v flags
+		err := json.Unmarshal([]byte(form), &v)
+		if (err == nil) != (perr == nil) || err == nil && !reflect.DeepEqual([]bool(v), plain) {
+			t.Errorf("%s: read as %v, %v; encoding/json: %v, %v", form, v, err, plain, perr)
+		}
+	}
+}
+
+// same checks that read gives back v, as encoding/json wrote it (plain and
+// indented).
+func same[T any](t *testing.T, v []T, read func([]byte) (any, error)) {
+	t.Helper()
+	data, err := json.Marshal(v)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, form := range []string{string(data), indent(t, data)} {
+		var plain []T
+		json.Unmarshal([]byte(form), &plain)
+		got, err := read([]byte(form))
+		if err != nil || !reflect.DeepEqual(got, any(plain)) {
+			t.Fatalf("%s: read as %v, %v; want %v", form, got, err, plain)
+		}
+	}
+}

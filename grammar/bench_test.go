@@ -106,7 +106,7 @@ func BenchmarkParse10k(b *testing.B) {
 				defer func() { quickPath = true }()
 				if v.lex != nil {
 					saved := parser
-					parser = withLexer(v.lex)
+					parser = &lazyParser{p: withLexer(v.lex)}
 					defer func() { parser = saved }()
 				}
 				b.SetBytes(int64(len(f.src)))
