@@ -52,6 +52,12 @@ const (
 	// that generation's perfect-hash rule tables, one after the other
 	// (their layout is the compiler's: compiler/perfect.go). Written whole.
 	PerfectTables = TablePrefix + "h"
+	// ActionParams: ARRAY, key uint32 counter slot<<1 | generation, value
+	// the rule's action parameters (funnel header fields, dnat address and
+	// port, mark set values; layout: compiler/params.go), in hooks whose
+	// action bodies are shared by rules with different values. The first
+	// uint32 is 1 in an entry that holds parameters.
+	ActionParams = TablePrefix + "a"
 )
 
 // Control is the value of the control map.

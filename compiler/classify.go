@@ -144,6 +144,7 @@ func (c *compiler) classify(rules []*grammar.Rule) ([]segment, error) {
 	if err != nil {
 		return nil, err
 	}
+	c.chooseBodies(rules) // body keys by kind in hooks of many bodies (params.go)
 	// Rules of shapes no table would hold go to the record scan
 	// (linear.go): they bring no shape into a segment.
 	scan := c.scanned(rules, variants)

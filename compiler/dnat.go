@@ -37,21 +37,39 @@ func (c *compiler) dnat(r *grammar.Rule, a *grammar.Action) {
 		e.emit(ldx(asm.R1, asm.R7, daddr+4*w, asm.Word), asm.Add.Reg(asm.R4, asm.R1))
 	}
 	c.fold(asm.R4, asm.R1)
-	e.emit(
-		asm.Xor.Imm(asm.R4, 0xffff),
-		asm.Add.Imm(asm.R4, int32(fold16(newSum))),
-	)
+	e.emit(asm.Xor.Imm(asm.R4, 0xffff))
+	if c.parametric() {
+		c.param(asm.R1, parDNATSum, asm.Half)
+		e.emit(asm.Add.Reg(asm.R4, asm.R1))
+	} else {
+		e.emit(asm.Add.Imm(asm.R4, int32(fold16(newSum))))
+	}
 	c.fold(asm.R4, asm.R1)
 	e.emit(stx(asm.R10, slotT3, asm.R4, asm.DWord))
 	c.l4CsumDiff(0, fPseudoHdr)
-	if a.DNATPort != 0 {
+	// A parametric body has the port code of every dnat, skipped when the
+	// rule's keeps the port.
+	par := c.parametric()
+	keepsPort := func() string {
+		skip := e.newLabel("dnat_port_kept")
+		c.param(asm.R1, parDNATKeep, asm.Half)
+		e.emit(asm.JNE.Imm(asm.R1, 0, skip))
+		return skip
+	}
+	if a.DNATPort != 0 || par {
 		e.comment("port")
+		skip := ""
+		if par {
+			skip = keepsPort()
+		}
 		c.reload()
 		e.emit(l4Bound(4, c.exit("pass"))...)
-		e.emit(
-			ldx(asm.R3, asm.R5, 2, asm.Half),
-			movi(asm.R4, int32(n16(a.DNATPort))),
-		)
+		e.emit(ldx(asm.R3, asm.R5, 2, asm.Half))
+		if par {
+			c.param(asm.R4, parDNATPort, asm.Half)
+		} else {
+			e.emit(movi(asm.R4, int32(n16(a.DNATPort))))
+		}
 		udp := e.newLabel("csum_udp")
 		e.emit(
 			ldx(asm.R2, asm.R10, slotT4, asm.DWord),
@@ -63,15 +81,29 @@ func (c *compiler) dnat(r *grammar.Rule, a *grammar.Action) {
 		)
 		e.label(udp)
 		e.emit(mov(asm.R1, asm.R6), asm.FnL4CsumReplace.Call())
+		if skip != "" {
+			e.label(skip)
+		}
 	}
 	c.reload()
 	c.ipBound(fam, c.exit("pass"))
 	e.emit(l4Bound(4, c.exit("pass"))...)
 	for w := 0; w < len(addr); w += 4 {
+		if c.parametric() {
+			c.param(asm.R1, parDNATAddr+int16(w), asm.Word)
+			e.emit(stx(asm.R7, daddr+int16(w), asm.R1, asm.Word))
+			continue
+		}
 		v := uint32(addr[w]) | uint32(addr[w+1])<<8 | uint32(addr[w+2])<<16 | uint32(addr[w+3])<<24
 		e.emit(sti(asm.R7, daddr+int16(w), int64(int32(v)), asm.Word))
 	}
-	if a.DNATPort != 0 {
+	switch {
+	case par:
+		skip := keepsPort()
+		c.param(asm.R1, parDNATPort, asm.Half)
+		e.emit(stx(asm.R5, 2, asm.R1, asm.Half))
+		e.label(skip)
+	case a.DNATPort != 0:
 		e.emit(sti(asm.R5, 2, int64(n16(a.DNATPort)), asm.Half))
 	}
 	if fam == 4 {

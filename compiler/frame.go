@@ -48,6 +48,7 @@ const (
 	slotTrace    = -416 // u64 trace id of the packet, 0 = not traced (trace.go)
 	slotTraceRec = -424 // the reserved ring buffer record across the copy
 	slotPerfect  = -432 // the live generation's value of the perfect-hash tables (perfect.go)
+	slotParam    = -440 // the running body's entry in the parameter map (params.go)
 )
 
 // frame is the stack layout: each slot's name, offset and size.
@@ -70,6 +71,7 @@ var stackFrame = frame{
 	{"slotBuf", slotBuf, MaxOptMove}, {"slotHdr", slotHdr, 24},
 	{"slotTKey", slotTKey, 56}, {"slotBest", slotBest, 8}, {"slotBody", slotBody, 8}, {"slotGen", slotGen, 8},
 	{"slotTrace", slotTrace, 8}, {"slotTraceRec", slotTraceRec, 8}, {"slotPerfect", slotPerfect, 8},
+	{"slotParam", slotParam, 8},
 }
 
 // overlaps returns the pairs of slots that share bytes, and slots outside

@@ -52,11 +52,15 @@ func (c *compiler) funnelFrom(rule, fam int, inner grammar.Proto, a *grammar.Act
 	c.addrSumRaw(fam, asm.R8)
 	c.foldBelow(asm.R8, asm.R1, addrSumBound(fam))
 	e.comment("funnel header")
-	if f.HasSport && f.HasDport {
+	switch {
+	case c.parametric():
+		e.emit(ldx(asm.R1, asm.R7, l4+h, asm.Word))
+		c.funnelPorts(asm.R7, l4)
+	case f.HasSport && f.HasDport:
 		if a.Proto != grammar.ProtoTCP { // funnelHeader writes a TCP header whole
 			e.emit(sti(asm.R7, l4, int64(int32(uint32(n16(f.Sport))|uint32(n16(f.Dport))<<16)), asm.Word))
 		}
-	} else {
+	default:
 		e.emit(ldx(asm.R1, asm.R7, l4+h, asm.Word), stx(asm.R7, l4, asm.R1, asm.Word))
 	}
 	if a.Proto == grammar.ProtoUDP {
@@ -83,6 +87,17 @@ func (c *compiler) funnelFrom(rule, fam int, inner grammar.Proto, a *grammar.Act
 	e.label(done)
 }
 
+// funnelPorts writes the funnel header's ports at base+off in a
+// parametric body: the inner ports word (in R1) where the rule gives none,
+// the rule's ports where it does. R2 is clobbered.
+func (c *compiler) funnelPorts(base asm.Register, off int16) {
+	e := &c.e
+	c.param(asm.R2, parFunKeep, asm.Word)
+	e.emit(asm.And.Reg(asm.R1, asm.R2))
+	c.param(asm.R2, parFunPorts, asm.Word)
+	e.emit(asm.Or.Reg(asm.R1, asm.R2), stx(base, off, asm.R1, asm.Word))
+}
+
 // funnelHeader fills the funnel header at base+off, whose ports already
 // hold the inner header's, and its checksum. For a UDP header R2 holds the
 // inner transport length (host order); the address sum, at most sumMax,
@@ -91,7 +106,9 @@ func (c *compiler) funnelHeader(base asm.Register, off int16, a *grammar.Action,
 	e := &c.e
 	f := a.Funnel
 	h, checkOut := hdrInfo(a.Proto)
-	if !(f.HasSport && f.HasDport) {
+	// A parametric body has written the ports (funnelPorts).
+	par := c.parametric()
+	if !(f.HasSport && f.HasDport) && !par {
 		if f.HasSport {
 			e.emit(sti(base, off, int64(n16(f.Sport)), asm.Half))
 		}
@@ -106,11 +123,19 @@ func (c *compiler) funnelHeader(base asm.Register, off int16, a *grammar.Action,
 	// plus constants, and UDP's length field once more. 0x1fffe (≡ 0)
 	// keeps the constant positive.
 	hdrConst := uint64(a.Proto.Number())<<8 + uint64(h)<<8 + 0x1fffe - uint64(inner.Number())<<8
-	constPorts := f.HasSport && f.HasDport
+	constPorts := f.HasSport && f.HasDport && !par
 	// wide: a TCP header with both ports given, in the packet: two 64-bit
 	// stores and one 32-bit store of checksum and urgent pointer.
 	wide := a.Proto == grammar.ProtoTCP && constPorts && base != asm.R10
-	if a.Proto == grammar.ProtoTCP {
+	if a.Proto == grammar.ProtoTCP && par {
+		// The same stores, of the rule's values (parFunSeq to parFunW12
+		// are the header's bytes 4-15).
+		for w := int16(4); w < 16; w += 4 {
+			c.param(asm.R1, parFunPorts+w, asm.Word)
+			e.emit(stx(base, off+w, asm.R1, asm.Word))
+		}
+		e.emit(sti(base, off+16, 0, asm.Word))
+	} else if a.Proto == grammar.ProtoTCP {
 		w12 := uint32(0x50) | uint32(f.Flags)<<8 | uint32(n16(f.Window))<<16
 		if wide {
 			ports := uint32(n16(f.Sport)) | uint32(n16(f.Dport))<<16
@@ -141,6 +166,12 @@ func (c *compiler) funnelHeader(base asm.Register, off int16, a *grammar.Action,
 		e.emit(mov(asm.R3, sum))
 	}
 	e.emit(asm.Add.Imm(asm.R3, int32(fold16(hdrConst))))
+	if par && a.Proto == grammar.ProtoTCP {
+		// The values' part of the header's sum.
+		c.param(asm.R1, parFunSum, asm.Half)
+		e.emit(asm.Add.Reg(asm.R3, asm.R1))
+		bound += 0xffff
+	}
 	if a.Proto == grammar.ProtoUDP {
 		e.emit(
 			mov(asm.R1, asm.R2),

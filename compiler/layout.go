@@ -30,6 +30,9 @@ type Layout struct {
 	Segments   []SegmentLayout `json:"segments"`
 	// Scan is the record scan (linear.go); nil when the program has none.
 	Scan *ScanLayout `json:"scan,omitempty"`
+	// Params: the hook's bodies are shared by action kind and read their
+	// values from abi.ActionParams (params.go); body keys are kinds.
+	Params bool `json:"params,omitempty"`
 }
 
 // ScanLayout is what PlaceRecord needs of a program's record scan: what
@@ -193,6 +196,7 @@ func (p *Program) Layout() (*Layout, []Placement) {
 		Needs: LayoutNeeds{V4: n.v4, V6: n.v6, Protos: n.protos, Sport: n.sport, Dport: n.dport, Flags: n.flags,
 			Saddr: n.saddr, Daddr: n.daddr, Dports: n.dports},
 		Tables: map[string]int{},
+		Params: c.params,
 	}
 	if m := p.Spec.Maps[CountersMap]; m != nil {
 		l.Slots = int(m.MaxEntries)
@@ -311,7 +315,39 @@ type Entry struct {
 // Place returns the table entries of rule r in segment seg of l, with
 // priority prio and counter slot slot, for table generation gen. An error
 // wrapping ErrNotPlaceable means the rule needs new code.
+//
+// In a hook with parametric bodies (l.Params) a rule also needs its
+// parameter entry, which Place does not return: it refuses the rule;
+// PlaceParams returns both.
 func (l *Layout) Place(r *grammar.Rule, seg int, prio, slot, gen uint32) ([]Entry, error) {
+	if l.Params {
+		return nil, ErrNotPlaceable
+	}
+	ents, _, err := l.PlaceParams(r, seg, prio, slot, gen)
+	return ents, err
+}
+
+// PlaceParams is Place plus, in a hook with parametric bodies, the rule's
+// parameter entry for generation gen (nil in other hooks): Table
+// abi.ActionParams, Key ParamsKey(slot, gen), to be written into that
+// generation with the table entries.
+func (l *Layout) PlaceParams(r *grammar.Rule, seg int, prio, slot, gen uint32) ([]Entry, *Entry, error) {
+	ents, err := l.place(r, seg, prio, slot, gen)
+	if err != nil || !l.Params {
+		return ents, nil, err
+	}
+	ct, err := CtMarkLayout(l.CtMarkMask)
+	if err != nil {
+		return nil, nil, err
+	}
+	v, err := (&compiler{ct: ct}).paramsOf(r)
+	if err != nil {
+		return nil, nil, err
+	}
+	return ents, &Entry{Table: paramsMap, Key: ParamsKey(slot, gen), Value: v}, nil
+}
+
+func (l *Layout) place(r *grammar.Rule, seg int, prio, slot, gen uint32) ([]Entry, error) {
 	if seg < 0 || seg >= len(l.Segments) || !l.Needs.covers(r) {
 		return nil, ErrNotPlaceable
 	}
@@ -324,7 +360,7 @@ func (l *Layout) Place(r *grammar.Rule, seg int, prio, slot, gen uint32) ([]Entr
 	if !(terminal(r) && sl.Terminal) && !oneShape {
 		return nil, ErrNotPlaceable
 	}
-	body := slices.Index(sl.Bodies, bodyKey(r))
+	body := slices.Index(sl.Bodies, (&compiler{params: l.Params}).bodyKeyOf(r))
 	if body < 0 {
 		return nil, ErrNotPlaceable
 	}
@@ -379,10 +415,12 @@ func (l *Layout) Place(r *grammar.Rule, seg int, prio, slot, gen uint32) ([]Entr
 // the record asks, the segment's dispatch must have the rule's body, and
 // lists past a record's own fields (range lists, address lists, port
 // bitmaps) are refused: they live in maps of the program's own. An error
-// wrapping ErrNotPlaceable means the rule needs new code.
+// wrapping ErrNotPlaceable means the rule needs new code. In a hook with
+// parametric bodies (l.Params) the rule would need its parameter entry
+// too: refused.
 func (l *Layout) PlaceRecord(r *grammar.Rule, seg int, prio, slot uint32) ([]byte, error) {
 	sc := l.Scan
-	if sc == nil || seg < 0 || seg >= len(l.Segments) || l.Segments[seg].Scan == 0 || !l.Needs.covers(r) || !recordFits(r) {
+	if l.Params || sc == nil || seg < 0 || seg >= len(l.Segments) || l.Segments[seg].Scan == 0 || !l.Needs.covers(r) || !recordFits(r) {
 		return nil, ErrNotPlaceable
 	}
 	sl := &l.Segments[seg]
@@ -390,7 +428,7 @@ func (l *Layout) PlaceRecord(r *grammar.Rule, seg int, prio, slot uint32) ([]byt
 	if err != nil {
 		return nil, err
 	}
-	c := &compiler{ct: ct, tracing: sc.Tracing, opts: Options{Prios: []uint32{prio}, Slots: []uint32{slot}},
+	c := &compiler{ct: ct, tracing: sc.Tracing, params: l.Params, opts: Options{Prios: []uint32{prio}, Slots: []uint32{slot}},
 		lin: &linearTable{sets: slices.Clone(sc.Sets)}}
 	if sc.SegDev {
 		c.opts.SegIfindex, c.opts.SegReturnIfindex, c.opts.Hook = 1, 1, grammar.HookEgress
@@ -399,9 +437,9 @@ func (l *Layout) PlaceRecord(r *grammar.Rule, seg int, prio, slot uint32) ([]byt
 	if terminal(r) {
 		// Its body runs from the segment's dispatch.
 		fx = sl.ScanFx && c.fxInScan(r)
-		key := bodyKey(r)
+		key := c.bodyKeyOf(r)
 		if fx {
-			key = scanBodyKey(r)
+			key = c.scanBodyKey(r)
 		}
 		if body = slices.Index(sl.Bodies, key); body < 0 {
 			return nil, ErrNotPlaceable

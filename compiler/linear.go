@@ -216,7 +216,7 @@ func (c *compiler) placeRest(rules []*grammar.Rule, seg *segment, scan []bool) {
 	if seg.scanFx {
 		for _, i := range seg.linear {
 			if c.fxInScan(rules[i]) && !c.over.byShape[i] {
-				c.bodyKeys[i] = scanBodyKey(rules[i])
+				c.bodyKeys[i] = c.scanBodyKey(rules[i])
 			}
 		}
 	}
@@ -245,22 +245,26 @@ func (c *compiler) segDev() bool {
 // The family is left out: the body is emitted as for a rule of either
 // family (bodyRule), which a packet of the record's family runs the same
 // way, so rules that differ in family only share one body.
-func scanBodyKey(r *grammar.Rule) string {
+func (c *compiler) scanBodyKey(r *grammar.Rule) string {
 	b := *r
 	b.SetMetaMark, b.SetCtMark, b.Family = nil, nil, grammar.FamilyAny
-	return "scan: " + bodyKey(&b)
+	return "scan: " + c.bodyKeyOf(&b)
 }
 
 // bodyRule is the rule a body of class key is emitted from: for a key of
-// scanBodyKey, rule r with either family, and whether the scan did its
-// counter and mark set.
+// scanBodyKey or a kind (params.go), rule r with either family, and
+// whether the scan did its counter and mark set.
 func bodyRule(r *grammar.Rule, key string) (*grammar.Rule, bool) {
-	if !strings.HasPrefix(key, "scan: ") {
-		return r, false
+	scan := strings.HasPrefix(key, "scan: ")
+	switch {
+	case strings.HasPrefix(strings.TrimPrefix(key, "scan: "), kindPrefix):
+		return kindRule(r), scan
+	case scan:
+		b := *r
+		b.Family = grammar.FamilyAny
+		return &b, true
 	}
-	b := *r
-	b.Family = grammar.FamilyAny
-	return &b, true
+	return r, false
 }
 
 // record encodes rule i.

@@ -38,7 +38,9 @@ func (c *compiler) mssClamp(f *grammar.FunnelHeader, h int16) {
 		asm.Ja.Label(done),
 	)
 	e.label(syn)
-	if f.HasMSS {
+	if f.HasMSS && c.parametric() {
+		c.param(asm.R2, parMSS, asm.Half)
+	} else if f.HasMSS {
 		e.emit(movi(asm.R2, int32(f.MSS)))
 	} else {
 		// bpf_check_mtu(skb, 0, &mtu, 0, 0) returns the device MTU in mtu.

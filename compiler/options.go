@@ -138,7 +138,11 @@ func (c *compiler) funnelOpts(rule, fam int, inner grammar.Proto, a *grammar.Act
 		asm.FnSkbLoadBytes.Call(),
 		asm.JNE.Imm(asm.R0, 0, c.exit("pass")),
 	)
-	if f.HasSport && f.HasDport {
+	switch {
+	case c.parametric():
+		e.emit(ldx(asm.R1, asm.R10, slotHdr, asm.Word))
+		c.funnelPorts(asm.R10, slotHdr)
+	case f.HasSport && f.HasDport:
 		e.emit(sti(asm.R10, slotHdr, int64(int32(uint32(n16(f.Sport))|uint32(n16(f.Dport))<<16)), asm.Word))
 	}
 	e.emit(ldx(asm.R2, asm.R10, slotT2, asm.DWord))

@@ -106,6 +106,14 @@ type compiler struct {
 	fxDone bool         // emitting a body whose counter and mark set the scan did
 	pool   []int        // rules whose bodies are shared by the segments (linscan.go)
 	poolOf map[string]string
+
+	// params: bodies read their values from the parameter map (params.go);
+	// paramVals: each rule's entry (nil: none).
+	params    bool
+	paramVals [][]byte
+	// paramCounted: emitting a parametric body, whose counter flag is in
+	// its parameters (stat exits read it there).
+	paramCounted bool
 }
 
 // ruleNeeds summarises what the rules read, so the parse guard reads no more.
@@ -339,6 +347,9 @@ func (c *compiler) program(rules []*grammar.Rule) error {
 		statSlots = slots
 	}
 	c.spec.Maps[RuleMTUMap] = &ebpf.MapSpec{Name: RuleMTUMap, Type: ebpf.PerCPUArray, KeySize: 4, ValueSize: 8, MaxEntries: mtuSlots}
+	if err := c.paramsMaps(rules, slots); err != nil {
+		return err
+	}
 	c.tableMaps()
 	c.anonMaps()
 	// The hook's events, then each rule's left-alone counts (abi.StatsMap).
@@ -671,14 +682,17 @@ func (c *compiler) exits() {
 	}
 	if len(c.statLabels) > 0 {
 		for _, k := range slices.Sorted(maps.Keys(c.statLabels)) {
-			counted := k&statCounted != 0
-			k &^= statCounted
+			e.label(c.statLabels[k])
+			counted, pcounted := k&statCounted != 0, k&statParamCounted != 0
+			k &^= statCounted | statParamCounted
 			s, rule := k%NumStats, k/NumStats-1
-			e.label(c.statLabels[k|map[bool]int{true: statCounted}[counted]])
-			e.emit(
-				sti(asm.R10, slotKey, int64(s), asm.Word),
-				sti(asm.R10, slotT4, int64(map[bool]int{true: 1}[counted]), asm.DWord),
-			)
+			e.emit(sti(asm.R10, slotKey, int64(s), asm.Word))
+			if pcounted {
+				c.param(asm.R1, parFlags, asm.Word)
+				e.emit(asm.And.Imm(asm.R1, parCount), stx(asm.R10, slotT4, asm.R1, asm.DWord))
+			} else {
+				e.emit(sti(asm.R10, slotT4, int64(map[bool]int{true: 1}[counted]), asm.DWord))
+			}
 			// The rule's own count of what it left alone, in the same map
 			// after the hook's: key (slot+1)*NumStats + s.
 			if rule < 0 {
@@ -740,7 +754,11 @@ func (c *compiler) stat(s int) string {
 		k += NumStats * (int(c.slot(c.curRule)) + 1)
 		name += fmt.Sprintf("_r%d", c.curRule)
 	}
-	if c.curCounted {
+	switch {
+	case c.paramCounted:
+		k |= statParamCounted
+		name += "_pcounted"
+	case c.curCounted:
 		k |= statCounted
 		name += "_counted"
 	}
@@ -754,8 +772,12 @@ func (c *compiler) stat(s int) string {
 }
 
 // statCounted marks a statLabels key whose rule counts packets: leaving a
-// packet alone takes it back out of the rule's counter.
-const statCounted = 1 << 30
+// packet alone takes it back out of the rule's counter; statParamCounted,
+// one whose rule says so in its parameters (params.go).
+const (
+	statCounted      = 1 << 30
+	statParamCounted = 1 << 29
+)
 
 // lookup emits R0 = bpf_map_lookup_elem(map, fp+slot).
 func (c *compiler) lookup(m string, slot int16) {

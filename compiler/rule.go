@@ -101,28 +101,46 @@ func (c *compiler) matchesExcept(r *grammar.Rule, fail string, keyed [numKeyFiel
 // continues at next.
 func (c *compiler) body(i int, r *grammar.Rule, next string) error {
 	e := &c.e
-	c.curRule, c.curCounted = i, r.Counter
+	// A parametric body (params.go) is emitted from the rule's kind: whether
+	// it counts and its mark set are in its parameters.
+	par := c.parametric()
+	c.curRule, c.curCounted, c.paramCounted = i, r.Counter, par
+	defer func() { c.paramCounted = false }()
+	if par {
+		c.loadParams()
+	}
 	c.traceRule(i, r)
 	c.segmentFirst(r)
-	if r.Counter && !c.fxDone {
+	if (r.Counter || par) && !c.fxDone {
 		e.comment("counter")
+		done := e.newLabel("counted")
+		if par {
+			c.param(asm.R1, parFlags, asm.Word)
+			e.emit(asm.And.Imm(asm.R1, parCount), asm.JEq.Imm(asm.R1, 0, done))
+		}
 		c.ruleKey(i)
 		c.lookup(CountersMap, slotKey)
-		done := e.newLabel("counted")
 		e.emit(countPacket(done, asm.R6, skbLen)...)
 		e.label(done)
 	}
-	if s := r.SetMetaMark; s != nil && !c.fxDone {
-		e.comment("meta mark set")
-		c.markSet(s.Mask, s.Value&s.Mask)
-	}
-	if s := r.SetCtMark; s != nil && !c.fxDone {
-		mask, value, err := c.ct.SetBits(s)
-		if err != nil {
-			return &Error{Span: s.Span, Msg: err.Error()}
+	switch {
+	case c.fxDone:
+	case par:
+		c.markSetParams()
+	case r.SetMetaMark == nil && r.SetCtMark == nil:
+	default:
+		if s := r.SetMetaMark; s != nil {
+			e.comment("meta mark set")
+			c.markSet(s.Mask, s.Value&s.Mask)
 		}
-		e.comment("ct mark set")
-		c.markSet(mask, value)
+		if s := r.SetCtMark; s != nil {
+			mask, value, err := c.ct.SetBits(s)
+			if err != nil {
+				return &Error{Span: s.Span, Msg: err.Error()}
+			}
+			e.comment("ct mark set")
+			c.markSet(mask, value)
+		}
 	}
 
 	known := r.Proto // the transport protocol as actions change it

@@ -583,8 +583,13 @@ func copyEntry(m *ebpf.Map, k []byte, live uint32) error {
 // syncSpare makes every table's spare generation equal to the live one.
 func syncSpare(h *bpf.Hook, live uint32) error {
 	for name, m := range h.Maps {
-		if !strings.HasPrefix(name, abi.TablePrefix) || name == compiler.RecordMap || m.Type() == ebpf.Array && m.MaxEntries() != 2<<16 {
-			continue // not a table of entries (the perfect-hash value is rebuilt whole; records: syncRecords)
+		if !strings.HasPrefix(name, abi.TablePrefix) || name == compiler.RecordMap || m.Type() == ebpf.Array && m.MaxEntries() != 2<<16 || name == abi.ActionParams {
+			// Not a table of entries (the perfect-hash value is rebuilt
+			// whole; records: syncRecords), or the action parameters (keyed
+			// slot<<1 | generation, not a port array whatever its size;
+			// only a compilation's TableContents writes them, into the
+			// generation it switches to).
+			continue
 		}
 		all, err := readTable(m)
 		if err != nil {
