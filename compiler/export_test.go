@@ -1,5 +1,8 @@
 package compiler
 
+// MaxCodeShapes is the code budget of a large hook (shapescan.go).
+const MaxCodeShapes = maxCodeShapes
+
 // ShapeRecordRules returns the rules of a compiled hook whose entries are
 // in shape records (shapescan.go): tests check that packets reach them.
 func ShapeRecordRules(p *Program) map[int]bool {

@@ -91,6 +91,9 @@ func goldenRulesets() map[string]struct {
 		"ipv6-sets-l3":    {rules: v6rules, sets: sets, opts: compiler.Options{Hook: grammar.HookIngress, L3: true}},
 		"mixed":           {rules: mixed, opts: compiler.Options{Hook: grammar.HookEgress}},
 		"empty":           {opts: compiler.Options{Hook: grammar.HookIngress}},
+		// 20 shapes of three rules: a few are code, the others shape
+		// records of the record scan (shapescan.go).
+		"shape-records": {rules: sharedShapes(20, 3, 2055), opts: compiler.Options{Hook: grammar.HookEgress}},
 	}
 }
 

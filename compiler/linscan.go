@@ -99,7 +99,7 @@ func (c *compiler) emitLinear(rules []*grammar.Rule, seg segment) error {
 	if grouped {
 		how = "lists by family and protocol"
 	}
-	e.comment("rules %d...%d: %d records, scanned in order (linscan.go), %s", seg.linear[0], seg.linear[len(seg.linear)-1], len(seg.linear), how)
+	e.comment("rules %d...%d: %d records, scanned in order (linscan.go), %s", seg.linear[0], seg.linear[len(seg.linear)-1], len(recs), how)
 	for off := int16(0); off < scanSize; off += 8 {
 		e.emit(sti(asm.R10, scanAt+off, 0, asm.DWord))
 	}

@@ -5,6 +5,8 @@ import (
 	"net/netip"
 	"os"
 	"regexp"
+	"runtime"
+	"slices"
 	"testing"
 	"time"
 
@@ -13,15 +15,16 @@ import (
 	"github.com/sfunnel/sfunnel/compiler"
 	"github.com/sfunnel/sfunnel/grammar"
 	"github.com/sfunnel/sfunnel/internal/testenv"
+	"github.com/sfunnel/sfunnel/refmodel"
 )
 
 // codeUnits counts what a program tests as code: shape lookups and rules
 // tested one by one (classify's budget, shapescan.go).
 var codeUnit = regexp.MustCompile(`(?m)^\s*; (shape \d+:|rule \d+ handle \d+:)`)
 
-// However many shapes the rules have, a large hook tests at most 16 of
-// them (and rules tested one by one) as code; the others are shape records
-// of the record scan.
+// However many shapes the rules have, a large hook tests at most
+// compiler.MaxCodeShapes of them (and rules tested one by one) as code;
+// the others are shape records of the record scan.
 func TestCodeShapesBounded(t *testing.T) {
 	for _, c := range []struct {
 		n, templates int
@@ -39,8 +42,8 @@ func TestCodeShapesBounded(t *testing.T) {
 		inRecords := len(compiler.ShapeRecordRules(p))
 		t.Logf("%d rules of %d templates (%.0f%% without a terminal action): %d shapes and rules as code, %d rules in shape records",
 			c.n, c.templates, 100*c.nonTerminal, units, inRecords)
-		if units > 16 {
-			t.Errorf("%d rules of %d templates: %d shapes and rules tested as code, want at most 16", c.n, c.templates, units)
+		if units > compiler.MaxCodeShapes {
+			t.Errorf("%d rules of %d templates: %d shapes and rules tested as code, want at most %d", c.n, c.templates, units, compiler.MaxCodeShapes)
 		}
 		if inRecords == 0 {
 			t.Errorf("%d rules of %d templates: no rule in a shape record", c.n, c.templates)
@@ -165,8 +168,8 @@ func TestHundredThousandSharedShapes(t *testing.T) {
 
 // TestSharedShapeSweep reports the verifier's work on rulesets of many
 // shapes that rules share (shapedRules: every match kind; 16 tails of
-// statements and actions). In CI it checks one size, which must stay far
-// from the limit; SFUNNEL_SWEEP=1 runs the whole sweep as a report
+// statements and actions). In CI it checks one size and seed, which must
+// stay far from the limit; SFUNNEL_SWEEP=1 runs the whole sweep as a report
 // (BENCHMARKS.md).
 func TestSharedShapeSweep(t *testing.T) {
 	testenv.RequireRoot(t)
@@ -174,13 +177,14 @@ func TestSharedShapeSweep(t *testing.T) {
 		n, templates int
 		nonTerminal  float64
 	}
-	sizes := []size{{3000, 300, 0.1}}
+	sizes, seeds := []size{{3000, 300, 0.1}}, uint64(1)
 	if os.Getenv("SFUNNEL_SWEEP") == "1" {
+		seeds = 3
 		sizes = []size{{100, 10, 0}, {1000, 100, 0}, {1000, 100, 0.2}, {3000, 300, 0}, {10000, 100, 0}, {10000, 1000, 0},
 			{10000, 1000, 0.2}, {30000, 3000, 0}, {100000, 1000, 0}, {100000, 10000, 0}, {100000, 10000, 0.1}}
 	}
 	for _, sz := range sizes {
-		for seed := uint64(1); seed <= 3; seed++ {
+		for seed := uint64(1); seed <= seeds; seed++ {
 			g := gen{r: newRand(seed<<32 | uint64(sz.n+sz.templates))}
 			sets := g.sets()
 			rules := g.shapedRules(sz.n, sz.templates, sz.nonTerminal, sets)
@@ -224,5 +228,62 @@ func TestShapeRecordsPerShape(t *testing.T) {
 	}
 	if records[10000] > records[1000]+records[1000]/4 || records[1000] == 0 {
 		t.Errorf("records: %d for 1 000 rules, %d for 10 000 of the same templates", records[1000], records[10000])
+	}
+}
+
+// BenchmarkSharedShapes measures what a packet that matches no rule pays
+// against rules of many shared shapes (shapedRules: shapes past the code
+// budget are shape records): with the templates fixed, ten times the rules
+// should cost about the same; ten times the templates about ten times.
+// Medians of interleaved runs, against the empty program; rules that the
+// packet matches are left out.
+func BenchmarkSharedShapes(b *testing.B) {
+	testenv.RequireRoot(b)
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	other := tcpPkt(b, false, 40000, 80, false, true, nil)
+	type prog struct {
+		name   string
+		prog   *ebpf.Program
+		repeat int
+		ns     []float64
+	}
+	progs := []*prog{{name: "empty", prog: loadRef(b, "empty", emptyProgram()), repeat: 1000000}}
+	for _, sz := range []struct{ n, templates int }{{1000, 100}, {10000, 100}, {10000, 1000}, {100000, 1000}} {
+		g := gen{r: newRand(uint64(sz.templates))} // the same templates for both sizes
+		sets := g.sets()
+		var rules []*grammar.Rule
+		for _, r := range g.shapedRules(sz.n, sz.templates, 0, sets) {
+			m, err := refmodel.New([]*grammar.Rule{r}, sets, refmodel.Options{Hook: grammar.HookEgress})
+			if err != nil {
+				b.Fatal(err)
+			}
+			if m.Run(refmodel.Input{Packet: other}).Rule < 0 {
+				r.Handle = uint64(len(rules) + 1)
+				rules = append(rules, r)
+			}
+		}
+		p := compiledProg(b, rules, sets, grammar.HookEgress)
+		progs = append(progs, &prog{name: fmt.Sprintf("%d rules of %d templates", len(rules), sz.templates), prog: p, repeat: 20000})
+	}
+	for n := 0; n < b.N; n++ {
+		for round := 0; round < 5; round++ {
+			for _, p := range progs {
+				start := time.Now()
+				if _, _, err := p.prog.Benchmark(other, p.repeat, nil); err != nil {
+					b.Fatal(err)
+				}
+				p.ns = append(p.ns, float64(time.Since(start).Nanoseconds())/float64(p.repeat))
+			}
+		}
+	}
+	med := func(p *prog) float64 {
+		s := slices.Clone(p.ns)
+		slices.Sort(s)
+		return s[len(s)/2]
+	}
+	empty := med(progs[0])
+	for _, p := range progs[1:] {
+		b.Logf("TCP packet matching none of %s: %.0f ns/run, %.1f× the empty program (%.1f ns)", p.name, med(p), med(p)/empty, empty)
 	}
 }
