@@ -122,9 +122,16 @@ func (e *env) fresh(t *testing.T) (*ruleset.Ruleset, map[uint64]ruleset.Counter)
 // send sends n UDP datagrams from a to b:port and returns how many arrived.
 func (e *env) send(t *testing.T, port, n int) int {
 	t.Helper()
+	return e.sendTo(t, port, port, n)
+}
+
+// sendTo sends n UDP datagrams from a to b:port and returns how many a
+// socket bound to b:at received (a dnat may change the port).
+func (e *env) sendTo(t *testing.T, port, at, n int) int {
+	t.Helper()
 	var rx, tx *net.UDPConn
 	e.do(t, func() (err error) {
-		rx, err = net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(192, 0, 2, 2), Port: port})
+		rx, err = net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(192, 0, 2, 2), Port: at})
 		return err
 	})
 	defer rx.Close()

@@ -2,10 +2,8 @@ package datapath
 
 import (
 	"fmt"
-	"net"
 	"slices"
 	"testing"
-	"time"
 
 	"github.com/sfunnel/sfunnel/bpf"
 	"github.com/sfunnel/sfunnel/grammar"
@@ -21,42 +19,6 @@ func dnatRule(t *testing.T, handle uint64, port, to int) *grammar.Rule {
 	}
 	r.Handle = handle
 	return r
-}
-
-// sendTo sends n datagrams from a to 192.0.2.2:port and counts those a
-// socket bound to 192.0.2.2:at receives.
-func (e *env) sendTo(t *testing.T, port, at, n int) int {
-	t.Helper()
-	var rx, tx *net.UDPConn
-	e.do(t, func() (err error) {
-		rx, err = net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(192, 0, 2, 2), Port: at})
-		return err
-	})
-	defer rx.Close()
-	if err := e.a.Do(func() (err error) {
-		tx, err = net.DialUDP("udp4", nil, &net.UDPAddr{IP: net.IPv4(192, 0, 2, 2), Port: port})
-		return err
-	}); err != nil {
-		t.Fatal(err)
-	}
-	defer tx.Close()
-	for i := 0; i < n; i++ {
-		tx.Write([]byte("datagram"))
-	}
-	got := 0
-	buf := make([]byte, 100)
-	for got < n {
-		wait := 300 * time.Millisecond
-		if got == 0 {
-			wait = 3 * time.Second // ARP on a loaded machine
-		}
-		rx.SetReadDeadline(time.Now().Add(wait))
-		if _, err := rx.Read(buf); err != nil {
-			break
-		}
-		got++
-	}
-	return got
 }
 
 // A hook of many dnat targets has parametric bodies (compiler/params.go):
