@@ -122,16 +122,26 @@ const uniqueNotes = `
   buys is that any such ruleset loads and stays far from the verifier's limit. Not done: records
   grouped by family and protocol (a packet would skip the others), records read with plain loads
   from one array value like the perfect-hash tables (no helper call per record), a skip index.
-- Verifier work (TestUniqueShapeSweep, SFUNNEL_SWEEP=1, one seed per size, 2026-11-30 03:25 UTC,
-  quiet machine), processed instructions (limit 1 000 000) for 50 / 100 / 200 / 400 / 800 / 1 600 /
-  3 200 / 10 000 / 30 000 / 100 000 rules: with eight action lists 143 680 / 311 020 / 399 081 /
-  164 346 / 83 216 / 42 281 / 191 456 / 214 887 / 61 536 / 172 157 (100 000: compile 1.4 s, load
-  2.4 s); with 32 random action lists 252 256 / 425 993 / 356 463 / 401 230 / 383 356 / 339 148 /
-  464 055 / 645 224 / 513 822 / 802 214 (100 000: compile 1.3 s, load 5.3 s). Before the scan,
-  100 such rules were refused at 1 000 001 (50 took 124 000-200 000). What varies with the seed
-  and grows with the action lists is the action code: each distinct action list (with protocol
-  and counter) is a body the verifier walks once per way the parse guard reaches it; with every
-  rule drawing its own random actions, 100 rules still exceed the limit (sfunnel(8) BUGS).
+- Verifier work (TestUniqueShapeSweep, SFUNNEL_SWEEP=1 SFUNNEL_POOLS=0,8,32, one seed per size,
+  2026-11-30 05:05 UTC, load average about 14: five helpers building and testing), processed
+  instructions (limit 1 000 000) for 50 / 100 / 200 / 400 / 800 / 1 600 / 3 200 / 10 000 / 30 000 /
+  100 000 rules: every rule with a random action list of its own (stacked dnat + funnel among them)
+  189 172 / 701 984 / 483 867 / 158 572 / 168 685 / 174 218 / 174 686 / 174 067 / 175 281 / 174 862
+  (100 000: 27 628 instructions, compile 9.6 s and load 6.0 s under that load); eight action lists
+  165 124 / 478 765 / 705 351 / 103 203 / 53 749 / 36 871 / 78 551 / 94 287 / 32 885 / 51 330;
+  32 action lists 160 957 / 388 193 / 389 371 / 120 685 / 127 767 / 138 257 / 93 431 / 149 101 /
+  271 884 / 112 633. Before action parameters (main at 57f9277, same run), every rule its own list:
+  187 731 / 706 929 / 736 361 / 779 121, refused at 800 rules; 32 lists reached 802 214 at 100 000.
+  In a hook of more than 16 distinct action bodies, bodies are shared by action kind and read the
+  rule's values from the parameter map (compiler/params.go, docs/datapath.md), so the action code
+  stops growing with the action lists. Up to 200 rules these rulesets trace (meta nftrace in one
+  rule of ten): every rule without a terminal action then ends a scan, and the segments' set-up,
+  not the actions, is most of the work; untraced, 100 rules with their own action lists process
+  133 135 and 3 000 process 175 493 (TestManyActionListsLoad, bound 400 000 in CI).
+  Per packet, a parametric body (BenchmarkParametricBody: funnel/unfunnel round trip through 40
+  funnel rules sharing a table, 16 funnel headers vs 15, medians of 9 interleaved runs) costs
+  1.00 / 1.10 / 1.11 / 1.01× the constant-folded one (4 runs, load 14); hooks of at most 16 bodies,
+  the default ruleset among them, keep constant-folded code.
   TestHundredThousandUniqueShapes: 5 506 instructions, 220 276 processed, compile 1.8 s, load
   3.6 s (load average 8).
 `
