@@ -510,6 +510,11 @@ func Terminal(r *grammar.Rule) bool { return terminal(r) }
 const RecordSize = recSize
 
 func RecordPrio(rec []byte) uint32 { return nativeU32(rec[recPrio:]) }
+
+// RecordOfRule reports whether rec is one rule's record (its slot is the
+// rule's counter slot): flags bit 13 is kept for records that stand for a
+// whole shape (see /work/coord/SEAMS.md, shapes), whose slot is not.
+func RecordOfRule(rec []byte) bool { return nativeU32(rec[recFlags:])&(1<<13) == 0 }
 func RecordSlot(rec []byte) uint32 { return nativeU32(rec[recSlot:]) }
 
 // DirectoryEntry is a directory entry pointing at index first.

@@ -1,6 +1,7 @@
 package datapath
 
 import (
+	"bytes"
 	"encoding/binary"
 	"encoding/hex"
 	"errors"
@@ -113,6 +114,11 @@ func (b *Backend) patchHook(s *bpf.Store, cur *bpf.Gen, oh *hookState, rules []*
 		key, val []byte
 		perfect  *compiler.PerfectLayout // a table in the perfect-hash value
 		terminal bool                    // put in a segment whose rules all end evaluation
+		// A removed entry whose key another rule may hold too (contested):
+		// the removed rule's priority and segment, to find who takes it.
+		contested bool
+		prio      uint32
+		seg       int
 	}
 	var dels []entry
 	delKey := map[string]bool{}
@@ -144,10 +150,8 @@ func (b *Backend) patchHook(s *bpf.Store, cur *bpf.Gen, oh *hookState, rules []*
 			return nil, nil
 		}
 		for _, en := range ents {
-			if en.Shadowed || slices.Contains(oh.Contested, en.Table+"/"+hex.EncodeToString(en.Key)) {
-				return nil, nil // another rule's entry hides behind it
-			}
-			dels = append(dels, entry{en.Table, en.Key, nil, en.Perfect, false})
+			c := en.Shadowed || slices.Contains(oh.Contested, en.Table+"/"+hex.EncodeToString(en.Key))
+			dels = append(dels, entry{table: en.Table, key: en.Key, perfect: en.Perfect, contested: c, prio: rec.Prio, seg: rec.Segment})
 			delKey[en.Table+string(en.Key)] = true
 		}
 	}
@@ -178,7 +182,7 @@ func (b *Backend) patchHook(s *bpf.Store, cur *bpf.Gen, oh *hookState, rules []*
 	}
 	var puts []entry
 	putKey := map[string]bool{}
-	nl := l // the layout after the change
+	nl := l            // the layout after the change
 	var fresh []uint32 // slots to zero
 	for i, r := range rules {
 		if kept[i] {
@@ -256,7 +260,7 @@ func (b *Backend) patchHook(s *bpf.Store, cur *bpf.Gen, oh *hookState, rules []*
 				return nil, nil // two new rules share a key: which one wins is a compilation's call
 			}
 			putKey[k] = true
-			puts = append(puts, entry{en.Table, en.Key, en.Value, en.Perfect, nl.Segments[rec.Segment-1].Terminal})
+			puts = append(puts, entry{table: en.Table, key: en.Key, val: en.Value, perfect: en.Perfect, terminal: nl.Segments[rec.Segment-1].Terminal})
 		}
 		recs[i] = rec
 	}
@@ -292,11 +296,57 @@ func (b *Backend) patchHook(s *bpf.Store, cur *bpf.Gen, oh *hookState, rules []*
 		blobs[e.table] = blob
 	}
 	// A key another rule holds in the live tables: when that rule comes
-	// first, the new rule's entry is dead (as a compilation drops it) and
-	// the key is contested (deleting its holder needs a compilation); when
-	// the new rule comes first, a compilation decides.
+	// first, the new rule's entry is dead (as a compilation drops it);
+	// when the new rule comes first, its entry takes the key. Either way
+	// the key is contested: deleting the rule that holds it hands it to
+	// the next rule that has it.
 	contested := slices.Clone(oh.Contested)
-	live4 := puts[:0:0]
+	holderAt := func(e entry) (uint32, error) { // its priority, 0: none
+		if e.perfect != nil {
+			if holds[e.perfect] == nil {
+				holds[e.perfect] = compiler.PerfectValues(blobs[e.table], e.perfect)
+			}
+			if v, ok := holds[e.perfect](e.key); ok {
+				return v.Prio, nil
+			}
+			return 0, nil
+		}
+		m := h.Maps[e.table]
+		v, err := lookupEntry(m, genKey(m, e.key, live))
+		if err != nil || v == nil {
+			return 0, err
+		}
+		return binary.NativeEndian.Uint32(v), nil
+	}
+	var heirs []entry
+	live4 := dels[:0:0]
+	for _, d := range dels {
+		if !d.contested {
+			live4 = append(live4, d)
+			continue
+		}
+		if h.Maps[d.table] == nil || putKey[d.table+string(d.key)] {
+			return nil, nil // (a new rule takes the key too: a compilation decides)
+		}
+		holder, err := holderAt(d)
+		if err != nil {
+			return nil, err
+		}
+		if holder != d.prio {
+			delete(delKey, d.table+string(d.key)) // its entry was dead: the key stays as it is
+			continue
+		}
+		live4 = append(live4, d)
+		heir, err := b.heir(l, rules, recs, d.table, d.key, d.prio, d.seg)
+		if err != nil {
+			return nil, nil
+		}
+		if heir != nil {
+			heirs = append(heirs, entry{table: d.table, key: d.key, val: heir.Value, perfect: d.perfect})
+		}
+	}
+	dels = live4
+	live4 = puts[:0:0]
 	for _, p := range puts {
 		m := h.Maps[p.table]
 		if m == nil {
@@ -306,22 +356,9 @@ func (b *Backend) patchHook(s *bpf.Store, cur *bpf.Gen, oh *hookState, rules []*
 			live4 = append(live4, p)
 			continue
 		}
-		var holder uint32 // its priority, 0: none
-		if p.perfect != nil {
-			if holds[p.perfect] == nil {
-				holds[p.perfect] = compiler.PerfectValues(blobs[p.table], p.perfect)
-			}
-			if v, ok := holds[p.perfect](p.key); ok {
-				holder = v.Prio
-			}
-		} else {
-			v, err := lookupEntry(m, genKey(m, p.key, live))
-			if err != nil {
-				return nil, err
-			}
-			if v != nil {
-				holder = binary.NativeEndian.Uint32(v)
-			}
+		holder, err := holderAt(p)
+		if err != nil {
+			return nil, err
 		}
 		switch {
 		case holder == 0:
@@ -330,11 +367,14 @@ func (b *Backend) patchHook(s *bpf.Store, cur *bpf.Gen, oh *hookState, rules []*
 			// (Behind a rule that does not end evaluation, the new rule
 			// must still match: that takes a new segment.)
 			contested = append(contested, p.table+"/"+hex.EncodeToString(p.key))
+		case p.terminal:
+			live4 = append(live4, p)
+			contested = append(contested, p.table+"/"+hex.EncodeToString(p.key))
 		default:
 			return nil, nil
 		}
 	}
-	puts = live4
+	puts = append(live4, heirs...)
 	// The spare generation's perfect-hash value: the live one with each
 	// changed shape's table rebuilt (in memory: nothing is written yet).
 	type change struct {
@@ -497,6 +537,27 @@ func (b *Backend) patchHook(s *bpf.Store, cur *bpf.Gen, oh *hookState, rules []*
 	}
 	b.patched++
 	return &hookPatch{hs: hs, gen: spare}, nil
+}
+
+// heir returns the entry at key of table of the first rule after priority
+// prio in segment seg that has one (nil: none), among rules (with their
+// records recs): who holds a contested key once its holder is gone.
+func (b *Backend) heir(l *compiler.Layout, rules []*grammar.Rule, recs []ruleRecord, table string, key []byte, prio uint32, seg int) (*compiler.Entry, error) {
+	for i, rec := range recs {
+		if !rec.Table || rec.Segment != seg || rec.Prio <= prio {
+			continue
+		}
+		ents, err := l.Place(rules[i], seg-1, rec.Prio, rec.Slot, 0)
+		if err != nil {
+			return nil, err
+		}
+		for k := range ents {
+			if ents[k].Table == table && bytes.Equal(ents[k].Key, key) {
+				return &ents[k], nil
+			}
+		}
+	}
+	return nil, nil
 }
 
 // sameRule reports whether r is the rule rec records.

@@ -459,3 +459,81 @@ func TestCounterRulesWithoutReload(t *testing.T) {
 		t.Errorf("counters changed by the delete: drop rule %d, rule 60 %d packets", counters[last].Packets, counters[h60].Packets)
 	}
 }
+
+// Keys two rules hold change without compiling: a rule inserted before
+// one with the same key takes the key, and gives it back when deleted;
+// deleting the first of two rules with one key hands it to the second,
+// and deleting that one frees it. Datagrams meet the rule that holds the
+// key at every step, and counters stay with their rules.
+func TestContestedKeysWithoutReload(t *testing.T) {
+	e := newEnv(t, Options{})
+	id := bpf.HookID{Ifname: "vb", Hook: grammar.HookIngress}
+	var b strings.Builder
+	b.WriteString("flush ruleset\ninterface vb {\n\tingress {\n")
+	for i := 0; i < 200; i++ {
+		verdict, host := "drop", 100+i%100
+		if i%4 == 3 {
+			verdict = "accept"
+		}
+		if i == 50 || i == 150 {
+			host = 1
+		}
+		fmt.Fprintf(&b, "\t\tip saddr 192.0.2.%d udp dport %d counter actions %s\n", host, 7000+i, verdict)
+	}
+	b.WriteString("\t}\n}\n")
+	e.run(t, b.String())
+	prog := liveProgID(t, e, id)
+	patched := e.be.patched
+	same := func(step string) {
+		t.Helper()
+		if got := liveProgID(t, e, id); got != prog {
+			t.Fatalf("%s loaded a program (%d → %d)", step, prog, got)
+		}
+		if e.be.patched != patched+1 {
+			t.Fatalf("%s compiled the hook", step)
+		}
+		patched = e.be.patched
+	}
+	rs, _ := e.fresh(t)
+	rules := rs.Interface("vb").Ingress
+	h50, h150 := rules[50].Handle, rules[150].Handle // drop 7050 and 7150 from 192.0.2.1
+
+	// Before rule 150, with its key: the accept wins, then rule 150 again.
+	acc := echoed(t, e.run(t, fmt.Sprintf("insert rule vb ingress position %d ip saddr 192.0.2.1 udp dport 7150 counter actions accept", h150)))
+	same("inserting a rule before one with the same key")
+	if got := e.arrive(t, 7150, 3); got != 3 {
+		t.Fatalf("%d of 3 datagrams passed the accept rule inserted before rule 150", got)
+	}
+	e.run(t, fmt.Sprintf("delete rule vb ingress handle %d", acc))
+	same("deleting the rule that took the key")
+	if got := e.arrive(t, 7150, 2); got != 0 {
+		t.Fatalf("%d of 2 datagrams passed rule 150 once the accept rule was gone", got)
+	}
+
+	// A second rule with rule 50's key, at the end: its entry is dead.
+	dup := echoed(t, e.run(t, "add rule vb ingress ip saddr 192.0.2.1 udp dport 7050 counter actions drop"))
+	same("adding a rule with an earlier rule's key")
+	if got := e.arrive(t, 7050, 1); got != 0 {
+		t.Fatal("rule 50 stopped dropping")
+	}
+	e.run(t, fmt.Sprintf("delete rule vb ingress handle %d", h50))
+	same("deleting the first of two rules with one key")
+	if got := e.arrive(t, 7050, 2); got != 0 {
+		t.Fatalf("%d of 2 datagrams passed the second rule with rule 50's key", got)
+	}
+	_, counters := e.fresh(t)
+	for _, w := range []struct {
+		what   string
+		handle uint64
+		want   uint64
+	}{{"rule 150", h150, 2}, {"the second rule with rule 50's key", dup, 2}} {
+		if got := counters[w.handle].Packets; got != w.want {
+			t.Errorf("%s counted %d packets, want %d", w.what, got, w.want)
+		}
+	}
+	e.run(t, fmt.Sprintf("delete rule vb ingress handle %d", dup))
+	same("deleting the last rule with a key")
+	if got := e.arrive(t, 7050, 2); got != 2 {
+		t.Fatalf("%d of 2 datagrams to port 7050 arrived once no rule had the key", got)
+	}
+}

@@ -82,6 +82,9 @@ func planScan(all map[string][]byte, sc *compiler.ScanLayout, live uint32, edits
 		recs := make([][]byte, 0, len(old)+len(ed.add))
 		gone := 0
 		for _, r := range old {
+			if !compiler.RecordOfRule(r) {
+				return nil, false // a shape's record: its slot is no rule's
+			}
 			if ed.del[compiler.RecordSlot(r)] {
 				gone++
 				continue

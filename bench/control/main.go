@@ -34,13 +34,23 @@ var (
 type workload struct {
 	name string
 	rule func(i int) (sf, nft string)
+	// change is the rule `add`, `insert` and `replace rule` write (a =
+	// 251, 252, 253 for each, n the run); nil: hostPort.
+	change func(a, n int) (sf, nft string)
+}
+
+// hostPort is the changed rule of most workloads: a shape and action
+// the hook has, and a new key.
+func hostPort(a, n int) (string, string) {
+	m := fmt.Sprintf("ip saddr 10.%d.0.%d udp dport 1005", a, n)
+	return m + " counter actions drop", m + " counter drop"
 }
 
 var workloads = []workload{
 	{"IPv4 host + port", func(i int) (string, string) {
 		m := fmt.Sprintf("ip saddr 10.%d.%d.1 udp dport %d", i/250%250, i%250, 1000+i%60000)
 		return m + " counter actions drop", m + " counter drop"
-	}},
+	}, nil},
 	{"mixed shapes", func(i int) (string, string) {
 		var m string
 		switch i % 5 {
@@ -56,6 +66,24 @@ var workloads = []workload{
 			m = fmt.Sprintf("ip6 saddr 2001:db8::%x udp dport %d", i, i%60000+1)
 		}
 		return m + " counter actions drop", m + " counter drop"
+	}, nil},
+	// Rules of a shape each of their own (`sport !=` stays in the shape):
+	// the record scan. The changed rules are of shapes of their own too.
+	{"unique shapes", func(i int) (string, string) {
+		m := fmt.Sprintf("ip saddr 10.%d.%d.1 udp sport != %d", i/250%250, i%250, i%60000+1)
+		p := fmt.Sprintf(" dport %d counter", 1000+i%60000)
+		return m + p + " actions drop", m + " udp" + p + " drop"
+	}, func(a, n int) (string, string) {
+		m := fmt.Sprintf("ip saddr 10.%d.0.%d udp sport != %d", a, n, 60000+a+n)
+		return m + " dport 1005 counter actions drop", m + " udp dport 1005 counter drop"
+	}},
+	// Accounting: counters without a verdict, one shape.
+	{"counters only", func(i int) (string, string) {
+		m := fmt.Sprintf("ip saddr 10.%d.%d.1 udp dport %d counter", i/250%250, i%250, 1000+i%60000)
+		return m, m
+	}, func(a, n int) (string, string) {
+		m := fmt.Sprintf("ip saddr 10.%d.0.%d udp dport 1005 counter", a, n)
+		return m, m
 	}},
 }
 
@@ -152,6 +180,9 @@ func main() {
 		if !strings.Contains(w.name, *only) {
 			continue
 		}
+		if w.change == nil {
+			w.change = hostPort
+		}
 		var sfText, nftText strings.Builder
 		sfText.WriteString("flush ruleset\ninterface vb {\n\tingress {\n")
 		nftText.WriteString("flush ruleset\ntable netdev sfb {\n\tchain c {\n\t\ttype filter hook ingress device vb priority 0;\n")
@@ -202,11 +233,12 @@ func main() {
 		n := 0
 		measure("add rule", func() (sample, sample) {
 			n++
-			a := run(nil, "sh", "-c", fmt.Sprintf("%s --netns %s -e add rule vb ingress ip saddr 10.251.0.%d udp dport 1005 counter actions drop > /tmp/sfb-echo", *sfunnel, ns, n))
+			sfRule, nftRule := w.change(251, n)
+			a := run(nil, "sh", "-c", fmt.Sprintf("%s --netns %s -e add rule vb ingress %s > /tmp/sfb-echo", *sfunnel, ns, sfRule))
 			if m := handleRe.FindStringSubmatch(readFile("/tmp/sfb-echo")); m != nil {
 				sfHandles = append(sfHandles, m[1])
 			}
-			b := run(nil, "sh", "-c", fmt.Sprintf("ip netns exec %s nft --echo --handle add rule netdev sfb c ip saddr 10.251.0.%d udp dport 1005 counter drop > /tmp/nftb-echo", ns, n))
+			b := run(nil, "sh", "-c", fmt.Sprintf("ip netns exec %s nft --echo --handle add rule netdev sfb c %s > /tmp/nftb-echo", ns, nftRule))
 			if m := handleRe.FindStringSubmatch(readFile("/tmp/nftb-echo")); m != nil {
 				nftHandles = append(nftHandles, m[1])
 			}
@@ -227,11 +259,12 @@ func main() {
 		n = 0
 		measure("insert rule (middle)", func() (sample, sample) {
 			n++
-			a := run(nil, "sh", "-c", fmt.Sprintf("%s --netns %s -e insert rule vb ingress position %s ip saddr 10.252.0.%d udp dport 1005 counter actions drop > /tmp/sfb-echo", *sfunnel, ns, sfMid, n))
+			sfRule, nftRule := w.change(252, n)
+			a := run(nil, "sh", "-c", fmt.Sprintf("%s --netns %s -e insert rule vb ingress position %s %s > /tmp/sfb-echo", *sfunnel, ns, sfMid, sfRule))
 			if m := handleRe.FindStringSubmatch(readFile("/tmp/sfb-echo")); m != nil {
 				sfIns = append(sfIns, m[1])
 			}
-			b := run(nil, "sh", "-c", fmt.Sprintf("ip netns exec %s nft --echo --handle insert rule netdev sfb c position %s ip saddr 10.252.0.%d udp dport 1005 counter drop > /tmp/nftb-echo", ns, nftMid, n))
+			b := run(nil, "sh", "-c", fmt.Sprintf("ip netns exec %s nft --echo --handle insert rule netdev sfb c position %s %s > /tmp/nftb-echo", ns, nftMid, nftRule))
 			if m := handleRe.FindStringSubmatch(readFile("/tmp/nftb-echo")); m != nil {
 				nftIns = append(nftIns, m[1])
 			}
@@ -240,14 +273,14 @@ func main() {
 		j := 0
 		measure("replace rule", func() (sample, sample) {
 			var a, b sample
-			addr := fmt.Sprintf("10.253.0.%d", j+1)
+			sfRule, nftRule := w.change(253, j+1)
 			if j < len(sfIns) {
-				a = sf(nil, "replace", "rule", "vb", "ingress", "handle", sfIns[j], "ip", "saddr", addr, "udp", "dport", "1005", "counter", "actions", "drop")
+				a = sf(nil, append([]string{"replace", "rule", "vb", "ingress", "handle", sfIns[j]}, strings.Fields(sfRule)...)...)
 			} else {
 				a = sample{err: "no handle from insert rule"}
 			}
 			if j < len(nftIns) {
-				b = nft(nil, "replace", "rule", "netdev", "sfb", "c", "handle", nftIns[j], "ip", "saddr", addr, "udp", "dport", "1005", "counter", "drop")
+				b = nft(nil, append([]string{"replace", "rule", "netdev", "sfb", "c", "handle", nftIns[j]}, strings.Fields(nftRule)...)...)
 			} else {
 				b = sample{err: "no handle from insert rule"}
 			}
