@@ -411,7 +411,7 @@ func (b *Backend) patchHook(s *bpf.Store, cur *bpf.Gen, oh *hookState, rules []*
 
 	// The record scan's new lists (read from the live generation).
 	var recMap *ebpf.Map
-	var recAll map[string][]byte
+	var recLive []byte // the live generation's records
 	var sw *scanWrite
 	if l.Scan != nil {
 		recMap = h.Maps[compiler.RecordMap]
@@ -420,13 +420,13 @@ func (b *Backend) patchHook(s *bpf.Store, cur *bpf.Gen, oh *hookState, rules []*
 		}
 	}
 	if len(edits) > 0 || l.Scan != nil && (dirty || oh.Spare == nil || len(oh.Spare.Delta[compiler.RecordMap]) > 0) {
-		if recAll, err = readTable(recMap); err != nil {
+		if recLive, err = readRecords(recMap, l.Scan, live); err != nil {
 			return nil, fmt.Errorf("table %s of %s: %w", compiler.RecordMap, oh.id(), err)
 		}
 	}
 	if len(edits) > 0 {
 		var ok bool
-		if sw, ok = planScan(recAll, l.Scan, live, edits); !ok {
+		if sw, ok = planScan(recLive, l.Scan, live, edits); !ok {
 			return nil, nil
 		}
 	}
@@ -440,7 +440,7 @@ func (b *Backend) patchHook(s *bpf.Store, cur *bpf.Gen, oh *hookState, rules []*
 			return nil, fmt.Errorf("%s: %w", oh.id(), err)
 		}
 		if recMap != nil {
-			if err := syncRecords(recMap, l.Scan, recAll, live); err != nil {
+			if err := syncRecords(recMap, l.Scan, recLive, live); err != nil {
 				return nil, fmt.Errorf("%s: %w", oh.id(), err)
 			}
 		}
@@ -452,8 +452,8 @@ func (b *Backend) patchHook(s *bpf.Store, cur *bpf.Gen, oh *hookState, rules []*
 			}
 			if name == compiler.RecordMap {
 				rels, err := relKeys(keys)
-				if err == nil {
-					err = copyRecords(m, l.Scan, recAll, rels, live)
+				if err == nil && !rewritesAll(rels, l.Scan, edits) {
+					err = copyRecords(m, l.Scan, recLive, rels, live)
 				}
 				if err != nil {
 					return nil, fmt.Errorf("%s: %w", oh.id(), err)
@@ -471,12 +471,26 @@ func (b *Backend) patchHook(s *bpf.Store, cur *bpf.Gen, oh *hookState, rules []*
 			}
 		}
 	}
+	layout := nl
+	var recDelta []string
+	if sw != nil {
+		keys, err := sw.write(recMap, l.Scan, spare)
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", oh.id(), err)
+		}
+		recDelta = keys
+		layout = nl.WithScanUsed(sw.used)
+		faults.Point("patch records " + oh.id().String())
+	}
 	for name, blob := range blobs {
 		if err := h.Maps[name].Put(spare, blob); err != nil {
 			return nil, fmt.Errorf("table %s of %s: %w", name, oh.id(), err)
 		}
 	}
 	delta := map[string][]string{}
+	if recDelta != nil {
+		delta[compiler.RecordMap] = recDelta
+	}
 	for _, d := range dels {
 		if d.perfect != nil {
 			continue // rewritten whole
@@ -501,15 +515,6 @@ func (b *Backend) patchHook(s *bpf.Store, cur *bpf.Gen, oh *hookState, rules []*
 		if !delKey[p.table+string(p.key)] {
 			delta[p.table] = append(delta[p.table], hex.EncodeToString(p.key))
 		}
-	}
-	layout := nl
-	if sw != nil {
-		keys, err := sw.write(recMap, l.Scan, spare)
-		if err != nil {
-			return nil, fmt.Errorf("%s: %w", oh.id(), err)
-		}
-		delta[compiler.RecordMap] = keys
-		layout = nl.WithScanUsed(sw.used)
 	}
 	faults.Point("patch tables " + oh.id().String())
 	if err := zeroSlots(h, fresh); err != nil {

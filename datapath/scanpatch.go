@@ -40,13 +40,16 @@ type scanWrite struct {
 }
 
 // planScan computes the spare generation's new lists for edits from the
-// live generation's (all: the record map's entries, by key). ok is false
+// live generation's (cur: its records, readRecords). ok is false
 // when a removed record is not in its list (the rule is tested by code of
 // its own) or the lists do not fit: the hook is compiled then.
-func planScan(all map[string][]byte, sc *compiler.ScanLayout, live uint32, edits map[int]*scanEdit) (sw *scanWrite, ok bool) {
+func planScan(cur []byte, sc *compiler.ScanLayout, live uint32, edits map[int]*scanEdit) (sw *scanWrite, ok bool) {
 	capacity := uint32(sc.Cap)
 	at := func(rel uint32) []byte {
-		return all[string(binary.NativeEndian.AppendUint32(nil, live*capacity+rel))]
+		if int(rel+1)*compiler.RecordSize > len(cur) {
+			return nil
+		}
+		return cur[int(rel)*compiler.RecordSize : int(rel+1)*compiler.RecordSize]
 	}
 	list := func(dir int) ([][]byte, bool) {
 		d := at(uint32(dir))
@@ -169,20 +172,15 @@ func (sw *scanWrite) write(m *ebpf.Map, sc *compiler.ScanLayout, spare uint32) (
 }
 
 // copyRecords makes the spare generation's records at the relative
-// indexes rels what the live generation has (all: the map's entries by
-// key).
-func copyRecords(m *ebpf.Map, sc *compiler.ScanLayout, all map[string][]byte, rels []uint32, live uint32) error {
+// indexes rels what the live generation has (cur: its records).
+func copyRecords(m *ebpf.Map, sc *compiler.ScanLayout, cur []byte, rels []uint32, live uint32) error {
 	capacity := uint32(sc.Cap)
-	zero := make([]byte, m.ValueSize())
 	var ks, vs [][]byte
 	for _, rel := range rels {
-		if rel >= capacity {
+		if rel >= capacity || int(rel+1)*compiler.RecordSize > len(cur) {
 			return errors.New("stored ruleset is corrupt: record index past the capacity")
 		}
-		v := all[string(binary.NativeEndian.AppendUint32(nil, live*capacity+rel))]
-		if v == nil {
-			v = zero
-		}
+		v := cur[int(rel)*compiler.RecordSize : int(rel+1)*compiler.RecordSize]
 		if int(rel) < sc.Dirs {
 			v = compiler.DirectoryEntry(compiler.RecordPrio(v) - live*capacity + (1-live)*capacity)
 		}
@@ -193,12 +191,49 @@ func copyRecords(m *ebpf.Map, sc *compiler.ScanLayout, all map[string][]byte, re
 }
 
 // syncRecords makes the spare generation's records equal to the live one's.
-func syncRecords(m *ebpf.Map, sc *compiler.ScanLayout, all map[string][]byte, live uint32) error {
+func syncRecords(m *ebpf.Map, sc *compiler.ScanLayout, cur []byte, live uint32) error {
 	rels := make([]uint32, sc.Cap)
 	for i := range rels {
 		rels[i] = uint32(i)
 	}
-	return copyRecords(m, sc, all, rels, live)
+	return copyRecords(m, sc, cur, rels, live)
+}
+
+// readRecords returns generation gen of the record map m: Cap records,
+// read in batches (stopping past the generation) where the kernel can.
+func readRecords(m *ebpf.Map, sc *compiler.ScanLayout, gen uint32) ([]byte, error) {
+	const size = compiler.RecordSize
+	if m.ValueSize() != size || m.KeySize() != 4 {
+		return nil, errors.New("the record map has another layout")
+	}
+	lo, hi := gen*uint32(sc.Cap), (gen+1)*uint32(sc.Cap)
+	out := make([]byte, sc.Cap*size)
+	const chunk = 4096
+	keys := make([]uint32, chunk)
+	vals := make([][size]byte, chunk)
+	var cursor ebpf.MapBatchCursor
+	for {
+		n, err := m.BatchLookup(&cursor, keys, vals, nil)
+		for i := 0; i < n; i++ {
+			if keys[i] >= lo && keys[i] < hi {
+				copy(out[int(keys[i]-lo)*size:], vals[i][:])
+			}
+		}
+		if errors.Is(err, ebpf.ErrKeyNotExist) || err == nil && n > 0 && keys[n-1] >= hi-1 {
+			return out, nil
+		}
+		if err != nil {
+			break // no batch API: one by one
+		}
+	}
+	v := make([]byte, size)
+	for k := lo; k < hi; k++ {
+		if err := m.Lookup(k, v); err != nil {
+			return nil, err
+		}
+		copy(out[int(k-lo)*size:], v)
+	}
+	return out, nil
 }
 
 // putAll writes entries, batched where the kernel can.
@@ -228,4 +263,21 @@ func relKeys(keys []string) ([]uint32, error) {
 		rels = append(rels, binary.NativeEndian.Uint32(k))
 	}
 	return rels, nil
+}
+
+// rewritesAll reports whether the last commit's record delta rels only
+// changed lists that edits write again: their directory entries are
+// written anew and the lists the delta holds are then reached by none,
+// so copying them over would be wasted.
+func rewritesAll(rels []uint32, sc *compiler.ScanLayout, edits map[int]*scanEdit) bool {
+	again := map[uint32]bool{}
+	for _, ed := range edits {
+		again[uint32(ed.dir)] = true
+	}
+	for _, rel := range rels {
+		if int(rel) < sc.Dirs && !again[rel] {
+			return false
+		}
+	}
+	return len(edits) > 0
 }

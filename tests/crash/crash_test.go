@@ -333,12 +333,36 @@ func rulesetF() string {
 	return b.String()
 }
 
-// dropsOf predicts the ingress probes a listing of rulesets D, E and F
-// drops: a drop rule for the probes' source (or any source) and port.
+// rulesetG has 20 rules of one shape and then 40 rules of shapes of their
+// own (each its own `sport !=`) on vb ingress: a table and the records of
+// the record scan, in one segment. Records change list by list; the
+// follow-ups add table entries (so a list a killed writer left in the
+// spare generation would go live with them, were it not rebuilt).
+func rulesetG() string {
+	var b strings.Builder
+	b.WriteString("flush ruleset\ninterface vb {\n\tingress {\n")
+	for i := 0; i < 20; i++ {
+		fmt.Fprintf(&b, "\t\tip saddr 192.0.2.%d udp dport %d counter actions drop\n", 200+i, 7100+i)
+	}
+	for i := 0; i < 40; i++ {
+		fmt.Fprintf(&b, "\t\tip saddr 192.0.2.%d udp sport != %d dport %d counter actions drop\n", 100+i, 100+i, 7000+i)
+	}
+	b.WriteString("\t}\n}\n")
+	return b.String()
+}
+
+// rulesetH is rulesetG with rule 20 matching the probes' source.
+func rulesetH() string {
+	return strings.Replace(rulesetG(), "ip saddr 192.0.2.120 udp sport != 120 dport 7020", "ip saddr 192.0.2.1 udp sport != 120 dport 7020", 1)
+}
+
+// dropsOf predicts the ingress probes a listing of rulesets D to H drops:
+// a drop rule for the probes' source (or any source) and port (the
+// probes' source port is never one a `sport !=` of these rules names).
 func dropsOf(list string, ports []int) map[int]bool {
 	out := map[int]bool{}
 	for _, p := range ports {
-		if regexp.MustCompile(fmt.Sprintf(`(?m)^\s*(ip saddr 192\.0\.2\.1 )?udp dport %d counter`, p)).MatchString(list) {
+		if regexp.MustCompile(fmt.Sprintf(`(?m)^\s*(ip saddr 192\.0\.2\.1 )?udp dport %d (sport != \d+ )?counter`, p)).MatchString(list) {
 			out[p] = true
 		}
 	}
@@ -384,6 +408,12 @@ func TestCrashAtEveryPoint(t *testing.T) {
 		{name: "insert-port-rule-middle", old: rulesetF(), args: []string{"insert", "rule", "vb", "ingress", "position", "HANDLE", "udp", "dport", "7021", "counter", "actions", "drop"},
 			handleOf: `udp dport 7020 .*# handle (\d+)`, ingress: []int{7021, 7023, 7031}, every: 2,
 			followUp: []string{"add", "rule", "vb", "ingress", "udp", "dport", "7031", "counter", "actions", "drop"}},
+		{name: "insert-record-middle", old: rulesetG(), args: []string{"insert", "rule", "vb", "ingress", "position", "HANDLE", "ip", "saddr", "192.0.2.1", "udp", "sport", "!=", "9", "dport", "7021", "counter", "actions", "drop"},
+			handleOf: `dport 7020 .*# handle (\d+)`, ingress: []int{7021, 7022, 7030}, every: 3,
+			followUp: []string{"add", "rule", "vb", "ingress", "ip", "saddr", "192.0.2.1", "udp", "dport", "7030", "counter", "actions", "drop"}},
+		{name: "delete-record-middle", old: rulesetH(), args: []string{"delete", "rule", "vb", "ingress", "handle", "HANDLE"},
+			handleOf: `saddr 192\.0\.2\.1 udp dport 7020 sport != 120 .*# handle (\d+)`, ingress: []int{7020, 7021, 7030}, every: 3,
+			followUp: []string{"insert", "rule", "vb", "ingress", "ip", "saddr", "192.0.2.1", "udp", "dport", "7030", "counter", "actions", "drop"}},
 		{name: "add-address-elements", old: rulesetC, args: []string{"add", "element", "hosts", "{ " + manyHosts(2000) + " }"},
 			egress: []int{5003}, every: 1},
 	}
