@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"maps"
 	"slices"
 	"strings"
 
@@ -109,17 +110,6 @@ func (b *Backend) patchHook(s *bpf.Store, cur *bpf.Gen, oh *hookState, rules []*
 	}
 
 	// Entries to remove (generation-0 keys).
-	type entry struct {
-		table    string
-		key, val []byte
-		perfect  *compiler.PerfectLayout // a table in the perfect-hash value
-		terminal bool                    // put in a segment whose rules all end evaluation
-		// A removed entry whose key another rule may hold too (contested):
-		// the removed rule's priority and segment, to find who takes it.
-		contested bool
-		prio      uint32
-		seg       int
-	}
 	var dels []entry
 	delKey := map[string]bool{}
 	// Records of the record scan, by segment (scanpatch.go).
@@ -172,11 +162,16 @@ func (b *Backend) patchHook(s *bpf.Store, cur *bpf.Gen, oh *hookState, rules []*
 		}
 		return 0, false
 	}
+	// The next rule that keeps its priority (kept, or replaced in place:
+	// its record holds the old priority and segment until it is placed).
 	nextKept := make([]int, len(rules)+1)
 	nextKept[len(rules)] = -1
 	for i := len(rules) - 1; i >= 0; i-- {
 		nextKept[i] = nextKept[i+1]
-		if kept[i] {
+		if j, ok := oldAt[rules[i].Handle]; ok && !kept[i] {
+			recs[i].Prio, recs[i].Segment = oh.Rules[j].Prio, oh.Rules[j].Segment
+		}
+		if kept[i] || recs[i].Prio != 0 {
 			nextKept[i] = i
 		}
 	}
@@ -184,6 +179,34 @@ func (b *Backend) patchHook(s *bpf.Store, cur *bpf.Gen, oh *hookState, rules []*
 	putKey := map[string]bool{}
 	nl := l            // the layout after the change
 	var fresh []uint32 // slots to zero
+	preset, moved, ok := b.renumber(l, oh, rules, recs, kept, oldAt)
+	if !ok {
+		return nil, nil
+	}
+	// Rules that stay but take a new priority (renumber): their entries
+	// again, with it; a key whose live entry is not theirs (another rule
+	// holds it) is left alone.
+	var movedPuts []movedEntry
+	for _, k := range slices.Sorted(maps.Keys(moved)) {
+		rec := recs[k]
+		if rec.Table {
+			ents, err := l.Place(rules[k], rec.Segment-1, rec.Prio, rec.Slot, 0)
+			if err != nil {
+				return nil, nil
+			}
+			for _, en := range ents {
+				movedPuts = append(movedPuts, movedEntry{entry{table: en.Table, key: en.Key, val: en.Value, perfect: en.Perfect}, moved[k]})
+			}
+			continue
+		}
+		rb, err := l.PlaceRecord(rules[k], rec.Segment-1, rec.Prio, rec.Slot)
+		if err != nil {
+			return nil, nil
+		}
+		ed := editOf(rec.Segment)
+		ed.del[rec.Slot] = true
+		ed.add = append(ed.add, rb)
+	}
 	for i, r := range rules {
 		if kept[i] {
 			continue
@@ -207,11 +230,11 @@ func (b *Backend) patchHook(s *bpf.Store, cur *bpf.Gen, oh *hookState, rules []*
 			if n := nextKept[i]; n >= 0 {
 				hi, nextSeg = recs[n].Prio, recs[n].Segment
 			}
-			if hi-lo < 2 {
-				return nil, nil // no priority left between them
-			}
-			rec.Prio = lo + (hi-lo)/2
-			if nextKept[i] < 0 {
+			if p, ok := preset[i]; ok {
+				rec.Prio = p
+			} else if hi-lo < 2 {
+				return nil, nil // no priority left between them (renumber said so)
+			} else if rec.Prio = lo + (hi-lo)/2; nextKept[i] < 0 {
 				rec.Prio = lo + min(prioGap, (hi-lo)/2)
 			}
 			for _, sg := range []int{prevSeg, nextSeg} {
@@ -375,6 +398,19 @@ func (b *Backend) patchHook(s *bpf.Store, cur *bpf.Gen, oh *hookState, rules []*
 		}
 	}
 	puts = append(live4, heirs...)
+	for _, mp := range movedPuts {
+		k := mp.table + string(mp.key)
+		if putKey[k] || delKey[k] || h.Maps[mp.table] == nil {
+			return nil, nil // the change takes the key too: a compilation decides
+		}
+		holder, err := holderAt(mp.entry)
+		if err != nil {
+			return nil, err
+		}
+		if holder == mp.old {
+			puts = append(puts, mp.entry)
+		}
+	}
 	// The spare generation's perfect-hash value: the live one with each
 	// changed shape's table rebuilt (in memory: nothing is written yet).
 	type change struct {
@@ -542,6 +578,138 @@ func (b *Backend) patchHook(s *bpf.Store, cur *bpf.Gen, oh *hookState, rules []*
 	}
 	b.patched++
 	return &hookPatch{hs: hs, gen: spare}, nil
+}
+
+// entry is a table entry a change writes or removes (key in its
+// generation-0 form).
+type entry struct {
+	table    string
+	key, val []byte
+	perfect  *compiler.PerfectLayout // a table in the perfect-hash value
+	terminal bool                    // put in a segment whose rules all end evaluation
+	// A removed entry whose key another rule may hold too (contested):
+	// the removed rule's priority and segment, to find who takes it.
+	contested bool
+	prio      uint32
+	seg       int
+}
+
+// movedEntry is an entry of a rule that stays with a new priority; old
+// is its priority before.
+type movedEntry struct {
+	entry
+	old uint32
+}
+
+// renumberSpacing is the least distance between priorities a renumbering
+// leaves, and renumberMax the most rules it moves: past that, the hook is
+// compiled (which assigns priorities afresh).
+const (
+	renumberSpacing = 64
+	renumberMax     = 4096
+)
+
+// renumber finds where the rules added between two that stay (kept) find
+// no priority between theirs, and gives the rules that stay around them
+// new priorities, spread evenly, so that all fit: preset holds the new
+// rules' priorities, moved the old priorities of the rules that move
+// (recs holds their new ones). A rule moves only if its priority is in
+// maps alone (table entries, records); ok is false when no window of such
+// rules makes room.
+func (b *Backend) renumber(l *compiler.Layout, oh *hookState, rules []*grammar.Rule, recs []ruleRecord, kept []bool, oldAt map[uint64]int) (preset, moved map[int]uint32, ok bool) {
+	n := len(rules)
+	// prio of rule k before this change (0: new).
+	prio := func(k int) uint32 {
+		if kept[k] {
+			return recs[k].Prio
+		}
+		if j, ok := oldAt[rules[k].Handle]; ok {
+			return oh.Rules[j].Prio // replaced in place
+		}
+		return 0
+	}
+	movable := func(k int) bool {
+		r := recs[k]
+		return kept[k] && r.Segment > 0 && r.Segment <= len(l.Segments) && (r.Table || l.Segments[r.Segment-1].Scan > 0)
+	}
+	preset, moved = map[int]uint32{}, map[int]uint32{}
+	for i := 0; i < n; {
+		if prio(i) != 0 {
+			i++
+			continue
+		}
+		j := i
+		for j < n && prio(j) == 0 {
+			j++
+		}
+		// New rules [i, j): do they fit by halving, as the rules are added?
+		lo, hi := uint32(0), uint32(1<<31)
+		if i > 0 {
+			lo = prio(i - 1)
+		}
+		if j < n {
+			hi = prio(j)
+		}
+		fits := true
+		for k, p := i, lo; k < j; k++ {
+			if hi-p < 2 {
+				fits = false
+				break
+			}
+			if j == n {
+				p += min(prioGap, (hi-p)/2)
+			} else {
+				p += (hi - p) / 2
+			}
+		}
+		if fits {
+			i = j
+			continue
+		}
+		if len(preset) > 0 {
+			return nil, nil, false // one place per change
+		}
+		// Widen the window [wl, wr) over rules that can move until the
+		// priorities around it leave room for all.
+		wl, wr := i, j
+		for {
+			lo, hi = 0, uint32(1<<31)
+			if wl > 0 {
+				lo = prio(wl - 1)
+			}
+			if wr < n {
+				hi = prio(wr)
+			}
+			if (hi-lo)/uint32(wr-wl+1) >= renumberSpacing {
+				break
+			}
+			switch {
+			case wr-wl >= renumberMax:
+				return nil, nil, false
+			case wl > 0 && movable(wl-1) && (wr-i <= j-wl || wr >= n || !movable(wr)):
+				wl--
+			case wr < n && movable(wr):
+				wr++
+			default:
+				return nil, nil, false
+			}
+		}
+		step := (hi - lo) / uint32(wr-wl+1)
+		if wr == n {
+			step = min(step, prioGap)
+		}
+		for k := wl; k < wr; k++ {
+			p := lo + step*uint32(k-wl+1)
+			if k >= i && k < j {
+				preset[k] = p
+			} else {
+				moved[k] = recs[k].Prio
+				recs[k].Prio = p
+			}
+		}
+		i = j
+	}
+	return preset, moved, true
 }
 
 // heir returns the entry at key of table of the first rule after priority

@@ -460,6 +460,26 @@ func TestCounterRulesWithoutReload(t *testing.T) {
 	}
 }
 
+// contestedHook is 200 rules of one shape (source address and port) on vb
+// ingress, dropping (accepting: every fourth) datagrams to 7000+i; rules
+// 50, 149 and 150 (all drop) match 192.0.2.1, the test datagrams' source.
+func contestedHook() string {
+	var b strings.Builder
+	b.WriteString("flush ruleset\ninterface vb {\n\tingress {\n")
+	for i := 0; i < 200; i++ {
+		verdict, host := "drop", 100+i%100
+		if i%4 == 3 {
+			verdict = "accept"
+		}
+		if i == 50 || i == 149 || i == 150 {
+			host = 1
+		}
+		fmt.Fprintf(&b, "\t\tip saddr 192.0.2.%d udp dport %d counter actions %s\n", host, 7000+i, verdict)
+	}
+	b.WriteString("\t}\n}\n")
+	return b.String()
+}
+
 // Keys two rules hold change without compiling: a rule inserted before
 // one with the same key takes the key, and gives it back when deleted;
 // deleting the first of two rules with one key hands it to the second,
@@ -468,20 +488,7 @@ func TestCounterRulesWithoutReload(t *testing.T) {
 func TestContestedKeysWithoutReload(t *testing.T) {
 	e := newEnv(t, Options{})
 	id := bpf.HookID{Ifname: "vb", Hook: grammar.HookIngress}
-	var b strings.Builder
-	b.WriteString("flush ruleset\ninterface vb {\n\tingress {\n")
-	for i := 0; i < 200; i++ {
-		verdict, host := "drop", 100+i%100
-		if i%4 == 3 {
-			verdict = "accept"
-		}
-		if i == 50 || i == 150 {
-			host = 1
-		}
-		fmt.Fprintf(&b, "\t\tip saddr 192.0.2.%d udp dport %d counter actions %s\n", host, 7000+i, verdict)
-	}
-	b.WriteString("\t}\n}\n")
-	e.run(t, b.String())
+	e.run(t, contestedHook())
 	prog := liveProgID(t, e, id)
 	patched := e.be.patched
 	same := func(step string) {
@@ -535,5 +542,61 @@ func TestContestedKeysWithoutReload(t *testing.T) {
 	same("deleting the last rule with a key")
 	if got := e.arrive(t, 7050, 2); got != 2 {
 		t.Fatalf("%d of 2 datagrams to port 7050 arrived once no rule had the key", got)
+	}
+}
+
+// Twenty rules inserted at one place (for ports of the hook's range whose
+// rules match other sources) exhaust the priorities between two
+// neighbours (2^14 apart, halved by each insert): the rules around are
+// renumbered in the maps, without compiling, and keep matching in order
+// and counting in their slots.
+func TestRenumberWithoutReload(t *testing.T) {
+	e := newEnv(t, Options{})
+	id := bpf.HookID{Ifname: "vb", Hook: grammar.HookIngress}
+	e.run(t, contestedHook())
+	prog := liveProgID(t, e, id)
+	rs, _ := e.fresh(t)
+	rules := rs.Interface("vb").Ingress
+	h149, h150 := rules[149].Handle, rules[150].Handle
+	if got := e.arrive(t, 7150, 1); got != 0 {
+		t.Fatal("rule 150 does not drop")
+	}
+	patched := e.be.patched
+	for k := 0; k < 20; k++ {
+		e.run(t, fmt.Sprintf("insert rule vb ingress position %d ip saddr 192.0.2.1 udp dport %d counter actions drop", h150, 7000+2*k))
+		if e.be.patched != patched+1 {
+			t.Fatalf("insert %d compiled the hook", k+1)
+		}
+		patched = e.be.patched
+	}
+	// The last one, before rule 150 with its key, takes it.
+	e.run(t, fmt.Sprintf("insert rule vb ingress position %d ip saddr 192.0.2.1 udp dport 7150 counter actions accept", h150))
+	if e.be.patched != patched+1 {
+		t.Fatal("the insert before rule 150 compiled the hook")
+	}
+	if got := liveProgID(t, e, id); got != prog {
+		t.Fatalf("inserting loaded a program (%d → %d)", prog, got)
+	}
+	for _, port := range []int{7000, 7020, 7038} { // (in the ports the hook wants: see TestPortOutsideThePrefilter)
+		if got := e.arrive(t, port, 1); got != 0 {
+			t.Errorf("the inserted rule for port %d does not drop", port)
+		}
+	}
+	if got := e.arrive(t, 7150, 2); got != 2 {
+		t.Fatalf("%d of 2 datagrams passed the accept rule inserted before rule 150", got)
+	}
+	if got := e.arrive(t, 7149, 1); got != 0 {
+		t.Fatal("rule 149 does not drop")
+	}
+	rs, counters := e.fresh(t)
+	rules = rs.Interface("vb").Ingress
+	if len(rules) != 221 || rules[149].Handle != h149 || rules[171].Handle != h150 {
+		t.Fatalf("rules out of order: %d rules", len(rules))
+	}
+	if c := counters[h150].Packets; c != 1 {
+		t.Errorf("rule 150 counted %d packets, want 1", c)
+	}
+	if c := counters[h149].Packets; c != 1 {
+		t.Errorf("rule 149 counted %d packets, want 1", c)
 	}
 }
