@@ -225,6 +225,9 @@ type scenario struct {
 	// drops the ingress probe to P, nothing else does. It catches table
 	// entries a killed writer left in the spare generation.
 	followUp []string
+	// setup, when set, are commands run after old is applied (HANDLE as
+	// in args), before the command that is killed.
+	setup [][]string
 }
 
 func (e *env) traffic(t *testing.T, sc *scenario) (ingressDrop, egressDrop map[int]bool) {
@@ -369,6 +372,17 @@ func dropsOf(list string, ports []int) map[int]bool {
 	return out
 }
 
+// renumberSetup inserts 14 rules before rule 20 of rulesetD (for
+// another source than the probes'): no priority is left between rule 19
+// and the last of them, so the next insert there renumbers rules.
+func renumberSetup() [][]string {
+	var cmds [][]string
+	for k := 0; k < 14; k++ {
+		cmds = append(cmds, []string{"insert", "rule", "vb", "ingress", "position", "HANDLE", "ip", "saddr", "192.0.2.3", "udp", "dport", strconv.Itoa(7000 + k), "counter", "actions", "drop"})
+	}
+	return cmds
+}
+
 func manyElements(from, n int) string {
 	var b strings.Builder
 	for i := 0; i < n; i++ {
@@ -414,6 +428,9 @@ func TestCrashAtEveryPoint(t *testing.T) {
 		{name: "delete-record-middle", old: rulesetH(), args: []string{"delete", "rule", "vb", "ingress", "handle", "HANDLE"},
 			handleOf: `saddr 192\.0\.2\.1 udp dport 7020 sport != 120 .*# handle (\d+)`, ingress: []int{7020, 7021, 7030}, every: 3,
 			followUp: []string{"insert", "rule", "vb", "ingress", "ip", "saddr", "192.0.2.1", "udp", "dport", "7030", "counter", "actions", "drop"}},
+		{name: "insert-renumber", old: rulesetD(), setup: renumberSetup(), args: []string{"insert", "rule", "vb", "ingress", "position", "HANDLE", "ip", "saddr", "192.0.2.1", "udp", "dport", "7021", "counter", "actions", "drop"},
+			handleOf: `udp dport 7020 .*# handle (\d+)`, ingress: []int{7021, 7022, 7030}, every: 3,
+			followUp: []string{"add", "rule", "vb", "ingress", "ip", "saddr", "192.0.2.1", "udp", "dport", "7030", "counter", "actions", "drop"}},
 		{name: "add-address-elements", old: rulesetC, args: []string{"add", "element", "hosts", "{ " + manyHosts(2000) + " }"},
 			egress: []int{5003}, every: 1},
 	}
@@ -425,7 +442,7 @@ func TestCrashAtEveryPoint(t *testing.T) {
 func testCrashes(t *testing.T, sc *scenario) {
 	e := newEnv(t)
 	// The two acceptable outcomes, listed and seen on the wire.
-	e.must(t, sc.old, "-f", "-")
+	e.prepare(t, sc)
 	oldList := e.listing(t)
 	oldIn, oldOut := e.traffic(t, sc)
 	n := e.points(t, sc.stdin, e.args(t, sc)...)
@@ -446,7 +463,7 @@ func testCrashes(t *testing.T, sc *scenario) {
 	}
 	tested := 0
 	for k := 1; k <= n; k += every {
-		e.must(t, sc.old, "-f", "-")
+		e.prepare(t, sc)
 		r := e.sfunnel(t, sc.stdin, []string{"SFUNNEL_KILL_AT=" + strconv.Itoa(k)}, e.args(t, sc)...)
 		if !r.killed {
 			t.Fatalf("point %d of %d: not killed (exit %d)\n%s", k, n, r.code, r.stderr)
@@ -482,17 +499,33 @@ func testCrashes(t *testing.T, sc *scenario) {
 	t.Logf("%s: %d crash points, %d tested", sc.name, n, tested)
 }
 
+// prepare applies the scenario's old ruleset and runs its setup.
+func (e *env) prepare(t *testing.T, sc *scenario) {
+	t.Helper()
+	e.must(t, sc.old, "-f", "-")
+	for _, cmd := range sc.setup {
+		e.must(t, "", e.withHandle(t, sc, cmd)...)
+	}
+}
+
 // args returns the scenario's command for the current state.
 func (e *env) args(t *testing.T, sc *scenario) []string {
 	t.Helper()
+	return e.withHandle(t, sc, sc.args)
+}
+
+// withHandle returns args with HANDLE replaced by the handle of the
+// scenario's handleOf rule.
+func (e *env) withHandle(t *testing.T, sc *scenario, args []string) []string {
+	t.Helper()
 	if sc.handleOf == "" {
-		return sc.args
+		return args
 	}
 	m := regexp.MustCompile(sc.handleOf).FindStringSubmatch(e.must(t, "", "-a", "list", "ruleset"))
 	if m == nil {
 		t.Fatalf("no rule matches %s", sc.handleOf)
 	}
-	out := append([]string(nil), sc.args...)
+	out := append([]string(nil), args...)
 	for i, a := range out {
 		if a == "HANDLE" {
 			out[i] = m[1]
