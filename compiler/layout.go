@@ -33,6 +33,10 @@ type Layout struct {
 	// Params: the hook's bodies are shared by action kind and read their
 	// values from abi.ActionParams (params.go); body keys are kinds.
 	Params bool `json:"params,omitempty"`
+	// SegIfindex, SegReturnIfindex: the segmentation device the program
+	// redirects to (Options; in its code), 0 when none.
+	SegIfindex       int `json:"seg_ifindex,omitempty"`
+	SegReturnIfindex int `json:"seg_return_ifindex,omitempty"`
 }
 
 // ScanLayout is what PlaceRecord needs of a program's record scan: what
@@ -195,8 +199,9 @@ func (p *Program) Layout() (*Layout, []Placement) {
 		CtMarkMask: c.opts.CtMarkMask,
 		Needs: LayoutNeeds{V4: n.v4, V6: n.v6, Protos: n.protos, Sport: n.sport, Dport: n.dport, Flags: n.flags,
 			Saddr: n.saddr, Daddr: n.daddr, Dports: n.dports},
-		Tables: map[string]int{},
-		Params: c.params,
+		Tables:     map[string]int{},
+		Params:     c.params,
+		SegIfindex: c.opts.SegIfindex, SegReturnIfindex: c.opts.SegReturnIfindex,
 	}
 	if m := p.Spec.Maps[CountersMap]; m != nil {
 		l.Slots = int(m.MaxEntries)

@@ -201,7 +201,20 @@ func (b *Backend) Commit(rs *ruleset.Ruleset) error {
 			if oh == nil || len(ifc.Rules(hk)) == 0 || usesFreshSet(oh.Sets, sets) || !b.attached(s, id) {
 				continue
 			}
-			p, err := b.patchHook(s, cur, oh, ifc.Rules(hk), ctMask, dirty)
+			// Rules that need the segmentation device keep it (and its
+			// return program) through seg, as compile does.
+			var segOf func() (int, int, error)
+			if hk == grammar.HookEgress && compiler.NeedsSegmentation(ifc.Rules(hk)) {
+				name := ifc.Name
+				segOf = func() (int, int, error) {
+					info, err := bpf.LookupInterface(name)
+					if err != nil || info.Missing || !wantsSegdev(info, hk, ifc.Rules(hk)) {
+						return 0, 0, err
+					}
+					return seg.ensure(info)
+				}
+			}
+			p, err := b.patchHook(s, cur, oh, ifc.Rules(hk), ctMask, dirty, segOf)
 			if err != nil {
 				return err
 			}

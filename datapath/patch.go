@@ -66,13 +66,23 @@ type hookPatch struct {
 // entries into the spare generation of cur's program. It returns nil, and
 // no error, when the change needs a compilation; an error when a map
 // operation failed (the spare generation is dirty then, and marked so).
-func (b *Backend) patchHook(s *bpf.Store, cur *bpf.Gen, oh *hookState, rules []*grammar.Rule, ctMask uint32, dirty bool) (*hookPatch, error) {
+//
+// seg gives the hook's segmentation device when its rules need one (the
+// commit keeps it); nil: they need none.
+func (b *Backend) patchHook(s *bpf.Store, cur *bpf.Gen, oh *hookState, rules []*grammar.Rule, ctMask uint32, dirty bool, seg func() (tx, rx int, err error)) (*hookPatch, error) {
 	l := oh.Layout
 	if l == nil || cur == nil || l.CtMarkMask != ctMask || len(oh.Rules) == 0 {
 		return nil, nil
 	}
-	if oh.hook == grammar.HookEgress && compiler.NeedsSegmentation(rules) {
-		return nil, nil // the segmentation device is set up by a compilation
+	if seg != nil {
+		// The program redirects TCP segments to the device whose index is
+		// in its code: the same device, or a compilation.
+		tx, rx, err := seg()
+		if err != nil || tx == 0 || tx != l.SegIfindex || rx != l.SegReturnIfindex {
+			return nil, err
+		}
+	} else if l.SegIfindex != 0 {
+		return nil, nil // the device goes: a compilation
 	}
 	oldAt := make(map[uint64]int, len(oh.Rules))
 	for i, r := range oh.Rules {

@@ -378,6 +378,13 @@ func (e *env) arrive(t *testing.T, port, n int) int {
 	}
 	defer tx.Close()
 	defer ptx.Close()
+	return countBeforeProbe(t, rx, probe, tx, ptx, n)
+}
+
+// countBeforeProbe sends n datagrams on tx and one on ptx, waits for the
+// latter on probe and returns how many of the n rx received.
+func countBeforeProbe(t *testing.T, rx, probe, tx, ptx *net.UDPConn, n int) int {
+	t.Helper()
 	for i := 0; i < n; i++ {
 		tx.Write([]byte("datagram"))
 	}
@@ -599,4 +606,86 @@ func TestRenumberWithoutReload(t *testing.T) {
 	if c := counters[h149].Packets; c != 1 {
 		t.Errorf("rule 149 counted %d packets, want 1", c)
 	}
+}
+
+// An egress hook whose TCP rules take the segmentation device changes by
+// table entries too: the device (and its return program) stays, the
+// program too, and UDP datagrams from b meet the inserted drop rule.
+func TestSegdevHookWithoutReload(t *testing.T) {
+	e := newEnv(t, Options{})
+	id := bpf.HookID{Ifname: "vb", Hook: grammar.HookEgress}
+	var b strings.Builder
+	b.WriteString("flush ruleset\ninterface vb {\n\tegress {\n")
+	for i := 0; i < 40; i++ {
+		fmt.Fprintf(&b, "\t\tip daddr 198.51.100.%d tcp dport %d counter actions funnel udp dport 4000\n", 1+i, 8000+i)
+	}
+	for i := 0; i < 40; i++ {
+		fmt.Fprintf(&b, "\t\tip daddr 198.51.100.%d udp dport %d counter actions drop\n", 1+i, 7000+i)
+	}
+	b.WriteString("\t}\n}\n")
+	e.run(t, b.String())
+	prog := liveProgID(t, e, id)
+	segdevs := func() []Segdev {
+		var sds []Segdev
+		e.do(t, func() (err error) { sds, err = Segdevs(); return err })
+		return sds
+	}
+	before := segdevs()
+	if len(before) != 1 {
+		t.Fatalf("segmentation devices %+v, want one", before)
+	}
+	rs, _ := e.fresh(t)
+	h20 := rs.Interface("vb").Egress[60].Handle // udp dport 7020
+	patched := e.be.patched
+	if got := e.leave(t, 7021, 1); got != 1 {
+		t.Fatal("port 7021 dropped before any rule for it")
+	}
+	ins := echoed(t, e.run(t, fmt.Sprintf("insert rule vb egress position %d ip daddr 192.0.2.1 udp dport 7021 counter actions drop", h20)))
+	if e.be.patched != patched+1 || liveProgID(t, e, id) != prog {
+		t.Fatal("inserting a rule in a hook with a segmentation device compiled or loaded the hook")
+	}
+	if got := e.leave(t, 7021, 2); got != 0 {
+		t.Fatalf("%d of 2 datagrams passed the inserted drop rule", got)
+	}
+	if after := segdevs(); len(after) != 1 || after[0].TxIndex != before[0].TxIndex {
+		t.Fatalf("segmentation devices %+v after the insert, want %+v", after, before)
+	}
+	e.run(t, fmt.Sprintf("delete rule vb egress handle %d", ins))
+	if e.be.patched != patched+2 || liveProgID(t, e, id) != prog {
+		t.Fatal("deleting a rule in a hook with a segmentation device compiled or loaded the hook")
+	}
+	if got := e.leave(t, 7021, 1); got != 1 {
+		t.Fatal("port 7021 still dropped after the delete")
+	}
+	if after := segdevs(); len(after) != 1 || after[0].TxIndex != before[0].TxIndex {
+		t.Fatalf("segmentation devices %+v after the delete, want %+v", after, before)
+	}
+}
+
+// leave sends n datagrams from b to a:port (through vb's egress), then one
+// to probePort, and returns how many of the n arrived once the probe did.
+func (e *env) leave(t *testing.T, port, n int) int {
+	t.Helper()
+	var rx, probe, tx, ptx *net.UDPConn
+	if err := e.a.Do(func() (err error) {
+		if rx, err = net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(192, 0, 2, 1), Port: port}); err != nil {
+			return err
+		}
+		probe, err = net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(192, 0, 2, 1), Port: probePort})
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	defer rx.Close()
+	defer probe.Close()
+	e.do(t, func() (err error) {
+		if tx, err = net.DialUDP("udp4", nil, &net.UDPAddr{IP: net.IPv4(192, 0, 2, 1), Port: port}); err != nil {
+			return err
+		}
+		ptx, err = net.DialUDP("udp4", nil, &net.UDPAddr{IP: net.IPv4(192, 0, 2, 1), Port: probePort})
+		return err
+	})
+	defer tx.Close()
+	defer ptx.Close()
+	return countBeforeProbe(t, rx, probe, tx, ptx, n)
 }

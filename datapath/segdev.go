@@ -169,6 +169,11 @@ type segdevs struct {
 
 // ensure is compile's seg for Commit.
 func (s *segdevs) ensure(ifc bpf.Interface) (tx, rx int, err error) {
+	for _, sd := range s.used {
+		if sd.Dev == ifc.Name {
+			return sd.TxIndex, sd.RxIndex, nil // (asked again: an incremental change first, then compile)
+		}
+	}
 	sd, err := ensureSegdev(ifc)
 	if err != nil {
 		return 0, 0, err
