@@ -214,7 +214,7 @@ func (b *Backend) Commit(rs *ruleset.Ruleset) error {
 					return seg.ensure(info)
 				}
 			}
-			p, err := b.patchHook(s, cur, oh, ifc.Rules(hk), ctMask, dirty, segOf)
+			p, err := b.patchHook(s, cur, oh, rs, ifc.Rules(hk), ctMask, dirty, segOf)
 			if err != nil {
 				return err
 			}

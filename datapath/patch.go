@@ -16,6 +16,7 @@ import (
 	"github.com/sfunnel/sfunnel/compiler"
 	"github.com/sfunnel/sfunnel/grammar"
 	"github.com/sfunnel/sfunnel/internal/faults"
+	"github.com/sfunnel/sfunnel/ruleset"
 )
 
 // Incremental rule changes. `add/insert/replace/delete rule` on a hook
@@ -69,7 +70,10 @@ type hookPatch struct {
 //
 // seg gives the hook's segmentation device when its rules need one (the
 // commit keeps it); nil: they need none.
-func (b *Backend) patchHook(s *bpf.Store, cur *bpf.Gen, oh *hookState, rules []*grammar.Rule, ctMask uint32, dirty bool, seg func() (tx, rx int, err error)) (*hookPatch, error) {
+//
+// rs is the ruleset rules belong to: rules kept from an outline load are
+// placeholders (outline.go), parsed here when their entries are needed.
+func (b *Backend) patchHook(s *bpf.Store, cur *bpf.Gen, oh *hookState, rs *ruleset.Ruleset, rules []*grammar.Rule, ctMask uint32, dirty bool, seg func() (tx, rx int, err error)) (*hookPatch, error) {
 	l := oh.Layout
 	if l == nil || cur == nil || l.CtMarkMask != ctMask || len(oh.Rules) == 0 {
 		return nil, nil
@@ -126,7 +130,8 @@ func (b *Backend) patchHook(s *bpf.Store, cur *bpf.Gen, oh *hookState, rules []*
 	edits := map[int]*scanEdit{}
 	editOf := func(seg int) *scanEdit {
 		if edits[seg] == nil {
-			edits[seg] = &scanEdit{dir: l.Segments[seg-1].Scan - 1, del: map[uint32]bool{}}
+			sl := &l.Segments[seg-1]
+			edits[seg] = &scanEdit{first: sl.Scan - 1, lists: max(sl.ScanLists, 1), del: map[uint32]bool{}}
 		}
 		return edits[seg]
 	}
@@ -141,7 +146,7 @@ func (b *Backend) patchHook(s *bpf.Store, cur *bpf.Gen, oh *hookState, rules []*
 			editOf(rec.Segment).del[rec.Slot] = true // (planScan checks it is a record)
 			continue
 		}
-		r := b.ruleOf(rec)
+		r := b.ruleOf(rec, rs)
 		if r == nil {
 			return nil, nil
 		}
@@ -199,8 +204,12 @@ func (b *Backend) patchHook(s *bpf.Store, cur *bpf.Gen, oh *hookState, rules []*
 	var movedPuts []movedEntry
 	for _, k := range slices.Sorted(maps.Keys(moved)) {
 		rec := recs[k]
+		r, err := b.parsed(rules[k], rs)
+		if err != nil {
+			return nil, nil
+		}
 		if rec.Table {
-			ents, err := l.Place(rules[k], rec.Segment-1, rec.Prio, rec.Slot, 0)
+			ents, err := l.Place(r, rec.Segment-1, rec.Prio, rec.Slot, 0)
 			if err != nil {
 				return nil, nil
 			}
@@ -209,7 +218,7 @@ func (b *Backend) patchHook(s *bpf.Store, cur *bpf.Gen, oh *hookState, rules []*
 			}
 			continue
 		}
-		rb, err := l.PlaceRecord(rules[k], rec.Segment-1, rec.Prio, rec.Slot)
+		rb, err := l.PlaceRecord(r, rec.Segment-1, rec.Prio, rec.Slot)
 		if err != nil {
 			return nil, nil
 		}
@@ -370,7 +379,7 @@ func (b *Backend) patchHook(s *bpf.Store, cur *bpf.Gen, oh *hookState, rules []*
 			continue
 		}
 		live4 = append(live4, d)
-		heir, err := b.heir(l, rules, recs, d.table, d.key, d.prio, d.seg)
+		heir, err := b.heir(l, rs, rules, recs, d.table, d.key, d.prio, d.seg)
 		if err != nil {
 			return nil, nil
 		}
@@ -498,7 +507,7 @@ func (b *Backend) patchHook(s *bpf.Store, cur *bpf.Gen, oh *hookState, rules []*
 			}
 			if name == compiler.RecordMap {
 				rels, err := relKeys(keys)
-				if err == nil && !rewritesAll(rels, l.Scan, edits) {
+				if err == nil && !rewritesAll(rels, l.Scan, sw) {
 					err = copyRecords(m, l.Scan, recLive, rels, live)
 				}
 				if err != nil {
@@ -725,12 +734,16 @@ func (b *Backend) renumber(l *compiler.Layout, oh *hookState, rules []*grammar.R
 // heir returns the entry at key of table of the first rule after priority
 // prio in segment seg that has one (nil: none), among rules (with their
 // records recs): who holds a contested key once its holder is gone.
-func (b *Backend) heir(l *compiler.Layout, rules []*grammar.Rule, recs []ruleRecord, table string, key []byte, prio uint32, seg int) (*compiler.Entry, error) {
+func (b *Backend) heir(l *compiler.Layout, rs *ruleset.Ruleset, rules []*grammar.Rule, recs []ruleRecord, table string, key []byte, prio uint32, seg int) (*compiler.Entry, error) {
 	for i, rec := range recs {
 		if !rec.Table || rec.Segment != seg || rec.Prio <= prio {
 			continue
 		}
-		ents, err := l.Place(rules[i], seg-1, rec.Prio, rec.Slot, 0)
+		r, err := b.parsed(rules[i], rs)
+		if err != nil {
+			return nil, err
+		}
+		ents, err := l.Place(r, seg-1, rec.Prio, rec.Slot, 0)
 		if err != nil {
 			return nil, err
 		}
@@ -743,6 +756,24 @@ func (b *Backend) heir(l *compiler.Layout, rules []*grammar.Rule, recs []ruleRec
 	return nil, nil
 }
 
+// parsed returns r itself, or, for a placeholder of an outline load
+// (outline.go), the rule parsed from its stored text.
+func (b *Backend) parsed(r *grammar.Rule, rs *ruleset.Ruleset) (*grammar.Rule, error) {
+	rec, ok := b.outline[r]
+	if !ok {
+		return r, nil
+	}
+	if p := b.byHandle[rec.Handle]; p != nil && p != r && b.known[p].Text == rec.Text {
+		return p, nil
+	}
+	p, err := parseStoredRule(rec, rs)
+	if err != nil {
+		return nil, err
+	}
+	b.known[p], b.byHandle[rec.Handle] = rec, p
+	return p, nil
+}
+
 // sameRule reports whether r is the rule rec records.
 func (b *Backend) sameRule(r *grammar.Rule, rec *ruleRecord) bool {
 	if k, ok := b.known[r]; ok {
@@ -751,13 +782,21 @@ func (b *Backend) sameRule(r *grammar.Rule, rec *ruleRecord) bool {
 	return ruleRecordOf(r).Text == rec.Text
 }
 
-// ruleOf returns the syntax tree of a stored rule, as the last Load
-// returned it (nil if it did not: the hook is compiled again then).
-func (b *Backend) ruleOf(rec ruleRecord) *grammar.Rule {
+// ruleOf returns the syntax tree of a stored rule: as the last Load
+// returned it, or parsed from its text (a rule an outline load left as a
+// placeholder, or one it did not parse); nil if it does not parse (the
+// hook is compiled again then).
+func (b *Backend) ruleOf(rec ruleRecord, rs *ruleset.Ruleset) *grammar.Rule {
 	if r := b.byHandle[rec.Handle]; r != nil && b.known[r].Text == rec.Text {
-		return r
+		if _, placeholder := b.outline[r]; !placeholder {
+			return r
+		}
 	}
-	return nil
+	r, err := parseStoredRule(rec, rs)
+	if err != nil {
+		return nil
+	}
+	return r
 }
 
 // liveGeneration reads the table generation h's program reads.

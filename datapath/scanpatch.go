@@ -26,11 +26,12 @@ import (
 // are relative: index i of generation g is g*Cap + i. Directory entries
 // hold absolute indexes, so copying one between generations moves it.
 
-// scanEdit is a change of one segment's record list.
+// scanEdit is a change of one segment's record lists.
 type scanEdit struct {
-	dir int             // directory entry
-	del map[uint32]bool // counter slots of the records removed
-	add [][]byte        // records added
+	first int             // the segment's first directory entry
+	lists int             // its lists: 1, or 9 by family and protocol (compiler.RecordGroup)
+	del   map[uint32]bool // counter slots of the records removed
+	add   [][]byte        // records added
 }
 
 // scanWrite is a planned write of the spare generation's records.
@@ -73,31 +74,46 @@ func planScan(cur []byte, sc *compiler.ScanLayout, live uint32, edits map[int]*s
 		}
 		return nil, false // no end: not a list sfunnel wrote
 	}
-	lists := map[int][][]byte{}
+	lists := map[int][][]byte{} // the lists that change, by directory entry
 	for _, ed := range edits {
-		if ed.dir < 0 || ed.dir >= sc.Dirs {
+		if ed.first < 0 || ed.lists < 1 || ed.first+ed.lists > sc.Dirs {
 			return nil, false
 		}
-		old, ok := list(ed.dir)
-		if !ok {
-			return nil, false
-		}
-		recs := make([][]byte, 0, len(old)+len(ed.add))
 		gone := 0
-		for _, r := range old {
-			if !compiler.RecordOfRule(r) {
-				return nil, false // a shape's record: its slot is no rule's
+		for g := 0; g < ed.lists; g++ {
+			old, ok := list(ed.first + g)
+			if !ok {
+				return nil, false
 			}
-			if ed.del[compiler.RecordSlot(r)] {
-				gone++
-				continue
+			recs := make([][]byte, 0, len(old))
+			for _, r := range old {
+				if !compiler.RecordOfRule(r) {
+					return nil, false // a shape's record: its slot is no rule's
+				}
+				if ed.del[compiler.RecordSlot(r)] {
+					gone++
+					continue
+				}
+				recs = append(recs, r)
 			}
-			recs = append(recs, r)
+			if len(recs) != len(old) {
+				lists[ed.first+g] = recs
+			}
 		}
 		if gone != len(ed.del) {
 			return nil, false // a member: its code is in the program
 		}
 		for _, a := range ed.add {
+			dir := ed.first
+			if ed.lists > 1 {
+				dir += compiler.RecordGroup(a)
+			}
+			recs, ok := lists[dir]
+			if !ok {
+				if recs, ok = list(dir); !ok {
+					return nil, false
+				}
+			}
 			p := compiler.RecordPrio(a)
 			i, found := slices.BinarySearchFunc(recs, p, func(r []byte, p uint32) int {
 				return int(int64(compiler.RecordPrio(r)) - int64(p))
@@ -105,9 +121,8 @@ func planScan(cur []byte, sc *compiler.ScanLayout, live uint32, edits map[int]*s
 			if found {
 				return nil, false
 			}
-			recs = slices.Insert(recs, i, a)
+			lists[dir] = slices.Insert(slices.Clip(recs), i, a)
 		}
-		lists[ed.dir] = recs
 	}
 	sw = &scanWrite{writes: map[uint32][]byte{}, used: sc.Used}
 	need := 0
@@ -116,6 +131,12 @@ func planScan(cur []byte, sc *compiler.ScanLayout, live uint32, edits map[int]*s
 	}
 	zero := make([]byte, compiler.RecordSize)
 	put := func(dir int, recs [][]byte) {
+		if len(recs) == 0 {
+			// An empty list: the zero record after the directory (0
+			// would be the directory itself).
+			sw.writes[uint32(dir)] = compiler.DirectoryEntry(uint32(sc.Dirs))
+			return
+		}
 		sw.writes[uint32(dir)] = compiler.DirectoryEntry(uint32(sw.used))
 		for _, r := range recs {
 			sw.writes[uint32(sw.used)] = r
@@ -135,8 +156,9 @@ func planScan(cur []byte, sc *compiler.ScanLayout, live uint32, edits map[int]*s
 		}
 		return sw, true
 	}
-	// Out of room: every list again, from after the directory.
-	sw = &scanWrite{writes: map[uint32][]byte{}, used: sc.Dirs}
+	// Out of room: every list again, from after the directory and the
+	// zero record that empty lists point at.
+	sw = &scanWrite{writes: map[uint32][]byte{uint32(sc.Dirs): zero}, used: sc.Dirs + 1}
 	for d := 0; d < sc.Dirs; d++ {
 		recs, ok := lists[d]
 		if !ok {
@@ -269,15 +291,14 @@ func relKeys(keys []string) ([]uint32, error) {
 // changed lists that edits write again: their directory entries are
 // written anew and the lists the delta holds are then reached by none,
 // so copying them over would be wasted.
-func rewritesAll(rels []uint32, sc *compiler.ScanLayout, edits map[int]*scanEdit) bool {
-	again := map[uint32]bool{}
-	for _, ed := range edits {
-		again[uint32(ed.dir)] = true
+func rewritesAll(rels []uint32, sc *compiler.ScanLayout, sw *scanWrite) bool {
+	if sw == nil {
+		return false
 	}
 	for _, rel := range rels {
-		if int(rel) < sc.Dirs && !again[rel] {
+		if _, again := sw.writes[rel]; int(rel) < sc.Dirs && !again {
 			return false
 		}
 	}
-	return len(edits) > 0
+	return true
 }
