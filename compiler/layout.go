@@ -558,6 +558,20 @@ func (n *LayoutNeeds) covers(r *grammar.Rule) bool {
 	return true
 }
 
+// PerfectTableValues returns the values of table l in a generation's
+// perfect-hash value (for checks of what the maps hold).
+func PerfectTableValues(blob []byte, l *PerfectLayout) []abi.TableValue {
+	t := l.table()
+	if len(blob) < t.off+t.size {
+		return nil
+	}
+	var out []abi.TableValue
+	for _, en := range t.entries(blob) {
+		out = append(out, en.value)
+	}
+	return out
+}
+
 // PerfectValues returns a lookup in table l of a generation's perfect-hash
 // value: the value at a key (in RebuildPerfect's form), if any.
 func PerfectValues(blob []byte, l *PerfectLayout) func(key []byte) (abi.TableValue, bool) {

@@ -323,7 +323,11 @@ func (b *Backend) patchHook(s *bpf.Store, cur *bpf.Gen, oh *hookState, rs *rules
 	// Perfect-hash tables: the live generation's value, to rebuild.
 	blobs := map[string][]byte{}
 	holds := map[*compiler.PerfectLayout]func([]byte) (abi.TableValue, bool){}
-	for _, e := range append(slices.Clone(puts), dels...) {
+	perfects := append(slices.Clone(puts), dels...)
+	for _, mp := range movedPuts {
+		perfects = append(perfects, mp.entry)
+	}
+	for _, e := range perfects {
 		if e.perfect == nil || blobs[e.table] != nil {
 			continue
 		}

@@ -1,6 +1,7 @@
 package datapath
 
 import (
+	"encoding/binary"
 	"fmt"
 	"io"
 	"net"
@@ -9,6 +10,7 @@ import (
 	"time"
 
 	"github.com/sfunnel/sfunnel/bpf"
+	"github.com/sfunnel/sfunnel/compiler"
 	"github.com/sfunnel/sfunnel/grammar"
 	"github.com/sfunnel/sfunnel/ruleset"
 )
@@ -347,6 +349,7 @@ func TestRecordChangesWithoutReload(t *testing.T) {
 			t.Errorf("%s counted %d packets, want %d", c.what, got, c.want)
 		}
 	}
+	checkEntries(t, e, id)
 }
 
 // probePort is a port no rule of the tests' hooks matches.
@@ -465,6 +468,7 @@ func TestCounterRulesWithoutReload(t *testing.T) {
 	if _, counters = e.fresh(t); counters[last].Packets != 4 || counters[h60].Packets != 2 {
 		t.Errorf("counters changed by the delete: drop rule %d, rule 60 %d packets", counters[last].Packets, counters[h60].Packets)
 	}
+	checkEntries(t, e, id)
 }
 
 // contestedHook is 200 rules of one shape (source address and port) on vb
@@ -550,6 +554,7 @@ func TestContestedKeysWithoutReload(t *testing.T) {
 	if got := e.arrive(t, 7050, 2); got != 2 {
 		t.Fatalf("%d of 2 datagrams to port 7050 arrived once no rule had the key", got)
 	}
+	checkEntries(t, e, id)
 }
 
 // Twenty rules inserted at one place (for ports of the hook's range whose
@@ -606,6 +611,7 @@ func TestRenumberWithoutReload(t *testing.T) {
 	if c := counters[h149].Packets; c != 1 {
 		t.Errorf("rule 149 counted %d packets, want 1", c)
 	}
+	checkEntries(t, e, id)
 }
 
 // An egress hook whose TCP rules take the segmentation device changes by
@@ -660,6 +666,7 @@ func TestSegdevHookWithoutReload(t *testing.T) {
 	if after := segdevs(); len(after) != 1 || after[0].TxIndex != before[0].TxIndex {
 		t.Fatalf("segmentation devices %+v after the delete, want %+v", after, before)
 	}
+	checkEntries(t, e, id)
 }
 
 // leave sends n datagrams from b to a:port (through vb's egress), then one
@@ -688,4 +695,101 @@ func (e *env) leave(t *testing.T, port, n int) int {
 	defer tx.Close()
 	defer ptx.Close()
 	return countBeforeProbe(t, rx, probe, tx, ptx, n)
+}
+
+// checkEntries checks what hook id's live tables and records hold against
+// its state record: every entry and record names a rule of the hook by its
+// counter slot, with that rule's priority (an entry left with a stale
+// priority or slot by an incremental change fails it).
+func checkEntries(t *testing.T, e *env, id bpf.HookID) {
+	t.Helper()
+	e.do(t, func() error {
+		s, err := bpf.OpenExisting(bpf.Options{Root: e.root})
+		if err != nil || s == nil {
+			return fmt.Errorf("no state: %v", err)
+		}
+		cur, err := s.Current()
+		if err != nil {
+			return err
+		}
+		st, err := readGenState(cur)
+		if err != nil {
+			return err
+		}
+		hs := st.hook(id)
+		h, err := cur.Hook(id)
+		if err != nil || hs == nil || h == nil || hs.Layout == nil {
+			return fmt.Errorf("%s: no hook, state or layout (%v)", id, err)
+		}
+		defer h.Close()
+		live, err := liveGeneration(h)
+		if err != nil {
+			return err
+		}
+		prioOf := map[uint32]uint32{} // by slot
+		for _, r := range hs.Rules {
+			prioOf[r.Slot] = r.Prio
+		}
+		check := func(where string, prio, slot uint32) {
+			if want, ok := prioOf[slot]; !ok || want != prio {
+				t.Errorf("%s: entry with priority %d for slot %d, whose rule has priority %d (%v)", where, prio, slot, want, ok)
+			}
+		}
+		n := 0
+		for _, sl := range hs.Layout.Segments {
+			for _, sh := range sl.Shapes {
+				m := h.Maps[sh.Table]
+				if m == nil {
+					return fmt.Errorf("no table %s", sh.Table)
+				}
+				if sh.Perfect {
+					blob := make([]byte, m.ValueSize())
+					if err := m.Lookup(live, blob); err != nil {
+						return err
+					}
+					for _, v := range compiler.PerfectTableValues(blob, sh.PerfectLayout) {
+						check(sh.Table, v.Prio, v.Slot)
+						n++
+					}
+					continue
+				}
+				all, err := readTable(m)
+				if err != nil {
+					return err
+				}
+				for k, v := range all {
+					w := binary.NativeEndian.Uint32([]byte(k[:4]))
+					gen, mine := w&1, w>>1 == sh.ID
+					if sh.Array {
+						gen, mine = w>>16, true
+					}
+					if gen != live || !mine || binary.NativeEndian.Uint32(v) == 0 {
+						continue
+					}
+					check(sh.Table, binary.NativeEndian.Uint32(v), binary.NativeEndian.Uint32(v[4:]))
+					n++
+				}
+			}
+		}
+		if sc := hs.Layout.Scan; sc != nil {
+			recs, err := readRecords(h.Maps[compiler.RecordMap], sc, live)
+			if err != nil {
+				return err
+			}
+			for _, sl := range hs.Layout.Segments {
+				for d := sl.Scan - 1; sl.Scan > 0 && d < sl.Scan-1+max(sl.ScanLists, 1); d++ {
+					at := compiler.RecordPrio(recs[d*compiler.RecordSize:]) - live*uint32(sc.Cap)
+					for ; compiler.RecordPrio(recs[int(at)*compiler.RecordSize:]) != 0; at++ {
+						r := recs[int(at)*compiler.RecordSize:]
+						check("records", compiler.RecordPrio(r), compiler.RecordSlot(r))
+						n++
+					}
+				}
+			}
+		}
+		if n == 0 {
+			t.Errorf("%s: no entries checked", id)
+		}
+		return nil
+	})
 }
