@@ -517,9 +517,9 @@ const RecordSize = recSize
 func RecordPrio(rec []byte) uint32 { return nativeU32(rec[recPrio:]) }
 
 // RecordOfRule reports whether rec is one rule's record (its slot is the
-// rule's counter slot): flags bit 13 is kept for records that stand for a
-// whole shape (see /work/coord/SEAMS.md, shapes), whose slot is not.
-func RecordOfRule(rec []byte) bool { return nativeU32(rec[recFlags:])&(1<<13) == 0 }
+// rule's counter slot), not a shape record (shapescan.go), whose slot is a
+// shape id.
+func RecordOfRule(rec []byte) bool { return nativeU32(rec[recFlags:])&recShape == 0 }
 func RecordSlot(rec []byte) uint32 { return nativeU32(rec[recSlot:]) }
 
 // DirectoryEntry is a directory entry pointing at index first.
