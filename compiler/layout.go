@@ -567,7 +567,9 @@ func PerfectTableValues(blob []byte, l *PerfectLayout) []abi.TableValue {
 	}
 	var out []abi.TableValue
 	for _, en := range t.entries(blob) {
-		out = append(out, en.value)
+		if en.value.Prio != 0 { // (an empty slot)
+			out = append(out, en.value)
+		}
 	}
 	return out
 }

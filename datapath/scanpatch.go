@@ -87,10 +87,9 @@ func planScan(cur []byte, sc *compiler.ScanLayout, live uint32, edits map[int]*s
 			}
 			recs := make([][]byte, 0, len(old))
 			for _, r := range old {
-				if !compiler.RecordOfRule(r) {
-					return nil, false // a shape's record: its slot is no rule's
-				}
-				if ed.del[compiler.RecordSlot(r)] {
+				if compiler.RecordOfRule(r) && ed.del[compiler.RecordSlot(r)] {
+					// (A shape record's slot is a shape id: it stays, and a
+					// rule inside it is not found here, which compiles.)
 					gone++
 					continue
 				}
