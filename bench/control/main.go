@@ -334,9 +334,12 @@ dominated by parsing the input, then compiling and writing the state record; the
 classified rules. ` + "`add`/`insert`/`replace`/`delete rule`" + ` of a rule whose shape and action the hook's
 tables have do not compile the hook: they read the state record and the cached syntax trees, write
 that rule's entries into the spare table generation and flip it, and store the new record and a patch
-of the cache (about half of their CPU is decoding and encoding those). A rule of a new shape or body, a
-port outside the hook's port range, a key another rule shares, or no priority left between two
-neighbours compiles the hook again. nft's ` + "`add`/`insert rule`" + ` here include ` + "`--echo --handle`" + `
+of the cache (about half of their CPU is decoding and encoding those). So do rules of shapes of their
+own (` + "`unique shapes`" + `: the segment's record list is written anew in the spare generation) and
+counter-only rules among rules of one shape (` + "`counters only`" + `); a key another rule shares and
+priorities exhausted at one place are handled in the maps too (see "Incremental rule changes" below).
+A rule of a new shape or body, or a port outside the hook's port range, compiles the hook again.
+nft's ` + "`add`/`insert rule`" + ` here include ` + "`--echo --handle`" + `
 (they read the ruleset back); its ` + "`replace`/`delete rule`" + ` are a single netlink message.
 `)
 	fmt.Print(table.String())
