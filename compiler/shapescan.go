@@ -31,10 +31,10 @@ import (
 // one hash lookup, whatever the number of its rules.
 
 // maxCodeShapes bounds the shapes and inline rules of a large hook that
-// are code (with scan calls). Each action body is still code the verifier
-// walks once per way the program reaches it, which leaves the lookups
-// about half of its budget with a hundred bodies: 16 reached 466 000
-// processed on 3 000 rules of 300 templates, 8 375 000.
+// are code (with scan calls). A unit costs the verifier its code times the
+// ways the parse guard reaches it (about 190), and an inline rule can be
+// long: 16 reached 260 000 processed on 3 000 rules of 300 templates
+// (466 000 while action bodies were code, before tbla), 8 168 000.
 const maxCodeShapes = 8
 
 // shapeKeyWords is the key of every shape record's table after the first

@@ -137,20 +137,8 @@ func TestHundredThousandSharedShapes(t *testing.T) {
 	sets := g.sets()
 	rules := g.shapedRules(100000, 10000, 0.05, sets)
 	opts := compiler.Options{Hook: grammar.HookEgress}
-	start := time.Now()
-	p, err := compiler.Compile(rules, sets, opts)
-	if err != nil {
-		t.Fatal(err)
-	}
-	compiled := time.Since(start)
-	start = time.Now()
-	coll, err := ebpf.NewCollectionWithOptions(p.Spec, ebpf.CollectionOptions{Programs: ebpf.ProgramOptions{LogLevel: ebpf.LogLevelStats, LogSizeStart: 1 << 16}})
-	if err != nil {
-		t.Fatalf("load: %.2000v", err)
-	}
+	p, coll, processed, compiled, loadTime := compileLoadStats(t, rules, sets, opts)
 	defer coll.Close()
-	loadTime := time.Since(start)
-	processed := processedInsns(coll.Programs[compiler.ProgramName].VerifierLog)
 	insns := len(p.Spec.Programs[compiler.ProgramName].Instructions)
 	inRecords := len(compiler.ShapeRecordRules(p))
 	t.Logf("100 000 rules of 10 000 templates: %d instructions, verifier processed %d; %d rules in shape records; compiled in %v, loaded in %v",

@@ -162,6 +162,24 @@ func verifierStats(t testing.TB, p *compiler.Program) (processed int, took time.
 	return processedInsns(coll.Programs[compiler.ProgramName].VerifierLog), took, nil
 }
 
+// compileLoadStats compiles and loads a hook, with the verifier's processed
+// instruction count and the time each step took.
+func compileLoadStats(t *testing.T, rules []*grammar.Rule, sets map[string]*grammar.Set, opts compiler.Options) (p *compiler.Program, coll *ebpf.Collection, processed int, compiled, loaded time.Duration) {
+	t.Helper()
+	start := time.Now()
+	p, err := compiler.Compile(rules, sets, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	compiled = time.Since(start)
+	start = time.Now()
+	coll, err = ebpf.NewCollectionWithOptions(p.Spec, ebpf.CollectionOptions{Programs: ebpf.ProgramOptions{LogLevel: ebpf.LogLevelStats, LogSizeStart: 1 << 16}})
+	if err != nil {
+		t.Fatalf("load: %.2000v", err)
+	}
+	return p, coll, processedInsns(coll.Programs[compiler.ProgramName].VerifierLog), compiled, time.Since(start)
+}
+
 // processedInsns reads "processed N insns" from a verifier log.
 func processedInsns(log string) int {
 	i := strings.Index(log, "processed ")
@@ -335,20 +353,8 @@ func TestHundredThousandUniqueShapes(t *testing.T) {
 	sets := g.sets()
 	rules := g.uniqueRules(100000, 8, sets)
 	opts := compiler.Options{Hook: grammar.HookEgress}
-	start := time.Now()
-	p, err := compiler.Compile(rules, sets, opts)
-	if err != nil {
-		t.Fatal(err)
-	}
-	compiled := time.Since(start)
-	start = time.Now()
-	coll, err := ebpf.NewCollectionWithOptions(p.Spec, ebpf.CollectionOptions{Programs: ebpf.ProgramOptions{LogLevel: ebpf.LogLevelStats, LogSizeStart: 1 << 16}})
-	if err != nil {
-		t.Fatalf("load: %.2000v", err)
-	}
+	p, coll, processed, compiled, loadTime := compileLoadStats(t, rules, sets, opts)
 	defer coll.Close()
-	loadTime := time.Since(start)
-	processed := processedInsns(coll.Programs[compiler.ProgramName].VerifierLog)
 	insns := len(p.Spec.Programs[compiler.ProgramName].Instructions)
 	t.Logf("100 000 unique-shape rules: %d instructions, verifier processed %d; compiled in %v, loaded in %v", insns, processed, compiled, loadTime)
 	if processed <= 0 || processed > 600000 {
