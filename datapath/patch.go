@@ -150,7 +150,7 @@ func (b *Backend) patchHook(s *bpf.Store, cur *bpf.Gen, oh *hookState, rs *rules
 		if r == nil {
 			return nil, nil
 		}
-		ents, err := l.Place(r, rec.Segment-1, rec.Prio, rec.Slot, 0)
+		ents, _, err := l.PlaceParams(r, rec.Segment-1, rec.Prio, rec.Slot, 0)
 		if err != nil {
 			return nil, nil
 		}
@@ -192,6 +192,7 @@ func (b *Backend) patchHook(s *bpf.Store, cur *bpf.Gen, oh *hookState, rs *rules
 	}
 	var puts []entry
 	putKey := map[string]bool{}
+	var params []compiler.Entry // parameter entries of new rules (generation 0 keys)
 	nl := l            // the layout after the change
 	var fresh []uint32 // slots to zero
 	preset, moved, ok := b.renumber(l, oh, rules, recs, kept, oldAt)
@@ -209,7 +210,7 @@ func (b *Backend) patchHook(s *bpf.Store, cur *bpf.Gen, oh *hookState, rs *rules
 			return nil, nil
 		}
 		if rec.Table {
-			ents, err := l.Place(r, rec.Segment-1, rec.Prio, rec.Slot, 0)
+			ents, _, err := l.PlaceParams(r, rec.Segment-1, rec.Prio, rec.Slot, 0) // (its parameters stay)
 			if err != nil {
 				return nil, nil
 			}
@@ -270,9 +271,10 @@ func (b *Backend) patchHook(s *bpf.Store, cur *bpf.Gen, oh *hookState, rs *rules
 			fresh = append(fresh, slot)
 		}
 		var ents []compiler.Entry
+		var param *compiler.Entry
 		for _, sg := range segs {
 			var err error
-			if ents, err = l.Place(r, sg-1, rec.Prio, rec.Slot, 0); err == nil {
+			if ents, param, err = l.PlaceParams(r, sg-1, rec.Prio, rec.Slot, 0); err == nil {
 				rec.Segment, rec.Table = sg, true
 				if !compiler.Terminal(r) && nl.Segments[sg-1].Terminal {
 					nl = nl.WithNonTerminal(sg - 1)
@@ -295,6 +297,9 @@ func (b *Backend) patchHook(s *bpf.Store, cur *bpf.Gen, oh *hookState, rs *rules
 			}
 			recs[i] = rec
 			continue
+		}
+		if param != nil {
+			params = append(params, *param)
 		}
 		for _, en := range ents {
 			k := en.Table + string(en.Key)
@@ -509,6 +514,12 @@ func (b *Backend) patchHook(s *bpf.Store, cur *bpf.Gen, oh *hookState, rs *rules
 			if m == nil {
 				return nil, fmt.Errorf("%s has no table %s", oh.id(), name)
 			}
+			if name == abi.ActionParams {
+				if err := copyParams(m, keys, live); err != nil {
+					return nil, fmt.Errorf("%s: %w", oh.id(), err)
+				}
+				continue
+			}
 			if name == compiler.RecordMap {
 				rels, err := relKeys(keys)
 				if err == nil && !rewritesAll(rels, l.Scan, sw) {
@@ -574,6 +585,18 @@ func (b *Backend) patchHook(s *bpf.Store, cur *bpf.Gen, oh *hookState, rs *rules
 		if !delKey[p.table+string(p.key)] {
 			delta[p.table] = append(delta[p.table], hex.EncodeToString(p.key))
 		}
+	}
+	// Parameters of new rules (parametric bodies), keyed by their slot.
+	for _, pe := range params {
+		m := h.Maps[pe.Table]
+		if m == nil {
+			return nil, fmt.Errorf("%s has no table %s", oh.id(), pe.Table)
+		}
+		slot := binary.NativeEndian.Uint32(pe.Key) >> 1
+		if err := m.Put(compiler.ParamsKey(slot, spare), pe.Value); err != nil {
+			return nil, fmt.Errorf("table %s of %s: %w", pe.Table, oh.id(), err)
+		}
+		delta[pe.Table] = append(delta[pe.Table], hex.EncodeToString(pe.Key))
 	}
 	faults.Point("patch tables " + oh.id().String())
 	if err := zeroSlots(h, fresh); err != nil {
@@ -747,7 +770,7 @@ func (b *Backend) heir(l *compiler.Layout, rs *ruleset.Ruleset, rules []*grammar
 		if err != nil {
 			return nil, err
 		}
-		ents, err := l.Place(r, seg-1, rec.Prio, rec.Slot, 0)
+		ents, _, err := l.PlaceParams(r, seg-1, rec.Prio, rec.Slot, 0)
 		if err != nil {
 			return nil, err
 		}
@@ -870,7 +893,13 @@ func copyEntry(m *ebpf.Map, k []byte, live uint32) error {
 // syncSpare makes every table's spare generation equal to the live one.
 func syncSpare(h *bpf.Hook, live uint32) error {
 	for name, m := range h.Maps {
-		if !strings.HasPrefix(name, abi.TablePrefix) || name == compiler.RecordMap || m.Type() == ebpf.Array && m.MaxEntries() != 2<<16 || name == abi.ActionParams {
+		if name == abi.ActionParams {
+			if err := syncParams(m, live); err != nil {
+				return fmt.Errorf("table %s: %w", name, err)
+			}
+			continue
+		}
+		if !strings.HasPrefix(name, abi.TablePrefix) || name == compiler.RecordMap || m.Type() == ebpf.Array && m.MaxEntries() != 2<<16 {
 			// Not a table of entries (the perfect-hash value is rebuilt
 			// whole; records: syncRecords), or the action parameters (keyed
 			// slot<<1 | generation, not a port array whatever its size;
@@ -904,6 +933,42 @@ func syncSpare(h *bpf.Hook, live uint32) error {
 		}
 	}
 	return nil
+}
+
+// copyParams makes the spare generation's parameter entries at the delta
+// keys (generation-0 keys, slot<<1) what the live generation has.
+func copyParams(m *ebpf.Map, keys []string, live uint32) error {
+	v := make([]byte, m.ValueSize())
+	for _, hk := range keys {
+		k, err := hex.DecodeString(hk)
+		if err != nil || len(k) != 4 {
+			return errors.New("stored ruleset is corrupt: bad parameter key")
+		}
+		slot := binary.NativeEndian.Uint32(k) >> 1
+		if err := m.Lookup(compiler.ParamsKey(slot, live), v); err != nil {
+			return fmt.Errorf("table %s: %w", abi.ActionParams, err)
+		}
+		if err := m.Put(compiler.ParamsKey(slot, 1-live), v); err != nil {
+			return fmt.Errorf("table %s: %w", abi.ActionParams, err)
+		}
+	}
+	return nil
+}
+
+// syncParams makes every slot's spare parameter entry the live one's.
+func syncParams(m *ebpf.Map, live uint32) error {
+	all, err := readTable(m)
+	if err != nil {
+		return err
+	}
+	var ks, vs [][]byte
+	for k, v := range all {
+		w := binary.NativeEndian.Uint32([]byte(k))
+		if w&1 == live {
+			ks, vs = append(ks, compiler.ParamsKey(w>>1, 1-live)), append(vs, v)
+		}
+	}
+	return putAll(m, ks, vs)
 }
 
 // zeroSlots zeroes what counter slots hold (counters, MTU overruns,

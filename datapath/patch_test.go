@@ -840,3 +840,75 @@ func TestRecordsBesideShapeRecords(t *testing.T) {
 	}
 	checkEntries(t, e, id)
 }
+
+// In a hook whose bodies read their values from the parameter map (more
+// than 16 distinct action lists), a rule with its own dnat address and
+// port is inserted and deleted by table entries and its parameter entry:
+// no compilation, and its datagrams reach the port it names.
+func TestParametricHookWithoutReload(t *testing.T) {
+	e := newEnv(t, Options{})
+	id := bpf.HookID{Ifname: "vb", Hook: grammar.HookIngress}
+	var b strings.Builder
+	b.WriteString("flush ruleset\ninterface vb {\n\tingress {\n")
+	for i := 0; i < 40; i++ {
+		fmt.Fprintf(&b, "\t\tip saddr 192.0.2.%d udp dport %d counter actions dnat to 192.0.2.2:%d\n", 100+i, 7000+i, 8000+i%20)
+	}
+	b.WriteString("\t}\n}\n")
+	e.run(t, b.String())
+	prog := liveProgID(t, e, id)
+	rs, _ := e.fresh(t)
+	h20 := rs.Interface("vb").Ingress[20].Handle
+	patched := e.be.patched
+	ins := echoed(t, e.run(t, fmt.Sprintf("insert rule vb ingress position %d ip saddr 192.0.2.1 udp dport 7021 counter actions dnat to 192.0.2.2:8033", h20)))
+	if e.be.patched != patched+1 || liveProgID(t, e, id) != prog {
+		t.Fatal("inserting a rule with its own dnat port compiled or loaded the hook")
+	}
+	if got := e.redirected(t, 7021, 8033, 2); got != 2 {
+		t.Fatalf("%d of 2 datagrams to 7021 reached port 8033", got)
+	}
+	checkEntries(t, e, id)
+	e.run(t, fmt.Sprintf("delete rule vb ingress handle %d", ins))
+	if e.be.patched != patched+2 || liveProgID(t, e, id) != prog {
+		t.Fatal("deleting it compiled or loaded the hook")
+	}
+	if got := e.redirected(t, 7021, 8033, 1); got != 0 {
+		t.Fatal("a datagram to 7021 still reached port 8033 after the delete")
+	}
+	// Again (the freed slot's parameters are written anew), with another port.
+	e.run(t, fmt.Sprintf("insert rule vb ingress position %d ip saddr 192.0.2.1 udp dport 7021 counter actions dnat to 192.0.2.2:8034", h20))
+	if got := e.redirected(t, 7021, 8034, 1); got != 1 {
+		t.Fatal("the datagram to 7021 did not reach port 8034")
+	}
+	if e.be.patched != patched+3 {
+		t.Fatal("inserting again compiled the hook")
+	}
+	checkEntries(t, e, id)
+}
+
+// redirected sends n datagrams from a to b:port and returns how many
+// arrived at b:to (with a probe, as arrive).
+func (e *env) redirected(t *testing.T, port, to, n int) int {
+	t.Helper()
+	var rx, probe, tx, ptx *net.UDPConn
+	e.do(t, func() (err error) {
+		if rx, err = net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(192, 0, 2, 2), Port: to}); err != nil {
+			return err
+		}
+		probe, err = net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(192, 0, 2, 2), Port: probePort})
+		return err
+	})
+	defer rx.Close()
+	defer probe.Close()
+	if err := e.a.Do(func() (err error) {
+		if tx, err = net.DialUDP("udp4", nil, &net.UDPAddr{IP: net.IPv4(192, 0, 2, 2), Port: port}); err != nil {
+			return err
+		}
+		ptx, err = net.DialUDP("udp4", nil, &net.UDPAddr{IP: net.IPv4(192, 0, 2, 2), Port: probePort})
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	defer tx.Close()
+	defer ptx.Close()
+	return countBeforeProbe(t, rx, probe, tx, ptx, n)
+}

@@ -372,6 +372,20 @@ func dropsOf(list string, ports []int) map[int]bool {
 	return out
 }
 
+// rulesetP has 40 rules of one shape on vb ingress with 20 distinct dnat
+// ports: more than 16 action lists, so the bodies read their values from
+// the parameter map, which a rule's change writes too. A probe a rule
+// redirects does not reach its port (dropsOf counts it dropped).
+func rulesetP() string {
+	var b strings.Builder
+	b.WriteString("flush ruleset\ninterface vb {\n\tingress {\n")
+	for i := 0; i < 40; i++ {
+		fmt.Fprintf(&b, "\t\tip saddr 192.0.2.%d udp dport %d counter actions dnat to 192.0.2.2:%d\n", 100+i, 7000+i, 8000+i%20)
+	}
+	b.WriteString("\t}\n}\n")
+	return b.String()
+}
+
 // renumberSetup inserts 14 rules before rule 20 of rulesetD (for
 // another source than the probes'): no priority is left between rule 19
 // and the last of them, so the next insert there renumbers rules.
@@ -431,6 +445,9 @@ func TestCrashAtEveryPoint(t *testing.T) {
 		{name: "insert-renumber", old: rulesetD(), setup: renumberSetup(), args: []string{"insert", "rule", "vb", "ingress", "position", "HANDLE", "ip", "saddr", "192.0.2.1", "udp", "dport", "7021", "counter", "actions", "drop"},
 			handleOf: `udp dport 7020 .*# handle (\d+)`, ingress: []int{7021, 7022, 7030}, every: 3,
 			followUp: []string{"add", "rule", "vb", "ingress", "ip", "saddr", "192.0.2.1", "udp", "dport", "7030", "counter", "actions", "drop"}},
+		{name: "insert-params-middle", old: rulesetP(), args: []string{"insert", "rule", "vb", "ingress", "position", "HANDLE", "ip", "saddr", "192.0.2.1", "udp", "dport", "7021", "counter", "actions", "dnat", "to", "192.0.2.2:8033"},
+			handleOf: `udp dport 7020 .*# handle (\d+)`, ingress: []int{7021, 7022, 7030}, every: 3,
+			followUp: []string{"add", "rule", "vb", "ingress", "ip", "saddr", "192.0.2.1", "udp", "dport", "7030", "counter", "actions", "dnat", "to", "192.0.2.2:8034"}},
 		{name: "add-address-elements", old: rulesetC, args: []string{"add", "element", "hosts", "{ " + manyHosts(2000) + " }"},
 			egress: []int{5003}, every: 1},
 	}
