@@ -193,8 +193,8 @@ func (b *Backend) patchHook(s *bpf.Store, cur *bpf.Gen, oh *hookState, rs *rules
 	var puts []entry
 	putKey := map[string]bool{}
 	var params []compiler.Entry // parameter entries of new rules (generation 0 keys)
-	nl := l            // the layout after the change
-	var fresh []uint32 // slots to zero
+	nl := l                     // the layout after the change
+	var fresh []uint32          // slots to zero
 	preset, moved, ok := b.renumber(l, oh, rules, recs, kept, oldAt)
 	if !ok {
 		return nil, nil
