@@ -17,16 +17,20 @@ import (
 type ruleRecords []ruleRecord
 
 func (rr *ruleRecords) UnmarshalJSON(data []byte) error {
-	if out, ok := readRuleRecords(data); ok {
-		*rr = out
-		return nil
+	out, err := readOr(data, func() ([]ruleRecord, bool) { return readRuleRecords(data) })
+	*rr = out
+	return err
+}
+
+// readOr returns what fast reads of data, or when it declines what
+// encoding/json reads.
+func readOr[T any](data []byte, fast func() ([]T, bool)) ([]T, error) {
+	if out, ok := fast(); ok {
+		return out, nil
 	}
-	var plain []ruleRecord
-	if err := json.Unmarshal(data, &plain); err != nil {
-		return err
-	}
-	*rr = plain
-	return nil
+	var plain []T
+	err := json.Unmarshal(data, &plain)
+	return plain, err
 }
 
 // readRuleRecords reads the array the way MarshalJSON writes it (any
@@ -194,44 +198,34 @@ func (p *jsonCursor) uint() (uint64, bool) {
 type numbers[T uint32 | uint64 | int] []T
 
 func (n *numbers[T]) UnmarshalJSON(data []byte) error {
-	p := jsonCursor{b: data}
-	out, ok := readArray(&p, func() (T, bool) {
-		v, ok := p.uint()
-		return T(v), ok && uint64(T(v)) == v && T(v) >= 0
+	out, err := readOr(data, func() ([]T, bool) {
+		p := jsonCursor{b: data}
+		return readArray(&p, func() (T, bool) {
+			v, ok := p.uint()
+			return T(v), ok && uint64(T(v)) == v && T(v) >= 0
+		})
 	})
-	if !ok {
-		var plain []T
-		if err := json.Unmarshal(data, &plain); err != nil {
-			return err
-		}
-		out = plain
-	}
 	*n = out
-	return nil
+	return err
 }
 
 type flags []bool
 
 func (f *flags) UnmarshalJSON(data []byte) error {
-	p := jsonCursor{b: data}
-	out, ok := readArray(&p, func() (bool, bool) {
-		switch {
-		case p.word("true"):
-			return true, true
-		case p.word("false"):
-			return false, true
-		}
-		return false, false
+	out, err := readOr(data, func() ([]bool, bool) {
+		p := jsonCursor{b: data}
+		return readArray(&p, func() (bool, bool) {
+			switch {
+			case p.word("true"):
+				return true, true
+			case p.word("false"):
+				return false, true
+			}
+			return false, false
+		})
 	})
-	if !ok {
-		var plain []bool
-		if err := json.Unmarshal(data, &plain); err != nil {
-			return err
-		}
-		out = plain
-	}
 	*f = out
-	return nil
+	return err
 }
 
 // readArray reads `[ elem, … ]` (null: nil) with elem; false for anything

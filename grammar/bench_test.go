@@ -68,13 +68,7 @@ var benchLexers = []struct {
 // withLexer builds the parser with another lexer definition, for the
 // in-run reference.
 func withLexer(def lexer.Definition) *participle.Parser[fileSyntax] {
-	return participle.MustBuild[fileSyntax](
-		participle.Lexer(def),
-		participle.Elide("Comment", "Continuation", "Whitespace"),
-		participle.UseLookahead(3),
-		participle.ParseTypeWith(declineQuickRule),
-		participle.ParseTypeWith(declineQuickLines),
-	)
+	return buildParser(def, declineQuickRule, declineQuickLines)
 }
 
 // BenchmarkParse10k: Parse (parse and lower) of 10 000-rule files — the

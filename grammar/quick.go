@@ -55,13 +55,7 @@ func (h hookLines) lines() []*hookLineSyntax { return h }
 // quickParser is the grammar with the quick path in front of every hook
 // block body and every rule.
 var quickParser = &lazyParser{build: func() *participle.Parser[fileSyntax] {
-	return participle.MustBuild[fileSyntax](
-		participle.Lexer(parseLexer),
-		participle.Elide("Comment", "Continuation", "Whitespace"),
-		participle.UseLookahead(3),
-		participle.ParseTypeWith(parseQuickRule),
-		participle.ParseTypeWith(parseQuickLines),
-	)
+	return buildParser(parseLexer, parseQuickRule, parseQuickLines)
 }}
 
 // declineQuickRule and declineQuickLines are the quick path of the plain

@@ -12,14 +12,20 @@ import (
 // canonical AST of ast.go and reports semantic errors at their tokens.
 
 var parser = &lazyParser{build: func() *participle.Parser[fileSyntax] {
+	return buildParser(parseLexer, declineQuickRule, declineQuickLines)
+}}
+
+// buildParser builds the grammar with lexer def and the productions that
+// read rules and hook blocks before the grammar does (quick.go).
+func buildParser(def lexer.Definition, rule func(*lexer.PeekingLexer) (quickRule, error), lines func(*lexer.PeekingLexer) (quickLines, error)) *participle.Parser[fileSyntax] {
 	return participle.MustBuild[fileSyntax](
-		participle.Lexer(parseLexer),
+		participle.Lexer(def),
 		participle.Elide("Comment", "Continuation", "Whitespace"),
 		participle.UseLookahead(3),
-		participle.ParseTypeWith(declineQuickRule),
-		participle.ParseTypeWith(declineQuickLines),
+		participle.ParseTypeWith(rule),
+		participle.ParseTypeWith(lines),
 	)
-}}
+}
 
 // lazyParser is a participle parser built when first used: building one
 // is some 3 ms of every command's start (a tenth of `delete rule`), and a
