@@ -329,18 +329,25 @@ func main() {
 		nft([]byte("flush ruleset\n"), "-f", "-")
 	}
 	table.WriteString(`
-Where sfunnel's time goes (perf of the same commands, 2026-11-30): ` + "`-f`" + ` of 10 000 rules is
-dominated by parsing the input, then compiling and writing the state record; the verifier is fast for
-classified rules. ` + "`add`/`insert`/`replace`/`delete rule`" + ` of a rule whose shape and action the hook's
-tables have do not compile the hook: they read the state record and the cached syntax trees, write
-that rule's entries into the spare table generation and flip it, and store the new record and a patch
-of the cache (about half of their CPU is decoding and encoding those). So do rules of shapes of their
-own (` + "`unique shapes`" + `: the segment's record list is written anew in the spare generation) and
-counter-only rules among rules of one shape (` + "`counters only`" + `); a key another rule shares and
-priorities exhausted at one place are handled in the maps too (see "Incremental rule changes" below).
-A rule of a new shape or body, or a port outside the hook's port range, compiles the hook again.
-nft's ` + "`add`/`insert rule`" + ` here include ` + "`--echo --handle`" + `
-(they read the ruleset back); its ` + "`replace`/`delete rule`" + ` are a single netlink message.
+Where sfunnel's time goes (perf of the same commands, 2026-11-30 05:00 UTC): ` + "`-f`" + ` of 10 000 rules
+is compiling (about a fifth: classification and variants), parsing the input (the quick path lowers
+each rule as it reads it, so the syntax of the whole file is never held), the collector (a fifth of the
+CPU, on the other core), creating maps and loading the program, the canonical text of every rule for
+the state record, and kernel BTF for the compiler's skb offsets; the old state record, needed to
+replace it, is read on the other core while the input is parsed. A file that starts with
+` + "`flush ruleset`" + ` sets a soft memory limit from its size (sfunnel(8) ENVIRONMENT), which keeps the
+peak RSS the same from run to run. ` + "`add`/`insert`/`replace`/`delete rule`" + ` batches read the rules
+as placeholders (their handles) and parse only the rules they remove or replace (or every rule of a
+hook they compile after all). A rule whose shape and action the hook's tables have is written into
+the spare table generation, without compiling; so are rules of shapes of their own (` + "`unique shapes`" + `:
+the segment's record list is written anew in the spare generation) and counter-only rules among rules
+of one shape (` + "`counters only`" + `); a key another rule shares and priorities exhausted at one place are
+handled in the maps too (see "Incremental rule changes" below). A rule of a new shape or body, or a
+port outside the hook's port range, compiles the hook again. What remains of a rule change is reading
+and writing the state record (tagged JSON holding every rule's canonical text: about a third of
+` + "`delete rule`" + `), the perfect-hash table rebuilt in the spare value, and process start. nft's
+` + "`add`/`insert rule`" + ` here include ` + "`--echo --handle`" + ` (they read the ruleset back); its
+` + "`replace`/`delete rule`" + ` are a single netlink message.
 `)
 	fmt.Print(table.String())
 	if *out != "" {
