@@ -86,8 +86,9 @@ func (b *Backend) hasPlaceholders(rules []*grammar.Rule) bool {
 }
 
 // outlineBefore parses, before the incremental path runs, the stored rules
-// rs no longer has as they were (removed or replaced) and every rule of
-// egress hooks with placeholders. old is the state Commit works from: it
+// rs no longer has as they were (removed or replaced: never a placeholder
+// reaches patchHook's ruleOf) and every rule of egress hooks with
+// placeholders. old is the state Commit works from: it
 // must be the one the outline was read from.
 func (b *Backend) outlineBefore(rs *ruleset.Ruleset, old *liveState) error {
 	if b.outline == nil {
@@ -97,37 +98,32 @@ func (b *Backend) outlineBefore(rs *ruleset.Ruleset, old *liveState) error {
 	if old == nil || st == nil || old.Generation != st.Generation {
 		return fmt.Errorf("the ruleset changed while this command ran; run it again")
 	}
-	for _, ifc := range rs.Interfaces {
-		for _, hk := range []grammar.Hook{grammar.HookIngress, grammar.HookEgress} {
-			rules := ifc.Rules(hk)
-			if !b.hasPlaceholders(rules) {
+	for _, oh := range st.hooks() {
+		if len(oh.Rules) == 0 || b.byHandle[oh.Rules[0].Handle] == nil {
+			continue // not loaded (its program is not attached)
+		}
+		var rules []*grammar.Rule
+		if ifc := rs.Interface(oh.ifname); ifc != nil {
+			rules = ifc.Rules(oh.hook)
+		}
+		still := make(map[*grammar.Rule]bool, len(rules))
+		for _, r := range rules {
+			still[r] = true
+		}
+		for _, rec := range oh.Rules {
+			if p := b.byHandle[rec.Handle]; p != nil && still[p] {
 				continue
 			}
-			id := bpf.HookID{Ifname: ifc.Name, Hook: hk}
-			if hk == grammar.HookEgress {
-				if err := b.materialize(rs, id); err != nil {
-					return err
-				}
-				continue
+			// Removed or replaced: parsed for its table entries.
+			r, err := parseStoredRule(rec, rs)
+			if err != nil {
+				return err
 			}
-			oh := st.hook(id)
-			if oh == nil {
-				continue
-			}
-			still := make(map[*grammar.Rule]bool, len(rules))
-			for _, r := range rules {
-				still[r] = true
-			}
-			for _, rec := range oh.Rules {
-				if p := b.byHandle[rec.Handle]; p != nil && still[p] {
-					continue
-				}
-				// Removed or replaced: parsed for its table entries.
-				r, err := parseStoredRule(rec, rs)
-				if err != nil {
-					return err
-				}
-				b.known[r], b.byHandle[rec.Handle] = rec, r
+			b.known[r], b.byHandle[rec.Handle] = rec, r
+		}
+		if oh.hook == grammar.HookEgress && b.hasPlaceholders(rules) {
+			if err := b.materialize(rs, oh.id()); err != nil {
+				return err
 			}
 		}
 	}

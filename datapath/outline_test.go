@@ -2,16 +2,19 @@ package datapath
 
 import (
 	"fmt"
+	"net"
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/sfunnel/sfunnel/grammar"
 	"github.com/sfunnel/sfunnel/internal/testenv"
 )
 
 // Rule changes work from placeholders (LoadOutline) on every path: an
-// egress hook, a replaced rule, the ct mark table judged from stored
+// egress hook (traffic from b checked), a replaced rule, every rule of a
+// hook replaced, the ct mark table judged from stored
 // text, and a change that compiles the hook after all; a fresh process
 // reads back exactly the rules the changes made, and packets follow them.
 func TestRuleChangesFromOutline(t *testing.T) {
@@ -28,7 +31,7 @@ func TestRuleChangesFromOutline(t *testing.T) {
 	}
 	b.WriteString("\t\tudp dport 4739 ct mark set 0x10000 counter\n\t}\n\tegress {\n")
 	for i := 0; i < 20; i++ {
-		fmt.Fprintf(&b, "\t\tudp sport %d counter actions accept\n", 8000+i)
+		fmt.Fprintf(&b, "\t\tudp dport %d counter actions drop\n", 8000+i)
 	}
 	b.WriteString("\t}\n}\n")
 	e.run(t, b.String())
@@ -70,10 +73,23 @@ func TestRuleChangesFromOutline(t *testing.T) {
 		t.Fatal("no nftables table for the ct mark rule")
 	}
 
-	// An egress rule deleted.
+	// An egress rule deleted: its entries go (datagrams from b pass).
+	if got := e.sendBack(t, 8005, 2); got != 0 {
+		t.Fatalf("%d of 2 datagrams to port 8005 passed its egress drop rule", got)
+	}
+	patched := e.be.patched
 	e.run(t, fmt.Sprintf("delete rule vb egress handle %d", egress[5].Handle))
+	if e.be.patched != patched+1 {
+		t.Error("deleting an egress rule compiled the hook")
+	}
 	wantEg = slices.Delete(wantEg, 5, 6)
 	check("delete on egress")
+	if got := e.sendBack(t, 8005, 2); got != 2 {
+		t.Fatalf("%d of 2 datagrams to port 8005 passed after its egress rule was deleted", got)
+	}
+	if got := e.sendBack(t, 8006, 2); got != 0 {
+		t.Fatalf("%d of 2 datagrams to port 8006 passed its egress drop rule after another was deleted", got)
+	}
 
 	// A drop rule replaced by an accept rule.
 	if got := e.send(t, 7002, 2); got != 0 {
@@ -115,4 +131,66 @@ func TestRuleChangesFromOutline(t *testing.T) {
 	if got := e.send(t, 7002, 2); got != 2 {
 		t.Fatalf("%d of 2 datagrams to port 7002 passed the replaced rule after the compilation", got)
 	}
+
+	// Every rule of a hook replaced in one batch (the same ports, in the
+	// other order): no placeholder is left in it; the rules it replaces
+	// are parsed all the same (the hook is compiled here: the new keys
+	// are the old ones of other rules), and packets follow the new rules.
+	b.Reset()
+	b.WriteString("flush ruleset\ninterface vb {\n\tegress {\n")
+	for i := 0; i < 10; i++ {
+		fmt.Fprintf(&b, "\t\tudp dport %d counter actions drop\n", 8100+2*i)
+	}
+	b.WriteString("\t}\n}\n")
+	e.run(t, b.String())
+	rs, _ = e.fresh(t)
+	b.Reset()
+	for i, r := range rs.Interface("vb").Egress {
+		fmt.Fprintf(&b, "replace rule vb egress handle %d udp dport %d counter actions drop\n", r.Handle, 8118-2*i)
+	}
+	e.run(t, b.String())
+	for _, port := range []int{8100, 8106, 8118} {
+		if got := e.sendBack(t, port, 1); got != 0 {
+			t.Fatalf("a datagram to port %d passed after the rules were replaced", port)
+		}
+	}
+	if got := e.sendBack(t, 8107, 2); got != 2 {
+		t.Fatalf("%d of 2 datagrams to port 8107 (no rule) passed", got)
+	}
+}
+
+// sendBack sends n UDP datagrams from b to a:port (out of vb's egress) and
+// returns how many arrived.
+func (e *env) sendBack(t *testing.T, port, n int) int {
+	t.Helper()
+	var rx, tx *net.UDPConn
+	if err := e.a.Do(func() (err error) {
+		rx, err = net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(192, 0, 2, 1), Port: port})
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	defer rx.Close()
+	e.do(t, func() (err error) {
+		tx, err = net.DialUDP("udp4", nil, &net.UDPAddr{IP: net.IPv4(192, 0, 2, 1), Port: port})
+		return err
+	})
+	defer tx.Close()
+	for i := 0; i < n; i++ {
+		tx.Write([]byte("datagram"))
+	}
+	got := 0
+	buf := make([]byte, 100)
+	for got < n {
+		wait := 300 * time.Millisecond
+		if got == 0 {
+			wait = 3 * time.Second // ARP on a loaded machine
+		}
+		rx.SetReadDeadline(time.Now().Add(wait))
+		if _, err := rx.Read(buf); err != nil {
+			break
+		}
+		got++
+	}
+	return got
 }
