@@ -342,7 +342,7 @@ hook they compile after all). A rule whose shape and action the hook's tables ha
 the spare table generation, without compiling; so are rules of shapes of their own (` + "`unique shapes`" + `:
 the segment's record list is written anew in the spare generation) and counter-only rules among rules
 of one shape (` + "`counters only`" + `); a key another rule shares and priorities exhausted at one place are
-handled in the maps too (see "Incremental rule changes" below). A rule of a new shape or body, or a
+handled in the maps too (docs/datapath.md, "Incremental rule changes"). A rule of a new shape or body, or a
 port outside the hook's port range, compiles the hook again. What remains of a rule change is reading
 and writing the state record (tagged JSON holding every rule's canonical text: about a third of
 ` + "`delete rule`" + `), the perfect-hash table rebuilt in the spare value, and process start. nft's
