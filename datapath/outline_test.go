@@ -6,7 +6,6 @@ import (
 	"slices"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/sfunnel/sfunnel/grammar"
 	"github.com/sfunnel/sfunnel/internal/testenv"
@@ -74,7 +73,7 @@ func TestRuleChangesFromOutline(t *testing.T) {
 	}
 
 	// An egress rule deleted: its entries go (datagrams from b pass).
-	if got := e.sendBack(t, 8005, 2); got != 0 {
+	if got := e.arriveBack(t, 8005, 2); got != 0 {
 		t.Fatalf("%d of 2 datagrams to port 8005 passed its egress drop rule", got)
 	}
 	patched := e.be.patched
@@ -84,21 +83,21 @@ func TestRuleChangesFromOutline(t *testing.T) {
 	}
 	wantEg = slices.Delete(wantEg, 5, 6)
 	check("delete on egress")
-	if got := e.sendBack(t, 8005, 2); got != 2 {
+	if got := e.arriveBack(t, 8005, 2); got != 2 {
 		t.Fatalf("%d of 2 datagrams to port 8005 passed after its egress rule was deleted", got)
 	}
-	if got := e.sendBack(t, 8006, 2); got != 0 {
+	if got := e.arriveBack(t, 8006, 2); got != 0 {
 		t.Fatalf("%d of 2 datagrams to port 8006 passed its egress drop rule after another was deleted", got)
 	}
 
 	// A drop rule replaced by an accept rule.
-	if got := e.send(t, 7002, 2); got != 0 {
+	if got := e.arrive(t, 7002, 2); got != 0 {
 		t.Fatalf("%d of 2 datagrams to port 7002 passed its drop rule", got)
 	}
 	e.run(t, fmt.Sprintf("replace rule vb ingress handle %d udp dport 7002 counter actions accept", ingress[2].Handle))
 	wantIn[2] = canon("udp dport 7002 counter actions accept")
 	check("replace")
-	if got := e.send(t, 7002, 2); got != 2 {
+	if got := e.arrive(t, 7002, 2); got != 2 {
 		t.Fatalf("%d of 2 datagrams to port 7002 passed the replaced rule", got)
 	}
 
@@ -122,13 +121,13 @@ func TestRuleChangesFromOutline(t *testing.T) {
 	e.run(t, "insert rule vb ingress ip saddr 192.0.2.1 tcp dport 9000 counter actions drop")
 	wantIn = append([]string{canon("ip saddr 192.0.2.1 tcp dport 9000 counter actions drop")}, wantIn...)
 	check("insert of a new shape")
-	if got := e.send(t, 7000, 2); got != 0 {
+	if got := e.arrive(t, 7000, 2); got != 0 {
 		t.Fatalf("%d of 2 datagrams to port 7000 passed its drop rule after the compilation", got)
 	}
-	if got := e.send(t, 7001, 2); got != 2 {
+	if got := e.arrive(t, 7001, 2); got != 2 {
 		t.Fatalf("%d of 2 datagrams to port 7001 passed its accept rule after the compilation", got)
 	}
-	if got := e.send(t, 7002, 2); got != 2 {
+	if got := e.arrive(t, 7002, 2); got != 2 {
 		t.Fatalf("%d of 2 datagrams to port 7002 passed the replaced rule after the compilation", got)
 	}
 
@@ -150,47 +149,39 @@ func TestRuleChangesFromOutline(t *testing.T) {
 	}
 	e.run(t, b.String())
 	for _, port := range []int{8100, 8106, 8118} {
-		if got := e.sendBack(t, port, 1); got != 0 {
+		if got := e.arriveBack(t, port, 1); got != 0 {
 			t.Fatalf("a datagram to port %d passed after the rules were replaced", port)
 		}
 	}
-	if got := e.sendBack(t, 8107, 2); got != 2 {
+	if got := e.arriveBack(t, 8107, 2); got != 2 {
 		t.Fatalf("%d of 2 datagrams to port 8107 (no rule) passed", got)
 	}
 }
 
-// sendBack sends n UDP datagrams from b to a:port (out of vb's egress) and
-// returns how many arrived.
-func (e *env) sendBack(t *testing.T, port, n int) int {
+// arriveBack is arrive the other way: n datagrams from b to a:port (out
+// of vb's egress), then the probe, and how many of the n arrived.
+func (e *env) arriveBack(t *testing.T, port, n int) int {
 	t.Helper()
-	var rx, tx *net.UDPConn
+	var rx, probe, tx, ptx *net.UDPConn
 	if err := e.a.Do(func() (err error) {
-		rx, err = net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(192, 0, 2, 1), Port: port})
+		if rx, err = net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(192, 0, 2, 1), Port: port}); err != nil {
+			return err
+		}
+		probe, err = net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(192, 0, 2, 1), Port: probePort})
 		return err
 	}); err != nil {
 		t.Fatal(err)
 	}
 	defer rx.Close()
+	defer probe.Close()
 	e.do(t, func() (err error) {
-		tx, err = net.DialUDP("udp4", nil, &net.UDPAddr{IP: net.IPv4(192, 0, 2, 1), Port: port})
+		if tx, err = net.DialUDP("udp4", nil, &net.UDPAddr{IP: net.IPv4(192, 0, 2, 1), Port: port}); err != nil {
+			return err
+		}
+		ptx, err = net.DialUDP("udp4", nil, &net.UDPAddr{IP: net.IPv4(192, 0, 2, 1), Port: probePort})
 		return err
 	})
 	defer tx.Close()
-	for i := 0; i < n; i++ {
-		tx.Write([]byte("datagram"))
-	}
-	got := 0
-	buf := make([]byte, 100)
-	for got < n {
-		wait := 300 * time.Millisecond
-		if got == 0 {
-			wait = 3 * time.Second // ARP on a loaded machine
-		}
-		rx.SetReadDeadline(time.Now().Add(wait))
-		if _, err := rx.Read(buf); err != nil {
-			break
-		}
-		got++
-	}
-	return got
+	defer ptx.Close()
+	return countBeforeProbe(t, rx, probe, tx, ptx, n)
 }
