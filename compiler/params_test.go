@@ -10,8 +10,10 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/ringbuf"
 	"github.com/sfunnel/sfunnel/abi"
 	"github.com/sfunnel/sfunnel/compiler"
 	"github.com/sfunnel/sfunnel/grammar"
@@ -332,4 +334,47 @@ func BenchmarkParametricBody(b *testing.B) {
 	b.ReportMetric(c, "ns/constant")
 	b.ReportMetric(p, "ns/parametric")
 	b.ReportMetric(p/c, "parametric/constant")
+}
+
+// A traced rule of a parametric hook: its shared body gives the packet a
+// trace id and records the rule's own slot, then the verdict; an untraced
+// rule of the same action kind records nothing.
+func TestActionParamsTrace(t *testing.T) {
+	rules := paramsRules(func(i int, r *grammar.Rule) { r.Trace = i == 4 })
+	l := compileLoad(t, rules, nil, compiler.Options{})
+	if !hasParamsMap(l.prog) {
+		t.Fatal("no parametric bodies")
+	}
+	rd, err := ringbuf.NewReader(l.coll.Maps[abi.TraceMap])
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rd.Close()
+	read := func() []abi.TraceRecord {
+		var out []abi.TraceRecord
+		for {
+			rd.SetDeadline(time.Now().Add(100 * time.Millisecond))
+			rec, err := rd.Read()
+			if errors.Is(err, os.ErrDeadlineExceeded) {
+				return out
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			tr, err := abi.DecodeTrace(rec.RawSample)
+			if err != nil {
+				t.Fatal(err)
+			}
+			out = append(out, tr)
+		}
+	}
+	l.run(t, udpPkt(t, false, 40000, 1008, nil), 0) // rule 8: same kind, untraced
+	if got := read(); len(got) != 0 {
+		t.Errorf("untraced rule gave records: %+v", got)
+	}
+	l.run(t, udpPkt(t, false, 40000, 1004, nil), 0)
+	got := read()
+	if len(got) != 2 || got[0].Kind != abi.TraceRule || got[0].Rule != 4 || got[1].Kind != abi.TraceVerdict || got[1].Verdict != abi.TracePass || got[0].ID == 0 || got[1].ID != got[0].ID {
+		t.Errorf("records %+v, want rule 4's then the verdict pass, one id", got)
+	}
 }
