@@ -844,7 +844,7 @@ func (c *compiler) linearFinish() {
 // records the kernel wants of a program with a global function and a
 // callback.
 func (c *compiler) linearFuncInfo(insns asm.Instructions) {
-	if c.lin == nil {
+	if c.lin == nil && !c.usesMSS {
 		return
 	}
 	u32 := &btf.Int{Name: "unsigned int", Size: 4}
@@ -854,7 +854,12 @@ func (c *compiler) linearFuncInfo(insns asm.Instructions) {
 	scan := &btf.Struct{Name: "sfunnel_scan", Size: scanSize, Members: []btf.Member{
 		{Name: "w", Type: &btf.Array{Index: u32, Type: u32, Nelems: scanSize / 4}},
 	}}
+	// mss.go's clamp: its first argument is the program's context.
+	skb := &btf.Pointer{Target: &btf.Struct{Name: "__sk_buff"}}
 	funcs := map[string]*btf.Func{
+		mssFunc: {Name: mssFunc, Linkage: btf.GlobalFunc, Type: &btf.FuncProto{
+			Return: i32, Params: []btf.FuncParam{{Name: "skb", Type: skb}, {Name: "l4", Type: u32}, {Name: "mss", Type: u32}, {Name: "h", Type: u32}},
+		}},
 		linScanFunc: {Name: linScanFunc, Linkage: btf.GlobalFunc, Type: &btf.FuncProto{
 			Return: i32, Params: []btf.FuncParam{{Name: "s", Type: &btf.Pointer{Target: scan}}},
 		}},

@@ -14,6 +14,7 @@ import (
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/ringbuf"
+	"github.com/gopacket/gopacket/layers"
 	"github.com/sfunnel/sfunnel/abi"
 	"github.com/sfunnel/sfunnel/compiler"
 	"github.com/sfunnel/sfunnel/grammar"
@@ -376,5 +377,43 @@ func TestActionParamsTrace(t *testing.T) {
 	got := read()
 	if len(got) != 2 || got[0].Kind != abi.TraceRule || got[0].Rule != 4 || got[1].Kind != abi.TraceVerdict || got[1].Verdict != abi.TracePass || got[0].ID == 0 || got[1].ID != got[0].ID {
 		t.Errorf("records %+v, want rule 4's then the verdict pass, one id", got)
+	}
+}
+
+// `mss N` of a parametric hook comes from the rule's parameters: each
+// rule's SYN is clamped to its own value (the reference model says how),
+// and the rules without one to the device MTU.
+func TestActionParamsMSS(t *testing.T) {
+	var rules []*grammar.Rule
+	for i := 0; i < 24; i++ {
+		r, err := grammar.ParseRule("<test>", fmt.Sprintf("tcp dport %d actions funnel udp dport %d mss %d", 80+i, 4739+i, 1000+10*i), nil)
+		if i%3 == 2 {
+			r, err = grammar.ParseRule("<test>", fmt.Sprintf("tcp dport %d actions funnel tcp dport %d", 80+i, 179+i), nil)
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		r.Handle = uint64(i + 1)
+		rules = append(rules, r)
+	}
+	opts := compiler.Options{Hook: grammar.HookEgress}
+	l := compileLoad(t, rules, nil, opts)
+	if !hasParamsMap(l.prog) {
+		t.Fatal("no parametric bodies")
+	}
+	m, err := refmodel.New(rules, nil, modelOptions(opts))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 24; i++ {
+		for _, v6 := range []bool{false, true} {
+			mss := layers.TCPOption{OptionType: layers.TCPOptionKindMSS, OptionLength: 4, OptionData: []byte{0xff, 0xff}}
+			in := craft(t, pktSpec{v6: v6, l4: &layers.TCP{SrcPort: 33000, DstPort: layers.TCPPort(80 + i), Seq: 1, SYN: true, Window: 64240, Options: []layers.TCPOption{mss}}})
+			got := l.run(t, in, 0)
+			want := m.Run(refmodel.Input{Packet: append([]byte(nil), in...)})
+			if !bytes.Equal(got.out, want.Packet) || len(got.out) == len(in) {
+				t.Errorf("rule %d (v6 %v): got %x\nwant %x", i, v6, got.out, want.Packet)
+			}
+		}
 	}
 }

@@ -114,6 +114,7 @@ type compiler struct {
 	// paramCounted: emitting a parametric body, whose counter flag is in
 	// its parameters (stat exits read it there).
 	paramCounted bool
+	usesMSS      bool // some funnel calls mss_clamp (mss.go)
 }
 
 // ruleNeeds summarises what the rules read, so the parse guard reads no more.
@@ -325,6 +326,7 @@ func (c *compiler) program(rules []*grammar.Rule) error {
 	}
 	c.exits()
 	c.linearFinish()
+	c.mssFunction()
 
 	insns := e.finish()
 	c.linearFuncInfo(insns)

@@ -139,22 +139,24 @@ const uniqueNotes = `
   such ruleset loads and stays far from the verifier's limit. Not done: a further split of the
   TCP/UDP lists by a destination-port bucket (records with one positive port), and a loop without
   bpf_loop's call per record.
-- Verifier work (TestUniqueShapeSweep, SFUNNEL_SWEEP=1 SFUNNEL_POOLS=0,8,32, one seed per size,
-  2026-11-30 05:05 UTC, load average about 14: five helpers building and testing), processed
-  instructions (limit 1 000 000) for 50 / 100 / 200 / 400 / 800 / 1 600 / 3 200 / 10 000 / 30 000 /
-  100 000 rules: every rule with a random action list of its own (stacked dnat + funnel among them)
-  189 172 / 701 984 / 483 867 / 158 572 / 168 685 / 174 218 / 174 686 / 174 067 / 175 281 / 174 862
-  (100 000: 27 628 instructions, compile 9.6 s and load 6.0 s under that load); eight action lists
-  165 124 / 478 765 / 705 351 / 103 203 / 53 749 / 36 871 / 78 551 / 94 287 / 32 885 / 51 330;
-  32 action lists 160 957 / 388 193 / 389 371 / 120 685 / 127 767 / 138 257 / 93 431 / 149 101 /
-  271 884 / 112 633. Before action parameters (main at 57f9277, same run), every rule its own list:
-  187 731 / 706 929 / 736 361 / 779 121, refused at 800 rules; 32 lists reached 802 214 at 100 000.
+- Verifier work (TestUniqueShapeSweep, SFUNNEL_SWEEP=1, one seed per size, 2026-11-30 05:12 UTC,
+  load average about 14: five helpers building and testing), processed instructions (limit
+  1 000 000) for 50 / 100 / 200 / 400 / 800 / 1 600 / 3 200 / 10 000 / 30 000 / 100 000 rules:
+  every rule with a random action list of its own (stacked dnat + funnel among them) 156 637 /
+  575 752 / 387 890 / 80 345 / 82 444 / 86 087 / 86 668 / 85 187 / 85 829 / 86 303 (100 000:
+  24 233 instructions, compile 8.8 s and load 7.3 s under that load); eight action lists 143 731 /
+  413 507 / 705 351 / 53 503 / 33 000 / 36 871 / 35 439 / 50 854 / 32 885 / 30 439. With 32 action
+  lists (05:05 UTC, before the MSS clamp became a global function) 160 957 / 388 193 / 389 371 /
+  120 685 / 127 767 / 138 257 / 93 431 / 149 101 / 271 884 / 112 633. Before action parameters
+  (main at 57f9277, same load), every rule its own list: 187 731 / 706 929 / 736 361 / 779 121,
+  refused at 800 rules; 32 lists reached 802 214 at 100 000.
   In a hook of more than 16 distinct action bodies, bodies are shared by action kind and read the
   rule's values from the parameter map (compiler/params.go, docs/datapath.md), so the action code
-  stops growing with the action lists. Up to 200 rules these rulesets trace (meta nftrace in one
-  rule of ten): every rule without a terminal action then ends a scan, and the segments' set-up,
-  not the actions, is most of the work; untraced, 100 rules with their own action lists process
-  133 135 and 3 000 process 175 493 (TestManyActionListsLoad, bound 400 000 in CI).
+  stops growing with the action lists; the MSS clamp of TCP funnels is a global function verified
+  once (compiler/mss.go). Up to 200 rules these rulesets trace (meta nftrace in one rule of ten):
+  every rule without a terminal action then ends a scan, and the segments' set-up, not the
+  actions, is most of the work; untraced, 100 and 3 000 rules with their own action lists stay
+  under 400 000 (TestManyActionListsLoad, in CI).
   Per packet, a parametric body (BenchmarkParametricBody: funnel/unfunnel round trip through 40
   funnel rules sharing a table, 16 funnel headers vs 15, medians of 9 interleaved runs) costs
   1.00 / 1.10 / 1.11 / 1.01× the constant-folded one (4 runs, load 14); hooks of at most 16 bodies,
