@@ -2,7 +2,6 @@ package datapath
 
 import (
 	"fmt"
-	"net"
 	"slices"
 	"strings"
 	"testing"
@@ -73,7 +72,7 @@ func TestRuleChangesFromOutline(t *testing.T) {
 	}
 
 	// An egress rule deleted: its entries go (datagrams from b pass).
-	if got := e.arriveBack(t, 8005, 2); got != 0 {
+	if got := e.leave(t, 8005, 2); got != 0 {
 		t.Fatalf("%d of 2 datagrams to port 8005 passed its egress drop rule", got)
 	}
 	patched := e.be.patched
@@ -83,10 +82,10 @@ func TestRuleChangesFromOutline(t *testing.T) {
 	}
 	wantEg = slices.Delete(wantEg, 5, 6)
 	check("delete on egress")
-	if got := e.arriveBack(t, 8005, 2); got != 2 {
+	if got := e.leave(t, 8005, 2); got != 2 {
 		t.Fatalf("%d of 2 datagrams to port 8005 passed after its egress rule was deleted", got)
 	}
-	if got := e.arriveBack(t, 8006, 2); got != 0 {
+	if got := e.leave(t, 8006, 2); got != 0 {
 		t.Fatalf("%d of 2 datagrams to port 8006 passed its egress drop rule after another was deleted", got)
 	}
 
@@ -149,39 +148,11 @@ func TestRuleChangesFromOutline(t *testing.T) {
 	}
 	e.run(t, b.String())
 	for _, port := range []int{8100, 8106, 8118} {
-		if got := e.arriveBack(t, port, 1); got != 0 {
+		if got := e.leave(t, port, 1); got != 0 {
 			t.Fatalf("a datagram to port %d passed after the rules were replaced", port)
 		}
 	}
-	if got := e.arriveBack(t, 8107, 2); got != 2 {
+	if got := e.leave(t, 8107, 2); got != 2 {
 		t.Fatalf("%d of 2 datagrams to port 8107 (no rule) passed", got)
 	}
-}
-
-// arriveBack is arrive the other way: n datagrams from b to a:port (out
-// of vb's egress), then the probe, and how many of the n arrived.
-func (e *env) arriveBack(t *testing.T, port, n int) int {
-	t.Helper()
-	var rx, probe, tx, ptx *net.UDPConn
-	if err := e.a.Do(func() (err error) {
-		if rx, err = net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(192, 0, 2, 1), Port: port}); err != nil {
-			return err
-		}
-		probe, err = net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(192, 0, 2, 1), Port: probePort})
-		return err
-	}); err != nil {
-		t.Fatal(err)
-	}
-	defer rx.Close()
-	defer probe.Close()
-	e.do(t, func() (err error) {
-		if tx, err = net.DialUDP("udp4", nil, &net.UDPAddr{IP: net.IPv4(192, 0, 2, 1), Port: port}); err != nil {
-			return err
-		}
-		ptx, err = net.DialUDP("udp4", nil, &net.UDPAddr{IP: net.IPv4(192, 0, 2, 1), Port: probePort})
-		return err
-	})
-	defer tx.Close()
-	defer ptx.Close()
-	return countBeforeProbe(t, rx, probe, tx, ptx, n)
 }
