@@ -94,52 +94,19 @@ func (c *compiler) emitLinear(rules []*grammar.Rule, seg segment) error {
 	t.marks = append(t.marks, setsMark)
 	t.grouped = append(t.grouped, grouped)
 	e := &c.e
-	n := c.ruleNeeds
 	how := "one list"
 	if grouped {
 		how = "lists by family and protocol"
 	}
 	e.comment("rules %d...%d: %d records, scanned in order (linscan.go), %s", seg.linear[0], seg.linear[len(seg.linear)-1], len(recs), how)
-	for off := int16(0); off < scanSize; off += 8 {
-		e.emit(sti(asm.R10, scanAt+off, 0, asm.DWord))
-	}
+	// Per segment: the mark (bodies before may have set it), the best so
+	// far, no winner, no list taken yet (the packet's fields: scanFill).
 	e.emit(
-		ldx(asm.R1, asm.R10, slotFam, asm.DWord), stx(asm.R10, scanAt+scanFam, asm.R1, asm.Byte),
-		ldx(asm.R1, asm.R10, slotProto, asm.DWord), stx(asm.R10, scanAt+scanProto, asm.R1, asm.Byte),
 		ldx(asm.R1, asm.R6, skbMark, asm.Word), stx(asm.R10, scanAt+scanMark, asm.R1, asm.Word),
-		ldx(asm.R1, asm.R6, skbLen, asm.Word), stx(asm.R10, scanAt+scanLen, asm.R1, asm.Word),
 		ldx(asm.R1, asm.R10, slotBest, asm.DWord), stx(asm.R10, scanAt+scanBest, asm.R1, asm.Word),
 	)
-	for _, f := range []struct {
-		need  bool
-		slot  int16
-		off   int16
-		size  asm.Size
-		absnt int64
-	}{{n.sport, slotSport, scanSport, asm.Word, absentPort}, {n.dport, slotDport, scanDport, asm.Word, absentPort}, {n.flags, slotFlags, scanFlags, asm.Half, absentFlags}} {
-		if f.need {
-			e.emit(ldx(asm.R1, asm.R10, f.slot, asm.DWord), stx(asm.R10, scanAt+f.off, asm.R1, f.size))
-		} else {
-			e.emit(sti(asm.R10, scanAt+f.off, f.absnt, f.size))
-		}
-	}
-	for _, a := range []struct {
-		need bool
-		slot int16
-		off  int16
-	}{{n.saddr, slotSaddr, scanSaddr}, {n.daddr, slotDaddr, scanDaddr}} {
-		if !a.need {
-			continue
-		}
-		e.emit(ldx(asm.R1, asm.R10, a.slot+4, asm.Word), stx(asm.R10, scanAt+a.off+8, asm.R1, asm.Word))
-		if n.v6 {
-			v4 := e.newLabel("scan_v4")
-			e.emit(ldx(asm.R1, asm.R10, slotFam, asm.DWord), asm.JNE.Imm(asm.R1, 6, v4))
-			for w := int16(1); w < 4; w++ {
-				e.emit(ldx(asm.R1, asm.R10, a.slot+4+4*w, asm.Word), stx(asm.R10, scanAt+a.off+8+4*w, asm.R1, asm.Word))
-			}
-			e.label(v4)
-		}
+	for off := int16(scanWin); off < scanSize; off += 8 {
+		e.emit(sti(asm.R10, scanAt+off, 0, asm.DWord))
 	}
 	// The segment's directory in the live generation.
 	e.emit(
@@ -175,6 +142,55 @@ func (c *compiler) emitLinear(rules []*grammar.Rule, seg segment) error {
 	)
 	e.label(fmt.Sprintf("lin%d_done", s))
 	return nil
+}
+
+// scanFill fills the scan struct with the packet's fields once, before
+// the first segment: nothing between segments changes them (slotBuf is
+// otherwise only used by actions, which end evaluation), and the
+// verifier then walks this once, not once per segment and path.
+func (c *compiler) scanFill() {
+	e := &c.e
+	n := c.ruleNeeds
+	e.comment("the record scan's struct: the packet's fields (linscan.go)")
+	for off := int16(0); off < scanSize; off += 8 {
+		e.emit(sti(asm.R10, scanAt+off, 0, asm.DWord))
+	}
+	e.emit(
+		ldx(asm.R1, asm.R10, slotFam, asm.DWord), stx(asm.R10, scanAt+scanFam, asm.R1, asm.Byte),
+		ldx(asm.R1, asm.R10, slotProto, asm.DWord), stx(asm.R10, scanAt+scanProto, asm.R1, asm.Byte),
+		ldx(asm.R1, asm.R6, skbLen, asm.Word), stx(asm.R10, scanAt+scanLen, asm.R1, asm.Word),
+	)
+	for _, f := range []struct {
+		need  bool
+		slot  int16
+		off   int16
+		size  asm.Size
+		absnt int64
+	}{{n.sport, slotSport, scanSport, asm.Word, absentPort}, {n.dport, slotDport, scanDport, asm.Word, absentPort}, {n.flags, slotFlags, scanFlags, asm.Half, absentFlags}} {
+		if f.need {
+			e.emit(ldx(asm.R1, asm.R10, f.slot, asm.DWord), stx(asm.R10, scanAt+f.off, asm.R1, f.size))
+		} else {
+			e.emit(sti(asm.R10, scanAt+f.off, f.absnt, f.size))
+		}
+	}
+	for _, a := range []struct {
+		need bool
+		slot int16
+		off  int16
+	}{{n.saddr, slotSaddr, scanSaddr}, {n.daddr, slotDaddr, scanDaddr}} {
+		if !a.need {
+			continue
+		}
+		e.emit(ldx(asm.R1, asm.R10, a.slot+4, asm.Word), stx(asm.R10, scanAt+a.off+8, asm.R1, asm.Word))
+		if n.v6 {
+			v4 := e.newLabel("scan_v4")
+			e.emit(ldx(asm.R1, asm.R10, slotFam, asm.DWord), asm.JNE.Imm(asm.R1, 6, v4))
+			for w := int16(1); w < 4; w++ {
+				e.emit(ldx(asm.R1, asm.R10, a.slot+4+4*w, asm.Word), stx(asm.R10, scanAt+a.off+8+4*w, asm.R1, asm.Word))
+			}
+			e.label(v4)
+		}
+	}
 }
 
 // Bodies of terminal rules in segments with a scan are emitted once, after

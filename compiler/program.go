@@ -316,6 +316,9 @@ func (c *compiler) program(rules []*grammar.Rule) error {
 	if len(c.tables) > 0 || c.lin != nil {
 		c.readGeneration()
 	}
+	if c.lin != nil {
+		c.scanFill()
+	}
 	for _, seg := range segs {
 		if err := c.segment(rules, seg); err != nil {
 			return err
