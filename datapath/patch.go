@@ -901,10 +901,7 @@ func syncSpare(h *bpf.Hook, live uint32) error {
 		}
 		if !strings.HasPrefix(name, abi.TablePrefix) || name == compiler.RecordMap || m.Type() == ebpf.Array && m.MaxEntries() != 2<<16 {
 			// Not a table of entries (the perfect-hash value is rebuilt
-			// whole; records: syncRecords), or the action parameters (keyed
-			// slot<<1 | generation, not a port array whatever its size;
-			// only a compilation's TableContents writes them, into the
-			// generation it switches to).
+			// whole; records: syncRecords).
 			continue
 		}
 		all, err := readTable(m)
