@@ -9,9 +9,11 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cilium/ebpf"
 	"github.com/sfunnel/sfunnel/bpf"
 	"github.com/sfunnel/sfunnel/compiler"
 	"github.com/sfunnel/sfunnel/grammar"
+	"github.com/sfunnel/sfunnel/internal/testenv"
 	"github.com/sfunnel/sfunnel/ruleset"
 )
 
@@ -286,17 +288,7 @@ func TestRecordChangesWithoutReload(t *testing.T) {
 	rs, _ := e.fresh(t)
 	rules := rs.Interface("vb").Ingress
 	h60, h61 := rules[60].Handle, rules[61].Handle // drop 7120, drop 7122
-	patched := e.be.patched
-	same := func(step string) {
-		t.Helper()
-		if got := liveProgID(t, e, id); got != prog {
-			t.Fatalf("%s loaded a program (%d → %d)", step, prog, got)
-		}
-		if e.be.patched != patched+1 {
-			t.Fatalf("%s compiled the hook", step)
-		}
-		patched = e.be.patched
-	}
+	same := e.unchanged(t, id, prog)
 	if got := e.arrive(t, 7120, 2); got != 0 {
 		t.Fatalf("%d of 2 datagrams passed rule 60", got)
 	}
@@ -352,6 +344,22 @@ func TestRecordChangesWithoutReload(t *testing.T) {
 	checkEntries(t, e, id)
 }
 
+// unchanged returns a check that a step changed hook id by table entries
+// alone: the program is still prog and the hook was not compiled.
+func (e *env) unchanged(t *testing.T, id bpf.HookID, prog ebpf.ProgramID) func(step string) {
+	patched := e.be.patched
+	return func(step string) {
+		t.Helper()
+		if got := liveProgID(t, e, id); got != prog {
+			t.Fatalf("%s loaded a program (%d → %d)", step, prog, got)
+		}
+		if e.be.patched != patched+1 {
+			t.Fatalf("%s compiled the hook", step)
+		}
+		patched = e.be.patched
+	}
+}
+
 // probePort is a port no rule of the tests' hooks matches.
 const probePort = 7999
 
@@ -359,22 +367,40 @@ const probePort = 7999
 // returns how many of the n arrived once the probe did (the probe follows
 // them through the veth; drops are known without waiting for a timeout).
 func (e *env) arrive(t *testing.T, port, n int) int {
+	return e.udp(t, e.a, e.b, net.IPv4(192, 0, 2, 2), port, port, n)
+}
+
+// leave is arrive from b to a: through vb's egress.
+func (e *env) leave(t *testing.T, port, n int) int {
+	return e.udp(t, e.b, e.a, net.IPv4(192, 0, 2, 1), port, port, n)
+}
+
+// redirected is arrive, counting what reached b:to.
+func (e *env) redirected(t *testing.T, port, to, n int) int {
+	return e.udp(t, e.a, e.b, net.IPv4(192, 0, 2, 2), port, to, n)
+}
+
+// udp sends n datagrams from src to ip:port and one to ip:probePort, and
+// returns how many of the n dst received on port to once the probe came.
+func (e *env) udp(t *testing.T, src, dst *testenv.NS, ip net.IP, port, to, n int) int {
 	t.Helper()
 	var rx, probe, tx, ptx *net.UDPConn
-	e.do(t, func() (err error) {
-		if rx, err = net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(192, 0, 2, 2), Port: port}); err != nil {
+	if err := dst.Do(func() (err error) {
+		if rx, err = net.ListenUDP("udp4", &net.UDPAddr{IP: ip, Port: to}); err != nil {
 			return err
 		}
-		probe, err = net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(192, 0, 2, 2), Port: probePort})
+		probe, err = net.ListenUDP("udp4", &net.UDPAddr{IP: ip, Port: probePort})
 		return err
-	})
+	}); err != nil {
+		t.Fatal(err)
+	}
 	defer rx.Close()
 	defer probe.Close()
-	if err := e.a.Do(func() (err error) {
-		if tx, err = net.DialUDP("udp4", nil, &net.UDPAddr{IP: net.IPv4(192, 0, 2, 2), Port: port}); err != nil {
+	if err := src.Do(func() (err error) {
+		if tx, err = net.DialUDP("udp4", nil, &net.UDPAddr{IP: ip, Port: port}); err != nil {
 			return err
 		}
-		ptx, err = net.DialUDP("udp4", nil, &net.UDPAddr{IP: net.IPv4(192, 0, 2, 2), Port: probePort})
+		ptx, err = net.DialUDP("udp4", nil, &net.UDPAddr{IP: ip, Port: probePort})
 		return err
 	}); err != nil {
 		t.Fatal(err)
@@ -423,20 +449,10 @@ func TestCounterRulesWithoutReload(t *testing.T) {
 	b.WriteString("\t\tudp dport { 7120, 7503 } counter actions drop\n\t}\n}\n")
 	e.run(t, b.String())
 	prog := liveProgID(t, e, id)
-	patched := e.be.patched
 	rs, _ := e.fresh(t)
 	rules := rs.Interface("vb").Ingress
 	h60, last := rules[60].Handle, rules[200].Handle
-	same := func(step string) {
-		t.Helper()
-		if got := liveProgID(t, e, id); got != prog {
-			t.Fatalf("%s loaded a program (%d → %d)", step, prog, got)
-		}
-		if e.be.patched != patched+1 {
-			t.Fatalf("%s compiled the hook", step)
-		}
-		patched = e.be.patched
-	}
+	same := e.unchanged(t, id, prog)
 	if got := e.arrive(t, 7120, 2); got != 0 {
 		t.Fatalf("%d of 2 datagrams passed the drop rule", got)
 	}
@@ -501,17 +517,7 @@ func TestContestedKeysWithoutReload(t *testing.T) {
 	id := bpf.HookID{Ifname: "vb", Hook: grammar.HookIngress}
 	e.run(t, contestedHook())
 	prog := liveProgID(t, e, id)
-	patched := e.be.patched
-	same := func(step string) {
-		t.Helper()
-		if got := liveProgID(t, e, id); got != prog {
-			t.Fatalf("%s loaded a program (%d → %d)", step, prog, got)
-		}
-		if e.be.patched != patched+1 {
-			t.Fatalf("%s compiled the hook", step)
-		}
-		patched = e.be.patched
-	}
+	same := e.unchanged(t, id, prog)
 	rs, _ := e.fresh(t)
 	rules := rs.Interface("vb").Ingress
 	h50, h150 := rules[50].Handle, rules[150].Handle // drop 7050 and 7150 from 192.0.2.1
@@ -667,34 +673,6 @@ func TestSegdevHookWithoutReload(t *testing.T) {
 		t.Fatalf("segmentation devices %+v after the delete, want %+v", after, before)
 	}
 	checkEntries(t, e, id)
-}
-
-// leave sends n datagrams from b to a:port (through vb's egress), then one
-// to probePort, and returns how many of the n arrived once the probe did.
-func (e *env) leave(t *testing.T, port, n int) int {
-	t.Helper()
-	var rx, probe, tx, ptx *net.UDPConn
-	if err := e.a.Do(func() (err error) {
-		if rx, err = net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(192, 0, 2, 1), Port: port}); err != nil {
-			return err
-		}
-		probe, err = net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(192, 0, 2, 1), Port: probePort})
-		return err
-	}); err != nil {
-		t.Fatal(err)
-	}
-	defer rx.Close()
-	defer probe.Close()
-	e.do(t, func() (err error) {
-		if tx, err = net.DialUDP("udp4", nil, &net.UDPAddr{IP: net.IPv4(192, 0, 2, 1), Port: port}); err != nil {
-			return err
-		}
-		ptx, err = net.DialUDP("udp4", nil, &net.UDPAddr{IP: net.IPv4(192, 0, 2, 1), Port: probePort})
-		return err
-	})
-	defer tx.Close()
-	defer ptx.Close()
-	return countBeforeProbe(t, rx, probe, tx, ptx, n)
 }
 
 // checkEntries checks what hook id's live tables and records hold against
@@ -883,32 +861,4 @@ func TestParametricHookWithoutReload(t *testing.T) {
 		t.Fatal("inserting again compiled the hook")
 	}
 	checkEntries(t, e, id)
-}
-
-// redirected sends n datagrams from a to b:port and returns how many
-// arrived at b:to (with a probe, as arrive).
-func (e *env) redirected(t *testing.T, port, to, n int) int {
-	t.Helper()
-	var rx, probe, tx, ptx *net.UDPConn
-	e.do(t, func() (err error) {
-		if rx, err = net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(192, 0, 2, 2), Port: to}); err != nil {
-			return err
-		}
-		probe, err = net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(192, 0, 2, 2), Port: probePort})
-		return err
-	})
-	defer rx.Close()
-	defer probe.Close()
-	if err := e.a.Do(func() (err error) {
-		if tx, err = net.DialUDP("udp4", nil, &net.UDPAddr{IP: net.IPv4(192, 0, 2, 2), Port: port}); err != nil {
-			return err
-		}
-		ptx, err = net.DialUDP("udp4", nil, &net.UDPAddr{IP: net.IPv4(192, 0, 2, 2), Port: probePort})
-		return err
-	}); err != nil {
-		t.Fatal(err)
-	}
-	defer tx.Close()
-	defer ptx.Close()
-	return countBeforeProbe(t, rx, probe, tx, ptx, n)
 }
