@@ -116,6 +116,7 @@ var contexts = []func(rule string) string{
 	func(r string) string { return "add rule eth0 ingress " + r },
 	func(r string) string { return "insert rule eth0 egress position 3 " + r + "\nlist ruleset\n" },
 	func(r string) string { return "replace rule eth0 egress handle 4 " + r },
+	func(r string) string { return "delete rule eth0 ingress handle 4 " + r + "\ndelete rule eth0 egress handle 5\n" },
 	func(r string) string { return "define p = { 1, 2 }\n" + r + "; " + r },
 }
 
@@ -508,4 +509,24 @@ func (g *ruleGen) set() string {
 	}
 	sep := g.pick("; ", "\n\t", ";\n")
 	return g.pick("", "add ") + "set " + g.pick("s4", "blk") + " {" + g.pick(" ", "\n\t") + strings.Join(props, sep) + g.pick(" }", "\n}", ";\n\n}")
+}
+
+// TestQuickDeleteRule: `delete rule`, the command scripts run most, is
+// read by the quick path alone (no participle parser is built for it),
+// with the grammar's tree, commands and errors, with and without the
+// rule text it must not have.
+func TestQuickDeleteRule(t *testing.T) {
+	for _, src := range []string{
+		"delete rule eth0 ingress handle 4",
+		"delete rule eth0 egress handle 4 # why\n",
+		"delete rule eth0 ingress handle 4 udp dport 5 drop",
+		"delete rule eth0 ingress",
+		"delete rule eth0 ingress position 4",
+		"add rule eth0 ingress",
+		"delete rule $ifc ingress handle 4",
+	} {
+		if _, whole := quickAgrees(t, src, true); !whole {
+			t.Errorf("%q: the quick path did not read it", src)
+		}
+	}
 }

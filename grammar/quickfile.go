@@ -149,7 +149,7 @@ func (q *quick) stmt() *stmtSyntax {
 			return nil
 		}
 	case "delete":
-		if st.Command = q.deleteElement(); st.Command == nil {
+		if st.Command = q.deleteCommand(); st.Command == nil {
 			return nil
 		}
 	default:
@@ -241,20 +241,28 @@ func (q *quick) ruleCommand() *commandSyntax {
 	return c
 }
 
-// deleteElement reads `delete element NAME VALUE`; other delete commands
-// are left to the grammar.
-func (q *quick) deleteElement() *commandSyntax {
+// deleteCommand reads `delete element NAME VALUE` and `delete rule IF HOOK
+// handle H` (the command a script runs most); other delete commands are
+// left to the grammar.
+func (q *quick) deleteCommand() *commandSyntax {
 	start, pos := q.mark()
 	q.next()
-	if !q.at("element") {
+	d := &deleteSyntax{}
+	switch {
+	case q.at("element"):
+		q.next()
+		if d.Element = q.elementCmd(); d.Element == nil {
+			return nil
+		}
+	case q.at("rule"):
+		q.next()
+		if d.Rule = q.ruleCmd(); d.Rule == nil {
+			return nil
+		}
+	default:
 		return nil
 	}
-	q.next()
-	ec := q.elementCmd()
-	if ec == nil {
-		return nil
-	}
-	return &commandSyntax{Pos: pos, Delete: &deleteSyntax{Element: ec}, Tokens: q.tokens(start)}
+	return &commandSyntax{Pos: pos, Delete: d, Tokens: q.tokens(start)}
 }
 
 // elementCmd reads `NAME VALUE` of an element command.
@@ -373,8 +381,12 @@ func (q *quick) ruleCmd() *ruleCmdSyntax {
 			return nil
 		}
 	}
-	if rc.Rule = q.rule(); rc.Rule == nil {
-		return nil
+	// The rule is optional in the grammar: `delete rule` has none (and
+	// the lowerer reports one missing or one too many).
+	if !ruleEnd(q.peek()) {
+		if rc.Rule = q.rule(); rc.Rule == nil {
+			return nil
+		}
 	}
 	rc.Tokens = q.tokens(start)
 	return rc
