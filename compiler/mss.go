@@ -100,14 +100,9 @@ func (c *compiler) mssFunction() {
 		// the MSS is that minus the headers: IP (with options: the
 		// transport offset less the link header), TCP and the funnel's.
 		stx(asm.R10, mssSlotH, asm.R4, asm.DWord),
-		sti(asm.R10, mssSlotMSS, 0, asm.DWord),
-		mov(asm.R1, asm.R6),
-		movi(asm.R2, 0),
-		mov(asm.R3, asm.R10),
-		asm.Add.Imm(asm.R3, mssSlotMSS),
-		movi(asm.R4, 0),
-		movi(asm.R5, 0),
-		asm.FnCheckMtu.Call(),
+	)
+	c.checkMTU(mssSlotMSS)
+	e.emit(
 		ldx(asm.R2, asm.R10, mssSlotMSS, asm.Word),
 		asm.Sub.Reg(asm.R2, asm.R9),
 		ldx(asm.R1, asm.R10, mssSlotH, asm.DWord),

@@ -40,15 +40,22 @@ func (c *compiler) mtuCheck(rule int) {
 
 // mtuHelper jumps to ok when bpf_check_mtu(skb, 0, &0, 0, 0) passes.
 func (c *compiler) mtuHelper(ok string) {
+	c.checkMTU(slotT4)
+	c.e.emit(asm.JEq.Imm(asm.R0, 0, ok))
+}
+
+// checkMTU emits bpf_check_mtu(skb (R6), 0, fp+slot, 0, 0) with 0 in the
+// slot: R0 is 0 when skb->len fits the device MTU, and the slot's u32 the
+// MTU.
+func (c *compiler) checkMTU(slot int16) {
 	c.e.emit(
-		sti(asm.R10, slotT4, 0, asm.Word),
+		sti(asm.R10, slot, 0, asm.Word),
 		mov(asm.R1, asm.R6),
 		movi(asm.R2, 0),
 		mov(asm.R3, asm.R10),
-		asm.Add.Imm(asm.R3, slotT4),
+		asm.Add.Imm(asm.R3, int32(slot)),
 		movi(asm.R4, 0),
 		movi(asm.R5, 0),
 		asm.FnCheckMtu.Call(),
-		asm.JEq.Imm(asm.R0, 0, ok),
 	)
 }

@@ -10,7 +10,6 @@ import (
 	"slices"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/ringbuf"
@@ -351,24 +350,7 @@ func TestActionParamsTrace(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer rd.Close()
-	read := func() []abi.TraceRecord {
-		var out []abi.TraceRecord
-		for {
-			rd.SetDeadline(time.Now().Add(100 * time.Millisecond))
-			rec, err := rd.Read()
-			if errors.Is(err, os.ErrDeadlineExceeded) {
-				return out
-			}
-			if err != nil {
-				t.Fatal(err)
-			}
-			tr, err := abi.DecodeTrace(rec.RawSample)
-			if err != nil {
-				t.Fatal(err)
-			}
-			out = append(out, tr)
-		}
-	}
+	read := func() []abi.TraceRecord { return readTraces(t, rd) }
 	l.run(t, udpPkt(t, false, 40000, 1008, nil), 0) // rule 8: same kind, untraced
 	if got := read(); len(got) != 0 {
 		t.Errorf("untraced rule gave records: %+v", got)

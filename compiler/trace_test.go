@@ -53,24 +53,7 @@ func TestTraceRecords(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer rd.Close()
-	read := func() []abi.TraceRecord {
-		var out []abi.TraceRecord
-		for {
-			rd.SetDeadline(time.Now().Add(100 * time.Millisecond))
-			rec, err := rd.Read()
-			if errors.Is(err, os.ErrDeadlineExceeded) {
-				return out
-			}
-			if err != nil {
-				t.Fatal(err)
-			}
-			tr, err := abi.DecodeTrace(rec.RawSample)
-			if err != nil {
-				t.Fatal(err)
-			}
-			out = append(out, tr)
-		}
-	}
+	read := func() []abi.TraceRecord { return readTraces(t, rd) }
 
 	pkt := craft(t, pktSpec{l4: udpLayer(40000, 4739), payload: []byte("traced")})
 	before := monotonic(t)
@@ -155,4 +138,25 @@ func monotonic(t *testing.T) uint64 {
 		t.Fatal(err)
 	}
 	return uint64(ts.Nano())
+}
+
+// readTraces returns the trace records waiting in rd.
+func readTraces(t *testing.T, rd *ringbuf.Reader) []abi.TraceRecord {
+	t.Helper()
+	var out []abi.TraceRecord
+	for {
+		rd.SetDeadline(time.Now().Add(100 * time.Millisecond))
+		rec, err := rd.Read()
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			return out
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		tr, err := abi.DecodeTrace(rec.RawSample)
+		if err != nil {
+			t.Fatal(err)
+		}
+		out = append(out, tr)
+	}
 }
