@@ -424,8 +424,35 @@ func (l *Layout) place(r *grammar.Rule, seg int, prio, slot, gen uint32) ([]Entr
 // parametric bodies (l.Params) the rule would need its parameter entry
 // too: refused.
 func (l *Layout) PlaceRecord(r *grammar.Rule, seg int, prio, slot uint32) ([]byte, error) {
+	if l.Params {
+		return nil, ErrNotPlaceable
+	}
+	rec, _, err := l.PlaceRecordParams(r, seg, prio, slot, 0)
+	return rec, err
+}
+
+// PlaceRecordParams is PlaceRecord plus, in a hook with parametric bodies,
+// the rule's parameter entry for generation gen (nil in other hooks), as
+// PlaceParams: the winner's body reads it by the record's counter slot.
+func (l *Layout) PlaceRecordParams(r *grammar.Rule, seg int, prio, slot, gen uint32) ([]byte, *Entry, error) {
+	rec, err := l.placeRecord(r, seg, prio, slot)
+	if err != nil || !l.Params {
+		return rec, nil, err
+	}
+	ct, err := CtMarkLayout(l.CtMarkMask)
+	if err != nil {
+		return nil, nil, err
+	}
+	v, err := (&compiler{ct: ct}).paramsOf(r)
+	if err != nil {
+		return nil, nil, err
+	}
+	return rec, &Entry{Table: paramsMap, Key: ParamsKey(slot, gen), Value: v}, nil
+}
+
+func (l *Layout) placeRecord(r *grammar.Rule, seg int, prio, slot uint32) ([]byte, error) {
 	sc := l.Scan
-	if l.Params || sc == nil || seg < 0 || seg >= len(l.Segments) || l.Segments[seg].Scan == 0 || !l.Needs.covers(r) || !recordFits(r) {
+	if sc == nil || seg < 0 || seg >= len(l.Segments) || l.Segments[seg].Scan == 0 || !l.Needs.covers(r) || !recordFits(r) {
 		return nil, ErrNotPlaceable
 	}
 	sl := &l.Segments[seg]

@@ -219,7 +219,7 @@ func (b *Backend) patchHook(s *bpf.Store, cur *bpf.Gen, oh *hookState, rs *rules
 			}
 			continue
 		}
-		rb, err := l.PlaceRecord(r, rec.Segment-1, rec.Prio, rec.Slot)
+		rb, _, err := l.PlaceRecordParams(r, rec.Segment-1, rec.Prio, rec.Slot, 0) // (its parameters stay)
 		if err != nil {
 			return nil, nil
 		}
@@ -285,10 +285,13 @@ func (b *Backend) patchHook(s *bpf.Store, cur *bpf.Gen, oh *hookState, rs *rules
 		if !rec.Table {
 			// A record of the segment's scan, if it has one that can test it.
 			for _, sg := range recSegs {
-				if rb, err := l.PlaceRecord(r, sg-1, rec.Prio, rec.Slot); err == nil {
+				if rb, pe, err := l.PlaceRecordParams(r, sg-1, rec.Prio, rec.Slot, 0); err == nil {
 					rec.Segment = sg
 					ed := editOf(sg)
 					ed.add = append(ed.add, rb)
+					if pe != nil {
+						params = append(params, *pe)
+					}
 					break
 				}
 			}

@@ -862,3 +862,38 @@ func TestParametricHookWithoutReload(t *testing.T) {
 	}
 	checkEntries(t, e, id)
 }
+
+// The same with records: rules of shapes of their own with more than 16
+// dnat ports; a record's parameters go with it.
+func TestParametricRecordsWithoutReload(t *testing.T) {
+	e := newEnv(t, Options{})
+	id := bpf.HookID{Ifname: "vb", Hook: grammar.HookIngress}
+	var b strings.Builder
+	b.WriteString("flush ruleset\ninterface vb {\n\tingress {\n")
+	for i := 0; i < 60; i++ {
+		fmt.Fprintf(&b, "\t\tip saddr 192.0.2.%d udp sport != %d dport %d counter actions dnat to 192.0.2.2:%d\n", 100+i, 100+i, 7000+i, 8000+i%20)
+	}
+	b.WriteString("\t}\n}\n")
+	e.run(t, b.String())
+	prog := liveProgID(t, e, id)
+	rs, _ := e.fresh(t)
+	h20 := rs.Interface("vb").Ingress[20].Handle
+	same := e.unchanged(t, id, prog)
+	ins := echoed(t, e.run(t, fmt.Sprintf("insert rule vb ingress position %d ip saddr 192.0.2.1 udp sport != 9 dport 7021 counter actions dnat to 192.0.2.2:8033", h20)))
+	same("inserting a record with its own dnat port")
+	if got := e.redirected(t, 7021, 8033, 2); got != 2 {
+		t.Fatalf("%d of 2 datagrams to 7021 reached port 8033", got)
+	}
+	checkEntries(t, e, id)
+	e.run(t, fmt.Sprintf("replace rule vb ingress handle %d ip saddr 192.0.2.1 udp sport != 9 dport 7021 counter actions dnat to 192.0.2.2:8034", ins))
+	same("replacing it with another port")
+	if got := e.redirected(t, 7021, 8034, 1); got != 1 {
+		t.Fatal("the datagram to 7021 did not reach port 8034 after the replace")
+	}
+	e.run(t, fmt.Sprintf("delete rule vb ingress handle %d", ins))
+	same("deleting it")
+	if got := e.redirected(t, 7021, 8034, 1); got != 0 {
+		t.Fatal("a datagram to 7021 still reached port 8034 after the delete")
+	}
+	checkEntries(t, e, id)
+}
