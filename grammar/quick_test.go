@@ -116,7 +116,9 @@ var contexts = []func(rule string) string{
 	func(r string) string { return "add rule eth0 ingress " + r },
 	func(r string) string { return "insert rule eth0 egress position 3 " + r + "\nlist ruleset\n" },
 	func(r string) string { return "replace rule eth0 egress handle 4 " + r },
-	func(r string) string { return "delete rule eth0 ingress handle 4 " + r + "\ndelete rule eth0 egress handle 5\n" },
+	func(r string) string {
+		return "delete rule eth0 ingress handle 4 " + r + "\ndelete rule eth0 egress handle 5\n"
+	},
 	func(r string) string { return "define p = { 1, 2 }\n" + r + "; " + r },
 }
 
