@@ -268,35 +268,14 @@ func (c *compiler) linearFunctions() {
 	// the protocol's list index (0 any), R9 = the family's (0 any).
 	e.label(linScanFunc)
 	e.comment("record scan (linscan.go): a global function, verified once")
-	fam, proto := "lin_fam_done", "lin_proto_done"
 	e.emit(
 		asm.JEq.Imm(asm.R1, 0, "lin_scan_out"),
 		mov(asm.R6, asm.R1),
 		// bpf_loop's callback context must be on the stack: it holds s.
 		stx(asm.R10, -8, asm.R1, asm.DWord),
-		movi(asm.R9, 0),
-		ldx(asm.R1, asm.R6, scanFam, asm.Byte),
-		asm.JNE.Imm(asm.R1, 4, "lin_fam6"),
-		movi(asm.R9, 3),
 	)
-	e.label("lin_fam6")
-	e.emit(
-		asm.JNE.Imm(asm.R1, 6, fam),
-		movi(asm.R9, 6),
-	)
-	e.label(fam)
-	e.emit(
-		movi(asm.R8, 0),
-		ldx(asm.R1, asm.R6, scanProto, asm.Byte),
-		asm.JNE.Imm(asm.R1, 6, "lin_udp"),
-		movi(asm.R8, 1),
-	)
-	e.label("lin_udp")
-	e.emit(
-		asm.JNE.Imm(asm.R1, 17, proto),
-		movi(asm.R8, 2),
-	)
-	e.label(proto)
+	c.linIndex(asm.R9, scanFam, 4, 3, 6, 6)
+	c.linIndex(asm.R8, scanProto, 6, 1, 17, 2)
 	// Each list once: family/any, any/protocol, family/protocol, then
 	// any/any (last: it holds the records that don't end the scan, whose
 	// counters count only below the winner of the others); the program
@@ -327,10 +306,9 @@ func (c *compiler) linearFunctions() {
 			ldx(asm.R1, asm.R6, scanWin, asm.Word),
 			asm.JEq.Imm(asm.R1, 0, "lin_scan_out"),
 			stx(asm.R6, scanKey, asm.R1, asm.Word),
-			asm.LoadMapPtr(asm.R1, 0).WithReference(linearMap),
-			mov(asm.R2, asm.R6),
-			asm.Add.Imm(asm.R2, scanKey),
-			asm.FnMapLookupElem.Call(),
+		)
+		e.emit(linLookup()...)
+		e.emit(
 			asm.JEq.Imm(asm.R0, 0, "lin_scan_out"),
 			mov(asm.R7, asm.R0),
 			ldx(asm.R8, asm.R7, recFlags, asm.Word),
@@ -349,6 +327,35 @@ func sequential(flags uint32) bool {
 	return flags&recTerminal == 0 && flags&recSetMark != 0
 }
 
+// linIndex sets dst to i1 when the scan struct's byte at off is v1, i2
+// when it is v2, else 0.
+func (c *compiler) linIndex(dst asm.Register, off int16, v1, i1, v2, i2 int32) {
+	e := &c.e
+	second, done := e.newLabel("lin_index"), e.newLabel("lin_index_done")
+	e.emit(
+		movi(dst, 0),
+		ldx(asm.R1, asm.R6, off, asm.Byte),
+		asm.JNE.Imm(asm.R1, v1, second),
+		movi(dst, i1),
+	)
+	e.label(second)
+	e.emit(
+		asm.JNE.Imm(asm.R1, v2, done),
+		movi(dst, i2),
+	)
+	e.label(done)
+}
+
+// linLookup is R0 = the record at s.key (R6 = s), or 0.
+func linLookup() asm.Instructions {
+	return asm.Instructions{
+		asm.LoadMapPtr(asm.R1, 0).WithReference(linearMap),
+		mov(asm.R2, asm.R6),
+		asm.Add.Imm(asm.R2, scanKey),
+		asm.FnMapLookupElem.Call(),
+	}
+}
+
 // linList puts the first record of one list of the segment in
 // scanLists[k] unless the list is empty: list sets R1 to its index; its
 // directory entry names the record.
@@ -360,18 +367,16 @@ func (c *compiler) linList(k int16, list func()) {
 		ldx(asm.R2, asm.R6, scanDir, asm.Word),
 		asm.Add.Reg(asm.R1, asm.R2),
 		stx(asm.R6, scanKey, asm.R1, asm.Word),
-		asm.LoadMapPtr(asm.R1, 0).WithReference(linearMap),
-		mov(asm.R2, asm.R6),
-		asm.Add.Imm(asm.R2, scanKey),
-		asm.FnMapLookupElem.Call(),
+	)
+	e.emit(linLookup()...)
+	e.emit(
 		asm.JEq.Imm(asm.R0, 0, skip),
 		ldx(asm.R1, asm.R0, recPrio, asm.Word),
 		stx(asm.R6, scanLists+4*k, asm.R1, asm.Word),
 		stx(asm.R6, scanKey, asm.R1, asm.Word),
-		asm.LoadMapPtr(asm.R1, 0).WithReference(linearMap),
-		mov(asm.R2, asm.R6),
-		asm.Add.Imm(asm.R2, scanKey),
-		asm.FnMapLookupElem.Call(),
+	)
+	e.emit(linLookup()...)
+	e.emit(
 		asm.JEq.Imm(asm.R0, 0, empty),
 		ldx(asm.R1, asm.R0, recPrio, asm.Word),
 		asm.JNE.Imm(asm.R1, 0, skip),
@@ -454,10 +459,9 @@ func (c *compiler) linearCallback() {
 		asm.Add.Reg32(asm.R1, asm.R2),
 		stx(asm.R6, scanKey, asm.R1, asm.Word),
 		stx(asm.R6, scanCur, asm.R1, asm.Word),
-		asm.LoadMapPtr(asm.R1, 0).WithReference(linearMap),
-		mov(asm.R2, asm.R6),
-		asm.Add.Imm(asm.R2, scanKey),
-		asm.FnMapLookupElem.Call(),
+	)
+	e.emit(linLookup()...)
+	e.emit(
 		asm.JEq.Imm(asm.R0, 0, stop),
 		mov(asm.R7, asm.R0),
 		ldx(asm.R1, asm.R7, recPrio, asm.Word),
