@@ -45,10 +45,9 @@ const (
 	slotBody  = -400 // its body
 	slotGen   = -408 // the live table generation (0/1)
 
-	slotTrace    = -416 // u64 trace id of the packet, 0 = not traced (trace.go)
-	slotTraceRec = -424 // the reserved ring buffer record across the copy
-	slotPerfect  = -432 // the live generation's value of the perfect-hash tables (perfect.go)
-	slotParam    = -440 // the running body's entry in the parameter map (params.go)
+	slotTrace   = -416 // u64 trace id of the packet, 0 = not traced (trace.go)
+	slotPerfect = -432 // the live generation's value of the perfect-hash tables (perfect.go)
+	slotParam   = -440 // the running body's entry in the parameter map (params.go)
 )
 
 // frame is the stack layout: each slot's name, offset and size.
@@ -70,7 +69,7 @@ var stackFrame = frame{
 	{"slotRule", slotRule, 8}, {"slotOpt", slotOpt, 8}, {"slotDiff", slotDiff, 8},
 	{"slotBuf", slotBuf, MaxOptMove}, {"slotHdr", slotHdr, 24},
 	{"slotTKey", slotTKey, 56}, {"slotBest", slotBest, 8}, {"slotBody", slotBody, 8}, {"slotGen", slotGen, 8},
-	{"slotTrace", slotTrace, 8}, {"slotTraceRec", slotTraceRec, 8}, {"slotPerfect", slotPerfect, 8},
+	{"slotTrace", slotTrace, 8}, {"slotPerfect", slotPerfect, 8},
 	{"slotParam", slotParam, 8},
 }
 

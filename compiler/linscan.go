@@ -864,7 +864,7 @@ func (c *compiler) linearFinish() {
 // records the kernel wants of a program with a global function and a
 // callback.
 func (c *compiler) linearFuncInfo(insns asm.Instructions) {
-	if c.lin == nil && !c.usesMSS {
+	if c.lin == nil && !c.usesMSS && !c.usesTraceFunc {
 		return
 	}
 	u32 := &btf.Int{Name: "unsigned int", Size: 4}
@@ -879,6 +879,9 @@ func (c *compiler) linearFuncInfo(insns asm.Instructions) {
 	funcs := map[string]*btf.Func{
 		mssFunc: {Name: mssFunc, Linkage: btf.GlobalFunc, Type: &btf.FuncProto{
 			Return: i32, Params: []btf.FuncParam{{Name: "skb", Type: skb}, {Name: "l4", Type: u32}, {Name: "mss", Type: u32}, {Name: "h", Type: u32}},
+		}},
+		traceFunc: {Name: traceFunc, Linkage: btf.GlobalFunc, Type: &btf.FuncProto{
+			Return: i32, Params: []btf.FuncParam{{Name: "skb", Type: skb}, {Name: "id", Type: u32}, {Name: "rule", Type: u32}, {Name: "kind", Type: u32}},
 		}},
 		linScanFunc: {Name: linScanFunc, Linkage: btf.GlobalFunc, Type: &btf.FuncProto{
 			Return: i32, Params: []btf.FuncParam{{Name: "s", Type: &btf.Pointer{Target: scan}}},

@@ -113,8 +113,9 @@ type compiler struct {
 	paramVals [][]byte
 	// paramCounted: emitting a parametric body, whose counter flag is in
 	// its parameters (stat exits read it there).
-	paramCounted bool
-	usesMSS      bool // some funnel calls mss_clamp (mss.go)
+	paramCounted  bool
+	usesMSS       bool // some funnel calls mss_clamp (mss.go)
+	usesTraceFunc bool // some rule or exit calls trace_record (trace.go)
 }
 
 // ruleNeeds summarises what the rules read, so the parse guard reads no more.
@@ -330,6 +331,7 @@ func (c *compiler) program(rules []*grammar.Rule) error {
 	c.exits()
 	c.linearFinish()
 	c.mssFunction()
+	c.traceFunction()
 
 	insns := e.finish()
 	c.linearFuncInfo(insns)

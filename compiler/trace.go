@@ -14,7 +14,8 @@ import (
 // abi.TraceRecord into the abi.TraceMap ring buffer. Programs without a
 // traced rule get none of this code (c.tracing false).
 
-// Its stack slots, slotTrace and slotTraceRec, are in frame.go.
+// Its stack slot, slotTrace, is in frame.go; trace_record (the record
+// writer, a global function) has a frame of its own.
 
 // skb->ifindex in struct __sk_buff.
 const skbIfindex = 40
@@ -83,51 +84,92 @@ func (c *compiler) traceExit(verdict uint8, leftAlone bool) {
 	e.label(skip)
 }
 
-// traceRecord writes one record: header fields, then the packet from the
-// IP header on (at most abi.TraceDataLen bytes). A full ring buffer drops
-// the record. Clobbers R0-R5.
+// traceRecord writes one record (traceFunc): kind, rule (-1: none; in a
+// table body the one in slotRule), verdict, and with leftAlone the reason
+// in slotKey. Clobbers R0-R5.
 func (c *compiler) traceRecord(kind uint8, rule int, verdict uint8, leftAlone bool) {
 	e := &c.e
-	done, nocopy, capped := e.newLabel("trace_done"), e.newLabel("trace_nocopy"), e.newLabel("trace_capped")
+	e.emit(
+		mov(asm.R1, asm.R6),
+		ldx(asm.R2, asm.R10, slotTrace, asm.DWord),
+	)
+	switch {
+	case rule < 0:
+		e.emit(movi(asm.R3, -1))
+	case c.dynRule:
+		e.emit(ldx(asm.R3, asm.R10, slotRule, asm.DWord))
+	default:
+		e.emit(movi(asm.R3, int32(rule)))
+	}
+	e.emit(movi(asm.R4, int32(kind)|int32(verdict)<<8))
+	if leftAlone {
+		e.emit(
+			ldx(asm.R5, asm.R10, slotKey, asm.Word),
+			asm.Add.Imm(asm.R5, 1),
+			asm.And.Imm(asm.R5, 0xff),
+			asm.LSh.Imm(asm.R5, 16),
+			asm.Or.Reg(asm.R4, asm.R5),
+		)
+	}
+	e.emit(asm.Call.Label(traceFunc))
+	c.usesTraceFunc = true
+}
+
+// traceFunc writes a trace record: trace_record(skb, id, rule, kind |
+// verdict<<8 | reason<<16). A global function, verified once, not in
+// every body and exit of a traced program on every path reaching them.
+const traceFunc = "trace_record"
+
+// trace_record's stack (its own frame: see mss.go on the 512 bytes).
+const (
+	traceSlotID   = -8
+	traceSlotRule = -16
+	traceSlotKind = -24
+	traceSlotRec  = -32
+)
+
+// traceFunction emits trace_record after the program: the header fields,
+// then the packet from the IP header on (at most abi.TraceDataLen bytes).
+// A full ring buffer drops the record.
+func (c *compiler) traceFunction() {
+	if !c.usesTraceFunc {
+		return
+	}
+	e := &c.e
+	e.owner = 0
+	done, nocopy, capped := "trace_out", "trace_nocopy", "trace_capped"
 	hook := int64(0)
 	if c.opts.Hook == grammar.HookEgress {
 		hook = 1
 	}
+	e.label(traceFunc)
+	e.comment("trace record (trace.go): a global function, verified once")
 	e.emit(
+		mov(asm.R6, asm.R1),
+		stx(asm.R10, traceSlotID, asm.R2, asm.DWord),
+		stx(asm.R10, traceSlotRule, asm.R3, asm.DWord),
+		stx(asm.R10, traceSlotKind, asm.R4, asm.DWord),
 		asm.LoadMapPtr(asm.R1, 0).WithReference(abi.TraceMap),
 		movi(asm.R2, abi.TraceRecordLen),
 		movi(asm.R3, 0),
 		asm.FnRingbufReserve.Call(),
 		asm.JEq.Imm(asm.R0, 0, done),
-		stx(asm.R10, slotTraceRec, asm.R0, asm.DWord),
+		stx(asm.R10, traceSlotRec, asm.R0, asm.DWord),
 		asm.FnKtimeGetNs.Call(),
 		mov(asm.R1, asm.R0),
-		ldx(asm.R0, asm.R10, slotTraceRec, asm.DWord),
+		ldx(asm.R0, asm.R10, traceSlotRec, asm.DWord),
 		stx(asm.R0, abi.TraceOffTime, asm.R1, asm.DWord),
-		ldx(asm.R1, asm.R10, slotTrace, asm.DWord),
+		ldx(asm.R1, asm.R10, traceSlotID, asm.DWord),
 		stx(asm.R0, abi.TraceOffID, asm.R1, asm.Word),
-		sti(asm.R0, abi.TraceOffKind, int64(kind), asm.Byte),
+		ldx(asm.R1, asm.R10, traceSlotKind, asm.DWord),
+		stx(asm.R0, abi.TraceOffKind, asm.R1, asm.Byte),
+		asm.RSh.Imm(asm.R1, 8),
+		stx(asm.R0, abi.TraceOffVerdict, asm.R1, asm.Byte),
+		asm.RSh.Imm(asm.R1, 8),
+		stx(asm.R0, abi.TraceOffReason, asm.R1, asm.Byte),
 		sti(asm.R0, abi.TraceOffHook, hook, asm.Byte),
-		sti(asm.R0, abi.TraceOffVerdict, int64(verdict), asm.Byte),
-	)
-	if leftAlone {
-		e.emit(
-			ldx(asm.R1, asm.R10, slotKey, asm.Word),
-			asm.Add.Imm(asm.R1, 1),
-			stx(asm.R0, abi.TraceOffReason, asm.R1, asm.Byte),
-		)
-	} else {
-		e.emit(sti(asm.R0, abi.TraceOffReason, 0, asm.Byte))
-	}
-	switch {
-	case rule < 0:
-		e.emit(sti(asm.R0, abi.TraceOffRule, -1, asm.Word))
-	case c.dynRule:
-		e.emit(ldx(asm.R1, asm.R10, slotRule, asm.DWord), stx(asm.R0, abi.TraceOffRule, asm.R1, asm.Word))
-	default:
-		e.emit(sti(asm.R0, abi.TraceOffRule, int64(rule), asm.Word))
-	}
-	e.emit(
+		ldx(asm.R1, asm.R10, traceSlotRule, asm.DWord),
+		stx(asm.R0, abi.TraceOffRule, asm.R1, asm.Word),
 		ldx(asm.R1, asm.R6, skbIfindex, asm.Word),
 		stx(asm.R0, abi.TraceOffIfindex, asm.R1, asm.Word),
 		ldx(asm.R1, asm.R6, skbMark, asm.Word),
@@ -151,16 +193,17 @@ func (c *compiler) traceRecord(kind uint8, rule int, verdict uint8, leftAlone bo
 		asm.Add.Imm(asm.R3, abi.TraceHeaderLen),
 		asm.FnSkbLoadBytes.Call(),
 		asm.JSGE.Imm(asm.R0, 0, nocopy),
-		ldx(asm.R1, asm.R10, slotTraceRec, asm.DWord),
+		ldx(asm.R1, asm.R10, traceSlotRec, asm.DWord),
 		sti(asm.R1, abi.TraceOffCaplen, 0, asm.Word), // the copy failed
 	)
 	e.label(nocopy)
 	e.emit(
-		ldx(asm.R1, asm.R10, slotTraceRec, asm.DWord),
+		ldx(asm.R1, asm.R10, traceSlotRec, asm.DWord),
 		movi(asm.R2, 0),
 		asm.FnRingbufSubmit.Call(),
 	)
 	e.label(done)
+	e.emit(movi(asm.R0, 0), asm.Return())
 }
 
 // traceSegment is the verdict of the segmentation redirect (segment.go).

@@ -139,21 +139,21 @@ const uniqueNotes = `
   such ruleset loads and stays far from the verifier's limit. Not done: a further split of the
   TCP/UDP lists by a destination-port bucket (records with one positive port), and a loop without
   bpf_loop's call per record.
-- Verifier work (TestUniqueShapeSweep, SFUNNEL_SWEEP=1, one seed per size, 2026-11-30 05:12 UTC,
-  load average about 14: five helpers building and testing), processed instructions (limit
-  1 000 000) for 50 / 100 / 200 / 400 / 800 / 1 600 / 3 200 / 10 000 / 30 000 / 100 000 rules:
-  every rule with a random action list of its own (stacked dnat + funnel among them) 156 637 /
-  575 752 / 387 890 / 80 345 / 82 444 / 86 087 / 86 668 / 85 187 / 85 829 / 86 303 (100 000:
-  24 233 instructions, compile 8.8 s and load 7.3 s under that load); eight action lists 143 731 /
-  413 507 / 705 351 / 53 503 / 33 000 / 36 871 / 35 439 / 50 854 / 32 885 / 30 439. With 32 action
-  lists (05:05 UTC, before the MSS clamp became a global function) 160 957 / 388 193 / 389 371 /
-  120 685 / 127 767 / 138 257 / 93 431 / 149 101 / 271 884 / 112 633. Before action parameters
-  (main at 57f9277, same load), every rule its own list: 187 731 / 706 929 / 736 361 / 779 121,
-  refused at 800 rules; 32 lists reached 802 214 at 100 000.
+- Verifier work (TestUniqueShapeSweep, SFUNNEL_SWEEP=1, one seed per size, 2026-11-30 05:33 UTC,
+  load average 4-8), processed instructions (limit 1 000 000) for 50 / 100 / 200 / 400 / 800 /
+  1 600 / 3 200 / 10 000 / 30 000 / 100 000 rules: every rule with a random action list of its own
+  (stacked dnat + funnel among them) 117 800 / 382 674 / 282 492 / 80 517 / 82 486 / 86 403 /
+  86 792 / 85 121 / 86 646 / 86 786 (100 000: 24 236 instructions, compile 2.1 s, load 2.0 s);
+  eight action lists 106 895 / 264 507 / 424 980 / 53 805 / 33 338 / 36 727 / 36 211 / 50 989 /
+  33 267 / 31 008. With 32 action lists (05:05 UTC, load 14, before the MSS clamp and the trace
+  record became global functions) 160 957 / 388 193 / 389 371 / 120 685 / 127 767 / 138 257 /
+  93 431 / 149 101 / 271 884 / 112 633. Before action parameters (main at 57f9277, load 14), every
+  rule its own list: 187 731 / 706 929 / 736 361 / 779 121, refused at 800 rules; 32 lists reached
+  802 214 at 100 000; eight lists 311 020 at 100 rules and 399 081 at 200 (03:25 UTC).
   In a hook of more than 16 distinct action bodies, bodies are shared by action kind and read the
   rule's values from the parameter map (compiler/params.go, docs/datapath.md), so the action code
-  stops growing with the action lists; the MSS clamp of TCP funnels is a global function verified
-  once (compiler/mss.go). Up to 200 rules these rulesets trace (meta nftrace in one rule of ten):
+  stops growing with the action lists; the MSS clamp of TCP funnels and the trace record are global
+  functions verified once (compiler/mss.go, trace.go). Up to 200 rules these rulesets trace (meta nftrace in one rule of ten):
   every rule without a terminal action then ends a scan, and the segments' set-up, not the
   actions, is most of the work; untraced, 100 and 3 000 rules with their own action lists stay
   under 400 000 (TestManyActionListsLoad, in CI).
