@@ -49,6 +49,9 @@ type ScanLayout struct {
 	// everything a directory reaches below Used).
 	Used int      `json:"used"`
 	Sets []string `json:"sets,omitempty"` // named sets, by index in the callback
+	// SetTypes are the types of Sets (a record of an address set takes
+	// its family from it).
+	SetTypes []grammar.SetType `json:"set_types,omitempty"`
 	// Kinds[f] has bit k set when the callback tests kind k of field f
 	// (sport, dport, saddr, daddr).
 	Kinds [4]uint8 `json:"kinds"`
@@ -278,6 +281,14 @@ func (c *compiler) scanLayout() *ScanLayout {
 			}
 		}
 	}
+	for _, name := range t.sets {
+		set := c.sets[name]
+		if set == nil {
+			sc.SetTypes = nil // (PlaceRecord then refuses sets)
+			break
+		}
+		sc.SetTypes = append(sc.SetTypes, set.Type)
+	}
 	return sc
 }
 
@@ -461,7 +472,16 @@ func (l *Layout) placeRecord(r *grammar.Rule, seg int, prio, slot uint32) ([]byt
 		return nil, err
 	}
 	c := &compiler{ct: ct, tracing: sc.Tracing, params: l.Params, opts: Options{Prios: []uint32{prio}, Slots: []uint32{slot}},
-		lin: &linearTable{sets: slices.Clone(sc.Sets)}}
+		lin: &linearTable{sets: slices.Clone(sc.Sets)}, spec: &ebpf.CollectionSpec{Maps: map[string]*ebpf.MapSpec{}}}
+	// The named sets the callback tests, by their types: a record of one
+	// of them is its index in the callback's switch (another set needs
+	// code).
+	if len(sc.SetTypes) == len(sc.Sets) {
+		c.sets = map[string]*grammar.Set{}
+		for i, name := range sc.Sets {
+			c.sets[name] = &grammar.Set{Name: name, Type: sc.SetTypes[i]}
+		}
+	}
 	if sc.SegDev {
 		c.opts.SegIfindex, c.opts.SegReturnIfindex, c.opts.Hook = 1, 1, grammar.HookEgress
 	}
@@ -511,16 +531,16 @@ func (l *Layout) placeRecord(r *grammar.Rule, seg int, prio, slot uint32) ([]byt
 }
 
 // recordFits reports whether rule r's record holds all its matches: no
-// address or port list that would need an entry in a shared map, no
-// named set (PlaceRecord has no set definitions to check it against).
+// address or port list that would need an entry in a shared map (a named
+// set is checked against the sets the callback has).
 func recordFits(r *grammar.Rule) bool {
 	for _, m := range []*grammar.AddrMatch{r.Saddr, r.Daddr} {
-		if m != nil && (m.Set != "" || len(m.Prefixes) != 1) {
+		if m != nil && m.Set == "" && len(m.Prefixes) != 1 {
 			return false
 		}
 	}
 	for _, m := range []*grammar.PortMatch{r.Sport, r.Dport} {
-		if m != nil && (m.Set != "" || len(m.Ranges) > recRanges) {
+		if m != nil && m.Set == "" && len(m.Ranges) > recRanges {
 			return false
 		}
 	}

@@ -21,9 +21,15 @@ import (
 // does (Load, change, Commit under the writer lock).
 func (e *env) run(t *testing.T, text string) string {
 	t.Helper()
+	return e.runWith(t, text, nil)
+}
+
+// runWith is run with parse options (the types of sets the text names).
+func (e *env) runWith(t *testing.T, text string, opts *grammar.Options) string {
+	t.Helper()
 	var out strings.Builder
 	e.do(t, func() error {
-		cmds, _, err := grammar.Parse("<test>", text, nil)
+		cmds, _, err := grammar.Parse("<test>", text, opts)
 		if err != nil {
 			return err
 		}
@@ -896,4 +902,37 @@ func TestParametricRecordsWithoutReload(t *testing.T) {
 		t.Fatal("a datagram to 7021 still reached port 8034 after the delete")
 	}
 	checkEntries(t, e, id)
+}
+
+// A record that tests a named set the record scan already tests goes in
+// by its record too.
+func TestRecordWithNamedSetWithoutReload(t *testing.T) {
+	e := newEnv(t, Options{})
+	id := bpf.HookID{Ifname: "vb", Hook: grammar.HookIngress}
+	var b strings.Builder
+	b.WriteString("flush ruleset\nset blocked {\n\ttype ipv4_addr\n\telements = { 192.0.2.1 }\n}\ninterface vb {\n\tingress {\n")
+	for i := 0; i < 40; i++ {
+		fmt.Fprintf(&b, "\t\tip saddr @blocked udp sport != %d dport %d counter actions drop\n", 100+i, 7000+2*i)
+	}
+	b.WriteString("\t}\n}\n")
+	e.run(t, b.String())
+	prog := liveProgID(t, e, id)
+	rs, _ := e.fresh(t)
+	h20 := rs.Interface("vb").Ingress[20].Handle
+	same := e.unchanged(t, id, prog)
+	if got := e.arrive(t, 7041, 1); got != 1 {
+		t.Fatal("port 7041 dropped before any rule for it")
+	}
+	sets := &grammar.Options{LookupSet: func(string) (grammar.SetType, bool) { return grammar.SetIPv4Addr, true }}
+	ins := echoed(t, e.runWith(t, fmt.Sprintf("insert rule vb ingress position %d ip saddr @blocked udp sport != 9 dport 7041 counter actions drop", h20), sets))
+	same("inserting a record of a named set")
+	if got := e.arrive(t, 7041, 2); got != 0 {
+		t.Fatalf("%d of 2 datagrams passed the inserted rule", got)
+	}
+	checkEntries(t, e, id)
+	e.run(t, fmt.Sprintf("delete rule vb ingress handle %d", ins))
+	same("deleting it")
+	if got := e.arrive(t, 7041, 1); got != 1 {
+		t.Fatal("port 7041 still dropped after the delete")
+	}
 }
