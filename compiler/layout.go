@@ -352,15 +352,11 @@ func (l *Layout) PlaceParams(r *grammar.Rule, seg int, prio, slot, gen uint32) (
 	if err != nil || !l.Params {
 		return ents, nil, err
 	}
-	ct, err := CtMarkLayout(l.CtMarkMask)
+	p, err := l.paramsEntry(r, slot, gen)
 	if err != nil {
 		return nil, nil, err
 	}
-	v, err := (&compiler{ct: ct}).paramsOf(r)
-	if err != nil {
-		return nil, nil, err
-	}
-	return ents, &Entry{Table: paramsMap, Key: ParamsKey(slot, gen), Value: v}, nil
+	return ents, p, nil
 }
 
 func (l *Layout) place(r *grammar.Rule, seg int, prio, slot, gen uint32) ([]Entry, error) {
@@ -450,15 +446,11 @@ func (l *Layout) PlaceRecordParams(r *grammar.Rule, seg int, prio, slot, gen uin
 	if err != nil || !l.Params {
 		return rec, nil, err
 	}
-	ct, err := CtMarkLayout(l.CtMarkMask)
+	p, err := l.paramsEntry(r, slot, gen)
 	if err != nil {
 		return nil, nil, err
 	}
-	v, err := (&compiler{ct: ct}).paramsOf(r)
-	if err != nil {
-		return nil, nil, err
-	}
-	return rec, &Entry{Table: paramsMap, Key: ParamsKey(slot, gen), Value: v}, nil
+	return rec, p, nil
 }
 
 func (l *Layout) placeRecord(r *grammar.Rule, seg int, prio, slot uint32) ([]byte, error) {
@@ -642,4 +634,18 @@ func PerfectValues(blob []byte, l *PerfectLayout) func(key []byte) (abi.TableVal
 		v, ok := have[str(t.chunksOf(key))]
 		return v, ok
 	}
+}
+
+// paramsEntry is rule r's parameter entry for generation gen, keyed by its
+// counter slot: what PlaceParams and PlaceRecordParams add to their entries.
+func (l *Layout) paramsEntry(r *grammar.Rule, slot, gen uint32) (*Entry, error) {
+	ct, err := CtMarkLayout(l.CtMarkMask)
+	if err != nil {
+		return nil, err
+	}
+	v, err := (&compiler{ct: ct}).paramsOf(r)
+	if err != nil {
+		return nil, err
+	}
+	return &Entry{Table: paramsMap, Key: ParamsKey(slot, gen), Value: v}, nil
 }
