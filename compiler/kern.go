@@ -36,39 +36,52 @@ var (
 
 func loadKernelSkb() kernelSkb {
 	kernSkbOnce.Do(func() {
-		spec, err := btf.LoadKernelSpec()
-		if err != nil {
+		boot := bootID()
+		if k, ok := readKernelCache(KernelCacheFile, boot); ok {
+			kernSkb = k
 			return
 		}
-		var fn *btf.Func
-		if spec.TypeByName("bpf_cast_to_kern_ctx", &fn) != nil {
-			return
-		}
-		id, err := spec.TypeID(fn)
-		if err != nil {
-			return
-		}
-		var skb *btf.Struct
-		if spec.TypeByName("sk_buff", &skb) != nil {
-			return
-		}
-		off, size, _, ok := findMember(skb, "ip_summed", 0)
-		if !ok || size != 2 || off%8 > 6 {
-			return
-		}
-		kernSkb = kernelSkb{ok: true, kfunc: int64(id), byteOff: int16(off / 8), shift: int32(off % 8)}
-		var dev *btf.Struct
-		if spec.TypeByName("net_device", &dev) != nil {
-			return
-		}
-		devOff, ok1 := plainMember(skb, "dev", 8)
-		mtuOff, ok2 := plainMember(dev, "mtu", 4)
-		hhOff, ok3 := plainMember(dev, "hard_header_len", 2)
-		if ok1 && ok2 && ok3 {
-			kernSkb.mtu = true
-			kernSkb.devOff, kernSkb.mtuOff, kernSkb.hhOff = devOff, mtuOff, hhOff
-		}
+		kernSkb = kernelSkbFromBTF()
+		writeKernelCache(KernelCacheFile, boot, kernSkb)
 	})
+	return kernSkb
+}
+
+// kernelSkbFromBTF reads the offsets from kernel BTF (the zero value when
+// something is missing: the compiler then uses helpers instead).
+func kernelSkbFromBTF() (kernSkb kernelSkb) {
+	spec, err := btf.LoadKernelSpec()
+	if err != nil {
+		return
+	}
+	var fn *btf.Func
+	if spec.TypeByName("bpf_cast_to_kern_ctx", &fn) != nil {
+		return
+	}
+	id, err := spec.TypeID(fn)
+	if err != nil {
+		return
+	}
+	var skb *btf.Struct
+	if spec.TypeByName("sk_buff", &skb) != nil {
+		return
+	}
+	off, size, _, ok := findMember(skb, "ip_summed", 0)
+	if !ok || size != 2 || off%8 > 6 {
+		return
+	}
+	kernSkb = kernelSkb{ok: true, kfunc: int64(id), byteOff: int16(off / 8), shift: int32(off % 8)}
+	var dev *btf.Struct
+	if spec.TypeByName("net_device", &dev) != nil {
+		return
+	}
+	devOff, ok1 := plainMember(skb, "dev", 8)
+	mtuOff, ok2 := plainMember(dev, "mtu", 4)
+	hhOff, ok3 := plainMember(dev, "hard_header_len", 2)
+	if ok1 && ok2 && ok3 {
+		kernSkb.mtu = true
+		kernSkb.devOff, kernSkb.mtuOff, kernSkb.hhOff = devOff, mtuOff, hhOff
+	}
 	return kernSkb
 }
 
