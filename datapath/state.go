@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"slices"
+	"strconv"
 	"strings"
 
 	"github.com/cilium/ebpf"
@@ -407,10 +408,13 @@ func (st *liveState) ruleset(live func(*hookState) bool) (*ruleset.Ruleset, erro
 // Equal digests mean the running program can stay.
 func digest(spec *ebpf.CollectionSpec, handles []uint64) string {
 	h := sha256.New()
+	var buf []byte
 	w := func(vs ...any) {
+		buf = buf[:0]
 		for _, v := range vs {
-			fmt.Fprint(h, v, "\x00")
+			buf = appendDigestValue(buf, v)
 		}
+		h.Write(buf)
 	}
 	names := make([]string, 0, len(spec.Programs))
 	for n := range spec.Programs {
@@ -441,5 +445,44 @@ func digest(spec *ebpf.CollectionSpec, handles []uint64) string {
 	binary.Write(h, binary.LittleEndian, handles)
 	return hex.EncodeToString(h.Sum(nil))
 }
+
+// appendDigestValue appends v as fmt.Fprint(v, "\x00") writes it, so
+// digests stay equal to those older versions stored. The kinds a program
+// holds per instruction and per map entry are formatted here (fmt spent
+// 20 ms of `sfunnel -f` of 10 000 rules on their tables); others go through fmt.
+func appendDigestValue(b []byte, v any) []byte {
+	switch v := v.(type) {
+	case string:
+		b = append(b, v...)
+	case uint8:
+		b = strconv.AppendUint(b, uint64(v), 10)
+	case int16:
+		b = strconv.AppendInt(b, int64(v), 10)
+	case uint32:
+		b = strconv.AppendUint(b, uint64(v), 10)
+	case int64:
+		b = strconv.AppendInt(b, v, 10)
+	case []byte:
+		b = append(b, '[')
+		for i, x := range v {
+			if i > 0 {
+				b = append(b, ' ')
+			}
+			b = append(b, byteDecimal[x]...)
+		}
+		b = append(b, ']')
+	default:
+		b = fmt.Append(b, v)
+	}
+	return append(b, 0)
+}
+
+// byteDecimal[b] is b in decimal: a program's tables hold megabytes.
+var byteDecimal = func() (t [256]string) {
+	for i := range t {
+		t[i] = strconv.Itoa(i)
+	}
+	return t
+}()
 
 func isSetMap(name string) bool { return strings.HasPrefix(name, bpf.SetMapPrefix) }
