@@ -84,18 +84,45 @@ func (e *emitter) finish() asm.Instructions {
 		}
 		e.insns[i] = e.insns[i].WithReference(ref)
 	}
+	threadJumps(e.insns)
 	return prune(e.insns)
+}
+
+// threadJumps points every jump whose target is an unconditional jump at
+// that jump's final target: an action's end ("done" labels, a rule's end,
+// then pass) is otherwise a chain of taken jumps on every packet it
+// transforms. The intermediate jumps are then pruned if nothing else
+// reaches them.
+func threadJumps(insns asm.Instructions) {
+	at := symbolIndex(insns)
+	isJa := func(ins asm.Instruction) bool {
+		return ins.OpCode.Class() == asm.JumpClass && ins.OpCode.JumpOp() == asm.Ja && ins.Reference() != ""
+	}
+	for i, ins := range insns {
+		op := ins.OpCode
+		if !op.Class().IsJump() || op.JumpOp() == asm.Call || op.JumpOp() == asm.Exit || ins.IsFunctionReference() {
+			continue
+		}
+		ref := ins.Reference()
+		// A chain is at most as long as the program; the bound also stops
+		// a jump cycle (an infinite loop no generator emits).
+		for n := 0; n < len(insns); n++ {
+			t, ok := at[ref]
+			if !ok || !isJa(insns[t]) || t == i {
+				break
+			}
+			ref = insns[t].Reference()
+		}
+		if ref != ins.Reference() {
+			insns[i] = ins.WithReference(ref)
+		}
+	}
 }
 
 // prune drops instructions no path reaches (the verifier refuses them);
 // generators may then emit exits and stat blocks unconditionally.
 func prune(insns asm.Instructions) asm.Instructions {
-	at := map[string]int{}
-	for i, ins := range insns {
-		if s := ins.Symbol(); s != "" {
-			at[s] = i
-		}
-	}
+	at := symbolIndex(insns)
 	seen := make([]bool, len(insns))
 	work := []int{0}
 	for len(work) > 0 {
@@ -134,6 +161,17 @@ func prune(insns asm.Instructions) asm.Instructions {
 		}
 	}
 	return out
+}
+
+// symbolIndex maps each label to the index of the instruction it names.
+func symbolIndex(insns asm.Instructions) map[string]int {
+	at := map[string]int{}
+	for i, ins := range insns {
+		if s := ins.Symbol(); s != "" {
+			at[s] = i
+		}
+	}
+	return at
 }
 
 // Small instruction shorthands.

@@ -10,6 +10,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/cilium/ebpf/asm"
 	"github.com/sfunnel/sfunnel/compiler"
 	"github.com/sfunnel/sfunnel/grammar"
 )
@@ -160,4 +161,42 @@ func firstDiff(a, b string) string {
 		}
 	}
 	return ""
+}
+
+// TestNoJumpToJump: no jump of a golden program, with the checksum helper
+// or inline checksums, lands on an unconditional jump (emit.go threads
+// them: an action's end would otherwise cost a chain of taken jumps per
+// packet).
+func TestNoJumpToJump(t *testing.T) {
+	for name, g := range goldenRulesets() {
+		for _, helper := range []bool{true, false} {
+			g.opts.ChecksumHelper = helper
+			p, err := compiler.Compile(g.rules, g.sets, g.opts)
+			if err != nil {
+				t.Fatal(err)
+			}
+			insns := p.Spec.Programs[compiler.ProgramName].Instructions
+			at := map[string]int{}
+			for i, ins := range insns {
+				if s := ins.Symbol(); s != "" {
+					at[s] = i
+				}
+			}
+			jumps := 0
+			for i, ins := range insns {
+				op := ins.OpCode
+				if !op.Class().IsJump() || op.JumpOp() == asm.Call || op.JumpOp() == asm.Exit || ins.Reference() == "" {
+					continue
+				}
+				jumps++
+				t2 := insns[at[ins.Reference()]]
+				if t2.OpCode.Class() == asm.JumpClass && t2.OpCode.JumpOp() == asm.Ja {
+					t.Errorf("%s (helper %v): instruction %d (%v) jumps to %s, itself a jump to %s", name, helper, i, ins, ins.Reference(), t2.Reference())
+				}
+			}
+			if jumps == 0 {
+				t.Errorf("%s: no jumps found", name)
+			}
+		}
+	}
 }
