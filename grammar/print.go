@@ -21,9 +21,22 @@ type PrintOptions struct {
 
 // FormatRule prints a rule in canonical form.
 func FormatRule(r *Rule, o *PrintOptions) string {
+	text, _ := formatRule(r, o)
+	return text
+}
+
+// FormatRuleCounterAt is FormatRule(r, nil) and the byte offset in it
+// where a listing puts " packets P bytes B": right after `counter` (0
+// when the rule has none), so listings need not print the rule twice.
+func FormatRuleCounterAt(r *Rule) (text string, counterAt int) {
+	return formatRule(r, nil)
+}
+
+func formatRule(r *Rule, o *PrintOptions) (string, int) {
 	if o == nil {
 		o = &PrintOptions{}
 	}
+	counterAt := 0
 	// The compiler prints every rule for its shape keys and the state
 	// keeps the text of every rule, so the words are appended into one
 	// buffer rather than joined.
@@ -69,6 +82,7 @@ func FormatRule(r *Rule, o *PrintOptions) string {
 	}
 	if r.Counter {
 		w.word("counter")
+		counterAt = len(w.b)
 		if o.Counter != nil {
 			if p, b, ok := o.Counter(r.Handle); ok {
 				w.word("packets")
@@ -114,7 +128,7 @@ func FormatRule(r *Rule, o *PrintOptions) string {
 		w.b = append(w.b, " # handle "...)
 		w.b = strconv.AppendUint(w.b, r.Handle, 10)
 	}
-	return string(w.b)
+	return string(w.b), counterAt
 }
 
 // words builds text of words separated by single spaces.

@@ -48,25 +48,8 @@ type ListedRule struct {
 
 // ListRule renders a rule for a listing.
 func ListRule(r *grammar.Rule) ListedRule {
-	text := grammar.FormatRule(r, nil)
-	lr := ListedRule{Handle: r.Handle, Text: text}
-	if r.Counter {
-		// Where the printer puts the values: the k with
-		// with == text[:k] + ins + text[k:].
-		const ins = " packets 0 bytes 0"
-		with := grammar.FormatRule(r, &grammar.PrintOptions{Counter: func(uint64) (uint64, uint64, bool) { return 0, 0, true }})
-		i := 0
-		for i < len(text) && text[i] == with[i] {
-			i++
-		}
-		for k := i; k >= 0 && k >= i-len(ins); k-- {
-			if text[:k]+ins+text[k:] == with {
-				lr.CounterAt = k
-				break
-			}
-		}
-	}
-	return lr
+	text, at := grammar.FormatRuleCounterAt(r)
+	return ListedRule{Handle: r.Handle, Text: text, CounterAt: at}
 }
 
 // ListingOf renders rs.

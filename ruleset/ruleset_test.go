@@ -196,6 +196,8 @@ interface eth0 {
 	}
 	egress {
 		ip daddr 198.51.100.1 udp dport { 2055, 4739 } counter actions funnel tcp dport 179 sport 540
+		counter comment "counter packets 1"
+		meta mark 0x1 counter ct mark set 0x2
 	}
 }
 `
@@ -209,7 +211,7 @@ interface eth0 {
 			t.Fatal(err)
 		}
 	}
-	counters := map[uint64]Counter{1: {7, 700}, 2: {8, 800}, 3: {9, 900}, 5: {1, 2}}
+	counters := map[uint64]Counter{1: {7, 700}, 2: {8, 800}, 3: {9, 900}, 5: {1, 2}, 6: {3, 4}, 7: {0, 0}}
 	for _, o := range []*ListOptions{{}, {Handles: true}, {Counters: counters}, {Handles: true, Counters: counters}} {
 		var want strings.Builder
 		for _, s := range rs.Sets {
