@@ -333,8 +333,10 @@ Where sfunnel's time goes (perf of the same commands, 2026-11-30 05:00 UTC): ` +
 is compiling (about a fifth: classification and variants), parsing the input (the quick path lowers
 each rule as it reads it, so the syntax of the whole file is never held), the collector (a fifth of the
 CPU, on the other core), creating maps and loading the program, the canonical text of every rule for
-the state record, and kernel BTF for the compiler's skb offsets; the old state record, needed to
-replace it, is read on the other core while the input is parsed. A file that starts with
+the state record (one printing per rule), and the program's digest (sha256 of its text, written
+without fmt and hashed as it is written); kernel BTF, for the compiler's skb offsets, is read once per
+boot (/run/sfunnel/kernel-skb); the old state record, needed to replace it (priorities and counter
+slots of rules that stay), is read on the other core while the input is parsed. A file that starts with
 ` + "`flush ruleset`" + ` sets a soft memory limit from its size (sfunnel(8) ENVIRONMENT), which keeps the
 peak RSS the same from run to run. ` + "`add`/`insert`/`replace`/`delete rule`" + ` batches read the rules
 as placeholders (their handles) and parse only the rules they remove or replace (or every rule of a
