@@ -7,18 +7,12 @@ import (
 
 	"github.com/sfunnel/sfunnel/bpf"
 	"github.com/sfunnel/sfunnel/grammar"
-	"github.com/sfunnel/sfunnel/ruleset"
 )
 
 // dnatRule rewrites UDP to port to 192.0.2.2:to.
 func dnatRule(t *testing.T, handle uint64, port, to int) *grammar.Rule {
 	t.Helper()
-	r, err := grammar.ParseRule("<test>", fmt.Sprintf("ip daddr 192.0.2.2 udp dport %d counter actions dnat to 192.0.2.2:%d", port, to), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	r.Handle = handle
-	return r
+	return handleRule(t, handle, fmt.Sprintf("ip daddr 192.0.2.2 udp dport %d counter actions dnat to 192.0.2.2:%d", port, to))
 }
 
 // A hook of many dnat targets has parametric bodies (compiler/params.go):
@@ -32,9 +26,7 @@ func TestActionParamsLive(t *testing.T) {
 	for i := 0; i < 40; i++ {
 		rules = append(rules, dnatRule(t, uint64(i+1), 7000+i, 8000+i))
 	}
-	rs := func(rules []*grammar.Rule) *ruleset.Ruleset {
-		return &ruleset.Ruleset{NextHandle: 100, Interfaces: []*ruleset.Interface{{Name: "vb", Ingress: slices.Clone(rules)}}}
-	}
+	rs := vbIngress
 	e.commit(t, rs(rules))
 	prog := liveProgID(t, e, id)
 	if got := e.sendTo(t, 7005, 8005, 2); got != 2 {

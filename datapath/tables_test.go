@@ -14,12 +14,23 @@ import (
 // them share one shape, so the hook classifies through rule tables.
 func hostRule(t *testing.T, handle uint64, host int, port int) *grammar.Rule {
 	t.Helper()
-	r, err := grammar.ParseRule("<test>", fmt.Sprintf("ip saddr 192.0.2.%d udp dport %d counter actions drop", host, port), nil)
+	return handleRule(t, handle, fmt.Sprintf("ip saddr 192.0.2.%d udp dport %d counter actions drop", host, port))
+}
+
+// handleRule parses a rule and gives it a handle.
+func handleRule(t *testing.T, handle uint64, text string) *grammar.Rule {
+	t.Helper()
+	r, err := grammar.ParseRule("<test>", text, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
 	r.Handle = handle
 	return r
+}
+
+// vbIngress is a ruleset of rules (a copy) on vb's ingress hook.
+func vbIngress(rules []*grammar.Rule) *ruleset.Ruleset {
+	return &ruleset.Ruleset{NextHandle: 100, Interfaces: []*ruleset.Interface{{Name: "vb", Ingress: slices.Clone(rules)}}}
 }
 
 // Adding a rule of an existing shape at the end, deleting the last one or
@@ -34,9 +45,7 @@ func TestTableOnlyChanges(t *testing.T) {
 	for i := 0; i < 40; i++ {
 		rules = append(rules, hostRule(t, uint64(i+1), 100+i, 7000+i))
 	}
-	rs := func(rules []*grammar.Rule) *ruleset.Ruleset {
-		return &ruleset.Ruleset{NextHandle: 100, Interfaces: []*ruleset.Interface{{Name: "vb", Ingress: slices.Clone(rules)}}}
-	}
+	rs := vbIngress
 	// 192.0.2.1 (a) sends; rules 41 and 42 will match it. (Their ports are
 	// in the range of the existing rules: the compiler's port prefilter is
 	// part of the program.)
@@ -106,9 +115,7 @@ func TestTableOnlyPortArray(t *testing.T) {
 	for i := 0; i < 40; i++ {
 		rules = append(rules, udpRule(uint64(i+1), uint16(7000+2*i), grammar.ActDrop))
 	}
-	rs := func(rules []*grammar.Rule) *ruleset.Ruleset {
-		return &ruleset.Ruleset{NextHandle: 100, Interfaces: []*ruleset.Interface{{Name: "vb", Ingress: slices.Clone(rules)}}}
-	}
+	rs := vbIngress
 	e.commit(t, rs(rules))
 	prog := liveProgID(t, e, id)
 	if got := e.send(t, 7005, 2); got != 2 {
