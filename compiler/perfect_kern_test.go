@@ -125,18 +125,7 @@ func TestRebuildPerfectLoaded(t *testing.T) {
 			}
 		}
 	}
-	if err := l.coll.Maps[abi.ControlMap].Put(uint32(0), abi.Control{Generation: 1, NoRule: abi.NoRule}); err != nil {
-		t.Fatal(err)
-	}
-	if r := l.run(t, to4739, 0); r.ret != compiler.VerdictNext {
-		t.Fatalf("after: port 4739 verdict %d, want no match", r.ret)
-	}
-	if r := l.run(t, to2055, 0); r.ret != compiler.VerdictPass {
-		t.Fatalf("after: port 2055 verdict %d", r.ret)
-	}
-	if c := l.counter(t, 69); c.Packets != 3 {
-		t.Fatalf("rule 69 counted %d packets, want 3", c.Packets)
-	}
+	switchToNewTables(t, l, to4739, to2055)
 }
 
 // A hook of many shapes gives perfect-hash tables to the first eight

@@ -56,6 +56,15 @@ func TestTableUpdateWithoutReload(t *testing.T) {
 	if r := l.run(t, to4739, 0); r.ret != compiler.VerdictPass {
 		t.Fatalf("new entries written, not switched: port 4739 verdict %d", r.ret)
 	}
+	switchToNewTables(t, l, to4739, to2055)
+}
+
+// switchToNewTables flips the control word to generation 1 and checks the
+// rewritten tables took over: port 4739's rule is gone, port 2055 still
+// passes, and rule 69's counter holds the two packets before the switch
+// and the one after.
+func switchToNewTables(t *testing.T, l *loaded, to4739, to2055 []byte) {
+	t.Helper()
 	if err := l.coll.Maps[abi.ControlMap].Put(uint32(0), abi.Control{Generation: 1, NoRule: abi.NoRule}); err != nil {
 		t.Fatal(err)
 	}
