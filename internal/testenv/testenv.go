@@ -94,8 +94,11 @@ func (ns *NS) Command(name string, args ...string) *exec.Cmd {
 func (ns *NS) Do(f func() error) error {
 	errc := make(chan error, 1)
 	go func() {
-		// The thread is never unlocked: it dies with the goroutine instead of
-		// going back to the pool in the wrong namespace.
+		// The thread goes back to the pool only once it is back in the
+		// original namespace; otherwise it stays locked and dies with the
+		// goroutine. (Not only for the pool's sake: Go never ends the
+		// main thread, it parks it, and a main thread parked in the
+		// namespace kept it alive until the test binary exited.)
 		runtime.LockOSThread()
 		orig, err := netns.Get()
 		if err != nil {
@@ -113,7 +116,11 @@ func (ns *NS) Do(f func() error) error {
 			errc <- err
 			return
 		}
-		errc <- f()
+		err = f()
+		if netns.Set(orig) == nil {
+			runtime.UnlockOSThread()
+		}
+		errc <- err
 	}()
 	return <-errc
 }
