@@ -17,11 +17,12 @@ import (
 	"github.com/sfunnel/sfunnel/ruleset"
 )
 
-// The state record stored with every generation (bpf.Gen.WriteState). It is
-// an explicit schema in tagged JSON, not a dump of Go types: rules and sets
-// are kept as the canonical text `list ruleset` prints (which the grammar
-// promises to read back), so a newer sfunnel reads what an older one wrote
-// and `list ruleset` prints without parsing.
+// The state record stored with every generation (bpf.Gen.WriteState):
+// what is committed, read by `list ruleset` and by the next writer. The
+// types below are what the commit works with; the bytes stored are version
+// 3 (staterecord.go: a JSON header, the rules as text, a binary index), or,
+// as sfunnel wrote them until 2026-11-30 and still reads them, version 2:
+// one JSON document, these types' tags.
 //
 //	{"format": "sfunnel-state", "version": 2, "generation": N,
 //	 "ct_mark_mask": M, "next_handle": H,
@@ -35,16 +36,16 @@ import (
 //	    "layout": {compiler.Layout}, "spare": {"delta": {TABLE: [KEY…]}}}]}],
 //	 "aux_hooks": [{"interface": IF, "hook": HOOK}]}
 //
+// Rules and sets are kept as the canonical text `list ruleset` prints
+// (which the grammar promises to read back), so a newer sfunnel reads
+// what an older one wrote and `list ruleset` prints without parsing.
 // counter_at is the byte offset in text where `list` inserts "packets P
 // bytes B" (0: the rule has no counter). counter_handles maps the index of
 // the hook's counters map to rule handles. base holds what earlier
 // programs of the hook counted for rules that survived into this one: a
 // rule's counter is its base plus the live map (copying into the live map
 // instead would race with the program counting in it).
-const (
-	stateFormat  = "sfunnel-state"
-	stateVersion = 2
-)
+const stateFormat = "sfunnel-state"
 
 type liveState struct {
 	Format     string        `json:"format"`
@@ -115,7 +116,7 @@ type ruleRecord struct {
 	// Slot its counter slot, Segment 1 + its table segment in the layout
 	// (0: tested by code of its own), Table whether its matching is all
 	// table entries.
-	// They are stored as the hook's placement arrays (decoding ten
+	// Version 2 stored them as the hook's placement arrays (decoding ten
 	// thousand objects' fields costs more than arrays of numbers).
 	Prio    uint32 `json:"-"`
 	Slot    uint32 `json:"-"`
@@ -157,31 +158,28 @@ func (h *hookState) setBase(m map[uint64]ruleset.Counter) {
 	}
 }
 
-// decodeState reads a state record. Unknown fields are ignored (a newer
-// sfunnel may add some); a record of another format or a newer major
-// version is refused with a message saying what to do.
+// decodeState reads a state record: version 3 (staterecord.go) or 2
+// (one JSON document, as sfunnel wrote it until 2026-11-30). Unknown
+// fields of a header are ignored (a newer sfunnel may add some); a record
+// of another format or a newer version is refused with a message saying
+// what to do.
 func decodeState(data []byte) (*liveState, error) {
+	if isV3(data) {
+		return decodeV3(data)
+	}
 	var st liveState
 	if err := json.Unmarshal(data, &st); err != nil {
 		return nil, fmt.Errorf("stored ruleset is corrupt: %w", err)
 	}
-	if st.Format != stateFormat || st.Version != stateVersion {
-		return nil, fmt.Errorf("stored ruleset has format %q version %d, this sfunnel reads %q version %d "+
-			"(run `sfunnel flush ruleset` with the sfunnel that wrote it, or remove %s)",
-			st.Format, st.Version, stateFormat, stateVersion, bpf.DefaultRoot)
+	if st.Format != stateFormat || st.Version != 2 {
+		return nil, versionError(st.Format, st.Version)
 	}
 	for i := range st.Interfaces {
 		ifc := &st.Interfaces[i]
 		for j := range ifc.Hooks {
 			h := &ifc.Hooks[j]
-			h.ifname = ifc.Name
-			switch h.Hook {
-			case "ingress":
-				h.hook = grammar.HookIngress
-			case "egress":
-				h.hook = grammar.HookEgress
-			default:
-				return nil, fmt.Errorf("stored ruleset is corrupt: interface %s has hook %q", ifc.Name, h.Hook)
+			if err := h.identify(ifc.Name); err != nil {
+				return nil, err
 			}
 			if p := h.Placement; p != nil {
 				n := len(h.Rules)
@@ -196,31 +194,34 @@ func decodeState(data []byte) (*liveState, error) {
 			}
 		}
 	}
+	st.Version = stateVersion // what encodeState writes of it
 	return &st, nil
 }
 
+func versionError(format string, version int) error {
+	return fmt.Errorf("stored ruleset has format %q version %d, this sfunnel reads %q versions 2 to %d "+
+		"(run `sfunnel flush ruleset` with the sfunnel that wrote it, or remove %s)",
+		format, version, stateFormat, stateVersion, bpf.DefaultRoot)
+}
+
+// identify fills in h's interface and hook from the record.
+func (h *hookState) identify(ifname string) error {
+	h.ifname = ifname
+	switch h.Hook {
+	case "ingress":
+		h.hook = grammar.HookIngress
+	case "egress":
+		h.hook = grammar.HookEgress
+	default:
+		return fmt.Errorf("stored ruleset is corrupt: interface %s has hook %q", ifname, h.Hook)
+	}
+	return nil
+}
+
+// encodeState writes st as a record of the current version.
 func encodeState(st *liveState) ([]byte, error) {
 	st.Format, st.Version = stateFormat, stateVersion
-	for _, h := range st.hooks() {
-		h.Placement = nil
-		if len(h.Rules) == 0 || h.Rules[0].Prio == 0 {
-			continue
-		}
-		p := &placementRecord{}
-		for _, r := range h.Rules {
-			p.Prio, p.Slot, p.Segment = append(p.Prio, r.Prio), append(p.Slot, r.Slot), append(p.Segment, r.Segment)
-			p.Table = append(p.Table, r.Table)
-		}
-		h.Placement = p
-	}
-	data, err := json.Marshal(st)
-	for _, h := range st.hooks() {
-		h.Placement = nil
-	}
-	if err != nil {
-		return nil, fmt.Errorf("encode ruleset: %w", err)
-	}
-	return data, nil
+	return encodeV3(st)
 }
 
 func readGenState(g *bpf.Gen) (*liveState, error) {

@@ -1,12 +1,20 @@
 package datapath
 
 import (
+	"bytes"
+	"flag"
+	"fmt"
 	"os"
+	"reflect"
 	"strings"
 	"testing"
 
+	"github.com/sfunnel/sfunnel/compiler"
+	"github.com/sfunnel/sfunnel/grammar"
 	"github.com/sfunnel/sfunnel/ruleset"
 )
+
+var updateState = flag.Bool("update-state", false, "rewrite testdata/state-v3 (only with a new state version, see TestStoredStateV3)")
 
 // The listing both stored fixtures describe (handles and counters shown,
 // counters as stored bases).
@@ -128,9 +136,141 @@ func TestLegacyStateV1(t *testing.T) {
 
 // Records of another format or version are refused with what to do.
 func TestStateOtherVersion(t *testing.T) {
-	for _, rec := range []string{`{"format":"sfunnel-state","version":3}`, `{"Version":1}`, `{}`} {
+	for _, rec := range []string{`{"format":"sfunnel-state","version":3}`, `{"Version":1}`, `{}`,
+		"sfunnel-state 4 2 0 0\n{}", "sfunnel-state 4\n"} {
 		if _, err := decodeState([]byte(rec)); err == nil || !strings.Contains(err.Error(), "flush ruleset") {
 			t.Errorf("%s: %v", rec, err)
+		}
+	}
+}
+
+// v3Fixture is the state testdata/state-v3 holds: every field of the
+// record set (placement with a table rule, a free counter slot, bases,
+// a layout, spare tables, contested keys, the mark in use, an aux hook).
+func v3Fixture() *liveState {
+	layout := &compiler.Layout{CtMarkMask: 0x00ff0000, Needs: compiler.LayoutNeeds{V4: true, Dport: true}, Slots: 4,
+		Tables: map[string]int{"tbl_dport": 16}, Segments: []compiler.SegmentLayout{{
+			Shapes: []compiler.ShapeLayout{{Key: "udp dport", ID: 1, Table: "tbl_dport"}}, Bodies: []string{"drop"}, Terminal: true}}}
+	return &liveState{Format: stateFormat, Version: stateVersion, Generation: 7, CtMarkMask: 0x00ff0000, NextHandle: 5, CtMarkUsed: true,
+		Sets: []setRecord{{Name: "ports", Text: "set ports {\n\ttype inet_service\n\telements = { 4739, 6343 }\n}\n"}},
+		Interfaces: []ifaceRecord{{Name: "vb", Hooks: []hookState{
+			{Hook: "ingress", ifname: "vb", hook: grammar.HookIngress,
+				Digest: "517ae142dd52fc76b4c18c4f1453c2d0bafda8aeb5eedece441a3fef44f6daec", ProgDigest: "1f00", TableGen: 1,
+				CounterHandles: numbers[uint64]{1, 0, 3},
+				Rules: ruleRecords{
+					{Handle: 1, Text: "udp dport 5000 counter actions drop", CounterAt: 22, Prio: 1 << 14, Slot: 0, Segment: 1, Table: true},
+					{Handle: 3, Text: "tcp dport 179 sport 540 counter actions unfunnel udp", CounterAt: 31, Prio: 2 << 14, Slot: 2}},
+				Base:   []baseRecord{{Handle: 3, Packets: 12, Bytes: 3456}},
+				Layout: layout, Spare: &spareRecord{Delta: map[string][]string{"tbl_dport": {"1388"}}}, Contested: []string{"tbl_dport/1388"}},
+			{Hook: "egress", ifname: "vb", hook: grammar.HookEgress,
+				Digest: "d5f8393fef70b528d9129944c511facaf972713473d8a68a96811a269e57002c", Sets: []string{"ports"},
+				CounterHandles: numbers[uint64]{2, 4},
+				Rules: ruleRecords{
+					{Handle: 2, Text: `ip daddr 192.0.2.1 udp dport @ports counter actions funnel tcp dport 179 sport 540 comment "flows"`, CounterAt: 43},
+					{Handle: 4, Text: "udp dport 9 counter actions drop", CounterAt: 19}}}}}},
+		Aux: []auxRecord{{Interface: "sfseg3r", Hook: "ingress"}}}
+}
+
+// A version 3 record (testdata/state-v3, as stored in bpffs) reads back
+// to exactly what was written, lists the same parsed and unparsed, and
+// this sfunnel writes the same bytes for it. The last check is the one
+// that fails when the format changes: then the change needs a new
+// version (stateVersion), a reader for version 3 that keeps this test
+// passing on the old fixture, and a new fixture (-update-state).
+func TestStoredStateV3(t *testing.T) {
+	want := v3Fixture()
+	data, err := encodeState(v3Fixture())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if *updateState {
+		if err := os.WriteFile("testdata/state-v3", data, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	stored, err := os.ReadFile("testdata/state-v3")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(data, stored) {
+		t.Errorf("the state record format changed without a new version (stateVersion %d): this sfunnel writes\n%q\nwhere testdata/state-v3 has\n%q", stateVersion, data, stored)
+	}
+	st, err := decodeState(stored)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !reflect.DeepEqual(st, want) {
+		t.Errorf("testdata/state-v3 decodes to\n%+v\nwant\n%+v", st, want)
+	}
+	parsed, listed := listFixture(t, st)
+	if parsed != listed {
+		t.Errorf("parsed and stored listings differ:\n%s\n---\n%s", parsed, listed)
+	}
+	wantList := strings.Replace(fixtureListing, "540 counter packets 0 bytes 0", "540 counter packets 12 bytes 3456", 1) +
+		"\t\tudp dport 9 counter packets 0 bytes 0 actions drop # handle 4\n\t}\n}\n"
+	if parsed != wantList {
+		t.Errorf("listing of the stored state:\n%s\nwant:\n%s", parsed, wantList)
+	}
+}
+
+// The record's text part is the ruleset as a file that parses back to
+// the same rules, with their handles in comments.
+func TestStateTextPart(t *testing.T) {
+	data, err := os.ReadFile("testdata/state-v3")
+	if err != nil {
+		t.Fatal(err)
+	}
+	st, err := decodeState(data)
+	if err != nil {
+		t.Fatal(err)
+	}
+	first := bytes.IndexByte(data, '\n')
+	var hlen, tlen int
+	if _, err := fmt.Sscanf(string(data[:first]), "sfunnel-state 3 %d %d", &hlen, &tlen); err != nil {
+		t.Fatal(err)
+	}
+	text := string(data[first+1+hlen : first+1+hlen+tlen])
+	cmds, _, err := grammar.Parse("state-v3", text, nil)
+	if err != nil {
+		t.Fatalf("text part does not parse: %v\n%s", err, text)
+	}
+	var rules []string
+	for _, c := range cmds {
+		if c.Kind == grammar.CmdAddRule {
+			rules = append(rules, ruleset.ListRule(c.Rule).Text)
+		}
+	}
+	var stored []string
+	for _, h := range st.hooks() {
+		for _, r := range h.Rules {
+			stored = append(stored, r.Text)
+			if !strings.Contains(text, r.Text+" # handle "+fmt.Sprint(r.Handle)+"\n") {
+				t.Errorf("rule %d: no %q with its handle in the text part", r.Handle, r.Text)
+			}
+		}
+	}
+	if fmt.Sprint(rules) != fmt.Sprint(stored) {
+		t.Errorf("text part parses to %q, want %q", rules, stored)
+	}
+}
+
+// A damaged record is refused with an error, never a panic or rules
+// that are not the stored ones: every truncation, every byte changed.
+func TestStateV3Corrupt(t *testing.T) {
+	data, err := os.ReadFile("testdata/state-v3")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for n := 0; n < len(data); n++ {
+		if _, err := decodeState(data[:n]); err == nil {
+			t.Errorf("truncated to %d bytes: no error", n)
+		}
+	}
+	for i := range data {
+		bad := bytes.Clone(data)
+		bad[i] ^= 0x5a
+		if st, err := decodeState(bad); err == nil {
+			t.Errorf("byte %d changed: no error, read %+v", i, st)
 		}
 	}
 }

@@ -5,15 +5,14 @@ import (
 	"unicode/utf8"
 )
 
-// ruleRecords is a hook's rules in the state record, in the record's JSON
-// form ([{"handle": H, "text": RULE, "counter_at": OFFSET}, …]) with a
-// reader of its own: encoding/json's reflection over ten thousand small
-// objects was the largest part of a rule change on a large hook (a third
-// of `delete rule`), and this reads them in half the time. What it does not
-// expect (another key, a number in another form) goes to encoding/json,
-// so what it reads is exactly the record's format. (Writing is
-// encoding/json's: a writer of its own measured slower, as encoding/json
-// checks a Marshaler's output again.)
+// ruleRecords is a hook's rules in a version 2 state record, in that
+// record's JSON form ([{"handle": H, "text": RULE, "counter_at": OFFSET},
+// …]) with a reader of its own: encoding/json's reflection over ten
+// thousand small objects was the largest part of a rule change on a large
+// hook, and this reads them in half the time. What it does not expect
+// (another key, a number in another form) goes to encoding/json, so what
+// it reads is exactly the record's format. (Version 3, which sfunnel
+// writes now, keeps rules out of JSON: staterecord.go.)
 type ruleRecords []ruleRecord
 
 func (rr *ruleRecords) UnmarshalJSON(data []byte) error {

@@ -6,7 +6,10 @@ import (
 	"fmt"
 	"math/rand"
 	"reflect"
+	"slices"
 	"testing"
+
+	"github.com/sfunnel/sfunnel/grammar"
 )
 
 // The state record's rules read exactly as encoding/json reads
@@ -160,4 +163,78 @@ func same[T any](t *testing.T, v []T, read func([]byte) (any, error)) {
 			t.Fatalf("%s: read as %v, %v; want %v", form, got, err, plain)
 		}
 	}
+}
+
+// encodeV2 writes st as sfunnel wrote it until version 3 (for
+// comparisons: this sfunnel only reads version 2).
+func encodeV2(st *liveState) ([]byte, error) {
+	v2 := *st
+	v2.Format, v2.Version = stateFormat, 2
+	v2.Interfaces = slices.Clone(st.Interfaces)
+	for i := range v2.Interfaces {
+		hooks := slices.Clone(v2.Interfaces[i].Hooks)
+		for j := range hooks {
+			h := &hooks[j]
+			if len(h.Rules) == 0 || h.Rules[0].Prio == 0 {
+				continue
+			}
+			p := &placementRecord{}
+			for _, r := range h.Rules {
+				p.Prio, p.Slot, p.Segment = append(p.Prio, r.Prio), append(p.Slot, r.Slot), append(p.Segment, r.Segment)
+				p.Table = append(p.Table, r.Table)
+			}
+			h.Placement = p
+		}
+		v2.Interfaces[i].Hooks = hooks
+	}
+	return json.Marshal(&v2)
+}
+
+// bigState is a hook of n rules as `sfunnel -f` stores them.
+func bigState(n int) *liveState {
+	h := hookState{Hook: "ingress", ifname: "vb", hook: grammar.HookIngress, Digest: "d", Rules: make(ruleRecords, n), CounterHandles: make(numbers[uint64], n)}
+	for i := range h.Rules {
+		h.Rules[i] = ruleRecord{Handle: uint64(i + 1), Text: fmt.Sprintf("ip saddr 10.%d.%d.1 udp dport %d counter actions drop", i/250%250, i%250, 1000+i),
+			CounterAt: 40, Prio: uint32(i+1) << 14, Slot: uint32(i), Segment: 1, Table: true}
+		h.CounterHandles[i] = uint64(i + 1)
+	}
+	return &liveState{Format: stateFormat, Version: stateVersion, NextHandle: uint64(n + 1), Sets: []setRecord{},
+		Interfaces: []ifaceRecord{{Name: "vb", Hooks: []hookState{h}}}}
+}
+
+// BenchmarkStateRecord: the state record of a 10 000-rule hook decoded
+// and encoded, version 3 against version 2.
+func BenchmarkStateRecord(b *testing.B) {
+	st := bigState(10000)
+	v2, err := encodeV2(st)
+	if err != nil {
+		b.Fatal(err)
+	}
+	v3, err := encodeState(st)
+	if err != nil {
+		b.Fatal(err)
+	}
+	for _, c := range []struct {
+		version string
+		data    []byte
+	}{{"2", v2}, {"3", v3}} {
+		b.Run("decode/version="+c.version, func(b *testing.B) {
+			b.SetBytes(int64(len(c.data)))
+			for range b.N {
+				if _, err := decodeState(c.data); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+	b.Run("encode/version=2", func(b *testing.B) {
+		for range b.N {
+			encodeV2(st)
+		}
+	})
+	b.Run("encode/version=3", func(b *testing.B) {
+		for range b.N {
+			encodeState(st)
+		}
+	})
 }
