@@ -1,11 +1,14 @@
 package bpf
 
 import (
+	"bufio"
 	"errors"
 	"fmt"
 	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -15,6 +18,7 @@ import (
 	"github.com/cilium/ebpf/link"
 	"github.com/sfunnel/sfunnel/grammar"
 	"github.com/sfunnel/sfunnel/internal/testenv"
+	"golang.org/x/sys/unix"
 )
 
 const (
@@ -482,6 +486,99 @@ func TestCollectGarbage(t *testing.T) {
 			t.Errorf("state of a live namespace removed: %v", err)
 		}
 	}
+}
+
+// With the namespaces' file handles (Linux 6.18), the collector tells
+// dead from live namespaces without scanning /proc: a namespace that only
+// a process keeps alive (no bind mount, no program attached) stays, and
+// goes once the process is gone. A directory without a handle (as older
+// sfunnels left them) is still judged, by the scan.
+func TestCollectGarbageByHandle(t *testing.T) {
+	root := testRoot(t)
+	_, _, err := unix.NameToHandleAt(unix.AT_FDCWD, "/proc/self/ns/net", unix.AT_SYMLINK_FOLLOW)
+	testenv.Require(t, err == nil, "no file handles for network namespaces (Linux 6.18): %v", err)
+	self := testenv.NewNS(t)
+	collect := func() (removed []string) {
+		t.Helper()
+		must(t, self.Do(func() error {
+			s, err := Open(Options{Root: root})
+			if err == nil {
+				removed, err = s.CollectGarbage()
+			}
+			return err
+		}))
+		return removed
+	}
+	scans := procScans
+	for _, handle := range []bool{true, false} {
+		held, dir := processNS(t, root, handle)
+		if removed := collect(); len(removed) != 0 {
+			t.Errorf("handle %v, process alive: collected %v", handle, removed)
+		}
+		held.Process.Kill()
+		held.Wait()
+		if removed := collect(); len(removed) != 1 || removed[0] != dir {
+			t.Errorf("handle %v, process gone: collected %v, want %s", handle, removed, dir)
+		}
+		if want := 0; !handle {
+			if want = 2; procScans-scans != want {
+				t.Errorf("without a handle: %d scans of /proc, want %d", procScans-scans, want)
+			}
+		} else if procScans-scans != want {
+			t.Errorf("with handles: %d scans of /proc, want %d", procScans-scans, want)
+		}
+	}
+}
+
+// processNS starts a process in a namespace of its own (no bind mount,
+// nothing attached) and opens a store there, with or without the handle.
+func processNS(t *testing.T, root string, handle bool) (*exec.Cmd, string) {
+	held := exec.Command("unshare", "--net", "sh", "-c", "echo unshared; exec sleep 60")
+	out, err := held.StdoutPipe()
+	must(t, err)
+	must(t, held.Start())
+	t.Cleanup(func() { held.Process.Kill(); held.Wait() })
+	if line, err := bufio.NewReader(out).ReadString('\n'); line != "unshared\n" {
+		t.Fatalf("unshare: %q %v", line, err)
+	}
+	proc := fmt.Sprintf("/proc/%d/ns/net", held.Process.Pid)
+	var dir string
+	errc := make(chan error, 1)
+	go func() {
+		// Back to this namespace afterwards: a thread that stayed would
+		// keep the process's namespace alive (the main thread, which
+		// Go does not end, may be the one).
+		runtime.LockOSThread()
+		orig, err := unix.Open("/proc/thread-self/ns/net", unix.O_RDONLY|unix.O_CLOEXEC, 0)
+		if err != nil {
+			errc <- err
+			return
+		}
+		defer unix.Close(orig)
+		fd, err := unix.Open(proc, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+		if err == nil {
+			err = unix.Setns(fd, unix.CLONE_NEWNET)
+			unix.Close(fd)
+		}
+		var s *Store
+		if err == nil {
+			s, err = Open(Options{Root: root})
+			if rerr := unix.Setns(orig, unix.CLONE_NEWNET); rerr != nil {
+				errc <- rerr
+				return // the thread dies locked
+			}
+		}
+		runtime.UnlockOSThread()
+		if err == nil {
+			dir = s.Dir
+			if !handle {
+				err = os.Remove(filepath.Join(s.Dir, handlePin))
+			}
+		}
+		errc <- err
+	}()
+	must(t, <-errc)
+	return held, dir
 }
 
 // Interface names may have dots (VLANs: eth0.100), bpffs names may not.

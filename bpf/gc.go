@@ -14,47 +14,43 @@ import (
 // CollectGarbage removes the state directories of network namespaces that
 // no longer exist (their links are detached already; the pins would
 // otherwise keep maps and programs in kernel memory forever, one set per
-// dead namespace, e.g. per deleted pod). A namespace counts as alive while
-// any thread is in it, any process holds it open, or it is bind-mounted
-// (ip netns) in this mount namespace; only directories of namespaces none
-// of these show are removed. It returns the directories removed.
+// dead namespace, e.g. per deleted pod). It returns the directories
+// removed.
+//
+// A directory records a file handle of its namespace (Linux 6.18 and
+// later: nsfs file handles), which open_by_handle_at(2) opens while the
+// namespace lives and refuses with ESTALE once it is gone: one syscall per
+// directory. Only directories without a usable handle (written by an
+// older sfunnel, or an older kernel) are judged by scanning the machine:
+// a namespace counts as alive while any thread is in it, any process
+// holds it open, or it is bind-mounted (ip netns) in this mount
+// namespace. Either way, a directory that may still have a program
+// attached stays.
 func (s *Store) CollectGarbage() ([]string, error) {
 	root := filepath.Dir(s.Dir)
 	ents, err := os.ReadDir(root)
 	if err != nil {
 		return nil, err
 	}
-	cand := map[uint64]string{}
+	cand := map[uint64]string{}  // dead or unknown
+	unknown := map[uint64]bool{} // no handle to tell
 	for _, e := range ents {
 		name := e.Name()
 		ino, err := strconv.ParseUint(strings.TrimPrefix(name, "netns-"), 10, 64)
 		if err != nil || !strings.HasPrefix(name, "netns-") || filepath.Join(root, name) == s.Dir {
 			continue
 		}
-		cand[ino] = filepath.Join(root, name)
-	}
-	if len(cand) == 0 {
-		return nil, nil
-	}
-	alive := func(ino uint64) { delete(cand, ino) }
-	netnsMounts(alive)
-	if len(cand) == 0 {
-		return nil, nil
-	}
-	procs, _ := filepath.Glob("/proc/[0-9]*")
-	for _, p := range procs {
-		tasks, _ := filepath.Glob(p + "/task/[0-9]*/ns/net")
-		for _, t := range tasks {
-			alive(nsInode(t))
+		dir := filepath.Join(root, name)
+		switch nsAlive(dir) {
+		case nsLive:
+			continue
+		case nsUnknown:
+			unknown[ino] = true
 		}
+		cand[ino] = dir
 	}
-	if len(cand) > 0 {
-		for _, p := range procs {
-			fds, _ := os.ReadDir(p + "/fd")
-			for _, fd := range fds {
-				alive(nsInode(filepath.Join(p, "fd", fd.Name())))
-			}
-		}
+	if len(unknown) > 0 {
+		scanNamespaces(cand, unknown)
 	}
 	var removed []string
 	for _, dir := range cand {
@@ -67,6 +63,40 @@ func (s *Store) CollectGarbage() ([]string, error) {
 		removed = append(removed, dir)
 	}
 	return removed, nil
+}
+
+// procScans counts scans of /proc (tests check that handles spare them).
+var procScans int
+
+// scanNamespaces removes from cand the namespaces in unknown that
+// mounts, threads or open files show alive.
+func scanNamespaces(cand map[uint64]string, unknown map[uint64]bool) {
+	procScans++
+	alive := func(ino uint64) {
+		if unknown[ino] {
+			delete(cand, ino)
+			delete(unknown, ino)
+		}
+	}
+	netnsMounts(alive)
+	if len(unknown) == 0 {
+		return
+	}
+	procs, _ := filepath.Glob("/proc/[0-9]*")
+	for _, p := range procs {
+		tasks, _ := filepath.Glob(p + "/task/[0-9]*/ns/net")
+		for _, t := range tasks {
+			alive(nsInode(t))
+		}
+	}
+	if len(unknown) > 0 {
+		for _, p := range procs {
+			fds, _ := os.ReadDir(p + "/fd")
+			for _, fd := range fds {
+				alive(nsInode(filepath.Join(p, "fd", fd.Name())))
+			}
+		}
+	}
 }
 
 // mayBeAttached reports whether a state directory still has a program

@@ -8,6 +8,7 @@
 //
 //	/sys/fs/bpf/sfunnel/netns-<inode>/
 //	    netns                 array map: the namespace cookie (detects a reused inode)
+//	    netns_handle          array map: the namespace's file handle (nshandle.go)
 //	    lock                  (the directory itself is flock'ed by writers)
 //	    current -> gen-N      the committed generation, what readers read
 //	    next -> gen-M         only while (or if) a commit is making gen-M live
@@ -214,6 +215,7 @@ func (s *Store) claim(cookie uint64) error {
 		lerr := m.Lookup(uint32(0), &got)
 		m.Close()
 		if lerr == nil && got == cookie {
+			pinHandle(s.Dir) // directories of older sfunnels have none
 			return nil
 		}
 		if err := os.RemoveAll(s.Dir); err != nil {
@@ -235,6 +237,7 @@ func (s *Store) claim(cookie uint64) error {
 	if err := m.Put(uint32(0), v[:]); err != nil {
 		return fmt.Errorf("write netns map: %w", err)
 	}
+	pinHandle(s.Dir)
 	return pinReplace(m, path)
 }
 
