@@ -9,6 +9,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/sfunnel/sfunnel/bpf"
 	"github.com/sfunnel/sfunnel/compiler"
 	"github.com/sfunnel/sfunnel/grammar"
 	"github.com/sfunnel/sfunnel/ruleset"
@@ -272,5 +273,83 @@ func TestStateV3Corrupt(t *testing.T) {
 		if st, err := decodeState(bad); err == nil {
 			t.Errorf("byte %d changed: no error, read %+v", i, st)
 		}
+	}
+}
+
+// An upgrade: the live ruleset's record as an older sfunnel wrote it
+// (version 2) is read, listed, and changed in place by the incremental
+// path (priorities and slots came through), and the change writes a
+// version 3 record; counters and traffic agree throughout.
+func TestUpgradeFromV2(t *testing.T) {
+	e := newEnv(t, Options{})
+	var b strings.Builder
+	b.WriteString("flush ruleset\ninterface vb {\n\tingress {\n")
+	for i := 0; i < 40; i++ {
+		fmt.Fprintf(&b, "\t\tudp dport %d counter actions drop\n", 7000+i)
+	}
+	b.WriteString("\t}\n}\n")
+	e.run(t, b.String())
+	if got := e.arrive(t, 7003, 3); got != 0 {
+		t.Fatalf("%d of 3 datagrams to port 7003 passed its drop rule", got)
+	}
+	record := func() (data []byte) {
+		e.do(t, func() error {
+			s, err := bpf.OpenExisting(bpf.Options{Root: e.root})
+			if err != nil {
+				return err
+			}
+			g, err := s.Current()
+			if err == nil {
+				data, err = g.ReadState()
+			}
+			return err
+		})
+		return data
+	}
+	before, err := decodeState(record())
+	if err != nil {
+		t.Fatal(err)
+	}
+	v2, err := encodeV2(before)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.do(t, func() error {
+		s, err := bpf.OpenExisting(bpf.Options{Root: e.root})
+		if err != nil {
+			return err
+		}
+		g, err := s.Current()
+		if err == nil {
+			err = g.WriteState(v2)
+		}
+		return err
+	})
+	if data := record(); isV3(data) || !bytes.Contains(data, []byte(`"version":2`)) {
+		t.Fatalf("the record was not replaced by a version 2 one: %.80q", data)
+	}
+	rs, counters := e.fresh(t)
+	rules := rs.Interface("vb").Ingress
+	if len(rules) != 40 || counters[rules[3].Handle].Packets != 3 {
+		t.Fatalf("the version 2 record reads back as %d rules, counter %+v", len(rules), counters[rules[3].Handle])
+	}
+	patched := e.be.patched
+	e.run(t, fmt.Sprintf("delete rule vb ingress handle %d", rules[5].Handle))
+	if e.be.patched != patched+1 {
+		t.Errorf("delete rule on a version 2 record compiled the hook (priorities and slots lost?)")
+	}
+	if data := record(); !isV3(data) {
+		t.Errorf("the change wrote %.40q, not a version 3 record", data)
+	}
+	rs, counters = e.fresh(t)
+	after := rs.Interface("vb").Ingress
+	if len(after) != 39 || after[5].Handle != rules[6].Handle || counters[rules[3].Handle].Packets != 3 {
+		t.Errorf("after the change: %d rules, 6th handle %d (want %d), counter %+v", len(after), after[5].Handle, rules[6].Handle, counters[rules[3].Handle])
+	}
+	if got := e.arrive(t, 7005, 2); got != 2 {
+		t.Errorf("%d of 2 datagrams to the deleted rule's port arrived", got)
+	}
+	if got := e.arrive(t, 7006, 2); got != 0 {
+		t.Errorf("%d of 2 datagrams to port 7006 passed its drop rule", got)
 	}
 }

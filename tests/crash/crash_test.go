@@ -138,9 +138,16 @@ func (e *env) points(t *testing.T, stdin string, args ...string) int {
 	return strings.Count(r.stderr, "sfunnel-point ")
 }
 
+// sentinelPort is a port no scenario's rules drop: its datagram, sent
+// after the probes, tells when they have had their chance to arrive.
+const sentinelPort = 4000
+
 // probe sends one UDP datagram to each port, from a to b (through vb's
-// ingress) or from b to a (through vb's egress), and returns the ports
-// whose datagram arrived.
+// ingress) or from b to a (through vb's egress), then one to
+// sentinelPort, and returns the ports whose datagram arrived. It waits
+// for the sentinel (seconds if need be: a loaded machine is slow, and a
+// fixed deadline read late datagrams as drops), then a little for
+// probes that crossed another CPU's backlog.
 func (e *env) probe(t *testing.T, ingress bool, ports []int) map[int]bool {
 	t.Helper()
 	src, dst := e.b, e.a
@@ -155,7 +162,7 @@ func (e *env) probe(t *testing.T, ingress bool, ports []int) map[int]bool {
 		}
 	}()
 	if err := dst.Do(func() error {
-		for _, p := range ports {
+		for _, p := range append(ports, sentinelPort) {
 			c, err := net.ListenUDP("udp4", &net.UDPAddr{IP: dstIP, Port: p})
 			if err != nil {
 				return err
@@ -167,7 +174,7 @@ func (e *env) probe(t *testing.T, ingress bool, ports []int) map[int]bool {
 		t.Fatal(err)
 	}
 	if err := src.Do(func() error {
-		for _, p := range ports {
+		for _, p := range append(ports, sentinelPort) {
 			c, err := net.DialUDP("udp4", nil, &net.UDPAddr{IP: dstIP, Port: p})
 			if err != nil {
 				return err
@@ -182,12 +189,17 @@ func (e *env) probe(t *testing.T, ingress bool, ports []int) map[int]bool {
 	}); err != nil {
 		t.Fatal(err)
 	}
+	buf := make([]byte, 16)
+	conns[sentinelPort].SetReadDeadline(time.Now().Add(10 * time.Second))
+	if _, _, err := conns[sentinelPort].ReadFrom(buf); err != nil {
+		t.Fatalf("the datagram to port %d, which no rule drops, did not arrive: %v", sentinelPort, err)
+	}
 	// Read all sockets at once: a read past its deadline fails at once,
 	// even with a datagram queued.
 	got := map[int]bool{}
 	var mu sync.Mutex
 	var wg sync.WaitGroup
-	deadline := time.Now().Add(250 * time.Millisecond)
+	deadline := time.Now().Add(100 * time.Millisecond)
 	for _, p := range ports {
 		wg.Add(1)
 		go func(p int) {
