@@ -176,8 +176,8 @@ func (c *compiler) classifyWith(rules []*grammar.Rule, all [][]ruleVariant, scan
 	start := 0
 	for start < len(rules) {
 		seg := segment{first: start}
-		byKey := map[string]*shape{}
-		owner := map[ownerKey]int{} // rule of each key of each shape
+		byKey := map[string]int32{} // index in seg.shapes
+		owner := newKeyOwners()     // the rule of each key of each shape
 		bodies := map[string]bool{}
 		bodyInsns := 0
 		nonTerminal := false
@@ -209,13 +209,13 @@ func (c *compiler) classifyWith(rules []*grammar.Rule, all [][]ruleVariant, scan
 			// dead when that rule ends evaluation, else a new segment.
 			newShapes := 0
 			for _, v := range variants[i] {
-				sh := byKey[v.sh.key]
-				if sh == nil {
+				sh, ok := byKey[v.sh.key]
+				if !ok {
 					newShapes++
 					continue
 				}
 				for _, k := range v.keys {
-					if o, ok := owner[ownerKey{sh, string(k)}]; ok && o != i && !terminal(rules[o]) {
+					if owner.open(sh, k) {
 						break rules
 					}
 				}
@@ -246,21 +246,21 @@ func (c *compiler) classifyWith(rules []*grammar.Rule, all [][]ruleVariant, scan
 				bodyInsns += size
 			}
 			for _, v := range variants[i] {
-				sh := byKey[v.sh.key]
-				if sh == nil {
+				n, ok := byKey[v.sh.key]
+				if !ok {
 					cp := *v.sh // the variants serve every pass (classify)
-					sh = &cp
-					sh.tmpl = r
-					byKey[sh.key] = sh
-					seg.shapes = append(seg.shapes, sh)
+					cp.tmpl = r
+					n = int32(len(seg.shapes))
+					byKey[cp.key] = n
+					seg.shapes = append(seg.shapes, &cp)
+					owner.addShape(&cp)
 				}
+				sh := seg.shapes[n]
 				for _, k := range v.keys {
-					ok := ownerKey{sh, string(k)}
-					if _, dup := owner[ok]; dup {
+					if !owner.claim(n, k, !terminal(r)) {
 						sh.shadowed = true
 						continue // an earlier rule that ends evaluation has it
 					}
-					owner[ok] = i
 					sh.ents = append(sh.ents, tabEntry{rule: i, key: k})
 				}
 			}
@@ -304,29 +304,31 @@ func (c *compiler) classifyWith(rules []*grammar.Rule, all [][]ruleVariant, scan
 // own is a member tested inline, in rule order, after the lookups (see
 // segment).
 func (seg *segment) split(variants [][]ruleVariant) {
-	rulesOf := map[*shape]map[int]bool{}
+	inline := make([]bool, seg.n) // by rule, from seg.first
 	for _, sh := range seg.shapes {
-		rulesOf[sh] = map[int]bool{}
+		// Its entries are in rule order: count the rules it holds keys of.
+		rules, last := 0, -1
 		for _, en := range sh.ents {
-			rulesOf[sh][en.rule] = true
-		}
-	}
-	inline := map[int]bool{}
-	for i := seg.first; i < seg.first+seg.n; i++ {
-		for _, sh := range seg.shapes {
-			if rulesOf[sh][i] && len(rulesOf[sh]) < minTableRules {
-				inline[i] = true
+			if en.rule != last {
+				rules, last = rules+1, en.rule
 			}
 		}
+		if rules < minTableRules {
+			for _, en := range sh.ents {
+				inline[en.rule-seg.first] = true
+			}
+		}
+	}
+	for i := seg.first; i < seg.first+seg.n; i++ {
 		if len(variants[i]) == 0 {
-			inline[i] = true
+			inline[i-seg.first] = true
 		}
 	}
 	var kept []*shape
 	for _, sh := range seg.shapes {
 		ents := sh.ents[:0]
 		for _, en := range sh.ents {
-			if !inline[en.rule] {
+			if !inline[en.rule-seg.first] {
 				ents = append(ents, en)
 			}
 		}
@@ -337,7 +339,7 @@ func (seg *segment) split(variants [][]ruleVariant) {
 	}
 	seg.shapes = kept
 	for i := seg.first; i < seg.first+seg.n; i++ {
-		if inline[i] {
+		if inline[i-seg.first] {
 			seg.members = append(seg.members, i)
 		}
 	}
@@ -356,7 +358,7 @@ func (c *compiler) allVariants(rules []*grammar.Rule) ([][]ruleVariant, error) {
 	c.bodyKeys = make([]string, len(rules))
 	errs := make([]error, len(rules))
 	work := func(lo, hi int) {
-		memo := map[string]string{}
+		memo := newShapeMemo()
 		for i := lo; i < hi; i++ {
 			c.bodyKeys[i] = bodyKey(rules[i])
 			variants[i], errs[i] = c.variantsMemo(rules[i], memo)
@@ -395,12 +397,18 @@ func terminal(r *grammar.Rule) bool { return len(r.Actions) > 0 }
 func (c *compiler) variants(r *grammar.Rule) ([]ruleVariant, error) { return c.variantsMemo(r, nil) }
 
 // variantsMemo is variants with a memo of shape keys (see shapeKey).
-func (c *compiler) variantsMemo(r *grammar.Rule, memo map[string]string) ([]ruleVariant, error) {
+func (c *compiler) variantsMemo(r *grammar.Rule, memo *shapeMemo) ([]ruleVariant, error) {
 	if err := c.checkAddrs(r); err != nil {
 		return nil, err
 	}
-	// Which fields are keyed, and their values.
-	var portVals [2][]uint32 // sport, dport
+	var scratch variantScratch
+	if memo != nil {
+		scratch = memo.scratch
+		defer func() { memo.scratch = scratch }() // the buffers, grown
+	}
+	// Which fields are keyed, and their values (ports: 4 bytes each).
+	var portVals [2][]byte // sport, dport
+	var nPorts [2]int
 	keyPorts := [2]bool{}
 	for j, m := range []*grammar.PortMatch{r.Sport, r.Dport} {
 		if m == nil || m.Neg || m.Set != "" {
@@ -414,22 +422,23 @@ func (c *compiler) variantsMemo(r *grammar.Rule, memo map[string]string) ([]rule
 			continue
 		}
 		keyPorts[j] = true
-		portVals[j] = make([]uint32, 0, n)
+		b := scratch.ports[j][:0]
 		if len(m.Ranges) == 1 { // no duplicates
 			for p := uint32(m.Ranges[0].Lo); p <= uint32(m.Ranges[0].Hi); p++ {
-				portVals[j] = append(portVals[j], p)
+				b = binary.NativeEndian.AppendUint32(b, p)
 			}
-			continue
-		}
-		seen := map[uint32]bool{}
-		for _, rg := range m.Ranges {
-			for p := uint32(rg.Lo); p <= uint32(rg.Hi); p++ {
-				if !seen[p] {
-					seen[p] = true
-					portVals[j] = append(portVals[j], p)
+		} else {
+			seen := map[uint32]bool{}
+			for _, rg := range m.Ranges {
+				for p := uint32(rg.Lo); p <= uint32(rg.Hi); p++ {
+					if !seen[p] {
+						seen[p] = true
+						b = binary.NativeEndian.AppendUint32(b, p)
+					}
 				}
 			}
 		}
+		scratch.ports[j], portVals[j], nPorts[j] = b, b, len(b)/4
 	}
 	keyAddr := [2]bool{}
 	for j, m := range []*grammar.AddrMatch{r.Saddr, r.Daddr} {
@@ -462,9 +471,9 @@ func (c *compiler) variantsMemo(r *grammar.Rule, memo map[string]string) ([]rule
 				}
 			}
 			if keyPorts[j] {
-				n *= len(portVals[j])
-				if len(portVals[j]) > wide {
-					widest, wide = 2+j, len(portVals[j])
+				n *= nPorts[j]
+				if nPorts[j] > wide {
+					widest, wide = 2+j, nPorts[j]
 				}
 			}
 		}
@@ -489,84 +498,153 @@ func (c *compiler) variantsMemo(r *grammar.Rule, memo map[string]string) ([]rule
 			}
 		}
 	}
-	var out []ruleVariant
-	for _, sl := range lengths[0] {
-		for _, dl := range lengths[1] {
-			sh := &shape{}
+	var blk *blocks
+	if memo != nil {
+		blk = &memo.blocks
+	}
+	out := cut(blk.variantsOf(), len(lengths[0])*len(lengths[1]), blockLen)
+	for x, sl := range lengths[0] {
+		for y, dl := range lengths[1] {
+			sh := &cut(blk.shapesOf(), 1, blockLen)[0]
 			sh.keyed[keySport], sh.keyed[keyDport] = keyPorts[0], keyPorts[1]
 			sh.keyed[keyMeta], sh.keyed[keyCt] = keyMark[0], keyMark[1]
 			sh.mask = markMask
-			var addrs [2][]netip.Prefix
+			// The keyed values, each field's values as bytes, back to
+			// back, in key order.
+			var fields [numKeyFields][]byte
+			var widths [numKeyFields]int
+			nf := 0
 			for j, l := range []int{sl, dl} {
 				if l < 0 {
 					continue
 				}
 				sh.keyed[keySaddr+keyField(j)] = true
 				sh.bits[j] = l
+				b := scratch.addrs[j][:0]
 				for _, p := range addrOf(r, j).Prefixes {
 					if p.Bits() == l {
-						addrs[j] = append(addrs[j], p.Masked())
+						if len(b) == 0 {
+							sh.fam = 4
+							if p.Addr().Is6() {
+								sh.fam = 6
+							}
+						}
+						b = appendAddr(b, p.Masked().Addr())
 					}
 				}
-				sh.fam = 4
-				if addrs[j][0].Addr().Is6() {
-					sh.fam = 6
+				scratch.addrs[j] = b
+				fields[nf] = b
+				nf++
+			}
+			for f := range nf { // the last family keyed
+				widths[f] = 4
+				if sh.fam == 6 {
+					widths[f] = 16
 				}
 			}
 			sh.key = shapeKey(r, sh, memo)
 			sh.words = keyWords(sh)
-			v := ruleVariant{sh: sh}
-			// The cross product of the keyed values, in one buffer: each
-			// field's values as its bytes, in key order.
-			var fields [][]byte // per keyed field: its values, back to back
-			var widths []int
-			for j := 0; j < 2; j++ {
-				if sh.keyed[keySaddr+keyField(j)] {
-					w := 4
-					if sh.fam == 6 {
-						w = 16
-					}
-					b := make([]byte, 0, w*len(addrs[j]))
-					for _, p := range addrs[j] {
-						b = append(b, p.Addr().AsSlice()...)
-					}
-					fields, widths = append(fields, b), append(widths, w)
-				}
-			}
 			for j := 0; j < 2; j++ {
 				if keyPorts[j] {
-					b := make([]byte, 0, 4*len(portVals[j]))
-					for _, p := range portVals[j] {
-						b = binary.NativeEndian.AppendUint32(b, p)
-					}
-					fields, widths = append(fields, b), append(widths, 4)
+					fields[nf], widths[nf] = portVals[j], 4
+					nf++
 				}
 			}
+			var marks [2][4]byte
 			for j := 0; j < 2; j++ {
 				if keyMark[j] {
-					fields, widths = append(fields, binary.NativeEndian.AppendUint32(nil, markVal[j])), append(widths, 4)
+					binary.NativeEndian.PutUint32(marks[j][:], markVal[j])
+					fields[nf], widths[nf] = marks[j][:], 4
+					nf++
 				}
 			}
-			v.keys = crossKeys(fields, widths)
-			out = append(out, v)
+			out[x*len(lengths[1])+y] = ruleVariant{sh: sh, keys: crossKeys(fields[:nf], widths[:nf], blk)}
 		}
 	}
 	return out, nil
 }
 
+// appendAddr appends a's bytes (AsSlice's, without its allocation).
+func appendAddr(b []byte, a netip.Addr) []byte {
+	if a.Is4() {
+		x := a.As4()
+		return append(b, x[:]...)
+	}
+	x := a.As16()
+	return append(b, x[:]...)
+}
+
+// variantScratch holds the buffers of a rule's keyed values, reused from
+// rule to rule (crossKeys copies the values out).
+type variantScratch struct {
+	ports, addrs [2][]byte
+}
+
+// blocks hands out the shapes, variants and keys of many rules from
+// shared blocks (per rule they were half a dozen small objects to
+// allocate and for the collector to scan). A nil *blocks allocates each
+// on its own.
+type blocks struct {
+	shapes   []shape
+	variants []ruleVariant
+	keys     [][]byte
+	bytes    []byte
+}
+
+// Lengths of the blocks (key bytes: 16 per element); lists longer than a
+// quarter of a block get their own.
+const (
+	blockLen     = 512
+	byteBlockLen = 16 * blockLen
+)
+
+func (b *blocks) shapesOf() *[]shape {
+	if b == nil {
+		return nil
+	}
+	return &b.shapes
+}
+
+func (b *blocks) variantsOf() *[]ruleVariant {
+	if b == nil {
+		return nil
+	}
+	return &b.variants
+}
+
+// cut returns n zero values from the block free (a new one of block
+// values when it has too few), or their own slice when free is nil or n is large; appending
+// to the result copies.
+func cut[T any](free *[]T, n, block int) []T {
+	if free == nil || n > block/4 {
+		return make([]T, n)
+	}
+	if len(*free) < n {
+		*free = make([]T, block)
+	}
+	out := (*free)[:n:n]
+	*free = (*free)[n:]
+	return out
+}
+
 // crossKeys returns every combination of one value of each field (field
 // f's values are widths[f] bytes each, back to back), the last field
 // varying fastest, as slices of one buffer.
-func crossKeys(fields [][]byte, widths []int) [][]byte {
+func crossKeys(fields [][]byte, widths []int, blk *blocks) [][]byte {
 	n, size := 1, 0
-	offs := make([]int, len(fields))
+	var offs [numKeyFields]int
 	for f, b := range fields {
 		n *= len(b) / widths[f]
 		offs[f] = size
 		size += widths[f]
 	}
-	buf := make([]byte, n*size)
-	keys := make([][]byte, n)
+	var buf []byte
+	var keys [][]byte
+	if blk == nil {
+		buf, keys = make([]byte, n*size), make([][]byte, n)
+	} else {
+		buf, keys = cut(&blk.bytes, n*size, byteBlockLen), cut(&blk.keys, n, blockLen)
+	}
 	for i := range keys {
 		k := buf[i*size : (i+1)*size : (i+1)*size]
 		rest := i
@@ -633,19 +711,44 @@ func keyWords(sh *shape) int {
 // keyed field never reads like an unkeyed one with the blank value).
 // memo, when not nil, keeps the keys by matchesSig of the blanked rule (the
 // printer is most of the classifier's time on large rulesets).
-func shapeKey(r *grammar.Rule, sh *shape, memo map[string]string) string {
-	b := &grammar.Rule{Family: r.Family, Saddr: r.Saddr, Daddr: r.Daddr, Proto: r.Proto, Sport: r.Sport, Dport: r.Dport,
+func shapeKey(r *grammar.Rule, sh *shape, memo *shapeMemo) string {
+	if memo == nil {
+		return printShapeKey(blanked(r, sh, &grammar.Rule{}, new([2]grammar.MarkMatch)), sh)
+	}
+	b := blanked(r, sh, &memo.rule, &memo.marks)
+	memo.sig = matchesSig(memo.sig[:0], b, sh.keyed)
+	if k, ok := memo.keys[string(memo.sig)]; ok {
+		return k
+	}
+	k := printShapeKey(b, sh)
+	memo.keys[string(memo.sig)] = k
+	return k
+}
+
+// shapeMemo is shapeKey's memo, and its scratch space (a blanked rule
+// built for every rule, printed only when its signature is new).
+type shapeMemo struct {
+	keys  map[string]string // by matchesSig
+	sig   []byte
+	rule  grammar.Rule
+	marks [2]grammar.MarkMatch
+	// The variants' allocations and buffers, for variantsMemo.
+	blocks  blocks
+	scratch variantScratch
+}
+
+func newShapeMemo() *shapeMemo { return &shapeMemo{keys: map[string]string{}} }
+
+// blanked fills b with r's matches, the keyed values blanked; marks holds
+// the blank mark matches. Blank addresses and ports are shared.
+func blanked(r *grammar.Rule, sh *shape, b *grammar.Rule, marks *[2]grammar.MarkMatch) *grammar.Rule {
+	*b = grammar.Rule{Family: r.Family, Saddr: r.Saddr, Daddr: r.Daddr, Proto: r.Proto, Sport: r.Sport, Dport: r.Dport,
 		TCPFlags: r.TCPFlags, MetaMark: r.MetaMark, CtMark: r.CtMark}
-	var keyed []string
 	for j := 0; j < 2; j++ {
 		if !sh.keyed[keySaddr+keyField(j)] {
 			continue
 		}
-		zero := netip.IPv4Unspecified()
-		if sh.fam == 6 {
-			zero = netip.IPv6Unspecified()
-		}
-		m := &grammar.AddrMatch{Prefixes: []netip.Prefix{netip.PrefixFrom(zero, sh.bits[j])}}
+		m := blankAddr(sh.fam, sh.bits[j])
 		if j == 0 {
 			b.Saddr = m
 		} else {
@@ -653,41 +756,58 @@ func shapeKey(r *grammar.Rule, sh *shape, memo map[string]string) string {
 		}
 	}
 	if sh.keyed[keySport] {
-		b.Sport = &grammar.PortMatch{Ranges: []grammar.PortRange{{}}}
+		b.Sport = blankPort
 	}
 	if sh.keyed[keyDport] {
-		b.Dport = &grammar.PortMatch{Ranges: []grammar.PortRange{{}}}
+		b.Dport = blankPort
 	}
 	if sh.keyed[keyMeta] {
-		b.MetaMark = &grammar.MarkMatch{Mask: r.MetaMark.Mask, HasMask: true}
+		marks[0] = grammar.MarkMatch{Mask: r.MetaMark.Mask, HasMask: true}
+		b.MetaMark = &marks[0]
 	}
 	if sh.keyed[keyCt] {
-		b.CtMark = &grammar.MarkMatch{Mask: r.CtMark.Mask, HasMask: true}
+		marks[1] = grammar.MarkMatch{Mask: r.CtMark.Mask, HasMask: true}
+		b.CtMark = &marks[1]
 	}
-	var sig string
-	if memo != nil {
-		sig = matchesSig(b, sh.keyed)
-		if k, ok := memo[sig]; ok {
-			return k
-		}
-	}
+	return b
+}
+
+// printShapeKey is the shape key of the blanked rule b.
+func printShapeKey(b *grammar.Rule, sh *shape) string {
+	var keyed []string
 	for f := keyField(0); f < numKeyFields; f++ {
 		if sh.keyed[f] {
 			keyed = append(keyed, keyFieldNames[f])
 		}
 	}
-	k := "key(" + strings.Join(keyed, ",") + ") " + grammar.FormatRule(b, nil)
-	if memo != nil {
-		memo[sig] = k
-	}
-	return k
+	return "key(" + strings.Join(keyed, ",") + ") " + grammar.FormatRule(b, nil)
 }
 
-// matchesSig encodes the keyed fields and every match field of b that the
-// printer reads (all but the spans): equal encodings print alike.
+// Blank keyed values, shared by every shape key (only printed, never
+// changed): a port, and an address of each family and prefix length.
+var (
+	blankPort  = &grammar.PortMatch{Ranges: []grammar.PortRange{{}}}
+	blankAddrs = func() (t [2][129]*grammar.AddrMatch) {
+		for f, zero := range []netip.Addr{netip.IPv4Unspecified(), netip.IPv6Unspecified()} {
+			for bits := 0; bits <= zero.BitLen(); bits++ {
+				t[f][bits] = &grammar.AddrMatch{Prefixes: []netip.Prefix{netip.PrefixFrom(zero, bits)}}
+			}
+		}
+		return t
+	}()
+)
+
+func blankAddr(fam, bits int) *grammar.AddrMatch {
+	if fam == 6 {
+		return blankAddrs[1][bits]
+	}
+	return blankAddrs[0][bits]
+}
+
+// matchesSig appends to buf the keyed fields and every match field of b
+// that the printer reads (all but the spans): equal encodings print alike.
 // TestMatchesSigFields fails when a match type gains a field.
-func matchesSig(b *grammar.Rule, keyed [numKeyFields]bool) string {
-	buf := make([]byte, 0, 64)
+func matchesSig(buf []byte, b *grammar.Rule, keyed [numKeyFields]bool) []byte {
 	flag := func(v bool) {
 		if v {
 			buf = append(buf, 1)
@@ -735,7 +855,7 @@ func matchesSig(b *grammar.Rule, keyed [numKeyFields]bool) string {
 			buf = binary.NativeEndian.AppendUint32(binary.NativeEndian.AppendUint32(buf, m.Value), m.Mask)
 		}
 	}
-	return string(buf)
+	return buf
 }
 
 // bodyKey renders what a rule does once it matches: the canonical text of

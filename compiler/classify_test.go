@@ -1,6 +1,7 @@
 package compiler
 
 import (
+	"encoding/binary"
 	"math/rand/v2"
 	"net/netip"
 	"reflect"
@@ -70,7 +71,7 @@ func TestShapeKeyMemo(t *testing.T) {
 		return &grammar.MarkMatch{Neg: pick(4) == 0, Value: uint32(pick(3)), Mask: []uint32{0xff, 0xffffffff}[pick(2)], HasMask: pick(2) == 0}
 	}
 	c := &compiler{}
-	memo := map[string]string{}
+	memo := newShapeMemo()
 	for i := 0; i < 5000; i++ {
 		rule := &grammar.Rule{Family: grammar.FamilyIPv4, Proto: grammar.Proto([]uint8{0, 6, 17}[pick(3)]), Saddr: addr(), Daddr: addr(),
 			MetaMark: mark(), Actions: []*grammar.Action{{Kind: grammar.ActAccept}}}
@@ -90,7 +91,54 @@ func TestShapeKeyMemo(t *testing.T) {
 			}
 		}
 	}
-	if len(memo) < 100 {
-		t.Fatalf("only %d shapes drawn", len(memo))
+	if len(memo.keys) < 100 {
+		t.Fatalf("only %d shapes drawn", len(memo.keys))
+	}
+}
+
+// keyOwners answers as a map keyed by shape and key string does, for
+// port-only shapes (bitmaps) and keys of every width (words, long keys):
+// which keys are free, and which are held by rules that don't end
+// evaluation.
+func TestKeyOwners(t *testing.T) {
+	r := rand.New(rand.NewPCG(8, 8))
+	type ref struct {
+		sh  int32
+		key string
+	}
+	// Shapes: a port-only one, and keys of 4, 8, 16, 20 and 32 bytes.
+	shapes := []*shape{{}, {}, {}, {}, {}, {}}
+	shapes[0].keyed[keyDport] = true
+	widths := []int{4, 4, 8, 16, 20, 32}
+	o := newKeyOwners()
+	for _, sh := range shapes {
+		o.addShape(sh)
+	}
+	if o.ports[0] == nil || o.ports[1] != nil {
+		t.Fatalf("port bitmaps %v", o.ports)
+	}
+	held := map[ref]bool{} // value: open
+	for i := 0; i < 20000; i++ {
+		sh := int32(r.IntN(len(shapes)))
+		k := make([]byte, widths[sh])
+		if sh == 0 {
+			binary.NativeEndian.PutUint32(k, uint32(r.IntN(300))*200) // ports up to 59 800
+		} else {
+			for j := range k {
+				k[j] = byte(r.IntN(3)) // few distinct keys: many repeats
+			}
+		}
+		rk := ref{sh, string(k)}
+		if got, want := o.open(sh, k), held[rk]; got != want {
+			t.Fatalf("shape %d key %x: open %v, want %v", sh, k, got, want)
+		}
+		open := r.IntN(2) == 0
+		_, dup := held[rk]
+		if got := o.claim(sh, k, open); got == dup {
+			t.Fatalf("shape %d key %x: claim %v, held before %v", sh, k, got, dup)
+		}
+		if !dup {
+			held[rk] = open
+		}
 	}
 }
