@@ -11,34 +11,38 @@ import (
 )
 
 // The memory limit is set for a file that replaces the ruleset, from the
-// size of its text, and for nothing else.
+// size of its text, and for nothing else; under it, the collector is paced
+// by the limit alone (GOGC off).
 func TestLimitMemory(t *testing.T) {
-	if os.Getenv("GOMEMLIMIT") != "" {
-		t.Skip("GOMEMLIMIT is set: limitMemory leaves it")
+	if os.Getenv("GOMEMLIMIT") != "" || os.Getenv("GOGC") != "" {
+		t.Skip("GOMEMLIMIT or GOGC is set: limitMemory leaves them")
 	}
 	defer debug.SetMemoryLimit(math.MaxInt64)
-	limit := func(text string) int64 {
+	defer debug.SetGCPercent(100)
+	// limit returns the memory limit and GOGC that limitMemory sets.
+	limit := func(text string) (int64, int) {
 		t.Helper()
 		debug.SetMemoryLimit(math.MaxInt64)
+		debug.SetGCPercent(100)
 		cmds, srcs, err := grammar.Parse("f", text, nil)
 		if err != nil {
 			t.Fatal(err)
 		}
 		limitMemory(cmds, srcs)
-		return debug.SetMemoryLimit(-1)
+		return debug.SetMemoryLimit(-1), debug.SetGCPercent(100)
 	}
 	rules := strings.Repeat("\t\tudp dport 4739 counter actions drop\n", 30000)
 	big := "flush ruleset\ninterface vb {\n\tingress {\n" + rules + "\t}\n}\n"
-	if got, want := limit(big), int64(12<<20+30*len(big))*8/5; got != want {
-		t.Errorf("limit for %d bytes: %d, want %d", len(big), got, want)
+	if got, gc := limit(big); got != int64(12<<20+30*len(big))*8/5 || gc != -1 {
+		t.Errorf("limit for %d bytes: %d, GOGC %d; want %d, off", len(big), got, gc, int64(12<<20+30*len(big))*8/5)
 	}
-	if got := limit("flush ruleset\n"); got != 48<<20 {
-		t.Errorf("limit for a small file: %d, want 48 MiB", got)
+	if got, gc := limit("flush ruleset\n"); got != 48<<20 || gc != -1 {
+		t.Errorf("limit for a small file: %d, GOGC %d; want 48 MiB, off", got, gc)
 	}
-	if got := limit("interface vb {\n\tingress {\n" + rules + "\t}\n}\n"); got != math.MaxInt64 {
-		t.Errorf("a file that adds to the live rules got a limit (%d)", got)
+	if got, gc := limit("interface vb {\n\tingress {\n" + rules + "\t}\n}\n"); got != math.MaxInt64 || gc != 100 {
+		t.Errorf("a file that adds to the live rules got a limit (%d) or GOGC %d", got, gc)
 	}
-	if got := limit(big + strings.Repeat("# "+strings.Repeat("x", 1000)+"\n", 2100)); got != math.MaxInt64 {
-		t.Errorf("a file over 2 MiB got a limit (%d)", got)
+	if got, gc := limit(big + strings.Repeat("# "+strings.Repeat("x", 1000)+"\n", 2100)); got != math.MaxInt64 || gc != 100 {
+		t.Errorf("a file over 2 MiB got a limit (%d) or GOGC %d", got, gc)
 	}
 }
