@@ -106,7 +106,7 @@ func (b *Backend) Commit(rs *ruleset.Ruleset) error {
 		}
 	}
 	b.read = nil
-	defer func() { b.outline, b.outlineState = nil, nil }()
+	defer func() { b.outline = nil }()
 	if err := b.outlineBefore(rs, old); err != nil {
 		return err
 	}
@@ -318,7 +318,7 @@ func (b *Backend) Commit(rs *ruleset.Ruleset) error {
 	if err != nil {
 		return err
 	}
-	next := stateOf(rs, ctMask, plans, b.known, patches)
+	next := stateOf(rs, ctMask, plans, b.recordOf, patches)
 	next.CtMarkUsed = usesCtMark(rs, b.outline)
 	next.Generation = g.N
 	for i, a := range aux {
@@ -757,7 +757,7 @@ func (b *Backend) snapshot() (*bpf.Store, *bpf.Gen, *liveState, error) {
 // Load returns the live ruleset: what was committed, minus the hooks whose
 // program is no longer attached (interface deleted, filter removed by hand).
 func (b *Backend) Load() (*ruleset.Ruleset, error) {
-	b.outline, b.outlineState = nil, nil
+	b.outline = nil
 	s, _, st, err := b.snapshot()
 	if err != nil || st == nil {
 		return &ruleset.Ruleset{NextHandle: 1}, err
@@ -774,7 +774,7 @@ func (b *Backend) Load() (*ruleset.Ruleset, error) {
 // a batch that starts with `flush ruleset` needs of the live ruleset,
 // without its rules.
 func (b *Backend) NextHandle() (uint64, error) {
-	b.known, b.byHandle, b.outline, b.outlineState = nil, nil, nil, nil
+	b.known, b.byHandle, b.outline = nil, nil, nil
 	_, _, st, err := b.snapshot()
 	if err != nil || st == nil {
 		return 1, err

@@ -50,10 +50,8 @@ type Backend struct {
 	// without compiling: tests tell the incremental path by it.
 	patched int
 	// outline holds the placeholder rules of the last LoadOutline (the
-	// rules it did not parse) with their records, and outlineState the
-	// state record it read them from.
-	outline      map[*grammar.Rule]ruleRecord
-	outlineState *liveState
+	// rules it did not parse) and the state record it read them from.
+	outline *outlineRules
 	// pre is the state record being read ahead (Prefetch).
 	pre *statePrefetch
 }
@@ -185,14 +183,14 @@ func (b *Backend) compile(rs *ruleset.Ruleset, ctMask uint32, seg func(bpf.Inter
 // usesCtMark reports whether any rule matches or sets the connection mark.
 // Placeholder rules (LoadOutline; outline holds their records) are judged
 // by their stored text.
-func usesCtMark(rs *ruleset.Ruleset, outline map[*grammar.Rule]ruleRecord) bool {
+func usesCtMark(rs *ruleset.Ruleset, outline *outlineRules) bool {
 	for _, ifc := range rs.Interfaces {
 		for _, rules := range [][]*grammar.Rule{ifc.Ingress, ifc.Egress} {
 			for _, r := range rules {
 				if r.CtMark != nil || r.SetCtMark != nil {
 					return true
 				}
-				if rec, ok := outline[r]; ok && strings.Contains(rec.Text, "ct mark") {
+				if rec, ok := outline.record(r); ok && strings.Contains(rec.Text, "ct mark") {
 					return true
 				}
 			}

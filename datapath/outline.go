@@ -26,9 +26,45 @@ import (
 // A placeholder never reaches the compiler, the state record (which takes
 // a kept rule's stored record) or the printer.
 
+// outlineRules are the placeholders of an outline load: rules[k][i] is
+// the placeholder of st's hook k's rule i (rules[k] is nil for a hook not
+// loaded: its program is not attached). A placeholder knows its place (its
+// Pos: file placeholderFile, line k, offset i), so finding its record
+// takes no map of ten thousand rules; the place counts only when the rule
+// at that place is the very same rule.
+type outlineRules struct {
+	st    *liveState
+	hooks []*hookState
+	rules [][]grammar.Rule
+}
+
+const placeholderFile = "\x00stored rule"
+
+// record returns the stored record of placeholder r; false if r is not
+// one of o's placeholders (o may be nil).
+func (o *outlineRules) record(r *grammar.Rule) (ruleRecord, bool) {
+	if o == nil || r.Pos.Filename != placeholderFile {
+		return ruleRecord{}, false
+	}
+	k, i := r.Pos.Line, r.Pos.Offset
+	if k < 0 || k >= len(o.rules) || i < 0 || i >= len(o.rules[k]) || &o.rules[k][i] != r {
+		return ruleRecord{}, false
+	}
+	return o.hooks[k].Rules[i], true
+}
+
+// recordOf returns the stored record of r: a rule the last Load returned
+// or parsed since, or a placeholder.
+func (b *Backend) recordOf(r *grammar.Rule) (ruleRecord, bool) {
+	if rec, ok := b.known[r]; ok {
+		return rec, true
+	}
+	return b.outline.record(r)
+}
+
 // LoadOutline returns the live ruleset with placeholder rules (see above).
 func (b *Backend) LoadOutline() (*ruleset.Ruleset, error) {
-	b.outline, b.outlineState = nil, nil
+	b.outline = nil
 	s, _, st, err := b.snapshot()
 	if err != nil || st == nil {
 		return &ruleset.Ruleset{NextHandle: 1}, err
@@ -38,14 +74,11 @@ func (b *Backend) LoadOutline() (*ruleset.Ruleset, error) {
 		return nil, err
 	}
 	rs := &ruleset.Ruleset{NextHandle: st.NextHandle, Sets: sets}
-	n := 0
-	for _, h := range st.hooks() {
-		n += len(h.Rules)
-	}
-	b.known = make(map[*grammar.Rule]ruleRecord, n)
-	b.byHandle = make(map[uint64]*grammar.Rule, n)
-	b.outline = make(map[*grammar.Rule]ruleRecord, n)
-	for _, h := range st.hooks() {
+	o := &outlineRules{st: st, hooks: st.hooks()}
+	o.rules = make([][]grammar.Rule, len(o.hooks))
+	b.known = map[*grammar.Rule]ruleRecord{}
+	b.byHandle = map[uint64]*grammar.Rule{}
+	for k, h := range o.hooks {
 		if !b.attached(s, h.id()) {
 			continue
 		}
@@ -59,16 +92,17 @@ func (b *Backend) LoadOutline() (*ruleset.Ruleset, error) {
 		for i, rec := range h.Rules {
 			r := &placeholders[i]
 			r.Handle = rec.Handle
+			r.Pos = grammar.Pos{Filename: placeholderFile, Line: k, Offset: i}
 			rules[i] = r
-			b.known[r], b.byHandle[rec.Handle], b.outline[r] = rec, r, rec
 		}
+		o.rules[k] = placeholders
 		if h.hook == grammar.HookEgress {
 			ifc.Egress = rules
 		} else {
 			ifc.Ingress = rules
 		}
 	}
-	b.outlineState = st
+	b.outline = o
 	return rs, nil
 }
 
@@ -78,7 +112,7 @@ func (b *Backend) hasPlaceholders(rules []*grammar.Rule) bool {
 		return false
 	}
 	for _, r := range rules {
-		if _, ok := b.outline[r]; ok {
+		if _, ok := b.outline.record(r); ok {
 			return true
 		}
 	}
@@ -91,27 +125,32 @@ func (b *Backend) hasPlaceholders(rules []*grammar.Rule) bool {
 // placeholders. old is the state Commit works from: it
 // must be the one the outline was read from.
 func (b *Backend) outlineBefore(rs *ruleset.Ruleset, old *liveState) error {
-	if b.outline == nil {
+	o := b.outline
+	if o == nil {
 		return nil
 	}
-	st := b.outlineState
-	if old == nil || st == nil || old.Generation != st.Generation {
+	if old == nil || old.Generation != o.st.Generation {
 		return fmt.Errorf("the ruleset changed while this command ran; run it again")
 	}
-	for _, oh := range st.hooks() {
-		if len(oh.Rules) == 0 || b.byHandle[oh.Rules[0].Handle] == nil {
+	for k, oh := range o.hooks {
+		if o.rules[k] == nil {
 			continue // not loaded (its program is not attached)
 		}
 		var rules []*grammar.Rule
 		if ifc := rs.Interface(oh.ifname); ifc != nil {
 			rules = ifc.Rules(oh.hook)
 		}
-		still := make(map[*grammar.Rule]bool, len(rules))
+		still := make([]bool, len(oh.Rules)) // placeholder i is still in rules
+		placeholders := false
 		for _, r := range rules {
-			still[r] = true
+			if r.Pos.Filename == placeholderFile && r.Pos.Line == k {
+				if _, ok := o.record(r); ok {
+					still[r.Pos.Offset], placeholders = true, true
+				}
+			}
 		}
-		for _, rec := range oh.Rules {
-			if p := b.byHandle[rec.Handle]; p != nil && still[p] {
+		for i, rec := range oh.Rules {
+			if still[i] {
 				continue
 			}
 			// Removed or replaced: parsed for its table entries.
@@ -121,7 +160,7 @@ func (b *Backend) outlineBefore(rs *ruleset.Ruleset, old *liveState) error {
 			}
 			b.known[r], b.byHandle[rec.Handle] = rec, r
 		}
-		if oh.hook == grammar.HookEgress && b.hasPlaceholders(rules) {
+		if oh.hook == grammar.HookEgress && placeholders {
 			if err := b.materialize(rs, oh.id()); err != nil {
 				return err
 			}
@@ -149,7 +188,7 @@ func (b *Backend) outlineCompiled(rs *ruleset.Ruleset, patches map[bpf.HookID]*h
 // materialize replaces the placeholders of hook id of rs by the rules
 // parsed from the outline's state record.
 func (b *Backend) materialize(rs *ruleset.Ruleset, id bpf.HookID) error {
-	parsed, err := b.outlineState.ruleset(func(h *hookState) bool { return h.id() == id })
+	parsed, err := b.outline.st.ruleset(func(h *hookState) bool { return h.id() == id })
 	if err != nil {
 		return err
 	}
@@ -162,7 +201,7 @@ func (b *Backend) materialize(rs *ruleset.Ruleset, id bpf.HookID) error {
 	ifc := rs.Interface(id.Ifname)
 	rules := ifc.Rules(id.Hook)
 	for i, r := range rules {
-		rec, ok := b.outline[r]
+		rec, ok := b.outline.record(r)
 		if !ok {
 			continue
 		}

@@ -789,7 +789,7 @@ func (b *Backend) heir(l *compiler.Layout, rs *ruleset.Ruleset, rules []*grammar
 // parsed returns r itself, or, for a placeholder of an outline load
 // (outline.go), the rule parsed from its stored text.
 func (b *Backend) parsed(r *grammar.Rule, rs *ruleset.Ruleset) (*grammar.Rule, error) {
-	rec, ok := b.outline[r]
+	rec, ok := b.outline.record(r)
 	if !ok {
 		return r, nil
 	}
@@ -806,7 +806,7 @@ func (b *Backend) parsed(r *grammar.Rule, rs *ruleset.Ruleset) (*grammar.Rule, e
 
 // sameRule reports whether r is the rule rec records.
 func (b *Backend) sameRule(r *grammar.Rule, rec *ruleRecord) bool {
-	if k, ok := b.known[r]; ok {
+	if k, ok := b.recordOf(r); ok {
 		return k.Handle == rec.Handle && k.Text == rec.Text
 	}
 	return ruleRecordOf(r).Text == rec.Text
@@ -818,7 +818,7 @@ func (b *Backend) sameRule(r *grammar.Rule, rec *ruleRecord) bool {
 // hook is compiled again then).
 func (b *Backend) ruleOf(rec ruleRecord, rs *ruleset.Ruleset) *grammar.Rule {
 	if r := b.byHandle[rec.Handle]; r != nil && b.known[r].Text == rec.Text {
-		if _, placeholder := b.outline[r]; !placeholder {
+		if _, placeholder := b.outline.record(r); !placeholder {
 			return r
 		}
 	}

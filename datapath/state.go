@@ -275,12 +275,12 @@ func ruleRecordOf(r *grammar.Rule) ruleRecord {
 // stateOf describes rs; hooks get their digests and counter handles from
 // the compiled plans.
 //
-// known holds the records of rules read from the committed state (rules
+// known gives the records of rules read from the committed state (rules
 // are never changed in place, so the same rule has the same record).
 //
 // Hooks in patches take the record their patch made. CtMarkUsed is the
 // caller's to fill in (usesCtMark).
-func stateOf(rs *ruleset.Ruleset, ctMask uint32, plans []*hookPlan, known map[*grammar.Rule]ruleRecord, patches map[bpf.HookID]*hookPatch) *liveState {
+func stateOf(rs *ruleset.Ruleset, ctMask uint32, plans []*hookPlan, known func(*grammar.Rule) (ruleRecord, bool), patches map[bpf.HookID]*hookPatch) *liveState {
 	st := &liveState{CtMarkMask: ctMask, NextHandle: rs.NextHandle, Sets: []setRecord{}, Interfaces: []ifaceRecord{}}
 	for _, s := range rs.Sets {
 		st.Sets = append(st.Sets, setRecord{Name: s.Name, Text: grammar.FormatSet(s, "")})
@@ -305,7 +305,7 @@ func stateOf(rs *ruleset.Ruleset, ctMask uint32, plans []*hookPlan, known map[*g
 			}
 			hs := hookState{Hook: h.String(), ifname: ifc.Name, hook: h, Rules: make([]ruleRecord, len(rules))}
 			for i, r := range rules {
-				if rec, ok := known[r]; ok && rec.Handle == r.Handle {
+				if rec, ok := recordOr(known, r); ok && rec.Handle == r.Handle {
 					hs.Rules[i] = rec
 				} else {
 					hs.Rules[i] = ruleRecordOf(r)
@@ -332,6 +332,14 @@ func stateOf(rs *ruleset.Ruleset, ctMask uint32, plans []*hookPlan, known map[*g
 		st.Interfaces = append(st.Interfaces, ir)
 	}
 	return st
+}
+
+// recordOr is known(r), when there is a known.
+func recordOr(known func(*grammar.Rule) (ruleRecord, bool), r *grammar.Rule) (ruleRecord, bool) {
+	if known == nil {
+		return ruleRecord{}, false
+	}
+	return known(r)
 }
 
 // ruleset parses the state's text back into a ruleset (for writers, and
