@@ -192,6 +192,8 @@ func (b *Backend) patchHook(s *bpf.Store, cur *bpf.Gen, oh *hookState, rs *rules
 	}
 	var puts []entry
 	putKey := map[string]bool{}
+	putAt := map[string]int{}   // index in puts, by table + key
+	shared := map[string]bool{} // keys two new rules have (table + key)
 	var params []compiler.Entry // parameter entries of new rules (generation 0 keys)
 	nl := l                     // the layout after the change
 	var fresh []uint32          // slots to zero
@@ -242,21 +244,14 @@ func (b *Backend) patchHook(s *bpf.Store, cur *bpf.Gen, oh *hookState, rs *rules
 			rec.Prio, rec.Slot = old.Prio, old.Slot
 			segs, recSegs = []int{old.Segment}, []int{old.Segment}
 		} else {
-			lo, hi := uint32(0), uint32(1<<31)
 			prevSeg, nextSeg := 0, 0
 			if i > 0 {
-				lo, prevSeg = recs[i-1].Prio, recs[i-1].Segment
+				prevSeg = recs[i-1].Segment
 			}
 			if n := nextKept[i]; n >= 0 {
-				hi, nextSeg = recs[n].Prio, recs[n].Segment
+				nextSeg = recs[n].Segment
 			}
-			if p, ok := preset[i]; ok {
-				rec.Prio = p
-			} else if hi-lo < 2 {
-				return nil, nil // no priority left between them (renumber said so)
-			} else if rec.Prio = lo + (hi-lo)/2; nextKept[i] < 0 {
-				rec.Prio = lo + min(prioGap, (hi-lo)/2)
-			}
+			rec.Prio = preset[i] // (renumber gives every new rule one)
 			for _, sg := range []int{prevSeg, nextSeg} {
 				if sg > 0 && (len(segs) == 0 || segs[0] != sg) {
 					segs = append(segs, sg) // (Place checks the segment can hold it)
@@ -305,12 +300,26 @@ func (b *Backend) patchHook(s *bpf.Store, cur *bpf.Gen, oh *hookState, rs *rules
 			params = append(params, *param)
 		}
 		for _, en := range ents {
+			e := entry{table: en.Table, key: en.Key, val: en.Value, perfect: en.Perfect, terminal: nl.Segments[rec.Segment-1].Terminal}
 			k := en.Table + string(en.Key)
-			if putKey[k] {
-				return nil, nil // two new rules share a key: which one wins is a compilation's call
+			at, taken := putAt[k]
+			if !taken {
+				putAt[k], putKey[k] = len(puts), true
+				puts = append(puts, e)
+				continue
 			}
-			putKey[k] = true
-			puts = append(puts, entry{table: en.Table, key: en.Key, val: en.Value, perfect: en.Perfect, terminal: nl.Segments[rec.Segment-1].Terminal})
+			// Two new rules with one key: the first in rule order takes
+			// it (the other's entry is dead, as a compilation drops it),
+			// and the key is contested, so that deleting the first hands
+			// it to the second. Behind a rule that does not end
+			// evaluation the second must still match: a compilation.
+			if !e.terminal || !puts[at].terminal {
+				return nil, nil
+			}
+			if entryPrio(e) < entryPrio(puts[at]) {
+				puts[at] = e
+			}
+			shared[k] = true
 		}
 		recs[i] = rec
 	}
@@ -406,7 +415,11 @@ func (b *Backend) patchHook(s *bpf.Store, cur *bpf.Gen, oh *hookState, rs *rules
 		if m == nil {
 			return nil, nil
 		}
-		if delKey[p.table+string(p.key)] {
+		k := p.table + string(p.key)
+		if shared[k] {
+			contested = append(contested, p.table+"/"+hex.EncodeToString(p.key))
+		}
+		if delKey[k] {
 			live4 = append(live4, p)
 			continue
 		}
@@ -417,7 +430,11 @@ func (b *Backend) patchHook(s *bpf.Store, cur *bpf.Gen, oh *hookState, rs *rules
 		switch {
 		case holder == 0:
 			live4 = append(live4, p)
-		case holder < binary.NativeEndian.Uint32(p.val) && p.terminal:
+		case shared[k] && holder < entryPrio(p):
+			// (contested already)
+		case shared[k]:
+			live4 = append(live4, p)
+		case holder < entryPrio(p) && p.terminal:
 			// (Behind a rule that does not end evaluation, the new rule
 			// must still match: that takes a new segment.)
 			contested = append(contested, p.table+"/"+hex.EncodeToString(p.key))
@@ -643,6 +660,9 @@ type entry struct {
 	seg       int
 }
 
+// entryPrio is the priority in e's value.
+func entryPrio(e entry) uint32 { return binary.NativeEndian.Uint32(e.val) }
+
 // movedEntry is an entry of a rule that stays with a new priority; old
 // is its priority before.
 type movedEntry struct {
@@ -658,16 +678,19 @@ const (
 	renumberMax     = 4096
 )
 
-// renumber finds where the rules added between two that stay (kept) find
-// no priority between theirs, and gives the rules that stay around them
-// new priorities, spread evenly, so that all fit: preset holds the new
-// rules' priorities, moved the old priorities of the rules that move
-// (recs holds their new ones). A rule moves only if its priority is in
-// maps alone (table entries, records); ok is false when no window of such
-// rules makes room.
+// renumber gives the rules added between two that stay (kept) their
+// priorities: halving the room between their neighbours' where it lasts,
+// else (no room left) spreading a window of rules evenly, which moves the
+// rules that stay inside it. preset holds every new rule's priority, moved
+// the old priorities of the rules that move (recs holds their new ones).
+// A window holds new rules and rules whose priority is in maps alone
+// (table entries, records); it grows, at every place that needs one,
+// until its neighbours' priorities leave room for all, up to renumberMax
+// rules moved in all. ok is false when no window makes room.
 func (b *Backend) renumber(l *compiler.Layout, oh *hookState, rules []*grammar.Rule, recs []ruleRecord, kept []bool, oldAt map[uint64]int) (preset, moved map[int]uint32, ok bool) {
 	n := len(rules)
-	// prio of rule k before this change (0: new).
+	preset, moved = map[int]uint32{}, map[int]uint32{}
+	// prio of rule k as far as known (0: a new rule not given one yet).
 	prio := func(k int) uint32 {
 		if kept[k] {
 			return recs[k].Prio
@@ -675,13 +698,28 @@ func (b *Backend) renumber(l *compiler.Layout, oh *hookState, rules []*grammar.R
 		if j, ok := oldAt[rules[k].Handle]; ok {
 			return oh.Rules[j].Prio // replaced in place
 		}
-		return 0
+		return preset[k]
 	}
-	movable := func(k int) bool {
+	// free: rule k may take any priority between its neighbours' (a new
+	// rule, or one that stays whose priority is in maps alone).
+	free := func(k int) bool {
+		if !kept[k] {
+			_, replaced := oldAt[rules[k].Handle]
+			return !replaced
+		}
 		r := recs[k]
-		return kept[k] && r.Segment > 0 && r.Segment <= len(l.Segments) && (r.Table || l.Segments[r.Segment-1].Scan > 0)
+		return r.Segment > 0 && r.Segment <= len(l.Segments) && (r.Table || l.Segments[r.Segment-1].Scan > 0)
 	}
-	preset, moved = map[int]uint32{}, map[int]uint32{}
+	bounds := func(wl, wr int) (lo, hi uint32) {
+		lo, hi = 0, 1<<31
+		if wl > 0 {
+			lo = prio(wl - 1)
+		}
+		if wr < n {
+			hi = prio(wr)
+		}
+		return lo, hi
+	}
 	for i := 0; i < n; {
 		if prio(i) != 0 {
 			i++
@@ -691,18 +729,13 @@ func (b *Backend) renumber(l *compiler.Layout, oh *hookState, rules []*grammar.R
 		for j < n && prio(j) == 0 {
 			j++
 		}
-		// New rules [i, j): do they fit by halving, as the rules are added?
-		lo, hi := uint32(0), uint32(1<<31)
-		if i > 0 {
-			lo = prio(i - 1)
-		}
-		if j < n {
-			hi = prio(j)
-		}
-		fits := true
+		// New rules [i, j) (rule j, if any, stays: its priority is
+		// known): do they fit by halving, as the rules are added?
+		lo, hi := bounds(i, j)
+		var ps []uint32
 		for k, p := i, lo; k < j; k++ {
 			if hi-p < 2 {
-				fits = false
+				ps = nil
 				break
 			}
 			if j == n {
@@ -710,34 +743,34 @@ func (b *Backend) renumber(l *compiler.Layout, oh *hookState, rules []*grammar.R
 			} else {
 				p += (hi - p) / 2
 			}
+			ps = append(ps, p)
 		}
-		if fits {
+		if len(ps) == j-i {
+			for k, p := range ps {
+				preset[i+k] = p
+			}
 			i = j
 			continue
 		}
-		if len(preset) > 0 {
-			return nil, nil, false // one place per change
-		}
-		// Widen the window [wl, wr) over rules that can move until the
-		// priorities around it leave room for all.
+		// Widen the window [wl, wr) over free rules until the priorities
+		// around it leave room for all. A new rule on its right has no
+		// priority yet: the window takes it in.
 		wl, wr := i, j
 		for {
-			lo, hi = 0, uint32(1<<31)
-			if wl > 0 {
-				lo = prio(wl - 1)
+			if wr < n && prio(wr) == 0 {
+				wr++
+				continue
 			}
-			if wr < n {
-				hi = prio(wr)
-			}
-			if (hi-lo)/uint32(wr-wl+1) >= renumberSpacing {
+			lo, hi = bounds(wl, wr)
+			if hi > lo && (hi-lo)/uint32(wr-wl+1) >= renumberSpacing {
 				break
 			}
 			switch {
 			case wr-wl >= renumberMax:
 				return nil, nil, false
-			case wl > 0 && movable(wl-1) && (wr-i <= j-wl || wr >= n || !movable(wr)):
+			case wl > 0 && free(wl-1) && (wr-i <= j-wl || wr >= n || !free(wr)):
 				wl--
-			case wr < n && movable(wr):
+			case wr < n && free(wr):
 				wr++
 			default:
 				return nil, nil, false
@@ -749,14 +782,19 @@ func (b *Backend) renumber(l *compiler.Layout, oh *hookState, rules []*grammar.R
 		}
 		for k := wl; k < wr; k++ {
 			p := lo + step*uint32(k-wl+1)
-			if k >= i && k < j {
+			if !kept[k] {
 				preset[k] = p
-			} else {
-				moved[k] = recs[k].Prio
-				recs[k].Prio = p
+				continue
 			}
+			if _, again := moved[k]; !again {
+				moved[k] = recs[k].Prio
+			}
+			recs[k].Prio = p
 		}
-		i = j
+		if len(moved) > renumberMax {
+			return nil, nil, false
+		}
+		i = wr
 	}
 	return preset, moved, true
 }

@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"io"
+	"math/rand/v2"
 	"net"
 	"strings"
 	"testing"
@@ -932,4 +933,183 @@ func TestRecordWithNamedSetWithoutReload(t *testing.T) {
 	if got := e.arrive(t, 7041, 1); got != 1 {
 		t.Fatal("port 7041 still dropped after the delete")
 	}
+}
+
+// Two new rules with one key in one change go in by table entries: the
+// first in rule order takes the key (whichever command came first), and
+// deleting it hands the key to the other.
+func TestSameKeyInOneChangeWithoutReload(t *testing.T) {
+	e := newEnv(t, Options{})
+	id := bpf.HookID{Ifname: "vb", Hook: grammar.HookIngress}
+	e.run(t, contestedHook())
+	prog := liveProgID(t, e, id)
+	same := e.unchanged(t, id, prog)
+	rs, _ := e.fresh(t)
+	rules := rs.Interface("vb").Ingress
+	h140, h150 := rules[140].Handle, rules[150].Handle
+	if got := e.arrive(t, 7151, 1); got != 1 {
+		t.Fatal("port 7151 dropped before any rule for it")
+	}
+
+	// An accept before rule 150 and a drop at the end, for one key.
+	out := e.run(t, fmt.Sprintf("insert rule vb ingress position %d ip saddr 192.0.2.1 udp dport 7151 counter actions accept\n"+
+		"add rule vb ingress ip saddr 192.0.2.1 udp dport 7151 counter actions drop", h150))
+	same("adding two rules with one key")
+	rs, _ = e.fresh(t)
+	rules = rs.Interface("vb").Ingress
+	acc, drop := rules[150].Handle, rules[201].Handle
+	if !strings.Contains(out, fmt.Sprintf("# handle %d", acc)) || !strings.Contains(out, fmt.Sprintf("# handle %d", drop)) {
+		t.Fatalf("the rules are not where they were put: %q", out)
+	}
+	if got := e.arrive(t, 7151, 3); got != 3 {
+		t.Fatalf("%d of 3 datagrams passed the accept rule, the first with the key", got)
+	}
+	checkEntries(t, e, id)
+	e.run(t, fmt.Sprintf("delete rule vb ingress handle %d", acc))
+	same("deleting the first of them")
+	if got := e.arrive(t, 7151, 2); got != 0 {
+		t.Fatalf("%d of 2 datagrams passed the drop rule that has the key now", got)
+	}
+
+	// The later command's rule comes first in rule order: it wins.
+	e.run(t, fmt.Sprintf("insert rule vb ingress position %d ip saddr 192.0.2.1 udp dport 7152 counter actions drop\n"+
+		"insert rule vb ingress position %d ip saddr 192.0.2.1 udp dport 7152 counter actions accept", h150, h140))
+	same("inserting two rules with one key, the second before the first")
+	if got := e.arrive(t, 7152, 2); got != 2 {
+		t.Fatalf("%d of 2 datagrams passed the accept rule inserted before rule 140", got)
+	}
+	rs, counters := e.fresh(t)
+	rules = rs.Interface("vb").Ingress
+	if len(rules) != 203 || rules[140].Handle == h140 || rules[152].Handle != h150 {
+		t.Fatalf("rules not where they were put: %d rules", len(rules))
+	}
+	for _, w := range []struct {
+		what   string
+		handle uint64
+		want   uint64
+	}{{"the accept rule before rule 140", rules[140].Handle, 2}, {"the drop rule for 7152", rules[151].Handle, 0}, {"the drop rule for 7151", drop, 2}} {
+		if got := counters[w.handle].Packets; got != w.want {
+			t.Errorf("%s counted %d packets, want %d", w.what, got, w.want)
+		}
+	}
+	checkEntries(t, e, id)
+}
+
+// renumber gives every new rule a priority between its neighbours' and
+// moves only rules whose priorities are in maps, at as many places as a
+// change needs: over random changes of hooks whose priorities leave
+// little room, the priorities it gives grow with the rules whenever it
+// makes room.
+func TestRenumberPlaces(t *testing.T) {
+	rnd := rand.New(rand.NewPCG(8, 8))
+	l := &compiler.Layout{Segments: []compiler.SegmentLayout{{}}}
+	made := 0
+	for round := 0; round < 300; round++ {
+		n := 20 + rnd.IntN(200)
+		oh := &hookState{}
+		p := uint32(0)
+		for k := 0; k < n; k++ {
+			p += 1 + uint32(rnd.IntN(8)) // mostly no room
+			if rnd.IntN(20) == 0 {
+				p += prioGap
+			}
+			// Now and then a member (its priority is in the code).
+			oh.Rules = append(oh.Rules, ruleRecord{Handle: uint64(k + 1), Prio: p, Slot: uint32(k), Segment: 1, Table: rnd.IntN(30) != 0})
+		}
+		var rules []*grammar.Rule
+		var recs []ruleRecord
+		var kept []bool
+		oldAt := map[uint64]int{}
+		next := uint64(n + 1)
+		for k, r := range oh.Rules {
+			oldAt[r.Handle] = k
+			for rnd.IntN(4) == 0 && len(rules) < 2*n { // inserted at up to several places
+				rules, recs, kept = append(rules, &grammar.Rule{Handle: next}), append(recs, ruleRecord{}), append(kept, false)
+				next++
+			}
+			if rnd.IntN(10) != 0 {
+				rules, recs, kept = append(rules, &grammar.Rule{Handle: r.Handle}), append(recs, r), append(kept, true)
+			}
+		}
+		preset, moved, ok := (*Backend)(nil).renumber(l, oh, rules, recs, kept, oldAt)
+		if !ok {
+			continue
+		}
+		made++
+		last := uint32(0)
+		for k := range rules {
+			q := recs[k].Prio
+			if !kept[k] {
+				var has bool
+				if q, has = preset[k]; !has {
+					t.Fatalf("round %d: new rule %d has no priority", round, k)
+				}
+			}
+			if q <= last || q >= 1<<31 {
+				t.Fatalf("round %d: rule %d has priority %d after %d", round, k, q, last)
+			}
+			last = q
+			if old, ok := moved[k]; ok && (!kept[k] || !recs[k].Table || old != oh.Rules[oldAt[rules[k].Handle]].Prio) {
+				t.Fatalf("round %d: rule %d moved from %d: not a table rule that stays, or not its old priority", round, k, old)
+			}
+			if !ok && kept[k] && q != oh.Rules[oldAt[rules[k].Handle]].Prio {
+				t.Fatalf("round %d: rule %d took a new priority without being listed as moved", round, k)
+			}
+		}
+	}
+	if made < 100 {
+		t.Errorf("renumber made room in %d of 300 changes", made)
+	}
+}
+
+// Twenty rules inserted before rule 50 and twenty before rule 150 in one
+// change exhaust the priorities at two places: the rules around each are
+// renumbered in the maps, without compiling, and every rule keeps matching
+// in order and counting in its slot.
+func TestRenumberAtTwoPlacesWithoutReload(t *testing.T) {
+	e := newEnv(t, Options{})
+	id := bpf.HookID{Ifname: "vb", Hook: grammar.HookIngress}
+	e.run(t, contestedHook())
+	prog := liveProgID(t, e, id)
+	same := e.unchanged(t, id, prog)
+	rs, _ := e.fresh(t)
+	rules := rs.Interface("vb").Ingress
+	h50, h149, h150 := rules[50].Handle, rules[149].Handle, rules[150].Handle
+	var b strings.Builder
+	for k := 0; k < 20; k++ {
+		fmt.Fprintf(&b, "insert rule vb ingress position %d ip saddr 192.0.2.1 udp dport %d counter actions drop\n", h50, 7000+2*k)
+		fmt.Fprintf(&b, "insert rule vb ingress position %d ip saddr 192.0.2.1 udp dport %d counter actions drop\n", h150, 7101+2*k)
+	}
+	// The last before rule 150, with its key, takes it.
+	fmt.Fprintf(&b, "insert rule vb ingress position %d ip saddr 192.0.2.1 udp dport 7150 counter actions accept\n", h150)
+	e.run(t, b.String())
+	same("inserting twenty rules at each of two places")
+	for _, port := range []int{7000, 7038, 7101, 7139} {
+		if got := e.arrive(t, port, 1); got != 0 {
+			t.Errorf("the inserted rule for port %d does not drop", port)
+		}
+	}
+	if got := e.arrive(t, 7150, 2); got != 2 {
+		t.Fatalf("%d of 2 datagrams passed the accept rule inserted before rule 150", got)
+	}
+	for _, port := range []int{7050, 7149} {
+		if got := e.arrive(t, port, 1); got != 0 {
+			t.Errorf("the rule for port %d does not drop", port)
+		}
+	}
+	rs, counters := e.fresh(t)
+	rules = rs.Interface("vb").Ingress
+	if len(rules) != 241 || rules[70].Handle != h50 || rules[169].Handle != h149 || rules[191].Handle != h150 {
+		t.Fatalf("rules out of order: %d rules", len(rules))
+	}
+	for _, w := range []struct {
+		what   string
+		handle uint64
+		want   uint64
+	}{{"rule 50", h50, 1}, {"rule 149", h149, 1}, {"rule 150", h150, 0}, {"the first rule inserted before rule 50", rules[50].Handle, 1}} {
+		if got := counters[w.handle].Packets; got != w.want {
+			t.Errorf("%s counted %d packets, want %d", w.what, got, w.want)
+		}
+	}
+	checkEntries(t, e, id)
 }
