@@ -427,6 +427,33 @@ func renumberSetup() [][]string {
 	return cmds
 }
 
+// twoPlacesSetup leaves no priority free at two places of rulesetD (for
+// another source than the probes'): before rule 20 (14 rules inserted in
+// one change, each halving the room left) and at the start (14 rules
+// inserted there one by one).
+func twoPlacesSetup() [][]string {
+	var batch []string
+	for _, cmd := range renumberSetup() {
+		if batch != nil {
+			batch = append(batch, ";")
+		}
+		batch = append(batch, cmd...)
+	}
+	cmds := [][]string{batch}
+	for k := 0; k < 14; k++ {
+		cmds = append(cmds, []string{"insert", "rule", "vb", "ingress", "ip", "saddr", "192.0.2.3", "udp", "dport", strconv.Itoa(7100 + k), "counter", "actions", "drop"})
+	}
+	return cmds
+}
+
+// twoPlacesOneKey inserts two rules with one key in one change, at the
+// places twoPlacesSetup filled: rules are renumbered at both, and the
+// first (at the start) takes the key, the second's entry is dead.
+func twoPlacesOneKey() []string {
+	return strings.Fields("insert rule vb ingress ip saddr 192.0.2.1 udp dport 7021 counter actions drop ; " +
+		"insert rule vb ingress position HANDLE ip saddr 192.0.2.1 udp dport 7021 counter actions drop")
+}
+
 func manyElements(from, n int) string {
 	var b strings.Builder
 	for i := 0; i < n; i++ {
@@ -473,6 +500,9 @@ func TestCrashAtEveryPoint(t *testing.T) {
 			handleOf: `saddr 192\.0\.2\.1 udp dport 7020 sport != 120 .*# handle (\d+)`, ingress: []int{7020, 7021, 7030}, every: 3,
 			followUp: []string{"insert", "rule", "vb", "ingress", "ip", "saddr", "192.0.2.1", "udp", "dport", "7030", "counter", "actions", "drop"}},
 		{name: "insert-renumber", old: rulesetD(), setup: renumberSetup(), args: []string{"insert", "rule", "vb", "ingress", "position", "HANDLE", "ip", "saddr", "192.0.2.1", "udp", "dport", "7021", "counter", "actions", "drop"},
+			handleOf: `udp dport 7020 .*# handle (\d+)`, ingress: []int{7021, 7022, 7030}, every: 3,
+			followUp: []string{"add", "rule", "vb", "ingress", "ip", "saddr", "192.0.2.1", "udp", "dport", "7030", "counter", "actions", "drop"}},
+		{name: "insert-two-places-one-key", old: rulesetD(), setup: twoPlacesSetup(), args: twoPlacesOneKey(),
 			handleOf: `udp dport 7020 .*# handle (\d+)`, ingress: []int{7021, 7022, 7030}, every: 3,
 			followUp: []string{"add", "rule", "vb", "ingress", "ip", "saddr", "192.0.2.1", "udp", "dport", "7030", "counter", "actions", "drop"}},
 		{name: "insert-params-middle", old: rulesetP(), args: []string{"insert", "rule", "vb", "ingress", "position", "HANDLE", "ip", "saddr", "192.0.2.1", "udp", "dport", "7021", "counter", "actions", "dnat", "to", "192.0.2.2:8033"},
