@@ -111,7 +111,9 @@ func (c *compiler) prefixLookup(fam int, id uint32, slot int16) {
 func (c *compiler) anonMaps() {
 	a := &c.anonSets
 	if len(a.ports) > 0 {
-		m := &ebpf.MapSpec{Name: anonPortsMap, Type: ebpf.Array, KeySize: 4, ValueSize: uint32(len(a.ports[0])), MaxEntries: uint32(len(a.ports))}
+		// Headroom: a record added with a port list of its own takes a
+		// free id (Layout.PlaceRecordLists).
+		m := &ebpf.MapSpec{Name: anonPortsMap, Type: ebpf.Array, KeySize: 4, ValueSize: uint32(len(a.ports[0])), MaxEntries: uint32(len(a.ports) + anonPortsHeadroom)}
 		for i, bm := range a.ports {
 			m.Contents = append(m.Contents, ebpf.MapKV{Key: uint32(i), Value: bm})
 		}
@@ -128,17 +130,32 @@ func (c *compiler) anonMaps() {
 		m := &ebpf.MapSpec{Name: name, Type: ebpf.LPMTrie, KeySize: uint32(8 + size), ValueSize: 1, Flags: 1} // BPF_F_NO_PREALLOC
 		seen := map[string]bool{}
 		for i, p := range a.prefixes[f] {
-			k := make([]byte, 8+size)
-			binary.NativeEndian.PutUint32(k, uint32(32+p.Bits()))
-			binary.BigEndian.PutUint32(k[4:], a.ids[f][i])
-			copy(k[8:], p.Addr().AsSlice())
+			k := anonKey(p, a.ids[f][i])
 			if seen[string(k)] {
 				continue
 			}
 			seen[string(k)] = true
 			m.Contents = append(m.Contents, ebpf.MapKV{Key: k, Value: []byte{1}})
 		}
-		m.MaxEntries = uint32(len(m.Contents))
+		// Headroom for lists added to records (no preallocation: a
+		// limit, not memory).
+		m.MaxEntries = uint32(2*len(m.Contents) + anonTrieHeadroom)
 		c.spec.Maps[name] = m
 	}
+}
+
+// Room the list maps keep for lists of records added without compiling.
+const (
+	anonPortsHeadroom = 4   // bitmaps of 8 KiB
+	anonTrieHeadroom  = 256 // prefixes
+)
+
+// anonKey is the key of prefix p of list id in anon_v4 / anon_v6.
+func anonKey(p netip.Prefix, id uint32) []byte {
+	a := p.Addr().AsSlice()
+	k := make([]byte, 8+len(a))
+	binary.NativeEndian.PutUint32(k, uint32(32+p.Bits()))
+	binary.BigEndian.PutUint32(k[4:], id)
+	copy(k[8:], a)
+	return k
 }

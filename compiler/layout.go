@@ -61,6 +61,29 @@ type ScanLayout struct {
 	// counting (fxInScan).
 	Tracing bool `json:"tracing,omitempty"`
 	SegDev  bool `json:"segdev,omitempty"`
+	// Lists: room in the shared list maps (anon.go) for the lists of
+	// records added without compiling (PlaceRecordLists).
+	Lists *ListsLayout `json:"lists,omitempty"`
+}
+
+// ListsLayout says where the shared list maps have room: port range lists
+// (linRangesMap), port bitmaps (anon_ports) and address lists (anon_v4,
+// anon_v6). Ids are never reused before the hook is compiled again: the
+// live generation's records may still name a list a change removes.
+type ListsLayout struct {
+	Ranges ListSpace `json:"ranges"`
+	Ports  ListSpace `json:"ports"`
+	V4     ListSpace `json:"v4"`
+	V6     ListSpace `json:"v6"`
+}
+
+// ListSpace is one list map: Next is the next list id; Cap and Used the
+// map's entries (an array: one per id; a trie: one per prefix). Next 0 in
+// a trie: the callback has no code for that family's lists.
+type ListSpace struct {
+	Next uint32 `json:"next"`
+	Cap  uint32 `json:"cap"`
+	Used uint32 `json:"used"`
 }
 
 // ScanUses are the record fields the callback reads.
@@ -281,6 +304,7 @@ func (c *compiler) scanLayout() *ScanLayout {
 			}
 		}
 	}
+	sc.Lists = c.listsLayout()
 	for _, name := range t.sets {
 		set := c.sets[name]
 		if set == nil {
@@ -290,6 +314,28 @@ func (c *compiler) scanLayout() *ScanLayout {
 		sc.SetTypes = append(sc.SetTypes, set.Type)
 	}
 	return sc
+}
+
+// listsLayout says how full the shared list maps are.
+func (c *compiler) listsLayout() *ListsLayout {
+	space := func(name string, next uint32) ListSpace {
+		m := c.spec.Maps[name]
+		if m == nil {
+			return ListSpace{Next: next}
+		}
+		used := uint32(len(m.Contents))
+		if m.Type == ebpf.Array {
+			used = next
+		}
+		return ListSpace{Next: next, Cap: m.MaxEntries, Used: used}
+	}
+	a := &c.anonSets
+	return &ListsLayout{
+		Ranges: space(linRangesMap, uint32(len(c.lin.ranges))),
+		Ports:  space(anonPortsMap, uint32(len(a.ports))),
+		V4:     space(anonV4Map, a.next[0]),
+		V6:     space(anonV6Map, a.next[1]),
+	}
 }
 
 // WithNonTerminal returns a copy of l where segment seg holds a rule that
@@ -310,6 +356,22 @@ func (l *Layout) WithScanUsed(used int) *Layout {
 	c.Scan = &sc
 	return &c
 }
+
+// WithScanLists returns a copy of l whose list maps are as lists says.
+func (l *Layout) WithScanLists(lists *ListsLayout) *Layout {
+	c := *l
+	sc := *l.Scan
+	ls := *lists
+	sc.Lists = &ls
+	c.Scan = &sc
+	return &c
+}
+
+// Names of the shared address-list maps (ListsLayout.V4, V6).
+const (
+	AnonV4Map = anonV4Map
+	AnonV6Map = anonV6Map
+)
 
 // ErrNotPlaceable: the rule needs code the hook does not have (a new shape
 // or body, a rule that does not end evaluation, a packet the parse guard
@@ -442,29 +504,46 @@ func (l *Layout) PlaceRecord(r *grammar.Rule, seg int, prio, slot uint32) ([]byt
 // the rule's parameter entry for generation gen (nil in other hooks), as
 // PlaceParams: the winner's body reads it by the record's counter slot.
 func (l *Layout) PlaceRecordParams(r *grammar.Rule, seg int, prio, slot, gen uint32) ([]byte, *Entry, error) {
-	rec, err := l.placeRecord(r, seg, prio, slot)
+	rec, p, _, err := l.PlaceRecordLists(r, seg, prio, slot, gen, nil)
+	return rec, p, err
+}
+
+// PlaceRecordLists is PlaceRecordParams for a rule whose matches may need
+// lists in the shared list maps (port range lists, port bitmaps, address
+// lists): they take fresh ids from lists (nil: such a rule is refused),
+// which it advances, and lists are their maps' new entries (Table the
+// map, Key and Value its entry), to be written before the record goes
+// live. The callback must already test that kind of list.
+func (l *Layout) PlaceRecordLists(r *grammar.Rule, seg int, prio, slot, gen uint32, lists *ListsLayout) (rec []byte, param *Entry, listEntries []Entry, err error) {
+	rec, listEntries, err = l.placeRecord(r, seg, prio, slot, lists)
 	if err != nil || !l.Params {
-		return rec, nil, err
+		return rec, nil, listEntries, err
 	}
 	p, err := l.paramsEntry(r, slot, gen)
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, nil, err
 	}
-	return rec, p, nil
+	return rec, p, listEntries, nil
 }
 
-func (l *Layout) placeRecord(r *grammar.Rule, seg int, prio, slot uint32) ([]byte, error) {
+func (l *Layout) placeRecord(r *grammar.Rule, seg int, prio, slot uint32, lists *ListsLayout) ([]byte, []Entry, error) {
 	sc := l.Scan
-	if sc == nil || seg < 0 || seg >= len(l.Segments) || l.Segments[seg].Scan == 0 || !l.Needs.covers(r) || !recordFits(r) {
-		return nil, ErrNotPlaceable
+	if sc == nil || seg < 0 || seg >= len(l.Segments) || l.Segments[seg].Scan == 0 || !l.Needs.covers(r) || lists == nil && !recordFits(r) {
+		return nil, nil, ErrNotPlaceable
 	}
 	sl := &l.Segments[seg]
 	ct, err := CtMarkLayout(l.CtMarkMask)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	c := &compiler{ct: ct, tracing: sc.Tracing, params: l.Params, opts: Options{Prios: []uint32{prio}, Slots: []uint32{slot}},
 		lin: &linearTable{sets: slices.Clone(sc.Sets)}, spec: &ebpf.CollectionSpec{Maps: map[string]*ebpf.MapSpec{}}}
+	if lists != nil {
+		// New lists take ids after the maps' (no sharing with theirs).
+		c.lin.ranges = make([][]byte, lists.Ranges.Next)
+		c.anonSets.ports = make([][]byte, lists.Ports.Next)
+		c.anonSets.next = [2]uint32{lists.V4.Next, lists.V6.Next}
+	}
 	// The named sets the callback tests, by their types: a record of one
 	// of them is its index in the callback's switch (another set needs
 	// code).
@@ -486,40 +565,86 @@ func (l *Layout) placeRecord(r *grammar.Rule, seg int, prio, slot uint32) ([]byt
 			key = c.scanBodyKey(r)
 		}
 		if body = slices.Index(sl.Bodies, key); body < 0 {
-			return nil, ErrNotPlaceable
+			return nil, nil, ErrNotPlaceable
 		}
 	} else if sc.Tracing || !sl.ScanOnly {
 		// The scan does its counter and mark set and goes on, which only
 		// a segment of records alone allows (classify); a hook that
 		// traces runs its body.
-		return nil, ErrNotPlaceable
+		return nil, nil, ErrNotPlaceable
 	}
 	c.bodyOf = []uint32{uint32(body)}
 	rec, err := c.record(r, 0, fx)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	if sl.ScanLists > 1 && sequential(nativeU32(rec[recFlags:])) {
 		// A mark set that later records may test: the segment's records
 		// must be one list in rule order (linscan.go).
-		return nil, ErrNotPlaceable
+		return nil, nil, ErrNotPlaceable
 	}
 	t := c.lin
 	uses := ScanUses{Fam: t.uses.fam, Proto: t.uses.proto, TCP: t.uses.tcp, Meta: t.uses.meta, Ct: t.uses.ct, Count: t.uses.count, SetMark: t.uses.setMark}
-	if !sc.Uses.covers(uses) || len(t.sets) != len(sc.Sets) || len(t.ranges) > 0 {
-		return nil, ErrNotPlaceable
+	if !sc.Uses.covers(uses) || len(t.sets) != len(sc.Sets) || lists == nil && len(t.ranges) > 0 {
+		return nil, nil, ErrNotPlaceable
 	}
 	for f, kinds := range t.kinds {
 		for k, on := range kinds {
 			if on && k != kindNone && sc.Kinds[f]&(1<<k) == 0 {
-				return nil, ErrNotPlaceable
+				return nil, nil, ErrNotPlaceable
 			}
 		}
 	}
 	if nativeU32(rec[recFlags:])&recSetMark != 0 && !sl.ScanMark {
-		return nil, ErrNotPlaceable // the segment does not write the scan's mark back
+		return nil, nil, ErrNotPlaceable // the segment does not write the scan's mark back
 	}
-	return rec, nil
+	var ents []Entry
+	if lists != nil {
+		if ents, err = c.newLists(lists); err != nil {
+			return nil, nil, err
+		}
+	}
+	return rec, ents, nil
+}
+
+// newLists returns the entries of the lists c made after the ids lists
+// had, and advances lists past them; ErrNotPlaceable when a map has no
+// room, or the callback no code for a family's lists.
+func (c *compiler) newLists(lists *ListsLayout) ([]Entry, error) {
+	var out []Entry
+	next := *lists
+	key := func(id uint32) []byte { return binary.NativeEndian.AppendUint32(nil, id) }
+	for id := lists.Ranges.Next; id < uint32(len(c.lin.ranges)); id++ {
+		out = append(out, Entry{Table: linRangesMap, Key: key(id), Value: c.lin.ranges[id]})
+		next.Ranges.Next, next.Ranges.Used = id+1, id+1
+	}
+	for id := lists.Ports.Next; id < uint32(len(c.anonSets.ports)); id++ {
+		out = append(out, Entry{Table: anonPortsMap, Key: key(id), Value: c.anonSets.ports[id]})
+		next.Ports.Next, next.Ports.Used = id+1, id+1
+	}
+	for f, name := range []string{anonV4Map, anonV6Map} {
+		sp := []*ListSpace{&next.V4, &next.V6}[f]
+		seen := map[string]bool{}
+		for i, p := range c.anonSets.prefixes[f] {
+			if sp.Next == 0 {
+				return nil, ErrNotPlaceable // (the callback has no code for this family's lists)
+			}
+			k := anonKey(p, c.anonSets.ids[f][i])
+			if !seen[string(k)] {
+				seen[string(k)] = true
+				out = append(out, Entry{Table: name, Key: k, Value: []byte{1}})
+				sp.Used++
+			}
+		}
+		sp.Next = c.anonSets.next[f]
+	}
+	for _, sp := range []ListSpace{next.Ranges, next.Ports, next.V4, next.V6} {
+		if sp.Used > sp.Cap {
+			return nil, ErrNotPlaceable // no room: a compilation lays the maps out again
+		}
+	}
+	*lists = next
+	return out, nil
 }
 
 // recordFits reports whether rule r's record holds all its matches: no
@@ -560,6 +685,13 @@ func RecordPrio(rec []byte) uint32 { return nativeU32(rec[recPrio:]) }
 // shape id.
 func RecordOfRule(rec []byte) bool { return nativeU32(rec[recFlags:])&recShape == 0 }
 func RecordSlot(rec []byte) uint32 { return nativeU32(rec[recSlot:]) }
+
+// RecordWithPrio returns a copy of record rec with priority prio.
+func RecordWithPrio(rec []byte, prio uint32) []byte {
+	out := slices.Clone(rec)
+	binary.NativeEndian.PutUint32(out[recPrio:], prio)
+	return out
+}
 
 // DirectoryEntry is a directory entry pointing at index first.
 func DirectoryEntry(first uint32) []byte {

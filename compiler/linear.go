@@ -508,7 +508,9 @@ const linRangesMap = anonPrefix + "ranges"
 func (c *compiler) linearMapSpecs() {
 	t := c.lin
 	if len(t.ranges) > 0 {
-		m := &ebpf.MapSpec{Name: linRangesMap, Type: ebpf.Array, KeySize: 4, ValueSize: 4 * listRanges, MaxEntries: uint32(len(t.ranges))}
+		// Headroom: a record added with a range list of its own takes a
+		// free id (Layout.PlaceRecordLists).
+		m := &ebpf.MapSpec{Name: linRangesMap, Type: ebpf.Array, KeySize: 4, ValueSize: 4 * listRanges, MaxEntries: uint32(capacity(len(t.ranges)+len(t.ranges)/4, 16))}
 		for i, v := range t.ranges {
 			m.Contents = append(m.Contents, ebpf.MapKV{Key: uint32(i), Value: v})
 		}

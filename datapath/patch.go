@@ -131,7 +131,7 @@ func (b *Backend) patchHook(s *bpf.Store, cur *bpf.Gen, oh *hookState, rs *rules
 	editOf := func(seg int) *scanEdit {
 		if edits[seg] == nil {
 			sl := &l.Segments[seg-1]
-			edits[seg] = &scanEdit{first: sl.Scan - 1, lists: max(sl.ScanLists, 1), del: map[uint32]bool{}}
+			edits[seg] = &scanEdit{first: sl.Scan - 1, lists: max(sl.ScanLists, 1), del: map[uint32]bool{}, prio: map[uint32]uint32{}}
 		}
 		return edits[seg]
 	}
@@ -197,6 +197,14 @@ func (b *Backend) patchHook(s *bpf.Store, cur *bpf.Gen, oh *hookState, rs *rules
 	var params []compiler.Entry // parameter entries of new rules (generation 0 keys)
 	nl := l                     // the layout after the change
 	var fresh []uint32          // slots to zero
+	// New records' lists (port range lists, port bitmaps, address lists)
+	// take fresh ids in the shared list maps.
+	var lists *compiler.ListsLayout
+	if l.Scan != nil && l.Scan.Lists != nil {
+		c := *l.Scan.Lists
+		lists = &c
+	}
+	var listEnts []compiler.Entry
 	preset, moved, ok := b.renumber(l, oh, rules, recs, kept, oldAt)
 	if !ok {
 		return nil, nil
@@ -207,11 +215,11 @@ func (b *Backend) patchHook(s *bpf.Store, cur *bpf.Gen, oh *hookState, rs *rules
 	var movedPuts []movedEntry
 	for _, k := range slices.Sorted(maps.Keys(moved)) {
 		rec := recs[k]
-		r, err := b.parsed(rules[k], rs)
-		if err != nil {
-			return nil, nil
-		}
 		if rec.Table {
+			r, err := b.parsed(rules[k], rs)
+			if err != nil {
+				return nil, nil
+			}
 			ents, _, err := l.PlaceParams(r, rec.Segment-1, rec.Prio, rec.Slot, 0) // (its parameters stay)
 			if err != nil {
 				return nil, nil
@@ -221,13 +229,9 @@ func (b *Backend) patchHook(s *bpf.Store, cur *bpf.Gen, oh *hookState, rs *rules
 			}
 			continue
 		}
-		rb, _, err := l.PlaceRecordParams(r, rec.Segment-1, rec.Prio, rec.Slot, 0) // (its parameters stay)
-		if err != nil {
-			return nil, nil
-		}
-		ed := editOf(rec.Segment)
-		ed.del[rec.Slot] = true
-		ed.add = append(ed.add, rb)
+		// A record: the live one with its new priority (its lists and
+		// parameters stay).
+		editOf(rec.Segment).prio[rec.Slot] = rec.Prio
 	}
 	for i, r := range rules {
 		if kept[i] {
@@ -280,10 +284,11 @@ func (b *Backend) patchHook(s *bpf.Store, cur *bpf.Gen, oh *hookState, rs *rules
 		if !rec.Table {
 			// A record of the segment's scan, if it has one that can test it.
 			for _, sg := range recSegs {
-				if rb, pe, err := l.PlaceRecordParams(r, sg-1, rec.Prio, rec.Slot, 0); err == nil {
+				if rb, pe, le, err := l.PlaceRecordLists(r, sg-1, rec.Prio, rec.Slot, 0, lists); err == nil {
 					rec.Segment = sg
 					ed := editOf(sg)
 					ed.add = append(ed.add, rb)
+					listEnts = append(listEnts, le...)
 					if pe != nil {
 						params = append(params, *pe)
 					}
@@ -515,9 +520,28 @@ func (b *Backend) patchHook(s *bpf.Store, cur *bpf.Gen, oh *hookState, rs *rules
 		}
 	}
 
+	for _, le := range listEnts {
+		if h.Maps[le.Table] == nil {
+			return nil, nil
+		}
+	}
+
 	// From here on the spare generation changes.
 	if err := s.MarkTablesDirty(); err != nil {
 		return nil, err
+	}
+	if dirty && l.Scan != nil && l.Scan.Lists != nil {
+		// Lists a writer that died wrote past the ids the live record knows.
+		if err := scrubLists(h, l.Scan.Lists); err != nil {
+			return nil, fmt.Errorf("%s: %w", oh.id(), err)
+		}
+	}
+	// New lists: at ids no live record names (they go live with the
+	// records the flip makes live).
+	for _, le := range listEnts {
+		if err := h.Maps[le.Table].Put(le.Key, le.Value); err != nil {
+			return nil, fmt.Errorf("table %s of %s: %w", le.Table, oh.id(), err)
+		}
 	}
 	if dirty || oh.Spare == nil {
 		if err := syncSpare(h, live); err != nil {
@@ -570,6 +594,9 @@ func (b *Backend) patchHook(s *bpf.Store, cur *bpf.Gen, oh *hookState, rs *rules
 		}
 		recDelta = keys
 		layout = nl.WithScanUsed(sw.used)
+		if len(listEnts) > 0 {
+			layout = layout.WithScanLists(lists)
+		}
 		faults.Point("patch records " + oh.id().String())
 	}
 	for name, blob := range blobs {

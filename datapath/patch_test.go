@@ -1113,3 +1113,83 @@ func TestRenumberAtTwoPlacesWithoutReload(t *testing.T) {
 	}
 	checkEntries(t, e, id)
 }
+
+// listsHook is scanHook(n) with three more records that need the shared
+// list maps (for other sources than the test datagrams'): an address
+// list, a port range list (more than four ranges) and a port bitmap (more
+// than 32), so that the record scan's callback tests each kind of list.
+func listsHook(n int) string {
+	var ports []string
+	for p := 0; p < 40; p++ {
+		ports = append(ports, fmt.Sprint(7800+2*p))
+	}
+	return strings.Replace(scanHook(n), "\tingress {\n", "\tingress {\n\t\tip saddr { 192.0.2.60, 192.0.2.61 } udp sport != 2 dport 7700 counter actions drop\n"+
+		"\t\tip saddr 192.0.2.70 udp sport != 3 dport { 7710, 7712, 7714, 7716, 7718 } counter actions drop\n"+
+		"\t\tip saddr 192.0.2.71 udp sport != 4 dport { "+strings.Join(ports, ", ")+" } counter actions drop\n", 1)
+}
+
+// Records whose matches need lists in the shared list maps (an address
+// list, a port range list, a port bitmap) change by records and list
+// entries alone: inserted, replaced and deleted without compiling, and
+// datagrams meet the right rule at each step.
+func TestRecordListsWithoutReload(t *testing.T) {
+	e := newEnv(t, Options{})
+	id := bpf.HookID{Ifname: "vb", Hook: grammar.HookIngress}
+	e.run(t, listsHook(120))
+	prog := liveProgID(t, e, id)
+	same := e.unchanged(t, id, prog)
+	rs, _ := e.fresh(t)
+	rules := rs.Interface("vb").Ingress
+	h60 := rules[63].Handle // drop 7120
+	if got := e.arrive(t, 7120, 1); got != 0 {
+		t.Fatal("rule 60 does not drop")
+	}
+
+	// An address list before rule 60: its accept wins.
+	acc := echoed(t, e.run(t, fmt.Sprintf("insert rule vb ingress position %d ip saddr { 192.0.2.9, 192.0.2.1 } udp sport != 9 dport 7120 counter actions accept", h60)))
+	same("inserting a record with an address list")
+	if got := e.arrive(t, 7120, 3); got != 3 {
+		t.Fatalf("%d of 3 datagrams passed the inserted accept rule", got)
+	}
+	checkEntries(t, e, id)
+	// A port range list and a port bitmap, at the end.
+	rl := echoed(t, e.run(t, "add rule vb ingress ip saddr 192.0.2.1 udp sport != 9 dport { 7500, 7502, 7504, 7506, 7508 } counter actions drop"))
+	same("adding a record with a port range list")
+	var ports []string
+	for p := 0; p < 40; p++ {
+		ports = append(ports, fmt.Sprint(7601+2*p))
+	}
+	bm := echoed(t, e.run(t, "add rule vb ingress ip saddr 192.0.2.1 udp sport != 9 dport { "+strings.Join(ports, ", ")+" } counter actions drop"))
+	same("adding a record with a port bitmap")
+	for _, c := range []struct{ port, want int }{{7504, 0}, {7505, 1}, {7641, 0}, {7642, 1}, {7700, 1}, {7710, 1}} {
+		if got := e.arrive(t, c.port, 1); got != c.want {
+			t.Errorf("%d of 1 datagrams to port %d arrived, want %d", got, c.port, c.want)
+		}
+	}
+	// Replaced by another list (a new id; the old one is not reused while
+	// the live generation may read it), then deleted.
+	e.run(t, fmt.Sprintf("replace rule vb ingress handle %d ip saddr 192.0.2.1 udp sport != 9 dport { 7501, 7503, 7505, 7507, 7509 } counter actions drop", rl))
+	same("replacing the record with the port range list")
+	if got := e.arrive(t, 7504, 1); got != 1 {
+		t.Error("port 7504 still dropped after the replace")
+	}
+	if got := e.arrive(t, 7505, 2); got != 0 {
+		t.Errorf("%d of 2 datagrams to port 7505 passed the replaced rule", got)
+	}
+	e.run(t, fmt.Sprintf("delete rule vb ingress handle %d", acc))
+	same("deleting the record with the address list")
+	if got := e.arrive(t, 7120, 1); got != 0 {
+		t.Fatal("rule 60 does not drop after the delete")
+	}
+	_, counters := e.fresh(t)
+	for _, w := range []struct {
+		what   string
+		handle uint64
+		want   uint64
+	}{{"rule 60", h60, 2}, {"the range list rule (replaced: it keeps its counter)", rl, 3}, {"the bitmap rule", bm, 1}} {
+		if got := counters[w.handle].Packets; got != w.want {
+			t.Errorf("%s counted %d packets, want %d", w.what, got, w.want)
+		}
+	}
+	checkEntries(t, e, id)
+}

@@ -8,6 +8,7 @@ import (
 	"slices"
 
 	"github.com/cilium/ebpf"
+	"github.com/sfunnel/sfunnel/bpf"
 	"github.com/sfunnel/sfunnel/compiler"
 )
 
@@ -28,10 +29,11 @@ import (
 
 // scanEdit is a change of one segment's record lists.
 type scanEdit struct {
-	first int             // the segment's first directory entry
-	lists int             // its lists: 1, or 9 by family and protocol (compiler.RecordGroup)
-	del   map[uint32]bool // counter slots of the records removed
-	add   [][]byte        // records added
+	first int               // the segment's first directory entry
+	lists int               // its lists: 1, or 9 by family and protocol (compiler.RecordGroup)
+	del   map[uint32]bool   // counter slots of the records removed
+	prio  map[uint32]uint32 // new priorities of records that stay, by counter slot
+	add   [][]byte          // records added
 }
 
 // scanWrite is a planned write of the spare generation's records.
@@ -79,27 +81,40 @@ func planScan(cur []byte, sc *compiler.ScanLayout, live uint32, edits map[int]*s
 		if ed.first < 0 || ed.lists < 1 || ed.first+ed.lists > sc.Dirs {
 			return nil, false
 		}
-		gone := 0
+		gone, moved := 0, 0
 		for g := 0; g < ed.lists; g++ {
 			old, ok := list(ed.first + g)
 			if !ok {
 				return nil, false
 			}
 			recs := make([][]byte, 0, len(old))
+			changed := false
 			for _, r := range old {
-				if compiler.RecordOfRule(r) && ed.del[compiler.RecordSlot(r)] {
+				if !compiler.RecordOfRule(r) {
 					// (A shape record's slot is a shape id: it stays, and a
 					// rule inside it is not found here, which compiles.)
-					gone++
+					recs = append(recs, r)
 					continue
+				}
+				slot := compiler.RecordSlot(r)
+				if ed.del[slot] {
+					gone++
+					changed = true
+					continue
+				}
+				if p, ok := ed.prio[slot]; ok {
+					// (Renumbering keeps the rules' order: the list stays sorted.)
+					r = compiler.RecordWithPrio(r, p)
+					moved++
+					changed = true
 				}
 				recs = append(recs, r)
 			}
-			if len(recs) != len(old) {
+			if changed {
 				lists[ed.first+g] = recs
 			}
 		}
-		if gone != len(ed.del) {
+		if gone != len(ed.del) || moved != len(ed.prio) {
 			return nil, false // a member: its code is in the program
 		}
 		for _, a := range ed.add {
@@ -300,4 +315,34 @@ func rewritesAll(rels []uint32, sc *compiler.ScanLayout, sw *scanWrite) bool {
 		}
 	}
 	return true
+}
+
+// scrubLists removes from the address-list tries the prefixes of lists
+// whose ids are past lists' (a writer that died before its commit left
+// them; the next list given such an id must start empty). Array lists
+// need nothing: a new list's entry is written whole.
+func scrubLists(h *bpf.Hook, lists *compiler.ListsLayout) error {
+	for name, sp := range map[string]compiler.ListSpace{compiler.AnonV4Map: lists.V4, compiler.AnonV6Map: lists.V6} {
+		m := h.Maps[name]
+		if m == nil {
+			continue
+		}
+		var gone [][]byte
+		k, v := make([]byte, m.KeySize()), make([]byte, m.ValueSize())
+		it := m.Iterate()
+		for it.Next(&k, &v) {
+			if binary.BigEndian.Uint32(k[4:]) >= sp.Next {
+				gone = append(gone, slices.Clone(k))
+			}
+		}
+		if err := it.Err(); err != nil {
+			return fmt.Errorf("table %s: %w", name, err)
+		}
+		for _, k := range gone {
+			if err := m.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+				return fmt.Errorf("table %s: %w", name, err)
+			}
+		}
+	}
+	return nil
 }
