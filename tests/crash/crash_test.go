@@ -384,18 +384,28 @@ func rulesetG() string {
 	return b.String()
 }
 
+// rulesetL is rulesetG with two records that need the shared list maps
+// (an address list, a port range list; other sources than the probes'),
+// so that the record scan tests lists and a record of a new list goes in
+// without compiling. The follow-up's list takes the id a killed writer
+// may have filled: it must start empty (scrubLists).
+func rulesetL() string {
+	return strings.Replace(rulesetG(), "\t\tip saddr 192.0.2.100 ", "\t\tip saddr { 192.0.2.60, 192.0.2.61 } udp sport != 2 dport 7200 counter actions drop\n"+
+		"\t\tip saddr 192.0.2.70 udp sport != 3 dport { 7210, 7212, 7214, 7216, 7218 } counter actions drop\n\t\tip saddr 192.0.2.100 ", 1)
+}
+
 // rulesetH is rulesetG with rule 20 matching the probes' source.
 func rulesetH() string {
 	return strings.Replace(rulesetG(), "ip saddr 192.0.2.120 udp sport != 120 dport 7020", "ip saddr 192.0.2.1 udp sport != 120 dport 7020", 1)
 }
 
-// dropsOf predicts the ingress probes a listing of rulesets D to H drops:
-// a drop rule for the probes' source (or any source) and port (the
+// dropsOf predicts the ingress probes a listing of rulesets D to L drops:
+// a drop rule for the probes' source (or a list with it, or any source) and port (the
 // probes' source port is never one a `sport !=` of these rules names).
 func dropsOf(list string, ports []int) map[int]bool {
 	out := map[int]bool{}
 	for _, p := range ports {
-		if regexp.MustCompile(fmt.Sprintf(`(?m)^\s*(ip saddr 192\.0\.2\.1 )?udp dport %d (sport != \d+ )?counter`, p)).MatchString(list) {
+		if regexp.MustCompile(fmt.Sprintf(`(?m)^\s*(ip saddr (192\.0\.2\.1|\{[^}]* 192\.0\.2\.1[ ,][^}]*\}) )?udp dport %d (sport != \d+ )?counter`, p)).MatchString(list) {
 			out[p] = true
 		}
 	}
@@ -505,6 +515,9 @@ func TestCrashAtEveryPoint(t *testing.T) {
 		{name: "insert-two-places-one-key", old: rulesetD(), setup: twoPlacesSetup(), args: twoPlacesOneKey(),
 			handleOf: `udp dport 7020 .*# handle (\d+)`, ingress: []int{7021, 7022, 7030}, every: 3,
 			followUp: []string{"add", "rule", "vb", "ingress", "ip", "saddr", "192.0.2.1", "udp", "dport", "7030", "counter", "actions", "drop"}},
+		{name: "insert-record-list", old: rulesetL(), args: []string{"insert", "rule", "vb", "ingress", "position", "HANDLE", "ip", "saddr", "{", "192.0.2.5,", "192.0.2.1", "}", "udp", "sport", "!=", "9", "dport", "7021", "counter", "actions", "drop"},
+			handleOf: `saddr 192\.0\.2\.120 udp dport 7020 .*# handle (\d+)`, ingress: []int{7021, 7022, 7030}, every: 3,
+			followUp: []string{"insert", "rule", "vb", "ingress", "ip", "saddr", "{", "192.0.2.7,", "192.0.2.8", "}", "udp", "sport", "!=", "9", "dport", "7030", "counter", "actions", "drop"}},
 		{name: "insert-params-middle", old: rulesetP(), args: []string{"insert", "rule", "vb", "ingress", "position", "HANDLE", "ip", "saddr", "192.0.2.1", "udp", "dport", "7021", "counter", "actions", "dnat", "to", "192.0.2.2:8033"},
 			handleOf: `udp dport 7020 .*# handle (\d+)`, ingress: []int{7021, 7022, 7030}, every: 3,
 			followUp: []string{"add", "rule", "vb", "ingress", "ip", "saddr", "192.0.2.1", "udp", "dport", "7030", "counter", "actions", "dnat", "to", "192.0.2.2:8034"}},
