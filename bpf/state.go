@@ -53,9 +53,15 @@ func (g *Gen) WriteBlob(name string, data []byte) error {
 		return fmt.Errorf("write state: %w", err)
 	}
 	for i := 0; i < n; i++ {
-		clear(buf)
-		copy(buf, z.Bytes()[i*stateChunk:])
-		if err := m.Put(uint32(i+1), buf); err != nil {
+		chunk := z.Bytes()[i*stateChunk:]
+		if len(chunk) >= stateChunk {
+			chunk = chunk[:stateChunk] // written as is, without a copy
+		} else {
+			clear(buf)
+			copy(buf, chunk)
+			chunk = buf
+		}
+		if err := m.Put(uint32(i+1), chunk); err != nil {
 			return fmt.Errorf("write state: %w", err)
 		}
 	}
@@ -89,13 +95,16 @@ func (g *Gen) ReadBlob(name string) ([]byte, error) {
 	if size > uint64(m.MaxEntries()-1)*stateChunk {
 		return nil, fmt.Errorf("state map is corrupt (length %d)", size)
 	}
-	z := make([]byte, 0, size)
-	for i := uint32(1); uint64(len(z)) < size; i++ {
-		if err := m.Lookup(i, buf); err != nil {
+	// Chunks are read straight into their place (the last one whole:
+	// the buffer is rounded up).
+	chunks := (size + stateChunk - 1) / stateChunk
+	z := make([]byte, chunks*stateChunk)
+	for i := uint64(0); i < chunks; i++ {
+		if err := m.Lookup(uint32(i+1), z[i*stateChunk:(i+1)*stateChunk]); err != nil {
 			return nil, fmt.Errorf("read state: %w", err)
 		}
-		z = append(z, buf[:min(uint64(stateChunk), size-uint64(len(z)))]...)
 	}
+	z = z[:size:size]
 	if raw {
 		return z, nil
 	}

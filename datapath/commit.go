@@ -627,6 +627,15 @@ func runHooks(s *bpf.Store, st *liveState, g *bpf.Gen) error {
 
 // sharesHandles reports whether a rule of old is a rule of h.
 func sharesHandles(old, h *hookState) bool {
+	// After a rule change, one of old's first rules is still there: found
+	// by a scan, without a map of ten thousand handles.
+	for _, o := range old.Rules[:min(len(old.Rules), 4)] {
+		for _, r := range h.Rules {
+			if r.Handle == o.Handle {
+				return true
+			}
+		}
+	}
 	in := make(map[uint64]bool, len(h.Rules))
 	for _, r := range h.Rules {
 		in[r.Handle] = true
