@@ -746,26 +746,11 @@ func PerfectTableValues(blob []byte, l *PerfectLayout) []abi.TableValue {
 }
 
 // PerfectValues returns a lookup in table l of a generation's perfect-hash
-// value: the value at a key (in RebuildPerfect's form), if any.
+// value: the value at a key (in RebuildPerfect's form), if any. Each
+// lookup hashes its key as the program does (LookupPerfect), so no index
+// of the table's entries is built.
 func PerfectValues(blob []byte, l *PerfectLayout) func(key []byte) (abi.TableValue, bool) {
-	t := l.table()
-	have := map[string]abi.TableValue{}
-	str := func(k []uint64) string {
-		var b []byte
-		for _, c := range k {
-			b = binary.NativeEndian.AppendUint64(b, c)
-		}
-		return string(b)
-	}
-	if len(blob) >= t.off+t.size {
-		for _, en := range t.entries(blob) {
-			have[str(en.key)] = en.value
-		}
-	}
-	return func(key []byte) (abi.TableValue, bool) {
-		v, ok := have[str(t.chunksOf(key))]
-		return v, ok
-	}
+	return func(key []byte) (abi.TableValue, bool) { return LookupPerfect(blob, l, key) }
 }
 
 // paramsEntry is rule r's parameter entry for generation gen, keyed by its

@@ -660,45 +660,55 @@ func RebuildPerfect(live []byte, l *PerfectLayout, put []PerfectEntry, del [][]b
 	if len(live) < t.off+t.size {
 		return nil, false
 	}
-	ents := t.entries(live)
-	index := map[string]int{}
-	keyOf := func(k []uint64) string {
-		var b []byte
+	// Only the changed keys are indexed: the table may hold ten thousand
+	// (a map of them all was a sixth of a rule change's CPU).
+	var buf []byte
+	keyOf := func(k []uint64) []byte {
+		buf = buf[:0]
 		for _, c := range k {
-			b = binary.NativeEndian.AppendUint64(b, c)
+			buf = binary.NativeEndian.AppendUint64(buf, c)
 		}
-		return string(b)
+		return buf
 	}
-	for i, en := range ents {
-		index[keyOf(en.key)] = i
-	}
-	gone := map[int]bool{}
+	gone := make(map[string]bool, len(del))
 	for _, k := range del {
-		if i, ok := index[keyOf(t.chunksOf(k))]; ok {
-			gone[i] = true
-		}
+		gone[string(keyOf(t.chunksOf(k)))] = true
 	}
-	var next []perfectEntry
-	for i, en := range ents {
-		if !gone[i] {
-			next = append(next, en)
-		}
-	}
-	index = map[string]int{}
-	for i, en := range next {
-		index[keyOf(en.key)] = i
-	}
+	// The entries put, in order; a key put twice keeps its first place
+	// and its last value.
+	var puts []perfectEntry
+	at := make(map[string]int, len(put))
 	for _, p := range put {
 		en := perfectEntry{key: t.chunksOf(p.Key), value: p.Value}
 		if t.port && en.key[0] > 0xffff {
 			return nil, false
 		}
-		if i, ok := index[keyOf(en.key)]; ok {
-			next[i] = en
+		if i, ok := at[string(keyOf(en.key))]; ok {
+			puts[i] = en
 			continue
 		}
-		index[keyOf(en.key)] = len(next)
+		at[string(keyOf(en.key))] = len(puts)
+		puts = append(puts, en)
+	}
+	// Kept entries in their order, a put value replacing a kept key's in
+	// place; the other puts (deleted keys put again too) at the end.
+	ents := t.entries(live)
+	next := make([]perfectEntry, 0, len(ents)+len(puts))
+	placed := make([]bool, len(puts))
+	for _, en := range ents {
+		k := keyOf(en.key)
+		if gone[string(k)] {
+			continue
+		}
+		if i, ok := at[string(k)]; ok {
+			en, placed[i] = puts[i], true
+		}
 		next = append(next, en)
+	}
+	for i, en := range puts {
+		if !placed[i] {
+			next = append(next, en)
+		}
 	}
 	if !t.port {
 		// A compilation gives a table of n entries 2n slots.
