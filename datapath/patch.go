@@ -98,12 +98,11 @@ func (b *Backend) patchHook(s *bpf.Store, cur *bpf.Gen, oh *hookState, rs *rules
 	// Survivors keep their records; the rest is added or removed.
 	recs := make([]ruleRecord, len(rules))
 	kept := make([]bool, len(rules))
-	newAt := make(map[uint64]int, len(rules))
+	keptOld := make([]bool, len(oh.Rules)) // by index in oh.Rules
 	changes := 0
 	for i, r := range rules {
-		newAt[r.Handle] = i
 		if j, ok := oldAt[r.Handle]; ok && b.sameRule(r, &oh.Rules[j]) {
-			recs[i], kept[i] = oh.Rules[j], true
+			recs[i], kept[i], keptOld[j] = oh.Rules[j], true, true
 			continue
 		}
 		if changes++; changes > maxPatch {
@@ -111,8 +110,8 @@ func (b *Backend) patchHook(s *bpf.Store, cur *bpf.Gen, oh *hookState, rs *rules
 		}
 	}
 	var removed []ruleRecord
-	for _, r := range oh.Rules {
-		if i, ok := newAt[r.Handle]; !ok || !kept[i] {
+	for j, r := range oh.Rules {
+		if !keptOld[j] {
 			removed = append(removed, r)
 			if changes++; changes > maxPatch {
 				return nil, nil
@@ -163,7 +162,11 @@ func (b *Backend) patchHook(s *bpf.Store, cur *bpf.Gen, oh *hookState, rs *rules
 
 	// Rules to add: a priority between their neighbours', a free slot, a
 	// segment of a neighbour that has their shapes and body.
-	used := map[uint32]bool{}
+	nslots := l.Slots // (a slice: a map of ten thousand slots cost more)
+	for _, r := range oh.Rules {
+		nslots = max(nslots, int(r.Slot)+1)
+	}
+	used := make([]bool, nslots)
 	for _, r := range oh.Rules {
 		used[r.Slot] = true // slots freed now are reused by a later commit
 	}
