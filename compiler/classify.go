@@ -2,6 +2,7 @@ package compiler
 
 import (
 	"encoding/binary"
+	"iter"
 	"net/netip"
 	"runtime"
 	"slices"
@@ -132,7 +133,26 @@ type segment struct {
 // prefixes of several lengths makes one variant per length.
 type ruleVariant struct {
 	sh   *shape // key, keyed, bits, fam, mask filled; not yet placed
-	keys [][]byte
+	keys keyList
+}
+
+// keyList is n keys of w bytes each, back to back (a 101-port range is
+// 404 bytes, not 101 slices).
+type keyList struct {
+	b    []byte
+	w, n int
+}
+
+// all yields the keys in order; each is a slice of the list's buffer
+// (appending to it copies).
+func (l keyList) all() iter.Seq2[int, []byte] {
+	return func(yield func(int, []byte) bool) {
+		for i := range l.n {
+			if !yield(i, l.b[i*l.w:(i+1)*l.w:(i+1)*l.w]) {
+				return
+			}
+		}
+	}
 }
 
 // classify cuts the rules into segments. In a large hook the shapes
@@ -214,7 +234,7 @@ func (c *compiler) classifyWith(rules []*grammar.Rule, all [][]ruleVariant, scan
 					newShapes++
 					continue
 				}
-				for _, k := range v.keys {
+				for _, k := range v.keys.all() {
 					if owner.open(sh, k) {
 						break rules
 					}
@@ -256,7 +276,7 @@ func (c *compiler) classifyWith(rules []*grammar.Rule, all [][]ruleVariant, scan
 					owner.addShape(&cp)
 				}
 				sh := seg.shapes[n]
-				for _, k := range v.keys {
+				for _, k := range v.keys.all() {
 					if !owner.claim(n, k, !terminal(r)) {
 						sh.shadowed = true
 						continue // an earlier rule that ends evaluation has it
@@ -360,7 +380,7 @@ func (c *compiler) allVariants(rules []*grammar.Rule) ([][]ruleVariant, error) {
 	work := func(lo, hi int) {
 		memo := newShapeMemo()
 		for i := lo; i < hi; i++ {
-			c.bodyKeys[i] = bodyKey(rules[i])
+			c.bodyKeys[i] = memo.bodyKey(rules[i])
 			variants[i], errs[i] = c.variantsMemo(rules[i], memo)
 		}
 	}
@@ -587,7 +607,6 @@ type variantScratch struct {
 type blocks struct {
 	shapes   []shape
 	variants []ruleVariant
-	keys     [][]byte
 	bytes    []byte
 }
 
@@ -629,8 +648,8 @@ func cut[T any](free *[]T, n, block int) []T {
 
 // crossKeys returns every combination of one value of each field (field
 // f's values are widths[f] bytes each, back to back), the last field
-// varying fastest, as slices of one buffer.
-func crossKeys(fields [][]byte, widths []int, blk *blocks) [][]byte {
+// varying fastest.
+func crossKeys(fields [][]byte, widths []int, blk *blocks) keyList {
 	n, size := 1, 0
 	var offs [numKeyFields]int
 	for f, b := range fields {
@@ -639,14 +658,17 @@ func crossKeys(fields [][]byte, widths []int, blk *blocks) [][]byte {
 		size += widths[f]
 	}
 	var buf []byte
-	var keys [][]byte
 	if blk == nil {
-		buf, keys = make([]byte, n*size), make([][]byte, n)
+		buf = make([]byte, n*size)
 	} else {
-		buf, keys = cut(&blk.bytes, n*size, byteBlockLen), cut(&blk.keys, n, blockLen)
+		buf = cut(&blk.bytes, n*size, byteBlockLen)
 	}
-	for i := range keys {
-		k := buf[i*size : (i+1)*size : (i+1)*size]
+	if len(fields) == 1 { // the values are the keys
+		copy(buf, fields[0])
+		return keyList{b: buf, w: size, n: n}
+	}
+	for i := range n {
+		k := buf[i*size : (i+1)*size]
 		rest := i
 		for f := len(fields) - 1; f >= 0; f-- {
 			w := widths[f]
@@ -655,9 +677,8 @@ func crossKeys(fields [][]byte, widths []int, blk *blocks) [][]byte {
 			rest /= m
 			copy(k[offs[f]:], fields[f][x*w:(x+1)*w])
 		}
-		keys[i] = k
 	}
-	return keys
+	return keyList{b: buf, w: size, n: n}
 }
 
 func addrOf(r *grammar.Rule, j int) *grammar.AddrMatch {
@@ -728,16 +749,19 @@ func shapeKey(r *grammar.Rule, sh *shape, memo *shapeMemo) string {
 // shapeMemo is shapeKey's memo, and its scratch space (a blanked rule
 // built for every rule, printed only when its signature is new).
 type shapeMemo struct {
-	keys  map[string]string // by matchesSig
-	sig   []byte
-	rule  grammar.Rule
-	marks [2]grammar.MarkMatch
+	keys   map[string]string // by matchesSig
+	bodies map[string]string // by bodySig
+	sig    []byte
+	rule   grammar.Rule
+	marks  [2]grammar.MarkMatch
 	// The variants' allocations and buffers, for variantsMemo.
 	blocks  blocks
 	scratch variantScratch
 }
 
-func newShapeMemo() *shapeMemo { return &shapeMemo{keys: map[string]string{}} }
+func newShapeMemo() *shapeMemo {
+	return &shapeMemo{keys: map[string]string{}, bodies: map[string]string{}}
+}
 
 // blanked fills b with r's matches, the keyed values blanked; marks holds
 // the blank mark matches. Blank addresses and ports are shared.
@@ -853,6 +877,64 @@ func matchesSig(buf []byte, b *grammar.Rule, keyed [numKeyFields]bool) []byte {
 			flag(m.Neg)
 			flag(m.HasMask)
 			buf = binary.NativeEndian.AppendUint32(binary.NativeEndian.AppendUint32(buf, m.Value), m.Mask)
+		}
+	}
+	return buf
+}
+
+// bodyKey is bodyKey(r), printed once per distinct bodySig.
+func (m *shapeMemo) bodyKey(r *grammar.Rule) string {
+	m.sig = bodySig(m.sig[:0], r)
+	if k, ok := m.bodies[string(m.sig)]; ok {
+		return k
+	}
+	k := bodyKey(r)
+	m.bodies[string(m.sig)] = k
+	return k
+}
+
+// bodySig appends to buf every field of r that bodyKey prints (spans
+// aside): rules with equal encodings print alike. TestBodySigFields fails
+// when the rule, its statements or its actions gain a field.
+func bodySig(buf []byte, r *grammar.Rule) []byte {
+	flag := func(v bool) {
+		if v {
+			buf = append(buf, 1)
+		} else {
+			buf = append(buf, 0)
+		}
+	}
+	u16 := func(v uint16) { buf = binary.NativeEndian.AppendUint16(buf, v) }
+	u32 := func(v uint32) { buf = binary.NativeEndian.AppendUint32(buf, v) }
+	buf = append(buf, byte(r.Family), byte(r.Proto))
+	flag(r.Counter)
+	flag(r.Trace)
+	for _, m := range []*grammar.MarkSet{r.SetMetaMark, r.SetCtMark} {
+		flag(m != nil)
+		if m != nil {
+			u32(m.Value)
+			u32(m.Mask)
+			flag(m.HasMask)
+		}
+	}
+	buf = binary.AppendUvarint(buf, uint64(len(r.Actions)))
+	for _, a := range r.Actions {
+		buf = append(buf, byte(a.Kind), byte(a.Proto))
+		buf, _ = a.DNATAddr.AppendBinary(buf) // length first: never fails
+		u16(a.DNATPort)
+		f := a.Funnel
+		flag(f != nil)
+		if f != nil {
+			u16(f.Sport)
+			u16(f.Dport)
+			u32(f.Seq)
+			u32(f.Ack)
+			u16(f.Window)
+			u16(f.MSS)
+			buf = append(buf, f.Flags)
+			for _, b := range []bool{f.HasSport, f.HasDport, f.HasFlags, f.HasSeq, f.HasAck, f.HasWindow, f.HasMSS, f.MSSOff} {
+				flag(b)
+			}
 		}
 	}
 	return buf

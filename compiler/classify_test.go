@@ -142,3 +142,127 @@ func TestKeyOwners(t *testing.T) {
 		}
 	}
 }
+
+// bodySig encodes every field of a rule, its statements and actions that
+// bodyKey prints: a new field must be added there (or two rules that print
+// apart could share a body).
+func TestBodySigFields(t *testing.T) {
+	want := map[reflect.Type][]string{
+		reflect.TypeFor[grammar.Rule](): {"Span", "Handle", "Family", "Saddr", "Daddr", "Proto", "Sport", "Dport", "TCPFlags", "MetaMark", "CtMark",
+			"Counter", "SetMetaMark", "SetCtMark", "Trace", "Actions", "Comment"},
+		reflect.TypeFor[grammar.MarkSet]():      {"Span", "Value", "Mask", "HasMask"},
+		reflect.TypeFor[grammar.Action]():       {"Span", "Kind", "Proto", "Funnel", "DNATAddr", "DNATPort"},
+		reflect.TypeFor[grammar.FunnelHeader](): {"Sport", "Dport", "HasSport", "HasDport", "Flags", "Seq", "Ack", "Window", "HasFlags", "HasSeq", "HasAck", "HasWindow", "MSS", "HasMSS", "MSSOff"},
+	}
+	for typ, fields := range want {
+		var got []string
+		for i := 0; i < typ.NumField(); i++ {
+			got = append(got, typ.Field(i).Name)
+		}
+		if !slices.Equal(got, fields) {
+			t.Errorf("%v has fields %v, bodySig knows %v", typ, got, fields)
+		}
+	}
+}
+
+// The memo gives the body key the printer gives, over rules that differ in
+// every field the body key prints, and it is used.
+func TestBodyKeyMemo(t *testing.T) {
+	r := rand.New(rand.NewPCG(4, 4))
+	pick := func(n int) int { return r.IntN(n) }
+	markSet := func() *grammar.MarkSet {
+		if pick(3) > 0 {
+			return nil
+		}
+		return &grammar.MarkSet{Span: grammar.Span{Pos: grammar.Pos{Line: pick(9)}}, Value: uint32(pick(3)), Mask: []uint32{0xff, 0xffffffff}[pick(2)], HasMask: pick(2) == 0}
+	}
+	action := func() *grammar.Action {
+		a := &grammar.Action{Span: grammar.Span{Pos: grammar.Pos{Line: pick(9)}}}
+		switch pick(4) {
+		case 0:
+			a.Kind = grammar.ActAccept
+		case 1:
+			a.Kind = grammar.ActDrop
+		case 2:
+			a.Kind, a.Proto = grammar.ActFunnel, grammar.Proto([]uint8{6, 17}[pick(2)])
+			b := func() bool { return pick(2) == 0 }
+			a.Funnel = &grammar.FunnelHeader{Sport: uint16(pick(2)), Dport: uint16(pick(3)), HasSport: b(), HasDport: b(),
+				Flags: uint8(pick(3)), Seq: uint32(pick(2)), Ack: uint32(pick(2)), Window: uint16(pick(2)),
+				HasFlags: b(), HasSeq: b(), HasAck: b(), HasWindow: b(), MSS: uint16(536 * pick(2)), HasMSS: b(), MSSOff: b()}
+		default:
+			a.Kind, a.DNATAddr, a.DNATPort = grammar.ActDNAT, netip.AddrFrom4([4]byte{192, 0, 2, byte(pick(3))}), uint16(pick(2)*53)
+		}
+		return a
+	}
+	// clone copies what the mutations below change.
+	clone := func(r *grammar.Rule) *grammar.Rule {
+		c := *r
+		c.Actions = nil
+		for _, a := range r.Actions {
+			ac := *a
+			if a.Funnel != nil {
+				f := *a.Funnel
+				ac.Funnel = &f
+			}
+			c.Actions = append(c.Actions, &ac)
+		}
+		return &c
+	}
+	// Each changes one field the body key prints (when it is printed).
+	funnel := func(f func(h *grammar.FunnelHeader)) func(r *grammar.Rule) {
+		return func(r *grammar.Rule) {
+			for _, a := range r.Actions {
+				if a.Funnel != nil {
+					f(a.Funnel)
+				}
+			}
+		}
+	}
+	mutations := []func(r *grammar.Rule){
+		func(r *grammar.Rule) { r.Family = (r.Family + 1) % 3 },
+		func(r *grammar.Rule) { r.Proto = grammar.Proto([]uint8{6, 17, 0}[pick(3)]) },
+		func(r *grammar.Rule) { r.Counter = !r.Counter },
+		func(r *grammar.Rule) { r.Trace = !r.Trace },
+		func(r *grammar.Rule) { r.SetMetaMark = markSet() },
+		func(r *grammar.Rule) { r.SetCtMark = markSet() },
+		func(r *grammar.Rule) { r.Actions = append(r.Actions, action()) },
+		func(r *grammar.Rule) {
+			for _, a := range r.Actions {
+				a.Kind, a.Proto, a.DNATAddr, a.DNATPort = grammar.ActDNAT, 0, netip.AddrFrom4([4]byte{198, 51, 100, byte(pick(2))}), uint16(pick(3))
+				a.Funnel = nil
+			}
+		},
+		funnel(func(h *grammar.FunnelHeader) { h.Sport++; h.HasSport = true }),
+		funnel(func(h *grammar.FunnelHeader) { h.Dport++; h.HasDport = true }),
+		funnel(func(h *grammar.FunnelHeader) { h.Flags++; h.HasFlags = true }),
+		funnel(func(h *grammar.FunnelHeader) { h.Seq++; h.HasSeq = true }),
+		funnel(func(h *grammar.FunnelHeader) { h.Ack++; h.HasAck = true }),
+		funnel(func(h *grammar.FunnelHeader) { h.Window++; h.HasWindow = true }),
+		funnel(func(h *grammar.FunnelHeader) { h.MSS += 536; h.HasMSS, h.MSSOff = true, false }),
+		funnel(func(h *grammar.FunnelHeader) { h.MSSOff = !h.MSSOff }),
+		funnel(func(h *grammar.FunnelHeader) { h.HasSport = !h.HasSport }),
+	}
+	memo := newShapeMemo()
+	check := func(rule *grammar.Rule) {
+		t.Helper()
+		if got, want := memo.bodyKey(rule), bodyKey(rule); got != want {
+			t.Fatalf("rule %s: memo gives %q, the printer %q", Describe(rule), got, want)
+		}
+	}
+	for i := 0; i < 2000; i++ {
+		rule := &grammar.Rule{Family: grammar.Family(pick(3)), Proto: grammar.Proto([]uint8{0, 6, 17}[pick(3)]),
+			Counter: pick(2) == 0, Trace: pick(4) == 0, SetMetaMark: markSet(), SetCtMark: markSet(), Comment: []string{"", "c"}[pick(2)]}
+		for range pick(4) {
+			rule.Actions = append(rule.Actions, action())
+		}
+		check(rule)
+		for _, m := range mutations {
+			c := clone(rule)
+			m(c)
+			check(c)
+		}
+	}
+	if n := len(memo.bodies); n < 1000 || n > 30000 {
+		t.Fatalf("%d bodies in the memo of 36 000 rules", n)
+	}
+}

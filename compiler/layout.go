@@ -464,12 +464,12 @@ func (l *Layout) place(r *grammar.Rule, seg int, prio, slot, gen uint32) ([]Entr
 			if sh.PerfectLayout == nil {
 				return nil, ErrNotPlaceable
 			}
-			for _, k := range v.keys {
+			for _, k := range v.keys.all() {
 				out = append(out, Entry{Table: sh.Table, Key: k, Value: val, Shadowed: sh.Shadowed, Perfect: sh.PerfectLayout})
 			}
 			continue
 		}
-		for _, k := range v.keys {
+		for _, k := range v.keys.all() {
 			var key []byte
 			if sh.Array {
 				key = binary.NativeEndian.AppendUint32(nil, gen&1<<16|binary.NativeEndian.Uint32(k))

@@ -218,7 +218,7 @@ func (c *compiler) scanShapesOf(rules []*grammar.Rule, seg *segment) {
 				byKey[sh.key] = sh
 				seg.scanShapes = append(seg.scanShapes, sh)
 			}
-			for _, k := range v.keys {
+			for _, k := range v.keys.all() {
 				ok := ownerKey{sh, string(k)}
 				if owner[ok] {
 					sh.shadowed = true
