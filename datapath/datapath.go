@@ -184,6 +184,9 @@ func (b *Backend) compile(rs *ruleset.Ruleset, ctMask uint32, seg func(bpf.Inter
 // Placeholder rules (LoadOutline; outline holds their records) are judged
 // by their stored text.
 func usesCtMark(rs *ruleset.Ruleset, outline *outlineRules) bool {
+	if outline != nil && !outline.st.CtMarkUsed {
+		outline = nil // no stored rule uses the mark: no placeholder's text to read
+	}
 	for _, ifc := range rs.Interfaces {
 		for _, rules := range [][]*grammar.Rule{ifc.Ingress, ifc.Egress} {
 			for _, r := range rules {

@@ -156,3 +156,28 @@ func TestRuleChangesFromOutline(t *testing.T) {
 		t.Fatalf("%d of 2 datagrams to port 8107 (no rule) passed", got)
 	}
 }
+
+// A placeholder is known by its place and its identity: a rule that only
+// carries a placeholder's position (a copy of it) is not one, nor is a
+// position out of range.
+func TestPlaceholderIdentity(t *testing.T) {
+	st := bigState(3)
+	o := &outlineRules{st: st, hooks: st.hooks(), rules: [][]grammar.Rule{make([]grammar.Rule, 3)}}
+	for i := range o.rules[0] {
+		o.rules[0][i].Pos = grammar.Pos{Filename: placeholderFile, Line: 0, Offset: i}
+	}
+	if rec, ok := o.record(&o.rules[0][1]); !ok || rec.Handle != 2 {
+		t.Errorf("placeholder 1: %+v %v", rec, ok)
+	}
+	copied := o.rules[0][1]
+	for _, r := range []*grammar.Rule{&copied, {Span: grammar.Span{Pos: grammar.Pos{Filename: placeholderFile, Line: 1}}},
+		{Span: grammar.Span{Pos: grammar.Pos{Filename: placeholderFile, Offset: 3}}}, {}} {
+		if rec, ok := o.record(r); ok {
+			t.Errorf("%+v taken for a placeholder (%+v)", r.Pos, rec)
+		}
+	}
+	var none *outlineRules
+	if _, ok := none.record(&o.rules[0][0]); ok {
+		t.Error("a nil outline has placeholders")
+	}
+}
