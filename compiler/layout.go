@@ -128,11 +128,17 @@ type SegmentLayout struct {
 	// EntriesOnly: every rule of the segment is table entries (no inline
 	// members, no scan).
 	EntriesOnly bool `json:"entries_only,omitempty"`
-	Scan        int  `json:"scan,omitempty"`
-	ScanLists   int  `json:"scan_lists,omitempty"`
-	ScanOnly    bool `json:"scan_only,omitempty"`
-	ScanFx      bool `json:"scan_fx,omitempty"`
-	ScanMark    bool `json:"scan_mark,omitempty"`
+	// Tail: the shape of the segment's rules that don't end evaluation,
+	// when they are its last rules, all table entries of that one shape
+	// ("": none, or not so). A rule of that shape that doesn't end
+	// evaluation can go after them (distinct keys of one shape never match
+	// one packet, and no rule of the segment comes after it).
+	Tail      string `json:"tail,omitempty"`
+	Scan      int    `json:"scan,omitempty"`
+	ScanLists int    `json:"scan_lists,omitempty"`
+	ScanOnly  bool   `json:"scan_only,omitempty"`
+	ScanFx    bool   `json:"scan_fx,omitempty"`
+	ScanMark  bool   `json:"scan_mark,omitempty"`
 }
 
 // ShapeLayout is one shape of a table segment.
@@ -264,6 +270,7 @@ func (p *Program) Layout() (*Layout, []Placement) {
 			}
 		}
 		sl.EntriesOnly = len(seg.members) == 0 && len(seg.linear) == 0
+		sl.Tail = c.tailShape(seg)
 		if len(seg.linear) > 0 {
 			// Directory entries follow the order emitLinear meets the
 			// segments in.
@@ -286,6 +293,49 @@ func (p *Program) Layout() (*Layout, []Placement) {
 		l.Segments = append(l.Segments, sl)
 	}
 	return l, place
+}
+
+// tailShape is the shape of seg's rules that don't end evaluation when
+// they are its last rules and all table entries of that one shape; "":
+// none, or not so.
+func (c *compiler) tailShape(seg segment) string {
+	shapeOf := map[int]string{} // rule → its one shape ("\x00": several)
+	for _, sh := range seg.shapes {
+		for _, en := range sh.ents {
+			if k, ok := shapeOf[en.rule]; ok && k != sh.key {
+				shapeOf[en.rule] = "\x00"
+			} else {
+				shapeOf[en.rule] = sh.key
+			}
+		}
+	}
+	tail := ""
+	for i := seg.first; i < seg.first+seg.n; i++ {
+		if terminal(c.rules[i]) {
+			if tail != "" {
+				return "" // a rule that ends evaluation after one that doesn't
+			}
+			continue
+		}
+		k, ok := shapeOf[i]
+		if !ok || k == "\x00" || tail != "" && k != tail || slices.Contains(seg.members, i) || slices.Contains(seg.linear, i) {
+			return ""
+		}
+		tail = k
+	}
+	return tail
+}
+
+// AtTail reports whether rule r goes into segment seg of l only as the
+// segment's last rule (Place's caller checks that no rule of the segment
+// comes after it): a rule that doesn't end evaluation in a segment of
+// several shapes or inline members (SegmentLayout.Tail).
+func (l *Layout) AtTail(r *grammar.Rule, seg int) bool {
+	if seg < 0 || seg >= len(l.Segments) {
+		return false // (Place refuses it)
+	}
+	sl := &l.Segments[seg]
+	return !terminal(r) && !(len(sl.Shapes) == 1 && sl.EntriesOnly)
 }
 
 // scanLayout describes the program's record scan (nil: none).
@@ -431,7 +481,10 @@ func (l *Layout) place(r *grammar.Rule, seg int, prio, slot, gen uint32) ([]Entr
 	// table entries: distinct keys of one shape never match one packet,
 	// so after the one that ran no other rule of the segment could have.
 	oneShape := len(sl.Shapes) == 1 && sl.EntriesOnly
-	if !(terminal(r) && sl.Terminal) && !oneShape {
+	// Or after the segment's last rules, if they are of its shape and
+	// don't end evaluation either (Tail; the caller puts it last: AtTail).
+	tail := !terminal(r) && sl.Tail != "" && sl.Scan == 0
+	if !(terminal(r) && sl.Terminal) && !oneShape && !tail {
 		return nil, ErrNotPlaceable
 	}
 	body := slices.Index(sl.Bodies, (&compiler{params: l.Params}).bodyKeyOf(r))
@@ -447,7 +500,7 @@ func (l *Layout) place(r *grammar.Rule, seg int, prio, slot, gen uint32) ([]Entr
 	if err != nil {
 		return nil, err
 	}
-	if len(vs) == 0 || !(terminal(r) && sl.Terminal) && len(vs) != 1 {
+	if len(vs) == 0 || !(terminal(r) && sl.Terminal) && len(vs) != 1 || !oneShape && tail && vs[0].sh.key != sl.Tail {
 		return nil, ErrNotPlaceable
 	}
 	val := binary.NativeEndian.AppendUint32(nil, prio)

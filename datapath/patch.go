@@ -275,6 +275,9 @@ func (b *Backend) patchHook(s *bpf.Store, cur *bpf.Gen, oh *hookState, rs *rules
 		var ents []compiler.Entry
 		var param *compiler.Entry
 		for _, sg := range segs {
+			if n := nextKept[i+1]; n >= 0 && recs[n].Segment == sg && l.AtTail(r, sg-1) {
+				continue // (it would not be the segment's last rule)
+			}
 			var err error
 			if ents, param, err = l.PlaceParams(r, sg-1, rec.Prio, rec.Slot, 0); err == nil {
 				rec.Segment, rec.Table = sg, true

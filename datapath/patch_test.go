@@ -1193,3 +1193,78 @@ func TestRecordListsWithoutReload(t *testing.T) {
 	}
 	checkEntries(t, e, id)
 }
+
+// Rules without a terminal action added after the terminal rules of a
+// segment of several shapes: the first compiles the hook (the segment's
+// dispatch has no body that counts and goes on yet), and puts it at the
+// segment's end; the next ones of its shape follow it there by table
+// entries alone, count real datagrams and let them go on, and deleting one
+// is table entries too. One of another shape, or before a rule of the
+// segment that ends evaluation, is not put there (a packet could match
+// both: the first would hide the other), and all count.
+func TestCounterAfterTerminalWithoutReload(t *testing.T) {
+	e := newEnv(t, Options{})
+	id := bpf.HookID{Ifname: "vb", Hook: grammar.HookIngress}
+	// bigHook with a third shape in its segment, of IPv4 and UDP like the
+	// counter-only rules (so their body is the same).
+	hook := bigHook()
+	for _, i := range []int{10, 20, 30, 40, 60, 70} {
+		hook = strings.Replace(hook, fmt.Sprintf("ip saddr 192.0.2.%d udp dport %d", 100+i, 7000+i), fmt.Sprintf("ip daddr 192.0.2.2 udp dport %d", 7000+i), 1)
+	}
+	e.run(t, hook)
+	rs, _ := e.fresh(t)
+	h50 := rs.Interface("vb").Ingress[50].Handle // drop 7050 from 192.0.2.1
+	first := echoed(t, e.run(t, "add rule vb ingress ip saddr 192.0.2.1 udp dport 7001 counter"))
+	prog := liveProgID(t, e, id)
+	same := e.unchanged(t, id, prog)
+	// (Ports of rules for other sources; rules 3 and 7 accept 7003 and 7007.)
+	ports := []int{7001, 7002, 7005, 7006}
+	var added []uint64
+	for _, p := range ports[1:] {
+		added = append(added, echoed(t, e.run(t, fmt.Sprintf("add rule vb ingress ip saddr 192.0.2.1 udp dport %d counter", p))))
+		same(fmt.Sprintf("adding a counter-only rule for port %d after the terminal rules", p))
+	}
+	checkEntries(t, e, id)
+	for k, p := range ports {
+		if got := e.arrive(t, p, k+1); got != k+1 {
+			t.Errorf("%d of %d datagrams to port %d passed the counter-only rule", got, k+1, p)
+		}
+	}
+	if got := e.arrive(t, 7050, 1); got != 0 {
+		t.Error("rule 50 does not drop")
+	}
+	_, counters := e.fresh(t)
+	for k, h := range append([]uint64{first}, added...) {
+		if got := counters[h].Packets; got != uint64(k+1) {
+			t.Errorf("counter-only rule for port %d counted %d packets, want %d", ports[k], got, k+1)
+		}
+	}
+	if got := counters[h50].Packets; got != 1 {
+		t.Errorf("rule 50 counted %d packets, want 1", got)
+	}
+	e.run(t, fmt.Sprintf("delete rule vb ingress handle %d", added[0]))
+	same("deleting a counter-only rule after the terminal rules")
+	if got := e.arrive(t, 7002, 1); got != 1 {
+		t.Error("port 7002 dropped after the delete")
+	}
+	checkEntries(t, e, id)
+	// Another shape of the segment: a datagram to 7001 from 192.0.2.1
+	// matches both (behind the first, this one would never count).
+	port := echoed(t, e.run(t, "add rule vb ingress ip daddr 192.0.2.2 udp dport 7001 counter"))
+	if e.arrive(t, 7001, 2) != 2 {
+		t.Fatal("datagrams to 7001 dropped")
+	}
+	// Of the tail's shape, before rule 10 (drop datagrams to 192.0.2.2:7010):
+	// not at the segment's end, and rule 10 still drops what it counted.
+	rs, _ = e.fresh(t)
+	h10 := rs.Interface("vb").Ingress[10].Handle
+	before := echoed(t, e.run(t, fmt.Sprintf("insert rule vb ingress position %d ip saddr 192.0.2.1 udp dport 7010 counter", h10)))
+	if got := e.arrive(t, 7010, 2); got != 0 {
+		t.Errorf("%d of 2 datagrams to 7010 passed rule 10 behind a counter-only rule", got)
+	}
+	_, counters = e.fresh(t)
+	if counters[first].Packets != 3 || counters[port].Packets != 2 || counters[before].Packets != 2 {
+		t.Errorf("the counter-only rules for 7001 counted %d and %d packets, want 3 and 2; the one for 7010 %d, want 2", counters[first].Packets, counters[port].Packets, counters[before].Packets)
+	}
+	checkEntries(t, e, id)
+}
