@@ -126,18 +126,21 @@ func posOf(p lexer.Position) Pos {
 	return Pos{Filename: p.Filename, Offset: p.Offset, Line: p.Line, Column: p.Column}
 }
 
-// spanOf covers the given tokens.
+// spanOf covers the given tokens, from the first to the last that is not
+// blank (each found from its end of the list).
 func spanOf(toks []lexer.Token) Span {
 	var first, last *lexer.Token
 	for i := range toks {
-		t := &toks[i]
-		if t.EOF() || strings.TrimSpace(t.Value) == "" {
-			continue
-		}
-		if first == nil {
+		if t := &toks[i]; !blankToken(t) {
 			first = t
+			break
 		}
-		last = t
+	}
+	for i := len(toks) - 1; first != nil; i-- {
+		if t := &toks[i]; !blankToken(t) {
+			last = t
+			break
+		}
 	}
 	if first == nil {
 		if len(toks) > 0 {
@@ -151,6 +154,8 @@ func spanOf(toks []lexer.Token) Span {
 	end.Column += len(last.Value)
 	return Span{Pos: posOf(first.Pos), End: end}
 }
+
+func blankToken(t *lexer.Token) bool { return t.EOF() || strings.TrimSpace(t.Value) == "" }
 
 // parseError turns a participle error into a located Error that underlines
 // the offending token.

@@ -178,12 +178,17 @@ func (q *quick) hookBody() (hookLines, bool) {
 		return nil, true
 	}
 	for n := 1; ; n++ {
+		var at quickMark
+		if q.into != nil {
+			at = q.slabsAt()
+		}
 		r := q.rule()
 		if r == nil {
 			return nil, false
 		}
 		if q.into != nil {
-			q.into(r) // lowered now, not kept (stream.go)
+			q.into(r)         // lowered now, not kept (stream.go)
+			q.rewindSlabs(at) // so its syntax's memory serves the next rule
 		} else {
 			lines = append(lines, newIn(&q.line, hookLineSyntax{Rule: r}))
 		}
@@ -277,17 +282,27 @@ type tokenStream interface {
 }
 
 // slab hands out values of T from blocks that grow up to maxSlab values.
+// Every value handed out is written whole by its taker (newIn, keep): a
+// rewound slab hands out used memory again.
 type slab[T any] struct {
-	free []T
-	size int
+	free  []T
+	size  int
+	block []T // the block free is the end of
+	gen   int // blocks made
 }
 
 const maxSlab = 256
 
+func (s *slab[T]) grow(n int) {
+	s.size = min(max(2*s.size, 4, n), maxSlab)
+	s.block = make([]T, s.size)
+	s.free = s.block
+	s.gen++
+}
+
 func (s *slab[T]) new() *T {
 	if len(s.free) == 0 {
-		s.size = min(max(2*s.size, 4), maxSlab)
-		s.free = make([]T, s.size)
+		s.grow(1)
 	}
 	p := &s.free[0]
 	s.free = s.free[1:]
@@ -301,12 +316,59 @@ func (s *slab[T]) take(n int) []T {
 		return make([]T, n)
 	}
 	if len(s.free) < n {
-		s.size = min(max(2*s.size, 4, n), maxSlab)
-		s.free = make([]T, s.size)
+		s.grow(n)
 	}
 	out := s.free[:n:n]
 	s.free = s.free[n:]
 	return out
+}
+
+// slabMark is where a slab stood.
+type slabMark struct{ gen, free int }
+
+func (s *slab[T]) mark() slabMark { return slabMark{s.gen, len(s.free)} }
+
+// rewind hands out again what the slab handed out since m: the values
+// from m on in the same block, or the whole of a block made since.
+func (s *slab[T]) rewind(m slabMark) {
+	if s.gen == m.gen {
+		s.free = s.block[len(s.block)-m.free:]
+	} else {
+		s.free = s.block
+	}
+}
+
+// rewinder is a slab of any type.
+type rewinder interface {
+	mark() slabMark
+	rewind(slabMark)
+}
+
+// quickMark is where each slab of a quick reader stood.
+type quickMark [numSlabs]slabMark
+
+const numSlabs = 23
+
+// slabs are q's slabs.
+func (q *quick) slabs() [numSlabs]rewinder {
+	return [numSlabs]rewinder{&q.line, &q.rules, &q.items, &q.itemPtr, &q.addr, &q.port, &q.values, &q.elems, &q.elemPtr,
+		&q.numbers, &q.words, &q.marks, &q.flagSet, &q.count, &q.kw, &q.str, &q.act, &q.actPtr, &q.protos, &q.funnel,
+		&q.field, &q.fieldPtr, &q.dnats}
+}
+
+func (q *quick) slabsAt() (m quickMark) {
+	for i, s := range q.slabs() {
+		m[i] = s.mark()
+	}
+	return m
+}
+
+// rewindSlabs hands out again what the slabs handed out since m: the
+// syntax read since is garbage.
+func (q *quick) rewindSlabs(m quickMark) {
+	for i, s := range q.slabs() {
+		s.rewind(m[i])
+	}
 }
 
 // newIn puts v in the slab.
