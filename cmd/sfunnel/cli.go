@@ -184,6 +184,9 @@ func (a *app) execWith(name, text string, parse func(*grammar.Options) ([]*gramm
 		}
 		return live.SetType(set)
 	}
+	if a.fileInput {
+		limitMemoryEarly(text)
+	}
 	cmds, parsed, err := parse(&grammar.Options{
 		Defines:     a.opts.defines,
 		IncludeDirs: a.opts.includeDirs,

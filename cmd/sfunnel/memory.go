@@ -1,8 +1,10 @@
 package main
 
 import (
+	"math"
 	"os"
 	"runtime/debug"
+	"strings"
 
 	"github.com/sfunnel/sfunnel/grammar"
 )
@@ -29,19 +31,73 @@ import (
 // marked 75-90 MB in all; with the limit alone it runs 2-3 times, marking
 // 40-75 MB, for the same peak RSS (59-62 MB). Past the limit both behave
 // alike (the limit sets the goal).
+//
+// limitMemoryEarly sets the limit before the parse when the text reads as
+// such a file, so the parse runs under it too (with GOGC=100 the collector
+// ran twice during the parse, at 5 and 10 MB); limitMemory then sets it
+// from every source the parse read, or takes it back.
 func limitMemory(cmds []*grammar.Command, srcs grammar.Sources) {
-	if os.Getenv("GOMEMLIMIT") != "" || len(cmds) == 0 || cmds[0].Kind != grammar.CmdFlushRuleset {
+	if os.Getenv("GOMEMLIMIT") != "" {
 		return
 	}
 	n := 0
 	for _, text := range srcs {
 		n += len(text)
 	}
-	if n > 2<<20 {
+	if len(cmds) == 0 || cmds[0].Kind != grammar.CmdFlushRuleset || n > 2<<20 {
+		if limitedEarly {
+			debug.SetMemoryLimit(math.MaxInt64)
+			setGCPercent(100)
+			limitedEarly = false
+		}
 		return
 	}
-	debug.SetMemoryLimit(max(48<<20, (12<<20+30*int64(n))*8/5))
-	if os.Getenv("GOGC") == "" {
-		debug.SetGCPercent(-1)
+	setMemoryLimit(n)
+}
+
+// limitedEarly: limitMemoryEarly set the limit.
+var limitedEarly bool
+
+func limitMemoryEarly(text string) {
+	if os.Getenv("GOMEMLIMIT") != "" || len(text) > 2<<20 || !startsWithFlush(text) {
+		return
 	}
+	setMemoryLimit(len(text))
+	limitedEarly = true
+}
+
+// setMemoryLimit sets the limit for n bytes of rules, and GOGC off.
+func setMemoryLimit(n int) {
+	debug.SetMemoryLimit(max(48<<20, (12<<20+30*int64(n))*8/5))
+	setGCPercent(-1)
+}
+
+// setGCPercent sets GOGC unless the user did.
+func setGCPercent(p int) {
+	if os.Getenv("GOGC") == "" {
+		debug.SetGCPercent(p)
+	}
+}
+
+// startsWithFlush reports whether the first statement of text, after
+// blank lines and comments, is `flush ruleset` (as the parse will tell:
+// a text it misreads is put right by limitMemory).
+func startsWithFlush(text string) bool {
+	for {
+		text = strings.TrimLeft(text, " \t\r\n;")
+		if !strings.HasPrefix(text, "#") {
+			break
+		}
+		if i := strings.IndexByte(text, '\n'); i >= 0 {
+			text = text[i:]
+		} else {
+			return false
+		}
+	}
+	rest, ok := strings.CutPrefix(text, "flush")
+	if !ok || rest == "" || (rest[0] != ' ' && rest[0] != '\t') {
+		return false
+	}
+	rest, ok = strings.CutPrefix(strings.TrimLeft(rest, " \t"), "ruleset")
+	return ok && (rest == "" || strings.IndexByte(" \t\r\n;#", rest[0]) >= 0)
 }
