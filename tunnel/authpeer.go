@@ -76,7 +76,7 @@ func (d *daemon) serveAuth(ln net.Listener) {
 					return err
 				}
 			}
-			if err := d.store.Install(e, d.newSession(r, false, now)); err != nil {
+			if err := d.store.Install(e, d.newSession(r, false, now), true); err != nil {
 				return err
 			}
 			e.Touch(now.UnixNano())
@@ -317,7 +317,7 @@ func (a *dialer) handshake(peer netip.AddrPort) error {
 	if err != nil {
 		return err
 	}
-	if err := d.store.Install(ent, d.newSession(r, true, now)); err != nil {
+	if err := d.store.Install(ent, d.newSession(r, true, now), false); err != nil {
 		return err
 	}
 	ent.Heard()

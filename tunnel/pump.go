@@ -134,6 +134,7 @@ func (d *daemon) openUDP(one *oneSender, rec []byte, dst []byte, peer netip.Addr
 		d.stats.dropSeal(why)
 		return opened{}, false
 	}
+	ent.Confirm(ses)
 	ent.Heard()
 	ent.Touch(now)
 	if newest && ent.SetEndpoint(peer) {

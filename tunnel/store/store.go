@@ -31,6 +31,9 @@ type Entry struct {
 	Peer                 netip.AddrPort // remote address and UDP port (unmapped)
 	endpoint             atomic.Pointer[netip.AddrPort]
 	sess, prev           atomic.Pointer[seal.Session]
+	// awaiting: sess answers the peer's rekey and the peer has not sealed
+	// anything under it yet, so we still seal under prev (see Session).
+	awaiting atomic.Bool
 	Addr                 netip.Addr // tunnel address, invalid when the store has no pool
 	Created              time.Time
 	lastUsed             atomic.Int64 // unix nanoseconds
@@ -84,8 +87,29 @@ func (e *Entry) SetEndpoint(ap netip.AddrPort) bool {
 	return true
 }
 
-// Session is the current session (nil without a key).
-func (e *Entry) Session() *seal.Session { return e.sess.Load() }
+// Session is the session to seal with (nil without a key): the current
+// one, except while a rekey's responder waits for the peer to use it.
+// The handshake's end reaches the peer over TCP and our records go over
+// UDP, so a record sealed under the new session could overtake the peer
+// installing it (and be dropped as an unknown session). Until the peer's
+// first record under the new session arrives (Confirm), we seal under
+// the previous one, which the peer keeps for receiving.
+func (e *Entry) Session() *seal.Session {
+	if e.awaiting.Load() {
+		if p := e.prev.Load(); p != nil {
+			return p
+		}
+	}
+	return e.sess.Load()
+}
+
+// Confirm notes that the peer sealed a record under ses: if ses is the
+// session we await the peer's use of, we seal under it from now on.
+func (e *Entry) Confirm(ses *seal.Session) {
+	if e.awaiting.Load() && e.sess.Load() == ses {
+		e.awaiting.Store(false)
+	}
+}
 
 // SessionFor returns the current or the previous session if its receiver
 // index is id (records sealed before a rekey may still be in flight).
@@ -214,8 +238,10 @@ func (s *Store) BySession(id uint32) *Entry {
 }
 
 // Install makes ses the entry's current session; the one it replaces
-// stays usable for receiving until the next rekey.
-func (s *Store) Install(e *Entry, ses *seal.Session) error {
+// stays usable for receiving until the next rekey. The side answering a
+// handshake (the server) passes awaitPeer: it keeps sealing under the
+// replaced session until the peer uses the new one (Session, Confirm).
+func (s *Store) Install(e *Entry, ses *seal.Session, awaitPeer bool) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.byPeer[e.Peer] != e {
@@ -229,6 +255,7 @@ func (s *Store) Install(e *Entry, ses *seal.Session) error {
 	}
 	e.prev.Store(e.sess.Load())
 	e.sess.Store(ses)
+	e.awaiting.Store(awaitPeer)
 	s.byID[ses.RecvID()] = e
 	return nil
 }

@@ -4,6 +4,8 @@ import (
 	"net/netip"
 	"testing"
 	"time"
+
+	"github.com/sfunnel/sfunnel/tunnel/seal"
 )
 
 func TestPoolUniqueBoundedAndExpiry(t *testing.T) {
@@ -108,5 +110,61 @@ func TestSilence(t *testing.T) {
 	}
 	if d := e.Sent(3624*s, q); d != 13*time.Second {
 		t.Fatalf("kept sending unanswered: %v", d)
+	}
+}
+
+// A rekey's responder keeps sealing under the replaced session until the
+// peer has used the new one: the peer learns the new keys over TCP while
+// our records go over UDP, so an early record under the new session
+// could reach it before it has them. The initiator switches at once.
+func TestResponderAwaitsPeerBeforeSealingUnderNewSession(t *testing.T) {
+	now := time.Now()
+	s := New(Options{TTL: time.Minute})
+	e, err := s.Add(netip.MustParseAddrPort("192.0.2.1:7000"), now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	session := func(n byte) *seal.Session {
+		var k seal.Keys
+		k.Send[0], k.Recv[0] = n, n
+		k.SendID, k.RecvID = uint32(n), uint32(n)+100
+		return seal.NewSession(seal.AESGCM, k, time.Minute, now)
+	}
+	first, second, third := session(1), session(2), session(3)
+	if err := s.Install(e, first, true); err != nil {
+		t.Fatal(err)
+	}
+	if e.Session() != first {
+		t.Fatal("a first session (nothing to fall back on) is not used at once")
+	}
+	if err := s.Install(e, second, true); err != nil {
+		t.Fatal(err)
+	}
+	if e.Session() != first {
+		t.Fatal("the responder seals under the new session before the peer used it")
+	}
+	if e.SessionFor(second.RecvID()) != second || e.SessionFor(first.RecvID()) != first {
+		t.Fatal("both sessions must open records meanwhile")
+	}
+	e.Confirm(first) // a late record under the old session changes nothing
+	if e.Session() != first {
+		t.Fatal("a record under the old session confirmed the new one")
+	}
+	e.Confirm(second)
+	if e.Session() != second {
+		t.Fatal("the peer's record under the new session did not switch sealing to it")
+	}
+	// Two rekeys without a record between: seal under the one before the
+	// newest, which the peer still keeps for receiving.
+	if err := s.Install(e, third, true); err != nil {
+		t.Fatal(err)
+	}
+	if e.Session() != second {
+		t.Fatal("after a second rekey, the responder does not seal under the session the peer keeps")
+	}
+	// The initiator installs without waiting.
+	fourth := session(4)
+	if err := s.Install(e, fourth, false); err != nil || e.Session() != fourth {
+		t.Fatalf("the initiator's session is not used at once (%v)", err)
 	}
 }
