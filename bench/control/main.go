@@ -329,16 +329,23 @@ func main() {
 		nft([]byte("flush ruleset\n"), "-f", "-")
 	}
 	table.WriteString(`
-Where sfunnel's time goes (perf of the same commands, 2026-11-30 05:00 UTC): ` + "`-f`" + ` of 10 000 rules
-is compiling (about a fifth: classification and variants), parsing the input (the quick path lowers
-each rule as it reads it, so the syntax of the whole file is never held), the collector (a fifth of the
-CPU, on the other core), creating maps and loading the program, the canonical text of every rule for
-the state record (one printing per rule), and the program's digest (sha256 of its text, written
-without fmt and hashed as it is written); kernel BTF, for the compiler's skb offsets, is read once per
-boot (/run/sfunnel/kernel-skb); the old state record, needed to replace it (priorities and counter
-slots of rules that stay), is read on the other core while the input is parsed. A file that starts with
-` + "`flush ruleset`" + ` sets a soft memory limit from its size (sfunnel(8) ENVIRONMENT), which keeps the
-peak RSS the same from run to run. ` + "`add`/`insert`/`replace`/`delete rule`" + ` batches read the rules
+Where sfunnel's time goes (pprof of ` + "`-f`" + ` of both files, 2026-11-30 07:36 UTC, load 10-13): ` + "`-f`" + ` of
+10 000 rules is a third parsing the input (the quick path lowers each rule as it reads it, and a rule's
+syntax memory serves the next rule; lexing is a third of the parse), a seventh compiling (half of it
+classification: the ports a range holds are a bitmap, not 101 map keys; a rule's keys lie in one
+buffer; shape and body keys are printed once per distinct signature), a tenth creating maps and
+loading the program, a twentieth the program's digest (sha256 of its text, written without fmt),
+the canonical text of every rule for the state record, and the collector (a fifteenth); kernel BTF,
+for the compiler's skb offsets, is read once per boot (/run/sfunnel/kernel-skb); the old state
+record (version 3, read without parsing a rule), needed to replace it (priorities and counter slots
+of rules that stay), is read on the other core while the input is parsed. A file that starts with
+` + "`flush ruleset`" + ` sets a soft memory limit from its size before it is parsed, and the collector is
+paced by that limit alone (GOGC off; sfunnel(8) ENVIRONMENT): one collection per ` + "`-f`" + ` of these
+files, and the peak RSS the same from run to run. Old and new binaries alternating (07:38 UTC, load
+9-12, 11 runs, CPU medians, nft -f in the same runs): mixed shapes 0.251 s before the classifier,
+parser and collector changes of 07:00-07:35, 0.144 s after (nft 0.253 s); IPv4 host + port 0.198 s,
+0.134 s (nft 0.272 s); main at 07:00 (state version 2) took 0.289 s and 0.236 s.
+` + "`add`/`insert`/`replace`/`delete rule`" + ` batches read the rules
 as placeholders (their handles) and parse only the rules they remove or replace (or every rule of a
 hook they compile after all). A rule whose shape and action the hook's tables have is written into
 the spare table generation, without compiling; so are rules of shapes of their own (` + "`unique shapes`" + `:
