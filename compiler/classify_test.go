@@ -21,13 +21,19 @@ func TestMatchesSigFields(t *testing.T) {
 		reflect.TypeFor[grammar.FlagsMatch](): {"Span", "Form", "Flags", "Mask"},
 		reflect.TypeFor[grammar.MarkMatch]():  {"Span", "Neg", "Value", "Mask", "HasMask"},
 	}
+	checkFields(t, "matchesSig", want)
+}
+
+// checkFields fails for each type whose fields are not those sig knows.
+func checkFields(t *testing.T, sig string, want map[reflect.Type][]string) {
+	t.Helper()
 	for typ, fields := range want {
 		var got []string
 		for i := 0; i < typ.NumField(); i++ {
 			got = append(got, typ.Field(i).Name)
 		}
 		if !slices.Equal(got, fields) {
-			t.Errorf("%v has fields %v, matchesSig knows %v", typ, got, fields)
+			t.Errorf("%v has fields %v, %s knows %v", typ, got, sig, fields)
 		}
 	}
 }
@@ -154,15 +160,7 @@ func TestBodySigFields(t *testing.T) {
 		reflect.TypeFor[grammar.Action]():       {"Span", "Kind", "Proto", "Funnel", "DNATAddr", "DNATPort"},
 		reflect.TypeFor[grammar.FunnelHeader](): {"Sport", "Dport", "HasSport", "HasDport", "Flags", "Seq", "Ack", "Window", "HasFlags", "HasSeq", "HasAck", "HasWindow", "MSS", "HasMSS", "MSSOff"},
 	}
-	for typ, fields := range want {
-		var got []string
-		for i := 0; i < typ.NumField(); i++ {
-			got = append(got, typ.Field(i).Name)
-		}
-		if !slices.Equal(got, fields) {
-			t.Errorf("%v has fields %v, bodySig knows %v", typ, got, fields)
-		}
-	}
+	checkFields(t, "bodySig", want)
 }
 
 // The memo gives the body key the printer gives, over rules that differ in

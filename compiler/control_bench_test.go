@@ -1,45 +1,27 @@
 package compiler_test
 
 import (
-	"fmt"
-	"strings"
 	"testing"
 
 	"github.com/sfunnel/sfunnel/compiler"
 	"github.com/sfunnel/sfunnel/grammar"
+	"github.com/sfunnel/sfunnel/internal/controlrules"
 )
 
 // controlRules are the rules of one of bench/control's 10 000-rule hooks
 // ("host": IPv4 host + port; "mixed": five shapes, one a 101-port range),
 // parsed as `sfunnel -f` parses them.
 func controlRules(tb testing.TB, workload string) []*grammar.Rule {
-	var b strings.Builder
-	b.WriteString("interface vb {\n ingress {\n")
-	for i := range 10000 {
-		m := fmt.Sprintf("ip saddr 10.%d.%d.1 udp dport %d", i/250%250, i%250, 1000+i%60000)
-		if workload == "mixed" {
-			switch i % 5 {
-			case 1:
-				m = fmt.Sprintf("ip daddr 10.%d.%d.0/24 tcp sport %d", i/250%250, i%250, 2000+i%5000)
-			case 2:
-				m = fmt.Sprintf("udp dport %d-%d", 3000+i%1000, 3100+i%1000)
-			case 3:
-				m = fmt.Sprintf("meta mark %d", i)
-			case 4:
-				m = fmt.Sprintf("ip6 saddr 2001:db8::%x udp dport %d", i, i%60000+1)
-			}
-		}
-		fmt.Fprintf(&b, "  %s counter actions drop\n", m)
-	}
-	b.WriteString(" }\n}\n")
-	cmds, _, err := grammar.Parse("bench", b.String(), nil)
+	cmds, _, err := grammar.Parse("bench", controlrules.File(workload, 10000), nil)
 	if err != nil {
 		tb.Fatal(err)
 	}
-	rules := make([]*grammar.Rule, 0, len(cmds))
-	for i, c := range cmds {
-		c.Rule.Handle = uint64(i + 1)
-		rules = append(rules, c.Rule)
+	var rules []*grammar.Rule
+	for _, c := range cmds {
+		if c.Kind == grammar.CmdAddRule {
+			c.Rule.Handle = uint64(len(rules) + 1)
+			rules = append(rules, c.Rule)
+		}
 	}
 	return rules
 }

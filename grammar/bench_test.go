@@ -8,6 +8,8 @@ import (
 
 	"github.com/alecthomas/participle/v2"
 	"github.com/alecthomas/participle/v2/lexer"
+
+	"github.com/sfunnel/sfunnel/internal/controlrules"
 )
 
 // ruleset10k is a 10 000-rule file of the shapes bench/control applies.
@@ -36,28 +38,7 @@ func ruleset10k() string {
 
 // controlRuleset10k is a 10 000-rule hook of one of bench/control's
 // workloads ("host" or "mixed"), as `make bench-control` applies it.
-func controlRuleset10k(workload string) string {
-	var b strings.Builder
-	b.WriteString("flush ruleset\ninterface vb {\n ingress {\n")
-	for i := range 10000 {
-		m := fmt.Sprintf("ip saddr 10.%d.%d.1 udp dport %d", i/250%250, i%250, 1000+i%60000)
-		if workload == "mixed" {
-			switch i % 5 {
-			case 1:
-				m = fmt.Sprintf("ip daddr 10.%d.%d.0/24 tcp sport %d", i/250%250, i%250, 2000+i%5000)
-			case 2:
-				m = fmt.Sprintf("udp dport %d-%d", 3000+i%1000, 3100+i%1000)
-			case 3:
-				m = fmt.Sprintf("meta mark %d", i)
-			case 4:
-				m = fmt.Sprintf("ip6 saddr 2001:db8::%x udp dport %d", i, i%60000+1)
-			}
-		}
-		fmt.Fprintf(&b, "  %s counter actions drop\n", m)
-	}
-	b.WriteString(" }\n}\n")
-	return b.String()
-}
+func controlRuleset10k(workload string) string { return controlrules.File(workload, 10000) }
 
 // benchLexers are the lexers the benchmarks compare.
 var benchLexers = []struct {

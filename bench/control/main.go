@@ -20,6 +20,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/sfunnel/sfunnel/internal/controlrules"
 )
 
 var (
@@ -48,23 +50,11 @@ func hostPort(a, n int) (string, string) {
 
 var workloads = []workload{
 	{"IPv4 host + port", func(i int) (string, string) {
-		m := fmt.Sprintf("ip saddr 10.%d.%d.1 udp dport %d", i/250%250, i%250, 1000+i%60000)
+		m := controlrules.HostPort(i)
 		return m + " counter actions drop", m + " counter drop"
 	}, nil},
 	{"mixed shapes", func(i int) (string, string) {
-		var m string
-		switch i % 5 {
-		case 0:
-			m = fmt.Sprintf("ip saddr 10.%d.%d.1 udp dport %d", i/250%250, i%250, 1000+i%60000)
-		case 1:
-			m = fmt.Sprintf("ip daddr 10.%d.%d.0/24 tcp sport %d", i/250%250, i%250, 2000+i%5000)
-		case 2:
-			m = fmt.Sprintf("udp dport %d-%d", 3000+i%1000, 3100+i%1000)
-		case 3:
-			m = fmt.Sprintf("meta mark %d", i)
-		default:
-			m = fmt.Sprintf("ip6 saddr 2001:db8::%x udp dport %d", i, i%60000+1)
-		}
+		m := controlrules.Mixed(i)
 		return m + " counter actions drop", m + " counter drop"
 	}, nil},
 	// Rules of a shape each of their own (`sport !=` stays in the shape):
