@@ -14,7 +14,7 @@ const (
 	regSkb     = asm.R6 // the __sk_buff context, always
 	regData    = asm.R7 // skb->data, valid while compiler.fresh (reloaded after helpers that move the packet)
 	regDataEnd = asm.R8 // skb->data_end, likewise
-	regL4      = asm.R9 // transport header offset from skb->data (actions reload it from slotL4Off)
+	regL4      = asm.R9 // transport header offset from skb->data (actions reload it from slotL4Off); table lookups use it as regPerfect
 )
 
 // Stack slots (offsets from R10). Every slot is listed in stackFrame, which
@@ -45,9 +45,8 @@ const (
 	slotBody  = -400 // its body
 	slotGen   = -408 // the live table generation (0/1)
 
-	slotTrace   = -416 // u64 trace id of the packet, 0 = not traced (trace.go)
-	slotPerfect = -432 // the live generation's value of the perfect-hash tables (perfect.go)
-	slotParam   = -440 // the running body's entry in the parameter map (params.go)
+	slotTrace = -416 // u64 trace id of the packet, 0 = not traced (trace.go)
+	slotParam = -424 // the running body's entry in the parameter map (params.go)
 )
 
 // frame is the stack layout: each slot's name, offset and size.
@@ -69,7 +68,7 @@ var stackFrame = frame{
 	{"slotRule", slotRule, 8}, {"slotOpt", slotOpt, 8}, {"slotDiff", slotDiff, 8},
 	{"slotBuf", slotBuf, MaxOptMove}, {"slotHdr", slotHdr, 24},
 	{"slotTKey", slotTKey, 56}, {"slotBest", slotBest, 8}, {"slotBody", slotBody, 8}, {"slotGen", slotGen, 8},
-	{"slotTrace", slotTrace, 8}, {"slotPerfect", slotPerfect, 8},
+	{"slotTrace", slotTrace, 8},
 	{"slotParam", slotParam, 8},
 }
 

@@ -2,11 +2,13 @@ package compiler_test
 
 import (
 	"bytes"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"slices"
 	"testing"
 
+	"github.com/sfunnel/sfunnel/abi"
 	"github.com/sfunnel/sfunnel/compiler"
 	"github.com/sfunnel/sfunnel/grammar"
 )
@@ -35,6 +37,24 @@ func entrySet(m map[string][][2][]byte) []string {
 func contents(p *compiler.Program, gen uint32) map[string][][2][]byte {
 	out := map[string][][2][]byte{}
 	for name, kvs := range p.TableContents(gen) {
+		if name == abi.PerfectTables {
+			// The perfect-hash tables' value, entry by entry.
+			layout, _ := p.Layout()
+			for _, seg := range layout.Segments {
+				for _, sh := range seg.Shapes {
+					if sh.PerfectLayout == nil {
+						continue
+					}
+					for _, en := range compiler.PerfectEntries(kvs[0].Value.([]byte), sh.PerfectLayout) {
+						v := binary.NativeEndian.AppendUint32(nil, en.Value.Prio)
+						v = binary.NativeEndian.AppendUint32(v, en.Value.Slot)
+						v = binary.NativeEndian.AppendUint32(v, en.Value.Body)
+						out[name] = append(out[name], [2][]byte{en.Key, v})
+					}
+				}
+			}
+			continue
+		}
 		for _, kv := range kvs {
 			v := kv.Value.([]byte)
 			if bytes.Equal(v, make([]byte, len(v))) {
@@ -64,7 +84,7 @@ func TestPlaceInsertInTheMiddle(t *testing.T) {
 		t.Fatal("no table segment")
 	}
 	// A rule of the shape of rule 72 (UDP dport range, counter drop: a
-	// port array), inserted after it.
+	// port-indexed table), inserted after it.
 	at := 72
 	nr := *rules[at]
 	nr.Handle = 1000

@@ -27,8 +27,7 @@ func (c *compiler) mtuCheck(rule int) {
 	} else {
 		c.mtuHelper(ok)
 	}
-	c.ruleKey(rule)
-	c.lookup(RuleMTUMap, slotKey)
+	c.lookup(RuleMTUMap, c.ruleKey(rule))
 	skip := e.newLabel("mtu_rule")
 	e.emit(bump(skip)...)
 	e.label(skip)

@@ -389,8 +389,15 @@ func (t *perfectTable) lookup(blob []byte, key []uint64) (prio, slot, body uint3
 	return prio, binary.NativeEndian.Uint32(v[4:]), binary.NativeEndian.Uint32(v[8:]), prio != abi.NoRule
 }
 
+// regPerfect holds, from perfectBase to a segment's last probe, the
+// pointer to the live generation's value of the perfect-hash tables. It is
+// regL4 (frame.go), which nothing between the parse and the bodies reads
+// and every action that needs reloads: a register copy per probe instead
+// of a stack load, and no spill.
+const regPerfect = regL4
+
 // perfectBase emits, at the start of a segment with perfect tables, the
-// pointer to the live generation's value into slotPerfect (the verifier
+// pointer to the live generation's value into regPerfect (the verifier
 // inlines the array lookup); a failed lookup (impossible: the generation
 // is 0 or 1) skips the segment.
 func (c *compiler) perfectBase(skip string) {
@@ -399,8 +406,14 @@ func (c *compiler) perfectBase(skip string) {
 	c.lookup(perfectMap, slotGen)
 	e.emit(
 		asm.JEq.Imm(asm.R0, 0, skip),
-		stx(asm.R10, slotPerfect, asm.R0, asm.DWord),
+		mov(regPerfect, asm.R0),
 	)
+}
+
+// perfectPtr emits R0 = the live generation's value of the perfect-hash
+// tables.
+func (c *compiler) perfectPtr() {
+	c.e.emit(mov(asm.R0, regPerfect))
 }
 
 // perfectLookup emits the probe of a shape's perfect-hash table, after its
@@ -418,7 +431,7 @@ func (c *compiler) perfectLookup(sh *shape, miss string, skipLow bool) {
 	// one, else at slotTKey.
 	c.keyWord(asm.R4, t.words[0])
 	// Offsets past 32 KiB don't fit a load: R0 points at the table.
-	e.emit(ldx(asm.R0, asm.R10, slotPerfect, asm.DWord))
+	c.perfectPtr()
 	if t.off != 0 {
 		e.emit(asm.Add.Imm(asm.R0, int32(t.off)))
 	}
@@ -509,14 +522,11 @@ func (c *compiler) portLookup(t *perfectTable, miss string) {
 		ldx(asm.R1, asm.R10, t.words[0].slot, asm.DWord),
 		asm.Xor.Imm(asm.R1, 0),            // narrow R1, not the slot (see unlink)
 		asm.JGT.Imm(asm.R1, 0xffff, miss), // absent
-		ldx(asm.R0, asm.R10, slotPerfect, asm.DWord),
 	)
-	if t.off != 0 {
-		e.emit(asm.Add.Imm(asm.R0, int32(t.off)))
-	}
+	c.perfectPtr()
 	e.emit(
+		asm.Add.Imm(asm.R0, int32(t.off+t.slotsOff)),
 		asm.Mul.Imm(asm.R1, tableValueSize),
-		asm.Add.Imm(asm.R1, 8),
 		asm.Add.Reg(asm.R0, asm.R1),
 	)
 	c.hit(0, miss, false)
@@ -656,6 +666,37 @@ func (t *perfectTable) entries(blob []byte) []perfectEntry {
 			}
 			out = append(out, perfectEntry{key: key, value: v})
 		}
+	}
+	return out
+}
+
+// PerfectEntries returns the entries of table l in a generation's
+// perfect-hash value, keys in PerfectEntry's form (for checks of what the
+// maps hold, entry by entry).
+func PerfectEntries(blob []byte, l *PerfectLayout) []PerfectEntry {
+	t := l.table()
+	if len(blob) < t.off+t.size {
+		return nil
+	}
+	n := 0
+	for _, w := range t.words {
+		n = max(n, w.idx+1)
+	}
+	var out []PerfectEntry
+	for _, en := range t.entries(blob) {
+		key := make([]byte, 4*n)
+		for i, w := range t.words {
+			v := uint32(en.key[i/2]) // the chunk's second word, or its only one
+			if i%2 == 0 && i+1 < len(t.words) {
+				v = uint32(en.key[i/2] >> 32)
+			}
+			if w.addr {
+				binary.BigEndian.PutUint32(key[4*w.idx:], v)
+			} else {
+				binary.NativeEndian.PutUint32(key[4*w.idx:], v)
+			}
+		}
+		out = append(out, PerfectEntry{Key: key, Value: en.value})
 	}
 	return out
 }

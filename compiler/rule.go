@@ -1,6 +1,7 @@
 package compiler
 
 import (
+	"encoding/binary"
 	"fmt"
 	"net/netip"
 	"strings"
@@ -118,8 +119,7 @@ func (c *compiler) body(i int, r *grammar.Rule, next string) error {
 			c.param(asm.R1, parFlags, asm.Word)
 			e.emit(asm.And.Imm(asm.R1, parCount), asm.JEq.Imm(asm.R1, 0, done))
 		}
-		c.ruleKey(i)
-		c.lookup(CountersMap, slotKey)
+		c.lookup(CountersMap, c.ruleKey(i))
 		e.emit(countPacket(done, asm.R6, skbLen)...)
 		e.label(done)
 	}
@@ -550,14 +550,25 @@ func describeAction(a *grammar.Action) string {
 	return a.Kind.String()
 }
 
-// ruleKey stores rule index i (or, in a group body, the matched rule's) as
-// the map key.
-func (c *compiler) ruleKey(i int) {
+// lowWord is where a DWord stack slot keeps its low 32 bits: a slot that
+// holds a zero-extended u32 can be read as a u32 map key there.
+var lowWord = func() int16 {
+	if binary.NativeEndian.Uint16([]byte{1, 0}) == 1 {
+		return 0
+	}
+	return 4
+}()
+
+// ruleKey returns the stack slot holding rule i's counter slot as a u32
+// map key: in a group body the matched rule's, read where the match left
+// it (slotRule's low word: no copy, whose store and reload would sit on
+// the path from the table hit to the counter), else slotKey, set here.
+func (c *compiler) ruleKey(i int) int16 {
 	if c.dynRule {
-		c.e.emit(ldx(asm.R1, asm.R10, slotRule, asm.DWord), stx(asm.R10, slotKey, asm.R1, asm.Word))
-		return
+		return slotRule + lowWord
 	}
 	c.e.emit(sti(asm.R10, slotKey, int64(c.slot(i)), asm.Word))
+	return slotKey
 }
 
 // unlink, in a shape's residual checks, makes r a copy the verifier does not

@@ -26,28 +26,26 @@ const tableValueSize = 12
 // first (one map per key size keeps the program's map count small).
 func tableName(words int) string { return fmt.Sprintf("%s%d", abi.TablePrefix, 1+words) }
 
-// place gives the segments' shapes their ids and tables: a port array for
-// a shape keyed on one port (a few per program, then a port-indexed table
-// in the perfect-hash tables' value), a perfect-hash table for others
-// while the value stays under 4 MiB and the program has fewer than
-// maxPerfectShapes of them (perfect.go), else a hash table per key size.
+// place gives the segments' shapes their ids and tables: a perfect-hash
+// table for a shape while the value stays under 4 MiB and the program has
+// fewer than maxPerfectShapes of them (perfect.go), else a hash table per
+// key size. Shapes keyed on one port are placed last, in the space the
+// others leave: a port-indexed table in the perfect-hash tables' value
+// (its probe is a few loads from the value pointer the segment already
+// has), else a port array (a few per program; the verifier inlines its
+// lookup, but the key goes through the stack and the helper's bounds
+// check: about twice the instructions), else a hash table.
 func (c *compiler) place(segs []segment) {
+	var ports []*shape
 	for si := range segs {
 		for _, sh := range segs[si].shapes {
 			sh.id = c.nextShape
 			c.nextShape++
 			sh.table = tableName(sh.words)
 			switch {
-			case sh.portOnly() && c.portArrays < maxPortArrays:
-				// One port: an array indexed by generation<<16 | port,
-				// whose lookup the verifier inlines (no hash); its
-				// entries change one by one (Layout.Place).
-				c.portArrays++
-				sh.array = true
-				sh.table = fmt.Sprintf("%sp%d", abi.TablePrefix, sh.id)
-			case sh.portOnly() && c.perfectSize+portTableSize <= maxPerfectBytes:
-				sh.perfect, sh.table = newPortTable(sh, c.perfectSize), perfectMap
-				c.perfectSize += portTableSize
+			case sh.portOnly():
+				ports = append(ports, sh)
+				continue
 			case c.perfectShapes >= maxPerfectShapes:
 				// Many shapes: hash tables, whose lookups are shorter
 				// code for the verifier to walk.
@@ -61,6 +59,20 @@ func (c *compiler) place(segs []segment) {
 			c.tables[sh.table] = append(c.tables[sh.table], sh)
 		}
 		c.placeScanShapes(&segs[si])
+	}
+	for _, sh := range ports {
+		switch {
+		case c.perfectSize+portTableSize <= maxPerfectBytes:
+			sh.perfect, sh.table = newPortTable(sh, c.perfectSize), perfectMap
+			c.perfectSize += portTableSize
+		case c.portArrays < maxPortArrays:
+			// One port: an array indexed by generation<<16 | port; its
+			// entries change one by one (Layout.Place).
+			c.portArrays++
+			sh.array = true
+			sh.table = fmt.Sprintf("%sp%d", abi.TablePrefix, sh.id)
+		}
+		c.tables[sh.table] = append(c.tables[sh.table], sh)
 	}
 }
 
@@ -203,22 +215,34 @@ func (c *compiler) segment(rules []*grammar.Rule, seg segment) error {
 }
 
 // lookups emits the shapes' lookups grouped by the family, then the
-// protocol their packets have (groups in the order of their first shapes),
-// each tested once per group: a packet skips the shapes of other families
-// and protocols in a jump or two.
+// protocol their packets have, each tested once per group: groups of one
+// family (protocol) in the order of their first shapes, then the group
+// of either. A packet skips the shapes of other families and protocols in
+// a jump or two: a group of one family (protocol) ends with a jump past
+// the other ones to the group of either.
 func (c *compiler) lookups(shapes []*shape) error {
 	e := &c.e
 	first := shapes[0]
-	for _, fam := range groupBy(shapes, shapeFam) {
+	fams := groupBy(shapes, shapeFam)
+	anyFam := e.newLabel("family_any")
+	for fi, fam := range fams {
 		f := shapeFam(fam[0])
+		if f == 0 {
+			e.label(anyFam)
+		}
 		famEnd := e.newLabel("family_end")
 		if f == 4 && c.ruleNeeds.v6 || f == 6 && c.ruleNeeds.v4 {
 			e.comment("shapes of IPv%d packets", f)
 			e.emit(ldx(asm.R1, asm.R10, slotFam, asm.DWord), asm.JNE.Imm(asm.R1, int32(f), famEnd))
 		}
 		c.knownFam = f
-		for _, group := range groupBy(fam, shapeProto) {
+		protos := groupBy(fam, shapeProto)
+		anyProto := e.newLabel("proto_any")
+		for pi, group := range protos {
 			p := shapeProto(group[0])
+			if p == 0 {
+				e.label(anyProto)
+			}
 			end := e.newLabel("proto_end")
 			if p != 0 {
 				e.comment("shapes of %s packets", group[0].tmpl.Proto)
@@ -231,10 +255,22 @@ func (c *compiler) lookups(shapes []*shape) error {
 				}
 			}
 			c.knownProto = 0
+			if p != 0 && pi+1 < len(protos) && shapeProto(protos[pi+1][0]) != 0 {
+				e.emit(asm.Ja.Label(anyProto))
+			}
 			e.label(end)
 		}
+		if shapeProto(protos[len(protos)-1][0]) != 0 {
+			e.label(anyProto)
+		}
 		c.knownFam = 0
+		if f != 0 && fi+1 < len(fams) && shapeFam(fams[fi+1][0]) != 0 {
+			e.emit(asm.Ja.Label(anyFam))
+		}
 		e.label(famEnd)
+	}
+	if shapeFam(fams[len(fams)-1][0]) != 0 {
+		e.label(anyFam)
 	}
 	return nil
 }
@@ -258,12 +294,18 @@ func shapeProto(sh *shape) int {
 	return int(sh.tmpl.Proto.Number())
 }
 
-// groupBy splits shapes by key, groups in the order of their first shape.
+// groupBy splits shapes by key: the groups of nonzero keys in the order of
+// their first shape, then the group of key 0 (either family, any protocol).
 func groupBy(shapes []*shape, key func(*shape) int) [][]*shape {
 	var out [][]*shape
+	var either []*shape
 	at := map[int]int{}
 	for _, sh := range shapes {
 		k := key(sh)
+		if k == 0 {
+			either = append(either, sh)
+			continue
+		}
 		i, ok := at[k]
 		if !ok {
 			i = len(out)
@@ -271,6 +313,9 @@ func groupBy(shapes []*shape, key func(*shape) int) [][]*shape {
 			out = append(out, nil)
 		}
 		out[i] = append(out[i], sh)
+	}
+	if either != nil {
+		out = append(out, either)
 	}
 	return out
 }
