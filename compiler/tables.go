@@ -30,21 +30,25 @@ func tableName(words int) string { return fmt.Sprintf("%s%d", abi.TablePrefix, 1
 // table for a shape while the value stays under 4 MiB and the program has
 // fewer than maxPerfectShapes of them (perfect.go), else a hash table per
 // key size. Shapes keyed on one port are placed last, in the space the
-// others leave: a port-indexed table in the perfect-hash tables' value
-// (its probe is a few loads from the value pointer the segment already
-// has), else a port array (a few per program; the verifier inlines its
-// lookup, but the key goes through the stack and the helper's bounds
-// check: about twice the instructions), else a hash table.
+// others leave. In a segment that takes the perfect-hash tables' value
+// pointer anyway (another shape has a table there, or it has several
+// one-port shapes), each is a port-indexed table in that value: its probe
+// is three loads from the pointer. A segment's only one-port shape is a
+// port array first: one inlined array lookup, where the value's would
+// come on top of the probe. Then the other kind, then a hash table.
 func (c *compiler) place(segs []segment) {
 	var ports []*shape
+	inValue := map[*shape]bool{} // one-port shapes whose segment takes the value
 	for si := range segs {
+		var segPorts []*shape
+		perfect := false
 		for _, sh := range segs[si].shapes {
 			sh.id = c.nextShape
 			c.nextShape++
 			sh.table = tableName(sh.words)
 			switch {
 			case sh.portOnly():
-				ports = append(ports, sh)
+				segPorts = append(segPorts, sh)
 				continue
 			case c.perfectShapes >= maxPerfectShapes:
 				// Many shapes: hash tables, whose lookups are shorter
@@ -54,20 +58,27 @@ func (c *compiler) place(segs []segment) {
 					sh.perfect, sh.table = t, perfectMap
 					c.perfectSize += t.size
 					c.perfectShapes++
+					perfect = true
 				}
 			}
 			c.tables[sh.table] = append(c.tables[sh.table], sh)
 		}
+		for _, sh := range segPorts {
+			inValue[sh] = perfect || len(segPorts) > 1
+		}
+		ports = append(ports, segPorts...)
 		c.placeScanShapes(&segs[si])
 	}
 	for _, sh := range ports {
+		value := c.perfectSize+portTableSize <= maxPerfectBytes
+		array := c.portArrays < maxPortArrays
 		switch {
-		case c.perfectSize+portTableSize <= maxPerfectBytes:
+		case value && (inValue[sh] || !array):
 			sh.perfect, sh.table = newPortTable(sh, c.perfectSize), perfectMap
 			c.perfectSize += portTableSize
-		case c.portArrays < maxPortArrays:
-			// One port: an array indexed by generation<<16 | port; its
-			// entries change one by one (Layout.Place).
+		case array:
+			// An array indexed by generation<<16 | port; its entries
+			// change one by one (Layout.Place).
 			c.portArrays++
 			sh.array = true
 			sh.table = fmt.Sprintf("%sp%d", abi.TablePrefix, sh.id)
