@@ -235,18 +235,7 @@ func (c *compiler) bodyPool(rules []*grammar.Rule) error {
 		e.label(fmt.Sprintf("pool_body%d", n))
 		e.comment("shared body %d, as rule %d handle %d: %s", n, i, r.Handle, Describe(r))
 		e.owner = i + 1
-		// The rule's family and protocol again, for the verifier (see
-		// segment); a packet that reached the body has them.
-		if r.Family != grammar.FamilyAny {
-			fam := int32(4)
-			if r.Family == grammar.FamilyIPv6 {
-				fam = 6
-			}
-			e.emit(ldx(asm.R1, asm.R10, slotFam, asm.DWord), asm.JNE.Imm(asm.R1, fam, c.exit("next")))
-		}
-		if r.Proto != grammar.ProtoAny {
-			e.emit(ldx(asm.R1, asm.R10, slotProto, asm.DWord), asm.JNE.Imm(asm.R1, int32(r.Proto.Number()), c.exit("next")))
-		}
+		c.famProtoAgain(r, c.exit("next"))
 		c.fxDone = fx
 		err := c.body(i, r, c.exit("next"))
 		c.fxDone = false

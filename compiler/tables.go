@@ -199,20 +199,7 @@ func (c *compiler) segment(rules []*grammar.Rule, seg segment) error {
 		r, fx := bodyRule(r, c.bodyKeys[i])
 		e.comment("body %d, as rule %d handle %d: %s", cl, i, r.Handle, Describe(r))
 		e.owner = i + 1
-		// The rule's family and protocol again: the packet has them (its
-		// shape checked them), but the verifier would otherwise walk every
-		// body with every family and protocol some path reaches the
-		// dispatch with.
-		if r.Family != grammar.FamilyAny {
-			fam := int32(4)
-			if r.Family == grammar.FamilyIPv6 {
-				fam = 6
-			}
-			e.emit(ldx(asm.R1, asm.R10, slotFam, asm.DWord), asm.JNE.Imm(asm.R1, fam, end))
-		}
-		if r.Proto != grammar.ProtoAny {
-			e.emit(ldx(asm.R1, asm.R10, slotProto, asm.DWord), asm.JNE.Imm(asm.R1, int32(r.Proto.Number()), end))
-		}
+		c.famProtoAgain(r, end)
 		c.fxDone = fx
 		err := c.body(i, r, end)
 		c.fxDone = false
@@ -223,6 +210,32 @@ func (c *compiler) segment(rules []*grammar.Rule, seg segment) error {
 	}
 	e.label(end)
 	return nil
+}
+
+// famProtoAgain emits, at the start of a body reached from a dispatch,
+// the test of the rule's family and protocol again: the packet has them
+// (its shape or record checked them), but the verifier would otherwise walk
+// every body with every family and protocol some path reaches the dispatch
+// with, and an action's code depends on them. A body that only accepts or
+// drops (with counter, mark sets, trace) does not: it is walked the same
+// whatever they are, and the matching packet skips two loads and compares.
+func (c *compiler) famProtoAgain(r *grammar.Rule, fail string) {
+	if !slices.ContainsFunc(r.Actions, func(a *grammar.Action) bool {
+		return a.Kind != grammar.ActAccept && a.Kind != grammar.ActDrop
+	}) {
+		return
+	}
+	e := &c.e
+	if r.Family != grammar.FamilyAny {
+		fam := int32(4)
+		if r.Family == grammar.FamilyIPv6 {
+			fam = 6
+		}
+		e.emit(ldx(asm.R1, asm.R10, slotFam, asm.DWord), asm.JNE.Imm(asm.R1, fam, fail))
+	}
+	if r.Proto != grammar.ProtoAny {
+		e.emit(ldx(asm.R1, asm.R10, slotProto, asm.DWord), asm.JNE.Imm(asm.R1, int32(r.Proto.Number()), fail))
+	}
 }
 
 // lookups emits the shapes' lookups grouped by the family, then the
