@@ -355,20 +355,37 @@ const benchNotes = `
   a shape share one table, the lowest matching rule winning. Since 2026-11-30 the tables are perfect
   hashes (hash and displace) inside the value of one array map (one element per table generation,
   compiler/perfect.go): the program takes the live generation's value pointer once per segment (an
-  array lookup the verifier inlines) and probes each shape with plain loads, no helper call: a
-  first-key-word range test in the table's header (most shapes a packet can't match stop there,
-  after one key word, two loads and two compares), the table's lowest priority against the best
-  match so far (later shapes that can't win are skipped), then two multiplications and two dependent
-  loads. Shapes are tested grouped by family and protocol (one test per group). The seeds live in
-  the value, so a new table needs no new program. One-port shapes are port arrays (the verifier
-  inlines the lookup). Before (HASH tables through bpf_map_lookup_elem, ~15-25 ns each): 3.36x one
-  rule and 4.77x the empty program for the TCP packet (quiet machine, 2026-11-30 01:05 UTC).
-- What remains of the mixed row: with only the matching shape's table left in the program the
-  packet costs about 1.3-1.45x that rule alone (the parse of both families, addresses and ports
-  that the mixed rules need, the segment's set-up, the probe, the body dispatch); the three other
-  shapes its family and protocol reach add ~1 ns each with the range test. The TCP packet that
-  matches nothing pays the parse (about 1.7x the empty program with no shape at all) and one range
-  test per reachable shape; 1.1x would need the parse of the default ruleset.
+  array lookup the verifier inlines), keeps it in R9, and probes each shape with plain loads, no
+  helper call: a first-key-word range test in the table's header (most shapes a packet can't match
+  stop there, after one key word, two loads and two compares), the table's lowest priority against
+  the best match so far (later shapes that can't win are skipped), then two multiplications and two
+  dependent loads. Shapes are tested grouped by family and protocol, one test per group, a group of
+  one family (protocol) ending with a jump past the others. The seeds live in the value, so a new
+  table needs no new program. One-port shapes in a segment that takes the value pointer anyway are
+  port-indexed tables in the value (three loads); a segment's only one-port shape is a port array
+  (the verifier inlines the lookup). Before (HASH tables through bpf_map_lookup_elem, ~15-25 ns
+  each): 3.36x one rule and 4.77x the empty program for the TCP packet (quiet machine, 2026-11-30
+  01:05 UTC).
+- The mixed row, 2026-11-30 second session (mix): 1.64-1.72x on the quiet machine before. The
+  program was throughput-bound, not latency-bound: an extra dependent load in the matching probe's
+  chain changed nothing measurable, while the time followed the instructions on the path (about
+  0.09 ns per x86 instruction; the matching packet ran ~230, the rule alone ~80). Cut: a one-port
+  shape's probe (a port array's lookup went through the stack and the helper's bounds check, ~29
+  instructions to a miss, now ~12), the value pointer's spill and reload per probe, the copy of the
+  matched rule's counter slot into the map key, the group tests a packet of one family or protocol
+  made for the others, and the family/protocol test again at the start of a body that only accepts
+  or drops (the verifier needs it only where an action's code depends on them; an accept-only body
+  is now a jump to the exit). Old and new binaries alternating at load 13-18 (5 loaded instances
+  each, medians of 3 invocations, 2 pairs): 1.65-1.70x before, 1.34-1.50x after (median 1.48x);
+  the TCP packet that matches nothing 2.40x before, 2.37x after; 10 000 dport rules 1.43x / 1.38x.
+  What is left: the matching shape alone (every other shape's code removed) measured about 1.42x
+  before the last step: the value pointer's lookup (~20 instructions), the probe (~36), the body
+  dispatch (~10), the parse of the fields the other shapes need (~6); the three other shapes a
+  UDP/IPv4 packet reaches about 0.16x together.
+- Loaded instances: the JIT puts each program image at a random offset, and identical programs
+  loaded side by side measured up to 12 % apart (the reference rule alone: 0.89-1.00 of one
+  another) — as much as the whole gap to a goal. Each program is therefore loaded five times and
+  its time is the median instance's.
 - 10 000 rules differing in one field: a shape keyed on one IPv4 host address (with the rule's port)
   is now a perfect-hash probe (the old compile-time rule groups measured 1.13x on 2026-11-22, the
   HASH table 1.94x); a shape keyed on one port is an array indexed by generation and port. The
