@@ -33,6 +33,9 @@ type Layout struct {
 	// Params: the hook's bodies are shared by action kind and read their
 	// values from abi.ActionParams (params.go); body keys are kinds.
 	Params bool `json:"params,omitempty"`
+	// PrefilterExtra: how many destination port ranges the IPv4 early
+	// exit's map takes besides Needs.Dports (prefilter.go; 0: none).
+	PrefilterExtra int `json:"prefilter_extra,omitempty"`
 	// SegIfindex, SegReturnIfindex: the segmentation device the program
 	// redirects to (Options; in its code), 0 when none.
 	SegIfindex       int `json:"seg_ifindex,omitempty"`
@@ -234,6 +237,9 @@ func (p *Program) Layout() (*Layout, []Placement) {
 		Tables:     map[string]int{},
 		Params:     c.params,
 		SegIfindex: c.opts.SegIfindex, SegReturnIfindex: c.opts.SegReturnIfindex,
+	}
+	if c.usesPrefilter {
+		l.PrefilterExtra = PrefilterRanges
 	}
 	if m := p.Spec.Maps[CountersMap]; m != nil {
 		l.Slots = int(m.MaxEntries)

@@ -116,6 +116,7 @@ type compiler struct {
 	paramCounted  bool
 	usesMSS       bool // some funnel calls mss_clamp (mss.go)
 	usesTraceFunc bool // some rule or exit calls trace_record (trace.go)
+	usesPrefilter bool // the early exit reads more ports from PrefilterMap (prefilter.go)
 }
 
 // ruleNeeds summarises what the rules read, so the parse guard reads no more.
@@ -242,6 +243,7 @@ func (c *compiler) fastV4(n ruleNeeds, rules []*grammar.Rule) {
 				e.label(skip)
 			}
 		}
+		c.prefilterExtra(single)
 		e.emit(movi(asm.R0, VerdictNext), asm.Return())
 	}
 	e.label("fast_v4")
@@ -358,6 +360,7 @@ func (c *compiler) program(rules []*grammar.Rule) error {
 		return err
 	}
 	c.tableMaps()
+	c.prefilterMap()
 	c.anonMaps()
 	// The hook's events, then each rule's left-alone counts (abi.StatsMap).
 	c.spec.Maps[StatsMap] = &ebpf.MapSpec{Name: StatsMap, Type: ebpf.PerCPUArray, KeySize: 4, ValueSize: 8, MaxEntries: NumStats * (1 + statSlots)}

@@ -236,6 +236,16 @@ func (b *Backend) patchHook(s *bpf.Store, cur *bpf.Gen, oh *hookState, rs *rules
 		// parameters stay).
 		editOf(rec.Segment).prio[rec.Slot] = rec.Prio
 	}
+	// Destination ports the early exit does not let through yet go into
+	// its map of extra ranges (compiler.PrefilterMap), if it has room.
+	pfMiss, ok := b.prefilterMisses(l, rs, rules, kept)
+	if !ok {
+		return nil, nil
+	}
+	if len(pfMiss) > 0 {
+		l = l.WithDports(pfMiss)
+		nl = l
+	}
 	for i, r := range rules {
 		if kept[i] {
 			continue
@@ -342,6 +352,10 @@ func (b *Backend) patchHook(s *bpf.Store, cur *bpf.Gen, oh *hookState, rs *rules
 	defer h.Close()
 	live, err := liveGeneration(h)
 	if err != nil {
+		return nil, err
+	}
+	pfOld, pfNew, ok, err := prefilterValue(h, pfMiss)
+	if err != nil || !ok {
 		return nil, err
 	}
 	if live != oh.TableGen {
@@ -542,6 +556,20 @@ func (b *Backend) patchHook(s *bpf.Store, cur *bpf.Gen, oh *hookState, rs *rules
 			return nil, fmt.Errorf("%s: %w", oh.id(), err)
 		}
 	}
+	if pfNew != nil {
+		// The ranges first (the count the program reads stays), then the
+		// count: a packet sees the old ranges or more.
+		m := h.Maps[compiler.PrefilterMap]
+		staged := slices.Clone(pfNew)
+		copy(staged[:4], pfOld[:4])
+		if err := m.Put(uint32(0), staged); err != nil {
+			return nil, fmt.Errorf("table %s of %s: %w", compiler.PrefilterMap, oh.id(), err)
+		}
+		if err := m.Put(uint32(0), pfNew); err != nil {
+			return nil, fmt.Errorf("table %s of %s: %w", compiler.PrefilterMap, oh.id(), err)
+		}
+		faults.Point("patch prefilter " + oh.id().String())
+	}
 	// New lists: at ids no live record names (they go live with the
 	// records the flip makes live).
 	for _, le := range listEnts {
@@ -691,6 +719,59 @@ type entry struct {
 	contested bool
 	prio      uint32
 	seg       int
+}
+
+// prefilterMisses returns the destination port ranges of the rules a
+// change adds (not kept) that the early exit of the hook of layout l does
+// not let through; ok is false when a rule needs the early exit gone or it
+// has no map for more ranges (a compilation).
+func (b *Backend) prefilterMisses(l *compiler.Layout, rs *ruleset.Ruleset, rules []*grammar.Rule, kept []bool) ([]grammar.PortRange, bool) {
+	if l.Needs.Dports == nil {
+		return nil, true
+	}
+	var added []*grammar.Rule
+	for i, r := range rules {
+		if !kept[i] {
+			p, err := b.parsed(r, rs)
+			if err != nil {
+				return nil, false
+			}
+			added = append(added, p)
+		}
+	}
+	miss, ok := l.Needs.PrefilterMisses(added)
+	return miss, ok && (len(miss) == 0 || l.PrefilterExtra > 0)
+}
+
+// prefilterValue returns the early exit's map value (old) and, when the
+// ranges miss need room in it, the value with them added after the ones
+// it has (nil: none to add); ok is false when they don't fit.
+func prefilterValue(h *bpf.Hook, miss []grammar.PortRange) (old, next []byte, ok bool, err error) {
+	if len(miss) == 0 {
+		return nil, nil, true, nil
+	}
+	m := h.Maps[compiler.PrefilterMap]
+	if m == nil {
+		return nil, nil, false, nil
+	}
+	old = make([]byte, m.ValueSize())
+	if err := m.Lookup(uint32(0), old); err != nil {
+		return nil, nil, false, fmt.Errorf("table %s of %s: %w", compiler.PrefilterMap, h.HookID, err)
+	}
+	have := compiler.PrefilterRangesOf(old)
+	ranges := slices.Clone(have)
+	for _, r := range miss {
+		if !slices.ContainsFunc(have, func(h grammar.PortRange) bool { return h.Lo <= r.Lo && r.Hi <= h.Hi }) {
+			ranges = append(ranges, r)
+		}
+	}
+	if len(ranges) > compiler.PrefilterRanges || len(compiler.PrefilterValue(ranges)) != len(old) {
+		return nil, nil, false, nil
+	}
+	if len(ranges) == len(have) {
+		return old, nil, true, nil // (a killed writer's ranges had them)
+	}
+	return old, compiler.PrefilterValue(ranges), true, nil
 }
 
 // entryPrio is the priority in e's value.

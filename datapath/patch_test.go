@@ -1268,3 +1268,79 @@ func TestCounterAfterTerminalWithoutReload(t *testing.T) {
 	}
 	checkEntries(t, e, id)
 }
+
+// A rule for a destination port outside the ports the IPv4 fast path's
+// early exit lets through (in its code) goes in without compiling: the
+// port goes into the early exit's map of extra ranges first, and
+// datagrams to it reach the rule. Four such ranges fit; the fifth
+// compiles (and folds them into the code). A delete leaves the range.
+func TestPortOutsideThePrefilter(t *testing.T) {
+	e := newEnv(t, Options{})
+	id := bpf.HookID{Ifname: "vb", Hook: grammar.HookIngress}
+	e.run(t, contestedHook()) // ports 7000-7199
+	prog := liveProgID(t, e, id)
+	same := e.unchanged(t, id, prog)
+	if got := e.arrive(t, 7500, 1); got != 1 {
+		t.Fatal("port 7500 dropped before any rule for it")
+	}
+	var added []uint64
+	for _, port := range []int{7500, 7600, 7700, 7800} {
+		added = append(added, echoed(t, e.run(t, fmt.Sprintf("add rule vb ingress ip saddr 192.0.2.1 udp dport %d counter actions drop", port))))
+		same(fmt.Sprintf("adding a rule for port %d", port))
+		if got := e.arrive(t, port, 2); got != 0 {
+			t.Fatalf("%d of 2 datagrams to port %d passed the rule added for it", got, port)
+		}
+	}
+	if got := e.arrive(t, 7150, 1); got != 0 {
+		t.Error("rule 150 does not drop")
+	}
+	checkEntries(t, e, id)
+	e.run(t, fmt.Sprintf("delete rule vb ingress handle %d", added[0]))
+	same("deleting the rule for port 7500")
+	if got := e.arrive(t, 7500, 1); got != 1 {
+		t.Error("port 7500 still dropped after the delete")
+	}
+	// Again: its range is still in the map.
+	added[0] = echoed(t, e.run(t, "add rule vb ingress ip saddr 192.0.2.1 udp dport 7500 counter actions drop"))
+	same("adding the rule for port 7500 again")
+	// A fifth range: the map is full.
+	fifth := echoed(t, e.run(t, "add rule vb ingress ip saddr 192.0.2.1 udp dport 7900 counter actions drop"))
+	if liveProgID(t, e, id) == prog {
+		t.Fatal("a fifth port range outside the early exit loaded no program")
+	}
+	for _, port := range []int{7500, 7800, 7900} {
+		if got := e.arrive(t, port, 1); got != 0 {
+			t.Errorf("a datagram to port %d passed the rule for it", port)
+		}
+	}
+	_, counters := e.fresh(t)
+	for k, want := range []uint64{1, 2, 2, 3, 1} { // ports 7500, 7600, 7700, 7800, 7900
+		if got := counters[append(added, fifth)[k]].Packets; got != want {
+			t.Errorf("the rule for port %d counted %d packets, want %d", 7500+100*k, got, want)
+		}
+	}
+	checkEntries(t, e, id)
+}
+
+// The same where the early exit compares single ports (in network order):
+// the added range is compared in host order.
+func TestPortOutsideSinglePortPrefilter(t *testing.T) {
+	e := newEnv(t, Options{})
+	id := bpf.HookID{Ifname: "vb", Hook: grammar.HookIngress}
+	var b strings.Builder
+	b.WriteString("flush ruleset\ninterface vb {\n\tingress {\n")
+	for i := 0; i < 40; i++ {
+		fmt.Fprintf(&b, "\t\tip saddr 192.0.2.%d udp dport %d counter actions drop\n", 100+i, 7000+2*(i%3))
+	}
+	b.WriteString("\t}\n}\n")
+	e.run(t, b.String())
+	same := e.unchanged(t, id, liveProgID(t, e, id))
+	e.run(t, "add rule vb ingress ip saddr 192.0.2.1 udp dport 7300-7310 counter actions drop")
+	same("adding a rule for ports outside the early exit's")
+	for _, c := range []struct{ port, want int }{{7299, 1}, {7300, 0}, {7305, 0}, {7310, 0}, {7311, 1}} {
+		if got := e.arrive(t, c.port, 1); got != c.want {
+			t.Errorf("%d of 1 datagrams to port %d arrived, want %d", got, c.port, c.want)
+		}
+	}
+	checkEntries(t, e, id)
+}
