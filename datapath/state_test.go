@@ -74,12 +74,10 @@ func listFixture(t *testing.T, st *liveState) (parsed, stored string) {
 	return p.String(), s.String()
 }
 
-// A state record written by this version (testdata/state-v2.json, as
-// stored in bpffs) keeps reading the same: parsed back into rules, and
-// listed straight from its text. A change of the format that breaks this
-// needs a new version and a migration.
-func TestStoredStateV2(t *testing.T) {
-	data, err := os.ReadFile("testdata/state-v2.json")
+// decodeFixture reads and decodes a stored record.
+func decodeFixture(t *testing.T, path string) ([]byte, *liveState) {
+	t.Helper()
+	data, err := os.ReadFile(path)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -87,6 +85,15 @@ func TestStoredStateV2(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	return data, st
+}
+
+// A version 2 record, as sfunnel wrote them until version 3
+// (testdata/state-v2.json, as stored in bpffs), keeps reading the same:
+// parsed back into rules, and listed straight from its text; encoded
+// again (as version 3), it reads the same.
+func TestStoredStateV2(t *testing.T) {
+	_, st := decodeFixture(t, "testdata/state-v2.json")
 	parsed, stored := listFixture(t, st)
 	if parsed != stored {
 		t.Errorf("parsed and stored listings differ:\n%s\n---\n%s", parsed, stored)
@@ -189,16 +196,9 @@ func TestStoredStateV3(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	stored, err := os.ReadFile("testdata/state-v3")
-	if err != nil {
-		t.Fatal(err)
-	}
+	stored, st := decodeFixture(t, "testdata/state-v3")
 	if !bytes.Equal(data, stored) {
 		t.Errorf("the state record format changed without a new version (stateVersion %d): this sfunnel writes\n%q\nwhere testdata/state-v3 has\n%q", stateVersion, data, stored)
-	}
-	st, err := decodeState(stored)
-	if err != nil {
-		t.Fatal(err)
 	}
 	if !reflect.DeepEqual(st, want) {
 		t.Errorf("testdata/state-v3 decodes to\n%+v\nwant\n%+v", st, want)
@@ -217,14 +217,7 @@ func TestStoredStateV3(t *testing.T) {
 // The record's text part is the ruleset as a file that parses back to
 // the same rules, with their handles in comments.
 func TestStateTextPart(t *testing.T) {
-	data, err := os.ReadFile("testdata/state-v3")
-	if err != nil {
-		t.Fatal(err)
-	}
-	st, err := decodeState(data)
-	if err != nil {
-		t.Fatal(err)
-	}
+	data, st := decodeFixture(t, "testdata/state-v3")
 	first := bytes.IndexByte(data, '\n')
 	var hlen, tlen int
 	if _, err := fmt.Sscanf(string(data[:first]), "sfunnel-state 3 %d %d", &hlen, &tlen); err != nil {
@@ -258,10 +251,7 @@ func TestStateTextPart(t *testing.T) {
 // A damaged record is refused with an error, never a panic or rules
 // that are not the stored ones: every truncation, every byte changed.
 func TestStateV3Corrupt(t *testing.T) {
-	data, err := os.ReadFile("testdata/state-v3")
-	if err != nil {
-		t.Fatal(err)
-	}
+	data, _ := decodeFixture(t, "testdata/state-v3")
 	for n := 0; n < len(data); n++ {
 		if _, err := decodeState(data[:n]); err == nil {
 			t.Errorf("truncated to %d bytes: no error", n)
