@@ -282,7 +282,8 @@ func TestUpgradeFromV2(t *testing.T) {
 	if got := e.arrive(t, 7003, 3); got != 0 {
 		t.Fatalf("%d of 3 datagrams to port 7003 passed its drop rule", got)
 	}
-	record := func() (data []byte) {
+	// current runs f on the committed generation.
+	current := func(f func(g *bpf.Gen) error) {
 		e.do(t, func() error {
 			s, err := bpf.OpenExisting(bpf.Options{Root: e.root})
 			if err != nil {
@@ -290,10 +291,13 @@ func TestUpgradeFromV2(t *testing.T) {
 			}
 			g, err := s.Current()
 			if err == nil {
-				data, err = g.ReadState()
+				err = f(g)
 			}
 			return err
 		})
+	}
+	record := func() (data []byte) {
+		current(func(g *bpf.Gen) (err error) { data, err = g.ReadState(); return err })
 		return data
 	}
 	before, err := decodeState(record())
@@ -304,17 +308,7 @@ func TestUpgradeFromV2(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	e.do(t, func() error {
-		s, err := bpf.OpenExisting(bpf.Options{Root: e.root})
-		if err != nil {
-			return err
-		}
-		g, err := s.Current()
-		if err == nil {
-			err = g.WriteState(v2)
-		}
-		return err
-	})
+	current(func(g *bpf.Gen) error { return g.WriteState(v2) })
 	if data := record(); isV3(data) || !bytes.Contains(data, []byte(`"version":2`)) {
 		t.Fatalf("the record was not replaced by a version 2 one: %.80q", data)
 	}
