@@ -54,7 +54,10 @@ func (s *Store) CollectGarbage() ([]string, error) {
 	}
 	var removed []string
 	for _, dir := range cand {
-		if mayBeAttached(dir) {
+		// Asked again last: a live namespace that took over the inode
+		// (its sfunnel wipes the stale directory and writes its own
+		// handle) may have claimed the directory meanwhile.
+		if mayBeAttached(dir) || nsAlive(dir) == nsLive {
 			continue
 		}
 		if err := os.RemoveAll(dir); err != nil {
