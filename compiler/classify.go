@@ -920,7 +920,9 @@ func bodySig(buf []byte, r *grammar.Rule) []byte {
 	buf = binary.AppendUvarint(buf, uint64(len(r.Actions)))
 	for _, a := range r.Actions {
 		buf = append(buf, byte(a.Kind), byte(a.Proto))
-		buf, _ = a.DNATAddr.AppendBinary(buf) // length first: never fails
+		n := len(buf) // the address's length first: 0, 4, or 16 and a zone
+		buf, _ = a.DNATAddr.AppendBinary(append(buf, 0))
+		buf[n] = byte(len(buf) - n - 1)
 		u16(a.DNATPort)
 		f := a.Funnel
 		flag(f != nil)
