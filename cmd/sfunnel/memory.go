@@ -58,8 +58,12 @@ func limitMemory(cmds []*grammar.Command, srcs grammar.Sources) {
 // limitedEarly: limitMemoryEarly set the limit.
 var limitedEarly bool
 
+// limitMemoryEarly is limitMemory before the parse, from the text alone
+// (see limitMemory). A text that may include others is left to
+// limitMemory: the limit would be set from this text's size alone, and
+// the parse could outgrow it.
 func limitMemoryEarly(text string) {
-	if os.Getenv("GOMEMLIMIT") != "" || len(text) > 2<<20 || !startsWithFlush(text) {
+	if os.Getenv("GOMEMLIMIT") != "" || len(text) > 2<<20 || !startsWithFlush(text) || strings.Contains(text, "include") {
 		return
 	}
 	setMemoryLimit(len(text))
