@@ -28,12 +28,12 @@ type Entry struct {
 	// Peer is the address and port the peer authenticated from (TCP),
 	// the entry's key; with a key, Endpoint is where its authenticated
 	// datagrams last came from, which may change (NAT rebinding, roaming).
-	Peer                 netip.AddrPort // remote address and UDP port (unmapped)
-	endpoint             atomic.Pointer[netip.AddrPort]
-	sess, prev           atomic.Pointer[seal.Session]
+	Peer       netip.AddrPort // remote address and UDP port (unmapped)
+	endpoint   atomic.Pointer[netip.AddrPort]
+	sess, prev atomic.Pointer[seal.Session]
 	// awaiting: sess answers the peer's rekey and the peer has not sealed
 	// anything under it yet, so we still seal under prev (see Session).
-	awaiting atomic.Bool
+	awaiting             atomic.Bool
 	Addr                 netip.Addr // tunnel address, invalid when the store has no pool
 	Created              time.Time
 	lastUsed             atomic.Int64 // unix nanoseconds
