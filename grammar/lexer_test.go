@@ -127,3 +127,23 @@ func FuzzLexer(f *testing.F) {
 		sameTokens(t, src)
 	})
 }
+
+// advance moves a position as participle's Advance does, over spans of
+// ASCII, newlines and multi-byte runes.
+func TestAdvanceAsParticiple(t *testing.T) {
+	r := rand.New(rand.NewSource(5))
+	pieces := []string{"a", "udp", " ", "\t", "\n", "\r\n", "é", "→", "#c", "10.0.0.1", "\\\n"}
+	got := lexer.Position{Filename: "f", Line: 1, Column: 1}
+	want := got
+	for range 5000 {
+		var span string
+		for range 1 + r.Intn(4) {
+			span += pieces[r.Intn(len(pieces))]
+		}
+		advance(&got, span)
+		want.Advance(span)
+		if got != want {
+			t.Fatalf("after %q: %+v, participle %+v", span, got, want)
+		}
+	}
+}
