@@ -17,8 +17,10 @@ var fuzzSeeds = []string{
 }
 
 // FuzzParse: no input panics the parser; the quick path (quick.go) gives
-// the grammar's tree and errors; every error carries a position; every
-// rule that parses prints canonically and reprints identically.
+// the grammar's tree and errors; lowering while reading (stream.go, its
+// rules' syntax memory reused) gives the whole tree's commands and errors;
+// every error carries a position; every rule that parses prints
+// canonically and reprints identically.
 // Run: go test ./grammar -run '^$' -fuzz FuzzParse -fuzztime 10m
 func FuzzParse(f *testing.F) {
 	for _, s := range fuzzSeeds {
@@ -26,6 +28,7 @@ func FuzzParse(f *testing.F) {
 	}
 	f.Fuzz(func(t *testing.T, src string) {
 		quickAgrees(t, src, true)
+		parseBoth(t, src)
 		cmds, _, err := Parse("fuzz", src, &Options{LookupSet: testSets})
 		if err != nil {
 			var list ErrorList
