@@ -1,0 +1,270 @@
+package datapath
+
+import (
+	"bytes"
+	"encoding/hex"
+	"fmt"
+	"math/rand/v2"
+	"net"
+	"os"
+	"regexp"
+	"slices"
+	"strconv"
+	"strings"
+	"testing"
+
+	"github.com/cilium/ebpf"
+	"github.com/gopacket/gopacket"
+	"github.com/gopacket/gopacket/layers"
+	"github.com/sfunnel/sfunnel/bpf"
+	"github.com/sfunnel/sfunnel/grammar"
+	"github.com/sfunnel/sfunnel/refmodel"
+)
+
+// Random sequences of add/insert/replace/delete rule (one or two rules per
+// change) on a live hook of mixed shapes: after every change, the rules
+// `list ruleset` shows in a new process are the rules the sequence asked
+// for, and crafted packets run through the live program (whatever mix of
+// table entries and reloads the changes took) get what the reference
+// model gives for those rules: verdict, packet and mark. Fixed seed
+// (SFUNNEL_SEED=N for another); 40 changes in CI, 400 with SFUNNEL_LONG=1.
+func TestRandomChangesAgainstModel(t *testing.T) {
+	changes := 40
+	if os.Getenv("SFUNNEL_LONG") != "" {
+		changes = 400
+	}
+	seed := uint64(2026)
+	if s, err := strconv.ParseUint(os.Getenv("SFUNNEL_SEED"), 10, 64); err == nil {
+		seed = s
+	}
+	rng := rand.New(rand.NewPCG(8, seed))
+	e := newEnv(t, Options{})
+	id := bpf.HookID{Ifname: "vb", Hook: grammar.HookIngress}
+
+	type stated struct {
+		handle uint64
+		text   string
+	}
+	var want []stated
+	var b strings.Builder
+	b.WriteString("flush ruleset\ninterface vb {\n\tingress {\n")
+	base := 150
+	if n, err := strconv.Atoi(os.Getenv("SFUNNEL_BASE")); err == nil {
+		base = n
+	}
+	for range base {
+		fmt.Fprintf(&b, "\t\t%s\n", randomChangeRule(rng, false))
+	}
+	b.WriteString("\t}\n}\n")
+	e.run(t, b.String())
+	rs, _ := e.fresh(t)
+	for _, r := range rs.Interface("vb").Ingress {
+		want = append(want, stated{r.Handle, grammar.FormatRule(r, nil)})
+	}
+	canonical := func(text string) string {
+		r, err := grammar.ParseRule("<test>", text, nil)
+		if err != nil {
+			t.Fatalf("%s: %v", text, err)
+		}
+		return grammar.FormatRule(r, nil)
+	}
+	patched := e.be.patched
+	for step := range changes {
+		n := 1 + rng.IntN(2) // two rules in one change now and then
+		if rng.IntN(3) != 0 {
+			n = 1
+		}
+		var cmds []string
+		adds := 0 // new rules stand in want with handle pendingHandle+i until their handle is echoed
+		for range n {
+			text := randomChangeRule(rng, true)
+			h := uint64(0)
+			for h == 0 || h >= pendingHandle { // a committed rule (not one this change adds)
+				h = want[rng.IntN(len(want))].handle
+			}
+			at := slices.IndexFunc(want, func(s stated) bool { return s.handle == h })
+			switch op := rng.IntN(10); {
+			case op < 3 || len(want) < 20:
+				cmds = append(cmds, "add rule vb ingress "+text)
+				want = append(want, stated{pendingHandle + uint64(adds), canonical(text)})
+				adds++
+			case op < 5:
+				cmds = append(cmds, fmt.Sprintf("insert rule vb ingress position %d %s", h, text))
+				want = slices.Insert(want, at, stated{pendingHandle + uint64(adds), canonical(text)})
+				adds++
+			case op < 6:
+				cmds = append(cmds, fmt.Sprintf("add rule vb ingress position %d %s", h, text))
+				want = slices.Insert(want, at+1, stated{pendingHandle + uint64(adds), canonical(text)})
+				adds++
+			case op < 8:
+				cmds = append(cmds, fmt.Sprintf("replace rule vb ingress handle %d %s", h, text))
+				want[at].text = canonical(text)
+			default:
+				cmds = append(cmds, fmt.Sprintf("delete rule vb ingress handle %d", h))
+				want = slices.Delete(want, at, at+1)
+			}
+		}
+		text := strings.Join(cmds, "\n") + "\n"
+		out := e.run(t, text)
+		handles := echoedAll(out)
+		if len(handles) != adds {
+			t.Fatalf("step %d: %d handles echoed for %d new rules:\n%s\n%s", step, len(handles), adds, text, out)
+		}
+		for i := range want {
+			if h := want[i].handle; h >= pendingHandle {
+				want[i].handle = handles[h-pendingHandle]
+			}
+		}
+
+		rs, _ := e.fresh(t)
+		rules := rs.Interface("vb").Ingress
+		if len(rules) != len(want) {
+			t.Fatalf("step %d (%s): list shows %d rules, want %d", step, text, len(rules), len(want))
+		}
+		for i, r := range rules {
+			if r.Handle != want[i].handle || grammar.FormatRule(r, nil) != want[i].text {
+				t.Fatalf("step %d (%s): rule %d is %q # handle %d, want %q # handle %d", step, text, i, grammar.FormatRule(r, nil), r.Handle, want[i].text, want[i].handle)
+			}
+		}
+		agreeWithModel(t, e, id, rules, rng, fmt.Sprintf("step %d (%s)", step, strings.TrimSpace(text)))
+	}
+	t.Logf("%d of %d changes by table entries alone", e.be.patched-patched, changes)
+	if e.be.patched == patched {
+		t.Errorf("no change went in by table entries: the sequence did not test them")
+	}
+	checkEntries(t, e, id)
+}
+
+// pendingHandle marks a rule of a change not yet committed.
+const pendingHandle = 1 << 62
+
+var echoedHandle = regexp.MustCompile(`# handle (\d+)`)
+
+// echoedAll is every handle `-e` echoed, in order.
+func echoedAll(out string) []uint64 {
+	var hs []uint64
+	for _, m := range echoedHandle.FindAllStringSubmatch(out, -1) {
+		h, _ := strconv.ParseUint(m[1], 10, 64)
+		hs = append(hs, h)
+	}
+	return hs
+}
+
+// Addresses and ports the random rules and packets are drawn from (a few
+// of each, so that rules overlap and packets meet them).
+var (
+	changeSaddrs = []string{"192.0.2.1", "192.0.2.5", "10.1.2.3", "198.51.100.7"}
+	changeNets   = []string{"192.0.2.1", "192.0.2.5", "10.0.0.0/8", "198.51.100.0/24", "10.1.2.3"}
+)
+
+// randomChangeRule is a rule of one of several shapes; late rules may
+// also name ports no earlier rule has (outside the early exit's ports).
+func randomChangeRule(rng *rand.Rand, late bool) string {
+	port := func() int {
+		if late && rng.IntN(6) == 0 {
+			return 7100 + rng.IntN(3)
+		}
+		return 7000 + rng.IntN(16)
+	}
+	net := func() string { return changeNets[rng.IntN(len(changeNets))] }
+	proto := []string{"udp", "tcp"}[rng.IntN(2)]
+	verdict := []string{"accept", "drop", "counter accept", "counter drop"}[rng.IntN(4)]
+	switch rng.IntN(11) {
+	case 0:
+		return fmt.Sprintf("ip saddr %s %s dport %d %s", net(), proto, port(), verdict)
+	case 1:
+		lo := port()
+		return fmt.Sprintf("%s dport %d-%d %s", proto, lo, lo+rng.IntN(5), verdict)
+	case 2:
+		a, b := net(), net()
+		if a == b {
+			return fmt.Sprintf("ip saddr %s %s dport %d %s", a, proto, port(), verdict)
+		}
+		return fmt.Sprintf("ip saddr { %s, %s } %s dport %d %s", a, b, proto, port(), verdict)
+	case 3:
+		ps := []int{port(), port() + 20, port() + 40}
+		return fmt.Sprintf("%s dport { %d, %d, %d } %s", proto, ps[0], ps[1], ps[2], verdict)
+	case 4:
+		return fmt.Sprintf("ip saddr %s %s sport != %d dport %d %s", net(), proto, []int{9, 100, 5000}[rng.IntN(3)], port(), verdict)
+	case 5:
+		return fmt.Sprintf("%s dport %d counter", proto, port())
+	case 6:
+		return fmt.Sprintf("%s dport %d meta mark set 0x%x", proto, port(), 0x100+rng.IntN(4))
+	case 7:
+		return fmt.Sprintf("meta mark 0x%x %s dport %d %s", 0x10+rng.IntN(2), proto, port(), verdict)
+	case 8:
+		return fmt.Sprintf("ip saddr != %s %s dport %d %s", net(), proto, port(), verdict)
+	case 9:
+		return fmt.Sprintf("ip daddr 192.0.2.2 %s sport %d dport %d %s", proto, []int{9, 100, 5000}[rng.IntN(3)], port(), verdict)
+	default:
+		return fmt.Sprintf("%s dport %d %s", proto, port(), verdict)
+	}
+}
+
+// agreeWithModel runs crafted packets through hook id's live program and
+// compares each outcome with the reference model's for rules.
+func agreeWithModel(t *testing.T, e *env, id bpf.HookID, rules []*grammar.Rule, rng *rand.Rand, what string) {
+	t.Helper()
+	prog, err := ebpf.NewProgramFromID(liveProgID(t, e, id))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer prog.Close()
+	model, err := refmodel.New(rules, nil, refmodel.Options{Hook: grammar.HookIngress})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for range 300 {
+		src := net.ParseIP(changeSaddrs[rng.IntN(len(changeSaddrs))])
+		sport := uint16([]int{9, 100, 5000, 40000}[rng.IntN(4)])
+		dport := uint16(7000 + rng.IntN(60))
+		if rng.IntN(4) == 0 {
+			dport = uint16(7100 + rng.IntN(3))
+		}
+		mark := []uint32{0, 0x10, 0x11, 0x101}[rng.IntN(4)]
+		pkt := craftChangePacket(t, src, rng.IntN(2) == 0, sport, dport)
+		out := make([]byte, len(pkt)+256)
+		var ctxOut skbContext
+		opts := &ebpf.RunOptions{Data: pkt, DataOut: out, Context: skbContext{Mark: mark}, ContextOut: &ctxOut}
+		ret, err := prog.Run(opts)
+		if err != nil {
+			t.Fatalf("run: %v", err)
+		}
+		m := model.Run(refmodel.Input{Packet: pkt, Mark: mark})
+		if int32(ret) != m.Verdict || ctxOut.Mark != m.Mark || !bytes.Equal(opts.DataOut, m.Packet) {
+			t.Fatalf("%s: packet %s mark %#x: live program gives %d mark %#x, the model %d mark %#x (packet changed: %v / %v)",
+				what, hex.EncodeToString(pkt), mark, int32(ret), ctxOut.Mark, m.Verdict, m.Mark, !bytes.Equal(opts.DataOut, pkt), !bytes.Equal(m.Packet, pkt))
+		}
+	}
+}
+
+// skbContext is the head of struct __sk_buff a test run takes and returns.
+type skbContext struct {
+	Len, PktType, Mark uint32
+	_                  [192 - 12]byte
+}
+
+// craftChangePacket is an Ethernet frame: IPv4 from src to 192.0.2.2,
+// UDP or TCP, sport to dport, with a short payload.
+func craftChangePacket(t *testing.T, src net.IP, udp bool, sport, dport uint16) []byte {
+	t.Helper()
+	eth := &layers.Ethernet{SrcMAC: net.HardwareAddr{2, 0, 0, 0, 0, 1}, DstMAC: net.HardwareAddr{2, 0, 0, 0, 0, 2}, EthernetType: layers.EthernetTypeIPv4}
+	ip := &layers.IPv4{Version: 4, TTL: 64, SrcIP: src.To4(), DstIP: net.IPv4(192, 0, 2, 2).To4()}
+	var l4 gopacket.SerializableLayer
+	if udp {
+		ip.Protocol = layers.IPProtocolUDP
+		u := &layers.UDP{SrcPort: layers.UDPPort(sport), DstPort: layers.UDPPort(dport)}
+		u.SetNetworkLayerForChecksum(ip)
+		l4 = u
+	} else {
+		ip.Protocol = layers.IPProtocolTCP
+		c := &layers.TCP{SrcPort: layers.TCPPort(sport), DstPort: layers.TCPPort(dport), Seq: 1, Ack: 2, ACK: true, Window: 512}
+		c.SetNetworkLayerForChecksum(ip)
+		l4 = c
+	}
+	buf := gopacket.NewSerializeBuffer()
+	if err := gopacket.SerializeLayers(buf, gopacket.SerializeOptions{FixLengths: true, ComputeChecksums: true}, eth, ip, l4, gopacket.Payload("changes")); err != nil {
+		t.Fatal(err)
+	}
+	return buf.Bytes()
+}
