@@ -549,16 +549,29 @@ func (c *compiler) keyWord(dst asm.Register, w keyWord) {
 }
 
 // hit takes the table value {prio, slot, body} at R0+at: a priority lower
-// than the best so far becomes the best. empty0: priority 0 is an empty
+// than the best so far becomes the best (the segment's first probe has no
+// best to compare with). empty0: priority 0 is an empty
 // slot (arrays; perfect-hash tables mark empty slots abi.NoRule).
 func (c *compiler) hit(at int16, miss string, empty0 bool) {
 	c.e.emit(ldx(asm.R1, asm.R0, at, asm.Word))
-	if empty0 {
+	switch {
+	case empty0:
 		c.e.emit(asm.JEq.Imm(asm.R1, 0, miss))
+		if c.firstProbe {
+			break // no hit yet: any entry is the best
+		}
+		fallthrough
+	case !c.firstProbe:
+		c.e.emit(
+			ldx(asm.R2, asm.R10, slotBest, asm.DWord),
+			asm.JGE.Reg(asm.R1, asm.R2, miss),
+		)
+	default:
+		// No hit yet (the best so far is abi.NoRule): only an empty
+		// slot's priority, abi.NoRule, is not lower.
+		c.e.emit(asm.JEq.Imm32(asm.R1, -1, miss)) // -1: abi.NoRule
 	}
 	c.e.emit(
-		ldx(asm.R2, asm.R10, slotBest, asm.DWord),
-		asm.JGE.Reg(asm.R1, asm.R2, miss),
 		stx(asm.R10, slotBest, asm.R1, asm.DWord),
 		ldx(asm.R1, asm.R0, at+4, asm.Word),
 		stx(asm.R10, slotRule, asm.R1, asm.DWord),

@@ -76,7 +76,8 @@ type compiler struct {
 	segUsed    bool // the current generation jumps to its segment exit
 	tracing    bool // some rule has meta nftrace set 1 (trace.go)
 
-	inShape bool // emitting a shape's residual checks
+	inShape    bool // emitting a shape's residual checks
+	firstProbe bool // emitting a segment's first shape lookup: no hit before it
 	// knownFam, knownProto: the family (4, 6) and protocol number the
 	// packet is known to have where the current shape's checks are
 	// emitted (lookups); 0: not known.

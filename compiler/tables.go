@@ -246,7 +246,8 @@ func (c *compiler) famProtoAgain(r *grammar.Rule, fail string) {
 // the other ones to the group of either.
 func (c *compiler) lookups(shapes []*shape) error {
 	e := &c.e
-	first := shapes[0]
+	c.firstProbe = true
+	defer func() { c.firstProbe = false }()
 	fams := groupBy(shapes, shapeFam)
 	anyFam := e.newLabel("family_any")
 	for fi, fam := range fams {
@@ -274,9 +275,10 @@ func (c *compiler) lookups(shapes []*shape) error {
 			}
 			c.knownProto = p
 			for _, sh := range group {
-				if err := c.shapeLookup(sh, sh != first); err != nil {
+				if err := c.shapeLookup(sh, !c.firstProbe); err != nil {
 					return err
 				}
+				c.firstProbe = false
 			}
 			c.knownProto = 0
 			if p != 0 && pi+1 < len(protos) && shapeProto(protos[pi+1][0]) != 0 {
