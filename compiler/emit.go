@@ -95,8 +95,16 @@ func (e *emitter) finish() asm.Instructions {
 // reaches them.
 func threadJumps(insns asm.Instructions) {
 	at := symbolIndex(insns)
+	// A long jump (Ja32, e.g. a dispatch's to a shared body) is taken
+	// through too when every offset of the program fits a jump's 16 bits.
+	size := 0
+	for _, ins := range insns {
+		size += int(ins.Size())
+	}
+	short := size/asm.InstructionSize < 1<<15
 	isJa := func(ins asm.Instruction) bool {
-		return ins.OpCode.Class() == asm.JumpClass && ins.OpCode.JumpOp() == asm.Ja && ins.Reference() != ""
+		class := ins.OpCode.Class()
+		return (class == asm.JumpClass || class == asm.Jump32Class && short) && ins.OpCode.JumpOp() == asm.Ja && ins.Reference() != ""
 	}
 	for i, ins := range insns {
 		op := ins.OpCode
