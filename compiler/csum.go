@@ -27,6 +27,26 @@ func (c *compiler) foldBelow(r, tmp asm.Register, bound uint64) {
 	}
 }
 
+// foldLow16 folds like foldBelow but leaves only the low 16 bits right:
+// the last step, on a sum below 0x1ffff, is x + (x >> 16) without the mask
+// (the high half is 0 or 1, and the low half then at most 0xfffe, so the
+// addition does not carry out of 16 bits). For values that only a 16-bit
+// store (after an xor) takes.
+func (c *compiler) foldLow16(r, tmp asm.Register, bound uint64) {
+	b := bound - 1
+	for ; b > 0x1fffe; b = max(b>>16+b&0xffff, b>>16-1+0xffff) {
+		c.e.emit(
+			mov(tmp, r),
+			asm.RSh.Imm(tmp, 16),
+			asm.And.Imm(r, 0xffff),
+			asm.Add.Reg(r, tmp),
+		)
+	}
+	if b > 0xffff {
+		c.e.emit(mov(tmp, r), asm.RSh.Imm(tmp, 16), asm.Add.Reg(r, tmp))
+	}
+}
+
 // addrSum sets dst to the folded sum of saddr and daddr (R1 scratch).
 func (c *compiler) addrSum(fam int, dst asm.Register) {
 	e := &c.e
@@ -181,7 +201,19 @@ func (c *compiler) whenComplete(body func()) {
 		c.ipSummed(asm.R3)
 		summed = asm.R3
 	}
-	c.e.emit(asm.JNE.Imm(summed, checksumComplete, skip))
+	if c.fast {
+		// Out of line: the other skbs run on without a taken jump.
+		run := c.e.newLabel("complete")
+		c.e.emit(asm.JEq.Imm(summed, c.summedIs(checksumComplete), run))
+		c.e.label(skip)
+		c.e.cold = append(c.e.cold, func(bool) {
+			c.e.label(run)
+			body()
+			c.e.emit(asm.Ja.Label(skip))
+		})
+		return
+	}
+	c.e.emit(asm.JNE.Imm(summed, c.summedIs(checksumComplete), skip))
 	body()
 	c.e.label(skip)
 }

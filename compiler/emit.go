@@ -16,7 +16,15 @@ type emitter struct {
 	// owner is 1 + the index of the rule whose code is being emitted (0:
 	// none); instructions carry it as metadata (see RuleAt).
 	owner int
+	// cold: blocks deferred to the end of a fast-path body (outOfLine).
+	cold []func(cold bool)
+	// inlineExits marks the jumps emitted meanwhile: finish copies a
+	// verdict exit (r0 = v; exit) in place of such a jump to it.
+	inlineExits bool
 }
+
+// inlineExit marks a jump whose verdict exit finish copies in its place.
+type inlineExit struct{}
 
 // newLabel returns a fresh label name.
 func (e *emitter) newLabel(what string) string {
@@ -61,6 +69,9 @@ func (e *emitter) emit(insns ...asm.Instruction) {
 		if e.owner > 0 {
 			ins.Metadata.Set(ruleMeta{}, e.owner-1)
 		}
+		if e.inlineExits && ins.OpCode.Class() == asm.JumpClass && ins.OpCode.JumpOp() == asm.Ja {
+			ins.Metadata.Set(inlineExit{}, true)
+		}
 		e.insns = append(e.insns, ins)
 	}
 }
@@ -85,7 +96,35 @@ func (e *emitter) finish() asm.Instructions {
 		e.insns[i] = e.insns[i].WithReference(ref)
 	}
 	threadJumps(e.insns)
-	return prune(e.insns)
+	return prune(copyExits(e.insns))
+}
+
+// copyExits replaces each jump marked inlineExit whose target is a verdict
+// exit (r0 = imm; exit) with a copy of it: on the fast path's bodies that
+// is one taken jump less per packet (the JIT turns exit into a jump to the
+// epilogue either way).
+func copyExits(insns asm.Instructions) asm.Instructions {
+	at := symbolIndex(insns)
+	var out asm.Instructions
+	for _, ins := range insns {
+		t, ok := at[ins.Reference()]
+		if ins.Metadata.Get(inlineExit{}) == nil || !ok || t+1 >= len(insns) ||
+			!ins.OpCode.Class().IsJump() || ins.OpCode.JumpOp() != asm.Ja ||
+			insns[t].OpCode != asm.Mov.Op(asm.ImmSource) || insns[t].Dst != asm.R0 ||
+			insns[t+1].OpCode.JumpOp() != asm.Exit {
+			out = append(out, ins)
+			continue
+		}
+		// The jump's label, comment and rule go to the copy.
+		mov := movi(asm.R0, int32(insns[t].Constant)).WithSymbol(ins.Symbol()).WithSource(ins.Source())
+		ret := asm.Return()
+		if r := ins.Metadata.Get(ruleMeta{}); r != nil {
+			mov.Metadata.Set(ruleMeta{}, r)
+			ret.Metadata.Set(ruleMeta{}, r)
+		}
+		out = append(out, mov, ret)
+	}
+	return out
 }
 
 // threadJumps points every jump whose target is an unconditional jump at

@@ -126,7 +126,8 @@ func (c *compiler) fastMatch(rules []*grammar.Rule) {
 	if sport {
 		e.emit(ldx(asm.R5, asm.R7, l3+20, asm.Half))
 	}
-	var hits []int
+	// Each rule's body follows its tests: a matching packet runs on into
+	// it without a taken jump; the others jump over it to the next rule.
 	for i, r := range rules {
 		if r.Family == grammar.FamilyIPv6 {
 			continue
@@ -137,15 +138,11 @@ func (c *compiler) fastMatch(rules []*grammar.Rule) {
 		c.fastPortTest(r.Dport, asm.R4, miss)
 		e.emit(asm.JNE.Imm(asm.R9, int32(r.Proto.Number()), miss))
 		c.fastPortTest(r.Sport, asm.R5, miss)
-		e.emit(asm.Ja.Label(fastHit(i)))
-		e.label(miss)
 		e.owner = 0
-		hits = append(hits, i)
+		c.fastBody(i, r)
+		e.label(miss)
 	}
 	e.emit(movi(asm.R0, VerdictNext), asm.Return())
-	for _, i := range hits {
-		c.fastBody(i, rules[i])
-	}
 }
 
 func fastHit(i int) string { return fmt.Sprintf("fast_rule%d", i) }
@@ -174,12 +171,13 @@ func (c *compiler) fastBody(i int, r *grammar.Rule) {
 		sti(asm.R10, slotNHOff, int64(l3)+9, asm.DWord),
 	)
 	end := len(e.insns)
-	c.fast, c.fastPtrs = true, true
+	c.fast, c.fastPtrs, e.inlineExits = true, true, true
 	// fastRules admits only rules with actions: the body never falls
-	// through to a next rule, and what it jumps to (exits) reads none of
-	// these slots.
+	// through to a next rule, and what it jumps to (exits, its blocks out
+	// of line) reads none of these slots.
 	_ = c.body(i, r, c.exit("next"))
-	c.fast = false
+	c.flushCold()
+	c.fast, e.inlineExits = false, false
 	c.dropUnreadStores(start, end)
 }
 

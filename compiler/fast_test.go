@@ -1,9 +1,11 @@
 package compiler_test
 
 import (
+	"fmt"
 	"strings"
 	"testing"
 
+	"github.com/cilium/ebpf/asm"
 	"github.com/sfunnel/sfunnel/compiler"
 	"github.com/sfunnel/sfunnel/grammar"
 )
@@ -111,5 +113,44 @@ func TestFastMatcherAllPorts(t *testing.T) {
 	}
 	if matched != 4 {
 		t.Fatalf("%d packets matched, want 4", matched)
+	}
+}
+
+// TestFastPathStraight checks the layout of the default ruleset's fast
+// path for the packets it transforms: each rule's body follows its last
+// test (reached without a jump), and from there the code runs in order to
+// the verdict, r0 = pass; exit, with no unconditional jump: the cases a
+// common packet does not take (other ip_summed values, an MTU overrun, a
+// zero checksum) are out of line after it.
+func TestFastPathStraight(t *testing.T) {
+	for _, hook := range []grammar.Hook{grammar.HookIngress, grammar.HookEgress} {
+		p, err := compiler.Compile(defaultRuleset(), nil, compiler.Options{Hook: hook})
+		if err != nil {
+			t.Fatal(err)
+		}
+		insns := p.Spec.Programs[compiler.ProgramName].Instructions
+		for _, rule := range []int{1, 3} { // a funnel, the unfunnel
+			at := -1
+			for i, ins := range insns {
+				if ins.Symbol() == fmt.Sprintf("fast_rule%d", rule) {
+					at = i
+				}
+			}
+			if at < 1 {
+				t.Fatalf("%s: no fast_rule%d in\n%s", hook, rule, compiler.Listing(insns))
+			}
+			if op := insns[at-1].OpCode; !op.Class().IsJump() || op.JumpOp() == asm.Ja || op.JumpOp() == asm.Exit {
+				t.Errorf("%s rule %d: the body follows %v, not its last test", hook, rule, insns[at-1])
+			}
+			i := at
+			for ; i < len(insns) && insns[i].OpCode.JumpOp() != asm.Exit; i++ {
+				if insns[i].OpCode.Class().IsJump() && insns[i].OpCode.JumpOp() == asm.Ja {
+					t.Errorf("%s rule %d: jump %v on the way to the verdict", hook, rule, insns[i])
+				}
+			}
+			if i == len(insns) || insns[i-1].OpCode != asm.Mov.Op(asm.ImmSource) || insns[i-1].Dst != asm.R0 || insns[i-1].Constant != int64(compiler.VerdictPass) {
+				t.Errorf("%s rule %d: the body does not end with its own r0 = pass; exit", hook, rule)
+			}
+		}
 	}
 }

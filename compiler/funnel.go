@@ -77,7 +77,11 @@ func (c *compiler) funnelFrom(rule, fam int, inner grammar.Proto, a *grammar.Act
 	c.csumSub16(l4+h+checkIn, inner == grammar.ProtoUDP, asm.R8)
 	c.summed = 0
 	if c.opts.Hook == grammar.HookEgress {
-		c.mtuCheck(rule)
+		// The new IP length: the length field (slotT1) plus the header,
+		// and IPv6's fixed header, which its field leaves out.
+		c.mtuCheckIPLen(rule, func() {
+			e.emit(ldx(asm.R4, asm.R10, slotT1, asm.DWord), asm.Add.Imm(asm.R4, int32(h)+map[bool]int32{true: 40}[fam == 6]))
+		})
 	}
 	e.emit(asm.Ja.Label(done))
 	if !c.fast { // the fast path has no options
@@ -190,17 +194,18 @@ func (c *compiler) funnelHeader(base asm.Register, off int16, a *grammar.Action,
 		)
 		bound += 0xffffffff
 	}
-	c.foldBelow(asm.R3, asm.R1, bound)
-	e.emit(asm.Xor.Imm(asm.R3, 0xffff))
 	if a.Proto == grammar.ProtoUDP {
+		// 0 is "no checksum": the test needs the whole fold.
+		c.foldBelow(asm.R3, asm.R1, bound)
 		nz := e.newLabel("nonzero")
-		e.emit(asm.JNE.Imm(asm.R3, 0, nz), movi(asm.R3, 0xffff))
+		e.emit(asm.Xor.Imm(asm.R3, 0xffff), asm.JNE.Imm(asm.R3, 0, nz), movi(asm.R3, 0xffff))
 		e.label(nz)
-	}
-	if wide {
-		e.emit(stx(base, off+checkOut, asm.R3, asm.Word)) // and urgent pointer 0
 	} else {
-		e.emit(stx(base, off+checkOut, asm.R3, asm.Half))
+		// The urgent pointer after it is 0: written so above, or, for the
+		// wide stores, left so by adjust_room, which zeroes the gap.
+		c.foldLow16(asm.R3, asm.R1, bound)
+		e.emit(asm.Xor.Imm(asm.R3, 0xffff))
 	}
+	e.emit(stx(base, off+checkOut, asm.R3, asm.Half))
 	c.headerSum(base, off, h)
 }

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"encoding/hex"
+	"math/rand/v2"
 	"net"
 	"testing"
 
@@ -120,5 +121,77 @@ func TestFunnelDefaultRuleset(t *testing.T) {
 				}
 			})
 		}
+	}
+}
+
+// TestFunnelChecksumEdges funnels and unfunnels IPv4 datagrams through the
+// default ruleset's fast path at both hooks: random addresses, ports,
+// lengths and payloads, and UDP and IPv4 header checksums forced to the
+// values where a ones' complement fold carries or ends at 0 / 0xffff. Each
+// output must equal the funneled form computed independently
+// (expectFunnel), and unfunnel must give the original bytes back. The fast
+// path ends some folds without their mask (foldLow16): a step taken on a
+// sum above its bound would leave a carry in the checksum.
+func TestFunnelChecksumEdges(t *testing.T) {
+	rng := rand.New(rand.NewPCG(8, 2026))
+	f := defaultRuleset()[1].Actions[0].Funnel
+	udpTargets := []uint16{0xffff, 0x0001, 0xfffe, 0x8000, 0x7fff}
+	ipTargets := []uint16{0x0000, 0x0001, 0xfffe, 0x8000}
+	for _, hook := range []grammar.Hook{grammar.HookIngress, grammar.HookEgress} {
+		l := compileLoad(t, defaultRuleset(), nil, compiler.Options{Hook: hook})
+		for i := 0; i < 2000; i++ {
+			src := net.IP{byte(rng.Uint32()), byte(rng.Uint32()), byte(rng.Uint32()), byte(rng.Uint32())}
+			dst := net.IP{byte(rng.Uint32()), byte(rng.Uint32()), byte(rng.Uint32()), byte(rng.Uint32())}
+			payload := make([]byte, 18+rng.IntN(200)) // no Ethernet padding after it
+			for j := range payload {
+				payload[j] = byte(rng.Uint32())
+			}
+			in := craft(t, pktSpec{src: src, dst: dst, l4: udpLayer(uint16(1+rng.IntN(65535)), 4739), payload: payload})
+			if i%3 == 1 {
+				forceUDPChecksum(t, in, udpTargets[rng.IntN(len(udpTargets))])
+			}
+			if i%4 == 2 {
+				forceIPChecksum(t, in, ipTargets[rng.IntN(len(ipTargets))])
+			}
+			res := l.run(t, in, 0)
+			want := expectFunnel(in, 14, false, grammar.ProtoTCP, 540, 179, f)
+			if res.ret != compiler.VerdictPass || !bytes.Equal(res.out, want) {
+				t.Fatalf("%s: funnel of %x: verdict %d\n got %x\nwant %x", hook, in, res.ret, res.out, want)
+			}
+			back := l.run(t, res.out, 0)
+			if back.ret != compiler.VerdictPass || !bytes.Equal(back.out, in) {
+				t.Fatalf("%s: unfunnel of %x: verdict %d\n got %x\nwant %x", hook, res.out, back.ret, back.out, in)
+			}
+		}
+	}
+}
+
+// forceUDPChecksum rewrites the first payload word of an IPv4 UDP packet
+// (Ethernet framed) so that its correct checksum is want.
+func forceUDPChecksum(t *testing.T, pkt []byte, want uint16) {
+	ip, seg := pkt[14:34], pkt[34:]
+	fold := ^want // the fold of the whole sum the checksum complements
+	if want == 0xffff {
+		fold = 0xffff // a computed 0 is sent as 0xffff
+	}
+	seg[6], seg[7], seg[8], seg[9] = 0, 0, 0, 0
+	s0 := foldSum(onesSum(seg, pseudoSum(net.IP(ip[12:16]), net.IP(ip[16:20]), false, 17, len(seg))))
+	binary.BigEndian.PutUint16(seg[8:], uint16((uint32(fold)+0xffff-uint32(s0))%0xffff))
+	binary.BigEndian.PutUint16(seg[6:], l4Checksum(net.IP(ip[12:16]), net.IP(ip[16:20]), false, 17, seg))
+	if got := binary.BigEndian.Uint16(seg[6:]); got != want {
+		t.Fatalf("UDP checksum %#x, want %#x", got, want)
+	}
+}
+
+// forceIPChecksum sets the IPv4 identification so that the header checksum
+// is want.
+func forceIPChecksum(t *testing.T, pkt []byte, want uint16) {
+	ip := pkt[14:34]
+	ip[4], ip[5], ip[10], ip[11] = 0, 0, 0, 0
+	s0 := foldSum(onesSum(ip, 0))
+	binary.BigEndian.PutUint16(ip[4:], uint16((uint32(^want)+0xffff-uint32(s0))%0xffff))
+	binary.BigEndian.PutUint16(ip[10:], ^foldSum(onesSum(ip, 0)))
+	if got := binary.BigEndian.Uint16(ip[10:]); got != want || !ipv4HeaderValid(ip) {
+		t.Fatalf("IPv4 checksum %#x, want %#x", got, want)
 	}
 }

@@ -206,7 +206,7 @@ func (c *compiler) ipHeader(fam int, delta int32, from, proto uint8, ext bool) {
 		)
 		bound += 0xffff
 	}
-	c.foldBelow(asm.R0, asm.R1, bound)
+	c.foldLow16(asm.R0, asm.R1, bound)
 	e.emit(
 		asm.Xor.Imm(asm.R0, 0xffff),
 		stx(asm.R7, l3+10, asm.R0, asm.Half),

@@ -123,17 +123,21 @@ func plainMember(typ btf.Type, name string, size int) (int16, bool) {
 	return int16(off / 8), true
 }
 
-// ipSummed sets dst to skb->ip_summed (clobbers R0-R5 but dst when dst is
-// R6-R9; callers pass R3 and reload what they need).
+// ipSummed sets dst to skb->ip_summed's bits where they are in their byte
+// (compare with summedIs; clobbers R0-R5 but dst when dst is R6-R9;
+// callers pass R3 and reload what they need).
 func (c *compiler) ipSummed(dst asm.Register) {
 	c.e.emit(
 		mov(asm.R1, asm.R6),
 		asm.Instruction{OpCode: asm.OpCode(asm.JumpClass).SetJumpOp(asm.Call), Src: asm.PseudoKfuncCall, Constant: c.kern.kfunc},
 		ldx(dst, asm.R0, c.kern.byteOff, asm.Byte),
-		asm.RSh.Imm(dst, c.kern.shift),
-		asm.And.Imm(dst, 3),
+		asm.And.Imm(dst, 3<<c.kern.shift),
 	)
 }
+
+// summedIs is the value ipSummed leaves for skb->ip_summed == v: the bits
+// stay in place, which saves a shift.
+func (c *compiler) summedIs(v int32) int32 { return v << c.kern.shift }
 
 // pseudoCsum adds the pseudo-header difference that diff leaves in R4 (a
 // ones' complement value below 2^36; diff may use R0 and R1) to the
@@ -179,35 +183,79 @@ func (c *compiler) pseudoCsum(off int16, mangled bool, diff func()) {
 	}
 	diff()
 	e.emit(
-		asm.JEq.Imm(summed, checksumComplete, viaHelper),
+		asm.JEq.Imm(summed, c.summedIs(checksumComplete), viaHelper),
 		ldx(asm.R2, asm.R7, off, asm.Half),
 	)
 	if mangled {
 		e.emit(asm.JEq.Imm(asm.R2, 0, done))
 	}
+	// A mangled (UDP) checksum is tested for 0 before the store: it needs
+	// every bit of the fold; otherwise the low 16 bits the store takes.
+	fold := c.foldLow16
+	if mangled {
+		fold = c.foldBelow
+	}
 	e.emit(
-		asm.JEq.Imm(summed, checksumPartial, partial),
+		asm.JEq.Imm(summed, c.summedIs(checksumPartial), partial),
 		// Final checksum: ~(~C + diff), kept positive with 0xffff (≡ 0).
 		asm.Xor.Imm(asm.R2, 0xffff),
 		asm.Add.Imm(asm.R2, 0xffff),
 		asm.Add.Reg(asm.R2, asm.R4),
 	)
-	c.foldBelow(asm.R2, asm.R1, 1<<37)
-	e.emit(asm.Xor.Imm(asm.R2, 0xffff), asm.Ja.Label(store))
-	e.label(partial)
-	// The seed is the uncomplemented pseudo-header sum.
-	e.emit(asm.Add.Reg(asm.R2, asm.R4))
-	c.foldBelow(asm.R2, asm.R1, 1<<37)
+	fold(asm.R2, asm.R1, 1<<37)
+	e.emit(asm.Xor.Imm(asm.R2, 0xffff))
 	e.label(store)
-	if mangled {
+	switch {
+	case mangled && c.fast:
+		// 0 becomes 0xffff out of line: a nonzero sum runs on.
+		zero, st := e.newLabel("csum_zero"), e.newLabel("csum_st")
+		e.emit(asm.JEq.Imm(asm.R2, 0, zero))
+		e.label(st)
+		e.cold = append(e.cold, func(bool) {
+			e.label(zero)
+			e.emit(movi(asm.R2, 0xffff), asm.Ja.Label(st))
+		})
+	case mangled:
 		nz := e.newLabel("nonzero")
 		e.emit(asm.JNE.Imm(asm.R2, 0, nz), movi(asm.R2, 0xffff))
 		e.label(nz)
 	}
-	e.emit(stx(asm.R7, off, asm.R2, asm.Half), asm.Ja.Label(done))
-	e.label(viaHelper)
-	helper()
+	e.emit(stx(asm.R7, off, asm.R2, asm.Half))
+	c.outOfLine(done, func(cold bool) {
+		e.label(partial)
+		// The seed is the uncomplemented pseudo-header sum.
+		e.emit(asm.Add.Reg(asm.R2, asm.R4))
+		fold(asm.R2, asm.R1, 1<<37)
+		e.emit(asm.Ja.Label(store))
+		e.label(viaHelper)
+		helper()
+		if cold {
+			e.emit(asm.Ja.Label(done))
+		}
+	})
 	e.label(done)
+}
+
+// outOfLine emits blocks the common path skips (other ip_summed cases):
+// in a fast-path body after the body's end, so that the common path runs
+// on without a taken jump; elsewhere here, after a jump to done. blocks
+// end with their own jumps back (cold: the last one too).
+func (c *compiler) outOfLine(done string, blocks func(cold bool)) {
+	if c.fast {
+		c.e.cold = append(c.e.cold, blocks)
+		return
+	}
+	c.e.emit(asm.Ja.Label(done))
+	blocks(false)
+}
+
+// flushCold emits the blocks outOfLine deferred (after a fast-path body).
+func (c *compiler) flushCold() {
+	for len(c.e.cold) > 0 {
+		f := c.e.cold[0]
+		c.e.cold = c.e.cold[1:]
+		f(true)
+	}
 }
 
 // readSummed reads skb->ip_summed into R9 once for the rest of an action
@@ -241,33 +289,41 @@ func (c *compiler) csumSub16(off int16, mangled bool, reg asm.Register) {
 		summed = asm.R3
 	}
 	e.emit(
-		asm.JEq.Imm(summed, checksumComplete, viaHelper),
+		asm.JEq.Imm(summed, c.summedIs(checksumComplete), viaHelper),
 		ldx(asm.R2, asm.R7, off, asm.Half),
 	)
 	if mangled {
 		e.emit(asm.JEq.Imm(asm.R2, 0, done))
 	}
 	e.emit(
-		asm.JEq.Imm(summed, checksumPartial, partial),
+		asm.JEq.Imm(summed, c.summedIs(checksumPartial), partial),
 		asm.Add.Reg(asm.R2, reg),
 	)
-	c.foldBelow(asm.R2, asm.R1, 2*0xffff+1)
-	if !mangled {
+	if mangled {
+		c.foldLow16(asm.R2, asm.R1, 2*0xffff+1)
+	} else {
+		c.foldBelow(asm.R2, asm.R1, 2*0xffff+1)
 		// A sum of 0 (mod 0xffff): what the helper writes.
 		e.emit(asm.JNE.Imm(asm.R2, 0xffff, store), movi(asm.R2, 0))
 	}
-	e.emit(asm.Ja.Label(store))
-	e.label(partial)
-	// The seed is the uncomplemented pseudo-header sum: seed - reg, kept
-	// positive with 0x1fffe (≡ 0); never 0, so never the mangled 0.
-	e.emit(asm.Add.Imm(asm.R2, 0x1fffe), asm.Sub.Reg(asm.R2, reg))
-	c.foldBelow(asm.R2, asm.R1, 0xffff+0x1fffe+1)
 	e.label(store)
-	e.emit(stx(asm.R7, off, asm.R2, asm.Half), asm.Ja.Label(done))
-	e.label(viaHelper)
-	c.summed, c.kern.ok = 0, false
-	c.pseudoCsum(off, mangled, neg)
-	c.summed, c.kern.ok = summed, true
+	e.emit(stx(asm.R7, off, asm.R2, asm.Half))
+	c.outOfLine(done, func(cold bool) {
+		e.label(partial)
+		// The seed is the uncomplemented pseudo-header sum: seed - reg, kept
+		// positive with 0x1fffe (≡ 0); never 0, so never the mangled 0.
+		e.emit(asm.Add.Imm(asm.R2, 0x1fffe), asm.Sub.Reg(asm.R2, reg))
+		c.foldLow16(asm.R2, asm.R1, 0xffff+0x1fffe+1)
+		e.emit(asm.Ja.Label(store))
+		e.label(viaHelper)
+		was := c.summed
+		c.summed, c.kern.ok = 0, false
+		c.pseudoCsum(off, mangled, neg)
+		c.summed, c.kern.ok = was, true
+		if cold {
+			e.emit(asm.Ja.Label(done))
+		}
+	})
 	if summed == asm.R3 {
 		c.summed = 0
 	}

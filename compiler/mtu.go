@@ -7,11 +7,43 @@ import (
 )
 
 // mtuCheck counts a funneled packet that exceeds the device MTU.
-func (c *compiler) mtuCheck(rule int) {
+func (c *compiler) mtuCheck(rule int) { c.mtuCount(rule, nil) }
+
+// mtuCheckIPLen counts a funneled packet whose IP length exceeds the
+// device MTU; ipLen sets R4 to that length (R2 holds the MTU meanwhile). The IP length
+// is what the MTU bounds; skb->len against dev->mtu + hard_header_len (what
+// bpf_check_mtu compares) is the same on devices whose link header is the
+// program's, and costs one more dependent load through dev (a checked
+// load: dev is not a trusted pointer).
+func (c *compiler) mtuCheckIPLen(rule int, ipLen func()) { c.mtuCount(rule, ipLen) }
+
+func (c *compiler) mtuCount(rule int, ipLen func()) {
 	e := &c.e
 	ok := e.newLabel("mtu_ok")
 	e.comment("MTU check")
-	if c.kern.mtu {
+	switch {
+	case c.kern.mtu && ipLen != nil:
+		e.emit(
+			mov(asm.R1, asm.R6),
+			asm.Instruction{OpCode: asm.OpCode(asm.JumpClass).SetJumpOp(asm.Call), Src: asm.PseudoKfuncCall, Constant: c.kern.kfunc},
+			ldx(asm.R1, asm.R0, c.kern.devOff, asm.DWord),
+			ldx(asm.R2, asm.R1, c.kern.mtuOff, asm.Word),
+		)
+		ipLen()
+		if c.fast {
+			// Out of line: a packet that fits runs on without a taken jump.
+			over := e.newLabel("mtu_over")
+			e.emit(asm.JGT.Reg(asm.R4, asm.R2, over))
+			e.label(ok)
+			e.cold = append(e.cold, func(bool) {
+				e.label(over)
+				c.mtuExceeded(rule, ok)
+				e.emit(asm.Ja.Label(ok))
+			})
+			return
+		}
+		e.emit(asm.JLE.Reg(asm.R4, asm.R2, ok))
+	case c.kern.mtu:
 		// bpf_check_mtu(skb, 0, &0, 0, 0) inline: skb->len against
 		// dev->mtu + dev->hard_header_len (GSO skbs never get here).
 		e.emit(
@@ -24,9 +56,16 @@ func (c *compiler) mtuCheck(rule int) {
 			ldx(asm.R4, asm.R6, skbLen, asm.Word),
 			asm.JLE.Reg(asm.R4, asm.R2, ok),
 		)
-	} else {
+	default:
 		c.mtuHelper(ok)
 	}
+	c.mtuExceeded(rule, ok)
+	e.label(ok)
+}
+
+// mtuExceeded counts an MTU overrun of rule's funnel, then goes on at ok.
+func (c *compiler) mtuExceeded(rule int, ok string) {
+	e := &c.e
 	c.lookup(RuleMTUMap, c.ruleKey(rule))
 	skip := e.newLabel("mtu_rule")
 	e.emit(bump(skip)...)
@@ -34,7 +73,6 @@ func (c *compiler) mtuCheck(rule int) {
 	e.emit(sti(asm.R10, slotKey, StatMTUExceeded, asm.Word))
 	c.lookup(StatsMap, slotKey)
 	e.emit(bump(ok)...)
-	e.label(ok)
 }
 
 // mtuHelper jumps to ok when bpf_check_mtu(skb, 0, &0, 0, 0) passes.

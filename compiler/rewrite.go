@@ -61,7 +61,7 @@ func (c *compiler) rewrite(fam int, to grammar.Proto) {
 	if c.kern.ok {
 		e.comment("CHECKSUM_PARTIAL: the finaliser would write into the moved fields")
 		c.ipSummed(asm.R3)
-		e.emit(asm.JEq.Imm(asm.R3, checksumPartial, c.stat(StatPartialChecksum)))
+		e.emit(asm.JEq.Imm(asm.R3, c.summedIs(checksumPartial), c.stat(StatPartialChecksum)))
 	} else {
 		e.comment("CHECKSUM_PARTIAL probe: l4_csum_replace without pseudo flag changes only complete checksums")
 		e.emit(

@@ -466,7 +466,10 @@ func TestStatusCountsMTUExceeded(t *testing.T) {
 		}
 		defer c.Close()
 		c.Write(make([]byte, 100))
-		_, err = c.Write(make([]byte, 1472)) // a full 1500-byte packet before funneling
+		// At the MTU's edge: 1480 bytes of IP become 1500 (fits), 1481
+		// become 1501 (one over).
+		c.Write(make([]byte, 1452))
+		_, err = c.Write(make([]byte, 1453))
 		return err
 	})
 	var st []HookStatus
