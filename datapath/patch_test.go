@@ -336,15 +336,7 @@ func TestRecordChangesWithoutReload(t *testing.T) {
 	if len(rules) != 122 || rules[61].Handle != cnt || rules[62].Handle != h61 || rules[121].Handle != end {
 		t.Fatalf("rules not where they were put: %d rules", len(rules))
 	}
-	for _, c := range []struct {
-		what   string
-		handle uint64
-		want   uint64
-	}{{"rule 60", h60, 3}, {"rule 61", h61, 4}, {"the counter-only rule", cnt, 4}, {"the added rule", end, 2}} {
-		if got := counters[c.handle].Packets; got != c.want {
-			t.Errorf("%s counted %d packets, want %d", c.what, got, c.want)
-		}
-	}
+	checkCounts(t, counters, []counted{{"rule 60", h60, 3}, {"rule 61", h61, 4}, {"the counter-only rule", cnt, 4}, {"the added rule", end, 2}})
 	checkEntries(t, e, id)
 }
 
@@ -471,15 +463,7 @@ func TestCounterRulesWithoutReload(t *testing.T) {
 		t.Fatalf("%d of 2 datagrams passed the drop rule after the counter-only rule", got)
 	}
 	_, counters := e.fresh(t)
-	for _, w := range []struct {
-		what   string
-		handle uint64
-		want   uint64
-	}{{"the replaced counter-only rule (a replaced rule keeps its handle and counter, compiled or not)", c, 5}, {"rule 60", h60, 2}, {"the drop rule", last, 4}} {
-		if got := counters[w.handle].Packets; got != w.want {
-			t.Errorf("%s counted %d packets, want %d", w.what, got, w.want)
-		}
-	}
+	checkCounts(t, counters, []counted{{"the replaced counter-only rule (a replaced rule keeps its handle and counter, compiled or not)", c, 5}, {"rule 60", h60, 2}, {"the drop rule", last, 4}})
 	e.run(t, fmt.Sprintf("delete rule vb ingress handle %d", c))
 	same("deleting a counter-only rule")
 	if got := e.arrive(t, 7501, 1); got != 1 {
@@ -550,15 +534,7 @@ func TestContestedKeysWithoutReload(t *testing.T) {
 		t.Fatalf("%d of 2 datagrams passed the second rule with rule 50's key", got)
 	}
 	_, counters := e.fresh(t)
-	for _, w := range []struct {
-		what   string
-		handle uint64
-		want   uint64
-	}{{"rule 150", h150, 2}, {"the second rule with rule 50's key", dup, 2}} {
-		if got := counters[w.handle].Packets; got != w.want {
-			t.Errorf("%s counted %d packets, want %d", w.what, got, w.want)
-		}
-	}
+	checkCounts(t, counters, []counted{{"rule 150", h150, 2}, {"the second rule with rule 50's key", dup, 2}})
 	e.run(t, fmt.Sprintf("delete rule vb ingress handle %d", dup))
 	same("deleting the last rule with a key")
 	if got := e.arrive(t, 7050, 2); got != 2 {
@@ -983,15 +959,7 @@ func TestSameKeyInOneChangeWithoutReload(t *testing.T) {
 	if len(rules) != 203 || rules[140].Handle == h140 || rules[152].Handle != h150 {
 		t.Fatalf("rules not where they were put: %d rules", len(rules))
 	}
-	for _, w := range []struct {
-		what   string
-		handle uint64
-		want   uint64
-	}{{"the accept rule before rule 140", rules[140].Handle, 2}, {"the drop rule for 7152", rules[151].Handle, 0}, {"the drop rule for 7151", drop, 2}} {
-		if got := counters[w.handle].Packets; got != w.want {
-			t.Errorf("%s counted %d packets, want %d", w.what, got, w.want)
-		}
-	}
+	checkCounts(t, counters, []counted{{"the accept rule before rule 140", rules[140].Handle, 2}, {"the drop rule for 7152", rules[151].Handle, 0}, {"the drop rule for 7151", drop, 2}})
 	checkEntries(t, e, id)
 }
 
@@ -1102,15 +1070,7 @@ func TestRenumberAtTwoPlacesWithoutReload(t *testing.T) {
 	if len(rules) != 241 || rules[70].Handle != h50 || rules[169].Handle != h149 || rules[191].Handle != h150 {
 		t.Fatalf("rules out of order: %d rules", len(rules))
 	}
-	for _, w := range []struct {
-		what   string
-		handle uint64
-		want   uint64
-	}{{"rule 50", h50, 1}, {"rule 149", h149, 1}, {"rule 150", h150, 0}, {"the first rule inserted before rule 50", rules[50].Handle, 1}} {
-		if got := counters[w.handle].Packets; got != w.want {
-			t.Errorf("%s counted %d packets, want %d", w.what, got, w.want)
-		}
-	}
+	checkCounts(t, counters, []counted{{"rule 50", h50, 1}, {"rule 149", h149, 1}, {"rule 150", h150, 0}, {"the first rule inserted before rule 50", rules[50].Handle, 1}})
 	checkEntries(t, e, id)
 }
 
@@ -1182,15 +1142,7 @@ func TestRecordListsWithoutReload(t *testing.T) {
 		t.Fatal("rule 60 does not drop after the delete")
 	}
 	_, counters := e.fresh(t)
-	for _, w := range []struct {
-		what   string
-		handle uint64
-		want   uint64
-	}{{"rule 60", h60, 2}, {"the range list rule (replaced: it keeps its counter)", rl, 3}, {"the bitmap rule", bm, 1}} {
-		if got := counters[w.handle].Packets; got != w.want {
-			t.Errorf("%s counted %d packets, want %d", w.what, got, w.want)
-		}
-	}
+	checkCounts(t, counters, []counted{{"rule 60", h60, 2}, {"the range list rule (replaced: it keeps its counter)", rl, 3}, {"the bitmap rule", bm, 1}})
 	checkEntries(t, e, id)
 }
 
@@ -1343,4 +1295,21 @@ func TestPortOutsideSinglePortPrefilter(t *testing.T) {
 		}
 	}
 	checkEntries(t, e, id)
+}
+
+// counted is the packets a rule should have counted.
+type counted struct {
+	what   string
+	handle uint64
+	want   uint64
+}
+
+// checkCounts checks the rules' packet counters.
+func checkCounts(t *testing.T, counters map[uint64]ruleset.Counter, want []counted) {
+	t.Helper()
+	for _, c := range want {
+		if got := counters[c.handle].Packets; got != c.want {
+			t.Errorf("%s counted %d packets, want %d", c.what, got, c.want)
+		}
+	}
 }
