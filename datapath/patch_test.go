@@ -40,6 +40,18 @@ func (e *env) runWith(t *testing.T, text string, opts *grammar.Options) string {
 	return out.String()
 }
 
+// vbIngressText is a ruleset file of n rules on vb ingress, rule i's text
+// being line(i).
+func vbIngressText(n int, line func(i int) string) string {
+	var b strings.Builder
+	b.WriteString("flush ruleset\ninterface vb {\n\tingress {\n")
+	for i := 0; i < n; i++ {
+		b.WriteString("\t\t" + line(i) + "\n")
+	}
+	b.WriteString("\t}\n}\n")
+	return b.String()
+}
+
 // bigHook is 400 rules on vb ingress in two shapes: IPv4 source + UDP
 // port (drop; rules 50 and 300 match datagrams from a, 192.0.2.1) and UDP
 // port alone (accept, every fourth rule).
@@ -256,17 +268,13 @@ func TestPlacementRoundTrip(t *testing.T) {
 // rule i drops datagrams from 192.0.2.1 to port 7000+2i, every fourth
 // rule accepts them instead.
 func scanHook(n int) string {
-	var b strings.Builder
-	b.WriteString("flush ruleset\ninterface vb {\n\tingress {\n")
-	for i := 0; i < n; i++ {
+	return vbIngressText(n, func(i int) string {
 		verdict := "drop"
 		if i%4 == 3 {
 			verdict = "accept"
 		}
-		fmt.Fprintf(&b, "\t\tip saddr 192.0.2.1 udp sport != %d dport %d counter actions %s\n", 100+i, 7000+2*i, verdict)
-	}
-	b.WriteString("\t}\n}\n")
-	return b.String()
+		return fmt.Sprintf("ip saddr 192.0.2.1 udp sport != %d dport %d counter actions %s", 100+i, 7000+2*i, verdict)
+	})
 }
 
 // echoed returns the handle `-e` echoed.
@@ -479,9 +487,7 @@ func TestCounterRulesWithoutReload(t *testing.T) {
 // ingress, dropping (accepting: every fourth) datagrams to 7000+i; rules
 // 50, 149 and 150 (all drop) match 192.0.2.1, the test datagrams' source.
 func contestedHook() string {
-	var b strings.Builder
-	b.WriteString("flush ruleset\ninterface vb {\n\tingress {\n")
-	for i := 0; i < 200; i++ {
+	return vbIngressText(200, func(i int) string {
 		verdict, host := "drop", 100+i%100
 		if i%4 == 3 {
 			verdict = "accept"
@@ -489,10 +495,8 @@ func contestedHook() string {
 		if i == 50 || i == 149 || i == 150 {
 			host = 1
 		}
-		fmt.Fprintf(&b, "\t\tip saddr 192.0.2.%d udp dport %d counter actions %s\n", host, 7000+i, verdict)
-	}
-	b.WriteString("\t}\n}\n")
-	return b.String()
+		return fmt.Sprintf("ip saddr 192.0.2.%d udp dport %d counter actions %s", host, 7000+i, verdict)
+	})
 }
 
 // Keys two rules hold change without compiling: a rule inserted before
@@ -806,13 +810,9 @@ func TestRecordsBesideShapeRecords(t *testing.T) {
 func TestParametricHookWithoutReload(t *testing.T) {
 	e := newEnv(t, Options{})
 	id := bpf.HookID{Ifname: "vb", Hook: grammar.HookIngress}
-	var b strings.Builder
-	b.WriteString("flush ruleset\ninterface vb {\n\tingress {\n")
-	for i := 0; i < 40; i++ {
-		fmt.Fprintf(&b, "\t\tip saddr 192.0.2.%d udp dport %d counter actions dnat to 192.0.2.2:%d\n", 100+i, 7000+i, 8000+i%20)
-	}
-	b.WriteString("\t}\n}\n")
-	e.run(t, b.String())
+	e.run(t, vbIngressText(40, func(i int) string {
+		return fmt.Sprintf("ip saddr 192.0.2.%d udp dport %d counter actions dnat to 192.0.2.2:%d", 100+i, 7000+i, 8000+i%20)
+	}))
 	prog := liveProgID(t, e, id)
 	rs, _ := e.fresh(t)
 	h20 := rs.Interface("vb").Ingress[20].Handle
@@ -848,13 +848,9 @@ func TestParametricHookWithoutReload(t *testing.T) {
 func TestParametricRecordsWithoutReload(t *testing.T) {
 	e := newEnv(t, Options{})
 	id := bpf.HookID{Ifname: "vb", Hook: grammar.HookIngress}
-	var b strings.Builder
-	b.WriteString("flush ruleset\ninterface vb {\n\tingress {\n")
-	for i := 0; i < 60; i++ {
-		fmt.Fprintf(&b, "\t\tip saddr 192.0.2.%d udp sport != %d dport %d counter actions dnat to 192.0.2.2:%d\n", 100+i, 100+i, 7000+i, 8000+i%20)
-	}
-	b.WriteString("\t}\n}\n")
-	e.run(t, b.String())
+	e.run(t, vbIngressText(60, func(i int) string {
+		return fmt.Sprintf("ip saddr 192.0.2.%d udp sport != %d dport %d counter actions dnat to 192.0.2.2:%d", 100+i, 100+i, 7000+i, 8000+i%20)
+	}))
 	prog := liveProgID(t, e, id)
 	rs, _ := e.fresh(t)
 	h20 := rs.Interface("vb").Ingress[20].Handle
@@ -1279,13 +1275,9 @@ func TestPortOutsideThePrefilter(t *testing.T) {
 func TestPortOutsideSinglePortPrefilter(t *testing.T) {
 	e := newEnv(t, Options{})
 	id := bpf.HookID{Ifname: "vb", Hook: grammar.HookIngress}
-	var b strings.Builder
-	b.WriteString("flush ruleset\ninterface vb {\n\tingress {\n")
-	for i := 0; i < 40; i++ {
-		fmt.Fprintf(&b, "\t\tip saddr 192.0.2.%d udp dport %d counter actions drop\n", 100+i, 7000+2*(i%3))
-	}
-	b.WriteString("\t}\n}\n")
-	e.run(t, b.String())
+	e.run(t, vbIngressText(40, func(i int) string {
+		return fmt.Sprintf("ip saddr 192.0.2.%d udp dport %d counter actions drop", 100+i, 7000+2*(i%3))
+	}))
 	same := e.unchanged(t, id, liveProgID(t, e, id))
 	e.run(t, "add rule vb ingress ip saddr 192.0.2.1 udp dport 7300-7310 counter actions drop")
 	same("adding a rule for ports outside the early exit's")
