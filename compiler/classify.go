@@ -193,11 +193,12 @@ func (c *compiler) classifyWith(rules []*grammar.Rule, all [][]ruleVariant, scan
 		}
 	}
 	variants := own
+	owner := newKeyOwners() // the rule of each key of each shape of a segment
 	start := 0
 	for start < len(rules) {
 		seg := segment{first: start}
 		byKey := map[string]int32{} // index in seg.shapes
-		owner := newKeyOwners()     // the rule of each key of each shape
+		owner.reset()
 		bodies := map[string]bool{}
 		bodyInsns := 0
 		nonTerminal := false

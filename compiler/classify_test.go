@@ -105,7 +105,7 @@ func TestShapeKeyMemo(t *testing.T) {
 // keyOwners answers as a map keyed by shape and key string does, for
 // port-only shapes (bitmaps) and keys of every width (words, long keys):
 // which keys are free, and which are held by rules that don't end
-// evaluation.
+// evaluation; segment after segment (reset), its bitmaps reused.
 func TestKeyOwners(t *testing.T) {
 	r := rand.New(rand.NewPCG(8, 8))
 	type ref struct {
@@ -117,34 +117,42 @@ func TestKeyOwners(t *testing.T) {
 	shapes[0].keyed[keyDport] = true
 	widths := []int{4, 4, 8, 16, 20, 32}
 	o := newKeyOwners()
-	for _, sh := range shapes {
-		o.addShape(sh)
-	}
-	if o.ports[0] == nil || o.ports[1] != nil {
-		t.Fatalf("port bitmaps %v", o.ports)
-	}
-	held := map[ref]bool{} // value: open
-	for i := 0; i < 20000; i++ {
-		sh := int32(r.IntN(len(shapes)))
-		k := make([]byte, widths[sh])
-		if sh == 0 {
-			binary.NativeEndian.PutUint32(k, uint32(r.IntN(300))*200) // ports up to 59 800
-		} else {
-			for j := range k {
-				k[j] = byte(r.IntN(3)) // few distinct keys: many repeats
+	var bitmap *portOwners
+	for seg := range 4 {
+		o.reset()
+		for _, sh := range shapes {
+			o.addShape(sh)
+		}
+		if o.ports[0] == nil || o.ports[1] != nil {
+			t.Fatalf("port bitmaps %v", o.ports)
+		}
+		if seg > 0 && o.ports[0] != bitmap {
+			t.Fatalf("segment %d: a new port bitmap", seg)
+		}
+		bitmap = o.ports[0]
+		held := map[ref]bool{} // value: open
+		for range 20000 >> seg {
+			sh := int32(r.IntN(len(shapes)))
+			k := make([]byte, widths[sh])
+			if sh == 0 {
+				binary.NativeEndian.PutUint32(k, uint32(r.IntN(300))*200) // ports up to 59 800
+			} else {
+				for j := range k {
+					k[j] = byte(r.IntN(3)) // few distinct keys: many repeats
+				}
 			}
-		}
-		rk := ref{sh, string(k)}
-		if got, want := o.open(sh, k), held[rk]; got != want {
-			t.Fatalf("shape %d key %x: open %v, want %v", sh, k, got, want)
-		}
-		open := r.IntN(2) == 0
-		_, dup := held[rk]
-		if got := o.claim(sh, k, open); got == dup {
-			t.Fatalf("shape %d key %x: claim %v, held before %v", sh, k, got, dup)
-		}
-		if !dup {
-			held[rk] = open
+			rk := ref{sh, string(k)}
+			if got, want := o.open(sh, k), held[rk]; got != want {
+				t.Fatalf("segment %d, shape %d key %x: open %v, want %v", seg, sh, k, got, want)
+			}
+			open := r.IntN(2) == 0
+			_, dup := held[rk]
+			if got := o.claim(sh, k, open); got == dup {
+				t.Fatalf("segment %d, shape %d key %x: claim %v, held before %v", seg, sh, k, got, dup)
+			}
+			if !dup {
+				held[rk] = open
+			}
 		}
 	}
 }

@@ -12,10 +12,15 @@ import "encoding/binary"
 // classifier's time on bench/control's mixed hook. The ports of a
 // port-only shape (an ARRAY) are two bitmaps; other keys of at most 16
 // bytes are two words.
+//
+// One keyOwners serves every segment of a pass (reset): a hook cut into
+// thousands of segments (rules that don't end evaluation between others)
+// would otherwise allocate a bitmap per segment.
 type keyOwners struct {
 	ports []*portOwners // by shape: its ports when it keys on one port only
 	words map[wordKey]bool
 	long  map[longKey]bool
+	spare []*portOwners // cleared, for the next segment's shapes
 }
 
 // The value of a key in words and long: held by a rule that doesn't end
@@ -36,17 +41,47 @@ type longKey struct {
 // ones held by rules that don't end evaluation.
 type portOwners struct {
 	held, open [65536 / 64]uint64
+	used       []uint16 // the words of held that are not 0
 }
 
 func newKeyOwners() *keyOwners {
 	return &keyOwners{words: map[wordKey]bool{}, long: map[longKey]bool{}}
 }
 
+// reset forgets every shape and key, for the next segment.
+func (o *keyOwners) reset() {
+	for _, p := range o.ports {
+		if p != nil {
+			for _, w := range p.used {
+				p.held[w], p.open[w] = 0, 0
+			}
+			p.used = p.used[:0]
+			o.spare = append(o.spare, p)
+		}
+	}
+	o.ports = o.ports[:0]
+	// (Clearing a map costs its size: a large one is dropped instead.)
+	if len(o.words) > 256 {
+		o.words = map[wordKey]bool{}
+	} else {
+		clear(o.words)
+	}
+	if len(o.long) > 256 {
+		o.long = map[longKey]bool{}
+	} else {
+		clear(o.long)
+	}
+}
+
 // addShape registers the segment's next shape (index len(o.ports)).
 func (o *keyOwners) addShape(sh *shape) {
 	var p *portOwners
 	if sh.portOnly() {
-		p = &portOwners{}
+		if n := len(o.spare); n > 0 {
+			p, o.spare = o.spare[n-1], o.spare[:n-1]
+		} else {
+			p = &portOwners{}
+		}
 	}
 	o.ports = append(o.ports, p)
 }
@@ -72,6 +107,9 @@ func (o *keyOwners) claim(sh int32, k []byte, open bool) bool {
 		w, bit := port/64, uint64(1)<<(port%64)
 		if p.held[w]&bit != 0 {
 			return false
+		}
+		if p.held[w] == 0 {
+			p.used = append(p.used, uint16(w))
 		}
 		p.held[w] |= bit
 		if open {
