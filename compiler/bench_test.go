@@ -373,15 +373,16 @@ const benchNotes = `
   shape's probe (a port array's lookup went through the stack and the helper's bounds check, ~29
   instructions to a miss, now ~12), the value pointer's spill and reload per probe, the copy of the
   matched rule's counter slot into the map key, the group tests a packet of one family or protocol
-  made for the others, and the family/protocol test again at the start of a body that only accepts
-  or drops (the verifier needs it only where an action's code depends on them; an accept-only body
-  is now a jump to the exit). Old and new binaries alternating at load 13-18 (5 loaded instances
-  each, medians of 3 invocations, 2 pairs): 1.65-1.70x before, 1.34-1.50x after (median 1.48x);
-  the TCP packet that matches nothing 2.40x before, 2.37x after; 10 000 dport rules 1.43x / 1.38x.
-  What is left: the matching shape alone (every other shape's code removed) measured about 1.42x
-  before the last step: the value pointer's lookup (~20 instructions), the probe (~36), the body
-  dispatch (~10), the parse of the fields the other shapes need (~6); the three other shapes a
-  UDP/IPv4 packet reaches about 0.16x together.
+  made for the others, the family/protocol test again at the start of a body that only accepts or
+  drops (the verifier needs it only where an action's code depends on them; an accept-only body is
+  now a jump to the exit), the first probe's load of the best so far (there is none yet), and the
+  trampoline jump from the dispatch to a shared body. Old and new binaries alternating at load
+  13-18 (5 loaded instances each, medians of 3 invocations, 2 pairs): 1.65-1.73x before, 1.49-1.55x
+  after (median 1.53x); the TCP packet that matches nothing 2.39-2.46x before, 2.25-2.34x after;
+  10 000 dport rules 1.43x / 1.38x. What is left: the matching shape alone (every other shape's
+  code removed) measured about 1.42x before the last three steps: the value pointer's lookup (~20
+  instructions), the probe (~33), the body dispatch (~8), the parse of the fields the other shapes
+  need (~6); the three other shapes a UDP/IPv4 packet reaches about 0.16x together.
 - Loaded instances: the JIT puts each program image at a random offset, and identical programs
   loaded side by side measured up to 12 % apart (the reference rule alone: 0.89-1.00 of one
   another) — as much as the whole gap to a goal. Each program is therefore loaded five times and
