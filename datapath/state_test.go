@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"flag"
 	"fmt"
+	"hash/crc32"
 	"math/rand/v2"
 	"os"
 	"reflect"
@@ -263,6 +264,16 @@ func TestStateV3Corrupt(t *testing.T) {
 		bad[i] ^= 0x5a
 		if st, err := decodeState(bad); err == nil {
 			t.Errorf("byte %d changed: no error, read %+v", i, st)
+		}
+	}
+	// Part lengths whose sum wraps around to the record's length, with a
+	// checksum that fits: an error, not a slice out of range.
+	rest := data[bytes.IndexByte(data, '\n')+1:]
+	const huge = 1<<63 - 1
+	for _, lens := range [][3]int{{huge, huge, len(rest) + 2}, {len(rest) + 2, huge, huge}, {huge, len(rest) + 2, huge}} {
+		bad := append(fmt.Appendf(nil, "%s %d %d %d %d %x\n", stateFormat, stateVersion, lens[0], lens[1], lens[2], crc32.Checksum(rest, castagnoli)), rest...)
+		if _, err := decodeState(bad); err == nil {
+			t.Errorf("parts of %v bytes: no error", lens)
 		}
 	}
 }

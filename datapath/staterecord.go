@@ -207,7 +207,8 @@ func decodeV3(data []byte) (*liveState, error) {
 		return nil, versionError(stateFormat, version)
 	}
 	rest := data[nl+1:]
-	if hlen < 0 || tlen < 0 || xlen < 0 || hlen+tlen+xlen != len(rest) {
+	// (Each part within the record first: their sum could wrap around.)
+	if hlen < 0 || tlen < 0 || xlen < 0 || hlen > len(rest) || tlen > len(rest) || xlen > len(rest) || hlen+tlen+xlen != len(rest) {
 		return nil, corrupt("parts of %d, %d and %d bytes in %d", hlen, tlen, xlen, len(rest))
 	}
 	if crc32.Checksum(rest, castagnoli) != sum {
