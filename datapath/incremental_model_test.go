@@ -26,7 +26,11 @@ import (
 // `list ruleset` shows in a new process are the rules the sequence asked
 // for, and crafted packets run through the live program (whatever mix of
 // table entries and reloads the changes took) get what the reference
-// model gives for those rules: verdict, packet and mark. Fixed seed
+// model gives for those rules: verdict, packet and mark. While each change
+// is made, packets run through the live program without a pause, and
+// each gets what the model gives for the rules before the change or for
+// the rules after it, never anything else (a packet sees the old ruleset
+// or the new one). Fixed seed
 // (SFUNNEL_SEED=N for another); 40 changes in CI, 400 with SFUNNEL_LONG=1.
 func TestRandomChangesAgainstModel(t *testing.T) {
 	changes := 40
@@ -68,6 +72,7 @@ func TestRandomChangesAgainstModel(t *testing.T) {
 		}
 		return grammar.FormatRule(r, nil)
 	}
+	before := rs.Interface("vb").Ingress
 	patched := e.be.patched
 	for step := range changes {
 		n := 1 + rng.IntN(2) // two rules in one change now and then
@@ -105,7 +110,9 @@ func TestRandomChangesAgainstModel(t *testing.T) {
 			}
 		}
 		text := strings.Join(cmds, "\n") + "\n"
+		stop := hammer(t, e, id, rng)
 		out := e.run(t, text)
+		seen := stop()
 		handles := echoedAll(out)
 		if len(handles) != adds {
 			t.Fatalf("step %d: %d handles echoed for %d new rules:\n%s\n%s", step, len(handles), adds, text, out)
@@ -126,7 +133,10 @@ func TestRandomChangesAgainstModel(t *testing.T) {
 				t.Fatalf("step %d (%s): rule %d is %q # handle %d, want %q # handle %d", step, text, i, grammar.FormatRule(r, nil), r.Handle, want[i].text, want[i].handle)
 			}
 		}
-		agreeWithModel(t, e, id, rules, rng, fmt.Sprintf("step %d (%s)", step, strings.TrimSpace(text)))
+		what := fmt.Sprintf("step %d (%s)", step, strings.TrimSpace(text))
+		agreeWithModel(t, e, id, rules, rng, what)
+		seen.check(t, before, rules, what)
+		before = rules
 	}
 	t.Logf("%d of %d changes by table entries alone", e.be.patched-patched, changes)
 	if e.be.patched == patched {
@@ -215,14 +225,8 @@ func agreeWithModel(t *testing.T, e *env, id bpf.HookID, rules []*grammar.Rule, 
 		t.Fatal(err)
 	}
 	for range 300 {
-		src := net.ParseIP(changeSaddrs[rng.IntN(len(changeSaddrs))])
-		sport := uint16([]int{9, 100, 5000, 40000}[rng.IntN(4)])
-		dport := uint16(7000 + rng.IntN(60))
-		if rng.IntN(4) == 0 {
-			dport = uint16(7100 + rng.IntN(3))
-		}
-		mark := []uint32{0, 0x10, 0x11, 0x101}[rng.IntN(4)]
-		pkt := craftChangePacket(t, src, rng.IntN(2) == 0, sport, dport)
+		src, udp, sport, dport, mark := randomChangePacket(rng)
+		pkt := craftChangePacket(t, src, udp, sport, dport)
 		out := make([]byte, len(pkt)+256)
 		var ctxOut skbContext
 		opts := &ebpf.RunOptions{Data: pkt, DataOut: out, Context: skbContext{Mark: mark}, ContextOut: &ctxOut}
@@ -236,6 +240,17 @@ func agreeWithModel(t *testing.T, e *env, id bpf.HookID, rules []*grammar.Rule, 
 				what, hex.EncodeToString(pkt), mark, int32(ret), ctxOut.Mark, m.Verdict, m.Mark, !bytes.Equal(opts.DataOut, pkt), !bytes.Equal(m.Packet, pkt))
 		}
 	}
+}
+
+// randomChangePacket draws a packet's fields from what the rules name.
+func randomChangePacket(rng *rand.Rand) (src net.IP, udp bool, sport, dport uint16, mark uint32) {
+	src = net.ParseIP(changeSaddrs[rng.IntN(len(changeSaddrs))])
+	sport = uint16([]int{9, 100, 5000, 40000}[rng.IntN(4)])
+	dport = uint16(7000 + rng.IntN(60))
+	if rng.IntN(4) == 0 {
+		dport = uint16(7100 + rng.IntN(3))
+	}
+	return src, rng.IntN(2) == 0, sport, dport, []uint32{0, 0x10, 0x11, 0x101}[rng.IntN(4)]
 }
 
 // skbContext is the head of struct __sk_buff a test run takes and returns.
@@ -267,4 +282,98 @@ func craftChangePacket(t *testing.T, src net.IP, udp bool, sport, dport uint16) 
 		t.Fatal(err)
 	}
 	return buf.Bytes()
+}
+
+// outcome is what the program did to a packet.
+type outcome struct {
+	verdict int32
+	mark    uint32
+	out     string
+}
+
+// runs are outcomes of packets run while a change was made.
+type runs struct {
+	pkts  [][]byte
+	marks []uint32
+	got   map[[2]int]outcome // by packet and outcome number, distinct ones
+}
+
+// hammer runs packets through hook id's live program until the returned
+// function is called, which returns what they got.
+func hammer(t *testing.T, e *env, id bpf.HookID, rng *rand.Rand) func() *runs {
+	t.Helper()
+	prog, err := ebpf.NewProgramFromID(liveProgID(t, e, id))
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := &runs{got: map[[2]int]outcome{}}
+	for range 32 {
+		src, udp, sport, dport, mark := randomChangePacket(rng)
+		r.pkts = append(r.pkts, craftChangePacket(t, src, udp, sport, dport))
+		r.marks = append(r.marks, mark)
+	}
+	done := make(chan struct{})
+	var runErr error
+	finished := make(chan struct{})
+	go func() {
+		defer close(finished)
+		defer prog.Close()
+		distinct := map[outcome]int{}
+		for n := 0; n < 200000; n++ {
+			select {
+			case <-done:
+				return
+			default:
+			}
+			i := n % len(r.pkts)
+			out := make([]byte, len(r.pkts[i])+256)
+			var ctxOut skbContext
+			opts := &ebpf.RunOptions{Data: r.pkts[i], DataOut: out, Context: skbContext{Mark: r.marks[i]}, ContextOut: &ctxOut}
+			ret, err := prog.Run(opts)
+			if err != nil {
+				runErr = err
+				return
+			}
+			o := outcome{int32(ret), ctxOut.Mark, string(opts.DataOut)}
+			k, ok := distinct[o]
+			if !ok {
+				k = len(distinct)
+				distinct[o] = k
+			}
+			r.got[[2]int{i, k}] = o
+		}
+	}()
+	return func() *runs {
+		close(done)
+		<-finished
+		if runErr != nil {
+			t.Fatalf("run: %v", runErr)
+		}
+		return r
+	}
+}
+
+// check holds every outcome to the model of the rules before or after.
+func (r *runs) check(t *testing.T, before, after []*grammar.Rule, what string) {
+	t.Helper()
+	var models [2]*refmodel.Model
+	for i, rules := range [][]*grammar.Rule{before, after} {
+		m, err := refmodel.New(rules, nil, refmodel.Options{Hook: grammar.HookIngress})
+		if err != nil {
+			t.Fatal(err)
+		}
+		models[i] = m
+	}
+	for k, o := range r.got {
+		i := k[0]
+		ok := false
+		for _, m := range models {
+			w := m.Run(refmodel.Input{Packet: r.pkts[i], Mark: r.marks[i]})
+			ok = ok || o.verdict == w.Verdict && o.mark == w.Mark && o.out == string(w.Packet)
+		}
+		if !ok {
+			t.Fatalf("%s: packet %s mark %#x got %d mark %#x during the change: neither the old rules' outcome nor the new ones'",
+				what, hex.EncodeToString(r.pkts[i]), r.marks[i], o.verdict, o.mark)
+		}
+	}
 }
