@@ -414,17 +414,21 @@ const benchNotes = `
   default ruleset's no-match path (the same tests, with the rules' ports as a bitmap folded into
   the header test: 18 instructions, two branches) measures about 1.0x that last floor. What 1.1x
   would need is a program that decides without reading the packet.
-- Round trip: per direction ~130 BPF instructions on the funnel side (egress, with the MTU check)
-  and ~115 on the unfunnel side, against ~22 for the floor: fast path and match ~30 (the bitmap 8),
-  length and header checks ~20, the adjust_room call 7, reload, bounds and ip_summed 10, address
-  sum folded once 15, funnel header (3 stores) 5, outer checksum 8 (the length terms cancel: a byte
-  swap is a multiplication by 256 mod 0xffff, so the outer TCP checksum is the address sum plus a
-  compile-time constant), IPv4 header 13, inner checksum 10, MTU check 8 (three dependent loads:
-  skb->dev->mtu and hard_header_len). Stripped variants in one run: without the inner checksum
-  update -0.06 to -0.10, without the MTU check -0.05 (egress), without the fast matcher +0.10; on
-  the floor program, 20 more dependent ALU instructions cost +0.05. What is left is the work the
-  actions must do, so 1.3x is at the edge of this setup (before this round: 1.51-1.62x ingress,
-  1.57-1.61x egress on the quiet machine, 2026-11-22).
+- Round trip (2026-11-30 08:30, rt): the matched packet's path runs straight. The fast matcher
+  branches once on the protocol, then compares only ports; each rule's body follows its tests (no
+  jump into it) and ends with its own r0 = pass; exit; what a common packet does not run
+  (CHECKSUM_PARTIAL / COMPLETE updates, a zero UDP checksum, the MTU overrun count) is laid out after
+  the body. ip_summed is compared in place (no shift); folds whose result only a 16-bit store takes
+  skip their last mask (IPv4 header, outer TCP and inner UDP checksums; the TCP checksum is a 16-bit
+  store, adjust_room zeroes the urgent pointer); the egress MTU check compares the new IP length
+  with dev->mtu (one checked load through dev instead of two and skb->len). Old and new test
+  binaries alternating (load average 12-18, 10th percentile of 21-31 interleaved runs, 3-5 pairs):
+  ingress 1.29-1.36x -> 1.22-1.28x the floor, egress 1.30-1.36x -> 1.27-1.30x; the no-match path
+  is unchanged code (its ratios moved within the noise, 1.18-1.32x). What is left per direction:
+  the matcher ~25 instructions, length/UDP/fragment/GSO checks ~25 (the GSO size is two dependent
+  loads through skb->head), the adjust_room call, the address sum folded three times (15), the
+  checksum and header stores; the JIT saves 4 callee-saved registers (2 for the floor; pricing it
+  on the floor program showed no difference). Before (2026-11-30 06:25, quiet): 1.34x / 1.36x.
 `
 
 func kernelRelease() string {

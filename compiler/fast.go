@@ -48,11 +48,14 @@ func (c *compiler) fastRules(rules []*grammar.Rule) bool {
 //   - when every rule wants a few destination ports, a bitmap test of the
 //     port folded into the same branch as the header test, so that a
 //     packet no rule wants leaves after two branches;
-//   - the rules in order, each testing destination port, protocol and
-//     source port against immediates;
-//   - per rule that can match, the check that the packet is not a
+//   - one branch on the protocol per protocol the rules name, then that
+//     protocol's rules in order, each testing destination and source port
+//     against immediates;
+//   - after each rule's tests, the check that the packet is not a
 //     fragment, the stack slots its body reads, and its body, emitted
-//     knowing the family (4), that there are no options and the protocol.
+//     knowing the family (4), that there are no options and the protocol;
+//     what a common packet does not run (other ip_summed cases, an MTU
+//     overrun) comes after the body.
 //
 // Packets it can't decide (other families, options, fragments, short or
 // non-linear headers) take the general parse at "parse".
@@ -60,7 +63,7 @@ func (c *compiler) fastMatch(rules []*grammar.Rule) {
 	e := &c.e
 	l3 := c.l3
 	hdr := int32(8)
-	var sport, dport bool
+	var dport bool
 	for _, r := range rules {
 		if r.Family == grammar.FamilyIPv6 {
 			continue
@@ -68,7 +71,6 @@ func (c *compiler) fastMatch(rules []*grammar.Rule) {
 		if r.Proto == grammar.ProtoTCP {
 			hdr = 20
 		}
-		sport = sport || r.Sport != nil
 		dport = dport || r.Dport != nil
 	}
 	c.fastBound = l3 + 20 + int16(hdr)
@@ -123,26 +125,61 @@ func (c *compiler) fastMatch(rules []*grammar.Rule) {
 	if dport && !filter {
 		e.emit(ldx(asm.R4, asm.R7, l3+22, asm.Half))
 	}
-	if sport {
-		e.emit(ldx(asm.R5, asm.R7, l3+20, asm.Half))
+	// Rules of different protocols never match the same packet, so each
+	// protocol's rules are tested apart, in rule order: one branch on the
+	// protocol, then only ports. Each rule's body follows its tests: a
+	// matching packet runs on into it without a taken jump; the others
+	// jump over it to the next rule.
+	groups := fastGroups(rules)
+	other := ""
+	for g, group := range groups {
+		if other != "" {
+			e.label(other)
+		}
+		proto := rules[group[0]].Proto.Number()
+		e.comment("%s rules", rules[group[0]].Proto)
+		if g+1 < len(groups) {
+			other = e.newLabel("fast_proto")
+			e.emit(asm.JNE.Imm(asm.R9, int32(proto), other))
+		} else {
+			e.emit(asm.JNE.Imm(asm.R9, int32(proto), c.exit("next")))
+		}
+		if slices.ContainsFunc(group, func(i int) bool { return rules[i].Sport != nil }) {
+			e.emit(ldx(asm.R5, asm.R7, l3+20, asm.Half))
+		}
+		for _, i := range group {
+			r := rules[i]
+			e.owner = i + 1
+			miss := e.newLabel("fast_miss")
+			e.comment("rule %d handle %d", i, r.Handle)
+			c.fastPortTest(r.Dport, asm.R4, miss)
+			c.fastPortTest(r.Sport, asm.R5, miss)
+			e.owner = 0
+			c.fastBody(i, r)
+			e.label(miss)
+		}
+		e.emit(movi(asm.R0, VerdictNext), asm.Return())
 	}
-	// Each rule's body follows its tests: a matching packet runs on into
-	// it without a taken jump; the others jump over it to the next rule.
+}
+
+// fastGroups returns the indexes of the IPv4 rules by protocol, in rule
+// order, the groups in the order their first rules come.
+func fastGroups(rules []*grammar.Rule) [][]int {
+	var groups [][]int
+	at := map[grammar.Proto]int{}
 	for i, r := range rules {
 		if r.Family == grammar.FamilyIPv6 {
 			continue
 		}
-		e.owner = i + 1
-		miss := e.newLabel("fast_miss")
-		e.comment("rule %d handle %d", i, r.Handle)
-		c.fastPortTest(r.Dport, asm.R4, miss)
-		e.emit(asm.JNE.Imm(asm.R9, int32(r.Proto.Number()), miss))
-		c.fastPortTest(r.Sport, asm.R5, miss)
-		e.owner = 0
-		c.fastBody(i, r)
-		e.label(miss)
+		g, ok := at[r.Proto]
+		if !ok {
+			g = len(groups)
+			at[r.Proto] = g
+			groups = append(groups, nil)
+		}
+		groups[g] = append(groups[g], i)
 	}
-	e.emit(movi(asm.R0, VerdictNext), asm.Return())
+	return groups
 }
 
 func fastHit(i int) string { return fmt.Sprintf("fast_rule%d", i) }
