@@ -369,19 +369,35 @@ func (b *Backend) patchHook(s *bpf.Store, cur *bpf.Gen, oh *hookState, rs *rules
 	for _, mp := range movedPuts {
 		perfects = append(perfects, mp.entry)
 	}
+	// Every perfect-hash value goes to the spare generation whole, changed
+	// or not: the spare one may be stale (a compilation fills only the
+	// live generation, an earlier change only the other one).
+	var perfectTables []string
+	for _, sl := range l.Segments {
+		for _, sh := range sl.Shapes {
+			if sh.Perfect && !slices.Contains(perfectTables, sh.Table) {
+				perfectTables = append(perfectTables, sh.Table)
+			}
+		}
+	}
 	for _, e := range perfects {
-		if e.perfect == nil || blobs[e.table] != nil {
+		if e.perfect != nil && !slices.Contains(perfectTables, e.table) {
+			perfectTables = append(perfectTables, e.table)
+		}
+	}
+	for _, name := range perfectTables {
+		if blobs[name] != nil {
 			continue
 		}
-		m := h.Maps[e.table]
+		m := h.Maps[name]
 		if m == nil {
 			return nil, nil
 		}
 		blob := make([]byte, m.ValueSize())
 		if err := m.Lookup(live, blob); err != nil {
-			return nil, fmt.Errorf("table %s of %s: %w", e.table, oh.id(), err)
+			return nil, fmt.Errorf("table %s of %s: %w", name, oh.id(), err)
 		}
-		blobs[e.table] = blob
+		blobs[name] = blob
 	}
 	// A key another rule holds in the live tables: when that rule comes
 	// first, the new rule's entry is dead (as a compilation drops it);
