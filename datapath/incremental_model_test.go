@@ -28,11 +28,11 @@ import (
 // table entries and reloads the changes took) get what the reference
 // model gives for those rules: verdict, packet and mark (and, every fourth
 // change, each rule's counter grows by the packets the model counts for
-// it). While each change is made, packets run through the live program without a pause, and
-// each gets what the model gives for the rules before the change or for
-// the rules after it, never anything else (a packet sees the old ruleset
-// or the new one). Fixed seed
-// (SFUNNEL_SEED=N for another); 40 changes in CI, 400 with SFUNNEL_LONG=1.
+// it). While each change is made, packets run through the live program
+// without a pause, and each gets what the model gives for the rules
+// before the change or for the rules after it, never anything else (a
+// packet sees the old ruleset or the new one). Fixed seed (SFUNNEL_SEED=N
+// for another); 40 changes in CI, 400 with SFUNNEL_LONG=1.
 func TestRandomChangesAgainstModel(t *testing.T) {
 	changes := 40
 	if os.Getenv("SFUNNEL_LONG") != "" {
