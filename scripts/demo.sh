@@ -10,7 +10,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SF=${SF:-$PWD/bin/sfunnel}
-R=sfdemo-router C=sfdemo-collector
+# Names of this run only: cleanup must never delete another run's namespaces.
+R=sfdemo-router-$$ C=sfdemo-collector-$$
 tmp=$(mktemp -d)
 pids=()
 
