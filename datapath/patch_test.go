@@ -348,6 +348,15 @@ func TestRecordChangesWithoutReload(t *testing.T) {
 	checkEntries(t, e, id)
 }
 
+// applyVbIngress applies text (a ruleset for vb's ingress) and returns the
+// hook's id and same, the check that a later step kept its program.
+func (e *env) applyVbIngress(t *testing.T, text string) (bpf.HookID, func(step string)) {
+	t.Helper()
+	id := bpf.HookID{Ifname: "vb", Hook: grammar.HookIngress}
+	e.run(t, text)
+	return id, e.unchanged(t, id, liveProgID(t, e, id))
+}
+
 // unchanged returns a check that a step changed hook id by table entries
 // alone: the program is still prog and the hook was not compiled.
 func (e *env) unchanged(t *testing.T, id bpf.HookID, prog ebpf.ProgramID) func(step string) {
@@ -506,10 +515,7 @@ func contestedHook() string {
 // key at every step, and counters stay with their rules.
 func TestContestedKeysWithoutReload(t *testing.T) {
 	e := newEnv(t, Options{})
-	id := bpf.HookID{Ifname: "vb", Hook: grammar.HookIngress}
-	e.run(t, contestedHook())
-	prog := liveProgID(t, e, id)
-	same := e.unchanged(t, id, prog)
+	id, same := e.applyVbIngress(t, contestedHook())
 	rs, _ := e.fresh(t)
 	rules := rs.Interface("vb").Ingress
 	h50, h150 := rules[50].Handle, rules[150].Handle // drop 7050 and 7150 from 192.0.2.1
@@ -912,10 +918,7 @@ func TestRecordWithNamedSetWithoutReload(t *testing.T) {
 // deleting it hands the key to the other.
 func TestSameKeyInOneChangeWithoutReload(t *testing.T) {
 	e := newEnv(t, Options{})
-	id := bpf.HookID{Ifname: "vb", Hook: grammar.HookIngress}
-	e.run(t, contestedHook())
-	prog := liveProgID(t, e, id)
-	same := e.unchanged(t, id, prog)
+	id, same := e.applyVbIngress(t, contestedHook())
 	rs, _ := e.fresh(t)
 	rules := rs.Interface("vb").Ingress
 	h140, h150 := rules[140].Handle, rules[150].Handle
@@ -1032,10 +1035,7 @@ func TestRenumberPlaces(t *testing.T) {
 // in order and counting in its slot.
 func TestRenumberAtTwoPlacesWithoutReload(t *testing.T) {
 	e := newEnv(t, Options{})
-	id := bpf.HookID{Ifname: "vb", Hook: grammar.HookIngress}
-	e.run(t, contestedHook())
-	prog := liveProgID(t, e, id)
-	same := e.unchanged(t, id, prog)
+	id, same := e.applyVbIngress(t, contestedHook())
 	rs, _ := e.fresh(t)
 	rules := rs.Interface("vb").Ingress
 	h50, h149, h150 := rules[50].Handle, rules[149].Handle, rules[150].Handle
@@ -1090,10 +1090,7 @@ func listsHook(n int) string {
 // datagrams meet the right rule at each step.
 func TestRecordListsWithoutReload(t *testing.T) {
 	e := newEnv(t, Options{})
-	id := bpf.HookID{Ifname: "vb", Hook: grammar.HookIngress}
-	e.run(t, listsHook(120))
-	prog := liveProgID(t, e, id)
-	same := e.unchanged(t, id, prog)
+	id, same := e.applyVbIngress(t, listsHook(120))
 	rs, _ := e.fresh(t)
 	rules := rs.Interface("vb").Ingress
 	h60 := rules[63].Handle // drop 7120
