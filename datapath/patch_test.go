@@ -453,19 +453,15 @@ func countBeforeProbe(t *testing.T, rx, probe, tx, ptx *net.UDPConn, n int) int 
 // after them still sees the packets they counted.
 func TestCounterRulesWithoutReload(t *testing.T) {
 	e := newEnv(t, Options{})
-	id := bpf.HookID{Ifname: "vb", Hook: grammar.HookIngress}
-	var b strings.Builder
-	b.WriteString("flush ruleset\ninterface vb {\n\tingress {\n")
-	for i := 0; i < 200; i++ {
-		fmt.Fprintf(&b, "\t\tip saddr 192.0.2.1 udp dport %d counter\n", 7000+2*i)
-	}
-	b.WriteString("\t\tudp dport { 7120, 7503 } counter actions drop\n\t}\n}\n")
-	e.run(t, b.String())
-	prog := liveProgID(t, e, id)
+	id, same := e.applyVbIngress(t, vbIngressText(201, func(i int) string {
+		if i == 200 {
+			return "udp dport { 7120, 7503 } counter actions drop"
+		}
+		return fmt.Sprintf("ip saddr 192.0.2.1 udp dport %d counter", 7000+2*i)
+	}))
 	rs, _ := e.fresh(t)
 	rules := rs.Interface("vb").Ingress
 	h60, last := rules[60].Handle, rules[200].Handle
-	same := e.unchanged(t, id, prog)
 	if got := e.arrive(t, 7120, 2); got != 0 {
 		t.Fatalf("%d of 2 datagrams passed the drop rule", got)
 	}
@@ -770,17 +766,13 @@ func checkEntries(t *testing.T, e *env, id bpf.HookID) {
 func TestRecordsBesideShapeRecords(t *testing.T) {
 	e := newEnv(t, Options{})
 	id := bpf.HookID{Ifname: "vb", Hook: grammar.HookIngress}
-	var b strings.Builder
-	b.WriteString("flush ruleset\ninterface vb {\n\tingress {\n")
-	for s := 0; s < 24; s++ {
-		for j := 0; j < 4; j++ {
-			fmt.Fprintf(&b, "\t\tip saddr 192.0.2.%d udp sport != %d dport %d counter actions drop\n", 100+j, s+1, 7000+4*s+j)
+	e.run(t, vbIngressText(24*5, func(i int) string {
+		s, j := i/5, i%5
+		if j == 4 { // a rule of a shape of its own (a plain record) now and then
+			return fmt.Sprintf("ip saddr 192.0.2.%d udp sport != %d dport %d counter actions drop", 150+s, 500+s, 7200+s)
 		}
-		// A rule of a shape of its own (a plain record) now and then.
-		fmt.Fprintf(&b, "\t\tip saddr 192.0.2.%d udp sport != %d dport %d counter actions drop\n", 150+s, 500+s, 7200+s)
-	}
-	b.WriteString("\t}\n}\n")
-	e.run(t, b.String())
+		return fmt.Sprintf("ip saddr 192.0.2.%d udp sport != %d dport %d counter actions drop", 100+j, s+1, 7000+4*s+j)
+	}))
 	prog := liveProgID(t, e, id)
 	rs, _ := e.fresh(t)
 	rules := rs.Interface("vb").Ingress
