@@ -46,10 +46,6 @@ func TestRandomChangesAgainstModel(t *testing.T) {
 	e := newEnv(t, Options{})
 	id := bpf.HookID{Ifname: "vb", Hook: grammar.HookIngress}
 
-	type stated struct {
-		handle uint64
-		text   string
-	}
 	var want []stated
 	var b strings.Builder
 	b.WriteString("flush ruleset\ninterface vb {\n\tingress {\n")
@@ -226,19 +222,27 @@ func randomChangeRule(rng *rand.Rand, late bool) string {
 // how many of them the model says each rule counts.
 func agreeWithModel(t *testing.T, e *env, id bpf.HookID, rules []*grammar.Rule, rng *rand.Rand, what string) []uint64 {
 	t.Helper()
+	model, err := refmodel.New(rules, nil, refmodel.Options{Hook: grammar.HookIngress})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return agreeRuns(t, e, id, model, len(rules), 300, func() ([]byte, uint32) { return changePacket(t, rng) }, what)
+}
+
+// agreeRuns runs n packets drawn by draw (with their skb mark) through
+// hook id's live program and compares each outcome with model's; nrules
+// is the number of rules model holds. It returns how many of the packets
+// the model says each rule counts.
+func agreeRuns(t *testing.T, e *env, id bpf.HookID, model *refmodel.Model, nrules, n int, draw func() ([]byte, uint32), what string) []uint64 {
+	t.Helper()
 	prog, err := ebpf.NewProgramFromID(liveProgID(t, e, id))
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer prog.Close()
-	model, err := refmodel.New(rules, nil, refmodel.Options{Hook: grammar.HookIngress})
-	if err != nil {
-		t.Fatal(err)
-	}
-	counted := make([]uint64, len(rules))
-	for range 300 {
-		src, udp, sport, dport, mark := randomChangePacket(rng)
-		pkt := craftChangePacket(t, src, udp, sport, dport)
+	counted := make([]uint64, nrules)
+	for range n {
+		pkt, mark := draw()
 		out := make([]byte, len(pkt)+256)
 		var ctxOut skbContext
 		opts := &ebpf.RunOptions{Data: pkt, DataOut: out, Context: skbContext{Mark: mark}, ContextOut: &ctxOut}
@@ -251,11 +255,17 @@ func agreeWithModel(t *testing.T, e *env, id bpf.HookID, rules []*grammar.Rule, 
 			counted[i] += c.Packets
 		}
 		if int32(ret) != m.Verdict || ctxOut.Mark != m.Mark || !bytes.Equal(opts.DataOut, m.Packet) {
-			t.Fatalf("%s: packet %s mark %#x: live program gives %d mark %#x, the model %d mark %#x (packet changed: %v / %v)",
-				what, hex.EncodeToString(pkt), mark, int32(ret), ctxOut.Mark, m.Verdict, m.Mark, !bytes.Equal(opts.DataOut, pkt), !bytes.Equal(m.Packet, pkt))
+			t.Fatalf("%s: %s packet %s mark %#x: live program gives %d mark %#x, the model %d mark %#x (rule %d; packet changed: %v / %v)",
+				what, id, hex.EncodeToString(pkt), mark, int32(ret), ctxOut.Mark, m.Verdict, m.Mark, m.Rule, !bytes.Equal(opts.DataOut, pkt), !bytes.Equal(m.Packet, pkt))
 		}
 	}
 	return counted
+}
+
+// changePacket is a packet of randomChangePacket, crafted, and its mark.
+func changePacket(t *testing.T, rng *rand.Rand) ([]byte, uint32) {
+	src, udp, sport, dport, mark := randomChangePacket(rng)
+	return craftChangePacket(t, src, udp, sport, dport), mark
 }
 
 // randomChangePacket draws a packet's fields from what the rules name.
@@ -318,14 +328,20 @@ type runs struct {
 // function is called, which returns what they got.
 func hammer(t *testing.T, e *env, id bpf.HookID, rng *rand.Rand) func() *runs {
 	t.Helper()
+	return hammerWith(t, e, id, func() ([]byte, uint32) { return changePacket(t, rng) })
+}
+
+// hammerWith is hammer with 32 packets drawn by draw.
+func hammerWith(t *testing.T, e *env, id bpf.HookID, draw func() ([]byte, uint32)) func() *runs {
+	t.Helper()
 	prog, err := ebpf.NewProgramFromID(liveProgID(t, e, id))
 	if err != nil {
 		t.Fatal(err)
 	}
 	r := &runs{got: map[[2]int]outcome{}}
 	for range 32 {
-		src, udp, sport, dport, mark := randomChangePacket(rng)
-		r.pkts = append(r.pkts, craftChangePacket(t, src, udp, sport, dport))
+		pkt, mark := draw()
+		r.pkts = append(r.pkts, pkt)
 		r.marks = append(r.marks, mark)
 	}
 	done := make(chan struct{})
@@ -380,6 +396,13 @@ func (r *runs) check(t *testing.T, before, after []*grammar.Rule, what string) {
 		}
 		models[i] = m
 	}
+	r.checkModels(t, models, what)
+}
+
+// checkModels holds every outcome to models[0] (before the change) or
+// models[1] (after it).
+func (r *runs) checkModels(t *testing.T, models [2]*refmodel.Model, what string) {
+	t.Helper()
 	for k, o := range r.got {
 		i := k[0]
 		ok := false
