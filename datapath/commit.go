@@ -29,8 +29,11 @@ import (
 //  2. Commit point: the symlink "next" is pointed at gen-M (one rename).
 //     From here on the transaction is rolled forward by whoever holds the
 //     lock next, if this process dies.
-//  3. Roll forward, every step idempotent: sync set maps shared with the
-//     old generation to their new elements; make every hook's attach point
+//  3. Roll forward, every step idempotent: swap new elements maps into
+//     the set maps shared with the old generation (a set whose elements
+//     change in a transaction that also changes the rules of a hook
+//     reading it gets a fresh set map instead, which only the new
+//     programs read: rulesChangeWith); make every hook's attach point
 //     run gen-M's program (tcx link update or cls_bpf replace, atomic per
 //     hook); detach hooks gen-M does not have; carry counters of replaced
 //     programs into gen-M's state record.
@@ -45,9 +48,11 @@ import (
 // and the old one on another until the writer is done (per-hook link
 // updates are atomic; across hooks only the end state is).
 //
-// Set maps updated in place (step 3) change element by element, so a
-// packet can see part of an `add element` of several elements; programs
-// are not reloaded for that.
+// A set's elements change with one update of its set map (step 3), so a
+// packet sees all the elements of an `add element` or none; programs are
+// not reloaded for that. (Set maps of the layout before elements maps,
+// still live after an upgrade, change element by element until the next
+// commit that rebuilds them.)
 
 // setPlan is a named set's map for a transaction: the one of the current
 // generation (its elements synced in place) or a fresh one.
@@ -158,7 +163,9 @@ func (b *Backend) Commit(rs *ruleset.Ruleset) error {
 		}
 		sp := &setPlan{m: pinned}
 		sets[set.Name] = sp
-		if pinned == nil || !bpf.SetMapFits(pinned, outer) {
+		t, ok := oldSets[set.Name]
+		same := ok && t == grammar.FormatSet(set, "")
+		if pinned == nil || !bpf.SetMapFits(pinned, outer) || !same && b.rulesChangeWith(set.Name, old, rs) {
 			if pinned != nil {
 				pinned.Close()
 			}
@@ -166,7 +173,7 @@ func (b *Backend) Commit(rs *ruleset.Ruleset) error {
 				return err
 			}
 			sp.fresh = true
-		} else if t, ok := oldSets[set.Name]; ok && t == grammar.FormatSet(set, "") {
+		} else if same {
 			if elems, err = cur.SetElements(set.Name); err != nil {
 				return err
 			}
@@ -688,6 +695,50 @@ func addReplacedCounts(base map[uint64]ruleset.Counter, oh *hookState, cur, g *b
 		base[handle] = c
 	}
 	return true, nil
+}
+
+// rulesChangeWith reports whether rs changes the rules of a hook whose
+// live program reads set name. Its elements then go to the new programs
+// in an outer map of their own, not into the live one: swapped into the
+// live one first, they would meet the old rules until the hook's program
+// or tables switch (and, were the writer killed between the two, until
+// the next command): a packet would see half of the transaction.
+func (b *Backend) rulesChangeWith(name string, old *liveState, rs *ruleset.Ruleset) bool {
+	for _, oh := range old.hooks() {
+		if !slices.Contains(oh.Sets, name) {
+			continue
+		}
+		var rules []*grammar.Rule
+		if ifc := rs.Interface(oh.ifname); ifc != nil {
+			rules = ifc.Rules(oh.hook)
+		}
+		if b.rulesChanged(oh, rules) {
+			return true
+		}
+	}
+	return false
+}
+
+// rulesChanged reports whether rules differ from the rules of oh (their
+// handles, order or text).
+func (b *Backend) rulesChanged(oh *hookState, rules []*grammar.Rule) bool {
+	if len(rules) != len(oh.Rules) {
+		return true
+	}
+	for i, r := range rules {
+		rec := oh.Rules[i]
+		if r.Handle != rec.Handle {
+			return true
+		}
+		known, ok := b.recordOf(r)
+		if !ok {
+			known = ruleRecordOf(r)
+		}
+		if known.Text != rec.Text {
+			return true
+		}
+	}
+	return false
 }
 
 func usesFreshSet(names []string, sets map[string]*setPlan) bool {

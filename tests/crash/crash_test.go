@@ -524,6 +524,8 @@ func TestCrashAtEveryPoint(t *testing.T) {
 		{name: "insert-params-middle", old: rulesetP(), args: []string{"insert", "rule", "vb", "ingress", "position", "HANDLE", "ip", "saddr", "192.0.2.1", "udp", "dport", "7021", "counter", "actions", "dnat", "to", "192.0.2.2:8033"},
 			handleOf: `udp dport 7020 .*# handle (\d+)`, ingress: []int{7021, 7022, 7030}, every: 3,
 			followUp: []string{"add", "rule", "vb", "ingress", "ip", "saddr", "192.0.2.1", "udp", "dport", "7030", "counter", "actions", "dnat", "to", "192.0.2.2:8034"}},
+		{name: "set-and-rules", old: rulesetS, args: setAndRules(), handleOf: `saddr @blocked .*# handle (\d+)`,
+			ingress: []int{6000, 6001, 6002}, every: 2},
 		{name: "add-address-elements", old: rulesetC, args: []string{"add", "element", "hosts", "{ " + manyHosts(2000) + " }"},
 			egress: []int{5003}, every: 1},
 	}
