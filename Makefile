@@ -65,10 +65,10 @@ bench-grammar:
 bench-control: build
 	$(GO) run ./bench/control -sfunnel bin/sfunnel -rules 10000 -runs 5 -o BENCHMARKS.md
 
-# crash-long kills sfunnel at every crash point of every tested commit
+# crash-long kills (and stops) sfunnel at every crash point of every tested commit
 # (make test tests every second one); see tests/crash.
 crash-long:
-	SFUNNEL_LONG=1 $(GO) test -count=1 -v -timeout 120m -run TestCrashAtEveryPoint ./tests/crash
+	SFUNNEL_LONG=1 $(GO) test -count=1 -v -timeout 120m -run 'TestCrashAtEveryPoint|TestStoppedAtEveryPoint' ./tests/crash
 
 # fuzz runs the parser fuzzer for 10 minutes, the lexer's differential
 # fuzzer and the sealed-record fuzzer for 2 each.

@@ -478,7 +478,15 @@ func manyElements(from, n int) string {
 func long() bool { return os.Getenv("SFUNNEL_LONG") == "1" }
 
 func TestCrashAtEveryPoint(t *testing.T) {
-	scenarios := []*scenario{
+	for _, sc := range crashScenarios() {
+		t.Run(sc.name, func(t *testing.T) { testCrashes(t, sc) })
+	}
+}
+
+// crashScenarios are the commits TestCrashAtEveryPoint kills (and
+// TestStoppedAtEveryPoint, with SFUNNEL_LONG=1, stops).
+func crashScenarios() []*scenario {
+	return []*scenario{
 		{name: "apply", old: rulesetA, args: []string{"-f", "-"}, stdin: rulesetB,
 			ingress: []int{6000, 6001}, egress: []int{5001, 5002, 7000}, every: 2},
 		{name: "add-rule", old: rulesetA, args: []string{"add", "rule", "vb", "ingress", "udp", "dport", "6002", "counter", "actions", "drop"},
@@ -528,9 +536,6 @@ func TestCrashAtEveryPoint(t *testing.T) {
 			ingress: []int{6000, 6001, 6002}, every: 2},
 		{name: "add-address-elements", old: rulesetC, args: []string{"add", "element", "hosts", "{ " + manyHosts(2000) + " }"},
 			egress: []int{5003}, every: 1},
-	}
-	for _, sc := range scenarios {
-		t.Run(sc.name, func(t *testing.T) { testCrashes(t, sc) })
 	}
 }
 

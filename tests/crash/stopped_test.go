@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -44,14 +45,22 @@ func setAndRules() []string {
 // running the old ruleset or the new one, as real traffic shows it; a
 // packet never sees half of a transaction. The batches change a named
 // set's elements and rules that use it together: the set's new elements
-// with the old rules would drop what neither ruleset drops. In make test
-// every second or third point; every point with SFUNNEL_LONG=1.
+// with the old rules would drop what neither ruleset drops. With
+// SFUNNEL_LONG=1 (make crash-long) the commits TestCrashAtEveryPoint kills
+// are stopped at every point too.
 func TestStoppedAtEveryPoint(t *testing.T) {
 	scenarios := []*scenario{
 		{name: "set-and-rules", old: rulesetS, args: setAndRules(), handleOf: `saddr @blocked .*# handle (\d+)`,
 			ingress: []int{6000, 6001, 6002}, every: 1},
 		{name: "set-and-table-rules", old: rulesetT(), args: setAndRules(), handleOf: `saddr @blocked .*# handle (\d+)`,
 			ingress: []int{6000, 6001, 6002, 7005}, every: 1},
+	}
+	if long() {
+		for _, sc := range crashScenarios() {
+			if !slices.ContainsFunc(scenarios, func(s *scenario) bool { return s.name == sc.name }) {
+				scenarios = append(scenarios, sc)
+			}
+		}
 	}
 	for _, sc := range scenarios {
 		t.Run(sc.name, func(t *testing.T) { testStops(t, sc) })
