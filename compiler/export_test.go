@@ -31,3 +31,50 @@ func ScanRecords(p *Program) int {
 	}
 	return n
 }
+
+// BucketedRules returns the rules (by index, for programs compiled without
+// Options.Prios) whose records are in a port bucket's list: "dport" or
+// "sport", the port that put them there.
+func BucketedRules(p *Program) map[int]string {
+	out := map[int]string{}
+	if p.c.lin == nil {
+		return out
+	}
+	for s, lists := range p.c.lin.segs {
+		for l := linGroups; l < len(lists); l++ {
+			for k := 0; k < len(lists[l]); k += recSize {
+				out[int(nativeU32(lists[l][k+recPrio:]))-1] = []string{"dport", "sport"}[(l-linGroups)/p.c.lin.buckets[s]]
+			}
+		}
+	}
+	return out
+}
+
+// PacketListRecords returns how many records the lists hold that a packet
+// of family fam (4, 6), protocol proto and ports sport, dport reads
+// (linScan: its family/protocol lists and its ports' buckets).
+func PacketListRecords(p *Program, fam, proto uint8, sport, dport uint16) int {
+	if p.c.lin == nil {
+		return 0
+	}
+	fi := map[uint8]int{4: 1, 6: 2}[fam]
+	pi := map[uint8]int{6: 1, 17: 2}[proto]
+	n := 0
+	for s, lists := range p.c.lin.segs {
+		read := []int{0}
+		if p.c.lin.grouped[s] {
+			read = append(read, 3*fi, pi, 3*fi+pi)
+			if b := p.c.lin.buckets[s]; b > 0 && pi > 0 {
+				read = append(read, linGroups+portBucket(dport, b), linGroups+b+portBucket(sport, b))
+			}
+		}
+		seen := map[int]bool{}
+		for _, l := range read {
+			if !seen[l] {
+				seen[l] = true
+				n += len(lists[l]) / recSize
+			}
+		}
+	}
+	return n
+}

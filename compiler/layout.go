@@ -46,7 +46,7 @@ type Layout struct {
 // its callback tests, and where free records are.
 type ScanLayout struct {
 	Cap  int `json:"cap"`  // records per generation (an immediate in the code)
-	Dirs int `json:"dirs"` // directory entries: nine per segment with a scan (linear.go)
+	Dirs int `json:"dirs"` // directory entries: SegmentLayout.ScanLists per segment with a scan (linear.go)
 	// Used: entries of a generation that lists may occupy; a list
 	// rewritten incrementally goes after them (both generations agree on
 	// everything a directory reaches below Used).
@@ -123,9 +123,10 @@ type SegmentLayout struct {
 	// Scan: 1 + the segment's first directory entry in the record scan
 	// (0: the segment has no scan); ScanLists: how many of its entries
 	// it uses: 1 (every record in the first list, which every packet
-	// reads) or 9 (lists by family and protocol, entry Scan-1+
-	// RecordGroup(record) for records that end the scan; records that
-	// don't, and set no mark, in the first list, which is read last). ScanOnly: the segment has no lookups and no
+	// reads) or 9 + 2*ScanBuckets (lists by family and protocol, and by
+	// port bucket: entry Scan-1+RecordList(record, ScanLists,
+	// ScanBuckets); records that don't end the scan, and set no mark, are
+	// in the first list, which is read last). ScanOnly: the segment has no lookups and no
 	// inline members; ScanFx: the scan does its terminal records' counter
 	// and mark set; ScanMark: the segment writes the scan's mark back.
 	// EntriesOnly: every rule of the segment is table entries (no inline
@@ -139,9 +140,12 @@ type SegmentLayout struct {
 	Tail      string `json:"tail,omitempty"`
 	Scan      int    `json:"scan,omitempty"`
 	ScanLists int    `json:"scan_lists,omitempty"`
-	ScanOnly  bool   `json:"scan_only,omitempty"`
-	ScanFx    bool   `json:"scan_fx,omitempty"`
-	ScanMark  bool   `json:"scan_mark,omitempty"`
+	// ScanBuckets: the port buckets of the segment's lists (linear.go's
+	// portBucket; 0: none, as in layouts stored before them).
+	ScanBuckets int  `json:"scan_buckets,omitempty"`
+	ScanOnly    bool `json:"scan_only,omitempty"`
+	ScanFx      bool `json:"scan_fx,omitempty"`
+	ScanMark    bool `json:"scan_mark,omitempty"`
 }
 
 // ShapeLayout is one shape of a table segment.
@@ -281,10 +285,10 @@ func (p *Program) Layout() (*Layout, []Placement) {
 			// Directory entries follow the order emitLinear meets the
 			// segments in.
 			dirs++
-			sl.Scan, sl.ScanFx = 1+(dirs-1)*linGroups, seg.scanFx
+			sl.Scan, sl.ScanFx = 1+c.lin.dirAt[dirs-1], seg.scanFx
 			sl.ScanLists = 1
 			if c.lin.grouped[dirs-1] {
-				sl.ScanLists = linGroups
+				sl.ScanLists, sl.ScanBuckets = len(c.lin.segs[dirs-1]), c.lin.buckets[dirs-1]
 			}
 			sl.ScanOnly = len(seg.shapes) == 0 && len(seg.members) == 0
 			sl.ScanMark = c.lin.marks[dirs-1]
@@ -350,7 +354,7 @@ func (c *compiler) scanLayout() *ScanLayout {
 	if t == nil {
 		return nil
 	}
-	sc := &ScanLayout{Cap: t.cap, Dirs: len(t.segs) * linGroups, Used: t.used, Sets: slices.Clone(t.sets),
+	sc := &ScanLayout{Cap: t.cap, Dirs: t.dirEntries(), Used: t.used, Sets: slices.Clone(t.sets),
 		Uses:    ScanUses{Fam: t.uses.fam, Proto: t.uses.proto, TCP: t.uses.tcp, Meta: t.uses.meta, Ct: t.uses.ct, Count: t.uses.count, SetMark: t.uses.setMark},
 		Tracing: c.tracing, SegDev: c.segDev()}
 	for f, kinds := range t.kinds {

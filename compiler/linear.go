@@ -31,28 +31,31 @@ import (
 //
 // Lists: a segment keeps its records that end the scan (recTerminal) in
 // linGroups lists by the family and protocol they need (any, IPv4, IPv6 ×
-// any, TCP, UDP), each in rule order; a packet reads the at most four
-// lists its family and protocol can match, one after the other, each
-// until a record's priority is not below the best so far, so the winner is
-// still the first matching rule. Records that don't end the scan (a
-// counter) go to list 0 (any/any), which is read last: they count when
-// they are below the winner of the other lists, as in rule order. A
-// segment with a record that doesn't end the scan and sets the mark
-// (which later records may test) keeps every record in list 0, in rule
-// order. A winning record's own counter and mark set run once, after all
-// lists.
+// any, TCP, UDP), each in rule order; in a segment of many records, one
+// whose destination (else source) port match is positive and names ports
+// of one bucket goes instead to that port bucket's list (portBucket,
+// recordBucket). A packet reads the at most four lists its family and
+// protocol can match and the bucket lists of its two ports, one after the
+// other, each until a record's priority is not below the best so far, so
+// the winner is still the first matching rule. Records that don't end
+// the scan (a counter) go to list 0 (any/any), which is read last: they
+// count when they are below the winner of the other lists, as in rule
+// order. A segment with a record that doesn't end the scan and sets the
+// mark (which later records may test) keeps every record in list 0, in
+// rule order. A winning record's own counter and mark set run once,
+// after all lists.
 //
 // Map layout (linearMap, ARRAY of linCap*2 records, generation g at
-// g*linCap): the first linGroups entries per linear segment are a
-// directory, entry s*linGroups + l holding in its prio field the index of
-// the first record of segment s's list l; then a zero record that empty
-// lists point at; then the lists' records, each list ended by a zero
-// record. So every directory entry is the absolute index of a list ended
-// by a zero record, which incremental changes (datapath/scanpatch.go)
-// copy between generations as they are. The program reads
-// directory entries from gen*linCap + s*linGroups, then the records from
-// there: a commit writes the other generation whole and flips
-// abi.ControlMap.
+// g*linCap): the first entries are a directory, ScanLists entries per
+// linear segment (dirAt), entry dirAt[s] + l holding in its prio field the
+// index of the first record of segment s's list l (RecordList); then a
+// zero record that empty lists point at; then the lists' records, each
+// list ended by a zero record. So every directory entry is the absolute
+// index of a list ended by a zero record, which incremental changes
+// (datapath/scanpatch.go) copy between generations as they are. The
+// program reads directory entries from gen*linCap + dirAt[s], then the
+// records from there: a commit writes the other generation whole and
+// flips abi.ControlMap.
 //
 // Per packet the scan costs a few tens of instructions per record it
 // reads: it is for rules that share no shape, as the tables are for rules
@@ -126,10 +129,12 @@ const (
 
 // linearTable is the program's record map.
 type linearTable struct {
-	segs    [][linGroups][]byte // each segment's lists of records, in order, without the ends
-	marks   []bool              // by segment: a record sets the mark (written back)
-	grouped []bool              // by segment: its records are in lists by family and protocol
-	sets    []string            // named sets the records use, by index
+	segs    [][][]byte // each segment's lists of records, in order, without the ends
+	dirAt   []int      // by segment: its first directory entry
+	buckets []int      // by segment: port buckets (0: none; linIndex)
+	marks   []bool     // by segment: a record sets the mark (written back)
+	grouped []bool     // by segment: its records are in lists by family and protocol
+	sets    []string   // named sets the records use, by index
 	kinds   [4][numKinds]bool
 	ranges  [][]byte          // range lists (linRangesMap), by id
 	rangeID map[string]uint32 // by content
@@ -527,6 +532,28 @@ func (c *compiler) linearMapSpecs() {
 // (any, TCP, UDP).
 const linGroups = 9
 
+// Port buckets. In a segment of many records, a terminal record whose
+// destination port match is positive and names ports of one bucket only
+// goes to that bucket's list instead of its family/protocol list; failing
+// that, by its source port likewise. A packet reads its group lists and,
+// per indexed port, the one bucket list of its port: records of other
+// buckets need a port it does not have. Directory entries 9+f*B+b are the
+// segment's bucket lists, f the field (linIndexFields order), b the
+// bucket; B (the segment's buckets) is fixed when the hook is compiled.
+const (
+	linIndexFields = 2  // dport, then sport (fields added later go last: stored layouts keep their meaning)
+	linBucketMin   = 16 // fewer indexable records: no buckets
+	linBucketMax   = 4096
+	linBucketPorts = 64    // a port match of more ports is not indexed
+	portHashMul    = 40503 // 2^16 / golden ratio: the port's bits spread over the 16-bit hash
+)
+
+// portBucket is the bucket of port p among n: the port's multiplicative
+// hash scaled to n (no power of two needed). linScan computes the same.
+func portBucket(p uint16, n int) int {
+	return int(uint32(p)*portHashMul&0xffff) * n >> 16
+}
+
 // linGroup is the list of a record in a segment whose records all end the
 // scan.
 func linGroup(rec []byte) int {
@@ -535,21 +562,80 @@ func linGroup(rec []byte) int {
 	return 3*fam + proto
 }
 
-// RecordGroup is the list (directory entry s*9 + RecordGroup) a record
-// belongs to in a segment whose records are in lists by family and
-// protocol (SegmentLayout.ScanLists 9): records that don't end the scan
-// are in list 0.
-func RecordGroup(rec []byte) int {
-	if nativeU32(rec[recFlags:])&recTerminal == 0 {
+// recordBucket returns the index field (0 dport, 1 sport) and bucket of a
+// record among buckets, when one of its first fields port matches holds it.
+func recordBucket(rec []byte, fields, buckets int) (field, bucket int, ok bool) {
+	flags := nativeU32(rec[recFlags:])
+	if buckets <= 0 || flags&recTerminal == 0 || flags&recShape != 0 {
+		return 0, 0, false
+	}
+	for f := 0; f < fields && f < linIndexFields; f++ {
+		j := 1 - f // record field: 0 sport, 1 dport
+		if flags>>(recKindShift+3*j)&7 != kindRange || flags&(recSportNeg<<j) != 0 {
+			continue
+		}
+		b, n := -1, 0
+		for r := 0; r < recRanges && b != -2; r++ {
+			at := recSport + 16*j + 4*r
+			if r > 0 && string(rec[at:at+4]) == string(rec[recSport+16*j:recSport+16*j+4]) {
+				continue // an unused range repeats the first
+			}
+			lo, hi := binary.NativeEndian.Uint16(rec[at:]), binary.NativeEndian.Uint16(rec[at+2:])
+			if n += int(hi) - int(lo) + 1; hi < lo || n > linBucketPorts {
+				b = -2 // an empty range (the unused ones repeat the first) or too many ports
+				break
+			}
+			for p := int(lo); p <= int(hi); p++ {
+				if q := portBucket(uint16(p), buckets); b == -1 {
+					b = q
+				} else if q != b {
+					b = -2
+					break
+				}
+			}
+		}
+		if b >= 0 {
+			return f, b, true
+		}
+	}
+	return 0, 0, false
+}
+
+// RecordList is the list (directory entry Scan-1+RecordList) a record
+// belongs to in a segment of lists entries and buckets port buckets
+// (SegmentLayout.ScanLists, ScanBuckets): 0 in a segment of one list;
+// records that don't end the scan are in list 0.
+func RecordList(rec []byte, lists, buckets int) int {
+	if lists <= 1 || nativeU32(rec[recFlags:])&recTerminal == 0 {
 		return 0
 	}
+	if buckets > 0 {
+		if f, b, ok := recordBucket(rec, (lists-linGroups)/buckets, buckets); ok {
+			return linGroups + f*buckets + b
+		}
+	}
 	return linGroup(rec)
+}
+
+// segBuckets is how many port buckets a segment of these records gets:
+// about one per two records an index would hold, none for few.
+func segBuckets(recs [][]byte) int {
+	n := 0
+	for _, rec := range recs {
+		if _, _, ok := recordBucket(rec, linIndexFields, linBucketMax); ok {
+			n++
+		}
+	}
+	if n < linBucketMin {
+		return 0
+	}
+	return min(linBucketMax, n/2)
 }
 
 // entries counts a generation's entries: the directory, the empty list,
 // then the lists and their ends.
 func (t *linearTable) entries() int {
-	n := len(t.segs)*linGroups + 1
+	n := t.dirEntries() + 1
 	for _, lists := range t.segs {
 		for _, recs := range lists {
 			if len(recs) > 0 {
@@ -560,12 +646,21 @@ func (t *linearTable) entries() int {
 	return n
 }
 
+// dirEntries is the directory's size.
+func (t *linearTable) dirEntries() int {
+	n := 0
+	for _, lists := range t.segs {
+		n += len(lists)
+	}
+	return n
+}
+
 // contents are every entry of generation gen (an array has no deletes).
 func (t *linearTable) contents(gen uint32) []ebpf.MapKV {
 	base := int(gen) * t.cap
 	out := make([]ebpf.MapKV, 0, t.cap)
 	key := func(i int) []byte { return binary.NativeEndian.AppendUint32(nil, uint32(base+i)) }
-	empty := len(t.segs) * linGroups
+	empty := t.dirEntries()
 	next := empty + 1
 	for s, lists := range t.segs {
 		for l, recs := range lists {
@@ -576,7 +671,7 @@ func (t *linearTable) contents(gen uint32) []ebpf.MapKV {
 			}
 			dir := make([]byte, recSize)
 			binary.NativeEndian.PutUint32(dir[recPrio:], uint32(base+first))
-			out = append(out, ebpf.MapKV{Key: key(s*linGroups + l), Value: dir})
+			out = append(out, ebpf.MapKV{Key: key(t.dirAt[s] + l), Value: dir})
 		}
 	}
 	out = append(out, ebpf.MapKV{Key: key(empty), Value: make([]byte, recSize)})

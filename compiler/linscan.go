@@ -43,10 +43,14 @@ const (
 	scanDir   = 88 // u32 the segment's first directory entry (linear.go)
 	scanCur   = 92 // u32 the record being tested
 	scanWin   = 96 // u32 the winning record, 0: none (its counter and mark set run last)
-	// scanLists: 4 u32, the first records of the lists still to read (0:
-	// none), in the order lin_scan reads them.
-	scanLists = 100
-	scanSize  = 120
+	// scanLists: linReads u32, the first records of the lists still to
+	// read (0: none), in the order lin_scan reads them.
+	scanLists   = 100
+	scanBuckets = 124 // u32 the segment's port buckets (0: none)
+	scanSize    = 128
+	// linReads: the lists a packet reads: its family/any, any/its
+	// protocol, its family/protocol, a bucket per indexed port, any/any.
+	linReads = 3 + linIndexFields + 1
 )
 
 const (
@@ -78,25 +82,36 @@ func (c *compiler) emitLinear(rules []*grammar.Rule, seg segment) error {
 		grouped = grouped && !sequential(flags)
 		recs = append(recs, rec)
 	}
-	// Records go to the lists of their family and protocol (linear.go),
-	// those that don't end the scan to list 0, which is read last; when
-	// one sets the mark, all stay in list 0, in rule order.
-	var lists [linGroups][]byte
+	// Records go to the lists of their family and protocol, or of their
+	// port's bucket (linear.go), those that don't end the scan to list 0,
+	// which is read last; when one sets the mark, all stay in list 0, in
+	// rule order.
+	buckets, nlists := 0, linGroups
+	if grouped {
+		buckets = segBuckets(recs)
+		nlists += linIndexFields * buckets
+	}
+	lists := make([][]byte, nlists)
 	for _, rec := range recs {
 		l := 0
-		if grouped && nativeU32(rec[recFlags:])&recTerminal != 0 {
-			l = linGroup(rec)
+		if grouped {
+			l = RecordList(rec, nlists, buckets)
 		}
 		lists[l] = append(lists[l], rec...)
 	}
 	s := len(t.segs)
+	t.dirAt = append(t.dirAt, t.dirEntries())
 	t.segs = append(t.segs, lists)
+	t.buckets = append(t.buckets, buckets)
 	t.marks = append(t.marks, setsMark)
 	t.grouped = append(t.grouped, grouped)
 	e := &c.e
 	how := "one list"
 	if grouped {
 		how = "lists by family and protocol"
+	}
+	if buckets > 0 {
+		how += fmt.Sprintf(" and %d port buckets", buckets)
 	}
 	e.comment("rules %d...%d: %d records, scanned in order (linscan.go), %s", seg.linear[0], seg.linear[len(seg.linear)-1], len(recs), how)
 	// Per segment: the mark (bodies before may have set it), the best so
@@ -108,11 +123,14 @@ func (c *compiler) emitLinear(rules []*grammar.Rule, seg segment) error {
 	for off := int16(scanWin); off < scanSize; off += 8 {
 		e.emit(sti(asm.R10, scanAt+off, 0, asm.DWord))
 	}
+	if buckets > 0 {
+		e.emit(sti(asm.R10, scanAt+scanBuckets, int64(buckets), asm.Word))
+	}
 	// The segment's directory in the live generation.
 	e.emit(
 		ldx(asm.R1, asm.R10, slotGen, asm.DWord),
 		asm.Mul.Imm(asm.R1, linCapSymbol),
-		asm.Add.Imm(asm.R1, int32(s*linGroups)),
+		asm.Add.Imm(asm.R1, int32(t.dirAt[s])),
 		stx(asm.R10, scanAt+scanDir, asm.R1, asm.Word),
 		// Overwrite the map key slot, as a lookup here did: what a body
 		// before left there (a constant key the verifier tracks) must not
@@ -265,10 +283,11 @@ func (c *compiler) linearFunctions() {
 	)
 	c.linIndex(asm.R9, scanFam, 4, 3, 6, 6)
 	c.linIndex(asm.R8, scanProto, 6, 1, 17, 2)
-	// Each list once: family/any, any/protocol, family/protocol, then
-	// any/any (last: it holds the records that don't end the scan, whose
-	// counters count only below the winner of the others); the program
-	// zeroed scanLists. Then one bpf_loop over them all.
+	// Each list once: family/any, any/protocol, family/protocol, the
+	// port buckets, then any/any (last: it holds the records that don't
+	// end the scan, whose counters count only below the winner of the
+	// others); the program zeroed scanLists. Then one bpf_loop over them
+	// all.
 	e.emit(asm.JEq.Imm(asm.R9, 0, "lin_no_fam"))
 	c.linList(0, func() { e.emit(mov(asm.R1, asm.R9)) })
 	e.label("lin_no_fam")
@@ -277,7 +296,36 @@ func (c *compiler) linearFunctions() {
 	e.emit(asm.JEq.Imm(asm.R9, 0, "lin_any"))
 	c.linList(2, func() { e.emit(mov(asm.R1, asm.R9), asm.Add.Reg(asm.R1, asm.R8)) })
 	e.label("lin_any")
-	c.linList(3, func() { e.emit(movi(asm.R1, 0)) })
+	// The bucket of each indexed port the packet has (linear.go's
+	// portBucket), when the segment has buckets (R7).
+	e.emit(
+		ldx(asm.R7, asm.R6, scanBuckets, asm.Word),
+		asm.JEq.Imm(asm.R7, 0, "lin_no_buckets"),
+	)
+	for f := range linIndexFields {
+		port := []int16{scanDport, scanSport}[f]
+		none := e.newLabel("lin_no_port")
+		e.emit(
+			ldx(asm.R1, asm.R6, port, asm.Word),
+			asm.JGT.Imm(asm.R1, 0xffff, none),
+		)
+		c.linList(int16(3+f), func() {
+			e.emit(
+				ldx(asm.R1, asm.R6, port, asm.Word),
+				asm.Mul.Imm(asm.R1, portHashMul),
+				asm.And.Imm(asm.R1, 0xffff),
+				asm.Mul.Reg(asm.R1, asm.R7),
+				asm.RSh.Imm(asm.R1, 16),
+				asm.Add.Imm(asm.R1, linGroups),
+			)
+			for range f {
+				e.emit(asm.Add.Reg(asm.R1, asm.R7)) // field f's buckets start at 9 + f*B
+			}
+		})
+		e.label(none)
+	}
+	e.label("lin_no_buckets")
+	c.linList(linReads-1, func() { e.emit(movi(asm.R1, 0)) })
 	c.linNextList("lin_lists_done")
 	e.emit(
 		stx(asm.R6, scanBase, asm.R1, asm.Word),
@@ -381,7 +429,7 @@ func (c *compiler) linNextList(none string) {
 	e := &c.e
 	taken := e.newLabel("lin_list")
 	var takes []string
-	for k := int16(0); k < 4; k++ {
+	for k := int16(0); k < linReads; k++ {
 		takes = append(takes, e.newLabel("lin_take"))
 		e.emit(
 			ldx(asm.R1, asm.R6, scanLists+4*k, asm.Word),
@@ -389,7 +437,7 @@ func (c *compiler) linNextList(none string) {
 		)
 	}
 	e.emit(asm.Ja.Label(none))
-	for k := int16(0); k < 4; k++ {
+	for k := int16(0); k < linReads; k++ {
 		e.label(takes[k])
 		e.emit(sti(asm.R6, scanLists+4*k, 0, asm.Word), asm.Ja.Label(taken))
 	}

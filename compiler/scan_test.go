@@ -117,3 +117,114 @@ func TestDifferentialScanLists(t *testing.T) {
 		}
 	}
 }
+
+// Records with a positive port match of one port bucket are kept in that
+// bucket's list (linear.go): rulesets of unique-shape rules where many
+// have a destination or source port from the packets' small pool (so they
+// share buckets, and buckets hold rules of every family and protocol),
+// interleaved with rules of no port, negated and wide ports (their
+// family/protocol lists), compiled vs the reference model. The merge by
+// priority must show both ways: packets whose first matching rule is in a
+// group list while a later bucketed rule matches too, and the converse;
+// and bucketed rules must win packets by both indexed ports.
+func TestDifferentialPortBuckets(t *testing.T) {
+	g := diffSeed(t)
+	d := newTally()
+	var wildBeforeBucket, bucketBeforeWild, byDport, bySport int
+	for rs, n := range []int{40, 90, 200, 400, 700} {
+		sets := g.sets()
+		actions := g.actionPool(9, sets)
+		if rs%2 == 0 {
+			actions = actions[1:] // terminal action lists only
+		}
+		var rules []*grammar.Rule
+		for k := 0; k < n; k++ {
+			r := g.uniqueRule(k, sets, actions)
+			r.Trace, r.Handle = false, uint64(k+1)
+			if !compiler.Terminal(r) {
+				r.SetMetaMark, r.SetCtMark, r.Counter = nil, nil, true
+			}
+			if g.chance(0.6) {
+				// One or two ports of the pool, positive: a bucket's list
+				// (when they share a bucket), unless the port match is
+				// what makes the shape its own (then leave it).
+				if r.Proto == grammar.ProtoAny {
+					r.Proto = grammar.Proto(1 + g.pick(2))
+				}
+				m := &grammar.PortMatch{}
+				for range 1 + g.pick(2) {
+					p := poolPort[g.pick(len(poolPort))]
+					m.Ranges = append(m.Ranges, grammar.PortRange{Lo: p, Hi: p})
+				}
+				switch {
+				case r.Dport != nil && (r.Dport.Neg || r.Dport.Ranges != nil && r.Dport.Ranges[0].Hi-r.Dport.Ranges[0].Lo > 1024):
+					if r.Sport == nil || !r.Sport.Neg {
+						r.Sport = m
+					}
+				case g.chance(0.7):
+					r.Dport = m
+				case r.Sport == nil || !r.Sport.Neg:
+					r.Sport = m
+				}
+				if r.TCPFlags != nil && r.Proto != grammar.ProtoTCP {
+					r.TCPFlags = nil
+				}
+				fixActions(r)
+			}
+			rules = append(rules, r)
+		}
+		opts := compiler.Options{Hook: grammar.Hook(g.pick(2))}
+		l := compileLoad(t, rules, sets, opts)
+		listing := fmt.Sprint(l.prog.Spec.Programs[compiler.ProgramName].Instructions)
+		if rs > 0 && !strings.Contains(listing, "port buckets") {
+			t.Fatalf("%d rules: no segment keeps its records in port buckets", n)
+		}
+		bucketed := compiler.BucketedRules(l.prog)
+		var wild, inBucket []*grammar.Rule
+		for i, r := range rules {
+			if bucketed[i] != "" {
+				inBucket = append(inBucket, r)
+			} else {
+				wild = append(wild, r)
+			}
+		}
+		model := func(rules []*grammar.Rule) *refmodel.Model {
+			m, err := refmodel.New(rules, sets, modelOptions(opts))
+			if err != nil {
+				t.Fatal(err)
+			}
+			return m
+		}
+		all, onlyWild, onlyBucket := model(rules), model(wild), model(inBucket)
+		for k := 0; k < 600; k++ {
+			p := g.packet(t)
+			in := refmodel.Input{Packet: p, Mark: poolMark[g.pick(len(poolMark))]}
+			w := all.Run(in).Rule
+			if w < 0 || !compiler.Terminal(rules[w]) {
+				continue
+			}
+			if bucketed[w] != "" {
+				if bucketed[w] == "dport" {
+					byDport++
+				} else {
+					bySport++
+				}
+				if onlyWild.Run(in).Rule >= 0 {
+					bucketBeforeWild++
+				}
+			} else if onlyBucket.Run(in).Rule >= 0 {
+				wildBeforeBucket++
+			}
+		}
+		diffLoaded(t, g, d, rs, l, rules, sets, opts, 600)
+		l.coll.Close()
+		if d.failures > 0 {
+			break
+		}
+	}
+	t.Logf("%v; won by a bucketed rule: by dport %d, by sport %d; a group list's rule before a matching bucketed one %d, the converse %d",
+		d, byDport, bySport, wildBeforeBucket, bucketBeforeWild)
+	if byDport == 0 || bySport == 0 || wildBeforeBucket == 0 || bucketBeforeWild == 0 {
+		t.Error("the packets did not exercise both indexed ports and the merge of bucket and group lists both ways")
+	}
+}

@@ -130,7 +130,7 @@ func (b *Backend) patchHook(s *bpf.Store, cur *bpf.Gen, oh *hookState, rs *rules
 	editOf := func(seg int) *scanEdit {
 		if edits[seg] == nil {
 			sl := &l.Segments[seg-1]
-			edits[seg] = &scanEdit{first: sl.Scan - 1, lists: max(sl.ScanLists, 1), del: map[uint32]bool{}, prio: map[uint32]uint32{}}
+			edits[seg] = &scanEdit{first: sl.Scan - 1, lists: max(sl.ScanLists, 1), buckets: sl.ScanBuckets, del: map[uint32]bool{}, prio: map[uint32]uint32{}}
 		}
 		return edits[seg]
 	}

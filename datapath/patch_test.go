@@ -748,6 +748,10 @@ func checkEntries(t *testing.T, e *env, id bpf.HookID) {
 						if compiler.RecordOfRule(r) { // (a shape record's slot is a shape id)
 							check("records", compiler.RecordPrio(r), compiler.RecordSlot(r))
 							n++
+							// In the list a packet that matches it reads.
+							if l := compiler.RecordList(r, max(sl.ScanLists, 1), sl.ScanBuckets); l != d-(sl.Scan-1) {
+								t.Errorf("record of slot %d in list %d of its segment, not in its list %d", compiler.RecordSlot(r), d-(sl.Scan-1), l)
+							}
 						}
 					}
 				}
@@ -1293,4 +1297,99 @@ func checkCounts(t *testing.T, counters map[uint64]ruleset.Counter, want []count
 			t.Errorf("%s counted %d packets, want %d", c.what, got, c.want)
 		}
 	}
+}
+
+// scanBuckets returns the port buckets of hook id's scanned segments
+// (compiler.SegmentLayout.ScanBuckets), from its state record.
+func scanBuckets(t *testing.T, e *env, id bpf.HookID) []int {
+	t.Helper()
+	var out []int
+	e.do(t, func() error {
+		s, err := bpf.OpenExisting(bpf.Options{Root: e.root})
+		if err != nil || s == nil {
+			return fmt.Errorf("no state: %v", err)
+		}
+		cur, err := s.Current()
+		if err != nil {
+			return err
+		}
+		st, err := readGenState(cur)
+		if err != nil {
+			return err
+		}
+		hs := st.hook(id)
+		if hs == nil || hs.Layout == nil {
+			return fmt.Errorf("%s: no layout", id)
+		}
+		for _, sl := range hs.Layout.Segments {
+			if sl.Scan > 0 {
+				out = append(out, sl.ScanBuckets)
+			}
+		}
+		return nil
+	})
+	return out
+}
+
+// Records kept in port buckets (compiler/linear.go) change by records
+// alone, and a packet still meets the first rule that matches it across
+// its port's bucket and its family/protocol lists: a rule without a
+// destination port inserted before bucketed ones takes their datagrams; a
+// bucketed rule inserted before it takes its port back; rules for new
+// ports added at the end share buckets with the old ones; deleting the
+// portless rule hands its datagrams back. Same program throughout, and
+// every record sits in the list its port says (checkEntries).
+func TestBucketRecordsWithoutReload(t *testing.T) {
+	e := newEnv(t, Options{})
+	id, same := e.applyVbIngress(t, scanHook(120))
+	if b := scanBuckets(t, e, id); len(b) != 1 || b[0] == 0 {
+		t.Fatalf("scanned segments' port buckets %v: want one segment with buckets", b)
+	}
+	rs, _ := e.fresh(t)
+	rules := rs.Interface("vb").Ingress
+	h60, h61 := rules[60].Handle, rules[61].Handle // drop 7120, drop 7122
+
+	// No destination port (the IPv4/UDP list), before rule 60: it wins
+	// over rules 60 and 61 in their buckets.
+	wild := echoed(t, e.run(t, fmt.Sprintf("insert rule vb ingress position %d ip saddr 192.0.2.1 udp sport != 9 counter actions accept", h60)))
+	same("inserting a rule without a destination port")
+	if got := e.arrive(t, 7120, 2) + e.arrive(t, 7122, 2); got != 4 {
+		t.Fatalf("%d of 4 datagrams passed the portless accept rule before rules 60 and 61", got)
+	}
+	// A bucketed rule before it takes port 7122 back.
+	back := echoed(t, e.run(t, fmt.Sprintf("insert rule vb ingress position %d ip saddr 192.0.2.1 udp sport != 8 dport 7122 counter actions drop", wild)))
+	same("inserting a bucketed rule before the portless one")
+	if got := e.arrive(t, 7122, 3); got != 0 {
+		t.Fatalf("%d of 3 datagrams to 7122 passed the bucketed drop rule before the portless accept", got)
+	}
+	if got := e.arrive(t, 7120, 1); got != 1 {
+		t.Fatal("port 7120 dropped: the portless accept rule no longer wins it")
+	}
+	// New ports at the end (odd: no rule has them), in buckets the old
+	// rules' records fill (120 records in 60 buckets; the counter map's
+	// headroom allows a few more rules).
+	var added []uint64
+	for k := 0; k < 4; k++ {
+		added = append(added, echoed(t, e.run(t, fmt.Sprintf("add rule vb ingress ip saddr 192.0.2.1 udp sport != 10 dport %d counter actions drop", 7001+2*k))))
+		same(fmt.Sprint("adding bucketed rule ", k))
+	}
+	if got := e.arrive(t, 7001, 2) + e.arrive(t, 7007, 2); got != 4 {
+		t.Fatalf("%d of 4 datagrams to 7001/7007 passed: the portless accept rule comes before the added drops", got)
+	}
+	_, counters := e.fresh(t) // (it takes the probes, probePort, too: 6)
+	checkCounts(t, counters, []counted{{"the portless rule", wild, 4 + 1 + 4 + 6}, {"the bucketed rule before it", back, 3}})
+	// Without the portless rule, the added rules and rule 60 drop.
+	e.run(t, fmt.Sprintf("delete rule vb ingress handle %d", wild))
+	same("deleting the portless rule")
+	for _, p := range []int{7120, 7001, 7003, 7007} {
+		if got := e.arrive(t, p, 2); got != 0 {
+			t.Fatalf("%d of 2 datagrams to %d passed after the portless rule's delete", got, p)
+		}
+	}
+	if got := e.arrive(t, 7081, 1); got != 1 {
+		t.Fatal("port 7081, which no rule has, dropped")
+	}
+	_, counters = e.fresh(t)
+	checkCounts(t, counters, []counted{{"the bucketed rule before it", back, 3}, {"rule 60", h60, 2}, {"rule 61", h61, 0}, {"the first added rule", added[0], 2}, {"the last added rule", added[3], 2}})
+	checkEntries(t, e, id)
 }

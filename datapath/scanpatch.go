@@ -29,11 +29,12 @@ import (
 
 // scanEdit is a change of one segment's record lists.
 type scanEdit struct {
-	first int               // the segment's first directory entry
-	lists int               // its lists: 1, or 9 by family and protocol (compiler.RecordGroup)
-	del   map[uint32]bool   // counter slots of the records removed
-	prio  map[uint32]uint32 // new priorities of records that stay, by counter slot
-	add   [][]byte          // records added
+	first   int               // the segment's first directory entry
+	lists   int               // its lists: 1, or 9 by family and protocol and more by port bucket (compiler.RecordList)
+	buckets int               // its port buckets
+	del     map[uint32]bool   // counter slots of the records removed
+	prio    map[uint32]uint32 // new priorities of records that stay, by counter slot
+	add     [][]byte          // records added
 }
 
 // scanWrite is a planned write of the spare generation's records.
@@ -118,10 +119,7 @@ func planScan(cur []byte, sc *compiler.ScanLayout, live uint32, edits map[int]*s
 			return nil, false // a member: its code is in the program
 		}
 		for _, a := range ed.add {
-			dir := ed.first
-			if ed.lists > 1 {
-				dir += compiler.RecordGroup(a)
-			}
+			dir := ed.first + compiler.RecordList(a, ed.lists, ed.buckets)
 			recs, ok := lists[dir]
 			if !ok {
 				if recs, ok = list(dir); !ok {
