@@ -6,6 +6,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"unicode/utf8"
 
 	"github.com/alecthomas/participle/v2"
 	"github.com/alecthomas/participle/v2/lexer"
@@ -62,8 +63,6 @@ func (e *Error) Format(src Sources) string {
 		return b.String()
 	}
 	line := strings.TrimRight(lines[e.Span.Pos.Line-1], "\r")
-	b.WriteString(line)
-	b.WriteByte('\n')
 	start := e.Span.Pos.Column - 1
 	if start > len(line) {
 		start = len(line)
@@ -72,6 +71,9 @@ func (e *Error) Format(src Sources) string {
 	if e.Span.End.Line == e.Span.Pos.Line && e.Span.End.Column-1 <= len(line) {
 		end = e.Span.End.Column - 1
 	}
+	line, start, end = quoteWindow(line, start, end)
+	b.WriteString(line)
+	b.WriteByte('\n')
 	if end <= start {
 		end = start + 1
 	}
@@ -86,6 +88,38 @@ func (e *Error) Format(src Sources) string {
 	b.WriteString(strings.Repeat("^", end-start))
 	b.WriteByte('\n')
 	return b.String()
+}
+
+// maxQuote is the most of a source line an error quotes: a generated
+// element list on one line can be megabytes long.
+const maxQuote = 160
+
+// quoteWindow returns the part of line an error quotes, with the span
+// [start, end) in it: the whole line when it is short, else maxQuote
+// bytes from a little before the span, cut at characters and marked with
+// "..." where cut (the span's carets are cut with it).
+func quoteWindow(line string, start, end int) (string, int, int) {
+	if len(line) <= maxQuote {
+		return line, start, end
+	}
+	from := max(0, start-maxQuote/4)
+	for from > 0 && !utf8.RuneStart(line[from]) {
+		from--
+	}
+	to := min(len(line), from+maxQuote)
+	for to < len(line) && !utf8.RuneStart(line[to]) {
+		to--
+	}
+	quoted := line[from:to]
+	start, end = start-from, min(end, to)-from
+	if from > 0 {
+		quoted = "..." + quoted
+		start, end = start+3, end+3
+	}
+	if to < len(line) {
+		quoted += "..."
+	}
+	return quoted, start, end
 }
 
 // ErrorList is several located errors, reported together.

@@ -2,6 +2,7 @@ package grammar
 
 import (
 	"flag"
+	"fmt"
 	"io"
 	"net/netip"
 	"os"
@@ -536,5 +537,39 @@ func TestSetCapacity(t *testing.T) {
 func TestSetCapacityMatchesDatapath(t *testing.T) {
 	if MaxSetElements != abi.NamedAddrSetCapacity {
 		t.Errorf("grammar.MaxSetElements %d != abi.NamedAddrSetCapacity %d: the check-time limit must be the map's", MaxSetElements, abi.NamedAddrSetCapacity)
+	}
+}
+
+// An error in a long line (a generated element list) quotes a window of
+// the line around the error, carets under the bad element, not the whole
+// line twice.
+func TestErrorQuotesLongLine(t *testing.T) {
+	var b strings.Builder
+	b.WriteString("set s { type inet_service; elements = { ")
+	for p := range 5000 {
+		fmt.Fprintf(&b, "%d, ", p)
+	}
+	b.WriteString("99999, 65000 } }\n")
+	src := b.String()
+	_, _, err := Parse("long.conf", src, nil)
+	if err == nil {
+		t.Fatal("port 99999 accepted")
+	}
+	lines := strings.Split(strings.TrimRight(FormatError(err, Sources{"long.conf": src}), "\n"), "\n")
+	if len(lines) != 3 {
+		t.Fatalf("want message, quote, carets; got %q", lines)
+	}
+	quote, carets := lines[1], lines[2]
+	if len(quote) > 166 || !strings.HasPrefix(quote, "...") {
+		t.Errorf("quoted %d bytes: %q", len(quote), quote)
+	}
+	at := strings.Index(carets, "^")
+	if at < 0 || !strings.HasPrefix(quote[at:], "99999") || strings.Count(carets, "^") != 5 {
+		t.Errorf("carets do not point at 99999:\n%s\n%s", quote, carets)
+	}
+	// A short line is quoted whole.
+	_, _, err = Parse("short.conf", "set s { type inet_service; elements = { 99999 } }\n", nil)
+	if got := FormatError(err, Sources{"short.conf": "set s { type inet_service; elements = { 99999 } }\n"}); !strings.Contains(got, "\nset s { type inet_service; elements = { 99999 } }\n") {
+		t.Errorf("short line not quoted whole:\n%s", got)
 	}
 }
