@@ -348,6 +348,19 @@ func rulesetD() string {
 	return b.String()
 }
 
+// rulesetTwoHooks is rulesetD with 40 rules of one shape on vb egress
+// too (for other destinations than the probes'): a change of both hooks
+// by table entries alone flips two hooks' tables.
+func rulesetTwoHooks() string {
+	var b strings.Builder
+	b.WriteString("\tegress {\n")
+	for i := 0; i < 40; i++ {
+		fmt.Fprintf(&b, "\t\tip daddr 192.0.2.%d udp dport %d counter actions drop\n", 100+i, 7000+i)
+	}
+	b.WriteString("\t}\n}\n")
+	return strings.TrimSuffix(rulesetD(), "}\n") + b.String()
+}
+
 // rulesetE is rulesetD with rule 20 matching the probes' source,
 // 192.0.2.1 (port 7020).
 func rulesetE() string {
@@ -534,6 +547,13 @@ func crashScenarios() []*scenario {
 			followUp: []string{"add", "rule", "vb", "ingress", "ip", "saddr", "192.0.2.1", "udp", "dport", "7030", "counter", "actions", "dnat", "to", "192.0.2.2:8034"}},
 		{name: "set-and-rules", old: rulesetS, args: setAndRules(), handleOf: `saddr @blocked .*# handle (\d+)`,
 			ingress: []int{6000, 6001, 6002}, every: 2},
+		{name: "flush-interface-hook", old: rulesetB, args: []string{"flush", "interface", "vb", "egress"},
+			ingress: []int{6001}, egress: []int{5002, 7000}, every: 2},
+		{name: "delete-interface", old: rulesetB, args: []string{"delete", "interface", "vb"},
+			ingress: []int{6001}, egress: []int{5002, 7000}, every: 2},
+		{name: "two-hooks-tables", old: rulesetTwoHooks(), args: strings.Fields("add rule vb ingress ip saddr 192.0.2.1 udp dport 7005 counter actions drop ; " +
+			"add rule vb egress ip daddr 192.0.2.1 udp dport 7006 counter actions drop"),
+			ingress: []int{7005}, egress: []int{7006}, every: 2},
 		{name: "add-address-elements", old: rulesetC, args: []string{"add", "element", "hosts", "{ " + manyHosts(2000) + " }"},
 			egress: []int{5003}, every: 1},
 	}
