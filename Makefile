@@ -42,9 +42,10 @@ install: build
 bench: bench-datapath
 
 # Datapath benchmark (BPF_PROG_TEST_RUN, ratios to in-run reference programs).
-# BenchmarkFastPath (the default ruleset's rows alone, for A/B runs) is skipped.
+# BenchmarkFastPath and BenchmarkTables (the default ruleset's rows, the large
+# rulesets' rows alone, for A/B runs) are skipped.
 bench-datapath:
-	$(GO) test ./compiler -run '^$$' -bench . -skip 'FastPath$$' -count 9 -timeout 60m
+	$(GO) test ./compiler -run '^$$' -bench . -skip 'FastPath$$|Tables$$' -count 9 -timeout 60m
 
 # TCP through funnel / TCP-in-UDP with offloads on: iperf3 between namespaces,
 # ratios to in-run references (plain, tso+gso off, tso+gso+tx off).

@@ -48,9 +48,13 @@ const (
 	// TablePrefix + "p" + shape id: ARRAY of 2<<16 TableValue, index
 	// generation<<16 | port, for a shape keyed on one port only.
 	TablePrefix = "tbl"
-	// PerfectTables: ARRAY of 2 elements, key uint32 generation, value
-	// that generation's perfect-hash rule tables, one after the other
-	// (their layout is the compiler's: compiler/perfect.go). Written whole.
+	// PerfectTables names the perfect-hash rule tables in layouts (the
+	// shapes' table). Their maps are one per generation, PerfectGen(g):
+	// ARRAY of 1 element, key uint32 0, value generation g's perfect-hash
+	// rule tables, one after the other (their layout is the compiler's:
+	// compiler/perfect.go). Written whole. (One map per generation, not
+	// one element per generation, lets the program take the value's
+	// address as a constant: no lookup.)
 	PerfectTables = TablePrefix + "h"
 	// ActionParams: ARRAY, key uint32 counter slot<<1 | generation, value
 	// the rule's action parameters (funnel header fields, dnat address and
@@ -59,6 +63,18 @@ const (
 	// uint32 is 1 in an entry that holds parameters.
 	ActionParams = TablePrefix + "a"
 )
+
+// PerfectGen is the map holding generation gen (0 or 1) of the
+// perfect-hash rule tables.
+func PerfectGen(gen uint32) string {
+	if gen&1 == 0 {
+		return PerfectTables + "0"
+	}
+	return PerfectTables + "1"
+}
+
+// IsPerfectGen reports whether name is one of PerfectGen's maps.
+func IsPerfectGen(name string) bool { return name == PerfectGen(0) || name == PerfectGen(1) }
 
 // Control is the value of the control map.
 type Control struct {

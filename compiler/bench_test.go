@@ -368,17 +368,10 @@ func pairedRatio(p, ref *benchProg) float64 {
 	return medianOf(ratios)
 }
 
-// BenchmarkDatapath measures, in one interleaved run, the programs of SPEC
-// §4 and reports each as a ratio to its in-run reference (median of 9).
-// It writes the table to BENCHMARKS.md.
-func BenchmarkDatapath(b *testing.B) {
-	testenv.RequireRoot(b)
-	runtime.LockOSThread()
-	defer runtime.UnlockOSThread()
-
-	ipfix := udpPkt(b, false, 40000, 4739, make([]byte, 100))
-	other := tcpPkt(b, false, 33000, 80, false, true, make([]byte, 100))
-
+// tableProgs are the programs of large rulesets (tables, sets) and their
+// one-rule references; the TCP packet's row compares with the empty
+// program (fastProgs).
+func tableProgs(b *testing.B, ipfix, other []byte) []*benchProg {
 	bigSet := map[string]*grammar.Set{"big": {Name: "big", Type: grammar.SetIPv4Addr, Prefixes: manyPrefixes(10000)}}
 	oneSet := map[string]*grammar.Set{"big": {Name: "big", Type: grammar.SetIPv4Addr, Prefixes: manyPrefixes(1)}}
 	var manyRules []*grammar.Rule
@@ -395,19 +388,8 @@ func BenchmarkDatapath(b *testing.B) {
 	}
 	onePortRule := &grammar.Rule{Family: grammar.FamilyIPv4, Proto: grammar.ProtoUDP, Dport: ports(4739), Actions: []*grammar.Action{act(grammar.ActAccept, 0)}}
 	portRules = append(portRules, onePortRule)
-
-	mixed := append(mixedShapes(10000-1), matchingIPFIX(10000))
-	start := time.Now()
-	if _, err := compiler.Compile(mixed, nil, compiler.Options{Hook: grammar.HookEgress}); err != nil {
-		b.Fatal(err)
-	}
-	compileTime := time.Since(start)
-	start = time.Now()
-	compiledProg(b, mixed, nil, grammar.HookEgress)
-	loadTime := time.Since(start) - compileTime
-	mixedProg := compiledInstances(b, mixed, nil, grammar.HookEgress)
-
-	progs := append(fastProgs(b, ipfix, other), []*benchProg{
+	mixedProg := compiledInstances(b, append(mixedShapes(10000-1), matchingIPFIX(10000)), nil, grammar.HookEgress)
+	return []*benchProg{
 		{name: "set1", inst: compiledInstances(b, []*grammar.Rule{saddrRule(&grammar.AddrMatch{Set: "big"})}, oneSet, grammar.HookEgress), pkt: ipfix},
 		{name: "set10k", inst: compiledInstances(b, []*grammar.Rule{saddrRule(&grammar.AddrMatch{Set: "big"})}, bigSet, grammar.HookEgress), pkt: ipfix},
 		{name: "anon1", inst: compiledInstances(b, []*grammar.Rule{saddrRule(&grammar.AddrMatch{Prefixes: manyPrefixes(1)})}, nil, grammar.HookEgress), pkt: ipfix},
@@ -418,7 +400,28 @@ func BenchmarkDatapath(b *testing.B) {
 		{name: "mixed1", inst: compiledInstances(b, []*grammar.Rule{matchingIPFIX(1)}, nil, grammar.HookEgress), pkt: ipfix},
 		{name: "mixed10k", inst: mixedProg, pkt: ipfix},
 		{name: "mixed10k-nomatch", inst: mixedProg, pkt: other},
-	}...)
+	}
+}
+
+var tableRows = []benchRow{
+	{"named set of 10 000 addresses vs 1 address", "same rule, 1-element set", "set10k", "set1", 1.5},
+	{"anonymous set of 10 000 host addresses (host table) vs 1 address (inline)", "same rule, 1 address", "anon10k", "anon1", 1.5},
+	{"10 000 rules differing in saddr, the last one matching, vs 1 rule", "1 rule", "rules10k", "anon1", 1.5},
+	{"10 000 rules differing in dport, the last one matching, vs 1 rule", "1 rule", "ports10k", "port1", 1.5},
+	{"10 000 rules of 7 mixed shapes (tuple-space tables), the last one matching, vs that rule alone", "1 rule", "mixed10k", "mixed1", 1.5},
+	{"a TCP packet against those 10 000 mixed rules (matches none)", "empty program", "mixed10k-nomatch", "empty", 1.1},
+}
+
+// BenchmarkTables measures only tableProgs (and the empty program) and
+// reports tableRows' ratios (no table written): for A/B runs of the
+// large rulesets' programs.
+func BenchmarkTables(b *testing.B) {
+	testenv.RequireRoot(b)
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	ipfix := udpPkt(b, false, 40000, 4739, make([]byte, 100))
+	other := tcpPkt(b, false, 33000, 80, false, true, make([]byte, 100))
+	progs := append([]*benchProg{{name: "empty", inst: refInstances(b, "empty", emptyProgram()), pkt: other}}, tableProgs(b, ipfix, other)...)
 	for n := 0; n < b.N; n++ {
 		for round := 0; round < benchRounds; round++ {
 			for _, p := range progs {
@@ -430,14 +433,45 @@ func BenchmarkDatapath(b *testing.B) {
 	for _, p := range progs {
 		by[p.name] = p
 	}
-	rows := append(fastRows, []benchRow{
-		{"named set of 10 000 addresses vs 1 address", "same rule, 1-element set", "set10k", "set1", 1.5},
-		{"anonymous set of 10 000 host addresses (host table) vs 1 address (inline)", "same rule, 1 address", "anon10k", "anon1", 1.5},
-		{"10 000 rules differing in saddr, the last one matching, vs 1 rule", "1 rule", "rules10k", "anon1", 1.5},
-		{"10 000 rules differing in dport, the last one matching, vs 1 rule", "1 rule", "ports10k", "port1", 1.5},
-		{"10 000 rules of 7 mixed shapes (tuple-space tables), the last one matching, vs that rule alone", "1 rule", "mixed10k", "mixed1", 1.5},
-		{"a TCP packet against those 10 000 mixed rules (matches none)", "empty program", "mixed10k-nomatch", "empty", 1.1},
-	}...)
+	for _, r := range tableRows {
+		b.ReportMetric(pairedRatio(by[r.num], by[r.den]), r.num+"/"+r.den)
+	}
+}
+
+// BenchmarkDatapath measures, in one interleaved run, the programs of SPEC
+// §4 and reports each as a ratio to its in-run reference (median of 9).
+// It writes the table to BENCHMARKS.md.
+func BenchmarkDatapath(b *testing.B) {
+	testenv.RequireRoot(b)
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+
+	ipfix := udpPkt(b, false, 40000, 4739, make([]byte, 100))
+	other := tcpPkt(b, false, 33000, 80, false, true, make([]byte, 100))
+
+	mixed := append(mixedShapes(10000-1), matchingIPFIX(10000))
+	start := time.Now()
+	if _, err := compiler.Compile(mixed, nil, compiler.Options{Hook: grammar.HookEgress}); err != nil {
+		b.Fatal(err)
+	}
+	compileTime := time.Since(start)
+	start = time.Now()
+	compiledProg(b, mixed, nil, grammar.HookEgress)
+	loadTime := time.Since(start) - compileTime
+
+	progs := append(fastProgs(b, ipfix, other), tableProgs(b, ipfix, other)...)
+	for n := 0; n < b.N; n++ {
+		for round := 0; round < benchRounds; round++ {
+			for _, p := range progs {
+				p.measure(b)
+			}
+		}
+	}
+	by := map[string]*benchProg{}
+	for _, p := range progs {
+		by[p.name] = p
+	}
+	rows := append(slices.Clone(fastRows), tableRows...)
 	benchInvocations++
 	var tbl strings.Builder
 	load, _ := os.ReadFile("/proc/loadavg")

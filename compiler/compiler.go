@@ -147,10 +147,14 @@ func (p *Program) tableContents(name string, gen uint32, emptySlots bool) []ebpf
 	if f := p.c.extraTables[name]; f != nil {
 		return f(gen & 1)
 	}
-	shapes := p.c.tables[name]
-	if name == perfectMap {
+	if abi.IsPerfectGen(name) {
+		// Each generation's map holds only that generation.
+		if name != abi.PerfectGen(gen) {
+			return nil
+		}
 		return p.c.perfectContents(gen & 1)
 	}
+	shapes := p.c.tables[name]
 	kvs := p.c.entries(shapes, gen&1)
 	if shapes[0].array && emptySlots {
 		// Every slot of the generation: an array has no deletes.
@@ -255,7 +259,13 @@ func Compile(rules []*grammar.Rule, sets map[string]*grammar.Set, opts Options) 
 	for i, r := range rules {
 		p.Handles[c.slot(i)] = r.Handle
 	}
-	p.Tables = slices.Sorted(maps.Keys(c.tables))
+	for name := range c.tables {
+		if name == perfectMap {
+			p.Tables = append(p.Tables, abi.PerfectGen(0), abi.PerfectGen(1))
+			continue
+		}
+		p.Tables = append(p.Tables, name)
+	}
 	for name := range c.extraTables {
 		p.Tables = append(p.Tables, name)
 	}

@@ -37,7 +37,11 @@ func entrySet(m map[string][][2][]byte) []string {
 func contents(p *compiler.Program, gen uint32) map[string][][2][]byte {
 	out := map[string][][2][]byte{}
 	for name, kvs := range p.TableContents(gen) {
-		if name == abi.PerfectTables {
+		if abi.IsPerfectGen(name) {
+			if len(kvs) == 0 {
+				continue // the other generation's map
+			}
+			name = abi.PerfectTables
 			// The perfect-hash tables' value, entry by entry.
 			layout, _ := p.Layout()
 			for _, seg := range layout.Segments {

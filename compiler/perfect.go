@@ -11,11 +11,11 @@ import (
 // Perfect-hash rule tables.
 //
 // A shape's table is, when it fits, a perfect hash ("hash and displace")
-// kept in the value of one ARRAY map of two elements, element g holding
-// generation g of every such table of the program (abi.PerfectTables). The
-// program takes the live generation's value pointer once per segment (an
-// array lookup the verifier inlines) and then reads each table with plain
-// loads: no helper call, no hashing in the kernel, a few multiplications
+// kept in the value of an ARRAY map of one element per generation, map g
+// holding generation g of every such table of the program
+// (abi.PerfectGen). The program takes the live generation's value pointer
+// once per segment (one of two constants: direct value access, no lookup)
+// and then reads each table with plain loads: no helper call, no hashing in the kernel, a few multiplications
 // and two dependent loads per shape. The hash seeds live in the value, next
 // to the displacements and slots, so new contents (and a new seed) need no
 // new program; only the layout — each table's offset and its slot and
@@ -397,17 +397,21 @@ func (t *perfectTable) lookup(blob []byte, key []uint64) (prio, slot, body uint3
 const regPerfect = regL4
 
 // perfectBase emits, at the start of a segment with perfect tables, the
-// pointer to the live generation's value into regPerfect (the verifier
-// inlines the array lookup); a failed lookup (impossible: the generation
-// is 0 or 1) skips the segment.
-func (c *compiler) perfectBase(skip string) {
+// pointer to the live generation's value into regPerfect: each generation
+// is a map of its own (abi.PerfectGen), whose value's address is a
+// constant of the program (direct value access), so the pointer is one of
+// two constants, picked by the generation the packet read (slotGen).
+// picked labels the code after it.
+func (c *compiler) perfectBase(picked string) {
 	e := &c.e
 	e.comment("the live generation of the perfect-hash tables")
-	c.lookup(perfectMap, slotGen)
 	e.emit(
-		asm.JEq.Imm(asm.R0, 0, skip),
-		mov(regPerfect, asm.R0),
+		ldx(asm.R1, asm.R10, slotGen, asm.DWord),
+		asm.LoadMapValue(regPerfect, 0, 0).WithReference(abi.PerfectGen(0)),
+		asm.JEq.Imm(asm.R1, 0, picked),
+		asm.LoadMapValue(regPerfect, 0, 0).WithReference(abi.PerfectGen(1)),
 	)
+	e.label(picked)
 }
 
 // perfectPtr emits R0 = the live generation's value of the perfect-hash

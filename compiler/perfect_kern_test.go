@@ -55,7 +55,7 @@ func TestPerfectTablesDifferential(t *testing.T) {
 		opts := compiler.Options{Hook: grammar.Hook(g.pick(2)), ChecksumHelper: g.chance(0.3)}
 		if p, err := compiler.Compile(rules, sets, opts); err == nil && rs%2 == 1 {
 			if strings.Contains(compiler.Listing(p.Spec.Programs[compiler.ProgramName].Instructions), "key(dport) ") &&
-				p.Spec.Maps[abi.PerfectTables] != nil && len(p.Tables) < 6 {
+				p.Spec.Maps[abi.PerfectGen(0)] != nil && len(p.Tables) < 7 { // (the perfect-hash tables are two maps)
 				portTables++
 			}
 		}
@@ -90,7 +90,7 @@ func TestRebuildPerfectLoaded(t *testing.T) {
 	if pl == nil {
 		t.Fatal("no perfect-hash table for the saddr+dport shape")
 	}
-	live := p.TableContents(0)[abi.PerfectTables][0].Value.([]byte)
+	live := p.TableContents(0)[abi.PerfectGen(0)][0].Value.([]byte)
 	key := func(port uint32) []byte {
 		return binary.NativeEndian.AppendUint32(netip.MustParseAddr("192.0.2.1").AsSlice(), port)
 	}
@@ -108,7 +108,7 @@ func TestRebuildPerfectLoaded(t *testing.T) {
 	if r := l.run(t, to4739, 0); r.ret != compiler.VerdictPass {
 		t.Fatalf("before: port 4739 verdict %d", r.ret)
 	}
-	if err := l.coll.Maps[abi.PerfectTables].Put(uint32(1), blob); err != nil {
+	if err := l.coll.Maps[abi.PerfectGen(1)].Put(uint32(0), blob); err != nil {
 		t.Fatal(err)
 	}
 	if r := l.run(t, to4739, 0); r.ret != compiler.VerdictPass {
@@ -116,7 +116,7 @@ func TestRebuildPerfectLoaded(t *testing.T) {
 	}
 	// The other tables' generation 1 (the port array) as generation 0.
 	for name, kvs := range p.TableContents(1) {
-		if name == abi.PerfectTables {
+		if abi.IsPerfectGen(name) {
 			continue
 		}
 		for _, kv := range kvs {
@@ -126,6 +126,29 @@ func TestRebuildPerfectLoaded(t *testing.T) {
 		}
 	}
 	switchToNewTables(t, l, to4739, to2055)
+	// And back: generation 0's map gets the 2055 table too, generation 1's
+	// the original; each switch reads the map of its generation.
+	if err := l.coll.Maps[abi.PerfectGen(0)].Put(uint32(0), blob); err != nil {
+		t.Fatal(err)
+	}
+	if err := l.coll.Maps[abi.PerfectGen(1)].Put(uint32(0), live); err != nil {
+		t.Fatal(err)
+	}
+	for _, gen := range []uint32{0, 1, 0} {
+		if err := l.coll.Maps[abi.ControlMap].Put(uint32(0), abi.Control{Generation: gen, NoRule: abi.NoRule}); err != nil {
+			t.Fatal(err)
+		}
+		want4739, want2055 := compiler.VerdictNext, compiler.VerdictPass // the rebuilt table
+		if gen == 1 {
+			want4739, want2055 = compiler.VerdictPass, compiler.VerdictNext
+		}
+		if r := l.run(t, to4739, 0); r.ret != want4739 {
+			t.Fatalf("generation %d: port 4739 verdict %d, want %d", gen, r.ret, want4739)
+		}
+		if r := l.run(t, to2055, 0); r.ret != want2055 {
+			t.Fatalf("generation %d: port 2055 verdict %d, want %d", gen, r.ret, want2055)
+		}
+	}
 }
 
 // A hook of many shapes gives perfect-hash tables to the first eight

@@ -112,7 +112,7 @@ func (c *compiler) segment(rules []*grammar.Rule, seg segment) error {
 		stx(asm.R10, slotBest, asm.R1, asm.DWord),
 	)
 	if slices.ContainsFunc(seg.shapes, func(sh *shape) bool { return sh.perfect != nil }) {
-		c.perfectBase(end)
+		c.perfectBase(fmt.Sprintf("seg%d_tables", first))
 	}
 	if len(seg.shapes) > 0 { // none: a segment of scanned rules (linear.go)
 		if err := c.lookups(seg.shapes); err != nil {
@@ -473,10 +473,13 @@ func (c *compiler) tableMaps() {
 	}
 	for name, shapes := range c.tables {
 		if name == perfectMap {
-			c.spec.Maps[name] = &ebpf.MapSpec{
-				Name: name, Type: ebpf.Array, KeySize: 4, ValueSize: uint32(c.perfectSize), MaxEntries: 2,
-				Contents: c.perfectContents(0),
+			// Generation 1 starts zero: a map-only change copies the live
+			// generation's value whole into the spare one.
+			for gen := range uint32(2) {
+				m := abi.PerfectGen(gen)
+				c.spec.Maps[m] = &ebpf.MapSpec{Name: m, Type: ebpf.Array, KeySize: 4, ValueSize: uint32(c.perfectSize), MaxEntries: 1}
 			}
+			c.spec.Maps[abi.PerfectGen(0)].Contents = c.perfectContents(0)
 			continue
 		}
 		if shapes[0].array {
@@ -498,8 +501,8 @@ func (c *compiler) tableMaps() {
 	}
 }
 
-// perfectContents is the entry of the perfect-hash tables' map for
-// generation gen: the generation's whole value.
+// perfectContents is the entry of the perfect-hash tables' map of
+// generation gen (abi.PerfectGen): the generation's whole value.
 func (c *compiler) perfectContents(gen uint32) []ebpf.MapKV {
 	if c.perfectBlob == nil {
 		c.perfectBlob = make([]byte, c.perfectSize)
@@ -510,7 +513,7 @@ func (c *compiler) perfectContents(gen uint32) []ebpf.MapKV {
 			}))
 		}
 	}
-	return []ebpf.MapKV{{Key: binary.NativeEndian.AppendUint32(nil, gen), Value: c.perfectBlob}}
+	return []ebpf.MapKV{{Key: binary.NativeEndian.AppendUint32(nil, 0), Value: c.perfectBlob}}
 }
 
 // entries are the map entries of shapes for generation gen (keys and

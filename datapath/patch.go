@@ -50,6 +50,17 @@ const prioGap = 1 << 14
 // maxPatch is the most rules one incremental change adds and removes.
 const maxPatch = 256
 
+// tableMap is the map of table name (a layout's name) that holds
+// generation gen: the perfect-hash tables have a map per generation
+// (abi.PerfectGen), the other tables hold both generations. Nil when the
+// hook has no such map.
+func tableMap(h *bpf.Hook, name string, gen uint32) *ebpf.Map {
+	if name == abi.PerfectTables {
+		return h.Maps[abi.PerfectGen(gen)]
+	}
+	return h.Maps[name]
+}
+
 // spareRecord says how a hook's spare table generation differs from its
 // live one: at the keys the last commit changed (table name → keys in
 // their generation-0 form, hex). A hook without one has an unknown spare.
@@ -389,12 +400,14 @@ func (b *Backend) patchHook(s *bpf.Store, cur *bpf.Gen, oh *hookState, rs *rules
 		if blobs[name] != nil {
 			continue
 		}
-		m := h.Maps[name]
-		if m == nil {
+		// Both generations' maps, or a program of another layout (one
+		// written by an older sfunnel: a compilation replaces it).
+		m, spareMap := tableMap(h, name, live), tableMap(h, name, spare)
+		if m == nil || spareMap == nil || m.ValueSize() != spareMap.ValueSize() {
 			return nil, nil
 		}
 		blob := make([]byte, m.ValueSize())
-		if err := m.Lookup(live, blob); err != nil {
+		if err := m.Lookup(uint32(0), blob); err != nil {
 			return nil, fmt.Errorf("table %s of %s: %w", name, oh.id(), err)
 		}
 		blobs[name] = blob
@@ -429,7 +442,7 @@ func (b *Backend) patchHook(s *bpf.Store, cur *bpf.Gen, oh *hookState, rs *rules
 			live4 = append(live4, d)
 			continue
 		}
-		if h.Maps[d.table] == nil || putKey[d.table+string(d.key)] {
+		if tableMap(h, d.table, live) == nil || putKey[d.table+string(d.key)] {
 			return nil, nil // (a new rule takes the key too: a compilation decides)
 		}
 		holder, err := holderAt(d)
@@ -452,8 +465,7 @@ func (b *Backend) patchHook(s *bpf.Store, cur *bpf.Gen, oh *hookState, rs *rules
 	dels = live4
 	live4 = puts[:0:0]
 	for _, p := range puts {
-		m := h.Maps[p.table]
-		if m == nil {
+		if tableMap(h, p.table, live) == nil {
 			return nil, nil
 		}
 		k := p.table + string(p.key)
@@ -489,7 +501,7 @@ func (b *Backend) patchHook(s *bpf.Store, cur *bpf.Gen, oh *hookState, rs *rules
 	puts = append(live4, heirs...)
 	for _, mp := range movedPuts {
 		k := mp.table + string(mp.key)
-		if putKey[k] || delKey[k] || h.Maps[mp.table] == nil {
+		if putKey[k] || delKey[k] || tableMap(h, mp.table, live) == nil {
 			return nil, nil // the change takes the key too: a compilation decides
 		}
 		holder, err := holderAt(mp.entry)
@@ -650,7 +662,7 @@ func (b *Backend) patchHook(s *bpf.Store, cur *bpf.Gen, oh *hookState, rs *rules
 		faults.Point("patch records " + oh.id().String())
 	}
 	for name, blob := range blobs {
-		if err := h.Maps[name].Put(spare, blob); err != nil {
+		if err := tableMap(h, name, spare).Put(uint32(0), blob); err != nil {
 			return nil, fmt.Errorf("table %s of %s: %w", name, oh.id(), err)
 		}
 	}

@@ -86,8 +86,8 @@ func prefillSpare(maps map[string]*ebpf.Map, prog *compiler.Program) error {
 		if m == nil {
 			return fmt.Errorf("no table %s", name)
 		}
-		if m.Type() == ebpf.Array && m.MaxEntries() == 2 {
-			continue // one value per generation (perfect-hash tables): rewritten whole from the live one
+		if abi.IsPerfectGen(name) {
+			continue // the perfect-hash tables: rewritten whole from the live generation by a map-only change
 		}
 		var ks, vs [][]byte
 		for _, kv := range prog.TableEntries(name, 1) {
