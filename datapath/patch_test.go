@@ -706,13 +706,13 @@ func checkEntries(t *testing.T, e *env, id bpf.HookID) {
 		n := 0
 		for _, sl := range hs.Layout.Segments {
 			for _, sh := range sl.Shapes {
-				m := h.Maps[sh.Table]
+				m := tableMap(h, sh.Table, live)
 				if m == nil {
 					return fmt.Errorf("no table %s", sh.Table)
 				}
 				if sh.Perfect {
 					blob := make([]byte, m.ValueSize())
-					if err := m.Lookup(live, blob); err != nil {
+					if err := m.Lookup(uint32(0), blob); err != nil {
 						return err
 					}
 					for _, v := range compiler.PerfectTableValues(blob, sh.PerfectLayout) {
