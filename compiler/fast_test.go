@@ -32,6 +32,12 @@ func (g gen) fastRule(sets map[string]*grammar.Set) *grammar.Rule {
 		p := g.port()
 		r.Dport = &grammar.PortMatch{Ranges: []grammar.PortRange{{Lo: p, Hi: p}}}
 	}
+	if r.Dport != nil && r.Dport.Ranges[0].Lo < 0xfff0 && g.chance(0.15) {
+		// A short range: the fast matcher's port bitmap holds each of its
+		// ports, and the rule's test compares the range.
+		lo := r.Dport.Ranges[0].Lo
+		r.Dport = &grammar.PortMatch{Ranges: []grammar.PortRange{{Lo: lo, Hi: lo + 1 + uint16(g.pick(3))}}}
+	}
 	if len(r.Actions) == 0 {
 		r.Actions = []*grammar.Action{g.funnel()}
 	}
@@ -55,7 +61,7 @@ func TestDifferentialFast(t *testing.T) {
 	}
 	g := diffSeed(t)
 	d := newTally()
-	fast := 0
+	fast, bitmap := 0, 0
 	for rs := 0; rs < rulesets && d.failures < 5; rs++ {
 		sets := g.sets()
 		var rules []*grammar.Rule
@@ -71,14 +77,21 @@ func TestDifferentialFast(t *testing.T) {
 		if err != nil {
 			t.Fatalf("compile: %v\n%s", err, describeRules(rules))
 		}
-		if strings.Contains(compiler.Listing(p.Spec.Programs[compiler.ProgramName].Instructions), "rules on protocol and ports") {
+		listing := compiler.Listing(p.Spec.Programs[compiler.ProgramName].Instructions)
+		if strings.Contains(listing, "rules on protocol and ports") {
 			fast++
+		}
+		if strings.Contains(listing, "bitmap") {
+			bitmap++
 		}
 		diffRuleset(t, g, d, rs, rules, sets, opts, perSet)
 	}
-	t.Logf("%v; %d of %d rulesets on the fast matcher", d, fast, rulesets)
+	t.Logf("%v; %d of %d rulesets on the fast matcher, %d of them with the port bitmap", d, fast, rulesets, bitmap)
 	if fast < rulesets/2 {
 		t.Errorf("only %d of %d rulesets used the fast matcher", fast, rulesets)
+	}
+	if bitmap < rulesets/10 || fast-bitmap < rulesets/10 {
+		t.Errorf("the fast matcher ran %d rulesets with the port bitmap and %d without: both need exercising", bitmap, fast-bitmap)
 	}
 }
 
@@ -86,33 +99,43 @@ func TestDifferentialFast(t *testing.T) {
 // (the generators change rules in place).
 func defaultRulesetRules() []*grammar.Rule { return defaultRuleset() }
 
-// TestFastMatcherAllPorts runs UDP and TCP packets to every destination
-// port through the default ruleset's program: the fast path's port bitmap
-// and rule tests must let exactly the rules' ports match.
+// TestFastMatcherAllPorts runs UDP and TCP packets (source port 540) to
+// every destination port through the default ruleset's program, whose
+// port bitmap and rule tests must let exactly the rules' ports match, and
+// through the same ruleset with the unfunnel rule on its source port only,
+// which leaves the fast matcher without a bitmap (a rule wants any
+// destination port).
 func TestFastMatcherAllPorts(t *testing.T) {
-	l := compileLoad(t, defaultRuleset(), nil, compiler.Options{Hook: grammar.HookEgress})
-	if !strings.Contains(compiler.Listing(l.prog.Spec.Programs[compiler.ProgramName].Instructions), "bitmap") {
-		t.Fatal("no destination port bitmap in the default ruleset's program")
-	}
-	udp := udpPkt(t, false, 40000, 1, make([]byte, 32))
-	tcp := tcpPkt(t, false, 540, 1, false, true, make([]byte, 32))
-	want := map[bool]map[uint16]bool{true: {2055: true, 4739: true, 6343: true}, false: {179: true}}
-	matched := 0
-	for _, isUDP := range []bool{true, false} {
-		base := map[bool][]byte{true: udp, false: tcp}[isUDP]
-		for port := 0; port < 1<<16; port++ {
-			pkt := append([]byte(nil), base...)
-			pkt[36], pkt[37] = byte(port>>8), byte(port)
-			got := l.run(t, pkt, 0)
-			if m := got.ret == compiler.VerdictPass; m != want[isUDP][uint16(port)] {
-				t.Fatalf("udp %v dport %d: verdict %d", isUDP, port, got.ret)
-			} else if m {
-				matched++
+	sportOnly := defaultRuleset()
+	sportOnly[3].Dport = nil
+	funnelPorts := map[uint16]bool{2055: true, 4739: true, 6343: true}
+	for _, tc := range []struct {
+		name   string
+		rules  []*grammar.Rule
+		bitmap bool
+		want   func(udp bool, port uint16) bool
+	}{
+		{"default", defaultRuleset(), true, func(udp bool, port uint16) bool { return udp && funnelPorts[port] || !udp && port == 179 }},
+		{"sport only", sportOnly, false, func(udp bool, port uint16) bool { return udp && funnelPorts[port] || !udp }},
+	} {
+		l := compileLoad(t, tc.rules, nil, compiler.Options{Hook: grammar.HookEgress})
+		listing := compiler.Listing(l.prog.Spec.Programs[compiler.ProgramName].Instructions)
+		if !strings.Contains(listing, "rules on protocol and ports") || strings.Contains(listing, "bitmap") != tc.bitmap {
+			t.Fatalf("%s: want the fast matcher, with a port bitmap %v:\n%s", tc.name, tc.bitmap, listing)
+		}
+		udp := udpPkt(t, false, 40000, 1, make([]byte, 32))
+		tcp := tcpPkt(t, false, 540, 1, false, true, make([]byte, 32))
+		for _, isUDP := range []bool{true, false} {
+			base := map[bool][]byte{true: udp, false: tcp}[isUDP]
+			for port := 0; port < 1<<16; port++ {
+				pkt := append([]byte(nil), base...)
+				pkt[36], pkt[37] = byte(port>>8), byte(port)
+				got := l.run(t, pkt, 0)
+				if m := got.ret == compiler.VerdictPass; m != tc.want(isUDP, uint16(port)) {
+					t.Fatalf("%s: udp %v dport %d: verdict %d", tc.name, isUDP, port, got.ret)
+				}
 			}
 		}
-	}
-	if matched != 4 {
-		t.Fatalf("%d packets matched, want 4", matched)
 	}
 }
 
