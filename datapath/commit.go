@@ -836,6 +836,9 @@ func (b *Backend) Load() (*ruleset.Ruleset, error) {
 func (b *Backend) NextHandle() (uint64, error) {
 	b.known, b.byHandle, b.outline = nil, nil, nil
 	_, _, st, err := b.snapshot()
+	if errors.As(err, new(*corruptStateError)) {
+		return 1, nil // nothing reads the old handles: Commit replaces every hook
+	}
 	if err != nil || st == nil {
 		return 1, err
 	}

@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"slices"
 	"strconv"
@@ -199,10 +200,27 @@ func decodeState(data []byte) (*liveState, error) {
 }
 
 func versionError(format string, version int) error {
-	return fmt.Errorf("stored ruleset has format %q version %d, this sfunnel reads %q versions 2 to %d "+
+	return &stateVersionError{fmt.Errorf("stored ruleset has format %q version %d, this sfunnel reads %q versions 2 to %d "+
 		"(run `sfunnel flush ruleset` with the sfunnel that wrote it, or remove %s)",
-		format, version, stateFormat, stateVersion, bpf.DefaultRoot)
+		format, version, stateFormat, stateVersion, bpf.DefaultRoot)}
 }
+
+// stateVersionError is a record of a format or version this sfunnel does
+// not read (a newer sfunnel's): not corrupt, so not replaced by a flush.
+type stateVersionError struct{ error }
+
+func (e *stateVersionError) Unwrap() error { return e.error }
+
+// corruptStateError is a record that does not decode. Every command that
+// reads the ruleset fails on it, but `flush ruleset` (and `-f` of a file
+// starting with it), which needs nothing of it, replaces it (NextHandle).
+type corruptStateError struct{ error }
+
+func (e *corruptStateError) Error() string {
+	return e.error.Error() + " (`sfunnel flush ruleset`, or -f of a ruleset file that starts with it, replaces it)"
+}
+
+func (e *corruptStateError) Unwrap() error { return e.error }
 
 // identify fills in h's interface and hook from the record.
 func (h *hookState) identify(ifname string) error {
@@ -232,7 +250,11 @@ func readGenState(g *bpf.Gen) (*liveState, error) {
 	if err != nil || data == nil {
 		return nil, err
 	}
-	return decodeState(data)
+	st, err := decodeState(data)
+	if err != nil && !errors.As(err, new(*stateVersionError)) {
+		return nil, &corruptStateError{err}
+	}
+	return st, err
 }
 
 func writeGenState(g *bpf.Gen, st *liveState) error {

@@ -402,3 +402,56 @@ func TestStateV3RoundTrip(t *testing.T) {
 		}
 	}
 }
+
+// A state record that does not decode (here one flipped byte of a rule's
+// text) makes every reader fail with an error that says how to get out,
+// and `flush ruleset` followed by new rules replaces it: every hook of the
+// old record is replaced or detached, as real traffic shows.
+func TestFlushReplacesCorruptState(t *testing.T) {
+	e := newEnv(t, Options{})
+	e.run(t, "flush ruleset\ninterface vb {\n\tingress {\n\t\tudp dport 7000 counter actions drop\n\t}\n"+
+		"\tegress {\n\t\tudp dport 7001 counter actions drop\n\t}\n}\n")
+	if e.arrive(t, 7000, 1) != 0 || e.leave(t, 7001, 1) != 0 {
+		t.Fatal("the rules do not drop")
+	}
+	e.do(t, func() error {
+		s, err := bpf.OpenExisting(bpf.Options{Root: e.root})
+		if err != nil || s == nil {
+			return fmt.Errorf("no state: %v", err)
+		}
+		cur, err := s.Current()
+		if err != nil {
+			return err
+		}
+		data, err := cur.ReadState()
+		if err != nil {
+			return err
+		}
+		i := bytes.Index(data, []byte("dport 7000"))
+		if i < 0 {
+			return fmt.Errorf("no rule text in the record")
+		}
+		data[i+6] = '8'
+		return cur.WriteState(data)
+	})
+	var err error
+	e.do(t, func() error { _, err = New(Options{Root: e.root}).Load(); return nil })
+	if err == nil || !strings.Contains(err.Error(), "corrupt") || !strings.Contains(err.Error(), "flush ruleset") {
+		t.Fatalf("Load of a corrupt record: %v", err)
+	}
+	e.run(t, "flush ruleset\ninterface vb {\n\tingress {\n\t\tudp dport 7002 counter actions drop\n\t}\n}\n")
+	rs, _ := e.fresh(t)
+	vb := rs.Interface("vb")
+	if vb == nil || len(vb.Ingress) != 1 || len(vb.Egress) != 0 || grammar.FormatRule(vb.Ingress[0], nil) != "udp dport 7002 counter actions drop" {
+		t.Fatalf("after the flush: %s", jsonOf(t, rs))
+	}
+	if got := e.arrive(t, 7000, 2); got != 2 {
+		t.Errorf("%d of 2 datagrams to 7000 arrived after the flush", got)
+	}
+	if got := e.leave(t, 7001, 2); got != 2 {
+		t.Errorf("%d of 2 datagrams to 7001 left after the flush (egress hook not detached)", got)
+	}
+	if got := e.arrive(t, 7002, 2); got != 0 {
+		t.Errorf("%d of 2 datagrams to 7002 arrived past the new rule", got)
+	}
+}
