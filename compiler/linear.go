@@ -1,7 +1,9 @@
 package compiler
 
 import (
+	"cmp"
 	"encoding/binary"
+	"slices"
 	"strings"
 
 	"github.com/cilium/ebpf"
@@ -460,17 +462,19 @@ func (c *compiler) record(r *grammar.Rule, i int, fx bool) ([]byte, error) {
 	return b, nil
 }
 
-// packRanges lays out port ranges as n {u16 lo, u16 hi}, the unused ones
-// repeating the first (an empty list: a range no port is in).
+// packRanges lays out port ranges as n {u16 lo, u16 hi} sorted by lo,
+// the unused ones {65535, 0} (no port is in them): the callback stops at
+// the first range that starts above the port (linPort), so a port below
+// a list's ranges, or past its last, costs one compare, not n.
 func packRanges(rs []grammar.PortRange, n int) []byte {
+	sorted := slices.SortedFunc(slices.Values(rs), func(a, b grammar.PortRange) int {
+		return cmp.Or(cmp.Compare(a.Lo, b.Lo), cmp.Compare(a.Hi, b.Hi))
+	})
 	b := make([]byte, 4*n)
 	for k := 0; k < n; k++ {
-		r := grammar.PortRange{Lo: 1, Hi: 0}
-		if len(rs) > 0 {
-			r = rs[0]
-		}
-		if k < len(rs) {
-			r = rs[k]
+		r := grammar.PortRange{Lo: 0xffff, Hi: 0}
+		if k < len(sorted) {
+			r = sorted[k]
 		}
 		binary.NativeEndian.PutUint16(b[4*k:], r.Lo)
 		binary.NativeEndian.PutUint16(b[4*k+2:], r.Hi)
@@ -577,12 +581,12 @@ func recordBucket(rec []byte, fields, buckets int) (field, bucket int, ok bool) 
 		b, n := -1, 0
 		for r := 0; r < recRanges && b != -2; r++ {
 			at := recSport + 16*j + 4*r
-			if r > 0 && string(rec[at:at+4]) == string(rec[recSport+16*j:recSport+16*j+4]) {
-				continue // an unused range repeats the first
-			}
 			lo, hi := binary.NativeEndian.Uint16(rec[at:]), binary.NativeEndian.Uint16(rec[at+2:])
-			if n += int(hi) - int(lo) + 1; hi < lo || n > linBucketPorts {
-				b = -2 // an empty range (the unused ones repeat the first) or too many ports
+			if hi < lo {
+				continue // unused (packRanges)
+			}
+			if n += int(hi) - int(lo) + 1; n > linBucketPorts {
+				b = -2 // too many ports
 				break
 			}
 			for p := int(lo); p <= int(hi); p++ {

@@ -651,17 +651,17 @@ func (c *compiler) linPort(j int, next string) {
 		ldx(asm.R1, asm.R6, pkt, asm.Word),
 		asm.JGT.Imm(asm.R1, 0xffff, next),
 	)
-	// ranges tests n {u16 lo, u16 hi} at base+at against the port in R1.
+	// ranges tests n {u16 lo, u16 hi} at base+at, sorted by lo
+	// (packRanges), against the port in R1: a range that starts above
+	// the port ends the test.
 	ranges := func(base asm.Register, at int16, n int) {
 		for r := 0; r < n; r++ {
-			skip := e.newLabel("lin_range")
 			e.emit(
 				ldx(asm.R2, base, at+int16(4*r), asm.Half),
-				asm.JLT.Reg(asm.R1, asm.R2, skip),
+				asm.JLT.Reg(asm.R1, asm.R2, out),
 				ldx(asm.R2, base, at+int16(4*r)+2, asm.Half),
 				asm.JLE.Reg(asm.R1, asm.R2, in),
 			)
-			e.label(skip)
 		}
 		e.emit(asm.Ja.Label(out))
 	}
