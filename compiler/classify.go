@@ -699,7 +699,7 @@ func (c *compiler) checkAddrs(r *grammar.Rule) error {
 		if len(m.Prefixes) == 0 {
 			return errorf(m.Span, "empty address list")
 		}
-		is6 := m.Prefixes[0].Addr().Is6() && !m.Prefixes[0].Addr().Is4In6()
+		is6 := m.Prefixes[0].Addr().Is6()
 		for _, p := range m.Prefixes {
 			if p.Addr().Is4() == is6 {
 				return errorf(m.Span, "IPv4 and IPv6 addresses mixed in one match")

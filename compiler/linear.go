@@ -323,7 +323,7 @@ func (c *compiler) record(r *grammar.Rule, i int, fx bool) ([]byte, error) {
 				return nil, errorf(m.Span, "empty address list")
 			}
 			mfam = 4
-			if m.Prefixes[0].Addr().Is6() && !m.Prefixes[0].Addr().Is4In6() {
+			if m.Prefixes[0].Addr().Is6() {
 				mfam = 6
 			}
 			for _, p := range m.Prefixes {

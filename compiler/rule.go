@@ -336,7 +336,7 @@ func (c *compiler) addrMatch(r *grammar.Rule, m *grammar.AddrMatch, slot int16, 
 			return errorf(m.Span, "empty address list")
 		}
 		fam = 4
-		if prefixes[0].Addr().Is6() && !prefixes[0].Addr().Is4In6() {
+		if prefixes[0].Addr().Is6() {
 			fam = 6
 		}
 		for _, p := range prefixes {
