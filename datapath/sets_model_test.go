@@ -18,6 +18,7 @@ import (
 	"github.com/sfunnel/sfunnel/grammar"
 	"github.com/sfunnel/sfunnel/internal/testenv"
 	"github.com/sfunnel/sfunnel/refmodel"
+	"github.com/sfunnel/sfunnel/ruleset"
 )
 
 // Random sequences of changes to both hooks of two interfaces (vb, vc)
@@ -121,8 +122,9 @@ type setsModel struct {
 	rng   *rand.Rand
 	hooks map[bpf.HookID][]stated
 	sets  map[string]*modelSet
-	// listedRules is what the last check read back.
+	// listedRules and counters are what the last check read back.
 	listedRules map[bpf.HookID][]*grammar.Rule
+	counters    map[uint64]ruleset.Counter
 }
 
 // setHooks are the hooks the sequence changes.
@@ -531,6 +533,14 @@ func newModel(t *testing.T, rules []*grammar.Rule, sets map[string]*grammar.Set,
 func (m *setsModel) check(t *testing.T, e *env, what string, counters bool) {
 	t.Helper()
 	rs, before := e.fresh(t)
+	// A rule keeps its counter across changes (replace rule too):
+	// packets only add to it.
+	for h, c := range m.counters {
+		if now, ok := before[h]; ok && (now.Packets < c.Packets || now.Bytes < c.Bytes) {
+			t.Fatalf("%s: the counter of handle %d went from %d packets to %d", what, h, c.Packets, now.Packets)
+		}
+	}
+	m.counters = before
 	sets := m.grammarSets()
 	for _, name := range setNames {
 		got := rs.Set(name)
@@ -568,6 +578,7 @@ func (m *setsModel) check(t *testing.T, e *env, what string, counters bool) {
 		return
 	}
 	_, after := e.fresh(t)
+	m.counters = after
 	for _, id := range setHooks {
 		for i, r := range m.listedRules[id] {
 			if got := after[r.Handle].Packets - before[r.Handle].Packets; got != counted[r.Handle] {
