@@ -123,9 +123,9 @@ type SegmentLayout struct {
 	// Scan: 1 + the segment's first directory entry in the record scan
 	// (0: the segment has no scan); ScanLists: how many of its entries
 	// it uses: 1 (every record in the first list, which every packet
-	// reads) or 9 + 2*ScanBuckets (lists by family and protocol, and by
-	// port bucket: entry Scan-1+RecordList(record, ScanLists,
-	// ScanBuckets); records that don't end the scan, and set no mark, are
+	// reads) or 9 + F*ScanBuckets (lists by family and protocol, and by
+	// bucket of F fields, linear.go: entry Scan-1+RecordList(record,
+	// ScanLists, ScanBuckets); records that don't end the scan, and set no mark, are
 	// in the first list, which is read last). ScanOnly: the segment has no lookups and no
 	// inline members; ScanFx: the scan does its terminal records' counter
 	// and mark set; ScanMark: the segment writes the scan's mark back.
@@ -140,8 +140,8 @@ type SegmentLayout struct {
 	Tail      string `json:"tail,omitempty"`
 	Scan      int    `json:"scan,omitempty"`
 	ScanLists int    `json:"scan_lists,omitempty"`
-	// ScanBuckets: the port buckets of the segment's lists (linear.go's
-	// portBucket; 0: none, as in layouts stored before them).
+	// ScanBuckets: the buckets per indexed field of the segment's lists
+	// (linear.go; 0: none, as in layouts stored before them).
 	ScanBuckets int  `json:"scan_buckets,omitempty"`
 	ScanOnly    bool `json:"scan_only,omitempty"`
 	ScanFx      bool `json:"scan_fx,omitempty"`

@@ -34,10 +34,10 @@ import (
 // Lists: a segment keeps its records that end the scan (recTerminal) in
 // linGroups lists by the family and protocol they need (any, IPv4, IPv6 ×
 // any, TCP, UDP), each in rule order; in a segment of many records, one
-// whose destination (else source) port match is positive and names ports
-// of one bucket goes instead to that port bucket's list (portBucket,
-// recordBucket). A packet reads the at most four lists its family and
-// protocol can match and the bucket lists of its two ports, one after the
+// that a field pins to one bucket (a positive port match of one bucket,
+// a positive host) goes instead to that bucket's list (recordBucket). A
+// packet reads the at most four lists its family and protocol can match
+// and the bucket list of each of its fields' values, one after the
 // other, each until a record's priority is not below the best so far, so
 // the winner is still the first matching rule. Records that don't end
 // the scan (a counter) go to list 0 (any/any), which is read last: they
@@ -133,7 +133,7 @@ const (
 type linearTable struct {
 	segs    [][][]byte // each segment's lists of records, in order, without the ends
 	dirAt   []int      // by segment: its first directory entry
-	buckets []int      // by segment: port buckets (0: none; linIndex)
+	buckets []int      // by segment: buckets per indexed field (0: none)
 	marks   []bool     // by segment: a record sets the mark (written back)
 	grouped []bool     // by segment: its records are in lists by family and protocol
 	sets    []string   // named sets the records use, by index
@@ -536,26 +536,38 @@ func (c *compiler) linearMapSpecs() {
 // (any, TCP, UDP).
 const linGroups = 9
 
-// Port buckets. In a segment of many records, a terminal record whose
-// destination port match is positive and names ports of one bucket only
-// goes to that bucket's list instead of its family/protocol list; failing
-// that, by its source port likewise. A packet reads its group lists and,
-// per indexed port, the one bucket list of its port: records of other
-// buckets need a port it does not have. Directory entries 9+f*B+b are the
-// segment's bucket lists, f the field (linIndexFields order), b the
-// bucket; B (the segment's buckets) is fixed when the hook is compiled.
+// Buckets. In a segment of many records, a terminal record that a
+// field's value pins to one bucket goes to that bucket's list instead of
+// its family/protocol list: the fields, in this order, are the
+// destination port, the source port (a positive match of ports that all
+// fall into one bucket), the source and the destination address (a
+// positive host: IPv4 /32, IPv6 /128). A packet reads its group lists and,
+// per field, the one bucket list of its value: records of other buckets
+// need a value it does not have. Directory entries 9+f*B+b are the
+// segment's bucket lists, f the field, b the bucket; B (the segment's
+// buckets) is fixed when the hook is compiled.
 const (
-	linIndexFields = 2  // dport, then sport (fields added later go last: stored layouts keep their meaning)
+	// linIndexFields: dport, sport, saddr, daddr (fields added later go
+	// last: stored layouts, whose ScanLists say how many they have, keep
+	// their meaning).
+	linIndexFields = 4
 	linBucketMin   = 16 // fewer indexable records: no buckets
 	linBucketMax   = 4096
-	linBucketPorts = 64    // a port match of more ports is not indexed
-	portHashMul    = 40503 // 2^16 / golden ratio: the port's bits spread over the 16-bit hash
+	linBucketPorts = 64         // a port match of more ports is not indexed
+	portHashMul    = 40503      // 2^16 / golden ratio: the port's bits spread over the 16-bit hash
+	addrHashMul    = 0x9E3779B1 // 2^32 / golden ratio
 )
 
 // portBucket is the bucket of port p among n: the port's multiplicative
 // hash scaled to n (no power of two needed). linScan computes the same.
 func portBucket(p uint16, n int) int {
 	return int(uint32(p)*portHashMul&0xffff) * n >> 16
+}
+
+// addrBucket is the bucket among n of an address whose four host-order
+// words XOR to key (an IPv4 address is its first word).
+func addrBucket(key uint32, n int) int {
+	return int(key*addrHashMul>>16) * n >> 16
 }
 
 // linGroup is the list of a record in a segment whose records all end the
@@ -566,14 +578,21 @@ func linGroup(rec []byte) int {
 	return 3*fam + proto
 }
 
-// recordBucket returns the index field (0 dport, 1 sport) and bucket of a
-// record among buckets, when one of its first fields port matches holds it.
+// recordBucket returns the index field (0 dport, 1 sport, 2 saddr, 3
+// daddr) and bucket of a record among buckets, when one of its first
+// fields pins it to one bucket.
 func recordBucket(rec []byte, fields, buckets int) (field, bucket int, ok bool) {
 	flags := nativeU32(rec[recFlags:])
 	if buckets <= 0 || flags&recTerminal == 0 || flags&recShape != 0 {
 		return 0, 0, false
 	}
 	for f := 0; f < fields && f < linIndexFields; f++ {
+		if f >= 2 {
+			if b, ok := hostBucket(rec, flags, f-2, buckets); ok {
+				return f, b, true
+			}
+			continue
+		}
 		j := 1 - f // record field: 0 sport, 1 dport
 		if flags>>(recKindShift+3*j)&7 != kindRange || flags&(recSportNeg<<j) != 0 {
 			continue
@@ -605,8 +624,25 @@ func recordBucket(rec []byte, fields, buckets int) (field, bucket int, ok bool) 
 	return 0, 0, false
 }
 
+// hostBucket returns the bucket of a record's address j (0 saddr, 1
+// daddr) when it is a positive host of the record's family.
+func hostBucket(rec []byte, flags uint32, j, buckets int) (int, bool) {
+	off := recSaddr + 20*j
+	if flags>>(recKindShift+6+3*j)&7 != kindRange || flags&(recSaddrNeg<<j) != 0 {
+		return 0, false
+	}
+	if bits := nativeU32(rec[off:]); !(rec[recFam] == 4 && bits == 32 || rec[recFam] == 6 && bits == 128) {
+		return 0, false
+	}
+	var key uint32
+	for w := 0; w < 4; w++ {
+		key ^= nativeU32(rec[off+4+4*w:])
+	}
+	return addrBucket(key, buckets), true
+}
+
 // RecordList is the list (directory entry Scan-1+RecordList) a record
-// belongs to in a segment of lists entries and buckets port buckets
+// belongs to in a segment of lists entries and buckets buckets per field
 // (SegmentLayout.ScanLists, ScanBuckets): 0 in a segment of one list;
 // records that don't end the scan are in list 0.
 func RecordList(rec []byte, lists, buckets int) int {
@@ -621,7 +657,7 @@ func RecordList(rec []byte, lists, buckets int) int {
 	return linGroup(rec)
 }
 
-// segBuckets is how many port buckets a segment of these records gets:
+// segBuckets is how many buckets per field a segment of these records gets:
 // about one per two records an index would hold, none for few.
 func segBuckets(recs [][]byte) int {
 	n := 0

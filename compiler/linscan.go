@@ -43,15 +43,19 @@ const (
 	scanDir   = 88 // u32 the segment's first directory entry (linear.go)
 	scanCur   = 92 // u32 the record being tested
 	scanWin   = 96 // u32 the winning record, 0: none (its counter and mark set run last)
-	// scanLists: linReads u32, the first records of the lists still to
-	// read (0: none), in the order lin_scan reads them.
+	// scanLists: linReads u16, the lists still to read (each its
+	// directory entry's index in the segment + 1; 0: none), in the order
+	// lin_scan reads them.
 	scanLists   = 100
-	scanBuckets = 124 // u32 the segment's port buckets (0: none)
+	scanBuckets = 124 // u32 the segment's buckets per field (0: none)
 	scanSize    = 128
 	// linReads: the lists a packet reads: its family/any, any/its
-	// protocol, its family/protocol, a bucket per indexed port, any/any.
+	// protocol, its family/protocol, a bucket per indexed field, any/any.
 	linReads = 3 + linIndexFields + 1
 )
+
+// The list marks fit before the bucket count.
+var _ = [scanBuckets - scanLists - 2*linReads]struct{}{}
 
 const (
 	linScanFunc   = "lin_scan"
@@ -111,7 +115,7 @@ func (c *compiler) emitLinear(rules []*grammar.Rule, seg segment) error {
 		how = "lists by family and protocol"
 	}
 	if buckets > 0 {
-		how += fmt.Sprintf(" and %d port buckets", buckets)
+		how += fmt.Sprintf(" and %d buckets per field", buckets)
 	}
 	e.comment("rules %d...%d: %d records, scanned in order (linscan.go), %s", seg.linear[0], seg.linear[len(seg.linear)-1], len(recs), how)
 	// Per segment: the mark (bodies before may have set it), the best so
@@ -284,7 +288,7 @@ func (c *compiler) linearFunctions() {
 	c.linIndex(asm.R9, scanFam, 4, 3, 6, 6)
 	c.linIndex(asm.R8, scanProto, 6, 1, 17, 2)
 	// Each list once: family/any, any/protocol, family/protocol, the
-	// port buckets, then any/any (last: it holds the records that don't
+	// buckets of its fields' values, then any/any (last: it holds the records that don't
 	// end the scan, whose counters count only below the winner of the
 	// others); the program zeroed scanLists. Then one bpf_loop over them
 	// all.
@@ -302,7 +306,29 @@ func (c *compiler) linearFunctions() {
 		ldx(asm.R7, asm.R6, scanBuckets, asm.Word),
 		asm.JEq.Imm(asm.R7, 0, "lin_no_buckets"),
 	)
-	for f := range linIndexFields {
+	for f := 2; f < linIndexFields; f++ {
+		// The host's bucket (addrBucket): its four words (an IPv4
+		// packet's last three are zero) XORed, in host order.
+		addr := []int16{scanSaddr, scanDaddr}[f-2] + 8
+		c.linList(int16(3+f), func() {
+			e.emit(ldx(asm.R1, asm.R6, addr, asm.Word))
+			for w := int16(1); w < 4; w++ {
+				e.emit(ldx(asm.R2, asm.R6, addr+4*w, asm.Word), asm.Xor.Reg32(asm.R1, asm.R2))
+			}
+			e.emit(
+				asm.HostTo(asm.BE, asm.R1, asm.Word),
+				asm.Mul.Imm32(asm.R1, int32(-(1<<32-addrHashMul))),
+				asm.RSh.Imm32(asm.R1, 16),
+				asm.Mul.Reg(asm.R1, asm.R7),
+				asm.RSh.Imm(asm.R1, 16),
+				asm.Add.Imm(asm.R1, linGroups),
+			)
+			for range f {
+				e.emit(asm.Add.Reg(asm.R1, asm.R7)) // field f's buckets start at 9 + f*B
+			}
+		})
+	}
+	for f := range 2 {
 		port := []int16{scanDport, scanSport}[f]
 		none := e.newLabel("lin_no_port")
 		e.emit(
@@ -393,38 +419,40 @@ func linLookup() asm.Instructions {
 	}
 }
 
-// linList puts the first record of one list of the segment in
-// scanLists[k] unless the list is empty: list sets R1 to its index; its
-// directory entry names the record.
+// linList marks one list of the segment in scanLists[k] (its directory
+// entry's index in the segment + 1, a u16) unless the list is empty:
+// list sets R1 to that index.
 func (c *compiler) linList(k int16, list func()) {
 	e := &c.e
-	skip, empty := e.newLabel("lin_list_done"), e.newLabel("lin_list_empty")
+	done, empty := e.newLabel("lin_list_done"), e.newLabel("lin_list_empty")
 	list()
 	e.emit(
+		mov(asm.R2, asm.R1),
+		asm.Add.Imm(asm.R2, 1),
+		stx(asm.R6, scanLists+2*k, asm.R2, asm.Half),
 		ldx(asm.R2, asm.R6, scanDir, asm.Word),
 		asm.Add.Reg(asm.R1, asm.R2),
 		stx(asm.R6, scanKey, asm.R1, asm.Word),
 	)
 	e.emit(linLookup()...)
 	e.emit(
-		asm.JEq.Imm(asm.R0, 0, skip),
+		asm.JEq.Imm(asm.R0, 0, empty),
 		ldx(asm.R1, asm.R0, recPrio, asm.Word),
-		stx(asm.R6, scanLists+4*k, asm.R1, asm.Word),
 		stx(asm.R6, scanKey, asm.R1, asm.Word),
 	)
 	e.emit(linLookup()...)
 	e.emit(
 		asm.JEq.Imm(asm.R0, 0, empty),
 		ldx(asm.R1, asm.R0, recPrio, asm.Word),
-		asm.JNE.Imm(asm.R1, 0, skip),
+		asm.JNE.Imm(asm.R1, 0, done),
 	)
 	e.label(empty)
-	e.emit(sti(asm.R6, scanLists+4*k, 0, asm.Word))
-	e.label(skip)
+	e.emit(sti(asm.R6, scanLists+2*k, 0, asm.Half))
+	e.label(done)
 }
 
 // linNextList takes the next list to read out of scanLists: R1 = its
-// first record, or a jump to none.
+// first record (from its directory entry), or a jump to none.
 func (c *compiler) linNextList(none string) {
 	e := &c.e
 	taken := e.newLabel("lin_list")
@@ -432,16 +460,27 @@ func (c *compiler) linNextList(none string) {
 	for k := int16(0); k < linReads; k++ {
 		takes = append(takes, e.newLabel("lin_take"))
 		e.emit(
-			ldx(asm.R1, asm.R6, scanLists+4*k, asm.Word),
+			ldx(asm.R1, asm.R6, scanLists+2*k, asm.Half),
 			asm.JNE.Imm(asm.R1, 0, takes[k]),
 		)
 	}
 	e.emit(asm.Ja.Label(none))
 	for k := int16(0); k < linReads; k++ {
 		e.label(takes[k])
-		e.emit(sti(asm.R6, scanLists+4*k, 0, asm.Word), asm.Ja.Label(taken))
+		e.emit(sti(asm.R6, scanLists+2*k, 0, asm.Half), asm.Ja.Label(taken))
 	}
 	e.label(taken)
+	e.emit(
+		ldx(asm.R2, asm.R6, scanDir, asm.Word),
+		asm.Add.Reg(asm.R1, asm.R2),
+		asm.Sub.Imm(asm.R1, 1),
+		stx(asm.R6, scanKey, asm.R1, asm.Word),
+	)
+	e.emit(linLookup()...)
+	e.emit(
+		asm.JEq.Imm(asm.R0, 0, none),
+		ldx(asm.R1, asm.R0, recPrio, asm.Word),
+	)
 }
 
 // linEffects emits the counter and mark set of the record at R7 (flags in

@@ -2,6 +2,7 @@ package compiler_test
 
 import (
 	"fmt"
+	"net/netip"
 	"strings"
 	"testing"
 
@@ -118,19 +119,21 @@ func TestDifferentialScanLists(t *testing.T) {
 	}
 }
 
-// Records with a positive port match of one port bucket are kept in that
-// bucket's list (linear.go): rulesets of unique-shape rules where many
-// have a destination or source port from the packets' small pool (so they
-// share buckets, and buckets hold rules of every family and protocol),
-// interleaved with rules of no port, negated and wide ports (their
-// family/protocol lists), compiled vs the reference model. The merge by
-// priority must show both ways: packets whose first matching rule is in a
-// group list while a later bucketed rule matches too, and the converse;
-// and bucketed rules must win packets by both indexed ports.
-func TestDifferentialPortBuckets(t *testing.T) {
+// Records that a positive port match of one bucket, or a positive host,
+// pins to a bucket are kept in that bucket's list (linear.go): rulesets of
+// unique-shape rules where many have a destination or source port, or a
+// source or destination host, from the packets' small pools (so they share
+// buckets, and buckets hold rules of every family and protocol),
+// interleaved with rules of no port or address, negated and wide ones
+// (their family/protocol lists), compiled vs the reference model. The
+// merge by priority must show both ways: packets whose first matching rule
+// is in a group list while a later bucketed rule matches too, and the
+// converse; and bucketed rules must win packets by each indexed field.
+func TestDifferentialBuckets(t *testing.T) {
 	g := diffSeed(t)
 	d := newTally()
-	var wildBeforeBucket, bucketBeforeWild, byDport, bySport int
+	var wildBeforeBucket, bucketBeforeWild int
+	byField := map[string]int{}
 	for rs, n := range []int{40, 90, 200, 400, 700} {
 		sets := g.sets()
 		actions := g.actionPool(9, sets)
@@ -171,13 +174,32 @@ func TestDifferentialPortBuckets(t *testing.T) {
 				}
 				fixActions(r)
 			}
+			if g.chance(0.4) {
+				// A host of the pool, positive: an address bucket's list
+				// (unless a port puts it in a port's bucket first).
+				v6 := r.Family == grammar.FamilyIPv6 || r.Family == grammar.FamilyAny && g.chance(0.5)
+				a := g.addr(v6)
+				m := &grammar.AddrMatch{Prefixes: []netip.Prefix{netip.PrefixFrom(a, a.BitLen())}}
+				fam := map[bool]grammar.Family{false: grammar.FamilyIPv4, true: grammar.FamilyIPv6}[v6]
+				if r.Family != fam {
+					r.Saddr, r.Daddr = nil, nil
+				}
+				r.Family = fam
+				switch {
+				case r.Saddr == nil || !r.Saddr.Neg && g.chance(0.5):
+					r.Saddr = m
+				case r.Daddr == nil || !r.Daddr.Neg:
+					r.Daddr = m
+				}
+				fixActions(r)
+			}
 			rules = append(rules, r)
 		}
 		opts := compiler.Options{Hook: grammar.Hook(g.pick(2))}
 		l := compileLoad(t, rules, sets, opts)
 		listing := fmt.Sprint(l.prog.Spec.Programs[compiler.ProgramName].Instructions)
-		if rs > 0 && !strings.Contains(listing, "port buckets") {
-			t.Fatalf("%d rules: no segment keeps its records in port buckets", n)
+		if rs > 0 && !strings.Contains(listing, "buckets") {
+			t.Fatalf("%d rules: no segment keeps its records in buckets", n)
 		}
 		bucketed := compiler.BucketedRules(l.prog)
 		var wild, inBucket []*grammar.Rule
@@ -204,11 +226,7 @@ func TestDifferentialPortBuckets(t *testing.T) {
 				continue
 			}
 			if bucketed[w] != "" {
-				if bucketed[w] == "dport" {
-					byDport++
-				} else {
-					bySport++
-				}
+				byField[bucketed[w]]++
 				if onlyWild.Run(in).Rule >= 0 {
 					bucketBeforeWild++
 				}
@@ -222,9 +240,9 @@ func TestDifferentialPortBuckets(t *testing.T) {
 			break
 		}
 	}
-	t.Logf("%v; won by a bucketed rule: by dport %d, by sport %d; a group list's rule before a matching bucketed one %d, the converse %d",
-		d, byDport, bySport, wildBeforeBucket, bucketBeforeWild)
-	if byDport == 0 || bySport == 0 || wildBeforeBucket == 0 || bucketBeforeWild == 0 {
-		t.Error("the packets did not exercise both indexed ports and the merge of bucket and group lists both ways")
+	t.Logf("%v; won by a bucketed rule, by the field that put it there: %v; a group list's rule before a matching bucketed one %d, the converse %d",
+		d, byField, wildBeforeBucket, bucketBeforeWild)
+	if len(byField) < 4 || wildBeforeBucket == 0 || bucketBeforeWild == 0 {
+		t.Error("the packets did not exercise every indexed field and the merge of bucket and group lists both ways")
 	}
 }

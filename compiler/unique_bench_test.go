@@ -2,6 +2,7 @@ package compiler_test
 
 import (
 	"fmt"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -46,15 +47,23 @@ func missRules(t testing.TB, n int, pkts [][]byte) ([]*grammar.Rule, map[string]
 	return append(rules, matchingIPFIX(uint64(n))), sets
 }
 
-// portKeyedRules makes n-1 IPv4 UDP rules of shapes of their own (each
-// its own `sport !=`) for destination ports 10000.. that the benchmark's
-// UDP packet (dport 4739) misses, then the rule that matches it.
-func portKeyedRules(n int) []*grammar.Rule {
+// benchSrc and benchDst are udpPkt's and tcpPkt's IPv4 addresses.
+var benchSrc, benchDst = netip.AddrFrom4([4]byte(v4a)), netip.AddrFrom4([4]byte(v4b))
+
+// keyedRules makes n-1 IPv4 UDP rules of shapes of their own (each its
+// own `sport !=`) that the benchmark's UDP packet (from 192.0.2.1 to port
+// 4739) misses, each for a destination port 10000.. (hosts: from a source
+// host 10.0.x.y, and no port), then the rule that matches it.
+func keyedRules(n int, hosts bool) []*grammar.Rule {
 	var rules []*grammar.Rule
 	for k := 0; k < n-1; k++ {
-		rules = append(rules, &grammar.Rule{Handle: uint64(k + 1), Family: grammar.FamilyIPv4, Proto: grammar.ProtoUDP,
+		r := &grammar.Rule{Handle: uint64(k + 1), Family: grammar.FamilyIPv4, Proto: grammar.ProtoUDP,
 			Saddr: prefixes(fmt.Sprintf("198.51.100.%d", k%250)), Sport: &grammar.PortMatch{Neg: true, Ranges: []grammar.PortRange{{Lo: uint16(100 + k), Hi: uint16(100 + k)}}},
-			Dport: ports(uint16(10000 + k)), Counter: true, Actions: []*grammar.Action{act(grammar.ActDrop, 0)}})
+			Dport: ports(uint16(10000 + k)), Counter: true, Actions: []*grammar.Action{act(grammar.ActDrop, 0)}}
+		if hosts {
+			r.Saddr, r.Dport = prefixes(fmt.Sprintf("10.0.%d.%d", k>>8, k&0xff)), nil
+		}
+		rules = append(rules, r)
 	}
 	return append(rules, matchingIPFIX(uint64(n)))
 }
@@ -92,23 +101,26 @@ func BenchmarkUniqueShapes(b *testing.B) {
 		if err != nil {
 			b.Fatal(err)
 		}
-		reach[n] = compiler.PacketListRecords(cp, 4, 17, 40000, 4739)
-		reachTCP[n] = compiler.PacketListRecords(cp, 4, 6, 33000, 80)
+		reach[n] = compiler.PacketListRecords(cp, 17, 40000, 4739, benchSrc, benchDst)
+		reachTCP[n] = compiler.PacketListRecords(cp, 6, 33000, 80, benchSrc, benchDst)
 		p := compiledProg(b, rules, sets, grammar.HookEgress)
 		rep := max(500, 5000000/n)
 		progs = append(progs, &prog{name: fmt.Sprint(n), prog: p, pkt: ipfix, repeat: rep}, &prog{name: fmt.Sprint(n, "-nomatch"), prog: p, pkt: other, repeat: rep})
 	}
-	// Rules of shapes of their own that each name one destination port
-	// (port buckets: the packet reads its port's bucket).
-	portReach := map[int]int{}
-	for _, n := range sizes {
-		rules := portKeyedRules(n)
-		cp, err := compiler.Compile(rules, nil, compiler.Options{Hook: grammar.HookEgress})
-		if err != nil {
-			b.Fatal(err)
+	// Rules of shapes of their own that each name one destination port,
+	// or one source host (buckets: the packet reads its values' buckets).
+	keyedReach := map[string]int{}
+	for _, kind := range []string{"ports", "hosts"} {
+		for _, n := range sizes {
+			rules := keyedRules(n, kind == "hosts")
+			cp, err := compiler.Compile(rules, nil, compiler.Options{Hook: grammar.HookEgress})
+			if err != nil {
+				b.Fatal(err)
+			}
+			name := fmt.Sprint(kind, "-", n)
+			keyedReach[name] = compiler.PacketListRecords(cp, 17, 40000, 4739, benchSrc, benchDst)
+			progs = append(progs, &prog{name: name, prog: compiledProg(b, rules, nil, grammar.HookEgress), pkt: ipfix, repeat: 1000000 / n * 10})
 		}
-		portReach[n] = compiler.PacketListRecords(cp, 4, 17, 40000, 4739)
-		progs = append(progs, &prog{name: fmt.Sprint("ports-", n), prog: compiledProg(b, rules, nil, grammar.HookEgress), pkt: ipfix, repeat: 1000000 / n * 10})
 	}
 	for n := 0; n < b.N; n++ {
 		for round := 0; round < 5; round++ {
@@ -142,12 +154,16 @@ func BenchmarkUniqueShapes(b *testing.B) {
 		b.ReportMetric(hit/med["1"], fmt.Sprint("x1rule/", n))
 	}
 	fmt.Fprintf(&tbl, "\nThat rule alone: %.1f ns/run; the empty program: %.1f ns/run.\n", med["1"], med["empty"])
-	tbl.WriteString("\nN rules of shapes of their own that each name one destination port (`ip saddr A udp sport != N dport P counter drop`, the control-plane benchmark's kind; no port is the packet's), then the rule that matches the UDP packet:\n\n")
-	tbl.WriteString("| N | UDP packet, rule N+1 matches: ns/run | ÷ that rule alone | records in its lists |\n|---:|---:|---:|---:|\n")
+	tbl.WriteString("\nN rules of shapes of their own that each name one destination port (`ip saddr A udp sport != N dport P counter drop`, the control-plane benchmark's kind; no P is the packet's) or one source host (`ip saddr H udp sport != N counter drop`, no H is the packet's), then the rule that matches the UDP packet:\n\n")
+	tbl.WriteString("| N | ports: ns/run | ÷ that rule alone | records in the packet's lists | hosts: ns/run | ÷ that rule alone | records in the packet's lists |\n|---:|---:|---:|---:|---:|---:|---:|\n")
 	for _, n := range sizes {
-		hit := med[fmt.Sprint("ports-", n)]
-		fmt.Fprintf(&tbl, "| %d | %.0f | %.1f× | %d |\n", n, hit, hit/med["1"], portReach[n])
-		b.ReportMetric(hit/med["1"], fmt.Sprint("x1rule/ports-", n))
+		fmt.Fprintf(&tbl, "| %d ", n)
+		for _, kind := range []string{"ports", "hosts"} {
+			name := fmt.Sprint(kind, "-", n)
+			fmt.Fprintf(&tbl, "| %.0f | %.1f× | %d ", med[name], med[name]/med["1"], keyedReach[name])
+			b.ReportMetric(med[name]/med["1"], "x1rule/"+name)
+		}
+		tbl.WriteString("|\n")
 	}
 	b.Logf("\n%s", tbl.String())
 	if err := writeSection("unique", "Datapath: rules of shapes of their own (record scan)", tbl.String()+uniqueNotes); err != nil {

@@ -1335,14 +1335,17 @@ func scanBuckets(t *testing.T, e *env, id bpf.HookID) []int {
 	return out
 }
 
-// Records kept in port buckets (compiler/linear.go) change by records
-// alone, and a packet still meets the first rule that matches it across
-// its port's bucket and its family/protocol lists: a rule without a
-// destination port inserted before bucketed ones takes their datagrams; a
-// bucketed rule inserted before it takes its port back; rules for new
-// ports added at the end share buckets with the old ones; deleting the
-// portless rule hands its datagrams back. Same program throughout, and
-// every record sits in the list its port says (checkEntries).
+// Records kept in buckets (compiler/linear.go) change by records alone,
+// and a packet still meets the first rule that matches it across its
+// fields' buckets and its family/protocol lists: a rule without a
+// destination port (in the source host's bucket) inserted before
+// rules in destination-port buckets takes their datagrams; a rule in a
+// port bucket inserted before it takes its port back; a rule of the
+// family/protocol list (a negated address) inserted before that one takes
+// it again until it is deleted; rules for new ports added at the end share
+// buckets with the old ones; deleting the host rule hands its datagrams
+// back. Same program throughout, and every record sits in the list its
+// fields say (checkEntries).
 func TestBucketRecordsWithoutReload(t *testing.T) {
 	e := newEnv(t, Options{})
 	id, same := e.applyVbIngress(t, scanHook(120))
@@ -1353,8 +1356,8 @@ func TestBucketRecordsWithoutReload(t *testing.T) {
 	rules := rs.Interface("vb").Ingress
 	h60, h61 := rules[60].Handle, rules[61].Handle // drop 7120, drop 7122
 
-	// No destination port (the IPv4/UDP list), before rule 60: it wins
-	// over rules 60 and 61 in their buckets.
+	// No destination port (the bucket of source host 192.0.2.1), before
+	// rule 60: it wins over rules 60 and 61 in their port buckets.
 	wild := echoed(t, e.run(t, fmt.Sprintf("insert rule vb ingress position %d ip saddr 192.0.2.1 udp sport != 9 counter actions accept", h60)))
 	same("inserting a rule without a destination port")
 	if got := e.arrive(t, 7120, 2) + e.arrive(t, 7122, 2); got != 4 {
@@ -1369,6 +1372,19 @@ func TestBucketRecordsWithoutReload(t *testing.T) {
 	if got := e.arrive(t, 7120, 1); got != 1 {
 		t.Fatal("port 7120 dropped: the portless accept rule no longer wins it")
 	}
+	// A rule of the IPv4/UDP list before that one takes 7122 again.
+	group := echoed(t, e.run(t, fmt.Sprintf("insert rule vb ingress position %d ip saddr != 10.0.0.1 udp sport != 11 counter actions accept", back)))
+	same("inserting a rule of the family/protocol list")
+	if got := e.arrive(t, 7122, 2); got != 2 {
+		t.Fatalf("%d of 2 datagrams to 7122 passed the accept rule before the bucketed drop", got)
+	}
+	_, counters := e.fresh(t)
+	checkCounts(t, counters, []counted{{"the family/protocol list's rule", group, 2 + 1}})
+	e.run(t, fmt.Sprintf("delete rule vb ingress handle %d", group))
+	same("deleting the rule of the family/protocol list")
+	if got := e.arrive(t, 7122, 1); got != 0 {
+		t.Fatal("a datagram to 7122 passed the bucketed drop rule again in front")
+	}
 	// New ports at the end (odd: no rule has them), in buckets the old
 	// rules' records fill (120 records in 60 buckets; the counter map's
 	// headroom allows a few more rules).
@@ -1380,8 +1396,8 @@ func TestBucketRecordsWithoutReload(t *testing.T) {
 	if got := e.arrive(t, 7001, 2) + e.arrive(t, 7007, 2); got != 4 {
 		t.Fatalf("%d of 4 datagrams to 7001/7007 passed: the portless accept rule comes before the added drops", got)
 	}
-	_, counters := e.fresh(t) // (it takes the probes, probePort, too: 6)
-	checkCounts(t, counters, []counted{{"the portless rule", wild, 4 + 1 + 4 + 6}, {"the bucketed rule before it", back, 3}})
+	_, counters = e.fresh(t) // (it takes the probes, probePort, too: 7)
+	checkCounts(t, counters, []counted{{"the portless rule", wild, 4 + 1 + 4 + 7}, {"the bucketed rule before it", back, 3 + 1}})
 	// Without the portless rule, the added rules and rule 60 drop.
 	e.run(t, fmt.Sprintf("delete rule vb ingress handle %d", wild))
 	same("deleting the portless rule")
@@ -1394,6 +1410,6 @@ func TestBucketRecordsWithoutReload(t *testing.T) {
 		t.Fatal("port 7081, which no rule has, dropped")
 	}
 	_, counters = e.fresh(t)
-	checkCounts(t, counters, []counted{{"the bucketed rule before it", back, 3}, {"rule 60", h60, 2}, {"rule 61", h61, 0}, {"the first added rule", added[0], 2}, {"the last added rule", added[3], 2}})
+	checkCounts(t, counters, []counted{{"the bucketed rule before it", back, 3 + 1}, {"rule 60", h60, 2}, {"rule 61", h61, 0}, {"the first added rule", added[0], 2}, {"the last added rule", added[3], 2}})
 	checkEntries(t, e, id)
 }
