@@ -573,3 +573,22 @@ func TestErrorQuotesLongLine(t *testing.T) {
 		t.Errorf("short line not quoted whole:\n%s", got)
 	}
 }
+
+// Numbers with a leading 0 are octal, as in nft (the man page says so): a
+// zero-padded port is another port, and one with an 8 or 9 is an error
+// that says why.
+func TestLeadingZeroIsOctal(t *testing.T) {
+	r, err := ParseRule("<test>", "udp dport 0443 meta mark 010 drop", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := FormatRule(r, nil); got != "udp dport 291 meta mark 0x8 actions drop" {
+		t.Errorf("read as %q", got)
+	}
+	for _, text := range []string{"udp dport 08 drop", "udp dport 1-0999 drop", "meta mark 09 drop"} {
+		_, err := ParseRule("<test>", text, nil)
+		if err == nil || !strings.Contains(err.Error(), "a leading 0 makes a number octal") {
+			t.Errorf("%s: %v", text, err)
+		}
+	}
+}

@@ -745,10 +745,19 @@ func (l *lowerer) number(n *numberSyntax, max uint64) (uint64, bool) {
 	}
 	v, err := strconv.ParseUint(text, 0, 64)
 	if err != nil || v > max {
-		l.errorf(span, "%s is out of range (0-%d)", text, max)
+		l.errorf(span, "%s is out of range (0-%d)%s", text, max, octalHint(text))
 		return 0, false
 	}
 	return v, true
+}
+
+// octalHint explains why a number with a leading 0 and an 8 or 9 does not
+// read: as in nft, a leading 0 makes a number octal (0443 is 291).
+func octalHint(text string) string {
+	if len(text) > 1 && text[0] == '0' && text[1] >= '0' && text[1] <= '9' && strings.ContainsAny(text, "89") {
+		return ": a leading 0 makes a number octal, as in nft"
+	}
+	return ""
 }
 
 // values flattens a value (list, element or $var) into elements, expanding
@@ -858,14 +867,14 @@ func (l *lowerer) portRange(e Value) (PortRange, bool) {
 	}
 	lo, err := strconv.ParseUint(e.Lo, 0, 64)
 	if err != nil || lo > 65535 {
-		l.errorf(e.Span, "port %s is out of range (0-65535)", e.Lo)
+		l.errorf(e.Span, "port %s is out of range (0-65535)%s", e.Lo, octalHint(e.Lo))
 		return PortRange{}, false
 	}
 	hi := lo
 	if e.Hi != "" {
 		hi, err = strconv.ParseUint(e.Hi, 0, 64)
 		if err != nil || hi > 65535 {
-			l.errorf(e.Span, "port %s is out of range (0-65535)", e.Hi)
+			l.errorf(e.Span, "port %s is out of range (0-65535)%s", e.Hi, octalHint(e.Hi))
 			return PortRange{}, false
 		}
 		if hi < lo {
