@@ -470,7 +470,7 @@ func BenchmarkDatapath(b *testing.B) {
 	load, _ := os.ReadFile("/proc/loadavg")
 	fmt.Fprintf(&tbl, "BPF_PROG_TEST_RUN, %d repeats per run (wall time of the call / repeats; a run during which the thread was switched out is run again: %d of %d were), "+
 		"each program loaded %d times (the JIT places each image at a random offset, which alone moves a program's time by up to ±6 %% here: a program's time is its median instance's), "+
-		"%d interleaved runs of each per invocation; ns/run are the medians of the last invocation, "+
+		"%d interleaved runs of each per invocation; ns/run are each program's own median in the last invocation (when the machine's speed drifts during an invocation, two programs' medians can come from different speeds: read the ratio, not the quotient of the columns), "+
 		"ratios the median over %d invocation(s) of each invocation's ratio, itself the median over its runs of the program's time over the reference's in the same run (`make bench-datapath`, i.e. `go test ./compiler -run '^$' -bench . -count 9`). "+
 		"%s, kernel %s, %d CPUs, load average %s at the end. The machine is shared and noisy: single ratios swing by ±0.2.\n\n",
 		benchRepeat, benchRetaken, benchRetaken+benchSamples, benchInstances, len(progs[0].ns[0]), benchInvocations, time.Now().UTC().Format("2006-01-02 15:04 MST"), kernelRelease(), runtime.NumCPU(),
@@ -557,9 +557,9 @@ const benchNotes = `
 - No match <= 1.1x is out of reach for any program that reads the packet here: the rows "floor"
   are hand-written programs, measured in the same run, for every design considered (2026-11-30
   third session, fast). A bounds check and one destination-port compare, the least any port rule
-  needs, is already about 1.07-1.08x the empty program (which reads nothing; the time is mostly
+  needs, is already about 1.02-1.09x the empty program (which reads nothing; the time is mostly
   the dependent loads skb->data -> packet); the EtherType/version/IHL test that a correct IPv4
-  matcher must make before it trusts the port's offset brings it to about 1.12x. Every design adds
+  matcher must make before it trusts the port's offset brings it to 1.09-1.14x. Every design adds
   to that on every packet's path, taken or not: callee-saved registers used anywhere in the
   program (the JIT saves and restores them at entry and exit) about 0.04x; a direct packet store
   anywhere (the verifier's unclone check, skb->cloned, at entry) about 0.08x; a tail call anywhere
@@ -572,11 +572,12 @@ const benchNotes = `
   and a second frame on the round trip; today's single program 1.22-1.24x. None reaches 1.1x, so
   none was built (the round trip is at its goal's edge). The default ruleset's no-match path (the
   header test and the rules' ports as a bitmap in one branch) measures about 1.0x its own design's
-  floor (last row). BenchmarkDatapath 2026-11-30 10:05 UTC, 3 invocations at load 10-17 (other
-  helpers' suites running; the round-trip rows of that run were not usable): read 1.06-1.09x,
-  + header 1.11-1.12x, + callee-saved 1.18-1.19x, read-only + tail call 1.14-1.18x, + callee-saved
-  1.22-1.24x, + unclone check 1.20-1.23x, + callee-saved 1.22-1.24x; the default ruleset 1.21-1.29x,
-  0.97-1.01x its floor.
+  floor (last row). Two BenchmarkDatapath runs of 3 invocations (2026-11-30 10:05 UTC at load
+  10-17, whose round-trip rows were not usable, and 10:24 UTC at load 10-12, the table above), the
+  per-invocation ratios: read 1.02-1.09x, + header 1.09-1.14x, + callee-saved 1.15-1.20x,
+  read-only + tail call 1.14-1.19x, + callee-saved 1.22-1.24x, + unclone check 1.20-1.23x,
+  + callee-saved 1.21-1.25x; the default ruleset 1.21-1.29x, 0.97-1.01x its floor; round trip
+  (10:24) 1.26-1.28x ingress, 1.26-1.27x egress.
 - Round trip (2026-11-30 08:30, rt): the matched packet's path runs straight. The fast matcher
   branches once on the protocol, then compares only ports; each rule's body follows its tests (no
   jump into it) and ends with its own r0 = pass; exit; what a common packet does not run
