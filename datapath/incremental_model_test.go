@@ -34,11 +34,24 @@ import (
 // packet sees the old ruleset or the new one). Fixed seed (SFUNNEL_SEED=N
 // for another); 40 changes in CI, 400 with SFUNNEL_LONG=1.
 func TestRandomChangesAgainstModel(t *testing.T) {
+	randomChanges(t, randomChangeRule, 150, 2026)
+}
+
+// The same with rules that all end evaluation, most of shapes of their
+// own: records of the record scan in lists by family and protocol, and
+// in the bucket lists of the port or host that pins them (compiler's
+// recordBucket), changed by rewriting those lists.
+func TestRandomRecordChangesAgainstModel(t *testing.T) {
+	randomChanges(t, randomRecordRule, 120, 2028)
+}
+
+// randomChanges runs TestRandomChangesAgainstModel's sequence on a hook
+// of base rules drawn by rule.
+func randomChanges(t *testing.T, rule func(*rand.Rand, bool) string, base int, seed uint64) {
 	changes := 40
 	if os.Getenv("SFUNNEL_LONG") != "" {
 		changes = 400
 	}
-	seed := uint64(2026)
 	if s, err := strconv.ParseUint(os.Getenv("SFUNNEL_SEED"), 10, 64); err == nil {
 		seed = s
 	}
@@ -49,12 +62,11 @@ func TestRandomChangesAgainstModel(t *testing.T) {
 	var want []stated
 	var b strings.Builder
 	b.WriteString("flush ruleset\ninterface vb {\n\tingress {\n")
-	base := 150
 	if n, err := strconv.Atoi(os.Getenv("SFUNNEL_BASE")); err == nil {
 		base = n
 	}
 	for range base {
-		fmt.Fprintf(&b, "\t\t%s\n", randomChangeRule(rng, false))
+		fmt.Fprintf(&b, "\t\t%s\n", rule(rng, false))
 	}
 	b.WriteString("\t}\n}\n")
 	e.run(t, b.String())
@@ -79,7 +91,7 @@ func TestRandomChangesAgainstModel(t *testing.T) {
 		var cmds []string
 		adds := 0 // new rules stand in want with handle pendingHandle+i until their handle is echoed
 		for range n {
-			text := randomChangeRule(rng, true)
+			text := rule(rng, true)
 			h := uint64(0)
 			for h == 0 || h >= pendingHandle { // a committed rule (not one this change adds)
 				h = want[rng.IntN(len(want))].handle
@@ -214,6 +226,41 @@ func randomChangeRule(rng *rand.Rand, late bool) string {
 		return fmt.Sprintf("ip daddr 192.0.2.2 %s sport %d dport %d %s", proto, []int{9, 100, 5000}[rng.IntN(3)], port(), verdict)
 	default:
 		return fmt.Sprintf("%s dport %d %s", proto, port(), verdict)
+	}
+}
+
+// randomRecordRule is a rule that ends evaluation, most of a shape of
+// its own (a `sport !=` of its own, which no packet has): records a
+// destination port, a port list's source host or a destination host pins
+// to a bucket, and now and then a rule of a table shape.
+func randomRecordRule(rng *rand.Rand, late bool) string {
+	port := func() int {
+		if late && rng.IntN(6) == 0 {
+			return 7100 + rng.IntN(3)
+		}
+		return 7000 + rng.IntN(16)
+	}
+	wide := func() int { return 1000 + rng.IntN(4000) }
+	host := func() string { return changeSaddrs[rng.IntN(len(changeSaddrs))] }
+	proto := []string{"udp", "tcp"}[rng.IntN(2)]
+	verdict := []string{"accept", "drop", "counter accept", "counter drop"}[rng.IntN(4)]
+	switch rng.IntN(7) {
+	case 0:
+		return fmt.Sprintf("ip saddr %s %s sport != %d dport %d %s", host(), proto, wide(), port(), verdict)
+	case 1:
+		p := port()
+		return fmt.Sprintf("ip saddr %s %s sport != %d dport { %d, %d, %d } %s", host(), proto, wide(), p, p+20, p+40, verdict)
+	case 2:
+		return fmt.Sprintf("ip daddr 192.0.2.2 %s sport != %d dport != %d %s", proto, wide(), port(), verdict)
+	case 3:
+		lo := port()
+		return fmt.Sprintf("%s sport != %d dport %d-%d %s", proto, wide(), lo, lo+rng.IntN(3), verdict)
+	case 4:
+		return fmt.Sprintf("ip saddr != %s %s sport != %d dport %d %s", changeNets[rng.IntN(len(changeNets))], proto, wide(), port(), verdict)
+	case 5:
+		return fmt.Sprintf("meta mark 0x%x %s sport != %d dport %d %s", 0x10+rng.IntN(2), proto, wide(), port(), verdict)
+	default:
+		return fmt.Sprintf("ip saddr %s %s dport %d %s", changeNets[rng.IntN(len(changeNets))], proto, port(), verdict)
 	}
 }
 
