@@ -564,12 +564,12 @@ const benchNotes = `
   program (the JIT saves and restores them at entry and exit) about 0.04x; a direct packet store
   anywhere (the verifier's unclone check, skb->cloned, at entry) about 0.08x; a tail call anywhere
   (the JIT's tail call counter set-up at entry) about 0.05x. So: bodies writing through helpers
-  only (bpf_skb_store_bytes; no unclone check, but the bodies' registers) about 1.16-1.19x as a
+  only (bpf_skb_store_bytes; no unclone check, but the bodies' registers) about 1.15-1.20x as a
   floor, and a helper call per write on the round trip; a read-only matcher tail-calling a writer
-  per body about 1.14-1.17x (1.21-1.24x if the matcher needs callee-saved registers), and a tail
-  call and a second program's entry on the round trip; the bodies and the general path in
-  bpf-to-bpf subprograms (the entry saves only R6, the unclone check's) about 1.20x, and a call
-  and a second frame on the round trip; today's single program 1.22-1.24x. None reaches 1.1x, so
+  per body about 1.14-1.19x (1.22-1.24x if the matcher needed callee-saved registers; this one
+  would not), and a tail call and a second program's entry on the round trip; the bodies and the
+  general path in bpf-to-bpf subprograms (the entry saves only R6, the unclone check's) about
+  1.20x, and a call and a second frame on the round trip; today's single program 1.21-1.25x. None reaches 1.1x, so
   none was built (the round trip is at its goal's edge). The default ruleset's no-match path (the
   header test and the rules' ports as a bitmap in one branch) measures about 1.0x its own design's
   floor (last row). Two BenchmarkDatapath runs of 3 invocations (2026-11-30 10:05 UTC at load
