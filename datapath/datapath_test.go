@@ -91,6 +91,22 @@ func (e *env) do(t *testing.T, f func() error) {
 	}
 }
 
+// current runs f in b with the current generation of b's state.
+func (e *env) current(t *testing.T, f func(cur *bpf.Gen) error) {
+	t.Helper()
+	e.do(t, func() error {
+		s, err := bpf.OpenExisting(bpf.Options{Root: e.root})
+		if err != nil || s == nil {
+			return fmt.Errorf("no state: %v", err)
+		}
+		cur, err := s.Current()
+		if err != nil {
+			return err
+		}
+		return f(cur)
+	})
+}
+
 func (e *env) commit(t *testing.T, rs *ruleset.Ruleset) {
 	t.Helper()
 	e.do(t, func() error { return e.be.Commit(rs) })

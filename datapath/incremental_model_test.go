@@ -14,8 +14,6 @@ import (
 	"testing"
 
 	"github.com/cilium/ebpf"
-	"github.com/gopacket/gopacket"
-	"github.com/gopacket/gopacket/layers"
 	"github.com/sfunnel/sfunnel/bpf"
 	"github.com/sfunnel/sfunnel/grammar"
 	"github.com/sfunnel/sfunnel/refmodel"
@@ -333,28 +331,10 @@ type skbContext struct {
 }
 
 // craftChangePacket is an Ethernet frame: IPv4 from src to 192.0.2.2,
-// UDP or TCP, sport to dport, with a short payload.
+// UDP or TCP (an ACK), sport to dport, with a short payload.
 func craftChangePacket(t *testing.T, src net.IP, udp bool, sport, dport uint16) []byte {
 	t.Helper()
-	eth := &layers.Ethernet{SrcMAC: net.HardwareAddr{2, 0, 0, 0, 0, 1}, DstMAC: net.HardwareAddr{2, 0, 0, 0, 0, 2}, EthernetType: layers.EthernetTypeIPv4}
-	ip := &layers.IPv4{Version: 4, TTL: 64, SrcIP: src.To4(), DstIP: net.IPv4(192, 0, 2, 2).To4()}
-	var l4 gopacket.SerializableLayer
-	if udp {
-		ip.Protocol = layers.IPProtocolUDP
-		u := &layers.UDP{SrcPort: layers.UDPPort(sport), DstPort: layers.UDPPort(dport)}
-		u.SetNetworkLayerForChecksum(ip)
-		l4 = u
-	} else {
-		ip.Protocol = layers.IPProtocolTCP
-		c := &layers.TCP{SrcPort: layers.TCPPort(sport), DstPort: layers.TCPPort(dport), Seq: 1, Ack: 2, ACK: true, Window: 512}
-		c.SetNetworkLayerForChecksum(ip)
-		l4 = c
-	}
-	buf := gopacket.NewSerializeBuffer()
-	if err := gopacket.SerializeLayers(buf, gopacket.SerializeOptions{FixLengths: true, ComputeChecksums: true}, eth, ip, l4, gopacket.Payload("changes")); err != nil {
-		t.Fatal(err)
-	}
-	return buf.Bytes()
+	return craftPacket(t, src, net.IPv4(192, 0, 2, 2), udp, false, sport, dport)
 }
 
 // outcome is what the program did to a packet.

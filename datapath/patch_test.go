@@ -668,15 +668,7 @@ func TestSegdevHookWithoutReload(t *testing.T) {
 // priority or slot by an incremental change fails it).
 func checkEntries(t *testing.T, e *env, id bpf.HookID) {
 	t.Helper()
-	e.do(t, func() error {
-		s, err := bpf.OpenExisting(bpf.Options{Root: e.root})
-		if err != nil || s == nil {
-			return fmt.Errorf("no state: %v", err)
-		}
-		cur, err := s.Current()
-		if err != nil {
-			return err
-		}
+	e.current(t, func(cur *bpf.Gen) error {
 		st, err := readGenState(cur)
 		if err != nil {
 			return err
@@ -1308,15 +1300,7 @@ func checkCounts(t *testing.T, counters map[uint64]ruleset.Counter, want []count
 func scanBuckets(t *testing.T, e *env, id bpf.HookID) []int {
 	t.Helper()
 	var out []int
-	e.do(t, func() error {
-		s, err := bpf.OpenExisting(bpf.Options{Root: e.root})
-		if err != nil || s == nil {
-			return fmt.Errorf("no state: %v", err)
-		}
-		cur, err := s.Current()
-		if err != nil {
-			return err
-		}
+	e.current(t, func(cur *bpf.Gen) error {
 		st, err := readGenState(cur)
 		if err != nil {
 			return err

@@ -414,15 +414,7 @@ func TestFlushReplacesCorruptState(t *testing.T) {
 	if e.arrive(t, 7000, 1) != 0 || e.leave(t, 7001, 1) != 0 {
 		t.Fatal("the rules do not drop")
 	}
-	e.do(t, func() error {
-		s, err := bpf.OpenExisting(bpf.Options{Root: e.root})
-		if err != nil || s == nil {
-			return fmt.Errorf("no state: %v", err)
-		}
-		cur, err := s.Current()
-		if err != nil {
-			return err
-		}
+	e.current(t, func(cur *bpf.Gen) error {
 		data, err := cur.ReadState()
 		if err != nil {
 			return err
