@@ -31,6 +31,7 @@ import (
 //	off+0         u64 S: the seed
 //	off+8         u32 lowest priority of the entries (abi.NoRule when none), u32 0
 //	off+16        u32 lowest, u32 highest first key word of the entries
+//	              (the highest with the bits its mask clears set)
 //	off+24        [nb]u32 displacements
 //	off+slotsOff  [ns]{[k]u64 key chunks; u32 prio, slot, body; u32 0}
 //	              (padded to 32 bytes when k ≤ 2; the displacements are
@@ -348,6 +349,10 @@ func (t *perfectTable) fill(blob []byte, ents []perfectEntry) {
 		put(e[8*t.chunks:], en.value)
 		low = min(low, en.value.Prio)
 	}
+	if len(ents) > 0 {
+		// The program compares the word before masking it.
+		hi |= ^t.words[0].mask
+	}
 	binary.NativeEndian.PutUint32(b[8:], low)
 	binary.NativeEndian.PutUint32(b[16:], lo)
 	binary.NativeEndian.PutUint32(b[20:], hi)
@@ -400,15 +405,19 @@ const regPerfect = regL4
 // pointer to the live generation's value into regPerfect: each generation
 // is a map of its own (abi.PerfectGen), whose value's address is a
 // constant of the program (direct value access), so the pointer is one of
-// two constants, picked by the generation the packet read (slotGen).
-// picked labels the code after it.
-func (c *compiler) perfectBase(picked string) {
+// two constants, picked by the generation the packet read (slotGen, or
+// R2 when inR2). picked labels the code after it.
+func (c *compiler) perfectBase(picked string, inR2 bool) {
 	e := &c.e
 	e.comment("the live generation of the perfect-hash tables")
+	gen := asm.R2
+	if !inR2 {
+		gen = asm.R1
+		e.emit(ldx(gen, asm.R10, slotGen, asm.DWord))
+	}
 	e.emit(
-		ldx(asm.R1, asm.R10, slotGen, asm.DWord),
 		asm.LoadMapValue(regPerfect, 0, 0).WithReference(abi.PerfectGen(0)),
-		asm.JEq.Imm(asm.R1, 0, picked),
+		asm.JEq.Imm(gen, 0, picked),
 		asm.LoadMapValue(regPerfect, 0, 0).WithReference(abi.PerfectGen(1)),
 	)
 	e.label(picked)
@@ -432,8 +441,11 @@ func (c *compiler) perfectLookup(sh *shape, miss string, skipLow bool) {
 		return
 	}
 	// The first key word, its range, then the key chunks: in R4 when
-	// one, else at slotTKey.
-	c.keyWord(asm.R4, t.words[0])
+	// one, else at slotTKey. The range's top has the bits the word's
+	// mask clears set (fill), so the word is masked after the test: a
+	// packet the range rules out skips the mask.
+	w0 := t.words[0]
+	c.keyWord(asm.R4, keyWord{slot: w0.slot, mask: 0xffffffff, mark: w0.mark, addr: w0.addr, idx: w0.idx})
 	// Offsets past 32 KiB don't fit a load: R0 points at the table.
 	c.perfectPtr()
 	if t.off != 0 {
@@ -445,6 +457,9 @@ func (c *compiler) perfectLookup(sh *shape, miss string, skipLow bool) {
 		ldx(asm.R1, asm.R0, 20, asm.Word),
 		asm.JGT.Reg(asm.R4, asm.R1, miss),
 	)
+	if w0.mask != 0xffffffff {
+		e.emit(asm.And.Imm32(asm.R4, int32(w0.mask)))
+	}
 	for j := 0; j < t.chunks; j++ {
 		dst := asm.R4
 		if j > 0 {
@@ -482,18 +497,18 @@ func (c *compiler) perfectLookup(sh *shape, miss string, skipLow bool) {
 		asm.LSh.Imm(asm.R2, 2),
 		asm.Add.Reg(asm.R2, asm.R0),
 		ldx(asm.R2, asm.R2, perfectHeader, asm.Word),
-		// the slot (the next sb bits)
-		asm.LSh.Imm(asm.R1, int32(t.bb)),
+		// the slot (the next sb bits; the mask after the xor drops the
+		// bucket's bits above them)
 	)
 	if t.shift > 0 {
 		e.emit(
-			asm.RSh.Imm(asm.R1, int32(64-t.sb-t.shift)),
+			asm.RSh.Imm(asm.R1, int32(64-t.bb-t.sb-t.shift)),
 			asm.Xor.Reg(asm.R1, asm.R2),
 			asm.And.Imm(asm.R1, int32((1<<t.sb-1)<<t.shift)),
 		)
 	} else {
 		e.emit(
-			asm.RSh.Imm(asm.R1, int32(64-t.sb)),
+			asm.RSh.Imm(asm.R1, int32(64-t.bb-t.sb)),
 			asm.Xor.Reg(asm.R1, asm.R2),
 			asm.And.Imm(asm.R1, int32(1<<t.sb-1)),
 			asm.Mul.Imm(asm.R1, int32(t.esz)),

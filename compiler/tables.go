@@ -103,16 +103,14 @@ func (c *compiler) segment(rules []*grammar.Rule, seg segment) error {
 	first := seg.first
 	end := fmt.Sprintf("seg%d_end", first)
 	e.comment("rules %d-%d: %d rules in %d shapes, looked up in tables; the lowest rule wins", first, first+seg.n-1, seg.n, len(seg.shapes))
-	// The verifier must not know "none yet" as a constant: a branch it can
-	// decide marks the slot precise, and then every combination of hits
-	// and misses of the shapes is a state of its own.
-	e.emit(
-		asm.LoadMapValue(asm.R1, 0, 4).WithReference(abi.ControlMap),
-		ldx(asm.R1, asm.R1, 0, asm.Word),
-		stx(asm.R10, slotBest, asm.R1, asm.DWord),
-	)
+	// The segment right after readGeneration finds "none yet" in slotBest
+	// and the generation in R2.
+	afterGen := len(e.insns) == c.genAt && e.pending == ""
+	if !afterGen {
+		c.noRuleYet()
+	}
 	if slices.ContainsFunc(seg.shapes, func(sh *shape) bool { return sh.perfect != nil }) {
-		c.perfectBase(fmt.Sprintf("seg%d_tables", first))
+		c.perfectBase(fmt.Sprintf("seg%d_tables", first), afterGen)
 	}
 	if len(seg.shapes) > 0 { // none: a segment of scanned rules (linear.go)
 		if err := c.lookups(seg.shapes); err != nil {
@@ -447,14 +445,32 @@ func (c *compiler) found(sh *shape, miss string) {
 	c.hit(0, miss, true)
 }
 
-// readGeneration emits the read of the live generation into slotGen.
+// readGeneration emits the read of the live generation into slotGen (and
+// R2). When a segment follows at once (no record scan's set-up), also
+// "none yet" into slotBest for it (one read of the control map).
 func (c *compiler) readGeneration() {
 	c.e.comment("live table generation, read once per packet")
 	c.e.emit(
 		asm.LoadMapValue(asm.R1, 0, 0).WithReference(abi.ControlMap),
+		ldx(asm.R2, asm.R1, 0, asm.Word),
+		asm.And.Imm(asm.R2, 1),
+		stx(asm.R10, slotGen, asm.R2, asm.DWord),
+	)
+	if c.lin == nil {
+		c.e.emit(ldx(asm.R1, asm.R1, 4, asm.Word), stx(asm.R10, slotBest, asm.R1, asm.DWord))
+		c.genAt = len(c.e.insns)
+	}
+}
+
+// noRuleYet emits slotBest = abi.NoRule, read from the control map: the
+// verifier must not know "none yet" as a constant (a branch it can decide
+// marks the slot precise, and then every combination of hits and misses
+// of the shapes is a state of its own).
+func (c *compiler) noRuleYet() {
+	c.e.emit(
+		asm.LoadMapValue(asm.R1, 0, 4).WithReference(abi.ControlMap),
 		ldx(asm.R1, asm.R1, 0, asm.Word),
-		asm.And.Imm(asm.R1, 1),
-		stx(asm.R10, slotGen, asm.R1, asm.DWord),
+		stx(asm.R10, slotBest, asm.R1, asm.DWord),
 	)
 }
 
