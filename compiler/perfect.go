@@ -49,7 +49,8 @@ import (
 // A shape keyed on one port only is indexed by the port directly:
 //
 //	off+0  u32 lowest priority, u32 0
-//	off+8  [65536]{u32 prio, slot, body} (prio abi.NoRule: no entry)
+//	off+8  [65537]{u32 prio, slot, body} (prio abi.NoRule: no entry; the
+//	       last is for an absent port, 0x10000, which is in no table)
 const (
 	perfectMap = abi.PerfectTables
 	// maxPerfectBytes bounds a generation's value: the kernel refuses array
@@ -170,8 +171,11 @@ func newPerfectTable(sh *shape, off int) *perfectTable {
 	return t
 }
 
-// portTableSize is the size of a port-indexed table.
-const portTableSize = 8 + 65536*tableValueSize
+// portTableSize is the size of a port-indexed table: a value per port and
+// one for an absent port, so that the probe needs no bounds test. (Tables
+// laid out before that have no value for an absent port: fill goes by the
+// layout's size.)
+const portTableSize = 8 + (1<<16+1)*tableValueSize
 
 // newPortTable lays out a port-indexed table for a shape keyed on one
 // port at offset off; nil when it doesn't fit.
@@ -319,7 +323,7 @@ func (t *perfectTable) fill(blob []byte, ents []perfectEntry) {
 	}
 	low := uint32(abi.NoRule)
 	if t.port {
-		for p := 0; p < 1<<16; p++ {
+		for p := 0; p < (t.size-8)/tableValueSize; p++ {
 			put(b[8+p*tableValueSize:], abi.TableValue{Prio: abi.NoRule})
 		}
 		for _, en := range ents {
@@ -534,14 +538,11 @@ func (c *compiler) perfectLookup(sh *shape, miss string, skipLow bool) {
 }
 
 // portLookup emits the probe of a port-indexed table (as cheap as a test
-// of its lowest priority would be).
+// of its lowest priority would be). The port slot holds a port or 0x10000
+// (absent), which the verifier knows, and the table has a value for each.
 func (c *compiler) portLookup(t *perfectTable, miss string) {
 	e := &c.e
-	e.emit(
-		ldx(asm.R1, asm.R10, t.words[0].slot, asm.DWord),
-		asm.Xor.Imm(asm.R1, 0),            // narrow R1, not the slot (see unlink)
-		asm.JGT.Imm(asm.R1, 0xffff, miss), // absent
-	)
+	e.emit(ldx(asm.R1, asm.R10, t.words[0].slot, asm.DWord))
 	c.perfectPtr()
 	e.emit(
 		asm.Add.Imm(asm.R0, int32(t.off+t.slotsOff)),
@@ -586,9 +587,10 @@ func (c *compiler) hit(at int16, miss string, empty0 bool) {
 			asm.JGE.Reg(asm.R1, asm.R2, miss),
 		)
 	default:
-		// No hit yet (the best so far is abi.NoRule): only an empty
-		// slot's priority, abi.NoRule, is not lower.
-		c.e.emit(asm.JEq.Imm32(asm.R1, -1, miss)) // -1: abi.NoRule
+		// No hit yet (the best so far is abi.NoRule): any priority is
+		// the best, an empty slot's too, which is abi.NoRule: taking it
+		// changes nothing (the slot and body of a best of abi.NoRule
+		// are never read).
 	}
 	c.e.emit(
 		stx(asm.R10, slotBest, asm.R1, asm.DWord),

@@ -178,3 +178,60 @@ func TestPerfectShapesBounded(t *testing.T) {
 		t.Fatalf("%d perfect-hash and %d hash tables, want 8 and some", perfect, hashed)
 	}
 }
+
+// A port-indexed table in the perfect-hash value, the segment's first
+// probe, read by packets without ports: an absent port (0x10000) reads
+// the table's extra value, which is empty, so the next shape's rule (a
+// meta mark) still wins; an empty port's value is empty too. The first
+// probe takes whatever it reads as the best so far (an empty value's
+// priority is abi.NoRule), the later ones only a lower priority.
+func TestPortTableAbsentPort(t *testing.T) {
+	var rules []*grammar.Rule
+	for i := range 20 {
+		rules = append(rules, &grammar.Rule{Handle: uint64(i + 1), Proto: grammar.ProtoUDP, Dport: ports(uint16(7000 + i)), Actions: []*grammar.Action{act(grammar.ActAccept, 0)}})
+	}
+	for i := range 20 {
+		rules = append(rules, &grammar.Rule{Handle: uint64(i + 21), MetaMark: &grammar.MarkMatch{Value: uint32(i + 1), Mask: 0xffffffff}, Actions: []*grammar.Action{act(grammar.ActDrop, 0)}})
+	}
+	opts := compiler.Options{Hook: grammar.HookEgress}
+	p, err := compiler.Compile(rules, nil, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	layout, _ := p.Layout()
+	var probes []string
+	for _, seg := range layout.Segments {
+		for _, sh := range seg.Shapes {
+			probes = append(probes, sh.Key)
+			if !sh.Perfect {
+				t.Fatalf("shape %s is not in the perfect-hash value", sh.Key)
+			}
+		}
+	}
+	if len(probes) != 2 || !strings.HasPrefix(probes[0], "key(dport)") {
+		t.Fatalf("shapes %v, want the port table first", probes)
+	}
+	l := compileLoad(t, rules, nil, opts)
+	fragment := func(pkt []byte) []byte {
+		pkt = slices.Clone(pkt)
+		binary.BigEndian.PutUint16(pkt[14+6:], 1) // fragment offset 8: no transport header
+		return pkt
+	}
+	for _, c := range []struct {
+		what string
+		pkt  []byte
+		mark uint32
+		want int32
+	}{
+		{"port 7001", udpPkt(t, false, 40000, 7001, nil), 0, compiler.VerdictPass},
+		{"port 7001, mark 2", udpPkt(t, false, 40000, 7001, nil), 2, compiler.VerdictPass},
+		{"port of no rule, mark 2", udpPkt(t, false, 40000, 9999, nil), 2, compiler.VerdictDrop},
+		{"fragment, mark 2", fragment(udpPkt(t, false, 40000, 7001, nil)), 2, compiler.VerdictDrop},
+		{"fragment, mark 0", fragment(udpPkt(t, false, 40000, 7001, nil)), 0, compiler.VerdictNext},
+		{"port of no rule, mark 0", udpPkt(t, false, 40000, 9999, nil), 0, compiler.VerdictNext},
+	} {
+		if r := l.run(t, c.pkt, c.mark); r.ret != c.want {
+			t.Errorf("%s: verdict %d, want %d", c.what, r.ret, c.want)
+		}
+	}
+}
