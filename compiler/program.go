@@ -58,10 +58,7 @@ type compiler struct {
 	curRule    int            // the rule whose body is being emitted
 	curCounted bool           // and whether it has a counter
 	gen        int            // exit generation (see exit)
-	// genAt: the instruction count right after readGeneration, which
-	// leaves the generation in R2 and abi.NoRule in slotBest for a
-	// segment that starts there (nothing emitted in between, no label).
-	genAt int
+	genAt      int            // instructions emitted when readGeneration ended (see there)
 	dynRule    bool           // emitting a group body: the rule index is in slotRule
 	ruleNeeds  ruleNeeds
 	kern       kernelSkb // how to read skb->ip_summed (ok false: use helpers)

@@ -447,7 +447,9 @@ func (c *compiler) found(sh *shape, miss string) {
 
 // readGeneration emits the read of the live generation into slotGen (and
 // R2). When a segment follows at once (no record scan's set-up), also
-// "none yet" into slotBest for it (one read of the control map).
+// "none yet" into slotBest for it (one read of the control map); genAt
+// then lets the segment check that it does start there (nothing emitted
+// in between, no label another path jumps to).
 func (c *compiler) readGeneration() {
 	c.e.comment("live table generation, read once per packet")
 	c.e.emit(
