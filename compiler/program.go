@@ -59,6 +59,7 @@ type compiler struct {
 	curCounted bool           // and whether it has a counter
 	gen        int            // exit generation (see exit)
 	genAt      int            // instructions emitted when readGeneration ended (see there)
+	genStoreAt int            // index of readGeneration's mask and store (dropUnreadGeneration)
 	dynRule    bool           // emitting a group body: the rule index is in slotRule
 	ruleNeeds  ruleNeeds
 	kern       kernelSkb // how to read skb->ip_summed (ok false: use helpers)
@@ -336,6 +337,7 @@ func (c *compiler) program(rules []*grammar.Rule) error {
 	c.linearFinish()
 	c.mssFunction()
 	c.traceFunction()
+	c.dropUnreadGeneration()
 
 	insns := e.finish()
 	c.linearFuncInfo(insns)

@@ -455,6 +455,9 @@ func (c *compiler) readGeneration() {
 	c.e.emit(
 		asm.LoadMapValue(asm.R1, 0, 0).WithReference(abi.ControlMap),
 		ldx(asm.R2, asm.R1, 0, asm.Word),
+	)
+	c.genStoreAt = len(c.e.insns)
+	c.e.emit(
 		asm.And.Imm(asm.R2, 1),
 		stx(asm.R10, slotGen, asm.R2, asm.DWord),
 	)
@@ -462,6 +465,28 @@ func (c *compiler) readGeneration() {
 		c.e.emit(ldx(asm.R1, asm.R1, 4, asm.Word), stx(asm.R10, slotBest, asm.R1, asm.DWord))
 		c.genAt = len(c.e.insns)
 	}
+}
+
+// dropUnreadGeneration removes readGeneration's mask and store of the
+// generation when no instruction reads slotGen (the only segment that
+// needs it took it from R2, which it compares with 0 only): two
+// instructions less per packet.
+func (c *compiler) dropUnreadGeneration() {
+	i, ins := c.genStoreAt, c.e.insns
+	if i <= 0 || i+1 >= len(ins) {
+		return
+	}
+	and, st := ins[i], ins[i+1]
+	if and.OpCode != asm.And.Op(asm.ImmSource) || and.Dst != asm.R2 || and.Constant != 1 || and.Symbol() != "" ||
+		st.OpCode != asm.StoreMemOp(asm.DWord) || st.Dst != asm.R10 || st.Offset != slotGen || st.Symbol() != "" {
+		return
+	}
+	for j, in := range ins {
+		if j != i+1 && (in.Offset == slotGen || in.Constant == slotGen) {
+			return
+		}
+	}
+	c.e.insns = slices.Delete(ins, i, i+2)
 }
 
 // noRuleYet emits slotBest = abi.NoRule, read from the control map: the
