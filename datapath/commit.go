@@ -881,26 +881,48 @@ func (b *Backend) Generation() (uint64, error) {
 
 // Counters returns the counters of the live rules by handle.
 func (b *Backend) Counters() (map[uint64]ruleset.Counter, error) {
-	out := map[uint64]ruleset.Counter{}
-	s, g, st, err := b.snapshot()
-	if err != nil || st == nil {
-		return out, err
+	var out map[uint64]ruleset.Counter
+	err := b.readLive(func(s *bpf.Store, g *bpf.Gen, st *liveState) error {
+		out = map[uint64]ruleset.Counter{}
+		return eachLiveCounters(s, g, st, func(h *hookState, m *ebpf.Map) error {
+			cs, err := bpf.ReadCounters(m)
+			if err != nil {
+				return err
+			}
+			base := h.base()
+			for i, handle := range h.CounterHandles {
+				if i < len(cs) && handle != 0 { // 0: a free slot
+					c := base[handle]
+					out[handle] = ruleset.Counter{Packets: c.Packets + cs[i].Packets, Bytes: c.Bytes + cs[i].Bytes}
+				}
+			}
+			return nil
+		})
+	})
+	if out == nil {
+		out = map[uint64]ruleset.Counter{}
 	}
-	err = eachLiveCounters(s, g, st, func(h *hookState, m *ebpf.Map) error {
-		cs, err := bpf.ReadCounters(m)
-		if err != nil {
+	return out, err
+}
+
+// readLive runs read on the committed generation, and again when a writer
+// published another one meanwhile: that writer removes the generation
+// read, whose pinned objects may have gone from under read (a map that
+// no longer opens, a hook that seems to have none). Readers take no lock,
+// so this is how they see one generation whole. read gets no call when
+// nothing is committed.
+func (b *Backend) readLive(read func(s *bpf.Store, g *bpf.Gen, st *liveState) error) error {
+	for try := 0; ; try++ {
+		s, g, st, err := b.snapshot()
+		if err != nil || st == nil {
 			return err
 		}
-		base := h.base()
-		for i, handle := range h.CounterHandles {
-			if i < len(cs) && handle != 0 { // 0: a free slot
-				c := base[handle]
-				out[handle] = ruleset.Counter{Packets: c.Packets + cs[i].Packets, Bytes: c.Bytes + cs[i].Bytes}
-			}
+		err = read(s, g, st)
+		if now, cerr := s.Current(); try < 20 && cerr == nil && (now == nil || now.N != g.N) {
+			continue
 		}
-		return nil
-	})
-	return out, err
+		return err
+	}
 }
 
 // ResetCounters zeroes the counters of the given handles (all if nil).

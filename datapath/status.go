@@ -29,10 +29,17 @@ type HookStatus struct {
 
 // Status returns the live hooks in the order of the ruleset.
 func (b *Backend) Status() ([]HookStatus, error) {
-	s, g, st, err := b.snapshot()
-	if err != nil || st == nil {
-		return nil, err
-	}
+	var out []HookStatus
+	err := b.readLive(func(s *bpf.Store, g *bpf.Gen, st *liveState) error {
+		var err error
+		out, err = statusOf(s, g, st)
+		return err
+	})
+	return out, err
+}
+
+// statusOf is the status of st's live hooks, read from generation g.
+func statusOf(s *bpf.Store, g *bpf.Gen, st *liveState) ([]HookStatus, error) {
 	var out []HookStatus
 	for _, h := range st.hooks() {
 		a, err := s.Attached(h.id())

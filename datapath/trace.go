@@ -3,6 +3,7 @@ package datapath
 import (
 	"github.com/cilium/ebpf"
 	"github.com/sfunnel/sfunnel/abi"
+	"github.com/sfunnel/sfunnel/bpf"
 	"github.com/sfunnel/sfunnel/grammar"
 )
 
@@ -24,10 +25,22 @@ type TraceRule struct {
 // TraceSources opens the trace ring buffers of the live hooks (in the
 // calling thread's network namespace). Reading them can happen anywhere.
 func (b *Backend) TraceSources() ([]TraceSource, error) {
-	s, g, st, err := b.snapshot()
-	if err != nil || st == nil {
+	var out []TraceSource
+	err := b.readLive(func(s *bpf.Store, g *bpf.Gen, st *liveState) error {
+		closeSources(out)
+		var err error
+		out, err = traceSourcesOf(b, s, g, st)
+		return err
+	})
+	if err != nil {
+		closeSources(out)
 		return nil, err
 	}
+	return out, nil
+}
+
+// traceSourcesOf opens the trace ring buffers of st's live hooks in g.
+func traceSourcesOf(b *Backend, s *bpf.Store, g *bpf.Gen, st *liveState) ([]TraceSource, error) {
 	var out []TraceSource
 	for _, h := range st.hooks() {
 		if !b.attached(s, h.id()) {
