@@ -79,15 +79,7 @@ func TestDifferentialScanLists(t *testing.T) {
 		if rs%2 == 0 {
 			actions = actions[1:] // terminal action lists only
 		}
-		var rules []*grammar.Rule
-		for k := 0; k < n; k++ {
-			r := g.uniqueRule(k, sets, actions)
-			r.Trace, r.Handle = false, uint64(k+1)
-			if !compiler.Terminal(r) && rs != 5 {
-				r.SetMetaMark, r.SetCtMark, r.Counter = nil, nil, true
-			}
-			rules = append(rules, r)
-		}
+		rules := g.scanRules(n, sets, actions, rs != 5, func(*grammar.Rule) {})
 		opts := compiler.Options{Hook: grammar.Hook(g.pick(2))}
 		l := compileLoad(t, rules, sets, opts)
 		listing := fmt.Sprint(l.prog.Spec.Programs[compiler.ProgramName].Instructions)
@@ -140,13 +132,7 @@ func TestDifferentialBuckets(t *testing.T) {
 		if rs%2 == 0 {
 			actions = actions[1:] // terminal action lists only
 		}
-		var rules []*grammar.Rule
-		for k := 0; k < n; k++ {
-			r := g.uniqueRule(k, sets, actions)
-			r.Trace, r.Handle = false, uint64(k+1)
-			if !compiler.Terminal(r) {
-				r.SetMetaMark, r.SetCtMark, r.Counter = nil, nil, true
-			}
+		rules := g.scanRules(n, sets, actions, true, func(r *grammar.Rule) {
 			if g.chance(0.6) {
 				// One or two ports of the pool, positive: a bucket's list
 				// (when they share a bucket), unless the port match is
@@ -193,8 +179,7 @@ func TestDifferentialBuckets(t *testing.T) {
 				}
 				fixActions(r)
 			}
-			rules = append(rules, r)
-		}
+		})
 		opts := compiler.Options{Hook: grammar.Hook(g.pick(2))}
 		l := compileLoad(t, rules, sets, opts)
 		listing := fmt.Sprint(l.prog.Spec.Programs[compiler.ProgramName].Instructions)
@@ -245,4 +230,22 @@ func TestDifferentialBuckets(t *testing.T) {
 	if len(byField) < 4 || wildBeforeBucket == 0 || bucketBeforeWild == 0 {
 		t.Error("the packets did not exercise every indexed field and the merge of bucket and group lists both ways")
 	}
+}
+
+// scanRules makes n untraced unique-shape rules (handles 1..n) for the
+// record scan's lists, each changed by more; counterOnly turns the rules
+// without a terminal action into counters (no mark set: their segment's
+// records stay in lists by family and protocol).
+func (g gen) scanRules(n int, sets map[string]*grammar.Set, actions [][]*grammar.Action, counterOnly bool, more func(r *grammar.Rule)) []*grammar.Rule {
+	var rules []*grammar.Rule
+	for k := 0; k < n; k++ {
+		r := g.uniqueRule(k, sets, actions)
+		r.Trace, r.Handle = false, uint64(k+1)
+		if !compiler.Terminal(r) && counterOnly {
+			r.SetMetaMark, r.SetCtMark, r.Counter = nil, nil, true
+		}
+		more(r)
+		rules = append(rules, r)
+	}
+	return rules
 }
