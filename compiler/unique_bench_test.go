@@ -175,27 +175,35 @@ const uniqueNotes = `
 - Rules whose shape no other rule shares are records scanned in rule order by one BPF function
   (compiler/linear.go, linscan.go; docs/datapath.md): a packet pays for every record it reads
   before the first that matches (the TCP packet above reads all it can match): one bpf_loop
-  iteration (a direct call once the verifier inlines bpf_loop), an array lookup the verifier
-  inlines, and the record's tests. Since 2026-11-30 04:40 a segment's records are kept in lists by
-  the family and protocol they need (any/IPv4/IPv6 x any/TCP/UDP); a packet reads only the at most
-  four lists its family and protocol can match, merged by priority, so an IPv4 UDP packet skips
-  the IPv6 and TCP records ("records in the UDP packet's lists" above; the TCP packet likewise
-  skips the UDP and IPv6 ones). Old and new code in alternating runs of this benchmark (3 each,
-  2026-11-30 04:40 UTC, load average 7-9 from the other helpers, so absolute times are inflated):
-  10 000 rules, UDP packet 425-685 us -> 116-176 us, TCP packet 562-668 us -> 167-255 us; 1 000
-  rules 23-35 us -> 8-11 us; 100 rules 2.1-2.3 us -> 0.52-0.76 us. The cost per packet still
-  grows with the number of such rules in the packet's lists (not with the shapes that tables would
-  share), far from the issue's per-packet goals for such rulesets; what the scan buys is that any
-  such ruleset loads and stays far from the verifier's limit. Not done: a further split of the
-  TCP/UDP lists by a destination-port bucket (records with one positive port), and a loop without
-  bpf_loop's call per record.
-- Verifier work (TestUniqueShapeSweep, SFUNNEL_SWEEP=1, one seed per size, 2026-11-30 05:33 UTC,
-  load average 4-8), processed instructions (limit 1 000 000) for 50 / 100 / 200 / 400 / 800 /
-  1 600 / 3 200 / 10 000 / 30 000 / 100 000 rules: every rule with a random action list of its own
-  (stacked dnat + funnel among them) 117 800 / 382 674 / 282 492 / 80 517 / 82 486 / 86 403 /
-  86 792 / 85 121 / 86 646 / 86 786 (100 000: 24 236 instructions, compile 2.1 s, load 2.0 s);
-  eight action lists 106 895 / 264 507 / 424 980 / 53 805 / 33 338 / 36 727 / 36 211 / 50 989 /
-  33 267 / 31 008. With 32 action lists (05:05 UTC, load 14, before the MSS clamp and the trace
+  iteration, an array lookup the verifier inlines, the record's tests, and for address lists and
+  named sets an LPM lookup (perf, UDP packet, 10 000 rules: 67 % of the time in the record test,
+  30 % in trie_lookup_elem). A segment's records are kept in lists by the family and protocol they
+  need (since 04:40: 10 000 rules, UDP packet 425-685 us -> 116-176 us at load 7-9) and, since 09:40, in *buckets*: a record that a field pins to one bucket — its
+  destination port, its source port (a positive match of ports of one bucket), its source or
+  destination host (IPv4 /32, IPv6 /128) — goes to that bucket's list, and a packet reads its
+  family/protocol lists plus one bucket list per field, its own value's, merged by priority. The
+  adversarial rules above mostly key on nothing a bucket can hold (negations, wide ranges, lists,
+  sets, marks) and draw their ports and addresses from pools of 4-10 values, so buckets take few of
+  their records: the UDP packet's lists hold 1 705 records of 10 000 (1 897 before buckets). Rules
+  of shapes of their own that name a destination port or a host (second table) cost a packet 3-4
+  records, whatever their number.
+- A/B, main before these changes (065d7a1) and after (ea05977), test binaries alternating, 5 runs
+  each, medians of the per-run "÷ that rule alone" (2026-11-30 10:21-10:24 UTC, load average
+  6.6-11.5 from the other helpers): adversarial 100 / 1 000 / 10 000 rules 15.3× / 229× / 3 686× ->
+  14.4× / 217× / 3 378×; one destination port each 83.8× / 734× / 8 380× -> 5.4× / 2.6× / 2.8×;
+  one source host each 83.0× / 720× / 6 721× -> 6.3× / 3.3× / 3.1×. What remains for those is the
+  scan's fixed cost (the scan struct's set-up, eight lists' directory entries looked up, a
+  bpf_loop), not the rules. Also since 09:55 port ranges in records and range lists are sorted and
+  the test stops at the first range above the port.
+- Verifier work (TestUniqueShapeSweep, SFUNNEL_SWEEP=1, one seed per size, 2026-11-30 10:05 UTC
+  with buckets, load average 12-15), processed instructions (limit 1 000 000) for 50 / 100 / 200 /
+  400 / 800 / 1 600 / 3 200 / 10 000 / 30 000 / 100 000 rules: every rule with a random action list
+  of its own (stacked dnat + funnel among them) 120 797 / 362 466 / 265 042 / 81 391 / 85 315 /
+  86 239 / 89 301 / 87 278 / 88 159 / 89 433 (100 000: 23 883 instructions); eight action lists
+  112 502 / 274 440 / 412 333 / 55 500 / 33 759 / 41 786 / 36 132 / 52 865 / 36 616 / 31 621.
+  Before buckets (05:33 UTC, load 4-8): own action lists 117 800 / 382 674 / 282 492 / 80 517 /
+  82 486 / 86 403 / 86 792 / 85 121 / 86 646 / 86 786; eight action lists 106 895 / 264 507 /
+  424 980 / 53 805 / 33 338 / 36 727 / 36 211 / 50 989 / 33 267 / 31 008. With 32 action lists (05:05 UTC, load 14, before the MSS clamp and the trace
   record became global functions) 160 957 / 388 193 / 389 371 / 120 685 / 127 767 / 138 257 /
   93 431 / 149 101 / 271 884 / 112 633. Before action parameters (main at 57f9277, load 14), every
   rule its own list: 187 731 / 706 929 / 736 361 / 779 121, refused at 800 rules; 32 lists reached
