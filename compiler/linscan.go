@@ -288,10 +288,10 @@ func (c *compiler) linearFunctions() {
 	c.linIndex(asm.R9, scanFam, 4, 3, 6, 6)
 	c.linIndex(asm.R8, scanProto, 6, 1, 17, 2)
 	// Each list once: family/any, any/protocol, family/protocol, the
-	// buckets of its fields' values, then any/any (last: it holds the records that don't
-	// end the scan, whose counters count only below the winner of the
-	// others); the program zeroed scanLists. Then one bpf_loop over them
-	// all.
+	// buckets of its fields' values, then any/any (last: it holds the
+	// records that don't end the scan, whose counters count only below
+	// the winner of the others); the program zeroed scanLists. Then one
+	// bpf_loop over them all.
 	e.emit(asm.JEq.Imm(asm.R9, 0, "lin_no_fam"))
 	c.linList(0, func() { e.emit(mov(asm.R1, asm.R9)) })
 	e.label("lin_no_fam")
@@ -300,8 +300,9 @@ func (c *compiler) linearFunctions() {
 	e.emit(asm.JEq.Imm(asm.R9, 0, "lin_any"))
 	c.linList(2, func() { e.emit(mov(asm.R1, asm.R9), asm.Add.Reg(asm.R1, asm.R8)) })
 	e.label("lin_any")
-	// The bucket of each indexed port the packet has (linear.go's
-	// portBucket), when the segment has buckets (R7).
+	// The bucket list of each indexed field's value (linear.go's
+	// addrBucket, portBucket; no ports: no port buckets), when the
+	// segment has buckets (R7 of them per field).
 	e.emit(
 		ldx(asm.R7, asm.R6, scanBuckets, asm.Word),
 		asm.JEq.Imm(asm.R7, 0, "lin_no_buckets"),
