@@ -818,15 +818,16 @@ func (b *Backend) snapshot() (*bpf.Store, *bpf.Gen, *liveState, error) {
 // program is no longer attached (interface deleted, filter removed by hand).
 func (b *Backend) Load() (*ruleset.Ruleset, error) {
 	b.outline = nil
-	s, _, st, err := b.snapshot()
-	if err != nil || st == nil {
-		return &ruleset.Ruleset{NextHandle: 1}, err
-	}
-	live := func(h *hookState) bool { return b.attached(s, h.id()) }
-	rs, err := st.ruleset(live)
-	if err == nil {
-		b.remember(st, rs)
-	}
+	rs := &ruleset.Ruleset{NextHandle: 1}
+	err := b.readLive(func(s *bpf.Store, _ *bpf.Gen, st *liveState) error {
+		live := func(h *hookState) bool { return b.attached(s, h.id()) } // (a concurrent commit may detach it: read again)
+		r, err := st.ruleset(live)
+		if err == nil {
+			b.remember(st, r)
+			rs = r
+		}
+		return err
+	})
 	return rs, err
 }
 
@@ -1016,10 +1017,16 @@ var _ ruleset.Lister = (*Backend)(nil)
 // Listing returns the live ruleset as stored, without parsing it, with
 // the hooks whose program is no longer attached left out (as Load).
 func (b *Backend) Listing() (*ruleset.Listing, error) {
-	s, _, st, err := b.snapshot()
-	if err != nil || st == nil {
-		return &ruleset.Listing{}, err
-	}
+	l := &ruleset.Listing{}
+	err := b.readLive(func(s *bpf.Store, _ *bpf.Gen, st *liveState) error {
+		l = listingOf(b, s, st)
+		return nil
+	})
+	return l, err
+}
+
+// listingOf is the listing of st's attached hooks.
+func listingOf(b *Backend, s *bpf.Store, st *liveState) *ruleset.Listing {
 	l := &ruleset.Listing{}
 	for _, set := range st.Sets {
 		l.Sets = append(l.Sets, ruleset.ListedSet{Name: set.Name, Text: set.Text})
@@ -1045,5 +1052,5 @@ func (b *Backend) Listing() (*ruleset.Listing, error) {
 			l.Interfaces = append(l.Interfaces, li)
 		}
 	}
-	return l, nil
+	return l
 }

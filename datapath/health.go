@@ -3,6 +3,8 @@ package datapath
 import (
 	"fmt"
 
+	"github.com/sfunnel/sfunnel/bpf"
+
 	"github.com/sfunnel/sfunnel/ruleset"
 )
 
@@ -13,10 +15,18 @@ var _ ruleset.Warner = (*Backend)(nil)
 // listed) and a missing nftables table while rules use ct mark. The next
 // commit repairs both.
 func (b *Backend) Warnings() ([]string, error) {
-	s, _, st, err := b.snapshot()
-	if err != nil || st == nil {
-		return nil, err
-	}
+	var out []string
+	err := b.readLive(func(s *bpf.Store, _ *bpf.Gen, st *liveState) error {
+		var err error
+		out, err = b.warningsOf(s, st)
+		return err
+	})
+	return out, err
+}
+
+// warningsOf are the warnings about st's hooks (a concurrent commit may
+// detach one: readLive reads again).
+func (b *Backend) warningsOf(s *bpf.Store, st *liveState) ([]string, error) {
 	var out []string
 	for _, h := range st.hooks() {
 		if !b.attached(s, h.id()) {

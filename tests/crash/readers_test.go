@@ -11,8 +11,9 @@ import (
 // Readers read a generation that a writer may publish over and remove
 // while they read it: `list ruleset` (which reads the counters) and
 // `list ruleset -j` run while other processes commit rule changes without
-// a pause (by table entries and by new programs) must never fail, and
-// must always show the counters of the rules no writer touches.
+// a pause (by table entries and by new programs, attaching and detaching
+// a hook) must never fail nor warn of a detached hook, and must always
+// show the rules no writer touches.
 func TestReadersDuringCommits(t *testing.T) {
 	e := newEnv(t)
 	e.must(t, rulesetD(), "-f", "-")
@@ -42,6 +43,14 @@ func TestReadersDuringCommits(t *testing.T) {
 					t.Errorf("writer: exit %d: %s", r.code, r.stderr)
 					return
 				}
+				if w == 1 && k%2 == 0 { // a hook attached and detached
+					for _, args := range [][]string{strings.Fields("add rule vb egress udp dport 7300 counter actions drop"), strings.Fields("flush interface vb egress")} {
+						if r := e.sfunnel(t, "", nil, args...); r.code != 0 {
+							t.Errorf("writer: %v: exit %d: %s", args, r.code, r.stderr)
+							return
+						}
+					}
+				}
 			}
 		}()
 	}
@@ -53,6 +62,10 @@ func TestReadersDuringCommits(t *testing.T) {
 		r := e.sfunnel(t, "", nil, args...)
 		if r.code != 0 {
 			t.Errorf("%v %d while others commit: exit %d: %s", args, i, r.code, r.stderr)
+			break
+		}
+		if strings.Contains(r.stdout+r.stderr, "warning") {
+			t.Errorf("%v %d while others commit warns:\n%s%s", args, i, r.stdout, r.stderr)
 			break
 		}
 		if n := strings.Count(r.stdout, "192.0.2.1"); n < 40 { // rulesetD's sources: 192.0.2.100-139
