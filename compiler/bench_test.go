@@ -519,9 +519,9 @@ func BenchmarkDatapath(b *testing.B) {
 const benchNotes = `
 - Mixed shapes: rules are classified by shape (the rule with its key values blanked); the rules of
   a shape share one table, the lowest matching rule winning. Since 2026-11-30 the tables are perfect
-  hashes (hash and displace) inside the value of one array map (one element per table generation,
-  compiler/perfect.go): the program takes the live generation's value pointer once per segment (an
-  array lookup the verifier inlines), keeps it in R9, and probes each shape with plain loads, no
+  hashes (hash and displace) inside the value of an array map per table generation (tblh0, tblh1,
+  compiler/perfect.go): the program takes the live generation's value pointer once per segment (a
+  constant address, picked by the generation), keeps it in R9, and probes each shape with plain loads, no
   helper call: a first-key-word range test in the table's header (most shapes a packet can't match
   stop there, after one key word, two loads and two compares), the table's lowest priority against
   the best match so far (later shapes that can't win are skipped), then two multiplications and two
@@ -549,6 +549,29 @@ const benchNotes = `
   code removed) measured about 1.42x before the last three steps: the value pointer's lookup (~20
   instructions), the probe (~33), the body dispatch (~8), the parse of the fields the other shapes
   need (~6); the three other shapes a UDP/IPv4 packet reaches about 0.16x together.
+- The mixed row, 2026-11-30 third session (mix2), on the matching UDP packet's path: the
+  perfect-hash tables' generations are two maps (tblh0, tblh1), not two elements of one, so the
+  program takes the live one's value address as a constant (direct value access) with one branch on
+  the generation instead of an inlined array lookup through the stack (the verifier walks the probes
+  once per generation: 15 719 -> 22 585 processed instructions for these 10 000 rules, 100 000:
+  14 688 -> 20 313); the first segment takes "none yet" and the generation from the one read of the
+  control map, whose mask and stack copy go when nothing else reads them; the slot bits take one
+  shift instead of two; the first key word is masked after its range test (the range's top has the
+  masked-out bits set), so a shape the range rules out skips the mask; a port-indexed table has a
+  value for the absent port (no bounds test); the first probe takes what it reads as the best so
+  far (an empty slot's priority is "none"). The table part of the path went from ~87 to ~70 BPF
+  instructions (the preamble 18 -> 6, the matching probe 32 -> 30, the port table 10 -> 8, a /24
+  range miss 9 -> 8). Old (main at 7c530fa) and new (0a218dc) test binaries alternating, 5 runs
+  each (BenchmarkTables: 5 loaded instances each, 15 paired runs per invocation; 2026-11-30
+  10:25-10:42 UTC, load average 8-14): 1.52-1.58x before (median 1.58x), 1.36-1.46x after (median
+  1.42x); the TCP packet that matches nothing 2.31-2.37x -> 2.10-2.26x (medians 2.31x -> 2.23x);
+  10 000 saddr rules 1.29-1.33x -> 1.19-1.28x (the same probe); 10 000 dport rules, a port array
+  whose code only lost one load, 1.36-1.40x -> 1.33-1.44x (medians 1.39x -> 1.43x; not looked into
+  further: with one instruction less, we read it as where the JIT image lands); the sets
+  1.06-1.16x / 1.15-1.24x either way. The first step alone (the two maps; 4 pairs at load 13-19):
+  1.55-1.63x -> 1.48-1.49x. What is left: the three shapes the packet reaches besides its own (a
+  range miss each for two, the port table's load for the third, ~25 instructions with the group
+  tests and two jumps between groups) and the dispatch (~6).
 - Loaded instances: the JIT puts each program image at a random offset, and identical programs
   loaded side by side measured up to 12 % apart (the reference rule alone: 0.89-1.00 of one
   another) — as much as the whole gap to a goal. Each program is therefore loaded five times and
