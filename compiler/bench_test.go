@@ -341,14 +341,20 @@ var fastRows = []benchRow{
 	{"floor: the adjust_room floor behind a constant tail call (the least a matcher tail-calling a writer adds to a rewritten packet)", "adjust_room floor", "floor-tail", "floor", 1.3},
 }
 
+// benchPackets are the benchmarks' packets: an IPFIX datagram (UDP to
+// 4739) and a TCP segment no rule of theirs matches. (The benchmark locks
+// its thread: the measurement counts the thread's context switches.)
+func benchPackets(b *testing.B) (ipfix, other []byte) {
+	testenv.RequireRoot(b)
+	return udpPkt(b, false, 40000, 4739, make([]byte, 100)), tcpPkt(b, false, 33000, 80, false, true, make([]byte, 100))
+}
+
 // BenchmarkFastPath measures only fastProgs and reports fastRows' ratios
 // (no table written): for A/B runs of the default ruleset's programs.
 func BenchmarkFastPath(b *testing.B) {
-	testenv.RequireRoot(b)
 	runtime.LockOSThread()
 	defer runtime.UnlockOSThread()
-	ipfix := udpPkt(b, false, 40000, 4739, make([]byte, 100))
-	other := tcpPkt(b, false, 33000, 80, false, true, make([]byte, 100))
+	ipfix, other := benchPackets(b)
 	progs := fastProgs(b, ipfix, other)
 	reportRows(b, progs, fastRows)
 }
@@ -439,11 +445,9 @@ var tableRows = []benchRow{
 // reports tableRows' ratios (no table written): for A/B runs of the
 // large rulesets' programs.
 func BenchmarkTables(b *testing.B) {
-	testenv.RequireRoot(b)
 	runtime.LockOSThread()
 	defer runtime.UnlockOSThread()
-	ipfix := udpPkt(b, false, 40000, 4739, make([]byte, 100))
-	other := tcpPkt(b, false, 33000, 80, false, true, make([]byte, 100))
+	ipfix, other := benchPackets(b)
 	progs := append([]*benchProg{{name: "empty", inst: refInstances(b, "empty", emptyProgram()), pkt: other}}, tableProgs(b, ipfix, other)...)
 	reportRows(b, progs, tableRows)
 }
@@ -452,12 +456,9 @@ func BenchmarkTables(b *testing.B) {
 // §4 and reports each as a ratio to its in-run reference (median of 9).
 // It writes the table to BENCHMARKS.md.
 func BenchmarkDatapath(b *testing.B) {
-	testenv.RequireRoot(b)
 	runtime.LockOSThread()
 	defer runtime.UnlockOSThread()
-
-	ipfix := udpPkt(b, false, 40000, 4739, make([]byte, 100))
-	other := tcpPkt(b, false, 33000, 80, false, true, make([]byte, 100))
+	ipfix, other := benchPackets(b)
 
 	mixed := append(mixedShapes(10000-1), matchingIPFIX(10000))
 	start := time.Now()
@@ -563,7 +564,7 @@ const benchNotes = `
   instructions (the preamble 18 -> 6, the matching probe 32 -> 30, the port table 10 -> 8, a /24
   range miss 9 -> 8). Old (main at 7c530fa) and new (0a218dc) test binaries alternating, 5 runs
   each (BenchmarkTables: 5 loaded instances each, 15 paired runs per invocation; 2026-11-30
-  10:25-10:42 UTC, load average 8-14): 1.52-1.58x before (median 1.58x), 1.36-1.46x after (median
+  10:25-10:40 UTC, load average 8-14): 1.52-1.58x before (median 1.58x), 1.36-1.46x after (median
   1.42x); the TCP packet that matches nothing 2.31-2.37x -> 2.10-2.26x (medians 2.31x -> 2.23x);
   10 000 saddr rules 1.29-1.33x -> 1.19-1.28x (the same probe); 10 000 dport rules, a port array
   whose code only lost one load, 1.36-1.40x -> 1.33-1.44x (medians 1.39x -> 1.43x; not looked into

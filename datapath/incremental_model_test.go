@@ -451,13 +451,7 @@ func (r *runs) checkModels(t *testing.T, models [2]*refmodel.Model, what string)
 // port-indexed table in tblh before a scanned segment) once accepted every
 // UDP datagram after the first change; a second change flips back.
 func TestPerfectSpareWithoutReload(t *testing.T) {
-	text, err := os.ReadFile("testdata/perfect-spare.conf")
-	if err != nil {
-		t.Fatal(err)
-	}
-	e := newEnv(t, Options{})
-	id := bpf.HookID{Ifname: "vb", Hook: grammar.HookIngress}
-	e.run(t, string(text))
+	e, id := applyPerfectSpare(t)
 	rng := rand.New(rand.NewPCG(1, 2))
 	rs, _ := e.fresh(t)
 	agreeWithModel(t, e, id, rs.Interface("vb").Ingress, rng, "compiled")

@@ -13,6 +13,18 @@ import (
 	"github.com/sfunnel/sfunnel/grammar"
 )
 
+// applyPerfectSpare applies testdata/perfect-spare.conf (vb ingress: a
+// port-indexed table in the perfect-hash value before a scanned segment).
+func applyPerfectSpare(t *testing.T) (*env, bpf.HookID) {
+	text, err := os.ReadFile("testdata/perfect-spare.conf")
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := newEnv(t, Options{})
+	e.run(t, string(text))
+	return e, bpf.HookID{Ifname: "vb", Hook: grammar.HookIngress}
+}
+
 // A hook pinned by an sfunnel that kept both generations of the
 // perfect-hash tables in one map of two elements (abi.PerfectTables,
 // before they had a map each) is not patched by a change that would be
@@ -20,13 +32,7 @@ import (
 // generation, and the next change is map-only again. Packets agree with
 // the reference model after each.
 func TestPerfectTablesOfAnOlderLayout(t *testing.T) {
-	text, err := os.ReadFile("testdata/perfect-spare.conf")
-	if err != nil {
-		t.Fatal(err)
-	}
-	e := newEnv(t, Options{})
-	id := bpf.HookID{Ifname: "vb", Hook: grammar.HookIngress}
-	e.run(t, string(text))
+	e, id := applyPerfectSpare(t)
 	// The older layout's pins: tblh (generation 0 in element 0, as a
 	// compilation left it), no tblh0 or tblh1.
 	pins := func() map[string]bool {
