@@ -67,9 +67,10 @@ bench-control: build
 	$(GO) run ./bench/control -sfunnel bin/sfunnel -rules 10000 -runs 5 -o BENCHMARKS.md
 
 # crash-long kills (and stops) sfunnel at every crash point of every tested commit
-# (make test tests every second one); see tests/crash.
+# (make test tests every second one), and changes with this binary hooks that
+# sfunnel db6a702 committed (built from git history); see tests/crash.
 crash-long:
-	SFUNNEL_LONG=1 $(GO) test -count=1 -v -timeout 120m -run 'TestCrashAtEveryPoint|TestStoppedAtEveryPoint' ./tests/crash
+	SFUNNEL_LONG=1 $(GO) test -count=1 -v -timeout 120m -run 'TestCrashAtEveryPoint|TestStoppedAtEveryPoint|TestUpgrade' ./tests/crash
 
 # fuzz runs the parser fuzzer for 10 minutes, the lexer's differential
 # fuzzer and the sealed-record fuzzer for 2 each.
