@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -103,6 +104,22 @@ func testUpgrade(t *testing.T, old string, initial []int, steps []upgradeStep, p
 		t.Fatalf("the new binary lists what %s committed otherwise:\n%s\nwant\n%s", previousRelease, b, a)
 	}
 	check("committed by "+previousRelease, initial)
+	// A rule's counter never goes down: programs the new binary compiles
+	// carry the old one's counts.
+	counts := map[string]int{}
+	countsGo := func(what string) {
+		t.Helper()
+		list := e.must(t, "", "list", "ruleset")
+		for _, m := range counterPackets.FindAllStringSubmatch(list, -1) {
+			rule := counterValues.ReplaceAllString(m[0], "counter")
+			n, _ := strconv.Atoi(m[1])
+			if n < counts[rule] {
+				t.Errorf("%s: %s counts %d packets, it counted %d before", what, strings.TrimSpace(rule), n, counts[rule])
+			}
+			counts[rule] = n
+		}
+	}
+	countsGo("committed by " + previousRelease)
 	for i, st := range steps {
 		args := st.args
 		if st.handleOf != "" {
@@ -123,8 +140,12 @@ func testUpgrade(t *testing.T, old string, initial []int, steps []upgradeStep, p
 		}
 		t.Logf("step %d (%v): tables or records patched alone: %v", i, args, patched)
 		check(fmt.Sprintf("step %d (%v)", i, args), st.drops)
+		countsGo(fmt.Sprintf("step %d (%v)", i, args))
 	}
 }
+
+// counterPackets is a listing's line with a counter, its packets.
+var counterPackets = regexp.MustCompile(`(?m)^.*counter packets (\d+) bytes \d+.*$`)
 
 // upgradeRuleset has, on vb ingress, a counter-only rule, a port table (one
 // port per rule, 65535 among them), a perfect-hash shape (saddr+dport), a
@@ -190,20 +211,22 @@ func TestUpgradeTablesFromPreviousRelease(t *testing.T) {
 // changes go in by rewriting the old layout's lists, without a program,
 // and traffic follows them.
 func TestUpgradeRecordsFromPreviousRelease(t *testing.T) {
-	probes := []int{6999, 7207, 7208, 7230, 7240, 7241, 7400, 7401, 7999}
+	probes := []int{6999, 7207, 7208, 7230, 7240, 7241, 7400, 7401, 7402, 7999}
 	testUpgrade(t, upgradeRuleset(false), []int{7207, 7230, 7400}, []upgradeStep{
+		{args: []string{"add", "element", "ports", "{", "7401", "}"},
+			drops: []int{7207, 7230, 7400, 7401}},
 		{args: []string{"add", "rule", "vb", "ingress", "ip", "saddr", "192.0.2.1", "udp", "sport", "!=", "9", "dport", "7240", "counter", "actions", "drop"},
-			drops: []int{7207, 7230, 7240, 7400}, mapOnly: true},
+			drops: []int{7207, 7230, 7240, 7400, 7401}, mapOnly: true},
 		{args: []string{"insert", "rule", "vb", "ingress", "ip", "saddr", "192.0.2.1", "udp", "sport", "!=", "8", "dport", "7230", "counter", "actions", "accept"},
-			drops: []int{7207, 7240, 7400}}, // a new action list: compiles
+			drops: []int{7207, 7240, 7400, 7401}}, // a new action list: compiles
 		{args: []string{"insert", "rule", "vb", "ingress", "ip", "saddr", "192.0.2.1", "udp", "sport", "!=", "9", "dport", "7241", "counter", "actions", "drop"},
-			drops: []int{7207, 7240, 7241, 7400}, mapOnly: true},
+			drops: []int{7207, 7240, 7241, 7400, 7401}, mapOnly: true},
 		{args: []string{"delete", "rule", "vb", "ingress", "handle", "HANDLE"}, handleOf: `udp dport 7207 sport != 107 .*# handle (\d+)`,
-			drops: []int{7240, 7241, 7400}, mapOnly: true},
+			drops: []int{7240, 7241, 7400, 7401}, mapOnly: true},
 		{args: []string{"replace", "rule", "vb", "ingress", "handle", "HANDLE", "ip", "saddr", "192.0.2.1", "udp", "sport", "!=", "108", "dport", "7208", "counter", "actions", "drop"},
 			handleOf: `udp dport 7208 sport != 108 .*# handle (\d+)`,
-			drops:    []int{7208, 7240, 7241, 7400}, mapOnly: true},
-		{args: []string{"add", "element", "ports", "{", "7401", "}"},
-			drops: []int{7208, 7240, 7241, 7400, 7401}},
+			drops:    []int{7208, 7240, 7241, 7400, 7401}, mapOnly: true},
+		{args: []string{"add", "element", "ports", "{", "7402", "}"},
+			drops: []int{7208, 7240, 7241, 7400, 7401, 7402}},
 	}, probes)
 }
