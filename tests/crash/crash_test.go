@@ -590,7 +590,6 @@ func testCrashes(t *testing.T, sc *scenario) {
 		}
 		// The next command (a reader) finishes or undoes the commit.
 		list := e.listing(t)
-		in, out := e.traffic(t, sc)
 		var want string
 		switch list {
 		case oldList:
@@ -600,8 +599,13 @@ func testCrashes(t *testing.T, sc *scenario) {
 		default:
 			t.Fatalf("killed at point %d of %d: list shows neither the old nor the new ruleset:\n%s\nold:\n%s\nnew:\n%s", k, n, list, oldList, newList)
 		}
-		if got := fmt.Sprint(in, out); got != want {
-			t.Fatalf("killed at point %d of %d: traffic drops %s, the listing says %s\n%s", k, n, got, want, list)
+		if bad := e.settled(t, sc, fmt.Sprintf("killed at point %d of %d", k, n), func(in, out map[int]bool) string {
+			if got := fmt.Sprint(in, out); got != want {
+				return fmt.Sprintf("traffic drops %s, the listing says %s\n%s", got, want, list)
+			}
+			return ""
+		}); bad != "" {
+			t.Fatal(bad)
 		}
 		tested++
 		// Nothing left behind once a command ran: no pending commit, no

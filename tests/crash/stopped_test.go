@@ -91,16 +91,46 @@ func testStops(t *testing.T, sc *scenario) {
 			t.Fatal(err)
 		}
 		waitStopped(t, w.Process.Pid)
+		// While the writer is stopped nothing changes: a probe late under
+		// load reads as a drop once, a wrong state on every try.
+		what := fmt.Sprintf("stopped at point %d of %d", k, n)
+		bad := e.settled(t, sc, what, func(in, out map[int]bool) string {
+			if fmt.Sprint(in) != fmt.Sprint(oldIn) && fmt.Sprint(in) != fmt.Sprint(newIn) {
+				return fmt.Sprintf("ingress drops %v, the old ruleset %v, the new one %v", in, oldIn, newIn)
+			}
+			if fmt.Sprint(out) != fmt.Sprint(oldOut) && fmt.Sprint(out) != fmt.Sprint(newOut) {
+				return fmt.Sprintf("egress drops %v, the old ruleset %v, the new one %v", out, oldOut, newOut)
+			}
+			return ""
+		})
+		w.Process.Signal(syscall.SIGCONT) // (before failing: the writer holds the lock the cleanup needs)
+		err := w.Wait()
+		if bad != "" {
+			t.Fatal(bad)
+		}
+		if err != nil {
+			t.Fatalf("%s, then resumed: %v\n%s", what, err, stderr.String())
+		}
+	}
+}
+
+// settled probes sc's traffic until wrong (which says what is wrong with
+// what the probes saw, "" if nothing) passes, three tries at most, and
+// returns the failure ("" if none): the state probed does not change
+// meanwhile, so a wrong state fails every try, while a probe that arrived
+// late (a drop, to the probe) under load fails one. Failed tries are
+// logged.
+func (e *env) settled(t *testing.T, sc *scenario, what string, wrong func(in, out map[int]bool) string) string {
+	t.Helper()
+	for try := 1; ; try++ {
 		in, out := e.traffic(t, sc)
-		w.Process.Signal(syscall.SIGCONT)
-		if err := w.Wait(); err != nil {
-			t.Fatalf("stopped at point %d of %d, then resumed: %v\n%s", k, n, err, stderr.String())
+		msg := wrong(in, out)
+		if msg == "" {
+			return ""
 		}
-		if fmt.Sprint(in) != fmt.Sprint(oldIn) && fmt.Sprint(in) != fmt.Sprint(newIn) {
-			t.Fatalf("stopped at point %d of %d: ingress drops %v, the old ruleset %v, the new one %v", k, n, in, oldIn, newIn)
+		if try == 3 {
+			return fmt.Sprintf("%s: %s (%d tries)", what, msg, try)
 		}
-		if fmt.Sprint(out) != fmt.Sprint(oldOut) && fmt.Sprint(out) != fmt.Sprint(newOut) {
-			t.Fatalf("stopped at point %d of %d: egress drops %v, the old ruleset %v, the new one %v", k, n, out, oldOut, newOut)
-		}
+		t.Logf("%s: %s (try %d; probing again)", what, msg, try)
 	}
 }
