@@ -562,14 +562,14 @@ const benchNotes = `
   value for the absent port (no bounds test); the first probe takes what it reads as the best so
   far (an empty slot's priority is "none"). The table part of the path went from ~87 to ~70 BPF
   instructions (the preamble 18 -> 6, the matching probe 32 -> 30, the port table 10 -> 8, a /24
-  range miss 9 -> 8). Old (main at 7c530fa) and new (0a218dc) test binaries alternating, 5 runs
-  each (BenchmarkTables: 5 loaded instances each, 15 paired runs per invocation; 2026-11-30
-  10:25-10:40 UTC, load average 8-14): 1.52-1.58x before (median 1.58x), 1.36-1.46x after (median
-  1.42x); the TCP packet that matches nothing 2.31-2.37x -> 2.10-2.26x (medians 2.31x -> 2.23x);
-  10 000 saddr rules 1.29-1.33x -> 1.19-1.28x (the same probe); 10 000 dport rules, a port array
-  whose code only lost one load, 1.36-1.40x -> 1.33-1.44x (medians 1.39x -> 1.43x; not looked into
-  further: with one instruction less, we read it as where the JIT image lands); the sets
-  1.06-1.16x / 1.15-1.24x either way. The first step alone (the two maps; 4 pairs at load 13-19):
+  range miss 9 -> 8). Old (main at 7c530fa) and new (0a218dc; c278800, the same compiler) test binaries alternating
+  (BenchmarkTables: 5 loaded instances each, 15 paired runs per invocation), 2026-11-30 10:50-10:58
+  UTC at load average 3-5, 6 pairs: 1.43-1.79x before (median 1.51x), 1.36-1.45x after (median
+  1.39x); the TCP packet that matches nothing 2.18-2.43x -> 2.15-2.30x (medians 2.37x -> 2.20x);
+  10 000 saddr rules (the same probe) 1.26-1.37x -> 1.15-1.20x (1.32x -> 1.18x); 10 000 dport rules
+  (a port array, whose code only lost one load) 1.22-1.46x -> 1.34-1.43x (1.39x -> 1.38x); the sets
+  (no tables: the same code) within the noise. 10:25-10:40 at load 8-14, 5 runs each: 1.52-1.58x
+  -> 1.36-1.46x (medians 1.58x -> 1.42x). The first step alone (the two maps; 4 pairs at load 13-19):
   1.55-1.63x -> 1.48-1.49x. What is left: the three shapes the packet reaches besides its own (a
   range miss each for two, the port table's load for the third, ~25 instructions with the group
   tests and two jumps between groups) and the dispatch (~6).
