@@ -28,8 +28,9 @@ func (b *Backend) Warnings() ([]string, error) {
 // detach one: readLive reads again).
 func (b *Backend) warningsOf(s *bpf.Store, st *liveState) ([]string, error) {
 	var out []string
+	next := pendingState(s)
 	for _, h := range st.hooks() {
-		if !b.attached(s, h.id()) {
+		if !b.attached(s, h.id()) && !next.detaches(h.id()) {
 			out = append(out, fmt.Sprintf("interface %s %s is no longer attached (program detached or interface removed outside sfunnel): its rules are gone from the kernel until the ruleset is applied again", h.ifname, h.Hook))
 		}
 	}
@@ -43,4 +44,30 @@ func (b *Backend) warningsOf(s *bpf.Store, st *liveState) ([]string, error) {
 		}
 	}
 	return out, nil
+}
+
+// pendingState reads, lazily, the state record of the generation a commit
+// past its commit point is rolling forward to (none: no commit in flight).
+func pendingState(s *bpf.Store) *pending { return &pending{s: s} }
+
+type pending struct {
+	s    *bpf.Store
+	read bool
+	st   *liveState
+}
+
+// detaches reports whether the commit in flight removes hook id: its
+// writer detaches the hook (step 3) before it publishes (step 4), so a
+// reader of the generation before sees it detached by sfunnel itself, not
+// by someone else. The transaction is decided (a dead writer's is rolled
+// forward by the next command), so that is no warning. A writer that
+// publishes meanwhile makes readLive read the new generation.
+func (p *pending) detaches(id bpf.HookID) bool {
+	if !p.read {
+		p.read = true
+		if g, err := p.s.Pending(); err == nil && g != nil {
+			p.st, _ = readGenState(g)
+		}
+	}
+	return p.st != nil && p.st.hook(id) == nil
 }
