@@ -76,6 +76,7 @@ func TestRandomSetChangesAgainstModel(t *testing.T) {
 		beforeSets := m.grammarSets()
 		var cmds []string
 		adds := map[bpf.HookID]int{}
+		m.declared = map[string]bool{}
 		hammered := setHooks[rng.IntN(len(setHooks))]
 		if len(before[hammered]) == 0 {
 			hammered = setHooks[0]
@@ -139,6 +140,9 @@ type setsModel struct {
 	rng   *rand.Rand
 	hooks map[bpf.HookID][]stated
 	sets  map[string]*modelSet
+	// declared: the sets the change being drawn declares (a set is
+	// declared once per input).
+	declared map[string]bool
 	// listedRules and counters are what the last check read back.
 	listedRules map[bpf.HookID][]*grammar.Rule
 	counters    map[uint64]ruleset.Counter
@@ -417,6 +421,10 @@ func (m *setsModel) randomCommand(t *testing.T, rng *rand.Rand, adds map[bpf.Hoo
 		return fmt.Sprintf("delete element %s { %s }", name, strings.Join(del, ", "))
 	case op < 12: // a set declared again: its elements replaced
 		name := setNames[rng.IntN(len(setNames))]
+		if m.declared[name] {
+			break // (once per input)
+		}
+		m.declared[name] = true
 		s := m.sets[name]
 		s.elems = nil
 		for _, el := range setPools[name] {
