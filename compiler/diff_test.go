@@ -163,7 +163,12 @@ func (g gen) rule(sets map[string]*grammar.Set) *grammar.Rule {
 	if g.chance(0.15) {
 		r.SetMetaMark = &grammar.MarkSet{Value: poolMark[g.pick(len(poolMark))], Mask: 0xffffffff}
 		if g.chance(0.5) {
-			r.SetMetaMark.Mask = 0xff00ff00
+			// As the parser gives `meta mark set V/0xff00ff00`: HasMask,
+			// and no bits outside the mask. (Without HasMask the rule
+			// printed, and so was keyed, as `meta mark set V`: two rules
+			// differing only in that mask shared a body.)
+			r.SetMetaMark.Value &= 0xff00ff00
+			r.SetMetaMark.Mask, r.SetMetaMark.HasMask = 0xff00ff00, true
 		}
 	}
 	if g.chance(0.1) {
