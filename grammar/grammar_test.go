@@ -592,3 +592,21 @@ func TestLeadingZeroIsOctal(t *testing.T) {
 		}
 	}
 }
+
+// A mark set or match whose mask masks prints it, even in a rule built in
+// code without HasMask: the compiler keys bodies and shapes by printed
+// rules, and two mark sets that differ only in their mask once shared one
+// body (a generated "meta mark set 0x0/0xff00ff00" ran as "set 0x0").
+func TestMaskAlwaysPrinted(t *testing.T) {
+	r := &Rule{SetMetaMark: &MarkSet{Value: 0, Mask: 0xff00ff00}, MetaMark: &MarkMatch{Value: 1, Mask: 0xff}}
+	got := FormatRule(r, nil)
+	for _, want := range []string{"meta mark set 0x0/0xff00ff00", "meta mark 0x1/0xff"} {
+		if !strings.Contains(got, want) {
+			t.Errorf("FormatRule = %q, want it to contain %q", got, want)
+		}
+	}
+	r = &Rule{SetMetaMark: &MarkSet{Value: 5, Mask: 0xffffffff}}
+	if got := FormatRule(r, nil); !strings.Contains(got, "meta mark set 0x5") || strings.Contains(got, "/") {
+		t.Errorf("FormatRule = %q, want meta mark set 0x5 without a mask", got)
+	}
+}

@@ -329,7 +329,10 @@ func appendFlagsMatch(b []byte, m *FlagsMatch) []byte {
 
 func appendMark(b []byte, v, mask uint32, hasMask bool) []byte {
 	b = strconv.AppendUint(append(b, "0x"...), uint64(v), 16)
-	if hasMask {
+	// A mask is printed whenever it masks: the compiler's body and shape
+	// keys are printed rules, so what the code reads must be printed
+	// (the parser sets no mask but all ones when the rule gives none).
+	if hasMask || mask != 0xffffffff {
 		b = strconv.AppendUint(append(b, "/0x"...), uint64(mask), 16)
 	}
 	return b
