@@ -320,13 +320,8 @@ func (c *compiler) linearFunctions() {
 				asm.HostTo(asm.BE, asm.R1, asm.Word),
 				asm.Mul.Imm32(asm.R1, int32(-(1<<32-addrHashMul))),
 				asm.RSh.Imm32(asm.R1, 16),
-				asm.Mul.Reg(asm.R1, asm.R7),
-				asm.RSh.Imm(asm.R1, 16),
-				asm.Add.Imm(asm.R1, linGroups),
 			)
-			for range f {
-				e.emit(asm.Add.Reg(asm.R1, asm.R7)) // field f's buckets start at 9 + f*B
-			}
+			c.bucketList(f)
 		})
 	}
 	for f := range 2 {
@@ -341,13 +336,8 @@ func (c *compiler) linearFunctions() {
 				ldx(asm.R1, asm.R6, port, asm.Word),
 				asm.Mul.Imm(asm.R1, portHashMul),
 				asm.And.Imm(asm.R1, 0xffff),
-				asm.Mul.Reg(asm.R1, asm.R7),
-				asm.RSh.Imm(asm.R1, 16),
-				asm.Add.Imm(asm.R1, linGroups),
 			)
-			for range f {
-				e.emit(asm.Add.Reg(asm.R1, asm.R7)) // field f's buckets start at 9 + f*B
-			}
+			c.bucketList(f)
 		})
 		e.label(none)
 	}
@@ -417,6 +407,16 @@ func linLookup() asm.Instructions {
 		mov(asm.R2, asm.R6),
 		asm.Add.Imm(asm.R2, scanKey),
 		asm.FnMapLookupElem.Call(),
+	}
+}
+
+// bucketList turns the 16-bit hash of field f's value in R1 into the
+// index of its bucket list: 9 + f*B + hash*B>>16 (R7 holds B).
+func (c *compiler) bucketList(f int) {
+	e := &c.e
+	e.emit(asm.Mul.Reg(asm.R1, asm.R7), asm.RSh.Imm(asm.R1, 16), asm.Add.Imm(asm.R1, linGroups))
+	for range f {
+		e.emit(asm.Add.Reg(asm.R1, asm.R7)) // field f's buckets start at 9 + f*B
 	}
 }
 
