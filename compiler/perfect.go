@@ -149,7 +149,11 @@ func newPerfectTable(sh *shape, off int) *perfectTable {
 	if len(words) == 0 {
 		return nil
 	}
-	ns := capacity(2*len(sh.ents), 8)
+	// Twice the entries and a quarter more (RebuildPerfect takes up to half
+	// the slots): room for new keys of the shape without a compilation,
+	// also when the entries are a power of two.
+	n := len(sh.ents)
+	ns := capacity(2*(n+n/4), 8)
 	t := &perfectTable{words: words, chunks: (len(words) + 1) / 2, off: off, sb: bitsFor(ns)}
 	t.bb = t.sb - 2
 	t.esz = 8*t.chunks + 16

@@ -347,8 +347,11 @@ func (c *compiler) program(rules []*grammar.Rule) error {
 		License:      "GPL",
 		Instructions: insns,
 	}
-	// Headroom, so that a rule added to an existing shape keeps the maps.
-	slots := uint32(capacity(c.slotsUsed(len(rules)), 16))
+	// Headroom, so that a rule added to an existing shape keeps the maps:
+	// at least a quarter more (a power of two alone left a 128-rule hook
+	// no room, so its first add compiled).
+	used := c.slotsUsed(len(rules))
+	slots := uint32(capacity(used+used/4, 16))
 	c.spec.Maps[CountersMap] = &ebpf.MapSpec{Name: CountersMap, Type: ebpf.PerCPUArray, KeySize: 4, ValueSize: 16, MaxEntries: slots}
 	// Per-CPU arrays cost an allocation per entry and CPU: the per-rule
 	// parts only where some rule counts in them.

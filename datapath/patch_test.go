@@ -1397,3 +1397,24 @@ func TestBucketRecordsWithoutReload(t *testing.T) {
 	checkCounts(t, counters, []counted{{"the bucketed rule before it", back, 3 + 1}, {"rule 60", h60, 2}, {"rule 61", h61, 0}, {"the first added rule", added[0], 2}, {"the last added rule", added[3], 2}})
 	checkEntries(t, e, id)
 }
+
+// A hook of a power-of-two number of rules of one shape still takes new
+// rules of that shape by table entries: the counters map and the shape's
+// perfect-hash table keep room for at least a quarter more (they had none
+// at 128 rules, so the first add compiled; at 120, the ninth).
+func TestAddsToPowerOfTwoHookWithoutReload(t *testing.T) {
+	e := newEnv(t, Options{})
+	_, same := e.applyVbIngress(t, vbIngressText(128, func(i int) string {
+		return fmt.Sprintf("ip saddr 192.0.2.%d udp dport %d counter actions drop", 100+i%100, 7000+i)
+	}))
+	for k := 0; k < 32; k++ {
+		e.run(t, fmt.Sprintf("add rule vb ingress ip saddr 192.0.2.1 udp dport %d counter actions drop", 7001+2*k))
+		same(fmt.Sprintf("add %d of 32", k+1))
+	}
+	if got := e.arrive(t, 7063, 2); got != 0 {
+		t.Fatalf("%d of 2 datagrams passed the last added drop rule", got)
+	}
+	if got := e.arrive(t, 7500, 2); got != 2 {
+		t.Fatalf("%d of 2 datagrams to a port no rule names arrived", got)
+	}
+}
